@@ -1,0 +1,124 @@
+"""The running catalogue on hand-made detections: ids, parents, forced fits, light curves."""
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+
+from trap_dask.catalogue import ImageContext, RunningCatalogue
+from trap_dask.sources import add_uncertainties, empty_sources
+
+ARCSEC = 1 / 3600
+
+
+def detections(ra, dec, flux, err=0.01):
+    s = empty_sources(len(ra))
+    s["ra"], s["dec"] = ra, dec
+    s["ra_fit_err"] = s["dec_fit_err"] = 1 * ARCSEC
+    s["peak_flux"] = s["int_flux"] = flux
+    s["peak_flux_err"] = s["int_flux_err"] = err
+    s["error_radius"] = 1.0
+    return add_uncertainties(s, 5.0, 5.0)
+
+
+def forced_at(ra, dec, flux, err=0.01):
+    s = detections(ra, dec, flux, err)
+    s["is_force_fit"] = True
+    return s
+
+
+def context(im_id, band=1, rms=0.001):
+    return ImageContext(im_id, band, datetime(2020, 1, 1) + timedelta(hours=im_id), 150.0, 30.0, 1.0, rms, rms)
+
+
+def step(cat, im_id, det, forced_flux=None, band=1, rms=0.001):
+    plan = cat.plan(context(im_id, band, rms), det)
+    ra, dec = plan.forced_positions(cat)
+    flux = np.full(len(ra), 0.0) if forced_flux is None else forced_flux
+    update = cat.update(plan, forced_at(ra, dec, flux))
+    return cat.apply(update, plan.image), update
+
+
+@pytest.fixture
+def catalogue():
+    return RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0)
+
+
+def test_steady_sources_keep_their_ids_and_chain_parents(catalogue):
+    ra, dec = np.array([150.0, 150.1, 149.9]), np.array([30.0, 30.05, 29.95])
+    cat, first = step(catalogue, 1, detections(ra, dec, [1.0, 2.0, 3.0]))
+    assert first.ids["src_id"].tolist() == [1, 2, 3]
+    assert first.ids["parent"].tolist() == [-1, -1, -1]
+    assert len(first.new_sources["src_id"]) == 0          # first image: nothing is new
+    jitter = 2 * ARCSEC
+    cat, second = step(cat, 2, detections(ra[::-1] + jitter, dec[::-1] - jitter, [3.1, 2.1, 1.1]))
+    assert second.ids["src_id"].tolist() == [3, 2, 1]
+    assert second.ids["parent"].tolist() == first.ids["id"][::-1].tolist()
+    assert second.ids["id"].min() == first.ids["id"].max() + 1
+
+
+def test_null_detections_are_force_fitted_until_the_limit(catalogue):
+    det = detections(np.array([150.0, 150.2]), np.array([30.0, 30.0]), [1.0, 1.0])
+    cat, _ = step(catalogue, 1, det)
+    for im_id in (2, 3):  # source 2 missing: forced twice (the limit), then no more
+        cat, update = step(cat, im_id, det[:1])
+        forced = update.measurements["is_force_fit"]
+        assert forced.sum() == 1 and update.ids["src_id"][forced].tolist() == [2]
+    cat, update = step(cat, 4, det[:1])
+    assert not update.measurements["is_force_fit"].any()
+    cat, update = step(cat, 5, det)                        # detected again: same source resumes
+    assert update.ids["src_id"].tolist() == [1, 2]
+
+
+def test_transient_becomes_a_new_source_with_its_significance(catalogue):
+    cat, _ = step(catalogue, 1, detections(np.array([150.0]), np.array([30.0]), [1.0]), rms=0.002)
+    det = detections(np.array([150.0, 150.3]), np.array([30.0, 30.1]), [1.0, 0.05])
+    cat, update = step(cat, 2, det, rms=0.001)
+    new = update.new_sources
+    assert new["src_id"].tolist() == [2]
+    assert new["sigma_rms_min"][0] == pytest.approx(0.05 / 0.002)
+    assert new["newsource_type"][0] == 1                   # 25 sigma in the earlier image: likely
+
+
+def test_one_to_many_makes_a_duplicate_with_the_known_parent(catalogue):
+    cat, first = step(catalogue, 1, detections(np.array([150.0]), np.array([30.0]), [1.0]))
+    det = detections(np.array([150.0, 150.0 + 4 * ARCSEC]), np.array([30.0, 30.0]), [1.0, 0.5])
+    cat, update = step(cat, 2, det)
+    assert update.ids["src_id"].tolist() == [1, 2]
+    assert update.ids["is_duplicate"].tolist() == [False, True]
+    assert update.ids["parent"].tolist() == [first.ids["id"][0]] * 2
+    assert len(update.new_sources["src_id"]) == 0          # a split, not a transient
+
+
+def test_variability_matches_the_light_curve(catalogue):
+    rng = np.random.default_rng(1)
+    fluxes = 1.0 + 0.3 * rng.standard_normal(8)
+    errs = 0.01 + 0.01 * rng.random(8)
+    cat = catalogue
+    for i, (f, e) in enumerate(zip(fluxes, errs), start=1):
+        cat, update = step(cat, i, detections(np.array([150.0]), np.array([30.0]), [f], err=e))
+    lc = cat.lightcurves
+    w = 1 / errs**2
+    eta = len(fluxes) / (len(fluxes) - 1) * (np.mean(w * fluxes**2) - np.mean(w * fluxes) ** 2 / np.mean(w))
+    assert lc["nr_datapoints"][0] == 8
+    assert lc["v_int"][0] == pytest.approx(np.std(fluxes, ddof=1) / np.mean(fluxes), rel=1e-9)
+    assert lc["eta_int"][0] == pytest.approx(eta, rel=1e-9)
+    assert lc["lightcurve_max"][0] == pytest.approx(fluxes.max())
+    assert lc["lightcurve_avg"][0] == pytest.approx(fluxes.mean())
+
+
+def test_bands_have_separate_light_curves(catalogue):
+    det = detections(np.array([150.0]), np.array([30.0]), [1.0])
+    cat, _ = step(catalogue, 1, det, band=1)
+    cat, update = step(cat, 2, det, band=2)
+    assert update.ids["src_id"].tolist() == [1]
+    assert sorted(zip(cat.lightcurves["src_id"], cat.lightcurves["freq_band"])) == [(1, 1), (1, 2)]
+
+
+def test_monitor_positions_are_forced_every_image_as_their_own_source(catalogue):
+    cat, ids = catalogue.add_monitor_sources(np.array([150.05]), np.array([30.05]))
+    for im_id in range(1, 5):
+        cat, update = step(cat, im_id, detections(np.array([150.0]), np.array([30.0]), [1.0]), forced_flux=np.array([0.2]))
+        monitor = update.ids["src_id"] == ids[0]
+        assert monitor.sum() == 1 and update.measurements["is_force_fit"][monitor].all()
+    assert cat.lightcurves["nr_datapoints"][cat.lightcurves["src_id"] == ids[0]].tolist() == [4]

@@ -1,0 +1,123 @@
+"""Configuration: layers, precedence, types and clear errors naming the key."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from trap_dask.cli import build_parser, main
+from trap_dask.config import PARAMETERS, Config, ConfigError, build_config, read_toml, resolve_config_file
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_trap():
+    config = build_config({}, {}, None)
+    assert config.detection_threshold == 8.0
+    assert config.analysis_threshold == 3.0
+    assert config.de_ruiter_r_max == 5.68
+    assert config.max_nr_consecutive_force_fits == 10
+    assert config.db_backend == "sqlite"
+    assert math.isinf(config.rms_max)
+
+
+def test_precedence_cli_over_env_over_toml(tmp_path):
+    toml = write(tmp_path / "t.toml", "[extraction]\ndetection_threshold = 6\nanalysis_threshold = 2.5\n"
+                 "[extraction.image]\nim_margin = 7\n")
+    env = {"TRAP_DETECTION_THRESHOLD": "7", "TRAP_IM_MARGIN": "9"}
+    config = build_config({"detection_threshold": "9"}, env, toml)
+    assert config.detection_threshold == 9.0          # command line wins
+    assert config.im_margin == 9                      # environment beats the file
+    assert config.analysis_threshold == 2.5           # file beats the default
+
+
+def test_unknown_key_in_toml_is_named(tmp_path):
+    toml = write(tmp_path / "t.toml", "[extraction]\ndetection_treshold = 6\n")
+    with pytest.raises(ConfigError, match="detection_treshold"):
+        read_toml(toml)
+
+
+def test_key_in_wrong_section_is_named(tmp_path):
+    toml = write(tmp_path / "t.toml", "[association]\ndetection_threshold = 6\n")
+    with pytest.raises(ConfigError, match=r"detection_threshold.*\[extraction\]"):
+        read_toml(toml)
+
+
+def test_wrong_type_is_named(tmp_path):
+    toml = write(tmp_path / "t.toml", '[extraction]\ndeblend_nthresh = "many"\n')
+    with pytest.raises(ConfigError, match="deblend_nthresh.*int"):
+        read_toml(toml)
+    with pytest.raises(ConfigError, match="TRAP_FORCE_BEAM"):
+        build_config({}, {"TRAP_FORCE_BEAM": "maybe"}, None)
+
+
+@pytest.mark.parametrize("flags, key", [
+    ({"detection_threshold": "-1"}, "detection_threshold"),
+    ({"analysis_threshold": "10"}, "analysis_threshold"),
+    ({"db_backend": "oracle"}, "db_backend"),
+    ({"rms_min": "2", "rms_max": "1"}, "rms_max"),
+    ({"monitor_loc": "[[10, 95]]"}, "monitor_loc"),
+    ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
+])
+def test_impossible_values_are_named(flags, key):
+    with pytest.raises(ConfigError, match=key):
+        build_config(flags, {}, None)
+
+
+def test_password_from_pgpassword_never_exported():
+    config = build_config({"db_backend": "postgres", "db_name": "x"}, {"PGPASSWORD": "s3cret"}, None)
+    assert config.db_password == "s3cret"
+    row = config.exportable()
+    assert "db_password" not in row and "s3cret" not in repr(row)
+    with pytest.raises(ConfigError) as err:
+        build_config({"db_password": "s3cret", "db_port": "0"}, {}, None)
+    assert "s3cret" not in str(err.value)
+
+
+def test_monitor_list_inline_and_from_file(tmp_path):
+    f = write(tmp_path / "m.json", "[[150.1, 30.2], [150.3, 29.9]]")
+    assert build_config({"monitor_loc": str(f)}, {}, None).monitor_positions() == [(150.1, 30.2), (150.3, 29.9)]
+    assert build_config({"monitor_loc": "[[1, 2]]"}, {}, None).monitor_positions() == [(1.0, 2.0)]
+
+
+def test_trap_config_toml_in_cwd_is_found(tmp_path):
+    assert resolve_config_file(None, tmp_path) is None
+    write(tmp_path / "trap_config.toml", "[association]\nde_ruiter_r_max = 4.0\n")
+    assert resolve_config_file(None, tmp_path) == tmp_path / "trap_config.toml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config_file(str(tmp_path / "nope.toml"), tmp_path)
+
+
+def test_help_documents_every_parameter_with_unit_and_default():
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    text = " ".join(run.format_help().split())
+    for name, field in PARAMETERS.items():
+        assert f"--{name}" in text
+        if field.metadata["unit"] and field.metadata["unit"] not in ("", "deg", "Hz"):
+            assert f"[{field.metadata['unit']}]" in text
+    assert "(default: 8.0)" in text and "(default: 5.68)" in text
+    assert "--db-name" in text and "-i PATH" in text
+
+
+def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
+    code = main(["run", "-i", str(tmp_path), "--db-name", str(tmp_path / "x.db"), "--detection_threshold", "abc"])
+    assert code == 2
+    assert "detection_threshold" in capsys.readouterr().err
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_help_is_fast_and_imports_no_heavy_modules():
+    code = ("import sys; from trap_dask.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('dask', 'distributed', 'astropy', 'scipy', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_config_row_has_every_parameter_but_the_password():
+    row = Config(input_images=("a", "b")).exportable()
+    assert set(row) == set(PARAMETERS) - {"db_password"}
+    assert row["input_images"] == "a; b"

@@ -1,0 +1,199 @@
+"""Source association: link this image's detections to the running catalogue.
+
+A detection may continue a known source when their de Ruiter radius (the positional offset in
+units of the combined 1-sigma uncertainties) is below ``r_max``. Candidate pairs come from a
+KD-tree on unit vectors, so the search is O((n + m) log n) and indifferent to RA wrap-around
+and the poles. Competing candidates are resolved pair by pair, smallest radius first
+(a greedy matching), so no detection and no catalogue source is used twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.spatial import cKDTree
+
+#: TraP's default maximum de Ruiter radius for an association (dimensionless).
+DE_RUITER_R_MAX = 5.68
+
+
+def wrap_ra_difference(dra: ArrayLike) -> np.ndarray:
+    """Wrap RA differences (deg) to [-180, 180)."""
+    return (np.asarray(dra, dtype=float) + 180.0) % 360.0 - 180.0
+
+
+def de_ruiter_radius(
+    ra1: ArrayLike,
+    dec1: ArrayLike,
+    unc_ew1: ArrayLike,
+    unc_ns1: ArrayLike,
+    ra2: ArrayLike,
+    dec2: ArrayLike,
+    unc_ew2: ArrayLike,
+    unc_ns2: ArrayLike,
+) -> np.ndarray:
+    """De Ruiter radius between two sets of positions, elementwise with broadcasting.
+
+    Parameters
+    ----------
+    ra1, dec1, ra2, dec2 : positions in deg.
+    unc_ew1, unc_ns1, unc_ew2, unc_ns2 : positive 1-sigma on-sky uncertainties in deg
+        (``uncertainty_ew``/``uncertainty_ns`` of the source table).
+
+    Returns
+    -------
+    Dimensionless radius ``sqrt(dra^2 cos^2(mean dec) / (s_ew1^2 + s_ew2^2)
+    + ddec^2 / (s_ns1^2 + s_ns2^2))``, with the RA difference wrapped to [-180, 180).
+    """
+    dra = wrap_ra_difference(np.subtract(ra1, ra2))
+    ddec = np.subtract(dec1, dec2)
+    cos_dec = np.cos(np.deg2rad(0.5 * np.add(dec1, dec2)))
+    ew2 = np.square(unc_ew1) + np.square(unc_ew2)
+    ns2 = np.square(unc_ns1) + np.square(unc_ns2)
+    return np.sqrt((dra * cos_dec) ** 2 / ew2 + ddec**2 / ns2)
+
+
+@dataclass(frozen=True)
+class Association:
+    """The links found between one image's detections and the running catalogue.
+
+    Attributes
+    ----------
+    source : int, per detection: catalogue index of the source it continues, -1 when it starts
+        a new source.
+    distance : float, per detection: de Ruiter radius to ``source`` or, for a duplicate, to
+        ``parent_source``; NaN for a new source without candidates.
+    parent_source : int, per detection: for a duplicate, the catalogue index whose latest
+        measurement becomes its parent; -1 otherwise.
+    is_duplicate : bool, per detection: a new source split off a known one that another
+        detection continues (one-to-many) or that was taken by a closer pair.
+    matched : bool, per catalogue source: a detection continues it in this image. The rest
+        are null detections (to be force-fitted where the image covers them).
+    """
+
+    source: np.ndarray
+    distance: np.ndarray
+    parent_source: np.ndarray
+    is_duplicate: np.ndarray
+    matched: np.ndarray
+
+
+def unit_vectors(ra: ArrayLike, dec: ArrayLike) -> np.ndarray:
+    """Cartesian unit vectors, shape (n, 3), of positions in deg."""
+    ra_rad = np.deg2rad(np.asarray(ra, dtype=float))
+    dec_rad = np.deg2rad(np.asarray(dec, dtype=float))
+    cos_dec = np.cos(dec_rad)
+    return np.column_stack((cos_dec * np.cos(ra_rad), cos_dec * np.sin(ra_rad), np.sin(dec_rad)))
+
+
+def _candidate_pairs(
+    cat_ra: np.ndarray,
+    cat_dec: np.ndarray,
+    cat_unc_ew: np.ndarray,
+    cat_unc_ns: np.ndarray,
+    det_ra: np.ndarray,
+    det_dec: np.ndarray,
+    det_unc_ew: np.ndarray,
+    det_unc_ns: np.ndarray,
+    r_max: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (catalogue index, detection index, radius) with radius < r_max.
+
+    The KD-tree search radius is a strict upper bound: the chord between two unit vectors,
+    2 sin(theta/2), never exceeds the flat-sky offset sqrt(dra^2 cos^2(mean dec) + ddec^2)
+    (in rad, RA difference wrapped), which is below r_max times the largest combined
+    uncertainty whenever r < r_max.
+    """
+    unc_cat = np.max(np.maximum(cat_unc_ew, cat_unc_ns))
+    unc_det = np.max(np.maximum(det_unc_ew, det_unc_ns))
+    search = np.deg2rad(r_max * np.hypot(unc_cat, unc_det)) * (1.0 + 1e-9)
+    tree_cat = cKDTree(unit_vectors(cat_ra, cat_dec))
+    tree_det = cKDTree(unit_vectors(det_ra, det_dec))
+    near = tree_cat.sparse_distance_matrix(tree_det, search, output_type="ndarray")
+    ci, dj = near["i"].astype(np.intp), near["j"].astype(np.intp)
+    r = de_ruiter_radius(
+        cat_ra[ci], cat_dec[ci], cat_unc_ew[ci], cat_unc_ns[ci],
+        det_ra[dj], det_dec[dj], det_unc_ew[dj], det_unc_ns[dj],
+    )  # fmt: skip
+    keep = r < r_max
+    return ci[keep], dj[keep], r[keep]
+
+
+def _greedy_matching(ci: np.ndarray, dj: np.ndarray, n_cat: int, n_det: int) -> np.ndarray:
+    """Boolean mask of the pairs (sorted by increasing radius) that greedy matching takes.
+
+    Pairs whose catalogue source and detection have no other candidate are taken at once;
+    the contested rest are visited in order, skipping any whose source or detection is used.
+    """
+    take = (np.bincount(ci, minlength=n_cat)[ci] == 1) & (np.bincount(dj, minlength=n_det)[dj] == 1)
+    contested = np.flatnonzero(~take)
+    used_cat: set[int] = set()
+    used_det: set[int] = set()
+    for k, i, j in zip(contested.tolist(), ci[contested].tolist(), dj[contested].tolist()):
+        if i not in used_cat and j not in used_det:
+            used_cat.add(i)
+            used_det.add(j)
+            take[k] = True
+    return take
+
+
+def associate(
+    cat_ra: ArrayLike,
+    cat_dec: ArrayLike,
+    cat_unc_ew: ArrayLike,
+    cat_unc_ns: ArrayLike,
+    det_ra: ArrayLike,
+    det_dec: ArrayLike,
+    det_unc_ew: ArrayLike,
+    det_unc_ns: ArrayLike,
+    r_max: float = DE_RUITER_R_MAX,
+) -> Association:
+    """Associate detections with catalogue sources by de Ruiter radius.
+
+    Parameters
+    ----------
+    cat_ra, cat_dec, cat_unc_ew, cat_unc_ns : catalogue positions and positive on-sky 1-sigma
+        uncertainties, all in deg (n values each).
+    det_ra, det_dec, det_unc_ew, det_unc_ns : the same for this image's detections (m values).
+    r_max : a pair is a candidate when its de Ruiter radius is strictly below this.
+
+    Returns
+    -------
+    Association
+        One-to-one candidates link directly. Otherwise pairs are taken smallest radius first
+        (ties by catalogue index, then detection index) while both ends are free: of several
+        detections near one source the nearest continues it and the others become duplicate
+        new sources with that source as parent; of several sources near one detection the
+        nearest is continued and the others stay unmatched. A detection left without a link
+        but with candidates is a duplicate of its nearest candidate.
+    """
+    cat = [np.atleast_1d(np.asarray(a, float)) for a in (cat_ra, cat_dec, cat_unc_ew, cat_unc_ns)]
+    det = [np.atleast_1d(np.asarray(a, float)) for a in (det_ra, det_dec, det_unc_ew, det_unc_ns)]
+    n_cat, n_det = cat[0].size, det[0].size
+
+    source = np.full(n_det, -1, dtype=np.intp)
+    distance = np.full(n_det, np.nan)
+    parent = np.full(n_det, -1, dtype=np.intp)
+    matched = np.zeros(n_cat, dtype=bool)
+    if n_cat == 0 or n_det == 0:
+        return Association(source, distance, parent, np.zeros(n_det, dtype=bool), matched)
+
+    ci, dj, r = _candidate_pairs(*cat, *det, r_max)
+    order = np.lexsort((dj, ci, r))
+    ci, dj, r = ci[order], dj[order], r[order]
+
+    # Each detection's best candidate: its first pair in sorted order.
+    has_candidate, best = np.unique(dj, return_index=True)
+    parent[has_candidate] = ci[best]
+    distance[has_candidate] = r[best]
+
+    chosen = _greedy_matching(ci, dj, n_cat, n_det)
+    source[dj[chosen]] = ci[chosen]
+    distance[dj[chosen]] = r[chosen]
+    matched[ci[chosen]] = True
+
+    linked = source >= 0
+    parent[linked] = -1
+    return Association(source, distance, parent, parent >= 0, matched)

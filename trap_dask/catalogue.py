@@ -1,0 +1,367 @@
+"""The running catalogue: every known source, its light-curve sums, and how one image updates them.
+
+Pure state and arithmetic, no I/O: the writer actor feeds images in time order and writes the
+returned :class:`ImageUpdate` to the database in one transaction, then calls
+:meth:`RunningCatalogue.apply`. Columns are numpy arrays named as the database columns of
+``runningcatalog`` and ``variability`` (see ``trap_dask.db.schema``), so persisting and
+reloading them is a plain copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import numpy as np
+
+from trap_dask.association import associate
+from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
+from trap_dask.variability import (
+    FLUX_SUMS,
+    POSITION_SUMS,
+    flux_sum_increments,
+    lightcurve_mean,
+    position_sum_increments,
+    variability_indices,
+    weighted_mean_position,
+)
+
+Columns = dict[str, np.ndarray]
+
+_POS = tuple(f"acc_{n}" for n in POSITION_SUMS)
+_FLUX = tuple(f"acc_{n}" for n in FLUX_SUMS)
+
+#: runningcatalog columns: one row per source (src_id); positions in deg.
+SOURCE_COLUMNS: dict[str, str] = {
+    "src_id": "i8", "wm_ra": "f8", "wm_dec": "f8", "wm_uncertainty_ew": "f8",
+    "wm_uncertainty_ns": "f8", "ra_ref": "f8", **{c: "f8" for c in _POS},
+    "last_xtrsrc": "i8", "n_consecutive_force_fits": "i8", "is_monitor": "?", "first_im_id": "i8",
+}
+#: variability columns: one row per (src_id, freq_band); fluxes in Jy, positions in deg.
+LIGHTCURVE_COLUMNS: dict[str, str] = {
+    "src_id": "i8", "freq_band": "i8", "newsource": "i8", "v_int": "f8", "eta_int": "f8",
+    "lightcurve_max": "f8", "lightcurve_avg": "f8", "wm_ra": "f8", "wm_dec": "f8",
+    "avg_ra_err": "f8", "avg_dec_err": "f8", "nr_datapoints": "i8", "first_image": "i8",
+    "first_detection_time": "O", "flux_ref": "f8", **{c: "f8" for c in _FLUX},
+    "ra_ref": "f8", **{c: "f8" for c in _POS},
+}
+
+
+def empty_columns(spec: dict[str, str], n: int = 0) -> Columns:
+    return {name: np.zeros(n, dtype=dtype) for name, dtype in spec.items()}
+
+
+def take(cols: Columns, index: np.ndarray) -> Columns:
+    return {k: v[index] for k, v in cols.items()}
+
+
+def concat(a: Columns, b: Columns) -> Columns:
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    """What the catalogue needs to know about the image being associated."""
+
+    im_id: int
+    band: int
+    taustart_ts: datetime
+    centre_ra: float  #: deg
+    centre_dec: float  #: deg
+    xtr_radius: float  #: deg
+    rms_min: float  #: Jy/beam
+    rms_max: float  #: Jy/beam
+
+
+@dataclass(frozen=True)
+class AssociationPlan:
+    """Association of one image's blind detections, and the positions still to force-fit."""
+
+    image: ImageContext
+    detections: np.ndarray  #: SOURCE_DTYPE
+    det_source: np.ndarray  #: catalogue row continued by each detection, -1 for new
+    det_parent_row: np.ndarray  #: catalogue row whose last measurement is the parent, -1 for none
+    is_duplicate: np.ndarray
+    forced_rows: np.ndarray  #: catalogue rows to force-fit (null detections, then monitors)
+
+    def forced_positions(self, catalogue: "RunningCatalogue") -> tuple[np.ndarray, np.ndarray]:
+        """(ra, dec) in deg of the positions to force-fit, in the order of ``forced_rows``."""
+        s = catalogue.sources
+        return s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows]
+
+
+@dataclass(frozen=True)
+class ImageUpdate:
+    """Everything one image adds or changes; written in one transaction, then applied."""
+
+    measurements: np.ndarray  #: SOURCE_DTYPE rows to insert, aligned with the id columns below
+    ids: Columns  #: id, src_id, parent, is_duplicate per measurement
+    sources: Columns  #: the full new runningcatalog state
+    changed_sources: np.ndarray  #: rows of ``sources`` to upsert
+    lightcurves: Columns  #: the full new variability state
+    changed_lightcurves: np.ndarray  #: rows of ``lightcurves`` to upsert
+    new_sources: Columns  #: newsource rows
+    next_xtrsrc: int
+    next_src_id: int
+
+
+@dataclass(frozen=True)
+class EarlierImages:
+    """Per band, the footprint and noise of every image already associated (for new sources)."""
+
+    band: np.ndarray = field(default_factory=lambda: np.zeros(0, "i8"))
+    im_id: np.ndarray = field(default_factory=lambda: np.zeros(0, "i8"))
+    centre_ra: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    centre_dec: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    xtr_radius: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rms_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rms_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def add(self, image: ImageContext) -> "EarlierImages":
+        return EarlierImages(
+            *(np.append(getattr(self, name), getattr(image, name)) for name in
+              ("band", "im_id", "centre_ra", "centre_dec", "xtr_radius", "rms_min", "rms_max"))
+        )
+
+
+@dataclass(frozen=True)
+class RunningCatalogue:
+    """Known sources and their light curves; immutable, each image gives a new one."""
+
+    de_ruiter_r_max: float
+    max_nr_consecutive_force_fits: int
+    detection_threshold: float
+    sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
+    lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
+    earlier: EarlierImages = field(default_factory=EarlierImages)
+    next_xtrsrc: int = 1
+    next_src_id: int = 1
+
+    def add_monitor_sources(self, ra: np.ndarray, dec: np.ndarray) -> tuple["RunningCatalogue", np.ndarray]:
+        """Register user monitor positions (deg) as sources; returns the catalogue and their src_ids."""
+        n = len(ra)
+        new = empty_columns(SOURCE_COLUMNS, n)
+        new["src_id"] = self.next_src_id + np.arange(n)
+        new["wm_ra"], new["wm_dec"], new["ra_ref"] = ra, dec, ra
+        new["is_monitor"][:] = True
+        new["last_xtrsrc"][:] = -1
+        new["first_im_id"][:] = -1
+        return (
+            replace(self, sources=concat(self.sources, new), next_src_id=self.next_src_id + n),
+            new["src_id"],
+        )
+
+    # -- step 1: association of the blind detections -----------------------------------------
+    def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
+        """Associate ``detections`` and choose which known sources to force-fit in this image."""
+        s = self.sources
+        blind = np.flatnonzero(~s["is_monitor"])
+        links = associate(
+            s["wm_ra"][blind], s["wm_dec"][blind],
+            s["wm_uncertainty_ew"][blind], s["wm_uncertainty_ns"][blind],
+            detections["ra"], detections["dec"],
+            detections["uncertainty_ew"], detections["uncertainty_ns"],
+            r_max=self.de_ruiter_r_max,
+        )
+        det_source = _remap(links.source, blind)
+        det_parent_row = _remap(links.parent_source, blind)
+        unmatched = blind[~links.matched]
+        eligible = unmatched[s["n_consecutive_force_fits"][unmatched] < self.max_nr_consecutive_force_fits]
+        monitors = np.flatnonzero(s["is_monitor"])
+        candidates = np.concatenate([eligible, monitors])
+        inside = covering_images(
+            s["wm_ra"][candidates], s["wm_dec"][candidates],
+            image.centre_ra, image.centre_dec, image.xtr_radius,
+        )[:, 0]
+        return AssociationPlan(
+            image=image,
+            detections=detections,
+            det_source=det_source,
+            det_parent_row=det_parent_row,
+            is_duplicate=links.is_duplicate,
+            forced_rows=candidates[inside],
+        )
+
+    # -- step 2: the image's measurements and the new state ----------------------------------
+    def update(self, plan: AssociationPlan, forced: np.ndarray) -> ImageUpdate:
+        """Combine detections and forced fits (aligned with ``plan.forced_rows``) into an update.
+
+        Forced fits with a non-finite flux or error (off the image, blanked pixels) are dropped.
+        """
+        image, det = plan.image, plan.detections
+        ok = np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
+        forced, forced_rows = forced[ok], plan.forced_rows[ok]
+
+        n_det, n_ff = len(det), len(forced)
+        first_id = self.next_xtrsrc
+        det_ids = first_id + np.arange(n_det)
+        ff_ids = first_id + n_det + np.arange(n_ff)
+
+        s = {k: v.copy() for k, v in self.sources.items()}
+        new_det = np.flatnonzero(plan.det_source < 0)
+        new_src_ids = self.next_src_id + np.arange(len(new_det))
+        parent_row = np.where(plan.det_source >= 0, plan.det_source, plan.det_parent_row)
+        det_parent = _remap(parent_row, s["last_xtrsrc"])
+        det_src_id = np.empty(n_det, dtype="i8")
+        old_det = np.flatnonzero(plan.det_source >= 0)
+        det_src_id[old_det] = s["src_id"][plan.det_source[old_det]]
+        det_src_id[new_det] = new_src_ids
+
+        # new sources get catalogue rows; every detection then updates its row's position sums
+        added = empty_columns(SOURCE_COLUMNS, len(new_det))
+        added["src_id"] = new_src_ids
+        added["ra_ref"] = det["ra"][new_det]
+        added["first_im_id"][:] = image.im_id
+        n_before = len(s["src_id"])
+        s = concat(s, added)
+        det_rows = np.where(plan.det_source >= 0, plan.det_source, 0)
+        det_rows[new_det] = n_before + np.arange(len(new_det))
+        increments = position_sum_increments(
+            det["ra"], det["dec"], _ra_error(det), det["uncertainty_ns"], s["ra_ref"][det_rows]
+        )
+        for name in POSITION_SUMS:
+            np.add.at(s[f"acc_{name}"], det_rows, increments[name])
+        s["last_xtrsrc"][det_rows] = det_ids
+        s["n_consecutive_force_fits"][det_rows] = 0
+        s["last_xtrsrc"][forced_rows] = ff_ids
+        s["n_consecutive_force_fits"][forced_rows] += 1
+        _refresh_positions(s, det_rows)
+
+        measurements = np.concatenate([det, forced])
+        meas_rows = np.concatenate([det_rows, forced_rows])
+        ff_parent = self.sources["last_xtrsrc"][forced_rows]
+        ids = {
+            "id": np.concatenate([det_ids, ff_ids]),
+            "src_id": s["src_id"][meas_rows],
+            "parent": np.concatenate([det_parent, np.where(ff_parent > 0, ff_parent, -1)]),
+            "is_duplicate": np.concatenate([plan.is_duplicate, np.zeros(n_ff, bool)]),
+        }
+        lightcurves, changed_lc = self._update_lightcurves(image, measurements, ids)
+        new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, plan.is_duplicate)
+        changed = np.unique(meas_rows)
+        return ImageUpdate(
+            measurements=measurements,
+            ids=ids,
+            sources=s,
+            changed_sources=changed,
+            lightcurves=lightcurves,
+            changed_lightcurves=changed_lc,
+            new_sources=new_sources,
+            next_xtrsrc=first_id + n_det + n_ff,
+            next_src_id=self.next_src_id + len(new_det),
+        )
+
+    def _update_lightcurves(self, image: ImageContext, meas: np.ndarray, ids: Columns) -> tuple[Columns, np.ndarray]:
+        lc = {k: v.copy() for k, v in self.lightcurves.items()}
+        rows = _find_rows(
+            _lightcurve_key(lc["src_id"], lc["freq_band"]), _lightcurve_key(ids["src_id"], image.band)
+        )
+        fresh = np.flatnonzero(rows < 0)
+        added = empty_columns(LIGHTCURVE_COLUMNS, len(fresh))
+        added["src_id"] = ids["src_id"][fresh]
+        added["freq_band"][:] = image.band
+        added["newsource"] = ids["id"][fresh]
+        added["first_image"][:] = image.im_id
+        added["first_detection_time"][:] = image.taustart_ts
+        added["flux_ref"] = meas["int_flux"][fresh]
+        added["ra_ref"] = meas["ra"][fresh]
+        added["lightcurve_max"][:] = -np.inf
+        rows[fresh] = len(lc["src_id"]) + np.arange(len(fresh))
+        lc = concat(lc, added)
+
+        flux = flux_sum_increments(meas["int_flux"], meas["int_flux_err"], lc["flux_ref"][rows])
+        for name in FLUX_SUMS:
+            np.add.at(lc[f"acc_{name}"], rows, flux[name])
+        np.maximum.at(lc["lightcurve_max"], rows, meas["int_flux"])
+        blind = ~meas["is_force_fit"]
+        pos = position_sum_increments(
+            meas["ra"][blind], meas["dec"][blind], _ra_error(meas[blind]),
+            meas["uncertainty_ns"][blind], lc["ra_ref"][rows[blind]],
+        )
+        for name in POSITION_SUMS:
+            np.add.at(lc[f"acc_{name}"], rows[blind], pos[name])
+
+        changed = np.unique(rows)
+        sums = [lc[f"acc_{n}"][changed] for n in FLUX_SUMS]
+        v, eta = variability_indices(*sums, flux_ref=lc["flux_ref"][changed])
+        lc["v_int"][changed], lc["eta_int"][changed] = v, eta
+        lc["lightcurve_avg"][changed] = lightcurve_mean(sums[0], sums[1], lc["flux_ref"][changed])
+        lc["nr_datapoints"][changed] = sums[0]
+        mean = weighted_mean_position(*(lc[c][changed] for c in _POS), ra_ref=lc["ra_ref"][changed])
+        lc["wm_ra"][changed], lc["wm_dec"][changed] = mean.wm_ra, mean.wm_dec
+        lc["avg_ra_err"][changed], lc["avg_dec_err"][changed] = mean.avg_ra_err, mean.avg_dec_err
+        return lc, changed
+
+    def _new_sources(self, image: ImageContext, det: np.ndarray, det_ids: np.ndarray,
+                     det_src_id: np.ndarray, new_det: np.ndarray, is_duplicate: np.ndarray) -> Columns:
+        """Transient candidates: new (non-duplicate) sources at positions seen before in this band."""
+        cand = new_det[~is_duplicate[new_det]]
+        earlier = self.earlier
+        in_band = np.flatnonzero(earlier.band == image.band)
+        covered = covering_images(
+            det["ra"][cand], det["dec"][cand], earlier.centre_ra[in_band],
+            earlier.centre_dec[in_band], earlier.xtr_radius[in_band],
+        )
+        seen = covered.any(axis=1)
+        cand, covered = cand[seen], covered[seen]
+        prev_min, prev_max = earlier_rms_bounds(covered, earlier.rms_min[in_band], earlier.rms_max[in_band])
+        sigma_min, sigma_max, likely = classify_new_sources(
+            det["peak_flux"][cand], self.detection_threshold, prev_min, prev_max
+        )
+        limits = np.where(covered, earlier.rms_min[in_band], np.inf).argmin(axis=1) if len(cand) else np.zeros(0, int)
+        return {
+            "src_id": det_src_id[cand],
+            "trigger_xtrsrc": det_ids[cand],
+            "im_id": np.full(len(cand), image.im_id),
+            "previous_limits_image": earlier.im_id[in_band][limits],
+            "newsource_type": likely.astype("i8"),
+            "sigma_rms_min": sigma_min,
+            "sigma_rms_max": sigma_max,
+        }
+
+    # -- step 3: after the transaction committed -------------------------------------------
+    def apply(self, update: ImageUpdate, image: ImageContext) -> "RunningCatalogue":
+        """The catalogue after ``update`` (call only once its transaction has committed)."""
+        return replace(
+            self,
+            sources=update.sources,
+            lightcurves=update.lightcurves,
+            earlier=self.earlier.add(image),
+            next_xtrsrc=update.next_xtrsrc,
+            next_src_id=update.next_src_id,
+        )
+
+
+def _ra_error(meas: np.ndarray) -> np.ndarray:
+    """Association error along the RA coordinate in deg (on-sky uncertainty_ew / cos dec)."""
+    return meas["uncertainty_ew"] / np.cos(np.deg2rad(meas["dec"]))
+
+
+def _remap(index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``rows[index]`` where ``index >= 0``, -1 elsewhere."""
+    out = np.full(len(index), -1, dtype="i8")
+    ok = index >= 0
+    out[ok] = rows[index[ok]]
+    return out
+
+
+def _find_rows(have: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Row of each key in the unique array ``have``, -1 where absent."""
+    if len(have) == 0:
+        return np.full(len(keys), -1, dtype="i8")
+    order = np.argsort(have)
+    pos = np.minimum(np.searchsorted(have, keys, sorter=order), len(have) - 1)
+    return np.where(have[order[pos]] == keys, order[pos], -1)
+
+
+def _lightcurve_key(src_id: np.ndarray, band: np.ndarray | int) -> np.ndarray:
+    return np.asarray(src_id, dtype="i8") * 65536 + np.asarray(band, dtype="i8")
+
+
+def _refresh_positions(s: Columns, rows: np.ndarray) -> None:
+    """Recompute the association position and uncertainty (deg) of catalogue ``rows``."""
+    rows = np.unique(rows)
+    mean = weighted_mean_position(*(s[c][rows] for c in _POS), ra_ref=s["ra_ref"][rows])
+    s["wm_ra"][rows], s["wm_dec"][rows] = mean.wm_ra, mean.wm_dec
+    s["wm_uncertainty_ew"][rows] = mean.wm_ra_err * np.cos(np.deg2rad(mean.wm_dec))
+    s["wm_uncertainty_ns"][rows] = mean.wm_dec_err

@@ -1,0 +1,128 @@
+"""The ``trap-dask`` command line. Heavy modules are imported only by the subcommand that runs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from trap_dask import __version__
+from trap_dask.config import PARAMETERS, SECTIONS, ConfigError, parameter_type
+
+SECTION_TITLES = {
+    "general": "input and execution",
+    "database": "export database [database]",
+    "image_quality": "image quality control [image_quality]",
+    "extraction": "source extraction [extraction]",
+    "extraction.image": "extraction region and background [extraction.image]",
+    "association": "association [association]",
+}
+
+
+def _flag_names(name: str) -> list[str]:
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    if name == "input_images":
+        names.insert(0, "-i")
+    if name == "nr_threads":
+        names.append("-n")
+    return names
+
+
+def _describe_default(name: str) -> str:
+    default = PARAMETERS[name].default
+    if default is None or default == ():
+        return ""
+    if isinstance(default, float) and math.isinf(default):
+        return " (default: no limit)"
+    return f" (default: {default})"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config parameter, grouped by TOML section, each with its unit and default."""
+    parser.add_argument(
+        "--config_file", "--config-file", metavar="TOML",
+        help="TOML file of parameters in TraP 1.x sections (default: ./trap_config.toml if it "
+             "exists). Precedence: command line > TRAP_<NAME> environment variables > file > defaults",
+    )
+    groups = {s: parser.add_argument_group(SECTION_TITLES.get(s, s)) for s in SECTIONS}
+    for name, f in PARAMETERS.items():
+        unit = f.metadata["unit"]
+        text = f.metadata["help"] + (f" [{unit}]" if unit else "") + _describe_default(name)
+        group = groups[f.metadata["section"]]
+        kind = parameter_type(name)
+        if name == "input_images":
+            group.add_argument(*_flag_names(name), dest=name, action="append", metavar="PATH", help=text)
+        elif kind is bool:
+            group.add_argument(*_flag_names(name), dest=name, action="store_const", const=True, help=text)
+        else:
+            group.add_argument(*_flag_names(name), dest=name, metavar=name.upper(), help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trap-dask",
+        description="Radio transients pipeline on Dask: finds the sources in FITS images, links "
+                    "them into light curves, scores variability, flags new sources and writes a "
+                    "TraP-compatible export database.",
+    )
+    parser.add_argument("--version", action="version", version=f"trap-dask {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run", help="process FITS images into an export database",
+        description="Process FITS images into an export database (SQLite file by default).",
+    )
+    add_run_arguments(run)
+    simulate = commands.add_parser(
+        "simulate", help="write a simulated survey (FITS images + truth file)",
+        description="Write N epochs of a simulated field as FITS images, plus truth.json.",
+    )
+    from trap_dask.simulate import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        from trap_dask.simulate import simulate_from_args
+
+        simulate_from_args(args)
+        return 0
+    except ConfigError as exc:
+        print(f"trap-dask: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trap_dask.config import build_config, resolve_config_file
+    from trap_dask.pipeline import PipelineError, run_pipeline
+
+    config_file = resolve_config_file(args.config_file, Path.cwd())
+    cli_values = {name: getattr(args, name) for name in PARAMETERS}
+    config = build_config(cli_values, os.environ, config_file)
+    try:
+        summary = run_pipeline(config, config_file=config_file)
+    except PipelineError as exc:
+        print(f"trap-dask: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "trap-dask: interrupted; the database holds every image committed so far.",
+            file=sys.stderr,
+        )
+        return 130
+    print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Run configuration: one definition of every parameter, read from flags, environment and TOML.
+
+Every parameter is a field of :class:`Config` whose metadata gives its TOML section, unit and help
+text; the command line, the TOML reader, the environment reader, the ``config`` export table and
+``--help`` are all derived from that one list. Parameter names and sections follow TraP 1.x.
+
+Precedence, highest first: command line, environment (``TRAP_<NAME>``, e.g.
+``TRAP_DETECTION_THRESHOLD=6``; the PostgreSQL password also from ``PGPASSWORD``), the TOML file,
+the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_FILE = "trap_config.toml"
+ENV_PREFIX = "TRAP_"
+#: Parameters never written to the export database, logs or error messages.
+SECRET_PARAMETERS = frozenset({"db_password"})
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, of the wrong type or has an impossible value."""
+
+
+def _param(default: Any, section: str, unit: str, help: str) -> Any:
+    return field(default=default, metadata={"section": section, "unit": unit, "help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """All parameters of a ``trap-dask run``."""
+
+    # -- general (input and execution) --------------------------------------------------------
+    input_images: tuple[str, ...] = _param(
+        (), "general", "",
+        "FITS images: a file, a directory (searched recursively for *.fits) or a glob pattern; "
+        "repeatable",
+    )
+    monitor_loc: str | None = _param(
+        None, "general", "deg",
+        'positions force-fitted in every image, each its own source: a JSON list '
+        '"[[ra, dec], ...]" or the path of a file holding one',
+    )
+    frequency_band: str | None = _param(
+        None, "general", "Hz",
+        'fixed frequency bands as a JSON list "[[low, high], ...]"; images outside every band '
+        "are rejected. Default: bands are formed from the images' own frequencies and bandwidths",
+    )
+    nr_threads: int | None = _param(
+        None, "general", "threads",
+        "total worker threads for extraction (default: one per CPU core)",
+    )
+    scheduler: str = _param(
+        "distributed", "general", "",
+        "'distributed': a local Dask cluster of worker processes (dashboard available); "
+        "'threads': one process, worker threads only",
+    )
+    max_concurrent_images: int | None = _param(
+        None, "general", "images",
+        "most images held in memory at once (default: from the image size and free memory)",
+    )
+    log_dir: str | None = _param(
+        None, "general", "", "directory for the run's log file (default: no log file, log to stderr)"
+    )
+    # -- database -----------------------------------------------------------------------------
+    db_backend: str = _param("sqlite", "database", "", "export database backend: sqlite or postgres")
+    db_name: str | None = _param(
+        None, "database", "",
+        "sqlite: path of the database file; postgres: name of the database (required)",
+    )
+    db_host: str = _param("localhost", "database", "", "PostgreSQL server host")
+    db_port: int = _param(5432, "database", "", "PostgreSQL server port")
+    db_user: str | None = _param(None, "database", "", "PostgreSQL user (default: the login name)")
+    db_password: str | None = _param(
+        None, "database", "",
+        "PostgreSQL password (or PGPASSWORD, or ~/.pgpass); never stored or logged",
+    )
+    db_overwrite: bool = _param(
+        False, "database", "", "drop and recreate an existing export database"
+    )
+    # -- image quality --------------------------------------------------------------------------
+    rms_min: float = _param(0.0, "image_quality", "Jy/beam", "reject images whose central rms is below this")
+    rms_max: float = _param(math.inf, "image_quality", "Jy/beam", "reject images whose central rms is above this")
+    reduction_factor_for_rms: float = _param(
+        4.0, "image_quality", "",
+        "the rms for quality control is measured on the central 1/f x 1/f of the image",
+    )
+    # -- extraction -----------------------------------------------------------------------------
+    detection_threshold: float = _param(8.0, "extraction", "sigma", "island peak must exceed this x rms")
+    analysis_threshold: float = _param(3.0, "extraction", "sigma", "island pixels exceed this x rms")
+    deblend_nthresh: int = _param(0, "extraction", "", "deblending sub-thresholds (0: no deblending)")
+    ew_sys_err: float = _param(10.0, "extraction", "arcsec", "systematic position error east-west")
+    ns_sys_err: float = _param(10.0, "extraction", "arcsec", "systematic position error north-south")
+    max_nr_consecutive_force_fits: int = _param(
+        10, "extraction", "images",
+        "stop force-fitting a source after this many null detections in a row "
+        "(resumes when it is detected again)",
+    )
+    force_beam: bool = _param(False, "extraction", "", "fix fitted shapes to the restoring beam")
+    im_margin: int = _param(0, "extraction.image", "pixels", "ignore sources this close to the edge")
+    im_radius: float = _param(
+        0.0, "extraction.image", "pixels", "ignore sources beyond this distance from the centre (0: no limit)"
+    )
+    im_back_size_x: int = _param(50, "extraction.image", "pixels", "width of the background boxes")
+    im_back_size_y: int = _param(50, "extraction.image", "pixels", "height of the background boxes")
+    # -- association ----------------------------------------------------------------------------
+    de_ruiter_r_max: float = _param(
+        5.68, "association", "", "largest de Ruiter radius at which a detection joins a known source"
+    )
+
+    def exportable(self) -> dict[str, Any]:
+        """The parameters as one row for the ``config`` table (lists joined, secrets left out)."""
+        row: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in SECRET_PARAMETERS:
+                continue
+            value = getattr(self, f.name)
+            row[f.name] = "; ".join(value) if isinstance(value, tuple) else value
+        return row
+
+    def monitor_positions(self) -> list[tuple[float, float]]:
+        """The monitor list as (ra, dec) pairs in deg."""
+        return _parse_positions(self.monitor_loc, "monitor_loc") if self.monitor_loc else []
+
+    def frequency_bands(self) -> list[tuple[float, float]]:
+        """The user's fixed bands as (low, high) pairs in Hz (empty: automatic banding)."""
+        return _parse_positions(self.frequency_band, "frequency_band") if self.frequency_band else []
+
+
+PARAMETERS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.metadata["section"] for f in PARAMETERS.values()))
+
+
+def parameter_type(name: str) -> type:
+    """The scalar type of a parameter: float, int, bool or str."""
+    annotation = str(PARAMETERS[name].type)
+    for t in (bool, int, float):
+        if t.__name__ in annotation:
+            return t
+    return str
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Convert ``value`` (from a TOML file, the environment or a flag) to the type of ``name``.
+
+    Raises ConfigError naming the parameter and where the value came from.
+    """
+    if name not in PARAMETERS:
+        raise ConfigError(f"unknown parameter {name!r} in {source}")
+    kind = parameter_type(name)
+    shown = "***" if name in SECRET_PARAMETERS else repr(value)
+    if name == "input_images":
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{name} in {source} must be a path or a list of paths, got {shown}")
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            text = value.strip()
+            if kind is bool:
+                lowered = text.lower()
+                if lowered not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                    raise ValueError
+                return lowered in {"1", "true", "yes", "on"}
+            if text.lower() == "none" and PARAMETERS[name].default is None:
+                return None
+            return kind(text)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, (list, dict)) and name in ("monitor_loc", "frequency_band"):
+            return json.dumps(value)
+        if kind is str and isinstance(value, str):
+            return value
+        raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{name} in {source} must be of type {kind.__name__}, got {shown}"
+        ) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TraP-style TOML config into flat ``{name: value}``, checking sections and names."""
+    try:
+        with open(path, "rb") as fh:
+            document = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(table: Mapping[str, Any], prefix: str) -> None:
+        for key, value in table.items():
+            section = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict) and section in SECTIONS:
+                walk(value, section)
+                continue
+            where = f"config file {path}" + (f" [{prefix}]" if prefix else "")
+            if key not in PARAMETERS:
+                raise ConfigError(f"unknown parameter {key!r} in {where}")
+            expected = PARAMETERS[key].metadata["section"]
+            if prefix and prefix != expected:
+                raise ConfigError(f"parameter {key!r} in {where} belongs in section [{expected}]")
+            flat[key] = coerce(key, value, where)
+
+    walk(document, "")
+    return flat
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Parameters given as ``TRAP_<NAME>`` environment variables (and PGPASSWORD)."""
+    values = {}
+    for key, text in environ.items():
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in PARAMETERS:
+            name = key[len(ENV_PREFIX):].lower()
+            values[name] = coerce(name, text, f"environment variable {key}")
+    if "db_password" not in values and environ.get("PGPASSWORD"):
+        values["db_password"] = environ["PGPASSWORD"]
+    return values
+
+
+def validate(config: Config) -> Config:
+    """Check values that are of the right type but impossible; raise ConfigError naming the key."""
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            shown = "***" if name in SECRET_PARAMETERS else repr(getattr(config, name))
+            raise ConfigError(f"{name} = {shown}: {what}")
+
+    need(config.db_backend in ("sqlite", "postgres"), "db_backend", "must be 'sqlite' or 'postgres'")
+    need(config.scheduler in ("distributed", "threads"), "scheduler", "must be 'distributed' or 'threads'")
+    need(config.detection_threshold > 0, "detection_threshold", "must be > 0")
+    need(0 < config.analysis_threshold <= config.detection_threshold, "analysis_threshold",
+         "must be > 0 and <= detection_threshold")
+    need(config.deblend_nthresh >= 0, "deblend_nthresh", "must be >= 0")
+    need(config.ew_sys_err >= 0, "ew_sys_err", "must be >= 0 arcsec")
+    need(config.ns_sys_err >= 0, "ns_sys_err", "must be >= 0 arcsec")
+    need(config.max_nr_consecutive_force_fits >= 0, "max_nr_consecutive_force_fits", "must be >= 0")
+    need(config.im_margin >= 0, "im_margin", "must be >= 0 pixels")
+    need(config.im_radius >= 0, "im_radius", "must be >= 0 pixels (0: no limit)")
+    need(config.im_back_size_x >= 4, "im_back_size_x", "must be >= 4 pixels")
+    need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
+    need(config.de_ruiter_r_max > 0, "de_ruiter_r_max", "must be > 0")
+    need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")
+    need(config.rms_max > config.rms_min, "rms_max", "must be > rms_min")
+    need(config.reduction_factor_for_rms >= 1, "reduction_factor_for_rms", "must be >= 1")
+    need(config.nr_threads is None or config.nr_threads >= 1, "nr_threads", "must be >= 1")
+    need(config.max_concurrent_images is None or config.max_concurrent_images >= 1,
+         "max_concurrent_images", "must be >= 1")
+    need(1 <= config.db_port <= 65535, "db_port", "must be a TCP port (1-65535)")
+    config.monitor_positions()
+    bands = config.frequency_bands()
+    need(all(0 < lo < hi for lo, hi in bands), "frequency_band", "each band needs 0 < low < high (Hz)")
+    return config
+
+
+def _parse_positions(text: str, name: str) -> list[tuple[float, float]]:
+    """Parse a JSON list of number pairs, given inline or as the path of a file holding it."""
+    source = text
+    if not text.lstrip().startswith("["):
+        try:
+            source = Path(text).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read file {text!r}: {exc.strerror}") from None
+    try:
+        pairs = json.loads(source)
+        result = [(float(a), float(b)) for a, b in pairs]
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name} must be a JSON list of [a, b] number pairs") from None
+    if name == "monitor_loc" and not all(-90 <= dec <= 90 for _, dec in result):
+        raise ConfigError(f"{name}: declinations must lie in [-90, 90] deg")
+    return result
+
+
+def resolve_config_file(explicit: str | None, cwd: Path) -> Path | None:
+    """The TOML file to read: the one given, else ``trap_config.toml`` in ``cwd`` if present."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {explicit} does not exist")
+        return path
+    default = cwd / DEFAULT_CONFIG_FILE
+    return default if default.is_file() else None
+
+
+def build_config(
+    cli_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: Path | None,
+) -> Config:
+    """Merge the layers (flags > environment > TOML > defaults) and validate the result."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(read_toml(config_file))
+    merged.update(read_environment(environ))
+    merged.update({k: coerce(k, v, "the command line") for k, v in cli_values.items() if v is not None})
+    return validate(Config(**merged))

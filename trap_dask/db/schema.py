@@ -1,0 +1,221 @@
+"""The export database schema, defined once for every backend (SQLAlchemy Core).
+
+The TraP 1.x tables keep their names, columns and units (``config``, ``images``,
+``extracted_sources``, ``frequencybands``, ``variability``); our additions are ``schema_version``,
+``runs``, ``runningcatalog`` (what a later run needs to append), ``newsource`` (transient
+candidates) and ``monitor``. ``python -m trap_dask.db.schema`` prints the DDL for both backends;
+``schema/`` holds that output, versioned with :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from trap_dask.config import PARAMETERS, SECRET_PARAMETERS, parameter_type
+from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
+
+#: Bump when a table or column changes; a database of another version is refused on append.
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+
+def _pos(name: str, comment: str) -> Column:
+    """A double-precision column (positions need 53-bit mantissas on every backend)."""
+    return Column(name, Double, comment=comment)
+
+
+schema_version = Table(
+    "schema_version", metadata,
+    Column("version", Integer, primary_key=True),
+    Column("software_version", String(32), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("software_version", String(32), nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+    Column("status", String(16), nullable=False, comment="running, completed, interrupted, failed"),
+    Column("n_images", Integer, comment="images committed by this run"),
+    Column("config_file", Text),
+)
+
+_CONFIG_TYPES = {bool: Boolean, int: Integer, float: Double, str: Text}
+config = Table(
+    "config", metadata,
+    Column("run", Integer, ForeignKey("runs.id"), primary_key=True, autoincrement=False),
+    *(
+        Column(name, Text if name == "input_images" else _CONFIG_TYPES[parameter_type(name)],
+               comment=field.metadata["unit"] or None)
+        for name, field in PARAMETERS.items()
+        if name not in SECRET_PARAMETERS
+    ),
+)
+
+frequencybands = Table(
+    "frequencybands", metadata,
+    Column("band_id", Integer, primary_key=True, autoincrement=False),
+    Column("freq_low", Double, nullable=False, comment="Hz"),
+    Column("freq_central", Double, nullable=False, comment="Hz"),
+    Column("freq_high", Double, nullable=False, comment="Hz"),
+)
+
+images = Table(
+    "images", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("run", Integer, ForeignKey("runs.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("checksum", String(64), comment="sha256 of the file's first MiB and size"),
+    Column("rejected", Boolean, nullable=False),
+    Column("rejection_reason", Text),
+    Column("rms", Double, comment="Jy/beam, clipped rms of the central region"),
+    Column("rms_min", Double, comment="Jy/beam, lowest local rms in the extraction region"),
+    Column("rms_max", Double, comment="Jy/beam, highest local rms in the extraction region"),
+    Column("freq_band", Integer, ForeignKey("frequencybands.band_id")),
+    Column("freq_eff", Double, comment="Hz"),
+    Column("freq_bw", Double, comment="Hz"),
+    Column("taustart_ts", DateTime, comment="UTC start of the observation"),
+    Column("tau_time", Double, comment="s"),
+    Column("rb_smaj", Double, comment="deg, restoring beam semi-major axis (BMAJ/2)"),
+    Column("rb_smin", Double, comment="deg, restoring beam semi-minor axis (BMIN/2)"),
+    Column("rb_pa", Double, comment="deg east of north"),
+    _pos("centre_ra", "deg"),
+    _pos("centre_dec", "deg"),
+    Column("xtr_radius", Double, comment="deg, radius of the extraction region"),
+    Column("n_sources", Integer, comment="blind detections"),
+    Column("n_forced", Integer, comment="forced fits (null detections and monitor positions)"),
+)
+
+extracted_sources = Table(
+    "extracted_sources", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("im_id", Integer, ForeignKey("images.id"), nullable=False),
+    Column("src_id", Integer, nullable=False, comment="light curve (running catalogue) id"),
+    Column("parent", Integer, nullable=False, comment="previous measurement of src_id, -1 if first"),
+    _pos("ra", "deg"),
+    _pos("dec", "deg"),
+    Column("ra_fit_err", Double, comment="deg, along the RA coordinate"),
+    Column("dec_fit_err", Double, comment="deg"),
+    Column("peak_flux", Double, comment="Jy/beam"),
+    Column("peak_flux_err", Double, comment="Jy/beam"),
+    Column("int_flux", Double, comment="Jy"),
+    Column("int_flux_err", Double, comment="Jy"),
+    Column("significance_detection_level", Double, comment="peak / local rms"),
+    Column("semimajor_axis", Double, comment="arcsec"),
+    Column("semiminor_axis", Double, comment="arcsec"),
+    Column("parallactic_angle", Double, comment="deg east of north"),
+    Column("ew_sys_err", Double, comment="arcsec"),
+    Column("ns_sys_err", Double, comment="arcsec"),
+    Column("error_radius", Double, comment="arcsec"),
+    Column("gaussian_fit", Boolean),
+    Column("chisq", Double),
+    Column("reduced_chisq", Double),
+    Column("uncertainty_ew", Double, comment="deg"),
+    Column("uncertainty_ns", Double, comment="deg"),
+    Column("is_force_fit", Boolean, nullable=False),
+    Column("is_duplicate", Boolean, nullable=False),
+    Index("ix_extracted_sources_src_id", "src_id"),
+    Index("ix_extracted_sources_im_id", "im_id"),
+)
+
+
+def _sums(names: tuple[str, ...]) -> list[Column]:
+    """Running-sum columns (``acc_<name>``) that let a later run continue; see trap_dask.variability."""
+    return [Column(f"acc_{name}", Double) for name in names]
+
+variability = Table(
+    "variability", metadata,
+    Column("src_id", Integer, primary_key=True, autoincrement=False),
+    Column("freq_band", Integer, ForeignKey("frequencybands.band_id"), primary_key=True,
+           autoincrement=False),
+    Column("newsource", Integer, comment="id of the first extracted source of the light curve"),
+    Column("v_int", Double, comment="std(int_flux)/mean(int_flux)"),
+    Column("eta_int", Double, comment="reduced weighted chi-square of int_flux about its mean"),
+    Column("lightcurve_max", Double, comment="Jy"),
+    Column("lightcurve_avg", Double, comment="Jy"),
+    _pos("wm_ra", "deg, weighted mean of the blind detections"),
+    _pos("wm_dec", "deg"),
+    Column("avg_ra_err", Double, comment="deg"),
+    Column("avg_dec_err", Double, comment="deg"),
+    Column("nr_datapoints", Integer),
+    Column("first_image", Integer, comment="im_id of the first measurement in this band"),
+    Column("first_detection_time", DateTime),
+    Column("flux_ref", Double, comment="Jy, reference flux of the flux sums"),
+    *_sums(FLUX_SUMS),
+    Column("ra_ref", Double, comment="deg, reference RA of the position sums"),
+    *_sums(POSITION_SUMS),
+    Index("ix_variability_eta", "eta_int"),
+)
+
+runningcatalog = Table(
+    "runningcatalog", metadata,
+    Column("src_id", Integer, primary_key=True, autoincrement=False),
+    _pos("wm_ra", "deg, position used for association"),
+    _pos("wm_dec", "deg"),
+    Column("wm_uncertainty_ew", Double, comment="deg"),
+    Column("wm_uncertainty_ns", Double, comment="deg"),
+    Column("ra_ref", Double, comment="deg, reference RA of the position sums"),
+    *_sums(POSITION_SUMS),
+    Column("last_xtrsrc", Integer, comment="id of the latest measurement"),
+    Column("n_consecutive_force_fits", Integer, nullable=False),
+    Column("is_monitor", Boolean, nullable=False),
+    Column("first_im_id", Integer),
+)
+
+newsource = Table(
+    "newsource", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("src_id", Integer, nullable=False),
+    Column("trigger_xtrsrc", Integer, ForeignKey("extracted_sources.id"), nullable=False),
+    Column("im_id", Integer, ForeignKey("images.id"), nullable=False),
+    Column("previous_limits_image", Integer, comment="earlier image with the lowest rms_min"),
+    Column("newsource_type", Integer, nullable=False, comment="1: likely transient, 0: possible"),
+    Column("sigma_rms_min", Double, comment="peak_flux / lowest earlier rms_min"),
+    Column("sigma_rms_max", Double, comment="peak_flux / highest earlier rms_max"),
+)
+
+monitor = Table(
+    "monitor", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    _pos("ra", "deg"),
+    _pos("dec", "deg"),
+    Column("src_id", Integer, nullable=False),
+)
+
+
+def ddl(dialect_name: str) -> str:
+    """The CREATE statements for ``sqlite`` or ``postgresql``, as text."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect()}[dialect_name]
+    statements = []
+    for table in metadata.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")
+        statements.extend(
+            str(CreateIndex(index).compile(dialect=dialect)).strip() + ";" for index in table.indexes
+        )
+    header = f"-- trap-dask export schema version {SCHEMA_VERSION} ({dialect_name}); generated by\n" \
+             f"-- python -m trap_dask.db.schema {dialect_name}\n"
+    return header + "\n\n".join(statements) + "\n"
+
+
+if __name__ == "__main__":
+    print(ddl(sys.argv[1] if len(sys.argv) > 1 else "sqlite"), end="")

@@ -1,0 +1,163 @@
+"""The export store: one interface to the export database for every backend.
+
+Only the writer actor holds an :class:`ExportStore`. Each image is committed with
+:meth:`ExportStore.commit_image` in a single transaction, so the database always holds a
+consistent prefix of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+
+from trap_dask import __version__
+from trap_dask.db import schema
+from trap_dask.db.backends import (
+    DatabaseError,
+    DatabaseSettings,
+    create_database,
+    database_exists,
+    drop_database,
+    make_engine,
+)
+
+log = logging.getLogger(__name__)
+Columns = Mapping[str, np.ndarray]
+
+
+def _python_values(column: np.ndarray) -> list[Any]:
+    """A numpy column as DBAPI values: Python scalars, NaN as NULL."""
+    if column.dtype.kind == "f":
+        values = column.astype(object)
+        values[np.isnan(column)] = None
+        return values.tolist()
+    return column.tolist()
+
+
+def records(columns: Columns, names: Iterable[str] | None = None, rows: np.ndarray | None = None) -> list[dict]:
+    """Rows of a columnar table as dicts (optionally only ``names`` and ``rows``)."""
+    names = list(names or columns.keys())
+    data = {n: _python_values(columns[n] if rows is None else columns[n][rows]) for n in names}
+    count = len(next(iter(data.values()))) if data else 0
+    return [{n: data[n][i] for n in names} for i in range(count)]
+
+
+class ExportStore:
+    """Reads and writes the export database; see trap_dask.db.schema for the tables."""
+
+    def __init__(self, settings: DatabaseSettings):
+        self.settings = settings
+        self.engine = make_engine(settings)
+        self._insert = postgresql.insert if settings.backend == "postgres" else sqlite.insert
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, settings: DatabaseSettings, overwrite: bool) -> "ExportStore":
+        """Create a new export database; an existing one is an error unless ``overwrite``."""
+        if database_exists(settings):
+            if not overwrite:
+                raise DatabaseError(
+                    f"{settings.describe()} already exists; pass --db_overwrite to replace it"
+                )
+            drop_database(settings)
+        create_database(settings)
+        store = cls(settings)
+        try:
+            schema.metadata.create_all(store.engine)
+            with store.engine.begin() as conn:
+                conn.execute(insert(schema.schema_version).values(
+                    version=schema.SCHEMA_VERSION, software_version=__version__, created_at=_now()
+                ))
+        except DBAPIError as exc:
+            store.close()
+            drop_database(settings)
+            raise DatabaseError(f"cannot create the tables in {settings.describe()}: {exc.orig}") from None
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- runs --------------------------------------------------------------------------
+    def start_run(self, config_row: dict[str, Any], config_file: str | None) -> int:
+        with self.engine.begin() as conn:
+            run_id = (conn.execute(select(func.max(schema.runs.c.id))).scalar() or 0) + 1
+            conn.execute(insert(schema.runs).values(
+                id=run_id, software_version=__version__, started_at=_now(), status="running",
+                n_images=0, config_file=config_file,
+            ))
+            conn.execute(insert(schema.config).values(run=run_id, **config_row))
+        return run_id
+
+    def finish_run(self, run_id: int, status: str, n_images: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(schema.runs).where(schema.runs.c.id == run_id).values(
+                finished_at=_now(), status=status, n_images=n_images
+            ))
+
+    # -- per image ----------------------------------------------------------------------
+    def commit_image(
+        self,
+        image_row: dict[str, Any],
+        *,
+        band_rows: list[dict[str, Any]] | None = None,
+        sources: np.ndarray | None = None,
+        source_ids: Columns | None = None,
+        catalogue: Columns | None = None,
+        catalogue_rows: np.ndarray | None = None,
+        lightcurves: Columns | None = None,
+        lightcurve_rows: np.ndarray | None = None,
+        new_sources: Columns | None = None,
+        monitors: Columns | None = None,
+        monitor_catalogue: Columns | None = None,
+    ) -> None:
+        """Write one image and everything it changed, in one transaction.
+
+        ``band_rows`` and ``monitors`` (with their ``monitor_catalogue`` rows) are those not yet
+        in the database; they go with the image that first needs them.
+        """
+        with self.engine.begin() as conn:
+            if band_rows:
+                conn.execute(insert(schema.frequencybands), band_rows)
+            conn.execute(insert(schema.images), [image_row])
+            if monitors is not None:
+                conn.execute(insert(schema.monitor), records(monitors))
+                self._upsert(conn, schema.runningcatalog, monitor_catalogue,
+                             np.arange(len(monitors["id"])), ["src_id"])
+            if sources is not None and len(sources):
+                self._insert_sources(conn, image_row["id"], sources, source_ids)
+            if catalogue is not None:
+                self._upsert(conn, schema.runningcatalog, catalogue, catalogue_rows, ["src_id"])
+            if lightcurves is not None:
+                self._upsert(conn, schema.variability, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
+            if new_sources is not None and len(new_sources["src_id"]):
+                first = (conn.execute(select(func.max(schema.newsource.c.id))).scalar() or 0) + 1
+                rows = records(new_sources)
+                for offset, row in enumerate(rows):
+                    row["id"] = first + offset
+                conn.execute(insert(schema.newsource), rows)
+
+    def _insert_sources(self, conn: Connection, im_id: int, sources: np.ndarray, ids: Columns) -> None:
+        columns = {name: sources[name] for name in schema.extracted_sources.c.keys() if name in sources.dtype.names}
+        columns.update(ids)
+        columns["im_id"] = np.full(len(sources), im_id)
+        conn.execute(insert(schema.extracted_sources), records(columns))
+
+    def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray, keys: list[str]) -> None:
+        if rows is None or len(rows) == 0:
+            return
+        statement = self._insert(table)
+        statement = statement.on_conflict_do_update(
+            index_elements=keys,
+            set_={c: statement.excluded[c] for c in table.c.keys() if c not in keys},
+        )
+        conn.execute(statement, records(columns, table.c.keys(), rows))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)

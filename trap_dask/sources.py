@@ -1,0 +1,80 @@
+"""The columnar table of source measurements passed between pipeline stages.
+
+One row per measurement in one image: a blind detection or a forced fit. Columns and units
+follow the export table ``extracted_sources`` (see ``schema/``):
+
+======================== ======= ==========================================================
+column                   unit    meaning
+======================== ======= ==========================================================
+ra, dec                  deg     fitted position (ICRS / the image's celestial frame)
+ra_fit_err, dec_fit_err  deg     1-sigma fit error along the RA / Dec coordinate
+                                 (ra_fit_err grows as 1/cos(dec) for a fixed on-sky error)
+peak_flux, peak_flux_err Jy/beam
+int_flux, int_flux_err   Jy
+significance_detection_level     peak / local rms
+semimajor_axis,          arcsec  fitted Gaussian semi-axes: half the FWHM, as PySE/TraP
+semiminor_axis                   (a point source has the beam's BMAJ/2, BMIN/2)
+parallactic_angle        deg     position angle of the major axis, east of north
+ew_sys_err, ns_sys_err   arcsec  systematic position errors added for association
+error_radius             arcsec  absolute angular error on the position
+gaussian_fit             bool    True when a Gaussian fit converged (False: moments)
+chisq, reduced_chisq             goodness of the fit
+uncertainty_ew,          deg     sqrt(sys_err**2 + error_radius**2) / 3600
+uncertainty_ns
+is_force_fit             bool    measured by a forced fit at a fixed position
+x, y                     pixel   0-based position in the image (not exported)
+======================== ======= ==========================================================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SOURCE_DTYPE = np.dtype(
+    [
+        ("ra", "f8"),
+        ("dec", "f8"),
+        ("ra_fit_err", "f8"),
+        ("dec_fit_err", "f8"),
+        ("peak_flux", "f8"),
+        ("peak_flux_err", "f8"),
+        ("int_flux", "f8"),
+        ("int_flux_err", "f8"),
+        ("significance_detection_level", "f8"),
+        ("semimajor_axis", "f8"),
+        ("semiminor_axis", "f8"),
+        ("parallactic_angle", "f8"),
+        ("ew_sys_err", "f8"),
+        ("ns_sys_err", "f8"),
+        ("error_radius", "f8"),
+        ("gaussian_fit", "?"),
+        ("chisq", "f8"),
+        ("reduced_chisq", "f8"),
+        ("uncertainty_ew", "f8"),
+        ("uncertainty_ns", "f8"),
+        ("is_force_fit", "?"),
+        ("x", "f8"),
+        ("y", "f8"),
+    ]
+)
+
+#: Columns of SOURCE_DTYPE that are written to ``extracted_sources`` (all but pixel x, y).
+EXPORTED_COLUMNS: tuple[str, ...] = tuple(n for n in SOURCE_DTYPE.names if n not in ("x", "y"))
+
+
+def empty_sources(n: int = 0) -> np.ndarray:
+    """Return a zero-filled source table of ``n`` rows."""
+    return np.zeros(n, dtype=SOURCE_DTYPE)
+
+
+def add_uncertainties(sources: np.ndarray, ew_sys_err: float, ns_sys_err: float) -> np.ndarray:
+    """Fill the systematic-error and association-uncertainty columns in place.
+
+    ``ew_sys_err``/``ns_sys_err`` in arcsec; ``uncertainty_ew``/``_ns`` come out in deg as
+    ``sqrt(sys_err**2 + error_radius**2) / 3600``. Returns ``sources`` for chaining.
+    """
+    sources["ew_sys_err"] = ew_sys_err
+    sources["ns_sys_err"] = ns_sys_err
+    sources["uncertainty_ew"] = np.hypot(ew_sys_err, sources["error_radius"]) / 3600.0
+    sources["uncertainty_ns"] = np.hypot(ns_sys_err, sources["error_radius"]) / 3600.0
+    return sources
