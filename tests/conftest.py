@@ -1,0 +1,44 @@
+"""Shared fixtures: export-database settings for every backend.
+
+PostgreSQL tests use the server at 127.0.0.1:5432 (user postgres, trust auth, as in CI; override
+with TRAP_TEST_PG_HOST / TRAP_TEST_PG_PORT / TRAP_TEST_PG_USER). Under CI=true an unreachable
+server fails the tests; elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, database_exists, drop_database
+
+PG = dict(
+    host=os.environ.get("TRAP_TEST_PG_HOST", "127.0.0.1"),
+    port=int(os.environ.get("TRAP_TEST_PG_PORT", "5432")),
+    user=os.environ.get("TRAP_TEST_PG_USER", "postgres"),
+)
+
+
+def postgres_settings(name: str) -> DatabaseSettings:
+    """Settings for a test database on the test server; fails (CI) or skips if it is unreachable."""
+    settings = DatabaseSettings(backend="postgres", name=name, **PG)
+    try:
+        database_exists(settings)
+    except DatabaseError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL test server unreachable under CI=true: {exc}")
+        pytest.skip(f"PostgreSQL test server unreachable: {exc}")
+    return settings
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_settings(request, tmp_path):
+    """Settings for a not-yet-existing export database on each backend; dropped afterwards."""
+    if request.param == "sqlite":
+        yield DatabaseSettings(backend="sqlite", name=str(tmp_path / "export.db"))
+        return
+    settings = postgres_settings(f"trap_dask_test_{uuid.uuid4().hex[:12]}")
+    yield settings
+    drop_database(settings)

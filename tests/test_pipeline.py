@@ -1,0 +1,219 @@
+"""End to end: simulated surveys with known truth through `trap-dask run` into SQLite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trap_dask.config import build_config
+from trap_dask.pipeline import run_pipeline
+from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
+
+pytestmark = pytest.mark.slow
+
+SPEC = SurveySpec(n_epochs=8, shape=(384, 384), n_steady=25, n_variable=6, n_transient=3, n_resolved=2,
+                  n_pairs=2, seed=7)
+MATCH_ARCSEC = 10.0
+#: A 10-sigma source is found with certainty only well above the detection threshold.
+THRESHOLDS = {"detection_threshold": 5.0, "analysis_threshold": 3.0}
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    out = tmp_path_factory.mktemp("survey")
+    return load_truth(simulate_survey(out, SPEC))
+
+
+def run(inputs, db, **flags) -> Path:
+    values = {"input_images": tuple(str(i) for i in inputs), "db_name": str(db), "scheduler": "threads",
+              "nr_threads": 2, **THRESHOLDS, **flags}
+    run_pipeline(build_config(values, {}, None))
+    return Path(db)
+
+
+def query(db: Path, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def table(db: Path, name: str, drop=()) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({name})") if r[1] not in drop]
+        return conn.execute(f"SELECT {', '.join(cols)} FROM {name} ORDER BY 1, 2").fetchall()
+
+
+@pytest.fixture(scope="module")
+def processed(survey, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "run.db"
+    return run([Path(survey["images"][0]["path"]).parent], db)
+
+
+def detections_by_image(db):
+    rows = query(db, "SELECT i.url, x.ra, x.dec, x.src_id, x.is_force_fit FROM extracted_sources x "
+                     "JOIN images i ON i.id = x.im_id")
+    out: dict[str, list] = {}
+    for url, ra, dec, src, forced in rows:
+        if not forced:
+            out.setdefault(url, []).append((ra, dec, src))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def match(truth_ra, truth_dec, found):
+    """src_id of the nearest detection within MATCH_ARCSEC of each true position (-1: none)."""
+    if len(found) == 0:
+        return np.full(len(truth_ra), -1)
+    dra = (found[None, :, 0] - truth_ra[:, None]) * np.cos(np.deg2rad(truth_dec[:, None]))
+    sep = np.hypot(dra, found[None, :, 1] - truth_dec[:, None]) * 3600
+    best = sep.argmin(axis=1)
+    return np.where(sep[np.arange(len(best)), best] < MATCH_ARCSEC, found[best, 2], -1).astype(int)
+
+
+def test_export_tables_are_filled(processed, survey):
+    n_images = len(survey["images"])
+    assert query(processed, "SELECT count(*), sum(rejected) FROM images")[0] == (n_images, 0)
+    for name in ("extracted_sources", "variability", "frequencybands", "config", "newsource", "runningcatalog"):
+        assert query(processed, f"SELECT count(*) FROM {name}")[0][0] > 0, name
+    assert query(processed, "SELECT status, n_images FROM runs") == [("completed", n_images)]
+
+
+def test_every_bright_source_found_in_every_image(processed, survey):
+    truth, found = survey["sources"], detections_by_image(processed)
+    for image in survey["images"]:
+        e, b = image["epoch"], image["band"]
+        bright = (truth["peak_flux"][:, e, b] >= 10 * SPEC.rms) & np.isin(truth["kind"], ["steady", "variable", "transient"])
+        ids = match(truth["ra_epoch"][bright, e], truth["dec_epoch"][bright, e], found[image["path"]])
+        assert (ids > 0).all(), f"missed {np.sum(ids < 0)} bright sources in {image['path']}"
+
+
+def test_steady_sources_keep_one_src_id(processed, survey):
+    truth, found = survey["sources"], detections_by_image(processed)
+    steady = truth["kind"] == "steady"
+    ids = np.array([match(truth["ra_epoch"][steady, i["epoch"]], truth["dec_epoch"][steady, i["epoch"]], found[i["path"]])
+                    for i in survey["images"]])
+    assert (ids > 0).all()
+    assert (ids == ids[0]).all(), "a steady source was split over several src_ids"
+    assert len(np.unique(ids[0])) == steady.sum(), "two steady sources were merged"
+
+
+def test_transients_are_new_sources_at_switch_on(processed, survey):
+    truth = survey["sources"]
+    found = detections_by_image(processed)
+    epochs = {i["epoch"]: i["path"] for i in survey["images"]}
+    new = dict(query(processed, "SELECT n.src_id, i.url FROM newsource n JOIN images i ON i.id = n.im_id"))
+    for k in np.flatnonzero(truth["kind"] == "transient"):
+        on = int(truth["switch_on_epoch"][k])
+        src = match(truth["ra_epoch"][[k], on], truth["dec_epoch"][[k], on], found[epochs[on]])[0]
+        assert src > 0 and new.get(src) == epochs[on]
+
+
+def test_variability_matches_the_stored_light_curves(processed):
+    rows = query(processed, "SELECT x.src_id, i.freq_band, x.int_flux, x.int_flux_err FROM extracted_sources x "
+                            "JOIN images i ON i.id = x.im_id")
+    curves: dict = {}
+    for src, band, flux, err in rows:
+        curves.setdefault((src, band), []).append((flux, err))
+    stored = query(processed, "SELECT src_id, freq_band, v_int, eta_int, nr_datapoints, lightcurve_max FROM variability")
+    assert len(stored) == len(curves)
+    for src, band, v, eta, n, lc_max in stored:
+        flux, err = np.array(curves[(src, band)]).T
+        assert n == len(flux)
+        assert lc_max == pytest.approx(flux.max())
+        if n < 2:
+            continue
+        w = 1 / err**2
+        assert v == pytest.approx(flux.std(ddof=1) / flux.mean(), rel=1e-6)
+        direct_eta = n / (n - 1) * (np.mean(w * flux**2) - np.mean(w * flux) ** 2 / np.mean(w))
+        assert eta == pytest.approx(direct_eta, rel=1e-6, abs=1e-9)
+
+
+def test_every_parent_is_the_previous_measurement(processed):
+    rows = query(processed, "SELECT x.id, x.src_id, x.parent, x.is_duplicate FROM extracted_sources x ORDER BY x.id")
+    last: dict[int, int] = {}
+    by_id = {r[0]: r for r in rows}
+    for xid, src, parent, duplicate in rows:
+        if duplicate:
+            assert parent in by_id and by_id[parent][1] != src
+        else:
+            assert parent == last.get(src, -1)
+        last[src] = xid
+
+
+def test_shuffled_input_order_gives_the_same_database(processed, survey, tmp_path):
+    rng = np.random.default_rng(3)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    paths = [i["path"] for i in survey["images"]]
+    names = rng.permutation(len(paths))
+    inputs = []
+    for path, name in zip(paths, names):  # names no longer sort in time order
+        target = shuffled / f"img_{name:03d}.fits"
+        shutil.copy(path, target)
+        inputs.append(target)
+    db = run([inputs[i] for i in rng.permutation(len(inputs))], tmp_path / "s.db")
+    for name in ("extracted_sources", "variability", "newsource"):
+        assert table(db, name) == table(processed, name), name
+    assert table(db, "images", drop=("url",)) == table(processed, "images", drop=("url",))
+
+
+def test_worker_count_does_not_change_the_result(survey, tmp_path):
+    folder = Path(survey["images"][0]["path"]).parent
+    one = run([folder], tmp_path / "one.db", scheduler="distributed", nr_threads=1)
+    two = run([folder], tmp_path / "two.db", scheduler="distributed", nr_threads=2)
+    for name in ("images", "extracted_sources", "variability", "newsource", "runningcatalog", "frequencybands"):
+        assert table(one, name) == table(two, name), name
+
+
+def test_existing_database_is_refused_without_overwrite(processed, survey, tmp_path):
+    db = tmp_path / "x.db"
+    db.write_bytes(b"")
+    code = subprocess.run([sys.executable, "-m", "trap_dask.cli", "run", "-i", survey["images"][0]["path"],
+                           "--db-name", str(db)], capture_output=True, text=True)
+    assert code.returncode == 1 and "--db_overwrite" in code.stderr
+
+
+def test_sigkill_leaves_a_consistent_prefix(tmp_path):
+    spec = replace(SPEC, n_epochs=40, shape=(256, 256), n_steady=10, n_variable=2, n_transient=1,
+                   n_resolved=0, n_pairs=0, min_separation=4.0, seed=11)
+    simulate_survey(tmp_path / "long", spec)
+    db = tmp_path / "killed.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trap_dask.cli", "run", "-i", str(tmp_path / "long"), "--db-name", str(db),
+         "--scheduler", "distributed", "--nr_threads", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    committed = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            committed = query(db, "SELECT count(*) FROM images")[0][0]
+        except sqlite3.Error:
+            continue
+        if committed >= 5:
+            break
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    images = query(db, "SELECT id, n_sources, n_forced FROM images ORDER BY id")
+    assert 5 <= len(images) < spec.n_epochs
+    assert [i[0] for i in images] == list(range(1, len(images) + 1))
+    for im_id, n_sources, n_forced in images:
+        assert query(db, "SELECT sum(NOT is_force_fit), sum(is_force_fit) FROM extracted_sources WHERE im_id = ?",
+                     im_id)[0] == (n_sources, n_forced)
+    orphans = query(db, "SELECT count(*) FROM extracted_sources WHERE parent <> -1 AND parent NOT IN "
+                        "(SELECT id FROM extracted_sources)")[0][0]
+    assert orphans == 0
+    counts = query(db, "SELECT v.nr_datapoints, (SELECT count(*) FROM extracted_sources x WHERE x.src_id = v.src_id) "
+                       "FROM variability v")
+    assert all(a == b for a, b in counts)
+    assert query(db, "SELECT status FROM runs") == [("running",)]

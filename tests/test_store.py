@@ -1,0 +1,96 @@
+"""The export store on every backend: lifecycle, one-transaction commits, types."""
+
+from datetime import datetime
+
+import numpy as np
+import pytest
+from sqlalchemy import inspect, select, text
+
+from trap_dask.config import Config
+from trap_dask.db import schema
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, drop_database
+from trap_dask.db.store import ExportStore
+from trap_dask.sources import empty_sources
+
+from conftest import postgres_settings
+
+TRAP_TABLES = {
+    "config", "images", "extracted_sources", "frequencybands", "variability",
+    "runningcatalog", "newsource", "runs", "schema_version", "monitor",
+}
+
+
+def image_row(im_id, run):
+    return {
+        "id": im_id, "run": run, "url": f"/data/img{im_id}.fits", "rejected": False, "freq_band": 1,
+        "freq_eff": 1.5e8, "freq_bw": 2e6, "taustart_ts": datetime(2021, 3, 4, 5, 6, 7), "rms": 1e-3,
+        "centre_ra": 123.456789012345, "centre_dec": -45.678901234567,
+    }
+
+
+def test_create_refuses_existing_database_unless_overwrite(db_settings):
+    ExportStore.create(db_settings, overwrite=False).close()
+    with pytest.raises(DatabaseError, match="--db_overwrite"):
+        ExportStore.create(db_settings, overwrite=False)
+    store = ExportStore.create(db_settings, overwrite=True)
+    assert TRAP_TABLES <= set(inspect(store.engine).get_table_names())
+    store.close()
+
+
+def test_image_commit_round_trips_in_double_precision(db_settings):
+    store = ExportStore.create(db_settings, overwrite=False)
+    run = store.start_run(Config(db_name="x", db_password="hunter2").exportable(), None)
+    sources = empty_sources(2)
+    sources["ra"] = [123.456789012345, 0.000000123456789]
+    sources["dec"] = [-45.678901234567, 89.99999999999]
+    sources["peak_flux"] = [1.5, np.nan]
+    ids = {"id": np.array([1, 2]), "src_id": np.array([1, 2]), "parent": np.array([-1, -1]),
+           "is_duplicate": np.array([False, True])}
+    band = {"band_id": 1, "freq_low": 1.49e8, "freq_central": 1.5e8, "freq_high": 1.51e8}
+    store.commit_image(image_row(1, run), band_rows=[band], sources=sources, source_ids=ids)
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(schema.extracted_sources).order_by(schema.extracted_sources.c.id)).all()
+        config_row = conn.execute(select(schema.config)).mappings().one()
+    assert rows[0].ra == 123.456789012345 and rows[1].dec == 89.99999999999
+    assert rows[1].peak_flux is None                      # NaN is stored as NULL on every backend
+    assert rows[1].is_duplicate is True and rows[0].is_force_fit is False
+    assert "hunter2" not in repr(dict(config_row))
+    store.close()
+
+
+def test_failed_commit_leaves_nothing_of_the_image(db_settings):
+    store = ExportStore.create(db_settings, overwrite=False)
+    run = store.start_run(Config().exportable(), None)
+    band = {"band_id": 1, "freq_low": 1.49e8, "freq_central": 1.5e8, "freq_high": 1.51e8}
+    bad_ids = {"id": np.array([1, 1]), "src_id": np.array([1, 2]), "parent": np.array([-1, -1]),
+               "is_duplicate": np.array([False, False])}  # duplicate primary key: must roll back
+    with pytest.raises(Exception):
+        store.commit_image(image_row(1, run), band_rows=[band], sources=empty_sources(2), source_ids=bad_ids)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM images")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM frequencybands")).scalar() == 0
+    store.close()
+
+
+@pytest.mark.parametrize("name", ['x"; DROP DATABASE postgres; --', "Mixed Case-ünïcode"])
+def test_postgres_odd_names_are_identifiers_never_sql(name):
+    settings = postgres_settings(name)
+    drop_database(settings)
+    try:
+        ExportStore.create(settings, overwrite=False).close()
+        assert postgres_settings("postgres")  # the maintenance database still exists
+        with pytest.raises(DatabaseError, match="already exists"):
+            ExportStore.create(settings, overwrite=False)
+    finally:
+        drop_database(settings)
+
+
+def test_postgres_wrong_password_is_one_clear_line_without_the_password():
+    settings = postgres_settings("trap_dask_never_created")
+    wrong = DatabaseSettings(backend="postgres", name="x", host=settings.host, port=1, user="nobody",
+                             password="Sup3rS3cret")
+    with pytest.raises(DatabaseError) as err:
+        ExportStore.create(wrong, overwrite=False)
+    message = str(err.value)
+    assert "Sup3rS3cret" not in message and "\n" not in message
+    assert "cannot connect" in message

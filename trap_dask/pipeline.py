@@ -1,0 +1,256 @@
+"""Orchestration of a run: find images, start Dask, stream images through workers and the writer.
+
+Workers read, quality-check and extract images in parallel (a bounded window of images in
+flight); the client hands each image's results to the writer actor strictly in time order,
+asks the worker holding the image for the forced fits the writer needs, and has the writer
+commit the image. Memory stays flat: at most ``max_concurrent_images`` images are held.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from trap_dask.config import Config
+from trap_dask.db.backends import DatabaseError, DatabaseSettings
+from trap_dask.extraction import ExtractionParams
+from trap_dask.image import ImageMeta
+from trap_dask.quality import QualityParams
+
+log = logging.getLogger("trap_dask")
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
+#: Rough bytes of worker memory per image pixel while it is held (data, maps, temporaries).
+BYTES_PER_PIXEL = 32
+
+
+class PipelineError(RuntimeError):
+    """A run that cannot start or cannot go on; the message is user-facing."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    db: str
+    n_images: int
+    n_rejected: int
+    n_sources: int
+    n_forced: int
+    n_new_sources: int
+    n_light_curves: int
+    wall_seconds: float
+    writer_busy_seconds: float
+
+    def describe(self) -> str:
+        busy = self.writer_busy_seconds / self.wall_seconds if self.wall_seconds else 0.0
+        return (
+            f"trap-dask: {self.n_images} images ({self.n_rejected} rejected) -> {self.db}\n"
+            f"  {self.n_sources} detections, {self.n_forced} forced fits, "
+            f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
+            f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
+            f"writer busy {100 * busy:.0f}%"
+        )
+
+
+def find_images(patterns: tuple[str, ...]) -> list[str]:
+    """Absolute paths of the FITS files named by files, directories (recursive) or globs."""
+    found: set[str] = set()
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            candidates = [p for p in path.rglob("*") if p.is_file()]
+        elif path.is_file():
+            candidates = [path]
+        else:
+            candidates = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            if not candidates:
+                raise PipelineError(f"input {pattern!r} matches no file or directory")
+        found.update(
+            str(p.resolve()) for p in candidates
+            if p.is_file() and (path.is_file() or p.name.lower().endswith(FITS_SUFFIXES))
+        )
+    return sorted(found)
+
+
+def extraction_params(config: Config) -> ExtractionParams:
+    return ExtractionParams(
+        detection_threshold=config.detection_threshold,
+        analysis_threshold=config.analysis_threshold,
+        deblend_nthresh=config.deblend_nthresh,
+        force_beam=config.force_beam,
+        margin=config.im_margin,
+        radius=config.im_radius,
+        back_size_x=config.im_back_size_x,
+        back_size_y=config.im_back_size_y,
+        ew_sys_err=config.ew_sys_err,
+        ns_sys_err=config.ns_sys_err,
+    )
+
+
+def quality_params(config: Config) -> QualityParams:
+    return QualityParams(
+        rms_min=config.rms_min, rms_max=config.rms_max,
+        reduction_factor_for_rms=config.reduction_factor_for_rms,
+    )
+
+
+def database_settings(config: Config) -> DatabaseSettings:
+    if not config.db_name:
+        raise PipelineError("no export database given: use --db_name (a file path for sqlite)")
+    return DatabaseSettings(
+        backend=config.db_backend, name=config.db_name, host=config.db_host,
+        port=config.db_port, user=config.db_user, password=config.db_password,
+    )
+
+
+def default_window(metas: list[ImageMeta], n_threads: int) -> int:
+    """Images in flight: enough to keep every thread busy, few enough for half the free memory."""
+    import psutil
+
+    largest = max((m.shape[0] * m.shape[1] for m in metas), default=1)
+    by_memory = int(0.5 * psutil.virtual_memory().available / (BYTES_PER_PIXEL * largest))
+    return max(2, min(2 * n_threads + 2, by_memory))
+
+
+def start_client(config: Config):
+    """A Dask client on a new LocalCluster (worker processes, or threads in this process)."""
+    from distributed import Client, LocalCluster
+
+    threads = config.nr_threads or os.cpu_count() or 1
+    if config.scheduler == "threads":
+        cluster = LocalCluster(
+            n_workers=1, threads_per_worker=threads, processes=False,
+            dashboard_address=":0", silence_logs=logging.WARNING,
+        )
+    else:
+        cluster = LocalCluster(
+            n_workers=threads, threads_per_worker=1, processes=True,
+            dashboard_address=":0", silence_logs=logging.WARNING,
+        )
+    return Client(cluster), threads
+
+
+def _dashboard_line(client) -> str:
+    try:
+        import bokeh  # noqa: F401  (the dashboard needs it)
+    except ImportError:
+        return "dashboard: not available (pip install bokeh to enable it)"
+    return f"dashboard: {client.dashboard_link}"
+
+
+def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
+    """Process every input image into the export database; returns totals for the summary."""
+    from tqdm import tqdm
+
+    from trap_dask.db.store import ExportStore
+    from trap_dask import tasks
+    from trap_dask.writer import Writer
+
+    started = time.perf_counter()
+    _configure_logging(config)
+    log.info("config file: %s", config_file or "none (defaults, environment and flags only)")
+    paths = find_images(config.input_images)
+    if not paths:
+        raise PipelineError("no FITS images found in the inputs (use -i/--input_images)")
+    settings = database_settings(config)
+    try:
+        ExportStore.create(settings, overwrite=config.db_overwrite).close()
+    except DatabaseError as exc:
+        raise PipelineError(str(exc)) from None
+    log.info("export database: %s", settings.describe())
+
+    client, n_threads = start_client(config)
+    status = "failed"
+    writer = None
+    try:
+        log.info(_dashboard_line(client))
+        scans = client.gather(client.map(tasks.scan, paths, pure=False))
+        failures = [s for s in scans if isinstance(s, tasks.ScanFailure)]
+        metas = sorted(
+            (s for s in scans if not isinstance(s, tasks.ScanFailure)),
+            key=lambda m: (m.taustart_ts, m.freq_eff, m.url),
+        )
+        window = config.max_concurrent_images or default_window(metas, n_threads)
+        log.info("%d images (%d unreadable), up to %d in flight", len(scans), len(failures), window)
+        writer = client.submit(Writer, settings, config, str(config_file) if config_file else None,
+                               actor=True).result()
+        totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
+        params, quality = extraction_params(config), quality_params(config)
+        with tqdm(total=len(scans), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
+            for failure in failures:
+                log.warning("rejected %s: %s", failure.url, failure.reason)
+                _count(totals, writer.reject_unreadable(failure).result(), bar)
+            for summary in _stream(client, writer, metas, window, params, quality):
+                _count(totals, summary, bar)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        finished = writer.finish(status).result() if writer is not None else None
+        client.close()
+        client.cluster.close()
+    return RunSummary(
+        db=settings.describe(), n_images=finished["n_images"], n_rejected=totals["rejected"],
+        n_sources=totals["sources"], n_forced=totals["forced"], n_new_sources=totals["new"],
+        n_light_curves=finished["n_light_curves"], wall_seconds=time.perf_counter() - started,
+        writer_busy_seconds=finished["writer_busy_s"],
+    )
+
+
+def _stream(client, writer, metas, window, params, quality):
+    """Yield each image's CommitSummary in time order, keeping ``window`` images in flight."""
+    from trap_dask import tasks
+    from trap_dask.writer import CommitSummary
+
+    pending: deque = deque()
+    upcoming = iter(enumerate(metas))
+
+    def submit_next() -> None:
+        for index, meta in upcoming:
+            priority = len(metas) - index
+            loaded = client.submit(tasks.load, meta, quality, params, priority=priority,
+                                   key=f"load-{index}-{os.path.basename(meta.url)}")
+            result = client.submit(tasks.extract, loaded, params, priority=priority,
+                                   key=f"extract-{index}-{os.path.basename(meta.url)}")
+            pending.append((loaded, result))
+            return
+
+    for _ in range(window):
+        submit_next()
+    while pending:
+        loaded, result = pending.popleft()
+        outcome = writer.associate(result.result()).result()
+        if not isinstance(outcome, CommitSummary):
+            ra, dec = outcome
+            forced = client.submit(tasks.force, loaded, ra, dec, params, priority=len(metas) + 1).result() \
+                if len(ra) else None
+            outcome = writer.commit(forced).result()
+        del loaded, result
+        submit_next()
+        yield outcome
+
+
+def _count(totals: dict, summary, bar) -> None:
+    totals["rejected"] += summary.rejected
+    totals["sources"] += summary.n_sources
+    totals["forced"] += summary.n_forced
+    totals["new"] += summary.n_new
+    bar.update(1)
+    bar.set_postfix(sources=totals["sources"], new=totals["new"], refresh=False)
+
+
+def _configure_logging(config: Config) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if config.log_dir:
+        Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(config.log_dir) / "trap-dask.log"))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = handlers
+    log.setLevel(logging.INFO)
+    log.propagate = False

@@ -1,0 +1,110 @@
+"""The per-image work that Dask workers run: scan headers, load + quality-check, extract, force-fit.
+
+Each function is a plain function of picklable arguments. A :class:`LoadedImage` stays in the
+memory of the worker that made it (it is a Dask future on the client) until the writer has
+asked for that image's forced fits, so pixels are read once and never shipped to the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from trap_dask.extraction import ExtractionParams, PreparedImage, extract_sources, forced_fit, prepare_image
+from trap_dask.image import Beam, ImageError, ImageMeta, read_image, read_meta
+from trap_dask.quality import ImageStats, QualityParams, check_quality
+from trap_dask.sources import empty_sources
+
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class ScanFailure:
+    """A file whose header could not be used; it becomes a rejected image row."""
+
+    url: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What the writer needs from a worker for one image (small: no pixels)."""
+
+    meta: ImageMeta
+    checksum: str
+    stats: ImageStats | None
+    rejection: str | None
+    xtr_radius: float  #: deg
+    sources: np.ndarray  #: SOURCE_DTYPE, blind detections
+
+
+@dataclass
+class LoadedImage:
+    """An image held on a worker between extraction and forced fits."""
+
+    result: ImageResult
+    prepared: PreparedImage | None  #: None for a rejected image
+
+
+def scan(path: str, beam: Beam | None = None, freq: tuple[float, float] | None = None) -> ImageMeta | ScanFailure:
+    """Read one file's header; a bad file gives a ScanFailure with the reason, never an exception."""
+    try:
+        return read_meta(path, beam=beam, freq=freq)
+    except ImageError as exc:
+        return ScanFailure(url=path, reason=str(exc))
+    except OSError as exc:
+        return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}")
+
+
+def file_checksum(path: str) -> str:
+    """sha256 of the file's bytes (hex), to recognise an image already in a database."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load(meta: ImageMeta, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
+    """Read the pixels, check quality, and prepare background and noise maps."""
+    checksum = file_checksum(meta.url)
+    try:
+        data, wcs = read_image(meta)
+    except (ImageError, OSError) as exc:
+        return _rejected(meta, checksum, None, f"cannot read the pixels: {exc}")
+    stats, reason = check_quality(data, quality)
+    if reason is not None:
+        return _rejected(meta, checksum, stats, reason)
+    prepared = prepare_image(data, wcs, meta.beam, params)
+    result = ImageResult(meta, checksum, stats, None, extraction_radius(meta, params), empty_sources())
+    return LoadedImage(result, prepared)
+
+
+def _rejected(meta: ImageMeta, checksum: str, stats: ImageStats | None, reason: str) -> LoadedImage:
+    return LoadedImage(ImageResult(meta, checksum, stats, reason, 0.0, empty_sources()), None)
+
+
+def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
+    """Blind source extraction; returns the small result the writer associates."""
+    if image.prepared is None:
+        return image.result
+    sources = extract_sources(image.prepared, params)
+    return ImageResult(**{**image.result.__dict__, "sources": sources})
+
+
+def force(image: LoadedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams) -> np.ndarray:
+    """Forced fits with the beam's shape at (ra, dec) in deg; NaN fluxes where not measurable."""
+    return forced_fit(image.prepared, ra, dec, params)
+
+
+def extraction_radius(meta: ImageMeta, params: ExtractionParams) -> float:
+    """Radius in deg of the circle around the centre inside which the image is searched.
+
+    ``im_radius`` when given, else the half-diagonal inside the margin, so the corners count.
+    """
+    ny, nx = meta.shape
+    half_diagonal = 0.5 * np.hypot(nx - 2 * params.margin, ny - 2 * params.margin)
+    radius = min(params.radius, half_diagonal) if params.radius > 0 else half_diagonal
+    return float(radius * meta.pixel_scale)

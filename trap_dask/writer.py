@@ -1,0 +1,178 @@
+"""The writer: the one Dask actor that owns the export database and the running catalogue.
+
+The client feeds it images strictly in time order. For each image, :meth:`Writer.associate`
+links the blind detections to the running catalogue and returns the positions to force-fit;
+:meth:`Writer.commit` adds those forced fits and writes the image, its measurements, the
+association links and the catalogue/variability updates in ONE transaction. Only after that
+transaction commits does the in-memory catalogue move on, so memory and database never diverge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from trap_dask.bands import Band, assign_band, fixed_bands
+from trap_dask.catalogue import AssociationPlan, ImageContext, RunningCatalogue, take
+from trap_dask.config import Config
+from trap_dask.db.backends import DatabaseSettings
+from trap_dask.db.store import ExportStore
+from trap_dask.sources import empty_sources
+from trap_dask.tasks import ImageResult, ScanFailure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CommitSummary:
+    """What one committed image added."""
+
+    im_id: int
+    rejected: bool
+    n_sources: int
+    n_forced: int
+    n_new: int
+
+
+class Writer:
+    """Dask actor: association in time order and one transaction per image."""
+
+    def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None):
+        self.store = ExportStore(settings)
+        self.run_id = self.store.start_run(config.exportable(), config_file)
+        self.catalogue = RunningCatalogue(
+            de_ruiter_r_max=config.de_ruiter_r_max,
+            max_nr_consecutive_force_fits=config.max_nr_consecutive_force_fits,
+            detection_threshold=config.detection_threshold,
+        )
+        self.fixed = bool(config.frequency_bands())
+        self.bands: list[Band] = fixed_bands(config.frequency_bands())
+        self._unsaved_bands = list(self.bands)
+        monitors = np.asarray(config.monitor_positions(), dtype=float).reshape(-1, 2)
+        self.catalogue, monitor_ids = self.catalogue.add_monitor_sources(monitors[:, 0], monitors[:, 1])
+        self._unsaved_monitors = {
+            "id": np.arange(1, len(monitor_ids) + 1), "ra": monitors[:, 0], "dec": monitors[:, 1],
+            "src_id": monitor_ids,
+        }
+        self.next_im_id = 1
+        self.n_committed = 0
+        self.busy_seconds = 0.0
+        self._pending: tuple[AssociationPlan, ImageResult, Band] | None = None
+
+    # -- per image --------------------------------------------------------------------------
+    def reject_unreadable(self, failure: ScanFailure) -> CommitSummary:
+        """Record a file whose header could not be used as a rejected image."""
+        row = {"url": failure.url, "rejected": True, "rejection_reason": failure.reason}
+        return self._commit_rejected(row)
+
+    def associate(self, result: ImageResult) -> tuple[np.ndarray, np.ndarray] | CommitSummary:
+        """Associate one image's detections; returns (ra, dec) in deg to force-fit next.
+
+        A rejected image is committed at once and its CommitSummary returned instead.
+        """
+        started = time.perf_counter()
+        if self._pending is not None:
+            raise RuntimeError("associate() called twice without commit(): images must be fed in order")
+        meta = result.meta
+        band, is_new_band = assign_band(meta.freq_eff, meta.freq_bw, self.bands, self.fixed)
+        rejection = result.rejection
+        if band is None and rejection is None:
+            rejection = f"frequency {meta.freq_eff:.6g} Hz is outside every band in frequency_band"
+        if rejection is not None:
+            row = self._image_row(result) | {"rejected": True, "rejection_reason": rejection}
+            if band is not None and not is_new_band:
+                row["freq_band"] = band.band_id
+            return self._commit_rejected(row)
+        if is_new_band:
+            self.bands.append(band)
+            self._unsaved_bands.append(band)
+        image = ImageContext(
+            im_id=self.next_im_id, band=band.band_id, taustart_ts=meta.taustart_ts,
+            centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
+            rms_min=result.stats.rms_min, rms_max=result.stats.rms_max,
+        )
+        plan = self.catalogue.plan(image, result.sources)
+        self._pending = (plan, result, band)
+        self.busy_seconds += time.perf_counter() - started
+        return plan.forced_positions(self.catalogue)
+
+    def commit(self, forced: np.ndarray | None = None) -> CommitSummary:
+        """Add the forced fits (aligned with the positions from associate) and commit the image."""
+        started = time.perf_counter()
+        plan, result, band = self._pending
+        update = self.catalogue.update(plan, forced if forced is not None else empty_sources())
+        row = self._image_row(result) | {
+            "rejected": False, "freq_band": band.band_id,
+            "n_sources": len(plan.detections), "n_forced": len(update.measurements) - len(plan.detections),
+        }
+        try:
+            self.store.commit_image(
+                row,
+                sources=update.measurements, source_ids=update.ids,
+                catalogue=update.sources, catalogue_rows=update.changed_sources,
+                lightcurves=update.lightcurves, lightcurve_rows=update.changed_lightcurves,
+                new_sources=update.new_sources,
+                **self._unsaved(),
+            )
+        except BaseException:
+            self._pending = None
+            raise
+        self.catalogue = self.catalogue.apply(update, plan.image)
+        self._saved()
+        self._pending = None
+        self.next_im_id += 1
+        self.n_committed += 1
+        self.busy_seconds += time.perf_counter() - started
+        return CommitSummary(row["id"], False, row["n_sources"], row["n_forced"], len(update.new_sources["src_id"]))
+
+    def finish(self, status: str) -> dict:
+        """Record the run's end; returns totals for the summary."""
+        self.store.finish_run(self.run_id, status, self.n_committed)
+        self.store.close()
+        return {
+            "run_id": self.run_id,
+            "n_images": self.n_committed,
+            "n_light_curves": int((~self.catalogue.sources["is_monitor"]).sum()),
+            "writer_busy_s": self.busy_seconds,
+        }
+
+    # -- helpers --------------------------------------------------------------------------
+    def _image_row(self, result: ImageResult) -> dict:
+        meta, stats = result.meta, result.stats
+        return {
+            "id": self.next_im_id, "run": self.run_id, "url": meta.url, "checksum": result.checksum,
+            "rms": stats.rms if stats else None,
+            "rms_min": stats.rms_min if stats else None,
+            "rms_max": stats.rms_max if stats else None,
+            "freq_eff": meta.freq_eff, "freq_bw": meta.freq_bw,
+            "taustart_ts": meta.taustart_ts, "tau_time": meta.tau_time,
+            "rb_smaj": meta.beam.smaj, "rb_smin": meta.beam.smin, "rb_pa": meta.beam.pa,
+            "centre_ra": meta.centre_ra, "centre_dec": meta.centre_dec,
+            "xtr_radius": result.xtr_radius,
+        }
+
+    def _commit_rejected(self, row: dict) -> CommitSummary:
+        row = {"id": self.next_im_id, "run": self.run_id, "n_sources": 0, "n_forced": 0, "rejected": True} | row
+        self.store.commit_image(row, **self._unsaved())
+        self._saved()
+        self.next_im_id += 1
+        self.n_committed += 1
+        return CommitSummary(row["id"], True, 0, 0, 0)
+
+    def _unsaved(self) -> dict:
+        """Bands and monitor sources not yet in the database, to go with the next commit."""
+        extra: dict = {}
+        if self._unsaved_bands:
+            extra["band_rows"] = [b.__dict__ for b in self._unsaved_bands]
+        if len(self._unsaved_monitors["id"]):
+            extra["monitors"] = self._unsaved_monitors
+            rows = np.flatnonzero(self.catalogue.sources["is_monitor"])
+            extra["monitor_catalogue"] = take(self.catalogue.sources, rows)
+        return extra
+
+    def _saved(self) -> None:
+        self._unsaved_bands = []
+        self._unsaved_monitors = {k: v[:0] for k, v in self._unsaved_monitors.items()}
