@@ -63,7 +63,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*_flag_names(name), dest=name, metavar=name.upper(), help=text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; the ``simulate`` flags (which need numpy/astropy) only for that command."""
     parser = argparse.ArgumentParser(
         prog="trap-dask",
         description="Radio transients pipeline on Dask: finds the sources in FITS images, links "
@@ -81,14 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="write a simulated survey (FITS images + truth file)",
         description="Write N epochs of a simulated field as FITS images, plus truth.json.",
     )
-    from trap_dask.simulate import add_simulate_arguments
+    if command == "simulate":
+        from trap_dask.simulate import add_simulate_arguments
 
-    add_simulate_arguments(simulate)
+        add_simulate_arguments(simulate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     try:
         if args.command == "run":

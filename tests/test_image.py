@@ -1,0 +1,208 @@
+"""Reading FITS metadata and image planes: real images, synthetic headers and error cases."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import astuple
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from trap_dask.image import Beam, ImageError, celestial_wcs, read_image, read_meta
+
+DATA = Path(__file__).parent / "data"
+ARCSEC = 1.0 / 3600.0
+
+#: file -> ((BMAJ, BMIN, BPA) deg, freq_eff Hz, freq_bw Hz, DATE-OBS, (ny, nx))
+REAL = {
+    "GRB120422A-120429.fits": (
+        (1.506752332052e-02, 6.847996711731e-03, 5.014526367188), 1.650518750500e10,
+        # no RESTBW; the VOPT axis channel (-2.496e7 m/s) translated to frequency by WCSLIB
+        1.3765e9, datetime(2012, 4, 29, 17, 19, 23, 1599), (512, 512),
+    ),
+    "SWIFT_554620-130504.fits": (
+        (1.708134757148e-02, 6.596771346198e-03, 1.354555225372e01), 1.687992813000e10,
+        2.248443750e9, datetime(2013, 5, 4, 18, 59, 19, 996801), (512, 512),
+    ),
+    "GRB201006A_final_2min_srcs-t0002-image-pb_cutout.fits": (
+        (0.00901909702591635, 0.00498843516558039, 38.6860542609271), 143650817.871094,
+        46875000.0, datetime(2020, 10, 6, 1, 26, 36, 800000), (256, 256),
+    ),
+}
+
+BASE_CARDS = {
+    "CTYPE1": "RA---SIN", "CRVAL1": 10.0, "CDELT1": -2 * ARCSEC, "CRPIX1": 10.5, "CUNIT1": "deg",
+    "CTYPE2": "DEC--SIN", "CRVAL2": -40.0, "CDELT2": 2 * ARCSEC, "CRPIX2": 8.5, "CUNIT2": "deg",
+    "BMAJ": 10 * ARCSEC, "BMIN": 6 * ARCSEC, "BPA": 20.0, "DATE-OBS": "2021-03-04T05:06:07.5",
+    "RESTFRQ": 1.4e9, "RESTBW": 1e7, "BUNIT": "JY/BEAM",
+}
+
+
+def write_image(path: Path, cards: dict | None = None, data: np.ndarray | None = None,
+                history: tuple[str, ...] = ()) -> Path:
+    """Write a 16 x 20 SIN image; ``cards`` update BASE_CARDS (value None removes a card)."""
+    data = np.arange(320, dtype=np.float32).reshape(16, 20) if data is None else data
+    header = fits.Header()
+    for key, value in {**BASE_CARDS, **(cards or {})}.items():
+        if value is not None:
+            header[key] = value
+    for line in history:
+        header.add_history(line)
+    fits.PrimaryHDU(data=data, header=header).writeto(path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_images_read(name: str) -> None:
+    (bmaj, bmin, bpa), freq, bw, start, shape = REAL[name]
+    meta = read_meta(DATA / name)
+    assert meta.url == str((DATA / name).resolve())
+    assert astuple(meta.beam) == pytest.approx((bmaj / 2, bmin / 2, bpa))
+    assert meta.freq_eff == pytest.approx(freq, rel=1e-12)
+    assert meta.freq_bw == pytest.approx(bw, rel=1e-3)
+    assert meta.taustart_ts == start
+    assert meta.tau_time == 0.0
+    assert meta.shape == shape
+    assert meta.pixel_scale == pytest.approx(5 * ARCSEC, rel=1e-9)
+    assert "HISTORY" not in meta.header
+    data, wcs = read_image(meta)
+    assert data.dtype == np.float32 and data.shape == shape
+    raw = fits.getdata(DATA / name)
+    np.testing.assert_array_equal(data, raw.reshape(shape))
+    assert wcs.naxis == 2 and wcs.wcs.ctype[0] == "RA---SIN" and wcs.wcs.ctype[1] == "DEC--SIN"
+    ra, dec = wcs.pixel_to_world_values((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+    assert (meta.centre_ra, meta.centre_dec) == pytest.approx((float(ra), float(dec)), abs=1e-9)
+    assert np.mean(proj_plane_pixel_scales(celestial_wcs(meta))) == pytest.approx(meta.pixel_scale)
+
+
+def test_real_image_centre_against_header() -> None:
+    # AMI: CRPIX = 257 (1-based) is the pixel right of/above the centre (255.5 0-based)
+    meta = read_meta(DATA / "SWIFT_554620-130504.fits")
+    assert meta.centre_dec == pytest.approx(2.769150000000e01 - 0.5 * 5 * ARCSEC, abs=1e-6)
+    assert abs(meta.centre_ra - 1.731387083000e02) < 5 * ARCSEC
+
+
+def test_missing_metadata_is_a_clear_error() -> None:
+    with pytest.raises(ImageError, match="no frequency.*RESTFRQ.*give the frequency"):
+        read_meta(DATA / "missing_metadata.fits")
+
+
+def test_missing_metadata_with_override_uses_history_beam() -> None:
+    # the Obit file has no BMAJ but "HISTORY AIPS CLEAN BMAJ= 2.2222e-02 BMIN= 2.2222e-02 BPA= 0.00"
+    meta = read_meta(DATA / "missing_metadata.fits", freq=(1.4e9, 2e6))
+    assert (meta.freq_eff, meta.freq_bw) == (1.4e9, 2e6)
+    assert astuple(meta.beam) == pytest.approx((0.011111, 0.011111, 0.0))
+    assert meta.taustart_ts == datetime(2006, 3, 22)
+    data, _ = read_image(meta)
+    assert data.shape == (2, 3) and data.dtype == np.float32
+
+
+def test_synthetic_image_metadata(tmp_path: Path) -> None:
+    meta = read_meta(write_image(tmp_path / "a.fits", {"EXPTIME": 120.0}))
+    assert astuple(meta.beam) == pytest.approx((5 * ARCSEC, 3 * ARCSEC, 20.0))
+    assert (meta.freq_eff, meta.freq_bw) == (1.4e9, 1e7)
+    assert meta.taustart_ts == datetime(2021, 3, 4, 5, 6, 7, 500000)
+    assert meta.tau_time == 120.0
+    assert meta.shape == (16, 20)
+    assert meta.pixel_scale == pytest.approx(2 * ARCSEC)
+    # reference pixel (9.5, 7.5) 0-based is the centre of a 20 x 16 image
+    assert (meta.centre_ra, meta.centre_dec) == pytest.approx((10.0, -40.0), abs=1e-12)
+    restored = pickle.loads(pickle.dumps(meta))
+    assert restored == meta
+    assert celestial_wcs(restored).wcs.compare(celestial_wcs(meta).wcs)
+
+
+def test_history_beam_last_card_wins(tmp_path: Path) -> None:
+    path = write_image(
+        tmp_path / "h.fits", {"BMAJ": None, "BMIN": None, "BPA": None},
+        history=("AIPS   CLEAN BMAJ=  1.0000E-02 BMIN=  5.0000E-03 BPA=  10.00",
+                 "AIPS   CLEAN BMAJ=  2.0000D-02 BMIN=  4.0000D-03 BPA= -45.5  ITER= 3"),
+    )
+    assert astuple(read_meta(path).beam) == pytest.approx((0.01, 0.002, -45.5))
+
+
+def test_user_overrides_win(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "o.fits")
+    beam = Beam(1e-3, 5e-4, 45.0)
+    meta = read_meta(path, beam=beam, freq=(150e6, 2e5))
+    assert meta.beam == beam
+    assert (meta.freq_eff, meta.freq_bw) == (150e6, 2e5)
+
+
+def test_degenerate_cube_with_freq_axis(tmp_path: Path) -> None:
+    cards = {"RESTFRQ": None, "RESTBW": None, "CTYPE3": "FREQ", "CRVAL3": 1.5e8, "CDELT3": 2e6,
+             "CRPIX3": 1.0, "CUNIT3": "Hz", "CTYPE4": "STOKES", "CRVAL4": 1.0, "CDELT4": 1.0, "CRPIX4": 1.0}
+    plane = np.random.default_rng(1).standard_normal((16, 20)).astype(np.float32)
+    meta = read_meta(write_image(tmp_path / "c.fits", cards, plane[None, None]))
+    assert (meta.freq_eff, meta.freq_bw, meta.shape) == (1.5e8, 2e6, (16, 20))
+    data, wcs = read_image(meta)
+    np.testing.assert_array_equal(data, plane)
+    assert wcs.naxis == 2
+
+
+def test_time_fallbacks(tmp_path: Path) -> None:
+    mjd = read_meta(write_image(tmp_path / "m.fits", {"DATE-OBS": None, "MJD-OBS": 59000.25}))
+    assert mjd.taustart_ts == datetime(2020, 5, 31, 6)
+    tai = read_meta(write_image(tmp_path / "t.fits", {"DATE-OBS": "2020-01-01T00:00:37", "TIMESYS": "TAI"}))
+    assert tai.taustart_ts == datetime(2020, 1, 1)  # TAI - UTC = 37 s
+
+
+def test_blank_integer_pixels_become_nan(tmp_path: Path) -> None:
+    data = np.arange(320, dtype=np.int32).reshape(16, 20)
+    data[3, 4] = -999
+    meta = read_meta(write_image(tmp_path / "i.fits", {"BLANK": -999}, data))
+    image, _ = read_image(meta)
+    assert np.isnan(image[3, 4]) and np.isfinite(image).sum() == 319
+
+
+@pytest.mark.parametrize(
+    ("cards", "data", "message"),
+    [
+        ({"BMAJ": None}, None, "no restoring beam"),
+        ({"BMIN": -1.0}, None, "invalid restoring beam"),
+        ({"DATE-OBS": None}, None, "no start time"),
+        ({"DATE-OBS": "yesterday"}, None, "unreadable start time"),
+        ({"RESTBW": None}, None, "no bandwidth"),
+        ({"CTYPE1": "X", "CTYPE2": "Y"}, None, "not a 2-D celestial image"),
+        ({"CTYPE1": "GLON-SIN", "CTYPE2": "GLAT-SIN"}, None, "GLON/GLAT are not RA/Dec"),
+        ({"CTYPE1": "DEC--SIN", "CTYPE2": "RA---SIN"}, None, "transposed images are not supported"),
+        ({"CTYPE3": "FREQ", "CRVAL3": 1e8, "CDELT3": 1e6, "CRPIX3": 1.0}, np.zeros((3, 16, 20), np.float32),
+         "3 planes along FREQ"),
+        ({}, np.zeros(20, np.float32), "no image with at least two axes"),
+    ],
+)
+def test_unusable_headers_raise(tmp_path: Path, cards: dict, data: np.ndarray | None, message: str) -> None:
+    path = write_image(tmp_path / "bad.fits", cards, data)
+    with pytest.raises(ImageError, match=message):
+        read_meta(path)
+
+
+def test_unreadable_files_raise(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="file not found"):
+        read_meta(tmp_path / "absent.fits")
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"this is not FITS" * 300)
+    with pytest.raises(ImageError, match="not a readable FITS file"):
+        read_meta(garbage)
+
+
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
+def test_truncated_data_raise(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "trunc.fits", data=np.ones((400, 400), np.float32))
+    meta = read_meta(path)
+    path.write_bytes(path.read_bytes()[: 2880 * 3])
+    with pytest.raises(ImageError, match="cannot read the image data"):
+        read_image(meta)
+
+
+def test_image_in_extension_hdu(tmp_path: Path) -> None:
+    header = fits.Header(list(BASE_CARDS.items()))
+    plane = np.ones((16, 20), np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(plane, header)]).writeto(tmp_path / "ext.fits")
+    meta = read_meta(tmp_path / "ext.fits")
+    assert meta.hdu == 1
+    np.testing.assert_array_equal(read_image(meta)[0], plane)

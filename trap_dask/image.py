@@ -1,0 +1,271 @@
+"""Image metadata and pixels: what the pipeline needs from a FITS file.
+
+``read_meta`` reads the header only (fast, picklable result); ``read_image`` reads the one 2-D
+plane it describes. Images of any celestial projection astropy reads are accepted, including
+cubes whose non-celestial axes (FREQ, STOKES, ...) are all of length 1. Every problem that makes
+an image unusable raises :class:`ImageError` whose message is the reason shown to users.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+
+class ImageError(ValueError):
+    """An image that cannot be processed; the message is the rejection reason shown to users."""
+
+
+@dataclass(frozen=True)
+class Beam:
+    """Restoring beam: semi-axes (half the FWHM) in deg, position angle in deg east of north."""
+
+    smaj: float
+    smin: float
+    pa: float
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Header facts for one 2-D image plane.
+
+    Attributes
+    ----------
+    url : absolute path of the FITS file
+    taustart_ts : start time of the observation (UTC, naive datetime)
+    tau_time : integration time in s (0 when the header does not say)
+    freq_eff, freq_bw : effective frequency and bandwidth in Hz
+    beam : restoring beam (deg)
+    shape : (ny, nx) of the 2-D plane
+    centre_ra, centre_dec : sky position of the image centre pixel in deg
+    pixel_scale : mean pixel size in deg
+    header : the FITS header as text, without its HISTORY and COMMENT cards (celestial WCS
+        rebuilt from it with astropy)
+    hdu : index of the HDU that holds the image in the FITS file (0: primary)
+    """
+
+    url: str
+    taustart_ts: datetime
+    tau_time: float
+    freq_eff: float
+    freq_bw: float
+    beam: Beam
+    shape: tuple[int, int]
+    centre_ra: float
+    centre_dec: float
+    pixel_scale: float
+    header: str = field(repr=False)
+    hdu: int = 0
+
+
+#: Header keywords holding the integration time in s, in order of preference.
+_TAU_KEYS = ("EXPTIME", "INTTIME", "TAU_TIME")
+_FLOAT = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][-+]?\d+)?)"
+#: AIPS/Obit ``HISTORY ... BMAJ= x BMIN= y BPA= z`` card (deg).
+_HISTORY_BEAM = re.compile(rf"BMAJ\s*=\s*{_FLOAT}\s+BMIN\s*=\s*{_FLOAT}\s+BPA\s*=\s*{_FLOAT}")
+
+
+def read_meta(
+    path: str | Path, beam: Beam | None = None, freq: tuple[float, float] | None = None
+) -> ImageMeta:
+    """Read the metadata of the image in a FITS file from its header only.
+
+    Parameters
+    ----------
+    path : FITS file; the image is the first HDU with at least two axes
+    beam : restoring beam (deg) that replaces the header's
+    freq : (freq_eff, freq_bw) in Hz that replace the header's
+
+    Raises
+    ------
+    ImageError
+        The file cannot be read, or it lacks a celestial WCS, a beam, a start time or a
+        frequency (unless overridden), or it has more than one plane.
+    """
+    url = str(Path(path).resolve())
+    hdu, header = _read_header(url)
+    wcs = _header_wcs(header)
+    cel_axes = _celestial_axes(wcs, header)
+    shape = (header[f"NAXIS{cel_axes[1] + 1}"], header[f"NAXIS{cel_axes[0] + 1}"])
+    cel = wcs.celestial
+    centre = cel.pixel_to_world_values((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+    centre_ra, centre_dec = (float(v) for v in centre)
+    if not (math.isfinite(centre_ra) and math.isfinite(centre_dec)):
+        raise ImageError("the image centre has no valid sky position in its WCS")
+    freq_eff, freq_bw = freq if freq is not None else _frequency(header, wcs)
+    taustart_ts = _start_time(header)
+    beam = beam if beam is not None else _header_beam(header)
+    for key in ("HISTORY", "COMMENT"):
+        header.remove(key, ignore_missing=True, remove_all=True)
+    return ImageMeta(
+        url=url,
+        taustart_ts=taustart_ts,
+        tau_time=next((float(header[k]) for k in _TAU_KEYS if k in header), 0.0),
+        freq_eff=float(freq_eff),
+        freq_bw=float(freq_bw),
+        beam=beam,
+        shape=(int(shape[0]), int(shape[1])),
+        centre_ra=centre_ra % 360.0,
+        centre_dec=centre_dec,
+        pixel_scale=float(np.mean(proj_plane_pixel_scales(cel))),
+        header=header.tostring(padding=False),
+        hdu=hdu,
+    )
+
+
+def read_image(meta: ImageMeta) -> tuple[np.ndarray, WCS]:
+    """Return the 2-D plane (float32, Jy/beam, NaN kept) and its celestial WCS.
+
+    The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN.
+    """
+    try:
+        with fits.open(meta.url, memmap=False) as hdul:
+            hdu = hdul[meta.hdu]
+            data = hdu.data
+            blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None
+    except (OSError, ValueError, IndexError, TypeError) as exc:
+        raise ImageError(f"cannot read the image data: {exc}") from exc
+    if data is None:
+        raise ImageError("the FITS file has no image data")
+    if data.size != meta.shape[0] * meta.shape[1]:
+        raise ImageError(f"image data of shape {data.shape} do not match the header's {meta.shape} plane")
+    plane = data.reshape(meta.shape)  # the other axes have length 1
+    out = plane.astype(np.float32)
+    if blank is not None:
+        out[plane == blank] = np.nan
+    return out, celestial_wcs(meta)
+
+
+def celestial_wcs(meta: ImageMeta) -> WCS:
+    """Return the 2-D celestial WCS of the image plane (pixel axes x, y)."""
+    return _header_wcs(fits.Header.fromstring(meta.header)).celestial
+
+
+def _read_header(url: str) -> tuple[int, fits.Header]:
+    """Return (HDU index, header) of the first HDU with at least two axes."""
+    try:
+        with fits.open(url, memmap=True, lazy_load_hdus=True) as hdul:
+            for index, hdu in enumerate(hdul):
+                if hdu.is_image and hdu.header.get("NAXIS", 0) >= 2:
+                    return index, hdu.header.copy()
+    except FileNotFoundError as exc:
+        raise ImageError("file not found") from exc
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise ImageError(f"not a readable FITS file: {exc}") from exc
+    raise ImageError("the FITS file has no image with at least two axes")
+
+
+def _header_wcs(header: fits.Header) -> WCS:
+    """Parse the WCS of a header, silencing astropy's notes about legacy keywords."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            return WCS(header)
+    except Exception as exc:  # astropy raises many types for a broken WCS
+        raise ImageError(f"invalid world coordinate system: {exc}") from exc
+
+
+def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
+    """0-based (longitude, latitude) axis indices; all other data axes must have length 1."""
+    lng, lat = wcs.wcs.lng, wcs.wcs.lat
+    naxis = header.get("NAXIS", 0)
+    if lng < 0 or lat < 0 or max(lng, lat) >= naxis:
+        raise ImageError("not a 2-D celestial image: no RA/Dec (longitude/latitude) pixel axes in its WCS")
+    if wcs.wcs.lngtyp != "RA":
+        raise ImageError(
+            f"celestial axes {wcs.wcs.lngtyp}/{wcs.wcs.lattyp} are not RA/Dec; only equatorial images are supported"
+        )
+    for axis in range(naxis):
+        length = header.get(f"NAXIS{axis + 1}", 0)
+        if axis in (lng, lat):
+            if length < 2:
+                raise ImageError(f"celestial axis {axis + 1} has only {length} pixel(s)")
+        elif length != 1:
+            kind = header.get(f"CTYPE{axis + 1}", f"axis {axis + 1}").strip() or f"axis {axis + 1}"
+            raise ImageError(f"the image has {length} planes along {kind}; only single 2-D planes are supported")
+    if lng > lat:
+        raise ImageError("the latitude axis precedes the longitude axis; transposed images are not supported")
+    return lng, lat
+
+
+def _header_beam(header: fits.Header) -> Beam:
+    """Beam from BMAJ/BMIN/BPA (FWHM, deg) or the last AIPS HISTORY beam card."""
+    if all(k in header for k in ("BMAJ", "BMIN", "BPA")):
+        bmaj, bmin, bpa = (float(header[k]) for k in ("BMAJ", "BMIN", "BPA"))
+    else:
+        found = [m for m in map(_HISTORY_BEAM.search, map(str, header.get("HISTORY", []))) if m]
+        if not found:
+            raise ImageError(
+                "no restoring beam: the header has no BMAJ/BMIN/BPA and no HISTORY beam card; "
+                "give the beam explicitly"
+            )
+        bmaj, bmin, bpa = (float(v.upper().replace("D", "E")) for v in found[-1].groups())
+    if not (bmaj > 0 and bmin > 0 and math.isfinite(bmaj * bmin * bpa)):
+        raise ImageError(f"invalid restoring beam BMAJ={bmaj} BMIN={bmin} BPA={bpa}")
+    return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=bpa)
+
+
+def _frequency(header: fits.Header, wcs: WCS) -> tuple[float, float]:
+    """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the spectral axis of the WCS."""
+    axis_freq, axis_bw = _spectral_axis_frequency(wcs)
+    freq_eff = next((float(header[k]) for k in ("RESTFRQ", "RESTFREQ") if header.get(k)), axis_freq)
+    freq_bw = float(header["RESTBW"]) if header.get("RESTBW") else axis_bw
+    if freq_eff is None or not (freq_eff > 0):
+        raise ImageError(
+            "no frequency: the header has no RESTFRQ/RESTFREQ and no spectral (FREQ) axis; "
+            "give the frequency explicitly"
+        )
+    if freq_bw is None or not (freq_bw > 0):
+        raise ImageError(
+            "no bandwidth: the header has no RESTBW and no spectral (FREQ) axis; "
+            "give the frequency and bandwidth explicitly"
+        )
+    return freq_eff, freq_bw
+
+
+def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:
+    """Frequency (Hz) of the first spectral pixel and the width of that channel (Hz).
+
+    Velocity or wavelength axes are translated to frequency by WCSLIB (needs RESTFRQ for
+    velocities). (None, None) when there is no usable spectral axis.
+    """
+    spec = wcs.wcs.spec
+    if spec < 0:
+        return None, None
+    freq_wcs = wcs.deepcopy()
+    try:
+        freq_wcs.wcs.sptr("FREQ-???", spec)
+    except Exception:  # WCSLIB raises several types when no translation exists
+        return None, None
+    pixels = np.zeros((3, wcs.naxis))
+    pixels[:, spec] = (0.0, -0.5, 0.5)
+    freqs = freq_wcs.wcs_pix2world(pixels, 0)[:, spec]
+    if not np.all(np.isfinite(freqs)):
+        return None, None
+    return float(freqs[0]), float(abs(freqs[2] - freqs[1]))
+
+
+def _start_time(header: fits.Header) -> datetime:
+    """Start time (UTC, naive) from DATE-OBS in the TIMESYS scale, else MJD-OBS."""
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
+    scale = scale if scale in Time.SCALES else "utc"
+    if not (header.get("DATE-OBS") or header.get("MJD-OBS")):
+        raise ImageError("no start time: the header has neither DATE-OBS nor MJD-OBS")
+    try:
+        if header.get("DATE-OBS"):
+            time = Time(str(header["DATE-OBS"]).strip(), format="fits", scale=scale)
+        else:
+            time = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
+        return time.utc.to_datetime()
+    except (ValueError, TypeError) as exc:
+        raise ImageError(f"unreadable start time DATE-OBS={header.get('DATE-OBS')!r}: {exc}") from exc

@@ -1,0 +1,470 @@
+"""Survey simulator: FITS images of a field with known sources, and a truth file.
+
+Each epoch x band is one FITS image (``epochEEE_bandB.fits``) of Gaussian sources on correlated
+noise. The noise is white noise convolved with a Gaussian kernel whose autocorrelation is the
+restoring beam (the beam's covariance halved), scaled so that the expected per-pixel standard
+deviation is ``rms``: neighbouring pixels are correlated over a beam, as in an interferometric
+image. Point sources are the beam sampled at their sub-pixel positions, so their peak equals their
+flux (Jy/beam); resolved sources are the beam convolved with an intrinsic Gaussian.
+
+The truth file (``truth.json``) records the spec, every image and every source (see
+:func:`simulate_survey`); :func:`load_truth` reads it back with numpy arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+from astropy.io import fits
+from astropy.time import Time, TimeDelta
+from astropy.wcs import WCS
+from scipy.spatial import cKDTree
+
+from trap_dask.extraction.geometry import (
+    HALF_FWHM_PER_SIGMA,
+    beam_sky_cov,
+    cov_from_axes,
+    local_jacobian,
+    pixel_to_sky,
+    shape_on_sky,
+    sky_cov_to_pixel,
+)
+from trap_dask.image import Beam
+
+TRUTH_NAME = "truth.json"
+KINDS = ("steady", "variable", "transient", "resolved", "pair")
+#: Stamps extend this many Gaussian sigmas from a source's centre.
+STAMP_SIGMAS = 5.0
+
+
+@dataclass(frozen=True)
+class SurveySpec:
+    """What to simulate.
+
+    Attributes
+    ----------
+    n_epochs : number of epochs (observation times)
+    shape : (ny, nx) pixels of every image
+    pixel_scale : pixel size, deg
+    centre : (ra, dec) of the image centre, deg
+    beam : restoring beam (semi-axes = FWHM / 2 in deg, PA in deg east of north)
+    rms : expected per-pixel noise standard deviation, Jy/beam
+    freqs : centre frequency of each band, Hz (fluxes are drawn at ``freqs[0]``)
+    bandwidth : bandwidth of every band, Hz
+    spectral_index : alpha of every source, S ~ freq**alpha
+    n_steady, n_variable, n_transient : point sources of each kind
+    n_resolved : steady Gaussians 1.5-3x the beam size (image plane)
+    n_pairs : pairs of steady point sources 1-3 beam FWHM apart (two sources each)
+    flux_range : (low, high) peak flux at ``freqs[0]`` in units of ``rms``, drawn log-uniform
+    transient_min_snr : a transient's peak flux (units of ``rms``) is at least this once on
+    modulation : (low, high) range of the lognormal sigma of the variable sources' flux
+    jitter : rms position offset per coordinate between epochs, in units of the beam FWHM
+    min_separation : minimum distance between sources of different objects (a pair is one
+        object; a resolved source's own extent beyond the beam is added), beam FWHM
+    margin : minimum distance of a source (a pair's centre) from the image edge, beam FWHM
+    cadence : time between epochs, s
+    integration : integration time of an image, s (header EXPTIME)
+    start_time : start of the first epoch, ISO UTC
+    seed : random seed; the same spec gives byte-identical files
+    cube : write 4-D (STOKES, FREQ, y, x) cubes with a FREQ axis instead of 2-D images with
+        RESTFRQ/RESTBW
+    """
+
+    n_epochs: int = 10
+    shape: tuple[int, int] = (512, 512)
+    pixel_scale: float = 5.0 / 3600.0
+    centre: tuple[float, float] = (150.0, 30.0)
+    beam: Beam = Beam(smaj=15.0 / 3600.0, smin=10.0 / 3600.0, pa=30.0)
+    rms: float = 1e-3
+    freqs: tuple[float, ...] = (150e6,)
+    bandwidth: float = 2e6
+    spectral_index: float = -0.7
+    n_steady: int = 20
+    n_variable: int = 5
+    n_transient: int = 3
+    n_resolved: int = 3
+    n_pairs: int = 2
+    flux_range: tuple[float, float] = (10.0, 200.0)
+    transient_min_snr: float = 15.0
+    modulation: tuple[float, float] = (0.2, 0.5)
+    jitter: float = 0.05
+    min_separation: float = 4.0
+    margin: float = 3.0
+    cadence: float = 86400.0
+    integration: float = 600.0
+    start_time: str = "2024-01-01T00:00:00"
+    seed: int = 0
+    cube: bool = False
+
+
+@dataclass(frozen=True)
+class _Catalogue:
+    """True sources, columnar; shapes and positions in pixels of the (shared) image grid."""
+
+    kind: np.ndarray  # (n,) str
+    x: np.ndarray  # (n,) mean position, 0-based pixels
+    y: np.ndarray
+    dx: np.ndarray  # (n, n_epochs) jitter offsets, pixels
+    dy: np.ndarray
+    peak: np.ndarray  # (n, n_epochs, n_bands) Jy/beam
+    area_ratio: np.ndarray  # (n,) source area / beam area: int_flux = peak * area_ratio
+    cov_pix: np.ndarray  # (n, 2, 2) image-plane shape, pixel**2
+    cov_sky: np.ndarray  # (n, 2, 2) image-plane shape, deg**2 (east, north)
+    switch_on: np.ndarray  # (n,) transient switch-on epoch, -1 for the others
+    partner: np.ndarray  # (n,) id of the other source of a pair, -1 for the others
+
+
+def simulate_survey(outdir: str | Path, spec: SurveySpec = SurveySpec()) -> Path:
+    """Write the images of a simulated survey and its truth file; return the truth file path.
+
+    Truth file (JSON): ``spec`` (the SurveySpec as a dict), ``images`` (one record per file:
+    ``path`` relative to the truth file, ``epoch``, ``band``, ``time`` ISO UTC, ``freq`` and
+    ``bandwidth`` in Hz) and ``sources``, columns of one entry per source:
+    ``id``, ``kind`` (one of ``KINDS``), ``ra``, ``dec`` (deg, mean position), ``x``, ``y``
+    (0-based pixels), ``ra_epoch``, ``dec_epoch`` (n, n_epochs: jittered positions, deg),
+    ``peak_flux`` (n, n_epochs, n_bands, Jy/beam), ``int_flux`` (same shape, Jy),
+    ``smaj``, ``smin`` (image-plane semi-axes = FWHM / 2, arcsec), ``pa`` (deg east of north),
+    ``switch_on_epoch`` (transients; -1 otherwise), ``partner`` (pairs; -1 otherwise).
+    """
+    _validate(spec)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    seeds = np.random.SeedSequence(spec.seed).spawn(1 + spec.n_epochs * len(spec.freqs))
+    base_header = _celestial_header(spec)
+    wcs = WCS(base_header)
+    cat = _make_catalogue(spec, wcs, np.random.default_rng(seeds[0]))
+    noise_filter = _noise_filter(spec.shape, _beam_pixel_cov(spec, wcs) / 2.0)
+    times = Time(spec.start_time, scale="utc") + TimeDelta(np.arange(spec.n_epochs) * spec.cadence, format="sec")
+    digits = max(3, len(str(spec.n_epochs - 1)))
+    images = []
+    for epoch in range(spec.n_epochs):
+        for band, freq in enumerate(spec.freqs):
+            rng = np.random.default_rng(seeds[1 + epoch * len(spec.freqs) + band])
+            data = correlated_noise(spec.shape, noise_filter, spec.rms, rng)
+            on = cat.peak[:, epoch, band] != 0.0
+            data += render_gaussians(
+                spec.shape, cat.x[on] + cat.dx[on, epoch], cat.y[on] + cat.dy[on, epoch],
+                cat.peak[on, epoch, band], cat.cov_pix[on],
+            ).astype(np.float32)
+            name = f"epoch{epoch:0{digits}d}_band{band}.fits"
+            header = _image_header(spec, base_header, freq, times[epoch].isot)
+            if spec.cube:
+                data = data[np.newaxis, np.newaxis]
+            fits.PrimaryHDU(data=data, header=header).writeto(outdir / name, overwrite=True)
+            images.append(dict(path=name, epoch=epoch, band=band, time=times[epoch].isot,
+                               freq=float(freq), bandwidth=float(spec.bandwidth)))
+    truth_path = outdir / TRUTH_NAME
+    truth = dict(spec=asdict(spec), images=images, sources=_source_columns(cat, wcs))
+    truth_path.write_text(json.dumps(truth))
+    return truth_path
+
+
+def load_truth(path: str | Path) -> dict:
+    """Read a truth file; image paths become absolute and source columns numpy arrays."""
+    path = Path(path)
+    truth = json.loads(path.read_text())
+    for image in truth["images"]:
+        image["path"] = str((path.parent / image["path"]).resolve())
+    truth["sources"] = {key: np.asarray(value) for key, value in truth["sources"].items()}
+    spec = dict(truth["spec"])
+    spec["beam"] = Beam(**spec["beam"])
+    truth["spec"] = SurveySpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+    return truth
+
+
+def correlated_noise(
+    shape: tuple[int, int], noise_filter: np.ndarray, rms: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Gaussian noise (float32, Jy/beam) of per-pixel std ``rms``, correlated by ``noise_filter``.
+
+    ``noise_filter`` is the real FFT of a unit-norm convolution kernel (:func:`_noise_filter`), so
+    filtering white unit noise keeps a unit per-pixel variance in expectation.
+    """
+    white = rng.standard_normal(shape, dtype=np.float32)
+    spectrum = scipy.fft.rfft2(white, workers=-1)
+    spectrum *= noise_filter
+    noise = scipy.fft.irfft2(spectrum, s=shape, workers=-1, overwrite_x=True)
+    noise *= rms
+    return noise.astype(np.float32, copy=False)
+
+
+def render_gaussians(
+    shape: tuple[int, int], x: np.ndarray, y: np.ndarray, peak: np.ndarray, cov: np.ndarray
+) -> np.ndarray:
+    """Sum of elliptical Gaussians sampled at the pixel centres of a (ny, nx) image.
+
+    Parameters
+    ----------
+    x, y : (n,) centres, 0-based pixels (sub-pixel values allowed)
+    peak : (n,) peak values (Jy/beam)
+    cov : (n, 2, 2) covariances in pixel**2 (x, y)
+
+    Each source is evaluated on a square stamp reaching ``STAMP_SIGMAS`` of its widest sigma;
+    sources are batched by stamp size and all stamps are summed with one ``np.bincount``.
+    """
+    ny, nx = shape
+    half = np.ceil(STAMP_SIGMAS * np.sqrt(np.linalg.eigvalsh(cov)[:, 1])).astype(int)
+    inv = np.linalg.inv(cov)
+    indices, weights = [np.zeros(0, int)], [np.zeros(0)]
+    for h in np.unique(half):
+        sel = half == h
+        offsets = np.arange(-h, h + 1)
+        gx = np.rint(x[sel]).astype(int)[:, None] + offsets  # (m, w)
+        gy = np.rint(y[sel]).astype(int)[:, None] + offsets
+        ddx = (gx - x[sel, None])[:, None, :]  # (m, 1, w)
+        ddy = (gy - y[sel, None])[:, :, None]  # (m, w, 1)
+        a, b, c = (inv[sel, i, j][:, None, None] for i, j in ((0, 0), (0, 1), (1, 1)))
+        values = peak[sel, None, None] * np.exp(-0.5 * (a * ddx**2 + 2.0 * b * ddx * ddy + c * ddy**2))
+        inside = ((gy >= 0) & (gy < ny))[:, :, None] & ((gx >= 0) & (gx < nx))[:, None, :]
+        indices.append((gy[:, :, None] * nx + gx[:, None, :])[inside])
+        weights.append(values[inside])
+    image = np.bincount(np.concatenate(indices), weights=np.concatenate(weights), minlength=ny * nx)
+    return image.reshape(shape)
+
+
+def _validate(spec: SurveySpec) -> None:
+    if spec.n_epochs < 1 or min(spec.shape) < 8 or not spec.freqs:
+        raise ValueError("need at least one epoch, one band and an image of at least 8x8 pixels")
+    if spec.n_transient and spec.n_epochs < 2:
+        raise ValueError("transients need at least two epochs (they switch on at epoch >= 1)")
+    if not (0 < spec.flux_range[0] <= spec.flux_range[1]) or spec.rms <= 0 or spec.pixel_scale <= 0:
+        raise ValueError("rms, pixel_scale and the flux range must be positive")
+
+
+def _celestial_header(spec: SurveySpec) -> fits.Header:
+    """SIN-projection celestial WCS with the reference pixel at the image centre."""
+    ny, nx = spec.shape
+    header = fits.Header()
+    for axis, (ctype, crval, cdelt, n) in enumerate(
+        (("RA---SIN", spec.centre[0], -spec.pixel_scale, nx), ("DEC--SIN", spec.centre[1], spec.pixel_scale, ny)), 1
+    ):
+        header[f"CTYPE{axis}"] = ctype
+        header[f"CRVAL{axis}"] = float(crval)
+        header[f"CDELT{axis}"] = float(cdelt)
+        header[f"CRPIX{axis}"] = (n + 1) / 2.0
+        header[f"CUNIT{axis}"] = "deg"
+    header["RADESYS"] = "ICRS"
+    return header
+
+
+def _image_header(spec: SurveySpec, celestial: fits.Header, freq: float, time_iso: str) -> fits.Header:
+    """Full header of one image: WCS, beam (FWHM, deg), time, frequency, units."""
+    header = celestial.copy()
+    if spec.cube:
+        for key, value in (("CTYPE", "FREQ"), ("CRVAL", float(freq)), ("CDELT", float(spec.bandwidth)),
+                           ("CRPIX", 1.0), ("CUNIT", "Hz")):
+            header[f"{key}3"] = value
+        for key, value in (("CTYPE", "STOKES"), ("CRVAL", 1.0), ("CDELT", 1.0), ("CRPIX", 1.0)):
+            header[f"{key}4"] = value
+    else:
+        header["RESTFRQ"] = (float(freq), "[Hz] band centre frequency")
+        header["RESTBW"] = (float(spec.bandwidth), "[Hz] bandwidth")
+    header["BMAJ"] = (2.0 * spec.beam.smaj, "[deg] restoring beam major axis FWHM")
+    header["BMIN"] = (2.0 * spec.beam.smin, "[deg] restoring beam minor axis FWHM")
+    header["BPA"] = (spec.beam.pa, "[deg] restoring beam position angle")
+    header["DATE-OBS"] = time_iso
+    header["TIMESYS"] = "UTC"
+    header["EXPTIME"] = (spec.integration, "[s] integration time")
+    header["BUNIT"] = "JY/BEAM"
+    header["BTYPE"] = "Intensity"
+    header["TELESCOP"] = "SIMULATED"
+    return header
+
+
+def _beam_pixel_cov(spec: SurveySpec, wcs: WCS) -> np.ndarray:
+    """Restoring-beam covariance (2, 2) in pixel**2 at the image centre."""
+    ny, nx = spec.shape
+    jac = local_jacobian(wcs, (nx - 1) / 2.0, (ny - 1) / 2.0)
+    return sky_cov_to_pixel(beam_sky_cov(spec.beam)[np.newaxis], jac)[0]
+
+
+def _noise_filter(shape: tuple[int, int], cov: np.ndarray) -> np.ndarray:
+    """Real FFT of a unit-norm Gaussian kernel of covariance ``cov`` (pixel**2), centred at (0, 0).
+
+    White noise filtered by it has an autocorrelation of covariance ``2 cov`` and unit variance.
+    """
+    ny, nx = shape
+    dy = np.fft.fftfreq(ny, 1.0 / ny)[:, None]  # wrapped offsets 0, 1, ..., -1
+    dx = np.fft.fftfreq(nx, 1.0 / nx)[None, :]
+    a, b, c = np.linalg.inv(cov)[[0, 0, 1], [0, 1, 1]]
+    kernel = np.exp(-0.5 * (a * dx**2 + 2.0 * b * dx * dy + c * dy**2))
+    kernel /= np.sqrt(np.sum(kernel**2))
+    return scipy.fft.rfft2(kernel).astype(np.complex64)
+
+
+def _place(rng: np.random.Generator, radii: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """(n, 2) uniform random centres in the box [low, high) for discs of the given radii.
+
+    Two discs never overlap (centres at least ``r_i + r_j`` apart). Each round draws one candidate
+    per unplaced disc, largest first, and keeps those that clash with no placed disc and no
+    earlier candidate, so placed discs never move.
+    """
+    pos = np.full((len(radii), 2), np.nan)
+    placed, todo = np.zeros(0, int), np.argsort(-radii, kind="stable")
+    for _ in range(500):
+        if todo.size == 0:
+            return pos
+        pos[todo] = rng.uniform(low, high, size=(todo.size, 2))
+        ids = np.concatenate([placed, todo])
+        pairs = cKDTree(pos[ids]).query_pairs(2.0 * radii.max(), output_type="ndarray")
+        i, j = ids[pairs[:, 0]], ids[pairs[:, 1]]  # j comes later: always a candidate
+        clash = np.hypot(*(pos[i] - pos[j]).T) < radii[i] + radii[j]
+        ok = ~np.isin(todo, j[clash])
+        placed, todo = np.concatenate([placed, todo[ok]]), todo[~ok]
+    raise ValueError(
+        f"cannot place {len(radii)} sources apart from each other in the image; "
+        "use fewer sources, a larger image or a smaller min_separation"
+    )
+
+
+def _make_catalogue(spec: SurveySpec, wcs: WCS, rng: np.random.Generator) -> _Catalogue:
+    """Draw shapes, positions and light curves of all sources."""
+    ny, nx = spec.shape
+    n_epochs = spec.n_epochs
+    fwhm_pix = 2.0 * spec.beam.smaj / spec.pixel_scale
+    counts = dict(steady=spec.n_steady, variable=spec.n_variable, transient=spec.n_transient,
+                  resolved=spec.n_resolved)
+    singles = np.repeat(list(counts), list(counts.values()))
+    n_single, n_pairs = len(singles), spec.n_pairs
+    kind = np.concatenate([singles, np.full(2 * n_pairs, "pair")])
+    n = len(kind)
+
+    # shapes: the beam, convolved with an intrinsic Gaussian for resolved sources
+    beam_cov = beam_sky_cov(spec.beam)
+    cov_sky = np.broadcast_to(beam_cov, (n, 2, 2)).copy()
+    resolved = kind == "resolved"
+    n_res = int(resolved.sum())
+    beam_sigma = spec.beam.smaj / HALF_FWHM_PER_SIGMA
+    # intrinsic major 1.1-2.8 beam majors: the image-plane major is ~1.5-3 beam majors
+    major = rng.uniform(1.1, 2.8, n_res) * beam_sigma
+    minor = major * rng.uniform(0.5, 1.0, n_res)
+    cov_sky[resolved] += cov_from_axes(major, minor, rng.uniform(0.0, np.pi, n_res))
+    area_ratio = np.sqrt(np.linalg.det(cov_sky) / np.linalg.det(beam_cov))
+
+    # positions: pairs are one object of two members 1-3 FWHM apart; an object's exclusion
+    # radius grows with its extent, so sources of different objects are min_separation apart
+    half_sep = rng.uniform(1.0, 3.0, n_pairs) * fwhm_pix / 2.0
+    angle = rng.uniform(0.0, np.pi, n_pairs)
+    extent = np.concatenate([(np.sqrt(area_ratio[:n_single]) - 1.0) * fwhm_pix, half_sep])
+    margin = spec.margin * fwhm_pix
+    centres = _place(rng, spec.min_separation * fwhm_pix / 2.0 + extent, np.array([margin, margin]),
+                     np.array([nx - 1 - margin, ny - 1 - margin]))
+    offset = half_sep[:, None] * np.stack([np.cos(angle), np.sin(angle)], -1)
+    positions = np.vstack([centres[:n_single], centres[n_single:] + offset, centres[n_single:] - offset])
+    x, y = positions[:, 0], positions[:, 1]
+    partner = np.full(n, -1)
+    first = n_single + np.arange(n_pairs)
+    partner[first], partner[first + n_pairs] = first + n_pairs, first
+
+    # light curves: peak flux (n, n_epochs, n_bands) in Jy/beam
+    transient = kind == "transient"
+    low, high = (np.where(transient, max(v, spec.transient_min_snr), v) for v in spec.flux_range)
+    flux0 = spec.rms * np.exp(rng.uniform(np.log(low), np.log(high)))
+    curve = np.ones((n, n_epochs))
+    variable = kind == "variable"
+    sigma = rng.uniform(*spec.modulation, size=(int(variable.sum()), 1))
+    curve[variable] = np.exp(sigma * rng.standard_normal((len(sigma), n_epochs)) - sigma**2 / 2.0)
+    switch_on = np.full(n, -1)
+    switch_on[transient] = rng.integers(1, max(n_epochs, 2), int(transient.sum()))
+    curve[transient] = np.arange(n_epochs) >= switch_on[transient, None]
+    spectrum = (np.asarray(spec.freqs) / spec.freqs[0]) ** spec.spectral_index
+    peak = flux0[:, None, None] * curve[:, :, None] * spectrum
+
+    jitter = rng.normal(0.0, spec.jitter * fwhm_pix, size=(2, n, n_epochs))
+    return _Catalogue(
+        kind=kind, x=x, y=y, dx=jitter[0], dy=jitter[1], peak=peak, area_ratio=area_ratio,
+        cov_pix=sky_cov_to_pixel(cov_sky, local_jacobian(wcs, x, y)), cov_sky=cov_sky,
+        switch_on=switch_on, partner=partner,
+    )
+
+
+def _source_columns(cat: _Catalogue, wcs: WCS) -> dict[str, list]:
+    """The truth file's ``sources`` columns (JSON-ready lists)."""
+    n, n_epochs = cat.dx.shape
+    ra, dec = pixel_to_sky(wcs, cat.x, cat.y)
+    ra_e, dec_e = pixel_to_sky(wcs, (cat.x[:, None] + cat.dx).ravel(), (cat.y[:, None] + cat.dy).ravel())
+    smaj, smin, pa = shape_on_sky(cat.cov_sky)
+    columns = dict(
+        id=np.arange(n), kind=cat.kind, ra=ra, dec=dec, x=cat.x, y=cat.y,
+        ra_epoch=ra_e.reshape(n, n_epochs), dec_epoch=dec_e.reshape(n, n_epochs),
+        peak_flux=cat.peak, int_flux=cat.peak * cat.area_ratio[:, None, None],
+        smaj=smaj, smin=smin, pa=pa, switch_on_epoch=cat.switch_on, partner=cat.partner,
+    )
+    return {key: np.asarray(value).tolist() for key, value in columns.items()}
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+#: CLI flag -> (SurveySpec field, type, nargs, metavar, help with unit); beam and pixel scale are
+#: given in arcsec on the command line (FWHM for the beam).
+_FLAGS: dict[str, tuple[type, int | str | None, str | tuple[str, ...] | None, str]] = {
+    "n_epochs": (int, None, "N", "number of epochs"),
+    "shape": (int, 2, ("NY", "NX"), "image size, pixels"),
+    "pixel_scale": (float, None, "ARCSEC", "pixel size, arcsec"),
+    "centre": (float, 2, ("RA", "DEC"), "field centre, deg"),
+    "beam": (float, 3, ("BMAJ", "BMIN", "BPA"), "restoring beam FWHM major, minor (arcsec) and PA (deg E of N)"),
+    "rms": (float, None, "JY", "noise per pixel, Jy/beam"),
+    "freqs": (float, "+", "HZ", "band centre frequencies, Hz"),
+    "bandwidth": (float, None, "HZ", "bandwidth of each band, Hz"),
+    "spectral_index": (float, None, "ALPHA", "spectral index of all sources (S ~ freq**alpha)"),
+    "n_steady": (int, None, "N", "steady point sources"),
+    "n_variable": (int, None, "N", "variable point sources"),
+    "n_transient": (int, None, "N", "transients (off until a switch-on epoch >= 1)"),
+    "n_resolved": (int, None, "N", "resolved steady sources, 1.5-3 beams across"),
+    "n_pairs": (int, None, "N", "close pairs of steady sources, 1-3 beams apart"),
+    "flux_range": (float, 2, ("LOW", "HIGH"), "peak flux range, units of rms (log-uniform)"),
+    "transient_min_snr": (float, None, "SNR", "minimum transient peak flux once on, units of rms"),
+    "modulation": (float, 2, ("LOW", "HIGH"), "range of the variables' lognormal flux sigma"),
+    "jitter": (float, None, "FWHM", "rms position jitter per coordinate between epochs, beam FWHM"),
+    "min_separation": (float, None, "FWHM", "minimum separation of unrelated sources, beam FWHM"),
+    "margin": (float, None, "FWHM", "minimum distance of sources from the image edge, beam FWHM"),
+    "cadence": (float, None, "S", "time between epochs, s"),
+    "integration": (float, None, "S", "integration time of each image, s"),
+    "start_time": (str, None, "ISO", "start time of the first epoch, ISO UTC"),
+    "seed": (int, None, "SEED", "random seed"),
+}
+
+
+def _cli_default(name: str, spec: SurveySpec) -> object:
+    """Default of a flag in its command-line unit."""
+    if name == "pixel_scale":
+        return spec.pixel_scale * 3600.0
+    if name == "beam":
+        return [2.0 * spec.beam.smaj * 3600.0, 2.0 * spec.beam.smin * 3600.0, spec.beam.pa]
+    return getattr(spec, name)
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``simulate`` arguments: OUTDIR and one flag per SurveySpec field.
+
+    Every flag accepts both ``--n_epochs`` and ``--n-epochs`` spellings.
+    """
+    parser.add_argument("outdir", metavar="OUTDIR", help="directory for the FITS images and truth.json")
+    defaults = SurveySpec()
+    for name, (kind, nargs, metavar, text) in _FLAGS.items():
+        default = _cli_default(name, defaults)
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in np.atleast_1d(default))
+        spellings = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))
+        parser.add_argument(*spellings, dest=name, type=kind, nargs=nargs, metavar=metavar,
+                            default=default, help=f"{text} (default: {shown})")
+    parser.add_argument("--cube", action="store_true",
+                        help="write 4-D cubes with FREQ and STOKES axes instead of 2-D images (default: 2-D)")
+
+
+def simulate_from_args(args: argparse.Namespace) -> None:
+    """Run :func:`simulate_survey` from parsed ``simulate`` arguments and report what was written."""
+    values = {f.name: getattr(args, f.name) for f in fields(SurveySpec) if hasattr(args, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    values["pixel_scale"] = args.pixel_scale / 3600.0
+    bmaj, bmin, bpa = args.beam
+    values["beam"] = Beam(smaj=bmaj / 7200.0, smin=bmin / 7200.0, pa=bpa)
+    spec = SurveySpec(**values)
+    truth = simulate_survey(args.outdir, spec)
+    n_images = spec.n_epochs * len(spec.freqs)
+    print(f"wrote {n_images} images and {truth}")
