@@ -41,13 +41,18 @@ def run(inputs, db, **flags) -> Path:
     return Path(db)
 
 
+def connect(db: Path) -> sqlite3.Connection:
+    """Read-only, so that polling a database never creates it."""
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+
+
 def query(db: Path, sql: str, *args) -> list[tuple]:
-    with sqlite3.connect(db) as conn:
+    with connect(db) as conn:
         return conn.execute(sql, args).fetchall()
 
 
 def table(db: Path, name: str, drop=()) -> list[tuple]:
-    with sqlite3.connect(db) as conn:
+    with connect(db) as conn:
         cols = [r[1] for r in conn.execute(f"PRAGMA table_info({name})") if r[1] not in drop]
         return conn.execute(f"SELECT {', '.join(cols)} FROM {name} ORDER BY 1, 2").fetchall()
 
@@ -189,7 +194,7 @@ def test_sigkill_leaves_a_consistent_prefix(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "trap_dask.cli", "run", "-i", str(tmp_path / "long"), "--db-name", str(db),
          "--scheduler", "distributed", "--nr_threads", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True,
     )
     deadline = time.monotonic() + 120
     committed = 0
@@ -201,7 +206,7 @@ def test_sigkill_leaves_a_consistent_prefix(tmp_path):
             continue
         if committed >= 5:
             break
-    assert proc.poll() is None, "the run finished before it could be killed"
+    assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "stderr.txt").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     images = query(db, "SELECT id, n_sources, n_forced FROM images ORDER BY id")
@@ -217,3 +222,46 @@ def test_sigkill_leaves_a_consistent_prefix(tmp_path):
                        "FROM variability v")
     assert all(a == b for a, b in counts)
     assert query(db, "SELECT status FROM runs") == [("running",)]
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_real_images_and_an_unusable_file_are_all_recorded(tmp_path):
+    db = run([DATA], tmp_path / "real.db")
+    rows = query(db, "SELECT url, rejected, rejection_reason, n_sources FROM images ORDER BY id")
+    assert len(rows) == 4
+    by_name = {Path(url).name: (rejected, reason, n) for url, rejected, reason, n in rows}
+    rejected, reason, _ = by_name["missing_metadata.fits"]
+    assert rejected == 1 and "frequency" in reason
+    for name in ("GRB120422A-120429.fits", "SWIFT_554620-130504.fits",
+                 "GRB201006A_final_2min_srcs-t0002-image-pb_cutout.fits"):
+        rejected, reason, n_sources = by_name[name]
+        assert rejected == 0 and reason is None and n_sources > 0, name
+    # three fields far apart: every detection starts its own light curve in its own band
+    assert query(db, "SELECT count(DISTINCT src_id) = count(*) FROM extracted_sources")[0][0] == 1
+
+
+def test_quality_control_rejects_images_with_their_reason(survey, tmp_path):
+    db = run([Path(survey["images"][0]["path"]).parent], tmp_path / "qc.db", rms_max=SPEC.rms / 2)
+    rows = query(db, "SELECT rejected, rejection_reason FROM images")
+    assert len(rows) == len(survey["images"])
+    assert all(r[0] == 1 and "rms_max" in r[1] for r in rows)
+    assert query(db, "SELECT count(*) FROM extracted_sources")[0][0] == 0
+
+
+def test_monitor_position_is_measured_in_every_image(survey, tmp_path):
+    truth = survey["sources"]
+    k = int(np.flatnonzero(truth["kind"] == "transient")[0])
+    on = int(truth["switch_on_epoch"][k])
+    position = f"[[{truth['ra'][k]}, {truth['dec'][k]}]]"
+    db = run([Path(survey["images"][0]["path"]).parent], tmp_path / "mon.db", monitor_loc=position)
+    (src,) = query(db, "SELECT src_id FROM monitor")[0]
+    rows = query(db, "SELECT i.taustart_ts, x.peak_flux, x.peak_flux_err, x.is_force_fit FROM extracted_sources x "
+                     "JOIN images i ON i.id = x.im_id WHERE x.src_id = ? ORDER BY i.taustart_ts", src)
+    assert len(rows) == len(survey["images"]) and all(r[3] for r in rows)
+    flux = np.array([r[1] for r in rows])
+    err = np.array([r[2] for r in rows])
+    true = truth["peak_flux"][k, :, 0]
+    assert np.all(np.abs(flux - true) < 5 * err), "forced fluxes disagree with the truth"
+    assert np.all(np.abs(flux[:on]) < 5 * err[:on])      # nothing there before switch-on

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trap_dask.extraction import ExtractionParams, PreparedImage, extract_sources, forced_fit, prepare_image
+from trap_dask.extraction import (
+    ExtractionParams,
+    PreparedImage,
+    extract_sources,
+    extraction_radius_deg,
+    forced_fit,
+    prepare_image,
+)
 from trap_dask.image import Beam, ImageError, ImageMeta, read_image, read_meta
 from trap_dask.quality import ImageStats, QualityParams, check_quality
 from trap_dask.sources import empty_sources
@@ -78,7 +85,7 @@ def load(meta: ImageMeta, quality: QualityParams, params: ExtractionParams) -> L
     if reason is not None:
         return _rejected(meta, checksum, stats, reason)
     prepared = prepare_image(data, wcs, meta.beam, params)
-    result = ImageResult(meta, checksum, stats, None, extraction_radius(meta, params), empty_sources())
+    result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources())
     return LoadedImage(result, prepared)
 
 
@@ -98,13 +105,3 @@ def force(image: LoadedImage, ra: np.ndarray, dec: np.ndarray, params: Extractio
     """Forced fits with the beam's shape at (ra, dec) in deg; NaN fluxes where not measurable."""
     return forced_fit(image.prepared, ra, dec, params)
 
-
-def extraction_radius(meta: ImageMeta, params: ExtractionParams) -> float:
-    """Radius in deg of the circle around the centre inside which the image is searched.
-
-    ``im_radius`` when given, else the half-diagonal inside the margin, so the corners count.
-    """
-    ny, nx = meta.shape
-    half_diagonal = 0.5 * np.hypot(nx - 2 * params.margin, ny - 2 * params.margin)
-    radius = min(params.radius, half_diagonal) if params.radius > 0 else half_diagonal
-    return float(radius * meta.pixel_scale)

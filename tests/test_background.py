@@ -1,0 +1,70 @@
+"""Background and noise maps: known levels, gradients, blank regions, clipping statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tests._synth import Shape, correlated_noise, gaussians, scattered_positions
+from trap_dask.extraction.background import background_maps, clipped_variance_factor, interpolation_weights
+
+BEAM = Shape(6.0, 4.0, 30.0)
+RMS = 2e-3
+
+
+@pytest.fixture(scope="module")
+def noise() -> np.ndarray:
+    return correlated_noise((512, 600), BEAM, RMS, np.random.default_rng(7))
+
+
+def test_clipped_variance_factor_matches_truncated_normal():
+    assert clipped_variance_factor(3.0) == pytest.approx(stats.truncnorm(-3, 3).var(), rel=1e-9)
+
+
+def test_interpolation_weights_reproduce_lines_to_the_edges():
+    centres = np.array([24.5, 74.5, 124.5, 160.0])
+    w = interpolation_weights(171, centres)
+    assert np.allclose(w.sum(1), 1.0)
+    assert np.allclose(w @ (3.0 + 0.5 * centres), 3.0 + 0.5 * np.arange(171), atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_flat_level_and_noise(noise, stride):
+    bg, rms = background_maps((noise + 0.01).astype(np.float32), 50, 50, stride=stride)
+    assert bg.dtype == np.float32 and rms.dtype == np.float32 and bg.shape == noise.shape
+    assert abs(np.median(bg) - 0.01) < 0.05 * RMS
+    assert np.median(rms) == pytest.approx(RMS, rel=0.03)
+    assert np.percentile(np.abs(bg - 0.01), 99) < 0.5 * RMS  # box-to-box noise of the estimate
+    assert np.abs(bg - 0.01).max() < RMS
+
+
+def test_gradient_and_blank_regions(noise):
+    ny, nx = noise.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    level = 0.005 + 2e-5 * xx - 1e-5 * yy  # 12 rms across the image
+    data = (noise + level).astype(np.float32)
+    data[:, :37] = np.nan  # blank border
+    data[200:330, 250:420] = np.nan  # blank block
+    bg, rms = background_maps(data, 40, 40, stride=2)
+    good = np.isfinite(data)
+    assert np.isfinite(bg).all() and np.isfinite(rms).all()
+    err = (bg - level)[good]
+    assert abs(np.median(err)) < 0.05 * RMS
+    assert np.percentile(np.abs(err), 99) < 0.6 * RMS
+    assert np.abs(err).max() < 1.2 * RMS
+    assert np.median(rms[good]) == pytest.approx(RMS, rel=0.04)
+
+
+def test_sources_barely_bias_the_background(noise):
+    rng = np.random.default_rng(3)
+    x, y = scattered_positions(60, noise.shape, 25, 5, rng)
+    sky = gaussians(noise.shape, x, y, rng.uniform(10, 200, len(x)) * RMS, BEAM.cov())
+    bg, rms = background_maps((noise + sky).astype(np.float32), 50, 50, stride=2)
+    assert abs(np.median(bg)) < 0.1 * RMS
+    assert np.median(rms) == pytest.approx(RMS, rel=0.05)
+
+
+def test_all_blank_image_gives_nan_maps():
+    bg, rms = background_maps(np.full((64, 80), np.nan, dtype=np.float32), 20, 20)
+    assert bg.shape == (64, 80) and np.isnan(bg).all() and np.isnan(rms).all()

@@ -1,0 +1,253 @@
+"""Source extraction on synthetic images with known sources, and on a real AMI-LA image.
+
+The synthetic noise is correlated like the beam (as in synthesis images); the error pulls
+(measured - true) / reported error must be centred on 0 with unit width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from tests._synth import (
+    Shape,
+    correlated_noise,
+    gaussians,
+    make_wcs,
+    match,
+    robust_std,
+    scattered_positions,
+)
+from trap_dask.extraction import (
+    ExtractionParams,
+    extract_sources,
+    extraction_radius_deg,
+    forced_fit,
+    prepare_image,
+)
+from trap_dask.image import Beam
+from trap_dask.sources import SOURCE_DTYPE
+
+DATA = Path(__file__).parent / "data"
+PIX = 5.0  # arcsec
+BEAM = Shape(6.0, 4.0, 30.0)  # FWHM in pixels, PA deg
+RMS = 1e-3
+N = 768
+
+
+def _pull_ok(pull: np.ndarray) -> bool:
+    return abs(np.median(pull)) < 0.2 and 0.85 < robust_std(pull) < 1.2
+
+
+def _dra(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a - b + 180.0) % 360.0 - 180.0
+
+
+@pytest.fixture(scope="module")
+def field():
+    """High-dec field straddling RA = 0 with ~250 point sources of 10-60 sigma."""
+    rng = np.random.default_rng(2024)
+    wcs = make_wcs(N, N, 359.95, 70.0, PIX, "TAN")
+    x, y = scattered_positions(250, (N, N), 35, 20, rng)
+    peak = rng.uniform(10, 60, len(x)) * RMS
+    data = correlated_noise((N, N), BEAM, RMS, rng) + gaussians((N, N), x, y, peak, BEAM.cov()) + 0.003
+    params = ExtractionParams()
+    image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params)
+    ra, dec = wcs.pixel_to_world_values(x, y)
+    return dict(image=image, params=params, x=x, y=y, peak=peak, ra=ra % 360, dec=dec, data=data, wcs=wcs,
+                sources=extract_sources(image, params))
+
+
+def test_finds_every_bright_source_and_little_else(field):
+    s = field["sources"]
+    assert s.dtype == SOURCE_DTYPE
+    m = match(field["x"], field["y"], s["x"], s["y"], 2.0)
+    assert (m >= 0).all()
+    assert len(s) - len(np.unique(m)) <= 2  # spurious detections
+    assert s["gaussian_fit"].mean() > 0.98
+    assert (s["ra"] > 359).any() and (s["ra"] < 1).any()  # the field straddles RA = 0
+
+
+def test_every_column_is_filled(field):
+    s = field["sources"]
+    for name in SOURCE_DTYPE.names:
+        assert np.isfinite(s[name].astype(float)).all(), name
+    assert ((s["ra"] >= 0) & (s["ra"] < 360)).all()
+    assert (s["ra_fit_err"] > 0).all() and (s["dec_fit_err"] > 0).all()
+    cosd = np.cos(np.radians(s["dec"]))
+    # error_radius is the largest 1-sigma offset: at least the RA and Dec errors on the sky
+    assert (s["error_radius"] >= 0.999 * 3600 * np.maximum(s["ra_fit_err"] * cosd, s["dec_fit_err"])).all()
+    assert np.allclose(s["uncertainty_ew"], np.hypot(10.0, s["error_radius"]) / 3600)
+    assert np.allclose(s["significance_detection_level"], s["peak_flux"] / field["image"].rms[
+        np.rint(s["y"]).astype(int), np.rint(s["x"]).astype(int)])
+    assert not s["is_force_fit"].any()
+
+
+def test_error_pulls_of_free_fits(field):
+    s = field["sources"]
+    m = match(field["x"], field["y"], s["x"], s["y"], 2.0)
+    d = s[m]
+    cosd = np.cos(np.radians(field["dec"]))
+    pulls = {
+        "peak": (d["peak_flux"] - field["peak"]) / d["peak_flux_err"],
+        "int": (d["int_flux"] - field["peak"]) / d["int_flux_err"],
+        "ra": _dra(d["ra"], field["ra"]) / d["ra_fit_err"],
+        "dec": (d["dec"] - field["dec"]) / d["dec_fit_err"],
+    }
+    for name, pull in pulls.items():
+        assert _pull_ok(pull), (name, np.median(pull), robust_std(pull))
+    # ra_fit_err is along the RA coordinate: 1/cos(dec) = 2.9 times the on-sky error here
+    assert np.median(d["ra_fit_err"] * cosd / d["dec_fit_err"]) == pytest.approx(1.0, abs=0.35)
+
+
+def test_point_sources_have_the_beam_shape(field):
+    s = field["sources"]
+    beam = field["image"].beam
+    assert np.median(s["semimajor_axis"]) == pytest.approx(beam.smaj * 3600, rel=0.03)
+    assert np.median(s["semiminor_axis"]) == pytest.approx(beam.smin * 3600, rel=0.03)
+    pa = np.median((s["parallactic_angle"] - beam.pa + 90) % 180 - 90)
+    assert abs(pa) < 3.0
+
+
+def test_forced_fits_at_sources_and_on_empty_sky(field):
+    image, params = field["image"], field["params"]
+    f = forced_fit(image, field["ra"], field["dec"], params)
+    assert f.dtype == SOURCE_DTYPE and len(f) == len(field["ra"]) and f["is_force_fit"].all()
+    assert _pull_ok((f["peak_flux"] - field["peak"]) / f["peak_flux_err"])
+    assert np.allclose(f["int_flux"], f["peak_flux"])
+    assert np.allclose(f["semimajor_axis"], image.beam.smaj * 3600)
+    # empty sky: positions at least 4 beam FWHM from every source
+    rng = np.random.default_rng(5)
+    xe, ye = rng.uniform(15, N - 15, (2, 3000))
+    far = np.hypot(xe[:, None] - field["x"], ye[:, None] - field["y"]).min(1) > 24
+    ra, dec = field["wcs"].pixel_to_world_values(xe[far][:300], ye[far][:300])
+    e = forced_fit(image, ra, dec, params)
+    pull = e["peak_flux"] / e["peak_flux_err"]
+    assert len(pull) >= 200 and _pull_ok(pull)
+    assert np.median(e["peak_flux_err"]) == pytest.approx(RMS * np.sqrt(4 / 3), rel=0.1)  # not rms/sqrt(npix)
+
+
+def test_forced_fit_off_image_or_blank_gives_nan(field):
+    image = field["image"]
+    blanked = prepare_image(np.where(np.arange(N) < 100, np.nan, field["data"]).astype(np.float32),
+                            field["wcs"], image.beam, field["params"])
+    ra, dec = field["wcs"].pixel_to_world_values(np.array([50.0, -40.0, 400.0]), np.array([300.0, 300.0, 400.0]))
+    f = forced_fit(blanked, ra, dec, field["params"])
+    assert np.isnan(f["peak_flux"][:2]).all() and np.isnan(f["peak_flux_err"][:2]).all()
+    assert np.isfinite(f["peak_flux"][2]) and not f["gaussian_fit"][:2].any()
+
+
+def test_margin_and_radius_exclusion(field):
+    image, x, y = field["image"], field["x"], field["y"]
+    for params, inside in [
+        (ExtractionParams(margin=150), (x >= 150) & (x <= N - 151) & (y >= 150) & (y <= N - 151)),
+        (ExtractionParams(radius=250.0), np.hypot(x - (N - 1) / 2, y - (N - 1) / 2) <= 250),
+    ]:
+        s = extract_sources(image, params)
+        near_edge = np.abs(np.hypot(x - (N - 1) / 2, y - (N - 1) / 2) - 250) < 2 if params.radius else (
+            np.minimum(np.abs(x - 150), np.abs(x - N + 151)) < 2) | (np.minimum(np.abs(y - 150), np.abs(y - N + 151)) < 2)
+        m = match(x, y, s["x"], s["y"], 2.0)
+        assert ((m >= 0) == inside)[~near_edge].all()
+        assert len(s) <= inside.sum() + near_edge.sum() + 2
+    radius_deg = extraction_radius_deg(image, ExtractionParams(radius=250.0))
+    assert radius_deg == pytest.approx(250 * PIX / 3600, rel=1e-3)
+    half_diagonal = np.hypot(N - 20, N - 20) / 2
+    assert extraction_radius_deg(image, ExtractionParams(margin=10)) == pytest.approx(half_diagonal * PIX / 3600, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def resolved():
+    """Resolved Gaussians of 1.5-3 beam sizes at peak S/N 100, south field (SIN, dec -30)."""
+    rng = np.random.default_rng(11)
+    n = 512
+    wcs = make_wcs(n, n, 150.0, -30.0, PIX, "SIN")
+    x, y = scattered_positions(30, (n, n), 60, 40, rng)
+    scale = rng.uniform(1.5, 3.0, len(x))
+    pa = rng.uniform(0, 180, len(x))
+    shapes = [Shape(BEAM.fwhm_major * s, BEAM.fwhm_minor * s * 0.8, p) for s, p in zip(scale, pa)]
+    covs = np.array([sh.cov() for sh in shapes])
+    peak = np.full(len(x), 100 * RMS)
+    data = correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), x, y, peak, covs)
+    flux = peak * np.array([sh.fwhm_major * sh.fwhm_minor for sh in shapes]) / (BEAM.fwhm_major * BEAM.fwhm_minor)
+    return dict(data=data.astype(np.float32), wcs=wcs, x=x, y=y, flux=flux, shapes=shapes)
+
+
+def test_resolved_sources_flux_and_shape(resolved):
+    params = ExtractionParams(back_size_x=128, back_size_y=128)
+    image = prepare_image(resolved["data"], resolved["wcs"], BEAM.beam(PIX), params)
+    s = extract_sources(image, params)
+    m = match(resolved["x"], resolved["y"], s["x"], s["y"], 2.0)
+    assert (m >= 0).all()
+    d = s[m]
+    assert d["gaussian_fit"].all()
+    assert np.abs(d["int_flux"] / resolved["flux"] - 1).max() < 0.05
+    smaj = np.array([sh.fwhm_major for sh in resolved["shapes"]]) * PIX / 2
+    smin = np.array([sh.fwhm_minor for sh in resolved["shapes"]]) * PIX / 2
+    assert np.abs(d["semimajor_axis"] / smaj - 1).max() < 0.1
+    assert np.abs(d["semiminor_axis"] / smin - 1).max() < 0.1
+    pa_true = np.array([sh.pa for sh in resolved["shapes"]])
+    assert np.abs((d["parallactic_angle"] - pa_true + 90) % 180 - 90).max() < 5
+
+
+def test_force_beam_keeps_the_beam_shape(resolved):
+    params = ExtractionParams(force_beam=True, back_size_x=128, back_size_y=128)
+    beam = BEAM.beam(PIX)
+    s = extract_sources(prepare_image(resolved["data"], resolved["wcs"], beam, params), params)
+    assert len(s) >= len(resolved["x"])
+    assert np.allclose(s["semimajor_axis"], beam.smaj * 3600, rtol=2e-3)
+    assert np.allclose(s["semiminor_axis"], beam.smin * 3600, rtol=2e-3)
+    assert np.allclose(s["int_flux"], s["peak_flux"], rtol=2e-3)
+
+
+def test_deblending_separates_a_close_pair():
+    rng = np.random.default_rng(3)
+    n = 128
+    wcs = make_wcs(n, n, 30.0, 45.0, PIX)
+    sep = 1.5 * BEAM.fwhm_major  # 1.5 beams, along the beam's major axis (PA 30)
+    t = np.radians(BEAM.pa)
+    x = 64 + np.array([-0.5, 0.5]) * sep * -np.sin(t)
+    y = 64 + np.array([-0.5, 0.5]) * sep * np.cos(t)
+    data = correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), x, y, np.array([80, 60]) * RMS, BEAM.cov())
+    plain = ExtractionParams()
+    image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), plain)
+    assert len(extract_sources(image, plain)) == 1
+    s = extract_sources(image, ExtractionParams(deblend_nthresh=32))
+    assert len(s) == 2
+    m = match(x, y, s["x"], s["y"], 1.0)
+    assert sorted(m) == [0, 1]
+    assert np.allclose(s["peak_flux"][m], [0.080, 0.060], rtol=0.1)
+
+
+def test_all_nan_image_gives_an_empty_table():
+    wcs = make_wcs(64, 64, 10.0, 10.0, PIX)
+    params = ExtractionParams()
+    image = prepare_image(np.full((64, 64), np.nan, dtype=np.float32), wcs, BEAM.beam(PIX), params)
+    s = extract_sources(image, params)
+    assert s.dtype == SOURCE_DTYPE and len(s) == 0
+    f = forced_fit(image, np.array([10.0]), np.array([10.0]), params)
+    assert len(f) == 1 and np.isnan(f["peak_flux"][0])
+
+
+@pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
+def test_real_ami_image():
+    path = DATA / "GRB120422A-120429.fits"
+    with fits.open(path) as hdul:
+        header, data = hdul[0].header, hdul[0].data[0, 0]
+    beam = Beam(header["BMAJ"] / 2, header["BMIN"] / 2, header["BPA"])
+    params = ExtractionParams(detection_threshold=5.0)
+    image = prepare_image(data, WCS(header), beam, params)
+    s = extract_sources(image, params)
+    assert 1 <= len(s) < 100
+    assert np.isfinite(s["peak_flux"]).all() and (s["peak_flux"] > 0).all()
+    assert (s["peak_flux_err"] > 0).all() and (s["peak_flux"] / s["peak_flux_err"] > 3).all()
+    assert (s["peak_flux"] < 1.0).all()  # Jy/beam: AMI sources in this field are mJy
+    # the noise map is the per-pixel noise of the central region
+    centre = data[156:356, 156:356]
+    assert np.median(image.rms) == pytest.approx(1.4826 * np.median(np.abs(centre - np.median(centre))), rel=0.3)
+    # fitted shapes are at least about the beam
+    assert (s["semimajor_axis"][s["gaussian_fit"]] > 0.7 * beam.smaj * 3600).all()
+    assert np.allclose(s["ra"], 136.91, atol=0.5) and np.allclose(s["dec"], 14.02, atol=0.5)

@@ -1,0 +1,28 @@
+"""Source extraction for trap-dask: background/noise maps, islands, Gaussian fits, forced fits.
+
+Written on numpy/scipy/astropy. Typical use on a worker::
+
+    image = prepare_image(data, wcs, beam, params)    # keep it for the forced fits
+    detections = extract_sources(image, params)       # SOURCE_DTYPE rows
+    nulls = forced_fit(image, ra, dec, params)        # SOURCE_DTYPE rows, is_force_fit=True
+"""
+
+from trap_dask.extraction.extract import (
+    ExtractionParams,
+    PreparedImage,
+    extract_sources,
+    extraction_radius_deg,
+    in_extraction_region,
+    prepare_image,
+)
+from trap_dask.extraction.forced import forced_fit
+
+__all__ = [
+    "ExtractionParams",
+    "PreparedImage",
+    "extract_sources",
+    "extraction_radius_deg",
+    "forced_fit",
+    "in_extraction_region",
+    "prepare_image",
+]

@@ -1,0 +1,216 @@
+"""Blind source extraction: background, islands, deblending, batched Gaussian fits, sky columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.wcs import WCS
+
+from trap_dask.extraction import geometry as geo
+from trap_dask.extraction.background import background_maps
+from trap_dask.extraction.deblend import deblend
+from trap_dask.extraction.gaussian import (
+    SourceErrors,
+    PixelSet,
+    fit_islands,
+    measurement_errors,
+    shape_cov,
+)
+from trap_dask.extraction.islands import Islands, find_islands, grow_islands, islands_from_labels
+from trap_dask.image import Beam
+from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
+
+#: Islands larger than this many beam areas are cropped to the pixels nearest their peak.
+MAX_ISLAND_BEAMS = 50.0
+#: Rings of pixels added around each island for its fit, so the fit also sees the faint wings.
+FIT_RINGS = 2
+
+
+@dataclass(frozen=True)
+class ExtractionParams:
+    """Source-extraction settings (TraP ``[extraction]`` names)."""
+
+    detection_threshold: float = 8.0  # x rms
+    analysis_threshold: float = 3.0  # x rms
+    deblend_nthresh: int = 0  # 0 = no deblending
+    force_beam: bool = False  # fix the shape to the restoring beam
+    margin: int = 0  # pixels from the edge in which sources are ignored
+    radius: float = 0.0  # pixels from the centre beyond which sources are ignored (0 = no limit)
+    back_size_x: int = 50  # background box size, pixels
+    back_size_y: int = 50
+    ew_sys_err: float = 10.0  # arcsec
+    ns_sys_err: float = 10.0  # arcsec
+
+
+@dataclass
+class PreparedImage:
+    """What a worker keeps in memory between blind extraction and forced fits.
+
+    Attributes
+    ----------
+    residual : float32 (ny, nx), data - background in Jy/beam, NaN where blank
+    rms : float32 (ny, nx), local per-pixel noise in Jy/beam (NaN when the image is all blank)
+    wcs : 2-D celestial WCS
+    beam : restoring beam in deg (semi-axes = FWHM/2, PA east of north)
+    beam_cov : (2, 2) covariance of the beam in pixel**2 (sigma**2), at the image centre
+    """
+
+    residual: np.ndarray
+    rms: np.ndarray
+    wcs: WCS
+    beam: Beam
+    beam_cov: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx) in pixels."""
+        return self.residual.shape
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Centre (x, y) of the image in 0-based pixels."""
+        ny, nx = self.shape
+        return (nx - 1) / 2.0, (ny - 1) / 2.0
+
+
+def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionParams) -> PreparedImage:
+    """Subtract the background and measure the noise of a 2-D image (Jy/beam).
+
+    ``wcs`` may carry extra (frequency, Stokes) axes; its celestial part is kept.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    wcs = wcs.celestial
+    ny, nx = data.shape
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+    beam_cov = geo.sky_cov_to_pixel(geo.beam_sky_cov(beam)[None], geo.local_jacobian(wcs, cx, cy))[0]
+    beam_minor_sigma = geo.axes_from_cov(beam_cov[None])[1][0]
+    # Noise correlated over >= 2 pixels per sigma lets the statistics use every other pixel.
+    stride = 2 if beam_minor_sigma >= 1.5 else 1
+    background, rms = background_maps(data, params.back_size_y, params.back_size_x, stride=stride)
+    return PreparedImage(data - background, rms, wcs, beam, beam_cov)
+
+
+def in_extraction_region(
+    shape: tuple[int, int], params: ExtractionParams, x: np.ndarray, y: np.ndarray
+) -> np.ndarray:
+    """Whether 0-based pixel positions lie inside the margin and within the radius."""
+    ny, nx = shape
+    m = params.margin
+    ok = (x >= m) & (x <= nx - 1 - m) & (y >= m) & (y <= ny - 1 - m)
+    if params.radius > 0:
+        ok &= np.hypot(x - (nx - 1) / 2.0, y - (ny - 1) / 2.0) <= params.radius
+    return ok
+
+
+def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> float:
+    """Radius (deg) of the circle around the centre that holds the extraction region (``xtr_radius``).
+
+    It is ``radius`` when set (capped at the region's half-diagonal), else the half-diagonal of
+    the image inside its margins, so that sources in the corners count as covered; times the
+    pixel size at the centre. Positions inside the circle but off the image are measured by
+    nobody: :func:`forced_fit` gives them NaN.
+    """
+    ny, nx = image.shape
+    half_diagonal = 0.5 * np.hypot(nx - 2 * params.margin, ny - 2 * params.margin)
+    radius = min(params.radius, half_diagonal) if params.radius > 0 else half_diagonal
+    return max(radius, 0.0) * geo.pixel_scale(image.wcs, *image.centre)
+
+
+def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.ndarray]:
+    """Island pixels for the fits, each island cropped to the pixels nearest its peak.
+
+    Returns the pixel set and the analysis threshold / peak ratio per island (unitless).
+    """
+    nx = image.shape[1]
+    flat, island = islands.flat, islands.island
+    y, x = np.divmod(flat, nx)
+    peak_y, peak_x = np.divmod(islands.peak_flat, nx)
+    cap = int(MAX_ISLAND_BEAMS * 2.0 * np.pi * np.sqrt(np.linalg.det(image.beam_cov))) + 50
+    if islands.counts.max() > cap:
+        dist = np.square(x - peak_x[island]) + np.square(y - peak_y[island])
+        order = np.lexsort((dist, island))
+        rank = np.arange(len(order)) - islands.starts[island[order]]
+        keep = order[rank < cap]
+        flat, island, x, y = flat[keep], island[keep], x[keep], y[keep]
+    residual = image.residual.ravel()
+    rms = image.rms.ravel()
+    pixels = PixelSet(
+        x.astype(float),
+        y.astype(float),
+        residual[flat].astype(float),
+        1.0 / np.square(rms[flat].astype(float)),
+        island,
+        np.searchsorted(island, np.arange(islands.n)),
+    )
+    return pixels, 1.0 / np.maximum(islands.peak_snr, 1e-12)
+
+
+def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
+    """Detect and measure sources; returns SOURCE_DTYPE rows with every column filled."""
+    if not np.isfinite(image.rms).any():
+        return empty_sources()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = image.residual / image.rms
+    labels, islands = find_islands(snr, params.analysis_threshold, params.detection_threshold)
+    if params.deblend_nthresh > 0 and islands.n:
+        labels = deblend(
+            image.shape, islands, snr, image.residual, params.analysis_threshold, params.deblend_nthresh
+        )
+        islands = islands_from_labels(labels, snr, params.analysis_threshold)
+    if islands.n == 0:
+        return empty_sources()
+    islands = grow_islands(islands, np.isfinite(snr) & (labels == 0), FIT_RINGS)
+    pixels, cut_ratio = _pixel_set(image, islands)
+    fit, chisq, fitted = fit_islands(
+        pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam
+    )
+    keep = in_extraction_region(image.shape, params, fit[:, 1], fit[:, 2])
+    pixels = pixels.select(keep)
+    fit, chisq, fitted = fit[keep], chisq[keep], fitted[keep]
+    noise = local_noise(image, fit[:, 1], fit[:, 2])
+    errors = measurement_errors(fit, fitted, pixels, noise, image.beam_cov, params.force_beam)
+    nparam = 3 if params.force_beam else 6
+    dof = np.maximum(np.diff(np.append(pixels.starts, len(pixels.x))) - nparam, 1)
+    return _source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
+
+
+def local_noise(image: PreparedImage, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """rms (Jy/beam) at the pixels nearest to (x, y), clipped to the image."""
+    ny, nx = image.shape
+    ix = np.clip(np.rint(x), 0, nx - 1).astype(int)
+    iy = np.clip(np.rint(y), 0, ny - 1).astype(int)
+    return image.rms[iy, ix].astype(float)
+
+
+def _source_rows(
+    image: PreparedImage,
+    params: ExtractionParams,
+    fit: np.ndarray,
+    errors: SourceErrors,
+    noise: np.ndarray,
+    chisq: np.ndarray,
+    dof: np.ndarray,
+    fitted: np.ndarray,
+) -> np.ndarray:
+    """SOURCE_DTYPE rows from pixel-frame measurements (A, x0, y0, a, b, c) and their errors."""
+    rows = np.zeros(len(fit), dtype=SOURCE_DTYPE)
+    if len(rows) == 0:
+        return rows
+    peak, x, y, cov = fit[:, 0], fit[:, 1], fit[:, 2], shape_cov(fit)
+    ra, dec = geo.pixel_to_sky(image.wcs, x, y)
+    jac = geo.local_jacobian(image.wcs, x, y)
+    smaj, smin, pa = geo.shape_on_sky(geo.pixel_cov_to_sky(cov, jac))
+    ra_err, dec_err, radius = geo.position_errors_on_sky(errors.pos_cov, jac, dec)
+    rows["ra"], rows["dec"] = ra, dec
+    rows["ra_fit_err"], rows["dec_fit_err"] = ra_err, dec_err
+    rows["peak_flux"], rows["peak_flux_err"] = peak, errors.peak_err
+    rows["int_flux"], rows["int_flux_err"] = errors.int_flux, errors.int_flux_err
+    rows["significance_detection_level"] = peak / noise
+    rows["semimajor_axis"], rows["semiminor_axis"], rows["parallactic_angle"] = smaj, smin, pa
+    rows["error_radius"] = radius
+    rows["gaussian_fit"] = fitted
+    rows["chisq"], rows["reduced_chisq"] = chisq, chisq / dof
+    rows["is_force_fit"] = False
+    rows["x"], rows["y"] = x, y
+    return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)

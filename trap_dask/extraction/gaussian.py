@@ -1,0 +1,383 @@
+"""Batched elliptical Gaussian fits of many islands at once, moments, and Condon (1997) errors.
+
+All islands are fitted together: their pixels are concatenated in one flat array, grouped by
+island, and the small normal equations of a Levenberg-Marquardt step are reduced per island with
+``np.add.reduceat`` and solved as one stacked ``np.linalg.solve``.
+
+A Gaussian is parametrised by its peak ``A`` (Jy/beam), centre ``(x0, y0)`` (pixels) and the
+inverse covariance ``[[a, b], [b, c]]`` (pixel**-2):
+``A * exp(-(a dx**2 + 2 b dx dy + c dy**2) / 2)``, which has no degeneracy for round sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, axes_from_cov, cov_from_axes
+
+
+@dataclass
+class PixelSet:
+    """Island pixels as flat arrays grouped by island (contiguous segments).
+
+    Attributes
+    ----------
+    x, y : pixel coordinates (0-based)
+    value : background-subtracted brightness (Jy/beam)
+    weight : 1 / rms**2 of each pixel
+    island : island number of each pixel (sorted)
+    starts : first pixel of each island's segment
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    value: np.ndarray
+    weight: np.ndarray
+    island: np.ndarray
+    starts: np.ndarray
+
+    def select(self, keep_island: np.ndarray) -> PixelSet:
+        """The pixel set of the islands where ``keep_island`` (renumbered 0..m-1)."""
+        pix = keep_island[self.island]
+        island = (np.cumsum(keep_island) - 1)[self.island[pix]]
+        starts = np.searchsorted(island, np.arange(int(keep_island.sum())))
+        return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, starts)
+
+
+def _segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(values, starts, axis=0)
+
+
+def moments(pixels: PixelSet, cut_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Moment estimates per island: peak (max pixel), centre (x, y) and shape covariance.
+
+    The second moments of a Gaussian cut at ``cut_ratio`` = threshold / peak underestimate its
+    variance by ``f = 1 - t ln(1/t) / (1 - t)``; they are divided by that factor. Returns
+    ``peak`` (n,), ``centre`` (n, 2) and ``cov`` (n, 2, 2) in pixel**2.
+    """
+    v = np.maximum(pixels.value, 0.0)
+    s = _segment_sum(np.stack([v, v * pixels.x, v * pixels.y], -1), pixels.starts)
+    total = np.maximum(s[:, 0], np.finfo(float).tiny)
+    xbar, ybar = s[:, 1] / total, s[:, 2] / total
+    dx, dy = pixels.x - xbar[pixels.island], pixels.y - ybar[pixels.island]
+    m2 = _segment_sum(np.stack([v * dx * dx, v * dx * dy, v * dy * dy], -1), pixels.starts)
+    m2 /= total[:, None]
+    t = np.clip(cut_ratio, 1e-6, 1 - 1e-6)
+    m2 /= (1.0 - t * np.log(1.0 / t) / (1.0 - t))[:, None]
+    cov = np.stack([np.stack([m2[:, 0], m2[:, 1]], -1), np.stack([m2[:, 1], m2[:, 2]], -1)], -2)
+    peak = np.maximum.reduceat(pixels.value, pixels.starts)
+    return peak, np.stack([xbar, ybar], -1), cov
+
+
+def _inverse_params(cov: np.ndarray) -> np.ndarray:
+    """(a, b, c) of the inverse of (n, 2, 2) covariances."""
+    inv = np.linalg.inv(cov)
+    return np.stack([inv[:, 0, 0], inv[:, 0, 1], inv[:, 1, 1]], -1)
+
+
+def shape_cov(params: np.ndarray) -> np.ndarray:
+    """Covariance (n, 2, 2), pixel**2, of fitted Gaussians from their (a, b, c) columns 3..5."""
+    a, b, c = params[:, 3], params[:, 4], params[:, 5]
+    inv = np.stack([np.stack([a, b], -1), np.stack([b, c], -1)], -2)
+    return np.linalg.inv(inv)
+
+
+def _model_and_jacobian(
+    p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model values and Jacobian (npix, nparam); ``shape`` (a, b, c) fixed when given."""
+    q = p[pixels.island]
+    a, b, c = (shape[0], shape[1], shape[2]) if shape is not None else (q[:, 3], q[:, 4], q[:, 5])
+    dx, dy = pixels.x - q[:, 1], pixels.y - q[:, 2]
+    e = np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
+    m = q[:, 0] * e
+    cols = [e, m * (a * dx + b * dy), m * (b * dx + c * dy)]
+    if shape is None:
+        cols += [-0.5 * m * dx * dx, -m * dx * dy, -0.5 * m * dy * dy]
+    return m, np.stack(cols, -1)
+
+
+def _chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None) -> np.ndarray:
+    m, _ = _model_and_jacobian(p, pixels, shape)
+    return _segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
+
+
+def _valid(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
+    ok = (p[:, 0] > 0) & np.isfinite(p).all(-1)
+    if shape is None:
+        ok &= (p[:, 3] > 0) & (p[:, 5] > 0) & (p[:, 3] * p[:, 5] - p[:, 4] ** 2 > 0)
+    return ok
+
+
+def levenberg_marquardt(
+    p0: np.ndarray,
+    pixels: PixelSet,
+    shape: np.ndarray | None = None,
+    max_iter: int = 60,
+    tol: float = 1e-2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least-squares Gaussian fits of all islands at once.
+
+    Parameters
+    ----------
+    p0 : (n, 6) first guesses (A, x0, y0, a, b, c), or (n, 3) (A, x0, y0) with ``shape``
+    pixels : the islands' pixels
+    shape : fixed (a, b, c) in pixel**-2 shared by all islands (the beam), or None
+
+    Returns
+    -------
+    params, chisq, converged : the fit, its chi-squared and whether it converged (n,)
+    """
+    n, k = p0.shape
+    p = p0.astype(float).copy()
+    chisq = _chisq(p, pixels, shape)
+    lam = np.full(n, 1e-3)
+    done = np.zeros(n, dtype=bool)
+    ids = np.arange(n)  # islands of the working set
+    work = pixels
+    for _ in range(max_iter):
+        if done.all():
+            break
+        if (~done[ids]).sum() <= 0.5 * len(ids):  # shrink the working set to the active islands
+            active = ~done[ids]
+            work, ids = work.select(active), ids[active]
+        q = p[ids]
+        m, jac = _model_and_jacobian(q, work, shape)
+        wj = work.weight[:, None] * jac
+        jtj = _segment_sum(wj[:, :, None] * jac[:, None, :], work.starts)
+        grad = _segment_sum(wj * (work.value - m)[:, None], work.starts)
+        diag = np.einsum("nii->ni", jtj)
+        damped = jtj + (lam[ids, None] * diag + 1e-12 * diag.max(-1, keepdims=True) + 1e-300)[
+            :, :, None
+        ] * np.eye(k)
+        trial = q + np.linalg.solve(damped, grad[..., None])[..., 0]
+        trial_chisq = np.where(_valid(trial, shape), _chisq(trial, work, shape), np.inf)
+        better = (trial_chisq < chisq[ids]) & ~done[ids]
+        gain = chisq[ids] - trial_chisq
+        upd = ids[better]
+        p[upd], chisq[upd] = trial[better], trial_chisq[better]
+        lam[ids] = np.where(better, np.maximum(lam[ids] * 0.2, 1e-9), lam[ids] * 10.0)
+        done[ids] |= (better & (gain < tol)) | (lam[ids] > 1e9)
+    return p, chisq, done
+
+
+def fit_islands(
+    pixels: PixelSet,
+    cut_ratio: np.ndarray,
+    beam_cov: np.ndarray,
+    force_beam: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit a Gaussian to every island, falling back to moments where the fit fails.
+
+    Parameters
+    ----------
+    pixels : island pixels
+    cut_ratio : analysis threshold / peak per island (for the moments' truncation correction)
+    beam_cov : (2, 2) restoring-beam covariance in pixel**2
+    force_beam : fix the shape to the beam (fit A, x0, y0 only)
+
+    Returns
+    -------
+    params (n, 6): (A, x0, y0, a, b, c); chisq; gaussian_fit (bool: False where moments are used)
+    """
+    peak, centre, cov = moments(pixels, cut_ratio)
+    # Degenerate moments (one-pixel-wide islands) take the beam's shape.
+    degenerate = ~(np.linalg.det(cov) > 1e-3 * np.linalg.det(beam_cov)) | ~np.isfinite(cov).all((1, 2))
+    cov[degenerate] = beam_cov
+    if force_beam:
+        cov[:] = beam_cov
+    beam_inv = _inverse_params(beam_cov[None])[0]
+    p0 = np.column_stack([peak, centre, _inverse_params(cov)])
+    counts = np.diff(np.append(pixels.starts, len(pixels.x)))
+    nparam = 3 if force_beam else 6
+    fittable = counts > nparam
+    params = p0.copy()
+    ok = np.zeros(len(peak), dtype=bool)
+    if fittable.any():
+        sub = pixels.select(fittable)
+        start = p0[fittable, :3] if force_beam else p0[fittable]
+        fitted, _, converged = levenberg_marquardt(start, sub, beam_inv if force_beam else None)
+        params[fittable, : fitted.shape[1]] = fitted
+        ok[fittable] = converged
+    ok &= _sane(params, p0, pixels, beam_cov)
+    params[~ok] = p0[~ok]
+    return params, _chisq(params, pixels, None), ok
+
+
+def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray) -> np.ndarray:
+    """Reject fits that wander off their island, or are far narrower/wider than plausible."""
+    xy = np.column_stack([pixels.x, pixels.y])
+    lo, hi = np.minimum.reduceat(xy, pixels.starts), np.maximum.reduceat(xy, pixels.starts)
+    inside = ((params[:, 1:3] >= lo - 1) & (params[:, 1:3] <= hi + 1)).all(-1)
+    ok = _valid(params, None) & inside & (params[:, 0] < 3.0 * p0[:, 0])
+    if not ok.any():
+        return ok
+    major, minor, _ = axes_from_cov(shape_cov(np.where(ok[:, None], params, p0)))
+    beam_minor = axes_from_cov(beam_cov[None])[1][0]
+    extent = np.hypot(*(hi - lo + 1).T)
+    return ok & (minor > 0.2 * beam_minor) & (major < 3.0 * extent + 2.0 * beam_minor)
+
+
+#: Upper bound on padded pixel pairs handled per batch by :func:`fit_covariance`.
+_PAIRS_PER_BATCH = 2_000_000
+
+
+def _padded_batches(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """Group islands of similar size: (island numbers, padded size) per batch."""
+    order = np.argsort(counts, kind="stable")
+    batches, first = [], 0
+    while first < len(order):
+        last = first + 1
+        while last < len(order) and (last - first + 1) * counts[order[last]] ** 2 <= _PAIRS_PER_BATCH:
+            last += 1
+        size = counts[order[last - 1]]
+        batches.append((order[first:last], int(size)))
+        first = last
+    return batches
+
+
+def fit_covariance(
+    params: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray, fixed_shape: bool
+) -> np.ndarray:
+    """Covariance (n, k, k) of the weighted least-squares fits under beam-correlated noise.
+
+    The noise of a synthesis image is correlated like the beam: ``cov(n_i, n_j) = rms_i rms_j
+    rho(r_i - r_j)`` with ``rho`` the unit-peak beam. The fit minimises ``sum w (d - m)**2`` with
+    ``w = 1 / rms**2``, so its linearised covariance is the sandwich ``H^-1 S H^-1`` with
+    ``H = J^T W J`` and ``S = sum_ij sqrt(w_i) J_i rho_ij sqrt(w_j) J_j``. For independent pixels
+    it reduces to ``H^-1``; with correlated noise it is the honest error of this estimator
+    (the Condon 1997 formulae give the smaller error of an optimal, noise-whitened fit).
+    ``k`` = 3 (A, x0, y0) when ``fixed_shape``, else 6.
+    """
+    n = len(pixels.starts)
+    shape = _inverse_params(beam_cov[None])[0] if fixed_shape else None
+    p = params[:, :3] if fixed_shape else params
+    _, jac = _model_and_jacobian(p, pixels, shape)
+    k = jac.shape[1]
+    scaled = np.sqrt(pixels.weight)[:, None] * jac
+    hessian = _segment_sum(scaled[:, :, None] * scaled[:, None, :], pixels.starts)
+    counts = np.diff(np.append(pixels.starts, len(pixels.x)))
+    # rho on integer pixel offsets, looked up per pair (float32 halves the memory traffic)
+    xy = np.column_stack([pixels.x, pixels.y])
+    reach = int((np.maximum.reduceat(xy, pixels.starts) - np.minimum.reduceat(xy, pixels.starts)).max())
+    lag = np.arange(-reach, reach + 1, dtype=float)
+    beam_inv = np.linalg.inv(beam_cov)
+    q = beam_inv[0, 0] * lag[None, :] ** 2 + 2 * beam_inv[0, 1] * lag[None, :] * lag[:, None]
+    rho_table = np.exp(-0.5 * (q + beam_inv[1, 1] * lag[:, None] ** 2)).astype(np.float32).ravel()
+    width = 2 * reach + 1
+    cell = (pixels.y.astype(np.int64) * width + pixels.x.astype(np.int64))
+    offset = reach * width + reach
+    scaled32 = scaled.astype(np.float32)
+    middle = np.empty((n, k, k))
+    for isl, size in _padded_batches(counts):
+        slot = np.arange(size)
+        used = slot[None, :] < counts[isl, None]
+        idx = np.where(used, pixels.starts[isl, None] + slot, pixels.starts[isl, None])
+        c = cell[idx]
+        rho = rho_table[c[:, :, None] - c[:, None, :] + offset]
+        kmat = scaled32[idx] * used[:, :, None]
+        middle[isl] = np.swapaxes(kmat, 1, 2) @ (rho @ kmat)
+    h_inv = np.linalg.inv(hessian)
+    return h_inv @ middle @ h_inv
+
+
+def integrated_flux(
+    params: np.ndarray, beam_cov: np.ndarray, cov: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integrated flux (Jy) ``A * area / beam area`` of fitted Gaussians and its 1-sigma error.
+
+    ``params`` (n, 6) and their covariance ``cov`` (n, k, k); with k = 3 the shape is the beam's
+    and the integrated flux equals the peak.
+    """
+    a, b, c = params[:, 3], params[:, 4], params[:, 5]
+    det = a * c - b * b
+    flux = params[:, 0] * np.sqrt(1.0 / (det * np.linalg.det(beam_cov)))
+    if cov.shape[-1] == 3:
+        return flux, np.sqrt(cov[:, 0, 0]) * flux / params[:, 0]
+    grad = flux[:, None] * np.stack([1.0 / params[:, 0], -0.5 * c / det, b / det, -0.5 * a / det], -1)
+    sub = cov[:, [0, 3, 4, 5]][:, :, [0, 3, 4, 5]]
+    return flux, np.sqrt(np.einsum("ni,nij,nj->n", grad, sub, grad))
+
+
+@dataclass
+class SourceErrors:
+    """1-sigma errors of Gaussian source measurements.
+
+    peak_err (Jy/beam), int_flux and int_flux_err (Jy), pos_cov (n, 2, 2) pixel**2.
+    """
+
+    peak_err: np.ndarray
+    int_flux: np.ndarray
+    int_flux_err: np.ndarray
+    pos_cov: np.ndarray
+
+
+def condon_errors(
+    peak: np.ndarray, cov: np.ndarray, noise: np.ndarray, beam_cov: np.ndarray, fixed_shape: bool = False
+) -> SourceErrors:
+    """Errors of Gaussian fits after Condon (1997, PASP 109, 166), eqs. 21 and 41.
+
+    The noise is taken as correlated over the restoring beam: in rho**2 the FWHM of the noise
+    correlation along the source axes are the beam FWHMs, and the number of independent noise
+    samples under the source is its area over the beam's area. ``peak`` in Jy/beam, ``cov`` the
+    sources' shape covariances and ``beam_cov`` the beam's, in pixel**2, ``noise`` the local rms
+    in Jy/beam. With ``fixed_shape`` only the peak and position are free (no size terms in the
+    integrated flux error).
+    """
+    s_major, s_minor, angle = axes_from_cov(cov)
+    b_major, b_minor, _ = axes_from_cov(beam_cov[None])
+    theta_major, theta_minor = 2 * HALF_FWHM_PER_SIGMA * s_major, 2 * HALF_FWHM_PER_SIGMA * s_minor
+    beam_major, beam_minor = 2 * HALF_FWHM_PER_SIGMA * b_major, 2 * HALF_FWHM_PER_SIGMA * b_minor
+    snr2 = np.square(peak / noise)
+
+    def rho2(alpha_major: float, alpha_minor: float) -> np.ndarray:
+        return (
+            theta_major * theta_minor / (4.0 * beam_major * beam_minor)
+            * (1.0 + (beam_major / theta_major) ** 2) ** alpha_major
+            * (1.0 + (beam_minor / theta_minor) ** 2) ** alpha_minor
+            * snr2
+        )
+
+    rel_peak = np.sqrt(2.0 / rho2(1.5, 1.5))
+    rel_major = np.sqrt(2.0 / rho2(2.5, 0.5))
+    rel_minor = np.sqrt(2.0 / rho2(0.5, 2.5))
+    # eq. 21: position errors along the major / minor axis, sigma_x0 = sigma_thetaM / sqrt(8 ln 2)
+    err_along_major = rel_major * theta_major / np.sqrt(8.0 * np.log(2.0))
+    err_along_minor = rel_minor * theta_minor / np.sqrt(8.0 * np.log(2.0))
+    area_ratio = s_major * s_minor / (b_major * b_minor)
+    int_flux = peak * area_ratio
+    rel_int2 = rel_peak**2
+    if not fixed_shape:
+        rel_int2 = rel_int2 + (beam_major * beam_minor / (theta_major * theta_minor)) * (
+            rel_major**2 + rel_minor**2
+        )
+    return SourceErrors(
+        peak_err=rel_peak * peak,
+        int_flux=int_flux,
+        int_flux_err=np.sqrt(rel_int2) * np.abs(int_flux),
+        pos_cov=cov_from_axes(err_along_major, err_along_minor, angle),
+    )
+
+
+def measurement_errors(
+    params: np.ndarray,
+    fitted: np.ndarray,
+    pixels: PixelSet,
+    noise: np.ndarray,
+    beam_cov: np.ndarray,
+    force_beam: bool,
+) -> SourceErrors:
+    """Errors of every island's measurement: the fit covariance where ``fitted``, else Condon.
+
+    ``noise`` is the local rms (Jy/beam) at each source.
+    """
+    errors = condon_errors(params[:, 0], shape_cov(params), noise, beam_cov, fixed_shape=force_beam)
+    if fitted.any():
+        cov = fit_covariance(params[fitted], pixels.select(fitted), beam_cov, force_beam)
+        errors.peak_err[fitted] = np.sqrt(cov[:, 0, 0])
+        flux, flux_err = integrated_flux(params[fitted], beam_cov, cov)
+        errors.int_flux[fitted], errors.int_flux_err[fitted] = flux, flux_err
+        errors.pos_cov[fitted] = cov[:, 1:3, 1:3]
+    return errors

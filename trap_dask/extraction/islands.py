@@ -1,0 +1,124 @@
+"""Islands of significant pixels, held as flat pixel lists grouped by island."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: 8-connectivity for scipy.ndimage.label.
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass
+class Islands:
+    """Pixels of all islands, sorted so that each island is one contiguous segment.
+
+    Attributes
+    ----------
+    flat : flat image index of every island pixel
+    island : island number (0..n-1) of every pixel
+    starts : index in the pixel arrays where each island's segment starts (n,)
+    peak_flat : flat index of each island's brightest pixel (by S/N) (n,)
+    peak_snr : S/N of that pixel (n,)
+    """
+
+    flat: np.ndarray
+    island: np.ndarray
+    starts: np.ndarray
+    peak_flat: np.ndarray
+    peak_snr: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Number of islands."""
+        return len(self.starts)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of pixels of each island."""
+        return np.diff(np.append(self.starts, len(self.flat)))
+
+
+def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
+    """Start index of each id 0..n-1 in a sorted id array (every id present)."""
+    return np.searchsorted(sorted_ids, np.arange(n))
+
+
+def islands_from_labels(labels: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
+    """Group the labelled pixels by label and keep labels whose peak S/N exceeds ``detection``.
+
+    Per-label reductions use one sort and ``np.maximum.reduceat`` (fast for many labels).
+    """
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat]
+    order = np.argsort(lab, kind="stable")
+    flat, lab = flat[order], lab[order]
+    if len(flat) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Islands(empty, empty, empty, empty, np.zeros(0))
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    pix_snr = snr.ravel()[flat]
+    peak_snr = np.maximum.reduceat(pix_snr, starts)
+    nlab = len(starts)
+    seg = np.repeat(np.arange(nlab), np.diff(np.append(starts, len(flat))))
+    is_peak = pix_snr == peak_snr[seg]
+    # first pixel of each segment reaching the peak value
+    first_peak = np.flatnonzero(is_peak)
+    peak_pos = first_peak[np.r_[True, seg[first_peak][1:] != seg[first_peak][:-1]]]
+    keep = peak_snr > detection
+    keep_pix = keep[seg]
+    new_id = np.cumsum(keep) - 1
+    island = new_id[seg[keep_pix]]
+    return Islands(
+        flat[keep_pix],
+        island,
+        _segment_starts(island, int(keep.sum())),
+        flat[peak_pos][keep],
+        peak_snr[keep].astype(float),
+    )
+
+
+def find_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, Islands]:
+    """Label 8-connected pixels with S/N > ``analysis``; keep islands peaking above ``detection``.
+
+    Returns the label image (all islands, including rejected ones) and the kept islands.
+    NaN pixels never belong to an island.
+    """
+    with np.errstate(invalid="ignore"):
+        above = snr > analysis
+    labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
+    return labels, islands_from_labels(labels, snr, detection)
+
+
+def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
+    """Add ``rings`` rings of 8-connected neighbouring pixels to every island.
+
+    Only ``valid`` pixels (a boolean image: finite, in no other island) are added; a pixel
+    claimed by two islands goes to one of them. The islands' peaks are unchanged.
+    """
+    ny, nx = valid.shape
+    free = valid.copy()
+    free.flat[islands.flat] = False
+    flat, island = islands.flat, islands.island
+    edge_flat, edge_island = flat, island
+    drow = np.array([-1, -1, -1, 0, 0, 1, 1, 1])
+    dcol = np.array([-1, 0, 1, -1, 1, -1, 0, 1])
+    for _ in range(rings):
+        row, col = np.divmod(edge_flat, nx)
+        nrow, ncol = row[:, None] + drow, col[:, None] + dcol
+        inside = (nrow >= 0) & (nrow < ny) & (ncol >= 0) & (ncol < nx)
+        cand = (nrow * nx + ncol)[inside]
+        cand_island = np.broadcast_to(edge_island[:, None], inside.shape)[inside]
+        take = free.ravel()[cand]
+        cand, first = np.unique(cand[take], return_index=True)
+        if len(cand) == 0:
+            break
+        edge_flat, edge_island = cand, cand_island[take][first]
+        free.flat[edge_flat] = False
+        flat, island = np.append(flat, edge_flat), np.append(island, edge_island)
+    order = np.argsort(island, kind="stable")
+    island = island[order]
+    starts = _segment_starts(island, islands.n)
+    return Islands(flat[order], island, starts, islands.peak_flat, islands.peak_snr)
