@@ -40,6 +40,11 @@ def _python_values(column: np.ndarray) -> list[Any]:
     return column.tolist()
 
 
+def plain(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with numpy scalars turned into Python ones (psycopg2 does not adapt numpy types)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+
+
 def records(columns: Columns, names: Iterable[str] | None = None, rows: np.ndarray | None = None) -> list[dict]:
     """Rows of a columnar table as dicts (optionally only ``names`` and ``rows``)."""
     names = list(names or columns.keys())
@@ -91,7 +96,7 @@ class ExportStore:
                 id=run_id, software_version=__version__, started_at=_now(), status="running",
                 n_images=0, config_file=config_file,
             ))
-            conn.execute(insert(schema.config).values(run=run_id, **config_row))
+            conn.execute(insert(schema.config).values(run=run_id, **plain(config_row)))
         return run_id
 
     def finish_run(self, run_id: int, status: str, n_images: int) -> None:
@@ -123,8 +128,8 @@ class ExportStore:
         """
         with self.engine.begin() as conn:
             if band_rows:
-                conn.execute(insert(schema.frequencybands), band_rows)
-            conn.execute(insert(schema.images), [image_row])
+                conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
+            conn.execute(insert(schema.images), [plain(image_row)])
             if monitors is not None:
                 conn.execute(insert(schema.monitor), records(monitors))
                 self._upsert(conn, schema.runningcatalog, monitor_catalogue,
