@@ -70,6 +70,8 @@ CREATE TABLE config (
 	db_port INTEGER, 
 	db_user TEXT, 
 	db_overwrite BOOLEAN, 
+	db_append BOOLEAN, 
+	accept_config_change BOOLEAN, 
 	rms_min DOUBLE PRECISION, 
 	rms_max DOUBLE PRECISION, 
 	reduction_factor_for_rms DOUBLE PRECISION, 

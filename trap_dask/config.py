@@ -86,6 +86,15 @@ class Config:
     db_overwrite: bool = _param(
         False, "database", "", "drop and recreate an existing export database"
     )
+    db_append: bool = _param(
+        False, "database", "",
+        "add the images to an existing export database: known sources continue their light "
+        "curves; images already in it are skipped. Also resumes a killed or interrupted run",
+    )
+    accept_config_change: bool = _param(
+        False, "database", "",
+        "with db_append: continue even though association parameters differ from those stored",
+    )
     # -- image quality --------------------------------------------------------------------------
     rms_min: float = _param(0.0, "image_quality", "Jy/beam", "reject images whose central rms is below this")
     rms_max: float = _param(math.inf, "image_quality", "Jy/beam", "reject images whose central rms is above this")
@@ -244,6 +253,7 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{name} = {shown}: {what}")
 
     need(config.db_backend in ("sqlite", "postgres"), "db_backend", "must be 'sqlite' or 'postgres'")
+    need(not (config.db_append and config.db_overwrite), "db_append", "cannot be combined with db_overwrite")
     need(config.scheduler in ("distributed", "threads"), "scheduler", "must be 'distributed' or 'threads'")
     need(config.detection_threshold > 0, "detection_threshold", "must be > 0")
     need(0 < config.analysis_threshold <= config.detection_threshold, "analysis_threshold",
