@@ -51,6 +51,13 @@ def empty_columns(spec: dict[str, str], n: int = 0) -> Columns:
     return {name: np.zeros(n, dtype=dtype) for name, dtype in spec.items()}
 
 
+def columns_from_lists(spec: dict[str, str], data: dict[str, list]) -> Columns:
+    """Typed columns from database column lists (NULL floats become NaN); {} gives empty columns."""
+    if not data or not next(iter(data.values())):
+        return empty_columns(spec)
+    return {name: np.array(data[name], dtype=float if dtype == "f8" else dtype) for name, dtype in spec.items()}
+
+
 def take(cols: Columns, index: np.ndarray) -> Columns:
     return {k: v[index] for k, v in cols.items()}
 
@@ -116,6 +123,16 @@ class EarlierImages:
     xtr_radius: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @classmethod
+    def from_images_table(cls, images: dict[str, list]) -> "EarlierImages":
+        """From the accepted rows of the ``images`` table."""
+        if not images:
+            return cls()
+        names = {"band": "freq_band", "im_id": "id", "centre_ra": "centre_ra", "centre_dec": "centre_dec",
+                 "xtr_radius": "xtr_radius", "rms_min": "rms_min", "rms_max": "rms_max"}
+        return cls(**{ours: np.asarray(images[theirs], dtype="i8" if ours in ("band", "im_id") else float)
+                      for ours, theirs in names.items()})
 
     def add(self, image: ImageContext) -> "EarlierImages":
         return EarlierImages(

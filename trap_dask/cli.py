@@ -119,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "trap-dask: interrupted; the database holds every image committed so far.",
+            "trap-dask: interrupted. The database holds every image committed so far; "
+            "run the same command with --db_append to resume.",
             file=sys.stderr,
         )
         return 130

@@ -24,6 +24,10 @@ DEFAULT_CONFIG_FILE = "trap_config.toml"
 ENV_PREFIX = "TRAP_"
 #: Parameters never written to the export database, logs or error messages.
 SECRET_PARAMETERS = frozenset({"db_password"})
+#: Parameters that change what association means; appending with other values needs consent.
+ASSOCIATION_PARAMETERS = (
+    "de_ruiter_r_max", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits", "frequency_band",
+)
 
 
 class ConfigError(ValueError):
@@ -278,6 +282,15 @@ def validate(config: Config) -> Config:
     bands = config.frequency_bands()
     need(all(0 < lo < hi for lo, hi in bands), "frequency_band", "each band needs 0 < low < high (Hz)")
     return config
+
+
+def association_differences(config: Config, stored: Mapping[str, Any]) -> list[str]:
+    """``name: stored -> new`` for each association parameter that differs from a stored config row."""
+    return [
+        f"{name}: {stored.get(name)!r} -> {getattr(config, name)!r}"
+        for name in ASSOCIATION_PARAMETERS
+        if stored.get(name) != getattr(config, name)
+    ]
 
 
 def _parse_positions(text: str, name: str) -> list[tuple[float, float]]:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from trap_dask.config import Config
+from trap_dask.config import Config, association_differences
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
 from trap_dask.extraction import ExtractionParams
 from trap_dask.image import ImageMeta
@@ -37,6 +37,7 @@ class PipelineError(RuntimeError):
 class RunSummary:
     db: str
     n_images: int
+    n_skipped: int
     n_rejected: int
     n_sources: int
     n_forced: int
@@ -48,7 +49,8 @@ class RunSummary:
     def describe(self) -> str:
         busy = self.writer_busy_seconds / self.wall_seconds if self.wall_seconds else 0.0
         return (
-            f"trap-dask: {self.n_images} images ({self.n_rejected} rejected) -> {self.db}\n"
+            f"trap-dask: {self.n_images} images ({self.n_rejected} rejected, {self.n_skipped} already "
+            f"in the database) -> {self.db}\n"
             f"  {self.n_sources} detections, {self.n_forced} forced fits, "
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
@@ -144,11 +146,7 @@ def _dashboard_line(client) -> str:
 
 def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     """Process every input image into the export database; returns totals for the summary."""
-    from tqdm import tqdm
-
-    from trap_dask.db.store import ExportStore
-    from trap_dask import tasks
-    from trap_dask.writer import Writer
+    from trap_dask.db.lock import RunLock
 
     started = time.perf_counter()
     _configure_logging(config)
@@ -158,65 +156,108 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
         raise PipelineError("no FITS images found in the inputs (use -i/--input_images)")
     settings = database_settings(config)
     try:
-        ExportStore.create(settings, overwrite=config.db_overwrite).close()
+        with RunLock(settings):
+            append, known = prepare_database(settings, config)
+            return _process(config, config_file, settings, paths, append, known, started)
     except DatabaseError as exc:
         raise PipelineError(str(exc)) from None
-    log.info("export database: %s", settings.describe())
 
+
+def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, dict[str, str]]:
+    """Create the export database, or open it to append; returns (appending, known checksums).
+
+    Call while holding the run lock: runs left 'running' by a killed process are marked 'killed'.
+    """
+    from trap_dask.db.backends import database_exists
+    from trap_dask.db.store import ExportStore
+
+    if not (config.db_append and database_exists(settings)):
+        if config.db_append:
+            log.info("%s does not exist yet: creating it", settings.describe())
+        ExportStore.create(settings, overwrite=config.db_overwrite).close()
+        return False, {}
+    store = ExportStore.open(settings)
+    try:
+        stored = store.latest_config()
+        differences = association_differences(config, stored) if stored else []
+        if differences and not config.accept_config_change:
+            raise PipelineError(
+                f"association parameters differ from those of {settings.describe()} "
+                f"({'; '.join(differences)}); pass --accept_config_change to append anyway"
+            )
+        if store.close_stale_runs():
+            log.info("resuming after a run that was killed")
+        return True, store.known_images()
+    finally:
+        store.close()
+
+
+def _process(config, config_file, settings, paths, append, known, started) -> RunSummary:
+    """Scan, then stream the images through the workers and the writer actor."""
+    from tqdm import tqdm
+
+    from trap_dask import tasks
+    from trap_dask.writer import Writer
+
+    log.info("export database: %s%s", settings.describe(), " (appending)" if append else "")
     client, n_threads = start_client(config)
-    status = "failed"
-    writer = None
+    status, writer, finished = "failed", None, None
+    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
     try:
         log.info(_dashboard_line(client))
         scans = client.gather(client.map(tasks.scan, paths, pure=False))
-        failures = [s for s in scans if isinstance(s, tasks.ScanFailure)]
-        metas = sorted(
-            (s for s in scans if not isinstance(s, tasks.ScanFailure)),
-            key=lambda m: (m.taustart_ts, m.freq_eff, m.url),
+        fresh = [s for s in scans if s.checksum not in known]
+        if len(fresh) < len(scans):
+            log.info("%d images already in the database: skipped", len(scans) - len(fresh))
+        failures = [s for s in fresh if isinstance(s, tasks.ScanFailure)]
+        images = sorted(
+            (s for s in fresh if isinstance(s, tasks.ScannedImage)),
+            key=lambda s: (s.meta.taustart_ts, s.meta.freq_eff, s.meta.url),
         )
-        window = config.max_concurrent_images or default_window(metas, n_threads)
-        log.info("%d images (%d unreadable), up to %d in flight", len(scans), len(failures), window)
-        writer = client.submit(Writer, settings, config, str(config_file) if config_file else None,
+        window = config.max_concurrent_images or default_window([s.meta for s in images], n_threads)
+        log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
+        writer = client.submit(Writer, settings, config, str(config_file) if config_file else None, append,
                                actor=True).result()
-        totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
         params, quality = extraction_params(config), quality_params(config)
-        with tqdm(total=len(scans), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
+        with tqdm(total=len(fresh), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
             for failure in failures:
                 log.warning("rejected %s: %s", failure.url, failure.reason)
                 _count(totals, writer.reject_unreadable(failure).result(), bar)
-            for summary in _stream(client, writer, metas, window, params, quality):
+            for summary in _stream(client, writer, images, window, params, quality):
                 _count(totals, summary, bar)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        finished = writer.finish(status).result() if writer is not None else None
+        if writer is not None:
+            finished = writer.finish(status).result()
         client.close()
         client.cluster.close()
     return RunSummary(
-        db=settings.describe(), n_images=finished["n_images"], n_rejected=totals["rejected"],
-        n_sources=totals["sources"], n_forced=totals["forced"], n_new_sources=totals["new"],
-        n_light_curves=finished["n_light_curves"], wall_seconds=time.perf_counter() - started,
-        writer_busy_seconds=finished["writer_busy_s"],
+        db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
+        n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],
+        n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"],
+        wall_seconds=time.perf_counter() - started, writer_busy_seconds=finished["writer_busy_s"],
     )
 
 
-def _stream(client, writer, metas, window, params, quality):
+def _stream(client, writer, images, window, params, quality):
     """Yield each image's CommitSummary in time order, keeping ``window`` images in flight."""
     from trap_dask import tasks
     from trap_dask.writer import CommitSummary
 
     pending: deque = deque()
-    upcoming = iter(enumerate(metas))
+    upcoming = iter(enumerate(images))
 
     def submit_next() -> None:
-        for index, meta in upcoming:
-            priority = len(metas) - index
-            loaded = client.submit(tasks.load, meta, quality, params, priority=priority,
-                                   key=f"load-{index}-{os.path.basename(meta.url)}")
+        for index, image in upcoming:
+            priority = len(images) - index
+            name = os.path.basename(image.meta.url)
+            loaded = client.submit(tasks.load, image, quality, params, priority=priority,
+                                   key=f"load-{index}-{name}")
             result = client.submit(tasks.extract, loaded, params, priority=priority,
-                                   key=f"extract-{index}-{os.path.basename(meta.url)}")
+                                   key=f"extract-{index}-{name}")
             pending.append((loaded, result))
             return
 
@@ -227,7 +268,7 @@ def _stream(client, writer, metas, window, params, quality):
         outcome = writer.associate(result.result()).result()
         if not isinstance(outcome, CommitSummary):
             ra, dec = outcome
-            forced = client.submit(tasks.force, loaded, ra, dec, params, priority=len(metas) + 1).result() \
+            forced = client.submit(tasks.force, loaded, ra, dec, params, priority=len(images) + 1).result() \
                 if len(ra) else None
             outcome = writer.commit(forced).result()
         del loaded, result

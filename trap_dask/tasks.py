@@ -28,11 +28,20 @@ _CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
+class ScannedImage:
+    """A file whose header gave everything needed."""
+
+    meta: ImageMeta
+    checksum: str  #: sha256 of the file's bytes (hex)
+
+
+@dataclass(frozen=True)
 class ScanFailure:
     """A file whose header could not be used; it becomes a rejected image row."""
 
     url: str
     reason: str
+    checksum: str | None  #: None when the file could not be read at all
 
 
 @dataclass(frozen=True)
@@ -55,14 +64,16 @@ class LoadedImage:
     prepared: PreparedImage | None  #: None for a rejected image
 
 
-def scan(path: str, beam: Beam | None = None, freq: tuple[float, float] | None = None) -> ImageMeta | ScanFailure:
-    """Read one file's header; a bad file gives a ScanFailure with the reason, never an exception."""
+def scan(path: str, beam: Beam | None = None, freq: tuple[float, float] | None = None) -> ScannedImage | ScanFailure:
+    """Checksum a file and read its header; a bad file gives a ScanFailure, never an exception."""
     try:
-        return read_meta(path, beam=beam, freq=freq)
-    except ImageError as exc:
-        return ScanFailure(url=path, reason=str(exc))
+        checksum = file_checksum(path)
     except OSError as exc:
-        return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}")
+        return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
+    try:
+        return ScannedImage(read_meta(path, beam=beam, freq=freq), checksum)
+    except ImageError as exc:
+        return ScanFailure(url=path, reason=str(exc), checksum=checksum)
 
 
 def file_checksum(path: str) -> str:
@@ -74,9 +85,9 @@ def file_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
-def load(meta: ImageMeta, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
+def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
     """Read the pixels, check quality, and prepare background and noise maps."""
-    checksum = file_checksum(meta.url)
+    meta, checksum = image.meta, image.checksum
     try:
         data, wcs = read_image(meta)
     except (ImageError, OSError) as exc:

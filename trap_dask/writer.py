@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from trap_dask.bands import Band, assign_band, fixed_bands
-from trap_dask.catalogue import AssociationPlan, ImageContext, RunningCatalogue, take
+from trap_dask.catalogue import (
+    LIGHTCURVE_COLUMNS,
+    SOURCE_COLUMNS,
+    AssociationPlan,
+    EarlierImages,
+    ImageContext,
+    RunningCatalogue,
+    columns_from_lists,
+    take,
+)
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
@@ -40,32 +49,51 @@ class CommitSummary:
 class Writer:
     """Dask actor: association in time order and one transaction per image."""
 
-    def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None):
+    def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None, append: bool = False):
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
+        state = self.store.load_state() if append else None
         self.catalogue = RunningCatalogue(
             de_ruiter_r_max=config.de_ruiter_r_max,
             max_nr_consecutive_force_fits=config.max_nr_consecutive_force_fits,
             detection_threshold=config.detection_threshold,
         )
+        stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())
-        self.bands: list[Band] = fixed_bands(config.frequency_bands())
-        self._unsaved_bands = list(self.bands)
-        monitors = np.asarray(config.monitor_positions(), dtype=float).reshape(-1, 2)
-        self.catalogue, monitor_ids = self.catalogue.add_monitor_sources(monitors[:, 0], monitors[:, 1])
-        self._unsaved_monitors = {
-            "id": np.arange(1, len(monitor_ids) + 1), "ra": monitors[:, 0], "dec": monitors[:, 1],
-            "src_id": monitor_ids,
-        }
+        self.bands = fixed_bands(config.frequency_bands()) if self.fixed else stored_bands
+        self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
         self.next_im_id = 1
+        if state is not None:
+            self.catalogue = replace(
+                self.catalogue,
+                sources=columns_from_lists(SOURCE_COLUMNS, state.sources),
+                lightcurves=columns_from_lists(LIGHTCURVE_COLUMNS, state.lightcurves),
+                earlier=EarlierImages.from_images_table(state.images),
+                next_xtrsrc=state.next_xtrsrc,
+                next_src_id=state.next_src_id,
+            )
+            self.next_im_id = state.next_image
+        self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0
         self.busy_seconds = 0.0
         self._pending: tuple[AssociationPlan, ImageResult, Band] | None = None
 
+    def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
+        """Register the monitor positions not yet in the database; returns their monitor rows."""
+        old = np.array(list(zip(stored.get("ra", []), stored.get("dec", []))), dtype=float).reshape(-1, 2)
+        new = np.array(positions, dtype=float).reshape(-1, 2)
+        if len(old):
+            known = np.isclose(new[:, None, :], old[None, :, :], rtol=0, atol=1e-9).all(axis=2).any(axis=1)
+            new = new[~known]
+        self.catalogue, src_ids = self.catalogue.add_monitor_sources(new[:, 0], new[:, 1])
+        first = max(stored.get("id", [0]), default=0) + 1
+        return {"id": first + np.arange(len(new)), "ra": new[:, 0], "dec": new[:, 1], "src_id": src_ids}
+
     # -- per image --------------------------------------------------------------------------
     def reject_unreadable(self, failure: ScanFailure) -> CommitSummary:
         """Record a file whose header could not be used as a rejected image."""
-        row = {"url": failure.url, "rejected": True, "rejection_reason": failure.reason}
+        row = {"url": failure.url, "checksum": failure.checksum, "rejected": True,
+               "rejection_reason": failure.reason}
         return self._commit_rejected(row)
 
     def associate(self, result: ImageResult) -> tuple[np.ndarray, np.ndarray] | CommitSummary:
@@ -169,7 +197,7 @@ class Writer:
             extra["band_rows"] = [b.__dict__ for b in self._unsaved_bands]
         if len(self._unsaved_monitors["id"]):
             extra["monitors"] = self._unsaved_monitors
-            rows = np.flatnonzero(self.catalogue.sources["is_monitor"])
+            rows = np.flatnonzero(np.isin(self.catalogue.sources["src_id"], self._unsaved_monitors["src_id"]))
             extra["monitor_catalogue"] = take(self.catalogue.sources, rows)
         return extra
 

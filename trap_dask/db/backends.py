@@ -67,10 +67,11 @@ def make_engine(settings: DatabaseSettings, database: str | None = None, **kwarg
     return engine
 
 
-def _reason(exc: DBAPIError) -> str:
-    """The driver's one-line reason, without SQL, parameters or URL."""
-    lines = str(exc.orig).strip().splitlines()
-    return lines[0] if lines else type(exc.orig).__name__
+def driver_reason(exc: Exception) -> str:
+    """The driver's one-line reason for a failure, without SQL, parameters or URL."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
 
 
 def _server_engine(settings: DatabaseSettings) -> Engine:
@@ -87,7 +88,7 @@ def database_exists(settings: DatabaseSettings) -> bool:
                 text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": settings.name}
             ).first()
     except OperationalError as exc:
-        raise DatabaseError(f"cannot connect to {settings.describe()}: {_reason(exc)}") from None
+        raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
     finally:
         engine.dispose()
     return found is not None
@@ -117,7 +118,7 @@ def _server_statement(settings: DatabaseSettings, template: str, verb: str) -> N
         with engine.connect() as conn:
             conn.execute(text(template.format(quoted)))
     except DBAPIError as exc:
-        raise DatabaseError(f"cannot {verb} {settings.describe()}: {_reason(exc)}") from None
+        raise DatabaseError(f"cannot {verb} {settings.describe()}: {driver_reason(exc)}") from None
     finally:
         engine.dispose()
 

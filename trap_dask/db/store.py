@@ -8,6 +8,7 @@ consistent prefix of the run.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
@@ -23,6 +24,7 @@ from trap_dask.db.backends import (
     DatabaseSettings,
     create_database,
     database_exists,
+    driver_reason,
     drop_database,
     make_engine,
 )
@@ -51,6 +53,20 @@ def records(columns: Columns, names: Iterable[str] | None = None, rows: np.ndarr
     data = {n: _python_values(columns[n] if rows is None else columns[n][rows]) for n in names}
     count = len(next(iter(data.values()))) if data else 0
     return [{n: data[n][i] for n in names} for i in range(count)]
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """Tables of an existing database as column lists (empty dicts for empty tables)."""
+
+    sources: dict[str, list]
+    lightcurves: dict[str, list]
+    images: dict[str, list]
+    bands: dict[str, list]
+    monitors: dict[str, list]
+    next_image: int
+    next_xtrsrc: int
+    next_src_id: int
 
 
 class ExportStore:
@@ -82,7 +98,27 @@ class ExportStore:
         except DBAPIError as exc:
             store.close()
             drop_database(settings)
-            raise DatabaseError(f"cannot create the tables in {settings.describe()}: {exc.orig}") from None
+            raise DatabaseError(f"cannot create the tables in {settings.describe()}: {driver_reason(exc)}") from None
+        return store
+
+    @classmethod
+    def open(cls, settings: DatabaseSettings) -> "ExportStore":
+        """Open an existing export database of this schema version (to append to it)."""
+        store = cls(settings)
+        try:
+            with store.engine.connect() as conn:
+                versions = conn.execute(select(schema.schema_version.c.version)).scalars().all()
+        except DBAPIError as exc:
+            store.close()
+            raise DatabaseError(
+                f"{settings.describe()} is not a trap-dask export database ({driver_reason(exc)})"
+            ) from None
+        if versions != [schema.SCHEMA_VERSION]:
+            store.close()
+            raise DatabaseError(
+                f"{settings.describe()} has export schema version {versions}, this trap-dask writes "
+                f"version {schema.SCHEMA_VERSION}; append to it with the trap-dask that made it"
+            )
         return store
 
     def close(self) -> None:
@@ -98,6 +134,49 @@ class ExportStore:
             ))
             conn.execute(insert(schema.config).values(run=run_id, **plain(config_row)))
         return run_id
+
+    def close_stale_runs(self) -> int:
+        """Mark runs still 'running' as 'killed' (call only while holding the run lock)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(schema.runs).where(schema.runs.c.status == "running").values(status="killed")
+            ).rowcount
+
+    def latest_config(self) -> dict[str, Any] | None:
+        """The config row of the most recent run, or None for an empty database."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(schema.config).order_by(schema.config.c.run.desc()).limit(1)
+            ).mappings().first()
+        return dict(row) if row else None
+
+    def known_images(self) -> dict[str, str]:
+        """checksum -> url of every image already in the database."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(schema.images.c.checksum, schema.images.c.url)).all()
+        return {checksum: url for checksum, url in rows if checksum}
+
+    def load_state(self) -> "StoredState":
+        """What a new run needs to continue this database: catalogue, light curves, images, ids."""
+        with self.engine.connect() as conn:
+            def columns(table: Table, order_by: list[str], where=None) -> dict[str, list]:
+                query = select(table).order_by(*(table.c[c] for c in order_by))
+                result = conn.execute(query if where is None else query.where(where))
+                return dict(zip(result.keys(), map(list, zip(*result.all()))))
+
+            def next_id(column) -> int:
+                return (conn.execute(select(func.max(column))).scalar() or 0) + 1
+
+            return StoredState(
+                sources=columns(schema.runningcatalog, ["src_id"]),
+                lightcurves=columns(schema.variability, ["src_id", "freq_band"]),
+                images=columns(schema.images, ["id"], where=schema.images.c.rejected.is_(False)),
+                bands=columns(schema.frequencybands, ["band_id"]),
+                monitors=columns(schema.monitor, ["id"]),
+                next_image=next_id(schema.images.c.id),
+                next_xtrsrc=next_id(schema.extracted_sources.c.id),
+                next_src_id=next_id(schema.runningcatalog.c.src_id),
+            )
 
     def finish_run(self, run_id: int, status: str, n_images: int) -> None:
         with self.engine.begin() as conn:
@@ -133,7 +212,7 @@ class ExportStore:
             if monitors is not None:
                 conn.execute(insert(schema.monitor), records(monitors))
                 self._upsert(conn, schema.runningcatalog, monitor_catalogue,
-                             np.arange(len(monitors["id"])), ["src_id"])
+                             np.arange(len(monitor_catalogue["src_id"])), ["src_id"])
             if sources is not None and len(sources):
                 self._insert_sources(conn, image_row["id"], sources, source_ids)
             if catalogue is not None:
