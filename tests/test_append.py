@@ -1,0 +1,167 @@
+"""Appending to an export database and resuming killed runs, on every backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from trap_dask.config import build_config
+from trap_dask.db import schema
+from trap_dask.db.backends import DatabaseSettings, database_exists, make_engine
+from trap_dask.db.lock import RunLock
+from trap_dask.pipeline import PipelineError, run_pipeline
+from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
+
+pytestmark = pytest.mark.slow
+
+SPEC = SurveySpec(n_epochs=7, shape=(256, 256), n_steady=10, n_variable=3, n_transient=2, n_resolved=0,
+                  n_pairs=1, min_separation=4.0, jitter=0.1, seed=21)
+#: Science tables and the columns that differ between one run and several by design.
+COMPARED = {
+    "images": ("run",), "extracted_sources": (), "variability": (), "newsource": (),
+    "runningcatalog": (), "frequencybands": (), "monitor": (),
+}
+
+
+@pytest.fixture(scope="module")
+def epochs(tmp_path_factory):
+    """The survey's image paths in time order."""
+    truth = load_truth(simulate_survey(tmp_path_factory.mktemp("append_survey"), SPEC))
+    return [image["path"] for image in sorted(truth["images"], key=lambda i: i["epoch"])]
+
+
+def flags(settings: DatabaseSettings) -> dict:
+    base = {"db_backend": settings.backend, "db_name": settings.name, "scheduler": "threads", "nr_threads": 2,
+            "detection_threshold": 5.0, "monitor_loc": "[[150.01, 30.01]]"}
+    if settings.backend == "postgres":
+        base.update(db_host=settings.host, db_port=settings.port, db_user=settings.user)
+    return base
+
+
+def run(settings: DatabaseSettings, inputs, **extra):
+    values = {"input_images": tuple(inputs), **flags(settings), **extra}
+    return run_pipeline(build_config(values, {}, None))
+
+
+def dump(settings: DatabaseSettings) -> dict[str, list[tuple]]:
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            out = {}
+            for name, skip in COMPARED.items():
+                table = schema.metadata.tables[name]
+                cols = [c for c in table.c if c.name not in skip]
+                out[name] = conn.execute(select(*cols).order_by(*table.primary_key.columns)).all()
+            return out
+    finally:
+        engine.dispose()
+
+
+def sibling(settings: DatabaseSettings, suffix: str) -> DatabaseSettings:
+    """Another database on the same backend (cleaned up with the fixture's for sqlite's tmp dir)."""
+    from dataclasses import replace
+
+    return replace(settings, name=settings.name + suffix)
+
+
+@pytest.fixture
+def reference(db_settings, epochs):
+    """All epochs processed in one run."""
+    ref = sibling(db_settings, "_ref")
+    run(ref, epochs)
+    yield dump(ref)
+    if ref.backend == "postgres":
+        from trap_dask.db.backends import drop_database
+
+        drop_database(ref)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_append_in_two_parts_equals_one_run(db_settings, epochs, reference, k):
+    run(db_settings, epochs[:k])
+    summary = run(db_settings, epochs, db_append=True)   # the first k are recognised and skipped
+    assert summary.n_skipped == k and summary.n_images == len(epochs) - k
+    assert dump(db_settings) == reference
+
+
+def test_appending_the_same_images_twice_adds_nothing(db_settings, epochs):
+    run(db_settings, epochs[:3])
+    before = dump(db_settings)
+    summary = run(db_settings, epochs[:3], db_append=True)
+    assert summary.n_images == 0 and summary.n_skipped == 3
+    assert dump(db_settings) == before
+
+
+def test_changed_association_parameters_need_consent(db_settings, epochs):
+    run(db_settings, epochs[:2])
+    with pytest.raises(PipelineError, match=r"de_ruiter_r_max: 5\.68 -> 3\.0.*--accept_config_change"):
+        run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0)
+    run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0, accept_config_change=True)
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        radii = conn.execute(select(schema.config.c.de_ruiter_r_max).order_by(schema.config.c.run)).scalars().all()
+    engine.dispose()
+    assert radii == [5.68, 3.0]   # every run's parameters are kept
+
+
+def test_a_live_run_blocks_a_second_writer(db_settings, epochs):
+    with RunLock(db_settings):
+        with pytest.raises(PipelineError, match="another trap-dask run"):
+            run(db_settings, epochs[:1])
+    run(db_settings, epochs[:1])  # the lock is free again
+
+
+def test_append_refuses_a_database_of_another_schema_version(db_settings, epochs):
+    run(db_settings, epochs[:1])
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        conn.execute(schema.schema_version.update().values(version=999))
+    engine.dispose()
+    with pytest.raises(PipelineError, match="schema version"):
+        run(db_settings, epochs, db_append=True)
+
+
+def _cli(settings: DatabaseSettings, inputs, *extra) -> list[str]:
+    args = [sys.executable, "-m", "trap_dask.cli", "run", "--db-backend", settings.backend,
+            "--db-name", settings.name, "--detection_threshold", "5", "--monitor_loc", "[[150.01, 30.01]]",
+            "--scheduler", "distributed", "--nr_threads", "2", *extra]
+    if settings.backend == "postgres":
+        args += ["--db-host", settings.host, "--db-port", str(settings.port), "--db-user", settings.user]
+    for path in inputs:
+        args += ["-i", str(path)]
+    return args
+
+
+def _committed(settings: DatabaseSettings) -> int:
+    if not database_exists(settings):
+        return 0
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(schema.images)).scalar()
+    except Exception:
+        return 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kill_after", [1, 4])
+def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_path, kill_after):
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _committed(db_settings) < kill_after:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _committed(db_settings) < len(epochs), "the run finished before it was killed"
+    resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert dump(db_settings) == reference
