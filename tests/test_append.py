@@ -12,56 +12,22 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from trap_dask.config import build_config
+from _runs import dump, run
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, database_exists, make_engine
 from trap_dask.db.lock import RunLock
-from trap_dask.pipeline import PipelineError, run_pipeline
+from trap_dask.pipeline import PipelineError
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 pytestmark = pytest.mark.slow
 
 SPEC = SurveySpec(n_epochs=7, shape=(256, 256), n_steady=10, n_variable=3, n_transient=2, n_resolved=0,
                   n_pairs=1, min_separation=4.0, jitter=0.1, seed=21)
-#: Science tables and the columns that differ between one run and several by design.
-COMPARED = {
-    "images": ("run",), "extracted_sources": (), "variability": (), "newsource": (),
-    "runningcatalog": (), "frequencybands": (), "monitor": (),
-}
-
-
 @pytest.fixture(scope="module")
 def epochs(tmp_path_factory):
     """The survey's image paths in time order."""
     truth = load_truth(simulate_survey(tmp_path_factory.mktemp("append_survey"), SPEC))
     return [image["path"] for image in sorted(truth["images"], key=lambda i: i["epoch"])]
-
-
-def flags(settings: DatabaseSettings) -> dict:
-    base = {"db_backend": settings.backend, "db_name": settings.name, "scheduler": "threads", "nr_threads": 2,
-            "detection_threshold": 5.0, "monitor_loc": "[[150.01, 30.01]]"}
-    if settings.backend == "postgres":
-        base.update(db_host=settings.host, db_port=settings.port, db_user=settings.user)
-    return base
-
-
-def run(settings: DatabaseSettings, inputs, **extra):
-    values = {"input_images": tuple(inputs), **flags(settings), **extra}
-    return run_pipeline(build_config(values, {}, None))
-
-
-def dump(settings: DatabaseSettings) -> dict[str, list[tuple]]:
-    engine = make_engine(settings)
-    try:
-        with engine.connect() as conn:
-            out = {}
-            for name, skip in COMPARED.items():
-                table = schema.metadata.tables[name]
-                cols = [c for c in table.c if c.name not in skip]
-                out[name] = conn.execute(select(*cols).order_by(*table.primary_key.columns)).all()
-            return out
-    finally:
-        engine.dispose()
 
 
 def sibling(settings: DatabaseSettings, suffix: str) -> DatabaseSettings:

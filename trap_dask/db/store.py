@@ -14,11 +14,12 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from sqlalchemy import Connection, Table, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 
 from trap_dask import __version__
 from trap_dask.db import schema
+from trap_dask.db.pgcopy import copy_insert, copy_upsert
 from trap_dask.db.backends import (
     DatabaseError,
     DatabaseSettings,
@@ -75,7 +76,6 @@ class ExportStore:
     def __init__(self, settings: DatabaseSettings):
         self.settings = settings
         self.engine = make_engine(settings)
-        self._insert = postgresql.insert if settings.backend == "postgres" else sqlite.insert
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -210,38 +210,44 @@ class ExportStore:
                 conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
             conn.execute(insert(schema.images), [plain(image_row)])
             if monitors is not None:
-                conn.execute(insert(schema.monitor), records(monitors))
-                self._upsert(conn, schema.runningcatalog, monitor_catalogue,
-                             np.arange(len(monitor_catalogue["src_id"])), ["src_id"])
+                self._insert(conn, schema.monitor, monitors)
+                self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
             if sources is not None and len(sources):
-                self._insert_sources(conn, image_row["id"], sources, source_ids)
+                columns = {n: sources[n] for n in schema.extracted_sources.c.keys() if n in sources.dtype.names}
+                columns.update(source_ids, im_id=np.full(len(sources), image_row["id"]))
+                self._insert(conn, schema.extracted_sources, columns)
             if catalogue is not None:
                 self._upsert(conn, schema.runningcatalog, catalogue, catalogue_rows, ["src_id"])
             if lightcurves is not None:
                 self._upsert(conn, schema.variability, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
             if new_sources is not None and len(new_sources["src_id"]):
                 first = (conn.execute(select(func.max(schema.newsource.c.id))).scalar() or 0) + 1
-                rows = records(new_sources)
-                for offset, row in enumerate(rows):
-                    row["id"] = first + offset
-                conn.execute(insert(schema.newsource), rows)
+                ids = first + np.arange(len(new_sources["src_id"]))
+                self._insert(conn, schema.newsource, {**new_sources, "id": ids})
 
-    def _insert_sources(self, conn: Connection, im_id: int, sources: np.ndarray, ids: Columns) -> None:
-        columns = {name: sources[name] for name in schema.extracted_sources.c.keys() if name in sources.dtype.names}
-        columns.update(ids)
-        columns["im_id"] = np.full(len(sources), im_id)
-        conn.execute(insert(schema.extracted_sources), records(columns))
+    def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
+        """Insert columnar rows: COPY on PostgreSQL, one executemany elsewhere."""
+        if self.settings.backend == "postgres":
+            copy_insert(conn, table, columns)
+        else:
+            conn.execute(insert(table), records(columns, [c for c in table.c.keys() if c in columns]))
 
-    def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray, keys: list[str]) -> None:
-        if rows is None or len(rows) == 0:
+    def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None,
+                keys: list[str]) -> None:
+        """Insert or update ``rows`` (default all) of columnar data by primary ``keys``."""
+        if rows is None:
+            rows = np.arange(len(columns[keys[0]]))
+        if len(rows) == 0:
             return
-        statement = self._insert(table)
+        if self.settings.backend == "postgres":
+            copy_upsert(conn, table, columns, rows, keys)
+            return
+        statement = sqlite.insert(table)
         statement = statement.on_conflict_do_update(
             index_elements=keys,
             set_={c: statement.excluded[c] for c in table.c.keys() if c not in keys},
         )
         conn.execute(statement, records(columns, table.c.keys(), rows))
-
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
