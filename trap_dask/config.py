@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any, Mapping
 
 DEFAULT_CONFIG_FILE = "trap_config.toml"
 ENV_PREFIX = "TRAP_"
+#: A Dask memory limit: bytes with an optional unit, a fraction of system memory, or 'auto'.
+_MEMORY_LIMIT = r"(?i)auto|\d+(\.\d+)?\s*([kmgtp]i?b?|b)?"
 #: Parameters never written to the export database, logs or error messages.
 SECRET_PARAMETERS = frozenset({"db_password"})
 #: Parameters that change what association means; appending with other values needs consent.
@@ -66,6 +69,35 @@ class Config:
         "distributed", "general", "",
         "'distributed': a local Dask cluster of worker processes (dashboard available); "
         "'threads': one process, worker threads only",
+    )
+    n_workers: int | None = _param(
+        None, "general", "workers",
+        "worker processes of the local Dask cluster (default: nr_threads / threads_per_worker); "
+        "with --cluster slurm|pbs, the worker processes to request from the batch system",
+    )
+    threads_per_worker: int | None = _param(
+        None, "general", "threads",
+        "threads in each local worker (default: 1 for 'distributed', nr_threads for 'threads')",
+    )
+    memory_limit: str | None = _param(
+        None, "general", "bytes",
+        "memory limit of each local worker, e.g. '4GB', '0.5' (of system memory) or 'auto' "
+        "(default: system memory / n_workers)",
+    )
+    scheduler_address: str | None = _param(
+        None, "general", "",
+        "connect to a running Dask scheduler (tcp://host:port) instead of starting a local "
+        "cluster (default: DASK_SCHEDULER_ADDRESS or Dask's 'scheduler-address' setting)",
+    )
+    cluster: str = _param(
+        "local", "general", "",
+        "'local': Dask cluster on this machine; 'slurm' or 'pbs': workers as batch jobs through "
+        "dask-jobqueue (settings from cluster_config or ~/.config/dask/jobqueue.yaml)",
+    )
+    cluster_config: str | None = _param(
+        None, "general", "",
+        "YAML file of dask-jobqueue settings (as cluster/jobqueue.yaml) for --cluster slurm|pbs "
+        "(default: Dask's own configuration)",
     )
     max_concurrent_images: int | None = _param(
         None, "general", "images",
@@ -275,6 +307,32 @@ def validate(config: Config) -> Config:
     need(config.rms_max > config.rms_min, "rms_max", "must be > rms_min")
     need(config.reduction_factor_for_rms >= 1, "reduction_factor_for_rms", "must be >= 1")
     need(config.nr_threads is None or config.nr_threads >= 1, "nr_threads", "must be >= 1")
+    need(config.n_workers is None or config.n_workers >= 1, "n_workers", "must be >= 1")
+    need(config.threads_per_worker is None or config.threads_per_worker >= 1, "threads_per_worker",
+         "must be >= 1")
+    need(None in (config.nr_threads, config.n_workers, config.threads_per_worker)
+         or config.nr_threads == config.n_workers * config.threads_per_worker, "nr_threads",
+         "must equal n_workers x threads_per_worker when all three are given")
+    need(config.memory_limit is None or re.fullmatch(_MEMORY_LIMIT, config.memory_limit.strip()) is not None,
+         "memory_limit", "must be bytes with an optional unit ('4GB', '512MiB'), a fraction "
+         "of system memory ('0.5') or 'auto'")
+    need(config.cluster in ("local", "slurm", "pbs"), "cluster", "must be 'local', 'slurm' or 'pbs'")
+    need(config.scheduler == "distributed" or (config.cluster == "local" and not config.scheduler_address
+                                                and config.n_workers in (None, 1)),
+         "scheduler", "'threads' runs in this process: it takes no scheduler_address, cluster or n_workers > 1")
+    need(config.scheduler_address is None or re.fullmatch(r"(\w+://)?\S+:\d+", config.scheduler_address) is not None,
+         "scheduler_address", "must be an address such as tcp://host:8786")
+    need(not (config.scheduler_address and config.cluster != "local"), "cluster",
+         "cannot be combined with scheduler_address (the scheduler is already running)")
+    need(not ((config.scheduler_address or config.cluster != "local")
+              and (config.threads_per_worker or config.memory_limit)),
+         "threads_per_worker" if config.threads_per_worker else "memory_limit",
+         "shapes a local cluster only: give it to `dask worker` (--nthreads, --memory-limit) or "
+         "in the dask-jobqueue settings (cores, processes, memory)")
+    need(config.cluster_config is None or config.cluster != "local", "cluster_config",
+         "needs --cluster slurm or pbs")
+    need(not (config.scheduler_address and config.n_workers), "n_workers",
+         "cannot be combined with scheduler_address (the running cluster has its own workers)")
     need(config.max_concurrent_images is None or config.max_concurrent_images >= 1,
          "max_concurrent_images", "must be >= 1")
     need(1 <= config.db_port <= 65535, "db_port", "must be a TCP port (1-65535)")
