@@ -44,17 +44,24 @@ class RunSummary:
     n_new_sources: int
     n_light_curves: int
     wall_seconds: float
-    writer_busy_seconds: float
+    writer_seconds: dict[str, float]  #: associate / update / commit
+    rows_committed: int
+
+    @property
+    def writer_busy_fraction(self) -> float:
+        return sum(self.writer_seconds.values()) / self.wall_seconds if self.wall_seconds else 0.0
 
     def describe(self) -> str:
-        busy = self.writer_busy_seconds / self.wall_seconds if self.wall_seconds else 0.0
+        w = self.writer_seconds
+        rate = self.rows_committed / w["commit"] if w["commit"] else 0.0
         return (
             f"trap-dask: {self.n_images} images ({self.n_rejected} rejected, {self.n_skipped} already "
             f"in the database) -> {self.db}\n"
             f"  {self.n_sources} detections, {self.n_forced} forced fits, "
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
-            f"writer busy {100 * busy:.0f}%"
+            f"writer busy {100 * self.writer_busy_fraction:.0f}% (associate {w['associate']:.1f} s, "
+            f"light curves {w['update']:.1f} s, commit {w['commit']:.1f} s: {rate:.0f} rows/s)"
         )
 
 
@@ -238,7 +245,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],
         n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"],
-        wall_seconds=time.perf_counter() - started, writer_busy_seconds=finished["writer_busy_s"],
+        wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"], rows_committed=finished["rows_committed"],
     )
 
 

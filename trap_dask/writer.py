@@ -75,7 +75,9 @@ class Writer:
             self.next_im_id = state.next_image
         self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0
-        self.busy_seconds = 0.0
+        #: seconds spent associating, updating light curves and committing; rows committed
+        self.seconds = {"associate": 0.0, "update": 0.0, "commit": 0.0}
+        self.rows_committed = 0
         self._pending: tuple[AssociationPlan, ImageResult, Band] | None = None
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
@@ -124,7 +126,7 @@ class Writer:
         )
         plan = self.catalogue.plan(image, result.sources)
         self._pending = (plan, result, band)
-        self.busy_seconds += time.perf_counter() - started
+        self.seconds["associate"] += time.perf_counter() - started
         return plan.forced_positions(self.catalogue)
 
     def commit(self, forced: np.ndarray | None = None) -> CommitSummary:
@@ -132,6 +134,7 @@ class Writer:
         started = time.perf_counter()
         plan, result, band = self._pending
         update = self.catalogue.update(plan, forced if forced is not None else empty_sources())
+        updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
             "n_sources": len(plan.detections), "n_forced": len(update.measurements) - len(plan.detections),
@@ -153,7 +156,10 @@ class Writer:
         self._pending = None
         self.next_im_id += 1
         self.n_committed += 1
-        self.busy_seconds += time.perf_counter() - started
+        self.seconds["update"] += updated - started
+        self.seconds["commit"] += time.perf_counter() - updated
+        self.rows_committed += (len(update.measurements) + len(update.changed_sources)
+                                + len(update.changed_lightcurves) + len(update.new_sources["src_id"]) + 1)
         return CommitSummary(row["id"], False, row["n_sources"], row["n_forced"], len(update.new_sources["src_id"]))
 
     def finish(self, status: str) -> dict:
@@ -164,7 +170,8 @@ class Writer:
             "run_id": self.run_id,
             "n_images": self.n_committed,
             "n_light_curves": int((~self.catalogue.sources["is_monitor"]).sum()),
-            "writer_busy_s": self.busy_seconds,
+            "writer_seconds": dict(self.seconds),
+            "rows_committed": self.rows_committed,
         }
 
     # -- helpers --------------------------------------------------------------------------
