@@ -62,6 +62,12 @@ CREATE TABLE config (
 	frequency_band TEXT, 
 	nr_threads INTEGER, 
 	scheduler TEXT, 
+	n_workers INTEGER, 
+	threads_per_worker INTEGER, 
+	memory_limit TEXT, 
+	scheduler_address TEXT, 
+	cluster TEXT, 
+	cluster_config TEXT, 
 	max_concurrent_images INTEGER, 
 	log_dir TEXT, 
 	db_backend TEXT, 
@@ -87,6 +93,7 @@ CREATE TABLE config (
 	im_back_size_x INTEGER, 
 	im_back_size_y INTEGER, 
 	de_ruiter_r_max DOUBLE PRECISION, 
+	association_method TEXT, 
 	PRIMARY KEY (run), 
 	FOREIGN KEY(run) REFERENCES runs (id)
 );

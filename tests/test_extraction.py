@@ -222,6 +222,25 @@ def test_deblending_separates_a_close_pair():
     assert np.allclose(s["peak_flux"][m], [0.080, 0.060], rtol=0.1)
 
 
+def test_deblending_keeps_a_wing_bump_below_the_detection_threshold_in_its_source():
+    n = 128
+    wcs = make_wcs(n, n, 30.0, 45.0, PIX)
+    t = np.radians(BEAM.pa)
+    noise = correlated_noise((n, n), BEAM, RMS, np.random.default_rng(5))
+    counts = []
+    # companions along the major axis: S/N 7 at 1.8 beams (one island with the 80-sigma source at
+    # the analysis threshold, its peak below the detection threshold), S/N 20 at 1.5 beams
+    for companion, beams in ((7.0, 1.8), (20.0, 1.5)):
+        sep = beams * BEAM.fwhm_major
+        x, y = 64 + np.array([0.0, sep * -np.sin(t)]), 64 + np.array([0.0, sep * np.cos(t)])
+        data = noise + gaussians((n, n), x, y, np.array([80.0, companion]) * RMS, BEAM.cov())
+        for nthresh in (0, 32):
+            params = ExtractionParams(deblend_nthresh=nthresh)
+            image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params)
+            counts.append(len(extract_sources(image, params)))
+    assert counts == [1, 1, 1, 2]
+
+
 def test_all_nan_image_gives_an_empty_table():
     wcs = make_wcs(64, 64, 10.0, 10.0, PIX)
     params = ExtractionParams()

@@ -227,3 +227,15 @@ def test_command_line(tmp_path: Path) -> None:
     assert spec.pixel_scale == pytest.approx(4 / 3600)
     assert len(truth["images"]) == 4 and len(truth["sources"]["id"]) == 4
     assert astuple(read_meta(truth["images"][-1]["path"]).beam) == pytest.approx(astuple(spec.beam), rel=1e-12)
+
+
+def test_jitter_scale_moves_neighbours_together_and_keeps_the_rms(tmp_path):
+    spec = SurveySpec(n_epochs=20, shape=(1024, 1024), n_steady=200, n_variable=0, n_transient=0,
+                      n_resolved=0, n_pairs=20, jitter=0.3, jitter_scale=10.0)
+    src = load_truth(simulate_survey(tmp_path, spec))["sources"]
+    offset = (src["dec_epoch"] - src["dec"][:, None]) / (2.0 * spec.beam.smaj)  # beam FWHM
+    assert 0.2 < offset.std() < 0.4
+    first = np.flatnonzero(src["partner"] >= 0)
+    pair = np.corrcoef(offset[first].ravel(), offset[src["partner"][first]].ravel())[0, 1]
+    unrelated = np.corrcoef(offset[:100].ravel(), offset[100:200].ravel())[0, 1]
+    assert pair > 0.9 and abs(unrelated) < 0.3

@@ -4,7 +4,8 @@ A detection may continue a known source when their de Ruiter radius (the positio
 units of the combined 1-sigma uncertainties) is below ``r_max``. Candidate pairs come from a
 KD-tree on unit vectors, so the search is O((n + m) log n) and indifferent to RA wrap-around
 and the poles. Competing candidates are resolved pair by pair, smallest radius first
-(a greedy matching), so no detection and no catalogue source is used twice.
+(TraP's greedy matching), or optionally by the assignment that links the most pairs with the
+smallest sum of squared radii; either way no detection and no catalogue source is used twice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 #: TraP's default maximum de Ruiter radius for an association (dimensionless).
@@ -139,6 +143,38 @@ def _greedy_matching(ci: np.ndarray, dj: np.ndarray, n_cat: int, n_det: int) -> 
     return take
 
 
+def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int, n_det: int) -> np.ndarray:
+    """Boolean mask of the pairs of the best assignment within each group of competing pairs.
+
+    Groups are the connected components of the candidate graph. In each, the assignment links
+    as many pairs as possible and, among those, has the smallest sum of r**2 (the most likely
+    under Gaussian position errors): a close pair of sources that shifted together between
+    images keeps its two light curves, where greedy matching may give one source's detection
+    to the other and start a new source.
+    """
+    take = (np.bincount(ci, minlength=n_cat)[ci] == 1) & (np.bincount(dj, minlength=n_det)[dj] == 1)
+    contested = np.flatnonzero(~take)
+    if contested.size == 0:
+        return take
+    graph = coo_matrix((np.ones(contested.size), (ci[contested], n_cat + dj[contested])),
+                       shape=(n_cat + n_det,) * 2)
+    _, component = connected_components(graph, directed=False)
+    group = component[ci[contested]]
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    for members in np.split(contested[order], bounds):
+        rows, row_of = np.unique(ci[members], return_inverse=True)
+        cols, col_of = np.unique(dj[members], return_inverse=True)
+        # a link always outweighs any difference in the sum of r**2 over the group
+        bonus = (min(rows.size, cols.size) + 1) * float(np.max(r[members]) ** 2 + 1.0)
+        cost = np.zeros((rows.size, cols.size))
+        cost[row_of, col_of] = r[members] ** 2 - bonus
+        best = np.zeros_like(cost, dtype=bool)
+        best[linear_sum_assignment(cost)] = True
+        take[members] = best[row_of, col_of]
+    return take
+
+
 def associate(
     cat_ra: ArrayLike,
     cat_dec: ArrayLike,
@@ -149,6 +185,7 @@ def associate(
     det_unc_ew: ArrayLike,
     det_unc_ns: ArrayLike,
     r_max: float = DE_RUITER_R_MAX,
+    optimal: bool = False,
 ) -> Association:
     """Associate detections with catalogue sources by de Ruiter radius.
 
@@ -158,6 +195,8 @@ def associate(
         uncertainties, all in deg (n values each).
     det_ra, det_dec, det_unc_ew, det_unc_ns : the same for this image's detections (m values).
     r_max : a pair is a candidate when its de Ruiter radius is strictly below this.
+    optimal : resolve competing candidates by the assignment with the most links and the
+        smallest sum of squared radii instead of greedily (see :func:`_optimal_matching`).
 
     Returns
     -------
@@ -189,7 +228,10 @@ def associate(
     parent[has_candidate] = ci[best]
     distance[has_candidate] = r[best]
 
-    chosen = _greedy_matching(ci, dj, n_cat, n_det)
+    if optimal:
+        chosen = _optimal_matching(ci, dj, r, n_cat, n_det)
+    else:
+        chosen = _greedy_matching(ci, dj, n_cat, n_det)
     source[dj[chosen]] = ci[chosen]
     distance[dj[chosen]] = r[chosen]
     matched[ci[chosen]] = True

@@ -148,6 +148,7 @@ class RunningCatalogue:
     de_ruiter_r_max: float
     max_nr_consecutive_force_fits: int
     detection_threshold: float
+    optimal_association: bool = False
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
@@ -179,6 +180,7 @@ class RunningCatalogue:
             detections["ra"], detections["dec"],
             detections["uncertainty_ew"], detections["uncertainty_ns"],
             r_max=self.de_ruiter_r_max,
+            optimal=self.optimal_association,
         )
         det_source = _remap(links.source, blind)
         det_parent_row = _remap(links.parent_source, blind)

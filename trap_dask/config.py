@@ -29,7 +29,8 @@ _MEMORY_LIMIT = r"(?i)auto|\d+(\.\d+)?\s*([kmgtp]i?b?|b)?"
 SECRET_PARAMETERS = frozenset({"db_password"})
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
-    "de_ruiter_r_max", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits", "frequency_band",
+    "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
+    "frequency_band",
 )
 
 
@@ -159,6 +160,12 @@ class Config:
     # -- association ----------------------------------------------------------------------------
     de_ruiter_r_max: float = _param(
         5.68, "association", "", "largest de Ruiter radius at which a detection joins a known source"
+    )
+    association_method: str = _param(
+        "greedy", "association", "",
+        "how competing candidates are resolved: 'greedy' (TraP: smallest de Ruiter radius first) "
+        "or 'optimal' (the most links with the smallest sum of squared radii; fewer swaps of "
+        "close pairs)",
     )
 
     def exportable(self) -> dict[str, Any]:
@@ -303,6 +310,7 @@ def validate(config: Config) -> Config:
     need(config.im_back_size_x >= 4, "im_back_size_x", "must be >= 4 pixels")
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
     need(config.de_ruiter_r_max > 0, "de_ruiter_r_max", "must be > 0")
+    need(config.association_method in ("greedy", "optimal"), "association_method", "must be 'greedy' or 'optimal'")
     need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")
     need(config.rms_max > config.rms_min, "rms_max", "must be > rms_min")
     need(config.reduction_factor_for_rms >= 1, "reduction_factor_for_rms", "must be >= 1")

@@ -24,6 +24,7 @@ import scipy.fft
 from astropy.io import fits
 from astropy.time import Time, TimeDelta
 from astropy.wcs import WCS
+from scipy.ndimage import map_coordinates
 from scipy.spatial import cKDTree
 
 from trap_dask.extraction.geometry import (
@@ -65,6 +66,10 @@ class SurveySpec:
     transient_min_snr : a transient's peak flux (units of ``rms``) is at least this once on
     modulation : (low, high) range of the lognormal sigma of the variable sources' flux
     jitter : rms position offset per coordinate between epochs, in units of the beam FWHM
+    jitter_scale : correlation length of the jitter on the sky, beam FWHM: 0 draws every
+        source's offsets independently; > 0 shifts sources by a smooth random displacement
+        field per epoch (Gaussian autocorrelation of this sigma), as an ionospheric phase screen
+        does, so close neighbours move together
     min_separation : minimum distance between sources of different objects (a pair is one
         object; a resolved source's own extent beyond the beam is added), beam FWHM
     margin : minimum distance of a source (a pair's centre) from the image edge, beam FWHM
@@ -94,6 +99,7 @@ class SurveySpec:
     transient_min_snr: float = 15.0
     modulation: tuple[float, float] = (0.2, 0.5)
     jitter: float = 0.05
+    jitter_scale: float = 0.0
     min_separation: float = 4.0
     margin: float = 3.0
     cadence: float = 86400.0
@@ -376,12 +382,31 @@ def _make_catalogue(spec: SurveySpec, wcs: WCS, rng: np.random.Generator) -> _Ca
     spectrum = (np.asarray(spec.freqs) / spec.freqs[0]) ** spec.spectral_index
     peak = flux0[:, None, None] * curve[:, :, None] * spectrum
 
-    jitter = rng.normal(0.0, spec.jitter * fwhm_pix, size=(2, n, n_epochs))
+    jitter = _jitter(rng, spec, x, y, fwhm_pix)
     return _Catalogue(
         kind=kind, x=x, y=y, dx=jitter[0], dy=jitter[1], peak=peak, area_ratio=area_ratio,
         cov_pix=sky_cov_to_pixel(cov_sky, local_jacobian(wcs, x, y)), cov_sky=cov_sky,
         switch_on=switch_on, partner=partner,
     )
+
+
+def _jitter(rng: np.random.Generator, spec: SurveySpec, x: np.ndarray, y: np.ndarray,
+            fwhm_pix: float) -> np.ndarray:
+    """(2, n, n_epochs) position offsets (pixels) of sources at (x, y) pixels, see ``jitter_scale``.
+
+    A correlated field is drawn on a grid of a quarter correlation length, padded by four
+    lengths against the FFT's wrap-around, and interpolated bilinearly to the sources.
+    """
+    n, sigma = len(x), spec.jitter * fwhm_pix
+    if spec.jitter_scale <= 0:
+        return rng.normal(0.0, sigma, size=(2, n, spec.n_epochs))
+    step = spec.jitter_scale * fwhm_pix / 4.0
+    grid = tuple(int(np.ceil(side / step)) + 17 for side in spec.shape)
+    screen_filter = _noise_filter(grid, np.eye(2) * 4.0**2 / 2.0)
+    coords = np.stack([y / step, x / step])
+    fields = [map_coordinates(correlated_noise(grid, screen_filter, 1.0, rng), coords, order=1)
+              for _ in range(2 * spec.n_epochs)]
+    return sigma * np.stack(fields, -1).reshape(n, 2, spec.n_epochs).transpose(1, 0, 2)
 
 
 def _source_columns(cat: _Catalogue, wcs: WCS) -> dict[str, list]:
@@ -422,6 +447,7 @@ _FLAGS: dict[str, tuple[type, int | str | None, str | tuple[str, ...] | None, st
     "transient_min_snr": (float, None, "SNR", "minimum transient peak flux once on, units of rms"),
     "modulation": (float, 2, ("LOW", "HIGH"), "range of the variables' lognormal flux sigma"),
     "jitter": (float, None, "FWHM", "rms position jitter per coordinate between epochs, beam FWHM"),
+    "jitter_scale": (float, None, "FWHM", "correlation length of the jitter on the sky, beam FWHM (0: independent)"),
     "min_separation": (float, None, "FWHM", "minimum separation of unrelated sources, beam FWHM"),
     "margin": (float, None, "FWHM", "minimum distance of sources from the image edge, beam FWHM"),
     "cadence": (float, None, "S", "time between epochs, s"),

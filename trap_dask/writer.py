@@ -57,6 +57,7 @@ class Writer:
             de_ruiter_r_max=config.de_ruiter_r_max,
             max_nr_consecutive_force_fits=config.max_nr_consecutive_force_fits,
             detection_threshold=config.detection_threshold,
+            optimal_association=config.association_method == "optimal",
         )
         stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())

@@ -19,13 +19,15 @@ def deblend(
     analysis: float,
     nthresh: int,
     min_contrast: float = MIN_CONTRAST,
+    detection: float = 0.0,
 ) -> np.ndarray:
     """Split blended islands; return a label image (0 = background) with one label per component.
 
     Each island is re-thresholded at ``nthresh`` S/N levels spaced exponentially between
     ``analysis`` and its peak. Going up the levels, a component splits when two or more of its
-    sub-islands each carry at least ``min_contrast`` of the island's flux; the split branches are
-    followed further up. Pixels of a split component outside all of its branches are finally
+    sub-islands each carry at least ``min_contrast`` of the island's flux and peak at or above
+    ``detection`` (S/N), so that a noise bump on a bright source's wing never becomes a source of
+    its own; the split branches are followed further up. Pixels of a split component outside all of its branches are finally
     given to the adjacent branch by conditional dilation.
     """
     ny, nx = shape
@@ -56,7 +58,9 @@ def deblend(
         parent = np.empty(nsub, dtype=np.int64)
         parent[sid] = comp[above]
         sub_flux = np.bincount(sid, weights=pix_flux[above], minlength=nsub)
-        significant = sub_flux >= min_contrast * island_flux[root[parent]]
+        sub_peak = np.full(nsub, -np.inf)
+        np.maximum.at(sub_peak, sid, pix_snr[above])
+        significant = (sub_flux >= min_contrast * island_flux[root[parent]]) & (sub_peak >= detection)
         splits = np.bincount(parent[significant], minlength=len(root)) >= 2
         new_subs = np.flatnonzero(significant & splits[parent])
         if len(new_subs) == 0:

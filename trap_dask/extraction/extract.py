@@ -155,7 +155,8 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     labels, islands = find_islands(snr, params.analysis_threshold, params.detection_threshold)
     if params.deblend_nthresh > 0 and islands.n:
         labels = deblend(
-            image.shape, islands, snr, image.residual, params.analysis_threshold, params.deblend_nthresh
+            image.shape, islands, snr, image.residual, params.analysis_threshold, params.deblend_nthresh,
+            detection=params.detection_threshold,
         )
         islands = islands_from_labels(labels, snr, params.analysis_threshold)
     if islands.n == 0:

@@ -1,0 +1,121 @@
+"""Science accuracy against injected truth: pulls, completeness and association (the CI subset of
+``benchmarks/accuracy.py``, on one image or a short survey each)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _truth_match as tm  # noqa: E402
+from trap_dask.extraction import ExtractionParams, forced_fit  # noqa: E402
+from trap_dask.simulate import SurveySpec, load_truth, simulate_survey  # noqa: E402
+
+#: Change to check other seeds (the bounds were checked with seeds 0, 1 and 2).
+SEED = int(os.environ.get("TRAP_ACCURACY_SEED", "0"))
+NOTHING = dict(n_variable=0, n_transient=0, n_resolved=0, n_pairs=0)
+
+
+@pytest.fixture(scope="module")
+def bright(tmp_path_factory):
+    """One 2048x2048 image of 1500 point sources of 10-100 sigma, its truth and detections."""
+    spec = SurveySpec(n_epochs=1, shape=(2048, 2048), n_steady=1500, flux_range=(10.0, 100.0),
+                      jitter=0.0, seed=SEED, **NOTHING)
+    truth = load_truth(simulate_survey(tmp_path_factory.mktemp("bright"), spec))
+    params = ExtractionParams(detection_threshold=8.0)
+    detections, image = tm.extract_file(truth["images"][0]["path"], params)
+    src = truth["sources"]
+    idx, _ = tm.match_nearest(src["ra"], src["dec"], detections["ra"], detections["dec"], spec.beam.smaj)
+    return truth, detections, image, idx, params
+
+
+def _true_columns(truth: dict, keep: np.ndarray) -> tuple[np.ndarray, ...]:
+    src = truth["sources"]
+    return src["ra_epoch"][keep, 0], src["dec_epoch"][keep, 0], src["peak_flux"][keep, 0, 0], src["int_flux"][keep, 0, 0]
+
+
+def _assert_honest(values: np.ndarray, name: str) -> None:
+    median, std = tm.robust_stats(values)
+    assert abs(median) <= 0.2 and 0.85 <= std <= 1.2, f"{name} pull: median {median:+.3f}, robust std {std:.3f}"
+
+
+def test_bright_point_sources_all_found_without_spurious(bright):
+    truth, detections, _, idx, _ = bright
+    assert np.mean(idx >= 0) >= 0.99
+    assert len(detections) - len(np.unique(idx[idx >= 0])) <= 2  # detections of no true source
+
+
+@pytest.mark.parametrize("name", ["peak", "int_flux", "ra", "dec"])
+def test_free_fit_errors_are_honest(bright, name):
+    truth, detections, _, idx, _ = bright
+    found = idx >= 0
+    _assert_honest(getattr(tm.pulls(detections[idx[found]], *_true_columns(truth, found)), name), name)
+
+
+def test_forced_fit_errors_are_honest_on_sources_and_empty_sky(bright):
+    truth, _, image, _, params = bright
+    everything = np.ones(len(truth["sources"]["id"]), bool)
+    true = _true_columns(truth, everything)
+    _assert_honest(tm.pulls(forced_fit(image, true[0], true[1], params), *true).peak, "forced peak")
+    # empty sky: the same positions shifted by 5 beam major FWHM in declination, away from sources
+    shift = 10.0 * truth["spec"].beam.smaj
+    ra, dec = true[0], true[1] + shift
+    clear = tm.match_nearest(ra, dec, true[0], true[1], 0.6 * shift)[0] < 0
+    empty = forced_fit(image, ra[clear], dec[clear], params)
+    empty = empty[np.isfinite(empty["peak_flux"])]
+    assert len(empty) > 500
+    _assert_honest(empty["peak_flux"] / empty["peak_flux_err"], "empty-sky flux")
+
+
+def test_completeness_rises_through_the_threshold(tmp_path):
+    spec = SurveySpec(n_epochs=1, shape=(2048, 2048), n_steady=1500, flux_range=(4.0, 20.0), jitter=0.0,
+                      seed=SEED + 100, **NOTHING)
+    truth = load_truth(simulate_survey(tmp_path, spec))
+    detections, _ = tm.extract_file(truth["images"][0]["path"], ExtractionParams(detection_threshold=5.0))
+    src = truth["sources"]
+    found = tm.match_nearest(src["ra"], src["dec"], detections["ra"], detections["dec"], spec.beam.smaj)[0] >= 0
+    snr = src["peak_flux"][:, 0, 0] / spec.rms
+    assert found[snr >= 10.0].mean() >= 0.99
+    assert 0.9 <= found[(snr >= 6.5) & (snr < 10.0)].mean()
+    assert 0.2 <= found[(snr >= 4.5) & (snr < 5.5)].mean() <= 0.8  # about half at the threshold
+    assert found[snr < 4.5].mean() <= 0.35
+
+
+def test_association_neither_splits_nor_mixes_a_jittered_field_with_close_pairs(tmp_path):
+    from trap_dask.config import build_config
+    from trap_dask.pipeline import run_pipeline
+
+    spec = SurveySpec(n_epochs=5, shape=(2048, 2048), n_steady=900, n_variable=30, n_transient=20,
+                      n_resolved=0, n_pairs=60, flux_range=(10.0, 100.0), jitter=0.3, seed=SEED + 200)
+    truth = load_truth(simulate_survey(tmp_path / "field", spec))
+    db = tmp_path / "field.db"
+    run_pipeline(build_config(dict(input_images=(str(tmp_path / "field"),), db_name=str(db),
+                                   scheduler="threads", nr_threads=2), {}, None))
+    figures = tm.association_figures(tm.read_light_curves(str(db), truth), truth, spec.beam.smaj)
+    assert figures["split"] <= 0.01
+    assert figures["mixed"] <= 0.01
+    assert figures["transients_new"] == 1.0
+    assert figures["unassigned"] <= 0.02
+
+
+def test_optimal_association_keeps_a_close_pair_that_moved_together():
+    # Two catalogue sources 60" apart east-west; both detections shifted 35" east.
+    # Greedy gives the bright detection to the faint source's light curve (it is nearer) and
+    # starts a new source; the best assignment keeps both light curves.
+    from trap_dask.association import associate
+
+    arcsec = 1.0 / 3600.0
+    cat_ra, cat_dec = np.array([150.0, 150.0 + 60 * arcsec / np.cos(np.deg2rad(30))]), np.full(2, 30.0)
+    shift = np.array([35.0, 0.0]) * arcsec
+    det_ra = cat_ra + shift[0] / np.cos(np.deg2rad(30))
+    det_dec = cat_dec + shift[1]
+    unc = np.full(2, 10 * arcsec)
+    greedy = associate(cat_ra, cat_dec, unc, unc, det_ra, det_dec, unc, unc)
+    optimal = associate(cat_ra, cat_dec, unc, unc, det_ra, det_dec, unc, unc, optimal=True)
+    assert greedy.source.tolist() != [0, 1]
+    assert optimal.source.tolist() == [0, 1] and optimal.matched.all() and not optimal.is_duplicate.any()
