@@ -131,3 +131,28 @@ def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_
     resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert dump(db_settings) == reference
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "int.db"))
+    many = SurveySpec(n_epochs=30, shape=(192, 192), n_steady=6, n_variable=1, n_transient=1, n_resolved=0,
+                      n_pairs=0, min_separation=4.0, seed=4)
+    simulate_survey(tmp_path / "many", many)
+    proc = subprocess.Popen(_cli(settings, [tmp_path / "many"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _committed(settings) < 2:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "--db_append to resume" in stderr and "Traceback" not in stderr
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        status, n_images = conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).one()
+        assert status == "interrupted" and n_images == conn.execute(select(func.count()).select_from(schema.images)).scalar()
+    engine.dispose()
+    assert 2 <= n_images < many.n_epochs
+    resumed = subprocess.run(_cli(settings, [tmp_path / "many"], "--db_append"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _committed(settings) == many.n_epochs

@@ -110,8 +110,10 @@ def quality_params(config: Config) -> QualityParams:
 def database_settings(config: Config) -> DatabaseSettings:
     if not config.db_name:
         raise PipelineError("no export database given: use --db_name (a file path for sqlite)")
+    # a SQLite path is resolved here: a remote writer's worker has another working directory
+    name = str(Path(config.db_name).resolve()) if config.db_backend == "sqlite" else config.db_name
     return DatabaseSettings(
-        backend=config.db_backend, name=config.db_name, host=config.db_host,
+        backend=config.db_backend, name=name, host=config.db_host,
         port=config.db_port, user=config.db_user, password=config.db_password,
     )
 
@@ -123,32 +125,6 @@ def default_window(metas: list[ImageMeta], n_threads: int) -> int:
     largest = max((m.shape[0] * m.shape[1] for m in metas), default=1)
     by_memory = int(0.5 * psutil.virtual_memory().available / (BYTES_PER_PIXEL * largest))
     return max(2, min(2 * n_threads + 2, by_memory))
-
-
-def start_client(config: Config):
-    """A Dask client on a new LocalCluster (worker processes, or threads in this process)."""
-    from distributed import Client, LocalCluster
-
-    threads = config.nr_threads or os.cpu_count() or 1
-    if config.scheduler == "threads":
-        cluster = LocalCluster(
-            n_workers=1, threads_per_worker=threads, processes=False,
-            dashboard_address=":0", silence_logs=logging.WARNING,
-        )
-    else:
-        cluster = LocalCluster(
-            n_workers=threads, threads_per_worker=1, processes=True,
-            dashboard_address=":0", silence_logs=logging.WARNING,
-        )
-    return Client(cluster), threads
-
-
-def _dashboard_line(client) -> str:
-    try:
-        import bokeh  # noqa: F401  (the dashboard needs it)
-    except ImportError:
-        return "dashboard: not available (pip install bokeh to enable it)"
-    return f"dashboard: {client.dashboard_link}"
 
 
 def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
@@ -204,14 +180,20 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     from tqdm import tqdm
 
     from trap_dask import tasks
+    from trap_dask.cluster import ClusterError, check_inputs_readable, start_client
     from trap_dask.writer import Writer
 
     log.info("export database: %s%s", settings.describe(), " (appending)" if append else "")
-    client, n_threads = start_client(config)
+    try:
+        session = start_client(config)
+    except ClusterError as exc:
+        raise PipelineError(str(exc)) from None
+    client = session.client
     status, writer, finished = "failed", None, None
     totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
     try:
-        log.info(_dashboard_line(client))
+        log.info(session.dashboard)
+        check_inputs_readable(client, paths)
         scans = client.gather(client.map(tasks.scan, paths, pure=False))
         fresh = [s for s in scans if s.checksum not in known]
         if len(fresh) < len(scans):
@@ -221,10 +203,10 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
             (s for s in fresh if isinstance(s, tasks.ScannedImage)),
             key=lambda s: (s.meta.taustart_ts, s.meta.freq_eff, s.meta.url),
         )
-        window = config.max_concurrent_images or default_window([s.meta for s in images], n_threads)
+        window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
-        writer = client.submit(Writer, settings, config, str(config_file) if config_file else None, append,
-                               actor=True).result()
+        writer = session.start_writer(Writer, settings, config, str(config_file) if config_file else None, append,
+                                      backend=settings.backend)
         params, quality = extraction_params(config), quality_params(config)
         with tqdm(total=len(fresh), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
             for failure in failures:
@@ -236,11 +218,18 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except ClusterError as exc:
+        raise PipelineError(str(exc)) from None
+    except Exception as exc:
+        lost = session.writer_lost() if writer is not None else None
+        if lost is None:
+            raise
+        writer = None
+        raise PipelineError(lost) from exc
     finally:
         if writer is not None:
             finished = writer.finish(status).result()
-        client.close()
-        client.cluster.close()
+        session.close()
     return RunSummary(
         db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],

@@ -1,0 +1,152 @@
+"""In-process measurements of trap-dask's stages, for ``throughput.py stages`` and ``startup``.
+
+:func:`stage_table` pushes a few images one after the other through the same functions the
+workers and the writer actor run (``trap_dask.tasks.scan/load/extract/force``, ``Writer.associate``
+/ ``commit``), with a timer wrapped around each inner stage, then profiles the same loop with
+cProfile. ``python benchmarks/stages.py startup DIR`` prints (JSON) the import time and how long a
+LocalCluster and the writer actor take to be ready, measured in a fresh process.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import functools
+import importlib
+import io
+import json
+import pstats
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+from throughput import markdown_table
+
+#: (stage, module, attribute): the functions timed (none of them calls another).
+STAGES = (
+    ("checksum (scan)", "trap_dask.tasks", "file_checksum"),
+    ("read header (scan)", "trap_dask.tasks", "read_meta"),
+    ("read pixels", "trap_dask.tasks", "read_image"),
+    ("quality control", "trap_dask.tasks", "check_quality"),
+    ("background/prepare", "trap_dask.tasks", "prepare_image"),
+    ("extract", "trap_dask.tasks", "extract_sources"),
+    ("forced fits", "trap_dask.tasks", "forced_fit"),
+    ("associate (plan)", "trap_dask.catalogue", "RunningCatalogue.plan"),
+    ("catalogue update", "trap_dask.catalogue", "RunningCatalogue.update"),
+    ("catalogue apply", "trap_dask.catalogue", "RunningCatalogue.apply"),
+    ("commit (database)", "trap_dask.db.store", "ExportStore.commit_image"),
+)
+
+
+@contextmanager
+def timed_stages(totals: dict[str, list[float]]):
+    """Wrap every STAGES function with a timer appending seconds per call to ``totals[stage]``."""
+    patched = []
+    for stage, module_name, attr in STAGES:
+        owner = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = owner.__dict__[name]
+
+        def timer(*args, _f=original, _stage=stage, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                totals[_stage].append(time.perf_counter() - started)
+
+        setattr(owner, name, functools.wraps(original)(timer))
+        patched.append((owner, name, original))
+    try:
+        yield totals
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+
+
+def process_images(paths: list[str], db_path: Path) -> None:
+    """Scan, load, extract, associate, force-fit and commit ``paths`` in order, in this process."""
+    from trap_dask import tasks
+    from trap_dask.config import Config
+    from trap_dask.pipeline import database_settings, extraction_params, quality_params
+    from trap_dask.db.store import ExportStore
+    from trap_dask.writer import CommitSummary, Writer
+
+    config = Config(input_images=tuple(paths), db_name=str(db_path), db_overwrite=True)
+    settings = database_settings(config)
+    ExportStore.create(settings, overwrite=True).close()
+    writer = Writer(settings, config, None)
+    params, quality = extraction_params(config), quality_params(config)
+    scans = sorted((tasks.scan(p) for p in paths), key=lambda s: s.meta.taustart_ts)
+    for scanned in scans:
+        loaded = tasks.load(scanned, quality, params)
+        outcome = writer.associate(tasks.extract(loaded, params))
+        if not isinstance(outcome, CommitSummary):
+            ra, dec = outcome
+            writer.commit(tasks.force(loaded, ra, dec, params) if len(ra) else None)
+    writer.finish("completed")
+
+
+def stage_table(survey_dir: Path, n_images: int, workdir: Path, top: int = 12) -> str:
+    """Markdown: ms per image of each stage (first image excluded as warm-up) and profile hot spots."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = sorted(str(p) for p in survey_dir.glob("*.fits"))[:n_images]
+    totals: dict[str, list[float]] = defaultdict(list)
+    started = time.perf_counter()
+    with timed_stages(totals):
+        process_images(paths, workdir / "stages.db")
+    wall = time.perf_counter() - started
+    steady = {stage: sum(times[1:]) / (len(times) - 1) for stage, times in totals.items() if len(times) > 1}
+    per_image = sum(steady.values())
+    rows = [[stage, 1e3 * steady[stage], f"{100 * steady[stage] / per_image:.0f}%", 1e3 * totals[stage][0]]
+            for stage, _, _ in STAGES if stage in steady]
+    body = markdown_table(["stage", "ms / image (images 2..N)", "share", "ms, first image"], rows)
+    body += (f"\n\nSum of stages {1e3 * per_image:.0f} ms per image on one core "
+             f"({len(paths)} images, {wall:.1f} s in all including warm-up).")
+    return body + "\n\n" + hot_spots(paths, workdir / "stages-profile.db", top)
+
+
+def hot_spots(paths: list[str], db_path: Path, top: int) -> str:
+    """cProfile of the same loop: the functions with the most own time (share of the total)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(process_images, paths, db_path)
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    total = stats.total_tt
+    rows = sorted(((tt, ct, nc, func) for func, (_, nc, tt, ct, _) in stats.stats.items()), reverse=True)[:top]
+    table = [[f"{Path(f[0]).name}:{f[1]} {f[2]}", 1e3 * tt / len(paths), f"{100 * tt / total:.1f}%",
+              f"{100 * ct / total:.1f}%", nc] for tt, ct, nc, f in rows]
+    return (f"cProfile of the same loop ({len(paths)} images, {total:.1f} s profiled), by own time:\n\n"
+            + markdown_table(["function", "own ms / image", "own share", "cumulative share", "calls"], table))
+
+
+def startup_probe(workdir: Path) -> dict[str, float]:
+    """Seconds to import the pipeline, start its LocalCluster and have the writer actor ready."""
+    started = time.perf_counter()
+    from distributed import Client  # noqa: F401
+
+    from trap_dask.config import Config
+    from trap_dask.db.store import ExportStore
+    from trap_dask.pipeline import database_settings, start_client
+    from trap_dask.writer import Writer
+
+    imported = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = Config(db_name=str(workdir / "startup.db"), db_overwrite=True)
+    settings = database_settings(config)
+    ExportStore.create(settings, overwrite=True).close()
+    client, _ = start_client(config)
+    ready = time.perf_counter()
+    writer = client.submit(Writer, settings, config, None, actor=True).result()
+    actor = time.perf_counter()
+    writer.finish("completed").result()
+    client.close()
+    client.cluster.close()
+    return {"import_s": imported - started, "cluster_s": ready - imported, "actor_s": actor - ready}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "startup":
+        sys.exit("usage: python benchmarks/stages.py startup WORKDIR")
+    print(json.dumps(startup_probe(Path(sys.argv[2]))))

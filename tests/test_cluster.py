@@ -1,0 +1,371 @@
+"""Real Dask clusters: a `dask scheduler` and `dask worker` processes on loopback, worker loss,
+writer placement, and the batch job scripts dask-jobqueue writes from cluster/jobqueue.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from trap_dask.cluster import (
+    WRITER_RESOURCE,
+    ClusterError,
+    check_inputs_readable,
+    jobqueue_class,
+    jobqueue_options,
+    jobqueue_scale,
+    local_shape,
+    scheduler_address,
+    start_client,
+    writer_placement,
+)
+from trap_dask.config import ConfigError, build_config, read_toml
+from trap_dask.pipeline import run_pipeline
+from trap_dask.simulate import SurveySpec, simulate_survey
+
+CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
+SPEC = SurveySpec(n_epochs=12, shape=(256, 256), n_steady=10, n_variable=2, n_transient=1, n_resolved=0,
+                  n_pairs=0, min_separation=4.0, seed=5)
+THRESHOLDS = {"detection_threshold": 5.0, "analysis_threshold": 3.0}
+#: Tables whose content must not depend on where the work ran (runs and config hold times and flags).
+COMPARED = ("images", "extracted_sources", "variability", "newsource", "runningcatalog", "frequencybands")
+
+
+# -- a real cluster: separate OS processes on 127.0.0.1 ---------------------------------------
+class DaskProcesses:
+    """`dask scheduler` and `dask worker` processes, each in its own process group."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.address = ""
+
+    def _spawn(self, name: str, module: str, *args: str) -> None:
+        with open(self.folder / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=log,
+                                                start_new_session=True)
+
+    def start(self, workers: dict[str, str]) -> DaskProcesses:
+        """A scheduler on a free port, then one single-threaded worker per name (value: its resources)."""
+        info = self.folder / "scheduler.json"
+        self._spawn("scheduler", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                    "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(info))
+        self.address = self._wait(lambda: info.is_file() and json.loads(info.read_text())["address"])
+        for name, resources in workers.items():
+            self._spawn(name, "distributed.cli.dask_worker", self.address, "--name", name, "--nthreads", "1",
+                        "--host", "127.0.0.1", "--no-dashboard", *(["--resources", resources] if resources else []))
+        with self.client() as client:
+            client.wait_for_workers(len(workers), timeout=60)
+        return self
+
+    def _wait(self, ready, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if value := ready():
+                    return value
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the dask scheduler did not start: " + (self.folder / "scheduler.log").read_text())
+
+    @contextmanager
+    def client(self):
+        from distributed import Client
+
+        client = Client(self.address, timeout="20s")
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a worker and its nanny: the worker dies without saying goodbye."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@contextmanager
+def dask_cluster(folder: Path, **workers: str):
+    cluster = DaskProcesses(folder)
+    try:
+        yield cluster.start(workers)
+    finally:
+        cluster.stop()
+
+
+def worker_address(client, name: str) -> str:
+    return next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name)
+
+
+def stored_data(client) -> dict[str, int]:
+    """Number of results each worker holds, by worker name."""
+    def count(dask_scheduler):
+        return {w.name: len(w.has_what) for w in dask_scheduler.workers.values()}
+    return client.run_on_scheduler(count)
+
+
+# -- surveys and databases ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory) -> Path:
+    return simulate_survey(tmp_path_factory.mktemp("survey"), SPEC).parent
+
+
+@pytest.fixture(scope="module")
+def reference_db(survey, tmp_path_factory) -> Path:
+    """A run on a LocalCluster (threads)."""
+    db = tmp_path_factory.mktemp("reference") / "local.db"
+    run_pipeline(build_config(flags(survey, db, scheduler="threads", nr_threads=2), {}, None))
+    return db
+
+
+@pytest.fixture(scope="module")
+def reference(reference_db) -> dict[str, list[tuple]]:
+    return content(reference_db)
+
+
+def flags(survey: Path, db: Path, **extra) -> dict:
+    return {"input_images": (str(survey),), "db_name": str(db), **THRESHOLDS, **extra}
+
+
+def query(db: Path, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def content(db: Path) -> dict[str, list[tuple]]:
+    """Every row of the compared tables, without the ``run`` that wrote it."""
+    tables = {}
+    for name in COMPARED:
+        columns = [row[1] for row in query(db, f"PRAGMA table_info({name})") if row[1] != "run"]
+        tables[name] = query(db, f"SELECT {', '.join(columns)} FROM {name} ORDER BY 1")
+    return tables
+
+
+def committed_images(db: Path) -> int:
+    try:
+        return query(db, "SELECT count(*) FROM images")[0][0]
+    except sqlite3.Error:
+        return 0
+
+
+def cli_run(survey: Path, db: Path, address: str, log: Path) -> subprocess.Popen:
+    args = [f"--{k}={v}" for k, v in flags(survey, db, scheduler_address=address).items() if k != "input_images"]
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "trap_dask.cli", "run", "-i", str(survey), *args],
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the worker could be killed: " + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+# -- end to end on a running scheduler ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """A scheduler and two plain workers, shared by the tests that kill nothing."""
+    with dask_cluster(tmp_path_factory.mktemp("dask"), a="", b="") as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_scheduler_address_gives_the_local_result(running, survey, reference, tmp_path, capsys):
+    with running.client() as client:
+        before = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+        db = tmp_path / "remote.db"
+        run_pipeline(build_config(flags(survey, db, scheduler_address=running.address), {}, None))
+        after = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+    assert after - before > 4 * SPEC.n_epochs, "the run did not use the running scheduler"
+    assert content(db) == reference
+    assert "dashboard: http://127.0.0.1:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_worker_has_its_work_redone(survey, reference, tmp_path):
+    with dask_cluster(tmp_path, keeper=f"{WRITER_RESOURCE}=1", victim="") as cluster, cluster.client() as client:
+        db, log = tmp_path / "killed.db", tmp_path / "run.log"
+        proc = cli_run(survey, db, cluster.address, log)
+        wait_until(lambda: committed_images(db) >= 2 and stored_data(client).get("victim", 0) > 0, proc, log)
+        cluster.kill("victim")
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert content(db) == reference
+
+
+@pytest.mark.slow
+def test_lost_writer_stops_the_run_with_a_consistent_prefix(survey, reference, reference_db, tmp_path):
+    with dask_cluster(tmp_path, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
+        db, log = tmp_path / "lost.db", tmp_path / "run.log"
+        proc = cli_run(survey, db, cluster.address, log)
+        wait_until(lambda: committed_images(db) >= 2, proc, log)
+        cluster.kill("writer")
+        assert proc.wait(timeout=120) == 1
+    message = log.read_text()
+    assert "writer" in message and "--db_append" in message, message[-3000:]
+    prefix = content(db)
+    n = len(prefix["images"])
+    assert 2 <= n < SPEC.n_epochs
+    assert prefix["images"] == reference["images"][:n]
+    assert prefix["extracted_sources"] == query(reference_db, "SELECT * FROM extracted_sources WHERE im_id <= ? "
+                                                              "ORDER BY 1", n)
+    run_pipeline(build_config(flags(survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
+    assert content(db) == reference, "resuming with --db_append did not complete the run"
+
+
+@pytest.mark.slow
+def test_unreadable_input_names_the_worker_and_the_file(running, survey, tmp_path):
+    missing = str(tmp_path / "elsewhere" / "image.fits")
+    with running.client() as client:
+        check_inputs_readable(client, sorted(str(p) for p in survey.glob("*.fits")))
+        with pytest.raises(ClusterError, match=rf"worker {worker_address(client, 'b')} cannot read {missing}"):
+            check_inputs_readable(client, [missing])
+
+
+# -- writer placement -----------------------------------------------------------------------------
+LOCAL = {"127.0.0.1", "localhost", "10.0.0.1"}
+
+
+def test_sqlite_writer_is_pinned_to_a_worker_on_this_host():
+    workers = {"tcp://10.0.0.9:4000": {}, "tcp://10.0.0.1:4001": {}, "tcp://10.0.0.1:4002": {WRITER_RESOURCE: 1}}
+    assert writer_placement(workers, LOCAL, "sqlite") == {"workers": ["tcp://10.0.0.1:4002"],
+                                                          "allow_other_workers": False}
+    del workers["tcp://10.0.0.1:4002"]
+    assert writer_placement(workers, LOCAL, "sqlite")["workers"] == ["tcp://10.0.0.1:4001"]
+
+
+def test_sqlite_without_a_worker_on_this_host_is_refused():
+    with pytest.raises(ClusterError, match="no Dask worker runs here.*--db_backend postgres"):
+        writer_placement({"tcp://10.0.0.9:4000": {}}, LOCAL, "sqlite")
+
+
+def test_postgres_writer_goes_anywhere_or_to_the_marked_worker():
+    assert writer_placement({"tcp://10.0.0.9:4000": {}}, LOCAL, "postgres") == {}
+    marked = {"tcp://10.0.0.9:4000": {}, "tcp://10.0.0.8:4000": {WRITER_RESOURCE: 1}}
+    assert writer_placement(marked, LOCAL, "postgres") == {"resources": {WRITER_RESOURCE: 1}}
+
+
+# -- local cluster shape, addresses, configuration ------------------------------------------------
+@pytest.mark.parametrize("values, expected", [
+    ({}, (8, 1, True)),
+    ({"nr_threads": 4}, (4, 1, True)),
+    ({"n_workers": 2}, (2, 4, True)),
+    ({"nr_threads": 6, "threads_per_worker": 2}, (3, 2, True)),
+    ({"n_workers": 3, "threads_per_worker": 2}, (3, 2, True)),
+    ({"scheduler": "threads"}, (1, 8, False)),
+    ({"scheduler": "threads", "nr_threads": 3}, (1, 3, False)),
+])
+def test_local_cluster_shape(values, expected):
+    shape = local_shape(build_config(values, {}, None), cpu_count=8)
+    assert (shape.n_workers, shape.threads_per_worker, shape.processes) == expected
+
+
+def test_scheduler_address_from_dask_config():
+    import dask
+
+    with dask.config.set({"scheduler-address": "tcp://10.1.2.3:8786"}):
+        assert scheduler_address(build_config({}, {}, None)) == "tcp://10.1.2.3:8786"
+        assert scheduler_address(build_config({"scheduler_address": "tcp://h:1"}, {}, None)) == "tcp://h:1"
+        assert scheduler_address(build_config({"scheduler": "threads"}, {}, None)) is None
+    assert scheduler_address(build_config({}, {"TRAP_SCHEDULER_ADDRESS": "tcp://h:2"}, None)) == "tcp://h:2"
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    import socket
+
+    import dask
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}"):
+        start_client(build_config({"scheduler_address": f"tcp://127.0.0.1:{port}"}, {}, None))
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"cluster": "lsf"}, "cluster"),
+    ({"scheduler": "threads", "scheduler_address": "tcp://h:1"}, "scheduler"),
+    ({"scheduler_address": "tcp://h:1", "cluster": "slurm"}, "cluster"),
+    ({"scheduler_address": "tcp://h:1", "threads_per_worker": 2}, "threads_per_worker"),
+    ({"cluster": "pbs", "memory_limit": "4GB"}, "memory_limit"),
+    ({"memory_limit": "lots"}, "memory_limit"),
+    ({"nr_threads": 4, "n_workers": 2, "threads_per_worker": 3}, "nr_threads"),
+    ({"cluster_config": "jobqueue.yaml"}, "cluster_config"),
+    ({"scheduler_address": "somewhere"}, "scheduler_address"),
+])
+def test_impossible_cluster_settings_are_named(values, key):
+    with pytest.raises(ConfigError, match=key):
+        build_config(values, {}, None)
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER_DIR.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    build_config({}, {}, path)
+    assert read_toml(path)
+
+
+# -- batch systems: the job scripts dask-jobqueue writes ------------------------------------------
+@pytest.mark.parametrize("kind, expected", [
+    ("slurm", ["#SBATCH -p", "#SBATCH -A", "#SBATCH --cpus-per-task=", "#SBATCH --mem=", "#SBATCH -t "]),
+    ("pbs", ["#PBS -q", "#PBS -A", "#PBS -l select=1:ncpus=", "#PBS -l walltime="]),
+])
+def test_job_script_has_the_configured_options(kind, expected, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # dask-jobqueue creates the log directory
+    path = CLUSTER_DIR / "jobqueue.yaml"
+    settings = yaml.safe_load(path.read_text())["jobqueue"][kind]
+    with jobqueue_class(kind)(**jobqueue_options(kind, str(path))) as cluster:
+        script = cluster.job_script()
+    lines = script.splitlines()
+    for prefix in expected:
+        assert any(line.startswith(prefix) for line in lines), f"no {prefix!r} line in\n{script}"
+    for value in (settings["name"], settings["queue"], settings["account"], settings["walltime"],
+                  *settings["job-extra-directives"],
+                  *settings["job-script-prologue"]):
+        assert str(value) in script, f"{value!r} missing from\n{script}"
+    threads = settings["cores"] // settings["processes"]
+    assert f"--nthreads {threads}" in script and f"--nworkers {settings['processes']}" in script
+
+
+def test_jobqueue_scale_follows_the_config():
+    assert jobqueue_scale(build_config({"cluster": "slurm", "n_workers": 12}, {}, None)) == {"n": 12}
+    assert jobqueue_scale(build_config({"cluster": "slurm", "nr_threads": 64}, {}, None)) == {"cores": 64}
+    assert jobqueue_scale(build_config({"cluster": "pbs"}, {}, None)) == {"jobs": 1}
+
+
+def test_jobqueue_file_without_the_section_is_refused(tmp_path):
+    path = tmp_path / "jq.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    cores: 4\n")
+    with pytest.raises(ClusterError, match="no 'jobqueue: pbs:' section"):
+        jobqueue_options("pbs", str(path))
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a real SLURM is installed here")
+def test_batch_cluster_without_its_submit_command_is_a_clear_error():
+    with pytest.raises(ClusterError, match="sbatch.*not on PATH"):
+        start_client(build_config({"cluster": "slurm"}, {}, None))

@@ -1,0 +1,350 @@
+"""Getting a Dask client: a local cluster, a running scheduler, or batch jobs through dask-jobqueue.
+
+:func:`start_client` returns a :class:`ClusterSession` for every kind of cluster:
+
+- ``--scheduler_address tcp://host:port`` (or ``DASK_SCHEDULER_ADDRESS``, or Dask's own
+  ``scheduler-address`` setting) connects to a running ``dask scheduler`` and its workers;
+- ``--cluster slurm|pbs`` starts a scheduler here and asks the batch system for workers with
+  dask-jobqueue, configured by its own YAML (``--cluster_config`` or ``~/.config/dask/``);
+- otherwise a LocalCluster shaped by ``--n_workers``, ``--threads_per_worker``,
+  ``--memory_limit`` (worker processes for ``--scheduler distributed``, threads for ``threads``).
+
+The writer actor owns the export database. A SQLite file must be written on this host (the
+client's), so :meth:`ClusterSession.writer_options` pins the actor to a worker running here;
+PostgreSQL works from any worker. A worker that advertises the resource ``trap_writer`` is
+preferred. If the writer's worker dies, :meth:`ClusterSession.writer_lost` tells it from other
+failures and says how to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from trap_dask.config import Config
+
+log = logging.getLogger("trap_dask")
+
+#: Worker resource that marks the worker(s) allowed to hold the writer actor.
+WRITER_RESOURCE = "trap_writer"
+#: How many input directories are probed on every worker by :func:`check_inputs_readable`.
+MAX_PROBED_DIRECTORIES = 64
+WRITER_LOST_MESSAGE = (
+    "the Dask worker holding the writer ({address}) was lost: the run stops here. The database "
+    "holds a consistent prefix (every committed image complete); rerun with --db_append to resume"
+)
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be used for this run; the message is user-facing."""
+
+
+@dataclass
+class ClusterSession:
+    """A connected Dask client and what the pipeline needs to know about its cluster."""
+
+    client: Any  #: distributed.Client
+    kind: str  #: 'threads', 'local', 'remote', 'slurm' or 'pbs'
+    n_threads: int  #: worker threads expected, to size the window of images in flight
+    dashboard: str  #: one line for the log, e.g. "dashboard: http://10.0.0.1:8787/status"
+    cluster: Any = field(default=None, repr=False)  #: the cluster started here (None: remote)
+    writer: Any = field(default=None, repr=False)  #: the writer actor's future, once started
+    writer_address: str = ""  #: the worker holding the writer
+
+    @property
+    def pin_writer(self) -> bool:
+        """Whether workers may run on other hosts, so the writer's placement matters."""
+        return self.kind not in ("threads", "local")
+
+    def writer_options(self, backend: str) -> dict[str, Any]:
+        """``client.submit(Writer, ..., actor=True, **options)`` keyword arguments placing the writer."""
+        if not self.pin_writer:
+            return {}
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        return writer_placement(
+            {address: w.get("resources", {}) for address, w in workers.items()}, host_addresses(), backend,
+        )
+
+    def start_writer(self, cls: type, *args: Any, backend: str) -> Any:
+        """Create the writer actor where the database can be written (see writer_options); returns the actor."""
+        self.writer = self.client.submit(cls, *args, actor=True, **self.writer_options(backend))
+        actor = self.writer.result()
+        self.writer_address = ", ".join(self.client.who_has(self.writer).get(self.writer.key, ()))
+        return actor
+
+    def writer_lost(self, timeout: float = 2.0) -> str | None:
+        """After an actor call raised: the user-facing message if the writer's worker is gone, else None.
+
+        Dask marks the actor's future as erred when its worker leaves; the scheduler may need a
+        moment to notice, so this waits up to ``timeout`` s before saying the writer is fine.
+        """
+        if self.writer is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while self.writer.status == "finished" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.writer.status == "finished":
+            return None
+        return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown")
+
+    def close(self) -> None:
+        """Close the client, and the cluster if this session started it (cancels its batch jobs)."""
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> ClusterSession:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class LocalShape:
+    """How a LocalCluster is laid out."""
+
+    n_workers: int
+    threads_per_worker: int
+    processes: bool
+
+
+def local_shape(config: Config, cpu_count: int) -> LocalShape:
+    """Workers and threads of the local cluster, from nr_threads (default: cpu_count) and the overrides."""
+    total = config.nr_threads or cpu_count
+    if config.scheduler == "threads":
+        return LocalShape(1, config.threads_per_worker or total, processes=False)
+    if config.n_workers and not config.threads_per_worker:
+        per = max(1, total // config.n_workers)
+    else:
+        per = config.threads_per_worker or 1
+    return LocalShape(config.n_workers or max(1, total // per), per, processes=True)
+
+
+def scheduler_address(config: Config) -> str | None:
+    """The running scheduler to use: the parameter, else Dask's ``scheduler-address`` setting."""
+    if config.scheduler_address:
+        return config.scheduler_address
+    if config.scheduler != "distributed" or config.cluster != "local":
+        return None
+    import dask
+
+    return dask.config.get("scheduler-address", None) or None
+
+
+def start_client(config: Config) -> ClusterSession:
+    """Connect to or start the Dask cluster the config asks for; the caller closes the session."""
+    address = scheduler_address(config)
+    if address:
+        return _connect(address)
+    if config.cluster != "local":
+        return _start_jobqueue(config)
+    return _start_local(config)
+
+
+def _start_local(config: Config) -> ClusterSession:
+    from distributed import Client, LocalCluster
+
+    shape = local_shape(config, os.cpu_count() or 1)
+    with _sigint_ignored():  # Ctrl-C reaches the whole process group: only this process may act on it
+        cluster = LocalCluster(
+            n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker, processes=shape.processes,
+            memory_limit=config.memory_limit or "auto", dashboard_address=":0", silence_logs=logging.WARNING,
+        )
+    client = Client(cluster)
+    kind = "local" if shape.processes else "threads"
+    return ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, dashboard_line(client), cluster)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Worker processes started inside ignore SIGINT (they inherit it), so Ctrl-C stops the client
+    alone, which then closes the writer and the workers in order."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _connect(address: str) -> ClusterSession:
+    from distributed import Client
+
+    try:
+        client = Client(address)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    _wait_for_first_worker(client, f"the scheduler at {address}")
+    return ClusterSession(client, "remote", sum(client.nthreads().values()), dashboard_line(client))
+
+
+def _start_jobqueue(config: Config) -> ClusterSession:
+    from distributed import Client
+
+    cls = jobqueue_class(config.cluster)
+    submit = cls.job_cls.submit_command.split()[0]
+    if shutil.which(submit) is None:
+        raise ClusterError(f"--cluster {config.cluster} submits jobs with `{submit}`, which is not on PATH: "
+                           "run trap-dask on a login node of the batch system")
+    cluster = cls(**jobqueue_options(config.cluster, config.cluster_config))
+    cluster.scale(**jobqueue_scale(config))
+    client = Client(cluster)
+    log.info("%s: %d worker processes requested in batch jobs", config.cluster, len(cluster.plan))
+    _wait_for_first_worker(client, f"the {config.cluster} batch jobs")
+    per_worker = max(client.nthreads().values())
+    return ClusterSession(client, config.cluster, per_worker * len(cluster.plan), dashboard_line(client), cluster)
+
+
+def _wait_for_first_worker(client, where: str) -> None:
+    if not client.nthreads():
+        log.info("waiting for the first Dask worker of %s ...", where)
+        client.wait_for_workers(1)
+
+
+def jobqueue_class(kind: str) -> type:
+    """The dask-jobqueue cluster class for 'slurm' or 'pbs'."""
+    import dask_jobqueue
+
+    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+
+
+def jobqueue_options(kind: str, path: str | None) -> dict[str, Any]:
+    """Keyword arguments for the dask-jobqueue cluster from the ``jobqueue: <kind>:`` section of a YAML file.
+
+    Keys are dask-jobqueue's configuration keys (``job-extra-directives``, ``name`` for the job name).
+
+    Without a file, none: dask-jobqueue then reads Dask's own configuration
+    (``~/.config/dask/jobqueue.yaml``, ``DASK_JOBQUEUE__SLURM__QUEUE=...``).
+    """
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ClusterError(f"cannot read cluster_config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ClusterError(f"cluster_config {path} is not valid YAML: {exc}") from None
+    section = (document.get("jobqueue") or {}).get(kind)
+    if not isinstance(section, dict):
+        raise ClusterError(f"cluster_config {path} has no 'jobqueue: {kind}:' section")
+    return {("job_name" if key == "name" else key.replace("-", "_")): value for key, value in section.items()}
+
+
+def jobqueue_scale(config: Config) -> dict[str, int]:
+    """``cluster.scale`` arguments: n_workers worker processes, else nr_threads cores, else one job."""
+    if config.n_workers:
+        return {"n": config.n_workers}
+    if config.nr_threads:
+        return {"cores": config.nr_threads}
+    return {"jobs": 1}
+
+
+def dashboard_line(client) -> str:
+    """One log line with the dashboard address, or why there is none."""
+    try:
+        link = client.dashboard_link
+    except KeyError:
+        link = None
+    if not link:
+        return "dashboard: not available (install bokeh where the Dask scheduler runs)"
+    return f"dashboard: {link}"
+
+
+# -- writer placement ---------------------------------------------------------------------------
+def host_addresses() -> frozenset[str]:
+    """Every IP address and name of this host (loopback included)."""
+    import psutil
+
+    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    ips = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+           if a.family in (socket.AF_INET, socket.AF_INET6)}
+    return frozenset(names | ips)
+
+
+def worker_host(address: str) -> str:
+    """The host part of a Dask address ('tcp://10.0.0.5:40000' -> '10.0.0.5'; inproc: 'localhost')."""
+    from distributed.comm import get_address_host
+
+    return "localhost" if address.startswith("inproc://") else get_address_host(address)
+
+
+def writer_placement(
+    workers: Mapping[str, Mapping[str, float]], local: Iterable[str], backend: str
+) -> dict[str, Any]:
+    """``client.submit`` options for the writer actor.
+
+    ``workers`` maps each worker address to its resources, ``local`` holds this host's names and
+    addresses. SQLite: a worker on this host (one with the ``trap_writer`` resource first), or
+    ClusterError. PostgreSQL: a worker with the resource if any, else wherever the scheduler likes.
+    """
+    marked = sorted(a for a, resources in workers.items() if resources.get(WRITER_RESOURCE, 0) > 0)
+    if backend != "sqlite":
+        return {"resources": {WRITER_RESOURCE: 1}} if marked else {}
+    here = set(local)
+    on_host = [a for a in sorted(workers, key=lambda a: a not in marked) if worker_host(a) in here]
+    if not on_host:
+        raise ClusterError(
+            "the SQLite export database is written by the writer actor, which must run on this host, "
+            f"but no Dask worker runs here (workers: {', '.join(sorted(workers)) or 'none'}). Start one "
+            f"here (`dask worker <scheduler> --nworkers 1 --resources {WRITER_RESOURCE}=1`) or use "
+            "--db_backend postgres, which works from any worker"
+        )
+    return {"workers": [on_host[0]], "allow_other_workers": False}
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def unreadable(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """(path, reason) for each file this process cannot open and read a byte of."""
+    failures = []
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            failures.append((path, exc.strerror or str(exc)))
+    return failures
+
+
+def probe_paths(paths: Iterable[str], limit: int = MAX_PROBED_DIRECTORIES) -> list[str]:
+    """The first file of each input directory (at most ``limit``): what every worker must see."""
+    first: dict[str, str] = {}
+    for path in sorted(paths):
+        first.setdefault(os.path.dirname(path), path)
+    return list(first.values())[:limit]
+
+
+def check_inputs_readable(client, paths: Iterable[str]) -> None:
+    """Check on every worker that it can read the input images; ClusterError names who cannot read what.
+
+    One file per input directory is opened on each worker (a missing mount or permission shows
+    on the first file). A single unreadable file is still found by the header scan and recorded
+    as a rejected image.
+    """
+    probe = probe_paths(paths)
+    results = client.run(unreadable, probe, on_error="return")
+    lines = []
+    for worker, result in sorted(results.items()):
+        if isinstance(result, BaseException):
+            lines.append(f"  worker {worker}: cannot run trap-dask ({type(result).__name__}: {result}); "
+                         "install trap-dask in the workers' Python environment")
+            continue
+        lines.extend(f"  worker {worker} cannot read {path}: {reason}" for path, reason in result)
+    if lines:
+        shown = lines[:20] + ([f"  ... and {len(lines) - 20} more"] if len(lines) > 20 else [])
+        raise ClusterError("input images are not readable on every Dask worker (workers need the same "
+                           "paths, e.g. a shared filesystem):\n" + "\n".join(shown))
+
