@@ -44,6 +44,13 @@ WRITER_LOST_MESSAGE = (
 )
 
 
+#: Worker resource counting extraction slots: a local worker has one thread more than slots, so
+#: the forced fits of the image at the head of the queue never wait behind an extraction.
+EXTRACT_RESOURCE = "trap_extract"
+#: Modules a local worker imports as it starts, so the first tasks and the writer start at once.
+WORKER_PRELOAD = ["trap_dask.tasks", "trap_dask.writer"]
+
+
 class ClusterError(RuntimeError):
     """The cluster cannot be used for this run; the message is user-facing."""
 
@@ -59,6 +66,7 @@ class ClusterSession:
     cluster: Any = field(default=None, repr=False)  #: the cluster started here (None: remote)
     writer: Any = field(default=None, repr=False)  #: the writer actor's future, once started
     writer_address: str = ""  #: the worker holding the writer
+    extract_resources: dict[str, int] | None = None  #: ``client.submit`` resources of extraction tasks
 
     @property
     def pin_writer(self) -> bool:
@@ -74,9 +82,12 @@ class ClusterSession:
             {address: w.get("resources", {}) for address, w in workers.items()}, host_addresses(), backend,
         )
 
-    def start_writer(self, cls: type, *args: Any, backend: str) -> Any:
-        """Create the writer actor where the database can be written (see writer_options); returns the actor."""
+    def submit_writer(self, cls: type, *args: Any, backend: str) -> None:
+        """Start creating the writer actor where the database can be written (see writer_options)."""
         self.writer = self.client.submit(cls, *args, actor=True, **self.writer_options(backend))
+
+    def writer_actor(self) -> Any:
+        """The writer actor submitted by submit_writer, once it is ready."""
         actor = self.writer.result()
         self.writer_address = ", ".join(self.client.who_has(self.writer).get(self.writer.key, ()))
         return actor
@@ -155,14 +166,17 @@ def _start_local(config: Config) -> ClusterSession:
     from distributed import Client, LocalCluster
 
     shape = local_shape(config, os.cpu_count() or 1)
+    slots = {EXTRACT_RESOURCE: shape.threads_per_worker}
     with _sigint_ignored():  # Ctrl-C reaches the whole process group: only this process may act on it
         cluster = LocalCluster(
-            n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker, processes=shape.processes,
+            n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
+            resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
             memory_limit=config.memory_limit or "auto", dashboard_address=":0", silence_logs=logging.WARNING,
         )
     client = Client(cluster)
     kind = "local" if shape.processes else "threads"
-    return ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, dashboard_line(client), cluster)
+    return ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, dashboard_line(client), cluster,
+                          extract_resources={EXTRACT_RESOURCE: 1})
 
 
 @contextmanager

@@ -193,6 +193,8 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
     try:
         log.info(session.dashboard)
+        session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
+                              backend=settings.backend)
         check_inputs_readable(client, paths)
         scans = client.gather(client.map(tasks.scan, paths, pure=False))
         fresh = [s for s in scans if s.checksum not in known]
@@ -205,14 +207,13 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         )
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
-        writer = session.start_writer(Writer, settings, config, str(config_file) if config_file else None, append,
-                                      backend=settings.backend)
+        writer = session.writer_actor()
         params, quality = extraction_params(config), quality_params(config)
         with tqdm(total=len(fresh), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
             for failure in failures:
                 log.warning("rejected %s: %s", failure.url, failure.reason)
                 _count(totals, writer.reject_unreadable(failure).result(), bar)
-            for summary in _stream(client, writer, images, window, params, quality):
+            for summary in _stream(session, writer, images, window, params, quality):
                 _count(totals, summary, bar)
         status = "completed"
     except KeyboardInterrupt:
@@ -238,11 +239,12 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     )
 
 
-def _stream(client, writer, images, window, params, quality):
+def _stream(session, writer, images, window, params, quality):
     """Yield each image's CommitSummary in time order, keeping ``window`` images in flight."""
     from trap_dask import tasks
     from trap_dask.writer import CommitSummary
 
+    client, slot = session.client, {"resources": session.extract_resources} if session.extract_resources else {}
     pending: deque = deque()
     upcoming = iter(enumerate(images))
 
@@ -251,9 +253,9 @@ def _stream(client, writer, images, window, params, quality):
             priority = len(images) - index
             name = os.path.basename(image.meta.url)
             loaded = client.submit(tasks.load, image, quality, params, priority=priority,
-                                   key=f"load-{index}-{name}")
+                                   key=f"load-{index}-{name}", **slot)
             result = client.submit(tasks.extract, loaded, params, priority=priority,
-                                   key=f"extract-{index}-{name}")
+                                   key=f"extract-{index}-{name}", **slot)
             pending.append((loaded, result))
             return
 
