@@ -270,3 +270,67 @@ def test_real_ami_image():
     # fitted shapes are at least about the beam
     assert (s["semimajor_axis"][s["gaussian_fit"]] > 0.7 * beam.smaj * 3600).all()
     assert np.allclose(s["ra"], 136.91, atol=0.5) and np.allclose(s["dec"], 14.02, atol=0.5)
+
+
+def _island_pixels(centres: np.ndarray, half: int, rng: np.random.Generator):
+    """A PixelSet of square islands of side 2 * half + 1 around integer centres, unit-ish weights."""
+    from trap_dask.extraction.gaussian import PixelSet
+
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
+    x = (centres[:, :1] + dx.ravel()).ravel().astype(float)
+    y = (centres[:, 1:] + dy.ravel()).ravel().astype(float)
+    island = np.repeat(np.arange(len(centres)), dx.size)
+    weight = rng.uniform(0.5, 2.0, len(x))
+    return PixelSet(x, y, rng.normal(size=len(x)), weight, island, np.arange(len(centres)) * dx.size)
+
+
+def test_normal_equations_and_fit_covariance_match_direct_sums():
+    """The batched shortcuts (monomial moments, exp-factorised beam correlation) against dense sums."""
+    from trap_dask.extraction.gaussian import _linearise, fit_covariance
+
+    rng = np.random.default_rng(11)
+    pixels = _island_pixels(np.array([[20, 30], [60, 64], [100, 40]]), 6, rng)
+    beam_cov = BEAM.cov()
+    inv = np.linalg.inv(np.array([[4.0, 1.0], [1.0, 3.0]]))
+    params = np.array([[a, cx + 0.3, cy - 0.2, inv[0, 0], inv[0, 1], inv[1, 1]]
+                       for a, (cx, cy) in zip([1.0, 2.0, 0.5], [[20, 30], [60, 64], [100, 40]])])
+
+    def model(p, i):
+        sel = pixels.island == i
+        dx, dy = pixels.x[sel] - p[1], pixels.y[sel] - p[2]
+        return p[0] * np.exp(-0.5 * (p[3] * dx * dx + 2 * p[4] * dx * dy + p[5] * dy * dy)), sel
+
+    jtj, grad, chisq = _linearise(params, pixels, None)
+    cov = fit_covariance(params, pixels, beam_cov, False)
+    beam_inv = np.linalg.inv(beam_cov)
+    for i, p in enumerate(params):
+        m, sel = model(p, i)
+        steps = 1e-6 * np.eye(6)
+        jac = np.column_stack([(model(p + h, i)[0] - model(p - h, i)[0]) / 2e-6 for h in steps])
+        w = pixels.weight[sel]
+        assert np.allclose(jtj[i], jac.T @ (w[:, None] * jac), rtol=1e-5)
+        assert np.allclose(grad[i], jac.T @ (w * (pixels.value[sel] - m)), rtol=1e-5)
+        assert np.isclose(chisq[i], np.sum(w * (pixels.value[sel] - m) ** 2))
+        x, y = pixels.x[sel], pixels.y[sel]
+        lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
+        rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, beam_inv, lag))
+        scaled = np.sqrt(w)[:, None] * jac
+        h_inv = np.linalg.inv(scaled.T @ scaled)
+        expected = h_inv @ scaled.T @ rho @ scaled @ h_inv
+        assert np.allclose(cov[i], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_deblending_never_joins_neighbouring_islands():
+    """Islands one pixel apart, also on the image edges, each split in two, never share a label."""
+    from trap_dask.extraction.deblend import deblend
+    from trap_dask.extraction.islands import find_islands
+
+    profile = np.array([5.0, 30.0, 8.0, 4.0, 8.0, 30.0, 5.0, 0.0])  # two peaks per 7-pixel island
+    snr = np.tile(profile, 7)[None, :] * np.array([1.0, 1.0, 0.0] * 14)[:, None]
+    labels, islands = find_islands(snr, 3.0, 5.0)
+    out = deblend(snr.shape, islands, snr, snr, 3.0, 8, detection=5.0)
+    assert islands.n == int(labels.max()) == 7 * 14
+    inside = labels > 0
+    pairs = np.unique(np.column_stack([labels[inside], out[inside]]), axis=0)
+    assert len(pairs) == len(np.unique(pairs[:, 1])) == 2 * islands.n  # two parts each, none shared
+    assert (out[inside] > 0).all() and (out[~inside] == 0).all()

@@ -48,31 +48,37 @@ def clipped_stats(
     Pixels further than ``kappa`` sigma from the mean are dropped until nothing changes. The std
     is corrected for the truncation so it estimates the sigma of the Gaussian noise. Returns
     (mean, std, number of finite pixels) per box.
+
+    Each box is sorted once (NaNs last), so the kept pixels are always a contiguous run
+    ``[lo, hi)`` whose sums come from cumulative sums; an iteration only counts the pixels
+    below each clipping limit.
     """
-    finite = np.isfinite(stack)
-    nfinite = finite.sum(-1)
-    # Offsets from a first guess (median of a subsample per box) keep the float32 sums accurate.
-    sub = stack[..., ::7]
-    has_sub = np.isfinite(sub).any(-1)
-    guess = np.zeros(stack.shape[:-1], dtype=np.float32)
-    guess[has_sub] = np.nanmedian(sub[has_sub], axis=-1)
-    values = np.where(finite, stack - guess[..., None], 0.0).astype(np.float32)
-    squares = np.square(values)
+    ordered = np.sort(stack, axis=-1)
+    nfinite = np.isfinite(ordered).sum(-1)
+    # Offsets from the median keep the sums accurate.
+    median = np.take_along_axis(ordered, (nfinite // 2)[..., None], -1)
+    median[nfinite == 0] = 0.0
+    offsets = ordered - median
+    # sums[..., j] and squares[..., j]: sums over the first j pixels (NaNs, last, are never used)
+    sums = np.zeros(stack.shape[:-1] + (stack.shape[-1] + 1,))
+    squares = np.zeros_like(sums)
+    np.cumsum(offsets, -1, out=sums[..., 1:])
+    np.cumsum(np.square(offsets, dtype=np.float64), -1, out=squares[..., 1:])
     norm = 1.0 / np.sqrt(clipped_variance_factor(kappa))
-    keep = finite.astype(np.float32)
-    nkept = nfinite
+    lo, hi = np.zeros_like(nfinite), nfinite
     for _ in range(max_iter):
-        n = np.maximum(nkept, 1)
-        mean = np.einsum("...k,...k->...", values, keep, dtype=np.float64) / n
-        var = np.einsum("...k,...k->...", squares, keep, dtype=np.float64) / n - mean**2
-        sigma = np.sqrt(np.maximum(var, 0.0)) * norm
-        limit = (kappa * sigma).astype(np.float32)[..., None]
-        new = finite & (np.abs(values - mean.astype(np.float32)[..., None]) <= limit)
-        new_nkept = new.sum(-1)
-        if np.array_equal(new_nkept, nkept):
+        n = np.maximum(hi - lo, 1)
+        ends = np.stack([lo, hi], -1)
+        mean = np.diff(np.take_along_axis(sums, ends, -1), axis=-1)[..., 0] / n
+        mean_sq = np.diff(np.take_along_axis(squares, ends, -1), axis=-1)[..., 0] / n
+        sigma = np.sqrt(np.maximum(mean_sq - mean**2, 0.0)) * norm
+        low, high = (mean - kappa * sigma).astype(np.float32), (mean + kappa * sigma).astype(np.float32)
+        new_lo = np.count_nonzero(offsets < low[..., None], axis=-1)
+        new_hi = np.count_nonzero(offsets <= high[..., None], axis=-1)
+        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
             break
-        keep, nkept = new.astype(np.float32), new_nkept
-    return mean + guess, sigma, nfinite
+        lo, hi = new_lo, new_hi
+    return mean + median[..., 0], sigma, nfinite
 
 
 def _fill_missing(grid: np.ndarray) -> np.ndarray:

@@ -47,7 +47,11 @@ class PixelSet:
 
 
 def _segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    return np.add.reduceat(values, starts, axis=0)
+    """Sums over the islands' segments along the last axis: (..., npix) -> (..., n).
+
+    Rows of pixel values reduce an order of magnitude faster than columns of a (npix, k) array.
+    """
+    return np.add.reduceat(values, starts, axis=-1)
 
 
 def moments(pixels: PixelSet, cut_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,17 +62,16 @@ def moments(pixels: PixelSet, cut_ratio: np.ndarray) -> tuple[np.ndarray, np.nda
     ``peak`` (n,), ``centre`` (n, 2) and ``cov`` (n, 2, 2) in pixel**2.
     """
     v = np.maximum(pixels.value, 0.0)
-    s = _segment_sum(np.stack([v, v * pixels.x, v * pixels.y], -1), pixels.starts)
-    total = np.maximum(s[:, 0], np.finfo(float).tiny)
-    xbar, ybar = s[:, 1] / total, s[:, 2] / total
+    total, sx, sy = _segment_sum(np.stack([v, v * pixels.x, v * pixels.y]), pixels.starts)
+    total = np.maximum(total, np.finfo(float).tiny)
+    xbar, ybar = sx / total, sy / total
     dx, dy = pixels.x - xbar[pixels.island], pixels.y - ybar[pixels.island]
-    m2 = _segment_sum(np.stack([v * dx * dx, v * dx * dy, v * dy * dy], -1), pixels.starts)
-    m2 /= total[:, None]
+    m2 = _segment_sum(np.stack([v * dx * dx, v * dx * dy, v * dy * dy]), pixels.starts)
     t = np.clip(cut_ratio, 1e-6, 1 - 1e-6)
-    m2 /= (1.0 - t * np.log(1.0 / t) / (1.0 - t))[:, None]
-    cov = np.stack([np.stack([m2[:, 0], m2[:, 1]], -1), np.stack([m2[:, 1], m2[:, 2]], -1)], -2)
+    m2 /= total * (1.0 - t * np.log(1.0 / t) / (1.0 - t))
+    cov = np.stack([m2[[0, 1]].T, m2[[1, 2]].T], -2)
     peak = np.maximum.reduceat(pixels.value, pixels.starts)
-    return peak, np.stack([xbar, ybar], -1), cov
+    return peak, np.column_stack([xbar, ybar]), cov
 
 
 def _inverse_params(cov: np.ndarray) -> np.ndarray:
@@ -84,23 +87,96 @@ def shape_cov(params: np.ndarray) -> np.ndarray:
     return np.linalg.inv(inv)
 
 
+def _model(
+    p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Model brightness, unit-peak profile and offsets (dx, dy) from the centre at every pixel.
+
+    ``p`` (n, 6) or, with the shape (a, b, c) fixed, (n, 3); each row is (npix,).
+    """
+    q = np.take(np.ascontiguousarray(p.T), pixels.island, axis=1)
+    a, b, c = shape if shape is not None else q[3:6]
+    dx, dy = pixels.x - q[1], pixels.y - q[2]
+    profile = np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
+    return q[0] * profile, profile, dx, dy
+
+
 def _model_and_jacobian(
     p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Model values and Jacobian (npix, nparam); ``shape`` (a, b, c) fixed when given."""
-    q = p[pixels.island]
-    a, b, c = (shape[0], shape[1], shape[2]) if shape is not None else (q[:, 3], q[:, 4], q[:, 5])
-    dx, dy = pixels.x - q[:, 1], pixels.y - q[:, 2]
-    e = np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
-    m = q[:, 0] * e
-    cols = [e, m * (a * dx + b * dy), m * (b * dx + c * dy)]
+    """Model values (npix,) and Jacobian (nparam, npix); ``shape`` (a, b, c) fixed when given."""
+    m, profile, dx, dy = _model(p, pixels, shape)
+    a, b, c = shape if shape is not None else p[pixels.island, 3:6].T
+    mdx, mdy = m * dx, m * dy
+    rows = [profile, a * mdx + b * mdy, b * mdx + c * mdy]
     if shape is None:
-        cols += [-0.5 * m * dx * dx, -m * dx * dy, -0.5 * m * dy * dy]
-    return m, np.stack(cols, -1)
+        rows += [-0.5 * mdx * dx, -mdx * dy, -0.5 * mdy * dy]
+    return m, np.stack(rows)
+
+
+#: Exponents (p, q) of the monomials dx**p dy**q of degree <= 4, by degree: the first 3 have
+#: degree <= 1, the first 6 degree <= 2.
+_POWERS = [(p, d - p) for d in range(5) for p in range(d, -1, -1)]
+#: For each monomial after the first: the monomial it extends, and whether by dx (else by dy).
+_STEPS = [
+    (_POWERS.index((p - 1, q)), True) if p else (_POWERS.index((p, q - 1)), False) for p, q in _POWERS[1:]
+]
+#: Index in _POWERS of the product of two monomials of degree <= 2.
+_PRODUCT = np.array([[_POWERS.index((p1 + p2, q1 + q2)) for p2, q2 in _POWERS[:6]] for p1, q1 in _POWERS[:6]])
+
+
+def _monomial_rows(base: np.ndarray, dx: np.ndarray, dy: np.ndarray, out: np.ndarray) -> None:
+    """Fill ``out[i]`` with ``base * dx**p dy**q`` for the first ``len(out)`` monomials."""
+    out[0] = base
+    for i, (source, by_x) in enumerate(_STEPS[: len(out) - 1], start=1):
+        np.multiply(out[source], dx if by_x else dy, out=out[i])
+
+
+def _jacobian_coefficients(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
+    """(n, k, 6 or 3): each Jacobian row as model * polynomial in (dx, dy), over _POWERS.
+
+    d/dA = m / A; d/dx0 = m (a dx + b dy); d/dy0 = m (b dx + c dy); d/d(a, b, c) = -m (dx**2 / 2,
+    dx dy, dy**2 / 2).
+    """
+    n, k = p.shape
+    a, b, c = shape if shape is not None else p[:, 3:6].T
+    coef = np.zeros((n, k, 6 if k == 6 else 3))
+    coef[:, 0, 0] = 1.0 / p[:, 0]
+    coef[:, 1, 1], coef[:, 1, 2], coef[:, 2, 1], coef[:, 2, 2] = a, b, b, c
+    if k == 6:
+        coef[:, 3, 3], coef[:, 4, 4], coef[:, 5, 5] = -0.5, -1.0, -0.5
+    return coef
+
+
+def _linearise(
+    p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per island ``J^T W J`` (n, k, k), ``J^T W r`` (n, k) and chi-squared ``r^T W r`` (n,).
+
+    ``r`` = data - model. Every Jacobian row is the model times a polynomial in (dx, dy), so
+    the normal equations follow from per-island sums of ``w m**2`` and ``w r m`` times
+    monomials (15 and 6 sums for free shapes), without forming the Jacobian.
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # trial steps may be invalid
+        model, _, dx, dy = _model(p, pixels, shape)
+        coef = _jacobian_coefficients(p, shape)
+        n_jac = coef.shape[2]
+        n_sq = 15 if n_jac == 6 else 6
+        resid = pixels.value - model
+        wm = pixels.weight * model
+        rows = np.empty((n_sq + n_jac + 1, len(model)))
+        _monomial_rows(wm * model, dx, dy, rows[:n_sq])
+        _monomial_rows(wm * resid, dx, dy, rows[n_sq:-1])
+        np.multiply(pixels.weight * resid, resid, out=rows[-1])
+        sums = _segment_sum(rows, pixels.starts)
+        moments_sq = sums[:n_sq].T[:, _PRODUCT[:n_jac, :n_jac]]
+        jtj = coef @ moments_sq @ np.swapaxes(coef, 1, 2)
+        grad = (coef @ sums[n_sq:-1].T[:, :, None])[..., 0]
+    return jtj, grad, sums[-1]
 
 
 def _chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None) -> np.ndarray:
-    m, _ = _model_and_jacobian(p, pixels, shape)
+    m = _model(p, pixels, shape)[0]
     return _segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
 
 
@@ -109,6 +185,14 @@ def _valid(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
     if shape is None:
         ok &= (p[:, 3] > 0) & (p[:, 5] > 0) & (p[:, 3] * p[:, 5] - p[:, 4] ** 2 > 0)
     return ok
+
+
+#: The working set of :func:`levenberg_marquardt` drops its converged islands once fewer than
+#: this fraction of them is still active.
+_SHRINK_BELOW = 0.9
+#: A fit whose next step is predicted to lower chi-squared by less than this fraction of the
+#: tolerance has converged.
+_SETTLED = 0.1
 
 
 def levenberg_marquardt(
@@ -120,44 +204,45 @@ def levenberg_marquardt(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted least-squares Gaussian fits of all islands at once.
 
+    Each iteration evaluates the model and normal equations once, at the trial step; an
+    accepted step keeps them for the next iteration, a rejected one only raises its damping.
+
     Parameters
     ----------
     p0 : (n, 6) first guesses (A, x0, y0, a, b, c), or (n, 3) (A, x0, y0) with ``shape``
     pixels : the islands' pixels
     shape : fixed (a, b, c) in pixel**-2 shared by all islands (the beam), or None
+    tol : an accepted step that lowers chi-squared by less than this ends an island's fit
 
     Returns
     -------
     params, chisq, converged : the fit, its chi-squared and whether it converged (n,)
     """
     n, k = p0.shape
-    p = p0.astype(float).copy()
-    chisq = _chisq(p, pixels, shape)
+    p = p0.astype(float)
+    jtj, grad, chisq = _linearise(p, pixels, shape)
     lam = np.full(n, 1e-3)
     done = np.zeros(n, dtype=bool)
     ids = np.arange(n)  # islands of the working set
     work = pixels
     for _ in range(max_iter):
-        if done.all():
+        diag = np.einsum("nii->ni", jtj[ids])
+        damping = lam[ids, None] * diag + 1e-12 * diag.max(-1, keepdims=True) + 1e-300
+        step = np.linalg.solve(jtj[ids] + damping[:, :, None] * np.eye(k), grad[ids, :, None])[..., 0]
+        # chi-squared would drop by about step . grad: negligible drops end the fit here
+        done[ids] |= np.einsum("ni,ni->n", step, grad[ids]) < _SETTLED * tol
+        active = ~done[ids]
+        if not active.any():
             break
-        if (~done[ids]).sum() <= 0.5 * len(ids):  # shrink the working set to the active islands
-            active = ~done[ids]
-            work, ids = work.select(active), ids[active]
-        q = p[ids]
-        m, jac = _model_and_jacobian(q, work, shape)
-        wj = work.weight[:, None] * jac
-        jtj = _segment_sum(wj[:, :, None] * jac[:, None, :], work.starts)
-        grad = _segment_sum(wj * (work.value - m)[:, None], work.starts)
-        diag = np.einsum("nii->ni", jtj)
-        damped = jtj + (lam[ids, None] * diag + 1e-12 * diag.max(-1, keepdims=True) + 1e-300)[
-            :, :, None
-        ] * np.eye(k)
-        trial = q + np.linalg.solve(damped, grad[..., None])[..., 0]
-        trial_chisq = np.where(_valid(trial, shape), _chisq(trial, work, shape), np.inf)
-        better = (trial_chisq < chisq[ids]) & ~done[ids]
-        gain = chisq[ids] - trial_chisq
+        if active.mean() < _SHRINK_BELOW:
+            work, ids, step = work.select(active), ids[active], step[active]
+        trial = p[ids] + step
+        trial_jtj, trial_grad, trial_chisq = _linearise(trial, work, shape)
+        gain = chisq[ids] - np.where(_valid(trial, shape), trial_chisq, np.inf)
+        better = (gain > 0) & ~done[ids]
         upd = ids[better]
         p[upd], chisq[upd] = trial[better], trial_chisq[better]
+        jtj[upd], grad[upd] = trial_jtj[better], trial_grad[better]
         lam[ids] = np.where(better, np.maximum(lam[ids] * 0.2, 1e-9), lam[ids] * 10.0)
         done[ids] |= (better & (gain < tol)) | (lam[ids] > 1e9)
     return p, chisq, done
@@ -208,8 +293,9 @@ def fit_islands(
 
 def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray) -> np.ndarray:
     """Reject fits that wander off their island, or are far narrower/wider than plausible."""
-    xy = np.column_stack([pixels.x, pixels.y])
-    lo, hi = np.minimum.reduceat(xy, pixels.starts), np.maximum.reduceat(xy, pixels.starts)
+    xy = np.stack([pixels.x, pixels.y])
+    lo = np.minimum.reduceat(xy, pixels.starts, axis=1).T
+    hi = np.maximum.reduceat(xy, pixels.starts, axis=1).T
     inside = ((params[:, 1:3] >= lo - 1) & (params[:, 1:3] <= hi + 1)).all(-1)
     ok = _valid(params, None) & inside & (params[:, 0] < 3.0 * p0[:, 0])
     if not ok.any():
@@ -220,8 +306,8 @@ def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.nda
     return ok & (minor > 0.2 * beam_minor) & (major < 3.0 * extent + 2.0 * beam_minor)
 
 
-#: Upper bound on padded pixel pairs handled per batch by :func:`fit_covariance`.
-_PAIRS_PER_BATCH = 2_000_000
+#: Upper bound on padded pixel pairs handled per batch by :func:`_gram_matrices`.
+_PAIRS_PER_BATCH = 250_000
 
 
 def _padded_batches(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
@@ -238,6 +324,38 @@ def _padded_batches(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
     return batches
 
 
+def _gram_matrices(
+    vectors: np.ndarray, dx: np.ndarray, dy: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per island ``sum_i v_i v_i^T`` and ``sum_ij v_i rho(r_i - r_j) v_j^T`` (n, k, k each).
+
+    ``vectors`` (npix, k) of the island pixels at offsets (dx, dy) in pixels from any point of
+    their island (keep them small: the sums run in float32); ``rho`` is the unit-peak beam.
+    Writing ``rho_ij = exp(f_i + f_j + r_i^T B r_j)`` with ``f = -r^T B r / 2`` and ``B`` the
+    inverse beam covariance, the exponents of all pairs are one matrix product of 4-vectors.
+    """
+    n, k = len(pixels.starts), vectors.shape[1]
+    counts = np.diff(np.append(pixels.starts, len(dx)))
+    r = np.column_stack([dx, dy]).astype(np.float32)
+    br = r @ np.linalg.inv(beam_cov).astype(np.float32)
+    f = -0.5 * np.einsum("ij,ij->i", r, br)[:, None]
+    one = np.ones_like(f)
+    left, right = np.hstack([r, f, one]), np.hstack([br, one, f])
+    vectors = vectors.astype(np.float32)
+    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
+    buffer = np.empty(_PAIRS_PER_BATCH + counts.max() ** 2, dtype=np.float32)
+    for isl, size in _padded_batches(counts):
+        slot = np.arange(size)
+        used = slot[None, :] < counts[isl, None]
+        idx = np.where(used, pixels.starts[isl, None] + slot, pixels.starts[isl, None])
+        rho = buffer[: len(isl) * size * size].reshape(len(isl), size, size)
+        np.exp(np.matmul(left[idx], np.swapaxes(right[idx], 1, 2), out=rho), out=rho)
+        vec = vectors[idx] * used[:, :, None]
+        vec_t = np.swapaxes(vec, 1, 2)
+        plain[isl], correlated[isl] = vec_t @ vec, vec_t @ (rho @ vec)
+    return plain, correlated
+
+
 def fit_covariance(
     params: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray, fixed_shape: bool
 ) -> np.ndarray:
@@ -251,34 +369,16 @@ def fit_covariance(
     (the Condon 1997 formulae give the smaller error of an optimal, noise-whitened fit).
     ``k`` = 3 (A, x0, y0) when ``fixed_shape``, else 6.
     """
-    n = len(pixels.starts)
     shape = _inverse_params(beam_cov[None])[0] if fixed_shape else None
     p = params[:, :3] if fixed_shape else params
     _, jac = _model_and_jacobian(p, pixels, shape)
-    k = jac.shape[1]
-    scaled = np.sqrt(pixels.weight)[:, None] * jac
-    hessian = _segment_sum(scaled[:, :, None] * scaled[:, None, :], pixels.starts)
-    counts = np.diff(np.append(pixels.starts, len(pixels.x)))
-    # rho on integer pixel offsets, looked up per pair (float32 halves the memory traffic)
-    xy = np.column_stack([pixels.x, pixels.y])
-    reach = int((np.maximum.reduceat(xy, pixels.starts) - np.minimum.reduceat(xy, pixels.starts)).max())
-    lag = np.arange(-reach, reach + 1, dtype=float)
-    beam_inv = np.linalg.inv(beam_cov)
-    q = beam_inv[0, 0] * lag[None, :] ** 2 + 2 * beam_inv[0, 1] * lag[None, :] * lag[:, None]
-    rho_table = np.exp(-0.5 * (q + beam_inv[1, 1] * lag[:, None] ** 2)).astype(np.float32).ravel()
-    width = 2 * reach + 1
-    cell = (pixels.y.astype(np.int64) * width + pixels.x.astype(np.int64))
-    offset = reach * width + reach
-    scaled32 = scaled.astype(np.float32)
-    middle = np.empty((n, k, k))
-    for isl, size in _padded_batches(counts):
-        slot = np.arange(size)
-        used = slot[None, :] < counts[isl, None]
-        idx = np.where(used, pixels.starts[isl, None] + slot, pixels.starts[isl, None])
-        c = cell[idx]
-        rho = rho_table[c[:, :, None] - c[:, None, :] + offset]
-        kmat = scaled32[idx] * used[:, :, None]
-        middle[isl] = np.swapaxes(kmat, 1, 2) @ (rho @ kmat)
+    hessian, middle = _gram_matrices(
+        (jac * np.sqrt(pixels.weight)).T,
+        pixels.x - p[pixels.island, 1],
+        pixels.y - p[pixels.island, 2],
+        pixels,
+        beam_cov,
+    )
     h_inv = np.linalg.inv(hessian)
     return h_inv @ middle @ h_inv
 

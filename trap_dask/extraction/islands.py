@@ -99,26 +99,28 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     claimed by two islands goes to one of them. The islands' peaks are unchanged.
     """
     ny, nx = valid.shape
-    free = valid.copy()
-    free.flat[islands.flat] = False
-    flat, island = islands.flat, islands.island
-    edge_flat, edge_island = flat, island
-    drow = np.array([-1, -1, -1, 0, 0, 1, 1, 1])
-    dcol = np.array([-1, 0, 1, -1, 1, -1, 0, 1])
+    width = nx + 2  # a frame of never-free pixels spares the bounds checks
+    free = np.zeros((ny + 2, width), dtype=bool)
+    free[1:-1, 1:-1] = valid
+    free = free.ravel()
+    row, col = np.divmod(islands.flat, nx)
+    edge, edge_island = (row + 1) * width + col + 1, islands.island
+    free[edge] = False
+    steps = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
+    grown, grown_island = [edge], [edge_island]
     for _ in range(rings):
-        row, col = np.divmod(edge_flat, nx)
-        nrow, ncol = row[:, None] + drow, col[:, None] + dcol
-        inside = (nrow >= 0) & (nrow < ny) & (ncol >= 0) & (ncol < nx)
-        cand = (nrow * nx + ncol)[inside]
-        cand_island = np.broadcast_to(edge_island[:, None], inside.shape)[inside]
-        take = free.ravel()[cand]
-        cand, first = np.unique(cand[take], return_index=True)
-        if len(cand) == 0:
+        cand = (edge[:, None] + steps).ravel()
+        take = free[cand]
+        edge, first = np.unique(cand[take], return_index=True)
+        if len(edge) == 0:
             break
-        edge_flat, edge_island = cand, cand_island[take][first]
-        free.flat[edge_flat] = False
-        flat, island = np.append(flat, edge_flat), np.append(island, edge_island)
+        edge_island = np.repeat(edge_island, len(steps))[take][first]
+        free[edge] = False
+        grown.append(edge)
+        grown_island.append(edge_island)
+    padded, island = np.concatenate(grown), np.concatenate(grown_island)
     order = np.argsort(island, kind="stable")
+    row, col = np.divmod(padded[order], width)
     island = island[order]
-    starts = _segment_starts(island, islands.n)
-    return Islands(flat[order], island, starts, islands.peak_flat, islands.peak_snr)
+    flat = (row - 1) * nx + col - 1
+    return Islands(flat, island, _segment_starts(island, islands.n), islands.peak_flat, islands.peak_snr)
