@@ -212,7 +212,7 @@ def test_deblending_separates_a_close_pair():
     x = 64 + np.array([-0.5, 0.5]) * sep * -np.sin(t)
     y = 64 + np.array([-0.5, 0.5]) * sep * np.cos(t)
     data = correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), x, y, np.array([80, 60]) * RMS, BEAM.cov())
-    plain = ExtractionParams()
+    plain = ExtractionParams(deblend_nthresh=0)
     image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), plain)
     assert len(extract_sources(image, plain)) == 1
     s = extract_sources(image, ExtractionParams(deblend_nthresh=32))

@@ -142,7 +142,11 @@ class Config:
     # -- extraction -----------------------------------------------------------------------------
     detection_threshold: float = _param(8.0, "extraction", "sigma", "island peak must exceed this x rms")
     analysis_threshold: float = _param(3.0, "extraction", "sigma", "island pixels exceed this x rms")
-    deblend_nthresh: int = _param(0, "extraction", "", "deblending sub-thresholds (0: no deblending)")
+    deblend_nthresh: int = _param(
+        32, "extraction", "",
+        "deblending sub-thresholds (0: no deblending); separates blended neighbours, e.g. pairs "
+        "1-3 beams apart",
+    )
     ew_sys_err: float = _param(10.0, "extraction", "arcsec", "systematic position error east-west")
     ns_sys_err: float = _param(10.0, "extraction", "arcsec", "systematic position error north-south")
     max_nr_consecutive_force_fits: int = _param(

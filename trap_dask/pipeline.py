@@ -11,10 +11,14 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import signal
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from trap_dask.config import Config, association_differences
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
@@ -213,8 +217,11 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
             for failure in failures:
                 log.warning("rejected %s: %s", failure.url, failure.reason)
                 _count(totals, writer.reject_unreadable(failure).result(), bar)
-            for summary in _stream(session, writer, images, window, params, quality):
-                _count(totals, summary, bar)
+            with _stop_on_interrupt() as stop:
+                for summary in _stream(session, writer, images, window, params, quality):
+                    _count(totals, summary, bar)
+                    if stop.is_set():
+                        raise KeyboardInterrupt
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -272,6 +279,28 @@ def _stream(session, writer, images, window, params, quality):
         del loaded, result
         submit_next()
         yield outcome
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """The first Ctrl-C sets the returned event (the run stops after the image being committed);
+    a second one interrupts at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("interrupted: stopping after the image being committed (Ctrl-C again to stop at once)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _count(totals: dict, summary, bar) -> None:

@@ -33,7 +33,7 @@ class ExtractionParams:
 
     detection_threshold: float = 8.0  # x rms
     analysis_threshold: float = 3.0  # x rms
-    deblend_nthresh: int = 0  # 0 = no deblending
+    deblend_nthresh: int = 32  # 0 = no deblending
     force_beam: bool = False  # fix the shape to the restoring beam
     margin: int = 0  # pixels from the edge in which sources are ignored
     radius: float = 0.0  # pixels from the centre beyond which sources are ignored (0 = no limit)
