@@ -126,9 +126,10 @@ def startup_probe(workdir: Path) -> dict[str, float]:
     started = time.perf_counter()
     from distributed import Client  # noqa: F401
 
+    from trap_dask.cluster import start_client
     from trap_dask.config import Config
     from trap_dask.db.store import ExportStore
-    from trap_dask.pipeline import database_settings, start_client
+    from trap_dask.pipeline import database_settings
     from trap_dask.writer import Writer
 
     imported = time.perf_counter()
@@ -136,13 +137,13 @@ def startup_probe(workdir: Path) -> dict[str, float]:
     config = Config(db_name=str(workdir / "startup.db"), db_overwrite=True)
     settings = database_settings(config)
     ExportStore.create(settings, overwrite=True).close()
-    client, _ = start_client(config)
+    session = start_client(config)
     ready = time.perf_counter()
-    writer = client.submit(Writer, settings, config, None, actor=True).result()
+    session.submit_writer(Writer, settings, config, None, backend=settings.backend)
+    writer = session.writer_actor()
     actor = time.perf_counter()
     writer.finish("completed").result()
-    client.close()
-    client.cluster.close()
+    session.close()
     return {"import_s": imported - started, "cluster_s": ready - imported, "actor_s": actor - ready}
 
 

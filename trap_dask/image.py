@@ -8,6 +8,7 @@ an image unusable raises :class:`ImageError` whose message is the reason shown t
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import warnings
@@ -123,13 +124,14 @@ def read_meta(
     )
 
 
-def read_image(meta: ImageMeta) -> tuple[np.ndarray, WCS]:
+def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, WCS]:
     """Return the 2-D plane (float32, Jy/beam, NaN kept) and its celestial WCS.
 
     The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN.
+    ``raw``: the file's bytes when the caller has read them already (they are not read again).
     """
     try:
-        with fits.open(meta.url, memmap=False) as hdul:
+        with fits.open(io.BytesIO(raw) if raw is not None else meta.url, memmap=False) as hdul:
             hdu = hdul[meta.hdu]
             data = hdu.data
             blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None

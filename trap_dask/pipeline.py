@@ -200,8 +200,9 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
                               backend=settings.backend)
         check_inputs_readable(client, paths)
-        scans = client.gather(client.map(tasks.scan, paths, pure=False))
-        fresh = [s for s in scans if s.checksum not in known]
+        # checksums up front only to recognise images already in the database; else at load
+        scans = client.gather(client.map(tasks.scan, paths, checksum=bool(known), pure=False))
+        fresh = [s for s in scans if s.checksum is None or s.checksum not in known]
         if len(fresh) < len(scans):
             log.info("%d images already in the database: skipped", len(scans) - len(fresh))
         failures = [s for s in fresh if isinstance(s, tasks.ScanFailure)]

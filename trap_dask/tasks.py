@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class ScannedImage:
     """A file whose header gave everything needed."""
 
     meta: ImageMeta
-    checksum: str  #: sha256 of the file's bytes (hex)
+    checksum: str | None  #: sha256 of the file's bytes (hex); None: computed when it is loaded
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,23 @@ class LoadedImage:
     prepared: PreparedImage | None  #: None for a rejected image
 
 
-def scan(path: str, beam: Beam | None = None, freq: tuple[float, float] | None = None) -> ScannedImage | ScanFailure:
-    """Checksum a file and read its header; a bad file gives a ScanFailure, never an exception."""
+def scan(path: str, checksum: bool = False, beam: Beam | None = None,
+         freq: tuple[float, float] | None = None) -> ScannedImage | ScanFailure:
+    """Read one file's header (and checksum it if asked); a bad file gives a ScanFailure, never an exception."""
     try:
-        checksum = file_checksum(path)
+        meta = read_meta(path, beam=beam, freq=freq)
+    except ImageError as exc:
+        try:
+            digest = file_checksum(path)
+        except OSError:
+            digest = None
+        return ScanFailure(url=path, reason=str(exc), checksum=digest)
     except OSError as exc:
         return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
     try:
-        return ScannedImage(read_meta(path, beam=beam, freq=freq), checksum)
-    except ImageError as exc:
-        return ScanFailure(url=path, reason=str(exc), checksum=checksum)
+        return ScannedImage(meta, file_checksum(path) if checksum else None)
+    except OSError as exc:
+        return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
 
 
 def file_checksum(path: str) -> str:
@@ -86,12 +94,18 @@ def file_checksum(path: str) -> str:
 
 
 def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
-    """Read the pixels, check quality, and prepare background and noise maps."""
-    meta, checksum = image.meta, image.checksum
+    """Read the pixels (the file is read once, for its checksum too), check quality, prepare maps."""
+    meta = image.meta
     try:
-        data, wcs = read_image(meta)
-    except (ImageError, OSError) as exc:
+        raw = Path(meta.url).read_bytes()
+    except OSError as exc:
+        return _rejected(meta, image.checksum, None, f"cannot read the file: {exc.strerror or exc}")
+    checksum = image.checksum or hashlib.sha256(raw).hexdigest()
+    try:
+        data, wcs = read_image(meta, raw)
+    except ImageError as exc:
         return _rejected(meta, checksum, None, f"cannot read the pixels: {exc}")
+    del raw
     stats, reason = check_quality(data, quality)
     if reason is not None:
         return _rejected(meta, checksum, stats, reason)
@@ -100,7 +114,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     return LoadedImage(result, prepared)
 
 
-def _rejected(meta: ImageMeta, checksum: str, stats: ImageStats | None, reason: str) -> LoadedImage:
+def _rejected(meta: ImageMeta, checksum: str | None, stats: ImageStats | None, reason: str) -> LoadedImage:
     return LoadedImage(ImageResult(meta, checksum, stats, reason, 0.0, empty_sources()), None)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sqlalchemy import Connection, Table, func, insert, select, update
@@ -34,12 +34,18 @@ log = logging.getLogger(__name__)
 Columns = Mapping[str, np.ndarray]
 
 
+#: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
+SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
 def _python_values(column: np.ndarray) -> list[Any]:
-    """A numpy column as DBAPI values: Python scalars, NaN as NULL."""
+    """A numpy column as SQLite DB-API values: Python scalars, NaN as NULL, datetimes as text."""
     if column.dtype.kind == "f":
         values = column.astype(object)
         values[np.isnan(column)] = None
         return values.tolist()
+    if column.dtype.kind == "O":
+        return [v.strftime(SQLITE_DATETIME) if isinstance(v, datetime) else v for v in column.tolist()]
     return column.tolist()
 
 
@@ -48,12 +54,9 @@ def plain(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
 
 
-def records(columns: Columns, names: Iterable[str] | None = None, rows: np.ndarray | None = None) -> list[dict]:
-    """Rows of a columnar table as dicts (optionally only ``names`` and ``rows``)."""
-    names = list(names or columns.keys())
-    data = {n: _python_values(columns[n] if rows is None else columns[n][rows]) for n in names}
-    count = len(next(iter(data.values()))) if data else 0
-    return [{n: data[n][i] for n in names} for i in range(count)]
+def row_tuples(columns: Columns, names: Sequence[str], rows: np.ndarray | None = None) -> list[tuple]:
+    """Rows of a columnar table as DB-API parameter tuples in the order of ``names``."""
+    return list(zip(*(_python_values(columns[n] if rows is None else columns[n][rows]) for n in names)))
 
 
 @dataclass(frozen=True)
@@ -226,11 +229,12 @@ class ExportStore:
                 self._insert(conn, schema.newsource, {**new_sources, "id": ids})
 
     def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
-        """Insert columnar rows: COPY on PostgreSQL, one executemany elsewhere."""
+        """Insert columnar rows: COPY on PostgreSQL, one DB-API executemany on SQLite."""
         if self.settings.backend == "postgres":
             copy_insert(conn, table, columns)
-        else:
-            conn.execute(insert(table), records(columns, [c for c in table.c.keys() if c in columns]))
+            return
+        names = [c for c in table.c.keys() if c in columns]
+        conn.exec_driver_sql(_sqlite_insert_sql(conn, table, names), row_tuples(columns, names))
 
     def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None,
                 keys: list[str]) -> None:
@@ -242,12 +246,19 @@ class ExportStore:
         if self.settings.backend == "postgres":
             copy_upsert(conn, table, columns, rows, keys)
             return
-        statement = sqlite.insert(table)
-        statement = statement.on_conflict_do_update(
-            index_elements=keys,
-            set_={c: statement.excluded[c] for c in table.c.keys() if c not in keys},
-        )
-        conn.execute(statement, records(columns, table.c.keys(), rows))
+        names = list(table.c.keys())
+        quote = conn.dialect.identifier_preparer.quote
+        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in keys)
+        sql = (_sqlite_insert_sql(conn, table, names)
+               + f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}")
+        conn.exec_driver_sql(sql, row_tuples(columns, names, rows))
+
+def _sqlite_insert_sql(conn: Connection, table: Table, names: Sequence[str]) -> str:
+    """``INSERT INTO table (names) VALUES (?, ...)`` with quoted identifiers (qmark parameters)."""
+    quote = conn.dialect.identifier_preparer.quote
+    return (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+            f"VALUES ({', '.join('?' * len(names))})")
+
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
