@@ -260,10 +260,9 @@ def _stream(session, writer, images, window, params, quality):
         for index, image in upcoming:
             priority = len(images) - index
             name = os.path.basename(image.meta.url)
-            loaded = client.submit(tasks.load, image, quality, params, priority=priority,
-                                   key=f"load-{index}-{name}", **slot)
-            result = client.submit(tasks.extract, loaded, params, priority=priority,
-                                   key=f"extract-{index}-{name}", **slot)
+            loaded = client.submit(tasks.process, image, quality, params, priority=priority,
+                                   key=f"process-{index}-{name}", **slot)
+            result = client.submit(tasks.result_of, loaded, priority=priority, key=f"result-{index}-{name}")
             pending.append((loaded, result))
             return
 

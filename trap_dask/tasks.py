@@ -126,6 +126,17 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
     return ImageResult(**{**image.result.__dict__, "sources": sources})
 
 
+def process(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
+    """load and extract in one task, so that the pixels never move between workers."""
+    loaded = load(image, quality, params)
+    return LoadedImage(extract(loaded, params), loaded.prepared)
+
+
+def result_of(image: LoadedImage) -> ImageResult:
+    """The small part of a processed image, for the client and the writer."""
+    return image.result
+
+
 def force(image: LoadedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams) -> np.ndarray:
     """Forced fits with the beam's shape at (ra, dec) in deg; NaN fluxes where not measurable."""
     return forced_fit(image.prepared, ra, dec, params)
