@@ -284,6 +284,34 @@ def _island_pixels(centres: np.ndarray, half: int, rng: np.random.Generator):
     return PixelSet(x, y, rng.normal(size=len(x)), weight, island, np.arange(len(centres)) * dx.size)
 
 
+def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
+    """Pairwise (small islands) and FFT (large islands) beam-correlated sums against dense ones."""
+    from trap_dask.extraction.gaussian import _FFT_MIN_PIXELS, PixelSet, _gram_matrices
+
+    rng = np.random.default_rng(5)
+    full = _island_pixels(np.array([[20, 30], [80, 64], [150, 40]]), 12, rng)  # 625 pixels each
+    keep = rng.uniform(size=len(full.x)) < np.where(full.island == 0, 0.3, 0.8)  # irregular islands
+    keep[full.starts] = True
+    pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
+                      np.searchsorted(full.island[keep], np.arange(3)))
+    counts = np.diff(np.append(pixels.starts, len(pixels.x)))
+    assert counts[0] <= _FFT_MIN_PIXELS < counts[1:].min()  # both paths are exercised
+    beam_cov = BEAM.cov()
+    vectors = rng.normal(size=(len(pixels.x), 4))
+    first = pixels.starts[pixels.island]  # offsets from a pixel of the island keep float32 sums exact
+    dx, dy = pixels.x - pixels.x[first] + 0.3, pixels.y - pixels.y[first] - 0.4
+    plain, correlated = _gram_matrices(vectors, dx, dy, pixels, beam_cov)
+    beam_inv = np.linalg.inv(beam_cov)
+    for i in range(3):
+        sel = pixels.island == i
+        v, x, y = vectors[sel], pixels.x[sel], pixels.y[sel]
+        lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
+        rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, beam_inv, lag))
+        assert np.allclose(plain[i], v.T @ v, rtol=1e-5, atol=1e-5 * np.abs(v.T @ v).max())
+        dense = v.T @ rho @ v
+        assert np.allclose(correlated[i], dense, rtol=1e-4, atol=1e-5 * np.abs(dense).max())
+
+
 def test_normal_equations_and_fit_covariance_match_direct_sums():
     """The batched shortcuts (monomial moments, exp-factorised beam correlation) against dense sums."""
     from trap_dask.extraction.gaussian import _linearise, fit_covariance

@@ -81,15 +81,17 @@ def clipped_std(values: np.ndarray, kappa: float = KAPPA, max_iterations: int = 
         warnings.simplefilter("ignore", RuntimeWarning)
         centre = np.nanmedian(values, axis=1, keepdims=True).astype(np.float64)
         width = 1.4826 * np.nanmedian(np.abs(values - centre), axis=1, keepdims=True)
-    keep = None
+    keep, offset = None, np.empty_like(x)  # offset: reused |x - centre| and (x - centre)**2
     for _ in range(max_iterations):
-        new_keep = finite & (np.abs(x - centre) <= kappa * width)
+        np.abs(np.subtract(x, centre, out=offset), out=offset)
+        new_keep = (offset <= kappa * width) & finite
         if keep is not None and np.array_equal(new_keep, keep):
             break
         keep = new_keep
         n = keep.sum(axis=1, keepdims=True)
-        centre = np.where(keep, x, 0.0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
-        width = np.sqrt(np.where(keep, (x - centre) ** 2, 0.0).sum(axis=1, keepdims=True) / np.maximum(n - 1, 1))
+        centre = x.sum(axis=1, keepdims=True, where=keep) / np.maximum(n, 1)
+        np.square(np.subtract(x, centre, out=offset), out=offset)
+        width = np.sqrt(offset.sum(axis=1, keepdims=True, where=keep) / np.maximum(n - 1, 1))
     return np.where(finite.sum(axis=1) >= 2, width[:, 0] / _clipping_bias(kappa), np.nan)
 
 

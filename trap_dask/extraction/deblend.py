@@ -43,19 +43,21 @@ def deblend(
     root = np.arange(islands.n)  # island of every component
     split = np.zeros(islands.n, dtype=bool)
     log_ratio = np.log(np.maximum(islands.peak_snr / analysis, 1.0))
+    above = np.arange(len(islands.flat))  # the levels rise: each level's pixels are the last's subset
     for k in range(1, nthresh + 1):
         level = analysis * np.exp(log_ratio * k / (nthresh + 1))
-        above = np.flatnonzero(pix_snr > level[islands.island])
+        above = above[pix_snr[above] > level[islands.island[above]]]
         if len(above) == 0:
             break
-        mask = np.zeros(box, dtype=bool)
-        mask.flat[local[above]] = True
-        sub, nsub = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        sid = sub.flat[local[above]] - 1
+        cells = local[above]
+        mask = np.zeros(box[0] * box[1], dtype=bool)
+        mask[cells] = True
+        sub, nsub = ndimage.label(mask.reshape(box), structure=EIGHT_CONNECTED)
+        sid = sub.ravel()[cells] - 1
         parent = np.empty(nsub, dtype=np.int64)
         parent[sid] = comp[above]
         sub_flux = np.bincount(sid, weights=pix_flux[above], minlength=nsub)
-        n_detectable = np.bincount(sid, weights=pix_snr[above] >= detection, minlength=nsub)
+        n_detectable = np.bincount(sid[pix_snr[above] >= detection], minlength=nsub)
         significant = (sub_flux >= min_contrast * island_flux[root[parent]]) & (n_detectable > 0)
         splits = np.bincount(parent[significant], minlength=len(root)) >= 2
         new_subs = np.flatnonzero(significant & splits[parent])

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import fft as sfft
 
 from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, axes_from_cov, cov_from_axes
 
@@ -306,22 +307,98 @@ def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.nda
     return ok & (minor > 0.2 * beam_minor) & (major < 3.0 * extent + 2.0 * beam_minor)
 
 
-#: Upper bound on padded pixel pairs handled per batch by :func:`_gram_matrices`.
+#: Upper bound on padded pixel pairs handled per batch by :func:`_direct_gram`.
 _PAIRS_PER_BATCH = 250_000
+#: Islands of more pixels than this get their correlated sums by FFT convolution.
+_FFT_MIN_PIXELS = 300
+#: Upper bound on grid cells per batch of :func:`_fft_gram`.
+_CELLS_PER_BATCH = 1_000_000
 
 
-def _padded_batches(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
-    """Group islands of similar size: (island numbers, padded size) per batch."""
-    order = np.argsort(counts, kind="stable")
+def _size_batches(size: np.ndarray, cost: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Group items in order of ``size`` so that each group's ``len * max cost`` stays <= budget."""
+    order = np.argsort(size, kind="stable")
     batches, first = [], 0
     while first < len(order):
         last = first + 1
-        while last < len(order) and (last - first + 1) * counts[order[last]] ** 2 <= _PAIRS_PER_BATCH:
+        while last < len(order) and (last - first + 1) * cost[order[last]] <= budget:
             last += 1
-        size = counts[order[last - 1]]
-        batches.append((order[first:last], int(size)))
+        batches.append(order[first:last])
         first = last
     return batches
+
+
+def _direct_gram(
+    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_gram_matrices` summing every pixel pair explicitly, in float32 (small islands).
+
+    Writing ``rho_ij = exp(f_i + f_j + r_i^T B r_j)`` with ``f = -r^T B r / 2`` and ``B`` the
+    inverse beam covariance, the exponents of all pairs are one matrix product of 4-vectors.
+    """
+    n, k = len(starts), vectors.shape[1]
+    counts = np.diff(np.append(starts, len(r)))
+    r = r.astype(np.float32)
+    br = r @ beam_inv.astype(np.float32)
+    f = -0.5 * np.einsum("ij,ij->i", r, br)[:, None]
+    one = np.ones_like(f)
+    left, right = np.hstack([r, f, one]), np.hstack([br, one, f])
+    vectors = vectors.astype(np.float32)
+    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
+    buffer = np.empty(_PAIRS_PER_BATCH + counts.max() ** 2, dtype=np.float32)
+    for isl in _size_batches(counts, counts.astype(float) ** 2, _PAIRS_PER_BATCH):
+        size = counts[isl].max()
+        slot = np.arange(size)
+        used = slot[None, :] < counts[isl, None]
+        idx = np.where(used, starts[isl, None] + slot, starts[isl, None])
+        rho = buffer[: len(isl) * size * size].reshape(len(isl), size, size)
+        np.exp(np.matmul(left[idx], np.swapaxes(right[idx], 1, 2), out=rho), out=rho)
+        vec = vectors[idx] * used[:, :, None]
+        vec_t = np.swapaxes(vec, 1, 2)
+        plain[isl], correlated[isl] = vec_t @ vec, vec_t @ (rho @ vec)
+    return plain, correlated
+
+
+def _beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """Unit-peak beam (ny, nx) at the offsets of a circular grid (0, 1, ..., -1 along each axis)."""
+    ox = np.fft.fftfreq(nx, 1.0 / nx)[None, :]
+    oy = np.fft.fftfreq(ny, 1.0 / ny)[:, None]
+    (a, b), (_, c) = beam_inv
+    return np.exp(-0.5 * (a * ox * ox + 2.0 * b * ox * oy + c * oy * oy))
+
+
+def _fft_gram(
+    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_gram_matrices` by convolving each island's vectors with the beam on its pixel grid.
+
+    ``sum_j rho(r_i - r_j) v_j`` is a linear convolution over the island's bounding box (h, w):
+    a circular FFT convolution of size >= (2h - 1, 2w - 1) gives it exactly, in float64.
+    Islands of similar padded size share one batched FFT.
+    """
+    n, k = len(starts), vectors.shape[1]
+    island = np.repeat(np.arange(n), np.diff(np.append(starts, len(r))))
+    grid = np.rint(r - np.minimum.reduceat(r, starts)[island]).astype(int)  # (npix, 2): x, y
+    extent = np.maximum.reduceat(grid, starts) + 1
+    padded = np.array([sfft.next_fast_len(int(2 * e - 1), real=True) for e in extent.ravel()]).reshape(n, 2)
+    products = np.empty((k, k, len(r)))
+    batch = np.empty(n, dtype=int)
+    shape_id = np.unique(padded, axis=0, return_inverse=True)[1].ravel()
+    for isl in _size_batches(shape_id, padded.prod(1) * k, _CELLS_PER_BATCH):
+        isl = np.sort(isl)
+        nx, ny = padded[isl].max(0)
+        batch[isl] = np.arange(len(isl))
+        pix = np.flatnonzero(np.isin(island, isl))
+        cell = (batch[island[pix]] * ny + grid[pix, 1]) * nx + grid[pix, 0]
+        cells = np.zeros((k, len(isl) * ny * nx))
+        cells[:, cell] = vectors[pix].T
+        beam = sfft.rfft2(_beam_on_grid(beam_inv, ny, nx))
+        spectrum = sfft.rfft2(cells.reshape(k, len(isl), ny, nx)) * beam
+        smoothed = sfft.irfft2(spectrum, s=(ny, nx)).reshape(k, -1)[:, cell]
+        products[:, :, pix] = vectors[pix].T[:, None, :] * smoothed[None, :, :]
+    correlated = np.moveaxis(_segment_sum(products, starts), -1, 0)
+    plain = np.moveaxis(_segment_sum(vectors.T[:, None, :] * vectors.T[None, :, :], starts), -1, 0)
+    return plain, correlated
 
 
 def _gram_matrices(
@@ -330,29 +407,22 @@ def _gram_matrices(
     """Per island ``sum_i v_i v_i^T`` and ``sum_ij v_i rho(r_i - r_j) v_j^T`` (n, k, k each).
 
     ``vectors`` (npix, k) of the island pixels at offsets (dx, dy) in pixels from any point of
-    their island (keep them small: the sums run in float32); ``rho`` is the unit-peak beam.
-    Writing ``rho_ij = exp(f_i + f_j + r_i^T B r_j)`` with ``f = -r^T B r / 2`` and ``B`` the
-    inverse beam covariance, the exponents of all pairs are one matrix product of 4-vectors.
+    their island (keep them small: small islands sum in float32); ``rho`` is the unit-peak beam.
+    Islands of more than ``_FFT_MIN_PIXELS`` pixels are summed by FFT convolution, the others
+    pair by pair.
     """
     n, k = len(pixels.starts), vectors.shape[1]
     counts = np.diff(np.append(pixels.starts, len(dx)))
-    r = np.column_stack([dx, dy]).astype(np.float32)
-    br = r @ np.linalg.inv(beam_cov).astype(np.float32)
-    f = -0.5 * np.einsum("ij,ij->i", r, br)[:, None]
-    one = np.ones_like(f)
-    left, right = np.hstack([r, f, one]), np.hstack([br, one, f])
-    vectors = vectors.astype(np.float32)
+    r = np.column_stack([dx, dy])
+    beam_inv = np.linalg.inv(beam_cov)
     plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
-    buffer = np.empty(_PAIRS_PER_BATCH + counts.max() ** 2, dtype=np.float32)
-    for isl, size in _padded_batches(counts):
-        slot = np.arange(size)
-        used = slot[None, :] < counts[isl, None]
-        idx = np.where(used, pixels.starts[isl, None] + slot, pixels.starts[isl, None])
-        rho = buffer[: len(isl) * size * size].reshape(len(isl), size, size)
-        np.exp(np.matmul(left[idx], np.swapaxes(right[idx], 1, 2), out=rho), out=rho)
-        vec = vectors[idx] * used[:, :, None]
-        vec_t = np.swapaxes(vec, 1, 2)
-        plain[isl], correlated[isl] = vec_t @ vec, vec_t @ (rho @ vec)
+    for large in (False, True):
+        chosen = (counts > _FFT_MIN_PIXELS) == large
+        if chosen.any():
+            pix = chosen[pixels.island]
+            starts = np.cumsum(counts[chosen]) - counts[chosen]
+            gram = _fft_gram if large else _direct_gram
+            plain[chosen], correlated[chosen] = gram(vectors[pix], r[pix], beam_inv, starts)
     return plain, correlated
 
 
