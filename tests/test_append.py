@@ -156,3 +156,14 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
     resumed = subprocess.run(_cli(settings, [tmp_path / "many"], "--db_append"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _committed(settings) == many.n_epochs
+
+
+def test_append_to_an_empty_database_made_beforehand(db_settings, epochs):
+    from trap_dask.db.backends import create_database
+
+    if db_settings.backend == "sqlite":
+        Path(db_settings.name).touch()   # an empty file is an empty SQLite database
+    else:
+        create_database(db_settings)     # as an administrator would, for a user without CREATEDB
+    summary = run(db_settings, epochs[:2], db_append=True)
+    assert summary.n_images == 2 and _committed(db_settings) == 2

@@ -265,3 +265,25 @@ def test_monitor_position_is_measured_in_every_image(survey, tmp_path):
     true = truth["peak_flux"][k, :, 0]
     assert np.all(np.abs(flux - true) < 5 * err), "forced fluxes disagree with the truth"
     assert np.all(np.abs(flux[:on]) < 5 * err[:on])      # nothing there before switch-on
+
+
+def test_an_image_that_breaks_the_extractor_is_rejected_and_the_run_goes_on(survey, tmp_path, monkeypatch):
+    import threading
+
+    import trap_dask.tasks
+
+    real, calls, lock = trap_dask.tasks.extract_sources, [], threading.Lock()
+
+    def fails_once(image, params):
+        with lock:
+            calls.append(1)
+            first = len(calls) == 1
+        if first:
+            raise RuntimeError("boom")
+        return real(image, params)
+
+    monkeypatch.setattr(trap_dask.tasks, "extract_sources", fails_once)
+    db = run([Path(survey["images"][0]["path"]).parent], tmp_path / "bad.db")
+    rejected = query(db, "SELECT rejection_reason FROM images WHERE rejected")
+    assert rejected == [("processing failed: RuntimeError: boom",)]
+    assert query(db, "SELECT count(*) FROM images WHERE NOT rejected")[0][0] == len(survey["images"]) - 1

@@ -92,6 +92,12 @@ class ClusterSession:
         self.writer_address = ", ".join(self.client.who_has(self.writer).get(self.writer.key, ()))
         return actor
 
+    def ready_writer(self) -> Any:
+        """The writer actor if it was submitted and has started, else None (for cleaning up)."""
+        if self.writer is None or self.writer.status != "finished":
+            return None
+        return self.writer.result()
+
     def writer_lost(self, timeout: float = 2.0) -> str | None:
         """After an actor call raised: the user-facing message if the writer's worker is gone, else None.
 
@@ -112,12 +118,6 @@ class ClusterSession:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
-
-    def __enter__(self) -> ClusterSession:
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

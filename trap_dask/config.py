@@ -25,8 +25,6 @@ DEFAULT_CONFIG_FILE = "trap_config.toml"
 ENV_PREFIX = "TRAP_"
 #: A Dask memory limit: bytes with an optional unit, a fraction of system memory, or 'auto'.
 _MEMORY_LIMIT = r"(?i)auto|\d+(\.\d+)?\s*([kmgtp]i?b?|b)?"
-#: Parameters never written to the export database, logs or error messages.
-SECRET_PARAMETERS = frozenset({"db_password"})
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
     "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
@@ -38,8 +36,10 @@ class ConfigError(ValueError):
     """A parameter is unknown, of the wrong type or has an impossible value."""
 
 
-def _param(default: Any, section: str, unit: str, help: str) -> Any:
-    return field(default=default, metadata={"section": section, "unit": unit, "help": help})
+def _param(default: Any, section: str, unit: str, help: str, secret: bool = False) -> Any:
+    """A Config field; a ``secret`` one is left out of reprs, the export database and messages."""
+    return field(default=default, repr=not secret,
+                 metadata={"section": section, "unit": unit, "help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Config:
     db_user: str | None = _param(None, "database", "", "PostgreSQL user (default: the login name)")
     db_password: str | None = _param(
         None, "database", "",
-        "PostgreSQL password (or PGPASSWORD, or ~/.pgpass); never stored or logged",
+        "PostgreSQL password (or PGPASSWORD, or ~/.pgpass); never stored or logged", secret=True,
     )
     db_overwrite: bool = _param(
         False, "database", "", "drop and recreate an existing export database"
@@ -192,6 +192,8 @@ class Config:
 
 
 PARAMETERS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+#: Parameters never written to the export database, logs or error messages.
+SECRET_PARAMETERS = frozenset(name for name, f in PARAMETERS.items() if f.metadata["secret"])
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.metadata["section"] for f in PARAMETERS.values()))
 
 

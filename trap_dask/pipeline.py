@@ -70,22 +70,24 @@ class RunSummary:
 
 
 def find_images(patterns: tuple[str, ...]) -> list[str]:
-    """Absolute paths of the FITS files named by files, directories (recursive) or globs."""
+    """Absolute paths of the FITS files named by files, directories (recursive) or globs.
+
+    A file named explicitly is taken whatever its suffix; directories, also those a glob
+    matches, are searched for files with a FITS suffix.
+    """
     found: set[str] = set()
     for pattern in patterns:
         path = Path(pattern)
-        if path.is_dir():
-            candidates = [p for p in path.rglob("*") if p.is_file()]
-        elif path.is_file():
-            candidates = [path]
-        else:
-            candidates = [Path(p) for p in glob.glob(pattern, recursive=True)]
-            if not candidates:
-                raise PipelineError(f"input {pattern!r} matches no file or directory")
-        found.update(
-            str(p.resolve()) for p in candidates
-            if p.is_file() and (path.is_file() or p.name.lower().endswith(FITS_SUFFIXES))
-        )
+        if path.is_file():
+            found.add(str(path.resolve()))
+            continue
+        matches = [path] if path.is_dir() else [Path(p) for p in glob.glob(pattern, recursive=True)]
+        if not matches:
+            raise PipelineError(f"input {pattern!r} matches no file or directory")
+        for match in matches:
+            candidates = match.rglob("*") if match.is_dir() else [match]
+            found.update(str(p.resolve()) for p in candidates
+                         if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES))
     return sorted(found)
 
 
@@ -236,9 +238,14 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         writer = None
         raise PipelineError(lost) from exc
     finally:
-        if writer is not None:
-            finished = writer.finish(status).result()
-        session.close()
+        writer = writer if writer is not None else session.ready_writer()
+        try:
+            if writer is not None:
+                finished = writer.finish(status).result()
+        except Exception as exc:  # noqa: BLE001 - the run's own error, if any, is the one to show
+            log.warning("could not record the end of the run: %s", exc)
+        finally:
+            session.close()
     return RunSummary(
         db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],

@@ -70,16 +70,13 @@ def scan(path: str, checksum: bool = False, beam: Beam | None = None,
     """Read one file's header (and checksum it if asked); a bad file gives a ScanFailure, never an exception."""
     try:
         meta = read_meta(path, beam=beam, freq=freq)
+        return ScannedImage(meta, file_checksum(path) if checksum else None)
     except ImageError as exc:
         try:
             digest = file_checksum(path)
         except OSError:
             digest = None
         return ScanFailure(url=path, reason=str(exc), checksum=digest)
-    except OSError as exc:
-        return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
-    try:
-        return ScannedImage(meta, file_checksum(path) if checksum else None)
     except OSError as exc:
         return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
 
@@ -127,9 +124,16 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
 
 
 def process(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
-    """load and extract in one task, so that the pixels never move between workers."""
-    loaded = load(image, quality, params)
-    return LoadedImage(extract(loaded, params), loaded.prepared)
+    """load and extract in one task, so that the pixels never move between workers.
+
+    An image that breaks the extractor becomes a rejected image with the reason, so one bad
+    image never stops a run.
+    """
+    try:
+        loaded = load(image, quality, params)
+        return LoadedImage(extract(loaded, params), loaded.prepared)
+    except Exception as exc:  # noqa: BLE001 - recorded, with its reason, in the images table
+        return _rejected(image.meta, image.checksum, None, f"processing failed: {type(exc).__name__}: {exc}")
 
 
 def result_of(image: LoadedImage) -> ImageResult:

@@ -8,7 +8,7 @@ connection URL or the password.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -29,7 +29,7 @@ class DatabaseSettings:
     host: str = "localhost"
     port: int = 5432
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """A password-free description for messages and logs."""
@@ -54,7 +54,7 @@ class DatabaseSettings:
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed image survives a power loss too
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

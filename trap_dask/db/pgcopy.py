@@ -41,10 +41,10 @@ def _copy(conn: Connection, target: str, names: Sequence[str], data: io.StringIO
         cursor.copy_expert(sql, data)
 
 
-def copy_insert(conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None = None) -> None:
-    """Insert ``columns`` (all of them, optionally only ``rows``) into ``table`` with COPY."""
+def copy_insert(conn: Connection, table: Table, columns: Columns) -> None:
+    """Insert every row of ``columns`` into ``table`` with COPY."""
     names = [c for c in table.c.keys() if c in columns]
-    _copy(conn, conn.dialect.identifier_preparer.format_table(table), names, _csv(columns, names, rows))
+    _copy(conn, conn.dialect.identifier_preparer.format_table(table), names, _csv(columns, names, None))
 
 
 def copy_upsert(conn: Connection, table: Table, columns: Columns, rows: np.ndarray, keys: Sequence[str]) -> None:

@@ -83,7 +83,7 @@ images = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("run", Integer, ForeignKey("runs.id"), nullable=False),
     Column("url", Text, nullable=False),
-    Column("checksum", String(64), comment="sha256 of the file's first MiB and size"),
+    Column("checksum", String(64), comment="sha256 of the file's bytes (hex)"),
     Column("rejected", Boolean, nullable=False),
     Column("rejection_reason", Text),
     Column("rms", Double, comment="Jy/beam, clipped rms of the central region"),

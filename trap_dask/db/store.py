@@ -7,15 +7,16 @@ consistent prefix of the run.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlalchemy import Connection, Table, func, insert, inspect, select, update
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
 from trap_dask.db import schema
@@ -73,6 +74,18 @@ class StoredState:
     next_src_id: int
 
 
+def _database_errors(method: Callable) -> Callable:
+    """Re-raise the driver's errors of a store method as one-line DatabaseErrors."""
+    @functools.wraps(method)
+    def wrapper(self: "ExportStore", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except DBAPIError as exc:
+            raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
+
+    return wrapper
+
+
 class ExportStore:
     """Reads and writes the export database; see trap_dask.db.schema for the tables."""
 
@@ -93,29 +106,37 @@ class ExportStore:
         create_database(settings)
         store = cls(settings)
         try:
-            schema.metadata.create_all(store.engine)
-            with store.engine.begin() as conn:
-                conn.execute(insert(schema.schema_version).values(
-                    version=schema.SCHEMA_VERSION, software_version=__version__, created_at=_now()
-                ))
-        except DBAPIError as exc:
+            store._create_tables()
+        except DatabaseError:
             store.close()
             drop_database(settings)
-            raise DatabaseError(f"cannot create the tables in {settings.describe()}: {driver_reason(exc)}") from None
+            raise
         return store
 
     @classmethod
     def open(cls, settings: DatabaseSettings) -> "ExportStore":
-        """Open an existing export database of this schema version (to append to it)."""
+        """Open an existing export database of this schema version (to append to it).
+
+        A database without any table (e.g. made by an administrator for the run) gets the schema.
+        """
         store = cls(settings)
         try:
             with store.engine.connect() as conn:
-                versions = conn.execute(select(schema.schema_version.c.version)).scalars().all()
-        except DBAPIError as exc:
+                tables = inspect(conn).get_table_names()
+                if not tables:
+                    versions = [schema.SCHEMA_VERSION]
+                elif schema.schema_version.name not in tables:
+                    raise DatabaseError(f"{settings.describe()} is not a trap-dask export database")
+                else:
+                    versions = conn.execute(select(schema.schema_version.c.version)).scalars().all()
+            if not tables:
+                store._create_tables()
+        except OperationalError as exc:
             store.close()
-            raise DatabaseError(
-                f"{settings.describe()} is not a trap-dask export database ({driver_reason(exc)})"
-            ) from None
+            raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
+        except (DBAPIError, DatabaseError):
+            store.close()
+            raise
         if versions != [schema.SCHEMA_VERSION]:
             store.close()
             raise DatabaseError(
@@ -124,10 +145,23 @@ class ExportStore:
             )
         return store
 
+    def _create_tables(self) -> None:
+        try:
+            schema.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                conn.execute(insert(schema.schema_version).values(
+                    version=schema.SCHEMA_VERSION, software_version=__version__, created_at=_now()
+                ))
+        except DBAPIError as exc:
+            raise DatabaseError(
+                f"cannot create the tables in {self.settings.describe()}: {driver_reason(exc)}"
+            ) from None
+
     def close(self) -> None:
         self.engine.dispose()
 
     # -- runs --------------------------------------------------------------------------
+    @_database_errors
     def start_run(self, config_row: dict[str, Any], config_file: str | None) -> int:
         with self.engine.begin() as conn:
             run_id = (conn.execute(select(func.max(schema.runs.c.id))).scalar() or 0) + 1
@@ -138,6 +172,7 @@ class ExportStore:
             conn.execute(insert(schema.config).values(run=run_id, **plain(config_row)))
         return run_id
 
+    @_database_errors
     def close_stale_runs(self) -> int:
         """Mark runs still 'running' as 'killed' (call only while holding the run lock)."""
         with self.engine.begin() as conn:
@@ -145,6 +180,7 @@ class ExportStore:
                 update(schema.runs).where(schema.runs.c.status == "running").values(status="killed")
             ).rowcount
 
+    @_database_errors
     def latest_config(self) -> dict[str, Any] | None:
         """The config row of the most recent run, or None for an empty database."""
         with self.engine.connect() as conn:
@@ -153,12 +189,14 @@ class ExportStore:
             ).mappings().first()
         return dict(row) if row else None
 
+    @_database_errors
     def known_images(self) -> dict[str, str]:
         """checksum -> url of every image already in the database."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(schema.images.c.checksum, schema.images.c.url)).all()
         return {checksum: url for checksum, url in rows if checksum}
 
+    @_database_errors
     def load_state(self) -> "StoredState":
         """What a new run needs to continue this database: catalogue, light curves, images, ids."""
         with self.engine.connect() as conn:
@@ -181,6 +219,7 @@ class ExportStore:
                 next_src_id=next_id(schema.runningcatalog.c.src_id),
             )
 
+    @_database_errors
     def finish_run(self, run_id: int, status: str, n_images: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(schema.runs).where(schema.runs.c.id == run_id).values(
@@ -188,6 +227,7 @@ class ExportStore:
             ))
 
     # -- per image ----------------------------------------------------------------------
+    @_database_errors
     def commit_image(
         self,
         image_row: dict[str, Any],
