@@ -358,10 +358,13 @@ def validate(config: Config) -> Config:
 
 def association_differences(config: Config, stored: Mapping[str, Any]) -> list[str]:
     """``name: stored -> new`` for each association parameter that differs from a stored config row."""
+    def value(name: str, raw: Any) -> Any:  # the bands as numbers, however they were written
+        return _parse_positions(raw, name) if name == "frequency_band" and raw else raw
+
     return [
         f"{name}: {stored.get(name)!r} -> {getattr(config, name)!r}"
         for name in ASSOCIATION_PARAMETERS
-        if stored.get(name) != getattr(config, name)
+        if value(name, stored.get(name)) != value(name, getattr(config, name))
     ]
 
 

@@ -37,8 +37,11 @@ class RunLock:
         )
         if self.settings.backend == "sqlite":
             path = Path(self.settings.name).resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(f"{path}.lock", "a+")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(f"{path}.lock", "a+")
+            except OSError as exc:
+                raise DatabaseError(f"cannot write beside {self.settings.describe()}: {exc.strerror}") from None
             try:
                 fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
