@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select

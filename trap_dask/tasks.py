@@ -8,7 +8,7 @@ asked for that image's forced fits, so pixels are read once and never shipped to
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +120,7 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
     if image.prepared is None:
         return image.result
     sources = extract_sources(image.prepared, params)
-    return ImageResult(**{**image.result.__dict__, "sources": sources})
+    return replace(image.result, sources=sources)
 
 
 def process(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
