@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,17 +106,34 @@ def _cli(settings: DatabaseSettings, inputs, *extra) -> list[str]:
     return args
 
 
-def _committed(settings: DatabaseSettings) -> int:
+@contextmanager
+def _writes_held(settings: DatabaseSettings):
+    """Block the run's commits while the caller looks; yields the number of committed images (0 before the
+    schema exists). The count cannot change until the block ends, so a kill inside it leaves exactly that many."""
     if not database_exists(settings):
-        return 0
+        yield 0
+        return
     engine = make_engine(settings)
     try:
         with engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(schema.images)).scalar()
-    except Exception:
-        return 0
+            try:
+                if settings.backend == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
+                    conn.exec_driver_sql("BEGIN")
+                    conn.exec_driver_sql("LOCK TABLE images IN SHARE MODE")
+                count = conn.execute(select(func.count()).select_from(schema.images)).scalar()
+            except Exception:   # the schema is not there yet
+                count = 0
+            yield count
+            conn.rollback()
     finally:
         engine.dispose()
+
+
+def _committed(settings: DatabaseSettings) -> int:
+    with _writes_held(settings) as count:
+        return count
 
 
 @pytest.mark.parametrize("kill_after", [1, 4])
@@ -123,11 +141,16 @@ def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen(_cli(db_settings, epochs), stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and _committed(db_settings) < kill_after:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _committed(db_settings) < len(epochs), "the run finished before it was killed"
+    killed = False
+    while not killed and time.monotonic() < deadline and proc.poll() is None:
+        with _writes_held(db_settings) as count:
+            if count >= kill_after:
+                os.killpg(proc.pid, signal.SIGKILL)   # while its next commit waits for our lock
+                proc.wait()
+                killed = True
+        time.sleep(0.01)
+    assert killed, "the run finished before it was killed"
+    assert kill_after <= _committed(db_settings) < len(epochs)
     resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert dump(db_settings) == reference
