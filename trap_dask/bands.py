@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
+
+#: Relative tolerance within which a user's band edges (Hz) equal a stored band's.
+SAME_EDGES_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,11 @@ class Band:
 
     def contains(self, freq: float) -> bool:
         return self.freq_low <= freq <= self.freq_high
+
+    def has_edges(self, low: float, high: float) -> bool:
+        """Whether this band spans ``low`` to ``high`` (Hz), so has the same centre and width."""
+        return (math.isclose(self.freq_low, low, rel_tol=SAME_EDGES_RTOL)
+                and math.isclose(self.freq_high, high, rel_tol=SAME_EDGES_RTOL))
 
 
 def assign_band(
@@ -37,6 +47,17 @@ def assign_band(
     return Band(next_id, freq_eff - half, freq_eff, freq_eff + half), True
 
 
-def fixed_bands(ranges: list[tuple[float, float]]) -> list[Band]:
-    """Bands from user-given (low, high) pairs in Hz, numbered from 1 in the given order."""
-    return [Band(i + 1, lo, 0.5 * (lo + hi), hi) for i, (lo, hi) in enumerate(ranges)]
+def fixed_bands(ranges: list[tuple[float, float]], stored: Sequence[Band] = ()) -> list[Band]:
+    """Bands from user-given (low, high) pairs in Hz, in the given order.
+
+    A pair with the edges of a ``stored`` band (one already in the database) is that band; the
+    others are numbered after every stored band, so no id is used twice.
+    """
+    bands: list[Band] = []
+    next_id = max((b.band_id for b in stored), default=0) + 1
+    for lo, hi in ranges:
+        band = next((b for b in stored if b.has_edges(lo, hi)), None)
+        if band is None:
+            band, next_id = Band(next_id, lo, 0.5 * (lo + hi), hi), next_id + 1
+        bands.append(band)
+    return bands

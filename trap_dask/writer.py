@@ -61,7 +61,7 @@ class Writer:
         )
         stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())
-        self.bands = fixed_bands(config.frequency_bands()) if self.fixed else stored_bands
+        self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
         self.next_im_id = 1
         if state is not None:
