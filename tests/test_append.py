@@ -210,3 +210,36 @@ def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, 
     engine.dispose()
     assert stored == expected
     assert image_bands == [1, 1, appended_band, appended_band]
+
+
+def test_an_unreadable_file_is_recorded_once(db_settings, epochs, tmp_path, monkeypatch):
+    from trap_dask import tasks
+
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"this is not FITS" * 300)
+    checksum = tasks.file_checksum
+
+    def failing_disk(path: str) -> str:   # its bytes cannot be read: no checksum, as on a failing disk
+        if path == str(garbage):
+            raise OSError(5, "Input/output error")
+        return checksum(path)
+
+    def garbage_rows() -> list[tuple]:
+        engine = make_engine(db_settings)
+        with engine.connect() as conn:
+            rows = conn.execute(select(schema.images.c.rejected, schema.images.c.checksum)
+                                .where(schema.images.c.url == str(garbage)).order_by(schema.images.c.id)).all()
+        engine.dispose()
+        return [(rejected, digest is not None) for rejected, digest in rows]
+
+    inputs = [*epochs[:2], str(garbage)]
+    monkeypatch.setattr(tasks, "file_checksum", failing_disk)
+    assert run(db_settings, inputs).n_rejected == 1
+    summary = run(db_settings, inputs, db_append=True)
+    assert (summary.n_images, summary.n_skipped) == (0, 3)
+    assert garbage_rows() == [(True, False)]
+    monkeypatch.undo()   # readable again: processed, and recorded with its checksum
+    summary = run(db_settings, inputs, db_append=True)
+    assert (summary.n_images, summary.n_rejected, summary.n_skipped) == (1, 1, 2)
+    assert garbage_rows() == [(True, False), (True, True)]
+    assert run(db_settings, inputs, db_append=True).n_skipped == 3

@@ -22,6 +22,7 @@ from typing import Iterator
 
 from trap_dask.config import Config, association_differences
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
+from trap_dask.db.store import KnownImages
 from trap_dask.extraction import ExtractionParams
 from trap_dask.image import ImageMeta
 from trap_dask.quality import QualityParams
@@ -152,8 +153,8 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
         raise PipelineError(str(exc)) from None
 
 
-def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, dict[str, str]]:
-    """Create the export database, or open it to append; returns (appending, known checksums).
+def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, KnownImages]:
+    """Create the export database, or open it to append; returns (appending, the files it holds).
 
     Call while holding the run lock: runs left 'running' by a killed process are marked 'killed'.
     """
@@ -164,7 +165,7 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
         if config.db_append:
             log.info("%s does not exist yet: creating it", settings.describe())
         ExportStore.create(settings, overwrite=config.db_overwrite).close()
-        return False, {}
+        return False, KnownImages()
     store = ExportStore.open(settings)
     try:
         stored = store.latest_config()
@@ -203,8 +204,8 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
                               backend=settings.backend)
         check_inputs_readable(client, paths)
         # checksums up front only to recognise images already in the database; else at load
-        scans = client.gather(client.map(tasks.scan, paths, checksum=bool(known), pure=False))
-        fresh = [s for s in scans if s.checksum is None or s.checksum not in known]
+        scans = client.gather(client.map(tasks.scan, paths, checksum=bool(known.checksums), pure=False))
+        fresh = [s for s in scans if not _already_stored(s, known)]
         if len(fresh) < len(scans):
             log.info("%d images already in the database: skipped", len(scans) - len(fresh))
         failures = [s for s in fresh if isinstance(s, tasks.ScanFailure)]
@@ -252,6 +253,16 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"],
         wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"], rows_committed=finished["rows_committed"],
     )
+
+
+def _already_stored(scan, known: KnownImages) -> bool:
+    """Whether a scanned input (ScannedImage or ScanFailure) is in the database already: a file
+    with a stored checksum, or one still unreadable at a path recorded as unreadable."""
+    from trap_dask.tasks import ScanFailure
+
+    if scan.checksum is not None:
+        return scan.checksum in known.checksums
+    return isinstance(scan, ScanFailure) and scan.url in known.unreadable
 
 
 def _stream(session, writer, images, window, params, quality):

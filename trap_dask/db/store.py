@@ -73,6 +73,15 @@ class StoredState:
     next_src_id: int
 
 
+@dataclass(frozen=True)
+class KnownImages:
+    """The input files an export database already holds, so that an append skips them."""
+
+    checksums: frozenset[str] = frozenset()  #: sha256 (hex) of every file recorded with one
+    #: paths of files recorded as rejected without a checksum: their bytes could not be read
+    unreadable: frozenset[str] = frozenset()
+
+
 def _database_errors(method: Callable) -> Callable:
     """Re-raise the driver's errors of a store method as one-line DatabaseErrors."""
     @functools.wraps(method)
@@ -189,11 +198,15 @@ class ExportStore:
         return dict(row) if row else None
 
     @_database_errors
-    def known_images(self) -> dict[str, str]:
-        """checksum -> url of every image already in the database."""
+    def known_images(self) -> KnownImages:
+        """The checksums of the files already in the database, and the paths of those that were unreadable."""
+        images = schema.images.c
         with self.engine.connect() as conn:
-            rows = conn.execute(select(schema.images.c.checksum, schema.images.c.url)).all()
-        return {checksum: url for checksum, url in rows if checksum}
+            rows = conn.execute(select(images.checksum, images.url, images.rejected)).all()
+        return KnownImages(
+            checksums=frozenset(checksum for checksum, _, _ in rows if checksum),
+            unreadable=frozenset(url for checksum, url, rejected in rows if rejected and not checksum),
+        )
 
     @_database_errors
     def load_state(self) -> "StoredState":
