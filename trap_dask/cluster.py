@@ -49,6 +49,11 @@ WRITER_LOST_MESSAGE = (
 EXTRACT_RESOURCE = "trap_extract"
 #: Modules a local worker imports as it starts, so the first tasks and the writer start at once.
 WORKER_PRELOAD = ["trap_dask.tasks", "trap_dask.writer"]
+#: Dask starts worker processes with MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's
+#: adaptive mmap threshold: every image-sized array is then a fresh mmap whose pages the kernel
+#: zeroes on first touch (extraction 57% slower, a third of the CPU time in the kernel). Unset, the
+#: workers reuse freed image buffers; memory stays bounded by one image's working set per thread.
+KEEP_FREED_MEMORY = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 class ClusterError(RuntimeError):
@@ -163,11 +168,13 @@ def start_client(config: Config) -> ClusterSession:
 
 
 def _start_local(config: Config) -> ClusterSession:
+    import dask
     from distributed import Client, LocalCluster
 
     shape = local_shape(config, os.cpu_count() or 1)
     slots = {EXTRACT_RESOURCE: shape.threads_per_worker}
-    with _sigint_ignored():  # Ctrl-C reaches the whole process group: only this process may act on it
+    # Ctrl-C reaches the whole process group: only this process may act on it
+    with _sigint_ignored(), dask.config.set(KEEP_FREED_MEMORY):
         cluster = LocalCluster(
             n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
