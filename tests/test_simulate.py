@@ -141,10 +141,15 @@ def test_truth_fluxes_and_kinds(survey: dict) -> None:
     assert np.all((peak[steady, 0, 0] >= low * rms) & (peak[steady, 0, 0] <= high * rms))
     on = src["switch_on_epoch"]
     assert np.all(on[kind != "transient"] == -1)
+    low, high = SPEC.transient_decay
     for i in np.flatnonzero(kind == "transient"):
         assert 1 <= on[i] < n_epochs
         assert np.all(peak[i, : on[i]] == 0)
-        assert np.all(peak[i, on[i] :, 0] >= SPEC.transient_min_snr * rms)
+        assert peak[i, on[i], 0] >= SPEC.transient_min_snr * rms
+        # then an exponential fade with an e-folding time in the spec's range
+        steps = peak[i, on[i] + 1 :, 0] / peak[i, on[i] : -1, 0]
+        assert np.all((steps >= np.exp(-1 / low) - 1e-12) & (steps <= np.exp(-1 / high) + 1e-12))
+        np.testing.assert_allclose(steps, steps[:1].repeat(len(steps)))
     # point sources: int = peak, beam-shaped; resolved: larger, int = peak * area ratio
     point = kind != "resolved"
     np.testing.assert_allclose(src["int_flux"][point], peak[point])
@@ -202,9 +207,19 @@ def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
 
 
+def test_transients_can_stay_on(tmp_path: Path) -> None:
+    spec = SurveySpec(n_epochs=4, shape=(96, 96), n_steady=0, n_variable=0, n_transient=2, n_resolved=0,
+                      n_pairs=0, margin=2.0, min_separation=3.0, transient_decay=(0.0, 0.0))
+    src = load_truth(simulate_survey(tmp_path, spec))["sources"]
+    for peak, on in zip(src["peak_flux"][:, :, 0], src["switch_on_epoch"]):
+        assert np.all(peak[:on] == 0) and np.all(peak[on:] == peak[on]) and peak[on] >= 15 * spec.rms
+
+
 def test_invalid_specs_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="transients need at least two epochs"):
         simulate_survey(tmp_path, SurveySpec(n_epochs=1))
+    with pytest.raises(ValueError, match="transient_decay"):
+        simulate_survey(tmp_path, SurveySpec(transient_decay=(3.0, 1.0)))
     with pytest.raises(ValueError, match="cannot place"):
         simulate_survey(tmp_path, SurveySpec(shape=(64, 64), n_steady=200))
 

@@ -62,7 +62,9 @@ class SurveySpec:
     n_resolved : steady Gaussians 1.5-3x the beam size (image plane)
     n_pairs : pairs of steady point sources 1-3 beam FWHM apart (two sources each)
     flux_range : (low, high) peak flux at ``freqs[0]`` in units of ``rms``, drawn log-uniform
-    transient_min_snr : a transient's peak flux (units of ``rms``) is at least this once on
+    transient_min_snr : a transient's peak flux (units of ``rms``) at switch-on is at least this
+    transient_decay : (low, high) range of the transients' e-folding decay time after switch-on,
+        epochs, drawn log-uniform (radio transients fade); (0, 0) keeps them on at full flux
     modulation : (low, high) range of the lognormal sigma of the variable sources' flux
     jitter : rms position offset per coordinate between epochs, in units of the beam FWHM
     jitter_scale : correlation length of the jitter on the sky, beam FWHM: 0 draws every
@@ -96,6 +98,7 @@ class SurveySpec:
     n_pairs: int = 2
     flux_range: tuple[float, float] = (10.0, 200.0)
     transient_min_snr: float = 15.0
+    transient_decay: tuple[float, float] = (1.0, 5.0)
     modulation: tuple[float, float] = (0.2, 0.5)
     jitter: float = 0.05
     jitter_scale: float = 0.0
@@ -240,6 +243,9 @@ def _validate(spec: SurveySpec) -> None:
         raise ValueError("transients need at least two epochs (they switch on at epoch >= 1)")
     if not (0 < spec.flux_range[0] <= spec.flux_range[1]) or spec.rms <= 0 or spec.pixel_scale <= 0:
         raise ValueError("rms, pixel_scale and the flux range must be positive")
+    low, high = spec.transient_decay
+    if high > 0 and not 0 < low <= high:
+        raise ValueError("transient_decay must be 0 0 (no decay) or LOW <= HIGH, both > 0 epochs")
 
 
 def _celestial_header(spec: SurveySpec) -> fits.Header:
@@ -377,16 +383,27 @@ def _make_catalogue(spec: SurveySpec, wcs: WCS, rng: np.random.Generator) -> _Ca
     curve[variable] = np.exp(sigma * rng.standard_normal((len(sigma), n_epochs)) - sigma**2 / 2.0)
     switch_on = np.full(n, -1)
     switch_on[transient] = rng.integers(1, max(n_epochs, 2), int(transient.sum()))
-    curve[transient] = np.arange(n_epochs) >= switch_on[transient, None]
+    jitter = _jitter(rng, spec, x, y, fwhm_pix)
+    curve[transient] = _transient_curves(rng, spec, switch_on[transient])
     spectrum = (np.asarray(spec.freqs) / spec.freqs[0]) ** spec.spectral_index
     peak = flux0[:, None, None] * curve[:, :, None] * spectrum
 
-    jitter = _jitter(rng, spec, x, y, fwhm_pix)
     return _Catalogue(
         kind=kind, x=x, y=y, dx=jitter[0], dy=jitter[1], peak=peak, area_ratio=area_ratio,
         cov_pix=sky_cov_to_pixel(cov_sky, local_jacobian(wcs, x, y)), cov_sky=cov_sky,
         switch_on=switch_on, partner=partner,
     )
+
+
+def _transient_curves(rng: np.random.Generator, spec: SurveySpec, switch_on: np.ndarray) -> np.ndarray:
+    """(n, n_epochs) relative flux of transients: 0 before ``switch_on``, 1 at it, then an exponential
+    decay with an e-folding time (epochs) drawn log-uniform from ``spec.transient_decay``."""
+    epochs = np.arange(spec.n_epochs) - switch_on[:, None]
+    low, high = spec.transient_decay
+    if high <= 0:
+        return (epochs >= 0).astype(float)
+    decay = np.exp(rng.uniform(np.log(low), np.log(high), (len(switch_on), 1)))
+    return np.where(epochs >= 0, np.exp(-np.maximum(epochs, 0) / decay), 0.0)
 
 
 def _jitter(rng: np.random.Generator, spec: SurveySpec, x: np.ndarray, y: np.ndarray,
@@ -439,11 +456,13 @@ _FLAGS: dict[str, tuple[type, int | str | None, str | tuple[str, ...] | None, st
     "spectral_index": (float, None, "ALPHA", "spectral index of all sources (S ~ freq**alpha)"),
     "n_steady": (int, None, "N", "steady point sources"),
     "n_variable": (int, None, "N", "variable point sources"),
-    "n_transient": (int, None, "N", "transients (off until a switch-on epoch >= 1)"),
+    "n_transient": (int, None, "N", "transients (off until a switch-on epoch >= 1, then fading)"),
     "n_resolved": (int, None, "N", "resolved steady sources, 1.5-3 beams across"),
     "n_pairs": (int, None, "N", "close pairs of steady sources, 1-3 beams apart"),
     "flux_range": (float, 2, ("LOW", "HIGH"), "peak flux range, units of rms (log-uniform)"),
-    "transient_min_snr": (float, None, "SNR", "minimum transient peak flux once on, units of rms"),
+    "transient_min_snr": (float, None, "SNR", "minimum transient peak flux at switch-on, units of rms"),
+    "transient_decay": (float, 2, ("LOW", "HIGH"),
+                        "range of the transients' e-folding decay time, epochs (log-uniform; 0 0: no decay)"),
     "modulation": (float, 2, ("LOW", "HIGH"), "range of the variables' lognormal flux sigma"),
     "jitter": (float, None, "FWHM", "rms position jitter per coordinate between epochs, beam FWHM"),
     "jitter_scale": (float, None, "FWHM", "correlation length of the jitter on the sky, beam FWHM (0: independent)"),
