@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trap_dask.image import read_image, read_meta
-from trap_dask.quality import ImageStats, QualityParams, central_rms, check_quality, clipped_std
+from trap_dask.quality import ImageStats, QualityParams, central_rms, check_quality, clipped_rms
 
 DATA = Path(__file__).parent / "data"
 
@@ -19,19 +19,19 @@ def noise() -> np.ndarray:
     return (2e-3 * np.random.default_rng(42).standard_normal((2048, 2048))).astype(np.float32)
 
 
-def test_clipped_std_is_unbiased_for_gaussian_noise() -> None:
+def test_clipped_rms_is_unbiased_for_gaussian_noise() -> None:
     values = np.random.default_rng(0).standard_normal((3, 200_000))
-    assert clipped_std(values) == pytest.approx(np.ones(3), abs=0.006)
-    assert clipped_std(values, kappa=2.5) == pytest.approx(np.ones(3), abs=0.008)
+    assert clipped_rms(values) == pytest.approx(np.ones(3), abs=0.006)
+    assert clipped_rms(values, kappa=2.5) == pytest.approx(np.ones(3), abs=0.008)
 
 
-def test_clipped_std_ignores_outliers_and_nan() -> None:
+def test_clipped_rms_ignores_outliers_and_nan() -> None:
     rng = np.random.default_rng(1)
     values = rng.standard_normal((2, 100_000))
     values[0, :2000] = rng.uniform(20, 1000, 2000)  # 2 % bright "sources"
     values[1, ::3] = np.nan
-    assert clipped_std(values) == pytest.approx([1.0, 1.0], abs=0.02)
-    assert np.isnan(clipped_std(np.array([[np.nan, 1.0, np.nan]])))[0]
+    assert clipped_rms(values) == pytest.approx([1.0, 1.0], abs=0.02)
+    assert np.isnan(clipped_rms(np.array([[np.nan, 1.0, np.nan]])))[0]
 
 
 def test_central_rms_uses_the_central_region(noise: np.ndarray) -> None:

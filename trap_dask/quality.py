@@ -6,13 +6,12 @@ The noise statistic is TraP's: a kappa-sigma clipped standard deviation of the c
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import erf
+
+from trap_dask.extraction.background import clipped_stats
 
 #: Clipping threshold (in standard deviations) and iteration cap of the clipped statistics.
 KAPPA = 3.0
@@ -58,72 +57,31 @@ def _central_region(data: np.ndarray, reduction_factor: float) -> np.ndarray:
     return data[y0 : y0 + hy, x0 : x0 + hx]
 
 
-def clipped_std(values: np.ndarray, kappa: float = KAPPA, max_iterations: int = MAX_ITERATIONS) -> np.ndarray:
-    """Kappa-sigma clipped standard deviation of each row of a 2-D array (NaN ignored).
+def clipped_rms(values: np.ndarray, kappa: float = KAPPA, max_iterations: int = MAX_ITERATIONS) -> np.ndarray:
+    """Kappa-sigma clipped, truncation-corrected standard deviation of each row of a 2-D array.
 
-    Starts from the median and the MAD-based width, then iterates mean and standard deviation
-    of the pixels within ``kappa`` standard deviations of the mean until the kept set stops
-    changing. Clipping biases the width of Gaussian noise low (0.985 sigma for kappa = 3); the
-    result is divided by that factor, so it estimates the noise sigma without bias.
-
-    Parameters
-    ----------
-    values : (n_groups, n) array
-    kappa : clipping threshold in standard deviations
-
-    Returns
-    -------
-    (n_groups,) float64 array; NaN for a group with fewer than two finite values
+    The statistic of :func:`trap_dask.extraction.background.clipped_stats` (NaN ignored), so the
+    quality control and the noise maps agree. Returns (n_groups,) float64; NaN for a row with
+    fewer than two finite values.
     """
-    finite = np.isfinite(values)
-    x = np.where(finite, values, 0.0).astype(np.float64)
-    with warnings.catch_warnings():  # all-NaN rows give NaN, reported by the return value
-        warnings.simplefilter("ignore", RuntimeWarning)
-        centre = np.nanmedian(values, axis=1, keepdims=True).astype(np.float64)
-        width = 1.4826 * np.nanmedian(np.abs(values - centre), axis=1, keepdims=True)
-    keep, offset = None, np.empty_like(x)  # offset: reused |x - centre| and (x - centre)**2
-    for _ in range(max_iterations):
-        np.abs(np.subtract(x, centre, out=offset), out=offset)
-        new_keep = (offset <= kappa * width) & finite
-        if keep is not None and np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-        n = keep.sum(axis=1, keepdims=True)
-        centre = x.sum(axis=1, keepdims=True, where=keep) / np.maximum(n, 1)
-        np.square(np.subtract(x, centre, out=offset), out=offset)
-        width = np.sqrt(offset.sum(axis=1, keepdims=True, where=keep) / np.maximum(n - 1, 1))
-    return np.where(finite.sum(axis=1) >= 2, width[:, 0] / _clipping_bias(kappa), np.nan)
-
-
-def _truncated_normal_std(t: float) -> float:
-    """Standard deviation of a unit normal distribution truncated at +-t."""
-    z = t / math.sqrt(2.0)
-    return math.sqrt(1.0 - 2.0 * t * math.exp(-z * z) / (math.sqrt(2.0 * math.pi) * erf(z)))
-
-
-@functools.lru_cache
-def _clipping_bias(kappa: float) -> float:
-    """Converged clipped std of unit Gaussian noise: the fixed point of w = std(|x| < kappa w)."""
-    width = 1.0
-    for _ in range(100):
-        width = _truncated_normal_std(kappa * width)
-    return width
+    _, sigma, nfinite = clipped_stats(values, kappa, max_iterations)
+    return np.where(nfinite >= 2, sigma, np.nan)
 
 
 def central_rms(data: np.ndarray, reduction_factor: float = 4.0) -> float:
     """Clipped rms (Jy/beam) of the central ``1/f x 1/f`` region of a 2-D image (NaN ignored)."""
     region = _central_region(data, reduction_factor)
-    return float(clipped_std(region.reshape(1, -1))[0])
+    return float(clipped_rms(region.reshape(1, -1))[0])
 
 
 def image_stats(data: np.ndarray, reduction_factor: float = 4.0) -> ImageStats:
     """Noise statistics of a 2-D image (Jy/beam); see :class:`ImageStats`."""
     region = _central_region(data, reduction_factor)
-    rms = float(clipped_std(region.reshape(1, -1))[0])
+    rms = float(clipped_rms(region.reshape(1, -1))[0])
     ny, nx = (n // BOXES * BOXES for n in region.shape)
     if ny and nx:
         boxes = region[:ny, :nx].reshape(BOXES, ny // BOXES, BOXES, nx // BOXES).swapaxes(1, 2)
-        box_rms = clipped_std(boxes.reshape(BOXES * BOXES, -1))
+        box_rms = clipped_rms(boxes.reshape(BOXES * BOXES, -1))
     else:  # region smaller than the box grid: the region is its only box
         box_rms = np.array([rms])
     finite = box_rms[np.isfinite(box_rms)]

@@ -7,6 +7,8 @@ from scipy import ndimage, special
 
 #: Boxes with fewer finite pixels than this fraction of the box get their values from neighbours.
 MIN_FINITE_FRACTION = 0.2
+#: Interquartile range of a unit Gaussian.
+IQR_PER_SIGMA = 1.3489795
 
 
 def clipped_variance_factor(kappa: float) -> float:
@@ -51,21 +53,28 @@ def clipped_stats(
 
     Each box is sorted once (NaNs last), so the kept pixels are always a contiguous run
     ``[lo, hi)`` whose sums come from cumulative sums; an iteration only counts the pixels
-    below each clipping limit.
+    below each clipping limit. The first limits are robust: the median +- kappa times the
+    interquartile range's sigma, so bright sources never inflate the starting width.
     """
     ordered = np.sort(stack, axis=-1)
     nfinite = np.isfinite(ordered).sum(-1)
+
+    def quantile(q: float) -> np.ndarray:
+        return np.take_along_axis(ordered, np.minimum((q * nfinite).astype(int), stack.shape[-1] - 1)[..., None], -1)
+
     # Offsets from the median keep the sums accurate.
-    median = np.take_along_axis(ordered, (nfinite // 2)[..., None], -1)
+    median = quantile(0.5)
     median[nfinite == 0] = 0.0
     offsets = ordered - median
+    width = kappa * (quantile(0.75) - quantile(0.25)) / IQR_PER_SIGMA
+    lo = np.count_nonzero(offsets < -width, axis=-1)
+    hi = np.count_nonzero(offsets <= width, axis=-1)
     # sums[..., j] and squares[..., j]: sums over the first j pixels (NaNs, last, are never used)
     sums = np.zeros(stack.shape[:-1] + (stack.shape[-1] + 1,))
     squares = np.zeros_like(sums)
     np.cumsum(offsets, -1, out=sums[..., 1:])
     np.cumsum(np.square(offsets, dtype=np.float64), -1, out=squares[..., 1:])
     norm = 1.0 / np.sqrt(clipped_variance_factor(kappa))
-    lo, hi = np.zeros_like(nfinite), nfinite
     for _ in range(max_iter):
         n = np.maximum(hi - lo, 1)
         ends = np.stack([lo, hi], -1)
