@@ -12,7 +12,6 @@ MIN_CONTRAST = 0.005
 
 
 def deblend(
-    shape: tuple[int, int],
     islands: Islands,
     snr: np.ndarray,
     residual: np.ndarray,
@@ -21,20 +20,54 @@ def deblend(
     min_contrast: float = MIN_CONTRAST,
     detection: float = 0.0,
 ) -> np.ndarray:
-    """Split blended islands; return a label image (0 = background) with one label per component.
+    """Split blended islands; return the component (1..m, 0 = none) of every pixel of ``islands.flat``.
 
     Each island is re-thresholded at ``nthresh`` S/N levels spaced exponentially between
     ``analysis`` and its peak. Going up the levels, a component splits when two or more of its
     sub-islands each carry at least ``min_contrast`` of the island's flux and peak at or above
     ``detection`` (S/N), so that a noise bump on a bright source's wing never becomes a source of
-    its own; the split branches are followed further up. Pixels of a split component outside all of its branches are finally
-    given to the adjacent branch by conditional dilation.
+    its own; the split branches are followed further up. Pixels of a split component outside all
+    of its branches are finally given to the adjacent branch by conditional dilation.
     """
-    ny, nx = shape
-    label_out = np.zeros(shape, dtype=np.int32)
-    if islands.n == 0:
-        return label_out
-    local, box = _mosaic(islands, nx)
+    # Only an island with two local maxima at or above ``detection`` can split: the brightest
+    # pixel of every significant branch is one.
+    multi = _peaks_at_or_above(islands, snr, detection) >= 2
+    component = np.empty(len(islands.flat), dtype=np.int32)
+    single = ~multi[islands.island]
+    component[single] = 1 + islands.island[single]
+    if multi.any():
+        parts = _split(islands.select(multi), snr, residual, analysis, nthresh, min_contrast, detection)
+        component[~single] = np.where(parts > 0, parts + islands.n, 0)
+    return component
+
+
+def _peaks_at_or_above(islands: Islands, snr: np.ndarray, level: float) -> np.ndarray:
+    """Number of pixels of each island at or above ``level`` (S/N) and >= all their 8 neighbours."""
+    ny, nx = snr.shape
+    pix_snr = snr.ravel()[islands.flat]
+    bright = np.flatnonzero(pix_snr >= level)
+    row, col = np.divmod(islands.flat[bright], nx)
+    peak = np.ones(len(bright), dtype=bool)
+    for dy, dx in zip(*np.nonzero(EIGHT_CONNECTED)):
+        if dy == dx == 1:
+            continue
+        r, c = row + dy - 1, col + dx - 1
+        inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+        peak[inside] &= ~(snr[r[inside], c[inside]] > pix_snr[bright[inside]])
+    return np.bincount(islands.island[bright[peak]], minlength=islands.n)
+
+
+def _split(
+    islands: Islands,
+    snr: np.ndarray,
+    residual: np.ndarray,
+    analysis: float,
+    nthresh: int,
+    min_contrast: float,
+    detection: float,
+) -> np.ndarray:
+    """The multi-threshold splitting of :func:`deblend` (components 1..m, 0 = none, per pixel)."""
+    local, box = _mosaic(islands, snr.shape[1])
     pix_snr = snr.ravel()[islands.flat]
     pix_flux = residual.ravel()[islands.flat].astype(float)
     island_flux = np.bincount(islands.island, weights=pix_flux, minlength=islands.n)
@@ -81,8 +114,7 @@ def deblend(
             break
         grid.flat[local[todo]] = grown
         todo = todo[grown == 0]
-    label_out.flat[islands.flat] = grid.flat[local]
-    return label_out
+    return grid.flat[local]
 
 
 def _mosaic(islands: Islands, nx: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -17,7 +17,7 @@ from trap_dask.extraction.gaussian import (
     measurement_errors,
     shape_cov,
 )
-from trap_dask.extraction.islands import Islands, find_islands, grow_islands, islands_from_labels
+from trap_dask.extraction.islands import Islands, find_islands, grow_islands, islands_from_pixels
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -154,13 +154,14 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
         snr = image.residual / image.rms
     labels, islands = find_islands(snr, params.analysis_threshold, params.detection_threshold)
     if params.deblend_nthresh > 0 and islands.n:
-        labels = deblend(
-            image.shape, islands, snr, image.residual, params.analysis_threshold, params.deblend_nthresh,
+        components = deblend(
+            islands, snr, image.residual, params.analysis_threshold, params.deblend_nthresh,
             detection=params.detection_threshold,
         )
-        islands = islands_from_labels(labels, snr, params.analysis_threshold)
+        islands = islands_from_pixels(islands.flat, components, snr, params.analysis_threshold)
     if islands.n == 0:
         return empty_sources()
+    # rings grow into blank-free pixels of no island (kept or not)
     islands = grow_islands(islands, np.isfinite(snr) & (labels == 0), FIT_RINGS)
     pixels, cut_ratio = _pixel_set(image, islands)
     fit, chisq, fitted = fit_islands(

@@ -40,6 +40,13 @@ class Islands:
         """Number of pixels of each island."""
         return np.diff(np.append(self.starts, len(self.flat)))
 
+    def select(self, keep: np.ndarray) -> Islands:
+        """The islands where ``keep`` (bool per island), renumbered 0..m-1."""
+        pix = keep[self.island]
+        island = (np.cumsum(keep) - 1)[self.island[pix]]
+        return Islands(self.flat[pix], island, _segment_starts(island, int(keep.sum())), self.peak_flat[keep],
+                       self.peak_snr[keep])
+
 
 def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     """Start index of each id 0..n-1 in a sorted id array (every id present)."""
@@ -47,12 +54,19 @@ def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def islands_from_labels(labels: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
-    """Group the labelled pixels by label and keep labels whose peak S/N exceeds ``detection``.
+    """Group the labelled pixels of a label image (0 = none) by label; keep labels whose peak S/N
+    exceeds ``detection``."""
+    flat = np.flatnonzero(labels)
+    return islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
+
+
+def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
+    """Group pixels (flat image indices) by their label (0 = none); keep labels whose peak S/N
+    exceeds ``detection``.
 
     Per-label reductions use one sort and ``np.maximum.reduceat`` (fast for many labels).
     """
-    flat = np.flatnonzero(labels)
-    lab = labels.ravel()[flat]
+    flat, lab = flat[lab > 0], lab[lab > 0]
     order = np.argsort(lab, kind="stable")
     flat, lab = flat[order], lab[order]
     if len(flat) == 0:
