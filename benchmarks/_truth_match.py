@@ -160,9 +160,10 @@ def association_figures(lc: dict[str, np.ndarray], truth: dict, radius: float) -
     ``transients_new``: fraction of transients whose detection at their switch-on epoch starts a
     src_id listed as a new source at that epoch; ``top_eta_variable``: fraction of the top-N
     src_ids by eta_int whose true source is variable or a transient, with N the number of
-    injected variables (a transient's light curve starts at its switch-on and is flat after it,
-    so its eta is that of a steady source: transients are caught as new sources instead);
-    ``top_eta_variable_all``: the same with N = variables + transients; ``unassigned``: fraction of blind detections with no true source within ``radius``.
+    injected variables; ``top_eta_variable_all``: the same with N = variables + transients (the
+    issue's figure: a transient's light curve starts at its first detection, so only one that
+    varies after it, e.g. fades, can rank); ``unassigned``: fraction of blind detections with no
+    true source within ``radius``.
     """
     src = truth["sources"]
     owner = assign_truth(lc, truth, radius)
