@@ -68,6 +68,7 @@ CREATE TABLE config (
 	scheduler_address TEXT, 
 	cluster TEXT, 
 	cluster_config TEXT, 
+	worker_timeout DOUBLE PRECISION, 
 	max_concurrent_images INTEGER, 
 	log_dir TEXT, 
 	db_backend TEXT, 

@@ -28,6 +28,7 @@ from trap_dask.cluster import (
     start_client,
     writer_placement,
 )
+from trap_dask.cli import main
 from trap_dask.config import ConfigError, build_config, read_toml
 from trap_dask.pipeline import run_pipeline
 from trap_dask.simulate import SurveySpec, simulate_survey
@@ -63,8 +64,9 @@ class DaskProcesses:
         for name, resources in workers.items():
             self._spawn(name, "distributed.cli.dask_worker", self.address, "--name", name, "--nthreads", "1",
                         "--host", "127.0.0.1", "--no-dashboard", *(["--resources", resources] if resources else []))
-        with self.client() as client:
-            client.wait_for_workers(len(workers), timeout=60)
+        if workers:
+            with self.client() as client:
+                client.wait_for_workers(len(workers), timeout=60)
         return self
 
     def _wait(self, ready, timeout: float = 30.0):
@@ -315,6 +317,8 @@ def test_unreachable_scheduler_is_a_clear_error():
     ({"nr_threads": 4, "n_workers": 2, "threads_per_worker": 3}, "nr_threads"),
     ({"cluster_config": "jobqueue.yaml"}, "cluster_config"),
     ({"scheduler_address": "somewhere"}, "scheduler_address"),
+    ({"worker_timeout": "0"}, "worker_timeout"),
+    ({"worker_timeout": "inf"}, "worker_timeout"),
 ])
 def test_impossible_cluster_settings_are_named(values, key):
     with pytest.raises(ConfigError, match=key):
@@ -362,6 +366,47 @@ def test_jobqueue_file_without_the_section_is_refused(tmp_path):
     path.write_text("jobqueue:\n  slurm:\n    cores: 4\n")
     with pytest.raises(ClusterError, match="no 'jobqueue: pbs:' section"):
         jobqueue_options("pbs", str(path))
+
+
+def test_unknown_jobqueue_setting_is_one_line_naming_it_before_anything_starts(tmp_path, capsys):
+    path = tmp_path / "jq.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    cores: 4\n    memory: 8GB\n    proccesses: 2\n")
+    (tmp_path / "image.fits").touch()
+    db = tmp_path / "x.db"
+    code = main(["run", "-i", str(tmp_path / "image.fits"), "--db-name", str(db), "--cluster", "slurm",
+                 "--cluster_config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"trap-dask: error: cluster_config {path}: unknown dask-jobqueue setting "
+                                    "'proccesses' in 'jobqueue: slurm:' (did you mean 'processes'?)")
+    assert not db.exists()
+
+
+def test_no_worker_within_worker_timeout_is_a_clear_error(tmp_path):
+    with dask_cluster(tmp_path) as bare, bare.client() as client:   # a scheduler without workers
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match=rf"no Dask worker of the scheduler at {bare.address} joined within "
+                                               r"worker_timeout = 1\.5 s.*--worker_timeout"):
+            start_client(build_config({"scheduler_address": bare.address, "worker_timeout": 1.5}, {}, None))
+        assert 1.5 <= time.monotonic() - started < 30
+        clients = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.clients))
+    assert clients == sorted([client.id, "fire-and-forget"]), "the run's client was left connected"
+
+
+def test_batch_jobs_are_cancelled_when_no_worker_joins_in_time(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"   # a batch system that queues jobs which never start
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'cancelled'}\n")
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = tmp_path / "jq.yaml"
+    path.write_text("jobqueue:\n  slurm:\n    cores: 1\n    memory: 1GB\n    scheduler-options:\n"
+                    "      dashboard_address: ':0'\n")
+    with pytest.raises(ClusterError, match=r"no Dask worker of the slurm batch jobs joined within worker_timeout"):
+        start_client(build_config({"cluster": "slurm", "cluster_config": str(path), "worker_timeout": 2}, {}, None))
+    assert (tmp_path / "cancelled").read_text().split() == ["4242"], "the cluster was not closed"
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a real SLURM is installed here")

@@ -18,6 +18,8 @@ failures and says how to resume.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import shutil
@@ -25,7 +27,7 @@ import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -161,7 +163,7 @@ def start_client(config: Config) -> ClusterSession:
     """Connect to or start the Dask cluster the config asks for; the caller closes the session."""
     address = scheduler_address(config)
     if address:
-        return _connect(address)
+        return _connect(address, config.worker_timeout)
     if config.cluster != "local":
         return _start_jobqueue(config)
     return _start_local(config)
@@ -180,10 +182,14 @@ def _start_local(config: Config) -> ClusterSession:
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
             memory_limit=config.memory_limit or "auto", dashboard_address=":0", silence_logs=logging.WARNING,
         )
-    client = Client(cluster)
-    kind = "local" if shape.processes else "threads"
-    return ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, dashboard_line(client), cluster,
-                          extract_resources={EXTRACT_RESOURCE: 1})
+    with ExitStack() as on_failure:
+        on_failure.callback(cluster.close)
+        client = Client(cluster)
+        kind = "local" if shape.processes else "threads"
+        session = ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, dashboard_line(client),
+                                 cluster, extract_resources={EXTRACT_RESOURCE: 1})
+        on_failure.pop_all()
+    return session
 
 
 @contextmanager
@@ -200,38 +206,72 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _connect(address: str) -> ClusterSession:
+def _connect(address: str, worker_timeout: float) -> ClusterSession:
     from distributed import Client
 
     try:
         client = Client(address)
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
-    _wait_for_first_worker(client, f"the scheduler at {address}")
-    return ClusterSession(client, "remote", sum(client.nthreads().values()), dashboard_line(client))
+    with ExitStack() as on_failure:
+        on_failure.callback(client.close)
+        _wait_for_first_worker(client, f"the scheduler at {address}", worker_timeout)
+        session = ClusterSession(client, "remote", sum(client.nthreads().values()), dashboard_line(client))
+        on_failure.pop_all()
+    return session
 
 
 def _start_jobqueue(config: Config) -> ClusterSession:
     from distributed import Client
 
+    cls, options = jobqueue_settings(config)
+    with ExitStack() as on_failure:  # closing the cluster cancels the jobs it submitted
+        cluster = cls(**options)
+        on_failure.callback(cluster.close)
+        cluster.scale(**jobqueue_scale(config))
+        client = Client(cluster)
+        on_failure.callback(client.close)
+        log.info("%s: %d worker processes requested in batch jobs", config.cluster, len(cluster.plan))
+        _wait_for_first_worker(client, f"the {config.cluster} batch jobs", config.worker_timeout)
+        per_worker = max(client.nthreads().values())
+        session = ClusterSession(client, config.cluster, per_worker * len(cluster.plan), dashboard_line(client),
+                                 cluster)
+        on_failure.pop_all()
+    return session
+
+
+def _wait_for_first_worker(client, where: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for a worker to join; ClusterError naming worker_timeout if none does."""
+    if client.nthreads():
+        return
+    log.info("waiting up to %g s (worker_timeout) for the first Dask worker of %s ...", timeout, where)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"no Dask worker of {where} joined within worker_timeout = {timeout:g} s: check that the workers "
+            "start and can reach the scheduler, or give them longer with --worker_timeout"
+        ) from None
+
+
+def check_cluster(config: Config) -> None:
+    """Check the cluster settings that can be checked before anything starts; ClusterError if wrong."""
+    if config.cluster != "local":
+        jobqueue_settings(config)
+
+
+def jobqueue_settings(config: Config) -> tuple[type, dict[str, Any]]:
+    """The dask-jobqueue cluster class for ``config.cluster`` and its checked keyword arguments.
+
+    ClusterError for a cluster_config that cannot be used or a submit command not on PATH.
+    """
     cls = jobqueue_class(config.cluster)
+    options = jobqueue_options(config.cluster, config.cluster_config)
     submit = cls.job_cls.submit_command.split()[0]
     if shutil.which(submit) is None:
         raise ClusterError(f"--cluster {config.cluster} submits jobs with `{submit}`, which is not on PATH: "
                            "run trap-dask on a login node of the batch system")
-    cluster = cls(**jobqueue_options(config.cluster, config.cluster_config))
-    cluster.scale(**jobqueue_scale(config))
-    client = Client(cluster)
-    log.info("%s: %d worker processes requested in batch jobs", config.cluster, len(cluster.plan))
-    _wait_for_first_worker(client, f"the {config.cluster} batch jobs")
-    per_worker = max(client.nthreads().values())
-    return ClusterSession(client, config.cluster, per_worker * len(cluster.plan), dashboard_line(client), cluster)
-
-
-def _wait_for_first_worker(client, where: str) -> None:
-    if not client.nthreads():
-        log.info("waiting for the first Dask worker of %s ...", where)
-        client.wait_for_workers(1)
+    return cls, options
 
 
 def jobqueue_class(kind: str) -> type:
@@ -241,10 +281,22 @@ def jobqueue_class(kind: str) -> type:
     return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
 
 
+def jobqueue_parameters(kind: str) -> frozenset[str]:
+    """Every keyword argument the dask-jobqueue cluster class for ``kind`` takes: its own and its jobs'."""
+    from dask_jobqueue.core import Job
+
+    cls = jobqueue_class(kind)
+    return frozenset(
+        p.name for f in (cls, cls.job_cls, Job) for p in inspect.signature(f).parameters.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+
+
 def jobqueue_options(kind: str, path: str | None) -> dict[str, Any]:
     """Keyword arguments for the dask-jobqueue cluster from the ``jobqueue: <kind>:`` section of a YAML file.
 
-    Keys are dask-jobqueue's configuration keys (``job-extra-directives``, ``name`` for the job name).
+    Keys are dask-jobqueue's configuration keys (``job-extra-directives``, ``name`` for the job name);
+    a key its cluster class does not take is a ClusterError naming it.
 
     Without a file, none: dask-jobqueue then reads Dask's own configuration
     (``~/.config/dask/jobqueue.yaml``, ``DASK_JOBQUEUE__SLURM__QUEUE=...``).
@@ -262,7 +314,15 @@ def jobqueue_options(kind: str, path: str | None) -> dict[str, Any]:
     section = (document.get("jobqueue") or {}).get(kind)
     if not isinstance(section, dict):
         raise ClusterError(f"cluster_config {path} has no 'jobqueue: {kind}:' section")
-    return {("job_name" if key == "name" else key.replace("-", "_")): value for key, value in section.items()}
+    options = {("job_name" if key == "name" else str(key).replace("-", "_")): key for key in section}
+    known = jobqueue_parameters(kind)
+    for name, key in options.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+            raise ClusterError(f"cluster_config {path}: unknown dask-jobqueue setting {key!r} in "
+                               f"'jobqueue: {kind}:'{hint}")
+    return {name: section[key] for name, key in options.items()}
 
 
 def jobqueue_scale(config: Config) -> dict[str, int]:

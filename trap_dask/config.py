@@ -99,6 +99,11 @@ class Config:
         "YAML file of dask-jobqueue settings (as cluster/jobqueue.yaml) for --cluster slurm|pbs "
         "(default: Dask's own configuration)",
     )
+    worker_timeout: float = _param(
+        600.0, "general", "s",
+        "longest wait for the first Dask worker of a running scheduler (scheduler_address) or of "
+        "the batch jobs (cluster slurm|pbs); the run stops if none has joined by then",
+    )
     max_concurrent_images: int | None = _param(
         None, "general", "images",
         "most images held in memory at once (default: from the image size and free memory)",
@@ -344,6 +349,7 @@ def validate(config: Config) -> Config:
          "in the dask-jobqueue settings (cores, processes, memory)")
     need(config.cluster_config is None or config.cluster != "local", "cluster_config",
          "needs --cluster slurm or pbs")
+    need(0 < config.worker_timeout < math.inf, "worker_timeout", "must be > 0 s and finite")
     need(not (config.scheduler_address and config.n_workers), "n_workers",
          "cannot be combined with scheduler_address (the running cluster has its own workers)")
     need(config.max_concurrent_images is None or config.max_concurrent_images >= 1,

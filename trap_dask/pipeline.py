@@ -136,6 +136,7 @@ def default_window(metas: list[ImageMeta], n_threads: int) -> int:
 
 def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     """Process every input image into the export database; returns totals for the summary."""
+    from trap_dask.cluster import ClusterError, check_cluster
     from trap_dask.db.lock import RunLock
 
     started = time.perf_counter()
@@ -145,6 +146,10 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     if not paths:
         raise PipelineError("no FITS images found in the inputs (use -i/--input_images)")
     settings = database_settings(config)
+    try:
+        check_cluster(config)  # wrong batch-system settings stop the run before the database is touched
+    except ClusterError as exc:
+        raise PipelineError(str(exc)) from None
     try:
         with RunLock(settings):
             append, known = prepare_database(settings, config)
