@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.signal import fftconvolve
 
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.extract import ExtractionParams, PreparedImage, local_noise
@@ -37,12 +36,9 @@ def correlated_noise_factor(beam_cov: np.ndarray) -> float:
     instead of rms**2 / sum(P**2) for independent pixels.
     """
     dx, dy = _cutout_offsets(beam_cov)
-    side = int(np.sqrt(len(dx)))
-    profile = _beam_profile(beam_cov, dx, dy).reshape(side, side)
-    lag = np.arange(-(side - 1), side)
-    rho = _beam_profile(beam_cov, lag[None, :], lag[:, None])
-    smoothed = fftconvolve(profile, rho, mode="same")
-    return float((profile * smoothed).sum() / np.square(np.square(profile).sum()))
+    profile = _beam_profile(beam_cov, dx, dy)
+    rho = _beam_profile(beam_cov, dx[:, None] - dx, dy[:, None] - dy)  # every pixel pair
+    return float(profile @ rho @ profile / np.square(profile @ profile))
 
 
 def forced_fit(
