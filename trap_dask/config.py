@@ -170,10 +170,10 @@ class Config:
         5.68, "association", "", "largest de Ruiter radius at which a detection joins a known source"
     )
     association_method: str = _param(
-        "greedy", "association", "",
-        "how competing candidates are resolved: 'greedy' (TraP: smallest de Ruiter radius first) "
-        "or 'optimal' (the most links with the smallest sum of squared radii; fewer swaps of "
-        "close pairs)",
+        "optimal", "association", "",
+        "how competing candidates are resolved: 'optimal' (the most links with the smallest sum of "
+        "squared radii: close pairs keep their light curves) or 'greedy' (TraP 1.x: smallest de "
+        "Ruiter radius first)",
     )
 
     def exportable(self) -> dict[str, Any]:
