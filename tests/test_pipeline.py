@@ -242,6 +242,26 @@ def test_real_images_and_an_unusable_file_are_all_recorded(tmp_path):
     assert query(db, "SELECT count(DISTINCT src_id) = count(*) FROM extracted_sources")[0][0] == 1
 
 
+def test_inputs_are_files_directories_and_globs_and_a_broken_link_is_recorded(tmp_path):
+    from trap_dask.pipeline import PipelineError, find_images
+
+    deep = tmp_path / "obs" / "night1"
+    deep.mkdir(parents=True)
+    shutil.copy(DATA / "GRB120422A-120429.fits", deep / "a.fits")
+    shutil.copy(DATA / "SWIFT_554620-130504.fits", tmp_path / "obs" / "b.FITS")
+    shutil.copy(DATA / "SWIFT_554620-130504.fits", tmp_path / "named.img")
+    (deep / "notes.txt").write_text("not an image")
+    (deep / "gone.fits").symlink_to(tmp_path / "deleted.fits")
+    found = find_images((str(tmp_path / "obs"), str(tmp_path / "named.img"), str(tmp_path / "ob*")))
+    assert sorted(Path(f).name for f in found) == ["a.fits", "b.FITS", "gone.fits", "named.img"]
+    with pytest.raises(PipelineError, match="matches no file"):
+        find_images((str(tmp_path / "nothing*.fits"),))
+    db = run([tmp_path / "obs"], tmp_path / "inputs.db")
+    rows = dict(query(db, "SELECT url, rejection_reason FROM images"))
+    assert rows[str(deep / "gone.fits")] == "file not found"
+    assert rows[str((deep / "a.fits").resolve())] is None
+
+
 def test_quality_control_rejects_images_with_their_reason(survey, tmp_path):
     db = run([Path(survey["images"][0]["path"]).parent], tmp_path / "qc.db", rms_max=SPEC.rms / 2)
     rows = query(db, "SELECT rejected, rejection_reason FROM images")

@@ -74,7 +74,8 @@ def find_images(patterns: tuple[str, ...]) -> list[str]:
     """Absolute paths of the FITS files named by files, directories (recursive) or globs.
 
     A file named explicitly is taken whatever its suffix; directories, also those a glob
-    matches, are searched for files with a FITS suffix.
+    matches, are searched for files with a FITS suffix. A broken symbolic link is kept (under
+    its own path), so that it is recorded as an unreadable file rather than silently dropped.
     """
     found: set[str] = set()
     for pattern in patterns:
@@ -87,8 +88,11 @@ def find_images(patterns: tuple[str, ...]) -> list[str]:
             raise PipelineError(f"input {pattern!r} matches no file or directory")
         for match in matches:
             candidates = match.rglob("*") if match.is_dir() else [match]
-            found.update(str(p.resolve()) for p in candidates
-                         if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES))
+            for p in candidates:
+                if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES):
+                    found.add(str(p.resolve()))
+                elif p.is_symlink() and not p.exists() and (p == path or p.name.lower().endswith(FITS_SUFFIXES)):
+                    found.add(os.path.abspath(p))
     return sorted(found)
 
 
