@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,12 +204,25 @@ def drop_postgres(name: str) -> None:
     conn.close()
 
 
+def reference_toml(args) -> Path:
+    """trap 1.4.0's TOML: the reference file, or a copy with ``--reference-deblend``'s deblend_nthresh."""
+    if getattr(args, "reference_deblend", None) is None:
+        return REFERENCE_TOML
+    text = re.sub(r"(?m)^deblend_nthresh\s*=.*$", f"deblend_nthresh = {args.reference_deblend}",
+                  REFERENCE_TOML.read_text())
+    path = args.cache / "runs" / f"trap_config_deblend{args.reference_deblend}.toml"
+    path.write_text(text)
+    return path
+
+
 def run_pipeline(pipeline: str, survey: Survey, backend: str, threads: int | None, args) -> RunResult:
     """Run one pipeline end to end on a cached survey; count and score its export database."""
     survey_dir = ensure_survey(survey, args)
     work = args.cache / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    tag = f"{'trapdask' if pipeline == 'trap-dask' else 'trap14'}_{survey.name}_{backend}_{threads or 'auto'}"
+    n = getattr(args, "reference_deblend", None)
+    deblend = "" if pipeline == "trap-dask" or n is None else f"_deblend{n}"
+    tag = f"{'trapdask' if pipeline == 'trap-dask' else 'trap14'}{deblend}_{survey.name}_{backend}_{threads or 'auto'}"
     name = str(work / f"{tag}.db") if backend == "sqlite" else f"bench_{tag}"
     thread_flags = ["--nr_threads", str(threads)] if threads else []
     if pipeline == "trap-dask":
@@ -218,7 +231,7 @@ def run_pipeline(pipeline: str, survey: Survey, backend: str, threads: int | Non
         env = trap_dask_env(args.src)
     else:
         cmd = [str(args.trap14_venv / "bin" / "trap-run"), "-i", str(survey_dir), *thread_flags,
-               "--config_file", str(REFERENCE_TOML), "--log_dir", str(work / "trap14-logs"),
+               "--config_file", str(reference_toml(args)), "--log_dir", str(work / "trap14-logs"),
                *db_flags(backend, name, pipeline)]
         env = trap14_env(args.trap14_venv)
     log_path = work / f"{tag}.log"
@@ -400,6 +413,8 @@ def cmd_compare(args) -> None:
                 results.append(run_pipeline("trap-dask", SURVEYS[name], backend, args.threads, args))
                 continue
             ref = run_pipeline("trap 1.4.0", SURVEYS[name], backend, args.threads, args)
+            if args.reference_deblend is not None:
+                ref = replace(ref, pipeline=f"trap 1.4.0 (deblend_nthresh {args.reference_deblend})")
             ours = run_pipeline("trap-dask", SURVEYS[name], backend, args.threads, args)
             results += [ours, ref]
             if ours.n_images and ref.n_images:
@@ -490,6 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compare = add("compare", cmd_compare, surveys=("small", "standard"))
     compare.add_argument("--backend", nargs="+", choices=("sqlite", "postgres"), default=["sqlite"])
     compare.add_argument("--no-reference", action="store_true", help="trap-dask only")
+    compare.add_argument("--reference-deblend", type=int, metavar="N",
+                         help="run trap 1.4.0 with deblend_nthresh N instead of the reference TOML's 32 "
+                              "(0 is trap 1.4.0's own default)")
     add("scaling", cmd_scaling).add_argument("--threads-list", type=int, nargs="+", default=[1, 2])
     add("memory", cmd_memory)
     stages = add("stages", cmd_stages)
