@@ -1,12 +1,12 @@
 """trap-dask's extractor against PySE (radio-pyse 0.7.1) with equal thresholds and box sizes.
 
-Usage: python benchmarks/compare_pyse.py [--venv benchmarks/.venv-pyse] [--workdir DIR]
+Usage: python benchmarks/compare_pyse.py [--venv benchmarks/.venv-pyse] [--workdir DIR] [--detection 8]
 
 Run with the project's Python. PySE runs in its own virtual environment (made by
 ``benchmarks/pyse/setup_venv.sh``) through ``benchmarks/pyse/run_pyse.py``. On a simulated
 2048x2048 image (point and resolved sources, with truth) and on the real images in
-``/work/shared/realdata`` both extractors use detection 8, analysis 3 and 50x50 pixel background
-boxes. Sources match within half the beam's major FWHM. Printed per image set: the fraction of
+``/work/shared/realdata`` both extractors use the same detection threshold (``--detection``,
+default 8), analysis 3 and 50x50 pixel background boxes. Sources match within half the beam's major FWHM. Printed per image set: the fraction of
 PySE's sources we find and of ours PySE finds, the median integrated-flux ratio (ours / PySE),
 the median position offset, each side's time per image and, with truth, each side's flux and
 completeness against the injected sources.
@@ -33,14 +33,13 @@ from trap_dask.simulate import SurveySpec, load_truth, simulate_survey  # noqa: 
 
 HERE = Path(__file__).resolve().parent
 REALDATA = Path("/work/shared/realdata")
-PARAMS = ExtractionParams(detection_threshold=8.0, analysis_threshold=3.0, back_size_x=50, back_size_y=50)
 
 
-def run_pyse(venv: Path, images: list[str], out: Path) -> list[dict]:
+def run_pyse(venv: Path, images: list[str], out: Path, params: ExtractionParams) -> list[dict]:
     """PySE's sources of each image (see run_pyse.py), run in its own venv."""
     cmd = [str(venv / "bin" / "python"), str(HERE / "pyse" / "run_pyse.py"), str(out), *images,
-           "--detection", str(PARAMS.detection_threshold), "--analysis", str(PARAMS.analysis_threshold),
-           "--back-size", str(PARAMS.back_size_x)]
+           "--detection", str(params.detection_threshold), "--analysis", str(params.analysis_threshold),
+           "--back-size", str(params.back_size_x)]
     subprocess.run(cmd, check=True, capture_output=True)
     records = json.loads(out.read_text())
     for record in records:
@@ -48,16 +47,16 @@ def run_pyse(venv: Path, images: list[str], out: Path) -> list[dict]:
     return records
 
 
-def ours(path: str) -> tuple[np.ndarray, float]:
+def ours(path: str, params: ExtractionParams) -> tuple[np.ndarray, float]:
     """Our detections of one image and the wall time of reading and extracting it (s)."""
     start = time.perf_counter()
-    sources, _ = extract_file(path, PARAMS)
+    sources, _ = extract_file(path, params)
     return sources, time.perf_counter() - start
 
 
-def compare(path: str, pyse: dict, truth: dict | None) -> dict[str, float]:
+def compare(path: str, pyse: dict, truth: dict | None, params: ExtractionParams) -> dict[str, float]:
     """Agreement figures of one image; with ``truth``, each side's figures against it too."""
-    mine, seconds = ours(path)
+    mine, seconds = ours(path, params)
     theirs = pyse["sources"]
     radius = read_meta(path).beam.smaj  # half the major FWHM, deg
     to_pyse, to_ours = match_mutual(mine["ra"], mine["dec"], theirs["ra"], theirs["dec"], radius)
@@ -88,7 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", default=str(HERE / ".venv-pyse"), help="PySE virtual environment")
     parser.add_argument("--workdir", help="keep the simulated images here (default: temporary)")
+    parser.add_argument("--detection", type=float, default=8.0, help="detection threshold of both, x rms")
     args = parser.parse_args()
+    params = ExtractionParams(detection_threshold=args.detection, analysis_threshold=3.0, back_size_x=50,
+                              back_size_y=50)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         spec = SurveySpec(n_epochs=2, shape=(2048, 2048), n_steady=800, n_variable=0, n_transient=0,
@@ -104,8 +106,8 @@ def main() -> None:
         sets = {"simulated": ([im["path"] for im in truth["images"]], truth)}
         sets.update({Path(p).name: ([p], None) for p in real})
         for name, (images, known) in sets.items():
-            records = run_pyse(Path(args.venv), images, workdir / f"pyse_{name}.json")
-            rows = [compare(path, rec, known) for path, rec in zip(images, records)]
+            records = run_pyse(Path(args.venv), images, workdir / f"pyse_{name}.json", params)
+            rows = [compare(path, rec, known, params) for path, rec in zip(images, records)]
             summary = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
