@@ -95,6 +95,21 @@ def test_append_refuses_a_database_of_another_schema_version(db_settings, epochs
         run(db_settings, epochs, db_append=True)
 
 
+def test_append_to_a_database_made_before_a_parameter_existed(db_settings, epochs, reference):
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:   # as a trap-dask without the worker_timeout parameter made it
+        conn.exec_driver_sql("ALTER TABLE config DROP COLUMN worker_timeout")
+    engine.dispose()
+    run(db_settings, epochs, db_append=True)
+    assert dump(db_settings) == reference
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        timeouts = conn.execute(select(schema.config.c.worker_timeout).order_by(schema.config.c.run)).scalars().all()
+    engine.dispose()
+    assert timeouts == [None, 600.0]
+
+
 def _cli(settings: DatabaseSettings, inputs, *extra) -> list[str]:
     args = [sys.executable, "-m", "trap_dask.cli", "run", "--db-backend", settings.backend,
             "--db-name", settings.name, "--detection_threshold", "5", "--monitor_loc", "[[150.01, 30.01]]",

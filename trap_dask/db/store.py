@@ -151,7 +151,25 @@ class ExportStore:
                 f"{settings.describe()} has export schema version {versions}, this trap-dask writes "
                 f"version {schema.SCHEMA_VERSION}; append to it with the trap-dask that made it"
             )
+        try:
+            store._add_parameter_columns()
+        except DatabaseError:
+            store.close()
+            raise
         return store
+
+    @_database_errors
+    def _add_parameter_columns(self) -> None:
+        """Give the ``config`` table a column for every parameter newer than the database (NULL
+        for the earlier runs), so that a new parameter never bars appending to it."""
+        table = schema.config
+        with self.engine.begin() as conn:
+            present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+            quote = conn.dialect.identifier_preparer.quote
+            for column in table.columns:
+                if column.name not in present:
+                    conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
+                                         f"{column.type.compile(dialect=conn.dialect)}")
 
     def _create_tables(self) -> None:
         try:
