@@ -242,7 +242,7 @@ def test_real_images_and_an_unusable_file_are_all_recorded(tmp_path):
     assert query(db, "SELECT count(DISTINCT src_id) = count(*) FROM extracted_sources")[0][0] == 1
 
 
-def test_inputs_are_files_directories_and_globs_and_a_broken_link_is_recorded(tmp_path):
+def test_inputs_are_files_directories_and_globs_and_broken_links_are_recorded(tmp_path):
     from trap_dask.pipeline import PipelineError, find_images
 
     deep = tmp_path / "obs" / "night1"
@@ -251,14 +251,19 @@ def test_inputs_are_files_directories_and_globs_and_a_broken_link_is_recorded(tm
     shutil.copy(DATA / "SWIFT_554620-130504.fits", tmp_path / "obs" / "b.FITS")
     shutil.copy(DATA / "SWIFT_554620-130504.fits", tmp_path / "named.img")
     (deep / "notes.txt").write_text("not an image")
-    (deep / "gone.fits").symlink_to(tmp_path / "deleted.fits")
+    (deep / "0gone.fits").symlink_to(tmp_path / "deleted.fits")  # sorts first in its directory
+    (tmp_path / "lonely").mkdir()
+    (tmp_path / "lonely" / "only.fits").symlink_to(tmp_path / "deleted2.fits")
+    (tmp_path / "named.fits").symlink_to(tmp_path / "deleted3.fits")
     found = find_images((str(tmp_path / "obs"), str(tmp_path / "named.img"), str(tmp_path / "ob*")))
-    assert sorted(Path(f).name for f in found) == ["a.fits", "b.FITS", "gone.fits", "named.img"]
+    assert sorted(Path(f).name for f in found) == ["0gone.fits", "a.fits", "b.FITS", "named.img"]
     with pytest.raises(PipelineError, match="matches no file"):
         find_images((str(tmp_path / "nothing*.fits"),))
-    db = run([tmp_path / "obs"], tmp_path / "inputs.db")
+    db = run([tmp_path / "obs", tmp_path / "lonely", tmp_path / "named.fits"], tmp_path / "inputs.db")
     rows = dict(query(db, "SELECT url, rejection_reason FROM images"))
-    assert rows[str(deep / "gone.fits")] == "file not found"
+    assert len(rows) == 5
+    for link in (deep / "0gone.fits", tmp_path / "lonely" / "only.fits", tmp_path / "named.fits"):
+        assert rows[str(link)] == "file not found"
     assert rows[str((deep / "a.fits").resolve())] is None
 
 

@@ -401,10 +401,14 @@ def unreadable(paths: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def probe_paths(paths: Iterable[str], limit: int = MAX_PROBED_DIRECTORIES) -> list[str]:
-    """The first file of each input directory (at most ``limit``): what every worker must see."""
+    """The first file of each input directory that this process can read (at most ``limit``):
+    what every worker must see too. Files unreadable here are left to the header scan, which
+    records them as rejected images."""
     first: dict[str, str] = {}
     for path in sorted(paths):
-        first.setdefault(os.path.dirname(path), path)
+        directory = os.path.dirname(path)
+        if directory not in first and os.path.isfile(path) and os.access(path, os.R_OK):
+            first[directory] = path
     return list(first.values())[:limit]
 
 
