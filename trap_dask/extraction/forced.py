@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import fft as sfft
 
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.extract import ExtractionParams, PreparedImage, local_noise
+from trap_dask.extraction.gaussian import beam_on_grid
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties
 
 #: Half-width of the fitting cutout in beam semi-major axes (half FWHM): 3 -> +-1.5 FWHM.
@@ -36,9 +38,13 @@ def correlated_noise_factor(beam_cov: np.ndarray) -> float:
     instead of rms**2 / sum(P**2) for independent pixels.
     """
     dx, dy = _cutout_offsets(beam_cov)
-    profile = _beam_profile(beam_cov, dx, dy)
-    rho = _beam_profile(beam_cov, dx[:, None] - dx, dy[:, None] - dy)  # every pixel pair
-    return float(profile @ rho @ profile / np.square(profile @ profile))
+    side = int(np.sqrt(len(dx)))
+    profile = _beam_profile(beam_cov, dx, dy).reshape(side, side)
+    # sum_j rho(r_i - r_j) P_j by a circular FFT convolution large enough to wrap nothing
+    n = sfft.next_fast_len(2 * side - 1, real=True)
+    rho = sfft.rfft2(beam_on_grid(np.linalg.inv(beam_cov), n, n))
+    smoothed = sfft.irfft2(sfft.rfft2(profile, s=(n, n)) * rho, s=(n, n))[:side, :side]
+    return float((profile * smoothed).sum() / np.square(np.square(profile).sum()))
 
 
 def forced_fit(

@@ -359,7 +359,7 @@ def _direct_gram(
     return plain, correlated
 
 
-def _beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
+def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
     """Unit-peak beam (ny, nx) at the offsets of a circular grid (0, 1, ..., -1 along each axis)."""
     ox = np.fft.fftfreq(nx, 1.0 / nx)[None, :]
     oy = np.fft.fftfreq(ny, 1.0 / ny)[:, None]
@@ -392,7 +392,7 @@ def _fft_gram(
         cell = (batch[island[pix]] * ny + grid[pix, 1]) * nx + grid[pix, 0]
         cells = np.zeros((k, len(isl) * ny * nx))
         cells[:, cell] = vectors[pix].T
-        beam = sfft.rfft2(_beam_on_grid(beam_inv, ny, nx))
+        beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx))
         spectrum = sfft.rfft2(cells.reshape(k, len(isl), ny, nx)) * beam
         smoothed = sfft.irfft2(spectrum, s=(ny, nx)).reshape(k, -1)[:, cell]
         products[:, :, pix] = vectors[pix].T[:, None, :] * smoothed[None, :, :]
