@@ -68,8 +68,11 @@ def test_appending_the_same_images_twice_adds_nothing(db_settings, epochs):
 
 def test_changed_association_parameters_need_consent(db_settings, epochs):
     run(db_settings, epochs[:2])
-    with pytest.raises(PipelineError, match=r"de_ruiter_r_max: 5\.68 -> 3\.0.*--accept_config_change"):
+    with pytest.raises(PipelineError, match=r"de_ruiter_r_max: 5\.68 -> 3\.0.*pass --de_ruiter_r_max 5\.68 to "
+                                            r"continue.*--accept_config_change"):
         run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0)
+    with pytest.raises(PipelineError, match=r"pass --association_method optimal to continue"):
+        run(db_settings, epochs, db_append=True, association_method="greedy")
     run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0, accept_config_change=True)
     engine = make_engine(db_settings)
     with engine.connect() as conn:

@@ -361,16 +361,16 @@ def validate(config: Config) -> Config:
     return config
 
 
-def association_differences(config: Config, stored: Mapping[str, Any]) -> list[str]:
-    """``name: stored -> new`` for each association parameter that differs from a stored config row."""
+def association_differences(config: Config, stored: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{name: (stored, new)}`` for each association parameter that differs from a stored config row."""
     def value(name: str, raw: Any) -> Any:  # the bands as numbers, however they were written
         return _parse_positions(raw, name) if name == "frequency_band" and raw else raw
 
-    return [
-        f"{name}: {stored.get(name)!r} -> {getattr(config, name)!r}"
+    return {
+        name: (stored.get(name), getattr(config, name))
         for name in ASSOCIATION_PARAMETERS
         if value(name, stored.get(name)) != value(name, getattr(config, name))
-    ]
+    }
 
 
 def _parse_positions(text: str, name: str) -> list[tuple[float, float]]:

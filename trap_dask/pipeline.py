@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shlex
 import signal
 import threading
 import time
@@ -178,11 +179,15 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
     store = ExportStore.open(settings)
     try:
         stored = store.latest_config()
-        differences = association_differences(config, stored) if stored else []
+        differences = association_differences(config, stored) if stored else {}
         if differences and not config.accept_config_change:
+            changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+            keep = " ".join(f"--{name} {shlex.quote(str(old))}" for name, (old, new) in differences.items()
+                            if old is not None)
             raise PipelineError(
-                f"association parameters differ from those of {settings.describe()} "
-                f"({'; '.join(differences)}); pass --accept_config_change to append anyway"
+                f"association parameters differ from those of {settings.describe()} ({changes}); "
+                + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
+                + "--accept_config_change to use the new values from here on"
             )
         if store.close_stale_runs():
             log.info("resuming after a run that was killed")
