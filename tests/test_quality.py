@@ -34,6 +34,14 @@ def test_clipped_rms_ignores_outliers_and_nan() -> None:
     assert np.isnan(clipped_rms(np.array([[np.nan, 1.0, np.nan]])))[0]
 
 
+def test_clipped_rms_of_tiny_samples() -> None:
+    rows = np.array([[1.0, 2.0, np.nan, np.nan], [1.0, 2.0, 3.0, np.nan], [5.0, 5.0, 5.0, 5.0],
+                     [np.nan, 1.0, np.nan, np.nan]])
+    rms = clipped_rms(rows)
+    assert rms[0] > 0 and rms[1] > 0 and np.isfinite(rms[:3]).all()
+    assert rms[2] == 0.0 and np.isnan(rms[3])   # constant: zero; one finite value: undefined
+
+
 def test_central_rms_uses_the_central_region(noise: np.ndarray) -> None:
     data = noise.copy()
     data[768:1280, 768:1280] *= 2.0  # the central 512 x 512 is twice as noisy

@@ -218,8 +218,9 @@ def test_transients_can_stay_on(tmp_path: Path) -> None:
 def test_invalid_specs_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="transients need at least two epochs"):
         simulate_survey(tmp_path, SurveySpec(n_epochs=1))
-    with pytest.raises(ValueError, match="transient_decay"):
-        simulate_survey(tmp_path, SurveySpec(transient_decay=(3.0, 1.0)))
+    for decay in ((3.0, 1.0), (5.0, 0.0), (-1.0, -1.0), (1.0, math.inf), (math.nan, math.nan)):
+        with pytest.raises(ValueError, match="transient_decay"):
+            simulate_survey(tmp_path, SurveySpec(transient_decay=decay))
     with pytest.raises(ValueError, match="cannot place"):
         simulate_survey(tmp_path, SurveySpec(shape=(64, 64), n_steady=200))
 
@@ -233,11 +234,13 @@ def test_command_line(tmp_path: Path) -> None:
         str(tmp_path), "--n-epochs", "2", "--shape", "96", "128", "--n_steady", "3", "--n-variable", "0",
         "--n-transient", "1", "--n-resolved", "0", "--n-pairs", "0", "--beam", "24", "12", "40",
         "--pixel-scale", "4", "--freqs", "120e6", "160e6", "--cube", "--margin", "3", "--min_separation", "4",
+        "--transient-decay", "2", "3",
     ])
     simulate_from_args(args)
     truth = load_truth(tmp_path / "truth.json")
     spec = truth["spec"]
     assert (spec.n_epochs, spec.shape, spec.freqs, spec.cube) == (2, (96, 128), (120e6, 160e6), True)
+    assert spec.transient_decay == (2.0, 3.0)
     assert spec.beam == Beam(smaj=12 / 3600, smin=6 / 3600, pa=40.0)
     assert spec.pixel_scale == pytest.approx(4 / 3600)
     assert len(truth["images"]) == 4 and len(truth["sources"]["id"]) == 4

@@ -19,7 +19,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from trap_dask.config import Config, association_differences
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
@@ -27,6 +27,9 @@ from trap_dask.db.store import KnownImages
 from trap_dask.extraction import ExtractionParams
 from trap_dask.image import ImageMeta
 from trap_dask.quality import QualityParams
+
+if TYPE_CHECKING:
+    from trap_dask.tasks import ScanFailure, ScannedImage
 
 log = logging.getLogger("trap_dask")
 
@@ -269,7 +272,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     )
 
 
-def _already_stored(scan, known: KnownImages) -> bool:
+def _already_stored(scan: ScannedImage | ScanFailure, known: KnownImages) -> bool:
     """Whether a scanned input (ScannedImage or ScanFailure) is in the database already: a file
     with a stored checksum, or one still unreadable at a path recorded as unreadable."""
     from trap_dask.tasks import ScanFailure

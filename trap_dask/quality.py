@@ -58,7 +58,8 @@ def _central_region(data: np.ndarray, reduction_factor: float) -> np.ndarray:
 
 
 def clipped_rms(values: np.ndarray, kappa: float = KAPPA, max_iterations: int = MAX_ITERATIONS) -> np.ndarray:
-    """Kappa-sigma clipped, truncation-corrected standard deviation of each row of a 2-D array.
+    """Kappa-sigma clipped, truncation-corrected standard deviation of each row of a 2-D array
+    (in the units of ``values``, e.g. Jy/beam).
 
     The statistic of :func:`trap_dask.extraction.background.clipped_stats` (NaN ignored), so the
     quality control and the noise maps agree. Returns (n_groups,) float64; NaN for a row with

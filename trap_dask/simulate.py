@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -244,8 +245,8 @@ def _validate(spec: SurveySpec) -> None:
     if not (0 < spec.flux_range[0] <= spec.flux_range[1]) or spec.rms <= 0 or spec.pixel_scale <= 0:
         raise ValueError("rms, pixel_scale and the flux range must be positive")
     low, high = spec.transient_decay
-    if high > 0 and not 0 < low <= high:
-        raise ValueError("transient_decay must be 0 0 (no decay) or LOW <= HIGH, both > 0 epochs")
+    if (low, high) != (0, 0) and not 0 < low <= high < math.inf:
+        raise ValueError("transient_decay must be 0 0 (no decay) or 0 < LOW <= HIGH (finite), in epochs")
 
 
 def _celestial_header(spec: SurveySpec) -> fits.Header:
@@ -400,7 +401,7 @@ def _transient_curves(rng: np.random.Generator, spec: SurveySpec, switch_on: np.
     decay with an e-folding time (epochs) drawn log-uniform from ``spec.transient_decay``."""
     epochs = np.arange(spec.n_epochs) - switch_on[:, None]
     low, high = spec.transient_decay
-    if high <= 0:
+    if (low, high) == (0, 0):
         return (epochs >= 0).astype(float)
     decay = np.exp(rng.uniform(np.log(low), np.log(high), (len(switch_on), 1)))
     return np.where(epochs >= 0, np.exp(-np.maximum(epochs, 0) / decay), 0.0)

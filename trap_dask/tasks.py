@@ -95,8 +95,8 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     meta = image.meta
     try:
         raw = Path(meta.url).read_bytes()
-    except OSError as exc:
-        return _rejected(meta, image.checksum, None, f"cannot read the file: {exc.strerror or exc}")
+    except OSError as exc:  # no checksum: a later --db_append retries the file once it can be read
+        return _rejected(meta, None, None, f"cannot read the file: {exc.strerror or exc}")
     checksum = image.checksum or hashlib.sha256(raw).hexdigest()
     try:
         data, wcs = read_image(meta, raw)
@@ -129,11 +129,13 @@ def process(image: ScannedImage, quality: QualityParams, params: ExtractionParam
     An image that breaks the extractor becomes a rejected image with the reason, so one bad
     image never stops a run.
     """
+    loaded = None
     try:
         loaded = load(image, quality, params)
         return LoadedImage(extract(loaded, params), loaded.prepared)
     except Exception as exc:  # noqa: BLE001 - recorded, with its reason, in the images table
-        return _rejected(image.meta, image.checksum, None, f"processing failed: {type(exc).__name__}: {exc}")
+        checksum = loaded.result.checksum if loaded is not None else image.checksum
+        return _rejected(image.meta, checksum, None, f"processing failed: {type(exc).__name__}: {exc}")
 
 
 def result_of(image: LoadedImage) -> ImageResult:

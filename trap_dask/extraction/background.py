@@ -59,8 +59,9 @@ def clipped_stats(
     ordered = np.sort(stack, axis=-1)
     nfinite = np.isfinite(ordered).sum(-1)
 
-    def quantile(q: float) -> np.ndarray:
-        return np.take_along_axis(ordered, np.minimum((q * nfinite).astype(int), stack.shape[-1] - 1)[..., None], -1)
+    def quantile(q: float) -> np.ndarray:  # the value nearest the q quantile of the finite ones
+        index = np.rint(q * np.maximum(nfinite - 1, 0)).astype(int)
+        return np.take_along_axis(ordered, index[..., None], -1)
 
     # Offsets from the median keep the sums accurate.
     median = quantile(0.5)

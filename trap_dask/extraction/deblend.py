@@ -20,7 +20,7 @@ def deblend(
     min_contrast: float = MIN_CONTRAST,
     detection: float = 0.0,
 ) -> np.ndarray:
-    """Split blended islands; return the component (1..m, 0 = none) of every pixel of ``islands.flat``.
+    """Split blended islands; return the component label (> 0; 0 = none) of every pixel of ``islands.flat``.
 
     Each island is re-thresholded at ``nthresh`` S/N levels spaced exponentially between
     ``analysis`` and its peak. Going up the levels, a component splits when two or more of its
@@ -66,7 +66,7 @@ def _split(
     min_contrast: float,
     detection: float,
 ) -> np.ndarray:
-    """The multi-threshold splitting of :func:`deblend` (components 1..m, 0 = none, per pixel)."""
+    """The multi-threshold splitting of :func:`deblend` (component label > 0, 0 = none, per pixel)."""
     local, box = _mosaic(islands, snr.shape[1])
     pix_snr = snr.ravel()[islands.flat]
     pix_flux = residual.ravel()[islands.flat].astype(float)
