@@ -20,10 +20,12 @@ from trap_dask.cluster import (
     WRITER_RESOURCE,
     ClusterError,
     check_inputs_readable,
+    check_readable_on_workers,
     jobqueue_class,
     jobqueue_options,
     jobqueue_scale,
     local_shape,
+    probe_paths,
     scheduler_address,
     start_client,
     writer_placement,
@@ -239,11 +241,22 @@ def test_lost_writer_stops_the_run_with_a_consistent_prefix(survey, reference, r
 
 @pytest.mark.slow
 def test_unreadable_input_names_the_worker_and_the_file(running, survey, tmp_path):
-    missing = str(tmp_path / "elsewhere" / "image.fits")
+    missing = str(tmp_path / "elsewhere" / "image.fits")   # as if not mounted on the workers
     with running.client() as client:
         check_inputs_readable(client, sorted(str(p) for p in survey.glob("*.fits")))
         with pytest.raises(ClusterError, match=rf"worker {worker_address(client, 'b')} cannot read {missing}"):
-            check_inputs_readable(client, [missing])
+            check_readable_on_workers(client, [missing])
+
+
+def test_workers_are_asked_for_one_file_per_directory_that_is_readable_here(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0broken.fits").symlink_to(tmp_path / "gone.fits")
+    for name in ("a/x.fits", "a/y.fits", "b.fits"):
+        (tmp_path / name).write_bytes(b"SIMPLE")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "only_broken.fits").symlink_to(tmp_path / "gone.fits")
+    paths = [str(tmp_path / n) for n in ("a/0broken.fits", "a/y.fits", "a/x.fits", "b.fits", "c/only_broken.fits")]
+    assert probe_paths(paths) == [str(tmp_path / "a" / "x.fits"), str(tmp_path / "b.fits")]
 
 
 # -- writer placement -----------------------------------------------------------------------------

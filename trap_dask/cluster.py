@@ -419,7 +419,11 @@ def check_inputs_readable(client, paths: Iterable[str]) -> None:
     on the first file). A single unreadable file is still found by the header scan and recorded
     as a rejected image.
     """
-    probe = probe_paths(paths)
+    check_readable_on_workers(client, probe_paths(paths))
+
+
+def check_readable_on_workers(client, probe: list[str]) -> None:
+    """Open each of ``probe`` on every worker; ClusterError names who cannot read what."""
     results = client.run(unreadable, probe, on_error="return")
     lines = []
     for worker, result in sorted(results.items()):
