@@ -406,20 +406,36 @@ def test_no_worker_within_worker_timeout_is_a_clear_error(tmp_path):
     assert clients == sorted([client.id, "fire-and-forget"]), "the run's client was left connected"
 
 
-def test_batch_jobs_are_cancelled_when_no_worker_joins_in_time(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"   # a batch system that queues jobs which never start
+def fake_slurm(tmp_path: Path, monkeypatch) -> None:
+    """sbatch and scancel on PATH: a batch system that queues jobs which never start."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
     (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'cancelled'}\n")
     for script in bin_dir.iterdir():
         script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_batch_jobs_are_cancelled_when_no_worker_joins_in_time(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch)
     path = tmp_path / "jq.yaml"
     path.write_text("jobqueue:\n  slurm:\n    cores: 1\n    memory: 1GB\n    scheduler-options:\n"
                     "      dashboard_address: ':0'\n")
     with pytest.raises(ClusterError, match=r"no Dask worker of the slurm batch jobs joined within worker_timeout"):
         start_client(build_config({"cluster": "slurm", "cluster_config": str(path), "worker_timeout": 2}, {}, None))
     assert (tmp_path / "cancelled").read_text().split() == ["4242"], "the cluster was not closed"
+
+
+@pytest.mark.parametrize("setting", ["memory: lots", "cores: many"])
+def test_a_jobqueue_setting_of_the_wrong_kind_is_one_line(tmp_path, monkeypatch, setting):
+    fake_slurm(tmp_path, monkeypatch)
+    path = tmp_path / "jq.yaml"
+    values = {"cores": "1", "memory": "1GB"} | dict([setting.split(": ")])
+    path.write_text("jobqueue:\n  slurm:\n" + "".join(f"    {k}: {v}\n" for k, v in values.items()))
+    with pytest.raises(ClusterError, match=rf"cluster_config {path}: dask-jobqueue cannot use these slurm settings"):
+        start_client(build_config({"cluster": "slurm", "cluster_config": str(path)}, {}, None))
+    assert not (tmp_path / "cancelled").exists()
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a real SLURM is installed here")

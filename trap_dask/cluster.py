@@ -226,7 +226,11 @@ def _start_jobqueue(config: Config) -> ClusterSession:
 
     cls, options = jobqueue_settings(config)
     with ExitStack() as on_failure:  # closing the cluster cancels the jobs it submitted
-        cluster = cls(**options)
+        try:
+            cluster = cls(**options)
+        except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. memory: lots
+            source = f"cluster_config {config.cluster_config}" if config.cluster_config else "the Dask configuration"
+            raise ClusterError(f"{source}: dask-jobqueue cannot use these {config.cluster} settings: {exc}") from None
         on_failure.callback(cluster.close)
         cluster.scale(**jobqueue_scale(config))
         client = Client(cluster)
