@@ -74,6 +74,10 @@ class RunLock:
             self._file.close()
             self._file = None
         if self._conn is not None:
+            try:  # at once: the server frees a closed session's locks only when its backend exits
+                self._conn.execute(text("SELECT pg_advisory_unlock_all()"))
+            except Exception:  # noqa: BLE001 - a lost connection holds no lock
+                pass
             self._conn.close()
             self._conn = None
         if self._engine is not None:
