@@ -312,9 +312,18 @@ def recovery(image_ids: dict[str, int], detections: np.ndarray, truth_path: Path
 # -- surveys -------------------------------------------------------------------------------------
 
 def ensure_survey(survey: Survey, args) -> Path:
-    """The survey's directory under the cache, simulated on first use."""
+    """The survey's directory under the cache, simulated on first use or again when it was made by
+    a simulator with other SurveySpec fields (an older trap-dask)."""
+    from dataclasses import fields
+
+    from trap_dask.simulate import SurveySpec
+
     outdir = args.cache / survey.name
-    if not (outdir / "truth.json").exists():
+    truth = outdir / "truth.json"
+    if truth.exists() and set(json.loads(truth.read_text())["spec"]) != {f.name for f in fields(SurveySpec)}:
+        print(f"{outdir} was simulated by another version of the simulator: simulating it again", flush=True)
+        truth.unlink()
+    if not truth.exists():
         free_gb = psutil.disk_usage(str(args.cache)).free / 1e9
         need_gb = survey.n_epochs * survey.size**2 * 4 / 1e9
         if free_gb < 2 * need_gb:
