@@ -32,7 +32,7 @@ from trap_dask.cluster import (
 )
 from trap_dask.cli import main
 from trap_dask.config import ConfigError, build_config, read_toml
-from trap_dask.pipeline import run_pipeline
+from trap_dask.pipeline import PipelineError, run_pipeline
 from trap_dask.simulate import SurveySpec, simulate_survey
 
 CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
@@ -404,6 +404,15 @@ def test_no_worker_within_worker_timeout_is_a_clear_error(tmp_path):
         assert 1.5 <= time.monotonic() - started < 30
         clients = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.clients))
     assert clients == sorted([client.id, "fire-and-forget"]), "the run's client was left connected"
+
+
+def test_a_run_whose_workers_never_come_leaves_no_new_database(survey, tmp_path):
+    db = tmp_path / "never.db"
+    with dask_cluster(tmp_path) as bare:   # a scheduler without workers
+        with pytest.raises(PipelineError, match="worker_timeout"):
+            run_pipeline(build_config(flags(survey, db, scheduler_address=bare.address, worker_timeout=1.0),
+                                      {}, None))
+    assert not db.exists()
 
 
 def fake_slurm(tmp_path: Path, monkeypatch) -> None:

@@ -211,6 +211,13 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     try:
         session = start_client(config)
     except ClusterError as exc:
+        if not append:  # the database this run just made holds nothing yet: leave none behind
+            from trap_dask.db.backends import drop_database
+
+            try:
+                drop_database(settings)
+            except DatabaseError as drop_error:
+                log.warning("could not remove the empty %s: %s", settings.describe(), drop_error)
         raise PipelineError(str(exc)) from None
     client = session.client
     status, writer, finished = "failed", None, None
