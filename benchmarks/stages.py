@@ -84,8 +84,7 @@ def process_images(paths: list[str], db_path: Path) -> None:
         loaded = tasks.load(scanned, quality, params)
         outcome = writer.associate(tasks.extract(loaded, params))
         if not isinstance(outcome, CommitSummary):
-            ra, dec = outcome
-            writer.commit(tasks.force(loaded, ra, dec, params) if len(ra) else None)
+            writer.commit(tasks.force(loaded, outcome, params) if len(outcome) else None)
     writer.finish("completed")
 
 

@@ -95,6 +95,7 @@ CREATE TABLE config (
 	im_back_size_y INTEGER, 
 	de_ruiter_r_max DOUBLE, 
 	association_method TEXT, 
+	fit_blends BOOLEAN, 
 	PRIMARY KEY (run), 
 	FOREIGN KEY(run) REFERENCES runs (id)
 );

@@ -107,6 +107,8 @@ def test_association_neither_splits_nor_mixes_a_jittered_field_with_close_pairs(
     assert figures["unassigned"] <= 0.02
     if jitter_scale:
         assert figures["top_eta_variable_all"] >= 0.9
+    else:  # pairs drift into blends: fitted as pairs (fit_blends) they stay out of the top N
+        assert figures["top_eta_variable"] >= 0.8
 
 
 def test_optimal_association_keeps_a_close_pair_that_moved_together():

@@ -1,11 +1,12 @@
 """The running catalogue on hand-made detections: ids, parents, forced fits, light curves."""
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
 
-from trap_dask.catalogue import ImageContext, RunningCatalogue
+from trap_dask.catalogue import ForcedMeasurements, ImageContext, RunningCatalogue
 from trap_dask.sources import add_uncertainties, empty_sources
 
 ARCSEC = 1 / 3600
@@ -33,9 +34,9 @@ def context(im_id, band=1, rms=0.001):
 
 def step(cat, im_id, det, forced_flux=None, band=1, rms=0.001):
     plan = cat.plan(context(im_id, band, rms), det)
-    ra, dec = plan.forced_positions(cat)
-    flux = np.full(len(ra), 0.0) if forced_flux is None else forced_flux
-    update = cat.update(plan, forced_at(ra, dec, flux))
+    request = plan.forced_request(cat)
+    flux = np.full(len(request.ra), 0.0) if forced_flux is None else forced_flux
+    update = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, flux)))
     return cat.apply(update, plan.image), update
 
 
@@ -122,3 +123,44 @@ def test_monitor_positions_are_forced_every_image_as_their_own_source(catalogue)
         monitor = update.ids["src_id"] == ids[0]
         assert monitor.sum() == 1 and update.measurements["is_force_fit"][monitor].all()
     assert cat.lightcurves["nr_datapoints"][cat.lightcurves["src_id"] == ids[0]].tolist() == [4]
+
+
+def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
+    """Two sources 40" apart (1.33 beams of 30"); in image 2 one detection holds both."""
+    beam = 30.0 * ARCSEC
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                           fit_blends=True)
+    ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
+    image = replace(context(1), beam_fwhm=beam)
+    plan = cat.plan(image, detections(ra, dec, [2.0, 1.0]))
+    cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
+
+    blend = detections(ra[:1], dec[:1] + 10 * ARCSEC, [2.9])  # the flux-weighted centroid, moved
+    plan = cat.plan(replace(context(2), beam_fwhm=beam), blend)
+    request = plan.forced_request(cat)
+    assert plan.pair_det.tolist() == [0] and plan.forced_rows[plan.pair_forced].tolist() == [1]
+    # the members' starts keep their catalogue separation, their weighted centroid on the detection
+    assert request.pair_dec[0, 1] - request.pair_dec[0, 0] == pytest.approx(40 * ARCSEC)
+    assert (2.0 * request.pair_dec[0, 0] + request.pair_dec[0, 1]) / 3.0 == pytest.approx(blend["dec"][0])
+
+    pairs = np.stack([detections(ra, dec, [2.05, 0.95])])
+    update = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), pairs, np.array([True])))
+    assert update.ids["src_id"].tolist() == [1, 2]
+    assert update.measurements["int_flux"].tolist() == [2.05, 0.95]  # not 2.9 and 2.5
+    assert update.measurements["is_force_fit"].tolist() == [False, True]
+
+    failed = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), pairs, np.array([False])))
+    assert failed.measurements["int_flux"].tolist() == [2.9, 2.5]  # the fits of TraP 1.x
+
+
+def test_pairs_need_fit_blends_and_a_point_like_detection(catalogue):
+    beam = 30.0 * ARCSEC
+    ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
+    for cat, wide, expected in ((catalogue, False, 0), (replace(catalogue, fit_blends=True), True, 0),
+                                (replace(catalogue, fit_blends=True), False, 1)):
+        plan = cat.plan(replace(context(1), beam_fwhm=beam), detections(ra, dec, [2.0, 1.0]))
+        cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
+        det = detections(ra[:1], dec[:1], [2.9])
+        det["semimajor_axis"] = (2.5 if wide else 1.0) * beam / 2 / ARCSEC
+        plan = cat.plan(replace(context(2), beam_fwhm=beam), det)
+        assert len(plan.pair_det) == expected

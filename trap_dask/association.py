@@ -239,3 +239,32 @@ def associate(
     linked = source >= 0
     parent[linked] = -1
     return Association(source, distance, parent, parent >= 0, matched)
+
+
+def blended_null_detections(
+    det_ra: ArrayLike,
+    det_dec: ArrayLike,
+    null_ra: ArrayLike,
+    null_dec: ArrayLike,
+    radius: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair null detections with the detection that may hold their light.
+
+    A known source that no detection continues (a null detection) but that lies within
+    ``radius`` (deg) of a detection may have been swallowed by it: closer than about a beam,
+    two sources make one island. Each null detection is paired with its nearest detection
+    within ``radius``, each detection with at most one null detection (its nearest).
+
+    Returns (null index, detection index) of the pairs, ordered by null index.
+    """
+    det = unit_vectors(det_ra, det_dec).reshape(-1, 3)
+    null = unit_vectors(null_ra, null_dec).reshape(-1, 3)
+    if len(det) == 0 or len(null) == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    chord, nearest = cKDTree(det).query(null, distance_upper_bound=2.0 * np.sin(np.deg2rad(radius) / 2.0))
+    ni = np.flatnonzero(np.isfinite(chord))
+    dj, chord = nearest[ni], chord[ni]
+    order = np.lexsort((ni, chord))
+    first = np.unique(dj[order], return_index=True)[1]
+    keep = np.sort(order[first])
+    return ni[keep].astype(np.intp), dj[keep].astype(np.intp)

@@ -14,8 +14,9 @@ from datetime import datetime
 
 import numpy as np
 
-from trap_dask.association import associate
+from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
+from trap_dask.sources import SOURCE_DTYPE
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,
@@ -78,6 +79,35 @@ class ImageContext:
     xtr_radius: float  #: deg
     rms_min: float  #: Jy/beam
     rms_max: float  #: Jy/beam
+    beam_fwhm: float = 0.0  #: deg, major axis of the restoring beam (0: no pair fits)
+
+
+#: A null detection this close to a detection (beam FWHM) is measured together with it.
+BLEND_RADIUS = 1.5
+#: Detections wider than this (fitted major axis over the beam's) are not refitted as points.
+BLEND_MAX_EXTENT = 2.0
+
+
+@dataclass(frozen=True)
+class ForcedRequest:
+    """What the worker holding an image measures for the writer (positions in deg)."""
+
+    ra: np.ndarray  #: (n,) forced fits: null detections, then monitors
+    dec: np.ndarray
+    pair_ra: np.ndarray  #: (k, 2) start positions of pairs fitted together: (detected, null)
+    pair_dec: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ra) + len(self.pair_ra)
+
+
+@dataclass(frozen=True)
+class ForcedMeasurements:
+    """The worker's answer to a :class:`ForcedRequest` (SOURCE_DTYPE rows)."""
+
+    single: np.ndarray  #: (n,) aligned with ``ForcedRequest.ra``
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), SOURCE_DTYPE))  #: (k, 2)
+    pair_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  #: (k,) pair fit usable
 
 
 @dataclass(frozen=True)
@@ -90,11 +120,16 @@ class AssociationPlan:
     det_parent_row: np.ndarray  #: catalogue row whose last measurement is the parent, -1 for none
     is_duplicate: np.ndarray
     forced_rows: np.ndarray  #: catalogue rows to force-fit (null detections, then monitors)
+    pair_det: np.ndarray  #: detections refitted together with a null detection
+    pair_forced: np.ndarray  #: index into ``forced_rows`` of each pair's null detection
+    pair_ra: np.ndarray  #: (k, 2) deg, start positions of (detected, null) source
+    pair_dec: np.ndarray
 
-    def forced_positions(self, catalogue: "RunningCatalogue") -> tuple[np.ndarray, np.ndarray]:
-        """(ra, dec) in deg of the positions to force-fit, in the order of ``forced_rows``."""
+    def forced_request(self, catalogue: "RunningCatalogue") -> ForcedRequest:
+        """Positions to force-fit, in the order of ``forced_rows``, and the pairs to fit."""
         s = catalogue.sources
-        return s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows]
+        return ForcedRequest(s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows],
+                             self.pair_ra, self.pair_dec)
 
 
 @dataclass(frozen=True)
@@ -149,6 +184,7 @@ class RunningCatalogue:
     max_nr_consecutive_force_fits: int
     detection_threshold: float
     optimal_association: bool = False
+    fit_blends: bool = False
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
@@ -192,22 +228,81 @@ class RunningCatalogue:
             s["wm_ra"][candidates], s["wm_dec"][candidates],
             image.centre_ra, image.centre_dec, image.xtr_radius,
         )[:, 0]
+        forced_rows = candidates[inside]
+        pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows)
+        pair_ra, pair_dec = self._pair_starts(image, detections[pair_det], det_source[pair_det],
+                                              forced_rows[pair_forced])
         return AssociationPlan(
             image=image,
             detections=detections,
             det_source=det_source,
             det_parent_row=det_parent_row,
             is_duplicate=links.is_duplicate,
-            forced_rows=candidates[inside],
+            forced_rows=forced_rows,
+            pair_det=pair_det,
+            pair_forced=pair_forced,
+            pair_ra=pair_ra,
+            pair_dec=pair_dec,
         )
 
+    def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray,
+                forced_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index into forced_rows, detection) of null detections to fit with a detection.
+
+        Only point-like detections that continue a known source take part, and only null
+        detections of blind sources (not monitors).
+        """
+        none = np.zeros(0, np.intp)
+        if not self.fit_blends or image.beam_fwhm <= 0:
+            return none, none
+        s = self.sources
+        nulls = np.flatnonzero(~s["is_monitor"][forced_rows])
+        point_like = det["semimajor_axis"] * 2.0 / 3600.0 <= BLEND_MAX_EXTENT * image.beam_fwhm
+        dets = np.flatnonzero((det_source >= 0) & point_like)
+        ni, dj = blended_null_detections(
+            det["ra"][dets], det["dec"][dets], s["wm_ra"][forced_rows[nulls]], s["wm_dec"][forced_rows[nulls]],
+            BLEND_RADIUS * image.beam_fwhm,
+        )
+        return nulls[ni], dets[dj]
+
+    def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,
+                     null_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start positions (k, 2) in deg of (detected, null) source in each pair.
+
+        Their catalogue positions, moved together so that their centroid weighted by mean
+        flux in this band (equal weights where unknown) falls on the detection: the
+        detection shows where the pair is now, the catalogue how its members are placed.
+        """
+        s, lc = self.sources, self.lightcurves
+        rows = np.stack([det_rows, null_rows], 1)
+        keys = _lightcurve_key(s["src_id"][rows.ravel()], image.band)
+        found = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), keys)
+        flux = np.where(found >= 0, lc["lightcurve_avg"][np.maximum(found, 0)], np.nan).reshape(-1, 2)
+        flux = np.clip(np.nan_to_num(flux, nan=1.0), 0.0, None)
+        weight = np.where(flux.sum(1, keepdims=True) > 0, flux, 1.0)
+        weight = weight / weight.sum(1, keepdims=True)
+        cos_dec = np.cos(np.deg2rad(det["dec"]))[:, None]
+        x = wrap_ra_difference(s["wm_ra"][rows] - det["ra"][:, None]) * cos_dec
+        y = s["wm_dec"][rows] - det["dec"][:, None]
+        x -= (weight * x).sum(1, keepdims=True)
+        y -= (weight * y).sum(1, keepdims=True)
+        return (det["ra"][:, None] + x / cos_dec) % 360.0, det["dec"][:, None] + y
+
     # -- step 2: the image's measurements and the new state ----------------------------------
-    def update(self, plan: AssociationPlan, forced: np.ndarray) -> ImageUpdate:
+    def update(self, plan: AssociationPlan, measured: ForcedMeasurements) -> ImageUpdate:
         """Combine detections and forced fits (aligned with ``plan.forced_rows``) into an update.
 
-        Forced fits with a non-finite flux or error (off the image, blanked pixels) are dropped.
+        Where a pair fit succeeded, its components replace the detection and the forced fit of
+        the pair. Forced fits with a non-finite flux or error (off the image, blanked pixels)
+        are dropped.
         """
-        image, det = plan.image, plan.detections
+        image, det, forced = plan.image, plan.detections, measured.single
+        paired = measured.pair_ok
+        if paired.any():
+            det, forced = det.copy(), forced.copy()
+            det[plan.pair_det[paired]] = measured.pairs[paired, 0]
+            forced[plan.pair_forced[paired]] = measured.pairs[paired, 1]
+            forced["is_force_fit"][plan.pair_forced[paired]] = True
         ok = np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
         forced, forced_rows = forced[ok], plan.forced_rows[ok]
 

@@ -58,7 +58,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "input_images":
             group.add_argument(*_flag_names(name), dest=name, action="append", metavar="PATH", help=text)
         elif kind is bool:
-            group.add_argument(*_flag_names(name), dest=name, action="store_const", const=True, help=text)
+            group.add_argument(*_flag_names(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:
             group.add_argument(*_flag_names(name), dest=name, metavar=name.upper(), help=text)
 

@@ -175,6 +175,12 @@ class Config:
         "squared radii: close pairs keep their light curves) or 'greedy' (TraP 1.x: smallest de "
         "Ruiter radius first)",
     )
+    fit_blends: bool = _param(
+        True, "association", "",
+        "measure a known source that no detection continues together with a point-like detection "
+        "within 1.5 beams, as two point sources with free positions (false: TraP 1.x's separate "
+        "forced fit at the catalogue position, which counts a blend's light twice)",
+    )
 
     def exportable(self) -> dict[str, Any]:
         """The parameters as one row for the ``config`` table (lists joined, secrets left out)."""

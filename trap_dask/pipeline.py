@@ -314,9 +314,8 @@ def _stream(session, writer, images, window, params, quality):
         loaded, result = pending.popleft()
         outcome = writer.associate(result.result()).result()
         if not isinstance(outcome, CommitSummary):
-            ra, dec = outcome
-            forced = client.submit(tasks.force, loaded, ra, dec, params, priority=len(images) + 1).result() \
-                if len(ra) else None
+            forced = client.submit(tasks.force, loaded, outcome, params, priority=len(images) + 1).result() \
+                if len(outcome) else None
             outcome = writer.commit(forced).result()
         del loaded, result
         submit_next()

@@ -18,9 +18,11 @@ from trap_dask.extraction import (
     PreparedImage,
     extract_sources,
     extraction_radius_deg,
+    fit_pairs,
     forced_fit,
     prepare_image,
 )
+from trap_dask.catalogue import ForcedMeasurements, ForcedRequest
 from trap_dask.image import Beam, ImageError, ImageMeta, read_image, read_meta
 from trap_dask.quality import ImageStats, QualityParams, check_quality
 from trap_dask.sources import empty_sources
@@ -143,7 +145,8 @@ def result_of(image: LoadedImage) -> ImageResult:
     return image.result
 
 
-def force(image: LoadedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams) -> np.ndarray:
-    """Forced fits with the beam's shape at (ra, dec) in deg; NaN fluxes where not measurable."""
-    return forced_fit(image.prepared, ra, dec, params)
+def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) -> ForcedMeasurements:
+    """Forced fits with the beam's shape (NaN fluxes where not measurable) and the pair fits."""
+    pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
+    return ForcedMeasurements(forced_fit(image.prepared, request.ra, request.dec, params), pairs, ok)
 

@@ -21,6 +21,8 @@ from trap_dask.catalogue import (
     SOURCE_COLUMNS,
     AssociationPlan,
     EarlierImages,
+    ForcedMeasurements,
+    ForcedRequest,
     ImageContext,
     RunningCatalogue,
     columns_from_lists,
@@ -58,6 +60,7 @@ class Writer:
             max_nr_consecutive_force_fits=config.max_nr_consecutive_force_fits,
             detection_threshold=config.detection_threshold,
             optimal_association=config.association_method == "optimal",
+            fit_blends=config.fit_blends,
         )
         stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())
@@ -99,8 +102,8 @@ class Writer:
                "rejection_reason": failure.reason}
         return self._commit_rejected(row)
 
-    def associate(self, result: ImageResult) -> tuple[np.ndarray, np.ndarray] | CommitSummary:
-        """Associate one image's detections; returns (ra, dec) in deg to force-fit next.
+    def associate(self, result: ImageResult) -> ForcedRequest | CommitSummary:
+        """Associate one image's detections; returns what to force-fit next.
 
         A rejected image is committed at once and its CommitSummary returned instead.
         """
@@ -123,18 +126,18 @@ class Writer:
         image = ImageContext(
             im_id=self.next_im_id, band=band.band_id, taustart_ts=meta.taustart_ts,
             centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
-            rms_min=result.stats.rms_min, rms_max=result.stats.rms_max,
+            rms_min=result.stats.rms_min, rms_max=result.stats.rms_max, beam_fwhm=2.0 * meta.beam.smaj,
         )
         plan = self.catalogue.plan(image, result.sources)
         self._pending = (plan, result, band)
         self.seconds["associate"] += time.perf_counter() - started
-        return plan.forced_positions(self.catalogue)
+        return plan.forced_request(self.catalogue)
 
-    def commit(self, forced: np.ndarray | None = None) -> CommitSummary:
-        """Add the forced fits (aligned with the positions from associate) and commit the image."""
+    def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
+        """Add the forced fits (answering the request from associate) and commit the image."""
         started = time.perf_counter()
         plan, result, band = self._pending
-        update = self.catalogue.update(plan, forced if forced is not None else empty_sources())
+        update = self.catalogue.update(plan, forced if forced is not None else ForcedMeasurements(empty_sources()))
         updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,

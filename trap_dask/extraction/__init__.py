@@ -5,7 +5,10 @@ Written on numpy/scipy/astropy. Typical use on a worker::
     image = prepare_image(data, wcs, beam, params)    # keep it for the forced fits
     detections = extract_sources(image, params)       # SOURCE_DTYPE rows
     nulls = forced_fit(image, ra, dec, params)        # SOURCE_DTYPE rows, is_force_fit=True
+    pairs, ok = fit_pairs(image, ra2, dec2, params)   # (n, 2) rows: two point sources fitted together
 """
+
+from trap_dask.extraction.blends import fit_pairs
 
 from trap_dask.extraction.extract import (
     ExtractionParams,
@@ -22,6 +25,7 @@ __all__ = [
     "PreparedImage",
     "extract_sources",
     "extraction_radius_deg",
+    "fit_pairs",
     "forced_fit",
     "in_extraction_region",
     "prepare_image",

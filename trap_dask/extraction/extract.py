@@ -174,7 +174,7 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     errors = measurement_errors(fit, fitted, pixels, noise, image.beam_cov, params.force_beam)
     nparam = 3 if params.force_beam else 6
     dof = np.maximum(np.diff(np.append(pixels.starts, len(pixels.x))) - nparam, 1)
-    return _source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
+    return source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
 
 
 def local_noise(image: PreparedImage, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -185,7 +185,7 @@ def local_noise(image: PreparedImage, x: np.ndarray, y: np.ndarray) -> np.ndarra
     return image.rms[iy, ix].astype(float)
 
 
-def _source_rows(
+def source_rows(
     image: PreparedImage,
     params: ExtractionParams,
     fit: np.ndarray,

@@ -11,6 +11,7 @@ inverse covariance ``[[a, b], [b, c]]`` (pixel**-2):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ class PixelSet:
         return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, starts)
 
 
-def _segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Sums over the islands' segments along the last axis: (..., npix) -> (..., n).
 
     Rows of pixel values reduce an order of magnitude faster than columns of a (npix, k) array.
@@ -63,11 +64,11 @@ def moments(pixels: PixelSet, cut_ratio: np.ndarray) -> tuple[np.ndarray, np.nda
     ``peak`` (n,), ``centre`` (n, 2) and ``cov`` (n, 2, 2) in pixel**2.
     """
     v = np.maximum(pixels.value, 0.0)
-    total, sx, sy = _segment_sum(np.stack([v, v * pixels.x, v * pixels.y]), pixels.starts)
+    total, sx, sy = segment_sum(np.stack([v, v * pixels.x, v * pixels.y]), pixels.starts)
     total = np.maximum(total, np.finfo(float).tiny)
     xbar, ybar = sx / total, sy / total
     dx, dy = pixels.x - xbar[pixels.island], pixels.y - ybar[pixels.island]
-    m2 = _segment_sum(np.stack([v * dx * dx, v * dx * dy, v * dy * dy]), pixels.starts)
+    m2 = segment_sum(np.stack([v * dx * dx, v * dx * dy, v * dy * dy]), pixels.starts)
     t = np.clip(cut_ratio, 1e-6, 1 - 1e-6)
     m2 /= total * (1.0 - t * np.log(1.0 / t) / (1.0 - t))
     cov = np.stack([m2[[0, 1]].T, m2[[1, 2]].T], -2)
@@ -75,7 +76,7 @@ def moments(pixels: PixelSet, cut_ratio: np.ndarray) -> tuple[np.ndarray, np.nda
     return peak, np.column_stack([xbar, ybar]), cov
 
 
-def _inverse_params(cov: np.ndarray) -> np.ndarray:
+def inverse_params(cov: np.ndarray) -> np.ndarray:
     """(a, b, c) of the inverse of (n, 2, 2) covariances."""
     inv = np.linalg.inv(cov)
     return np.stack([inv[:, 0, 0], inv[:, 0, 1], inv[:, 1, 1]], -1)
@@ -169,7 +170,7 @@ def _linearise(
         _monomial_rows(wm * model, dx, dy, rows[:n_sq])
         _monomial_rows(wm * resid, dx, dy, rows[n_sq:-1])
         np.multiply(pixels.weight * resid, resid, out=rows[-1])
-        sums = _segment_sum(rows, pixels.starts)
+        sums = segment_sum(rows, pixels.starts)
         moments_sq = sums[:n_sq].T[:, _PRODUCT[:n_jac, :n_jac]]
         jtj = coef @ moments_sq @ np.swapaxes(coef, 1, 2)
         grad = (coef @ sums[n_sq:-1].T[:, :, None])[..., 0]
@@ -178,7 +179,7 @@ def _linearise(
 
 def _chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None) -> np.ndarray:
     m = _model(p, pixels, shape)[0]
-    return _segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
+    return segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
 
 
 def _valid(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
@@ -196,32 +197,48 @@ _SHRINK_BELOW = 0.9
 _SETTLED = 0.1
 
 
+#: ``linearise(p, pixels, ids)`` -> per island ``J^T W J`` (n, k, k), ``J^T W r`` (n, k) and
+#: chi-squared (n,) at parameters ``p`` (n, k) of the islands ``ids`` (their original numbers).
+Linearise = Callable[[np.ndarray, PixelSet, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def gaussian_model(shape: np.ndarray | None) -> tuple[Linearise, Callable[[np.ndarray], np.ndarray]]:
+    """(linearise, valid) of one elliptical Gaussian per island, for :func:`levenberg_marquardt`.
+
+    Parameters are (A, x0, y0, a, b, c), or (A, x0, y0) with the shape (a, b, c) in pixel**-2
+    fixed to ``shape`` (the beam).
+    """
+    return (lambda p, pixels, ids: _linearise(p, pixels, shape)), (lambda p: _valid(p, shape))
+
+
 def levenberg_marquardt(
     p0: np.ndarray,
     pixels: PixelSet,
-    shape: np.ndarray | None = None,
+    model: tuple[Linearise, Callable[[np.ndarray], np.ndarray]],
     max_iter: int = 60,
     tol: float = 1e-2,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted least-squares Gaussian fits of all islands at once.
+    """Weighted least-squares fits of all islands at once.
 
     Each iteration evaluates the model and normal equations once, at the trial step; an
     accepted step keeps them for the next iteration, a rejected one only raises its damping.
 
     Parameters
     ----------
-    p0 : (n, 6) first guesses (A, x0, y0, a, b, c), or (n, 3) (A, x0, y0) with ``shape``
+    p0 : (n, k) first guesses
     pixels : the islands' pixels
-    shape : fixed (a, b, c) in pixel**-2 shared by all islands (the beam), or None
+    model : (linearise, valid): the normal equations at given parameters (see ``Linearise``),
+        and which parameter rows are allowed; e.g. :func:`gaussian_model`
     tol : an accepted step that lowers chi-squared by less than this ends an island's fit
 
     Returns
     -------
     params, chisq, converged : the fit, its chi-squared and whether it converged (n,)
     """
+    linearise, valid = model
     n, k = p0.shape
     p = p0.astype(float)
-    jtj, grad, chisq = _linearise(p, pixels, shape)
+    jtj, grad, chisq = linearise(p, pixels, np.arange(n))
     lam = np.full(n, 1e-3)
     done = np.zeros(n, dtype=bool)
     ids = np.arange(n)  # islands of the working set
@@ -238,8 +255,8 @@ def levenberg_marquardt(
         if active.mean() < _SHRINK_BELOW:
             work, ids, step = work.select(active), ids[active], step[active]
         trial = p[ids] + step
-        trial_jtj, trial_grad, trial_chisq = _linearise(trial, work, shape)
-        gain = chisq[ids] - np.where(_valid(trial, shape), trial_chisq, np.inf)
+        trial_jtj, trial_grad, trial_chisq = linearise(trial, work, ids)
+        gain = chisq[ids] - np.where(valid(trial), trial_chisq, np.inf)
         better = (gain > 0) & ~done[ids]
         upd = ids[better]
         p[upd], chisq[upd] = trial[better], trial_chisq[better]
@@ -274,8 +291,8 @@ def fit_islands(
     cov[degenerate] = beam_cov
     if force_beam:
         cov[:] = beam_cov
-    beam_inv = _inverse_params(beam_cov[None])[0]
-    p0 = np.column_stack([peak, centre, _inverse_params(cov)])
+    beam_inv = inverse_params(beam_cov[None])[0]
+    p0 = np.column_stack([peak, centre, inverse_params(cov)])
     counts = np.diff(np.append(pixels.starts, len(pixels.x)))
     nparam = 3 if force_beam else 6
     fittable = counts > nparam
@@ -284,7 +301,7 @@ def fit_islands(
     if fittable.any():
         sub = pixels.select(fittable)
         start = p0[fittable, :3] if force_beam else p0[fittable]
-        fitted, _, converged = levenberg_marquardt(start, sub, beam_inv if force_beam else None)
+        fitted, _, converged = levenberg_marquardt(start, sub, gaussian_model(beam_inv if force_beam else None))
         params[fittable, : fitted.shape[1]] = fitted
         ok[fittable] = converged
     ok &= _sane(params, p0, pixels, beam_cov)
@@ -396,8 +413,8 @@ def _fft_gram(
         spectrum = sfft.rfft2(cells.reshape(k, len(isl), ny, nx)) * beam
         smoothed = sfft.irfft2(spectrum, s=(ny, nx)).reshape(k, -1)[:, cell]
         products[:, :, pix] = vectors[pix].T[:, None, :] * smoothed[None, :, :]
-    correlated = np.moveaxis(_segment_sum(products, starts), -1, 0)
-    plain = np.moveaxis(_segment_sum(vectors.T[:, None, :] * vectors.T[None, :, :], starts), -1, 0)
+    correlated = np.moveaxis(segment_sum(products, starts), -1, 0)
+    plain = np.moveaxis(segment_sum(vectors.T[:, None, :] * vectors.T[None, :, :], starts), -1, 0)
     return plain, correlated
 
 
@@ -439,16 +456,32 @@ def fit_covariance(
     (the Condon 1997 formulae give the smaller error of an optimal, noise-whitened fit).
     ``k`` = 3 (A, x0, y0) when ``fixed_shape``, else 6.
     """
-    shape = _inverse_params(beam_cov[None])[0] if fixed_shape else None
+    shape = inverse_params(beam_cov[None])[0] if fixed_shape else None
     p = params[:, :3] if fixed_shape else params
     _, jac = _model_and_jacobian(p, pixels, shape)
+    return correlated_covariance(jac.T, p[:, 1:3], pixels, beam_cov)
+
+
+def correlated_covariance(
+    jacobian: np.ndarray, centre: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray,
+    prior_precision: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sandwich covariance (n, k, k) of weighted least-squares fits under beam-correlated noise.
+
+    ``jacobian`` (npix, k): d model / d parameter at every pixel; ``centre`` (n, 2): a point of
+    each island (pixels), to keep the pixel offsets small; ``prior_precision`` (n, k, k): the
+    inverse covariance of Gaussian priors on the parameters, added to ``J^T W J``.
+    See :func:`fit_covariance`.
+    """
     hessian, middle = _gram_matrices(
-        (jac * np.sqrt(pixels.weight)).T,
-        pixels.x - p[pixels.island, 1],
-        pixels.y - p[pixels.island, 2],
+        jacobian * np.sqrt(pixels.weight)[:, None],
+        pixels.x - centre[pixels.island, 0],
+        pixels.y - centre[pixels.island, 1],
         pixels,
         beam_cov,
     )
+    if prior_precision is not None:
+        hessian = hessian + prior_precision
     h_inv = np.linalg.inv(hessian)
     return h_inv @ middle @ h_inv
 

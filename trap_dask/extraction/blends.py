@@ -1,0 +1,203 @@
+"""Blends: two known point sources measured together where one detection holds both.
+
+When two catalogued sources come closer than about a beam, the blind extractor sees one
+island (no deblender separates a single-peaked blob): its detection carries the light of both,
+and a forced fit of the undetected one at its catalogue position picks up part of the same light
+again. Both light curves then jump in that image, and steady pairs rank among the most variable
+sources. :func:`fit_pairs` instead fits both as beam-shaped point sources at once, amplitudes and
+positions free, starting from positions the caller expects them at, with a Gaussian prior of
+``POSITION_PRIOR`` beam FWHM on each position (it keeps the position of a component that has
+faded from wandering off). The fit's covariance takes the beam-correlated noise into account, so
+a blend too tight to split gives large, honest flux errors instead of a jump.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trap_dask.extraction import geometry as geo
+from trap_dask.extraction.extract import ExtractionParams, PreparedImage, source_rows, local_noise
+from trap_dask.extraction.gaussian import (
+    PixelSet,
+    SourceErrors,
+    inverse_params,
+    segment_sum,
+    correlated_covariance,
+    levenberg_marquardt,
+)
+from trap_dask.sources import SOURCE_DTYPE
+
+#: rms of the Gaussian prior on each component's position around its start, in beam FWHM
+#: (major axis) per coordinate.
+POSITION_PRIOR = 0.5
+#: A second component fitted below this peak S/N (peak / local rms) is fitted again with its
+#: position held at its start.
+FREE_POSITION_SNR = 3.0
+#: Prior precision that holds a position, in beam FWHM**-2.
+_FIXED = 1e8
+#: A fit whose component ends further than this from its start (beam FWHM) is not used.
+MAX_SHIFT = 1.0
+#: The cutout reaches this far beyond both components, in beam FWHM (major axis).
+CUTOUT_MARGIN = 1.5
+
+
+def fit_pairs(
+    image: PreparedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit pairs of point sources, each pair jointly, starting at (ra, dec) (n, 2) in deg.
+
+    Returns SOURCE_DTYPE rows (n, 2), one per component (``peak_flux`` = ``int_flux``, shape of
+    the beam, ``is_force_fit`` False), and ``ok`` (n,): the fit converged, its covariance is
+    finite and both components stayed within ``MAX_SHIFT`` beam of their starts. Rows where not
+    ``ok`` hold NaN fluxes.
+    """
+    ra, dec = np.asarray(ra, float).reshape(-1, 2), np.asarray(dec, float).reshape(-1, 2)
+    n = len(ra)
+    rows = np.zeros((n, 2), dtype=SOURCE_DTYPE)
+    rows["int_flux"] = rows["peak_flux"] = np.nan
+    if n == 0:
+        return rows, np.zeros(0, bool)
+    x, y = geo.sky_to_pixel(image.wcs, ra.ravel(), dec.ravel())
+    start = np.stack([x.reshape(n, 2), y.reshape(n, 2)], -1)  # (n, 2 components, xy)
+    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(image.beam_cov[None])[0][0]
+    pixels, usable = _cutouts(image, start, fwhm)
+    ok = usable.copy()
+    if not usable.any():
+        return rows, ok
+    beam = inverse_params(image.beam_cov[None])[0]
+    sub = start[usable]
+    p0 = np.column_stack([np.ones(len(sub)), sub[:, 0], np.ones(len(sub)), sub[:, 1]])
+    p0[:, [0, 3]] = _linear_amplitudes(p0, pixels, beam)
+    prior = np.zeros((len(p0), 6))
+    prior[:, [1, 2, 4, 5]] = 1.0 / np.square(POSITION_PRIOR * fwhm)
+    fit, _, converged = levenberg_marquardt(p0, pixels, _pair_model(beam, p0, prior))
+    # a component too faint to place would settle on the highest noise bump near its start
+    # (and take its flux): such a one is measured again at its start, like a forced fit
+    faint = fit[:, 3] < FREE_POSITION_SNR * local_noise(image, p0[:, 4], p0[:, 5])
+    if faint.any():
+        prior[faint, 4:6] = _FIXED / np.square(fwhm)
+        refit, _, reconverged = levenberg_marquardt(p0[faint], pixels.select(faint),
+                                                    _pair_model(beam, p0[faint], prior[faint]))
+        fit[faint], converged[faint] = refit, reconverged
+    jac = _jacobian(fit, pixels, beam)
+    chisq = segment_sum(pixels.weight * np.square(pixels.value - _model(fit, pixels, beam)), pixels.starts)
+    precision = prior[:, :, None] * np.eye(6)
+    centre = 0.5 * (fit[:, [1, 2]] + fit[:, [4, 5]])
+    good = converged & np.isfinite(fit).all(-1) & _well_conditioned(jac, pixels, precision)
+    cov = np.full((len(fit), 6, 6), np.nan)
+    if good.any():
+        cov[good] = correlated_covariance(jac[good[pixels.island]], centre[good], pixels.select(good),
+                                          image.beam_cov, precision[good])
+    shift = np.hypot(fit[:, [1, 4]] - p0[:, [1, 4]], fit[:, [2, 5]] - p0[:, [2, 5]]).max(-1)
+    good &= np.isfinite(cov).all((1, 2)) & (np.einsum("nii->ni", cov) > 0).all(-1) & (shift <= MAX_SHIFT * fwhm)
+    npix = np.diff(np.append(pixels.starts, len(pixels.x)))
+    for k in (0, 1):
+        sl = slice(3 * k, 3 * k + 3)
+        comp = np.column_stack([fit[:, sl], np.tile(beam, (len(fit), 1))])
+        errors = SourceErrors(
+            peak_err=np.sqrt(cov[:, 3 * k, 3 * k]), int_flux=fit[:, 3 * k],
+            int_flux_err=np.sqrt(cov[:, 3 * k, 3 * k]), pos_cov=cov[:, sl, sl][:, 1:, 1:],
+        )
+        noise = local_noise(image, fit[:, 3 * k + 1], fit[:, 3 * k + 2])
+        measured = source_rows(image, params, comp, errors, noise, chisq, np.maximum(npix - 6, 1), good)
+        measured[~good] = rows[usable, k][~good]
+        rows[usable, k] = measured
+    ok[usable] = good
+    return rows, ok
+
+
+def _cutouts(image: PreparedImage, start: np.ndarray, fwhm: float) -> tuple[PixelSet, np.ndarray]:
+    """Pixels of a square around each pair (both components plus ``CUTOUT_MARGIN`` beam), as a
+    PixelSet of the usable pairs, and which pairs are usable (on the image, enough pixels)."""
+    ny, nx = image.shape
+    centre = np.rint(start.mean(1))
+    reach = np.abs(start - centre[:, None, :]).max((1, 2))
+    half = int(np.ceil(CUTOUT_MARGIN * fwhm + np.nan_to_num(reach, nan=0.0).max()))
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
+    finite = np.isfinite(start).all((1, 2))
+    cx, cy = np.where(finite, centre[:, 0], -10 * half), np.where(finite, centre[:, 1], -10 * half)
+    px, py = cx[:, None] + dx.ravel(), cy[:, None] + dy.ravel()
+    inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+    ix, iy = np.clip(px, 0, nx - 1).astype(int), np.clip(py, 0, ny - 1).astype(int)
+    value, rms = image.residual[iy, ix], image.rms[iy, ix]
+    use = inside & np.isfinite(value) & np.isfinite(rms) & (rms > 0)
+    # a pair is usable when both starts lie on measurable pixels and most of its square does
+    usable = finite & (use.mean(1) > 0.5)
+    use &= usable[:, None]
+    island = np.nonzero(use)[0]
+    renumber = np.cumsum(usable) - 1
+    pixels = PixelSet(
+        px[use].astype(float), py[use].astype(float), value[use].astype(float),
+        1.0 / np.square(rms[use].astype(float)), renumber[island],
+        np.searchsorted(renumber[island], np.arange(int(usable.sum()))),
+    )
+    return pixels, usable
+
+
+def _linear_amplitudes(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
+    """Least-squares peaks (n, 2) in Jy/beam of both components at the positions in ``p``."""
+    profiles = _jacobian(p, pixels, beam)[:, [0, 3]]
+    gram = _normal_matrix(profiles, pixels)
+    gram += 1e-12 * np.eye(2) * np.einsum("nii->n", gram)[:, None, None]  # coincident starts
+    rhs = segment_sum((profiles * (pixels.weight * pixels.value)[:, None]).T, pixels.starts).T
+    return np.linalg.solve(gram, rhs[..., None])[..., 0]
+
+
+def _profiles(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Per component: amplitude, unit profile and offsets (dx, dy) at every pixel."""
+    a, b, c = beam
+    out = []
+    for k in (0, 1):
+        q = np.take(p[:, 3 * k : 3 * k + 3], pixels.island, axis=0).T
+        dx, dy = pixels.x - q[1], pixels.y - q[2]
+        out.append((q[0], np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy)), dx, dy))
+    return out
+
+
+def _model(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
+    """Brightness (Jy/beam) of both components at every pixel."""
+    return sum(amp * prof for amp, prof, _, _ in _profiles(p, pixels, beam))
+
+
+def _jacobian(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
+    """d model / d (A1, x1, y1, A2, x2, y2) at every pixel: (npix, 6)."""
+    a, b, c = beam
+    cols = []
+    for amp, prof, dx, dy in _profiles(p, pixels, beam):
+        m = amp * prof
+        cols += [prof, m * (a * dx + b * dy), m * (b * dx + c * dy)]
+    return np.column_stack(cols)
+
+
+def _pair_model(beam: np.ndarray, centres: np.ndarray, prior: np.ndarray):
+    """(linearise, valid) of two beam-shaped point sources per island, with independent Gaussian
+    priors of precision ``prior`` (n, 6) (pixel**-2; 0: none) around ``centres`` (n, 6)."""
+
+    def linearise(p: np.ndarray, pixels: PixelSet, ids: np.ndarray):
+        with np.errstate(over="ignore", invalid="ignore"):
+            jac = _jacobian(p, pixels, beam)
+            resid = pixels.value - _model(p, pixels, beam)
+            jtj = _normal_matrix(jac, pixels)
+            grad = segment_sum((jac * (pixels.weight * resid)[:, None]).T, pixels.starts).T
+            chisq = segment_sum(pixels.weight * resid * resid, pixels.starts)
+        offset, precision = p - centres[ids], prior[ids]
+        jtj += precision[:, :, None] * np.eye(6)
+        grad -= precision * offset
+        return jtj, grad, chisq + (precision * np.square(offset)).sum(-1)
+
+    return linearise, (lambda p: np.isfinite(p).all(-1))
+
+
+def _normal_matrix(jac: np.ndarray, pixels: PixelSet) -> np.ndarray:
+    """Per island ``J^T W J`` (n, k, k) from the Jacobian (npix, k)."""
+    k = jac.shape[1]
+    wj = jac * pixels.weight[:, None]
+    return segment_sum((wj[:, :, None] * jac[:, None, :]).reshape(len(jac), k * k).T, pixels.starts).T.reshape(-1, k, k)
+
+
+def _well_conditioned(jac: np.ndarray, pixels: PixelSet, precision: np.ndarray) -> np.ndarray:
+    """Whether each fit's normal matrix (with its prior) can be inverted reliably."""
+    jtj = _normal_matrix(jac, pixels) + precision
+    finite = np.isfinite(jtj).all((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return finite & (np.linalg.cond(np.where(finite[:, None, None], jtj, np.eye(jtj.shape[1]))) < 1e12)
