@@ -96,6 +96,7 @@ CREATE TABLE config (
 	de_ruiter_r_max DOUBLE PRECISION, 
 	association_method TEXT, 
 	fit_blends BOOLEAN, 
+	backfill_new_sources BOOLEAN, 
 	PRIMARY KEY (run), 
 	FOREIGN KEY(run) REFERENCES runs (id)
 );

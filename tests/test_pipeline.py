@@ -142,7 +142,9 @@ def test_variability_matches_the_stored_light_curves(processed):
 
 
 def test_every_parent_is_the_previous_measurement(processed):
-    rows = query(processed, "SELECT x.id, x.src_id, x.parent, x.is_duplicate FROM extracted_sources x ORDER BY x.id")
+    """In time order: a new source's forced fit in the previous image is its detection's parent."""
+    rows = query(processed, "SELECT x.id, x.src_id, x.parent, x.is_duplicate FROM extracted_sources x "
+                            "JOIN images i ON i.id = x.im_id ORDER BY i.taustart_ts, x.id")
     last: dict[int, int] = {}
     by_id = {r[0]: r for r in rows}
     for xid, src, parent, duplicate in rows:
@@ -318,3 +320,25 @@ def test_an_image_that_breaks_the_extractor_is_rejected_and_the_run_goes_on(surv
                                          "db_name": str(db), "db_append": True, "scheduler": "threads",
                                          "nr_threads": 2, **THRESHOLDS}, {}, None))
     assert summary.n_images == 0 and summary.n_skipped == len(survey["images"])
+
+
+def test_new_sources_are_measured_in_the_previous_image_of_their_band(processed, tmp_path):
+    """A new source's light curve starts with a forced fit in the band's previous image, which
+    counts in that image's n_forced; --no-backfill_new_sources gives TraP's light curves."""
+    news = query(processed, "SELECT n.src_id, n.im_id FROM newsource n")
+    assert news
+    for src_id, im_id in news:
+        rows = query(processed, "SELECT x.im_id, x.is_force_fit FROM extracted_sources x WHERE x.src_id = ? "
+                                "AND x.im_id < ? ORDER BY x.im_id", src_id, im_id)
+        previous = query(processed, "SELECT max(id) FROM images WHERE id < ? AND rejected = 0", im_id)[0][0]
+        assert rows == [(previous, 1)], (src_id, im_id, rows)
+        (points,) = query(processed, "SELECT nr_datapoints FROM variability WHERE src_id = ?", src_id)[0]
+        assert points == len(query(processed, "SELECT id FROM extracted_sources WHERE src_id = ?", src_id))
+    counted = query(processed, "SELECT i.n_sources + i.n_forced, count(x.id) FROM images i "
+                               "JOIN extracted_sources x ON x.im_id = i.id GROUP BY i.id")
+    assert all(a == b for a, b in counted)
+
+    plain = run([Path(query(processed, "SELECT url FROM images")[0][0]).parent], tmp_path / "plain.db",
+                backfill_new_sources=False)
+    for src_id, im_id in query(plain, "SELECT src_id, im_id FROM newsource"):
+        assert not query(plain, "SELECT id FROM extracted_sources WHERE src_id = ? AND im_id < ?", src_id, im_id)

@@ -96,9 +96,14 @@ class ForcedRequest:
     dec: np.ndarray
     pair_ra: np.ndarray  #: (k, 2) start positions of pairs fitted together: (detected, null)
     pair_dec: np.ndarray
+    backfill_ra: np.ndarray  #: (m,) new sources, to force-fit in the band's previous image
+    backfill_dec: np.ndarray
+    band: int = 0  #: the image's frequency band
+    backfill_image: int = -1  #: im_id of the band's previous image (-1: none)
+    backfill_url: str | None = None  #: its file, read again where no worker holds it
 
     def __len__(self) -> int:
-        return len(self.ra) + len(self.pair_ra)
+        return len(self.ra) + len(self.pair_ra) + len(self.backfill_ra)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class ForcedMeasurements:
     single: np.ndarray  #: (n,) aligned with ``ForcedRequest.ra``
     pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), SOURCE_DTYPE))  #: (k, 2)
     pair_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  #: (k,) pair fit usable
+    backfill: np.ndarray = field(default_factory=lambda: np.zeros(0, SOURCE_DTYPE))  #: (m,) or none
+    backfill_image: int = -1  #: im_id of the image ``backfill`` was measured in
 
 
 @dataclass(frozen=True)
@@ -124,12 +131,15 @@ class AssociationPlan:
     pair_forced: np.ndarray  #: index into ``forced_rows`` of each pair's null detection
     pair_ra: np.ndarray  #: (k, 2) deg, start positions of (detected, null) source
     pair_dec: np.ndarray
+    backfill_det: np.ndarray  #: detections that start a new source, to measure in the previous image
 
-    def forced_request(self, catalogue: "RunningCatalogue") -> ForcedRequest:
-        """Positions to force-fit, in the order of ``forced_rows``, and the pairs to fit."""
-        s = catalogue.sources
+    def forced_request(self, catalogue: "RunningCatalogue", previous: tuple[int, str] | None = None) -> ForcedRequest:
+        """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
+        sources to measure in ``previous`` = (im_id, url), the band's previous image."""
+        s, det = catalogue.sources, self.detections[self.backfill_det if previous else self.backfill_det[:0]]
         return ForcedRequest(s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows],
-                             self.pair_ra, self.pair_dec)
+                             self.pair_ra, self.pair_dec, det["ra"], det["dec"], self.image.band,
+                             *(previous or (-1, None)))
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ class ImageUpdate:
     """Everything one image adds or changes; written in one transaction, then applied."""
 
     measurements: np.ndarray  #: SOURCE_DTYPE rows to insert, aligned with the id columns below
-    ids: Columns  #: id, src_id, parent, is_duplicate per measurement
+    ids: Columns  #: id, src_id, parent, is_duplicate, im_id per measurement
     sources: Columns  #: the full new runningcatalog state
     changed_sources: np.ndarray  #: rows of ``sources`` to upsert
     lightcurves: Columns  #: the full new variability state
@@ -185,6 +195,7 @@ class RunningCatalogue:
     detection_threshold: float
     optimal_association: bool = False
     fit_blends: bool = False
+    backfill: bool = False
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
@@ -232,6 +243,7 @@ class RunningCatalogue:
         pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows)
         pair_ra, pair_dec = self._pair_starts(image, detections[pair_det], det_source[pair_det],
                                               forced_rows[pair_forced])
+        new = (det_source < 0) & ~links.is_duplicate
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -243,6 +255,7 @@ class RunningCatalogue:
             pair_forced=pair_forced,
             pair_ra=pair_ra,
             pair_dec=pair_dec,
+            backfill_det=np.flatnonzero(new) if self.backfill else np.zeros(0, np.intp),
         )
 
     def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray,
@@ -305,11 +318,15 @@ class RunningCatalogue:
             forced["is_force_fit"][plan.pair_forced[paired]] = True
         ok = np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
         forced, forced_rows = forced[ok], plan.forced_rows[ok]
+        back = measured.backfill
+        ok = np.isfinite(back["int_flux"]) & (back["int_flux_err"] > 0)
+        back, back_det = back[ok], plan.backfill_det[: len(ok)][ok]
 
-        n_det, n_ff = len(det), len(forced)
+        n_det, n_ff, n_back = len(det), len(forced), len(back)
         first_id = self.next_xtrsrc
         det_ids = first_id + np.arange(n_det)
         ff_ids = first_id + n_det + np.arange(n_ff)
+        back_ids = first_id + n_det + n_ff + np.arange(n_back)
 
         s = {k: v.copy() for k, v in self.sources.items()}
         new_det = np.flatnonzero(plan.det_source < 0)
@@ -341,14 +358,17 @@ class RunningCatalogue:
         s["n_consecutive_force_fits"][forced_rows] += 1
         _refresh_positions(s, det_rows)
 
-        measurements = np.concatenate([det, forced])
-        meas_rows = np.concatenate([det_rows, forced_rows])
+        # a new source's measurement in the band's previous image: its parent, in that image
+        det_parent[back_det] = back_ids
+        measurements = np.concatenate([det, forced, back])
+        meas_rows = np.concatenate([det_rows, forced_rows, det_rows[back_det]])
         ff_parent = self.sources["last_xtrsrc"][forced_rows]
         ids = {
-            "id": np.concatenate([det_ids, ff_ids]),
+            "id": np.concatenate([det_ids, ff_ids, back_ids]),
             "src_id": s["src_id"][meas_rows],
-            "parent": np.concatenate([det_parent, np.where(ff_parent > 0, ff_parent, -1)]),
-            "is_duplicate": np.concatenate([plan.is_duplicate, np.zeros(n_ff, bool)]),
+            "parent": np.concatenate([det_parent, np.where(ff_parent > 0, ff_parent, -1), np.full(n_back, -1)]),
+            "is_duplicate": np.concatenate([plan.is_duplicate, np.zeros(n_ff + n_back, bool)]),
+            "im_id": np.concatenate([np.full(n_det + n_ff, image.im_id), np.full(n_back, measured.backfill_image)]),
         }
         lightcurves, changed_lc = self._update_lightcurves(image, measurements, ids)
         new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, plan.is_duplicate)
@@ -361,16 +381,18 @@ class RunningCatalogue:
             lightcurves=lightcurves,
             changed_lightcurves=changed_lc,
             new_sources=new_sources,
-            next_xtrsrc=first_id + n_det + n_ff,
+            next_xtrsrc=first_id + n_det + n_ff + n_back,
             next_src_id=self.next_src_id + len(new_det),
         )
 
     def _update_lightcurves(self, image: ImageContext, meas: np.ndarray, ids: Columns) -> tuple[Columns, np.ndarray]:
         lc = {k: v.copy() for k, v in self.lightcurves.items()}
-        rows = _find_rows(
-            _lightcurve_key(lc["src_id"], lc["freq_band"]), _lightcurve_key(ids["src_id"], image.band)
-        )
-        fresh = np.flatnonzero(rows < 0)
+        keys = _lightcurve_key(ids["src_id"], image.band)
+        rows = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), keys)
+        missing = np.flatnonzero(rows < 0)
+        # a new source measured here and in the previous image: one light curve, started by the detection
+        _, first, number = np.unique(keys[missing], return_index=True, return_inverse=True)
+        fresh = missing[first]
         added = empty_columns(LIGHTCURVE_COLUMNS, len(fresh))
         added["src_id"] = ids["src_id"][fresh]
         added["freq_band"][:] = image.band
@@ -380,7 +402,7 @@ class RunningCatalogue:
         added["flux_ref"] = meas["int_flux"][fresh]
         added["ra_ref"] = meas["ra"][fresh]
         added["lightcurve_max"][:] = -np.inf
-        rows[fresh] = len(lc["src_id"]) + np.arange(len(fresh))
+        rows[missing] = len(lc["src_id"]) + number.ravel()
         lc = concat(lc, added)
 
         flux = flux_sum_increments(meas["int_flux"], meas["int_flux_err"], lc["flux_ref"][rows])

@@ -181,6 +181,12 @@ class Config:
         "within 1.5 beams, as two point sources with free positions (false: TraP 1.x's separate "
         "forced fit at the catalogue position, which counts a blend's light twice)",
     )
+    backfill_new_sources: bool = _param(
+        True, "association", "",
+        "force-fit each new source in the previous image of its band too, so that its light curve "
+        "has the point before it appeared (false: TraP 1.x, whose light curves start at the first "
+        "detection: a source new in the last image has no variability index)",
+    )
 
     def exportable(self) -> dict[str, Any]:
         """The parameters as one row for the ``config`` table (lists joined, secrets left out)."""

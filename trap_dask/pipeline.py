@@ -3,7 +3,8 @@
 Workers read, quality-check and extract images in parallel (a bounded window of images in
 flight); the client hands each image's results to the writer actor strictly in time order,
 asks the worker holding the image for the forced fits the writer needs, and has the writer
-commit the image. Memory stays flat: at most ``max_concurrent_images`` images are held.
+commit the image. Memory stays flat: at most ``max_concurrent_images`` images are held, plus
+the latest accepted image of each band (new sources are force-fitted in it too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -310,16 +311,34 @@ def _stream(session, writer, images, window, params, quality):
 
     for _ in range(window):
         submit_next()
+    held: dict[int, tuple[int, object]] = {}  # per band, the latest accepted image: (im_id, future)
     while pending:
         loaded, result = pending.popleft()
         outcome = writer.associate(result.result()).result()
         if not isinstance(outcome, CommitSummary):
-            forced = client.submit(tasks.force, loaded, outcome, params, priority=len(images) + 1).result() \
-                if len(outcome) else None
-            outcome = writer.commit(forced).result()
+            outcome = writer.commit(_forced_fits(client, outcome, loaded, held, params, quality,
+                                                 priority=len(images) + 1)).result()
+            held[outcome.band] = (outcome.im_id, loaded)
         del loaded, result
         submit_next()
         yield outcome
+
+
+def _forced_fits(client, request, loaded, held: dict, params, quality, priority: int):
+    """The writer's forced fits of one image: on the worker holding it, and the new sources'
+    backfill on the worker holding the band's previous image (read again if none holds it)."""
+    from trap_dask import tasks
+
+    if not len(request):
+        return None
+    forced = client.submit(tasks.force, loaded, request, params, priority=priority)
+    back = None
+    if len(request.backfill_ra) and request.backfill_image >= 0:
+        im_id, previous = held.get(request.band, (-1, None))
+        previous = previous if im_id == request.backfill_image else None
+        back = client.submit(tasks.backfill, previous, request, params, quality, priority=priority).result()
+    forced = forced.result()
+    return forced if back is None else replace(forced, backfill=back, backfill_image=request.backfill_image)
 
 
 @contextmanager

@@ -150,3 +150,15 @@ def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) 
     pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
     return ForcedMeasurements(forced_fit(image.prepared, request.ra, request.dec, params), pairs, ok)
 
+
+def backfill(previous: LoadedImage | None, request: ForcedRequest, params: ExtractionParams,
+             quality: QualityParams) -> np.ndarray | None:
+    """Forced fits of the new sources in the band's previous image (run where it is held); with
+    ``previous`` None, the image is read again from ``request.backfill_url``. None when that
+    image cannot be measured any more (moved, unreadable, now rejected)."""
+    if previous is None:
+        scanned = scan(request.backfill_url)
+        previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
+    if previous is None or previous.prepared is None:
+        return None
+    return forced_fit(previous.prepared, request.backfill_ra, request.backfill_dec, params)

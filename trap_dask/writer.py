@@ -44,8 +44,9 @@ class CommitSummary:
     im_id: int
     rejected: bool
     n_sources: int
-    n_forced: int
+    n_forced: int  #: forced fits, including those of new sources in the band's previous image
     n_new: int
+    band: int | None = None  #: frequency band of an accepted image
 
 
 class Writer:
@@ -61,12 +62,15 @@ class Writer:
             detection_threshold=config.detection_threshold,
             optimal_association=config.association_method == "optimal",
             fit_blends=config.fit_blends,
+            backfill=config.backfill_new_sources,
         )
         stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
         self.next_im_id = 1
+        #: per band, the latest accepted image: (im_id, url)
+        self.previous: dict[int, tuple[int, str]] = {}
         if state is not None:
             self.catalogue = replace(
                 self.catalogue,
@@ -77,6 +81,9 @@ class Writer:
                 next_src_id=state.next_src_id,
             )
             self.next_im_id = state.next_image
+            images = state.images
+            for im_id, band, url in sorted(zip(images.get("id", []), images.get("freq_band", []), images.get("url", []))):
+                self.previous[band] = (im_id, url)
         self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0
         #: seconds spent associating, updating light curves and committing; rows committed
@@ -131,7 +138,7 @@ class Writer:
         plan = self.catalogue.plan(image, result.sources)
         self._pending = (plan, result, band)
         self.seconds["associate"] += time.perf_counter() - started
-        return plan.forced_request(self.catalogue)
+        return plan.forced_request(self.catalogue, self.previous.get(band.band_id))
 
     def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
         """Add the forced fits (answering the request from associate) and commit the image."""
@@ -141,7 +148,8 @@ class Writer:
         updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
-            "n_sources": len(plan.detections), "n_forced": len(update.measurements) - len(plan.detections),
+            "n_sources": len(plan.detections),
+            "n_forced": int(np.sum(update.ids["im_id"] == self.next_im_id)) - len(plan.detections),
         }
         try:
             self.store.commit_image(
@@ -156,6 +164,7 @@ class Writer:
             self._pending = None
             raise
         self.catalogue = self.catalogue.apply(update, plan.image)
+        self.previous[band.band_id] = (row["id"], row["url"])
         self._saved()
         self._pending = None
         self.next_im_id += 1
@@ -164,7 +173,8 @@ class Writer:
         self.seconds["commit"] += time.perf_counter() - updated
         self.rows_committed += (len(update.measurements) + len(update.changed_sources)
                                 + len(update.changed_lightcurves) + len(update.new_sources["src_id"]) + 1)
-        return CommitSummary(row["id"], False, row["n_sources"], row["n_forced"], len(update.new_sources["src_id"]))
+        return CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
+                             len(update.new_sources["src_id"]), band.band_id)
 
     def finish(self, status: str) -> dict:
         """Record the run's end; returns totals for the summary."""

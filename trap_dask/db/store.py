@@ -276,7 +276,9 @@ class ExportStore:
         """Write one image and everything it changed, in one transaction.
 
         ``band_rows`` and ``monitors`` (with their ``monitor_catalogue`` rows) are those not yet
-        in the database; they go with the image that first needs them.
+        in the database; they go with the image that first needs them. ``source_ids`` may give
+        an ``im_id`` per source: forced fits in an earlier image (new sources measured back in
+        time) add to that image's ``n_forced``.
         """
         with self.engine.begin() as conn:
             if band_rows:
@@ -287,8 +289,12 @@ class ExportStore:
                 self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
             if sources is not None and len(sources):
                 columns = {n: sources[n] for n in schema.extracted_sources.c.keys() if n in sources.dtype.names}
-                columns.update(source_ids, im_id=np.full(len(sources), image_row["id"]))
+                columns.update({"im_id": np.full(len(sources), image_row["id"])}, **source_ids)
                 self._insert(conn, schema.extracted_sources, columns)
+                earlier, counts = np.unique(columns["im_id"][columns["im_id"] != image_row["id"]], return_counts=True)
+                for im_id, count in zip(earlier.tolist(), counts.tolist()):  # backfilled images: one or none
+                    conn.execute(update(schema.images).where(schema.images.c.id == im_id).values(
+                        n_forced=schema.images.c.n_forced + count))
             if catalogue is not None:
                 self._upsert(conn, schema.runningcatalog, catalogue, catalogue_rows, ["src_id"])
             if lightcurves is not None:
