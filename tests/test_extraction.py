@@ -391,7 +391,8 @@ def test_pair_fits_measure_blended_neighbours_with_honest_errors(sep_beams):
     if sep_beams < 0.8:  # the blind extractor sees one source per pair
         assert len(extract_sources(image, params)) <= 1.1 * len(x)
     off = 0.15 * BEAM.fwhm_major
-    ra, dec = wcs.pixel_to_world_values((x + rng.normal(0, off, x.shape)).ravel(), (y + rng.normal(0, off, y.shape)).ravel())
+    moved_x, moved_y = x + rng.normal(0, off, x.shape), y + rng.normal(0, off, y.shape)
+    ra, dec = wcs.pixel_to_world_values(moved_x.ravel(), moved_y.ravel())
     rows, ok = fit_pairs(image, ra.reshape(-1, 2), dec.reshape(-1, 2), params)
     assert ok.mean() >= 0.95
     for k in (0, 1):

@@ -82,7 +82,8 @@ class Writer:
             )
             self.next_im_id = state.next_image
             images = state.images
-            for im_id, band, url in sorted(zip(images.get("id", []), images.get("freq_band", []), images.get("url", []))):
+            accepted = zip(images.get("id", []), images.get("freq_band", []), images.get("url", []))
+            for im_id, band, url in sorted(accepted):
                 self.previous[band] = (im_id, url)
         self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0

@@ -101,7 +101,8 @@ images = Table(
     _pos("centre_dec", "deg"),
     Column("xtr_radius", Double, comment="deg, radius of the extraction region"),
     Column("n_sources", Integer, comment="blind detections"),
-    Column("n_forced", Integer, comment="forced fits (null detections and monitor positions)"),
+    Column("n_forced", Integer,
+           comment="forced fits: null detections, monitor positions, and new sources of the band's next image"),
 )
 
 extracted_sources = Table(
