@@ -330,7 +330,8 @@ def test_new_sources_are_measured_in_the_previous_image_of_their_band(processed,
     for src_id, im_id in news:
         rows = query(processed, "SELECT x.im_id, x.is_force_fit FROM extracted_sources x WHERE x.src_id = ? "
                                 "AND x.im_id < ? ORDER BY x.im_id", src_id, im_id)
-        previous = query(processed, "SELECT max(id) FROM images WHERE id < ? AND rejected = 0", im_id)[0][0]
+        previous = query(processed, "SELECT max(p.id) FROM images p JOIN images i ON i.id = ? "
+                                    "WHERE p.id < i.id AND p.rejected = 0 AND p.freq_band = i.freq_band", im_id)[0][0]
         assert rows == [(previous, 1)], (src_id, im_id, rows)
         (points,) = query(processed, "SELECT nr_datapoints FROM variability WHERE src_id = ?", src_id)[0]
         assert points == len(query(processed, "SELECT id FROM extracted_sources WHERE src_id = ?", src_id))
@@ -342,3 +343,24 @@ def test_new_sources_are_measured_in_the_previous_image_of_their_band(processed,
                 backfill_new_sources=False)
     for src_id, im_id in query(plain, "SELECT src_id, im_id FROM newsource"):
         assert not query(plain, "SELECT id FROM extracted_sources WHERE src_id = ? AND im_id < ?", src_id, im_id)
+
+
+def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey):
+    """Append and resume measure new sources in an image of the earlier run from its file."""
+    from trap_dask import tasks
+    from trap_dask.catalogue import ForcedRequest
+    from trap_dask.config import build_config as config_of
+    from trap_dask.pipeline import extraction_params, quality_params
+
+    config = config_of({"input_images": ("x",), **THRESHOLDS}, {}, None)
+    params, quality = extraction_params(config), quality_params(config)
+    path = survey["images"][0]["path"]
+    held = tasks.process(tasks.scan(path), quality, params)
+    ra, dec = survey["sources"]["ra"][:5], survey["sources"]["dec"][:5]
+    none = np.zeros((0, 2))
+    request = ForcedRequest(ra[:0], dec[:0], none, none, ra, dec, 0, 1, path)
+    from_worker = tasks.backfill(held, request, params, quality)
+    from_file = tasks.backfill(None, request, params, quality)
+    assert len(from_worker) == 5 and np.isfinite(from_worker["int_flux"]).all()
+    assert from_file.tobytes() == from_worker.tobytes()
+    assert tasks.backfill(None, replace(request, backfill_url=path + ".moved"), params, quality) is None

@@ -131,15 +131,17 @@ class AssociationPlan:
     pair_forced: np.ndarray  #: index into ``forced_rows`` of each pair's null detection
     pair_ra: np.ndarray  #: (k, 2) deg, start positions of (detected, null) source
     pair_dec: np.ndarray
-    backfill_det: np.ndarray  #: detections that start a new source, to measure in the previous image
+    backfill_det: np.ndarray  #: new sources covered by the band's previous image, to measure there
+    backfill_image: int  #: im_id of that image (-1: none)
 
-    def forced_request(self, catalogue: "RunningCatalogue", previous: tuple[int, str] | None = None) -> ForcedRequest:
+    def forced_request(self, catalogue: "RunningCatalogue", backfill_url: str | None = None) -> ForcedRequest:
         """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
-        sources to measure in ``previous`` = (im_id, url), the band's previous image."""
-        s, det = catalogue.sources, self.detections[self.backfill_det if previous else self.backfill_det[:0]]
+        sources to measure in the band's previous image (whose file is ``backfill_url``)."""
+        s = catalogue.sources
+        back = self.detections[self.backfill_det if backfill_url else self.backfill_det[:0]]
         return ForcedRequest(s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows],
-                             self.pair_ra, self.pair_dec, det["ra"], det["dec"], self.image.band,
-                             *(previous or (-1, None)))
+                             self.pair_ra, self.pair_dec, back["ra"], back["dec"], self.image.band,
+                             self.backfill_image if backfill_url else -1, backfill_url)
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,7 @@ class RunningCatalogue:
         pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows)
         pair_ra, pair_dec = self._pair_starts(image, detections[pair_det], det_source[pair_det],
                                               forced_rows[pair_forced])
-        new = (det_source < 0) & ~links.is_duplicate
+        backfill_det, backfill_image = self._backfill(image, detections, (det_source < 0) & ~links.is_duplicate)
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -255,8 +257,21 @@ class RunningCatalogue:
             pair_forced=pair_forced,
             pair_ra=pair_ra,
             pair_dec=pair_dec,
-            backfill_det=np.flatnonzero(new) if self.backfill else np.zeros(0, np.intp),
+            backfill_det=backfill_det,
+            backfill_image=backfill_image,
         )
+
+    def _backfill(self, image: ImageContext, det: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int]:
+        """New sources to measure in the band's previous image, and that image's im_id (-1: none)."""
+        earlier = self.earlier
+        in_band = np.flatnonzero(earlier.band == image.band)
+        if not self.backfill or not len(in_band) or not new.any():
+            return np.zeros(0, np.intp), -1
+        last = in_band[np.argmax(earlier.im_id[in_band])]
+        cand = np.flatnonzero(new)
+        inside = covering_images(det["ra"][cand], det["dec"][cand], earlier.centre_ra[last],
+                                 earlier.centre_dec[last], earlier.xtr_radius[last])[:, 0]
+        return cand[inside], int(earlier.im_id[last])
 
     def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray,
                 forced_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,8 +306,9 @@ class RunningCatalogue:
         keys = _lightcurve_key(s["src_id"][rows.ravel()], image.band)
         found = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), keys)
         flux = np.where(found >= 0, lc["lightcurve_avg"][np.maximum(found, 0)], np.nan).reshape(-1, 2)
-        flux = np.clip(np.nan_to_num(flux, nan=1.0), 0.0, None)
-        weight = np.where(flux.sum(1, keepdims=True) > 0, flux, 1.0)
+        flux = np.clip(flux, 0.0, None)
+        known = np.isfinite(flux).all(1, keepdims=True) & (np.nan_to_num(flux).sum(1, keepdims=True) > 0)
+        weight = np.where(known, np.nan_to_num(flux), 1.0)
         weight = weight / weight.sum(1, keepdims=True)
         cos_dec = np.cos(np.deg2rad(det["dec"]))[:, None]
         x = wrap_ra_difference(s["wm_ra"][rows] - det["ra"][:, None]) * cos_dec
@@ -319,8 +335,10 @@ class RunningCatalogue:
         ok = np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
         forced, forced_rows = forced[ok], plan.forced_rows[ok]
         back = measured.backfill
+        if len(back) not in (0, len(plan.backfill_det)):
+            raise ValueError(f"{len(back)} backfill fits for {len(plan.backfill_det)} new sources")
         ok = np.isfinite(back["int_flux"]) & (back["int_flux_err"] > 0)
-        back, back_det = back[ok], plan.backfill_det[: len(ok)][ok]
+        back, back_det = back[ok], plan.backfill_det[: len(back)][ok]
 
         n_det, n_ff, n_back = len(det), len(forced), len(back)
         first_id = self.next_xtrsrc

@@ -21,7 +21,8 @@ gaussian_fit             bool    True when a Gaussian fit converged (False: mome
 chisq, reduced_chisq             goodness of the fit
 uncertainty_ew,          deg     sqrt(sys_err**2 + error_radius**2) / 3600
 uncertainty_ns
-is_force_fit             bool    measured by a forced fit at a fixed position
+is_force_fit             bool    measured by a forced fit, not a blind detection: at a fixed
+                                 position, or with a neighbour it blended with (fit_blends)
 x, y                     pixel   0-based position in the image (not exported)
 ======================== ======= ==========================================================
 """

@@ -8,6 +8,7 @@ asked for that image's forced fits, so pixels are read once and never shipped to
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from trap_dask.quality import ImageStats, QualityParams, check_quality
 from trap_dask.sources import empty_sources
 
 _CHUNK = 1 << 22
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -146,19 +148,29 @@ def result_of(image: LoadedImage) -> ImageResult:
 
 
 def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) -> ForcedMeasurements:
-    """Forced fits with the beam's shape (NaN fluxes where not measurable) and the pair fits."""
-    pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
-    return ForcedMeasurements(forced_fit(image.prepared, request.ra, request.dec, params), pairs, ok)
+    """Forced fits with the beam's shape (NaN fluxes where not measurable) and the pair fits
+    (where those fail, the writer keeps the detection and the forced fit as they are)."""
+    single = forced_fit(image.prepared, request.ra, request.dec, params)
+    try:
+        pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+        log.warning("%s: pair fits failed (%s); measured one by one", image.result.meta.url, exc)
+        return ForcedMeasurements(single)
+    return ForcedMeasurements(single, pairs, ok)
 
 
 def backfill(previous: LoadedImage | None, request: ForcedRequest, params: ExtractionParams,
              quality: QualityParams) -> np.ndarray | None:
     """Forced fits of the new sources in the band's previous image (run where it is held); with
     ``previous`` None, the image is read again from ``request.backfill_url``. None when that
-    image cannot be measured any more (moved, unreadable, now rejected)."""
-    if previous is None:
-        scanned = scan(request.backfill_url)
-        previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
-    if previous is None or previous.prepared is None:
+    image cannot be measured any more (moved, unreadable, now rejected, a fit failed)."""
+    try:
+        if previous is None:
+            scanned = scan(request.backfill_url)
+            previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
+        if previous is None or previous.prepared is None:
+            return None
+        return forced_fit(previous.prepared, request.backfill_ra, request.backfill_dec, params)
+    except Exception as exc:  # noqa: BLE001 - a missing point before a new source never stops a run
+        log.warning("%s: new sources not measured in it (%s: %s)", request.backfill_url, type(exc).__name__, exc)
         return None
-    return forced_fit(previous.prepared, request.backfill_ra, request.backfill_dec, params)

@@ -139,7 +139,8 @@ class Writer:
         plan = self.catalogue.plan(image, result.sources)
         self._pending = (plan, result, band)
         self.seconds["associate"] += time.perf_counter() - started
-        return plan.forced_request(self.catalogue, self.previous.get(band.band_id))
+        im_id, url = self.previous.get(band.band_id, (-1, None))
+        return plan.forced_request(self.catalogue, url if im_id == plan.backfill_image else None)
 
     def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
         """Add the forced fits (answering the request from associate) and commit the image."""

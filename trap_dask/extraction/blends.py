@@ -30,8 +30,8 @@ from trap_dask.sources import SOURCE_DTYPE
 #: rms of the Gaussian prior on each component's position around its start, in beam FWHM
 #: (major axis) per coordinate.
 POSITION_PRIOR = 0.5
-#: A second component fitted below this peak S/N (peak / local rms) is fitted again with its
-#: position held at its start.
+#: A component fitted below this peak S/N (peak / local rms) is fitted again with its position
+#: held at its start.
 FREE_POSITION_SNR = 3.0
 #: Prior precision that holds a position, in beam FWHM**-2.
 _FIXED = 1e8
@@ -73,9 +73,13 @@ def fit_pairs(
     fit, _, converged = levenberg_marquardt(p0, pixels, _pair_model(beam, p0, prior))
     # a component too faint to place would settle on the highest noise bump near its start
     # (and take its flux): such a one is measured again at its start, like a forced fit
-    faint = fit[:, 3] < FREE_POSITION_SNR * local_noise(image, p0[:, 4], p0[:, 5])
+    noise = np.column_stack([local_noise(image, p0[:, 3 * k + 1], p0[:, 3 * k + 2]) for k in (0, 1)])
+    faint = fit[:, [0, 3]] < FREE_POSITION_SNR * noise  # (n, 2)
     if faint.any():
-        prior[faint, 4:6] = _FIXED / np.square(fwhm)
+        positions = prior[:, [1, 2, 4, 5]]
+        positions[np.repeat(faint, 2, axis=1)] = _FIXED / np.square(fwhm)
+        prior[:, [1, 2, 4, 5]] = positions
+        faint = faint.any(1)
         refit, _, reconverged = levenberg_marquardt(p0[faint], pixels.select(faint),
                                                     _pair_model(beam, p0[faint], prior[faint]))
         fit[faint], converged[faint] = refit, reconverged
@@ -115,6 +119,10 @@ def _cutouts(image: PreparedImage, start: np.ndarray, fwhm: float) -> tuple[Pixe
     half = int(np.ceil(CUTOUT_MARGIN * fwhm + np.nan_to_num(reach, nan=0.0).max()))
     dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
     finite = np.isfinite(start).all((1, 2))
+    sx, sy = np.rint(np.where(finite[:, None], start[..., 0], -1)), np.rint(np.where(finite[:, None], start[..., 1], -1))
+    on_image = ((sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)).all(1)
+    jx, jy = np.clip(sx, 0, nx - 1).astype(int), np.clip(sy, 0, ny - 1).astype(int)
+    finite &= on_image & (np.isfinite(image.residual[jy, jx]) & np.isfinite(image.rms[jy, jx])).all(1)
     cx, cy = np.where(finite, centre[:, 0], -10 * half), np.where(finite, centre[:, 1], -10 * half)
     px, py = cx[:, None] + dx.ravel(), cy[:, None] + dy.ravel()
     inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
@@ -196,8 +204,11 @@ def _normal_matrix(jac: np.ndarray, pixels: PixelSet) -> np.ndarray:
 
 
 def _well_conditioned(jac: np.ndarray, pixels: PixelSet, precision: np.ndarray) -> np.ndarray:
-    """Whether each fit's normal matrix (with its prior) can be inverted reliably."""
+    """Whether each fit's normal matrix (with its prior) can be inverted reliably: its condition
+    number once scaled to unit diagonal (independent of the units of flux and position)."""
     jtj = _normal_matrix(jac, pixels) + precision
-    finite = np.isfinite(jtj).all((1, 2))
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return finite & (np.linalg.cond(np.where(finite[:, None, None], jtj, np.eye(jtj.shape[1]))) < 1e12)
+    diag = np.einsum("nii->ni", jtj)
+    finite = np.isfinite(jtj).all((1, 2)) & (diag > 0).all(-1)
+    scale = 1.0 / np.sqrt(np.where(finite[:, None], diag, 1.0))
+    scaled = np.where(finite[:, None, None], jtj * scale[:, :, None] * scale[:, None, :], np.eye(jtj.shape[1]))
+    return finite & (np.linalg.cond(scaled) < 1e10)
