@@ -24,6 +24,7 @@ from trap_dask.extraction.gaussian import (
     segment_sum,
     correlated_covariance,
     levenberg_marquardt,
+    model_and_jacobian,
 )
 from trap_dask.sources import SOURCE_DTYPE
 
@@ -83,8 +84,8 @@ def fit_pairs(
         refit, _, reconverged = levenberg_marquardt(p0[faint], pixels.select(faint),
                                                     _pair_model(beam, p0[faint], prior[faint]))
         fit[faint], converged[faint] = refit, reconverged
-    jac = _jacobian(fit, pixels, beam)
-    chisq = segment_sum(pixels.weight * np.square(pixels.value - _model(fit, pixels, beam)), pixels.starts)
+    model, jac = _model_and_jacobian(fit, pixels, beam)
+    chisq = segment_sum(pixels.weight * np.square(pixels.value - model), pixels.starts)
     precision = prior[:, :, None] * np.eye(6)
     centre = 0.5 * (fit[:, [1, 2]] + fit[:, [4, 5]])
     good = converged & np.isfinite(fit).all(-1) & _well_conditioned(jac, pixels, precision)
@@ -144,37 +145,19 @@ def _cutouts(image: PreparedImage, start: np.ndarray, fwhm: float) -> tuple[Pixe
 
 def _linear_amplitudes(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
     """Least-squares peaks (n, 2) in Jy/beam of both components at the positions in ``p``."""
-    profiles = _jacobian(p, pixels, beam)[:, [0, 3]]
+    profiles = _model_and_jacobian(p, pixels, beam)[1][:, [0, 3]]
     gram = _normal_matrix(profiles, pixels)
     gram += 1e-12 * np.eye(2) * np.einsum("nii->n", gram)[:, None, None]  # coincident starts
     rhs = segment_sum((profiles * (pixels.weight * pixels.value)[:, None]).T, pixels.starts).T
     return np.linalg.solve(gram, rhs[..., None])[..., 0]
 
 
-def _profiles(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-    """Per component: amplitude, unit profile and offsets (dx, dy) at every pixel."""
-    a, b, c = beam
-    out = []
-    for k in (0, 1):
-        q = np.take(p[:, 3 * k : 3 * k + 3], pixels.island, axis=0).T
-        dx, dy = pixels.x - q[1], pixels.y - q[2]
-        out.append((q[0], np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy)), dx, dy))
-    return out
-
-
-def _model(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
-    """Brightness (Jy/beam) of both components at every pixel."""
-    return sum(amp * prof for amp, prof, _, _ in _profiles(p, pixels, beam))
-
-
-def _jacobian(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
-    """d model / d (A1, x1, y1, A2, x2, y2) at every pixel: (npix, 6)."""
-    a, b, c = beam
-    cols = []
-    for amp, prof, dx, dy in _profiles(p, pixels, beam):
-        m = amp * prof
-        cols += [prof, m * (a * dx + b * dy), m * (b * dx + c * dy)]
-    return np.column_stack(cols)
+def _model_and_jacobian(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brightness (Jy/beam) of both components at every pixel, and d model / d (A1, x1, y1, A2,
+    x2, y2) (npix, 6): the sum of two of the extractor's beam-shaped Gaussians."""
+    first, jac_first = model_and_jacobian(p[:, :3], pixels, beam)
+    second, jac_second = model_and_jacobian(p[:, 3:], pixels, beam)
+    return first + second, np.vstack([jac_first, jac_second]).T
 
 
 def _pair_model(beam: np.ndarray, centres: np.ndarray, prior: np.ndarray):
@@ -183,8 +166,8 @@ def _pair_model(beam: np.ndarray, centres: np.ndarray, prior: np.ndarray):
 
     def linearise(p: np.ndarray, pixels: PixelSet, ids: np.ndarray):
         with np.errstate(over="ignore", invalid="ignore"):
-            jac = _jacobian(p, pixels, beam)
-            resid = pixels.value - _model(p, pixels, beam)
+            model, jac = _model_and_jacobian(p, pixels, beam)
+            resid = pixels.value - model
             jtj = _normal_matrix(jac, pixels)
             grad = segment_sum((jac * (pixels.weight * resid)[:, None]).T, pixels.starts).T
             chisq = segment_sum(pixels.weight * resid * resid, pixels.starts)

@@ -103,7 +103,7 @@ def _model(
     return q[0] * profile, profile, dx, dy
 
 
-def _model_and_jacobian(
+def model_and_jacobian(
     p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model values (npix,) and Jacobian (nparam, npix); ``shape`` (a, b, c) fixed when given."""
@@ -458,7 +458,7 @@ def fit_covariance(
     """
     shape = inverse_params(beam_cov[None])[0] if fixed_shape else None
     p = params[:, :3] if fixed_shape else params
-    _, jac = _model_and_jacobian(p, pixels, shape)
+    _, jac = model_and_jacobian(p, pixels, shape)
     return correlated_covariance(jac.T, p[:, 1:3], pixels, beam_cov)
 
 
