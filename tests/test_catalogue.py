@@ -152,6 +152,15 @@ def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
     failed = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), pairs, np.array([False])))
     assert failed.measurements["int_flux"].tolist() == [2.9, 2.5]  # the fits of TraP 1.x
 
+    pairs["significance_detection_level"] = [205.0, 95.0]  # the neighbour too is above the threshold (8)
+    pairs["dec"][0, 1] += 2 * ARCSEC
+    seen = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), pairs, np.array([True])))
+    assert seen.measurements["is_force_fit"].tolist() == [False, False]  # a detection of source 2
+    assert seen.ids["src_id"].tolist() == [1, 2] and seen.ids["parent"].tolist() == [1, 2]
+    after = cat.apply(seen, plan.image).sources
+    assert after["n_consecutive_force_fits"].tolist() == [0, 0]
+    assert after["wm_dec"][1] == pytest.approx(dec[1] + 1 * ARCSEC)  # its position now follows it
+
 
 def test_pairs_need_fit_blends_and_a_point_like_detection(catalogue):
     beam = 30.0 * ARCSEC

@@ -322,18 +322,12 @@ class RunningCatalogue:
         """Combine detections and forced fits (aligned with ``plan.forced_rows``) into an update.
 
         Where a pair fit succeeded, its components replace the detection and the forced fit of
-        the pair. Forced fits with a non-finite flux or error (off the image, blanked pixels)
-        are dropped.
+        the pair; a second component at or above the detection threshold counts as a detection
+        of its source (its position then joins the source's). Forced fits with a non-finite
+        flux or error (off the image, blanked pixels) are dropped.
         """
-        image, det, forced = plan.image, plan.detections, measured.single
-        paired = measured.pair_ok
-        if paired.any():
-            det, forced = det.copy(), forced.copy()
-            det[plan.pair_det[paired]] = measured.pairs[paired, 0]
-            forced[plan.pair_forced[paired]] = measured.pairs[paired, 1]
-            forced["is_force_fit"][plan.pair_forced[paired]] = True
-        ok = np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
-        forced, forced_rows = forced[ok], plan.forced_rows[ok]
+        image = plan.image
+        det, det_source, det_parent_row, is_duplicate, forced, forced_rows = self._with_pairs(plan, measured)
         back = measured.backfill
         if len(back) not in (0, len(plan.backfill_det)):
             raise ValueError(f"{len(back)} backfill fits for {len(plan.backfill_det)} new sources")
@@ -347,13 +341,13 @@ class RunningCatalogue:
         back_ids = first_id + n_det + n_ff + np.arange(n_back)
 
         s = {k: v.copy() for k, v in self.sources.items()}
-        new_det = np.flatnonzero(plan.det_source < 0)
+        new_det = np.flatnonzero(det_source < 0)
         new_src_ids = self.next_src_id + np.arange(len(new_det))
-        parent_row = np.where(plan.det_source >= 0, plan.det_source, plan.det_parent_row)
+        parent_row = np.where(det_source >= 0, det_source, det_parent_row)
         det_parent = _remap(parent_row, s["last_xtrsrc"])
         det_src_id = np.empty(n_det, dtype="i8")
-        old_det = np.flatnonzero(plan.det_source >= 0)
-        det_src_id[old_det] = s["src_id"][plan.det_source[old_det]]
+        old_det = np.flatnonzero(det_source >= 0)
+        det_src_id[old_det] = s["src_id"][det_source[old_det]]
         det_src_id[new_det] = new_src_ids
 
         # new sources get catalogue rows; every detection then updates its row's position sums
@@ -363,7 +357,7 @@ class RunningCatalogue:
         added["first_im_id"][:] = image.im_id
         n_before = len(s["src_id"])
         s = concat(s, added)
-        det_rows = np.where(plan.det_source >= 0, plan.det_source, 0)
+        det_rows = np.where(det_source >= 0, det_source, 0)
         det_rows[new_det] = n_before + np.arange(len(new_det))
         increments = position_sum_increments(
             det["ra"], det["dec"], _ra_error(det), det["uncertainty_ns"], s["ra_ref"][det_rows]
@@ -385,11 +379,11 @@ class RunningCatalogue:
             "id": np.concatenate([det_ids, ff_ids, back_ids]),
             "src_id": s["src_id"][meas_rows],
             "parent": np.concatenate([det_parent, np.where(ff_parent > 0, ff_parent, -1), np.full(n_back, -1)]),
-            "is_duplicate": np.concatenate([plan.is_duplicate, np.zeros(n_ff + n_back, bool)]),
+            "is_duplicate": np.concatenate([is_duplicate, np.zeros(n_ff + n_back, bool)]),
             "im_id": np.concatenate([np.full(n_det + n_ff, image.im_id), np.full(n_back, measured.backfill_image)]),
         }
         lightcurves, changed_lc = self._update_lightcurves(image, measurements, ids)
-        new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, plan.is_duplicate)
+        new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, is_duplicate)
         changed = np.unique(meas_rows)
         return ImageUpdate(
             measurements=measurements,
@@ -402,6 +396,29 @@ class RunningCatalogue:
             next_xtrsrc=first_id + n_det + n_ff + n_back,
             next_src_id=self.next_src_id + len(new_det),
         )
+
+    def _with_pairs(self, plan: AssociationPlan, measured: ForcedMeasurements) -> tuple[np.ndarray, ...]:
+        """The detections (with det_source, det_parent_row, is_duplicate) and the finite forced
+        fits (with their catalogue rows) once the usable pair fits are in."""
+        det, forced = plan.detections, measured.single
+        det_source, det_parent_row, is_duplicate = plan.det_source, plan.det_parent_row, plan.is_duplicate
+        keep = np.ones(len(forced), bool)
+        paired = measured.pair_ok
+        if paired.any():
+            det, forced = det.copy(), forced.copy()
+            det[plan.pair_det[paired]] = measured.pairs[paired, 0]
+            second = measured.pairs[paired, 1]
+            seen = second["significance_detection_level"] >= self.detection_threshold
+            forced[plan.pair_forced[paired][~seen]] = second[~seen]
+            forced["is_force_fit"][plan.pair_forced[paired][~seen]] = True
+            keep[plan.pair_forced[paired][seen]] = False
+            rows = plan.forced_rows[plan.pair_forced[paired][seen]]
+            det = np.concatenate([det, second[seen]])
+            det_source = np.concatenate([det_source, rows])
+            det_parent_row = np.concatenate([det_parent_row, np.full(len(rows), -1)])
+            is_duplicate = np.concatenate([is_duplicate, np.zeros(len(rows), bool)])
+        keep &= np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
+        return det, det_source, det_parent_row, is_duplicate, forced[keep], plan.forced_rows[keep]
 
     def _update_lightcurves(self, image: ImageContext, meas: np.ndarray, ids: Columns) -> tuple[Columns, np.ndarray]:
         lc = {k: v.copy() for k, v in self.lightcurves.items()}

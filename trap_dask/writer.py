@@ -150,8 +150,8 @@ class Writer:
         updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
-            "n_sources": len(plan.detections),
-            "n_forced": int(np.sum(update.ids["im_id"] == self.next_im_id)) - len(plan.detections),
+            "n_sources": int(np.sum(~update.measurements["is_force_fit"])),
+            "n_forced": int(np.sum((update.ids["im_id"] == self.next_im_id) & update.measurements["is_force_fit"])),
         }
         try:
             self.store.commit_image(
