@@ -6,6 +6,9 @@ For each separation (beam FWHM), images of 144 pairs each (first member 20-80 si
 positions (independent jitter); the second member is also measured by TraP's single forced fit
 at its start. Prints, per separation: usable fits, median and robust std of the flux pulls of
 both members, the fraction of pulls beyond 5, the single forced fits' pulls, and the time.
+Then the blind extractor on pairs 0.9-1.5 beams apart (deblended into two components): flux
+ratio and pulls with the two components refitted together (the default) and fitted one at a
+time on their own pixels.
 
     python benchmarks/pair_fits.py [--images 4] [--jitter 0.3]
 """
@@ -21,27 +24,34 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests._synth import Shape, correlated_noise, gaussians, make_wcs, robust_std  # noqa: E402
-from trap_dask.extraction import ExtractionParams, fit_pairs, forced_fit, prepare_image  # noqa: E402
+import trap_dask.extraction.extract as extract  # noqa: E402
+from tests._synth import Shape, correlated_noise, gaussians, make_wcs, match, robust_std  # noqa: E402
+from trap_dask.extraction import ExtractionParams, extract_sources, fit_pairs, forced_fit, prepare_image  # noqa: E402
 
 PIX, BEAM, RMS, N = 5.0, Shape(6.0, 4.0, 30.0), 1e-3, 768
 
 
+def pairs_image(sep: float, rng: np.random.Generator):
+    """A 768x768 image of 144 pairs ``sep`` beam FWHM apart (first member 20-80 sigma, second
+    10-40), with its WCS and the true pixel positions (144, 2) and peaks (Jy/beam)."""
+    wcs = make_wcs(N, N, 30.0, 45.0, PIX)
+    g = np.arange(40.0, N - 40, 60.0)
+    cx, cy = (a.ravel() for a in np.meshgrid(g, g))
+    angle = rng.uniform(0, np.pi, len(cx))
+    half = 0.5 * sep * BEAM.fwhm_major * np.stack([np.cos(angle), np.sin(angle)], 1)
+    x, y = np.stack([cx - half[:, 0], cx + half[:, 0]], 1), np.stack([cy - half[:, 1], cy + half[:, 1]], 1)
+    peak = np.stack([rng.uniform(20, 80, len(cx)), rng.uniform(10, 40, len(cx))], 1) * RMS
+    data = correlated_noise((N, N), BEAM, RMS, rng) + gaussians((N, N), x.ravel(), y.ravel(), peak.ravel(), BEAM.cov())
+    return prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), ExtractionParams()), wcs, x, y, peak
+
+
 def measure(sep: float, jitter: float, n_images: int, rng: np.random.Generator) -> str:
     """One table row: pair fits of ``n_images`` images of pairs ``sep`` beam FWHM apart."""
-    wcs, params = make_wcs(N, N, 30.0, 45.0, PIX), ExtractionParams()
+    params = ExtractionParams()
     pulls: list[list[np.ndarray]] = [[], [], []]
     usable, total, seconds = 0, 0, 0.0
     for _ in range(n_images):
-        g = np.arange(40.0, N - 40, 60.0)
-        cx, cy = (a.ravel() for a in np.meshgrid(g, g))
-        angle = rng.uniform(0, np.pi, len(cx))
-        half = 0.5 * sep * BEAM.fwhm_major * np.stack([np.cos(angle), np.sin(angle)], 1)
-        x, y = np.stack([cx - half[:, 0], cx + half[:, 0]], 1), np.stack([cy - half[:, 1], cy + half[:, 1]], 1)
-        peak = np.stack([rng.uniform(20, 80, len(cx)), rng.uniform(10, 40, len(cx))], 1) * RMS
-        data = correlated_noise((N, N), BEAM, RMS, rng) + gaussians((N, N), x.ravel(), y.ravel(), peak.ravel(),
-                                                                    BEAM.cov())
-        image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params)
+        image, wcs, x, y, peak = pairs_image(sep, rng)
         off = jitter * BEAM.fwhm_major
         ra, dec = wcs.pixel_to_world_values((x + rng.normal(0, off, x.shape)).ravel(),
                                             (y + rng.normal(0, off, y.shape)).ravel())
@@ -60,6 +70,28 @@ def measure(sep: float, jitter: float, n_images: int, rng: np.random.Generator) 
             f"{np.median(s):+.1f}, {robust_std(s):.1f} | {1e3 * seconds / n_images:.0f} |")
 
 
+def siblings(sep: float, n_images: int, rng: np.random.Generator) -> str:
+    """One table row: blind extraction of pairs ``sep`` beams apart, refitted together or not."""
+    images = [pairs_image(sep, rng) for _ in range(n_images)]
+    cells = []
+    for limit in (extract.SIBLING_MAX_EXTENT, 0.0):
+        ratio, pull, found = [], [], []
+        saved, extract.SIBLING_MAX_EXTENT = extract.SIBLING_MAX_EXTENT, limit
+        try:
+            for image, _, x, y, peak in images:
+                s = extract_sources(image, ExtractionParams())
+                m = match(x.ravel(), y.ravel(), s["x"], s["y"], 2.0)
+                ok = m >= 0
+                found.append(ok)
+                ratio.append(s["int_flux"][m[ok]] / peak.ravel()[ok])
+                pull.append((s["int_flux"][m[ok]] - peak.ravel()[ok]) / s["int_flux_err"][m[ok]])
+        finally:
+            extract.SIBLING_MAX_EXTENT = saved
+        r, p = np.concatenate(ratio), np.concatenate(pull)
+        cells.append(f"{np.median(r):.3f} | {np.median(p):+.2f}, {robust_std(p):.2f}")
+    return f"| {sep:g} | {np.mean(np.concatenate(found)):.1%} | " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4, help="images per separation")
@@ -72,6 +104,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for sep in (0.3, 0.5, 0.7, 1.0, 1.5):
         print(measure(sep, args.jitter, args.images, rng))
+    print("\n| separation (beam) | found | flux ratio, together | pulls: median, robust std | "
+          "flux ratio, one at a time | pulls |")
+    print("|---|---|---|---|---|---|")
+    for sep in (0.9, 1.0, 1.2, 1.5):
+        print(siblings(sep, args.images, rng))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class ImageContext:
 
 
 #: A null detection this close to a detection (beam FWHM) is measured together with it.
-BLEND_RADIUS = 1.5
+BLEND_RADIUS = 2.0
 #: Detections wider than this (fitted major axis over the beam's) are not refitted as points.
 BLEND_MAX_EXTENT = 2.0
 

@@ -178,7 +178,7 @@ class Config:
     fit_blends: bool = _param(
         True, "association", "",
         "measure a known source that no detection continues together with a point-like detection "
-        "within 1.5 beams, as two point sources with free positions; at or above the detection "
+        "within 2 beams, as two point sources with free positions; at or above the detection "
         "threshold it counts as detected (false: TraP 1.x's separate forced fit at the catalogue "
         "position, which counts a blend's light twice)",
     )

@@ -8,8 +8,6 @@ Written on numpy/scipy/astropy. Typical use on a worker::
     pairs, ok = fit_pairs(image, ra2, dec2, params)   # (n, 2) rows: two point sources fitted together
 """
 
-from trap_dask.extraction.blends import fit_pairs
-
 from trap_dask.extraction.extract import (
     ExtractionParams,
     PreparedImage,
@@ -18,7 +16,7 @@ from trap_dask.extraction.extract import (
     in_extraction_region,
     prepare_image,
 )
-from trap_dask.extraction.forced import forced_fit
+from trap_dask.extraction.forced import fit_pairs, forced_fit
 
 __all__ = [
     "ExtractionParams",

@@ -1,32 +1,33 @@
-"""Blends: two known point sources measured together where one detection holds both.
+"""Blends: two point sources fitted together where one island holds both.
 
 When two catalogued sources come closer than about a beam, the blind extractor sees one
 island (no deblender separates a single-peaked blob): its detection carries the light of both,
 and a forced fit of the undetected one at its catalogue position picks up part of the same light
 again. Both light curves then jump in that image, and steady pairs rank among the most variable
-sources. :func:`fit_pairs` instead fits both as beam-shaped point sources at once, amplitudes and
-positions free, starting from positions the caller expects them at, with a Gaussian prior of
-``POSITION_PRIOR`` beam FWHM on each position (it keeps the position of a component that has
-faded from wandering off). The fit's covariance takes the beam-correlated noise into account, so
-a blend too tight to split gives large, honest flux errors instead of a jump.
+sources. :func:`fit_point_pairs` instead fits both as beam-shaped point sources at once,
+amplitudes and positions free, starting from positions the caller expects them at, with a
+Gaussian prior of ``POSITION_PRIOR`` beam FWHM on each position (it keeps the position of a
+component that has faded from wandering off). The fit's covariance takes the beam-correlated
+noise into account, so a blend too tight to split gives large, honest flux errors instead of a
+jump. Pure arrays in pixel coordinates; :func:`trap_dask.extraction.forced.fit_pairs` is the
+sky-coordinate front end.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.extract import ExtractionParams, PreparedImage, source_rows, local_noise
 from trap_dask.extraction.gaussian import (
     PixelSet,
-    SourceErrors,
-    inverse_params,
-    segment_sum,
     correlated_covariance,
+    inverse_params,
     levenberg_marquardt,
     model_and_jacobian,
+    segment_sum,
 )
-from trap_dask.sources import SOURCE_DTYPE
 
 #: rms of the Gaussian prior on each component's position around its start, in beam FWHM
 #: (major axis) per coordinate.
@@ -42,30 +43,38 @@ MAX_SHIFT = 1.0
 CUTOUT_MARGIN = 1.5
 
 
-def fit_pairs(
-    image: PreparedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fit pairs of point sources, each pair jointly, starting at (ra, dec) (n, 2) in deg.
+@dataclass(frozen=True)
+class PairFits:
+    """Joint fits of pairs of beam-shaped point sources (pixel frame).
 
-    Returns SOURCE_DTYPE rows (n, 2), one per component (``peak_flux`` = ``int_flux``, shape of
-    the beam, ``is_force_fit`` False), and ``ok`` (n,): the fit converged, its covariance is
-    finite and both components stayed within ``MAX_SHIFT`` beam of their starts. Rows where not
-    ``ok`` hold NaN fluxes.
+    params : (n, 6) (A1, x1, y1, A2, x2, y2): peaks in Jy/beam, 0-based pixel positions
+    cov : (n, 6, 6) their covariance under beam-correlated noise (NaN where not ``ok``)
+    chisq : (n,) chi-squared of the data over the pair's cutout
+    npix : (n,) pixels in the cutout
+    ok : (n,) converged, finite covariance, both components within ``MAX_SHIFT`` of their starts
     """
-    ra, dec = np.asarray(ra, float).reshape(-1, 2), np.asarray(dec, float).reshape(-1, 2)
-    n = len(ra)
-    rows = np.zeros((n, 2), dtype=SOURCE_DTYPE)
-    rows["int_flux"] = rows["peak_flux"] = np.nan
+
+    params: np.ndarray
+    cov: np.ndarray
+    chisq: np.ndarray
+    npix: np.ndarray
+    ok: np.ndarray
+
+
+def fit_point_pairs(residual: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray, start: np.ndarray) -> PairFits:
+    """Fit each pair of point sources jointly, starting at ``start`` (n, 2, 2): (pair, component, xy)
+    in pixels, on the background-subtracted image ``residual`` with noise map ``rms`` (Jy/beam)
+    and the beam covariance ``beam_cov`` (pixel**2)."""
+    n = len(start)
+    fits = PairFits(np.full((n, 6), np.nan), np.full((n, 6, 6), np.nan), np.full(n, np.nan),
+                    np.zeros(n, int), np.zeros(n, bool))
     if n == 0:
-        return rows, np.zeros(0, bool)
-    x, y = geo.sky_to_pixel(image.wcs, ra.ravel(), dec.ravel())
-    start = np.stack([x.reshape(n, 2), y.reshape(n, 2)], -1)  # (n, 2 components, xy)
-    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(image.beam_cov[None])[0][0]
-    pixels, usable = _cutouts(image, start, fwhm)
-    ok = usable.copy()
+        return fits
+    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(beam_cov[None])[0][0]
+    pixels, usable = _cutouts(residual, rms, start, fwhm)
     if not usable.any():
-        return rows, ok
-    beam = inverse_params(image.beam_cov[None])[0]
+        return fits
+    beam = inverse_params(beam_cov[None])[0]
     sub = start[usable]
     p0 = np.column_stack([np.ones(len(sub)), sub[:, 0], np.ones(len(sub)), sub[:, 1]])
     p0[:, [0, 3]] = _linear_amplitudes(p0, pixels, beam)
@@ -74,8 +83,10 @@ def fit_pairs(
     fit, _, converged = levenberg_marquardt(p0, pixels, _pair_model(beam, p0, prior))
     # a component too faint to place would settle on the highest noise bump near its start
     # (and take its flux): such a one is measured again at its start, like a forced fit
-    noise = np.column_stack([local_noise(image, p0[:, 3 * k + 1], p0[:, 3 * k + 2]) for k in (0, 1)])
-    faint = fit[:, [0, 3]] < FREE_POSITION_SNR * noise  # (n, 2)
+    ny, nx = rms.shape
+    ix = np.clip(np.rint(p0[:, [1, 4]]), 0, nx - 1).astype(int)
+    iy = np.clip(np.rint(p0[:, [2, 5]]), 0, ny - 1).astype(int)
+    faint = fit[:, [0, 3]] < FREE_POSITION_SNR * rms[iy, ix]  # (n, 2)
     if faint.any():
         positions = prior[:, [1, 2, 4, 5]]
         positions[np.repeat(faint, 2, axis=1)] = _FIXED / np.square(fwhm)
@@ -92,29 +103,19 @@ def fit_pairs(
     cov = np.full((len(fit), 6, 6), np.nan)
     if good.any():
         cov[good] = correlated_covariance(jac[good[pixels.island]], centre[good], pixels.select(good),
-                                          image.beam_cov, precision[good])
+                                          beam_cov, precision[good])
     shift = np.hypot(fit[:, [1, 4]] - p0[:, [1, 4]], fit[:, [2, 5]] - p0[:, [2, 5]]).max(-1)
     good &= np.isfinite(cov).all((1, 2)) & (np.einsum("nii->ni", cov) > 0).all(-1) & (shift <= MAX_SHIFT * fwhm)
-    npix = np.diff(np.append(pixels.starts, len(pixels.x)))
-    for k in (0, 1):
-        sl = slice(3 * k, 3 * k + 3)
-        comp = np.column_stack([fit[:, sl], np.tile(beam, (len(fit), 1))])
-        errors = SourceErrors(
-            peak_err=np.sqrt(cov[:, 3 * k, 3 * k]), int_flux=fit[:, 3 * k],
-            int_flux_err=np.sqrt(cov[:, 3 * k, 3 * k]), pos_cov=cov[:, sl, sl][:, 1:, 1:],
-        )
-        noise = local_noise(image, fit[:, 3 * k + 1], fit[:, 3 * k + 2])
-        measured = source_rows(image, params, comp, errors, noise, chisq, np.maximum(npix - 6, 1), good)
-        measured[~good] = rows[usable, k][~good]
-        rows[usable, k] = measured
-    ok[usable] = good
-    return rows, ok
+    fits.params[usable], fits.cov[usable], fits.chisq[usable] = fit, cov, chisq
+    fits.npix[usable] = np.diff(np.append(pixels.starts, len(pixels.x)))
+    fits.ok[usable] = good
+    return fits
 
 
-def _cutouts(image: PreparedImage, start: np.ndarray, fwhm: float) -> tuple[PixelSet, np.ndarray]:
+def _cutouts(residual: np.ndarray, rms: np.ndarray, start: np.ndarray, fwhm: float) -> tuple[PixelSet, np.ndarray]:
     """Pixels of a square around each pair (both components plus ``CUTOUT_MARGIN`` beam), as a
     PixelSet of the usable pairs, and which pairs are usable (on the image, enough pixels)."""
-    ny, nx = image.shape
+    ny, nx = residual.shape
     centre = np.rint(start.mean(1))
     reach = np.abs(start - centre[:, None, :]).max((1, 2))
     half = int(np.ceil(CUTOUT_MARGIN * fwhm + np.nan_to_num(reach, nan=0.0).max()))
@@ -123,13 +124,13 @@ def _cutouts(image: PreparedImage, start: np.ndarray, fwhm: float) -> tuple[Pixe
     sx, sy = np.rint(np.where(finite[:, None], start[..., 0], -1)), np.rint(np.where(finite[:, None], start[..., 1], -1))
     on_image = ((sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)).all(1)
     jx, jy = np.clip(sx, 0, nx - 1).astype(int), np.clip(sy, 0, ny - 1).astype(int)
-    finite &= on_image & (np.isfinite(image.residual[jy, jx]) & np.isfinite(image.rms[jy, jx])).all(1)
+    finite &= on_image & (np.isfinite(residual[jy, jx]) & np.isfinite(rms[jy, jx])).all(1)
     cx, cy = np.where(finite, centre[:, 0], -10 * half), np.where(finite, centre[:, 1], -10 * half)
     px, py = cx[:, None] + dx.ravel(), cy[:, None] + dy.ravel()
     inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
     ix, iy = np.clip(px, 0, nx - 1).astype(int), np.clip(py, 0, ny - 1).astype(int)
-    value, rms = image.residual[iy, ix], image.rms[iy, ix]
-    use = inside & np.isfinite(value) & np.isfinite(rms) & (rms > 0)
+    value, noise = residual[iy, ix], rms[iy, ix]
+    use = inside & np.isfinite(value) & np.isfinite(noise) & (noise > 0)
     # a pair is usable when both starts lie on measurable pixels and most of its square does
     usable = finite & (use.mean(1) > 0.5)
     use &= usable[:, None]
@@ -137,7 +138,7 @@ def _cutouts(image: PreparedImage, start: np.ndarray, fwhm: float) -> tuple[Pixe
     renumber = np.cumsum(usable) - 1
     pixels = PixelSet(
         px[use].astype(float), py[use].astype(float), value[use].astype(float),
-        1.0 / np.square(rms[use].astype(float)), renumber[island],
+        1.0 / np.square(noise[use].astype(float)), renumber[island],
         np.searchsorted(renumber[island], np.arange(int(usable.sum()))),
     )
     return pixels, usable

@@ -9,11 +9,13 @@ from astropy.wcs import WCS
 
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.background import background_maps
+from trap_dask.extraction.blends import PairFits, fit_point_pairs
 from trap_dask.extraction.deblend import deblend
 from trap_dask.extraction.gaussian import (
-    SourceErrors,
     PixelSet,
+    SourceErrors,
     fit_islands,
+    inverse_params,
     measurement_errors,
     shape_cov,
 )
@@ -25,6 +27,9 @@ from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 MAX_ISLAND_BEAMS = 50.0
 #: Rings of pixels added around each island for its fit, so the fit also sees the faint wings.
 FIT_RINGS = 2
+#: The two components of a deblended island are refitted together when both fitted major axes
+#: are at most this many times the beam's.
+SIBLING_MAX_EXTENT = 1.5
 
 
 @dataclass(frozen=True)
@@ -153,12 +158,16 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = image.residual / image.rms
     labels, islands = find_islands(snr, params.analysis_threshold, params.detection_threshold)
+    parent = np.arange(islands.n)  # the island each component was deblended from
     if params.deblend_nthresh > 0 and islands.n:
         components = deblend(
             islands, snr, image.residual, params.analysis_threshold, params.deblend_nthresh,
             detection=params.detection_threshold,
         )
-        islands = islands_from_pixels(islands.flat, components, snr, params.analysis_threshold)
+        split = islands_from_pixels(islands.flat, components, snr, params.analysis_threshold)
+        order = np.argsort(islands.flat)
+        parent = islands.island[order[np.searchsorted(islands.flat, split.peak_flat, sorter=order)]]
+        islands = split
     if islands.n == 0:
         return empty_sources()
     # rings grow into blank-free pixels of no island (kept or not)
@@ -174,7 +183,35 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     errors = measurement_errors(fit, fitted, pixels, noise, image.beam_cov, params.force_beam)
     nparam = 3 if params.force_beam else 6
     dof = np.maximum(np.diff(np.append(pixels.starts, len(pixels.x))) - nparam, 1)
-    return source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
+    rows = source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
+    return _refit_siblings(image, params, rows, fit, parent[keep])
+
+
+def _refit_siblings(image: PreparedImage, params: ExtractionParams, rows: np.ndarray, fit: np.ndarray,
+                    parent: np.ndarray) -> np.ndarray:
+    """Refit the two components of an island deblended into exactly two point-like sources
+    together, as two beam-shaped point sources (:mod:`trap_dask.extraction.blends`).
+
+    Fitted one at a time on their own pixels, each component's Gaussian also takes in the wing
+    of its neighbour (by more the closer they are); fitted together, the light is shared.
+    ``fit`` (A, x0, y0, a, b, c) and ``parent`` (the island each was deblended from) per row.
+    """
+    first, counts = np.unique(parent, return_index=True, return_counts=True)[1:]
+    two = first[counts == 2]
+    if len(two) == 0:
+        return rows
+    order = np.argsort(parent, kind="stable")
+    start_of = np.searchsorted(parent[order], parent[two])
+    pairs = np.stack([order[start_of], order[start_of + 1]], 1)
+    beam_major = geo.axes_from_cov(image.beam_cov[None])[0][0]
+    major = geo.axes_from_cov(shape_cov(fit))[0]
+    point_like = (major[pairs] <= SIBLING_MAX_EXTENT * beam_major).all(1)
+    pairs = pairs[point_like]
+    fits = fit_point_pairs(image.residual, image.rms, image.beam_cov, fit[pairs][:, :, 1:3])
+    refitted = pair_rows(image, params, fits)
+    rows = rows.copy()
+    rows[pairs[fits.ok]] = refitted[fits.ok]
+    return rows
 
 
 def local_noise(image: PreparedImage, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -216,3 +253,24 @@ def source_rows(
     rows["is_force_fit"] = False
     rows["x"], rows["y"] = x, y
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
+
+
+def pair_rows(image: PreparedImage, params: ExtractionParams, fits: PairFits) -> np.ndarray:
+    """SOURCE_DTYPE rows (n, 2) of the components of joint pair fits (``peak_flux`` =
+    ``int_flux``, the beam's shape, ``is_force_fit`` False); NaN fluxes where not ``fits.ok``."""
+    n = len(fits.ok)
+    rows = np.zeros((n, 2), dtype=SOURCE_DTYPE)
+    rows["int_flux"] = rows["peak_flux"] = np.nan
+    ok = fits.ok
+    if not ok.any():
+        return rows
+    beam = np.tile(inverse_params(image.beam_cov[None]), (int(ok.sum()), 1))
+    for k in (0, 1):
+        part = slice(3 * k, 3 * k + 3)
+        fit, cov = fits.params[ok, part], fits.cov[ok][:, part, part]
+        peak_err = np.sqrt(cov[:, 0, 0])
+        errors = SourceErrors(peak_err=peak_err, int_flux=fit[:, 0], int_flux_err=peak_err, pos_cov=cov[:, 1:, 1:])
+        rows[ok, k] = source_rows(image, params, np.column_stack([fit, beam]), errors,
+                                  local_noise(image, fit[:, 1], fit[:, 2]), fits.chisq[ok],
+                                  np.maximum(fits.npix[ok] - 6, 1), np.ones(int(ok.sum()), bool))
+    return rows

@@ -1,4 +1,5 @@
-"""Forced fits: the amplitude of a beam-shaped Gaussian at fixed sky positions, all at once."""
+"""Forced fits: the amplitude of a beam-shaped Gaussian at fixed sky positions, all at once; and
+pairs of point sources fitted together from expected sky positions (:func:`fit_pairs`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 from scipy import fft as sfft
 
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.extract import ExtractionParams, PreparedImage, local_noise
+from trap_dask.extraction.blends import fit_point_pairs
+from trap_dask.extraction.extract import ExtractionParams, PreparedImage, local_noise, pair_rows
 from trap_dask.extraction.gaussian import beam_on_grid
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties
 
@@ -95,3 +97,21 @@ def forced_fit(
     rows["reduced_chisq"] = chisq / np.maximum(use.sum(-1) - 1, 1)
     rows["gaussian_fit"] = np.isfinite(amp)
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
+
+
+def fit_pairs(
+    image: PreparedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit pairs of point sources, each pair jointly, starting at (ra, dec) (n, 2) in deg (see
+    :mod:`trap_dask.extraction.blends`).
+
+    Returns SOURCE_DTYPE rows (n, 2), one per component (``peak_flux`` = ``int_flux``, shape of
+    the beam, ``is_force_fit`` False), and ``ok`` (n,): the fit converged, its covariance is
+    finite and both components stayed within a beam of their starts. Rows where not ``ok``
+    hold NaN fluxes.
+    """
+    ra, dec = np.asarray(ra, float).reshape(-1, 2), np.asarray(dec, float).reshape(-1, 2)
+    x, y = geo.sky_to_pixel(image.wcs, ra.ravel(), dec.ravel())
+    start = np.stack([x.reshape(-1, 2), y.reshape(-1, 2)], -1)
+    fits = fit_point_pairs(image.residual, image.rms, image.beam_cov, start)
+    return pair_rows(image, params, fits), fits.ok
