@@ -73,16 +73,17 @@ def measure(sep: float, jitter: float, n_images: int, rng: np.random.Generator) 
 def siblings(sep: float, n_images: int, rng: np.random.Generator) -> str:
     """One table row: blind extraction of pairs ``sep`` beams apart, refitted together or not."""
     images = [pairs_image(sep, rng) for _ in range(n_images)]
-    cells = []
+    cells, found = [], []
     for limit in (extract.SIBLING_MAX_EXTENT, 0.0):
-        ratio, pull, found = [], [], []
+        ratio, pull = [], []
         saved, extract.SIBLING_MAX_EXTENT = extract.SIBLING_MAX_EXTENT, limit
         try:
             for image, _, x, y, peak in images:
                 s = extract_sources(image, ExtractionParams())
                 m = match(x.ravel(), y.ravel(), s["x"], s["y"], 2.0)
                 ok = m >= 0
-                found.append(ok)
+                if limit:
+                    found.append(ok)
                 ratio.append(s["int_flux"][m[ok]] / peak.ravel()[ok])
                 pull.append((s["int_flux"][m[ok]] - peak.ravel()[ok]) / s["int_flux_err"][m[ok]])
         finally:

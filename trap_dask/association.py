@@ -251,8 +251,8 @@ def blended_null_detections(
     """Pair null detections with the detection that may hold their light.
 
     A known source that no detection continues (a null detection) but that lies within
-    ``radius`` (deg) of a detection may have been swallowed by it: closer than about a beam,
-    two sources make one island. Each null detection is paired with its nearest detection
+    ``radius`` (deg) of a detection may have been swallowed by it (closer than about a beam, two
+    sources make one island) or may sit on its wing. Each null detection is paired with its nearest detection
     within ``radius``, each detection with at most one null detection (its nearest).
 
     Returns (null index, detection index) of the pairs, ordered by null index.

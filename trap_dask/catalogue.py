@@ -84,6 +84,8 @@ class ImageContext:
 
 #: A null detection this close to a detection (beam FWHM) is measured together with it.
 BLEND_RADIUS = 2.0
+#: A pair's second component counts as detected only this far (beam FWHM) from the first.
+PROMOTE_MIN_SEPARATION = 0.5
 #: Detections wider than this (fitted major axis over the beam's) are not refitted as points.
 BLEND_MAX_EXTENT = 2.0
 
@@ -407,8 +409,12 @@ class RunningCatalogue:
         if paired.any():
             det, forced = det.copy(), forced.copy()
             det[plan.pair_det[paired]] = measured.pairs[paired, 0]
-            second = measured.pairs[paired, 1]
-            seen = second["significance_detection_level"] >= self.detection_threshold
+            first, second = measured.pairs[paired, 0], measured.pairs[paired, 1]
+            # a second component above the detection threshold, and clear of the first (not its
+            # wing), is a detection of its source
+            apart = _separation(first["ra"], first["dec"], second["ra"], second["dec"])
+            seen = (second["significance_detection_level"] > self.detection_threshold) & (
+                apart >= PROMOTE_MIN_SEPARATION * plan.image.beam_fwhm)
             forced[plan.pair_forced[paired][~seen]] = second[~seen]
             forced["is_force_fit"][plan.pair_forced[paired][~seen]] = True
             keep[plan.pair_forced[paired][seen]] = False
@@ -506,6 +512,12 @@ class RunningCatalogue:
 def _ra_error(meas: np.ndarray) -> np.ndarray:
     """Association error along the RA coordinate in deg (on-sky uncertainty_ew / cos dec)."""
     return meas["uncertainty_ew"] / np.cos(np.deg2rad(meas["dec"]))
+
+
+def _separation(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
+    """Angular distance (deg) between positions (deg), flat-sky: for neighbours only."""
+    dra = wrap_ra_difference(ra1 - ra2) * np.cos(np.deg2rad(0.5 * (dec1 + dec2)))
+    return np.hypot(dra, dec1 - dec2)
 
 
 def _remap(index: np.ndarray, rows: np.ndarray) -> np.ndarray:

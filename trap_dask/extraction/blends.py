@@ -3,7 +3,8 @@
 When two catalogued sources come closer than about a beam, the blind extractor sees one
 island (no deblender separates a single-peaked blob): its detection carries the light of both,
 and a forced fit of the undetected one at its catalogue position picks up part of the same light
-again. Both light curves then jump in that image, and steady pairs rank among the most variable
+again. (A little further apart, the deblender splits the island, but each part fitted on its
+own pixels still takes in its neighbour's wing: the extractor refits such siblings here too.) Both light curves then jump in that image, and steady pairs rank among the most variable
 sources. :func:`fit_point_pairs` instead fits both as beam-shaped point sources at once,
 amplitudes and positions free, starting from positions the caller expects them at, with a
 Gaussian prior of ``POSITION_PRIOR`` beam FWHM on each position (it keeps the position of a
@@ -48,9 +49,10 @@ class PairFits:
     """Joint fits of pairs of beam-shaped point sources (pixel frame).
 
     params : (n, 6) (A1, x1, y1, A2, x2, y2): peaks in Jy/beam, 0-based pixel positions
-    cov : (n, 6, 6) their covariance under beam-correlated noise (NaN where not ``ok``)
-    chisq : (n,) chi-squared of the data over the pair's cutout
-    npix : (n,) pixels in the cutout
+    cov : (n, 6, 6) their covariance under beam-correlated noise (NaN where it could not be
+        computed; use only where ``ok``)
+    chisq : (n,) chi-squared of the data over the pair's pixels
+    npix : (n,) pixels fitted
     ok : (n,) converged, finite covariance, both components within ``MAX_SHIFT`` of their starts
     """
 
@@ -63,17 +65,24 @@ class PairFits:
 
 def fit_point_pairs(residual: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray, start: np.ndarray) -> PairFits:
     """Fit each pair of point sources jointly, starting at ``start`` (n, 2, 2): (pair, component, xy)
-    in pixels, on the background-subtracted image ``residual`` with noise map ``rms`` (Jy/beam)
-    and the beam covariance ``beam_cov`` (pixel**2)."""
-    n = len(start)
-    fits = PairFits(np.full((n, 6), np.nan), np.full((n, 6, 6), np.nan), np.full(n, np.nan),
-                    np.zeros(n, int), np.zeros(n, bool))
-    if n == 0:
-        return fits
+    in pixels, on a square cutout of the background-subtracted image ``residual`` around both
+    (noise map ``rms``, Jy/beam; beam covariance ``beam_cov``, pixel**2)."""
     fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(beam_cov[None])[0][0]
+    if len(start) == 0:
+        return _unfitted(0)
     pixels, usable = _cutouts(residual, rms, start, fwhm)
+    return fit_point_pairs_on(pixels, usable, rms, beam_cov, start)
+
+
+def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray,
+                       start: np.ndarray) -> PairFits:
+    """:func:`fit_point_pairs` on given pixels: one segment of ``pixels`` per pair where
+    ``usable`` (n,), e.g. the pixels of the island the two came from."""
+    n = len(start)
+    fits = _unfitted(n)
     if not usable.any():
         return fits
+    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(beam_cov[None])[0][0]
     beam = inverse_params(beam_cov[None])[0]
     sub = start[usable]
     p0 = np.column_stack([np.ones(len(sub)), sub[:, 0], np.ones(len(sub)), sub[:, 1]])
@@ -110,6 +119,11 @@ def fit_point_pairs(residual: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray,
     fits.npix[usable] = np.diff(np.append(pixels.starts, len(pixels.x)))
     fits.ok[usable] = good
     return fits
+
+
+def _unfitted(n: int) -> PairFits:
+    return PairFits(np.full((n, 6), np.nan), np.full((n, 6, 6), np.nan), np.full(n, np.nan),
+                    np.zeros(n, int), np.zeros(n, bool))
 
 
 def _cutouts(residual: np.ndarray, rms: np.ndarray, start: np.ndarray, fwhm: float) -> tuple[PixelSet, np.ndarray]:

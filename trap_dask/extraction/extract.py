@@ -9,7 +9,7 @@ from astropy.wcs import WCS
 
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.background import background_maps
-from trap_dask.extraction.blends import PairFits, fit_point_pairs
+from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
 from trap_dask.extraction.deblend import deblend
 from trap_dask.extraction.gaussian import (
     PixelSet,
@@ -27,9 +27,11 @@ from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 MAX_ISLAND_BEAMS = 50.0
 #: Rings of pixels added around each island for its fit, so the fit also sees the faint wings.
 FIT_RINGS = 2
-#: The two components of a deblended island are refitted together when both fitted major axes
-#: are at most this many times the beam's.
+#: The two components of a deblended island are refitted together when both fitted axes are at
+#: most this many times the beam's, and their centres at most SIBLING_MAX_SEPARATION beam FWHM
+#: apart (further apart, the wings hardly overlap).
 SIBLING_MAX_EXTENT = 1.5
+SIBLING_MAX_SEPARATION = 2.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,9 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
         pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam
     )
     keep = in_extraction_region(image.shape, params, fit[:, 1], fit[:, 2])
+    siblings = _siblings(parent, fit, keep, image.beam_cov)
+    sibling_fits = fit_point_pairs_on(_pair_pixels(pixels, siblings), np.ones(len(siblings), bool),
+                                      image.rms, image.beam_cov, fit[siblings][:, :, 1:3])
     pixels = pixels.select(keep)
     fit, chisq, fitted = fit[keep], chisq[keep], fitted[keep]
     noise = local_noise(image, fit[:, 1], fit[:, 2])
@@ -184,34 +189,39 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     nparam = 3 if params.force_beam else 6
     dof = np.maximum(np.diff(np.append(pixels.starts, len(pixels.x))) - nparam, 1)
     rows = source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
-    return _refit_siblings(image, params, rows, fit, parent[keep])
-
-
-def _refit_siblings(image: PreparedImage, params: ExtractionParams, rows: np.ndarray, fit: np.ndarray,
-                    parent: np.ndarray) -> np.ndarray:
-    """Refit the two components of an island deblended into exactly two point-like sources
-    together, as two beam-shaped point sources (:mod:`trap_dask.extraction.blends`).
-
-    Fitted one at a time on their own pixels, each component's Gaussian also takes in the wing
-    of its neighbour (by more the closer they are); fitted together, the light is shared.
-    ``fit`` (A, x0, y0, a, b, c) and ``parent`` (the island each was deblended from) per row.
-    """
-    first, counts = np.unique(parent, return_index=True, return_counts=True)[1:]
-    two = first[counts == 2]
-    if len(two) == 0:
-        return rows
-    order = np.argsort(parent, kind="stable")
-    start_of = np.searchsorted(parent[order], parent[two])
-    pairs = np.stack([order[start_of], order[start_of + 1]], 1)
-    beam_major = geo.axes_from_cov(image.beam_cov[None])[0][0]
-    major = geo.axes_from_cov(shape_cov(fit))[0]
-    point_like = (major[pairs] <= SIBLING_MAX_EXTENT * beam_major).all(1)
-    pairs = pairs[point_like]
-    fits = fit_point_pairs(image.residual, image.rms, image.beam_cov, fit[pairs][:, :, 1:3])
-    refitted = pair_rows(image, params, fits)
-    rows = rows.copy()
-    rows[pairs[fits.ok]] = refitted[fits.ok]
+    # both parts of a sibling pair stay where their joint fit keeps them in the extraction region
+    refitted = pair_rows(image, params, sibling_fits)
+    ok = sibling_fits.ok & in_extraction_region(image.shape, params, refitted["x"], refitted["y"]).all(1)
+    rows[(np.cumsum(keep) - 1)[siblings[ok]]] = refitted[ok]
     return rows
+
+
+def _siblings(parent: np.ndarray, fit: np.ndarray, keep: np.ndarray, beam_cov: np.ndarray) -> np.ndarray:
+    """(k, 2) islands that are the two parts of one deblended island, both kept, point-like
+    (fitted axes at most ``SIBLING_MAX_EXTENT`` times the beam's) and at most
+    ``SIBLING_MAX_SEPARATION`` beam FWHM apart. ``parent``: the island each was deblended from."""
+    _, group, counts = np.unique(parent, return_inverse=True, return_counts=True)
+    two = np.flatnonzero(counts[group.ravel()] == 2)
+    pairs = two[np.argsort(group.ravel()[two], kind="stable")].reshape(-1, 2)
+    major, minor, _ = geo.axes_from_cov(shape_cov(fit)) if len(pairs) else (np.zeros(0),) * 3
+    beam_major, beam_minor, _ = geo.axes_from_cov(beam_cov[None])
+    point_like = (major <= SIBLING_MAX_EXTENT * beam_major) & (minor <= SIBLING_MAX_EXTENT * beam_minor)
+    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * beam_major[0]
+    apart = np.hypot(*(fit[pairs[:, 0], 1:3] - fit[pairs[:, 1], 1:3]).T) if len(pairs) else np.zeros(0)
+    chosen = (keep[pairs] & point_like[pairs]).all(1) & (apart <= SIBLING_MAX_SEPARATION * fwhm)
+    return pairs[chosen]
+
+
+def _pair_pixels(pixels: PixelSet, pairs: np.ndarray) -> PixelSet:
+    """The pixels of both islands of each pair, one segment per pair."""
+    member = np.full(len(pixels.starts), -1)
+    member[pairs.ravel()] = np.repeat(np.arange(len(pairs)), 2)
+    pick = np.flatnonzero(member[pixels.island] >= 0)
+    pair = member[pixels.island[pick]]
+    order = np.argsort(pair, kind="stable")
+    pick, pair = pick[order], pair[order]
+    return PixelSet(pixels.x[pick], pixels.y[pick], pixels.value[pick], pixels.weight[pick], pair,
+                    np.searchsorted(pair, np.arange(len(pairs))))
 
 
 def local_noise(image: PreparedImage, x: np.ndarray, y: np.ndarray) -> np.ndarray:
