@@ -364,3 +364,18 @@ def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey)
     assert len(from_worker) == 5 and np.isfinite(from_worker["int_flux"]).all()
     assert from_file.tobytes() == from_worker.tobytes()
     assert tasks.backfill(None, replace(request, backfill_url=path + ".moved"), params, quality) is None
+
+
+def test_default_window_leaves_room_for_each_bands_held_image():
+    from types import SimpleNamespace
+
+    from trap_dask.pipeline import BYTES_PER_PIXEL, default_window
+
+    def metas(n_bands):
+        return [SimpleNamespace(shape=(2048, 2048), freq_eff=1.2e8 + 1e6 * (i % n_bands)) for i in range(16)]
+
+    twelve_images = 2 * 12 * BYTES_PER_PIXEL * 2048 * 2048
+    assert default_window(metas(1), 8, twelve_images) == 11
+    assert default_window(metas(8), 8, twelve_images) == 4
+    assert default_window(metas(1), 1, twelve_images) == 4  # at most 2 x threads + 2
+    assert default_window(metas(16), 8, twelve_images) == 2  # never fewer than 2

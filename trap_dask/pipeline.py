@@ -134,12 +134,16 @@ def database_settings(config: Config) -> DatabaseSettings:
     )
 
 
-def default_window(metas: list[ImageMeta], n_threads: int) -> int:
-    """Images in flight: enough to keep every thread busy, few enough for half the free memory."""
+def default_window(metas: list[ImageMeta], n_threads: int, available: float | None = None) -> int:
+    """Images in flight: enough to keep every thread busy, few enough for half the free memory
+    (``available`` bytes, default: now) once the latest image of each frequency is held too."""
     import psutil
 
+    if available is None:
+        available = psutil.virtual_memory().available
     largest = max((m.shape[0] * m.shape[1] for m in metas), default=1)
-    by_memory = int(0.5 * psutil.virtual_memory().available / (BYTES_PER_PIXEL * largest))
+    held = len({m.freq_eff for m in metas})  # one per band, kept for the new sources' backfill
+    by_memory = int(0.5 * available / (BYTES_PER_PIXEL * largest)) - held
     return max(2, min(2 * n_threads + 2, by_memory))
 
 
