@@ -106,7 +106,8 @@ class Config:
     )
     max_concurrent_images: int | None = _param(
         None, "general", "images",
-        "most images held in memory at once (default: from the image size and free memory)",
+        "most images in flight at once, besides the latest image of each band that is kept for the "
+        "new sources' forced fits (default: from the image size and free memory)",
     )
     log_dir: str | None = _param(
         None, "general", "", "directory for the run's log file (default: no log file, log to stderr)"
