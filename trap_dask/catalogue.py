@@ -80,6 +80,7 @@ class ImageContext:
     rms_min: float  #: Jy/beam
     rms_max: float  #: Jy/beam
     beam_fwhm: float = 0.0  #: deg, major axis of the restoring beam (0: no pair fits)
+    url: str = ""  #: the image's file
 
 
 #: A null detection this close to a detection (beam FWHM) is measured together with it.
@@ -116,7 +117,6 @@ class ForcedMeasurements:
     pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), SOURCE_DTYPE))  #: (k, 2)
     pair_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  #: (k,) pair fit usable
     backfill: np.ndarray = field(default_factory=lambda: np.zeros(0, SOURCE_DTYPE))  #: (m,) or none
-    backfill_image: int = -1  #: im_id of the image ``backfill`` was measured in
 
 
 @dataclass(frozen=True)
@@ -135,15 +135,15 @@ class AssociationPlan:
     pair_dec: np.ndarray
     backfill_det: np.ndarray  #: new sources covered by the band's previous image, to measure there
     backfill_image: int  #: im_id of that image (-1: none)
+    backfill_url: str | None  #: its file
 
-    def forced_request(self, catalogue: "RunningCatalogue", backfill_url: str | None = None) -> ForcedRequest:
+    def forced_request(self, catalogue: "RunningCatalogue") -> ForcedRequest:
         """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
-        sources to measure in the band's previous image (whose file is ``backfill_url``)."""
-        s = catalogue.sources
-        back = self.detections[self.backfill_det if backfill_url else self.backfill_det[:0]]
+        sources to measure in the band's previous image."""
+        s, back = catalogue.sources, self.detections[self.backfill_det]
         return ForcedRequest(s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows],
                              self.pair_ra, self.pair_dec, back["ra"], back["dec"], self.image.band,
-                             self.backfill_image if backfill_url else -1, backfill_url)
+                             self.backfill_image, self.backfill_url)
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,7 @@ class EarlierImages:
     xtr_radius: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    url: np.ndarray = field(default_factory=lambda: np.zeros(0, "O"))
 
     @classmethod
     def from_images_table(cls, images: dict[str, list]) -> "EarlierImages":
@@ -179,15 +180,13 @@ class EarlierImages:
         if not images:
             return cls()
         names = {"band": "freq_band", "im_id": "id", "centre_ra": "centre_ra", "centre_dec": "centre_dec",
-                 "xtr_radius": "xtr_radius", "rms_min": "rms_min", "rms_max": "rms_max"}
-        return cls(**{ours: np.asarray(images[theirs], dtype="i8" if ours in ("band", "im_id") else float)
-                      for ours, theirs in names.items()})
+                 "xtr_radius": "xtr_radius", "rms_min": "rms_min", "rms_max": "rms_max", "url": "url"}
+        dtypes = {"band": "i8", "im_id": "i8", "url": "O"}
+        return cls(**{ours: np.asarray(images[theirs], dtype=dtypes.get(ours, float)) for ours, theirs in names.items()})
 
     def add(self, image: ImageContext) -> "EarlierImages":
-        return EarlierImages(
-            *(np.append(getattr(self, name), getattr(image, name)) for name in
-              ("band", "im_id", "centre_ra", "centre_dec", "xtr_radius", "rms_min", "rms_max"))
-        )
+        return EarlierImages(**{name: np.append(getattr(self, name), getattr(image, name))
+                                for name in self.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -247,7 +246,8 @@ class RunningCatalogue:
         pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows)
         pair_ra, pair_dec = self._pair_starts(image, detections[pair_det], det_source[pair_det],
                                               forced_rows[pair_forced])
-        backfill_det, backfill_image = self._backfill(image, detections, (det_source < 0) & ~links.is_duplicate)
+        backfill_det, backfill_image, backfill_url = self._backfill(
+            image, detections, (det_source < 0) & ~links.is_duplicate)
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -261,19 +261,21 @@ class RunningCatalogue:
             pair_dec=pair_dec,
             backfill_det=backfill_det,
             backfill_image=backfill_image,
+            backfill_url=backfill_url,
         )
 
-    def _backfill(self, image: ImageContext, det: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int]:
-        """New sources to measure in the band's previous image, and that image's im_id (-1: none)."""
+    def _backfill(self, image: ImageContext, det: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, str | None]:
+        """New sources to measure in the band's previous image, and that image's im_id and file
+        (-1 and None: none)."""
         earlier = self.earlier
         in_band = np.flatnonzero(earlier.band == image.band)
         if not self.backfill or not len(in_band) or not new.any():
-            return np.zeros(0, np.intp), -1
+            return np.zeros(0, np.intp), -1, None
         last = in_band[np.argmax(earlier.im_id[in_band])]
         cand = np.flatnonzero(new)
         inside = covering_images(det["ra"][cand], det["dec"][cand], earlier.centre_ra[last],
                                  earlier.centre_dec[last], earlier.xtr_radius[last])[:, 0]
-        return cand[inside], int(earlier.im_id[last])
+        return cand[inside], int(earlier.im_id[last]), str(earlier.url[last])
 
     def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray,
                 forced_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +384,7 @@ class RunningCatalogue:
             "src_id": s["src_id"][meas_rows],
             "parent": np.concatenate([det_parent, np.where(ff_parent > 0, ff_parent, -1), np.full(n_back, -1)]),
             "is_duplicate": np.concatenate([is_duplicate, np.zeros(n_ff + n_back, bool)]),
-            "im_id": np.concatenate([np.full(n_det + n_ff, image.im_id), np.full(n_back, measured.backfill_image)]),
+            "im_id": np.concatenate([np.full(n_det + n_ff, image.im_id), np.full(n_back, plan.backfill_image)]),
         }
         lightcurves, changed_lc = self._update_lightcurves(image, measurements, ids)
         new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, is_duplicate)

@@ -342,7 +342,7 @@ def _forced_fits(client, request, loaded, held: dict, params, quality, priority:
         previous = previous if im_id == request.backfill_image else None
         back = client.submit(tasks.backfill, previous, request, params, quality, priority=priority).result()
     forced = forced.result()
-    return forced if back is None else replace(forced, backfill=back, backfill_image=request.backfill_image)
+    return forced if back is None else replace(forced, backfill=back)
 
 
 @contextmanager

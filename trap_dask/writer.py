@@ -69,8 +69,6 @@ class Writer:
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
         self.next_im_id = 1
-        #: per band, the latest accepted image: (im_id, url)
-        self.previous: dict[int, tuple[int, str]] = {}
         if state is not None:
             self.catalogue = replace(
                 self.catalogue,
@@ -81,10 +79,6 @@ class Writer:
                 next_src_id=state.next_src_id,
             )
             self.next_im_id = state.next_image
-            images = state.images
-            accepted = zip(images.get("id", []), images.get("freq_band", []), images.get("url", []))
-            for im_id, band, url in sorted(accepted):
-                self.previous[band] = (im_id, url)
         self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0
         #: seconds spent associating, updating light curves and committing; rows committed
@@ -135,12 +129,12 @@ class Writer:
             im_id=self.next_im_id, band=band.band_id, taustart_ts=meta.taustart_ts,
             centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
             rms_min=result.stats.rms_min, rms_max=result.stats.rms_max, beam_fwhm=2.0 * meta.beam.smaj,
+            url=meta.url,
         )
         plan = self.catalogue.plan(image, result.sources)
         self._pending = (plan, result, band)
         self.seconds["associate"] += time.perf_counter() - started
-        im_id, url = self.previous.get(band.band_id, (-1, None))
-        return plan.forced_request(self.catalogue, url if im_id == plan.backfill_image else None)
+        return plan.forced_request(self.catalogue)
 
     def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
         """Add the forced fits (answering the request from associate) and commit the image."""
@@ -166,7 +160,6 @@ class Writer:
             self._pending = None
             raise
         self.catalogue = self.catalogue.apply(update, plan.image)
-        self.previous[band.band_id] = (row["id"], row["url"])
         self._saved()
         self._pending = None
         self.next_im_id += 1
