@@ -163,7 +163,8 @@ def association_figures(lc: dict[str, np.ndarray], truth: dict, radius: float) -
     injected variables; ``top_eta_variable_all``: the same with N = variables + transients (the
     issue's figure: a transient's light curve starts at its first detection, so only one that
     varies after it, e.g. fades, can rank); ``unassigned``: fraction of blind detections with no
-    true source within ``radius``.
+    true source within ``radius``; ``extra_ids``: src_ids beyond one per detected true source;
+    ``alive_twice``: true sources with two src_ids measured (detected or force-fitted) in one image.
     """
     src = truth["sources"]
     owner = assign_truth(lc, truth, radius)
@@ -189,6 +190,13 @@ def association_figures(lc: dict[str, np.ndarray], truth: dict, radius: float) -
     ranked_true = np.array([majority.get(int(s), -1) for s in ranked], dtype=int)
     truly = (ranked_true >= 0) & variable[np.maximum(ranked_true, 0)]
 
+    # a sky source with two src_ids alive at once: both measured (detected or force-fitted) in one image
+    row_owner = np.array([majority.get(int(sid), -1) for sid in lc["src_id"]], dtype=int)
+    live = row_owner >= 0
+    alive = np.unique(np.column_stack([lc["epoch"][live], row_owner[live], lc["src_id"][live]]), axis=0)
+    _, first_of, n_alive = np.unique(alive[:, :2], axis=0, return_index=True, return_counts=True)
+    doubled = np.unique(alive[first_of[n_alive > 1], 1])
+
     def top_fraction(n_top: int) -> float:
         return float(np.mean(truly[:n_top])) if n_top else float("nan")
 
@@ -199,4 +207,6 @@ def association_figures(lc: dict[str, np.ndarray], truth: dict, radius: float) -
         top_eta_variable=top_fraction(int(np.sum(src["kind"] == "variable"))),
         top_eta_variable_all=top_fraction(int(variable.sum())),
         unassigned=float(np.mean(~ok[~lc["is_force_fit"]])),
+        extra_ids=float(np.sum(n_srcids - 1)),
+        alive_twice=float(len(doubled)),
     )

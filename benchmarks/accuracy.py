@@ -1,6 +1,7 @@
 """Science accuracy of trap-dask against injected truth: one command prints every figure.
 
 Usage: python benchmarks/accuracy.py [--quick] [--workdir DIR] [--seed N]
+       python benchmarks/accuracy.py --sweep [--epochs 40] [--variants ...] [--workdir DIR]
 
 Simulates surveys with :mod:`trap_dask.simulate`, extracts them the way pipeline workers do (and
 runs the whole pipeline for the association figures), matches the results with the truth file
@@ -221,6 +222,70 @@ def association_all(workdir: Path, n_epochs: int, seed: int) -> list[Row]:
     return rows
 
 
+#: Run settings compared in the sweep: trap-dask's defaults, and TraP 1.x's behaviour in trap-dask.
+SWEEP_VARIANTS: dict[str, dict[str, object]] = {
+    "defaults": {},
+    "link_radius 0": {"link_radius": 0.0},
+    "TraP behaviour": dict(deblend_nthresh=0, association_method="greedy", fit_blends=False,
+                           backfill_new_sources=False, link_radius=0.0),
+}
+#: Systematic-error settings of the sweep, as multiples of the injected scatter ("auto": measured).
+SWEEP_SETTINGS: tuple[str | float, ...] = ("auto", 0.5, 1.0, 5.0)
+
+
+def sweep_field(workdir: Path, n_epochs: int, seed: int, jitter: float, jitter_scale: float) -> tuple[Path, dict]:
+    """A 2048x2048 survey of 1000+ sources with 60 close pairs, 30 variables and 20 transients
+    whose positions scatter by ``jitter`` beam FWHM per axis per epoch (see :func:`association`)."""
+    spec = SurveySpec(n_epochs=n_epochs, shape=BIG, n_steady=900, n_variable=30, n_transient=20,
+                      n_resolved=0, n_pairs=60, flux_range=(10.0, 100.0), jitter=jitter,
+                      jitter_scale=jitter_scale, seed=seed + 5)
+    field = workdir / f"sweep_{n_epochs}_{jitter:g}_{jitter_scale:g}_{seed}"
+    if not (field / "truth.json").is_file():
+        simulate_survey(field, spec)
+    return field, load_truth(field / "truth.json")
+
+
+def run_and_score(field: Path, truth: dict, db: Path, settings: dict[str, object]) -> dict[str, float]:
+    """Run the pipeline with ``settings`` over ``field`` into ``db``; its association figures."""
+    from trap_dask.config import build_config
+    from trap_dask.pipeline import run_pipeline
+
+    values = dict(input_images=(str(field),), db_name=str(db), db_overwrite=True, scheduler="threads",
+                  nr_threads=2, **{k: str(v) for k, v in settings.items()})
+    run_pipeline(build_config(values, {}, None))
+    return association_figures(read_light_curves(str(db), truth), truth, truth["spec"].beam.smaj)
+
+
+def sweep(workdir: Path, n_epochs: int, seed: int, jitter: float = 0.05,
+          variants: tuple[str, ...] = tuple(SWEEP_VARIANTS)) -> list[Row]:
+    """Association at systematic errors of 'auto' and 0.5x, 1x and 5x the injected scatter, on an
+    independent-jitter field and a 10-beam phase-screen field (issue 11's targets)."""
+    rows = []
+    for scale in (0.0, 10.0):
+        field, truth = sweep_field(workdir, n_epochs, seed, jitter, scale)
+        injected = jitter * 2.0 * truth["spec"].beam.smaj * 3600.0  # arcsec per axis
+        mode = f"phase screen {scale:g} beams" if scale else "independent"
+        for variant in variants:
+            for setting in SWEEP_SETTINGS:
+                sys_err = "auto" if setting == "auto" else round(float(setting) * injected, 4)
+                if sys_err == "auto" and variant == "TraP behaviour":
+                    continue  # TraP has no measured systematic error
+                db = workdir / f"{field.name}_{variant.replace(' ', '_')}_{sys_err}.db"
+                t = time.perf_counter()
+                fig = run_and_score(field, truth, db, {**SWEEP_VARIANTS[variant], "ew_sys_err": sys_err,
+                                                       "ns_sys_err": sys_err})
+                label = "auto" if sys_err == "auto" else f'{setting:g}x = {sys_err:g}"'
+                ok = (fig["split"] <= 0.005 and fig["mixed"] <= 0.005 and fig["top_eta_variable_all"] >= 0.9
+                      and fig["transients_new"] == 1.0 and fig["alive_twice"] == 0)
+                rows.append(Row(f"sweep [{mode}, {n_epochs} epochs, {variant}, sys_err {label}]",
+                                "split, mixed <= 0.5%, top-N >= 90%, new 100%, alive twice 0",
+                                f"{100 * fig['split']:.2f}%, {100 * fig['mixed']:.2f}%, "
+                                f"{100 * fig['top_eta_variable_all']:.0f}%, {100 * fig['transients_new']:.0f}%, "
+                                f"{fig['alive_twice']:g} (+{fig['extra_ids']:g} ids)", ok))
+                print(f"  {rows[-1].figure}: {rows[-1].value} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     width = max(len(r.figure) for r in rows)
     twidth = max(len(r.target) for r in rows)
@@ -235,7 +300,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images (about a minute)")
     parser.add_argument("--workdir", help="keep the simulated surveys here (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the systematic-error sweep of association (about 25 minutes on 2 cores)")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of the sweep's fields")
+    parser.add_argument("--variants", nargs="+", choices=tuple(SWEEP_VARIANTS), default=tuple(SWEEP_VARIANTS),
+                        help="run settings compared in the sweep")
     args = parser.parse_args()
+    if args.sweep:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(args.workdir or tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            rows = sweep(workdir, args.epochs, args.seed, variants=tuple(args.variants))
+        print_table(rows)
+        print(f"\n{sum(r.ok for r in rows)}/{len(rows)} PASS in {time.perf_counter() - started:.0f} s (sweep, seed {args.seed})")
+        return
     n = 3 if args.quick else 20
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

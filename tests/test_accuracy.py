@@ -127,3 +127,53 @@ def test_optimal_association_keeps_a_close_pair_that_moved_together():
     optimal = associate(cat_ra, cat_dec, unc, unc, det_ra, det_dec, unc, unc, optimal=True)
     assert greedy.source.tolist() != [0, 1]
     assert optimal.source.tolist() == [0, 1] and optimal.matched.all() and not optimal.is_duplicate.any()
+
+
+@pytest.fixture(scope="module")
+def small_jittered_field(tmp_path_factory):
+    """10 epochs of a 1024x1024 field with close pairs, every position scattered by 0.05 beam
+    (1.5") per axis per epoch, independently per source."""
+    spec = SurveySpec(n_epochs=10, shape=(1024, 1024), n_steady=220, n_variable=10, n_transient=6,
+                      n_resolved=0, n_pairs=15, flux_range=(10.0, 100.0), jitter=0.05, seed=SEED + 300)
+    path = tmp_path_factory.mktemp("jittered")
+    truth = load_truth(simulate_survey(path, spec))
+    return path, truth, 0.05 * 2 * spec.beam.smaj * 3600.0
+
+
+def _run_jittered(field, tmp_path, sys_err) -> tuple[dict, Path]:
+    from trap_dask.config import build_config
+    from trap_dask.pipeline import run_pipeline
+
+    path, truth, _ = field
+    db = tmp_path / f"field_{sys_err}.db"
+    run_pipeline(build_config(dict(input_images=(str(path),), db_name=str(db), scheduler="threads", nr_threads=2,
+                                   ew_sys_err=str(sys_err), ns_sys_err=str(sys_err), log_dir=str(tmp_path)), {}, None))
+    return tm.association_figures(tm.read_light_curves(str(db), truth), truth, truth["spec"].beam.smaj), db
+
+
+@pytest.mark.parametrize("factor", ["auto", 0.5, 5.0])
+def test_light_curves_stay_whole_whatever_the_systematic_error(small_jittered_field, tmp_path, factor):
+    """Issue 11: at half the true scatter (TraP 1.x splits light curves), at five times it, and
+    measured ('auto'), one sky source keeps one src_id and the variables rank on top."""
+    injected = small_jittered_field[2]
+    figures, _ = _run_jittered(small_jittered_field, tmp_path, factor if factor == "auto" else factor * injected)
+    assert figures["split"] == 0 and figures["mixed"] == 0 and figures["alive_twice"] == 0
+    assert figures["transients_new"] == 1.0
+    assert figures["top_eta_variable_all"] >= 0.9
+    warned = "exceeds --ew_sys_err" in (tmp_path / "trap-dask.log").read_text()
+    assert warned == (factor == 0.5)
+
+
+def test_the_measured_scatter_is_the_injected_one(small_jittered_field, tmp_path):
+    import sqlite3
+
+    _, db = _run_jittered(small_jittered_field, tmp_path, "auto")
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT astrometry_n, astrometry_scatter_ra, astrometry_scatter_dec, ew_sys_err, "
+                            "ns_sys_err FROM images ORDER BY id").fetchall()
+    n, ra, dec, ew, ns = (np.array(c, dtype=float) for c in zip(*rows))
+    injected = small_jittered_field[2]
+    assert np.isnan(ra[0]) and (n[1:] >= 50).all()  # nothing to compare the first image with
+    assert np.median(ra[1:]) == pytest.approx(injected, rel=0.2)
+    assert np.median(dec[1:]) == pytest.approx(injected, rel=0.2)
+    assert (ew[1:] >= ra[1:] - 1e-9).all() and (ns[1:] >= dec[1:] - 1e-9).all()  # never below the data's

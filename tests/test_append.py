@@ -113,6 +113,28 @@ def test_append_to_a_database_made_before_a_parameter_existed(db_settings, epoch
     assert timeouts == [None, 600.0]
 
 
+def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
+    """A database of export schema version 1 (before the images' astrometry columns) is upgraded
+    in place by an append, which then links the new images to the same light curves."""
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    added = [c.name for c in schema.images.columns if c.name.startswith("astrometry_") or c.name.endswith("_sys_err")]
+    with engine.begin() as conn:
+        for name in added:
+            conn.exec_driver_sql(f"ALTER TABLE images DROP COLUMN {name}")
+        conn.execute(schema.schema_version.update().values(version=1))
+    engine.dispose()
+    run(db_settings, epochs, db_append=True)
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
+        counts = conn.execute(select(schema.images.c.astrometry_n).order_by(schema.images.c.id)).scalars().all()
+    engine.dispose()
+    assert counts[:3] == [None] * 3 and all(n is not None for n in counts[3:])
+    links = {name: [row[:4] for row in rows] for name, rows in dump(db_settings).items() if name == "extracted_sources"}
+    assert links == {"extracted_sources": [row[:4] for row in reference["extracted_sources"]]}
+
+
 def _cli(settings: DatabaseSettings, inputs, *extra) -> list[str]:
     args = [sys.executable, "-m", "trap_dask.cli", "run", "--db-backend", settings.backend,
             "--db-name", settings.name, "--detection_threshold", "5", "--monitor_loc", "[[150.01, 30.01]]",

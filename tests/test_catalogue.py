@@ -173,3 +173,88 @@ def test_pairs_need_fit_blends_and_a_point_like_detection(catalogue):
         det["semimajor_axis"] = (2.5 if wide else 1.0) * beam / 2 / ARCSEC
         plan = cat.plan(replace(context(2), beam_fwhm=beam), det)
         assert len(plan.pair_det) == expected
+
+
+def test_an_obvious_link_survives_an_under_set_position_error():
+    """A bright isolated source measured 10" off with 1.1" position errors (r = 6.6 > r_max) still
+    continues its light curve with link_radius; without it (TraP 1.x) it splits in two."""
+    beam = 30.0 * ARCSEC
+
+    def tight(ra, dec, flux):
+        return add_uncertainties(detections(ra, dec, flux), 0.5, 0.5)
+
+    ra, dec = np.array([150.0, 150.2]), np.array([30.0, 30.0])
+    for link_radius, expected in ((0.5, [1, 2]), (0.0, [3, 2])):
+        cat = replace(RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2,
+                                       detection_threshold=8.0), link_radius=link_radius)
+        plan = cat.plan(replace(context(1), beam_fwhm=beam), tight(ra, dec, [1.0, 1.0]))
+        cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
+        plan = cat.plan(replace(context(2), beam_fwhm=beam), tight(ra + np.array([12, 0]) * ARCSEC, dec, [1.0, 1.0]))
+        assert cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))).ids["src_id"].tolist() == expected
+
+
+def test_no_obvious_link_when_another_detection_or_source_is_as_close():
+    from trap_dask.association import associate
+
+    unc = np.full(2, 0.5 * ARCSEC)
+    cat_ra, cat_dec = np.array([150.0]), np.array([30.0])
+    # two detections 6" and 8" away: neither is obvious
+    two = associate(cat_ra, cat_dec, unc[:1], unc[:1], 150.0 + np.array([6, -8]) * ARCSEC / np.cos(np.deg2rad(30)),
+                    np.full(2, 30.0), unc, unc, link_radius=15 * ARCSEC)
+    assert two.source.tolist() == [-1, -1]
+    one = associate(cat_ra, cat_dec, unc[:1], unc[:1], 150.0 + np.array([6]) * ARCSEC / np.cos(np.deg2rad(30)),
+                    np.full(1, 30.0), unc[:1], unc[:1], link_radius=15 * ARCSEC)
+    assert one.source.tolist() == [0] and one.matched.tolist() == [True] and not one.is_duplicate.any()
+
+
+def test_a_pair_detected_as_one_new_blend_continues_its_members():
+    """Two known sources 40" apart, seen in image 2 as one detection between them that no de Ruiter
+    radius reaches: it continues the nearer member and the other is fitted with it as a pair."""
+    beam = 30.0 * ARCSEC
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                           fit_blends=True, link_radius=0.5)
+    ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
+    tight = add_uncertainties(detections(ra, dec, [2.0, 1.0]), 0.5, 0.5)
+    plan = cat.plan(replace(context(1), beam_fwhm=beam), tight)
+    cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
+    blend = add_uncertainties(detections(ra[:1], dec[:1] + 18 * ARCSEC, [2.9]), 0.5, 0.5)
+    plan = cat.plan(replace(context(2), beam_fwhm=beam), blend)
+    assert plan.det_source.tolist() == [0] and not plan.is_duplicate.any()  # the nearer member
+    assert plan.forced_rows[plan.pair_forced].tolist() == [1]
+    assert cat.plan(replace(context(2), beam_fwhm=beam), blend[:0]).det_source.tolist() == []
+
+
+def test_known_sources_closer_than_a_pair_fit_resolves_are_not_fitted_as_a_pair():
+    beam = 30.0 * ARCSEC
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                           fit_blends=True)
+    for apart, pairs in ((0.6, 0), (0.8, 1)):
+        ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + apart * beam])
+        first = cat.plan(replace(context(1), beam_fwhm=beam), detections(ra, dec, [2.0, 1.0]))
+        known = cat.apply(cat.update(first, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), first.image)
+        plan = known.plan(replace(context(2), beam_fwhm=beam), detections(ra[:1], dec[:1], [2.9]))
+        assert len(plan.pair_det) == pairs
+
+
+def test_a_dormant_source_resumes_its_src_id_after_the_forced_fits_stopped():
+    """Forced fits stop after max_nr_consecutive_force_fits (2) null detections; five images later
+    the source is detected again 10" off with 1.1" errors (beyond the de Ruiter radius): it resumes."""
+    beam = 30.0 * ARCSEC
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                           link_radius=0.5)
+    ra, dec = np.array([150.0, 150.2]), np.array([30.0, 30.0])
+
+    def image(im_id, det):
+        nonlocal cat
+        plan = cat.plan(replace(context(im_id), beam_fwhm=beam), add_uncertainties(det, 0.5, 0.5))
+        request = plan.forced_request(cat)
+        update = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, np.zeros(len(request.ra)))))
+        cat = cat.apply(update, plan.image)
+        return update
+
+    image(1, detections(ra, dec, [1.0, 1.0]))
+    forced = [int(image(i, detections(ra[:1], dec[:1], [1.0])).measurements["is_force_fit"].sum()) for i in range(2, 8)]
+    assert forced == [1, 1, 0, 0, 0, 0]
+    again = image(8, detections(ra, dec + np.array([0, 10]) * ARCSEC, [1.0, 1.0]))
+    assert again.ids["src_id"].tolist() == [1, 2] and len(again.new_sources["src_id"]) == 0
+    assert cat.next_src_id == 3

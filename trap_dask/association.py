@@ -186,6 +186,8 @@ def associate(
     det_unc_ns: ArrayLike,
     r_max: float = DE_RUITER_R_MAX,
     optimal: bool = False,
+    link_radius: float = 0.0,
+    blend_radius: float = 0.0,
 ) -> Association:
     """Associate detections with catalogue sources by de Ruiter radius.
 
@@ -197,6 +199,12 @@ def associate(
     r_max : a pair is a candidate when its de Ruiter radius is strictly below this.
     optimal : resolve competing candidates by the assignment with the most links and the
         smallest sum of squared radii instead of greedily (see :func:`_optimal_matching`).
+    link_radius : deg; a catalogue source left without a link and a detection left without one
+        that are each other's only neighbour within this distance are linked whatever their
+        de Ruiter radius (see :func:`_obvious_links`); 0 (TraP 1.x): the radius alone decides.
+    blend_radius : deg; a detection left without a link that has two or more catalogue sources
+        left without one within this distance continues the nearest (see :func:`_blend_links`);
+        0 (TraP 1.x): it starts a new source.
 
     Returns
     -------
@@ -235,10 +243,60 @@ def associate(
     source[dj[chosen]] = ci[chosen]
     distance[dj[chosen]] = r[chosen]
     matched[ci[chosen]] = True
+    if link_radius > 0:
+        oi, oj = _obvious_links(cat[0], cat[1], det[0], det[1], ~matched, source < 0, link_radius)
+        source[oj], matched[oi] = oi, True
+        distance[oj] = de_ruiter_radius(*(c[oi] for c in cat), *(d[oj] for d in det))
+    if blend_radius > 0:
+        bi, bj = _blend_links(cat[0], cat[1], det[0], det[1], ~matched, source < 0, blend_radius)
+        source[bj], matched[bi] = bi, True
+        distance[bj] = de_ruiter_radius(*(c[bi] for c in cat), *(d[bj] for d in det))
 
     linked = source >= 0
     parent[linked] = -1
     return Association(source, distance, parent, parent >= 0, matched)
+
+
+def _obvious_links(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+                   cat_free: np.ndarray, det_free: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(catalogue index, detection index) of free pairs that are each other's only neighbour.
+
+    Positions and ``radius`` in deg. A pair qualifies when the detection is the only one within
+    ``radius`` of the catalogue source and the source the only one within ``radius`` of the
+    detection (linked or not), and neither end is linked yet: such a link is beyond doubt even
+    when mis-set position errors put it outside the de Ruiter radius.
+    """
+    chord = 2.0 * np.sin(np.deg2rad(radius) / 2.0)
+    near = cKDTree(unit_vectors(cat_ra, cat_dec)).sparse_distance_matrix(
+        cKDTree(unit_vectors(det_ra, det_dec)), chord, output_type="ndarray")
+    ci, dj = near["i"].astype(np.intp), near["j"].astype(np.intp)
+    alone = (np.bincount(ci, minlength=len(cat_ra))[ci] == 1) & (np.bincount(dj, minlength=len(det_ra))[dj] == 1)
+    take = alone & cat_free[ci] & det_free[dj]
+    return ci[take], dj[take]
+
+
+def _blend_links(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+                 cat_free: np.ndarray, det_free: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(catalogue index, detection index): free detections that are blends of free known sources.
+
+    Positions and ``radius`` in deg. Two known sources that drift into one island are detected as
+    one source between them, often too far from either for the de Ruiter radius. A free
+    detection with at least two free catalogue sources within ``radius`` continues the nearest
+    (the pair fit then measures the other, see :func:`blended_null_detections`), each catalogue
+    source taken by its nearest such detection only.
+    """
+    free_cat, free_det = np.flatnonzero(cat_free), np.flatnonzero(det_free)
+    none = np.zeros(0, np.intp)
+    if len(free_cat) < 2 or not len(free_det):
+        return none, none
+    chord = 2.0 * np.sin(np.deg2rad(radius) / 2.0)
+    dist, near = cKDTree(unit_vectors(cat_ra[free_cat], cat_dec[free_cat])).query(
+        unit_vectors(det_ra[free_det], det_dec[free_det]), k=2, distance_upper_bound=chord)
+    blend = np.flatnonzero(np.isfinite(dist[:, 1]))
+    order = blend[np.argsort(dist[blend, 0], kind="stable")]
+    first = np.unique(near[order, 0], return_index=True)[1]
+    take = np.sort(order[first])
+    return free_cat[near[take, 0]].astype(np.intp), free_det[take].astype(np.intp)
 
 
 def blended_null_detections(

@@ -81,6 +81,8 @@ class ImageContext:
     rms_max: float  #: Jy/beam
     beam_fwhm: float = 0.0  #: deg, major axis of the restoring beam (0: no pair fits)
     url: str = ""  #: the image's file
+    shift_ra: float = 0.0  #: deg on the sky (east), the image's coherent offset, taken out to associate
+    shift_dec: float = 0.0  #: deg (north)
 
 
 #: A null detection this close to a detection (beam FWHM) is measured together with it.
@@ -89,6 +91,12 @@ BLEND_RADIUS = 2.0
 PROMOTE_MIN_SEPARATION = 0.5
 #: Detections wider than this (fitted major axis over the beam's) are not refitted as points.
 BLEND_MAX_EXTENT = 2.0
+#: A new detection with two known sources undetected within this distance (beam FWHM) is their
+#: blend: it continues the nearest, and the pair fit measures both.
+BLEND_SWALLOW_RADIUS = 1.0
+#: Known sources closer than this (beam FWHM) are not fitted as a pair: a pair fit cannot tell
+#: them apart (benchmarks/pair_fits.py), each component would take in the light of both.
+BLEND_MIN_SEPARATION = 0.7
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,7 @@ class RunningCatalogue:
     optimal_association: bool = False
     fit_blends: bool = False
     backfill: bool = False
+    link_radius: float = 0.0  #: beam FWHM, see :func:`trap_dask.association.associate`
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
@@ -224,13 +233,16 @@ class RunningCatalogue:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
         s = self.sources
         blind = np.flatnonzero(~s["is_monitor"])
+        det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec)
         links = associate(
             s["wm_ra"][blind], s["wm_dec"][blind],
             s["wm_uncertainty_ew"][blind], s["wm_uncertainty_ns"][blind],
-            detections["ra"], detections["dec"],
+            det_ra, det_dec,
             detections["uncertainty_ew"], detections["uncertainty_ns"],
             r_max=self.de_ruiter_r_max,
             optimal=self.optimal_association,
+            link_radius=self.link_radius * image.beam_fwhm,
+            blend_radius=BLEND_SWALLOW_RADIUS * image.beam_fwhm if self.fit_blends else 0.0,
         )
         det_source = _remap(links.source, blind)
         det_parent_row = _remap(links.parent_source, blind)
@@ -295,7 +307,10 @@ class RunningCatalogue:
             det["ra"][dets], det["dec"][dets], s["wm_ra"][forced_rows[nulls]], s["wm_dec"][forced_rows[nulls]],
             BLEND_RADIUS * image.beam_fwhm,
         )
-        return nulls[ni], dets[dj]
+        null_rows, det_rows = forced_rows[nulls[ni]], det_source[dets[dj]]
+        apart = _separation(s["wm_ra"][null_rows], s["wm_dec"][null_rows], s["wm_ra"][det_rows], s["wm_dec"][det_rows])
+        keep = apart >= BLEND_MIN_SEPARATION * image.beam_fwhm
+        return nulls[ni[keep]], dets[dj[keep]]
 
     def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,
                      null_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -509,6 +524,14 @@ class RunningCatalogue:
             next_xtrsrc=update.next_xtrsrc,
             next_src_id=update.next_src_id,
         )
+
+
+def unshifted(ra: np.ndarray, dec: np.ndarray, shift_ra: float, shift_dec: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (deg) with an image's coherent offset (deg on the sky, east and north) taken out."""
+    if shift_ra == 0.0 and shift_dec == 0.0:
+        return ra, dec
+    dec_out = dec - shift_dec
+    return (ra - shift_ra / np.cos(np.deg2rad(dec_out))) % 360.0, dec_out
 
 
 def _ra_error(meas: np.ndarray) -> np.ndarray:

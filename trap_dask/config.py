@@ -27,8 +27,13 @@ _MEMORY_LIMIT = r"(?i)auto|\d+(\.\d+)?\s*([kmgtp]i?b?|b)?"
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
     "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
-    "frequency_band",
+    "frequency_band", "link_radius",
 )
+
+
+#: Parameters whose value may be 'auto' (held as None: measured from the data during the run).
+AUTO_PARAMETERS = ("ew_sys_err", "ns_sys_err")
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -152,8 +157,16 @@ class Config:
         "deblending sub-thresholds (0: no deblending); separates blended neighbours, e.g. pairs "
         "1-3 beams apart",
     )
-    ew_sys_err: float = _param(10.0, "extraction", "arcsec", "systematic position error east-west")
-    ns_sys_err: float = _param(10.0, "extraction", "arcsec", "systematic position error north-south")
+    ew_sys_err: float | None = _param(
+        None, "extraction", "arcsec",
+        "systematic position error east-west, added in quadrature to each fit error for "
+        "association; 'auto' (default): the scatter of this run's confident associations, "
+        "measured image by image (see the images table), with the image's coherent shift taken "
+        "out; a number keeps TraP 1.x's meaning (TraP's usual 10)",
+    )
+    ns_sys_err: float | None = _param(
+        None, "extraction", "arcsec", "systematic position error north-south; 'auto' (default) as ew_sys_err",
+    )
     max_nr_consecutive_force_fits: int = _param(
         10, "extraction", "images",
         "stop force-fitting a source after this many null detections in a row "
@@ -175,6 +188,13 @@ class Config:
         "how competing candidates are resolved: 'optimal' (the most links with the smallest sum of "
         "squared radii: close pairs keep their light curves) or 'greedy' (TraP 1.x: smallest de "
         "Ruiter radius first)",
+    )
+    link_radius: float = _param(
+        0.5, "association", "beam FWHM",
+        "a detection that is the only one this close to a known source that no other detection "
+        "continues, and has no other known source this close, continues it whatever its de "
+        "Ruiter radius, so mis-set position errors cannot break an obvious link (0: TraP 1.x, "
+        "the de Ruiter radius alone)",
     )
     fit_blends: bool = _param(
         True, "association", "",
@@ -251,6 +271,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
                 return lowered in {"1", "true", "yes", "on"}
             if text.lower() == "none" and PARAMETERS[name].default is None:
                 return None
+            if text.lower() == AUTO and name in AUTO_PARAMETERS:
+                return None
             return kind(text)
         if kind is bool:
             if not isinstance(value, bool):
@@ -326,14 +348,16 @@ def validate(config: Config) -> Config:
     need(0 < config.analysis_threshold <= config.detection_threshold, "analysis_threshold",
          "must be > 0 and <= detection_threshold")
     need(config.deblend_nthresh >= 0, "deblend_nthresh", "must be >= 0")
-    need(config.ew_sys_err >= 0, "ew_sys_err", "must be >= 0 arcsec")
-    need(config.ns_sys_err >= 0, "ns_sys_err", "must be >= 0 arcsec")
+    for name in AUTO_PARAMETERS:
+        value = getattr(config, name)
+        need(value is None or 0 <= value < math.inf, name, "must be 'auto' or a number >= 0 arcsec")
     need(config.max_nr_consecutive_force_fits >= 0, "max_nr_consecutive_force_fits", "must be >= 0")
     need(config.im_margin >= 0, "im_margin", "must be >= 0 pixels")
     need(config.im_radius >= 0, "im_radius", "must be >= 0 pixels (0: no limit)")
     need(config.im_back_size_x >= 4, "im_back_size_x", "must be >= 4 pixels")
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
     need(config.de_ruiter_r_max > 0, "de_ruiter_r_max", "must be > 0")
+    need(0 <= config.link_radius <= 1, "link_radius", "must be between 0 and 1 beam FWHM")
     need(config.association_method in ("greedy", "optimal"), "association_method", "must be 'greedy' or 'optimal'")
     need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")
     need(config.rms_max > config.rms_min, "rms_max", "must be > rms_min")

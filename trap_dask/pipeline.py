@@ -111,8 +111,9 @@ def extraction_params(config: Config) -> ExtractionParams:
         radius=config.im_radius,
         back_size_x=config.im_back_size_x,
         back_size_y=config.im_back_size_y,
-        ew_sys_err=config.ew_sys_err,
-        ns_sys_err=config.ns_sys_err,
+        # 'auto' (None): the writer sets each image's systematic error once it has measured it
+        ew_sys_err=config.ew_sys_err or 0.0,
+        ns_sys_err=config.ns_sys_err or 0.0,
     )
 
 
@@ -250,9 +251,11 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
             for failure in failures:
                 log.warning("rejected %s: %s", failure.url, failure.reason)
                 _count(totals, writer.reject_unreadable(failure).result(), bar)
+            watch = _AstrometryWatch(config)
             with _stop_on_interrupt() as stop:
                 for summary in _stream(session, writer, images, window, params, quality):
                     _count(totals, summary, bar)
+                    watch(summary)
                     if stop.is_set():
                         raise KeyboardInterrupt
         status = "completed"
@@ -374,6 +377,32 @@ def _count(totals: dict, summary, bar) -> None:
     totals["new"] += summary.n_new
     bar.update(1)
     bar.set_postfix(sources=totals["sources"], new=totals["new"], refresh=False)
+
+
+class _AstrometryWatch:
+    """Logs each image's measured astrometric offset and scatter, and warns once when the scatter
+    exceeds the systematic error the user set (an under-set error splits light curves)."""
+
+    def __init__(self, config: Config):
+        self.given = (config.ew_sys_err, config.ns_sys_err)
+        self.warned = False
+
+    def __call__(self, summary) -> None:
+        a = summary.astrometry
+        if summary.rejected or not a.measured:
+            return
+        log.debug("image %d: offset %+.2f\" RA, %+.2f\" Dec, scatter %.2f\" RA, %.2f\" Dec (%d sources); "
+                  "sys_err %.2f\" / %.2f\"", summary.im_id, a.offset_ra, a.offset_dec, a.scatter_ra,
+                  a.scatter_dec, a.n, *summary.sys_err)
+        if self.warned or self.given[0] is None:
+            return
+        if a.scatter_ra > self.given[0] or a.scatter_dec > self.given[1]:
+            self.warned = True
+            log.warning(
+                "image %d: the measured position scatter (%.2f\" RA, %.2f\" Dec, from %d bright isolated "
+                "sources) exceeds --ew_sys_err %g / --ns_sys_err %g arcsec: light curves may split. "
+                "Set them to at least the scatter, or to 'auto' (the default) to follow the data",
+                summary.im_id, a.scatter_ra, a.scatter_dec, a.n, *self.given)
 
 
 def _configure_logging(config: Config) -> None:

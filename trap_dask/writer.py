@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from trap_dask.astrometry import Astrometry, ScatterHistory, automatic_sys_err, measure
 from trap_dask.bands import Band, assign_band, fixed_bands
 from trap_dask.catalogue import (
     LIGHTCURVE_COLUMNS,
@@ -31,7 +32,7 @@ from trap_dask.catalogue import (
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
-from trap_dask.sources import empty_sources
+from trap_dask.sources import add_uncertainties, empty_sources
 from trap_dask.tasks import ImageResult, ScanFailure
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class CommitSummary:
     n_forced: int  #: forced fits, including those of new sources in the band's previous image
     n_new: int
     band: int | None = None  #: frequency band of an accepted image
+    astrometry: Astrometry = Astrometry()  #: the image's offsets from the catalogue (arcsec)
+    sys_err: tuple[float, float] = (np.nan, np.nan)  #: ew/ns systematic error used to associate it (arcsec)
 
 
 class Writer:
@@ -63,7 +66,11 @@ class Writer:
             optimal_association=config.association_method == "optimal",
             fit_blends=config.fit_blends,
             backfill=config.backfill_new_sources,
+            link_radius=config.link_radius,
         )
+        #: the user's systematic errors (arcsec); None: 'auto', measured image by image
+        self.sys_err = (config.ew_sys_err, config.ns_sys_err)
+        self.scatter = ScatterHistory()
         stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
@@ -79,12 +86,15 @@ class Writer:
                 next_src_id=state.next_src_id,
             )
             self.next_im_id = state.next_image
+            if state.images:
+                self.scatter = ScatterHistory.from_images(*(state.images[f"astrometry_{c}"] for c in
+                                                            ("n", "scatter_ra", "scatter_dec")))
         self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0
         #: seconds spent associating, updating light curves and committing; rows committed
         self.seconds = {"associate": 0.0, "update": 0.0, "commit": 0.0}
         self.rows_committed = 0
-        self._pending: tuple[AssociationPlan, ImageResult, Band] | None = None
+        self._pending: tuple[AssociationPlan, ImageResult, Band, Astrometry, tuple[float, float]] | None = None
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
         """Register the monitor positions not yet in the database; returns their monitor rows."""
@@ -125,27 +135,36 @@ class Writer:
         if is_new_band:
             self.bands.append(band)
             self._unsaved_bands.append(band)
+        beam_fwhm = 2.0 * meta.beam.smaj
+        astrometry, sys_err = self._astrometry(result.sources, beam_fwhm)
+        shift = (astrometry.offset_ra / 3600.0, astrometry.offset_dec / 3600.0) \
+            if self.sys_err[0] is None and astrometry.measured else (0.0, 0.0)
         image = ImageContext(
             im_id=self.next_im_id, band=band.band_id, taustart_ts=meta.taustart_ts,
             centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
-            rms_min=result.stats.rms_min, rms_max=result.stats.rms_max, beam_fwhm=2.0 * meta.beam.smaj,
-            url=meta.url,
+            rms_min=result.stats.rms_min, rms_max=result.stats.rms_max, beam_fwhm=beam_fwhm,
+            url=meta.url, shift_ra=shift[0], shift_dec=shift[1],
         )
-        plan = self.catalogue.plan(image, result.sources)
-        self._pending = (plan, result, band)
+        detections = add_uncertainties(result.sources.copy(), *sys_err)
+        plan = self.catalogue.plan(image, detections)
+        self._pending = (plan, result, band, astrometry, sys_err)
         self.seconds["associate"] += time.perf_counter() - started
         return plan.forced_request(self.catalogue)
 
     def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
         """Add the forced fits (answering the request from associate) and commit the image."""
         started = time.perf_counter()
-        plan, result, band = self._pending
-        update = self.catalogue.update(plan, forced if forced is not None else ForcedMeasurements(empty_sources()))
+        plan, result, band, astrometry, sys_err = self._pending
+        measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
+        update = self.catalogue.update(plan, measured)
         updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
             "n_sources": int(np.sum(~update.measurements["is_force_fit"])),
             "n_forced": int(np.sum((update.ids["im_id"] == self.next_im_id) & update.measurements["is_force_fit"])),
+            "ew_sys_err": sys_err[0], "ns_sys_err": sys_err[1], "astrometry_n": astrometry.n,
+            **{f"astrometry_{name}": _finite_or_none(getattr(astrometry, name))
+               for name in ("offset_ra", "offset_dec", "scatter_ra", "scatter_dec")},
         }
         try:
             self.store.commit_image(
@@ -160,6 +179,7 @@ class Writer:
             self._pending = None
             raise
         self.catalogue = self.catalogue.apply(update, plan.image)
+        self.scatter = self.scatter.add(astrometry)
         self._saved()
         self._pending = None
         self.next_im_id += 1
@@ -169,7 +189,7 @@ class Writer:
         self.rows_committed += (len(update.measurements) + len(update.changed_sources)
                                 + len(update.changed_lightcurves) + len(update.new_sources["src_id"]) + 1)
         return CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
-                             len(update.new_sources["src_id"]), band.band_id)
+                             len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err)
 
     def finish(self, status: str) -> dict:
         """Record the run's end; returns totals for the summary."""
@@ -184,6 +204,19 @@ class Writer:
         }
 
     # -- helpers --------------------------------------------------------------------------
+    def _astrometry(self, detections: np.ndarray, beam_fwhm: float) -> tuple[Astrometry, tuple[float, float]]:
+        """The image's offsets from the catalogue, and the systematic errors (arcsec) to associate it
+        with: the user's, or under 'auto' those measured so far and on this image."""
+        s = self.catalogue.sources
+        blind = ~s["is_monitor"]
+        astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
+                             detections["ra"], detections["dec"],
+                             detections["significance_detection_level"], detections["ra_fit_err"],
+                             detections["dec_fit_err"], beam_fwhm)
+        if self.sys_err[0] is None:
+            return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
+        return astrometry, (float(self.sys_err[0]), float(self.sys_err[1]))
+
     def _image_row(self, result: ImageResult) -> dict:
         meta, stats = result.meta, result.stats
         return {
@@ -220,3 +253,13 @@ class Writer:
     def _saved(self) -> None:
         self._unsaved_bands = []
         self._unsaved_monitors = {k: v[:0] for k, v in self._unsaved_monitors.items()}
+
+
+def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) -> ForcedMeasurements:
+    """The worker's measurements with the image's systematic errors (arcsec) in their uncertainties."""
+    return replace(measured, **{name: add_uncertainties(getattr(measured, name).copy(), *sys_err)
+                                for name in ("single", "pairs", "backfill")})
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None

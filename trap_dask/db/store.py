@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
 from trap_dask.db import schema
+from trap_dask.db.migrations import add_missing_columns, can_migrate, migrate
 from trap_dask.db.pgcopy import copy_insert, copy_upsert
 from trap_dask.db.backends import (
     DatabaseError,
@@ -145,7 +146,9 @@ class ExportStore:
         except (DBAPIError, DatabaseError):
             store.close()
             raise
-        if versions != [schema.SCHEMA_VERSION]:
+        if len(versions) == 1 and versions[0] < schema.SCHEMA_VERSION and can_migrate(versions[0]):
+            store._migrate(versions[0])
+        elif versions != [schema.SCHEMA_VERSION]:
             store.close()
             raise DatabaseError(
                 f"{settings.describe()} has export schema version {versions}, this trap-dask writes "
@@ -158,18 +161,21 @@ class ExportStore:
             raise
         return store
 
+    def _migrate(self, version: int) -> None:
+        try:
+            with self.engine.begin() as conn:
+                migrate(conn, version, _now())
+        except DBAPIError as exc:
+            self.close()
+            raise DatabaseError(f"cannot upgrade {self.settings.describe()} from export schema version "
+                                f"{version}: {driver_reason(exc)}") from None
+
     @_database_errors
     def _add_parameter_columns(self) -> None:
         """Give the ``config`` table a column for every parameter newer than the database (NULL
         for the earlier runs), so that a new parameter never bars appending to it."""
-        table = schema.config
         with self.engine.begin() as conn:
-            present = {column["name"] for column in inspect(conn).get_columns(table.name)}
-            quote = conn.dialect.identifier_preparer.quote
-            for column in table.columns:
-                if column.name not in present:
-                    conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
-                                         f"{column.type.compile(dialect=conn.dialect)}")
+            add_missing_columns(conn, schema.config)
 
     def _create_tables(self) -> None:
         try:

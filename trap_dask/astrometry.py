@@ -1,0 +1,161 @@
+"""Astrometric scatter of an image, measured from its confident associations.
+
+Bright detections of isolated known sources, each the other's only neighbour within a beam, show
+how far this image's positions sit from the running catalogue: their median offset (a coherent
+shift of the whole image) and their robust scatter per axis (what ``ew_sys_err``/``ns_sys_err``
+should be). :class:`ScatterHistory` keeps the running estimate over the images so far, from which
+``ew_sys_err = "auto"`` takes the systematic error of the next image. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from trap_dask.association import unit_vectors, wrap_ra_difference
+
+#: A confident match: detection and known source within this distance (beam FWHM) ...
+MATCH_RADIUS = 1.0
+#: ... neither with another known source or detection within this distance (beam FWHM) ...
+ISOLATION_RADIUS = 3.0
+#: ... and a detection at least this significant (peak / local rms).
+MIN_SIGNIFICANCE = 10.0
+#: Fewest confident matches for a measurement (fewer: NaN, the image does not count).
+MIN_MATCHES = 5
+#: Robust standard deviation of a normal distribution per median absolute deviation.
+MAD_TO_SIGMA = 1.482602218505602
+#: Floor of the automatic systematic error (beam FWHM): no image is trusted to better than this.
+AUTO_FLOOR = 0.02
+#: The automatic systematic error (beam FWHM) while nothing has been measured (too few matches).
+AUTO_UNMEASURED = 0.1
+
+
+@dataclass(frozen=True)
+class Astrometry:
+    """One image's positions against the running catalogue (arcsec on the sky; NaN: unmeasured).
+
+    ``offset_*``: median of detection minus catalogue position (RA along the sky, east positive).
+    ``scatter_*``: robust standard deviation of those offsets about the median, with the
+    detections' own fit errors taken out in quadrature.
+    """
+
+    n: int = 0
+    offset_ra: float = np.nan
+    offset_dec: float = np.nan
+    scatter_ra: float = np.nan
+    scatter_dec: float = np.nan
+
+    @property
+    def measured(self) -> bool:
+        return self.n >= MIN_MATCHES
+
+
+def _isolated(points: np.ndarray, radius: float) -> np.ndarray:
+    """Per unit vector: no other within ``radius`` (chord)."""
+    if len(points) < 2:
+        return np.ones(len(points), bool)
+    return np.isinf(cKDTree(points).query(points, k=2, distance_upper_bound=radius)[0][:, 1])
+
+
+def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+                      det_significance: np.ndarray, beam_fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(catalogue index, detection index) of the confident one-to-one matches.
+
+    Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
+    ``ISOLATION_RADIUS`` beams on its own side), within ``MATCH_RADIUS`` beams of each other, the
+    detection at least ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on the
+    systematic error, so it can measure it.
+    """
+    none = np.zeros(0, np.intp)
+    if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
+        return none, none
+    chord = lambda deg: 2.0 * np.sin(np.deg2rad(deg) / 2.0)  # noqa: E731
+    cat, det = unit_vectors(cat_ra, cat_dec), unit_vectors(det_ra, det_dec)
+    lonely_cat = _isolated(cat, chord(ISOLATION_RADIUS * beam_fwhm))
+    good_det = np.flatnonzero(_isolated(det, chord(ISOLATION_RADIUS * beam_fwhm))
+                              & (det_significance >= MIN_SIGNIFICANCE))
+    if not len(good_det):
+        return none, none
+    dist, ci = cKDTree(cat).query(det[good_det], distance_upper_bound=chord(MATCH_RADIUS * beam_fwhm))
+    ok = np.isfinite(dist)
+    ci, dj = ci[ok], good_det[ok]
+    keep = lonely_cat[ci]
+    return ci[keep].astype(np.intp), dj[keep].astype(np.intp)
+
+
+def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+            det_significance: np.ndarray, det_ra_err: np.ndarray, det_dec_err: np.ndarray,
+            beam_fwhm: float) -> Astrometry:
+    """Offsets and scatter of this image's detections from the catalogue (see :class:`Astrometry`).
+
+    Positions and ``beam_fwhm`` in deg; ``cat_n`` is the number of detections behind each
+    catalogue position; ``det_ra_err`` is the fit error along the RA coordinate and
+    ``det_dec_err`` along Dec (deg), as in ``extracted_sources``. A catalogue position averages
+    its N detections, so it scatters by sigma / sqrt(N) itself: the offsets' variance is
+    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved.
+    """
+    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm)
+    if len(ci) < MIN_MATCHES:
+        return Astrometry(n=len(ci))
+    cos_dec = np.cos(np.deg2rad(det_dec[dj]))
+    dx = wrap_ra_difference(det_ra[dj] - cat_ra[ci]) * cos_dec * 3600.0
+    dy = (det_dec[dj] - cat_dec[ci]) * 3600.0
+    fit_x = np.median(det_ra_err[dj] * cos_dec) * 3600.0
+    fit_y = np.median(det_dec_err[dj]) * 3600.0
+    averaged = 1.0 + 1.0 / max(float(np.median(cat_n[ci])), 1.0)
+
+    def scatter(d: np.ndarray, fit: float) -> float:
+        sigma = MAD_TO_SIGMA * np.median(np.abs(d - np.median(d)))
+        return float(np.sqrt(max(sigma**2 - fit**2, 0.0) / averaged))
+
+    return Astrometry(n=len(ci), offset_ra=float(np.median(dx)), offset_dec=float(np.median(dy)),
+                      scatter_ra=scatter(dx, fit_x), scatter_dec=scatter(dy, fit_y))
+
+
+@dataclass(frozen=True)
+class ScatterHistory:
+    """Running sums of the measured scatter over the images so far (arcsec^2, weighted by matches)."""
+
+    n: int = 0
+    sum_ra2: float = 0.0
+    sum_dec2: float = 0.0
+
+    def add(self, astrometry: Astrometry) -> "ScatterHistory":
+        if not astrometry.measured:
+            return self
+        n = astrometry.n
+        return ScatterHistory(self.n + n, self.sum_ra2 + n * astrometry.scatter_ra**2,
+                              self.sum_dec2 + n * astrometry.scatter_dec**2)
+
+    @classmethod
+    def from_images(cls, n: list, scatter_ra: list, scatter_dec: list) -> "ScatterHistory":
+        """From the ``astrometry_*`` columns of the images already in the database."""
+        history = cls()
+        for args in zip(n, scatter_ra, scatter_dec):
+            if None not in args:
+                history = history.add(Astrometry(int(args[0]), 0.0, 0.0, float(args[1]), float(args[2])))
+        return history
+
+    def rms(self) -> tuple[float, float]:
+        """The running scatter (arcsec) in RA and Dec; NaN before any measurement."""
+        if self.n == 0:
+            return np.nan, np.nan
+        return float(np.sqrt(self.sum_ra2 / self.n)), float(np.sqrt(self.sum_dec2 / self.n))
+
+
+def automatic_sys_err(history: ScatterHistory, image: Astrometry, beam_fwhm: float) -> tuple[float, float]:
+    """The systematic error (arcsec, RA and Dec) of an image under ``ew_sys_err = "auto"``.
+
+    The larger of the running scatter over the earlier images and this image's own (an image
+    worse than the rest is not held to their standard), never below ``AUTO_FLOOR`` beams. While
+    neither is measured (too few confident matches so far) it is ``AUTO_UNMEASURED`` beams.
+    """
+    beam = beam_fwhm * 3600.0
+    earlier = history.rms()
+    own = (image.scatter_ra, image.scatter_dec) if image.measured else (np.nan, np.nan)
+    if history.n == 0 and not image.measured:
+        return AUTO_UNMEASURED * beam, AUTO_UNMEASURED * beam
+    best = np.nanmax(np.array([earlier, own, (AUTO_FLOOR * beam,) * 2]), axis=0)
+    return float(best[0]), float(best[1])
