@@ -34,6 +34,7 @@ CREATE TABLE runningcatalog (
 	n_consecutive_force_fits INTEGER NOT NULL, 
 	is_monitor BOOLEAN NOT NULL, 
 	first_im_id INTEGER, 
+	merged_into INTEGER, 
 	PRIMARY KEY (src_id)
 );
 
@@ -96,6 +97,7 @@ CREATE TABLE config (
 	de_ruiter_r_max DOUBLE PRECISION, 
 	association_method TEXT, 
 	link_radius DOUBLE PRECISION, 
+	merge_duplicates BOOLEAN, 
 	fit_blends BOOLEAN, 
 	backfill_new_sources BOOLEAN, 
 	PRIMARY KEY (run), 
@@ -207,6 +209,19 @@ CREATE TABLE extracted_sources (
 CREATE INDEX ix_extracted_sources_im_id ON extracted_sources (im_id);
 
 CREATE INDEX ix_extracted_sources_src_id ON extracted_sources (src_id);
+
+CREATE TABLE merges (
+	id INTEGER NOT NULL, 
+	src_id INTEGER NOT NULL, 
+	merged_into INTEGER NOT NULL, 
+	im_id INTEGER NOT NULL, 
+	separation DOUBLE PRECISION, 
+	n_moved INTEGER, 
+	n_set_aside INTEGER, 
+	newsource_trigger INTEGER, 
+	PRIMARY KEY (id), 
+	FOREIGN KEY(im_id) REFERENCES images (id)
+);
 
 CREATE TABLE newsource (
 	id INTEGER NOT NULL, 

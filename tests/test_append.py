@@ -114,14 +114,16 @@ def test_append_to_a_database_made_before_a_parameter_existed(db_settings, epoch
 
 
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
-    """A database of export schema version 1 (before the images' astrometry columns) is upgraded
-    in place by an append, which then links the new images to the same light curves."""
+    """A database of export schema version 1 (before the images' astrometry columns and merges)
+    is upgraded in place by an append, which then links the new images to the same light curves."""
     run(db_settings, epochs[:3])
     engine = make_engine(db_settings)
     added = [c.name for c in schema.images.columns if c.name.startswith("astrometry_") or c.name.endswith("_sys_err")]
     with engine.begin() as conn:
         for name in added:
             conn.exec_driver_sql(f"ALTER TABLE images DROP COLUMN {name}")
+        conn.exec_driver_sql("ALTER TABLE runningcatalog DROP COLUMN merged_into")
+        conn.exec_driver_sql("DROP TABLE merges")
         conn.execute(schema.schema_version.update().values(version=1))
     engine.dispose()
     run(db_settings, epochs, db_append=True)

@@ -15,6 +15,7 @@ from datetime import datetime
 import numpy as np
 
 from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
+from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
 from trap_dask.sources import SOURCE_DTYPE
 from trap_dask.variability import (
@@ -37,6 +38,7 @@ SOURCE_COLUMNS: dict[str, str] = {
     "src_id": "i8", "wm_ra": "f8", "wm_dec": "f8", "wm_uncertainty_ew": "f8",
     "wm_uncertainty_ns": "f8", "ra_ref": "f8", **{c: "f8" for c in _POS},
     "last_xtrsrc": "i8", "n_consecutive_force_fits": "i8", "is_monitor": "?", "first_im_id": "i8",
+    "merged_into": "i8",
 }
 #: variability columns: one row per (src_id, freq_band); fluxes in Jy, positions in deg.
 LIGHTCURVE_COLUMNS: dict[str, str] = {
@@ -94,9 +96,10 @@ BLEND_MAX_EXTENT = 2.0
 #: A new detection with two known sources undetected within this distance (beam FWHM) is their
 #: blend: it continues the nearest, and the pair fit measures both.
 BLEND_SWALLOW_RADIUS = 1.0
-#: Known sources closer than this (beam FWHM) are not fitted as a pair: a pair fit cannot tell
-#: them apart (benchmarks/pair_fits.py), each component would take in the light of both.
-BLEND_MIN_SEPARATION = 0.7
+#: Known sources closer than this (beam FWHM) are one source to the fits (benchmarks/pair_fits.py):
+#: they are not fitted as a pair (each component would take in the light of both), and when an
+#: image detects one source there they are merged into one light curve.
+RESOLVABLE_SEPARATION = 0.7
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,13 @@ class AssociationPlan:
     backfill_det: np.ndarray  #: new sources covered by the band's previous image, to measure there
     backfill_image: int  #: im_id of that image (-1: none)
     backfill_url: str | None  #: its file
+    merge_keep: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: catalogue rows kept ...
+    merge_drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: ... and merged into them
+    merge_separation: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: deg, between each two
+
+    def merging_src_ids(self, catalogue: "RunningCatalogue") -> np.ndarray:
+        """The src_ids whose measurements the merges of this image need (read back from the database)."""
+        return catalogue.sources["src_id"][np.concatenate([self.merge_keep, self.merge_drop])]
 
     def forced_request(self, catalogue: "RunningCatalogue") -> ForcedRequest:
         """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
@@ -167,6 +177,8 @@ class ImageUpdate:
     new_sources: Columns  #: newsource rows
     next_xtrsrc: int
     next_src_id: int
+    merges: Columns = field(default_factory=dict)  #: merges rows (src_id, merged_into, im_id, ...)
+    relabelled: Columns = field(default_factory=dict)  #: id, src_id, parent of earlier measurements changed by them
 
 
 @dataclass(frozen=True)
@@ -208,6 +220,7 @@ class RunningCatalogue:
     fit_blends: bool = False
     backfill: bool = False
     link_radius: float = 0.0  #: beam FWHM, see :func:`trap_dask.association.associate`
+    merge_duplicates: bool = False  #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
@@ -223,6 +236,7 @@ class RunningCatalogue:
         new["is_monitor"][:] = True
         new["last_xtrsrc"][:] = -1
         new["first_im_id"][:] = -1
+        new["merged_into"][:] = -1
         return (
             replace(self, sources=concat(self.sources, new), next_src_id=self.next_src_id + n),
             new["src_id"],
@@ -232,7 +246,7 @@ class RunningCatalogue:
     def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
         s = self.sources
-        blind = np.flatnonzero(~s["is_monitor"])
+        blind = np.flatnonzero(~s["is_monitor"] & (s["merged_into"] < 0))
         det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec)
         links = associate(
             s["wm_ra"][blind], s["wm_dec"][blind],
@@ -246,7 +260,11 @@ class RunningCatalogue:
         )
         det_source = _remap(links.source, blind)
         det_parent_row = _remap(links.parent_source, blind)
-        unmatched = blind[~links.matched]
+        merge_keep, merge_drop, merge_separation = self._merges(image, blind, det_source)
+        # the detection of either source of a merge continues the kept one; neither is force-fitted
+        det_source = _substitute(det_source, merge_drop, merge_keep)
+        det_parent_row = _substitute(det_parent_row, merge_drop, merge_keep)
+        unmatched = np.setdiff1d(blind[~links.matched], np.concatenate([merge_keep, merge_drop]))
         eligible = unmatched[s["n_consecutive_force_fits"][unmatched] < self.max_nr_consecutive_force_fits]
         monitors = np.flatnonzero(s["is_monitor"])
         candidates = np.concatenate([eligible, monitors])
@@ -274,7 +292,23 @@ class RunningCatalogue:
             backfill_det=backfill_det,
             backfill_image=backfill_image,
             backfill_url=backfill_url,
+            merge_keep=merge_keep,
+            merge_drop=merge_drop,
+            merge_separation=merge_separation,
         )
+
+    def _merges(self, image: ImageContext, blind: np.ndarray,
+                det_source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Catalogue rows (kept, merged into it) of the sources that converged, and their
+        separations (deg); see :func:`trap_dask.merging.converged_pairs`."""
+        if not self.merge_duplicates or image.beam_fwhm <= 0:
+            return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0)
+        s = self.sources
+        seen = np.zeros(len(s["src_id"]), bool)
+        seen[det_source[det_source >= 0]] = True
+        keep, drop, apart = converged_pairs(s["wm_ra"][blind], s["wm_dec"][blind], s["src_id"][blind], seen[blind],
+                                            RESOLVABLE_SEPARATION * image.beam_fwhm)
+        return blind[keep], blind[drop], apart
 
     def _backfill(self, image: ImageContext, det: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, str | None]:
         """New sources to measure in the band's previous image, and that image's im_id and file
@@ -309,7 +343,7 @@ class RunningCatalogue:
         )
         null_rows, det_rows = forced_rows[nulls[ni]], det_source[dets[dj]]
         apart = _separation(s["wm_ra"][null_rows], s["wm_dec"][null_rows], s["wm_ra"][det_rows], s["wm_dec"][det_rows])
-        keep = apart >= BLEND_MIN_SEPARATION * image.beam_fwhm
+        keep = apart >= RESOLVABLE_SEPARATION * image.beam_fwhm
         return nulls[ni[keep]], dets[dj[keep]]
 
     def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,
@@ -337,15 +371,19 @@ class RunningCatalogue:
         return (det["ra"][:, None] + x / cos_dec) % 360.0, det["dec"][:, None] + y
 
     # -- step 2: the image's measurements and the new state ----------------------------------
-    def update(self, plan: AssociationPlan, measured: ForcedMeasurements) -> ImageUpdate:
+    def update(self, plan: AssociationPlan, measured: ForcedMeasurements,
+               history: np.ndarray | None = None) -> ImageUpdate:
         """Combine detections and forced fits (aligned with ``plan.forced_rows``) into an update.
 
         Where a pair fit succeeded, its components replace the detection and the forced fit of
         the pair; a second component at or above the detection threshold counts as a detection
         of its source (its position then joins the source's). Forced fits with a non-finite
-        flux or error (off the image, blanked pixels) are dropped.
+        flux or error (off the image, blanked pixels) are dropped. ``history`` holds the earlier
+        measurements (HISTORY_DTYPE) of the sources ``plan`` merges
+        (:meth:`AssociationPlan.merging_src_ids`).
         """
         image = plan.image
+        merged_sources, merged_lightcurves, merges, relabelled = self._merged(plan, history)
         det, det_source, det_parent_row, is_duplicate, forced, forced_rows = self._with_pairs(plan, measured)
         back = measured.backfill
         if len(back) not in (0, len(plan.backfill_det)):
@@ -359,7 +397,7 @@ class RunningCatalogue:
         ff_ids = first_id + n_det + np.arange(n_ff)
         back_ids = first_id + n_det + n_ff + np.arange(n_back)
 
-        s = {k: v.copy() for k, v in self.sources.items()}
+        s = merged_sources
         new_det = np.flatnonzero(det_source < 0)
         new_src_ids = self.next_src_id + np.arange(len(new_det))
         parent_row = np.where(det_source >= 0, det_source, det_parent_row)
@@ -374,6 +412,7 @@ class RunningCatalogue:
         added["src_id"] = new_src_ids
         added["ra_ref"] = det["ra"][new_det]
         added["first_im_id"][:] = image.im_id
+        added["merged_into"][:] = -1
         n_before = len(s["src_id"])
         s = concat(s, added)
         det_rows = np.where(det_source >= 0, det_source, 0)
@@ -393,7 +432,7 @@ class RunningCatalogue:
         det_parent[back_det] = back_ids
         measurements = np.concatenate([det, forced, back])
         meas_rows = np.concatenate([det_rows, forced_rows, det_rows[back_det]])
-        ff_parent = self.sources["last_xtrsrc"][forced_rows]
+        ff_parent = merged_sources["last_xtrsrc"][forced_rows]
         ids = {
             "id": np.concatenate([det_ids, ff_ids, back_ids]),
             "src_id": s["src_id"][meas_rows],
@@ -401,9 +440,12 @@ class RunningCatalogue:
             "is_duplicate": np.concatenate([is_duplicate, np.zeros(n_ff + n_back, bool)]),
             "im_id": np.concatenate([np.full(n_det + n_ff, image.im_id), np.full(n_back, plan.backfill_image)]),
         }
-        lightcurves, changed_lc = self._update_lightcurves(image, measurements, ids)
+        lightcurves, changed_lc = self._update_lightcurves(merged_lightcurves, image, measurements, ids)
+        if len(plan.merge_keep):  # the merged light curves in every band, also those not measured here
+            kept = np.isin(lightcurves["src_id"], s["src_id"][plan.merge_keep])
+            changed_lc = np.union1d(changed_lc, np.flatnonzero(kept))
         new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, is_duplicate)
-        changed = np.unique(meas_rows)
+        changed = np.unique(np.concatenate([meas_rows, plan.merge_keep, plan.merge_drop]))
         return ImageUpdate(
             measurements=measurements,
             ids=ids,
@@ -414,6 +456,8 @@ class RunningCatalogue:
             new_sources=new_sources,
             next_xtrsrc=first_id + n_det + n_ff + n_back,
             next_src_id=self.next_src_id + len(new_det),
+            merges=merges,
+            relabelled=relabelled,
         )
 
     def _with_pairs(self, plan: AssociationPlan, measured: ForcedMeasurements) -> tuple[np.ndarray, ...]:
@@ -443,8 +487,9 @@ class RunningCatalogue:
         keep &= np.isfinite(forced["int_flux"]) & (forced["int_flux_err"] > 0)
         return det, det_source, det_parent_row, is_duplicate, forced[keep], plan.forced_rows[keep]
 
-    def _update_lightcurves(self, image: ImageContext, meas: np.ndarray, ids: Columns) -> tuple[Columns, np.ndarray]:
-        lc = {k: v.copy() for k, v in self.lightcurves.items()}
+    def _update_lightcurves(self, lc: Columns, image: ImageContext, meas: np.ndarray,
+                            ids: Columns) -> tuple[Columns, np.ndarray]:
+        """The light curves ``lc`` (updated in place) with this image's measurements, and the rows changed."""
         keys = _lightcurve_key(ids["src_id"], image.band)
         rows = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), keys)
         missing = np.flatnonzero(rows < 0)
@@ -476,15 +521,37 @@ class RunningCatalogue:
             np.add.at(lc[f"acc_{name}"], rows[blind], pos[name])
 
         changed = np.unique(rows)
-        sums = [lc[f"acc_{n}"][changed] for n in FLUX_SUMS]
-        v, eta = variability_indices(*sums, flux_ref=lc["flux_ref"][changed])
-        lc["v_int"][changed], lc["eta_int"][changed] = v, eta
-        lc["lightcurve_avg"][changed] = lightcurve_mean(sums[0], sums[1], lc["flux_ref"][changed])
-        lc["nr_datapoints"][changed] = sums[0]
-        mean = weighted_mean_position(*(lc[c][changed] for c in _POS), ra_ref=lc["ra_ref"][changed])
-        lc["wm_ra"][changed], lc["wm_dec"][changed] = mean.wm_ra, mean.wm_dec
-        lc["avg_ra_err"][changed], lc["avg_dec_err"][changed] = mean.avg_ra_err, mean.avg_dec_err
+        _refresh_lightcurves(lc, changed)
         return lc, changed
+
+    # -- merges ----------------------------------------------------------------------------
+    def _merged(self, plan: AssociationPlan, history: np.ndarray | None) -> tuple[Columns, Columns, Columns, Columns]:
+        """Copies of the catalogue and light curves with ``plan``'s merges done, the merges rows,
+        and the new (src_id, parent) of the earlier measurements they change."""
+        s = {k: v.copy() for k, v in self.sources.items()}
+        lc = {k: v.copy() for k, v in self.lightcurves.items()}
+        records: dict[str, list] = {k: [] for k in ("src_id", "merged_into", "im_id", "separation", "n_moved",
+                                                      "n_set_aside")}
+        relabel: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if len(plan.merge_keep) and history is None:
+            raise ValueError("merges need the history of the merging sources")
+        for keep, drop, apart in zip(plan.merge_keep.tolist(), plan.merge_drop.tolist(), plan.merge_separation):
+            keep_src, drop_src = int(s["src_id"][keep]), int(s["src_id"][drop])
+            merged = merge_histories(history, keep_src, drop_src)
+            rows = merged.rows
+            _merge_catalogue_row(s, keep, drop, rows)
+            lc = _merge_lightcurves(lc, rows, keep_src, drop_src)
+            changed = (rows["src_id"] != keep_src) | (rows["parent"] != merged.parent)
+            relabel.append((rows["id"][changed], np.full(changed.sum(), keep_src), merged.parent[changed]))
+            relabel.append((merged.set_aside, np.full(len(merged.set_aside), drop_src), np.full(len(merged.set_aside), -1)))
+            for name, value in (("src_id", drop_src), ("merged_into", keep_src), ("im_id", plan.image.im_id),
+                                ("separation", float(apart) * 3600.0), ("n_moved", int(np.sum(rows["src_id"] == drop_src))),
+                                ("n_set_aside", len(merged.set_aside))):
+                records[name].append(value)
+        merges = {k: np.array(v, dtype=float if k == "separation" else "i8") for k, v in records.items()}
+        relabelled = {name: np.concatenate([part[i] for part in relabel]).astype("i8") if relabel else np.zeros(0, "i8")
+                      for i, name in enumerate(("id", "src_id", "parent"))}
+        return s, lc, merges, relabelled
 
     def _new_sources(self, image: ImageContext, det: np.ndarray, det_ids: np.ndarray,
                      det_src_id: np.ndarray, new_det: np.ndarray, is_duplicate: np.ndarray) -> Columns:
@@ -564,6 +631,70 @@ def _find_rows(have: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 def _lightcurve_key(src_id: np.ndarray, band: np.ndarray | int) -> np.ndarray:
     return np.asarray(src_id, dtype="i8") * 65536 + np.asarray(band, dtype="i8")
+
+
+def _substitute(rows: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``rows`` with each value in ``old`` replaced by its counterpart in ``new``."""
+    if not len(old):
+        return rows
+    out = rows.copy()
+    at = _find_rows(old, rows)
+    out[at >= 0] = new[at[at >= 0]]
+    return out
+
+
+def _merge_catalogue_row(s: Columns, keep: int, drop: int, rows: np.ndarray) -> None:
+    """Catalogue row ``keep`` rebuilt from the merged measurements ``rows`` (HISTORY_DTYPE, in
+    processing order); row ``drop`` marked as merged into it. In place."""
+    blind = rows[~rows["is_force_fit"]]
+    increments = position_sum_increments(blind["ra"], blind["dec"], _ra_error(blind), blind["uncertainty_ns"],
+                                         s["ra_ref"][keep])
+    for name in POSITION_SUMS:
+        s[f"acc_{name}"][keep] = increments[name].sum()
+    s["first_im_id"][keep] = min(s["first_im_id"][keep], s["first_im_id"][drop])
+    s["last_xtrsrc"][keep] = rows["id"][-1]
+    detected = np.flatnonzero(~rows["is_force_fit"])
+    s["n_consecutive_force_fits"][keep] = len(rows) - 1 - detected[-1] if len(detected) else len(rows)
+    s["merged_into"][drop] = s["src_id"][keep]
+    _refresh_positions(s, np.array([keep]))
+
+
+def _merge_lightcurves(lc: Columns, rows: np.ndarray, keep_src: int, drop_src: int) -> Columns:
+    """Light curves with ``drop_src``'s removed and ``keep_src``'s rebuilt from the merged
+    measurements ``rows`` (HISTORY_DTYPE) in each band; each keeps the earlier start of the two."""
+    keys = _lightcurve_key(lc["src_id"], lc["freq_band"])
+    for band in np.unique(rows["freq_band"]).tolist():
+        k, d = _find_rows(keys, _lightcurve_key(np.array([keep_src, drop_src]), band)).tolist()
+        if k < 0:  # only the dropped source had a light curve in this band: it becomes the kept one's
+            k, d = d, -1
+            lc["src_id"][k] = keep_src
+        if d >= 0 and lc["first_image"][d] < lc["first_image"][k]:
+            for name in ("newsource", "first_image", "first_detection_time"):
+                lc[name][k] = lc[name][d]
+        mine = rows[rows["freq_band"] == band]
+        flux = flux_sum_increments(mine["int_flux"], mine["int_flux_err"], lc["flux_ref"][k])
+        for name in FLUX_SUMS:
+            lc[f"acc_{name}"][k] = flux[name].sum()
+        lc["lightcurve_max"][k] = mine["int_flux"].max()
+        blind = mine[~mine["is_force_fit"]]
+        pos = position_sum_increments(blind["ra"], blind["dec"], _ra_error(blind), blind["uncertainty_ns"],
+                                      lc["ra_ref"][k])
+        for name in POSITION_SUMS:
+            lc[f"acc_{name}"][k] = pos[name].sum()
+        _refresh_lightcurves(lc, np.array([k]))
+    return take(lc, np.flatnonzero(lc["src_id"] != drop_src))
+
+
+def _refresh_lightcurves(lc: Columns, rows: np.ndarray) -> None:
+    """Recompute the variability columns of light-curve ``rows`` from their sums, in place."""
+    sums = [lc[f"acc_{n}"][rows] for n in FLUX_SUMS]
+    v, eta = variability_indices(*sums, flux_ref=lc["flux_ref"][rows])
+    lc["v_int"][rows], lc["eta_int"][rows] = v, eta
+    lc["lightcurve_avg"][rows] = lightcurve_mean(sums[0], sums[1], lc["flux_ref"][rows])
+    lc["nr_datapoints"][rows] = sums[0]
+    mean = weighted_mean_position(*(lc[c][rows] for c in _POS), ra_ref=lc["ra_ref"][rows])
+    lc["wm_ra"][rows], lc["wm_dec"][rows] = mean.wm_ra, mean.wm_dec
+    lc["avg_ra_err"][rows], lc["avg_dec_err"][rows] = mean.avg_ra_err, mean.avg_dec_err
 
 
 def _refresh_positions(s: Columns, rows: np.ndarray) -> None:

@@ -196,6 +196,12 @@ class Config:
         "Ruiter radius, so mis-set position errors cannot break an obvious link (0: TraP 1.x, "
         "the de Ruiter radius alone)",
     )
+    merge_duplicates: bool = _param(
+        True, "association", "",
+        "when two known sources converge closer than fits can tell apart (0.7 beam) and an image "
+        "detects one source there, merge the younger light curve into the older in that image's "
+        "transaction (recorded in the merges table; false: TraP 1.x, both live on)",
+    )
     fit_blends: bool = _param(
         True, "association", "",
         "measure a known source that no detection continues together with a point-like detection "

@@ -67,6 +67,7 @@ class Writer:
             fit_blends=config.fit_blends,
             backfill=config.backfill_new_sources,
             link_radius=config.link_radius,
+            merge_duplicates=config.merge_duplicates,
         )
         #: the user's systematic errors (arcsec); None: 'auto', measured image by image
         self.sys_err = (config.ew_sys_err, config.ns_sys_err)
@@ -156,7 +157,8 @@ class Writer:
         started = time.perf_counter()
         plan, result, band, astrometry, sys_err = self._pending
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
-        update = self.catalogue.update(plan, measured)
+        history = self.store.history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
+        update = self.catalogue.update(plan, measured, history)
         updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
@@ -173,6 +175,7 @@ class Writer:
                 catalogue=update.sources, catalogue_rows=update.changed_sources,
                 lightcurves=update.lightcurves, lightcurve_rows=update.changed_lightcurves,
                 new_sources=update.new_sources,
+                merges=update.merges, relabelled=update.relabelled,
                 **self._unsaved(),
             )
         except BaseException:

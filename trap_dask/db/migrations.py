@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sqlalchemy import Connection, Table, delete, insert, inspect
+from sqlalchemy import Connection, Table, delete, insert, inspect, update
 
 from trap_dask import __version__
 from trap_dask.db import schema
@@ -26,12 +26,16 @@ def add_missing_columns(conn: Connection, table: Table) -> None:
                                  f"{column.type.compile(dialect=conn.dialect)}")
 
 
-def _v1_images_astrometry(conn: Connection) -> None:
-    """`images` gains each image's systematic error and its measured astrometric offsets and scatter."""
+def _v1_astrometry_and_merges(conn: Connection) -> None:
+    """`images` gains each image's systematic error and its measured astrometric offsets and scatter;
+    `runningcatalog` gains `merged_into` (-1 for the sources so far) and the `merges` table is added."""
     add_missing_columns(conn, schema.images)
+    add_missing_columns(conn, schema.runningcatalog)
+    conn.execute(update(schema.runningcatalog).values(merged_into=-1))
+    schema.merges.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_images_astrometry}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_astrometry_and_merges}
 
 
 def can_migrate(version: int) -> bool:

@@ -186,6 +186,21 @@ runningcatalog = Table(
     Column("n_consecutive_force_fits", Integer, nullable=False),
     Column("is_monitor", Boolean, nullable=False),
     Column("first_im_id", Integer),
+    Column("merged_into", Integer, comment="src_id whose light curve took this one's measurements (-1: none)"),
+)
+
+merges = Table(
+    "merges", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("src_id", Integer, nullable=False, comment="the younger source, retired by the merge"),
+    Column("merged_into", Integer, nullable=False, comment="the older source, whose light curve took the measurements"),
+    Column("im_id", Integer, ForeignKey("images.id"), nullable=False,
+           comment="the image whose transaction merged them (it detected one source where there were two)"),
+    Column("separation", Double, comment="arcsec, between their catalogue positions"),
+    Column("n_moved", Integer, comment="measurements of src_id that now carry merged_into"),
+    Column("n_set_aside", Integer,
+           comment="measurements left under src_id: the other of two in one image (a detection beats a forced fit)"),
+    Column("newsource_trigger", Integer, comment="trigger_xtrsrc of src_id's newsource row, removed by the merge"),
 )
 
 newsource = Table(

@@ -14,13 +14,14 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from sqlalchemy import Connection, Table, func, insert, inspect, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspect, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
 from trap_dask.db import schema
 from trap_dask.db.migrations import add_missing_columns, can_migrate, migrate
 from trap_dask.db.pgcopy import copy_insert, copy_upsert
+from trap_dask.merging import HISTORY_DTYPE
 from trap_dask.db.backends import (
     DatabaseError,
     DatabaseSettings,
@@ -278,13 +279,17 @@ class ExportStore:
         new_sources: Columns | None = None,
         monitors: Columns | None = None,
         monitor_catalogue: Columns | None = None,
+        merges: Columns | None = None,
+        relabelled: Columns | None = None,
     ) -> None:
         """Write one image and everything it changed, in one transaction.
 
         ``band_rows`` and ``monitors`` (with their ``monitor_catalogue`` rows) are those not yet
         in the database; they go with the image that first needs them. ``source_ids`` may give
         an ``im_id`` per source: forced fits in an earlier image (new sources measured back in
-        time) add to that image's ``n_forced``.
+        time) add to that image's ``n_forced``. ``merges`` retire sources into others: their
+        light curves and newsource rows go, the earlier measurements in ``relabelled`` get their
+        new src_id and parent, and each merge is recorded.
         """
         with self.engine.begin() as conn:
             if band_rows:
@@ -309,6 +314,34 @@ class ExportStore:
                 first = (conn.execute(select(func.max(schema.newsource.c.id))).scalar() or 0) + 1
                 ids = first + np.arange(len(new_sources["src_id"]))
                 self._insert(conn, schema.newsource, {**new_sources, "id": ids})
+            if merges is not None and len(merges["src_id"]):
+                self._merge(conn, merges, relabelled)
+
+    def _merge(self, conn: Connection, merges: Columns, relabelled: Columns) -> None:
+        """Retire the merged sources (see commit_image); merges are rare, a few statements each."""
+        es, news = schema.extracted_sources, schema.newsource
+        retired = merges["src_id"].tolist()
+        if len(relabelled["id"]):
+            conn.execute(update(es).where(es.c.id == bindparam("row_id")).values(
+                src_id=bindparam("new_src_id"), parent=bindparam("new_parent")),
+                [{"row_id": i, "new_src_id": s, "new_parent": p} for i, s, p in
+                 zip(*(relabelled[k].tolist() for k in ("id", "src_id", "parent")))])
+        triggers = dict(conn.execute(select(news.c.src_id, news.c.trigger_xtrsrc).where(news.c.src_id.in_(retired))).all())
+        conn.execute(delete(news).where(news.c.src_id.in_(retired)))
+        conn.execute(delete(schema.variability).where(schema.variability.c.src_id.in_(retired)))
+        first = (conn.execute(select(func.max(schema.merges.c.id))).scalar() or 0) + 1
+        self._insert(conn, schema.merges, {**merges, "id": first + np.arange(len(retired)),
+                                           "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
+
+    @_database_errors
+    def history(self, src_ids: np.ndarray) -> np.ndarray:
+        """Every measurement of ``src_ids`` with its image's band (HISTORY_DTYPE), for a merge."""
+        es, im = schema.extracted_sources, schema.images
+        columns = [es.c[n] if n in es.c else im.c[n] for n in HISTORY_DTYPE.names]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id)
+                                .where(es.c.src_id.in_(np.asarray(src_ids).tolist()))).all()
+        return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
     def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         """Insert columnar rows: COPY on PostgreSQL, one DB-API executemany on SQLite."""

@@ -1,0 +1,127 @@
+"""Merging two light curves of one sky source: the pure parts, and end to end through the writer
+and the export database on both backends, before and after an append."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from trap_dask.catalogue import ForcedMeasurements
+from trap_dask.config import build_config
+from trap_dask.db import schema
+from trap_dask.db.backends import make_engine
+from trap_dask.db.store import ExportStore
+from trap_dask.image import Beam, ImageMeta
+from trap_dask.merging import HISTORY_DTYPE, converged_pairs, merge_histories
+from trap_dask.quality import ImageStats
+from trap_dask.sources import empty_sources
+from trap_dask.tasks import ImageResult
+from trap_dask.writer import Writer
+
+ARCSEC = 1 / 3600
+BEAM = 30 * ARCSEC  # FWHM
+
+
+def test_converged_pairs_need_one_detection_and_merge_the_younger():
+    ra, dec = np.full(4, 150.0), 30.0 + np.array([0, 18, 200, 215]) * ARCSEC
+    src_id = np.array([7, 3, 5, 9])
+    keep, drop, apart = converged_pairs(ra, dec, src_id, np.array([True, False, True, True]), 0.7 * BEAM)
+    assert keep.tolist() == [1] and drop.tolist() == [0]  # 3 is older than 7; 5 and 9 were both seen
+    assert apart[0] * 3600 == pytest.approx(18.0)
+    assert len(converged_pairs(ra, dec, src_id, np.zeros(4, bool), 0.7 * BEAM)[0]) == 0
+
+
+def test_merged_history_keeps_one_measurement_per_image():
+    h = np.zeros(5, HISTORY_DTYPE)
+    h["id"], h["im_id"], h["src_id"] = [1, 2, 5, 6, 8], [1, 2, 2, 1, 3], [10, 10, 20, 20, 20]
+    h["is_force_fit"] = [False, True, False, True, False]
+    merged = merge_histories(h, 10, 20)
+    assert merged.rows["id"].tolist() == [1, 5, 8]   # image 2: the detection beats the forced fit
+    assert merged.parent.tolist() == [-1, 1, 5]
+    assert merged.set_aside.tolist() == [2, 6]
+
+
+def _image(i: int, ra: list[float], dec: list[float]) -> ImageResult:
+    meta = ImageMeta(url=f"/data/image{i}.fits", taustart_ts=datetime(2024, 1, 1) + timedelta(days=i), tau_time=60.0,
+                     freq_eff=150e6, freq_bw=2e6, beam=Beam(BEAM / 2, BEAM / 3, 0.0), shape=(512, 512),
+                     centre_ra=150.0, centre_dec=30.0, pixel_scale=5 * ARCSEC, header="")
+    det = empty_sources(len(ra))
+    det["ra"], det["dec"] = ra, dec
+    det["ra_fit_err"] = det["dec_fit_err"] = 0.3 * ARCSEC
+    det["peak_flux"] = det["int_flux"] = 0.1
+    det["peak_flux_err"] = det["int_flux_err"] = 0.001
+    det["significance_detection_level"] = 100.0
+    det["error_radius"] = 0.5
+    det["semimajor_axis"], det["semiminor_axis"] = 15.0, 10.0
+    return ImageResult(meta, f"{i:064x}", ImageStats(0.001, 0.001, 0.001), None, 0.5, det)
+
+
+def _forced(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    rows = empty_sources(len(ra))
+    rows["ra"], rows["dec"], rows["is_force_fit"] = ra, dec, True
+    rows["peak_flux"] = rows["int_flux"] = 0.1
+    rows["peak_flux_err"] = rows["int_flux_err"] = 0.001
+    return rows
+
+
+def _feed(writer: Writer, result: ImageResult) -> None:
+    request = writer.associate(result)
+    writer.commit(ForcedMeasurements(_forced(request.ra, request.dec),
+                                     backfill=_forced(request.backfill_ra, request.backfill_dec)))
+
+
+def _table(settings, table, order) -> list[dict]:
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(table).order_by(*(table.c[o] for o in order))).mappings()]
+    engine.dispose()
+    return rows
+
+
+def test_a_duplicate_is_merged_into_the_older_source(db_settings):
+    """A source measured 18" (0.6 beam) off with tight position errors starts a second source
+    (beyond the 15" obvious link); the next image detects one source there: the younger is merged
+    into the older in that image's transaction, and an append carries on with the merged one."""
+    config = build_config(dict(db_backend=db_settings.backend, db_name=db_settings.name, ew_sys_err="0.5",
+                               ns_sys_err="0.5", **({"db_host": db_settings.host, "db_port": db_settings.port,
+                                                     "db_user": db_settings.user} if db_settings.host else {})), {}, None)
+    ExportStore.create(db_settings, overwrite=False).close()
+    writer = Writer(db_settings, config, None)
+    off = 30.0 + 18 * ARCSEC
+    _feed(writer, _image(1, [150.0, 150.2], [30.0, 30.0]))
+    _feed(writer, _image(2, [150.0, 150.2], [off, 30.0]))       # a second source, B
+    sources = _table(db_settings, schema.extracted_sources, ["id"])
+    a, c = sources[0]["src_id"], sources[1]["src_id"]
+    b = max(r["src_id"] for r in sources)
+    assert len({a, b, c}) == 3 and len(_table(db_settings, schema.newsource, ["id"])) == 1
+    _feed(writer, _image(3, [150.0, 150.2], [off, 30.0]))       # one source there: merge
+    writer.finish("completed")
+
+    rows = _table(db_settings, schema.extracted_sources, ["id"])
+    of_a = [r for r in rows if r["src_id"] == a]
+    assert [r["im_id"] for r in of_a] == [1, 2, 3] and not any(r["is_force_fit"] for r in of_a)
+    assert [r["parent"] for r in of_a] == [-1, of_a[0]["id"], of_a[1]["id"]]
+    aside = [r for r in rows if r["src_id"] == b]
+    assert sorted((r["im_id"], r["is_force_fit"]) for r in aside) == [(1, True), (2, True)]
+    merges = _table(db_settings, schema.merges, ["id"])
+    assert len(merges) == 1
+    m = merges[0]
+    assert (m["src_id"], m["merged_into"], m["im_id"], m["n_moved"], m["n_set_aside"]) == (b, a, 3, 1, 2)
+    assert m["separation"] == pytest.approx(18.0, abs=0.5) and m["newsource_trigger"] is not None
+    assert _table(db_settings, schema.newsource, ["id"]) == []
+    var = {r["src_id"]: r for r in _table(db_settings, schema.variability, ["src_id"])}
+    assert b not in var and var[a]["nr_datapoints"] == 3
+    catalogue = {r["src_id"]: r for r in _table(db_settings, schema.runningcatalog, ["src_id"])}
+    assert catalogue[b]["merged_into"] == a and catalogue[a]["merged_into"] == -1
+
+    appended = Writer(db_settings, config, None, append=True)
+    _feed(appended, _image(4, [150.0, 150.2], [off, 30.0]))
+    appended.finish("completed")
+    last = [r for r in _table(db_settings, schema.extracted_sources, ["id"]) if r["im_id"] == 4]
+    assert sorted(r["src_id"] for r in last) == sorted([a, c]) and not any(r["is_force_fit"] for r in last)
+    var = {r["src_id"]: r for r in _table(db_settings, schema.variability, ["src_id"])}
+    assert var[a]["nr_datapoints"] == 4 and b not in var
+    assert len(_table(db_settings, schema.merges, ["id"])) == 1
