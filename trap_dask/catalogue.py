@@ -49,6 +49,11 @@ LIGHTCURVE_COLUMNS: dict[str, str] = {
     "ra_ref": "f8", **{c: "f8" for c in _POS},
 }
 
+#: merges columns: one row per merge (src_id retired into merged_into in image im_id; separation arcsec).
+MERGE_COLUMNS: dict[str, str] = {
+    "src_id": "i8", "merged_into": "i8", "im_id": "i8", "separation": "f8", "n_moved": "i8", "n_set_aside": "i8",
+}
+
 
 def empty_columns(spec: dict[str, str], n: int = 0) -> Columns:
     return {name: np.zeros(n, dtype=dtype) for name, dtype in spec.items()}
@@ -526,32 +531,27 @@ class RunningCatalogue:
 
     # -- merges ----------------------------------------------------------------------------
     def _merged(self, plan: AssociationPlan, history: np.ndarray | None) -> tuple[Columns, Columns, Columns, Columns]:
-        """Copies of the catalogue and light curves with ``plan``'s merges done, the merges rows,
-        and the new (src_id, parent) of the earlier measurements they change."""
+        """Copies of the catalogue and light curves with ``plan``'s merges done, the merges rows
+        (MERGE_COLUMNS), and the id, src_id and parent of the earlier measurements they change."""
         s = {k: v.copy() for k, v in self.sources.items()}
         lc = {k: v.copy() for k, v in self.lightcurves.items()}
-        records: dict[str, list] = {k: [] for k in ("src_id", "merged_into", "im_id", "separation", "n_moved",
-                                                      "n_set_aside")}
-        relabel: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         if len(plan.merge_keep) and history is None:
             raise ValueError("merges need the history of the merging sources")
+        records, relabelled = [], []
         for keep, drop, apart in zip(plan.merge_keep.tolist(), plan.merge_drop.tolist(), plan.merge_separation):
             keep_src, drop_src = int(s["src_id"][keep]), int(s["src_id"][drop])
             merged = merge_histories(history, keep_src, drop_src)
-            rows = merged.rows
-            _merge_catalogue_row(s, keep, drop, rows)
-            lc = _merge_lightcurves(lc, rows, keep_src, drop_src)
-            changed = (rows["src_id"] != keep_src) | (rows["parent"] != merged.parent)
-            relabel.append((rows["id"][changed], np.full(changed.sum(), keep_src), merged.parent[changed]))
-            relabel.append((merged.set_aside, np.full(len(merged.set_aside), drop_src), np.full(len(merged.set_aside), -1)))
-            for name, value in (("src_id", drop_src), ("merged_into", keep_src), ("im_id", plan.image.im_id),
-                                ("separation", float(apart) * 3600.0), ("n_moved", int(np.sum(rows["src_id"] == drop_src))),
-                                ("n_set_aside", len(merged.set_aside))):
-                records[name].append(value)
-        merges = {k: np.array(v, dtype=float if k == "separation" else "i8") for k, v in records.items()}
-        relabelled = {name: np.concatenate([part[i] for part in relabel]).astype("i8") if relabel else np.zeros(0, "i8")
-                      for i, name in enumerate(("id", "src_id", "parent"))}
-        return s, lc, merges, relabelled
+            _merge_catalogue_row(s, keep, drop, merged.rows)
+            lc = _merge_lightcurves(lc, merged.rows, keep_src, drop_src)
+            records.append({"src_id": drop_src, "merged_into": keep_src, "im_id": plan.image.im_id,
+                            "separation": float(apart) * 3600.0,
+                            "n_moved": int(np.sum(merged.rows["src_id"] == drop_src)),
+                            "n_set_aside": len(merged.set_aside)})
+            relabelled.append(merged.relabelled(keep_src, drop_src))
+        merges = {name: np.array([r[name] for r in records], dtype=dtype) for name, dtype in MERGE_COLUMNS.items()}
+        changes = {name: np.concatenate([r[name] for r in relabelled]) if relabelled else np.zeros(0, "i8")
+                   for name in ("id", "src_id", "parent")}
+        return s, lc, merges, changes
 
     def _new_sources(self, image: ImageContext, det: np.ndarray, det_ids: np.ndarray,
                      det_src_id: np.ndarray, new_det: np.ndarray, is_duplicate: np.ndarray) -> Columns:

@@ -72,6 +72,15 @@ class MergedHistory:
     parent: np.ndarray
     set_aside: np.ndarray
 
+    def relabelled(self, keep_src: int, drop_src: int) -> dict[str, np.ndarray]:
+        """id, src_id and parent of the measurements the merge changes: those of the light curve
+        whose src_id or parent is new, and those set aside (under ``drop_src``, parent -1)."""
+        changed = (self.rows["src_id"] != keep_src) | (self.rows["parent"] != self.parent)
+        aside = len(self.set_aside)
+        return {"id": np.concatenate([self.rows["id"][changed], self.set_aside]).astype("i8"),
+                "src_id": np.concatenate([np.full(changed.sum(), keep_src), np.full(aside, drop_src)]).astype("i8"),
+                "parent": np.concatenate([self.parent[changed], np.full(aside, -1)]).astype("i8")}
+
 
 def merge_histories(history: np.ndarray, keep_src: int, drop_src: int) -> MergedHistory:
     """One measurement per image out of the two sources' ``history`` (HISTORY_DTYPE rows).
