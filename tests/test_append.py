@@ -211,13 +211,13 @@ def test_append_to_an_empty_database_made_beforehand(db_settings, epochs):
 
 
 @pytest.mark.parametrize("bands, expected, appended_band", [
-    # the stored automatic band given again (as other numbers) after a band of no image: reused, id 1
-    ("[[1e8, 1.2e8], [149000000, 1.51e8]]", {1: (149e6, 150e6, 151e6), 2: (100e6, 110e6, 120e6)}, 1),
+    # the stored automatic band given again (as other numbers) after a band of no image: reused, id 0
+    ("[[1e8, 1.2e8], [149000000, 1.51e8]]", {0: (149e6, 150e6, 151e6), 1: (100e6, 110e6, 120e6)}, 0),
     # a wider band than the stored one: a new band with a fresh id
-    ("[[1.45e8, 1.55e8]]", {1: (149e6, 150e6, 151e6), 2: (145e6, 150e6, 155e6)}, 2),
+    ("[[1.45e8, 1.55e8]]", {0: (149e6, 150e6, 151e6), 1: (145e6, 150e6, 155e6)}, 1),
 ], ids=["matching", "new"])
 def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, expected, appended_band):
-    run(db_settings, epochs[:2])   # automatic band 1: 150 MHz +- 1 MHz
+    run(db_settings, epochs[:2])   # automatic band 0: 150 MHz +- 1 MHz
     summary = run(db_settings, epochs[:4], db_append=True, frequency_band=bands, accept_config_change=True)
     assert summary.n_images == 2 and summary.n_rejected == 0
     engine = make_engine(db_settings)
@@ -227,7 +227,7 @@ def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, 
         image_bands = conn.execute(select(schema.images.c.freq_band).order_by(schema.images.c.id)).scalars().all()
     engine.dispose()
     assert stored == expected
-    assert image_bands == [1, 1, appended_band, appended_band]
+    assert image_bands == [0, 0, appended_band, appended_band]
 
 
 def test_an_unreadable_file_is_recorded_once(db_settings, epochs, tmp_path, monkeypatch):

@@ -42,7 +42,19 @@ def step(cat, im_id, det, forced_flux=None, band=1, rms=0.001):
 
 @pytest.fixture
 def catalogue():
-    return RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0)
+    # ids from 1 here so the literal ids below read as counts; a new catalogue counts from 0
+    return RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                            next_xtrsrc=1, next_src_id=1)
+
+
+def test_ids_count_from_zero_and_id_zero_is_a_parent():
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0)
+    det = detections(np.array([150.0, 150.2]), np.array([30.0, 30.0]), [1.0, 1.0])
+    cat, first = step(cat, 0, det)
+    assert first.ids["id"].tolist() == [0, 1] and first.ids["src_id"].tolist() == [0, 1]
+    cat, update = step(cat, 1, det[1:])                    # source 0 missing: forced fit, parent id 0
+    forced = update.measurements["is_force_fit"]
+    assert update.ids["src_id"][forced].tolist() == [0] and update.ids["parent"][forced].tolist() == [0]
 
 
 def test_steady_sources_keep_their_ids_and_chain_parents(catalogue):
@@ -129,7 +141,7 @@ def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
     """Two sources 40" apart (1.33 beams of 30"); in image 2 one detection holds both."""
     beam = 30.0 * ARCSEC
     cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                           fit_blends=True)
+                           fit_blends=True, next_xtrsrc=1, next_src_id=1)
     ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
     image = replace(context(1), beam_fwhm=beam)
     plan = cat.plan(image, detections(ra, dec, [2.0, 1.0]))
