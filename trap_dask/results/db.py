@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, make_url, text
 
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, make_engine
 
@@ -33,7 +33,10 @@ def connect(db: Any) -> Iterator[Engine]:
     if isinstance(db, DatabaseSettings):
         engine = make_engine(db)
     elif "://" in str(db):
-        engine = create_engine(str(db), hide_parameters=True)
+        url = make_url(str(db))
+        if url.drivername in ("postgresql", "postgres"):  # the driver trap-dask installs
+            url = url.set(drivername="postgresql+psycopg2")
+        engine = create_engine(url, hide_parameters=True)
     else:
         path = Path(db)
         if not path.is_file():
