@@ -114,7 +114,10 @@ def _candidates(args: argparse.Namespace) -> int:
         if not args.output:
             raise ValueError("--format parquet needs -o FILE")
         frame.attrs["cut"] = {k: float(v) for k, v in vars(cut).items()}  # stored as JSON
-        frame.to_parquet(args.output, index=False)
+        try:
+            frame.to_parquet(args.output, index=False)
+        except ImportError:
+            raise ValueError("--format parquet needs pyarrow: pip install 'trap-dask[parquet]'") from None
         return _done(args.output)
     table = results.to_table(frame, cut)
     if fmt == "table":
