@@ -16,9 +16,9 @@ DB_HELP = ("export database: a SQLite file, or a PostgreSQL URL such as postgres
            "(postgresql:///name takes host, port, user and password from libpq's PGHOST, PGPORT, PGUSER, "
            "PGPASSWORD and ~/.pgpass)")
 CUT_HELP = ("Candidates are the new sources (newsource table) and the variability outliers: a Gaussian "
-            "(mean, std) is fitted to log10(eta) and to log10(V) of the light curves with >= 2 points, "
-            "and a light curve above mean + ETA_SIGMA*std in log eta AND above mean + V_SIGMA*std in "
-            "log V is an outlier (as VAST does; --combine or takes either).")
+            "(mean, std; iterative 3-sigma clipping) is fitted to log10(eta) and to log10(V) of the light "
+            "curves with >= 2 points, and a light curve above mean + ETA_SIGMA*std in log eta AND above "
+            "mean + V_SIGMA*std in log V is an outlier (as VAST does; --combine or takes either).")
 
 
 def _add_cut_arguments(parser: argparse.ArgumentParser) -> None:

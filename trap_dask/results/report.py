@@ -16,11 +16,11 @@ from trap_dask.results.plots import etav_figure, lightcurve_figure, save
 from trap_dask.results.stamps import stamps_figure
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1.5em; max-width: 1300px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; }
 table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f0f0f0; } tr.new td:first-child { border-left: 4px solid #f28e2b; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; white-space: normal; } tr.new td:first-child { border-left: 4px solid #f28e2b; }
 tr.variable td:first-child { border-left: 4px solid #d62728; }
 dl.summary { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dl.summary dt { font-weight: 600; } img { max-width: 100%; border: 1px solid #eee; }

@@ -2,9 +2,10 @@
 
 Candidates are the new sources (the ``newsource`` table) and the variability outliers: a
 Gaussian is fitted (mean, standard deviation) to log10(eta) and to log10(V) of the light curves
-with at least two points, and a light curve is an outlier when it lies more than ``eta_sigma``
-standard deviations above the mean in log eta AND more than ``v_sigma`` above the mean in log V
-(as VAST does; TraP's own post-processing cuts the same two axes). ``combine="or"`` takes either.
+with at least two points, with iterative 3-sigma clipping so that the outliers themselves do not
+widen it, and a light curve is an outlier when it lies more than ``eta_sigma`` standard
+deviations above the mean in log eta AND more than ``v_sigma`` above the mean in log V (as VAST
+does; TraP's own post-processing cuts the same two axes). ``combine="or"`` takes either.
 """
 
 from __future__ import annotations
@@ -84,13 +85,16 @@ class SigmaCut:
 
 def fit_sigma_cut(var: pd.DataFrame, eta_sigma: float, v_sigma: float) -> SigmaCut:
     """Fit the log-normal distributions of eta and V over light curves of >= 2 points with
-    positive eta and V (NaN thresholds when fewer than two qualify)."""
+    positive eta and V, each with iterative 3-sigma clipping (NaN thresholds when fewer than two
+    qualify)."""
+    from astropy.stats import sigma_clipped_stats
+
     ok = (var.nr_datapoints >= 2) & (var.eta_int > 0) & (var.v_int > 0)
-    log_eta, log_v = np.log10(var.eta_int[ok]), np.log10(var.v_int[ok])
     if ok.sum() < 2:
         return SigmaCut(np.nan, np.nan, np.nan, np.nan, eta_sigma, v_sigma)
-    return SigmaCut(float(log_eta.mean()), float(log_eta.std(ddof=0)), float(log_v.mean()),
-                    float(log_v.std(ddof=0)), eta_sigma, v_sigma)
+    eta_mean, _, eta_std = sigma_clipped_stats(np.log10(var.eta_int[ok].to_numpy()), sigma=3.0, maxiters=10)
+    v_mean, _, v_std = sigma_clipped_stats(np.log10(var.v_int[ok].to_numpy()), sigma=3.0, maxiters=10)
+    return SigmaCut(float(eta_mean), float(eta_std), float(v_mean), float(v_std), eta_sigma, v_sigma)
 
 
 def outliers(var: pd.DataFrame, cut: SigmaCut, combine: str = "and") -> pd.Series:
@@ -133,7 +137,7 @@ def select_candidates(var: pd.DataFrame, new: pd.DataFrame, meas: pd.DataFrame, 
         "max_flux_mjy": chosen.lightcurve_max.to_numpy() * 1e3,
         "significance": detected.reindex(index).to_numpy(),
         "new": chosen.new.to_numpy(),
-        "newsource_type": new_keys.newsource_type.reindex(index).to_numpy(),
+        "newsource_type": pd.array(new_keys.newsource_type.reindex(index), dtype="Int64"),
         "sigma_rms_max": new_keys.sigma_rms_max.reindex(index).to_numpy(),
         "variable": chosen.variable.to_numpy(),
     })
