@@ -62,7 +62,8 @@ def test_the_export_has_what_trap14_readers_index_by(readers):
     db, _ = readers
     for table, column in (("images", "id"), ("extracted_sources", "id"), ("extracted_sources", "src_id"),
                           ("frequencybands", "band_id")):
-        (low, high, distinct), = query(db, f"SELECT min({column}), max({column}), count(DISTINCT {column}) FROM {table}")
+        (low, high, distinct), = query(
+            db, f"SELECT min({column}), max({column}), count(DISTINCT {column}) FROM {table}")
         assert (low, high) == (0, distinct - 1), f"{table}.{column} is not 0..n-1"
     (forced,), = query(db, "SELECT count(*) FROM extracted_sources WHERE is_force_fit")
     assert forced > 0  # the comparison below leaves something out

@@ -69,13 +69,20 @@ def _summary_list(info: dict[str, Any], db_name: str, cut) -> str:
         "measurements": f"{info['detections']} detections, {info['forced_fits']} forced fits",
         "new sources": info["new_sources"],
         "runs": "; ".join(f"run {r.id}: {r.status}, {r.n_images} images, trap-dask {r.software_version}, "
-                          f"started {pd.Timestamp(r.started_at):%Y-%m-%d %H:%M:%S} UTC" for r in info["runs"].itertuples()),
+                          f"started {pd.Timestamp(r.started_at):%Y-%m-%d %H:%M:%S} UTC"
+                          for r in info["runs"].itertuples()),
         "variability cut": (f"log η > {cut.eta_mean:.3f} + {cut.eta_sigma:g} × {cut.eta_std:.3f} "
                             f"(η > {cut.eta_threshold:.3g}), log V > {cut.v_mean:.3f} + {cut.v_sigma:g} × "
                             f"{cut.v_std:.3f} (V > {cut.v_threshold:.3g})"),
     }
     body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
-    return f'<dl class="summary">{body}</dl>'
+    rejected = "".join(f"<tr><td>{r.id}</td><td>{html.escape(str(r.url))}</td>"
+                       f"<td>{html.escape(str(r.rejection_reason))}</td></tr>"
+                       for r in info["rejections"].itertuples())
+    if rejected:
+        rejected = ("<h3>Rejected images</h3><table><thead><tr><th>id</th><th>file</th><th>reason</th></tr>"
+                    f"</thead><tbody>{rejected}</tbody></table>")
+    return f'<dl class="summary">{body}</dl>{rejected}'
 
 
 def write_report(db: Any, outdir: str | Path, eta_sigma: float, v_sigma: float, combine: str = "and",
