@@ -122,6 +122,9 @@ def test_subcommands_on_each_backend(db_settings, survey, tmp_path, capsys):
 
     assert main(["lightcurve", db, str(src), "-o", str(tmp_path / "lc.png")]) == 0
     assert_real_plot(tmp_path / "lc.png")
+    capsys.readouterr()
+    assert main(["lightcurve", db, str(src)]) == 0
+    assert "int_flux_mjy" in capsys.readouterr().out
     assert main(["lightcurve", db, str(src), "-o", str(tmp_path / "lc.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "lc.csv")) == len(results.lightcurves(db, src))
     assert main(["etav", db, "-o", str(tmp_path / "etav.png")]) == 0

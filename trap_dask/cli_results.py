@@ -54,7 +54,8 @@ def add_results_commands(commands, add_verbosity: Callable[[argparse.ArgumentPar
     p = command("lightcurve", "plot (or write) the light curve of a source",
                 "Integrated flux with error bars against time, per band; forced fits as open squares.")
     p.add_argument("src_id", metavar="SRC_ID", type=int, help="the source (src_id of the variability table)")
-    p.add_argument("-o", "--output", metavar="FILE", required=True, help="FILE.png (plot) or FILE.csv (table)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="FILE.png (plot) or FILE.csv (table); without it the table is printed")
 
     p = command("etav", "plot the eta-V diagram",
                 "Eta against V on log axes, with the sigma-cut lines and the candidates highlighted.\n\n"
@@ -153,9 +154,14 @@ def _source_measurements(args: argparse.Namespace):
 
 def _lightcurve(args: argparse.Namespace) -> int:
     meas = _source_measurements(args)
+    columns = ["id", "im_id", "taustart_ts", "freq_band", "int_flux", "int_flux_err", "peak_flux",
+               "peak_flux_err", "ra", "dec", "significance_detection_level", "is_force_fit", "url"]
+    if args.output is None:
+        shown = meas[columns[:-1]].assign(int_flux_mjy=meas.int_flux * 1e3, int_flux_err_mjy=meas.int_flux_err * 1e3)
+        print(shown[["id", "im_id", "taustart_ts", "freq_band", "int_flux_mjy", "int_flux_err_mjy",
+                     "significance_detection_level", "is_force_fit"]].to_string(index=False))
+        return 0
     if Path(args.output).suffix.lower() == ".csv":
-        columns = ["id", "im_id", "taustart_ts", "freq_band", "int_flux", "int_flux_err", "peak_flux",
-                   "peak_flux_err", "ra", "dec", "significance_detection_level", "is_force_fit", "url"]
         meas[columns].to_csv(args.output, index=False)
         return _done(args.output)
     from trap_dask import results
