@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ def _add_cut_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sigma cut on log10 V (default: 3)")
     parser.add_argument("--combine", choices=("and", "or"), default="and",
                         help="an outlier is above both cuts (and, default) or either (or)")
-    parser.add_argument("--forced-fits", "--forced_fits", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--forced-fits", action=argparse.BooleanOptionalAction, default=True,
                         help="count forced fits in eta and V (default, classic TraP: a fading transient "
                              "shows only in them); --no-forced-fits uses the blind detections only, "
                              "as TraP 1.4.0 does")
@@ -37,7 +38,8 @@ def _add_cut_arguments(parser: argparse.ArgumentParser) -> None:
 def add_results_commands(commands, add_verbosity: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the five subcommands to the ``trap-dask`` subparsers."""
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=summary, description=description,
+        wrapped = "\n\n".join(textwrap.fill(part, 88) for part in description.split("\n\n"))
+        parser = commands.add_parser(name, help=summary, description=wrapped,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("db", metavar="DB", help=DB_HELP)
         add_verbosity(parser)
