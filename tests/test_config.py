@@ -154,6 +154,7 @@ def test_progress_is_log_lines_off_a_terminal(monkeypatch, caplog):
     from trap_dask import pipeline
 
     monkeypatch.setattr(pipeline, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline.log, "propagate", True)  # a run in an earlier test turns it off
     caplog.set_level("INFO", logger="trap_dask")
     with pipeline._progress(3) as bar:  # pytest's stderr is not a terminal
         assert isinstance(bar, pipeline._LogProgress)
