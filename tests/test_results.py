@@ -173,3 +173,15 @@ def test_report_renders_in_headless_chromium(sqlite_db, tmp_path):
     dom = subprocess.run([browser, *flags, "--dump-dom", index.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
     assert "<table>" in dom and "etav.png" in dom
+
+
+def test_stamps_of_an_image_no_longer_on_disk_say_so(sqlite_db, tmp_path):
+    from trap_dask.results.plots import save
+    from trap_dask.results.stamps import stamps_figure
+
+    src = int(results.candidates(sqlite_db).src_id.iloc[0])
+    meas = results.lightcurves(sqlite_db, src)
+    meas.loc[meas.index[0], "url"] = str(tmp_path / "moved.fits")
+    fig = stamps_figure(meas, src)
+    assert any(t.get_text() == "image not readable" for ax in fig.axes for t in ax.texts)
+    assert_real_plot(save(fig, tmp_path / "stamps.png"), min_fraction=0.2)
