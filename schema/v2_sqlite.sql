@@ -56,6 +56,28 @@ CREATE TABLE schema_version (
 	PRIMARY KEY (version)
 );
 
+CREATE TABLE _variability_running_averages (
+	src_id INTEGER NOT NULL, 
+	freq_band INTEGER NOT NULL, 
+	flux_ref DOUBLE, 
+	acc_n DOUBLE, 
+	acc_sum_i DOUBLE, 
+	acc_sum_i2 DOUBLE, 
+	acc_sum_w DOUBLE, 
+	acc_sum_wi DOUBLE, 
+	acc_sum_wi2 DOUBLE, 
+	ra_ref DOUBLE, 
+	acc_n_pos DOUBLE, 
+	acc_sum_w_ra DOUBLE, 
+	acc_sum_w_ra_dra DOUBLE, 
+	acc_sum_w_dec DOUBLE, 
+	acc_sum_w_dec_dec DOUBLE, 
+	acc_sum_ra_err DOUBLE, 
+	acc_sum_dec_err DOUBLE, 
+	PRIMARY KEY (src_id, freq_band), 
+	FOREIGN KEY(freq_band) REFERENCES frequencybands (band_id)
+);
+
 CREATE TABLE config (
 	run INTEGER NOT NULL, 
 	input_images TEXT, 
@@ -154,21 +176,6 @@ CREATE TABLE variability (
 	nr_datapoints INTEGER, 
 	first_image INTEGER, 
 	first_detection_time DATETIME, 
-	flux_ref DOUBLE, 
-	acc_n DOUBLE, 
-	acc_sum_i DOUBLE, 
-	acc_sum_i2 DOUBLE, 
-	acc_sum_w DOUBLE, 
-	acc_sum_wi DOUBLE, 
-	acc_sum_wi2 DOUBLE, 
-	ra_ref DOUBLE, 
-	acc_n_pos DOUBLE, 
-	acc_sum_w_ra DOUBLE, 
-	acc_sum_w_ra_dra DOUBLE, 
-	acc_sum_w_dec DOUBLE, 
-	acc_sum_w_dec_dec DOUBLE, 
-	acc_sum_ra_err DOUBLE, 
-	acc_sum_dec_err DOUBLE, 
 	PRIMARY KEY (src_id, freq_band), 
 	FOREIGN KEY(freq_band) REFERENCES frequencybands (band_id)
 );

@@ -114,12 +114,21 @@ def test_append_to_a_database_made_before_a_parameter_existed(db_settings, epoch
 
 
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
-    """A database of export schema version 1 (before the images' astrometry columns and merges)
-    is upgraded in place by an append, which then links the new images to the same light curves."""
+    """A database of export schema version 1 (running sums in `variability`, before the images'
+    astrometry and merges) is upgraded in place by an append, which then links the new images to
+    the same light curves as one run does."""
     run(db_settings, epochs[:3])
     engine = make_engine(db_settings)
     added = [c.name for c in schema.images.columns if c.name.startswith("astrometry_") or c.name.endswith("_sys_err")]
-    with engine.begin() as conn:
+    sums = [c for c in schema.variability_running_averages.columns if not c.primary_key]
+    with engine.begin() as conn:  # back to the layout of version 1
+        for column in sums:
+            conn.exec_driver_sql(f"ALTER TABLE variability ADD COLUMN {column.name} "
+                                 f"{column.type.compile(dialect=conn.dialect)}")
+            conn.exec_driver_sql(f"UPDATE variability SET {column.name} = (SELECT r.{column.name} FROM "
+                                 "_variability_running_averages r WHERE r.src_id = variability.src_id "
+                                 "AND r.freq_band = variability.freq_band)")
+        conn.exec_driver_sql("DROP TABLE _variability_running_averages")
         for name in added:
             conn.exec_driver_sql(f"ALTER TABLE images DROP COLUMN {name}")
         conn.exec_driver_sql("ALTER TABLE runningcatalog DROP COLUMN merged_into")
@@ -235,13 +244,13 @@ def test_append_to_an_empty_database_made_beforehand(db_settings, epochs):
 
 
 @pytest.mark.parametrize("bands, expected, appended_band", [
-    # the stored automatic band given again (as other numbers) after a band of no image: reused, id 1
-    ("[[1e8, 1.2e8], [149000000, 1.51e8]]", {1: (149e6, 150e6, 151e6), 2: (100e6, 110e6, 120e6)}, 1),
+    # the stored automatic band given again (as other numbers) after a band of no image: reused, id 0
+    ("[[1e8, 1.2e8], [149000000, 1.51e8]]", {0: (149e6, 150e6, 151e6), 1: (100e6, 110e6, 120e6)}, 0),
     # a wider band than the stored one: a new band with a fresh id
-    ("[[1.45e8, 1.55e8]]", {1: (149e6, 150e6, 151e6), 2: (145e6, 150e6, 155e6)}, 2),
+    ("[[1.45e8, 1.55e8]]", {0: (149e6, 150e6, 151e6), 1: (145e6, 150e6, 155e6)}, 1),
 ], ids=["matching", "new"])
 def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, expected, appended_band):
-    run(db_settings, epochs[:2])   # automatic band 1: 150 MHz +- 1 MHz
+    run(db_settings, epochs[:2])   # automatic band 0: 150 MHz +- 1 MHz
     summary = run(db_settings, epochs[:4], db_append=True, frequency_band=bands, accept_config_change=True)
     assert summary.n_images == 2 and summary.n_rejected == 0
     engine = make_engine(db_settings)
@@ -251,7 +260,7 @@ def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, 
         image_bands = conn.execute(select(schema.images.c.freq_band).order_by(schema.images.c.id)).scalars().all()
     engine.dispose()
     assert stored == expected
-    assert image_bands == [1, 1, appended_band, appended_band]
+    assert image_bands == [0, 0, appended_band, appended_band]
 
 
 def test_an_unreadable_file_is_recorded_once(db_settings, epochs, tmp_path, monkeypatch):

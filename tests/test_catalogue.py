@@ -42,7 +42,19 @@ def step(cat, im_id, det, forced_flux=None, band=1, rms=0.001):
 
 @pytest.fixture
 def catalogue():
-    return RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0)
+    # ids from 1 here so the literal ids below read as counts; a new catalogue counts from 0
+    return RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                            next_xtrsrc=1, next_src_id=1)
+
+
+def test_ids_count_from_zero_and_id_zero_is_a_parent():
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0)
+    det = detections(np.array([150.0, 150.2]), np.array([30.0, 30.0]), [1.0, 1.0])
+    cat, first = step(cat, 0, det)
+    assert first.ids["id"].tolist() == [0, 1] and first.ids["src_id"].tolist() == [0, 1]
+    cat, update = step(cat, 1, det[1:])                    # source 0 missing: forced fit, parent id 0
+    forced = update.measurements["is_force_fit"]
+    assert update.ids["src_id"][forced].tolist() == [0] and update.ids["parent"][forced].tolist() == [0]
 
 
 def test_steady_sources_keep_their_ids_and_chain_parents(catalogue):
@@ -129,7 +141,7 @@ def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
     """Two sources 40" apart (1.33 beams of 30"); in image 2 one detection holds both."""
     beam = 30.0 * ARCSEC
     cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                           fit_blends=True)
+                           fit_blends=True, next_xtrsrc=1, next_src_id=1)
     ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
     image = replace(context(1), beam_fwhm=beam)
     plan = cat.plan(image, detections(ra, dec, [2.0, 1.0]))
@@ -175,7 +187,7 @@ def test_pairs_need_fit_blends_and_a_point_like_detection(catalogue):
         assert len(plan.pair_det) == expected
 
 
-def test_an_obvious_link_survives_an_under_set_position_error():
+def test_an_obvious_link_survives_an_under_set_position_error(catalogue):
     """A bright isolated source measured 10" off with 1.1" position errors (r = 6.6 > r_max) still
     continues its light curve with link_radius; without it (TraP 1.x) it splits in two."""
     beam = 30.0 * ARCSEC
@@ -185,8 +197,7 @@ def test_an_obvious_link_survives_an_under_set_position_error():
 
     ra, dec = np.array([150.0, 150.2]), np.array([30.0, 30.0])
     for link_radius, expected in ((0.5, [1, 2]), (0.0, [3, 2])):
-        cat = replace(RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2,
-                                       detection_threshold=8.0), link_radius=link_radius)
+        cat = replace(catalogue, link_radius=link_radius)
         plan = cat.plan(replace(context(1), beam_fwhm=beam), tight(ra, dec, [1.0, 1.0]))
         cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
         plan = cat.plan(replace(context(2), beam_fwhm=beam), tight(ra + np.array([12, 0]) * ARCSEC, dec, [1.0, 1.0]))
@@ -207,12 +218,11 @@ def test_no_obvious_link_when_another_detection_or_source_is_as_close():
     assert one.source.tolist() == [0] and one.matched.tolist() == [True] and not one.is_duplicate.any()
 
 
-def test_a_pair_detected_as_one_new_blend_continues_its_members():
+def test_a_pair_detected_as_one_new_blend_continues_its_members(catalogue):
     """Two known sources 40" apart, seen in image 2 as one detection between them that no de Ruiter
     radius reaches: it continues the nearer member and the other is fitted with it as a pair."""
     beam = 30.0 * ARCSEC
-    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                           fit_blends=True, link_radius=0.5)
+    cat = replace(catalogue, fit_blends=True, link_radius=0.5)
     ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
     tight = add_uncertainties(detections(ra, dec, [2.0, 1.0]), 0.5, 0.5)
     plan = cat.plan(replace(context(1), beam_fwhm=beam), tight)
@@ -224,10 +234,9 @@ def test_a_pair_detected_as_one_new_blend_continues_its_members():
     assert cat.plan(replace(context(2), beam_fwhm=beam), blend[:0]).det_source.tolist() == []
 
 
-def test_known_sources_closer_than_a_pair_fit_resolves_are_not_fitted_as_a_pair():
+def test_known_sources_closer_than_a_pair_fit_resolves_are_not_fitted_as_a_pair(catalogue):
     beam = 30.0 * ARCSEC
-    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                           fit_blends=True)
+    cat = replace(catalogue, fit_blends=True)
     for apart, pairs in ((0.6, 0), (0.8, 1)):
         ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + apart * beam])
         first = cat.plan(replace(context(1), beam_fwhm=beam), detections(ra, dec, [2.0, 1.0]))
@@ -236,12 +245,11 @@ def test_known_sources_closer_than_a_pair_fit_resolves_are_not_fitted_as_a_pair(
         assert len(plan.pair_det) == pairs
 
 
-def test_a_dormant_source_resumes_its_src_id_after_the_forced_fits_stopped():
+def test_a_dormant_source_resumes_its_src_id_after_the_forced_fits_stopped(catalogue):
     """Forced fits stop after max_nr_consecutive_force_fits (2) null detections; five images later
     the source is detected again 10" off with 1.1" errors (beyond the de Ruiter radius): it resumes."""
     beam = 30.0 * ARCSEC
-    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                           link_radius=0.5)
+    cat = replace(catalogue, link_radius=0.5)
     ra, dec = np.array([150.0, 150.2]), np.array([30.0, 30.0])
 
     def image(im_id, det):

@@ -112,7 +112,7 @@ def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
 
 def test_help_is_fast_and_imports_no_heavy_modules():
     code = ("import sys; from trap_dask.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('dask', 'distributed', 'astropy', 'scipy', 'sqlalchemy') if m in sys.modules))")
+            "print(sorted(m for m in ('dask', 'distributed', 'astropy', 'scipy', 'sqlalchemy', 'pandas', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -121,3 +121,44 @@ def test_config_row_has_every_parameter_but_the_password():
     row = Config(input_images=("a", "b")).exportable()
     assert set(row) == set(PARAMETERS) - {"db_password"}
     assert row["input_images"] == "a; b"
+
+
+def test_libpq_environment_when_nothing_else_sets_the_server(tmp_path):
+    env = {"PGHOST": "db.example.org", "PGPORT": "6543", "PGUSER": "alice"}
+    config = build_config({}, env, None)
+    assert (config.db_host, config.db_port, config.db_user) == ("db.example.org", 6543, "alice")
+    toml = tmp_path / "c.toml"
+    toml.write_text('[database]\ndb_host = "from-file"\n')
+    assert build_config({}, env, toml).db_host == "from-file"
+    assert build_config({}, {**env, "TRAP_DB_HOST": "from-trap"}, toml).db_host == "from-trap"
+    assert build_config({"db_host": "from-flag"}, env, toml).db_host == "from-flag"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"TRAP_SCHEDULER": "fast"}, "TRAP_SCHEDULER"),   # impossible value
+    ({"PGPORT": "0"}, "PGPORT"),
+    ({"PGPORT": "five"}, "PGPORT"),                   # wrong type
+])
+def test_an_error_from_the_environment_names_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        build_config({}, env, None)
+
+
+def test_enumerated_flags_have_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--scheduler", "fast"])
+    assert "invalid choice: 'fast' (choose from" in capsys.readouterr().err
+
+
+def test_progress_is_log_lines_off_a_terminal(monkeypatch, caplog):
+    from trap_dask import pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline.log, "propagate", True)  # a run in an earlier test turns it off
+    caplog.set_level("INFO", logger="trap_dask")
+    with pipeline._progress(3) as bar:  # pytest's stderr is not a terminal
+        assert isinstance(bar, pipeline._LogProgress)
+        for _ in range(3):
+            bar.update(1)
+            bar.set_postfix(sources=5, new=1, refresh=False)
+    assert "3/3 images" in caplog.text and "new 1" in caplog.text

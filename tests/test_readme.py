@@ -38,3 +38,22 @@ def test_readme_sqlite_examples_run(demo_db):
     with sqlite3.connect(demo_db / "demo.db") as conn:
         for sql in commands:
             assert conn.execute(" ".join(sql.split())).fetchall()
+
+
+def test_readme_result_commands_run(demo_db, monkeypatch, capsys):
+    """The five commands of "Looking at the results", with a source of this (smaller) demo."""
+    import shlex
+
+    from trap_dask import results
+    from trap_dask.cli import main
+
+    lines = re.findall(r"^(trap-dask (?:candidates|lightcurve|etav|stamps|report) demo\.db.*?)\s+#", README, re.M)
+    assert [shlex.split(line)[1] for line in lines] == ["candidates", "lightcurve", "etav", "stamps", "report"]
+    monkeypatch.chdir(demo_db)
+    src = str(int(results.candidates("demo.db", combine="or").src_id.iloc[0]))
+    for line in lines:
+        argv = [src if word == "34" else word for word in shlex.split(line)[1:]]
+        assert main(argv) == 0, line
+    assert "candidates (" in capsys.readouterr().out
+    for made in ("lc34.png", "etav.png", "stamps34.png", "demo_report/index.html"):
+        assert (demo_db / made).stat().st_size > 1000, made

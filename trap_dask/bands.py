@@ -42,7 +42,7 @@ def assign_band(
             return band, False
     if fixed:
         return None, False
-    next_id = max((b.band_id for b in bands), default=0) + 1
+    next_id = max((b.band_id for b in bands), default=-1) + 1
     half = 0.5 * freq_bw
     return Band(next_id, freq_eff - half, freq_eff, freq_eff + half), True
 
@@ -54,7 +54,7 @@ def fixed_bands(ranges: list[tuple[float, float]], stored: Sequence[Band] = ()) 
     others are numbered after every stored band, so no id is used twice.
     """
     bands: list[Band] = []
-    next_id = max((b.band_id for b in stored), default=0) + 1
+    next_id = max((b.band_id for b in stored), default=-1) + 1
     for lo, hi in ranges:
         band = next((b for b in stored if b.has_edges(lo, hi)), None)
         if band is None:

@@ -229,8 +229,8 @@ class RunningCatalogue:
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
-    next_xtrsrc: int = 1
-    next_src_id: int = 1
+    next_xtrsrc: int = 0  #: ids count from 0, as TraP 1.x's readers index arrays by them
+    next_src_id: int = 0
 
     def add_monitor_sources(self, ra: np.ndarray, dec: np.ndarray) -> tuple["RunningCatalogue", np.ndarray]:
         """Register user monitor positions (deg) as sources; returns the catalogue and their src_ids."""
@@ -441,7 +441,7 @@ class RunningCatalogue:
         ids = {
             "id": np.concatenate([det_ids, ff_ids, back_ids]),
             "src_id": s["src_id"][meas_rows],
-            "parent": np.concatenate([det_parent, np.where(ff_parent > 0, ff_parent, -1), np.full(n_back, -1)]),
+            "parent": np.concatenate([det_parent, np.where(ff_parent >= 0, ff_parent, -1), np.full(n_back, -1)]),
             "is_duplicate": np.concatenate([is_duplicate, np.zeros(n_ff + n_back, bool)]),
             "im_id": np.concatenate([np.full(n_det + n_ff, image.im_id), np.full(n_back, plan.backfill_image)]),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trap_dask import __version__
-from trap_dask.config import PARAMETERS, SECTIONS, ConfigError, parameter_type
+from trap_dask.config import CHOICES, PARAMETERS, SECTIONS, ConfigError, parameter_type
 
 SECTION_TITLES = {
     "general": "input and execution",
@@ -59,6 +60,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*_flag_names(name), dest=name, action="append", metavar="PATH", help=text)
         elif kind is bool:
             group.add_argument(*_flag_names(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
+        elif name in CHOICES:
+            group.add_argument(*_flag_names(name), dest=name, choices=CHOICES[name], help=text)
         else:
             group.add_argument(*_flag_names(name), dest=name, metavar=name.upper(), help=text)
 
@@ -78,6 +81,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Process FITS images into an export database (SQLite file by default).",
     )
     add_run_arguments(run)
+    _add_verbosity(run)
     simulate = commands.add_parser(
         "simulate", help="write a simulated survey (FITS images + truth file)",
         description="Write N epochs of a simulated field as FITS images, plus truth.json.",
@@ -86,20 +90,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from trap_dask.simulate import add_simulate_arguments
 
         add_simulate_arguments(simulate)
+    from trap_dask.cli_results import add_results_commands
+
+    add_results_commands(commands, _add_verbosity)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_const", const=logging.DEBUG, dest="log_level",
+                       help="log debugging detail too")
+    group.add_argument("-q", "--quiet", action="store_const", const=logging.WARNING, dest="log_level",
+                       help="log warnings and errors only (no progress)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None)
+    logging.getLogger("trap_dask").setLevel(level or logging.INFO)
     try:
         if args.command == "run":
             return _run(args)
-        from trap_dask.simulate import simulate_from_args
+        if args.command == "simulate":
+            from trap_dask.simulate import simulate_from_args
 
-        simulate_from_args(args)
-        return 0
+            simulate_from_args(args)
+            return 0
+        from trap_dask.cli_results import run_results_command
+
+        return run_results_command(args)
     except ConfigError as exc:
         print(f"trap-dask: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -125,7 +146,20 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 130
     print(summary.describe())
+    if summary.n_images:
+        print(f"  look at the results: trap-dask report {_db_argument(config)} -o report "
+              f"(then open report/index.html), or trap-dask candidates|lightcurve|etav|stamps --help")
     return 0
+
+
+def _db_argument(config) -> str:
+    """The DB argument of the results commands for this run's database, shell-quoted."""
+    import shlex
+
+    if config.db_backend == "sqlite":
+        return shlex.quote(config.db_name)
+    user = f"{config.db_user}@" if config.db_user else ""
+    return shlex.quote(f"postgresql://{user}{config.db_host}:{config.db_port}/{config.db_name}")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,10 @@ def jobqueue_settings(config: Config) -> tuple[type, dict[str, Any]]:
 
 def jobqueue_class(kind: str) -> type:
     """The dask-jobqueue cluster class for 'slurm' or 'pbs'."""
-    import dask_jobqueue
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterError(f"--cluster {kind} needs dask-jobqueue: pip install 'trap-dask[cluster]'") from None
 
     return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
 

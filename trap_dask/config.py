@@ -123,9 +123,10 @@ class Config:
         None, "database", "",
         "sqlite: path of the database file; postgres: name of the database (required)",
     )
-    db_host: str = _param("localhost", "database", "", "PostgreSQL server host")
-    db_port: int = _param(5432, "database", "", "PostgreSQL server port")
-    db_user: str | None = _param(None, "database", "", "PostgreSQL user (default: the login name)")
+    db_host: str = _param("localhost", "database", "", "PostgreSQL server host (PGHOST when not given)")
+    db_port: int = _param(5432, "database", "", "PostgreSQL server port (PGPORT when not given)")
+    db_user: str | None = _param(None, "database", "",
+                                 "PostgreSQL user (PGUSER when not given, else the login name)")
     db_password: str | None = _param(
         None, "database", "",
         "PostgreSQL password (or PGPASSWORD, or ~/.pgpass); never stored or logged", secret=True,
@@ -340,6 +341,23 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+#: The values of the enumerated parameters (``choices=`` of their flags).
+CHOICES = {
+    "db_backend": ("sqlite", "postgres"),
+    "scheduler": ("distributed", "threads"),
+    "association_method": ("greedy", "optimal"),
+    "cluster": ("local", "slurm", "pbs"),
+}
+
+#: libpq's environment variables, used for these parameters when nothing else sets them.
+LIBPQ_ENVIRONMENT = {"db_host": "PGHOST", "db_port": "PGPORT", "db_user": "PGUSER"}
+
+
+def _one_of(name: str) -> str:
+    *first, last = (repr(c) for c in CHOICES[name])
+    return f"must be {', '.join(first)} or {last}"
+
+
 def validate(config: Config) -> Config:
     """Check values that are of the right type but impossible; raise ConfigError naming the key."""
     def need(ok: bool, name: str, what: str) -> None:
@@ -347,9 +365,9 @@ def validate(config: Config) -> Config:
             shown = "***" if name in SECRET_PARAMETERS else repr(getattr(config, name))
             raise ConfigError(f"{name} = {shown}: {what}")
 
-    need(config.db_backend in ("sqlite", "postgres"), "db_backend", "must be 'sqlite' or 'postgres'")
+    need(config.db_backend in CHOICES["db_backend"], "db_backend", _one_of("db_backend"))
     need(not (config.db_append and config.db_overwrite), "db_append", "cannot be combined with db_overwrite")
-    need(config.scheduler in ("distributed", "threads"), "scheduler", "must be 'distributed' or 'threads'")
+    need(config.scheduler in CHOICES["scheduler"], "scheduler", _one_of("scheduler"))
     need(config.detection_threshold > 0, "detection_threshold", "must be > 0")
     need(0 < config.analysis_threshold <= config.detection_threshold, "analysis_threshold",
          "must be > 0 and <= detection_threshold")
@@ -364,7 +382,7 @@ def validate(config: Config) -> Config:
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
     need(config.de_ruiter_r_max > 0, "de_ruiter_r_max", "must be > 0")
     need(0 <= config.link_radius <= 1, "link_radius", "must be between 0 and 1 beam FWHM")
-    need(config.association_method in ("greedy", "optimal"), "association_method", "must be 'greedy' or 'optimal'")
+    need(config.association_method in CHOICES["association_method"], "association_method", _one_of("association_method"))
     need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")
     need(config.rms_max > config.rms_min, "rms_max", "must be > rms_min")
     need(config.reduction_factor_for_rms >= 1, "reduction_factor_for_rms", "must be >= 1")
@@ -378,7 +396,7 @@ def validate(config: Config) -> Config:
     need(config.memory_limit is None or re.fullmatch(_MEMORY_LIMIT, config.memory_limit.strip()) is not None,
          "memory_limit", "must be bytes with an optional unit ('4GB', '512MiB'), a fraction "
          "of system memory ('0.5') or 'auto'")
-    need(config.cluster in ("local", "slurm", "pbs"), "cluster", "must be 'local', 'slurm' or 'pbs'")
+    need(config.cluster in CHOICES["cluster"], "cluster", _one_of("cluster"))
     need(config.scheduler == "distributed" or (config.cluster == "local" and not config.scheduler_address
                                                 and config.n_workers in (None, 1)),
          "scheduler", "'threads' runs in this process: it takes no scheduler_address, cluster or n_workers > 1")
@@ -451,10 +469,28 @@ def build_config(
     environ: Mapping[str, str],
     config_file: Path | None,
 ) -> Config:
-    """Merge the layers (flags > environment > TOML > defaults) and validate the result."""
+    """Merge the layers (flags > environment > TOML > libpq's PGHOST/PGPORT/PGUSER > defaults)
+    and validate the result; an impossible value's error names the variable or file it came from."""
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    def layer(values: Mapping[str, Any], source: str | Mapping[str, str]) -> None:
+        merged.update(values)
+        origin.update({k: source if isinstance(source, str) else source[k] for k in values})
+
+    libpq = {name: var for name, var in LIBPQ_ENVIRONMENT.items() if environ.get(var)}
+    layer({name: coerce(name, environ[var], f"environment variable {var}") for name, var in libpq.items()},
+          {name: f"environment variable {var}" for name, var in libpq.items()})
     if config_file is not None:
-        merged.update(read_toml(config_file))
-    merged.update(read_environment(environ))
-    merged.update({k: coerce(k, v, "the command line") for k, v in cli_values.items() if v is not None})
-    return validate(Config(**merged))
+        layer(read_toml(config_file), f"config file {config_file}")
+    env = read_environment(environ)
+    layer(env, {k: "environment variable " + ("PGPASSWORD" if k == "db_password" and ENV_PREFIX + "DB_PASSWORD"
+                                                not in environ else ENV_PREFIX + k.upper()) for k in env})
+    layer({k: coerce(k, v, "the command line") for k, v in cli_values.items() if v is not None}, "the command line")
+    try:
+        return validate(Config(**merged))
+    except ConfigError as exc:
+        name = str(exc).split(" ", 1)[0]
+        if origin.get(name, "the command line") != "the command line":
+            raise ConfigError(f"{exc} (from {origin[name]})") from None
+        raise

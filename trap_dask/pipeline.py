@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -207,8 +208,6 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
 
 def _process(config, config_file, settings, paths, append, known, started) -> RunSummary:
     """Scan, then stream the images through the workers and the writer actor."""
-    from tqdm import tqdm
-
     from trap_dask import tasks
     from trap_dask.cluster import ClusterError, check_inputs_readable, start_client
     from trap_dask.writer import Writer
@@ -247,7 +246,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
         writer = session.writer_actor()
         params, quality = extraction_params(config), quality_params(config)
-        with tqdm(total=len(fresh), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
+        with _progress(len(fresh)) as bar:
             for failure in failures:
                 log.warning("rejected %s: %s", failure.url, failure.reason)
                 _count(totals, writer.reject_unreadable(failure).result(), bar)
@@ -405,6 +404,48 @@ class _AstrometryWatch:
                 summary.im_id, a.scatter_ra, a.scatter_dec, a.n, *self.given)
 
 
+#: Seconds between progress lines when stderr is not a terminal (batch jobs, log files).
+PROGRESS_LOG_SECONDS = 5.0
+
+
+class _LogProgress:
+    """tqdm's interface, written as a log line every PROGRESS_LOG_SECONDS and at the end."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.postfix = total, 0, {}
+        self.started = self.last = time.monotonic()
+
+    def __enter__(self) -> "_LogProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.n:
+            self._log()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= PROGRESS_LOG_SECONDS:
+            self._log()
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = values
+
+    def _log(self) -> None:
+        self.last = time.monotonic()
+        rate = self.n / max(self.last - self.started, 1e-9)
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        log.info("%d/%d images (%.2f images/s%s)", self.n, self.total, rate, extra)
+
+
+def _progress(total: int):
+    """A progress bar on a terminal; a log line every few seconds otherwise (or nothing with -q)."""
+    if sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc="trap-dask", dynamic_ncols=True)
+    return _LogProgress(total)
+
+
 def _configure_logging(config: Config) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if config.log_dir:
@@ -413,5 +454,6 @@ def _configure_logging(config: Config) -> None:
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = handlers
-    log.setLevel(logging.INFO)
+    if log.level == logging.NOTSET:  # the command line's -v/-q set it already
+        log.setLevel(logging.INFO)
     log.propagate = False

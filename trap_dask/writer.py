@@ -76,7 +76,7 @@ class Writer:
         self.fixed = bool(config.frequency_bands())
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
-        self.next_im_id = 1
+        self.next_im_id = 0
         if state is not None:
             self.catalogue = replace(
                 self.catalogue,

@@ -26,16 +26,26 @@ def add_missing_columns(conn: Connection, table: Table) -> None:
                                  f"{column.type.compile(dialect=conn.dialect)}")
 
 
-def _v1_astrometry_and_merges(conn: Connection) -> None:
-    """`images` gains each image's systematic error and its measured astrometric offsets and scatter;
-    `runningcatalog` gains `merged_into` (-1 for the sources so far) and the `merges` table is added."""
+def _v1_to_v2(conn: Connection) -> None:
+    """`images` gains each image's systematic error and measured astrometric offsets and scatter;
+    `runningcatalog` gains `merged_into` (-1 for the sources so far) and the `merges` table is added;
+    the running sums move from `variability` to `_variability_running_averages` (as in TraP 1.4.0).
+    Ids already given keep their values (version 1 counted from 1); new ones follow them."""
     add_missing_columns(conn, schema.images)
     add_missing_columns(conn, schema.runningcatalog)
     conn.execute(update(schema.runningcatalog).values(merged_into=-1))
     schema.merges.create(conn, checkfirst=True)
+    sums = schema.variability_running_averages
+    sums.create(conn, checkfirst=True)
+    quote = conn.dialect.identifier_preparer.quote
+    names = ", ".join(quote(c.name) for c in sums.columns)
+    conn.exec_driver_sql(f"INSERT INTO {quote(sums.name)} ({names}) SELECT {names} FROM {quote(schema.variability.name)}")
+    for column in sums.columns:
+        if not column.primary_key:
+            conn.exec_driver_sql(f"ALTER TABLE {quote(schema.variability.name)} DROP COLUMN {quote(column.name)}")
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_astrometry_and_merges}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 
 
 def can_migrate(version: int) -> bool:

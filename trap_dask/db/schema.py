@@ -2,8 +2,8 @@
 
 The TraP 1.x tables keep their names, columns and units (``config``, ``images``,
 ``extracted_sources``, ``frequencybands``, ``variability``); our additions are ``schema_version``,
-``runs``, ``runningcatalog`` (what a later run needs to append), ``newsource`` (transient
-candidates) and ``monitor``. ``python -m trap_dask.db.schema`` prints the DDL for both backends;
+``runs``, ``runningcatalog`` and ``_variability_running_averages`` (what a later run needs to
+append), ``newsource`` (transient candidates) and ``monitor``. ``python -m trap_dask.db.schema`` prints the DDL for both backends;
 ``schema/`` holds that output, versioned with :data:`SCHEMA_VERSION`.
 """
 
@@ -155,22 +155,32 @@ variability = Table(
     Column("freq_band", Integer, ForeignKey("frequencybands.band_id"), primary_key=True,
            autoincrement=False),
     Column("newsource", Integer, comment="id of the first extracted source of the light curve"),
-    Column("v_int", Double, comment="std(int_flux)/mean(int_flux)"),
-    Column("eta_int", Double, comment="reduced weighted chi-square of int_flux about its mean"),
+    Column("v_int", Double, comment="std(int_flux)/mean(int_flux), forced fits included"),
+    Column("eta_int", Double,
+           comment="reduced weighted chi-square of int_flux about its mean, forced fits included"),
     Column("lightcurve_max", Double, comment="Jy"),
     Column("lightcurve_avg", Double, comment="Jy"),
     _pos("wm_ra", "deg, weighted mean of the blind detections"),
     _pos("wm_dec", "deg"),
     Column("avg_ra_err", Double, comment="deg"),
     Column("avg_dec_err", Double, comment="deg"),
-    Column("nr_datapoints", Integer),
+    Column("nr_datapoints", Integer, comment="measurements, forced fits included"),
     Column("first_image", Integer, comment="im_id of the first measurement in this band"),
     Column("first_detection_time", DateTime),
+    Index("ix_variability_eta", "eta_int"),
+)
+
+#: The running sums behind ``variability`` (what an append continues from), in their own table
+#: as in TraP 1.4.0, so that ``variability`` holds only the columns its readers know.
+variability_running_averages = Table(
+    "_variability_running_averages", metadata,
+    Column("src_id", Integer, primary_key=True, autoincrement=False),
+    Column("freq_band", Integer, ForeignKey("frequencybands.band_id"), primary_key=True,
+           autoincrement=False),
     Column("flux_ref", Double, comment="Jy, reference flux of the flux sums"),
     *_sums(FLUX_SUMS),
     Column("ra_ref", Double, comment="deg, reference RA of the position sums"),
     *_sums(POSITION_SUMS),
-    Index("ix_variability_eta", "eta_int"),
 )
 
 runningcatalog = Table(
@@ -248,8 +258,12 @@ def describe_markdown() -> str:
         f"one definition both backends are created from (`v{SCHEMA_VERSION}_sqlite.sql`, "
         f"`v{SCHEMA_VERSION}_postgresql.sql`; earlier versions' files are kept beside them).",
         "The TraP 1.x tables (config, images, extracted_sources, frequencybands, variability) keep",
-        "TraP's column names and units; the others are trap-dask additions. `--db_append` upgrades a",
-        "database of an earlier version in place (`trap_dask/db/migrations.py`):",
+        "TraP's column names and units; the others are trap-dask additions. Image, source",
+        "(`src_id`), measurement and band ids count from 0, as TraP 1.4.0's readers",
+        "(`trap.post_processing`) expect; `parent = -1` means none. `variability` counts forced",
+        "fits in its statistics (classic TraP); `trap_dask.results.varmetric(db,",
+        "forced_fits=False)` gives them without, as TraP 1.4.0 computes them. `--db_append`",
+        "upgrades a database of an earlier version in place (`trap_dask/db/migrations.py`):",
         "",
     ]
     from trap_dask.db.migrations import MIGRATIONS

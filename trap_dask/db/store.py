@@ -243,11 +243,13 @@ class ExportStore:
                 return dict(zip(result.keys(), map(list, zip(*result.all()))))
 
             def next_id(column) -> int:
-                return (conn.execute(select(func.max(column))).scalar() or 0) + 1
+                """One past the largest id (ids count from 0)."""
+                largest = conn.execute(select(func.max(column))).scalar()
+                return 0 if largest is None else largest + 1
 
             return StoredState(
                 sources=columns(schema.runningcatalog, ["src_id"]),
-                lightcurves=columns(schema.variability, ["src_id", "freq_band"]),
+                lightcurves=self._lightcurve_columns(conn),
                 images=columns(schema.images, ["id"], where=schema.images.c.rejected.is_(False)),
                 bands=columns(schema.frequencybands, ["band_id"]),
                 monitors=columns(schema.monitor, ["id"]),
@@ -255,6 +257,17 @@ class ExportStore:
                 next_xtrsrc=next_id(schema.extracted_sources.c.id),
                 next_src_id=next_id(schema.runningcatalog.c.src_id),
             )
+
+    @staticmethod
+    def _lightcurve_columns(conn: Connection) -> dict[str, list]:
+        """``variability`` with its running sums, one row per (src_id, freq_band), as column lists."""
+        var, sums = schema.variability, schema.variability_running_averages
+        keys = ("src_id", "freq_band")
+        query = (select(var, *(c for c in sums.c if c.name not in keys))
+                 .join_from(var, sums, (var.c.src_id == sums.c.src_id) & (var.c.freq_band == sums.c.freq_band))
+                 .order_by(var.c.src_id, var.c.freq_band))
+        result = conn.execute(query)
+        return dict(zip(result.keys(), map(list, zip(*result.all()))))
 
     @_database_errors
     def finish_run(self, run_id: int, status: str, n_images: int) -> None:
@@ -309,7 +322,8 @@ class ExportStore:
             if catalogue is not None:
                 self._upsert(conn, schema.runningcatalog, catalogue, catalogue_rows, ["src_id"])
             if lightcurves is not None:
-                self._upsert(conn, schema.variability, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
+                for table in (schema.variability, schema.variability_running_averages):
+                    self._upsert(conn, table, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
             if new_sources is not None and len(new_sources["src_id"]):
                 first = (conn.execute(select(func.max(schema.newsource.c.id))).scalar() or 0) + 1
                 ids = first + np.arange(len(new_sources["src_id"]))
@@ -328,7 +342,8 @@ class ExportStore:
                  zip(*(relabelled[k].tolist() for k in ("id", "src_id", "parent")))])
         triggers = dict(conn.execute(select(news.c.src_id, news.c.trigger_xtrsrc).where(news.c.src_id.in_(retired))).all())
         conn.execute(delete(news).where(news.c.src_id.in_(retired)))
-        conn.execute(delete(schema.variability).where(schema.variability.c.src_id.in_(retired)))
+        for table in (schema.variability, schema.variability_running_averages):
+            conn.execute(delete(table).where(table.c.src_id.in_(retired)))
         first = (conn.execute(select(func.max(schema.merges.c.id))).scalar() or 0) + 1
         self._insert(conn, schema.merges, {**merges, "id": first + np.arange(len(retired)),
                                            "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
