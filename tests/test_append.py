@@ -261,3 +261,26 @@ def test_an_unreadable_file_is_recorded_once(db_settings, epochs, tmp_path, monk
     assert (summary.n_images, summary.n_rejected, summary.n_skipped) == (1, 1, 2)
     assert garbage_rows() == [(True, False), (True, True)]
     assert run(db_settings, inputs, db_append=True).n_skipped == 3
+
+
+def test_append_to_a_missing_database_is_refused_and_creates_nothing(db_settings, epochs):
+    with pytest.raises(PipelineError, match=r"does not exist, so there is nothing to append to; "
+                                            r"a run without --db_append creates it$"):
+        run(db_settings, epochs[:1], db_append=True)
+    assert not database_exists(db_settings)
+    if db_settings.backend == "sqlite":
+        assert not Path(db_settings.name + ".lock").exists()
+
+
+def test_append_to_a_file_that_is_not_a_database_is_one_line(tmp_path, epochs):
+    target = tmp_path / "notes.db"
+    target.write_bytes(b"observing notes, not a database\n" * 100)
+    before = target.read_bytes(), target.stat().st_mtime_ns
+    settings = DatabaseSettings(backend="sqlite", name=str(target))
+    result = subprocess.run(_cli(settings, epochs[:1], "--db_append", "--scheduler", "threads"),
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " INFO " not in line]
+    assert errors == [f"trap-dask: error: SQLite file {target} is not a trap-dask export database: "
+                      "file is not a database"]
+    assert (target.read_bytes(), target.stat().st_mtime_ns) == before

@@ -150,6 +150,7 @@ def default_window(metas: list[ImageMeta], n_threads: int, available: float | No
 def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     """Process every input image into the export database; returns totals for the summary."""
     from trap_dask.cluster import ClusterError, check_cluster
+    from trap_dask.db.backends import database_exists
     from trap_dask.db.lock import RunLock
 
     started = time.perf_counter()
@@ -164,6 +165,9 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
     try:
+        if config.db_append and not database_exists(settings):  # a typo must not start a new catalogue
+            raise PipelineError(f"{settings.describe()} does not exist, so there is nothing to append to; "
+                                "a run without --db_append creates it")
         with RunLock(settings):
             append, known = prepare_database(settings, config)
             return _process(config, config_file, settings, paths, append, known, started)
@@ -176,12 +180,9 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
 
     Call while holding the run lock: runs left 'running' by a killed process are marked 'killed'.
     """
-    from trap_dask.db.backends import database_exists
     from trap_dask.db.store import ExportStore
 
-    if not (config.db_append and database_exists(settings)):
-        if config.db_append:
-            log.info("%s does not exist yet: creating it", settings.describe())
+    if not config.db_append:
         ExportStore.create(settings, overwrite=config.db_overwrite).close()
         return False, KnownImages()
     store = ExportStore.open(settings)

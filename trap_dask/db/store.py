@@ -142,7 +142,10 @@ class ExportStore:
         except OperationalError as exc:
             store.close()
             raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
-        except (DBAPIError, DatabaseError):
+        except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
+            store.close()
+            raise DatabaseError(f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
+        except DatabaseError:
             store.close()
             raise
         if versions != [schema.SCHEMA_VERSION]:
