@@ -284,3 +284,20 @@ def test_append_to_a_file_that_is_not_a_database_is_one_line(tmp_path, epochs):
     assert errors == [f"trap-dask: error: SQLite file {target} is not a trap-dask export database: "
                       "file is not a database"]
     assert (target.read_bytes(), target.stat().st_mtime_ns) == before
+
+
+def test_a_gzipped_image_is_processed_like_the_plain_file(tmp_path, epochs):
+    import gzip
+
+    packed = tmp_path / "in" / (Path(epochs[1]).name + ".gz")
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(Path(epochs[1]).read_bytes()))
+    plain, zipped = (DatabaseSettings(backend="sqlite", name=str(tmp_path / f"{n}.db")) for n in ("plain", "gz"))
+    run(plain, epochs[:2])
+    run(zipped, [epochs[0], str(packed.parent)])   # found in a directory by its suffix
+    a, b = dump(plain), dump(zipped)
+    url, checksum = (list(schema.images.c.keys()).index(c) - 1 for c in ("url", "checksum"))  # "run" not dumped
+    assert [row[url] for row in b["images"]] == [epochs[0], str(packed)]
+    assert b["images"][1][checksum] != a["images"][1][checksum]
+    strip = lambda rows: [tuple(v for i, v in enumerate(row) if i not in (url, checksum)) for row in rows]  # noqa: E731
+    assert strip(a["images"]) == strip(b["images"]) and a["extracted_sources"] == b["extracted_sources"]
