@@ -301,3 +301,27 @@ def test_a_gzipped_image_is_processed_like_the_plain_file(tmp_path, epochs):
     assert b["images"][1][checksum] != a["images"][1][checksum]
     strip = lambda rows: [tuple(v for i, v in enumerate(row) if i not in (url, checksum)) for row in rows]  # noqa: E731
     assert strip(a["images"]) == strip(b["images"]) and a["extracted_sources"] == b["extracted_sources"]
+
+
+def test_a_copy_in_the_same_run_is_recorded_once(db_settings, epochs, tmp_path, reference, capsys):
+    import shutil
+
+    folder = tmp_path / "with_copy"
+    folder.mkdir()
+    for path in epochs:
+        shutil.copy(path, folder)
+    original = folder / Path(epochs[2]).name
+    copy = folder / (original.stem + "_copy.fits")   # sorts after the original
+    shutil.copy(original, copy)
+    summary = run(db_settings, [str(folder)])
+    assert (summary.n_images, summary.n_duplicates, summary.n_skipped) == (len(epochs), 1, 0)
+    assert f"{copy} has the same contents as {original}: recorded once" in capsys.readouterr().err
+    assert "1 copies of another input" in summary.describe()
+    stored, url = dump(db_settings), list(schema.images.c.keys()).index("url") - 1
+    assert str(copy) not in [row[url] for row in stored["images"]]
+    without_urls = lambda tables: {name: rows if name != "images" else [row[:url] + row[url + 1:] for row in rows]  # noqa: E731
+                                   for name, rows in tables.items()}
+    assert without_urls(stored) == without_urls(reference)
+    # appending the folder again: all, the copy included, already in the database
+    summary = run(db_settings, [str(folder)], db_append=True)
+    assert (summary.n_images, summary.n_skipped) == (0, len(epochs) + 1)

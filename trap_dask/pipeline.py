@@ -57,6 +57,7 @@ class RunSummary:
     wall_seconds: float
     writer_seconds: dict[str, float]  #: associate / update / commit
     rows_committed: int
+    n_duplicates: int = 0  #: inputs with the same contents (SHA-256) as an earlier input of this run
 
     @property
     def writer_busy_fraction(self) -> float:
@@ -67,7 +68,8 @@ class RunSummary:
         rate = self.rows_committed / w["commit"] if w["commit"] else 0.0
         return (
             f"trap-dask: {self.n_images} images ({self.n_rejected} rejected, {self.n_skipped} already "
-            f"in the database) -> {self.db}\n"
+            f"in the database{f', {self.n_duplicates} copies of another input' if self.n_duplicates else ''}) "
+            f"-> {self.db}\n"
             f"  {self.n_sources} detections, {self.n_forced} forced fits, "
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
@@ -228,7 +230,8 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         raise PipelineError(str(exc)) from None
     client = session.client
     status, writer, finished = "failed", None, None
-    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
+    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0, "duplicates": 0}
+    seen: dict[str, str] = {}  # checksum -> url of every file recorded in this run
     try:
         log.info(session.dashboard)
         session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
@@ -250,10 +253,12 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         params, quality = extraction_params(config), quality_params(config)
         with tqdm(total=len(fresh), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
             for failure in failures:
+                if _is_copy(failure.url, failure.checksum, seen, totals, bar):
+                    continue
                 log.warning("rejected %s: %s", failure.url, failure.reason)
                 _count(totals, writer.reject_unreadable(failure).result(), bar)
             with _stop_on_interrupt() as stop:
-                for summary in _stream(session, writer, images, window, params, quality):
+                for summary in _stream(session, writer, images, window, params, quality, seen, totals, bar):
                     _count(totals, summary, bar)
                     if stop.is_set():
                         raise KeyboardInterrupt
@@ -281,7 +286,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     return RunSummary(
         db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],
-        n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"],
+        n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"], n_duplicates=totals["duplicates"],
         wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"], rows_committed=finished["rows_committed"],
     )
 
@@ -296,8 +301,23 @@ def _already_stored(scan: ScannedImage | ScanFailure, known: KnownImages) -> boo
     return isinstance(scan, ScanFailure) and scan.url in known.unreadable
 
 
-def _stream(session, writer, images, window, params, quality):
-    """Yield each image's CommitSummary in time order, keeping ``window`` images in flight."""
+def _is_copy(url: str, checksum: str | None, seen: dict[str, str], totals: dict, bar) -> bool:
+    """Whether a file has the contents of one already recorded in this run (counted and reported
+    as its copy, as an append skips a file already in the database); else remember it."""
+    if checksum is None:
+        return False
+    first = seen.setdefault(checksum, url)
+    if first == url:
+        return False
+    log.warning("%s has the same contents as %s: recorded once, under the first name", url, first)
+    totals["duplicates"] += 1
+    bar.update(1)
+    return True
+
+
+def _stream(session, writer, images, window, params, quality, seen, totals, bar):
+    """Yield each image's CommitSummary in time order, keeping ``window`` images in flight; an
+    image with the contents of one recorded before in this run is left out (see _is_copy)."""
     from trap_dask import tasks
     from trap_dask.writer import CommitSummary
 
@@ -320,7 +340,12 @@ def _stream(session, writer, images, window, params, quality):
     held: dict[int, tuple[int, object]] = {}  # per band, the latest accepted image: (im_id, future)
     while pending:
         loaded, result = pending.popleft()
-        outcome = writer.associate(result.result()).result()
+        image = result.result()
+        if _is_copy(image.meta.url, image.checksum, seen, totals, bar):
+            del loaded, result
+            submit_next()
+            continue
+        outcome = writer.associate(image).result()
         if not isinstance(outcome, CommitSummary):
             outcome = writer.commit(_forced_fits(client, outcome, loaded, held, params, quality,
                                                  priority=len(images) + 1)).result()
