@@ -169,9 +169,43 @@ def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_
         time.sleep(0.01)
     assert killed, "the run finished before it was killed"
     assert kill_after <= _committed(db_settings) < len(epochs)
+    assert _run_rows(db_settings) == [("running", _committed(db_settings))]   # counted in each image's transaction
     resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert dump(db_settings) == reference
+
+
+def _run_rows(settings: DatabaseSettings) -> list[tuple]:
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        rows = conn.execute(select(schema.runs.c.status, schema.runs.c.n_images).order_by(schema.runs.c.id)).all()
+    engine.dispose()
+    return [tuple(row) for row in rows]
+
+
+def test_sigterm_stops_cleanly_and_the_resume_equals_one_run(db_settings, epochs, reference, tmp_path):
+    """What SLURM and PBS send a job before they kill it, to every process of the job."""
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 120
+    sent = False
+    while not sent and time.monotonic() < deadline and proc.poll() is None:
+        with _writes_held(db_settings) as count:
+            if count >= 2:
+                os.killpg(proc.pid, signal.SIGTERM)   # while its next commit waits for our lock
+                sent = True
+        time.sleep(0.01)
+    assert sent, "the run finished before SIGTERM"
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    stderr = (tmp_path / "run.log").read_text()
+    assert "terminated (SIGTERM)" in stderr and "--db_append to resume" in stderr and "Traceback" not in stderr
+    committed = _committed(db_settings)
+    assert 2 <= committed < len(epochs)
+    assert _run_rows(db_settings) == [("interrupted", committed)]
+    resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert dump(db_settings) == reference
+    assert _run_rows(db_settings) == [("interrupted", committed), ("completed", len(epochs) - committed)]
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):

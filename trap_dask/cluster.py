@@ -176,7 +176,7 @@ def _start_local(config: Config) -> ClusterSession:
     shape = local_shape(config, os.cpu_count() or 1)
     slots = {EXTRACT_RESOURCE: shape.threads_per_worker}
     # Ctrl-C reaches the whole process group: only this process may act on it
-    with _sigint_ignored(), dask.config.set(KEEP_FREED_MEMORY):
+    with _stop_signals_ignored(), dask.config.set(KEEP_FREED_MEMORY):
         cluster = LocalCluster(
             n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
@@ -192,18 +192,24 @@ def _start_local(config: Config) -> ClusterSession:
     return session
 
 
+#: Signals that stop a run: Ctrl-C, and what SLURM and PBS send a job before they kill it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Worker processes started inside ignore SIGINT (they inherit it), so Ctrl-C stops the client
-    alone, which then closes the writer and the workers in order."""
+def _stop_signals_ignored() -> Iterator[None]:
+    """Worker processes started inside ignore SIGINT and SIGTERM (they inherit it), so Ctrl-C or a
+    batch system's SIGTERM to the whole process group stops the client alone, which then closes the
+    writer and the workers in order."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _connect(address: str, worker_timeout: float) -> ClusterSession:

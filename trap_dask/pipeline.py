@@ -44,6 +44,10 @@ class PipelineError(RuntimeError):
     """A run that cannot start or cannot go on; the message is user-facing."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system ending the job, ``kill``): the run stops as for Ctrl-C, at once."""
+
+
 @dataclass(frozen=True)
 class RunSummary:
     db: str
@@ -153,8 +157,6 @@ def default_window(metas: list[ImageMeta], n_threads: int, available: float | No
 def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     """Process every input image into the export database; returns totals for the summary."""
     from trap_dask.cluster import ClusterError, check_cluster
-    from trap_dask.db.backends import database_exists
-    from trap_dask.db.lock import RunLock
 
     started = time.perf_counter()
     _configure_logging(config)
@@ -167,6 +169,14 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
         check_cluster(config)  # wrong batch-system settings stop the run before the database is touched
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
+    with _terminate_as_interrupt():
+        return _run_locked(config, config_file, settings, paths, started)
+
+
+def _run_locked(config, config_file, settings, paths, started) -> RunSummary:
+    from trap_dask.db.backends import database_exists
+    from trap_dask.db.lock import RunLock
+
     try:
         if config.db_append and not database_exists(settings):  # a typo must not start a new catalogue
             raise PipelineError(f"{settings.describe()} does not exist, so there is nothing to append to; "
@@ -370,6 +380,25 @@ def _forced_fits(client, request, loaded, held: dict, params, quality, priority:
         back = client.submit(tasks.backfill, previous, request, params, quality, priority=priority).result()
     forced = forced.result()
     return forced if back is None else replace(forced, backfill=back)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated wherever the run is: the image being committed is committed (the
+    writer finishes its call before it records the run's end), one in flight is dropped, and the
+    run is recorded as interrupted."""
+    def handler(signum, frame) -> None:
+        log.warning("terminated (SIGTERM): stopping now")
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -287,6 +287,8 @@ class ExportStore:
             if band_rows:
                 conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
             conn.execute(insert(schema.images), [plain(image_row)])
+            runs = schema.runs  # the run's image count moves with its images: right even after kill -9
+            conn.execute(update(runs).where(runs.c.id == image_row["run"]).values(n_images=runs.c.n_images + 1))
             if monitors is not None:
                 self._insert(conn, schema.monitor, monitors)
                 self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
