@@ -359,3 +359,32 @@ def test_a_copy_in_the_same_run_is_recorded_once(db_settings, epochs, tmp_path, 
     # appending the folder again: all, the copy included, already in the database
     summary = run(db_settings, [str(folder)], db_append=True)
     assert (summary.n_images, summary.n_skipped) == (0, len(epochs) + 1)
+
+
+def _worker_processes(pid: int) -> list:
+    """The Dask worker processes of a run's local cluster (its nannies restart them)."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if any("multiprocessing.spawn" in part or "spawn_main" in part for part in p.cmdline())]
+
+
+def test_every_worker_killed_once_the_writers_included_equals_one_run(db_settings, epochs, reference, tmp_path):
+    log_path = tmp_path / "run.log"
+    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed = []
+    while not killed and time.monotonic() < deadline and proc.poll() is None:
+        with _writes_held(db_settings) as count:
+            if count >= 2:   # the next commit waits for our lock: the writer dies in its transaction
+                killed = _worker_processes(proc.pid)
+                for worker in killed:
+                    worker.kill()
+        time.sleep(0.01)
+    assert len(killed) == 2, "the run finished before its workers were killed"
+    assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    assert "starting a new writer from the committed state (restart 1 of at most 3)" in log_path.read_text()
+    assert dump(db_settings) == reference
+    runs = _run_rows(db_settings)
+    assert [status for status, _ in runs] == ["killed", "completed"] and sum(n for _, n in runs) == len(epochs)

@@ -91,7 +91,8 @@ class ClusterSession:
 
     def submit_writer(self, cls: type, *args: Any, backend: str) -> None:
         """Start creating the writer actor where the database can be written (see writer_options)."""
-        self.writer = self.client.submit(cls, *args, actor=True, **self.writer_options(backend))
+        # pure=False: a new key each time, so that a writer started after losing one is a new actor
+        self.writer = self.client.submit(cls, *args, actor=True, pure=False, **self.writer_options(backend))
 
     def writer_actor(self) -> Any:
         """The writer actor submitted by submit_writer, once it is ready."""
@@ -118,6 +119,10 @@ class ClusterSession:
             time.sleep(0.05)
         if self.writer.status == "finished":
             return None
+        if self.writer.status == "error":  # lost, or its __init__ raised (that error is the one to show)
+            error = self.writer.exception()
+            if not (isinstance(error, RuntimeError) and "lost" in str(error)):
+                return None
         return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown")
 
     def close(self) -> None:

@@ -38,6 +38,8 @@ log = logging.getLogger("trap_dask")
 FITS_SUFFIXES = tuple(f"{base}{packed}" for base in (".fits", ".fit", ".fts") for packed in ("", ".gz", ".bz2", ".xz", ".zip"))
 #: Rough bytes of worker memory per image pixel while it is held (data, maps, temporaries).
 BYTES_PER_PIXEL = 32
+#: New writers a run starts after losing the worker that held one, before it stops.
+MAX_WRITER_RESTARTS = 3
 
 
 class PipelineError(RuntimeError):
@@ -259,19 +261,32 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         )
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
-        writer = session.writer_actor()
         params, quality = extraction_params(config), quality_params(config)
+        progress, held = _Progress(), {}
         with tqdm(total=len(fresh), unit="img", desc="trap-dask", dynamic_ncols=True) as bar:
-            for failure in failures:
-                if _is_copy(failure.url, failure.checksum, seen, totals, bar):
-                    continue
-                log.warning("rejected %s: %s", failure.url, failure.reason)
-                _count(totals, writer.reject_unreadable(failure).result(), bar)
-            with _stop_on_interrupt() as stop:
-                for summary in _stream(session, writer, images, window, params, quality, seen, totals, bar):
-                    _count(totals, summary, bar)
-                    if stop.is_set():
-                        raise KeyboardInterrupt
+            while True:
+                try:
+                    writer = session.writer_actor()
+                    for failure in failures[progress.failure:]:
+                        if not _is_copy(failure.url, failure.checksum, seen, totals, bar):
+                            log.warning("rejected %s: %s", failure.url, failure.reason)
+                            _count(totals, writer.reject_unreadable(failure).result(), bar)
+                            progress.acked += 1
+                        progress.failure += 1
+                    with _stop_on_interrupt() as stop:
+                        for summary in _stream(session, writer, images, window, params, quality, seen, totals, bar,
+                                               progress, held):
+                            _count(totals, summary, bar)
+                            if stop.is_set():
+                                raise KeyboardInterrupt
+                    break
+                except (KeyboardInterrupt, ClusterError):
+                    raise
+                except Exception:
+                    if session.writer_lost() is None or progress.restarts == MAX_WRITER_RESTARTS:
+                        raise
+                    writer = None
+                    _restart_writer(session, settings, config, config_file, progress, len(failures), bar)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -279,7 +294,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
     except Exception as exc:
-        lost = session.writer_lost() if writer is not None else None
+        lost = session.writer_lost()
         if lost is None:
             raise
         writer = None
@@ -294,7 +309,8 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         finally:
             session.close()
     return RunSummary(
-        db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
+        db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
+        n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],
         n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"], n_duplicates=totals["duplicates"],
         wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"], rows_committed=finished["rows_committed"],
@@ -325,15 +341,60 @@ def _is_copy(url: str, checksum: str | None, seen: dict[str, str], totals: dict,
     return True
 
 
-def _stream(session, writer, images, window, params, quality, seen, totals, bar):
-    """Yield each image's CommitSummary in time order, keeping ``window`` images in flight; an
-    image with the contents of one recorded before in this run is left out (see _is_copy)."""
+@dataclass
+class _Progress:
+    """How far a run has recorded its inputs, so that a new writer carries on where a lost one stopped."""
+
+    failure: int = 0  #: the next unreadable file to record
+    image: int = 0  #: the next image to hand to the writer
+    acked: int = 0  #: commits of the current writer that the client has seen
+    lost_writers_images: int = 0  #: images committed by writers that were lost
+    restarts: int = 0
+
+
+def _restart_writer(session, settings, config, config_file, progress: _Progress, n_failures: int, bar) -> None:
+    """Start a new writer from the committed state (as --db_append does) after the worker holding
+    the writer was lost; the images it had not committed are redone."""
+    from trap_dask.db.store import ExportStore
+    from trap_dask.writer import Writer
+
+    progress.restarts += 1
+    log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
+                "state (restart %d of at most %d)", session.writer_address or "address unknown",
+                progress.restarts, MAX_WRITER_RESTARTS)
+    store = ExportStore.open(settings)
+    try:
+        committed = store.running_images()  # the lost writer's run: it counted its images in each transaction
+        store.close_stale_runs()
+    finally:
+        store.close()
+    if committed > progress.acked:  # the file or image being committed made it, its answer did not
+        if progress.failure < n_failures:
+            progress.failure += 1
+        else:
+            progress.image += 1
+        bar.update(1)
+    progress.lost_writers_images += committed
+    progress.acked = 0
+    try:
+        session.client.wait_for_workers(1, timeout=config.worker_timeout)
+    except TimeoutError:
+        raise PipelineError(f"no Dask worker left to hold the writer within worker_timeout = "
+                            f"{config.worker_timeout:g} s; rerun with --db_append to resume") from None
+    session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, True,
+                          backend=settings.backend)
+
+
+def _stream(session, writer, images, window, params, quality, seen, totals, bar, progress: _Progress, held: dict):
+    """Yield each image's CommitSummary in time order from ``images[progress.image]`` on, keeping
+    ``window`` images in flight; an image with the contents of one recorded before in this run is
+    left out (see _is_copy). ``held``: per band, the latest accepted image (im_id, future)."""
     from trap_dask import tasks
     from trap_dask.writer import CommitSummary
 
     client, slot = session.client, {"resources": session.extract_resources} if session.extract_resources else {}
     pending: deque = deque()
-    upcoming = iter(enumerate(images))
+    upcoming = iter(enumerate(images[progress.image:], start=progress.image))
 
     def submit_next() -> None:
         for index, image in upcoming:
@@ -342,16 +403,16 @@ def _stream(session, writer, images, window, params, quality, seen, totals, bar)
             loaded = client.submit(tasks.process, image, quality, params, priority=priority,
                                    key=f"process-{index}-{name}", **slot)
             result = client.submit(tasks.result_of, loaded, priority=priority, key=f"result-{index}-{name}")
-            pending.append((loaded, result))
+            pending.append((index, loaded, result))
             return
 
     for _ in range(window):
         submit_next()
-    held: dict[int, tuple[int, object]] = {}  # per band, the latest accepted image: (im_id, future)
     while pending:
-        loaded, result = pending.popleft()
+        index, loaded, result = pending.popleft()
         image = result.result()
         if _is_copy(image.meta.url, image.checksum, seen, totals, bar):
+            progress.image = index + 1
             del loaded, result
             submit_next()
             continue
@@ -360,6 +421,7 @@ def _stream(session, writer, images, window, params, quality, seen, totals, bar)
             outcome = writer.commit(_forced_fits(client, outcome, loaded, held, params, quality,
                                                  priority=len(images) + 1)).result()
             held[outcome.band] = (outcome.im_id, loaded)
+        progress.image, progress.acked = index + 1, progress.acked + 1
         del loaded, result
         submit_next()
         yield outcome

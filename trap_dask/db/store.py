@@ -210,6 +210,14 @@ class ExportStore:
             ).rowcount
 
     @_database_errors
+    def running_images(self) -> int:
+        """Images committed by the runs still marked 'running' (their counts move with each image)."""
+        runs = schema.runs.c
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(runs.n_images), 0))
+                                    .where(runs.status == "running")).scalar())
+
+    @_database_errors
     def latest_config(self) -> dict[str, Any] | None:
         """The config row of the most recent run, or None for an empty database."""
         with self.engine.connect() as conn:
