@@ -154,20 +154,24 @@ def _committed(settings: DatabaseSettings) -> int:
         return count
 
 
+def _run_until(settings: DatabaseSettings, inputs, log: Path, committed: int, act):
+    """Start a run and call ``act(proc)`` once it has committed ``committed`` images, while its next
+    commit waits for our lock (so it cannot have gone further); returns (proc, what act returned)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cli(settings, inputs), stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with _writes_held(settings) as count:
+            if count >= committed:
+                return proc, act(proc)
+        time.sleep(0.01)
+    raise AssertionError("the run finished before it could be stopped: " + log.read_text()[-2000:])
+
+
 @pytest.mark.parametrize("kill_after", [1, 4])
 def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_path, kill_after):
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 120
-    killed = False
-    while not killed and time.monotonic() < deadline and proc.poll() is None:
-        with _writes_held(db_settings) as count:
-            if count >= kill_after:
-                os.killpg(proc.pid, signal.SIGKILL)   # while its next commit waits for our lock
-                proc.wait()
-                killed = True
-        time.sleep(0.01)
-    assert killed, "the run finished before it was killed"
+    _run_until(db_settings, epochs, tmp_path / "run.log", kill_after,
+               lambda proc: (os.killpg(proc.pid, signal.SIGKILL), proc.wait()))
     assert kill_after <= _committed(db_settings) < len(epochs)
     assert _run_rows(db_settings) == [("running", _committed(db_settings))]   # counted in each image's transaction
     resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
@@ -185,25 +189,14 @@ def _run_rows(settings: DatabaseSettings) -> list[tuple]:
 
 def test_sigterm_stops_cleanly_and_the_resume_equals_one_run(db_settings, epochs, reference, tmp_path):
     """What SLURM and PBS send a job before they kill it, to every process of the job."""
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 120
-    sent = False
-    while not sent and time.monotonic() < deadline and proc.poll() is None:
-        with _writes_held(db_settings) as count:
-            if count >= 2:
-                os.killpg(proc.pid, signal.SIGTERM)   # while its next commit waits for our lock
-                sent = True
-        time.sleep(0.01)
-    assert sent, "the run finished before SIGTERM"
+    proc, _ = _run_until(db_settings, epochs, tmp_path / "run.log", 2, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     stderr = (tmp_path / "run.log").read_text()
     assert "terminated (SIGTERM)" in stderr and "--db_append to resume" in stderr and "Traceback" not in stderr
     committed = _committed(db_settings)
     assert 2 <= committed < len(epochs)
     assert _run_rows(db_settings) == [("interrupted", committed)]
-    resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert run(db_settings, epochs, db_append=True).n_images == len(epochs) - committed
     assert dump(db_settings) == reference
     assert _run_rows(db_settings) == [("interrupted", committed), ("completed", len(epochs) - committed)]
 
@@ -370,19 +363,15 @@ def _worker_processes(pid: int) -> list:
 
 
 def test_every_worker_killed_once_the_writers_included_equals_one_run(db_settings, epochs, reference, tmp_path):
+    def kill_the_workers(proc) -> list:   # the writer's dies as its next commit waits for our lock
+        workers = _worker_processes(proc.pid)
+        for worker in workers:
+            worker.kill()
+        return workers
+
     log_path = tmp_path / "run.log"
-    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    killed = []
-    while not killed and time.monotonic() < deadline and proc.poll() is None:
-        with _writes_held(db_settings) as count:
-            if count >= 2:   # the next commit waits for our lock: the writer dies in its transaction
-                killed = _worker_processes(proc.pid)
-                for worker in killed:
-                    worker.kill()
-        time.sleep(0.01)
-    assert len(killed) == 2, "the run finished before its workers were killed"
+    proc, killed = _run_until(db_settings, epochs, log_path, 2, kill_the_workers)
+    assert len(killed) == 2
     assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     assert "starting a new writer from the committed state (restart 1 of at most 3)" in log_path.read_text()
     assert dump(db_settings) == reference
