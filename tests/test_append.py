@@ -343,7 +343,7 @@ def test_a_copy_in_the_same_run_is_recorded_once(db_settings, epochs, tmp_path, 
     summary = run(db_settings, [str(folder)])
     assert (summary.n_images, summary.n_duplicates, summary.n_skipped) == (len(epochs), 1, 0)
     assert f"{copy} has the same contents as {original}: recorded once" in capsys.readouterr().err
-    assert "1 copies of another input" in summary.describe()
+    assert "1 copy of another input" in summary.describe()
     stored, url = dump(db_settings), list(schema.images.c.keys()).index("url") - 1
     assert str(copy) not in [row[url] for row in stored["images"]]
     without_urls = lambda tables: {name: rows if name != "images" else [row[:url] + row[url + 1:] for row in rows]  # noqa: E731

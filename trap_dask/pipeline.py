@@ -72,10 +72,11 @@ class RunSummary:
     def describe(self) -> str:
         w = self.writer_seconds
         rate = self.rows_committed / w["commit"] if w["commit"] else 0.0
+        copies = (f", {self.n_duplicates} {'copy' if self.n_duplicates == 1 else 'copies'} of another input"
+                  if self.n_duplicates else "")
         return (
             f"trap-dask: {self.n_images} images ({self.n_rejected} rejected, {self.n_skipped} already "
-            f"in the database{f', {self.n_duplicates} copies of another input' if self.n_duplicates else ''}) "
-            f"-> {self.db}\n"
+            f"in the database{copies}) -> {self.db}\n"
             f"  {self.n_sources} detections, {self.n_forced} forced fits, "
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
