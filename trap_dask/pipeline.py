@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trap_dask")
 
 #: Suffixes of the FITS files found in a directory: plain, or compressed as astropy reads them.
-FITS_SUFFIXES = tuple(f"{base}{packed}" for base in (".fits", ".fit", ".fts") for packed in ("", ".gz", ".bz2", ".xz", ".zip"))
+FITS_SUFFIXES = tuple(f"{base}{packed}" for base in (".fits", ".fit", ".fts")
+                      for packed in ("", ".gz", ".bz2", ".xz", ".zip"))
 #: Rough bytes of worker memory per image pixel while it is held (data, maps, temporaries).
 BYTES_PER_PIXEL = 32
 #: New writers a run starts after losing the worker that held one, before it stops.
