@@ -377,3 +377,13 @@ def test_every_worker_killed_once_the_writers_included_equals_one_run(db_setting
     assert dump(db_settings) == reference
     runs = _run_rows(db_settings)
     assert [status for status, _ in runs] == ["killed", "completed"] and sum(n for _, n in runs) == len(epochs)
+
+
+def test_a_copy_of_an_unreadable_file_is_recorded_once(tmp_path, epochs):
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "copies.db"))
+    for name in ("garbage.fits", "garbage_copy.fits"):
+        (tmp_path / name).write_bytes(b"this is not FITS" * 300)
+    summary = run(settings, [epochs[0], str(tmp_path / "garbage.fits"), str(tmp_path / "garbage_copy.fits")])
+    assert (summary.n_images, summary.n_rejected, summary.n_duplicates) == (2, 1, 1)
+    url = list(schema.images.c.keys()).index("url") - 1
+    assert [row[url] for row in dump(settings)["images"]] == [str(tmp_path / "garbage.fits"), epochs[0]]
