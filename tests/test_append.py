@@ -187,24 +187,51 @@ def _committed(settings: DatabaseSettings) -> int:
         return count
 
 
+def _run_until(settings: DatabaseSettings, inputs, log: Path, committed: int, act):
+    """Start a run and call ``act(proc)`` once it has committed ``committed`` images, while its next
+    commit waits for our lock (so it cannot have gone further); returns (proc, what act returned)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cli(settings, inputs), stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with _writes_held(settings) as count:
+            if count >= committed:
+                return proc, act(proc)
+        time.sleep(0.01)
+    raise AssertionError("the run finished before it could be stopped: " + log.read_text()[-2000:])
+
+
 @pytest.mark.parametrize("kill_after", [1, 4])
 def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_path, kill_after):
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(_cli(db_settings, epochs), stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 120
-    killed = False
-    while not killed and time.monotonic() < deadline and proc.poll() is None:
-        with _writes_held(db_settings) as count:
-            if count >= kill_after:
-                os.killpg(proc.pid, signal.SIGKILL)   # while its next commit waits for our lock
-                proc.wait()
-                killed = True
-        time.sleep(0.01)
-    assert killed, "the run finished before it was killed"
+    _run_until(db_settings, epochs, tmp_path / "run.log", kill_after,
+               lambda proc: (os.killpg(proc.pid, signal.SIGKILL), proc.wait()))
     assert kill_after <= _committed(db_settings) < len(epochs)
+    assert _run_rows(db_settings) == [("running", _committed(db_settings))]   # counted in each image's transaction
     resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert dump(db_settings) == reference
+
+
+def _run_rows(settings: DatabaseSettings) -> list[tuple]:
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        rows = conn.execute(select(schema.runs.c.status, schema.runs.c.n_images).order_by(schema.runs.c.id)).all()
+    engine.dispose()
+    return [tuple(row) for row in rows]
+
+
+def test_sigterm_stops_cleanly_and_the_resume_equals_one_run(db_settings, epochs, reference, tmp_path):
+    """What SLURM and PBS send a job before they kill it, to every process of the job."""
+    proc, _ = _run_until(db_settings, epochs, tmp_path / "run.log", 2, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    stderr = (tmp_path / "run.log").read_text()
+    assert "terminated (SIGTERM)" in stderr and "--db_append to resume" in stderr and "Traceback" not in stderr
+    committed = _committed(db_settings)
+    assert 2 <= committed < len(epochs)
+    assert _run_rows(db_settings) == [("interrupted", committed)]
+    assert run(db_settings, epochs, db_append=True).n_images == len(epochs) - committed
+    assert dump(db_settings) == reference
+    assert _run_rows(db_settings) == [("interrupted", committed), ("completed", len(epochs) - committed)]
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
@@ -294,3 +321,102 @@ def test_an_unreadable_file_is_recorded_once(db_settings, epochs, tmp_path, monk
     assert (summary.n_images, summary.n_rejected, summary.n_skipped) == (1, 1, 2)
     assert garbage_rows() == [(True, False), (True, True)]
     assert run(db_settings, inputs, db_append=True).n_skipped == 3
+
+
+def test_append_to_a_missing_database_is_refused_and_creates_nothing(db_settings, epochs):
+    with pytest.raises(PipelineError, match=r"does not exist, so there is nothing to append to; "
+                                            r"a run without --db_append creates it$"):
+        run(db_settings, epochs[:1], db_append=True)
+    assert not database_exists(db_settings)
+    if db_settings.backend == "sqlite":
+        assert not Path(db_settings.name + ".lock").exists()
+
+
+def test_append_to_a_file_that_is_not_a_database_is_one_line(tmp_path, epochs):
+    target = tmp_path / "notes.db"
+    target.write_bytes(b"observing notes, not a database\n" * 100)
+    before = target.read_bytes(), target.stat().st_mtime_ns
+    settings = DatabaseSettings(backend="sqlite", name=str(target))
+    result = subprocess.run(_cli(settings, epochs[:1], "--db_append", "--scheduler", "threads"),
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " INFO " not in line]
+    assert errors == [f"trap-dask: error: SQLite file {target} is not a trap-dask export database: "
+                      "file is not a database"]
+    assert (target.read_bytes(), target.stat().st_mtime_ns) == before
+
+
+def test_a_gzipped_image_is_processed_like_the_plain_file(tmp_path, epochs):
+    import gzip
+
+    packed = tmp_path / "in" / (Path(epochs[1]).name + ".gz")
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(Path(epochs[1]).read_bytes()))
+    plain, zipped = (DatabaseSettings(backend="sqlite", name=str(tmp_path / f"{n}.db")) for n in ("plain", "gz"))
+    run(plain, epochs[:2])
+    run(zipped, [epochs[0], str(packed.parent)])   # found in a directory by its suffix
+    a, b = dump(plain), dump(zipped)
+    url, checksum = (list(schema.images.c.keys()).index(c) - 1 for c in ("url", "checksum"))  # "run" not dumped
+    assert [row[url] for row in b["images"]] == [epochs[0], str(packed)]
+    assert b["images"][1][checksum] != a["images"][1][checksum]
+    strip = lambda rows: [tuple(v for i, v in enumerate(row) if i not in (url, checksum)) for row in rows]  # noqa: E731
+    assert strip(a["images"]) == strip(b["images"]) and a["extracted_sources"] == b["extracted_sources"]
+
+
+def test_a_copy_in_the_same_run_is_recorded_once(db_settings, epochs, tmp_path, reference, capsys):
+    import shutil
+
+    folder = tmp_path / "with_copy"
+    folder.mkdir()
+    for path in epochs:
+        shutil.copy(path, folder)
+    original = folder / Path(epochs[2]).name
+    copy = folder / (original.stem + "_copy.fits")   # sorts after the original
+    shutil.copy(original, copy)
+    summary = run(db_settings, [str(folder)])
+    assert (summary.n_images, summary.n_duplicates, summary.n_skipped) == (len(epochs), 1, 0)
+    assert f"{copy} has the same contents as {original}: recorded once" in capsys.readouterr().err
+    assert "1 copy of another input" in summary.describe()
+    stored, url = dump(db_settings), list(schema.images.c.keys()).index("url") - 1
+    assert str(copy) not in [row[url] for row in stored["images"]]
+    without_urls = lambda tables: {name: rows if name != "images" else [row[:url] + row[url + 1:] for row in rows]  # noqa: E731
+                                   for name, rows in tables.items()}
+    assert without_urls(stored) == without_urls(reference)
+    # appending the folder again: all, the copy included, already in the database
+    summary = run(db_settings, [str(folder)], db_append=True)
+    assert (summary.n_images, summary.n_skipped) == (0, len(epochs) + 1)
+
+
+def _worker_processes(pid: int) -> list:
+    """The Dask worker processes of a run's local cluster (its nannies restart them)."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if any("multiprocessing.spawn" in part or "spawn_main" in part for part in p.cmdline())]
+
+
+def test_every_worker_killed_once_the_writers_included_equals_one_run(db_settings, epochs, reference, tmp_path):
+    def kill_the_workers(proc) -> list:   # the writer's dies as its next commit waits for our lock
+        workers = _worker_processes(proc.pid)
+        for worker in workers:
+            worker.kill()
+        return workers
+
+    log_path = tmp_path / "run.log"
+    proc, killed = _run_until(db_settings, epochs, log_path, 2, kill_the_workers)
+    assert len(killed) == 2
+    assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    assert "starting a new writer from the committed state (restart 1 of at most 3)" in log_path.read_text()
+    assert dump(db_settings) == reference
+    runs = _run_rows(db_settings)
+    assert [status for status, _ in runs] == ["killed", "completed"] and sum(n for _, n in runs) == len(epochs)
+
+
+def test_a_copy_of_an_unreadable_file_is_recorded_once(tmp_path, epochs):
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "copies.db"))
+    for name in ("garbage.fits", "garbage_copy.fits"):
+        (tmp_path / name).write_bytes(b"this is not FITS" * 300)
+    summary = run(settings, [epochs[0], str(tmp_path / "garbage.fits"), str(tmp_path / "garbage_copy.fits")])
+    assert (summary.n_images, summary.n_rejected, summary.n_duplicates) == (2, 1, 1)
+    url = list(schema.images.c.keys()).index("url") - 1
+    assert [row[url] for row in dump(settings)["images"]] == [str(tmp_path / "garbage.fits"), epochs[0]]

@@ -220,15 +220,43 @@ def test_killed_worker_has_its_work_redone(survey, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_lost_writer_stops_the_run_with_a_consistent_prefix(survey, reference, reference_db, tmp_path):
+def test_lost_writer_is_started_again_on_another_worker(survey, reference, tmp_path):
     with dask_cluster(tmp_path, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
         db, log = tmp_path / "lost.db", tmp_path / "run.log"
         proc = cli_run(survey, db, cluster.address, log)
         wait_until(lambda: committed_images(db) >= 2, proc, log)
-        cluster.kill("writer")
-        assert proc.wait(timeout=120) == 1
-    message = log.read_text()
-    assert "writer" in message and "--db_append" in message, message[-3000:]
+        cluster.kill("writer")   # for good: its nanny too
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert "starting a new writer from the committed state" in log.read_text()
+    assert content(db) == reference
+
+
+@pytest.mark.slow
+def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_restart(
+        survey, reference, reference_db, tmp_path, monkeypatch, capsys):
+    import threading
+
+    import trap_dask.pipeline
+
+    monkeypatch.setattr(trap_dask.pipeline, "MAX_WRITER_RESTARTS", 0)   # the bound, reached at the first loss
+    with dask_cluster(tmp_path, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
+        db = tmp_path / "lost.db"
+
+        def kill_the_writer() -> None:
+            deadline = time.monotonic() + 120
+            while committed_images(db) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cluster.kill("writer")
+
+        killer = threading.Thread(target=kill_the_writer)
+        killer.start()
+        try:
+            with pytest.raises(PipelineError) as stopped:
+                run_pipeline(build_config(flags(survey, db, scheduler_address=cluster.address), {}, None))
+        finally:
+            killer.join()
+    message = str(stopped.value)
+    assert "writer" in message and "--db_append" in message, message
     prefix = content(db)
     n = len(prefix["images"])
     assert 2 <= n < SPEC.n_epochs

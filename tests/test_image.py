@@ -206,3 +206,46 @@ def test_image_in_extension_hdu(tmp_path: Path) -> None:
     meta = read_meta(tmp_path / "ext.fits")
     assert meta.hdu == 1
     np.testing.assert_array_equal(read_image(meta)[0], plane)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zip"])
+def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    plain = write_image(tmp_path / "c.fits").read_bytes()
+    packed = tmp_path / f"c.fits{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("c.fits", plain)
+    else:
+        packed.write_bytes({".gz": gzip, ".bz2": bz2, ".xz": lzma}[suffix].compress(plain))
+    meta = read_meta(packed)
+    expected = np.arange(320, dtype=np.float32).reshape(16, 20)
+    np.testing.assert_array_equal(read_image(meta)[0], expected)
+    np.testing.assert_array_equal(read_image(meta, packed.read_bytes())[0], expected)
+
+
+@pytest.mark.parametrize("cards, reason", [
+    ({"DATE-OBS": "2021-13-45T00:00:00"},
+     "unreadable start time DATE-OBS='2021-13-45T00:00:00': not a valid FITS date and time (YYYY-MM-DDThh:mm:ss[.sss])"),
+    ({"DATE-OBS": "yesterday"},
+     "unreadable start time DATE-OBS='yesterday': not a valid FITS date and time (YYYY-MM-DDThh:mm:ss[.sss])"),
+    ({"DATE-OBS": None, "MJD-OBS": "soon"}, "unreadable start time MJD-OBS='soon': not a valid MJD"),
+])
+def test_rejection_reasons_are_one_line_without_class_names(tmp_path: Path, cards: dict, reason: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        read_meta(write_image(tmp_path / "bad.fits", cards))
+    assert str(caught.value) == reason
+
+
+def test_library_messages_become_one_line() -> None:
+    from trap_dask.image import one_line
+
+    nested = ValueError("Input values did not match the format class fits:\nErfaError: ERFA function \"dtf2d\" "
+                        "yielded 1 of \"bad month\"")
+    assert one_line(nested) == 'ERFA function "dtf2d" yielded 1 of "bad month"'
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line(RuntimeError("boom")) == "boom"

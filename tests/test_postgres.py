@@ -111,3 +111,36 @@ def test_missing_create_privilege_is_a_clear_error_and_creates_nothing(survey, p
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP ROLE "{role}"')
         admin.dispose()
+
+
+#: Database names that break naive quoting or the driver's %-parameters.
+HOSTILE_NAMES = ['a%b', '%(x)s', '%s%%', 'a"b', "a'b", 'a b;c', 'ü/?@:x', 'a\\b', '{0}']
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_any_database_name_can_be_created_used_and_dropped(name):
+    from trap_dask.db.backends import create_database, database_exists
+    from trap_dask.db.lock import RunLock
+
+    settings = postgres_settings(f"trap_dask_test_{uuid.uuid4().hex[:6]}_{name}")
+    create_database(settings)
+    try:
+        assert database_exists(settings)
+        with RunLock(settings):
+            engine = make_engine(settings)
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT current_database()").scalar() == settings.name
+            engine.dispose()
+    finally:
+        drop_database(settings)
+    assert not database_exists(settings)
+
+
+def test_a_run_into_a_database_named_with_percent(survey):
+    settings = postgres_settings(f"trap_dask_test_{uuid.uuid4().hex[:6]}_50%_done")
+    try:
+        assert run(settings, survey[:2]).n_images == 2
+        assert run(settings, survey[:3], db_append=True).n_images == 1
+        assert len(dump(settings)["images"]) == 3
+    finally:
+        drop_database(settings)

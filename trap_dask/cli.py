@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from trap_dask.config import build_config, resolve_config_file
-    from trap_dask.pipeline import PipelineError, run_pipeline
+    from trap_dask.pipeline import PipelineError, Terminated, run_pipeline
 
     config_file = resolve_config_file(args.config_file, Path.cwd())
     cli_values = {name: getattr(args, name) for name in PARAMETERS}
@@ -138,13 +139,13 @@ def _run(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         print(f"trap-dask: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
-            "trap-dask: interrupted. The database holds every image committed so far; "
-            "run the same command with --db_append to resume.",
+            f"trap-dask: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}. The database "
+            "holds every image committed so far; run the same command with --db_append to resume.",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     print(summary.describe())
     if summary.n_images:
         print(f"  look at the results: trap-dask report {_db_argument(config)} -o report "

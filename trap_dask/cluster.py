@@ -91,7 +91,8 @@ class ClusterSession:
 
     def submit_writer(self, cls: type, *args: Any, backend: str) -> None:
         """Start creating the writer actor where the database can be written (see writer_options)."""
-        self.writer = self.client.submit(cls, *args, actor=True, **self.writer_options(backend))
+        # pure=False: a new key each time, so that a writer started after losing one is a new actor
+        self.writer = self.client.submit(cls, *args, actor=True, pure=False, **self.writer_options(backend))
 
     def writer_actor(self) -> Any:
         """The writer actor submitted by submit_writer, once it is ready."""
@@ -118,6 +119,10 @@ class ClusterSession:
             time.sleep(0.05)
         if self.writer.status == "finished":
             return None
+        if self.writer.status == "error":  # lost, or its __init__ raised (that error is the one to show)
+            error = self.writer.exception()
+            if not (isinstance(error, RuntimeError) and "lost" in str(error)):
+                return None
         return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown")
 
     def close(self) -> None:
@@ -176,7 +181,7 @@ def _start_local(config: Config) -> ClusterSession:
     shape = local_shape(config, os.cpu_count() or 1)
     slots = {EXTRACT_RESOURCE: shape.threads_per_worker}
     # Ctrl-C reaches the whole process group: only this process may act on it
-    with _sigint_ignored(), dask.config.set(KEEP_FREED_MEMORY):
+    with _stop_signals_ignored(), dask.config.set(KEEP_FREED_MEMORY):
         cluster = LocalCluster(
             n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
@@ -192,18 +197,24 @@ def _start_local(config: Config) -> ClusterSession:
     return session
 
 
+#: Signals that stop a run: Ctrl-C, and what SLURM and PBS send a job before they kill it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Worker processes started inside ignore SIGINT (they inherit it), so Ctrl-C stops the client
-    alone, which then closes the writer and the workers in order."""
+def _stop_signals_ignored() -> Iterator[None]:
+    """Worker processes started inside ignore SIGINT and SIGTERM (they inherit it), so Ctrl-C or a
+    batch system's SIGTERM to the whole process group stops the client alone, which then closes the
+    writer and the workers in order."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _connect(address: str, worker_timeout: float) -> ClusterSession:

@@ -8,10 +8,14 @@ an image unusable raises :class:`ImageError` whose message is the reason shown t
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import math
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +29,19 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 class ImageError(ValueError):
     """An image that cannot be processed; the message is the rejection reason shown to users."""
+
+
+#: "SomeError: " at the start of a line of a library's message (astropy nests its causes so).
+_CLASS_PREFIX = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception|Warning): ")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line for a rejection reason: its last line (where a library
+    puts the cause), without exception class names; the class name only when there is no message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return _CLASS_PREFIX.sub("", lines[-1]).rstrip(":") or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -131,12 +148,12 @@ def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, W
     ``raw``: the file's bytes when the caller has read them already (they are not read again).
     """
     try:
-        with fits.open(io.BytesIO(raw) if raw is not None else meta.url, memmap=False) as hdul:
+        with fits.open(io.BytesIO(decompressed(raw)) if raw is not None else meta.url, memmap=False) as hdul:
             hdu = hdul[meta.hdu]
             data = hdu.data
             blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None
     except (OSError, ValueError, IndexError, TypeError) as exc:
-        raise ImageError(f"cannot read the image data: {exc}") from exc
+        raise ImageError(f"cannot read the image data: {one_line(exc)}") from exc
     if data is None:
         raise ImageError("the FITS file has no image data")
     if data.size != meta.shape[0] * meta.shape[1]:
@@ -146,6 +163,35 @@ def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, W
     if blank is not None:
         out[plane == blank] = np.nan
     return out, celestial_wcs(meta)
+
+
+#: Leading bytes of the compressed files astropy opens by name, and how to expand them in memory.
+_COMPRESSIONS = {
+    b"\x1f\x8b": gzip.decompress,
+    b"BZh": bz2.decompress,
+    b"\xfd7zXZ\x00": lzma.decompress,
+    b"PK\x03\x04": lambda data: _unzip(data),
+}
+
+
+def decompressed(raw: bytes) -> bytes:
+    """A FITS file's bytes, expanded when gzip, bzip2, xz or zip compressed (as astropy reads them
+    by name, but not from memory)."""
+    for magic, expand in _COMPRESSIONS.items():
+        if raw.startswith(magic):
+            try:
+                return expand(raw)
+            except (OSError, EOFError, ValueError, lzma.LZMAError, zipfile.BadZipFile) as exc:
+                raise ImageError(f"cannot decompress the file: {one_line(exc)}") from exc
+    return raw
+
+
+def _unzip(data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        if len(names) != 1:
+            raise ValueError(f"a zip archive of {len(names)} files, not one")
+        return archive.read(names[0])
 
 
 def celestial_wcs(meta: ImageMeta) -> WCS:
@@ -163,7 +209,7 @@ def _read_header(url: str) -> tuple[int, fits.Header]:
     except FileNotFoundError as exc:
         raise ImageError("file not found") from exc
     except (OSError, ValueError, TypeError, IndexError) as exc:
-        raise ImageError(f"not a readable FITS file: {exc}") from exc
+        raise ImageError(f"not a readable FITS file: {one_line(exc)}") from exc
     raise ImageError("the FITS file has no image with at least two axes")
 
 
@@ -174,7 +220,7 @@ def _header_wcs(header: fits.Header) -> WCS:
             warnings.simplefilter("ignore", FITSFixedWarning)
             return WCS(header)
     except Exception as exc:  # astropy raises many types for a broken WCS
-        raise ImageError(f"invalid world coordinate system: {exc}") from exc
+        raise ImageError(f"invalid world coordinate system: {one_line(exc)}") from exc
 
 
 def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
@@ -263,11 +309,14 @@ def _start_time(header: fits.Header) -> datetime:
     scale = scale if scale in Time.SCALES else "utc"
     if not (header.get("DATE-OBS") or header.get("MJD-OBS")):
         raise ImageError("no start time: the header has neither DATE-OBS nor MJD-OBS")
+    if header.get("DATE-OBS"):
+        value = str(header["DATE-OBS"]).strip()
+        try:
+            return Time(value, format="fits", scale=scale).utc.to_datetime()
+        except (ValueError, TypeError) as exc:
+            raise ImageError(f"unreadable start time DATE-OBS={value!r}: not a valid FITS date and time "
+                             "(YYYY-MM-DDThh:mm:ss[.sss])") from exc
     try:
-        if header.get("DATE-OBS"):
-            time = Time(str(header["DATE-OBS"]).strip(), format="fits", scale=scale)
-        else:
-            time = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
-        return time.utc.to_datetime()
+        return Time(float(header["MJD-OBS"]), format="mjd", scale=scale).utc.to_datetime()
     except (ValueError, TypeError) as exc:
-        raise ImageError(f"unreadable start time DATE-OBS={header.get('DATE-OBS')!r}: {exc}") from exc
+        raise ImageError(f"unreadable start time MJD-OBS={header['MJD-OBS']!r}: not a valid MJD") from exc

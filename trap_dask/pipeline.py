@@ -35,13 +35,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trap_dask")
 
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
+#: Suffixes of the FITS files found in a directory: plain, or compressed as astropy reads them.
+FITS_SUFFIXES = tuple(f"{base}{packed}" for base in (".fits", ".fit", ".fts")
+                      for packed in ("", ".gz", ".bz2", ".xz", ".zip"))
 #: Rough bytes of worker memory per image pixel while it is held (data, maps, temporaries).
 BYTES_PER_PIXEL = 32
+#: New writers a run starts after losing the worker that held one, before it stops.
+MAX_WRITER_RESTARTS = 3
 
 
 class PipelineError(RuntimeError):
     """A run that cannot start or cannot go on; the message is user-facing."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system ending the job, ``kill``): the run stops as for Ctrl-C, at once."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class RunSummary:
     wall_seconds: float
     writer_seconds: dict[str, float]  #: associate / update / commit
     rows_committed: int
+    n_duplicates: int = 0  #: inputs with the same contents (SHA-256) as an earlier input of this run
 
     @property
     def writer_busy_fraction(self) -> float:
@@ -65,9 +74,11 @@ class RunSummary:
     def describe(self) -> str:
         w = self.writer_seconds
         rate = self.rows_committed / w["commit"] if w["commit"] else 0.0
+        copies = (f", {self.n_duplicates} {'copy' if self.n_duplicates == 1 else 'copies'} of another input"
+                  if self.n_duplicates else "")
         return (
             f"trap-dask: {self.n_images} images ({self.n_rejected} rejected, {self.n_skipped} already "
-            f"in the database) -> {self.db}\n"
+            f"in the database{copies}) -> {self.db}\n"
             f"  {self.n_sources} detections, {self.n_forced} forced fits, "
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
@@ -152,7 +163,6 @@ def default_window(metas: list[ImageMeta], n_threads: int, available: float | No
 def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     """Process every input image into the export database; returns totals for the summary."""
     from trap_dask.cluster import ClusterError, check_cluster
-    from trap_dask.db.lock import RunLock
 
     started = time.perf_counter()
     _configure_logging(config)
@@ -165,7 +175,18 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
         check_cluster(config)  # wrong batch-system settings stop the run before the database is touched
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
+    with _terminate_as_interrupt():
+        return _run_locked(config, config_file, settings, paths, started)
+
+
+def _run_locked(config, config_file, settings, paths, started) -> RunSummary:
+    from trap_dask.db.backends import database_exists
+    from trap_dask.db.lock import RunLock
+
     try:
+        if config.db_append and not database_exists(settings):  # a typo must not start a new catalogue
+            raise PipelineError(f"{settings.describe()} does not exist, so there is nothing to append to; "
+                                "a run without --db_append creates it")
         with RunLock(settings):
             append, known = prepare_database(settings, config)
             return _process(config, config_file, settings, paths, append, known, started)
@@ -178,12 +199,9 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
 
     Call while holding the run lock: runs left 'running' by a killed process are marked 'killed'.
     """
-    from trap_dask.db.backends import database_exists
     from trap_dask.db.store import ExportStore
 
-    if not (config.db_append and database_exists(settings)):
-        if config.db_append:
-            log.info("%s does not exist yet: creating it", settings.describe())
+    if not config.db_append:
         ExportStore.create(settings, overwrite=config.db_overwrite).close()
         return False, KnownImages()
     store = ExportStore.open(settings)
@@ -226,7 +244,8 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         raise PipelineError(str(exc)) from None
     client = session.client
     status, writer, finished = "failed", None, None
-    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0}
+    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0, "duplicates": 0}
+    seen: dict[str, str] = {}  # checksum -> url of every file recorded in this run
     try:
         log.info(session.dashboard)
         session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
@@ -244,19 +263,33 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         )
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
-        writer = session.writer_actor()
         params, quality = extraction_params(config), quality_params(config)
+        progress, held, watch = _Progress(), {}, _AstrometryWatch(config)
         with _progress(len(fresh)) as bar:
-            for failure in failures:
-                log.warning("rejected %s: %s", failure.url, failure.reason)
-                _count(totals, writer.reject_unreadable(failure).result(), bar)
-            watch = _AstrometryWatch(config)
-            with _stop_on_interrupt() as stop:
-                for summary in _stream(session, writer, images, window, params, quality):
-                    _count(totals, summary, bar)
-                    watch(summary)
-                    if stop.is_set():
-                        raise KeyboardInterrupt
+            while True:
+                try:
+                    writer = session.writer_actor()
+                    for failure in failures[progress.failure:]:
+                        if not _is_copy(failure.url, failure.checksum, seen, totals, bar):
+                            log.warning("rejected %s: %s", failure.url, failure.reason)
+                            _count(totals, writer.reject_unreadable(failure).result(), bar)
+                            progress.acked += 1
+                        progress.failure += 1
+                    with _stop_on_interrupt() as stop:
+                        for summary in _stream(session, writer, images, window, params, quality, seen, totals, bar,
+                                               progress, held):
+                            _count(totals, summary, bar)
+                            watch(summary)
+                            if stop.is_set():
+                                raise KeyboardInterrupt
+                    break
+                except (KeyboardInterrupt, ClusterError):
+                    raise
+                except Exception:
+                    if session.writer_lost() is None or progress.restarts == MAX_WRITER_RESTARTS:
+                        raise
+                    writer = None
+                    _restart_writer(session, settings, config, config_file, progress, len(failures), bar)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -264,7 +297,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
     except Exception as exc:
-        lost = session.writer_lost() if writer is not None else None
+        lost = session.writer_lost()
         if lost is None:
             raise
         writer = None
@@ -279,9 +312,10 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         finally:
             session.close()
     return RunSummary(
-        db=settings.describe(), n_images=finished["n_images"], n_skipped=len(scans) - len(fresh),
+        db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
+        n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],
-        n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"],
+        n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"], n_duplicates=totals["duplicates"],
         wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"], rows_committed=finished["rows_committed"],
     )
 
@@ -296,14 +330,74 @@ def _already_stored(scan: ScannedImage | ScanFailure, known: KnownImages) -> boo
     return isinstance(scan, ScanFailure) and scan.url in known.unreadable
 
 
-def _stream(session, writer, images, window, params, quality):
-    """Yield each image's CommitSummary in time order, keeping ``window`` images in flight."""
+def _is_copy(url: str, checksum: str | None, seen: dict[str, str], totals: dict, bar) -> bool:
+    """Whether a file has the contents of one already recorded in this run (counted and reported
+    as its copy, as an append skips a file already in the database); else remember it."""
+    if checksum is None:
+        return False
+    first = seen.setdefault(checksum, url)
+    if first == url:
+        return False
+    log.warning("%s has the same contents as %s: recorded once, under the first name", url, first)
+    totals["duplicates"] += 1
+    bar.update(1)
+    return True
+
+
+@dataclass
+class _Progress:
+    """How far a run has recorded its inputs, so that a new writer carries on where a lost one stopped."""
+
+    failure: int = 0  #: the next unreadable file to record
+    image: int = 0  #: the next image to hand to the writer
+    acked: int = 0  #: commits of the current writer that the client has seen
+    lost_writers_images: int = 0  #: images committed by writers that were lost
+    restarts: int = 0
+
+
+def _restart_writer(session, settings, config, config_file, progress: _Progress, n_failures: int, bar) -> None:
+    """Start a new writer from the committed state (as --db_append does) after the worker holding
+    the writer was lost; the images it had not committed are redone."""
+    from trap_dask.db.store import ExportStore
+    from trap_dask.writer import Writer
+
+    progress.restarts += 1
+    log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
+                "state (restart %d of at most %d)", session.writer_address or "address unknown",
+                progress.restarts, MAX_WRITER_RESTARTS)
+    store = ExportStore.open(settings)
+    try:
+        committed = store.running_images()  # the lost writer's run: it counted its images in each transaction
+        store.close_stale_runs()
+    finally:
+        store.close()
+    if committed > progress.acked:  # the file or image being committed made it, its answer did not
+        if progress.failure < n_failures:
+            progress.failure += 1
+        else:
+            progress.image += 1
+        bar.update(1)
+    progress.lost_writers_images += committed
+    progress.acked = 0
+    try:
+        session.client.wait_for_workers(1, timeout=config.worker_timeout)
+    except TimeoutError:
+        raise PipelineError(f"no Dask worker left to hold the writer within worker_timeout = "
+                            f"{config.worker_timeout:g} s; rerun with --db_append to resume") from None
+    session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, True,
+                          backend=settings.backend)
+
+
+def _stream(session, writer, images, window, params, quality, seen, totals, bar, progress: _Progress, held: dict):
+    """Yield each image's CommitSummary in time order from ``images[progress.image]`` on, keeping
+    ``window`` images in flight; an image with the contents of one recorded before in this run is
+    left out (see _is_copy). ``held``: per band, the latest accepted image (im_id, future)."""
     from trap_dask import tasks
     from trap_dask.writer import CommitSummary
 
     client, slot = session.client, {"resources": session.extract_resources} if session.extract_resources else {}
     pending: deque = deque()
-    upcoming = iter(enumerate(images))
+    upcoming = iter(enumerate(images[progress.image:], start=progress.image))
 
     def submit_next() -> None:
         for index, image in upcoming:
@@ -312,19 +406,25 @@ def _stream(session, writer, images, window, params, quality):
             loaded = client.submit(tasks.process, image, quality, params, priority=priority,
                                    key=f"process-{index}-{name}", **slot)
             result = client.submit(tasks.result_of, loaded, priority=priority, key=f"result-{index}-{name}")
-            pending.append((loaded, result))
+            pending.append((index, loaded, result))
             return
 
     for _ in range(window):
         submit_next()
-    held: dict[int, tuple[int, object]] = {}  # per band, the latest accepted image: (im_id, future)
     while pending:
-        loaded, result = pending.popleft()
-        outcome = writer.associate(result.result()).result()
+        index, loaded, result = pending.popleft()
+        image = result.result()
+        if _is_copy(image.meta.url, image.checksum, seen, totals, bar):
+            progress.image = index + 1
+            del loaded, result
+            submit_next()
+            continue
+        outcome = writer.associate(image).result()
         if not isinstance(outcome, CommitSummary):
             outcome = writer.commit(_forced_fits(client, outcome, loaded, held, params, quality,
                                                  priority=len(images) + 1)).result()
             held[outcome.band] = (outcome.im_id, loaded)
+        progress.image, progress.acked = index + 1, progress.acked + 1
         del loaded, result
         submit_next()
         yield outcome
@@ -345,6 +445,25 @@ def _forced_fits(client, request, loaded, held: dict, params, quality, priority:
         back = client.submit(tasks.backfill, previous, request, params, quality, priority=priority).result()
     forced = forced.result()
     return forced if back is None else replace(forced, backfill=back)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated wherever the run is: the image being committed is committed (the
+    writer finishes its call before it records the run's end), one in flight is dropped, and the
+    run is recorded as interrupted."""
+    def handler(signum, frame) -> None:
+        log.warning("terminated (SIGTERM): stopping now")
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from trap_dask.extraction import (
     prepare_image,
 )
 from trap_dask.catalogue import ForcedMeasurements, ForcedRequest
-from trap_dask.image import Beam, ImageError, ImageMeta, read_image, read_meta
+from trap_dask.image import Beam, ImageError, ImageMeta, one_line, read_image, read_meta
 from trap_dask.quality import ImageStats, QualityParams, check_quality
 from trap_dask.sources import empty_sources
 
@@ -105,7 +105,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     try:
         data, wcs = read_image(meta, raw)
     except ImageError as exc:
-        return _rejected(meta, checksum, None, f"cannot read the pixels: {exc}")
+        return _rejected(meta, checksum, None, str(exc))
     del raw
     stats, reason = check_quality(data, quality)
     if reason is not None:
@@ -139,7 +139,7 @@ def process(image: ScannedImage, quality: QualityParams, params: ExtractionParam
         return LoadedImage(extract(loaded, params), loaded.prepared)
     except Exception as exc:  # noqa: BLE001 - recorded, with its reason, in the images table
         checksum = loaded.result.checksum if loaded is not None else image.checksum
-        return _rejected(image.meta, checksum, None, f"processing failed: {type(exc).__name__}: {exc}")
+        return _rejected(image.meta, checksum, None, f"processing failed: {one_line(exc)}")
 
 
 def result_of(image: LoadedImage) -> ImageResult:

@@ -114,9 +114,11 @@ def drop_database(settings: DatabaseSettings) -> None:
 def _server_statement(settings: DatabaseSettings, template: str, verb: str) -> None:
     engine = _server_engine(settings)
     try:
+        # quote_identifier doubles '%' for the driver's pyformat parameters: the statement must
+        # reach the driver as is (exec_driver_sql), not through text(), which doubles it again
         quoted = engine.dialect.identifier_preparer.quote_identifier(settings.name)
         with engine.connect() as conn:
-            conn.execute(text(template.format(quoted)))
+            conn.exec_driver_sql(template.format(quoted))
     except DBAPIError as exc:
         raise DatabaseError(f"cannot {verb} {settings.describe()}: {driver_reason(exc)}") from None
     finally:

@@ -144,7 +144,10 @@ class ExportStore:
         except OperationalError as exc:
             store.close()
             raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
-        except (DBAPIError, DatabaseError):
+        except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
+            store.close()
+            raise DatabaseError(f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
+        except DatabaseError:
             store.close()
             raise
         if len(versions) == 1 and versions[0] < schema.SCHEMA_VERSION and can_migrate(versions[0]):
@@ -212,6 +215,14 @@ class ExportStore:
             return conn.execute(
                 update(schema.runs).where(schema.runs.c.status == "running").values(status="killed")
             ).rowcount
+
+    @_database_errors
+    def running_images(self) -> int:
+        """Images committed by the runs still marked 'running' (their counts move with each image)."""
+        runs = schema.runs.c
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(runs.n_images), 0))
+                                    .where(runs.status == "running")).scalar())
 
     @_database_errors
     def latest_config(self) -> dict[str, Any] | None:
@@ -308,6 +319,8 @@ class ExportStore:
             if band_rows:
                 conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
             conn.execute(insert(schema.images), [plain(image_row)])
+            runs = schema.runs  # the run's image count moves with its images: right even after kill -9
+            conn.execute(update(runs).where(runs.c.id == image_row["run"]).values(n_images=runs.c.n_images + 1))
             if monitors is not None:
                 self._insert(conn, schema.monitor, monitors)
                 self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
