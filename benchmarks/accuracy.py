@@ -226,6 +226,7 @@ def association_all(workdir: Path, n_epochs: int, seed: int) -> list[Row]:
 SWEEP_VARIANTS: dict[str, dict[str, object]] = {
     "defaults": {},
     "link_radius 0": {"link_radius": 0.0},
+    "no merges": {"merge_duplicates": False},
     "TraP behaviour": dict(deblend_nthresh=0, association_method="greedy", fit_blends=False,
                            backfill_new_sources=False, link_radius=0.0),
 }

@@ -161,9 +161,9 @@ class Config:
     ew_sys_err: float | None = _param(
         None, "extraction", "arcsec",
         "systematic position error east-west, added in quadrature to each fit error for "
-        "association; 'auto' (default): the scatter of this run's confident associations, "
-        "measured image by image (see the images table), with the image's coherent shift taken "
-        "out; a number keeps TraP 1.x's meaning (TraP's usual 10)",
+        "association; 'auto' (default): the scatter of this run's confident associations about "
+        "their median offset, measured image by image (see the images table); a number keeps "
+        "TraP 1.x's meaning (TraP's usual 10)",
     )
     ns_sys_err: float | None = _param(
         None, "extraction", "arcsec", "systematic position error north-south; 'auto' (default) as ew_sys_err",
@@ -189,6 +189,12 @@ class Config:
         "how competing candidates are resolved: 'optimal' (the most links with the smallest sum of "
         "squared radii: close pairs keep their light curves) or 'greedy' (TraP 1.x: smallest de "
         "Ruiter radius first)",
+    )
+    remove_image_shift: bool = _param(
+        True, "association", "",
+        "take each image's coherent offset from the catalogue (the median over its bright isolated "
+        "sources, stored as astrometry_offset_ra/dec) out of its positions before associating "
+        "them, so a shifted image does not split light curves (false: TraP 1.x)",
     )
     link_radius: float = _param(
         0.5, "association", "beam FWHM",

@@ -71,6 +71,7 @@ class Writer:
         )
         #: the user's systematic errors (arcsec); None: 'auto', measured image by image
         self.sys_err = (config.ew_sys_err, config.ns_sys_err)
+        self.remove_shift = config.remove_image_shift
         self.scatter = ScatterHistory()
         stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
         self.fixed = bool(config.frequency_bands())
@@ -139,7 +140,7 @@ class Writer:
         beam_fwhm = 2.0 * meta.beam.smaj
         astrometry, sys_err = self._astrometry(result.sources, beam_fwhm)
         shift = (astrometry.offset_ra / 3600.0, astrometry.offset_dec / 3600.0) \
-            if self.sys_err[0] is None and astrometry.measured else (0.0, 0.0)
+            if self.remove_shift and astrometry.measured else (0.0, 0.0)
         image = ImageContext(
             im_id=self.next_im_id, band=band.band_id, taustart_ts=meta.taustart_ts,
             centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
