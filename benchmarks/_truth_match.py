@@ -104,22 +104,27 @@ def pulls(measured: np.ndarray, true_ra: np.ndarray, true_dec: np.ndarray,
         )
 
 
-def read_light_curves(db_path: str, truth: dict) -> dict[str, np.ndarray]:
+#: The (src_id, im_id) of each new source in a trap-dask export.
+NEW_SOURCES_SQL = "SELECT src_id, im_id FROM newsource"
+
+
+def read_light_curves(db_path: str, truth: dict, new_sources_sql: str = NEW_SOURCES_SQL) -> dict[str, np.ndarray]:
     """Measurements of a pipeline run's SQLite export, with each image's truth epoch.
 
     Returns columns ``id, src_id, epoch, ra, dec, int_flux, int_flux_err, is_force_fit,
     is_duplicate`` of ``extracted_sources`` (deg, Jy) and ``newsource_src, newsource_epoch``
-    (the new-source table) and ``var_src, var_eta`` (the variability table).
+    (what ``new_sources_sql`` selects as (src_id, im_id)) and ``var_src, var_eta`` (the
+    variability table). Images are matched to the truth by file name.
     """
-    epoch_of = {Path(im["path"]).resolve(): im["epoch"] for im in truth["images"]}
+    epoch_of = {Path(im["path"]).name: im["epoch"] for im in truth["images"]}
     with sqlite3.connect(db_path) as conn:
         images = conn.execute("SELECT id, url FROM images").fetchall()
-        image_epoch = {im_id: epoch_of[Path(url).resolve()] for im_id, url in images}
+        image_epoch = {im_id: epoch_of[Path(url).name] for im_id, url in images}
         rows = conn.execute(
             "SELECT id, src_id, im_id, ra, dec, int_flux, int_flux_err, is_force_fit, is_duplicate "
             "FROM extracted_sources"
         ).fetchall()
-        news = conn.execute("SELECT src_id, im_id FROM newsource").fetchall()
+        news = conn.execute(new_sources_sql).fetchall()
         var = conn.execute("SELECT src_id, eta_int FROM variability").fetchall()
     cols = np.array(rows, dtype=float).reshape(-1, 9).T
     out = dict(zip(("id", "src_id", "im_id", "ra", "dec", "int_flux", "int_flux_err", "is_force_fit",

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import sqlite3
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _truth_match import association_figures  # noqa: E402
+from _truth_match import association_figures, read_light_curves  # noqa: E402
 from throughput import REFERENCE_TOML, db_flags, run_measured, trap14_env  # noqa: E402
 
 from trap_dask.simulate import load_truth  # noqa: E402
@@ -67,31 +65,10 @@ def run_trap14(field: Path, sys_err: float, out_dir: Path, venv: Path, timeout_s
     return db, wall, rc
 
 
-def read_trap14_light_curves(db_path: Path, truth: dict) -> dict[str, np.ndarray]:
-    """trap 1.4.0's export as ``_truth_match.read_light_curves`` returns trap-dask's.
-
-    The new-source entries are each light curve's first extracted source (``variability.newsource``).
-    """
-    epoch_of = {Path(im["path"]).name: im["epoch"] for im in truth["images"]}
-    with sqlite3.connect(db_path) as conn:
-        image_epoch = {i: epoch_of[Path(url).name] for i, url in conn.execute("SELECT id, url FROM images")}
-        rows = conn.execute("SELECT id, src_id, im_id, ra, dec, int_flux, int_flux_err, is_force_fit, "
-                            "is_duplicate FROM extracted_sources").fetchall()
-        news = conn.execute("SELECT v.src_id, x.im_id FROM variability v "
-                            "JOIN extracted_sources x ON x.id = v.newsource").fetchall()
-        var = conn.execute("SELECT src_id, eta_int FROM variability").fetchall()
-    names = ("id", "src_id", "im_id", "ra", "dec", "int_flux", "int_flux_err", "is_force_fit", "is_duplicate")
-    out = dict(zip(names, np.array(rows, dtype=float).reshape(-1, len(names)).T))
-    for key in ("id", "src_id", "im_id"):
-        out[key] = out[key].astype(int)
-    out["is_force_fit"], out["is_duplicate"] = out["is_force_fit"] > 0, out["is_duplicate"] > 0
-    out["epoch"] = np.array([image_epoch[i] for i in out.pop("im_id")], dtype=int)
-    news = np.array(news, dtype=int).reshape(-1, 2)
-    out["newsource_src"] = news[:, 0]
-    out["newsource_epoch"] = np.array([image_epoch[i] for i in news[:, 1]], dtype=int)
-    var = np.array(var, dtype=float).reshape(-1, 2)
-    out["var_src"], out["var_eta"] = var[:, 0].astype(int), var[:, 1]
-    return out
+#: trap 1.4.0 has no newsource table: each light curve's first extracted source stands for it
+#: (``variability.newsource``), which can only flatter its "transients new" figure.
+TRAP14_NEW_SOURCES_SQL = ("SELECT v.src_id, x.im_id FROM variability v "
+                          "JOIN extracted_sources x ON x.id = v.newsource")
 
 
 def row(field: Path, truth: dict, setting: float, sys_err: float, wall: float, rc: int, db: Path) -> str:
@@ -101,7 +78,7 @@ def row(field: Path, truth: dict, setting: float, sys_err: float, wall: float, r
     label = f'{setting:g}x = {sys_err:g}"'
     if rc != 0:
         return f"| {mode} | {label} | trap-run exit {rc} | | | | | {wall:.0f} |"
-    fig = association_figures(read_trap14_light_curves(db, truth), truth, spec.beam.smaj)
+    fig = association_figures(read_light_curves(str(db), truth, TRAP14_NEW_SOURCES_SQL), truth, spec.beam.smaj)
     return (f"| {mode} | {label} | {100 * fig['split']:.2f}% | {100 * fig['mixed']:.2f}% | "
             f"{100 * fig['top_eta_variable_all']:.0f}% | {100 * fig['transients_new']:.0f}% | "
             f"{fig['alive_twice']:g} (+{fig['extra_ids']:g} ids) | {wall:.0f} |")
