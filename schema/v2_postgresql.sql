@@ -118,6 +118,7 @@ CREATE TABLE config (
 	im_back_size_y INTEGER, 
 	de_ruiter_r_max DOUBLE PRECISION, 
 	association_method TEXT, 
+	remove_image_shift BOOLEAN, 
 	link_radius DOUBLE PRECISION, 
 	merge_duplicates BOOLEAN, 
 	fit_blends BOOLEAN, 

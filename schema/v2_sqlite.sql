@@ -118,6 +118,7 @@ CREATE TABLE config (
 	im_back_size_y INTEGER, 
 	de_ruiter_r_max DOUBLE, 
 	association_method TEXT, 
+	remove_image_shift BOOLEAN, 
 	link_radius DOUBLE, 
 	merge_duplicates BOOLEAN, 
 	fit_blends BOOLEAN, 
