@@ -92,6 +92,11 @@ def unit_vectors(ra: ArrayLike, dec: ArrayLike) -> np.ndarray:
     return np.column_stack((cos_dec * np.cos(ra_rad), cos_dec * np.sin(ra_rad), np.sin(dec_rad)))
 
 
+def chord(angle: ArrayLike) -> np.ndarray:
+    """Straight-line distance between two unit vectors ``angle`` deg apart (for KD-tree radii)."""
+    return 2.0 * np.sin(np.deg2rad(angle) / 2.0)
+
+
 def _candidate_pairs(
     cat_ra: np.ndarray,
     cat_dec: np.ndarray,
@@ -266,9 +271,8 @@ def _obvious_links(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, 
     detection (linked or not), and neither end is linked yet: such a link is beyond doubt even
     when mis-set position errors put it outside the de Ruiter radius.
     """
-    chord = 2.0 * np.sin(np.deg2rad(radius) / 2.0)
     near = cKDTree(unit_vectors(cat_ra, cat_dec)).sparse_distance_matrix(
-        cKDTree(unit_vectors(det_ra, det_dec)), chord, output_type="ndarray")
+        cKDTree(unit_vectors(det_ra, det_dec)), chord(radius), output_type="ndarray")
     ci, dj = near["i"].astype(np.intp), near["j"].astype(np.intp)
     alone = (np.bincount(ci, minlength=len(cat_ra))[ci] == 1) & (np.bincount(dj, minlength=len(det_ra))[dj] == 1)
     take = alone & cat_free[ci] & det_free[dj]
@@ -289,9 +293,8 @@ def _blend_links(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, de
     none = np.zeros(0, np.intp)
     if len(free_cat) < 2 or not len(free_det):
         return none, none
-    chord = 2.0 * np.sin(np.deg2rad(radius) / 2.0)
     dist, near = cKDTree(unit_vectors(cat_ra[free_cat], cat_dec[free_cat])).query(
-        unit_vectors(det_ra[free_det], det_dec[free_det]), k=2, distance_upper_bound=chord)
+        unit_vectors(det_ra[free_det], det_dec[free_det]), k=2, distance_upper_bound=chord(radius))
     blend = np.flatnonzero(np.isfinite(dist[:, 1]))
     order = blend[np.argsort(dist[blend, 0], kind="stable")]
     first = np.unique(near[order, 0], return_index=True)[1]
@@ -319,10 +322,10 @@ def blended_null_detections(
     null = unit_vectors(null_ra, null_dec).reshape(-1, 3)
     if len(det) == 0 or len(null) == 0:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    chord, nearest = cKDTree(det).query(null, distance_upper_bound=2.0 * np.sin(np.deg2rad(radius) / 2.0))
-    ni = np.flatnonzero(np.isfinite(chord))
-    dj, chord = nearest[ni], chord[ni]
-    order = np.lexsort((ni, chord))
+    dist, nearest = cKDTree(det).query(null, distance_upper_bound=chord(radius))
+    ni = np.flatnonzero(np.isfinite(dist))
+    dj, dist = nearest[ni], dist[ni]
+    order = np.lexsort((ni, dist))
     first = np.unique(dj[order], return_index=True)[1]
     keep = np.sort(order[first])
     return ni[keep].astype(np.intp), dj[keep].astype(np.intp)

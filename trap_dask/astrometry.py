@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import unit_vectors, wrap_ra_difference
+from trap_dask.association import chord, unit_vectors, wrap_ra_difference
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -71,7 +71,6 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     none = np.zeros(0, np.intp)
     if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
         return none, none
-    chord = lambda deg: 2.0 * np.sin(np.deg2rad(deg) / 2.0)  # noqa: E731
     cat, det = unit_vectors(cat_ra, cat_dec), unit_vectors(det_ra, det_dec)
     lonely_cat = _isolated(cat, chord(ISOLATION_RADIUS * beam_fwhm))
     good_det = np.flatnonzero(_isolated(det, chord(ISOLATION_RADIUS * beam_fwhm))

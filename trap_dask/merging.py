@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import unit_vectors
+from trap_dask.association import chord, unit_vectors
 
 #: The measurements of a source that a merge reads back (``extracted_sources`` columns, and the
 #: band of each row's image).
@@ -39,7 +39,7 @@ def converged_pairs(ra: np.ndarray, dec: np.ndarray, src_id: np.ndarray, seen: n
     if len(ra) < 2 or radius <= 0:
         return none, none, np.zeros(0)
     xyz = unit_vectors(ra, dec)
-    pairs = cKDTree(xyz).query_pairs(2.0 * np.sin(np.deg2rad(radius) / 2.0), output_type="ndarray")
+    pairs = cKDTree(xyz).query_pairs(chord(radius), output_type="ndarray")
     i, j = pairs[:, 0], pairs[:, 1]
     one_seen = seen[i] != seen[j]
     i, j = i[one_seen], j[one_seen]

@@ -200,7 +200,7 @@ class ExportStore:
     @_database_errors
     def start_run(self, config_row: dict[str, Any], config_file: str | None) -> int:
         with self.engine.begin() as conn:
-            run_id = (conn.execute(select(func.max(schema.runs.c.id))).scalar() or 0) + 1
+            run_id = _next_id(conn, schema.runs.c.id)
             conn.execute(insert(schema.runs).values(
                 id=run_id, software_version=__version__, started_at=_now(), status="running",
                 n_images=0, config_file=config_file,
@@ -338,8 +338,7 @@ class ExportStore:
                 for table in (schema.variability, schema.variability_running_averages):
                     self._upsert(conn, table, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
             if new_sources is not None and len(new_sources["src_id"]):
-                first = (conn.execute(select(func.max(schema.newsource.c.id))).scalar() or 0) + 1
-                ids = first + np.arange(len(new_sources["src_id"]))
+                ids = _next_id(conn, schema.newsource.c.id) + np.arange(len(new_sources["src_id"]))
                 self._insert(conn, schema.newsource, {**new_sources, "id": ids})
             if merges is not None and len(merges["src_id"]):
                 self._merge(conn, merges, relabelled)
@@ -357,8 +356,7 @@ class ExportStore:
         conn.execute(delete(news).where(news.c.src_id.in_(retired)))
         for table in (schema.variability, schema.variability_running_averages):
             conn.execute(delete(table).where(table.c.src_id.in_(retired)))
-        first = (conn.execute(select(func.max(schema.merges.c.id))).scalar() or 0) + 1
-        self._insert(conn, schema.merges, {**merges, "id": first + np.arange(len(retired)),
+        self._insert(conn, schema.merges, {**merges, "id": _next_id(conn, schema.merges.c.id) + np.arange(len(retired)),
                                            "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
 
     @_database_errors
@@ -401,6 +399,11 @@ def _sqlite_insert_sql(conn: Connection, table: Table, names: Sequence[str]) -> 
     quote = conn.dialect.identifier_preparer.quote
     return (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
             f"VALUES ({', '.join('?' * len(names))})")
+
+
+def _next_id(conn: Connection, column) -> int:
+    """One past the largest id in ``column``, 1 for an empty table (our own tables count from 1)."""
+    return (conn.execute(select(func.max(column))).scalar() or 0) + 1
 
 
 def _now() -> datetime:
