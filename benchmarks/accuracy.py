@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _truth_match import (  # noqa: E402
+from trap_dask.scoring import (
     association_figures,
     extract_file,
     match_nearest,
@@ -30,9 +28,9 @@ from _truth_match import (  # noqa: E402
     read_light_curves,
     robust_stats,
 )
-from trap_dask.extraction import ExtractionParams, forced_fit  # noqa: E402
-from trap_dask.extraction.geometry import pixel_to_sky  # noqa: E402
-from trap_dask.simulate import SurveySpec, load_truth, simulate_survey  # noqa: E402
+from trap_dask.extraction import ExtractionParams, forced_fit
+from trap_dask.extraction.geometry import pixel_to_sky
+from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 #: No sources at all: the pure-noise survey.
 NOTHING = dict(n_steady=0, n_variable=0, n_transient=0, n_resolved=0, n_pairs=0)

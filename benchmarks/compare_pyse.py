@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _truth_match import extract_file, match_mutual, robust_stats  # noqa: E402
-from trap_dask.extraction import ExtractionParams  # noqa: E402
-from trap_dask.image import ImageError, read_meta  # noqa: E402
-from trap_dask.simulate import SurveySpec, load_truth, simulate_survey  # noqa: E402
+from trap_dask.scoring import extract_file, match_mutual, robust_stats
+from trap_dask.extraction import ExtractionParams
+from trap_dask.image import ImageError, read_meta
+from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 HERE = Path(__file__).resolve().parent
 REALDATA = Path("/work/shared/realdata")

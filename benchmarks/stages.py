@@ -21,7 +21,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from throughput import markdown_table
+from results_table import markdown_table
 
 #: (stage, module, attribute): the functions timed (none of them calls another).
 STAGES = (

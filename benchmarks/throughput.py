@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from results_table import markdown_table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -286,7 +287,7 @@ def recovery(image_ids: dict[str, int], detections: np.ndarray, truth_path: Path
     x rms in an image is recovered when a detection of that image lies within one beam semi-major
     axis of its (jittered) position; a detection with no true source that close is spurious.
     """
-    from _truth_match import match_nearest
+    from trap_dask.scoring import match_nearest
 
     from trap_dask.simulate import load_truth
 
@@ -335,17 +336,6 @@ def ensure_survey(survey: Survey, args) -> Path:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-        return "-" if value is None else str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "FAIL")

@@ -3,7 +3,7 @@
 Runs ``trap-run`` (trap 1.4.0, with ``benchmarks/trap_reference/trap_config.toml``'s parameters
 and 2 threads) on the sweep fields of ``benchmarks/accuracy.py --sweep`` at ew/ns_sys_err of 0.5x,
 1x and 5x the injected positional scatter, and scores each SQLite export with the sweep's own
-figures (``_truth_match.association_figures``): split, mixed, top-N by eta, transients new,
+figures (``trap_dask.scoring.association_figures``): split, mixed, top-N by eta, transients new,
 alive twice. Prints one Markdown row per run::
 
     python benchmarks/accuracy.py --sweep --workdir /tmp/swp        # simulates the fields (once)
@@ -28,12 +28,10 @@ import sys
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trap_dask.scoring import association_figures, read_light_curves
+from throughput import REFERENCE_TOML, db_flags, run_measured, trap14_env
 
-from _truth_match import association_figures, read_light_curves  # noqa: E402
-from throughput import REFERENCE_TOML, db_flags, run_measured, trap14_env  # noqa: E402
-
-from trap_dask.simulate import load_truth  # noqa: E402
+from trap_dask.simulate import load_truth
 
 FIELDS = ("sweep_40_0.05_0_0", "sweep_40_0.05_10_0")
 SETTINGS = (0.5, 1.0, 5.0)  #: systematic error as multiples of the injected scatter per axis

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import _truth_match as tm  # noqa: E402
-from trap_dask.extraction import ExtractionParams, forced_fit  # noqa: E402
-from trap_dask.simulate import SurveySpec, load_truth, simulate_survey  # noqa: E402
+import trap_dask.scoring as tm
+from trap_dask.extraction import ExtractionParams, forced_fit
+from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 #: Change to check other seeds (the bounds were checked with seeds 0, 1 and 2).
 SEED = int(os.environ.get("TRAP_ACCURACY_SEED", "0"))

@@ -1,7 +1,9 @@
-"""Helpers shared by the accuracy benchmarks and tests: extract an image, match catalogues, pulls.
+"""Scoring against a simulated survey's truth (:mod:`trap_dask.simulate`): extract an image, match
+catalogues, error pulls, and the association figures of a run's export.
 
 Everything here is a pure function of arrays (positions in deg, fluxes in Jy/beam or Jy), except
-:func:`extract_file`, which reads one FITS image the way a pipeline worker does.
+:func:`extract_file`, which reads one FITS image the way a pipeline worker does, and
+:func:`read_light_curves`, which reads a SQLite export.
 """
 
 from __future__ import annotations
