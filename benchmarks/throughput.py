@@ -73,6 +73,10 @@ SURVEYS = {
         Survey("small", 20, 1024, (200, 25, 10, 10, 5), seed=1),
         Survey("standard", 50, 2048, STANDARD_COUNTS, seed=2),
         Survey("standard200", 200, 2048, STANDARD_COUNTS, seed=2),
+        # the shapes of issue 15's held-out surveys
+        Survey("medium30", 30, 2048, (700, 50, 20, 20, 5), seed=3),
+        Survey("pairs50", 50, 2048, (560, 30, 10, 8, 100), seed=4),
+        Survey("huge", 6, 8192, (2800, 100, 40, 40, 10), seed=5),
     )
 }
 
