@@ -1,0 +1,142 @@
+"""The writer alone: association, light curves and commit per image, fed as fast as it takes them.
+
+    python benchmarks/writer_alone.py [--images 100] [--sources 1000] [--backend sqlite postgres]
+                                      [--worker-ms 185]
+
+Feeds :class:`trap_dask.writer.Writer` (in this process, no Dask) synthetic worker results: a sky
+of ``--sources`` point sources measured in every image with 1" of position noise, 3% of them
+missed per image (forced fits answered at once) and a few transients appearing. Nothing waits on
+workers, so this is the writer at the rate of any number of workers (64 of them deliver ~350
+images/s of 2048^2 at 185 ms each). Prints ms per image per phase and, from ``--worker-ms`` (one
+worker's time per image, ``benchmarks/stages.py``), the number of workers at which the writer
+becomes the limit of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from results_table import markdown_table
+
+from trap_dask.config import build_config
+from trap_dask.db.backends import DatabaseSettings, drop_database
+from trap_dask.db.store import ExportStore
+from trap_dask.image import Beam, ImageMeta
+from trap_dask.quality import ImageStats
+from trap_dask.sources import empty_sources
+
+ARCSEC = 1 / 3600
+BEAM_FWHM = 30 * ARCSEC  # deg
+FIELD = 2.0  # deg on a side
+PG = dict(db_host="127.0.0.1", db_port=5432, db_user="postgres")
+
+
+class Sky:
+    """Synthetic worker results: detections of a fixed sky, forced fits on request (deg, Jy)."""
+
+    def __init__(self, n_sources: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.ra = 150.0 + (self.rng.random(n_sources) - 0.5) * FIELD / np.cos(np.radians(30.0))
+        self.dec = 30.0 + (self.rng.random(n_sources) - 0.5) * FIELD
+        self.flux = 10 ** self.rng.uniform(-2.5, -0.5, n_sources)
+
+    def image(self, i: int):
+        from trap_dask.tasks import ImageResult
+
+        seen = self.rng.random(len(self.ra)) > 0.03
+        n_new = 2
+        ra = np.concatenate([self.ra[seen], 150.0 + (self.rng.random(n_new) - 0.5) * FIELD])
+        dec = np.concatenate([self.dec[seen], 30.0 + (self.rng.random(n_new) - 0.5) * FIELD])
+        det = self.measured(ra, dec, np.concatenate([self.flux[seen], np.full(n_new, 0.05)]), forced=False)
+        meta = ImageMeta(url=f"/data/image{i:05d}.fits", taustart_ts=datetime(2024, 1, 1) + timedelta(hours=i),
+                         tau_time=60.0, freq_eff=150e6, freq_bw=2e6,
+                         beam=Beam(BEAM_FWHM / 2, BEAM_FWHM / 3, 0.0), shape=(2048, 2048),
+                         centre_ra=150.0, centre_dec=30.0, pixel_scale=4 * ARCSEC, header="")
+        return ImageResult(meta, f"{i:064x}", ImageStats(1e-3, 9e-4, 1.1e-3), None, FIELD, det)
+
+    def measured(self, ra: np.ndarray, dec: np.ndarray, flux: np.ndarray, forced: bool) -> np.ndarray:
+        rows = empty_sources(len(ra))
+        noise = 0.0 if forced else ARCSEC
+        rows["ra"] = ra + self.rng.normal(0, noise, len(ra)) / np.cos(np.radians(30.0))
+        rows["dec"] = dec + self.rng.normal(0, noise, len(ra))
+        rows["ra_fit_err"] = rows["dec_fit_err"] = 0.5 * ARCSEC
+        rows["peak_flux"] = rows["int_flux"] = flux * (1 + self.rng.normal(0, 0.05, len(ra)))
+        rows["peak_flux_err"] = rows["int_flux_err"] = 1e-3
+        rows["significance_detection_level"] = flux / 1e-3
+        rows["semimajor_axis"], rows["semiminor_axis"] = 15.0, 10.0
+        rows["error_radius"] = 1.0
+        rows["gaussian_fit"] = not forced
+        rows["is_force_fit"] = forced
+        return rows
+
+    def forced(self, request):
+        from trap_dask.catalogue import ForcedMeasurements
+
+        pairs = np.stack([self.measured(request.pair_ra[:, k], request.pair_dec[:, k], np.full(len(request.pair_ra),
+                                                                                                0.01), True)
+                          for k in (0, 1)], axis=1) if len(request.pair_ra) else None
+        extra = {"pairs": pairs, "pair_ok": np.ones(len(pairs), bool)} if pairs is not None else {}
+        return ForcedMeasurements(self.measured(request.ra, request.dec, np.full(len(request.ra), 0.01), True),
+                                  backfill=self.measured(request.backfill_ra, request.backfill_dec,
+                                                         np.full(len(request.backfill_ra), 0.01), True), **extra)
+
+
+def bench(backend: str, workdir: Path, n_images: int, n_sources: int) -> dict[str, float]:
+    """Seconds per phase (associate / update / commit / total) over the images after the first."""
+    from trap_dask.catalogue import ForcedRequest
+    from trap_dask.writer import Writer
+
+    values = dict(db_backend="sqlite", db_name=str(workdir / "writer_alone.db")) if backend == "sqlite" else \
+        dict(db_backend="postgres", db_name="trap_dask_writer_alone", **PG)
+    config = build_config(values, {}, None)
+    settings = DatabaseSettings(backend=config.db_backend, name=config.db_name, host=config.db_host,
+                                port=config.db_port, user=config.db_user, password=None)
+    ExportStore.create(settings, overwrite=True).close()
+    sky, writer = Sky(n_sources), None
+    try:
+        writer = Writer(settings, config, None)
+        images = [sky.image(i) for i in range(n_images)]
+        wall = 0.0
+        for i, image in enumerate(images):
+            if i == 1:  # the first image creates every light curve: not a steady-state image
+                writer.seconds = dict.fromkeys(writer.seconds, 0.0)
+            started = time.perf_counter()
+            request = writer.associate(image)
+            if isinstance(request, ForcedRequest):
+                writer.commit(sky.forced(request))
+            wall += (time.perf_counter() - started) if i else 0.0
+        return {**writer.seconds, "total": wall}
+    finally:
+        if writer is not None:
+            writer.finish("completed")
+        if backend == "postgres":
+            drop_database(settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--sources", type=int, default=1000, help="sources per image")
+    parser.add_argument("--backend", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
+    parser.add_argument("--worker-ms", type=float, default=185.0,
+                        help="one worker's CPU time per image (ms), to say when the writer becomes the limit")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for backend in args.backend:
+            s = bench(backend, Path(workdir), args.images, args.sources)
+            per = {k: 1000 * v / (args.images - 1) for k, v in s.items()}
+            rows.append([backend, args.images, args.sources, per["associate"], per["update"], per["commit"],
+                         per["total"], 1000 / per["total"], args.worker_ms / per["total"]])
+    print(markdown_table(["backend", "images", "sources / image", "associate ms", "light curves ms", "commit ms",
+                          "ms per image", "images / s", f"workers to saturate it ({args.worker_ms:g} ms/image)"],
+                         rows))
+
+
+if __name__ == "__main__":
+    main()
