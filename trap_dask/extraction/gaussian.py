@@ -387,33 +387,45 @@ def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
 def _fft_gram(
     vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_gram_matrices` by convolving each island's vectors with the beam on its pixel grid.
+    """:func:`_gram_matrices` through the Fourier transforms of each island's vectors.
 
-    ``sum_j rho(r_i - r_j) v_j`` is a linear convolution over the island's bounding box (h, w):
-    a circular FFT convolution of size >= (2h - 1, 2w - 1) gives it exactly, in float64.
-    Islands of similar padded size share one batched FFT.
+    ``sum_ij v_i rho(r_i - r_j) v_j^T`` is, on the island's bounding box (h, w) zero-padded to a
+    circular grid of >= (2h - 1, 2w - 1) cells, the sum over frequencies of ``V(f) RHO(f) V(f)^H``
+    divided by the number of cells (Parseval): exact, in float64. ``RHO`` (the transform of the
+    unit-peak beam on the grid) is real, and the real transforms of the vectors give the sum as
+    one real matrix product per island. Islands of the same padded size share one batched FFT.
     """
     n, k = len(starts), vectors.shape[1]
     island = np.repeat(np.arange(n), np.diff(np.append(starts, len(r))))
-    grid = np.rint(r - np.minimum.reduceat(r, starts)[island]).astype(int)  # (npix, 2): x, y
+    grid = np.rint(r - np.minimum.reduceat(r, starts)[island]).astype(np.intp)  # (npix, 2): x, y
     extent = np.maximum.reduceat(grid, starts) + 1
-    padded = np.array([sfft.next_fast_len(int(2 * e - 1), real=True) for e in extent.ravel()]).reshape(n, 2)
-    products = np.empty((k, k, len(r)))
-    batch = np.empty(n, dtype=int)
-    shape_id = np.unique(padded, axis=0, return_inverse=True)[1].ravel()
-    for isl in _size_batches(shape_id, padded.prod(1) * k, _CELLS_PER_BATCH):
-        isl = np.sort(isl)
-        nx, ny = padded[isl].max(0)
-        batch[isl] = np.arange(len(isl))
-        pix = np.flatnonzero(np.isin(island, isl))
-        cell = (batch[island[pix]] * ny + grid[pix, 1]) * nx + grid[pix, 0]
-        cells = np.zeros((k, len(isl) * ny * nx))
-        cells[:, cell] = vectors[pix].T
-        beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx))
-        spectrum = sfft.rfft2(cells.reshape(k, len(isl), ny, nx)) * beam
-        smoothed = sfft.irfft2(spectrum, s=(ny, nx)).reshape(k, -1)[:, cell]
-        products[:, :, pix] = vectors[pix].T[:, None, :] * smoothed[None, :, :]
-    correlated = np.moveaxis(segment_sum(products, starts), -1, 0)
+    fast = {int(e): sfft.next_fast_len(int(2 * e - 1), real=True) for e in np.unique(extent)}
+    padded = np.array([fast[int(e)] for e in extent.ravel()], dtype=np.intp).reshape(n, 2)
+    correlated = np.empty((n, k, k))
+    shape_key = padded[:, 1] * (padded[:, 0].max() + 1) + padded[:, 0]
+    order = np.argsort(shape_key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(shape_key[order]) != 0, True])
+    local = np.full(n, -1)
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        same = order[first:last]
+        nx, ny = padded[same[0]]
+        # rfft2 keeps the columns 0..nx//2: the others are the conjugates of columns 1..(nx-1)//2
+        twice = np.full(nx // 2 + 1, 2.0)
+        twice[0] = 1.0
+        if nx % 2 == 0:
+            twice[-1] = 1.0
+        beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx)).real * twice / (nx * ny)
+        weight = np.repeat(beam.ravel(), 2)  # real and imaginary parts
+        per_batch = max(1, _CELLS_PER_BATCH // (k * nx * ny))
+        for chunk in range(0, len(same), per_batch):
+            isl = same[chunk : chunk + per_batch]
+            local[isl] = np.arange(len(isl))
+            pix = np.flatnonzero(local[island] >= 0)
+            cells = np.zeros((len(isl), ny, nx, k))
+            cells[local[island[pix]], grid[pix, 1], grid[pix, 0]] = vectors[pix]
+            local[isl] = -1
+            spectrum = sfft.rfft2(np.moveaxis(cells, 3, 1)).reshape(len(isl), k, -1).view(np.float64)
+            correlated[isl] = (spectrum * weight) @ np.swapaxes(spectrum, 1, 2)
     plain = np.moveaxis(segment_sum(vectors.T[:, None, :] * vectors.T[None, :, :], starts), -1, 0)
     return plain, correlated
 
