@@ -286,8 +286,8 @@ def _island_pixels(centres: np.ndarray, half: int, rng: np.random.Generator):
 
 
 def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
-    """Pairwise (small islands) and FFT (large islands) beam-correlated sums against dense ones."""
-    from trap_dask.extraction.gaussian import _FFT_MIN_PIXELS, PixelSet, _gram_matrices
+    """FFT beam-correlated sums (float32: small islands, float64: large) against dense ones."""
+    from trap_dask.extraction.gaussian import _FLOAT64_MIN_PIXELS, PixelSet, _gram_matrices
 
     rng = np.random.default_rng(5)
     full = _island_pixels(np.array([[20, 30], [80, 64], [150, 40]]), 12, rng)  # 625 pixels each
@@ -296,7 +296,7 @@ def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
     pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
                       np.searchsorted(full.island[keep], np.arange(3)))
     counts = np.diff(np.append(pixels.starts, len(pixels.x)))
-    assert counts[0] <= _FFT_MIN_PIXELS < counts[1:].min()  # both paths are exercised
+    assert counts[0] <= _FLOAT64_MIN_PIXELS < counts[1:].min()  # both precisions are exercised
     beam_cov = BEAM.cov()
     vectors = rng.normal(size=(len(pixels.x), 4))
     first = pixels.starts[pixels.island]  # offsets from a pixel of the island keep float32 sums exact

@@ -324,56 +324,11 @@ def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.nda
     return ok & (minor > 0.2 * beam_minor) & (major < 3.0 * extent + 2.0 * beam_minor)
 
 
-#: Upper bound on padded pixel pairs handled per batch by :func:`_direct_gram`.
-_PAIRS_PER_BATCH = 250_000
-#: Islands of more pixels than this get their correlated sums by FFT convolution.
-_FFT_MIN_PIXELS = 300
-#: Upper bound on grid cells per batch of :func:`_fft_gram`.
+#: Islands of more pixels than this get their correlated sums in float64, the others in float32
+#: (their few terms keep float32 sums accurate to ~1e-6 of the largest).
+_FLOAT64_MIN_PIXELS = 300
+#: Upper bound on grid cells (islands x vectors x padded cells) per batched FFT.
 _CELLS_PER_BATCH = 1_000_000
-
-
-def _size_batches(size: np.ndarray, cost: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Group items in order of ``size`` so that each group's ``len * max cost`` stays <= budget."""
-    order = np.argsort(size, kind="stable")
-    batches, first = [], 0
-    while first < len(order):
-        last = first + 1
-        while last < len(order) and (last - first + 1) * cost[order[last]] <= budget:
-            last += 1
-        batches.append(order[first:last])
-        first = last
-    return batches
-
-
-def _direct_gram(
-    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_gram_matrices` summing every pixel pair explicitly, in float32 (small islands).
-
-    Writing ``rho_ij = exp(f_i + f_j + r_i^T B r_j)`` with ``f = -r^T B r / 2`` and ``B`` the
-    inverse beam covariance, the exponents of all pairs are one matrix product of 4-vectors.
-    """
-    n, k = len(starts), vectors.shape[1]
-    counts = np.diff(np.append(starts, len(r)))
-    r = r.astype(np.float32)
-    br = r @ beam_inv.astype(np.float32)
-    f = -0.5 * np.einsum("ij,ij->i", r, br)[:, None]
-    one = np.ones_like(f)
-    left, right = np.hstack([r, f, one]), np.hstack([br, one, f])
-    vectors = vectors.astype(np.float32)
-    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
-    buffer = np.empty(_PAIRS_PER_BATCH + counts.max() ** 2, dtype=np.float32)
-    for isl in _size_batches(counts, counts.astype(float) ** 2, _PAIRS_PER_BATCH):
-        size = counts[isl].max()
-        slot = np.arange(size)
-        used = slot[None, :] < counts[isl, None]
-        idx = np.where(used, starts[isl, None] + slot, starts[isl, None])
-        rho = buffer[: len(isl) * size * size].reshape(len(isl), size, size)
-        np.exp(np.matmul(left[idx], np.swapaxes(right[idx], 1, 2), out=rho), out=rho)
-        vec = vectors[idx] * used[:, :, None]
-        vec_t = np.swapaxes(vec, 1, 2)
-        plain[isl], correlated[isl] = vec_t @ vec, vec_t @ (rho @ vec)
-    return plain, correlated
 
 
 def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
@@ -384,49 +339,70 @@ def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
     return np.exp(-0.5 * (a * ox * ox + 2.0 * b * ox * oy + c * oy * oy))
 
 
+def _parseval_weights(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """(2, 2 * ny * (nx // 2 + 1)) weights of the real and imaginary parts of an ``rfft2`` on a
+    (ny, nx) grid: row 0 gives ``sum_ij v_i rho(r_i - r_j) w_j``, row 1 ``sum_i v_i w_i``.
+
+    ``rfft2`` keeps the columns 0..nx//2; the others, conjugates of columns 1..(nx-1)//2, count
+    twice. The transform of the beam on the grid is real (the beam is symmetric).
+    """
+    twice = np.full(nx // 2 + 1, 2.0)
+    twice[0] = 1.0
+    if nx % 2 == 0:
+        twice[-1] = 1.0
+    beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx)).real
+    weights = np.stack([beam * twice, np.broadcast_to(twice, beam.shape)]) / (nx * ny)
+    return np.repeat(weights.reshape(2, -1), 2, axis=1)
+
+
 def _fft_gram(
-    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
+    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, dtype: type = np.float64
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_gram_matrices` through the Fourier transforms of each island's vectors.
 
     ``sum_ij v_i rho(r_i - r_j) v_j^T`` is, on the island's bounding box (h, w) zero-padded to a
     circular grid of >= (2h - 1, 2w - 1) cells, the sum over frequencies of ``V(f) RHO(f) V(f)^H``
-    divided by the number of cells (Parseval): exact, in float64. ``RHO`` (the transform of the
-    unit-peak beam on the grid) is real, and the real transforms of the vectors give the sum as
-    one real matrix product per island. Islands of the same padded size share one batched FFT.
+    divided by the number of cells (Parseval), and ``sum_i v_i v_i^T`` the same without ``RHO``:
+    both are one real matrix product of each island's transformed vectors. The pixels lie on the
+    integer grid (offsets ``r`` differ by whole pixels). Islands of the same padded size share
+    one batched FFT; ``dtype`` (float32 or float64) is the precision of the transforms.
     """
     n, k = len(starts), vectors.shape[1]
-    island = np.repeat(np.arange(n), np.diff(np.append(starts, len(r))))
-    grid = np.rint(r - np.minimum.reduceat(r, starts)[island]).astype(np.intp)  # (npix, 2): x, y
-    extent = np.maximum.reduceat(grid, starts) + 1
-    fast = {int(e): sfft.next_fast_len(int(2 * e - 1), real=True) for e in np.unique(extent)}
-    padded = np.array([fast[int(e)] for e in extent.ravel()], dtype=np.intp).reshape(n, 2)
-    correlated = np.empty((n, k, k))
-    shape_key = padded[:, 1] * (padded[:, 0].max() + 1) + padded[:, 0]
-    order = np.argsort(shape_key, kind="stable")
+    counts = np.diff(np.append(starts, len(r)))
+    island = np.repeat(np.arange(n), counts)
+    rows = np.ascontiguousarray(r.T)  # reductions along rows are fast
+    grid = np.rint(rows - np.minimum.reduceat(rows, starts, axis=1)[:, island]).astype(np.intp)  # x, y
+    extent = np.maximum.reduceat(grid, starts, axis=1) + 1
+    fast = np.zeros(extent.max() + 1, dtype=np.intp)
+    for e in np.unique(extent):
+        fast[e] = sfft.next_fast_len(int(2 * e - 1), real=True)
+    padded = fast[extent]  # (2, n): nx, ny of each island's grid
+    shape_key = padded[1] * (padded[0].max() + 1) + padded[0]
+    order = np.argsort(shape_key, kind="stable")  # islands by grid size
     bounds = np.flatnonzero(np.r_[True, np.diff(shape_key[order]) != 0, True])
-    local = np.full(n, -1)
-    for first, last in zip(bounds[:-1], bounds[1:]):
-        same = order[first:last]
-        nx, ny = padded[same[0]]
-        # rfft2 keeps the columns 0..nx//2: the others are the conjugates of columns 1..(nx-1)//2
-        twice = np.full(nx // 2 + 1, 2.0)
-        twice[0] = 1.0
-        if nx % 2 == 0:
-            twice[-1] = 1.0
-        beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx)).real * twice / (nx * ny)
-        weight = np.repeat(beam.ravel(), 2)  # real and imaginary parts
+    ordered_counts = counts[order]
+    ends = np.cumsum(ordered_counts)
+    # the pixels of the islands in that order, and the position in ``order`` of their island
+    pixel_order = np.repeat(starts[order] - ends + ordered_counts, ordered_counts) + np.arange(ends[-1])
+    position = np.repeat(np.arange(n), ordered_counts)
+    pixel_bounds = np.r_[0, ends][bounds]
+    vectors = vectors.astype(dtype)
+    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
+    for first, last, pix_first, pix_last in zip(bounds[:-1], bounds[1:], pixel_bounds[:-1], pixel_bounds[1:]):
+        nx, ny = padded[:, order[first]]
+        weights = _parseval_weights(beam_inv, ny, nx).astype(dtype)
         per_batch = max(1, _CELLS_PER_BATCH // (k * nx * ny))
-        for chunk in range(0, len(same), per_batch):
-            isl = same[chunk : chunk + per_batch]
-            local[isl] = np.arange(len(isl))
-            pix = np.flatnonzero(local[island] >= 0)
-            cells = np.zeros((len(isl), ny, nx, k))
-            cells[local[island[pix]], grid[pix, 1], grid[pix, 0]] = vectors[pix]
-            local[isl] = -1
-            spectrum = sfft.rfft2(np.moveaxis(cells, 3, 1)).reshape(len(isl), k, -1).view(np.float64)
-            correlated[isl] = (spectrum * weight) @ np.swapaxes(spectrum, 1, 2)
-    plain = np.moveaxis(segment_sum(vectors.T[:, None, :] * vectors.T[None, :, :], starts), -1, 0)
+        for chunk in range(first, last, per_batch):
+            top = min(chunk + per_batch, last)
+            lo, hi = np.searchsorted(position[pix_first:pix_last], [chunk, top]) + pix_first
+            pix = pixel_order[lo:hi]
+            cells = np.zeros((top - chunk, k, ny, nx), dtype=dtype)
+            cells[position[lo:hi] - chunk, :, grid[1, pix], grid[0, pix]] = vectors[pix]
+            spectrum = sfft.rfft2(cells).reshape(top - chunk, k, -1).view(dtype)
+            weighted = (spectrum[:, None] * weights[:, None]).reshape(top - chunk, 2 * k, -1)
+            both = weighted @ np.swapaxes(spectrum, 1, 2)
+            isl = order[chunk:top]
+            correlated[isl], plain[isl] = both[:, :k], both[:, k:]
     return plain, correlated
 
 
@@ -436,9 +412,8 @@ def _gram_matrices(
     """Per island ``sum_i v_i v_i^T`` and ``sum_ij v_i rho(r_i - r_j) v_j^T`` (n, k, k each).
 
     ``vectors`` (npix, k) of the island pixels at offsets (dx, dy) in pixels from any point of
-    their island (keep them small: small islands sum in float32); ``rho`` is the unit-peak beam.
-    Islands of more than ``_FFT_MIN_PIXELS`` pixels are summed by FFT convolution, the others
-    pair by pair.
+    their island; ``rho`` is the unit-peak beam. Islands of more than ``_FLOAT64_MIN_PIXELS``
+    pixels are summed in float64, the others in float32 (see :func:`_fft_gram`).
     """
     n, k = len(pixels.starts), vectors.shape[1]
     counts = np.diff(np.append(pixels.starts, len(dx)))
@@ -446,12 +421,13 @@ def _gram_matrices(
     beam_inv = np.linalg.inv(beam_cov)
     plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
     for large in (False, True):
-        chosen = (counts > _FFT_MIN_PIXELS) == large
+        chosen = (counts > _FLOAT64_MIN_PIXELS) == large
         if chosen.any():
             pix = chosen[pixels.island]
             starts = np.cumsum(counts[chosen]) - counts[chosen]
-            gram = _fft_gram if large else _direct_gram
-            plain[chosen], correlated[chosen] = gram(vectors[pix], r[pix], beam_inv, starts)
+            plain[chosen], correlated[chosen] = _fft_gram(
+                vectors[pix], r[pix], beam_inv, starts, np.float64 if large else np.float32
+            )
     return plain, correlated
 
 
