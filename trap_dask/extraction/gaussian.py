@@ -11,6 +11,7 @@ inverse covariance ``[[a, b], [b, c]]`` (pixel**-2):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -339,20 +340,27 @@ def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
     return np.exp(-0.5 * (a * ox * ox + 2.0 * b * ox * oy + c * oy * oy))
 
 
-def _parseval_weights(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
-    """(2, 2 * ny * (nx // 2 + 1)) weights of the real and imaginary parts of an ``rfft2`` on a
-    (ny, nx) grid: row 0 gives ``sum_ij v_i rho(r_i - r_j) w_j``, row 1 ``sum_i v_i w_i``.
+@functools.lru_cache(maxsize=256)
+def _parseval_weights(beam_inv: tuple[float, float, float], ny: int, nx: int, dtype: type) -> np.ndarray:
+    """(2 * ny * (nx // 2 + 1),) square roots of the weights of the real and imaginary parts of an
+    ``rfft2`` on a (ny, nx) grid such that ``sum_ij v_i rho(r_i - r_j) w_j`` is the sum over them
+    of the weighted parts of ``V`` times those of ``W``; ``beam_inv`` is (a, b, c).
 
     ``rfft2`` keeps the columns 0..nx//2; the others, conjugates of columns 1..(nx-1)//2, count
-    twice. The transform of the beam on the grid is real (the beam is symmetric).
+    twice. The transform of the beam on the grid is real (the beam is symmetric) and positive
+    (sampled Gaussians; rounding can leave ~1e-17 below zero, taken as zero). Cached: the images
+    of a survey share their beams and grid sizes.
     """
+    a, b, c = beam_inv
     twice = np.full(nx // 2 + 1, 2.0)
     twice[0] = 1.0
     if nx % 2 == 0:
         twice[-1] = 1.0
-    beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx)).real
-    weights = np.stack([beam * twice, np.broadcast_to(twice, beam.shape)]) / (nx * ny)
-    return np.repeat(weights.reshape(2, -1), 2, axis=1)
+    beam = sfft.rfft2(beam_on_grid(np.array([[a, b], [b, c]]), ny, nx)).real
+    weights = np.sqrt(np.maximum(beam * twice / (nx * ny), 0.0))
+    weights = np.repeat(weights.ravel(), 2).astype(dtype)
+    weights.flags.writeable = False
+    return weights
 
 
 def _fft_gram(
@@ -362,8 +370,8 @@ def _fft_gram(
 
     ``sum_ij v_i rho(r_i - r_j) v_j^T`` is, on the island's bounding box (h, w) zero-padded to a
     circular grid of >= (2h - 1, 2w - 1) cells, the sum over frequencies of ``V(f) RHO(f) V(f)^H``
-    divided by the number of cells (Parseval), and ``sum_i v_i v_i^T`` the same without ``RHO``:
-    both are one real matrix product of each island's transformed vectors. The pixels lie on the
+    divided by the number of cells (Parseval): one real matrix product of each island's
+    transformed vectors, weighted. The pixels lie on the
     integer grid (offsets ``r`` differ by whole pixels). Islands of the same padded size share
     one batched FFT; ``dtype`` (float32 or float64) is the precision of the transforms.
     """
@@ -388,21 +396,23 @@ def _fft_gram(
     pixel_bounds = np.r_[0, ends][bounds]
     vectors = vectors.astype(dtype)
     plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
+    inverse = (float(beam_inv[0, 0]), float(beam_inv[0, 1]), float(beam_inv[1, 1]))
     for first, last, pix_first, pix_last in zip(bounds[:-1], bounds[1:], pixel_bounds[:-1], pixel_bounds[1:]):
-        nx, ny = padded[:, order[first]]
-        weights = _parseval_weights(beam_inv, ny, nx).astype(dtype)
+        nx, ny = (int(v) for v in padded[:, order[first]])
+        weights = _parseval_weights(inverse, ny, nx, dtype)
         per_batch = max(1, _CELLS_PER_BATCH // (k * nx * ny))
         for chunk in range(first, last, per_batch):
             top = min(chunk + per_batch, last)
             lo, hi = np.searchsorted(position[pix_first:pix_last], [chunk, top]) + pix_first
             pix = pixel_order[lo:hi]
-            cells = np.zeros((top - chunk, k, ny, nx), dtype=dtype)
-            cells[position[lo:hi] - chunk, :, grid[1, pix], grid[0, pix]] = vectors[pix]
-            spectrum = sfft.rfft2(cells).reshape(top - chunk, k, -1).view(dtype)
-            weighted = (spectrum[:, None] * weights[:, None]).reshape(top - chunk, 2 * k, -1)
-            both = weighted @ np.swapaxes(spectrum, 1, 2)
+            cells = np.zeros((top - chunk, k, ny * nx), dtype=dtype)
+            cell = ((position[lo:hi] - chunk) * k * ny + grid[1, pix]) * nx + grid[0, pix]
+            cells.reshape(-1)[cell[:, None] + np.arange(k) * (ny * nx)] = vectors[pix]
             isl = order[chunk:top]
-            correlated[isl], plain[isl] = both[:, :k], both[:, k:]
+            plain[isl] = cells @ np.swapaxes(cells, 1, 2)
+            spectrum = sfft.rfft2(cells.reshape(top - chunk, k, ny, nx)).reshape(top - chunk, k, -1).view(dtype)
+            spectrum *= weights
+            correlated[isl] = spectrum @ np.swapaxes(spectrum, 1, 2)
     return plain, correlated
 
 
