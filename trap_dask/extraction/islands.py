@@ -48,6 +48,14 @@ class Islands:
                        self.peak_snr[keep])
 
 
+def stable_order(ids: np.ndarray) -> np.ndarray:
+    """``np.argsort(ids, kind="stable")`` of non-negative integer ids, by radix sort when they fit
+    in 16 bits (NumPy sorts those in linear time; the order is the same)."""
+    if len(ids) and 0 <= ids.min() and ids.max() < 2**15:
+        ids = ids.astype(np.int16)
+    return np.argsort(ids, kind="stable")
+
+
 def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     """Start index of each id 0..n-1 in a sorted id array (every id present)."""
     return np.searchsorted(sorted_ids, np.arange(n))
@@ -67,7 +75,7 @@ def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, dete
     Per-label reductions use one sort and ``np.maximum.reduceat`` (fast for many labels).
     """
     flat, lab = flat[lab > 0], lab[lab > 0]
-    order = np.argsort(lab, kind="stable")
+    order = stable_order(lab)
     flat, lab = flat[order], lab[order]
     if len(flat) == 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -103,7 +111,8 @@ def find_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np
     with np.errstate(invalid="ignore"):
         above = snr > analysis
     labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
-    return labels, islands_from_labels(labels, snr, detection)
+    flat = np.flatnonzero(above)  # the labelled pixels (faster to find in the mask)
+    return labels, islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
 
 
 def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
@@ -123,18 +132,26 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     steps = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
     grown, grown_island = [edge], [edge_island]
     for _ in range(rings):
-        cand = (edge[:, None] + steps).ravel()
-        take = free[cand]
-        edge, first = np.unique(cand[take], return_index=True)
-        if len(edge) == 0:
+        # a pixel reached from several edge pixels goes to the first of them (in edge order):
+        # sorting (pixel, edge position) packed in one integer puts that one first
+        shift = max(int(len(edge) - 1).bit_length(), 1)  # bits of an edge position
+        reached = []
+        for step in steps:
+            cand = edge + step
+            take = np.flatnonzero(free[cand])
+            reached.append((cand[take] << shift) | take)
+        packed = np.sort(np.concatenate(reached))
+        if len(packed) == 0:
             break
-        edge_island = np.repeat(edge_island, len(steps))[take][first]
+        pixel = packed >> shift
+        first = np.r_[True, pixel[1:] != pixel[:-1]]
+        edge = pixel[first]
+        edge_island = edge_island[packed[first] & ((1 << shift) - 1)]
         free[edge] = False
         grown.append(edge)
         grown_island.append(edge_island)
     padded, island = np.concatenate(grown), np.concatenate(grown_island)
-    order = np.argsort(island, kind="stable")
-    row, col = np.divmod(padded[order], width)
-    island = island[order]
-    flat = (row - 1) * nx + col - 1
+    order = stable_order(island)
+    padded, island = padded[order], island[order]
+    flat = padded - 2 * (padded // width) - nx - 1  # (row - 1) * nx + col - 1
     return Islands(flat, island, _segment_starts(island, islands.n), islands.peak_flat, islands.peak_snr)
