@@ -41,6 +41,11 @@ class PixelSet:
     island: np.ndarray
     starts: np.ndarray
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of pixels of each island."""
+        return np.diff(self.starts, append=len(self.x))
+
     def select(self, keep_island: np.ndarray) -> PixelSet:
         """The pixel set of the islands where ``keep_island`` (renumbered 0..m-1)."""
         pix = keep_island[self.island]
@@ -97,7 +102,7 @@ def _model(
 
     ``p`` (n, 6) or, with the shape (a, b, c) fixed, (n, 3); each row is (npix,).
     """
-    q = np.take(np.ascontiguousarray(p.T), pixels.island, axis=1)
+    q = np.repeat(p.T, pixels.counts, axis=1)  # each island's parameters at its pixels
     a, b, c = shape if shape is not None else q[3:6]
     dx, dy = pixels.x - q[1], pixels.y - q[2]
     profile = np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
@@ -109,7 +114,7 @@ def model_and_jacobian(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model values (npix,) and Jacobian (nparam, npix); ``shape`` (a, b, c) fixed when given."""
     m, profile, dx, dy = _model(p, pixels, shape)
-    a, b, c = shape if shape is not None else p[pixels.island, 3:6].T
+    a, b, c = shape if shape is not None else np.repeat(p[:, 3:6].T, pixels.counts, axis=1)
     mdx, mdy = m * dx, m * dy
     rows = [profile, a * mdx + b * mdy, b * mdx + c * mdy]
     if shape is None:
@@ -126,13 +131,6 @@ _STEPS = [
 ]
 #: Index in _POWERS of the product of two monomials of degree <= 2.
 _PRODUCT = np.array([[_POWERS.index((p1 + p2, q1 + q2)) for p2, q2 in _POWERS[:6]] for p1, q1 in _POWERS[:6]])
-
-
-def _monomial_rows(base: np.ndarray, dx: np.ndarray, dy: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out[i]`` with ``base * dx**p dy**q`` for the first ``len(out)`` monomials."""
-    out[0] = base
-    for i, (source, by_x) in enumerate(_STEPS[: len(out) - 1], start=1):
-        np.multiply(out[source], dx if by_x else dy, out=out[i])
 
 
 def _jacobian_coefficients(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
@@ -167,11 +165,18 @@ def _linearise(
         n_sq = 15 if n_jac == 6 else 6
         resid = pixels.value - model
         wm = pixels.weight * model
+        # each row is summed over the islands as soon as it is made, while it is in the cache
         rows = np.empty((n_sq + n_jac + 1, len(model)))
-        _monomial_rows(wm * model, dx, dy, rows[:n_sq])
-        _monomial_rows(wm * resid, dx, dy, rows[n_sq:-1])
+        sums = np.empty((len(rows), len(pixels.starts)))
+        np.multiply(wm, model, out=rows[0])
+        np.multiply(wm, resid, out=rows[n_sq])
+        for base, count in ((0, n_sq), (n_sq, n_jac)):
+            np.add.reduceat(rows[base], pixels.starts, out=sums[base])
+            for i, (source, by_x) in enumerate(_STEPS[: count - 1], start=1):
+                np.multiply(rows[base + source], dx if by_x else dy, out=rows[base + i])
+                np.add.reduceat(rows[base + i], pixels.starts, out=sums[base + i])
         np.multiply(pixels.weight * resid, resid, out=rows[-1])
-        sums = segment_sum(rows, pixels.starts)
+        np.add.reduceat(rows[-1], pixels.starts, out=sums[-1])
         moments_sq = sums[:n_sq].T[:, _PRODUCT[:n_jac, :n_jac]]
         jtj = coef @ moments_sq @ np.swapaxes(coef, 1, 2)
         grad = (coef @ sums[n_sq:-1].T[:, :, None])[..., 0]
