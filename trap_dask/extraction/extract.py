@@ -167,8 +167,10 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
             detection=params.detection_threshold,
         )
         split = islands_from_pixels(islands.flat, components, snr, params.analysis_threshold)
-        order = np.argsort(islands.flat)
-        parent = islands.island[order[np.searchsorted(islands.flat, split.peak_flat, sorter=order)]]
+        peak_label = labels.flat[islands.peak_flat]  # every split peak lies in one of these
+        island_of_label = np.zeros(peak_label.max() + 1, dtype=np.intp)
+        island_of_label[peak_label] = np.arange(islands.n)
+        parent = island_of_label[labels.flat[split.peak_flat]]
         islands = split
     if islands.n == 0:
         return empty_sources()

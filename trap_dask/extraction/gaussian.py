@@ -48,10 +48,13 @@ class PixelSet:
 
     def select(self, keep_island: np.ndarray) -> PixelSet:
         """The pixel set of the islands where ``keep_island`` (renumbered 0..m-1)."""
+        if keep_island.all():
+            return self
         pix = keep_island[self.island]
-        island = (np.cumsum(keep_island) - 1)[self.island[pix]]
-        starts = np.searchsorted(island, np.arange(int(keep_island.sum())))
-        return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, starts)
+        counts = self.counts[keep_island]
+        ends = np.cumsum(counts)
+        island = np.repeat(np.arange(len(counts)), counts)
+        return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, ends - counts)
 
 
 def segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
