@@ -108,7 +108,17 @@ def _model(
     q = np.repeat(p.T, pixels.counts, axis=1)  # each island's parameters at its pixels
     a, b, c = shape if shape is not None else q[3:6]
     dx, dy = pixels.x - q[1], pixels.y - q[2]
-    profile = np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
+    # exp(-0.5 * (a dx dx + 2 b dx dy + c dy dy)), evaluated in that order, in place
+    profile = a * dx
+    profile *= dx
+    term = (2.0 * b) * dx
+    term *= dy
+    profile += term
+    np.multiply(c, dy, out=term)
+    term *= dy
+    profile += term
+    profile *= -0.5
+    np.exp(profile, out=profile)
     return q[0] * profile, profile, dx, dy
 
 
