@@ -417,18 +417,22 @@ def _fft_gram(
     inverse = (float(beam_inv[0, 0]), float(beam_inv[0, 1]), float(beam_inv[1, 1]))
     for first, last, pix_first, pix_last in zip(bounds[:-1], bounds[1:], pixel_bounds[:-1], pixel_bounds[1:]):
         nx, ny = (int(v) for v in padded[:, order[first]])
+        wx, hy = (int(v) for v in extent[:, order[first:last]].max(1))  # the islands' boxes fit in hy x wx
         weights = _parseval_weights(inverse, ny, nx, dtype)
         per_batch = max(1, _CELLS_PER_BATCH // (k * nx * ny))
         for chunk in range(first, last, per_batch):
             top = min(chunk + per_batch, last)
             lo, hi = np.searchsorted(position[pix_first:pix_last], [chunk, top]) + pix_first
             pix = pixel_order[lo:hi]
-            cells = np.zeros((top - chunk, k, ny * nx), dtype=dtype)
-            cell = ((position[lo:hi] - chunk) * k * ny + grid[1, pix]) * nx + grid[0, pix]
-            cells.reshape(-1)[cell[:, None] + np.arange(k) * (ny * nx)] = vectors[pix]
+            cells = np.zeros((top - chunk, k, hy * wx), dtype=dtype)
+            cell = ((position[lo:hi] - chunk) * k * hy + grid[1, pix]) * wx + grid[0, pix]
+            cells.reshape(-1)[cell[:, None] + np.arange(k) * (hy * wx)] = vectors[pix]
             isl = order[chunk:top]
             plain[isl] = cells @ np.swapaxes(cells, 1, 2)
-            spectrum = sfft.rfft2(cells.reshape(top - chunk, k, ny, nx)).reshape(top - chunk, k, -1).view(dtype)
+            # rfft2 on the (ny, nx) grid, zero-padding each axis as it is transformed
+            spectrum = sfft.rfft(cells.reshape(top - chunk, k, hy, wx), n=nx, axis=-1)
+            spectrum = sfft.fft(spectrum, n=ny, axis=-2, overwrite_x=True)
+            spectrum = spectrum.reshape(top - chunk, k, -1).view(dtype)
             spectrum *= weights
             correlated[isl] = spectrum @ np.swapaxes(spectrum, 1, 2)
     return plain, correlated
