@@ -163,16 +163,55 @@ def background_maps(
     ``stride`` > 1 measures the statistics on every stride-th pixel only: as fast and as good
     when the noise is correlated over several pixels (a beam sampled by >= 2 stride pixels).
     """
+    return _maps(data, box_y, box_x, kappa, stride, subtract=False)
+
+
+def residual_and_rms(
+    data: np.ndarray, box_y: int = 50, box_x: int = 50, kappa: float = 3.0, stride: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """``data - background`` and the noise map of :func:`background_maps`, without keeping the
+    background map (each band of it is subtracted while it is in the cache)."""
+    return _maps(data, box_y, box_x, kappa, stride, subtract=True)
+
+
+def _maps(
+    data: np.ndarray, box_y: int, box_x: int, kappa: float, stride: int, subtract: bool
+) -> tuple[np.ndarray, np.ndarray]:
     ny, nx = data.shape
     stack, centre_y, centre_x = _boxes(data, box_y, box_x, stride)
     mean, sigma, nfinite = clipped_stats(stack, kappa)
     bad = (nfinite < MIN_FINITE_FRACTION * stack.shape[-1]) | ~(sigma > 0)
     if bad.all():
         full = np.full((ny, nx), np.nan, dtype=np.float32)
-        return full, full.copy()
+        return (data - full if subtract else full), full.copy()
     mean = _fill_missing(np.where(bad, np.nan, mean)).astype(np.float32)
     sigma = _fill_missing(np.where(bad, np.nan, sigma)).astype(np.float32)
-    wy, wx = interpolation_weights(ny, centre_y), interpolation_weights(nx, centre_x)
-    background = wy @ mean @ wx.T
-    rms = np.maximum(wy @ sigma @ wx.T, 0.5 * sigma.min())
+    background = interpolate(mean, centre_y, centre_x, ny, nx, minuend=data if subtract else None)
+    rms = interpolate(sigma, centre_y, centre_x, ny, nx, floor=0.5 * sigma.min())
     return background, rms
+
+
+def interpolate(
+    grid: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray, ny: int, nx: int,
+    floor: float | None = None, minuend: np.ndarray | None = None,
+) -> np.ndarray:
+    """``Wy @ grid @ Wx.T`` (float32, ny x nx) with the weights of :func:`interpolation_weights`;
+    at least ``floor`` when given; subtracted from ``minuend`` (ny, nx) when given.
+
+    ``grid @ Wx.T`` first (small), then each band of rows between two box centres is the product
+    of two of its rows only (``Wy`` has two non-zero weights per row), finished while in the cache.
+    """
+    across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx)
+    wy = interpolation_weights(ny, centre_y)
+    lower = np.clip(np.searchsorted(centre_y, np.arange(ny), side="right") - 1, 0, max(len(centre_y) - 2, 0))
+    out = np.empty((ny, nx), dtype=np.float32)
+    bounds = np.flatnonzero(np.r_[True, np.diff(lower) != 0, True])
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        rows = slice(lower[first], lower[first] + 2)
+        band = out[first:last]
+        np.matmul(wy[first:last, rows], across[rows], out=band)
+        if floor is not None:
+            np.maximum(band, floor, out=band)
+        if minuend is not None:
+            np.subtract(minuend[first:last], band, out=band)
+    return out

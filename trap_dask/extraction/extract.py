@@ -8,7 +8,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.background import background_maps
+from trap_dask.extraction.background import residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
 from trap_dask.extraction.deblend import deblend
 from trap_dask.extraction.gaussian import (
@@ -94,8 +94,8 @@ def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionPara
     beam_minor_sigma = geo.axes_from_cov(beam_cov[None])[1][0]
     # Noise correlated over >= 2 pixels per sigma lets the statistics use every other pixel.
     stride = 2 if beam_minor_sigma >= 1.5 else 1
-    background, rms = background_maps(data, params.back_size_y, params.back_size_x, stride=stride)
-    return PreparedImage(data - background, rms, wcs, beam, beam_cov)
+    residual, rms = residual_and_rms(data, params.back_size_y, params.back_size_x, stride=stride)
+    return PreparedImage(residual, rms, wcs, beam, beam_cov)
 
 
 def in_extraction_region(
