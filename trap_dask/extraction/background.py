@@ -42,6 +42,10 @@ def _boxes(
     return stack, centres(gy, by, ny), centres(gx, bx, nx)
 
 
+#: Up to this many rows, :func:`_count_below` searches row by row.
+_FEW_ROWS = 32
+
+
 def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.ndarray:
     """Per row of ``ordered`` (rows sorted ascending, NaNs last): how many values are ``< limit``
     (``<= limit`` when ``inclusive``), by a binary search of all rows at once.
@@ -50,6 +54,10 @@ def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.
     ~log2(npix) gathers of one value per row instead of a pass over every value.
     """
     nrow, npix = ordered.shape
+    if nrow <= _FEW_ROWS:  # one search per row
+        side = "right" if inclusive else "left"
+        found = [np.searchsorted(row, value, side) if value == value else 0 for row, value in zip(ordered, limit)]
+        return np.array(found, dtype=np.intp)
     flat, base = ordered.ravel(), np.arange(nrow) * npix
     lo, hi = np.zeros(nrow, dtype=np.intp), np.full(nrow, npix, dtype=np.intp)
     compare = np.less_equal if inclusive else np.less
