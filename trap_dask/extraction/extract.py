@@ -19,7 +19,7 @@ from trap_dask.extraction.gaussian import (
     measurement_errors,
     shape_cov,
 )
-from trap_dask.extraction.islands import Islands, find_islands, grow_islands, islands_from_pixels
+from trap_dask.extraction.islands import Islands, find_islands, grow_into_background, islands_from_pixels
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -175,7 +175,7 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     if islands.n == 0:
         return empty_sources()
     # rings grow into blank-free pixels of no island (kept or not)
-    islands = grow_islands(islands, np.isfinite(snr) & (labels == 0), FIT_RINGS)
+    islands = grow_into_background(islands, snr, params.analysis_threshold, FIT_RINGS)
     pixels, cut_ratio = _pixel_set(image, islands)
     fit, chisq, fitted = fit_islands(
         pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam

@@ -122,12 +122,28 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     claimed by two islands goes to one of them. The islands' peaks are unchanged.
     """
     ny, nx = valid.shape
-    width = nx + 2  # a frame of never-free pixels spares the bounds checks
-    free = np.zeros((ny + 2, width), dtype=bool)
+    free = np.zeros((ny + 2, nx + 2), dtype=bool)  # a frame of never-free pixels spares the bounds checks
     free[1:-1, 1:-1] = valid
+    return _grow(islands, free, rings)
+
+
+def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rings: int) -> Islands:
+    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island)."""
+    ny, nx = snr.shape
+    free = np.zeros((ny + 2, nx + 2), dtype=bool)
+    inner = free[1:-1, 1:-1]
+    with np.errstate(invalid="ignore"):
+        np.less_equal(snr, analysis, out=inner)  # False for NaN and +inf
+        inner &= snr > -np.inf
+    return _grow(islands, free, rings)
+
+
+def _grow(islands: Islands, free: np.ndarray, rings: int) -> Islands:
+    """:func:`grow_islands` with the free pixels in a (ny + 2, nx + 2) frame (modified)."""
+    width = free.shape[1]
+    nx = width - 2
     free = free.ravel()
-    row, col = np.divmod(islands.flat, nx)
-    edge, edge_island = (row + 1) * width + col + 1, islands.island
+    edge, edge_island = islands.flat + 2 * (islands.flat // nx) + width + 1, islands.island  # (row+1, col+1)
     free[edge] = False
     steps = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
     grown, grown_island = [edge], [edge_island]
