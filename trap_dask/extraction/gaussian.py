@@ -382,7 +382,7 @@ def _parseval_weights(beam_inv: tuple[float, float, float], ny: int, nx: int, dt
 
 
 def _fft_gram(
-    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, dtype: type = np.float64
+    rows: np.ndarray, offsets: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, dtype: type = np.float64
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_gram_matrices` through the Fourier transforms of each island's vectors.
 
@@ -392,12 +392,13 @@ def _fft_gram(
     transformed vectors, weighted. The pixels lie on the
     integer grid (offsets ``r`` differ by whole pixels). Islands of the same padded size share
     one batched FFT; ``dtype`` (float32 or float64) is the precision of the transforms.
+    ``rows`` (k, npix): the vectors, in ``dtype``; ``offsets`` (2, npix): the pixels' (x, y)
+    offsets from any point of their island.
     """
-    n, k = len(starts), vectors.shape[1]
-    counts = np.diff(np.append(starts, len(r)))
+    (k, npix), n = rows.shape, len(starts)
+    counts = np.diff(np.append(starts, npix))
     island = np.repeat(np.arange(n), counts)
-    rows = np.ascontiguousarray(r.T)  # reductions along rows are fast
-    grid = np.rint(rows - np.minimum.reduceat(rows, starts, axis=1)[:, island]).astype(np.intp)  # x, y
+    grid = np.rint(offsets - np.minimum.reduceat(offsets, starts, axis=1)[:, island]).astype(np.intp)  # x, y
     extent = np.maximum.reduceat(grid, starts, axis=1) + 1
     fast = np.zeros(extent.max() + 1, dtype=np.intp)
     for e in np.unique(extent):
@@ -412,7 +413,6 @@ def _fft_gram(
     pixel_order = np.repeat(starts[order] - ends + ordered_counts, ordered_counts) + np.arange(ends[-1])
     position = np.repeat(np.arange(n), ordered_counts)
     pixel_bounds = np.r_[0, ends][bounds]
-    vectors = vectors.astype(dtype)
     plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
     inverse = (float(beam_inv[0, 0]), float(beam_inv[0, 1]), float(beam_inv[1, 1]))
     for first, last, pix_first, pix_last in zip(bounds[:-1], bounds[1:], pixel_bounds[:-1], pixel_bounds[1:]):
@@ -426,7 +426,9 @@ def _fft_gram(
             pix = pixel_order[lo:hi]
             cells = np.zeros((top - chunk, k, hy * wx), dtype=dtype)
             cell = ((position[lo:hi] - chunk) * k * hy + grid[1, pix]) * wx + grid[0, pix]
-            cells.reshape(-1)[cell[:, None] + np.arange(k) * (hy * wx)] = vectors[pix]
+            flat = cells.reshape(-1)
+            for j in range(k):
+                flat[cell + j * (hy * wx)] = rows[j, pix]
             isl = order[chunk:top]
             plain[isl] = cells @ np.swapaxes(cells, 1, 2)
             # rfft2 on the (ny, nx) grid, zero-padding each axis as it is transformed
@@ -448,18 +450,24 @@ def _gram_matrices(
     pixels are summed in float64, the others in float32 (see :func:`_fft_gram`).
     """
     n, k = len(pixels.starts), vectors.shape[1]
-    counts = np.diff(np.append(pixels.starts, len(dx)))
-    r = np.column_stack([dx, dy])
+    counts = pixels.counts
+    rows, offsets = vectors.T, np.stack([dx, dy])
     beam_inv = np.linalg.inv(beam_cov)
     plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
     for large in (False, True):
         chosen = (counts > _FLOAT64_MIN_PIXELS) == large
-        if chosen.any():
+        if not chosen.any():
+            continue
+        dtype = np.float64 if large else np.float32
+        if chosen.all():
+            sub_rows, sub_offsets, starts = rows, offsets, pixels.starts
+        else:
             pix = chosen[pixels.island]
+            sub_rows, sub_offsets = rows[:, pix], offsets[:, pix]
             starts = np.cumsum(counts[chosen]) - counts[chosen]
-            plain[chosen], correlated[chosen] = _fft_gram(
-                vectors[pix], r[pix], beam_inv, starts, np.float64 if large else np.float32
-            )
+        plain[chosen], correlated[chosen] = _fft_gram(
+            np.ascontiguousarray(sub_rows, dtype=dtype), sub_offsets, beam_inv, starts, dtype
+        )
     return plain, correlated
 
 
