@@ -382,7 +382,7 @@ def _parseval_weights(beam_inv: tuple[float, float, float], ny: int, nx: int, dt
 
 
 def _fft_gram(
-    rows: np.ndarray, offsets: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, dtype: type = np.float64
+    rows: np.ndarray, offsets: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, precise: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_gram_matrices` through the Fourier transforms of each island's vectors.
 
@@ -391,9 +391,9 @@ def _fft_gram(
     divided by the number of cells (Parseval): one real matrix product of each island's
     transformed vectors, weighted. The pixels lie on the
     integer grid (offsets ``r`` differ by whole pixels). Islands of the same padded size share
-    one batched FFT; ``dtype`` (float32 or float64) is the precision of the transforms.
-    ``rows`` (k, npix): the vectors, in ``dtype``; ``offsets`` (2, npix): the pixels' (x, y)
-    offsets from any point of their island.
+    one batched FFT, in float64 where ``precise`` (per island), else in float32. ``rows``
+    (k, npix): the vectors; ``offsets`` (2, npix): the pixels' (x, y) offsets from any point of
+    their island.
     """
     (k, npix), n = rows.shape, len(starts)
     counts = np.diff(np.append(starts, npix))
@@ -404,8 +404,8 @@ def _fft_gram(
     for e in np.unique(extent):
         fast[e] = sfft.next_fast_len(int(2 * e - 1), real=True)
     padded = fast[extent]  # (2, n): nx, ny of each island's grid
-    shape_key = padded[1] * (padded[0].max() + 1) + padded[0]
-    order = np.argsort(shape_key, kind="stable")  # islands by grid size
+    shape_key = (padded[1] * (padded[0].max() + 1) + padded[0]) * 2 + precise
+    order = np.argsort(shape_key, kind="stable")  # islands by grid size and precision
     bounds = np.flatnonzero(np.r_[True, np.diff(shape_key[order]) != 0, True])
     ordered_counts = counts[order]
     ends = np.cumsum(ordered_counts)
@@ -417,6 +417,7 @@ def _fft_gram(
     inverse = (float(beam_inv[0, 0]), float(beam_inv[0, 1]), float(beam_inv[1, 1]))
     for first, last, pix_first, pix_last in zip(bounds[:-1], bounds[1:], pixel_bounds[:-1], pixel_bounds[1:]):
         nx, ny = (int(v) for v in padded[:, order[first]])
+        dtype = np.float64 if precise[order[first]] else np.float32
         wx, hy = (int(v) for v in extent[:, order[first:last]].max(1))  # the islands' boxes fit in hy x wx
         weights = _parseval_weights(inverse, ny, nx, dtype)
         per_batch = max(1, _CELLS_PER_BATCH // (k * nx * ny))
@@ -449,26 +450,9 @@ def _gram_matrices(
     their island; ``rho`` is the unit-peak beam. Islands of more than ``_FLOAT64_MIN_PIXELS``
     pixels are summed in float64, the others in float32 (see :func:`_fft_gram`).
     """
-    n, k = len(pixels.starts), vectors.shape[1]
-    counts = pixels.counts
-    rows, offsets = vectors.T, np.stack([dx, dy])
-    beam_inv = np.linalg.inv(beam_cov)
-    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
-    for large in (False, True):
-        chosen = (counts > _FLOAT64_MIN_PIXELS) == large
-        if not chosen.any():
-            continue
-        dtype = np.float64 if large else np.float32
-        if chosen.all():
-            sub_rows, sub_offsets, starts = rows, offsets, pixels.starts
-        else:
-            pix = chosen[pixels.island]
-            sub_rows, sub_offsets = rows[:, pix], offsets[:, pix]
-            starts = np.cumsum(counts[chosen]) - counts[chosen]
-        plain[chosen], correlated[chosen] = _fft_gram(
-            np.ascontiguousarray(sub_rows, dtype=dtype), sub_offsets, beam_inv, starts, dtype
-        )
-    return plain, correlated
+    rows = np.ascontiguousarray(vectors.T)
+    return _fft_gram(rows, np.stack([dx, dy]), np.linalg.inv(beam_cov), pixels.starts,
+                     pixels.counts > _FLOAT64_MIN_PIXELS)
 
 
 def fit_covariance(
