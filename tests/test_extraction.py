@@ -437,3 +437,20 @@ def test_deblended_pairs_are_refitted_together(monkeypatch):
     assert _pull_ok(pulls())
     monkeypatch.setattr(extract, "SIBLING_MAX_EXTENT", 0.0)  # no joint refit
     assert np.median(pulls()) > 1.0
+
+
+@pytest.mark.parametrize("shape", [(50, 61), (40, 40), (1, 30), (30, 1), (5, 7)])
+def test_run_labels_equal_ndimage_labels(shape):
+    """Islands labelled from runs of pixels: the same pixels, numbers and 8-connectivity as
+    scipy.ndimage.label, across rows, diagonals and image edges."""
+    from scipy import ndimage
+
+    from trap_dask.extraction.islands import EIGHT_CONNECTED, label_pixels
+
+    rng = np.random.default_rng(sum(shape))
+    for fill in (0.0, 0.2, 0.5, 1.0):
+        mask = rng.uniform(size=shape) < fill
+        labels, _ = ndimage.label(mask, structure=EIGHT_CONNECTED)
+        flat, found = label_pixels(mask)
+        assert np.array_equal(flat, np.flatnonzero(labels))
+        assert np.array_equal(found, labels.ravel()[flat])

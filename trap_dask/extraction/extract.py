@@ -19,7 +19,7 @@ from trap_dask.extraction.gaussian import (
     measurement_errors,
     shape_cov,
 )
-from trap_dask.extraction.islands import Islands, find_islands, grow_into_background, islands_from_pixels
+from trap_dask.extraction.islands import Islands, grow_into_background, islands_from_pixels, label_islands
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -159,7 +159,7 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
         return empty_sources()
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = image.residual / image.rms
-    labels, islands = find_islands(snr, params.analysis_threshold, params.detection_threshold)
+    labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
     parent = np.arange(islands.n)  # the island each component was deblended from
     if params.deblend_nthresh > 0 and islands.n:
         components = deblend(
@@ -167,10 +167,10 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
             detection=params.detection_threshold,
         )
         split = islands_from_pixels(islands.flat, components, snr, params.analysis_threshold)
-        peak_label = labels.flat[islands.peak_flat]  # every split peak lies in one of these
+        peak_label = labels[np.searchsorted(labelled, islands.peak_flat)]  # every split peak lies in one
         island_of_label = np.zeros(peak_label.max() + 1, dtype=np.intp)
         island_of_label[peak_label] = np.arange(islands.n)
-        parent = island_of_label[labels.flat[split.peak_flat]]
+        parent = island_of_label[labels[np.searchsorted(labelled, split.peak_flat)]]
         islands = split
     if islands.n == 0:
         return empty_sources()

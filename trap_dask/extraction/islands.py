@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 #: 8-connectivity for scipy.ndimage.label.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -113,6 +115,51 @@ def find_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np
     labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
     flat = np.flatnonzero(above)  # the labelled pixels (faster to find in the mask)
     return labels, islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
+
+
+def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-connected components of a boolean image as (flat indices of its True pixels, sorted;
+    their labels 1..n), numbered as ``scipy.ndimage.label`` numbers them (by first pixel).
+
+    Works on the runs of True pixels along rows, not on every pixel: two runs in adjacent rows
+    are joined when their columns overlap or touch diagonally, and the runs' graph is split into
+    connected components.
+    """
+    ny, nx = mask.shape
+    flat = np.flatnonzero(mask)
+    if len(flat) == 0:
+        return flat, np.zeros(0, dtype=np.int32)
+    row = flat // nx
+    first = np.flatnonzero(np.r_[True, (np.diff(flat) != 1) | (np.diff(row) != 0)])
+    length = np.diff(first, append=len(flat))
+    run_row, start_col = row[first], flat[first] - row[first] * nx
+    width = nx + 2  # columns -1..nx of a row never reach the next one
+    key_start = run_row * width + start_col + 1
+    key_end = key_start + length - 1
+    # runs of the row above touching each run: a contiguous range of the sorted runs
+    above_start = key_start - width  # the same columns one row up
+    lo = np.searchsorted(key_end, above_start - 1)
+    hi = np.searchsorted(key_start, above_start + length, side="right")
+    count = np.maximum(hi - lo, 0)
+    source = np.repeat(np.arange(len(first)), count)
+    target = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
+    graph = coo_matrix((np.ones(len(source), dtype=np.int8), (source, target)), shape=(len(first),) * 2)
+    n, component = connected_components(graph, directed=False)
+    # number the components by their first run (= first pixel in raster order)
+    first_run = np.full(n, len(first))
+    np.minimum.at(first_run, component, np.arange(len(first)))
+    label = np.empty(n, dtype=np.int32)
+    label[np.argsort(first_run)] = np.arange(1, n + 1, dtype=np.int32)
+    return flat, np.repeat(label[component], length)
+
+
+def label_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
+    """:func:`find_islands` without the label image: returns the flat indices of all pixels with
+    S/N > ``analysis`` (sorted), their labels, and the kept islands."""
+    with np.errstate(invalid="ignore"):
+        above = snr > analysis
+    flat, labels = label_pixels(above)
+    return flat, labels, islands_from_pixels(flat, labels, snr, detection)
 
 
 def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
