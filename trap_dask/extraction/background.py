@@ -70,7 +70,7 @@ def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.
 
 
 def clipped_stats(
-    stack: np.ndarray, kappa: float = 3.0, max_iter: int = 10
+    stack: np.ndarray, kappa: float = 3.0, max_iter: int = 10, sort_in_place: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Kappa-sigma clipped mean and std along the last axis, NaN-tolerant, all boxes at once.
 
@@ -187,7 +187,7 @@ def _maps(
 ) -> tuple[np.ndarray, np.ndarray]:
     ny, nx = data.shape
     stack, centre_y, centre_x = _boxes(data, box_y, box_x, stride)
-    mean, sigma, nfinite = clipped_stats(stack, kappa)
+    mean, sigma, nfinite = clipped_stats(stack, kappa, sort_in_place=True)  # the stack is a copy
     bad = (nfinite < MIN_FINITE_FRACTION * stack.shape[-1]) | ~(sigma > 0)
     if bad.all():
         full = np.full((ny, nx), np.nan, dtype=np.float32)
