@@ -389,13 +389,14 @@ def _fft_gram(
     ``sum_ij v_i rho(r_i - r_j) v_j^T`` is, on the island's bounding box (h, w) zero-padded to a
     circular grid of >= (2h - 1, 2w - 1) cells, the sum over frequencies of ``V(f) RHO(f) V(f)^H``
     divided by the number of cells (Parseval): one real matrix product of each island's
-    transformed vectors, weighted. The pixels lie on the
-    integer grid (offsets ``r`` differ by whole pixels). Islands of the same padded size share
-    one batched FFT, in float64 where ``precise`` (per island), else in float32. ``rows``
-    (k, npix): the vectors; ``offsets`` (2, npix): the pixels' (x, y) offsets from any point of
-    their island.
+    transformed vectors, weighted. The pixels lie on the integer grid (their offsets differ by
+    whole pixels). Islands of the same padded size share one batched FFT, in float64 where
+    ``precise`` (per island), else in float32. ``rows`` (k, npix): the vectors; ``offsets``
+    (2, npix): the pixels' (x, y) offsets from any point of their island.
     """
     (k, npix), n = rows.shape, len(starts)
+    if n == 0:
+        return np.zeros((0, k, k)), np.zeros((0, k, k))
     counts = np.diff(np.append(starts, npix))
     island = np.repeat(np.arange(n), counts)
     grid = np.rint(offsets - np.minimum.reduceat(offsets, starts, axis=1)[:, island]).astype(np.intp)  # x, y
