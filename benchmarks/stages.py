@@ -14,7 +14,9 @@ import functools
 import importlib
 import io
 import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -150,7 +152,55 @@ def startup_probe(workdir: Path) -> dict[str, float]:
     return {"import_s": imported - started, "cluster_s": ready - imported, "actor_s": actor - ready}
 
 
+def stage_times(survey_dir: Path, n_images: int, workdir: Path) -> dict[str, float]:
+    """CPU ms per image of each stage (images 2..N), as :func:`stage_table` measures them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = sorted(str(p) for p in survey_dir.glob("*.fits"))[:n_images]
+    totals: dict[str, list[float]] = defaultdict(list)
+    with timed_stages(totals):
+        process_images(paths, workdir / "stages.db")
+    return {stage: 1e3 * sum(t[1:]) / (len(t) - 1) for stage, t in totals.items() if len(t) > 1}
+
+
+#: The worker stages of one image (the writer's stages and the scan are others' work).
+WORKER_STAGES = ("read pixels", "quality control", "background/prepare", "extract")
+
+
+def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, workdir: Path,
+                    rounds: int = 1) -> str:
+    """Markdown: CPU ms per image of every stage with the ``trap_dask`` package of ``before`` and
+    of ``after`` (directories holding one, e.g. ``git archive BASE trap_dask | tar -x -C DIR``),
+    each in a fresh process pinned to one core with one BLAS thread, alternately ``rounds`` times;
+    per stage the smallest of the rounds (the least disturbed on a shared machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        for name, src in (("before", before), ("after", after)):
+            cmd = ["taskset", "-c", "1", sys.executable, __file__, "times", str(survey_dir), str(n_images),
+                   str(workdir / name)]
+            out = subprocess.run(cmd, env=dict(env, PYTHONPATH=str(src)), capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = {name: {stage: min(r[stage] for r in rs) for stage in rs[0]} for name, rs in runs.items()}
+    rows = [[stage, best["before"][stage], best["after"][stage], f"{best['after'][stage] / best['before'][stage]:.2f}"]
+            for stage, _, _ in STAGES if stage in best["before"] and stage in best["after"]]
+    for label, keys in (("worker stages (read, QC, background, extract)", WORKER_STAGES),
+                        ("all stages", [r[0] for r in rows])):
+        b, a = (sum(best[name][k] for k in keys) for name in ("before", "after"))
+        rows.append([f"**{label}**", b, a, f"**{a / b:.2f}**"])
+    return markdown_table(["stage", "before, CPU ms / image", "after, CPU ms / image", "after / before"], rows)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "startup":
-        sys.exit("usage: python benchmarks/stages.py startup WORKDIR")
-    print(json.dumps(startup_probe(Path(sys.argv[2]))))
+    usage = ("usage: python benchmarks/stages.py startup WORKDIR\n"
+             "       python benchmarks/stages.py compare BEFORE_SRC AFTER_SRC SURVEY_DIR [N_IMAGES [ROUNDS [WORKDIR]]]\n"
+             "       python benchmarks/stages.py times SURVEY_DIR N_IMAGES WORKDIR   (JSON, for compare)")
+    if len(sys.argv) == 3 and sys.argv[1] == "startup":
+        print(json.dumps(startup_probe(Path(sys.argv[2]))))
+    elif len(sys.argv) == 5 and sys.argv[1] == "times":
+        print(json.dumps(stage_times(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))))
+    elif 5 <= len(sys.argv) <= 8 and sys.argv[1] == "compare":
+        n, rounds = (int(sys.argv[5]) if len(sys.argv) > 5 else 6), (int(sys.argv[6]) if len(sys.argv) > 6 else 1)
+        work = Path(sys.argv[7]) if len(sys.argv) > 7 else Path("/tmp/trapdask-bench/runs/compare")
+        print(compare_sources(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), n, work, rounds))
+    else:
+        sys.exit(usage)
