@@ -76,8 +76,8 @@ def process_images(paths: list[str], db_path: Path) -> None:
     """Scan, load, extract, associate, force-fit and commit ``paths`` in order, in this process."""
     from trap_dask import tasks
     from trap_dask.config import Config
-    from trap_dask.pipeline import database_settings, extraction_params, quality_params
     from trap_dask.db.store import ExportStore
+    from trap_dask.pipeline import database_settings, extraction_params, quality_params
     from trap_dask.writer import CommitSummary, Writer
 
     config = Config(input_images=tuple(paths), db_name=str(db_path), db_overwrite=True)

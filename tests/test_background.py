@@ -7,7 +7,11 @@ import pytest
 from scipy import stats
 
 from tests._synth import Shape, correlated_noise, gaussians, scattered_positions
-from trap_dask.extraction.background import background_maps, clipped_variance_factor, interpolation_weights
+from trap_dask.extraction.background import (
+    background_maps,
+    clipped_variance_factor,
+    interpolation_weights,
+)
 
 BEAM = Shape(6.0, 4.0, 30.0)
 RMS = 2e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy import ndimage, special
 
@@ -56,7 +58,7 @@ def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.
     nrow, npix = ordered.shape
     if nrow <= _FEW_ROWS:  # one search per row
         side = "right" if inclusive else "left"
-        found = [np.searchsorted(row, value, side) if value == value else 0 for row, value in zip(ordered, limit)]
+        found = [0 if np.isnan(value) else np.searchsorted(row, value, side) for row, value in zip(ordered, limit)]
         return np.array(found, dtype=np.intp)
     flat, base = ordered.ravel(), np.arange(nrow) * npix
     lo, hi = np.zeros(nrow, dtype=np.intp), np.full(nrow, npix, dtype=np.intp)
@@ -214,7 +216,7 @@ def interpolate(
     lower = np.clip(np.searchsorted(centre_y, np.arange(ny), side="right") - 1, 0, max(len(centre_y) - 2, 0))
     out = np.empty((ny, nx), dtype=np.float32)
     bounds = np.flatnonzero(np.r_[True, np.diff(lower) != 0, True])
-    for first, last in zip(bounds[:-1], bounds[1:]):
+    for first, last in itertools.pairwise(bounds):
         rows = slice(lower[first], lower[first] + 2)
         band = out[first:last]
         np.matmul(wy[first:last, rows], across[rows], out=band)

@@ -19,7 +19,12 @@ from trap_dask.extraction.gaussian import (
     measurement_errors,
     shape_cov,
 )
-from trap_dask.extraction.islands import Islands, grow_into_background, islands_from_pixels, label_islands
+from trap_dask.extraction.islands import (
+    Islands,
+    grow_into_background,
+    islands_from_pixels,
+    label_islands,
+)
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft as sfft
 
-from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, axes_from_cov, cov_from_axes
+from trap_dask.extraction.geometry import (
+    HALF_FWHM_PER_SIGMA,
+    axes_from_cov,
+    cov_from_axes,
+)
 
 
 @dataclass

@@ -125,7 +125,7 @@ def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     are joined when their columns overlap or touch diagonally, and the runs' graph is split into
     connected components.
     """
-    ny, nx = mask.shape
+    nx = mask.shape[1]
     flat = np.flatnonzero(mask)
     if len(flat) == 0:
         return flat, np.zeros(0, dtype=np.int32)
