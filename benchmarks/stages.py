@@ -2,8 +2,8 @@
 
 :func:`stage_table` pushes a few images one after the other through the same functions the
 workers and the writer actor run (``trap_dask.tasks.scan/load/extract/force``, ``Writer.associate``
-/ ``commit``), with a timer wrapped around each inner stage, then profiles the same loop with
-cProfile. ``python benchmarks/stages.py startup DIR`` prints (JSON) the import time and how long a
+/ ``commit``), with a CPU-time timer wrapped around each inner stage, then profiles the same loop
+with cProfile. ``python benchmarks/stages.py startup DIR`` prints (JSON) the import time and how long a
 LocalCluster and the writer actor take to be ready, measured in a fresh process.
 """
 
@@ -14,7 +14,9 @@ import functools
 import importlib
 import io
 import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -22,6 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from results_table import markdown_table
+
+#: The stages' clock: CPU time of this process (all in one thread), so that other work on a
+#: shared machine does not count; the run's total is wall time.
+CLOCK = time.process_time
 
 #: (stage, module, attribute): the functions timed (none of them calls another).
 STAGES = (
@@ -51,11 +57,11 @@ def timed_stages(totals: dict[str, list[float]]):
         original = owner.__dict__[name]
 
         def timer(*args, _f=original, _stage=stage, **kwargs):
-            started = time.perf_counter()
+            started = CLOCK()
             try:
                 return _f(*args, **kwargs)
             finally:
-                totals[_stage].append(time.perf_counter() - started)
+                totals[_stage].append(CLOCK() - started)
 
         setattr(owner, name, functools.wraps(original)(timer))
         patched.append((owner, name, original))
@@ -70,8 +76,8 @@ def process_images(paths: list[str], db_path: Path) -> None:
     """Scan, load, extract, associate, force-fit and commit ``paths`` in order, in this process."""
     from trap_dask import tasks
     from trap_dask.config import Config
-    from trap_dask.pipeline import database_settings, extraction_params, quality_params
     from trap_dask.db.store import ExportStore
+    from trap_dask.pipeline import database_settings, extraction_params, quality_params
     from trap_dask.writer import CommitSummary, Writer
 
     config = Config(input_images=tuple(paths), db_name=str(db_path), db_overwrite=True)
@@ -101,8 +107,8 @@ def stage_table(survey_dir: Path, n_images: int, workdir: Path, top: int = 12) -
     per_image = sum(steady.values())
     rows = [[stage, 1e3 * steady[stage], f"{100 * steady[stage] / per_image:.0f}%", 1e3 * totals[stage][0]]
             for stage, _, _ in STAGES if stage in steady]
-    body = markdown_table(["stage", "ms / image (images 2..N)", "share", "ms, first image"], rows)
-    body += (f"\n\nSum of stages {1e3 * per_image:.0f} ms per image on one core "
+    body = markdown_table(["stage", "CPU ms / image (images 2..N)", "share", "CPU ms, first image"], rows)
+    body += (f"\n\nSum of stages {1e3 * per_image:.0f} ms CPU per image on one core "
              f"({len(paths)} images, {wall:.1f} s in all including warm-up).")
     return body + "\n\n" + hot_spots(paths, workdir / "stages-profile.db", top)
 
@@ -146,7 +152,55 @@ def startup_probe(workdir: Path) -> dict[str, float]:
     return {"import_s": imported - started, "cluster_s": ready - imported, "actor_s": actor - ready}
 
 
+def stage_times(survey_dir: Path, n_images: int, workdir: Path) -> dict[str, float]:
+    """CPU ms per image of each stage (images 2..N), as :func:`stage_table` measures them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = sorted(str(p) for p in survey_dir.glob("*.fits"))[:n_images]
+    totals: dict[str, list[float]] = defaultdict(list)
+    with timed_stages(totals):
+        process_images(paths, workdir / "stages.db")
+    return {stage: 1e3 * sum(t[1:]) / (len(t) - 1) for stage, t in totals.items() if len(t) > 1}
+
+
+#: The worker stages of one image (the writer's stages and the scan are others' work).
+WORKER_STAGES = ("read pixels", "quality control", "background/prepare", "extract")
+
+
+def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, workdir: Path,
+                    rounds: int = 1) -> str:
+    """Markdown: CPU ms per image of every stage with the ``trap_dask`` package of ``before`` and
+    of ``after`` (directories holding one, e.g. ``git archive BASE trap_dask | tar -x -C DIR``),
+    each in a fresh process pinned to one core with one BLAS thread, alternately ``rounds`` times;
+    per stage the smallest of the rounds (the least disturbed on a shared machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        for name, src in (("before", before), ("after", after)):
+            cmd = ["taskset", "-c", "1", sys.executable, __file__, "times", str(survey_dir), str(n_images),
+                   str(workdir / name)]
+            out = subprocess.run(cmd, env=dict(env, PYTHONPATH=str(src)), capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = {name: {stage: min(r[stage] for r in rs) for stage in rs[0]} for name, rs in runs.items()}
+    rows = [[stage, best["before"][stage], best["after"][stage], f"{best['after'][stage] / best['before'][stage]:.2f}"]
+            for stage, _, _ in STAGES if stage in best["before"] and stage in best["after"]]
+    for label, keys in (("worker stages (read, QC, background, extract)", WORKER_STAGES),
+                        ("all stages", [r[0] for r in rows])):
+        b, a = (sum(best[name][k] for k in keys) for name in ("before", "after"))
+        rows.append([f"**{label}**", b, a, f"**{a / b:.2f}**"])
+    return markdown_table(["stage", "before, CPU ms / image", "after, CPU ms / image", "after / before"], rows)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "startup":
-        sys.exit("usage: python benchmarks/stages.py startup WORKDIR")
-    print(json.dumps(startup_probe(Path(sys.argv[2]))))
+    usage = ("usage: python benchmarks/stages.py startup WORKDIR\n"
+             "       python benchmarks/stages.py compare BEFORE_SRC AFTER_SRC SURVEY_DIR [N_IMAGES [ROUNDS [WORKDIR]]]\n"
+             "       python benchmarks/stages.py times SURVEY_DIR N_IMAGES WORKDIR   (JSON, for compare)")
+    if len(sys.argv) == 3 and sys.argv[1] == "startup":
+        print(json.dumps(startup_probe(Path(sys.argv[2]))))
+    elif len(sys.argv) == 5 and sys.argv[1] == "times":
+        print(json.dumps(stage_times(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))))
+    elif 5 <= len(sys.argv) <= 8 and sys.argv[1] == "compare":
+        n, rounds = (int(sys.argv[5]) if len(sys.argv) > 5 else 6), (int(sys.argv[6]) if len(sys.argv) > 6 else 1)
+        work = Path(sys.argv[7]) if len(sys.argv) > 7 else Path("/tmp/trapdask-bench/runs/compare")
+        print(compare_sources(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), n, work, rounds))
+    else:
+        sys.exit(usage)

@@ -7,7 +7,11 @@ import pytest
 from scipy import stats
 
 from tests._synth import Shape, correlated_noise, gaussians, scattered_positions
-from trap_dask.extraction.background import background_maps, clipped_variance_factor, interpolation_weights
+from trap_dask.extraction.background import (
+    background_maps,
+    clipped_variance_factor,
+    interpolation_weights,
+)
 
 BEAM = Shape(6.0, 4.0, 30.0)
 RMS = 2e-3
@@ -68,3 +72,39 @@ def test_sources_barely_bias_the_background(noise):
 def test_all_blank_image_gives_nan_maps():
     bg, rms = background_maps(np.full((64, 80), np.nan, dtype=np.float32), 20, 20)
     assert bg.shape == (64, 80) and np.isnan(bg).all() and np.isnan(rms).all()
+
+
+@pytest.mark.parametrize("nrow", [3, 200])  # row-by-row search and the all-rows binary search
+def test_count_below_equals_counting(nrow):
+    """The binary searches of the clipping loop count exactly what a full comparison counts,
+    with ties, NaNs (sorted last), infinities and NaN limits."""
+    from trap_dask.extraction.background import _count_below
+
+    rng = np.random.default_rng(3)
+    values = np.round(rng.normal(size=(nrow, 57)), 1).astype(np.float32)  # many ties
+    values[rng.uniform(size=values.shape) < 0.1] = np.nan
+    values[0, :3] = [-np.inf, np.inf, np.nan]
+    ordered = np.sort(values, axis=-1)
+    limits = [np.round(rng.normal(size=nrow), 1).astype(np.float32), np.full(nrow, np.inf, np.float32),
+              np.full(nrow, -np.inf, np.float32), np.full(nrow, np.nan, np.float32)]
+    for limit in limits:
+        for inclusive in (False, True):
+            below = ordered <= limit[:, None] if inclusive else ordered < limit[:, None]
+            assert np.array_equal(_count_below(ordered, limit, inclusive), below.sum(-1))
+
+
+def test_banded_interpolation_equals_the_matrix_product(noise):
+    """The maps built band by band are Wy @ grid @ Wx.T (float32 rounding apart)."""
+    from trap_dask.extraction.background import interpolate, residual_and_rms
+
+    rng = np.random.default_rng(4)
+    grid = rng.normal(size=(5, 7)).astype(np.float32)
+    cy, cx = np.array([10.0, 30.5, 50.0, 70.5, 90.0]), np.linspace(5.0, 95.0, 7)
+    dense = interpolation_weights(101, cy) @ grid @ interpolation_weights(97, cx).T
+    assert np.allclose(interpolate(grid, cy, cx, 101, 97), dense, rtol=0, atol=1e-6)
+    one_row = grid[:1] @ interpolation_weights(97, cx).T  # a single row of boxes: constant along y
+    assert np.allclose(interpolate(grid[:1], cy[:1], cx, 101, 97), np.broadcast_to(one_row, (101, 97)), atol=1e-6)
+    data = (noise + 0.01).astype(np.float32)
+    residual, rms = residual_and_rms(data, 50, 50, stride=2)
+    background, rms_maps = background_maps(data, 50, 50, stride=2)
+    assert np.array_equal(residual, data - background) and np.array_equal(rms, rms_maps)

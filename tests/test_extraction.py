@@ -286,8 +286,8 @@ def _island_pixels(centres: np.ndarray, half: int, rng: np.random.Generator):
 
 
 def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
-    """Pairwise (small islands) and FFT (large islands) beam-correlated sums against dense ones."""
-    from trap_dask.extraction.gaussian import _FFT_MIN_PIXELS, PixelSet, _gram_matrices
+    """FFT beam-correlated sums (float32: small islands, float64: large) against dense ones."""
+    from trap_dask.extraction.gaussian import _FLOAT64_MIN_PIXELS, PixelSet, _gram_matrices
 
     rng = np.random.default_rng(5)
     full = _island_pixels(np.array([[20, 30], [80, 64], [150, 40]]), 12, rng)  # 625 pixels each
@@ -296,7 +296,7 @@ def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
     pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
                       np.searchsorted(full.island[keep], np.arange(3)))
     counts = np.diff(np.append(pixels.starts, len(pixels.x)))
-    assert counts[0] <= _FFT_MIN_PIXELS < counts[1:].min()  # both paths are exercised
+    assert counts[0] <= _FLOAT64_MIN_PIXELS < counts[1:].min()  # both precisions are exercised
     beam_cov = BEAM.cov()
     vectors = rng.normal(size=(len(pixels.x), 4))
     first = pixels.starts[pixels.island]  # offsets from a pixel of the island keep float32 sums exact
@@ -437,3 +437,20 @@ def test_deblended_pairs_are_refitted_together(monkeypatch):
     assert _pull_ok(pulls())
     monkeypatch.setattr(extract, "SIBLING_MAX_EXTENT", 0.0)  # no joint refit
     assert np.median(pulls()) > 1.0
+
+
+@pytest.mark.parametrize("shape", [(50, 61), (40, 40), (1, 30), (30, 1), (5, 7)])
+def test_run_labels_equal_ndimage_labels(shape):
+    """Islands labelled from runs of pixels: the same pixels, numbers and 8-connectivity as
+    scipy.ndimage.label, across rows, diagonals and image edges."""
+    from scipy import ndimage
+
+    from trap_dask.extraction.islands import EIGHT_CONNECTED, label_pixels
+
+    rng = np.random.default_rng(sum(shape))
+    for fill in (0.0, 0.2, 0.5, 1.0):
+        mask = rng.uniform(size=shape) < fill
+        labels, _ = ndimage.label(mask, structure=EIGHT_CONNECTED)
+        flat, found = label_pixels(mask)
+        assert np.array_equal(flat, np.flatnonzero(labels))
+        assert np.array_equal(found, labels.ravel()[flat])

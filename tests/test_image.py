@@ -249,3 +249,30 @@ def test_library_messages_become_one_line() -> None:
     assert one_line(nested) == 'ERFA function "dtf2d" yielded 1 of "bad month"'
     assert one_line(KeyError()) == "KeyError"
     assert one_line(RuntimeError("boom")) == "boom"
+
+
+@pytest.mark.parametrize(
+    ("cards", "dtype", "extension"),
+    [({}, np.float32, False), ({}, np.float64, False), ({}, np.float32, True),
+     ({"BSCALE": 2.0, "BZERO": 1.0}, np.float32, False), ({"BLANK": -999}, np.int16, False)],
+)
+def test_pixels_from_bytes_equal_astropys(tmp_path: Path, cards: dict, dtype: type, extension: bool) -> None:
+    """Unscaled float planes are read straight from the file's bytes; whatever the path, the
+    pixels are what astropy reads from the file."""
+    data = (np.arange(320).reshape(16, 20) - 100).astype(dtype) * (1 if dtype == np.int16 else 0.25)
+    if dtype == np.int16:
+        data[2, 3] = -999
+    path = tmp_path / "p.fits"
+    if extension:
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, fits.Header(list(BASE_CARDS.items())))]).writeto(path)
+    else:
+        write_image(path, cards, data)
+    meta = read_meta(path)
+    from_bytes, from_file = read_image(meta, path.read_bytes())[0], read_image(meta)[0]
+    assert from_bytes.dtype == np.float32 and from_bytes.shape == (16, 20)
+    np.testing.assert_array_equal(from_bytes, from_file)
+    with fits.open(path) as hdul:  # astropy applies BSCALE/BZERO and the tests' BLANK pixel is NaN
+        expected = hdul[meta.hdu].data.astype(np.float32)
+    if dtype == np.int16:
+        expected[2, 3] = np.nan
+    np.testing.assert_array_equal(from_bytes, expected)

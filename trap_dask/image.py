@@ -147,8 +147,13 @@ def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, W
     The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN.
     ``raw``: the file's bytes when the caller has read them already (they are not read again).
     """
+    if raw is not None:
+        raw = decompressed(raw)
+        plane = _float_plane(raw, meta)
+        if plane is not None:  # the common case: float pixels, unscaled, read in one pass
+            return plane, celestial_wcs(meta)
     try:
-        with fits.open(io.BytesIO(decompressed(raw)) if raw is not None else meta.url, memmap=False) as hdul:
+        with fits.open(io.BytesIO(raw) if raw is not None else meta.url, memmap=False) as hdul:
             hdu = hdul[meta.hdu]
             data = hdu.data
             blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None
@@ -163,6 +168,31 @@ def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, W
     if blank is not None:
         out[plane == blank] = np.nan
     return out, celestial_wcs(meta)
+
+
+#: FITS BITPIX of float pixels and their (big-endian) dtypes.
+_FLOAT_BITPIX = {-32: ">f4", -64: ">f8"}
+
+
+def _float_plane(raw: bytes, meta: ImageMeta) -> np.ndarray | None:
+    """The plane as float32 straight from a FITS file's bytes when its pixels are unscaled floats
+    in a plain image HDU (what astropy would return, without its copies); None otherwise."""
+    try:
+        with fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=True) as hdul:
+            hdu = hdul[meta.hdu]
+            header, offset = hdu.header, getattr(hdu, "_data_offset", None)
+            plain = type(hdu) in (fits.PrimaryHDU, fits.ImageHDU)
+    except (OSError, ValueError, IndexError, TypeError):
+        return None  # the full reader reports it
+    dtype = _FLOAT_BITPIX.get(header.get("BITPIX"))
+    if not plain or dtype is None or not isinstance(offset, int) or header.get("BSCALE", 1) != 1 \
+            or header.get("BZERO", 0) != 0:
+        return None
+    naxes = [header.get(f"NAXIS{i + 1}", 0) for i in range(header.get("NAXIS", 0))]
+    count = math.prod(naxes) if naxes else 0
+    if count != meta.shape[0] * meta.shape[1] or offset + count * np.dtype(dtype).itemsize > len(raw):
+        return None
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(meta.shape).astype(np.float32)
 
 
 #: Leading bytes of the compressed files astropy opens by name, and how to expand them in memory.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy import ndimage, special
 
@@ -42,8 +44,35 @@ def _boxes(
     return stack, centres(gy, by, ny), centres(gx, bx, nx)
 
 
+#: Up to this many rows, :func:`_count_below` searches row by row.
+_FEW_ROWS = 32
+
+
+def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.ndarray:
+    """Per row of ``ordered`` (rows sorted ascending, NaNs last): how many values are ``< limit``
+    (``<= limit`` when ``inclusive``), by a binary search of all rows at once.
+
+    Equal to ``np.count_nonzero(ordered < limit[:, None], -1)`` (NaNs never count) at the cost of
+    ~log2(npix) gathers of one value per row instead of a pass over every value.
+    """
+    nrow, npix = ordered.shape
+    if nrow <= _FEW_ROWS:  # one search per row
+        side = "right" if inclusive else "left"
+        found = [0 if np.isnan(value) else np.searchsorted(row, value, side) for row, value in zip(ordered, limit)]
+        return np.array(found, dtype=np.intp)
+    flat, base = ordered.ravel(), np.arange(nrow) * npix
+    lo, hi = np.zeros(nrow, dtype=np.intp), np.full(nrow, npix, dtype=np.intp)
+    compare = np.less_equal if inclusive else np.less
+    for _ in range(npix.bit_length()):
+        mid = (lo + hi) >> 1
+        below = compare(flat.take(base + np.minimum(mid, npix - 1)), limit) & (lo < hi)
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(below, hi, mid)
+    return lo
+
+
 def clipped_stats(
-    stack: np.ndarray, kappa: float = 3.0, max_iter: int = 10
+    stack: np.ndarray, kappa: float = 3.0, max_iter: int = 10, sort_in_place: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Kappa-sigma clipped mean and std along the last axis, NaN-tolerant, all boxes at once.
 
@@ -52,12 +81,18 @@ def clipped_stats(
     (mean, std, number of finite pixels) per box.
 
     Each box is sorted once (NaNs last), so the kept pixels are always a contiguous run
-    ``[lo, hi)`` whose sums come from cumulative sums; an iteration only counts the pixels
-    below each clipping limit. The first limits are robust: the median +- kappa times the
-    interquartile range's sigma, so bright sources never inflate the starting width.
+    ``[lo, hi)`` whose sums come from cumulative sums; an iteration only finds the clipping
+    limits in the sorted boxes by binary search. The first limits are robust: the median +-
+    kappa times the interquartile range's sigma, so bright sources never inflate the starting
+    width.
     """
-    ordered = np.sort(stack, axis=-1)
-    nfinite = np.isfinite(ordered).sum(-1)
+    shape, npix = stack.shape[:-1], stack.shape[-1]
+    ordered = np.sort(stack.reshape(-1, npix), axis=-1)
+    if ordered.dtype.kind != "f":
+        ordered = ordered.astype(np.float64)
+    # finite = below +inf and not -inf
+    inf = np.full(len(ordered), np.inf, dtype=ordered.dtype)
+    nfinite = _count_below(ordered, inf, False) - _count_below(ordered, -inf, True)
 
     def quantile(q: float) -> np.ndarray:  # the value nearest the q quantile of the finite ones
         index = np.rint(q * np.maximum(nfinite - 1, 0)).astype(int)
@@ -67,14 +102,23 @@ def clipped_stats(
     median = quantile(0.5)
     median[nfinite == 0] = 0.0
     offsets = ordered - median
+    if np.isfinite(median).all():  # offsets stay sorted: limits by binary search
+        def count(limit: np.ndarray, inclusive: bool) -> np.ndarray:
+            return _count_below(offsets, limit, inclusive)
+    else:  # -inf - -inf is NaN at the front of a box
+        def count(limit: np.ndarray, inclusive: bool) -> np.ndarray:
+            below = offsets <= limit[:, None] if inclusive else offsets < limit[:, None]
+            return np.count_nonzero(below, axis=-1)
     width = kappa * (quantile(0.75) - quantile(0.25)) / IQR_PER_SIGMA
-    lo = np.count_nonzero(offsets < -width, axis=-1)
-    hi = np.count_nonzero(offsets <= width, axis=-1)
-    # sums[..., j] and squares[..., j]: sums over the first j pixels (NaNs, last, are never used)
-    sums = np.zeros(stack.shape[:-1] + (stack.shape[-1] + 1,))
-    squares = np.zeros_like(sums)
-    np.cumsum(offsets, -1, out=sums[..., 1:])
-    np.cumsum(np.square(offsets, dtype=np.float64), -1, out=squares[..., 1:])
+    lo, hi = count(-width[:, 0], False), count(width[:, 0], True)
+    # sums[..., j] and squares[..., j]: sums over the first j pixels (NaNs, last, are never used),
+    # both from one cumulative sum of complex numbers (real: offsets, imaginary: their squares)
+    terms = np.empty(offsets.shape, dtype=np.complex128)
+    terms.real = offsets
+    np.square(offsets, out=terms.imag, dtype=np.float64)
+    cumulative = np.zeros(offsets.shape[:-1] + (npix + 1,), dtype=np.complex128)
+    np.cumsum(terms, -1, out=cumulative[..., 1:])
+    sums, squares = cumulative.real, cumulative.imag
     norm = 1.0 / np.sqrt(clipped_variance_factor(kappa))
     for _ in range(max_iter):
         n = np.maximum(hi - lo, 1)
@@ -83,12 +127,11 @@ def clipped_stats(
         mean_sq = np.diff(np.take_along_axis(squares, ends, -1), axis=-1)[..., 0] / n
         sigma = np.sqrt(np.maximum(mean_sq - mean**2, 0.0)) * norm
         low, high = (mean - kappa * sigma).astype(np.float32), (mean + kappa * sigma).astype(np.float32)
-        new_lo = np.count_nonzero(offsets < low[..., None], axis=-1)
-        new_hi = np.count_nonzero(offsets <= high[..., None], axis=-1)
+        new_lo, new_hi = count(low, False), count(high, True)
         if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
             break
         lo, hi = new_lo, new_hi
-    return mean + median[..., 0], sigma, nfinite
+    return (mean + median[..., 0]).reshape(shape), sigma.reshape(shape), nfinite.reshape(shape)
 
 
 def _fill_missing(grid: np.ndarray) -> np.ndarray:
@@ -130,16 +173,55 @@ def background_maps(
     ``stride`` > 1 measures the statistics on every stride-th pixel only: as fast and as good
     when the noise is correlated over several pixels (a beam sampled by >= 2 stride pixels).
     """
+    return _maps(data, box_y, box_x, kappa, stride, subtract=False)
+
+
+def residual_and_rms(
+    data: np.ndarray, box_y: int = 50, box_x: int = 50, kappa: float = 3.0, stride: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """``data - background`` and the noise map of :func:`background_maps`, without keeping the
+    background map (each band of it is subtracted while it is in the cache)."""
+    return _maps(data, box_y, box_x, kappa, stride, subtract=True)
+
+
+def _maps(
+    data: np.ndarray, box_y: int, box_x: int, kappa: float, stride: int, subtract: bool
+) -> tuple[np.ndarray, np.ndarray]:
     ny, nx = data.shape
     stack, centre_y, centre_x = _boxes(data, box_y, box_x, stride)
-    mean, sigma, nfinite = clipped_stats(stack, kappa)
+    mean, sigma, nfinite = clipped_stats(stack, kappa, sort_in_place=True)  # the stack is a copy
     bad = (nfinite < MIN_FINITE_FRACTION * stack.shape[-1]) | ~(sigma > 0)
     if bad.all():
         full = np.full((ny, nx), np.nan, dtype=np.float32)
-        return full, full.copy()
+        return (data - full if subtract else full), full.copy()
     mean = _fill_missing(np.where(bad, np.nan, mean)).astype(np.float32)
     sigma = _fill_missing(np.where(bad, np.nan, sigma)).astype(np.float32)
-    wy, wx = interpolation_weights(ny, centre_y), interpolation_weights(nx, centre_x)
-    background = wy @ mean @ wx.T
-    rms = np.maximum(wy @ sigma @ wx.T, 0.5 * sigma.min())
+    background = interpolate(mean, centre_y, centre_x, ny, nx, minuend=data if subtract else None)
+    rms = interpolate(sigma, centre_y, centre_x, ny, nx, floor=0.5 * sigma.min())
     return background, rms
+
+
+def interpolate(
+    grid: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray, ny: int, nx: int,
+    floor: float | None = None, minuend: np.ndarray | None = None,
+) -> np.ndarray:
+    """``Wy @ grid @ Wx.T`` (float32, ny x nx) with the weights of :func:`interpolation_weights`;
+    at least ``floor`` when given; subtracted from ``minuend`` (ny, nx) when given.
+
+    ``grid @ Wx.T`` first (small), then each band of rows between two box centres is the product
+    of two of its rows only (``Wy`` has two non-zero weights per row), finished while in the cache.
+    """
+    across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx)
+    wy = interpolation_weights(ny, centre_y)
+    lower = np.clip(np.searchsorted(centre_y, np.arange(ny), side="right") - 1, 0, max(len(centre_y) - 2, 0))
+    out = np.empty((ny, nx), dtype=np.float32)
+    bounds = np.flatnonzero(np.r_[True, np.diff(lower) != 0, True])
+    for first, last in itertools.pairwise(bounds):
+        rows = slice(lower[first], lower[first] + 2)
+        band = out[first:last]
+        np.matmul(wy[first:last, rows], across[rows], out=band)
+        if floor is not None:
+            np.maximum(band, floor, out=band)
+        if minuend is not None:
+            np.subtract(minuend[first:last], band, out=band)
+    return out

@@ -44,16 +44,24 @@ def deblend(
 def _peaks_at_or_above(islands: Islands, snr: np.ndarray, level: float) -> np.ndarray:
     """Number of pixels of each island at or above ``level`` (S/N) and >= all their 8 neighbours."""
     ny, nx = snr.shape
-    pix_snr = snr.ravel()[islands.flat]
+    values = snr.ravel()
+    pix_snr = values[islands.flat]
     bright = np.flatnonzero(pix_snr >= level)
-    row, col = np.divmod(islands.flat[bright], nx)
+    flat, pix_snr = islands.flat[bright], pix_snr[bright]
+    row = flat // nx
+    col = flat - row * nx
+    interior = bool(((row > 0) & (row < ny - 1) & (col > 0) & (col < nx - 1)).all())
     peak = np.ones(len(bright), dtype=bool)
     for dy, dx in zip(*np.nonzero(EIGHT_CONNECTED)):
         if dy == dx == 1:
             continue
-        r, c = row + dy - 1, col + dx - 1
-        inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
-        peak[inside] &= ~(snr[r[inside], c[inside]] > pix_snr[bright[inside]])
+        neighbour = flat + (dy - 1) * nx + (dx - 1)
+        if interior:
+            peak &= ~(values.take(neighbour) > pix_snr)
+        else:
+            r, c = row + dy - 1, col + dx - 1
+            inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+            peak &= ~((values.take(np.clip(neighbour, 0, len(values) - 1)) > pix_snr) & inside)
     return np.bincount(islands.island[bright[peak]], minlength=islands.n)
 
 

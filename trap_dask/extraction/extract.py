@@ -8,7 +8,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.background import background_maps
+from trap_dask.extraction.background import residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
 from trap_dask.extraction.deblend import deblend
 from trap_dask.extraction.gaussian import (
@@ -19,7 +19,12 @@ from trap_dask.extraction.gaussian import (
     measurement_errors,
     shape_cov,
 )
-from trap_dask.extraction.islands import Islands, find_islands, grow_islands, islands_from_pixels
+from trap_dask.extraction.islands import (
+    Islands,
+    grow_into_background,
+    islands_from_pixels,
+    label_islands,
+)
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -94,8 +99,8 @@ def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionPara
     beam_minor_sigma = geo.axes_from_cov(beam_cov[None])[1][0]
     # Noise correlated over >= 2 pixels per sigma lets the statistics use every other pixel.
     stride = 2 if beam_minor_sigma >= 1.5 else 1
-    background, rms = background_maps(data, params.back_size_y, params.back_size_x, stride=stride)
-    return PreparedImage(data - background, rms, wcs, beam, beam_cov)
+    residual, rms = residual_and_rms(data, params.back_size_y, params.back_size_x, stride=stride)
+    return PreparedImage(residual, rms, wcs, beam, beam_cov)
 
 
 def in_extraction_region(
@@ -159,7 +164,7 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
         return empty_sources()
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = image.residual / image.rms
-    labels, islands = find_islands(snr, params.analysis_threshold, params.detection_threshold)
+    labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
     parent = np.arange(islands.n)  # the island each component was deblended from
     if params.deblend_nthresh > 0 and islands.n:
         components = deblend(
@@ -167,13 +172,15 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
             detection=params.detection_threshold,
         )
         split = islands_from_pixels(islands.flat, components, snr, params.analysis_threshold)
-        order = np.argsort(islands.flat)
-        parent = islands.island[order[np.searchsorted(islands.flat, split.peak_flat, sorter=order)]]
+        peak_label = labels[np.searchsorted(labelled, islands.peak_flat)]  # every split peak lies in one
+        island_of_label = np.zeros(peak_label.max() + 1, dtype=np.intp)
+        island_of_label[peak_label] = np.arange(islands.n)
+        parent = island_of_label[labels[np.searchsorted(labelled, split.peak_flat)]]
         islands = split
     if islands.n == 0:
         return empty_sources()
     # rings grow into blank-free pixels of no island (kept or not)
-    islands = grow_islands(islands, np.isfinite(snr) & (labels == 0), FIT_RINGS)
+    islands = grow_into_background(islands, snr, params.analysis_threshold, FIT_RINGS)
     pixels, cut_ratio = _pixel_set(image, islands)
     fit, chisq, fitted = fit_islands(
         pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam

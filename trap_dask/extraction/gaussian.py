@@ -11,13 +11,18 @@ inverse covariance ``[[a, b], [b, c]]`` (pixel**-2):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
 
-from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, axes_from_cov, cov_from_axes
+from trap_dask.extraction.geometry import (
+    HALF_FWHM_PER_SIGMA,
+    axes_from_cov,
+    cov_from_axes,
+)
 
 
 @dataclass
@@ -40,12 +45,20 @@ class PixelSet:
     island: np.ndarray
     starts: np.ndarray
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of pixels of each island."""
+        return np.diff(self.starts, append=len(self.x))
+
     def select(self, keep_island: np.ndarray) -> PixelSet:
         """The pixel set of the islands where ``keep_island`` (renumbered 0..m-1)."""
+        if keep_island.all():
+            return self
         pix = keep_island[self.island]
-        island = (np.cumsum(keep_island) - 1)[self.island[pix]]
-        starts = np.searchsorted(island, np.arange(int(keep_island.sum())))
-        return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, starts)
+        counts = self.counts[keep_island]
+        ends = np.cumsum(counts)
+        island = np.repeat(np.arange(len(counts)), counts)
+        return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, ends - counts)
 
 
 def segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -96,10 +109,20 @@ def _model(
 
     ``p`` (n, 6) or, with the shape (a, b, c) fixed, (n, 3); each row is (npix,).
     """
-    q = np.take(np.ascontiguousarray(p.T), pixels.island, axis=1)
+    q = np.repeat(p.T, pixels.counts, axis=1)  # each island's parameters at its pixels
     a, b, c = shape if shape is not None else q[3:6]
     dx, dy = pixels.x - q[1], pixels.y - q[2]
-    profile = np.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
+    # exp(-0.5 * (a dx dx + 2 b dx dy + c dy dy)), evaluated in that order, in place
+    profile = a * dx
+    profile *= dx
+    term = (2.0 * b) * dx
+    term *= dy
+    profile += term
+    np.multiply(c, dy, out=term)
+    term *= dy
+    profile += term
+    profile *= -0.5
+    np.exp(profile, out=profile)
     return q[0] * profile, profile, dx, dy
 
 
@@ -108,7 +131,7 @@ def model_and_jacobian(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model values (npix,) and Jacobian (nparam, npix); ``shape`` (a, b, c) fixed when given."""
     m, profile, dx, dy = _model(p, pixels, shape)
-    a, b, c = shape if shape is not None else p[pixels.island, 3:6].T
+    a, b, c = shape if shape is not None else np.repeat(p[:, 3:6].T, pixels.counts, axis=1)
     mdx, mdy = m * dx, m * dy
     rows = [profile, a * mdx + b * mdy, b * mdx + c * mdy]
     if shape is None:
@@ -125,13 +148,6 @@ _STEPS = [
 ]
 #: Index in _POWERS of the product of two monomials of degree <= 2.
 _PRODUCT = np.array([[_POWERS.index((p1 + p2, q1 + q2)) for p2, q2 in _POWERS[:6]] for p1, q1 in _POWERS[:6]])
-
-
-def _monomial_rows(base: np.ndarray, dx: np.ndarray, dy: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out[i]`` with ``base * dx**p dy**q`` for the first ``len(out)`` monomials."""
-    out[0] = base
-    for i, (source, by_x) in enumerate(_STEPS[: len(out) - 1], start=1):
-        np.multiply(out[source], dx if by_x else dy, out=out[i])
 
 
 def _jacobian_coefficients(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
@@ -166,11 +182,18 @@ def _linearise(
         n_sq = 15 if n_jac == 6 else 6
         resid = pixels.value - model
         wm = pixels.weight * model
+        # each row is summed over the islands as soon as it is made, while it is in the cache
         rows = np.empty((n_sq + n_jac + 1, len(model)))
-        _monomial_rows(wm * model, dx, dy, rows[:n_sq])
-        _monomial_rows(wm * resid, dx, dy, rows[n_sq:-1])
+        sums = np.empty((len(rows), len(pixels.starts)))
+        np.multiply(wm, model, out=rows[0])
+        np.multiply(wm, resid, out=rows[n_sq])
+        for base, count in ((0, n_sq), (n_sq, n_jac)):
+            np.add.reduceat(rows[base], pixels.starts, out=sums[base])
+            for i, (source, by_x) in enumerate(_STEPS[: count - 1], start=1):
+                np.multiply(rows[base + source], dx if by_x else dy, out=rows[base + i])
+                np.add.reduceat(rows[base + i], pixels.starts, out=sums[base + i])
         np.multiply(pixels.weight * resid, resid, out=rows[-1])
-        sums = segment_sum(rows, pixels.starts)
+        np.add.reduceat(rows[-1], pixels.starts, out=sums[-1])
         moments_sq = sums[:n_sq].T[:, _PRODUCT[:n_jac, :n_jac]]
         jtj = coef @ moments_sq @ np.swapaxes(coef, 1, 2)
         grad = (coef @ sums[n_sq:-1].T[:, :, None])[..., 0]
@@ -324,56 +347,11 @@ def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.nda
     return ok & (minor > 0.2 * beam_minor) & (major < 3.0 * extent + 2.0 * beam_minor)
 
 
-#: Upper bound on padded pixel pairs handled per batch by :func:`_direct_gram`.
-_PAIRS_PER_BATCH = 250_000
-#: Islands of more pixels than this get their correlated sums by FFT convolution.
-_FFT_MIN_PIXELS = 300
-#: Upper bound on grid cells per batch of :func:`_fft_gram`.
+#: Islands of more pixels than this get their correlated sums in float64, the others in float32
+#: (their few terms keep float32 sums accurate to ~1e-6 of the largest).
+_FLOAT64_MIN_PIXELS = 300
+#: Upper bound on grid cells (islands x vectors x padded cells) per batched FFT.
 _CELLS_PER_BATCH = 1_000_000
-
-
-def _size_batches(size: np.ndarray, cost: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Group items in order of ``size`` so that each group's ``len * max cost`` stays <= budget."""
-    order = np.argsort(size, kind="stable")
-    batches, first = [], 0
-    while first < len(order):
-        last = first + 1
-        while last < len(order) and (last - first + 1) * cost[order[last]] <= budget:
-            last += 1
-        batches.append(order[first:last])
-        first = last
-    return batches
-
-
-def _direct_gram(
-    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_gram_matrices` summing every pixel pair explicitly, in float32 (small islands).
-
-    Writing ``rho_ij = exp(f_i + f_j + r_i^T B r_j)`` with ``f = -r^T B r / 2`` and ``B`` the
-    inverse beam covariance, the exponents of all pairs are one matrix product of 4-vectors.
-    """
-    n, k = len(starts), vectors.shape[1]
-    counts = np.diff(np.append(starts, len(r)))
-    r = r.astype(np.float32)
-    br = r @ beam_inv.astype(np.float32)
-    f = -0.5 * np.einsum("ij,ij->i", r, br)[:, None]
-    one = np.ones_like(f)
-    left, right = np.hstack([r, f, one]), np.hstack([br, one, f])
-    vectors = vectors.astype(np.float32)
-    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
-    buffer = np.empty(_PAIRS_PER_BATCH + counts.max() ** 2, dtype=np.float32)
-    for isl in _size_batches(counts, counts.astype(float) ** 2, _PAIRS_PER_BATCH):
-        size = counts[isl].max()
-        slot = np.arange(size)
-        used = slot[None, :] < counts[isl, None]
-        idx = np.where(used, starts[isl, None] + slot, starts[isl, None])
-        rho = buffer[: len(isl) * size * size].reshape(len(isl), size, size)
-        np.exp(np.matmul(left[idx], np.swapaxes(right[idx], 1, 2), out=rho), out=rho)
-        vec = vectors[idx] * used[:, :, None]
-        vec_t = np.swapaxes(vec, 1, 2)
-        plain[isl], correlated[isl] = vec_t @ vec, vec_t @ (rho @ vec)
-    return plain, correlated
 
 
 def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
@@ -384,37 +362,87 @@ def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
     return np.exp(-0.5 * (a * ox * ox + 2.0 * b * ox * oy + c * oy * oy))
 
 
-def _fft_gram(
-    vectors: np.ndarray, r: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_gram_matrices` by convolving each island's vectors with the beam on its pixel grid.
+@functools.lru_cache(maxsize=256)
+def _parseval_weights(beam_inv: tuple[float, float, float], ny: int, nx: int, dtype: type) -> np.ndarray:
+    """(2 * ny * (nx // 2 + 1),) square roots of the weights of the real and imaginary parts of an
+    ``rfft2`` on a (ny, nx) grid such that ``sum_ij v_i rho(r_i - r_j) w_j`` is the sum over them
+    of the weighted parts of ``V`` times those of ``W``; ``beam_inv`` is (a, b, c).
 
-    ``sum_j rho(r_i - r_j) v_j`` is a linear convolution over the island's bounding box (h, w):
-    a circular FFT convolution of size >= (2h - 1, 2w - 1) gives it exactly, in float64.
-    Islands of similar padded size share one batched FFT.
+    ``rfft2`` keeps the columns 0..nx//2; the others, conjugates of columns 1..(nx-1)//2, count
+    twice. The transform of the beam on the grid is real (the beam is symmetric) and positive
+    (sampled Gaussians; rounding can leave ~1e-17 below zero, taken as zero). Cached: the images
+    of a survey share their beams and grid sizes.
     """
-    n, k = len(starts), vectors.shape[1]
-    island = np.repeat(np.arange(n), np.diff(np.append(starts, len(r))))
-    grid = np.rint(r - np.minimum.reduceat(r, starts)[island]).astype(int)  # (npix, 2): x, y
-    extent = np.maximum.reduceat(grid, starts) + 1
-    padded = np.array([sfft.next_fast_len(int(2 * e - 1), real=True) for e in extent.ravel()]).reshape(n, 2)
-    products = np.empty((k, k, len(r)))
-    batch = np.empty(n, dtype=int)
-    shape_id = np.unique(padded, axis=0, return_inverse=True)[1].ravel()
-    for isl in _size_batches(shape_id, padded.prod(1) * k, _CELLS_PER_BATCH):
-        isl = np.sort(isl)
-        nx, ny = padded[isl].max(0)
-        batch[isl] = np.arange(len(isl))
-        pix = np.flatnonzero(np.isin(island, isl))
-        cell = (batch[island[pix]] * ny + grid[pix, 1]) * nx + grid[pix, 0]
-        cells = np.zeros((k, len(isl) * ny * nx))
-        cells[:, cell] = vectors[pix].T
-        beam = sfft.rfft2(beam_on_grid(beam_inv, ny, nx))
-        spectrum = sfft.rfft2(cells.reshape(k, len(isl), ny, nx)) * beam
-        smoothed = sfft.irfft2(spectrum, s=(ny, nx)).reshape(k, -1)[:, cell]
-        products[:, :, pix] = vectors[pix].T[:, None, :] * smoothed[None, :, :]
-    correlated = np.moveaxis(segment_sum(products, starts), -1, 0)
-    plain = np.moveaxis(segment_sum(vectors.T[:, None, :] * vectors.T[None, :, :], starts), -1, 0)
+    a, b, c = beam_inv
+    twice = np.full(nx // 2 + 1, 2.0)
+    twice[0] = 1.0
+    if nx % 2 == 0:
+        twice[-1] = 1.0
+    beam = sfft.rfft2(beam_on_grid(np.array([[a, b], [b, c]]), ny, nx)).real
+    weights = np.sqrt(np.maximum(beam * twice / (nx * ny), 0.0))
+    weights = np.repeat(weights.ravel(), 2).astype(dtype)
+    weights.flags.writeable = False
+    return weights
+
+
+def _fft_gram(
+    rows: np.ndarray, offsets: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, precise: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_gram_matrices` through the Fourier transforms of each island's vectors.
+
+    ``sum_ij v_i rho(r_i - r_j) v_j^T`` is, on the island's bounding box (h, w) zero-padded to a
+    circular grid of >= (2h - 1, 2w - 1) cells, the sum over frequencies of ``V(f) RHO(f) V(f)^H``
+    divided by the number of cells (Parseval): one real matrix product of each island's
+    transformed vectors, weighted. The pixels lie on the integer grid (their offsets differ by
+    whole pixels). Islands of the same padded size share one batched FFT, in float64 where
+    ``precise`` (per island), else in float32. ``rows`` (k, npix): the vectors; ``offsets``
+    (2, npix): the pixels' (x, y) offsets from any point of their island.
+    """
+    (k, npix), n = rows.shape, len(starts)
+    if n == 0:
+        return np.zeros((0, k, k)), np.zeros((0, k, k))
+    counts = np.diff(np.append(starts, npix))
+    island = np.repeat(np.arange(n), counts)
+    grid = np.rint(offsets - np.minimum.reduceat(offsets, starts, axis=1)[:, island]).astype(np.intp)  # x, y
+    extent = np.maximum.reduceat(grid, starts, axis=1) + 1
+    fast = np.zeros(extent.max() + 1, dtype=np.intp)
+    for e in np.unique(extent):
+        fast[e] = sfft.next_fast_len(int(2 * e - 1), real=True)
+    padded = fast[extent]  # (2, n): nx, ny of each island's grid
+    shape_key = (padded[1] * (padded[0].max() + 1) + padded[0]) * 2 + precise
+    order = np.argsort(shape_key, kind="stable")  # islands by grid size and precision
+    bounds = np.flatnonzero(np.r_[True, np.diff(shape_key[order]) != 0, True])
+    ordered_counts = counts[order]
+    ends = np.cumsum(ordered_counts)
+    # the pixels of the islands in that order, and the position in ``order`` of their island
+    pixel_order = np.repeat(starts[order] - ends + ordered_counts, ordered_counts) + np.arange(ends[-1])
+    position = np.repeat(np.arange(n), ordered_counts)
+    pixel_bounds = np.r_[0, ends][bounds]
+    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
+    inverse = (float(beam_inv[0, 0]), float(beam_inv[0, 1]), float(beam_inv[1, 1]))
+    for first, last, pix_first, pix_last in zip(bounds[:-1], bounds[1:], pixel_bounds[:-1], pixel_bounds[1:]):
+        nx, ny = (int(v) for v in padded[:, order[first]])
+        dtype = np.float64 if precise[order[first]] else np.float32
+        wx, hy = (int(v) for v in extent[:, order[first:last]].max(1))  # the islands' boxes fit in hy x wx
+        weights = _parseval_weights(inverse, ny, nx, dtype)
+        per_batch = max(1, _CELLS_PER_BATCH // (k * nx * ny))
+        for chunk in range(first, last, per_batch):
+            top = min(chunk + per_batch, last)
+            lo, hi = np.searchsorted(position[pix_first:pix_last], [chunk, top]) + pix_first
+            pix = pixel_order[lo:hi]
+            cells = np.zeros((top - chunk, k, hy * wx), dtype=dtype)
+            cell = ((position[lo:hi] - chunk) * k * hy + grid[1, pix]) * wx + grid[0, pix]
+            flat = cells.reshape(-1)
+            for j in range(k):
+                flat[cell + j * (hy * wx)] = rows[j, pix]
+            isl = order[chunk:top]
+            plain[isl] = cells @ np.swapaxes(cells, 1, 2)
+            # rfft2 on the (ny, nx) grid, zero-padding each axis as it is transformed
+            spectrum = sfft.rfft(cells.reshape(top - chunk, k, hy, wx), n=nx, axis=-1)
+            spectrum = sfft.fft(spectrum, n=ny, axis=-2, overwrite_x=True)
+            spectrum = spectrum.reshape(top - chunk, k, -1).view(dtype)
+            spectrum *= weights
+            correlated[isl] = spectrum @ np.swapaxes(spectrum, 1, 2)
     return plain, correlated
 
 
@@ -424,23 +452,12 @@ def _gram_matrices(
     """Per island ``sum_i v_i v_i^T`` and ``sum_ij v_i rho(r_i - r_j) v_j^T`` (n, k, k each).
 
     ``vectors`` (npix, k) of the island pixels at offsets (dx, dy) in pixels from any point of
-    their island (keep them small: small islands sum in float32); ``rho`` is the unit-peak beam.
-    Islands of more than ``_FFT_MIN_PIXELS`` pixels are summed by FFT convolution, the others
-    pair by pair.
+    their island; ``rho`` is the unit-peak beam. Islands of more than ``_FLOAT64_MIN_PIXELS``
+    pixels are summed in float64, the others in float32 (see :func:`_fft_gram`).
     """
-    n, k = len(pixels.starts), vectors.shape[1]
-    counts = np.diff(np.append(pixels.starts, len(dx)))
-    r = np.column_stack([dx, dy])
-    beam_inv = np.linalg.inv(beam_cov)
-    plain, correlated = np.empty((n, k, k)), np.empty((n, k, k))
-    for large in (False, True):
-        chosen = (counts > _FFT_MIN_PIXELS) == large
-        if chosen.any():
-            pix = chosen[pixels.island]
-            starts = np.cumsum(counts[chosen]) - counts[chosen]
-            gram = _fft_gram if large else _direct_gram
-            plain[chosen], correlated[chosen] = gram(vectors[pix], r[pix], beam_inv, starts)
-    return plain, correlated
+    rows = np.ascontiguousarray(vectors.T)
+    return _fft_gram(rows, np.stack([dx, dy]), np.linalg.inv(beam_cov), pixels.starts,
+                     pixels.counts > _FLOAT64_MIN_PIXELS)
 
 
 def fit_covariance(

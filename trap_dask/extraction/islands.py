@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 #: 8-connectivity for scipy.ndimage.label.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -48,6 +50,14 @@ class Islands:
                        self.peak_snr[keep])
 
 
+def stable_order(ids: np.ndarray) -> np.ndarray:
+    """``np.argsort(ids, kind="stable")`` of non-negative integer ids, by radix sort when they fit
+    in 16 bits (NumPy sorts those in linear time; the order is the same)."""
+    if len(ids) and 0 <= ids.min() and ids.max() < 2**15:
+        ids = ids.astype(np.int16)
+    return np.argsort(ids, kind="stable")
+
+
 def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     """Start index of each id 0..n-1 in a sorted id array (every id present)."""
     return np.searchsorted(sorted_ids, np.arange(n))
@@ -67,7 +77,7 @@ def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, dete
     Per-label reductions use one sort and ``np.maximum.reduceat`` (fast for many labels).
     """
     flat, lab = flat[lab > 0], lab[lab > 0]
-    order = np.argsort(lab, kind="stable")
+    order = stable_order(lab)
     flat, lab = flat[order], lab[order]
     if len(flat) == 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -103,7 +113,53 @@ def find_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np
     with np.errstate(invalid="ignore"):
         above = snr > analysis
     labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
-    return labels, islands_from_labels(labels, snr, detection)
+    flat = np.flatnonzero(above)  # the labelled pixels (faster to find in the mask)
+    return labels, islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
+
+
+def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-connected components of a boolean image as (flat indices of its True pixels, sorted;
+    their labels 1..n), numbered as ``scipy.ndimage.label`` numbers them (by first pixel).
+
+    Works on the runs of True pixels along rows, not on every pixel: two runs in adjacent rows
+    are joined when their columns overlap or touch diagonally, and the runs' graph is split into
+    connected components.
+    """
+    nx = mask.shape[1]
+    flat = np.flatnonzero(mask)
+    if len(flat) == 0:
+        return flat, np.zeros(0, dtype=np.int32)
+    row = flat // nx
+    first = np.flatnonzero(np.r_[True, (np.diff(flat) != 1) | (np.diff(row) != 0)])
+    length = np.diff(first, append=len(flat))
+    run_row, start_col = row[first], flat[first] - row[first] * nx
+    width = nx + 2  # columns -1..nx of a row never reach the next one
+    key_start = run_row * width + start_col + 1
+    key_end = key_start + length - 1
+    # runs of the row above touching each run: a contiguous range of the sorted runs
+    above_start = key_start - width  # the same columns one row up
+    lo = np.searchsorted(key_end, above_start - 1)
+    hi = np.searchsorted(key_start, above_start + length, side="right")
+    count = np.maximum(hi - lo, 0)
+    source = np.repeat(np.arange(len(first)), count)
+    target = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
+    graph = coo_matrix((np.ones(len(source), dtype=np.int8), (source, target)), shape=(len(first),) * 2)
+    n, component = connected_components(graph, directed=False)
+    # number the components by their first run (= first pixel in raster order)
+    first_run = np.full(n, len(first))
+    np.minimum.at(first_run, component, np.arange(len(first)))
+    label = np.empty(n, dtype=np.int32)
+    label[np.argsort(first_run)] = np.arange(1, n + 1, dtype=np.int32)
+    return flat, np.repeat(label[component], length)
+
+
+def label_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
+    """:func:`find_islands` without the label image: returns the flat indices of all pixels with
+    S/N > ``analysis`` (sorted), their labels, and the kept islands."""
+    with np.errstate(invalid="ignore"):
+        above = snr > analysis
+    flat, labels = label_pixels(above)
+    return flat, labels, islands_from_pixels(flat, labels, snr, detection)
 
 
 def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
@@ -113,28 +169,52 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     claimed by two islands goes to one of them. The islands' peaks are unchanged.
     """
     ny, nx = valid.shape
-    width = nx + 2  # a frame of never-free pixels spares the bounds checks
-    free = np.zeros((ny + 2, width), dtype=bool)
+    free = np.zeros((ny + 2, nx + 2), dtype=bool)  # a frame of never-free pixels spares the bounds checks
     free[1:-1, 1:-1] = valid
+    return _grow(islands, free, rings)
+
+
+def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rings: int) -> Islands:
+    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island)."""
+    ny, nx = snr.shape
+    free = np.zeros((ny + 2, nx + 2), dtype=bool)
+    inner = free[1:-1, 1:-1]
+    with np.errstate(invalid="ignore"):
+        np.less_equal(snr, analysis, out=inner)  # False for NaN and +inf
+        inner &= snr > -np.inf
+    return _grow(islands, free, rings)
+
+
+def _grow(islands: Islands, free: np.ndarray, rings: int) -> Islands:
+    """:func:`grow_islands` with the free pixels in a (ny + 2, nx + 2) frame (modified)."""
+    width = free.shape[1]
+    nx = width - 2
     free = free.ravel()
-    row, col = np.divmod(islands.flat, nx)
-    edge, edge_island = (row + 1) * width + col + 1, islands.island
+    edge, edge_island = islands.flat + 2 * (islands.flat // nx) + width + 1, islands.island  # (row+1, col+1)
     free[edge] = False
     steps = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
     grown, grown_island = [edge], [edge_island]
     for _ in range(rings):
-        cand = (edge[:, None] + steps).ravel()
-        take = free[cand]
-        edge, first = np.unique(cand[take], return_index=True)
-        if len(edge) == 0:
+        # a pixel reached from several edge pixels goes to the first of them (in edge order):
+        # sorting (pixel, edge position) packed in one integer puts that one first
+        shift = max(int(len(edge) - 1).bit_length(), 1)  # bits of an edge position
+        reached = []
+        for step in steps:
+            cand = edge + step
+            take = np.flatnonzero(free[cand])
+            reached.append((cand[take] << shift) | take)
+        packed = np.sort(np.concatenate(reached))
+        if len(packed) == 0:
             break
-        edge_island = np.repeat(edge_island, len(steps))[take][first]
+        pixel = packed >> shift
+        first = np.r_[True, pixel[1:] != pixel[:-1]]
+        edge = pixel[first]
+        edge_island = edge_island[packed[first] & ((1 << shift) - 1)]
         free[edge] = False
         grown.append(edge)
         grown_island.append(edge_island)
     padded, island = np.concatenate(grown), np.concatenate(grown_island)
-    order = np.argsort(island, kind="stable")
-    row, col = np.divmod(padded[order], width)
-    island = island[order]
-    flat = (row - 1) * nx + col - 1
+    order = stable_order(island)
+    padded, island = padded[order], island[order]
+    flat = padded - 2 * (padded // width) - nx - 1  # (row - 1) * nx + col - 1
     return Islands(flat, island, _segment_starts(island, islands.n), islands.peak_flat, islands.peak_snr)
