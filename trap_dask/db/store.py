@@ -7,11 +7,12 @@ consistent prefix of the run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspect, select, update
@@ -19,46 +20,20 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
 from trap_dask.db import schema
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
 from trap_dask.db.migrations import add_missing_columns, can_migrate, migrate
-from trap_dask.db.pgcopy import copy_insert, copy_upsert
 from trap_dask.merging import HISTORY_DTYPE
-from trap_dask.db.backends import (
-    DatabaseError,
-    DatabaseSettings,
-    create_database,
-    database_exists,
-    driver_reason,
-    drop_database,
-    make_engine,
-)
+
+if TYPE_CHECKING:
+    from trap_dask.config import Config
 
 log = logging.getLogger(__name__)
 Columns = Mapping[str, np.ndarray]
 
 
-#: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
-SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
-
-
-def _python_values(column: np.ndarray) -> list[Any]:
-    """A numpy column as SQLite DB-API values: Python scalars, NaN as NULL, datetimes as text."""
-    if column.dtype.kind == "f":
-        values = column.astype(object)
-        values[np.isnan(column)] = None
-        return values.tolist()
-    if column.dtype.kind == "O":
-        return [v.strftime(SQLITE_DATETIME) if isinstance(v, datetime) else v for v in column.tolist()]
-    return column.tolist()
-
-
 def plain(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row with numpy scalars turned into Python ones (psycopg2 does not adapt numpy types)."""
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-
-
-def row_tuples(columns: Columns, names: Sequence[str], rows: np.ndarray | None = None) -> list[tuple]:
-    """Rows of a columnar table as DB-API parameter tuples in the order of ``names``."""
-    return list(zip(*(_python_values(columns[n] if rows is None else columns[n][rows]) for n in names)))
 
 
 @dataclass(frozen=True)
@@ -101,27 +76,65 @@ class ExportStore:
 
     def __init__(self, settings: DatabaseSettings):
         self.settings = settings
-        self.engine = make_engine(settings)
+        self.backend = settings.impl
+        self.engine = self.backend.make_engine()
+        self._batch: Connection | None = None  #: the open transaction of a batch()
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
     def create(cls, settings: DatabaseSettings, overwrite: bool) -> "ExportStore":
         """Create a new export database; an existing one is an error unless ``overwrite``."""
-        if database_exists(settings):
+        backend = settings.impl
+        if backend.exists():
             if not overwrite:
                 raise DatabaseError(
                     f"{settings.describe()} already exists; pass --db_overwrite to replace it"
                 )
-            drop_database(settings)
-        create_database(settings)
+            backend.drop()
+        backend.create()
         store = cls(settings)
         try:
             store._create_tables()
         except DatabaseError:
             store.close()
-            drop_database(settings)
+            backend.drop()
             raise
         return store
+
+    @classmethod
+    def prepare(cls, settings: DatabaseSettings, config: "Config") -> tuple[bool, KnownImages]:
+        """Create the export database of a run, or open it to append (``config.db_append``);
+        returns (appending, the files it already holds).
+
+        Appending checks that the association parameters match those of the database's latest
+        run (unless ``config.accept_config_change``) and marks the runs left 'running' by a
+        killed process as 'killed': call only while holding the run lock.
+        """
+        import shlex
+
+        from trap_dask.config import association_differences
+
+        if not config.db_append:
+            cls.create(settings, overwrite=config.db_overwrite).close()
+            return False, KnownImages()
+        store = cls.open(settings)
+        try:
+            stored = store.latest_config()
+            differences = association_differences(config, stored) if stored else {}
+            if differences and not config.accept_config_change:
+                changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+                keep = " ".join(f"--{name} {shlex.quote(str(old))}" for name, (old, new) in differences.items()
+                                if old is not None)
+                raise DatabaseError(
+                    f"association parameters differ from those of {settings.describe()} ({changes}); "
+                    + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
+                    + "--accept_config_change to use the new values from here on"
+                )
+            if store.close_stale_runs():
+                log.info("resuming after a run that was killed")
+            return True, store.known_images()
+        finally:
+            store.close()
 
     @classmethod
     def open(cls, settings: DatabaseSettings) -> "ExportStore":
@@ -288,6 +301,34 @@ class ExportStore:
             ))
 
     # -- per image ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["ExportStore"]:
+        """Commit every ``commit_image`` inside the block in ONE transaction, when the block exits.
+
+        Nothing is committed before then; an exception in the block (or a failing commit) rolls
+        back the whole batch, so the database still ends at an image boundary. Batches do not nest.
+        """
+        if self._batch is not None:
+            raise RuntimeError("ExportStore.batch() does not nest")
+        try:
+            with self.engine.begin() as conn:
+                self._batch = conn
+                try:
+                    yield self
+                finally:
+                    self._batch = None
+        except DBAPIError as exc:
+            raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """The open batch's transaction, or a new one committed when the block exits."""
+        if self._batch is not None:
+            yield self._batch
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
     @_database_errors
     def commit_image(
         self,
@@ -313,9 +354,10 @@ class ExportStore:
         an ``im_id`` per source: forced fits in an earlier image (new sources measured back in
         time) add to that image's ``n_forced``. ``merges`` retire sources into others: their
         light curves and newsource rows go, the earlier measurements in ``relabelled`` get their
-        new src_id and parent, and each merge is recorded.
+        new src_id and parent, and each merge is recorded. Inside :meth:`batch`, the image joins
+        the batch's transaction.
         """
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             if band_rows:
                 conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
             conn.execute(insert(schema.images), [plain(image_row)])
@@ -370,12 +412,8 @@ class ExportStore:
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
     def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
-        """Insert columnar rows: COPY on PostgreSQL, one DB-API executemany on SQLite."""
-        if self.settings.backend == "postgres":
-            copy_insert(conn, table, columns)
-            return
-        names = [c for c in table.c.keys() if c in columns]
-        conn.exec_driver_sql(_sqlite_insert_sql(conn, table, names), row_tuples(columns, names))
+        """Insert columnar rows with the backend's bulk path."""
+        self.backend.insert(conn, table, columns)
 
     def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None,
                 keys: list[str]) -> None:
@@ -384,21 +422,7 @@ class ExportStore:
             rows = np.arange(len(columns[keys[0]]))
         if len(rows) == 0:
             return
-        if self.settings.backend == "postgres":
-            copy_upsert(conn, table, columns, rows, keys)
-            return
-        names = list(table.c.keys())
-        quote = conn.dialect.identifier_preparer.quote
-        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in keys)
-        sql = (_sqlite_insert_sql(conn, table, names)
-               + f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}")
-        conn.exec_driver_sql(sql, row_tuples(columns, names, rows))
-
-def _sqlite_insert_sql(conn: Connection, table: Table, names: Sequence[str]) -> str:
-    """``INSERT INTO table (names) VALUES (?, ...)`` with quoted identifiers (qmark parameters)."""
-    quote = conn.dialect.identifier_preparer.quote
-    return (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
-            f"VALUES ({', '.join('?' * len(names))})")
+        self.backend.upsert(conn, table, columns, rows, keys)
 
 
 def _next_id(conn: Connection, column) -> int:
