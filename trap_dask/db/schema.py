@@ -234,6 +234,36 @@ monitor = Table(
 )
 
 
+# -- the columns other modules hold in memory, derived from the tables above ------------------
+def numpy_dtype(column: Column) -> str:
+    """The numpy dtype that holds ``column`` in memory: f8, i8, ? (bool) or O (datetime, text)."""
+    if isinstance(column.type, Boolean):
+        return "?"
+    if isinstance(column.type, Integer):
+        return "i8"
+    if isinstance(column.type, Double):
+        return "f8"
+    return "O"
+
+
+def column_dtypes(table: Table, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{column: numpy dtype}`` of ``table`` in its column order, without ``leave_out``."""
+    return {c.name: numpy_dtype(c) for c in table.columns if c.name not in leave_out}
+
+
+#: extracted_sources columns the writer assigns (ids, association); the others are measured
+#: (trap_dask.sources.SOURCE_DTYPE holds them, plus the pixel position, which is not exported)
+ASSIGNED_SOURCE_COLUMNS = ("id", "im_id", "src_id", "parent", "is_duplicate")
+MEASURED_SOURCE_COLUMNS = column_dtypes(extracted_sources, ASSIGNED_SOURCE_COLUMNS)
+#: runningcatalog: one row per source (trap_dask.catalogue.SOURCE_COLUMNS)
+CATALOGUE_COLUMNS = column_dtypes(runningcatalog)
+#: variability with its running sums: one row per (src_id, freq_band) (catalogue.LIGHTCURVE_COLUMNS)
+LIGHTCURVE_COLUMNS = {**column_dtypes(variability),
+                      **column_dtypes(variability_running_averages, ("src_id", "freq_band"))}
+#: merges as the catalogue makes them; the store adds the id and the retired newsource's trigger
+MERGE_COLUMNS = column_dtypes(merges, ("id", "newsource_trigger"))
+
+
 def ddl(dialect_name: str) -> str:
     """The CREATE statements for ``sqlite`` or ``postgresql``, as text."""
     from sqlalchemy.dialects import postgresql, sqlite

@@ -23,6 +23,7 @@ from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
 from trap_dask.db.migrations import add_missing_columns, can_migrate, migrate
 from trap_dask.merging import HISTORY_DTYPE
+from trap_dask.sources import NOT_EXPORTED
 
 if TYPE_CHECKING:
     from trap_dask.config import Config
@@ -367,7 +368,7 @@ class ExportStore:
                 self._insert(conn, schema.monitor, monitors)
                 self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
             if sources is not None and len(sources):
-                columns = {n: sources[n] for n in schema.extracted_sources.c.keys() if n in sources.dtype.names}
+                columns = {n: sources[n] for n in sources.dtype.names if n not in NOT_EXPORTED}
                 columns.update({"im_id": np.full(len(sources), image_row["id"])}, **source_ids)
                 self._insert(conn, schema.extracted_sources, columns)
                 earlier, counts = np.unique(columns["im_id"][columns["im_id"] != image_row["id"]], return_counts=True)
@@ -412,7 +413,8 @@ class ExportStore:
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
     def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
-        """Insert columnar rows with the backend's bulk path."""
+        """Insert columnar rows with the backend's bulk path; ``columns`` must be the table's, all of them."""
+        _check_columns(table, columns, exact=True)
         self.backend.insert(conn, table, columns)
 
     def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None,
@@ -422,7 +424,19 @@ class ExportStore:
             rows = np.arange(len(columns[keys[0]]))
         if len(rows) == 0:
             return
+        _check_columns(table, columns, exact=False)
         self.backend.upsert(conn, table, columns, rows, keys)
+
+
+def _check_columns(table: Table, columns: Columns, exact: bool) -> None:
+    """Refuse rows that lack a column of ``table`` (or, ``exact``, that have one it lacks):
+    a column is never dropped or left NULL silently when the schema and the data drift apart."""
+    missing = [c for c in table.c.keys() if c not in columns]
+    unknown = [c for c in columns if c not in table.c] if exact else []
+    if missing or unknown:
+        raise ValueError(f"rows for {table.name} do not match its columns (trap_dask/db/schema.py): "
+                         + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                     (("missing", missing), ("not in the table", unknown)) if names))
 
 
 def _next_id(conn: Connection, column) -> int:
