@@ -14,6 +14,7 @@ from datetime import datetime
 
 import numpy as np
 
+from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
 from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
 from trap_dask.merging import converged_pairs, merge_histories
@@ -209,11 +210,12 @@ class RunningCatalogue:
     de_ruiter_r_max: float
     max_nr_consecutive_force_fits: int
     detection_threshold: float
-    optimal_association: bool = False
-    fit_blends: bool = False
-    backfill: bool = False
-    link_radius: float = 0.0  #: beam FWHM, see :func:`trap_dask.association.associate`
-    merge_duplicates: bool = False  #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
+    # defaults: trap_dask.config.Config's (the one source)
+    optimal_association: bool = DEFAULTS.association_method == "optimal"
+    fit_blends: bool = DEFAULTS.fit_blends
+    backfill: bool = DEFAULTS.backfill_new_sources
+    link_radius: float = DEFAULTS.link_radius  #: beam FWHM, see :func:`trap_dask.association.associate`
+    merge_duplicates: bool = DEFAULTS.merge_duplicates  #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
