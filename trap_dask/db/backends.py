@@ -101,6 +101,9 @@ class Backend(ABC):
     def lock(self) -> "Lock":
         """The run lock: one writer per database, freed when its holder dies (not yet acquired)."""
 
+    def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:
+        """Apply a table's storage parameters (schema.STORAGE) to an existing table; none by default."""
+
     @abstractmethod
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         """Insert every row of ``columns`` (the table's columns it has) in ``conn``'s transaction."""

@@ -72,6 +72,11 @@ class PostgreSQLBackend(Backend):
     def lock(self) -> "AdvisoryLock":
         return AdvisoryLock(self.settings)
 
+    def set_storage(self, conn: Connection, table: str, options) -> None:
+        quote = conn.dialect.identifier_preparer.quote
+        settings = ", ".join(f"{name} = {float(value):g}" for name, value in options.items())
+        conn.exec_driver_sql(f"ALTER TABLE {quote(table)} SET ({settings})")
+
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         copy_insert(conn, table, columns)
 

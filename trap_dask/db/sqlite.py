@@ -44,7 +44,9 @@ def python_values(column: np.ndarray) -> list[Any]:
             values[i] = None
         return values
     if column.dtype.kind == "O":
-        return [v.strftime(SQLITE_DATETIME) if isinstance(v, datetime) else v for v in column.tolist()]
+        text: dict[datetime, str] = {}  # a light curve's times repeat: format each once
+        return [(text.get(v) or text.setdefault(v, v.strftime(SQLITE_DATETIME))) if isinstance(v, datetime) else v
+                for v in column.tolist()]
     return column.tolist()
 
 

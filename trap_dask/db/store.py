@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from trap_dask import __version__
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
-from trap_dask.db.migrations import add_missing_columns, can_migrate, migrate
+from trap_dask.db.migrations import can_migrate, migrate
 from trap_dask.merging import HISTORY_DTYPE
 from trap_dask.sources import NOT_EXPORTED
 
@@ -66,7 +66,7 @@ def _database_errors(method: Callable) -> Callable:
     def wrapper(self: "ExportStore", *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except DBAPIError as exc:
+        except (DBAPIError, self.driver_error) as exc:  # bulk writes use the driver's cursor directly
             raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
 
     return wrapper
@@ -80,6 +80,8 @@ class ExportStore:
         self.backend = settings.impl
         self.engine = self.backend.make_engine()
         self._batch: Connection | None = None  #: the open transaction of a batch()
+        #: the DB-API driver's base exception (raised by the backends' bulk writes)
+        self.driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -172,28 +174,16 @@ class ExportStore:
                 f"{settings.describe()} has export schema version {versions}, this trap-dask writes "
                 f"version {schema.SCHEMA_VERSION}; append to it with the trap-dask that made it"
             )
-        try:
-            store._add_parameter_columns()
-        except DatabaseError:
-            store.close()
-            raise
         return store
 
     def _migrate(self, version: int) -> None:
         try:
             with self.engine.begin() as conn:
-                migrate(conn, version, _now())
+                migrate(conn, version, _now(), self.backend)
         except DBAPIError as exc:
             self.close()
             raise DatabaseError(f"cannot upgrade {self.settings.describe()} from export schema version "
                                 f"{version}: {driver_reason(exc)}") from None
-
-    @_database_errors
-    def _add_parameter_columns(self) -> None:
-        """Give the ``config`` table a column for every parameter newer than the database (NULL
-        for the earlier runs), so that a new parameter never bars appending to it."""
-        with self.engine.begin() as conn:
-            add_missing_columns(conn, schema.config)
 
     def _create_tables(self) -> None:
         try:
@@ -219,7 +209,8 @@ class ExportStore:
                 id=run_id, software_version=__version__, started_at=_now(), status="running",
                 n_images=0, config_file=config_file,
             ))
-            conn.execute(insert(schema.config).values(run=run_id, **plain(config_row)))
+            conn.execute(insert(schema.config), schema.config_rows(
+                run_id, plain(config_row), _next_id(conn, schema.config.c.id)))
         return run_id
 
     @_database_errors
@@ -241,11 +232,11 @@ class ExportStore:
     @_database_errors
     def latest_config(self) -> dict[str, Any] | None:
         """The config row of the most recent run, or None for an empty database."""
+        config = schema.config.c
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(schema.config).order_by(schema.config.c.run.desc()).limit(1)
-            ).mappings().first()
-        return dict(row) if row else None
+            rows = conn.execute(select(config.key, config.value, config.type).where(
+                config.run == select(func.max(config.run)).scalar_subquery())).mappings().all()
+        return schema.config_values(rows) if rows else None
 
     @_database_errors
     def known_images(self) -> KnownImages:
@@ -318,7 +309,7 @@ class ExportStore:
                     yield self
                 finally:
                     self._batch = None
-        except DBAPIError as exc:
+        except (DBAPIError, self.driver_error) as exc:
             raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
 
     @contextlib.contextmanager
