@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import struct
-from datetime import datetime
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -58,8 +57,9 @@ def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
     elif isinstance(sqltype, DateTime):
         if values.dtype.kind == "M":
             stamps = values.astype("datetime64[us]")
-        else:
-            stamps = np.array([np.datetime64(v, "us") if isinstance(v, datetime) else np.datetime64("NaT")
+        else:  # datetime objects, None for NULL; a light curve's times repeat: convert each once
+            cache: dict = {}
+            stamps = np.array([cache[v] if v in cache else cache.setdefault(v, np.datetime64(v, "us"))
                                for v in _filled(values, null, None).tolist()], dtype="datetime64[us]")
         micro = np.where(np.isnat(stamps), 0, (stamps - _EPOCH).astype(np.int64))
         data = micro.astype(">i8").view(np.uint8).reshape(n, 8)
@@ -77,18 +77,20 @@ def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
 def binary_copy_data(table: Table, columns: Columns, names: Sequence[str], rows: np.ndarray | None) -> bytes:
     """The rows of ``columns`` (``names`` in order, ``rows`` or all) as a binary COPY stream."""
     n = len(columns[names[0]]) if rows is None else len(rows)
+    if n == 0:
+        return _HEADER + _TRAILER
+    fields = [encode_column(columns[name] if rows is None else columns[name][rows], table.c[name].type)
+              for name in names]
     parts = [np.frombuffer(struct.pack(">h", len(names)) * n, np.uint8).reshape(n, 2)]
-    keep = [np.ones((n, 2), bool)]
-    varying = False
-    for name in names:
-        values = columns[name] if rows is None else columns[name][rows]
-        data, lengths = encode_column(values, table.c[name].type)
+    for data, lengths in fields:
         parts += [lengths.astype(">i4").view(np.uint8).reshape(n, 4), data]
+    matrix = np.hstack(parts)  # one row per tuple, every field at its full width
+    if all((lengths == data.shape[1]).all() for data, lengths in fields):
+        return _HEADER + matrix.tobytes() + _TRAILER
+    keep = [np.ones((n, 2), bool)]  # NULLs and shorter texts: leave out the bytes past each length
+    for data, lengths in fields:
         keep += [np.ones((n, 4), bool), np.arange(data.shape[1]) < np.maximum(lengths, 0)[:, None]]
-        varying |= bool((lengths != data.shape[1]).any())
-    matrix = np.hstack(parts) if n else np.zeros((0, 0), np.uint8)
-    body = matrix[np.hstack(keep)].tobytes() if varying else matrix.tobytes()
-    return _HEADER + body + _TRAILER
+    return _HEADER + matrix[np.hstack(keep)].tobytes() + _TRAILER
 
 
 def _copy(conn: Connection, target: str, names: Sequence[str], data: bytes) -> None:
