@@ -109,9 +109,10 @@ class Backend(ABC):
         """Insert every row of ``columns`` (the table's columns it has) in ``conn``'s transaction."""
 
     @abstractmethod
-    def upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray,
+    def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
-        """Insert or update ``rows`` of ``columns`` (every column of ``table``) by primary ``keys``."""
+        """Insert or update ``rows`` of ``columns`` (every column of each of ``tables``, which share
+        their primary ``keys``) in each table."""
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sqlalchemy import BigInteger, Boolean, Connection, DateTime, Float, Integer, String, Table
@@ -74,12 +74,13 @@ def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
     return data, np.where(null, -1, data.shape[1]).astype(np.int32)
 
 
-def binary_copy_data(table: Table, columns: Columns, names: Sequence[str], rows: np.ndarray | None) -> bytes:
-    """The rows of ``columns`` (``names`` in order, ``rows`` or all) as a binary COPY stream."""
+def binary_copy_data(types: Mapping[str, Any], columns: Columns, names: Sequence[str], rows: np.ndarray | None) -> bytes:
+    """The rows of ``columns`` (``names`` in order, ``rows`` or all; ``types``: each one's SQL
+    type) as a binary COPY stream."""
     n = len(columns[names[0]]) if rows is None else len(rows)
     if n == 0:
         return _HEADER + _TRAILER
-    fields = [encode_column(columns[name] if rows is None else columns[name][rows], table.c[name].type)
+    fields = [encode_column(columns[name] if rows is None else columns[name][rows], types[name])
               for name in names]
     parts = [np.frombuffer(struct.pack(">h", len(names)) * n, np.uint8).reshape(n, 2)]
     for data, lengths in fields:
@@ -104,21 +105,27 @@ def copy_insert(conn: Connection, table: Table, columns: Columns) -> None:
     """Insert every row of ``columns`` into ``table`` with COPY."""
     names = [c for c in table.c.keys() if c in columns]
     _copy(conn, conn.dialect.identifier_preparer.format_table(table), names,
-          binary_copy_data(table, columns, names, None))
+          binary_copy_data({c.name: c.type for c in table.columns}, columns, names, None))
 
 
-def copy_upsert(conn: Connection, table: Table, columns: Columns, rows: np.ndarray, keys: Sequence[str]) -> None:
-    """Insert or update ``rows`` of ``columns`` in ``table`` by primary ``keys``, via a staging table."""
+def copy_upsert(conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
+                keys: Sequence[str]) -> None:
+    """Insert or update ``rows`` of ``columns`` in each of ``tables`` by their primary ``keys``:
+    one COPY into a staging table holding the columns of all of them, then one statement each,
+    in one round trip."""
     quote = conn.dialect.identifier_preparer.quote
-    target = conn.dialect.identifier_preparer.format_table(table)
-    staging = quote(f"staging_{table.name}")
-    names = list(table.c.keys())
-    listed = ", ".join(quote(n) for n in names)
-    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} (LIKE {target})")
-    _copy(conn, staging, names, binary_copy_data(table, columns, names, rows))
-    updates = ", ".join(f"{quote(n)} = EXCLUDED.{quote(n)}" for n in names if n not in keys)
-    sql = (f"INSERT INTO {target} ({listed}) SELECT {listed} FROM {staging} "
-           f"ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}; "
-           f"DELETE FROM {staging}")
-    with conn.connection.dbapi_connection.cursor() as cursor:  # both in one round trip
-        cursor.execute(sql)
+    types = {c.name: c.type for table in tables for c in table.columns}
+    staging = quote("staging_" + "_".join(table.name.strip("_") for table in tables))
+    listed = ", ".join(f"{quote(n)} {t.compile(dialect=conn.dialect)}" for n, t in types.items())
+    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ({listed})")
+    _copy(conn, staging, list(types), binary_copy_data(types, columns, list(types), rows))
+    statements = []
+    for table in tables:
+        names = ", ".join(quote(n) for n in table.c.keys())
+        updates = ", ".join(f"{quote(n)} = EXCLUDED.{quote(n)}" for n in table.c.keys() if n not in keys)
+        statements.append(f"INSERT INTO {conn.dialect.identifier_preparer.format_table(table)} ({names}) "
+                          f"SELECT {names} FROM {staging} "
+                          f"ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}")
+    statements.append(f"TRUNCATE {staging}")  # not DELETE: nothing vacuums temporary tables
+    with conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.execute("; ".join(statements))

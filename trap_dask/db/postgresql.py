@@ -80,9 +80,9 @@ class PostgreSQLBackend(Backend):
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         copy_insert(conn, table, columns)
 
-    def upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray,
+    def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
-        copy_upsert(conn, table, columns, rows, keys)
+        copy_upsert(conn, tables, columns, rows, keys)
 
 
 class AdvisoryLock(Lock):

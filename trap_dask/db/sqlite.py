@@ -116,10 +116,11 @@ class SQLiteBackend(Backend):
         names = tuple(c for c in table.c.keys() if c in columns)
         _executemany(conn, _insert_sql(table.name, names), row_tuples(columns, names))
 
-    def upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray,
+    def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
-        names = tuple(table.c.keys())
-        _executemany(conn, _insert_sql(table.name, names, tuple(keys)), row_tuples(columns, names, rows))
+        for table in tables:
+            names = tuple(table.c.keys())
+            _executemany(conn, _insert_sql(table.name, names, tuple(keys)), row_tuples(columns, names, rows))
 
 
 class FileLock(Lock):

@@ -357,7 +357,7 @@ class ExportStore:
             conn.execute(update(runs).where(runs.c.id == image_row["run"]).values(n_images=runs.c.n_images + 1))
             if monitors is not None:
                 self._insert(conn, schema.monitor, monitors)
-                self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
+                self._upsert(conn, [schema.runningcatalog], monitor_catalogue, None, ["src_id"])
             if sources is not None and len(sources):
                 columns = {n: sources[n] for n in sources.dtype.names if n not in NOT_EXPORTED}
                 columns.update({"im_id": np.full(len(sources), image_row["id"])}, **source_ids)
@@ -367,10 +367,10 @@ class ExportStore:
                     conn.execute(update(schema.images).where(schema.images.c.id == im_id).values(
                         n_forced=schema.images.c.n_forced + count))
             if catalogue is not None:
-                self._upsert(conn, schema.runningcatalog, catalogue, catalogue_rows, ["src_id"])
-            if lightcurves is not None:
-                for table in (schema.variability, schema.variability_running_averages):
-                    self._upsert(conn, table, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
+                self._upsert(conn, [schema.runningcatalog], catalogue, catalogue_rows, ["src_id"])
+            if lightcurves is not None:  # variability and its running sums: one COPY on PostgreSQL
+                self._upsert(conn, [schema.variability, schema.variability_running_averages], lightcurves,
+                             lightcurve_rows, ["src_id", "freq_band"])
             if new_sources is not None and len(new_sources["src_id"]):
                 ids = _next_id(conn, schema.newsource.c.id) + np.arange(len(new_sources["src_id"]))
                 self._insert(conn, schema.newsource, {**new_sources, "id": ids})
@@ -408,15 +408,16 @@ class ExportStore:
         _check_columns(table, columns, exact=True)
         self.backend.insert(conn, table, columns)
 
-    def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None,
+    def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, rows: np.ndarray | None,
                 keys: list[str]) -> None:
-        """Insert or update ``rows`` (default all) of columnar data by primary ``keys``."""
+        """Insert or update ``rows`` (default all) of columnar data in ``tables`` by primary ``keys``."""
         if rows is None:
             rows = np.arange(len(columns[keys[0]]))
         if len(rows) == 0:
             return
-        _check_columns(table, columns, exact=False)
-        self.backend.upsert(conn, table, columns, rows, keys)
+        for table in tables:
+            _check_columns(table, columns, exact=False)
+        self.backend.upsert(conn, tables, columns, rows, keys)
 
 
 def _check_columns(table: Table, columns: Columns, exact: bool) -> None:
