@@ -118,7 +118,9 @@ def test_export_tables_are_filled(exported, survey):
 
 
 def test_both_backends_export_the_same_tables(exported, processed):
-    """(On SQLite the export is the reference itself.)"""
+    """The PostgreSQL export equals the SQLite one (on SQLite, ``exported`` is that one)."""
+    if exported is processed:
+        return
     from _runs import dump
 
     assert dump(exported) == dump(DatabaseSettings("sqlite", str(processed)))
