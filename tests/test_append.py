@@ -74,11 +74,7 @@ def test_changed_association_parameters_need_consent(db_settings, epochs):
     with pytest.raises(PipelineError, match=r"pass --association_method optimal to continue"):
         run(db_settings, epochs, db_append=True, association_method="greedy")
     run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0, accept_config_change=True)
-    engine = make_engine(db_settings)
-    with engine.connect() as conn:
-        radii = conn.execute(select(schema.config.c.de_ruiter_r_max).order_by(schema.config.c.run)).scalars().all()
-    engine.dispose()
-    assert radii == [5.68, 3.0]   # every run's parameters are kept
+    assert parameter_by_run(db_settings, "de_ruiter_r_max") == [5.68, 3.0]   # every run's parameters are kept
 
 
 def test_a_live_run_blocks_a_second_writer(db_settings, epochs):
@@ -98,19 +94,68 @@ def test_append_refuses_a_database_of_another_schema_version(db_settings, epochs
         run(db_settings, epochs, db_append=True)
 
 
+def parameter_by_run(settings: DatabaseSettings, key: str) -> list:
+    """One parameter of every run, in run order (None where the run did not know it)."""
+    engine = make_engine(settings)
+    config = schema.config.c
+    with engine.connect() as conn:
+        runs = conn.execute(select(schema.runs.c.id).order_by(schema.runs.c.id)).scalars().all()
+        rows = conn.execute(select(config.run, config.key, config.value, config.type).where(config.key == key)).mappings().all()
+    engine.dispose()
+    values = {row["run"]: schema.config_values([row])[key] for row in rows}
+    return [values.get(r) for r in runs]
+
+
 def test_append_to_a_database_made_before_a_parameter_existed(db_settings, epochs, reference):
     run(db_settings, epochs[:3])
     engine = make_engine(db_settings)
     with engine.begin() as conn:   # as a trap-dask without the worker_timeout parameter made it
-        conn.exec_driver_sql("ALTER TABLE config DROP COLUMN worker_timeout")
+        conn.execute(schema.config.delete().where(schema.config.c.key == "worker_timeout"))
     engine.dispose()
     run(db_settings, epochs, db_append=True)
     assert dump(db_settings) == reference
+    assert parameter_by_run(db_settings, "worker_timeout") == [None, 600.0]
+
+
+def to_version_2_config(conn) -> None:
+    """Turn the key/value ``config`` table back into version 2's: a column per parameter."""
+    from sqlalchemy import Column, Integer, MetaData, Table, insert
+
+    rows = conn.execute(select(schema.config)).mappings().all()
+    runs = sorted({row["run"] for row in rows})
+    values = {r: schema.config_values([row for row in rows if row["run"] == r]) for r in runs}
+    types = {"bool": "BOOLEAN", "int": "INTEGER", "float": "DOUBLE PRECISION", "str": "TEXT"}
+    kinds = {row["key"]: row["type"] for row in rows}
+    conn.exec_driver_sql("DROP TABLE config")
+    conn.exec_driver_sql("CREATE TABLE config (run INTEGER NOT NULL REFERENCES runs (id), "
+                         + ", ".join(f"{key} {types[kind]}" for key, kind in kinds.items()) + ", PRIMARY KEY (run))")
+    wide = Table("config", MetaData(), Column("run", Integer), *(Column(k) for k in kinds))
+    for r in runs:
+        conn.execute(insert(wide).values(run=r, **values[r]))
+
+
+def test_append_upgrades_a_version_2_database(db_settings, epochs, reference):
+    """A database of export schema version 2 (a config column per parameter) is upgraded in place
+    by an append: every earlier run's parameters become key/value rows, and the light curves
+    continue as in one run."""
+    run(db_settings, epochs[:3], worker_timeout=300.0)
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        to_version_2_config(conn)
+        conn.execute(schema.schema_version.update().values(version=2))
+    engine.dispose()
+    with pytest.raises(PipelineError, match=r"de_ruiter_r_max: 5\.68 -> 3\.0"):  # read from the old layout
+        run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0)
+    run(db_settings, epochs, db_append=True)
     engine = make_engine(db_settings)
     with engine.connect() as conn:
-        timeouts = conn.execute(select(schema.config.c.worker_timeout).order_by(schema.config.c.run)).scalars().all()
+        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
     engine.dispose()
-    assert timeouts == [None, 600.0]
+    assert parameter_by_run(db_settings, "worker_timeout") == [300.0, 600.0]
+    assert parameter_by_run(db_settings, "fit_blends") == [True, True]
+    assert parameter_by_run(db_settings, "monitor_loc") == ["[[150.01, 30.01]]"] * 2
+    links = {name: [row[:4] for row in rows] for name, rows in dump(db_settings).items() if name == "extracted_sources"}
+    assert links == {"extracted_sources": [row[:4] for row in reference["extracted_sources"]]}
 
 
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
@@ -133,6 +178,7 @@ def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
             conn.exec_driver_sql(f"ALTER TABLE images DROP COLUMN {name}")
         conn.exec_driver_sql("ALTER TABLE runningcatalog DROP COLUMN merged_into")
         conn.exec_driver_sql("DROP TABLE merges")
+        to_version_2_config(conn)
         conn.execute(schema.schema_version.update().values(version=1))
     engine.dispose()
     run(db_settings, epochs, db_append=True)

@@ -40,15 +40,19 @@ def step(cat, im_id, det, forced_flux=None, band=1, rms=0.001):
     return cat.apply(update, plan.image), update
 
 
+#: the catalogue as TraP 1.x runs it (Config's defaults switch these on), which the cases below spell out
+TRAP1 = dict(optimal_association=False, fit_blends=False, backfill=False, link_radius=0.0, merge_duplicates=False)
+
+
 @pytest.fixture
 def catalogue():
     # ids from 1 here so the literal ids below read as counts; a new catalogue counts from 0
     return RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                            next_xtrsrc=1, next_src_id=1)
+                            **TRAP1, next_xtrsrc=1, next_src_id=1)
 
 
 def test_ids_count_from_zero_and_id_zero_is_a_parent():
-    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0)
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0, **TRAP1)
     det = detections(np.array([150.0, 150.2]), np.array([30.0, 30.0]), [1.0, 1.0])
     cat, first = step(cat, 0, det)
     assert first.ids["id"].tolist() == [0, 1] and first.ids["src_id"].tolist() == [0, 1]
@@ -141,7 +145,7 @@ def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
     """Two sources 40" apart (1.33 beams of 30"); in image 2 one detection holds both."""
     beam = 30.0 * ARCSEC
     cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
-                           fit_blends=True, next_xtrsrc=1, next_src_id=1)
+                           **{**TRAP1, "fit_blends": True}, next_xtrsrc=1, next_src_id=1)
     ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
     image = replace(context(1), beam_fwhm=beam)
     plan = cat.plan(image, detections(ra, dec, [2.0, 1.0]))

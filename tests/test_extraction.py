@@ -82,7 +82,7 @@ def test_every_column_is_filled(field):
     cosd = np.cos(np.radians(s["dec"]))
     # error_radius is the largest 1-sigma offset: at least the RA and Dec errors on the sky
     assert (s["error_radius"] >= 0.999 * 3600 * np.maximum(s["ra_fit_err"] * cosd, s["dec_fit_err"])).all()
-    assert np.allclose(s["uncertainty_ew"], np.hypot(10.0, s["error_radius"]) / 3600)
+    assert np.allclose(s["uncertainty_ew"], np.hypot(field["params"].ew_sys_err, s["error_radius"]) / 3600)
     assert np.allclose(s["significance_detection_level"], s["peak_flux"] / field["image"].rms[
         np.rint(s["y"]).astype(int), np.rint(s["x"]).astype(int)])
     assert not s["is_force_fit"].any()

@@ -1,4 +1,5 @@
-"""End to end: simulated surveys with known truth through `trap-dask run` into SQLite."""
+"""End to end: simulated surveys with known truth through `trap-dask run` into SQLite, and the
+science checks into PostgreSQL too (``exported``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import BACKENDS, postgres_settings
 from trap_dask.config import build_config
+from trap_dask.db.backends import DatabaseSettings, drop_database, make_engine
 from trap_dask.pipeline import run_pipeline
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
@@ -46,7 +50,16 @@ def connect(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True)
 
 
-def query(db: Path, sql: str, *args) -> list[tuple]:
+def query(db: Path | DatabaseSettings, sql: str, *args) -> list[tuple]:
+    """Rows of ``sql`` in a SQLite file (``?`` parameters) or a database on any backend (none)."""
+    if isinstance(db, DatabaseSettings):
+        assert not args
+        engine = make_engine(db)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.exec_driver_sql(sql).all()]
+        finally:
+            engine.dispose()
     with connect(db) as conn:
         return conn.execute(sql, args).fetchall()
 
@@ -61,6 +74,19 @@ def table(db: Path, name: str, drop=()) -> list[tuple]:
 def processed(survey, tmp_path_factory):
     db = tmp_path_factory.mktemp("db") / "run.db"
     return run([Path(survey["images"][0]["path"]).parent], db)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def exported(request, processed, survey):
+    """The survey's export on each backend (SQLite: ``processed``)."""
+    if request.param == "sqlite":
+        yield processed
+        return
+    settings = postgres_settings(f"trap_dask_test_{uuid.uuid4().hex[:12]}")
+    run([Path(survey["images"][0]["path"]).parent], settings.name, db_backend="postgres", db_host=settings.host,
+        db_port=settings.port, db_user=settings.user)
+    yield settings
+    drop_database(settings)
 
 
 def detections_by_image(db):
@@ -83,16 +109,25 @@ def match(truth_ra, truth_dec, found):
     return np.where(sep[np.arange(len(best)), best] < MATCH_ARCSEC, found[best, 2], -1).astype(int)
 
 
-def test_export_tables_are_filled(processed, survey):
+def test_export_tables_are_filled(exported, survey):
     n_images = len(survey["images"])
-    assert query(processed, "SELECT count(*), sum(rejected) FROM images")[0] == (n_images, 0)
+    assert query(exported, "SELECT count(*), sum(CAST(rejected AS INTEGER)) FROM images")[0] == (n_images, 0)
     for name in ("extracted_sources", "variability", "frequencybands", "config", "newsource", "runningcatalog"):
-        assert query(processed, f"SELECT count(*) FROM {name}")[0][0] > 0, name
-    assert query(processed, "SELECT status, n_images FROM runs") == [("completed", n_images)]
+        assert query(exported, f"SELECT count(*) FROM {name}")[0][0] > 0, name
+    assert query(exported, "SELECT status, n_images FROM runs") == [("completed", n_images)]
 
 
-def test_every_bright_source_found_in_every_image(processed, survey):
-    truth, found = survey["sources"], detections_by_image(processed)
+def test_both_backends_export_the_same_tables(exported, processed):
+    """The PostgreSQL export equals the SQLite one (on SQLite, ``exported`` is that one)."""
+    if exported is processed:
+        return
+    from _runs import dump
+
+    assert dump(exported) == dump(DatabaseSettings("sqlite", str(processed)))
+
+
+def test_every_bright_source_found_in_every_image(exported, survey):
+    truth, found = survey["sources"], detections_by_image(exported)
     for image in survey["images"]:
         e, b = image["epoch"], image["band"]
         bright = (truth["peak_flux"][:, e, b] >= 10 * SPEC.rms) & np.isin(truth["kind"], ["steady", "variable", "transient"])
@@ -100,8 +135,8 @@ def test_every_bright_source_found_in_every_image(processed, survey):
         assert (ids >= 0).all(), f"missed {np.sum(ids < 0)} bright sources in {image['path']}"
 
 
-def test_steady_sources_keep_one_src_id(processed, survey):
-    truth, found = survey["sources"], detections_by_image(processed)
+def test_steady_sources_keep_one_src_id(exported, survey):
+    truth, found = survey["sources"], detections_by_image(exported)
     steady = truth["kind"] == "steady"
     ids = np.array([match(truth["ra_epoch"][steady, i["epoch"]], truth["dec_epoch"][steady, i["epoch"]], found[i["path"]])
                     for i in survey["images"]])
@@ -110,24 +145,24 @@ def test_steady_sources_keep_one_src_id(processed, survey):
     assert len(np.unique(ids[0])) == steady.sum(), "two steady sources were merged"
 
 
-def test_transients_are_new_sources_at_switch_on(processed, survey):
+def test_transients_are_new_sources_at_switch_on(exported, survey):
     truth = survey["sources"]
-    found = detections_by_image(processed)
+    found = detections_by_image(exported)
     epochs = {i["epoch"]: i["path"] for i in survey["images"]}
-    new = dict(query(processed, "SELECT n.src_id, i.url FROM newsource n JOIN images i ON i.id = n.im_id"))
+    new = dict(query(exported, "SELECT n.src_id, i.url FROM newsource n JOIN images i ON i.id = n.im_id"))
     for k in np.flatnonzero(truth["kind"] == "transient"):
         on = int(truth["switch_on_epoch"][k])
         src = match(truth["ra_epoch"][[k], on], truth["dec_epoch"][[k], on], found[epochs[on]])[0]
         assert src >= 0 and new.get(src) == epochs[on]
 
 
-def test_variability_matches_the_stored_light_curves(processed):
-    rows = query(processed, "SELECT x.src_id, i.freq_band, x.int_flux, x.int_flux_err FROM extracted_sources x "
+def test_variability_matches_the_stored_light_curves(exported):
+    rows = query(exported, "SELECT x.src_id, i.freq_band, x.int_flux, x.int_flux_err FROM extracted_sources x "
                             "JOIN images i ON i.id = x.im_id")
     curves: dict = {}
     for src, band, flux, err in rows:
         curves.setdefault((src, band), []).append((flux, err))
-    stored = query(processed, "SELECT src_id, freq_band, v_int, eta_int, nr_datapoints, lightcurve_max FROM variability")
+    stored = query(exported, "SELECT src_id, freq_band, v_int, eta_int, nr_datapoints, lightcurve_max FROM variability")
     assert len(stored) == len(curves)
     for src, band, v, eta, n, lc_max in stored:
         flux, err = np.array(curves[(src, band)]).T
@@ -141,9 +176,9 @@ def test_variability_matches_the_stored_light_curves(processed):
         assert eta == pytest.approx(direct_eta, rel=1e-6, abs=1e-9)
 
 
-def test_every_parent_is_the_previous_measurement(processed):
+def test_every_parent_is_the_previous_measurement(exported):
     """In time order: a new source's forced fit in the previous image is its detection's parent."""
-    rows = query(processed, "SELECT x.id, x.src_id, x.parent, x.is_duplicate FROM extracted_sources x "
+    rows = query(exported, "SELECT x.id, x.src_id, x.parent, x.is_duplicate FROM extracted_sources x "
                             "JOIN images i ON i.id = x.im_id ORDER BY i.taustart_ts, x.id")
     last: dict[int, int] = {}
     by_id = {r[0]: r for r in rows}

@@ -17,3 +17,42 @@ def test_ddl_files_match_the_code(dialect):
 
 def test_schema_readme_matches_the_code():
     assert (SCHEMA_DIR / "README.md").read_text() == describe_markdown()
+
+
+#: sha256 of the DDL of both dialects (comment lines left out) for each schema version: a change
+#: to a table, a column, an index or a storage option changes it. Then bump SCHEMA_VERSION, add
+#: the step from the previous version to trap_dask/db/migrations.py (and a test that appends to a
+#: database of the previous version), regenerate schema/, and pin the new hash here.
+DDL_SHA256 = {
+    3: "1e94f3a3c6af818e9627a14f5f95a233791c4a243ad91c97b78fe84c59f05eed",
+}
+
+
+def ddl_sha256() -> str:
+    import hashlib
+
+    body = "".join(line for dialect in ("sqlite", "postgresql")
+                   for line in ddl(dialect).splitlines(True) if not line.startswith("--"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def test_the_schema_version_changes_with_the_ddl():
+    assert SCHEMA_VERSION in DDL_SHA256, f"pin the DDL of version {SCHEMA_VERSION}: {ddl_sha256()}"
+    assert ddl_sha256() == DDL_SHA256[SCHEMA_VERSION], (
+        f"the DDL of schema version {SCHEMA_VERSION} changed: bump SCHEMA_VERSION, add a migration, "
+        f"and pin the new hash {ddl_sha256()}")
+
+
+def test_every_earlier_version_has_its_migration():
+    from trap_dask.db.migrations import MIGRATIONS
+
+    assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION))
+
+
+def test_parameters_are_config_rows_not_columns():
+    """A new parameter changes no DDL: ``config`` holds (section, key, value, type) rows, as in TraP 1.x."""
+    from trap_dask.config import PARAMETERS
+    from trap_dask.db import schema
+
+    assert not set(PARAMETERS) & set(schema.config.c.keys())
+    assert {"section", "key", "value", "type"} <= set(schema.config.c.keys())

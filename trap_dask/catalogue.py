@@ -14,6 +14,8 @@ from datetime import datetime
 
 import numpy as np
 
+from trap_dask.config import DEFAULTS
+from trap_dask.db import schema
 from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
@@ -33,26 +35,13 @@ Columns = dict[str, np.ndarray]
 _POS = tuple(f"acc_{n}" for n in POSITION_SUMS)
 _FLUX = tuple(f"acc_{n}" for n in FLUX_SUMS)
 
-#: runningcatalog columns: one row per source (src_id); positions in deg.
-SOURCE_COLUMNS: dict[str, str] = {
-    "src_id": "i8", "wm_ra": "f8", "wm_dec": "f8", "wm_uncertainty_ew": "f8",
-    "wm_uncertainty_ns": "f8", "ra_ref": "f8", **{c: "f8" for c in _POS},
-    "last_xtrsrc": "i8", "n_consecutive_force_fits": "i8", "is_monitor": "?", "first_im_id": "i8",
-    "merged_into": "i8",
-}
-#: variability columns: one row per (src_id, freq_band); fluxes in Jy, positions in deg.
-LIGHTCURVE_COLUMNS: dict[str, str] = {
-    "src_id": "i8", "freq_band": "i8", "newsource": "i8", "v_int": "f8", "eta_int": "f8",
-    "lightcurve_max": "f8", "lightcurve_avg": "f8", "wm_ra": "f8", "wm_dec": "f8",
-    "avg_ra_err": "f8", "avg_dec_err": "f8", "nr_datapoints": "i8", "first_image": "i8",
-    "first_detection_time": "O", "flux_ref": "f8", **{c: "f8" for c in _FLUX},
-    "ra_ref": "f8", **{c: "f8" for c in _POS},
-}
-
+#: runningcatalog columns: one row per source (src_id); positions in deg. From trap_dask.db.schema.
+SOURCE_COLUMNS: dict[str, str] = schema.CATALOGUE_COLUMNS
+#: variability columns with their running sums: one row per (src_id, freq_band); fluxes in Jy,
+#: positions in deg. From trap_dask.db.schema.
+LIGHTCURVE_COLUMNS: dict[str, str] = schema.LIGHTCURVE_COLUMNS
 #: merges columns: one row per merge (src_id retired into merged_into in image im_id; separation arcsec).
-MERGE_COLUMNS: dict[str, str] = {
-    "src_id": "i8", "merged_into": "i8", "im_id": "i8", "separation": "f8", "n_moved": "i8", "n_set_aside": "i8",
-}
+MERGE_COLUMNS: dict[str, str] = schema.MERGE_COLUMNS
 
 
 def empty_columns(spec: dict[str, str], n: int = 0) -> Columns:
@@ -221,11 +210,12 @@ class RunningCatalogue:
     de_ruiter_r_max: float
     max_nr_consecutive_force_fits: int
     detection_threshold: float
-    optimal_association: bool = False
-    fit_blends: bool = False
-    backfill: bool = False
-    link_radius: float = 0.0  #: beam FWHM, see :func:`trap_dask.association.associate`
-    merge_duplicates: bool = False  #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
+    # defaults: trap_dask.config.Config's (the one source)
+    optimal_association: bool = DEFAULTS.association_method == "optimal"
+    fit_blends: bool = DEFAULTS.fit_blends
+    backfill: bool = DEFAULTS.backfill_new_sources
+    link_radius: float = DEFAULTS.link_radius  #: beam FWHM, see :func:`trap_dask.association.associate`
+    merge_duplicates: bool = DEFAULTS.merge_duplicates  #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from trap_dask.config import Config
+from trap_dask.db.backends import backend_class
 
 log = logging.getLogger("trap_dask")
 
@@ -391,7 +392,7 @@ def writer_placement(
     ClusterError. PostgreSQL: a worker with the resource if any, else wherever the scheduler likes.
     """
     marked = sorted(a for a, resources in workers.items() if resources.get(WRITER_RESOURCE, 0) > 0)
-    if backend != "sqlite":
+    if not backend_class(backend).writer_on_this_host:
         return {"resources": {WRITER_RESOURCE: 1}} if marked else {}
     here = set(local)
     on_host = [a for a in sorted(workers, key=lambda a: a not in marked) if worker_host(a) in here]

@@ -243,6 +243,9 @@ class Config:
 
 
 PARAMETERS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+#: Every parameter at its default: the one source of defaults (ExtractionParams, QualityParams
+#: and RunningCatalogue take theirs from here).
+DEFAULTS = Config()
 #: Parameters never written to the export database, logs or error messages.
 SECRET_PARAMETERS = frozenset(name for name, f in PARAMETERS.items() if f.metadata["secret"])
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.metadata["section"] for f in PARAMETERS.values()))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -23,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from trap_dask.config import Config, association_differences
-from trap_dask.db.backends import DatabaseError, DatabaseSettings
+from trap_dask.config import Config
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class
 from trap_dask.db.store import KnownImages
 from trap_dask.extraction import ExtractionParams
 from trap_dask.image import ImageMeta
@@ -140,7 +139,7 @@ def database_settings(config: Config) -> DatabaseSettings:
     if not config.db_name:
         raise PipelineError("no export database given: use --db_name (a file path for sqlite)")
     # a SQLite path is resolved here: a remote writer's worker has another working directory
-    name = str(Path(config.db_name).resolve()) if config.db_backend == "sqlite" else config.db_name
+    name = backend_class(config.db_backend).resolve_name(config.db_name)
     return DatabaseSettings(
         backend=config.db_backend, name=name, host=config.db_host,
         port=config.db_port, user=config.db_user, password=config.db_password,
@@ -195,33 +194,10 @@ def _run_locked(config, config_file, settings, paths, started) -> RunSummary:
 
 
 def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, KnownImages]:
-    """Create the export database, or open it to append; returns (appending, the files it holds).
-
-    Call while holding the run lock: runs left 'running' by a killed process are marked 'killed'.
-    """
+    """Create the export database, or open it to append: see ExportStore.prepare."""
     from trap_dask.db.store import ExportStore
 
-    if not config.db_append:
-        ExportStore.create(settings, overwrite=config.db_overwrite).close()
-        return False, KnownImages()
-    store = ExportStore.open(settings)
-    try:
-        stored = store.latest_config()
-        differences = association_differences(config, stored) if stored else {}
-        if differences and not config.accept_config_change:
-            changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-            keep = " ".join(f"--{name} {shlex.quote(str(old))}" for name, (old, new) in differences.items()
-                            if old is not None)
-            raise PipelineError(
-                f"association parameters differ from those of {settings.describe()} ({changes}); "
-                + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
-                + "--accept_config_change to use the new values from here on"
-            )
-        if store.close_stale_runs():
-            log.info("resuming after a run that was killed")
-        return True, store.known_images()
-    finally:
-        store.close()
+    return ExportStore.prepare(settings, config)
 
 
 def _process(config, config_file, settings, paths, append, known, started) -> RunSummary:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trap_dask.config import DEFAULTS
 from trap_dask.extraction.background import clipped_stats
 
 #: Clipping threshold (in standard deviations) and iteration cap of the clipped statistics.
@@ -28,9 +29,9 @@ class QualityParams:
     reduction_factor_for_rms : the rms is measured in the central 1/f x 1/f of the image
     """
 
-    rms_min: float = 0.0
-    rms_max: float = math.inf
-    reduction_factor_for_rms: float = 4.0
+    rms_min: float = DEFAULTS.rms_min  # defaults: trap_dask.config.Config's (the one source)
+    rms_max: float = DEFAULTS.rms_max
+    reduction_factor_for_rms: float = DEFAULTS.reduction_factor_for_rms
 
 
 @dataclass(frozen=True)

@@ -31,36 +31,13 @@ from __future__ import annotations
 
 import numpy as np
 
-SOURCE_DTYPE = np.dtype(
-    [
-        ("ra", "f8"),
-        ("dec", "f8"),
-        ("ra_fit_err", "f8"),
-        ("dec_fit_err", "f8"),
-        ("peak_flux", "f8"),
-        ("peak_flux_err", "f8"),
-        ("int_flux", "f8"),
-        ("int_flux_err", "f8"),
-        ("significance_detection_level", "f8"),
-        ("semimajor_axis", "f8"),
-        ("semiminor_axis", "f8"),
-        ("parallactic_angle", "f8"),
-        ("ew_sys_err", "f8"),
-        ("ns_sys_err", "f8"),
-        ("error_radius", "f8"),
-        ("gaussian_fit", "?"),
-        ("chisq", "f8"),
-        ("reduced_chisq", "f8"),
-        ("uncertainty_ew", "f8"),
-        ("uncertainty_ns", "f8"),
-        ("is_force_fit", "?"),
-        ("x", "f8"),
-        ("y", "f8"),
-    ]
-)
+from trap_dask.db.schema import MEASURED_SOURCE_COLUMNS
 
-#: Columns of SOURCE_DTYPE that are written to ``extracted_sources`` (all but pixel x, y).
-EXPORTED_COLUMNS: tuple[str, ...] = tuple(n for n in SOURCE_DTYPE.names if n not in ("x", "y"))
+#: The measured columns of ``extracted_sources`` (trap_dask.db.schema is their one definition)
+#: followed by the pixel position x, y, which is not exported.
+SOURCE_DTYPE = np.dtype([*MEASURED_SOURCE_COLUMNS.items(), ("x", "f8"), ("y", "f8")])
+#: Columns of SOURCE_DTYPE that are not written to ``extracted_sources``.
+NOT_EXPORTED: tuple[str, ...] = ("x", "y")
 
 
 def empty_sources(n: int = 0) -> np.ndarray:

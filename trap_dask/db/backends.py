@@ -1,19 +1,32 @@
-"""Database lifecycle per backend: connect, test existence, create and drop the export database.
+"""The export database's backends: one :class:`Backend` interface, one class per backend.
 
-SQLite: the database is a file. PostgreSQL: the database is created on the server through the
-``postgres`` maintenance database, with its name quoted as an identifier (never interpolated).
-The password is passed to the driver only; error messages carry the driver's reason, never the
-connection URL or the password.
+:class:`DatabaseSettings` says where the database lives; ``settings.impl`` is its backend,
+chosen once, here (:func:`backend_class`), from ``settings.backend`` (``sqlite`` or ``postgres``):
+:class:`trap_dask.db.sqlite.SQLiteBackend` (a file) and
+:class:`trap_dask.db.postgresql.PostgreSQLBackend` (a database on a server). Nothing outside
+``trap_dask.db`` compares backend names; it asks the backend (``writer_on_this_host``,
+``resolve_name``, ``describe()``, ...).
+
+Every backend creates, tests, drops and locks its database, makes SQLAlchemy engines for it, and
+bulk-writes columnar rows (``insert``/``upsert``) in the caller's transaction, each with its own
+value serialiser. The password is passed to the driver only; error messages carry the driver's
+reason, never the connection URL or the password.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
 
-from sqlalchemy import Engine, create_engine, event, text
+import numpy as np
+from sqlalchemy import Connection, Engine, Table, create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, OperationalError
+
+if TYPE_CHECKING:
+    from trap_dask.db.lock import Lock
+
+Columns = Mapping[str, np.ndarray]
 
 
 class DatabaseError(RuntimeError):
@@ -31,40 +44,86 @@ class DatabaseSettings:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
 
+    @property
+    def impl(self) -> "Backend":
+        """The backend these settings name (a new, stateless object each time)."""
+        return backend_class(self.backend)(self)
+
     def describe(self) -> str:
         """A password-free description for messages and logs."""
-        if self.backend == "sqlite":
-            return f"SQLite file {self.name}"
-        user = f"{self.user}@" if self.user else ""
-        return f"PostgreSQL database {self.name!r} on {user}{self.host}:{self.port}"
+        return self.impl.describe()
 
     def url(self, database: str | None = None) -> URL:
-        if self.backend == "sqlite":
-            return URL.create("sqlite", database=str(Path(self.name).resolve()))
-        return URL.create(
-            "postgresql+psycopg2",
-            username=self.user,
-            password=self.password,
-            host=self.host,
-            port=self.port,
-            database=database or self.name,
-        )
+        return self.impl.url(database)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")  # a committed image survives a power loss too
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+class Backend(ABC):
+    """One kind of export database: its lifecycle, its lock and its bulk writes."""
+
+    #: the ``db_backend`` value that selects this backend
+    name: ClassVar[str]
+    #: the database is a file on this host, so its writer must run here
+    writer_on_this_host: ClassVar[bool]
+
+    def __init__(self, settings: DatabaseSettings):
+        self.settings = settings
+
+    @classmethod
+    def resolve_name(cls, name: str) -> str:
+        """``db_name`` as the writer must see it wherever it runs (SQLite: an absolute path)."""
+        return name
+
+    @abstractmethod
+    def describe(self) -> str:
+        """A password-free description for messages and logs."""
+
+    @abstractmethod
+    def url(self, database: str | None = None) -> URL:
+        """The SQLAlchemy URL of the database (or of ``database`` on the same server)."""
+
+    def make_engine(self, database: str | None = None, **kwargs) -> Engine:
+        """An engine for the export database (or another database on the same server)."""
+        return create_engine(self.url(database), hide_parameters=True, **kwargs)
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the database exists (DatabaseError when the server cannot be reached)."""
+
+    @abstractmethod
+    def create(self) -> None:
+        """Create an empty database."""
+
+    @abstractmethod
+    def drop(self) -> None:
+        """Remove the database and everything in it (nothing if it does not exist)."""
+
+    @abstractmethod
+    def lock(self) -> "Lock":
+        """The run lock: one writer per database, freed when its holder dies (not yet acquired)."""
+
+    def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:
+        """Apply a table's storage parameters (schema.STORAGE) to an existing table; none by default."""
+
+    @abstractmethod
+    def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
+        """Insert every row of ``columns`` (the table's columns it has) in ``conn``'s transaction."""
+
+    @abstractmethod
+    def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
+               keys: Sequence[str]) -> None:
+        """Insert or update ``rows`` of ``columns`` (every column of each of ``tables``, which share
+        their primary ``keys``) in each table."""
 
 
-def make_engine(settings: DatabaseSettings, database: str | None = None, **kwargs) -> Engine:
-    """An engine for the export database (or another database on the same server)."""
-    engine = create_engine(settings.url(database), hide_parameters=True, **kwargs)
-    if settings.backend == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
+def backend_class(name: str) -> type[Backend]:
+    """The backend called ``name`` (``db_backend``): the one place that maps names to classes."""
+    from trap_dask.db.postgresql import PostgreSQLBackend
+    from trap_dask.db.sqlite import SQLiteBackend
+
+    for cls in (SQLiteBackend, PostgreSQLBackend):
+        if cls.name == name:
+            return cls
+    raise DatabaseError(f"unknown database backend {name!r}: use sqlite or postgres")
 
 
 def driver_reason(exc: Exception) -> str:
@@ -74,53 +133,18 @@ def driver_reason(exc: Exception) -> str:
     return lines[0] if lines else type(orig).__name__
 
 
-def _server_engine(settings: DatabaseSettings) -> Engine:
-    return make_engine(settings, database="postgres", isolation_level="AUTOCOMMIT")
+# -- the same, as functions of the settings ---------------------------------------------------
+def make_engine(settings: DatabaseSettings, database: str | None = None, **kwargs) -> Engine:
+    return settings.impl.make_engine(database, **kwargs)
 
 
 def database_exists(settings: DatabaseSettings) -> bool:
-    if settings.backend == "sqlite":
-        return Path(settings.name).exists()
-    engine = _server_engine(settings)
-    try:
-        with engine.connect() as conn:
-            found = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": settings.name}
-            ).first()
-    except OperationalError as exc:
-        raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
-    finally:
-        engine.dispose()
-    return found is not None
+    return settings.impl.exists()
 
 
 def create_database(settings: DatabaseSettings) -> None:
-    """Create an empty database (SQLite: the file's directory must exist or is made)."""
-    if settings.backend == "sqlite":
-        Path(settings.name).resolve().parent.mkdir(parents=True, exist_ok=True)
-        return
-    _server_statement(settings, "CREATE DATABASE {}", "create")
+    settings.impl.create()
 
 
 def drop_database(settings: DatabaseSettings) -> None:
-    """Remove the database and everything in it."""
-    if settings.backend == "sqlite":
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(settings.name + suffix).unlink(missing_ok=True)
-        return
-    _server_statement(settings, "DROP DATABASE IF EXISTS {} WITH (FORCE)", "drop")
-
-
-def _server_statement(settings: DatabaseSettings, template: str, verb: str) -> None:
-    engine = _server_engine(settings)
-    try:
-        # quote_identifier doubles '%' for the driver's pyformat parameters: the statement must
-        # reach the driver as is (exec_driver_sql), not through text(), which doubles it again
-        quoted = engine.dialect.identifier_preparer.quote_identifier(settings.name)
-        with engine.connect() as conn:
-            conn.exec_driver_sql(template.format(quoted))
-    except DBAPIError as exc:
-        raise DatabaseError(f"cannot {verb} {settings.describe()}: {driver_reason(exc)}") from None
-    finally:
-        engine.dispose()
-
+    settings.impl.drop()

@@ -1,9 +1,10 @@
 """Upgrades of an export database made by an earlier trap-dask, one schema version at a time.
 
-``MIGRATIONS[v]`` takes a database of schema version ``v`` to ``v + 1`` inside the caller's
-transaction; :func:`migrate` applies the steps in order and records the new version. Each step
-only adds (tables, columns with NULL for what existed before), so TraP 1.x readers and earlier
-notebooks keep working on an upgraded database.
+``MIGRATIONS[v](conn, backend)`` takes a database of schema version ``v`` to ``v + 1`` inside the
+caller's transaction; :func:`migrate` applies the steps in order and records the new version. The
+TraP 1.x tables keep their columns (steps add tables, and columns with NULL for what existed
+before; version 3 turns ``config`` into TraP's own key/value layout), so TraP 1.x readers and
+earlier notebooks of the science tables keep working on an upgraded database.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sqlalchemy import Connection, Table, delete, insert, inspect, update
 
 from trap_dask import __version__
 from trap_dask.db import schema
+from trap_dask.db.backends import Backend
 
 
 def add_missing_columns(conn: Connection, table: Table) -> None:
@@ -26,7 +28,7 @@ def add_missing_columns(conn: Connection, table: Table) -> None:
                                  f"{column.type.compile(dialect=conn.dialect)}")
 
 
-def _v1_to_v2(conn: Connection) -> None:
+def _v1_to_v2(conn: Connection, backend: Backend) -> None:
     """`images` gains each image's systematic error and measured astrometric offsets and scatter;
     `runningcatalog` gains `merged_into` (-1 for the sources so far) and the `merges` table is added;
     the running sums move from `variability` to `_variability_running_averages` (as in TraP 1.4.0).
@@ -45,17 +47,35 @@ def _v1_to_v2(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {quote(schema.variability.name)} DROP COLUMN {quote(column.name)}")
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+def _v2_to_v3(conn: Connection, backend: Backend) -> None:
+    """`config` becomes one row per parameter (run, section, key, value, type), as TraP 1.x keeps
+    it, instead of a column per parameter (a new parameter no longer changes the schema); on
+    PostgreSQL the tables updated by every image get fillfactor 50 (their updates stay on the page)."""
+    quote = conn.dialect.identifier_preparer.quote
+    wide = conn.exec_driver_sql(f"SELECT * FROM {quote(schema.config.name)} ORDER BY {quote('run')}").mappings().all()
+    conn.exec_driver_sql(f"DROP TABLE {quote(schema.config.name)}")
+    schema.config.create(conn)
+    rows: list[dict] = []
+    for row in wide:
+        parameters = {key: value for key, value in row.items() if key != "run"}
+        rows += schema.config_rows(row["run"], parameters, first_id=len(rows) + 1)
+    if rows:
+        conn.execute(insert(schema.config), rows)
+    for table, options in schema.STORAGE.items():
+        backend.set_storage(conn, table, options)
+
+
+MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def can_migrate(version: int) -> bool:
     return all(v in MIGRATIONS for v in range(version, schema.SCHEMA_VERSION))
 
 
-def migrate(conn: Connection, version: int, now) -> None:
+def migrate(conn: Connection, version: int, now, backend: Backend) -> None:
     """Bring a database of schema ``version`` to the current one (in ``conn``'s transaction)."""
     for step in range(version, schema.SCHEMA_VERSION):
-        MIGRATIONS[step](conn)
+        MIGRATIONS[step](conn, backend)
     conn.execute(delete(schema.schema_version))
     conn.execute(insert(schema.schema_version).values(
         version=schema.SCHEMA_VERSION, software_version=__version__, created_at=now))

@@ -26,11 +26,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from typing import Any
+
 from trap_dask.config import PARAMETERS, SECRET_PARAMETERS, parameter_type
 from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
-#: Bump when a table or column changes; a database of another version is refused on append.
-SCHEMA_VERSION = 2
+#: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
+#: add the step to trap_dask/db/migrations.py; a database of a later version is refused on append.
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -58,16 +61,18 @@ runs = Table(
     Column("config_file", Text),
 )
 
-_CONFIG_TYPES = {bool: Boolean, int: Integer, float: Double, str: Text}
+#: The run's parameters, one row per parameter as in TraP 1.x's ``config`` table (section, key,
+#: value as text, type: bool, int, float or str), so a new parameter needs no new column; never
+#: the secret ones (see :func:`config_rows`).
 config = Table(
     "config", metadata,
-    Column("run", Integer, ForeignKey("runs.id"), primary_key=True, autoincrement=False),
-    *(
-        Column(name, Text if name == "input_images" else _CONFIG_TYPES[parameter_type(name)],
-               comment=field.metadata["unit"] or None)
-        for name, field in PARAMETERS.items()
-        if name not in SECRET_PARAMETERS
-    ),
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("run", Integer, ForeignKey("runs.id"), nullable=False, comment="TraP 1.x: dataset"),
+    Column("section", String(100), nullable=False, comment="the parameter's section (TOML table)"),
+    Column("key", String(100), nullable=False, comment="the parameter's name"),
+    Column("value", Text, comment="as text (NULL: none); floats round-trip exactly"),
+    Column("type", String(5), nullable=False, comment="bool, int, float or str"),
+    Index("ix_config_run_key", "run", "key", unique=True),
 )
 
 frequencybands = Table(
@@ -168,6 +173,7 @@ variability = Table(
     Column("first_image", Integer, comment="im_id of the first measurement in this band"),
     Column("first_detection_time", DateTime),
     Index("ix_variability_eta", "eta_int"),
+    postgresql_with={"fillfactor": 50},  # room on each page for its next update (HOT)
 )
 
 #: The running sums behind ``variability`` (what an append continues from), in their own table
@@ -181,6 +187,7 @@ variability_running_averages = Table(
     *_sums(FLUX_SUMS),
     Column("ra_ref", Double, comment="deg, reference RA of the position sums"),
     *_sums(POSITION_SUMS),
+    postgresql_with={"fillfactor": 50},  # every image updates many rows: keep the updates HOT
 )
 
 runningcatalog = Table(
@@ -197,6 +204,7 @@ runningcatalog = Table(
     Column("is_monitor", Boolean, nullable=False),
     Column("first_im_id", Integer),
     Column("merged_into", Integer, comment="src_id whose light curve took this one's measurements (-1: none)"),
+    postgresql_with={"fillfactor": 50},  # every image updates many rows: keep the updates HOT
 )
 
 merges = Table(
@@ -232,6 +240,72 @@ monitor = Table(
     _pos("dec", "deg"),
     Column("src_id", Integer, nullable=False),
 )
+
+
+#: PostgreSQL storage parameters of the tables above (``ALTER TABLE .. SET`` them on an upgrade)
+STORAGE = {t.name: t.dialect_options["postgresql"]["with"] for t in metadata.sorted_tables
+           if t.dialect_options["postgresql"]["with"]}
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def config_rows(run: int, parameters: dict[str, Any], first_id: int) -> list[dict[str, Any]]:
+    """``config`` rows (ids from ``first_id``) of one run's parameters, secrets left out."""
+    rows = []
+    for key, value in parameters.items():
+        if key in SECRET_PARAMETERS:
+            continue
+        kind = parameter_type(key) if key in PARAMETERS else type(value) if value is not None else str
+        if value is not None and kind is not str:
+            value = kind(value)
+        if isinstance(value, float) and value.is_integer() and kind is int:
+            value = int(value)
+        section = PARAMETERS[key].metadata["section"] if key in PARAMETERS else "unknown"
+        rows.append({"id": first_id + len(rows), "run": run, "section": section, "key": key,
+                     "value": None if value is None else str(value), "type": kind.__name__})
+    return rows
+
+
+def config_values(rows) -> dict[str, Any]:
+    """``{key: value}`` (typed) from ``config`` rows (mappings with key, value and type)."""
+    def parse(value: str | None, kind: str) -> Any:
+        if value is None:
+            return None
+        if kind == "bool":
+            return value == "True"
+        return _TYPES.get(kind, str)(value)
+
+    return {row["key"]: parse(row["value"], row["type"]) for row in rows}
+
+
+# -- the columns other modules hold in memory, derived from the tables above ------------------
+def numpy_dtype(column: Column) -> str:
+    """The numpy dtype that holds ``column`` in memory: f8, i8, ? (bool) or O (datetime, text)."""
+    if isinstance(column.type, Boolean):
+        return "?"
+    if isinstance(column.type, Integer):
+        return "i8"
+    if isinstance(column.type, Double):
+        return "f8"
+    return "O"
+
+
+def column_dtypes(table: Table, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{column: numpy dtype}`` of ``table`` in its column order, without ``leave_out``."""
+    return {c.name: numpy_dtype(c) for c in table.columns if c.name not in leave_out}
+
+
+#: extracted_sources columns the writer assigns (ids, association); the others are measured
+#: (trap_dask.sources.SOURCE_DTYPE holds them, plus the pixel position, which is not exported)
+ASSIGNED_SOURCE_COLUMNS = ("id", "im_id", "src_id", "parent", "is_duplicate")
+MEASURED_SOURCE_COLUMNS = column_dtypes(extracted_sources, ASSIGNED_SOURCE_COLUMNS)
+#: runningcatalog: one row per source (trap_dask.catalogue.SOURCE_COLUMNS)
+CATALOGUE_COLUMNS = column_dtypes(runningcatalog)
+#: variability with its running sums: one row per (src_id, freq_band) (catalogue.LIGHTCURVE_COLUMNS)
+LIGHTCURVE_COLUMNS = {**column_dtypes(variability),
+                      **column_dtypes(variability_running_averages, ("src_id", "freq_band"))}
+#: merges as the catalogue makes them; the store adds the id and the retired newsource's trigger
+MERGE_COLUMNS = column_dtypes(merges, ("id", "newsource_trigger"))
 
 
 def ddl(dialect_name: str) -> str:

@@ -7,11 +7,12 @@ consistent prefix of the run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspect, select, update
@@ -19,46 +20,21 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
 from trap_dask.db import schema
-from trap_dask.db.migrations import add_missing_columns, can_migrate, migrate
-from trap_dask.db.pgcopy import copy_insert, copy_upsert
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
+from trap_dask.db.migrations import can_migrate, migrate
 from trap_dask.merging import HISTORY_DTYPE
-from trap_dask.db.backends import (
-    DatabaseError,
-    DatabaseSettings,
-    create_database,
-    database_exists,
-    driver_reason,
-    drop_database,
-    make_engine,
-)
+from trap_dask.sources import NOT_EXPORTED
+
+if TYPE_CHECKING:
+    from trap_dask.config import Config
 
 log = logging.getLogger(__name__)
 Columns = Mapping[str, np.ndarray]
 
 
-#: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
-SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
-
-
-def _python_values(column: np.ndarray) -> list[Any]:
-    """A numpy column as SQLite DB-API values: Python scalars, NaN as NULL, datetimes as text."""
-    if column.dtype.kind == "f":
-        values = column.astype(object)
-        values[np.isnan(column)] = None
-        return values.tolist()
-    if column.dtype.kind == "O":
-        return [v.strftime(SQLITE_DATETIME) if isinstance(v, datetime) else v for v in column.tolist()]
-    return column.tolist()
-
-
 def plain(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row with numpy scalars turned into Python ones (psycopg2 does not adapt numpy types)."""
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-
-
-def row_tuples(columns: Columns, names: Sequence[str], rows: np.ndarray | None = None) -> list[tuple]:
-    """Rows of a columnar table as DB-API parameter tuples in the order of ``names``."""
-    return list(zip(*(_python_values(columns[n] if rows is None else columns[n][rows]) for n in names)))
 
 
 @dataclass(frozen=True)
@@ -90,7 +66,7 @@ def _database_errors(method: Callable) -> Callable:
     def wrapper(self: "ExportStore", *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except DBAPIError as exc:
+        except (DBAPIError, self.driver_error) as exc:  # bulk writes use the driver's cursor directly
             raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
 
     return wrapper
@@ -101,27 +77,67 @@ class ExportStore:
 
     def __init__(self, settings: DatabaseSettings):
         self.settings = settings
-        self.engine = make_engine(settings)
+        self.backend = settings.impl
+        self.engine = self.backend.make_engine()
+        self._batch: Connection | None = None  #: the open transaction of a batch()
+        #: the DB-API driver's base exception (raised by the backends' bulk writes)
+        self.driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
     def create(cls, settings: DatabaseSettings, overwrite: bool) -> "ExportStore":
         """Create a new export database; an existing one is an error unless ``overwrite``."""
-        if database_exists(settings):
+        backend = settings.impl
+        if backend.exists():
             if not overwrite:
                 raise DatabaseError(
                     f"{settings.describe()} already exists; pass --db_overwrite to replace it"
                 )
-            drop_database(settings)
-        create_database(settings)
+            backend.drop()
+        backend.create()
         store = cls(settings)
         try:
             store._create_tables()
         except DatabaseError:
             store.close()
-            drop_database(settings)
+            backend.drop()
             raise
         return store
+
+    @classmethod
+    def prepare(cls, settings: DatabaseSettings, config: "Config") -> tuple[bool, KnownImages]:
+        """Create the export database of a run, or open it to append (``config.db_append``);
+        returns (appending, the files it already holds).
+
+        Appending checks that the association parameters match those of the database's latest
+        run (unless ``config.accept_config_change``) and marks the runs left 'running' by a
+        killed process as 'killed': call only while holding the run lock.
+        """
+        import shlex
+
+        from trap_dask.config import association_differences
+
+        if not config.db_append:
+            cls.create(settings, overwrite=config.db_overwrite).close()
+            return False, KnownImages()
+        store = cls.open(settings)
+        try:
+            stored = store.latest_config()
+            differences = association_differences(config, stored) if stored else {}
+            if differences and not config.accept_config_change:
+                changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+                keep = " ".join(f"--{name} {shlex.quote(str(old))}" for name, (old, new) in differences.items()
+                                if old is not None)
+                raise DatabaseError(
+                    f"association parameters differ from those of {settings.describe()} ({changes}); "
+                    + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
+                    + "--accept_config_change to use the new values from here on"
+                )
+            if store.close_stale_runs():
+                log.info("resuming after a run that was killed")
+            return True, store.known_images()
+        finally:
+            store.close()
 
     @classmethod
     def open(cls, settings: DatabaseSettings) -> "ExportStore":
@@ -158,28 +174,16 @@ class ExportStore:
                 f"{settings.describe()} has export schema version {versions}, this trap-dask writes "
                 f"version {schema.SCHEMA_VERSION}; append to it with the trap-dask that made it"
             )
-        try:
-            store._add_parameter_columns()
-        except DatabaseError:
-            store.close()
-            raise
         return store
 
     def _migrate(self, version: int) -> None:
         try:
             with self.engine.begin() as conn:
-                migrate(conn, version, _now())
+                migrate(conn, version, _now(), self.backend)
         except DBAPIError as exc:
             self.close()
             raise DatabaseError(f"cannot upgrade {self.settings.describe()} from export schema version "
                                 f"{version}: {driver_reason(exc)}") from None
-
-    @_database_errors
-    def _add_parameter_columns(self) -> None:
-        """Give the ``config`` table a column for every parameter newer than the database (NULL
-        for the earlier runs), so that a new parameter never bars appending to it."""
-        with self.engine.begin() as conn:
-            add_missing_columns(conn, schema.config)
 
     def _create_tables(self) -> None:
         try:
@@ -205,7 +209,8 @@ class ExportStore:
                 id=run_id, software_version=__version__, started_at=_now(), status="running",
                 n_images=0, config_file=config_file,
             ))
-            conn.execute(insert(schema.config).values(run=run_id, **plain(config_row)))
+            conn.execute(insert(schema.config), schema.config_rows(
+                run_id, plain(config_row), _next_id(conn, schema.config.c.id)))
         return run_id
 
     @_database_errors
@@ -227,11 +232,11 @@ class ExportStore:
     @_database_errors
     def latest_config(self) -> dict[str, Any] | None:
         """The config row of the most recent run, or None for an empty database."""
+        config = schema.config.c
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(schema.config).order_by(schema.config.c.run.desc()).limit(1)
-            ).mappings().first()
-        return dict(row) if row else None
+            rows = conn.execute(select(config.key, config.value, config.type).where(
+                config.run == select(func.max(config.run)).scalar_subquery())).mappings().all()
+        return schema.config_values(rows) if rows else None
 
     @_database_errors
     def known_images(self) -> KnownImages:
@@ -288,6 +293,34 @@ class ExportStore:
             ))
 
     # -- per image ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["ExportStore"]:
+        """Commit every ``commit_image`` inside the block in ONE transaction, when the block exits.
+
+        Nothing is committed before then; an exception in the block (or a failing commit) rolls
+        back the whole batch, so the database still ends at an image boundary. Batches do not nest.
+        """
+        if self._batch is not None:
+            raise RuntimeError("ExportStore.batch() does not nest")
+        try:
+            with self.engine.begin() as conn:
+                self._batch = conn
+                try:
+                    yield self
+                finally:
+                    self._batch = None
+        except (DBAPIError, self.driver_error) as exc:
+            raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """The open batch's transaction, or a new one committed when the block exits."""
+        if self._batch is not None:
+            yield self._batch
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
     @_database_errors
     def commit_image(
         self,
@@ -313,9 +346,10 @@ class ExportStore:
         an ``im_id`` per source: forced fits in an earlier image (new sources measured back in
         time) add to that image's ``n_forced``. ``merges`` retire sources into others: their
         light curves and newsource rows go, the earlier measurements in ``relabelled`` get their
-        new src_id and parent, and each merge is recorded.
+        new src_id and parent, and each merge is recorded. Inside :meth:`batch`, the image joins
+        the batch's transaction.
         """
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             if band_rows:
                 conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
             conn.execute(insert(schema.images), [plain(image_row)])
@@ -323,9 +357,9 @@ class ExportStore:
             conn.execute(update(runs).where(runs.c.id == image_row["run"]).values(n_images=runs.c.n_images + 1))
             if monitors is not None:
                 self._insert(conn, schema.monitor, monitors)
-                self._upsert(conn, schema.runningcatalog, monitor_catalogue, None, ["src_id"])
+                self._upsert(conn, [schema.runningcatalog], monitor_catalogue, None, ["src_id"])
             if sources is not None and len(sources):
-                columns = {n: sources[n] for n in schema.extracted_sources.c.keys() if n in sources.dtype.names}
+                columns = {n: sources[n] for n in sources.dtype.names if n not in NOT_EXPORTED}
                 columns.update({"im_id": np.full(len(sources), image_row["id"])}, **source_ids)
                 self._insert(conn, schema.extracted_sources, columns)
                 earlier, counts = np.unique(columns["im_id"][columns["im_id"] != image_row["id"]], return_counts=True)
@@ -333,10 +367,10 @@ class ExportStore:
                     conn.execute(update(schema.images).where(schema.images.c.id == im_id).values(
                         n_forced=schema.images.c.n_forced + count))
             if catalogue is not None:
-                self._upsert(conn, schema.runningcatalog, catalogue, catalogue_rows, ["src_id"])
-            if lightcurves is not None:
-                for table in (schema.variability, schema.variability_running_averages):
-                    self._upsert(conn, table, lightcurves, lightcurve_rows, ["src_id", "freq_band"])
+                self._upsert(conn, [schema.runningcatalog], catalogue, catalogue_rows, ["src_id"])
+            if lightcurves is not None:  # variability and its running sums: one COPY on PostgreSQL
+                self._upsert(conn, [schema.variability, schema.variability_running_averages], lightcurves,
+                             lightcurve_rows, ["src_id", "freq_band"])
             if new_sources is not None and len(new_sources["src_id"]):
                 ids = _next_id(conn, schema.newsource.c.id) + np.arange(len(new_sources["src_id"]))
                 self._insert(conn, schema.newsource, {**new_sources, "id": ids})
@@ -370,35 +404,31 @@ class ExportStore:
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
     def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
-        """Insert columnar rows: COPY on PostgreSQL, one DB-API executemany on SQLite."""
-        if self.settings.backend == "postgres":
-            copy_insert(conn, table, columns)
-            return
-        names = [c for c in table.c.keys() if c in columns]
-        conn.exec_driver_sql(_sqlite_insert_sql(conn, table, names), row_tuples(columns, names))
+        """Insert columnar rows with the backend's bulk path; ``columns`` must be the table's, all of them."""
+        _check_columns(table, columns, exact=True)
+        self.backend.insert(conn, table, columns)
 
-    def _upsert(self, conn: Connection, table: Table, columns: Columns, rows: np.ndarray | None,
+    def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, rows: np.ndarray | None,
                 keys: list[str]) -> None:
-        """Insert or update ``rows`` (default all) of columnar data by primary ``keys``."""
+        """Insert or update ``rows`` (default all) of columnar data in ``tables`` by primary ``keys``."""
         if rows is None:
             rows = np.arange(len(columns[keys[0]]))
         if len(rows) == 0:
             return
-        if self.settings.backend == "postgres":
-            copy_upsert(conn, table, columns, rows, keys)
-            return
-        names = list(table.c.keys())
-        quote = conn.dialect.identifier_preparer.quote
-        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in keys)
-        sql = (_sqlite_insert_sql(conn, table, names)
-               + f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}")
-        conn.exec_driver_sql(sql, row_tuples(columns, names, rows))
+        for table in tables:
+            _check_columns(table, columns, exact=False)
+        self.backend.upsert(conn, tables, columns, rows, keys)
 
-def _sqlite_insert_sql(conn: Connection, table: Table, names: Sequence[str]) -> str:
-    """``INSERT INTO table (names) VALUES (?, ...)`` with quoted identifiers (qmark parameters)."""
-    quote = conn.dialect.identifier_preparer.quote
-    return (f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
-            f"VALUES ({', '.join('?' * len(names))})")
+
+def _check_columns(table: Table, columns: Columns, exact: bool) -> None:
+    """Refuse rows that lack a column of ``table`` (or, ``exact``, that have one it lacks):
+    a column is never dropped or left NULL silently when the schema and the data drift apart."""
+    missing = [c for c in table.c.keys() if c not in columns]
+    unknown = [c for c in columns if c not in table.c] if exact else []
+    if missing or unknown:
+        raise ValueError(f"rows for {table.name} do not match its columns (trap_dask/db/schema.py): "
+                         + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                     (("missing", missing), ("not in the table", unknown)) if names))
 
 
 def _next_id(conn: Connection, column) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.wcs import WCS
 
+from trap_dask.config import DEFAULTS
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.background import residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
@@ -43,16 +44,17 @@ SIBLING_MAX_SEPARATION = 2.0
 class ExtractionParams:
     """Source-extraction settings (TraP ``[extraction]`` names)."""
 
-    detection_threshold: float = 8.0  # x rms
-    analysis_threshold: float = 3.0  # x rms
-    deblend_nthresh: int = 32  # 0 = no deblending
-    force_beam: bool = False  # fix the shape to the restoring beam
-    margin: int = 0  # pixels from the edge in which sources are ignored
-    radius: float = 0.0  # pixels from the centre beyond which sources are ignored (0 = no limit)
-    back_size_x: int = 50  # background box size, pixels
-    back_size_y: int = 50
-    ew_sys_err: float = 10.0  # arcsec
-    ns_sys_err: float = 10.0  # arcsec
+    # defaults: trap_dask.config.Config's (the one source)
+    detection_threshold: float = DEFAULTS.detection_threshold  # x rms
+    analysis_threshold: float = DEFAULTS.analysis_threshold  # x rms
+    deblend_nthresh: int = DEFAULTS.deblend_nthresh  # 0 = no deblending
+    force_beam: bool = DEFAULTS.force_beam  # fix the shape to the restoring beam
+    margin: int = DEFAULTS.im_margin  # pixels from the edge in which sources are ignored
+    radius: float = DEFAULTS.im_radius  # pixels from the centre beyond which sources are ignored (0 = no limit)
+    back_size_x: int = DEFAULTS.im_back_size_x  # background box size, pixels
+    back_size_y: int = DEFAULTS.im_back_size_y
+    ew_sys_err: float = DEFAULTS.ew_sys_err or 0.0  # arcsec ('auto', the default: 0 until measured)
+    ns_sys_err: float = DEFAULTS.ns_sys_err or 0.0  # arcsec
 
 
 @dataclass

@@ -1,0 +1,154 @@
+"""The SQLite backend: the export database is one file, written by a writer on this host.
+
+Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A commit is appended to
+the write-ahead log before it returns, so a process killed at any point (kill -9, a lost worker)
+leaves the database holding every committed image, a consistent prefix of the run; only a power
+loss or an operating-system crash may lose the last commits before the next checkpoint (the
+database stays consistent, it ends at an earlier image). ``synchronous=FULL`` would also sync the
+log on each commit, at several milliseconds per image.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sqlalchemy import Connection, Engine, Table, event
+from sqlalchemy.engine import URL
+
+from trap_dask.db.backends import Backend, Columns, DatabaseError
+from trap_dask.db.lock import Lock
+
+#: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
+SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # see the module's docstring
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages (default 2 MiB): the indexes stay in memory
+    cursor.close()
+
+
+def python_values(column: np.ndarray) -> list[Any]:
+    """A numpy column as SQLite DB-API values: Python scalars, NaN as NULL, datetimes as text."""
+    if column.dtype.kind == "f":
+        values = column.tolist()
+        for i in np.flatnonzero(np.isnan(column)).tolist():
+            values[i] = None
+        return values
+    if column.dtype.kind == "O":
+        text: dict[datetime, str] = {}  # a light curve's times repeat: format each once
+        return [(text.get(v) or text.setdefault(v, v.strftime(SQLITE_DATETIME))) if isinstance(v, datetime) else v
+                for v in column.tolist()]
+    return column.tolist()
+
+
+def row_tuples(columns: Columns, names: Sequence[str], rows: np.ndarray | None = None) -> list[tuple]:
+    """Rows of a columnar table as DB-API parameter tuples in the order of ``names``."""
+    return list(zip(*(python_values(columns[n] if rows is None else columns[n][rows]) for n in names)))
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = ()) -> str:
+    """``INSERT INTO table (names) VALUES (?, ...)``, with ``ON CONFLICT (keys) DO UPDATE`` for keys."""
+    def quote(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    sql = (f"INSERT INTO {quote(table)} ({', '.join(map(quote, names))}) "
+           f"VALUES ({', '.join('?' * len(names))})")
+    if keys:
+        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in keys)
+        sql += f" ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {updates}"
+    return sql
+
+
+def _executemany(conn: Connection, sql: str, rows: list[tuple]) -> None:
+    """One prepared statement for every row, straight on the DB-API connection (in its transaction)."""
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    finally:
+        cursor.close()
+
+
+class SQLiteBackend(Backend):
+    name = "sqlite"
+    writer_on_this_host = True
+
+    @classmethod
+    def resolve_name(cls, name: str) -> str:
+        return str(Path(name).resolve())
+
+    def describe(self) -> str:
+        return f"SQLite file {self.settings.name}"
+
+    def url(self, database: str | None = None) -> URL:
+        return URL.create("sqlite", database=str(Path(self.settings.name).resolve()))
+
+    def make_engine(self, database: str | None = None, **kwargs) -> Engine:
+        engine = super().make_engine(database, **kwargs)
+        event.listen(engine, "connect", _pragmas)
+        return engine
+
+    def exists(self) -> bool:
+        return Path(self.settings.name).exists()
+
+    def create(self) -> None:
+        """The file's directory is made if missing; SQLite makes the file on the first connection."""
+        Path(self.settings.name).resolve().parent.mkdir(parents=True, exist_ok=True)
+
+    def drop(self) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(self.settings.name + suffix).unlink(missing_ok=True)
+
+    def lock(self) -> "FileLock":
+        return FileLock(self.settings)
+
+    def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
+        names = tuple(c for c in table.c.keys() if c in columns)
+        _executemany(conn, _insert_sql(table.name, names), row_tuples(columns, names))
+
+    def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
+               keys: Sequence[str]) -> None:
+        for table in tables:
+            names = tuple(table.c.keys())
+            _executemany(conn, _insert_sql(table.name, names, tuple(keys)), row_tuples(columns, names, rows))
+
+
+class FileLock(Lock):
+    """An exclusive ``flock`` on ``<db>.lock`` beside the database file."""
+
+    _file = None
+
+    def acquire(self) -> "FileLock":
+        path = Path(self.settings.name).resolve()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(f"{path}.lock", "a+")
+        except OSError as exc:
+            raise DatabaseError(f"cannot write beside {self.settings.describe()}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            self._file = None
+            raise self.busy() from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
