@@ -105,6 +105,7 @@ class CommitSummary:
     sys_err: tuple[float, float] = (np.nan, np.nan)  #: ew/ns systematic error used to associate it (arcsec)
     copy_of: str | None = None  #: not recorded: a file with the contents of this earlier input of the run
     stored: bool = False  #: not recorded: in the database already (committed before a lost writer's answer)
+    staged: bool = False  #: applied, its rows waiting for the writer's next transaction (Writer.flush)
 
     @property
     def recorded(self) -> bool:

@@ -163,7 +163,8 @@ def default_window(metas: list[ImageMeta], n_threads: int, available: float | No
     largest = max((m.shape[0] * m.shape[1] for m in metas), default=1)
     held = len({m.freq_eff for m in metas})  # one per band, kept for the new sources' backfill
     by_memory = int(0.5 * available / (BYTES_PER_PIXEL * largest)) - held
-    return max(2, min(2 * n_threads + 2, by_memory))
+    # each thread extracting one, one being associated and committed, one ready for the writer
+    return max(2, min(n_threads + 2, by_memory))
 
 
 def run_pipeline(config: Config, config_file: Path | None = None, observe=None) -> RunSummary:
@@ -430,9 +431,10 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
 def _stream(session, writer, images, window, params, quality, progress: _Progress):
     """Yield (url, CommitSummary) of each image in time order from ``images[progress.image]`` on,
     keeping ``window`` images in flight (route.ImageRoute submits each image's tasks)."""
-    from trap_dask.route import ImageRoute
+    from trap_dask.route import ImageRoute, WriterRef
 
-    route = ImageRoute(session.client, writer, params, quality, len(images), session.extract_resources,
+    ref = WriterRef(session.writer.key, session.writer_address.split(", ")[0])
+    route = ImageRoute(session.client, ref, params, quality, len(images), session.extract_resources,
                        tag=f"-w{progress.restarts}" if progress.restarts else "")
     pending: deque = deque()
     upcoming = iter(enumerate(images[progress.image:], start=progress.image))
@@ -446,6 +448,7 @@ def _stream(session, writer, images, window, params, quality, progress: _Progres
 
     for _ in range(window):
         submit_next()
+    flushing = None
     while pending:
         index, url, summary = pending.popleft()
         outcome = summary.result()
@@ -453,7 +456,14 @@ def _stream(session, writer, images, window, params, quality, progress: _Progres
         progress.image = index + 1
         del summary
         submit_next()
+        if flushing is not None and flushing.done():
+            flushing.result()  # a failed transaction stops the run here
+            flushing = None
+        if outcome.staged and flushing is None and pending and not pending[0][2].done():
+            flushing = writer.flush()  # the writer waits for the next image: commit what it staged
         yield url, outcome
+    if flushing is not None:
+        flushing.result()
 
 
 @contextmanager

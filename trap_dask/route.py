@@ -1,19 +1,21 @@
 """The route of one image through the cluster, in one place.
 
-For image ``i`` the client submits, at once and without waiting for anything::
+For image ``i`` the client submits, at once and without waiting for anything, two tasks on the
+worker W it chose for the image::
 
-    loaded_i  = process(scanned_i)                      worker W (an extraction slot); pixels stay on W
-    outcome_i = associate(writer, loaded_i, summary_i-1) runs on W, calls the writer actor with the
-                                                        ImageResult (detections, no pixels); after image i-1
-    forced_i  = force(loaded_i, outcome_i)              on W: forced and pair fits the writer asked for
-    back_i    = backfill(loaded_j, outcome_i)           where the band's previous image j is held (or
-                                                        read again): the new sources measured in it
-    summary_i = commit(writer, outcome_i, forced_i, back_i) calls the writer actor: the CommitSummary
+    loaded_i  = process(scanned_i)           read, quality, background, extract; the pixels stay on W
+    summary_i = handle(writer, loaded_i, loaded_j, summary_i-1)
+        -> writer.associate(ImageResult)     the actor (detections only, no pixels): a ForcedRequest
+        -> force(loaded_i, request)          forced and pair fits, on W
+        -> backfill(loaded_j, request)       new sources in the band's previous image j (on W too)
+        -> writer.commit(ForcedMeasurements) the actor: one transaction, the CommitSummary
 
-Every arrow is a Dask dependency, so data goes worker to worker (and to the writer's worker)
-without passing through the client, and the writer sees the images strictly in time order
-(``associate`` of image ``i`` waits for the summary of ``i - 1``). The client only collects
-the summaries, in order, to count them and to keep a bounded window of images in flight.
+When image j is held on another worker, ``handle`` is split in three tasks (associate_and_force
+on W, backfill_after where j is, commit_after on W). Every argument that is a future is a Dask
+dependency, so data goes worker to worker without passing through the client, and the writer
+sees the images strictly in time order (``summary_i-1`` is an argument of image i's first
+writer call). The client only collects the summaries, in order, to count them and to keep a
+bounded window of images in flight.
 
 The functions here run on workers; they need only the messages (``trap_dask.messages``) and
 call the writer through its actor handle, so workers never import the writer's code.
@@ -22,16 +24,64 @@ call the writer through its actor handle, so workers never import the writer's c
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 
 
-def associate(writer: Any, loaded: Any, after: CommitSummary | None) -> ForcedRequest | CommitSummary:
-    """Hand the image's ImageResult to the writer (``after``: the previous image's summary, only to
-    keep the order); its ForcedRequest, or the CommitSummary of an image it did not associate."""
-    return writer.associate(loaded.result).result()
+@dataclass(frozen=True)
+class WriterRef:
+    """Where the writer actor is: tasks call it through their worker's connections (no Dask client
+    on the workers), and a call to a writer whose worker is gone fails at once."""
+
+    key: str
+    address: str
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``Writer.<method>(*args)`` on the actor's thread; its result, or its exception raised here."""
+        from distributed import get_worker
+        from distributed.protocol import to_serialize
+        from distributed.utils import sync
+
+        worker = get_worker()
+
+        async def execute():
+            return await worker.rpc(self.address).actor_execute(
+                actor=self.key, function=method, args=[to_serialize(a) for a in args], kwargs={})
+
+        answer = sync(worker.loop, execute)
+        if answer["status"] != "OK":
+            raise answer["exception"]
+        return answer["result"]
+
+
+def handle(writer: WriterRef, loaded: Any, previous: Any, after: CommitSummary | None, params: Any,
+           quality: Any) -> CommitSummary:
+    """All of one image's steps after extraction, in one task where the image is held (and the
+    band's previous image too): associate, forced fits, backfill, commit. ``after``: the previous
+    image's summary, only to keep the order."""
+    outcome = writer.call("associate", loaded.result)
+    if isinstance(outcome, CommitSummary):
+        return outcome
+    return commit(writer, outcome, force(loaded, outcome, params), backfill(previous, outcome, params, quality))
+
+
+def associate_and_force(writer: WriterRef, loaded: Any, after: CommitSummary | None, params: Any):
+    """:func:`handle` up to the forced fits, when the band's previous image is on another worker:
+    (the writer's ForcedRequest or CommitSummary, the forced fits or None)."""
+    outcome = writer.call("associate", loaded.result)
+    return outcome, force(loaded, outcome, params)
+
+
+def backfill_after(previous: Any, outcome_forced: tuple, params: Any, quality: Any):
+    """:func:`backfill` of the request that associate_and_force got, where the previous image is held."""
+    return backfill(previous, outcome_forced[0], params, quality)
+
+
+def commit_after(writer: WriterRef, outcome_forced: tuple, back: tuple) -> CommitSummary:
+    """:func:`commit` of what associate_and_force and backfill_after measured."""
+    return commit(writer, *outcome_forced, back)
 
 
 def force(loaded: Any, outcome: ForcedRequest | CommitSummary, params: Any) -> ForcedMeasurements | None:
@@ -55,7 +105,7 @@ def backfill(previous: Any, outcome: ForcedRequest | CommitSummary, params: Any,
     return measure(previous, outcome, params, quality), time.perf_counter() - started
 
 
-def commit(writer: Any, outcome: ForcedRequest | CommitSummary, forced: ForcedMeasurements | None,
+def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: ForcedMeasurements | None,
            back: tuple) -> CommitSummary:
     """Have the writer commit the image with its measurements; the summary of what it added."""
     if isinstance(outcome, CommitSummary):
@@ -67,7 +117,7 @@ def commit(writer: Any, outcome: ForcedRequest | CommitSummary, forced: ForcedMe
         forced = ForcedMeasurements(empty_sources())
     if forced is not None and fits is not None:
         forced = replace(forced, backfill=fits, seconds=forced.seconds | {"backfill": seconds})
-    return writer.commit(forced).result()
+    return writer.call("commit", forced)
 
 
 class ImageRoute:
@@ -85,7 +135,9 @@ class ImageRoute:
     def __init__(self, client, writer, params, quality, n_images: int, extract_resources: dict | None = None,
                  tag: str = ""):
         self.client, self.writer, self.params, self.quality = client, writer, params, quality
-        self.n_images, self.tag = n_images, tag  #: tag: keeps the keys of a new writer's tasks new
+        #: tag: new keys for a new writer's tasks (a task of the lost writer's time may be stuck:
+        #: bound to a worker that is gone at a moment when no worker ran, Dask never places it again)
+        self.n_images, self.tag = n_images, tag
         self.slot = {"resources": extract_resources} if extract_resources else {}
         self.resource = next(iter(extract_resources), None) if extract_resources else None
         self.previous_summary = None  #: the future of the last image's summary (keeps the order)
@@ -120,18 +172,20 @@ class ImageRoute:
         worker = self._place()
         here = {"workers": [worker], "allow_other_workers": True} if worker else {}
         loaded = client.submit(tasks.process, image, self.quality, self.params, priority=first,
-                               key=f"process-{index}-{os.path.basename(image.meta.url)}", **self.slot, **here)
-        outcome = client.submit(associate, self.writer, loaded, self.previous_summary, priority=urgent,
-                                key=f"associate-{name}", **here)
-        forced = client.submit(force, loaded, outcome, self.params, priority=urgent, key=f"force-{name}", **here)
-        # the band's previous image is, as a rule, the previous one of the same frequency; the task
-        # checks that it is the one the writer names, else reads that one again
+                               key=f"process-{name}", **self.slot, **here)
+        # the band's previous image is, as a rule, the previous one of the same frequency; the
+        # backfill checks that it is the one the writer names, else reads that one again
         previous, there = self.latest.get(image.meta.freq_eff, (None, None))
-        back = client.submit(backfill, previous, outcome, self.params, self.quality, priority=urgent,
-                             key=f"backfill-{name}", **({"workers": [there], "allow_other_workers": True}
-                                                        if there else {}))
-        summary = client.submit(commit, self.writer, outcome, forced, back, priority=urgent,
-                                key=f"commit-{name}", **here)
+        if previous is None or there == worker:  # one task where both images are
+            summary = client.submit(handle, self.writer, loaded, previous, self.previous_summary, self.params,
+                                    self.quality, priority=urgent, key=f"handle-{name}", **here)
+        else:
+            measured = client.submit(associate_and_force, self.writer, loaded, self.previous_summary, self.params,
+                                     priority=urgent, key=f"associate-{name}", **here)
+            back = client.submit(backfill_after, previous, measured, self.params, self.quality, priority=urgent,
+                                 key=f"backfill-{name}", workers=[there], allow_other_workers=True)
+            summary = client.submit(commit_after, self.writer, measured, back, priority=urgent,
+                                    key=f"commit-{name}", **here)
         self.latest[image.meta.freq_eff] = (loaded, worker)
         self.previous_summary = summary
         if worker:

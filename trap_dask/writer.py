@@ -9,7 +9,8 @@ Batching: when the writer falls behind (the next image was ready before it had f
 before), an image is staged instead: its update is applied to the in-memory catalogue, so the
 next image can be associated, and its rows wait; the staged images are written together in ONE
 transaction (``store.batch()``) by the next commit that finds the writer keeping up, by a merge
-(which reads the database), after MAX_BATCH images or MAX_BATCH_SECONDS, and by :meth:`finish`.
+(which reads the database), after MAX_BATCH images or MAX_BATCH_SECONDS, by :meth:`flush`
+(which the client calls as soon as it waits for the next image) and by :meth:`finish`.
 So the database always ends at an image boundary, and a failed batch rolls the in-memory
 catalogue back to the last committed image. When the writer keeps up, every image is its own
 transaction, committed before its commit() returns.
@@ -52,9 +53,10 @@ from trap_dask.sources import add_uncertainties, empty_sources
 
 log = logging.getLogger(__name__)
 
-#: Most images staged for one transaction, and most seconds the oldest of them waits.
-MAX_BATCH = 16
-MAX_BATCH_SECONDS = 2.0
+#: Most images staged for one transaction, and most seconds the oldest of them waits: how far the
+#: database may trail the writer (and a run killed with kill -9 lose work it had done).
+MAX_BATCH = 4
+MAX_BATCH_SECONDS = 1.0
 #: Writer state that a batch moves on before it is committed, restored if the batch fails.
 _BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_monitors", "next_im_id",
                 "n_committed", "seen")
@@ -208,7 +210,6 @@ class Writer:
             self.flush()  # the merge reads the histories back from the database
         history = self.store.history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
         update = self.catalogue.update(plan, measured, history)
-        updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
             "n_sources": int(np.sum(~update.measurements["is_force_fit"])),
@@ -232,16 +233,18 @@ class Writer:
         self._saved()
         self.next_im_id += 1
         self.n_committed += 1
-        self.seconds["update"] += updated - started
+        self.seconds["update"] += time.perf_counter() - started  # association's update and apply, not the commit
         self._done(behind)
         return CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
-                             len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err)
+                             len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
+                             staged=bool(self._staged))
 
     # -- transactions ---------------------------------------------------------------------------
     def _stage(self, row: dict, keywords: dict, rows: int) -> None:
         if not self._staged:
             self._snapshot = {name: getattr(self, name) for name in _BATCH_STATE}
-            self._snapshot["seen"] = dict(self.seen)
+            for name in ("bands", "_unsaved_bands", "seen"):  # changed in place
+                self._snapshot[name] = type(self._snapshot[name])(self._snapshot[name])
             self._staged_since = time.monotonic()
         self._staged.append((row, keywords, rows))
 
@@ -279,10 +282,11 @@ class Writer:
     def finish(self, status: str) -> dict:
         """Write what is staged and record the run's end; returns totals for the summary."""
         self._pending = None
+        staged = len(self._staged)
         try:
             self.flush()
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
-            log.warning("could not commit the last %s staged images: %s", len(self._staged), exc)
+            log.warning("could not commit the last %d staged images: %s", staged, exc)
             status = "failed"
         self.store.finish_run(self.run_id, status, self.n_committed)
         self.store.close()
@@ -331,7 +335,7 @@ class Writer:
         self.next_im_id += 1
         self.n_committed += 1
         self._done(behind)
-        return CommitSummary(row["id"], True, 0, 0, 0)
+        return CommitSummary(row["id"], True, 0, 0, 0, staged=bool(self._staged))
 
     def _unsaved(self) -> dict:
         """Bands and monitor sources not yet in the database, to go with the next commit."""
