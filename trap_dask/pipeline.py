@@ -448,10 +448,18 @@ def _stream(session, writer, images, window, params, quality, progress: _Progres
 
     for _ in range(window):
         submit_next()
+    try:
+        yield from _collect(session, writer, route, pending, progress, submit_next)
+    finally:  # stopped (Ctrl-C, SIGTERM, an error): the tasks not started are released, not run
+        pending.clear()
+
+
+def _collect(session, writer, route, pending: deque, progress: _Progress, submit_next):
+    """The summaries of the images in flight, in order, submitting the next image for each."""
     flushing = None
     while pending:
         index, url, summary = pending.popleft()
-        outcome = summary.result()
+        outcome = _summary(summary, session)
         route.done(index)
         progress.image = index + 1
         del summary
@@ -464,6 +472,17 @@ def _stream(session, writer, images, window, params, quality, progress: _Progres
         yield url, outcome
     if flushing is not None:
         flushing.result()
+
+
+def _summary(future, session):
+    """The result of an image's summary future; RuntimeError as soon as the writer's worker is gone
+    (its lost results would otherwise wait for ever for tasks bound to workers that are gone too)."""
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except TimeoutError:
+            if session.writer is not None and session.writer.status != "finished":
+                raise RuntimeError("the worker holding the writer was lost") from None
 
 
 @contextmanager

@@ -45,6 +45,8 @@ class WriterRef:
         from distributed.utils import sync
 
         worker = get_worker()
+        if self.address == worker.address and self.key not in worker.state.actors:
+            raise RuntimeError("the writer has finished or was lost")  # a run stopping: nothing to ask
 
         async def execute():
             return await worker.rpc(self.address).actor_execute(
