@@ -244,6 +244,11 @@ def format_table(columns: list[tuple[str, dict[str, float]]]) -> str:
 def main(args: argparse.Namespace) -> int:
     import logging
 
+    logger = logging.getLogger("trap_dask")
+    level = logger.level
     if getattr(args, "log_level", None) is None:  # the table is the output; warnings still show
-        logging.getLogger("trap_dask").setLevel(logging.WARNING)
-    return run_bench(args)
+        logger.setLevel(logging.WARNING)
+    try:
+        return run_bench(args)
+    finally:
+        logger.setLevel(level)
