@@ -233,11 +233,11 @@ def _committed(settings: DatabaseSettings) -> int:
         return count
 
 
-def _run_until(settings: DatabaseSettings, inputs, log: Path, committed: int, act):
+def _run_until(settings: DatabaseSettings, inputs, log: Path, committed: int, act, *extra: str):
     """Start a run and call ``act(proc)`` once it has committed ``committed`` images, while its next
     commit waits for our lock (so it cannot have gone further); returns (proc, what act returned)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(_cli(settings, inputs), stdout=out, stderr=out, start_new_session=True)
+        proc = subprocess.Popen(_cli(settings, inputs, *extra), stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         with _writes_held(settings) as count:
@@ -449,7 +449,8 @@ def test_every_worker_killed_once_the_writers_included_equals_one_run(db_setting
         return workers
 
     log_path = tmp_path / "run.log"
-    proc, killed = _run_until(db_settings, epochs, log_path, 2, kill_the_workers)
+    # two worker processes (up to 4 threads, a local cluster runs them in its own process)
+    proc, killed = _run_until(db_settings, epochs, log_path, 2, kill_the_workers, "--n_workers", "2")
     assert len(killed) == 2
     assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     assert "starting a new writer from the committed state (restart 1 of at most 3)" in log_path.read_text()

@@ -318,8 +318,11 @@ def test_postgres_writer_goes_anywhere_or_to_the_marked_worker():
 
 # -- local cluster shape, addresses, configuration ------------------------------------------------
 @pytest.mark.parametrize("values, expected", [
-    ({}, (8, 1, True)),
-    ({"nr_threads": 4}, (4, 1, True)),
+    ({}, (2, 4, True)),
+    ({"nr_threads": 4}, (1, 4, False)),
+    ({"nr_threads": 2}, (1, 2, False)),
+    ({"nr_threads": 6}, (2, 3, True)),
+    ({"nr_threads": 4, "n_workers": 4}, (4, 1, True)),
     ({"n_workers": 2}, (2, 4, True)),
     ({"nr_threads": 6, "threads_per_worker": 2}, (3, 2, True)),
     ({"n_workers": 3, "threads_per_worker": 2}, (3, 2, True)),

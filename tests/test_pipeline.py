@@ -410,7 +410,7 @@ def test_default_window_leaves_room_for_each_bands_held_image():
         return [SimpleNamespace(shape=(2048, 2048), freq_eff=1.2e8 + 1e6 * (i % n_bands)) for i in range(16)]
 
     twelve_images = 2 * 12 * BYTES_PER_PIXEL * 2048 * 2048
-    assert default_window(metas(1), 8, twelve_images) == 11
+    assert default_window(metas(1), 8, twelve_images) == 10  # at most threads + 2
     assert default_window(metas(8), 8, twelve_images) == 4
-    assert default_window(metas(1), 1, twelve_images) == 4  # at most 2 x threads + 2
+    assert default_window(metas(1), 1, twelve_images) == 3
     assert default_window(metas(16), 8, twelve_images) == 2  # never fewer than 2

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -157,6 +156,8 @@ def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int,
     images keeps its two light curves, where greedy matching may give one source's detection
     to the other and start a new source.
     """
+    from scipy.optimize import linear_sum_assignment  # here, not at import: scipy.optimize is slow to import
+
     take = (np.bincount(ci, minlength=n_cat)[ci] == 1) & (np.bincount(dj, minlength=n_det)[dj] == 1)
     contested = np.flatnonzero(~take)
     if contested.size == 0:

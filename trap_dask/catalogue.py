@@ -18,8 +18,8 @@ from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
 from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
 from trap_dask.merging import converged_pairs, merge_histories
+from trap_dask.messages import ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
-from trap_dask.sources import SOURCE_DTYPE
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,
@@ -94,34 +94,6 @@ BLEND_SWALLOW_RADIUS = 1.0
 #: they are not fitted as a pair (each component would take in the light of both), and when an
 #: image detects one source there they are merged into one light curve.
 RESOLVABLE_SEPARATION = 0.7
-
-
-@dataclass(frozen=True)
-class ForcedRequest:
-    """What the worker holding an image measures for the writer (positions in deg)."""
-
-    ra: np.ndarray  #: (n,) forced fits: null detections, then monitors
-    dec: np.ndarray
-    pair_ra: np.ndarray  #: (k, 2) start positions of pairs fitted together: (detected, null)
-    pair_dec: np.ndarray
-    backfill_ra: np.ndarray  #: (m,) new sources, to force-fit in the band's previous image
-    backfill_dec: np.ndarray
-    band: int = 0  #: the image's frequency band
-    backfill_image: int = -1  #: im_id of the band's previous image (-1: none)
-    backfill_url: str | None = None  #: its file, read again where no worker holds it
-
-    def __len__(self) -> int:
-        return len(self.ra) + len(self.pair_ra) + len(self.backfill_ra)
-
-
-@dataclass(frozen=True)
-class ForcedMeasurements:
-    """The worker's answer to a :class:`ForcedRequest` (SOURCE_DTYPE rows)."""
-
-    single: np.ndarray  #: (n,) aligned with ``ForcedRequest.ra``
-    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), SOURCE_DTYPE))  #: (k, 2)
-    pair_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  #: (k,) pair fit usable
-    backfill: np.ndarray = field(default_factory=lambda: np.zeros(0, SOURCE_DTYPE))  #: (m,) or none
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,17 @@ WRITER_LOST_MESSAGE = (
 #: Worker resource counting extraction slots: a local worker has one thread more than slots, so
 #: the forced fits of the image at the head of the queue never wait behind an extraction.
 EXTRACT_RESOURCE = "trap_extract"
-#: Modules a local worker imports as it starts, so the first tasks and the writer start at once.
-WORKER_PRELOAD = ["trap_dask.tasks", "trap_dask.writer"]
+#: Modules a local worker process imports as it starts, so the first tasks start at once (the
+#: writer's modules, sqlalchemy among them, only where the writer goes: its worker imports them
+#: while the first images are extracted).
+WORKER_PRELOAD = ["trap_dask.tasks"]
+#: Dask config key that keeps Dask's statistical profiler on in a local cluster's workers: off, it
+#: no longer samples every worker thread every 10 ms (a few % of the CPU); ``trap-dask bench
+#: --report`` turns it on for its report.
+PROFILE_KEY = "trap-dask.profile"
+#: Dask config key (or ``--dashboard``) that starts the dashboard of a local cluster: importing
+#: bokeh and serving it costs about 0.8 CPU-s of start-up, so it is off unless asked for.
+DASHBOARD_KEY = "trap-dask.dashboard"
 #: Dask starts worker processes with MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's
 #: adaptive mmap threshold: every image-sized array is then a fresh mmap whose pages the kernel
 #: zeroes on first touch (extraction 57% slower, a third of the CPU time in the kernel). Unset, the
@@ -142,11 +151,29 @@ class LocalShape:
     processes: bool
 
 
+#: Extraction threads a local cluster runs in this one process (with the writer) before it starts
+#: worker processes of this many threads each. On 2 cores (benchmarks/RESULTS.md, issue 15) one
+#: process of 2 threads took 0.89 CPU-s per 2048^2 image and 637 MB at its peak, against 1.08 CPU-s
+#: and 1170 MB for two single-threaded worker processes (every process holds ~150 MB of imports,
+#: and each image crossed processes twice); the extraction releases the GIL in numpy and scipy for
+#: most of its time, so a few threads share one process well.
+THREADS_PER_PROCESS = 4
+
+
 def local_shape(config: Config, cpu_count: int) -> LocalShape:
-    """Workers and threads of the local cluster, from nr_threads (default: cpu_count) and the overrides."""
+    """Workers and threads of the local cluster, from nr_threads (default: cpu_count) and the overrides.
+
+    Without --n_workers or --threads_per_worker: up to THREADS_PER_PROCESS threads in this process,
+    else worker processes of at most THREADS_PER_PROCESS threads each.
+    """
     total = config.nr_threads or cpu_count
     if config.scheduler == "threads":
         return LocalShape(1, config.threads_per_worker or total, processes=False)
+    if not config.n_workers and not config.threads_per_worker:
+        if total <= THREADS_PER_PROCESS:
+            return LocalShape(1, total, processes=False)
+        n = -(-total // THREADS_PER_PROCESS)
+        return LocalShape(n, -(-total // n), processes=True)
     if config.n_workers and not config.threads_per_worker:
         per = max(1, total // config.n_workers)
     else:
@@ -181,18 +208,22 @@ def _start_local(config: Config) -> ClusterSession:
 
     shape = local_shape(config, os.cpu_count() or 1)
     slots = {EXTRACT_RESOURCE: shape.threads_per_worker}
+    dashboard = dask.config.get(DASHBOARD_KEY, False)
     # Ctrl-C reaches the whole process group: only this process may act on it
-    with _stop_signals_ignored(), dask.config.set(KEEP_FREED_MEMORY):
+    profile = {"distributed.worker.profile.enabled": bool(dask.config.get(PROFILE_KEY, False))}
+    with _stop_signals_ignored(), dask.config.set({**KEEP_FREED_MEMORY, **profile}):
         cluster = LocalCluster(
             n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
             memory_limit=config.memory_limit or "auto", dashboard_address=":0", silence_logs=logging.WARNING,
+            scheduler_kwargs={"dashboard": bool(dashboard)},  # its HTTP server (health, metrics) on a free port
         )
     with ExitStack() as on_failure:
         on_failure.callback(cluster.close)
         client = Client(cluster)
         kind = "local" if shape.processes else "threads"
-        session = ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, dashboard_line(client),
+        line = dashboard_line(client) if dashboard else "dashboard: off (--dashboard starts it)"
+        session = ClusterSession(client, kind, shape.n_workers * shape.threads_per_worker, line,
                                  cluster, extract_resources={EXTRACT_RESOURCE: 1})
         on_failure.pop_all()
     return session

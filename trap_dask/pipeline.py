@@ -1,10 +1,11 @@
 """Orchestration of a run: find images, start Dask, stream images through workers and the writer.
 
 Workers read, quality-check and extract images in parallel (a bounded window of images in
-flight); the client hands each image's results to the writer actor strictly in time order,
-asks the worker holding the image for the forced fits the writer needs, and has the writer
-commit the image. Memory stays flat: at most ``max_concurrent_images`` images are held, plus
-the latest accepted image of each band (new sources are force-fitted in it too).
+flight); each image then goes to the writer actor strictly in time order, to the worker holding
+it for the forced fits the writer asks for, and back to the writer to be committed: the route of
+one image is ``route.py``, and what travels is ``messages.py``. The client only submits and
+counts. Memory stays flat: at most ``max_concurrent_images`` images are held, plus the latest
+image of each frequency (new sources are force-fitted in it too).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class
@@ -30,7 +32,7 @@ from trap_dask.image import ImageMeta
 from trap_dask.quality import QualityParams
 
 if TYPE_CHECKING:
-    from trap_dask.tasks import ScanFailure, ScannedImage
+    from trap_dask.messages import ScanFailure, ScannedImage
 
 log = logging.getLogger("trap_dask")
 
@@ -65,6 +67,10 @@ class RunSummary:
     writer_seconds: dict[str, float]  #: associate / update / commit
     rows_committed: int
     n_duplicates: int = 0  #: inputs with the same contents (SHA-256) as an earlier input of this run
+    startup_seconds: float | None = None  #: from the start of the run until the first image was submitted
+    worker_seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (messages.WORKER_STAGES)
+    n_threads: int = 0  #: extraction threads of the cluster
+    n_batches: int = 0  #: writer transactions of more than one image
 
     @property
     def writer_busy_fraction(self) -> float:
@@ -156,11 +162,16 @@ def default_window(metas: list[ImageMeta], n_threads: int, available: float | No
     largest = max((m.shape[0] * m.shape[1] for m in metas), default=1)
     held = len({m.freq_eff for m in metas})  # one per band, kept for the new sources' backfill
     by_memory = int(0.5 * available / (BYTES_PER_PIXEL * largest)) - held
-    return max(2, min(2 * n_threads + 2, by_memory))
+    # each thread extracting one, one being associated and committed, one ready for the writer
+    return max(2, min(n_threads + 2, by_memory))
 
 
-def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
-    """Process every input image into the export database; returns totals for the summary."""
+def run_pipeline(config: Config, config_file: Path | None = None, observe=None) -> RunSummary:
+    """Process every input image into the export database; returns totals for the summary.
+
+    ``observe``: called with the Dask client once the cluster is up, returns a context manager
+    held while the images are processed (``trap-dask bench --report``: Dask's performance report).
+    """
     from trap_dask.cluster import ClusterError, check_cluster
 
     started = time.perf_counter()
@@ -175,10 +186,15 @@ def run_pipeline(config: Config, config_file: Path | None = None) -> RunSummary:
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
     with _terminate_as_interrupt():
-        return _run_locked(config, config_file, settings, paths, started)
+        return _run_locked(config, config_file, settings, paths, started, observe)
 
 
-def _run_locked(config, config_file, settings, paths, started) -> RunSummary:
+def _run_locked(config, config_file, settings, paths, started, observe=None) -> RunSummary:
+    """Under the run lock: prepare the database and scan the headers (in a thread) while the Dask
+    cluster starts (here: signal handling belongs to the main thread), then process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trap_dask.cluster import ClusterError, start_client
     from trap_dask.db.backends import database_exists
     from trap_dask.db.lock import RunLock
 
@@ -187,10 +203,54 @@ def _run_locked(config, config_file, settings, paths, started) -> RunSummary:
             raise PipelineError(f"{settings.describe()} does not exist, so there is nothing to append to; "
                                 "a run without --db_append creates it")
         with RunLock(settings):
-            append, known = prepare_database(settings, config)
-            return _process(config, config_file, settings, paths, append, known, started)
+            with ThreadPoolExecutor(1, thread_name_prefix="trap-dask-prepare") as pool:
+                prepared = pool.submit(_prepare_and_scan, settings, config, paths)
+                try:
+                    session = start_client(config)
+                except ClusterError as exc:
+                    append, _, _ = prepared.result()  # an error of the database first
+                    if not append:  # the database this run just made holds nothing yet: leave none behind
+                        _drop_quietly(settings)
+                    raise PipelineError(str(exc)) from None
+                except BaseException:
+                    prepared.result()
+                    raise
+                try:
+                    append, known, scans = prepared.result()
+                except BaseException:
+                    session.close()
+                    raise
+            return _process(config, config_file, settings, session, append, known, scans, started, observe)
     except DatabaseError as exc:
         raise PipelineError(str(exc)) from None
+
+
+def _drop_quietly(settings: DatabaseSettings) -> None:
+    from trap_dask.db.backends import drop_database
+
+    try:
+        drop_database(settings)
+    except DatabaseError as drop_error:
+        log.warning("could not remove the empty %s: %s", settings.describe(), drop_error)
+
+
+def _prepare_and_scan(settings: DatabaseSettings, config: Config, paths: list[str]):
+    """The database ready (see prepare_database), and every input's header read; (append, known, scans)."""
+    append, known = prepare_database(settings, config)
+    return append, known, scan_inputs(paths, checksum=bool(known.checksums))
+
+
+def scan_inputs(paths: list[str], checksum: bool = False) -> list:
+    """ScannedImage or ScanFailure of each path, headers read in threads here (checksums only to
+    recognise images already in the database; else they are computed when the image is loaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trap_dask.tasks import scan
+
+    if len(paths) < 4:
+        return [scan(p, checksum=checksum) for p in paths]
+    with ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="trap-dask-scan") as pool:
+        return list(pool.map(lambda p: scan(p, checksum=checksum), paths))
 
 
 def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, KnownImages]:
@@ -200,61 +260,53 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
     return ExportStore.prepare(settings, config)
 
 
-def _process(config, config_file, settings, paths, append, known, started) -> RunSummary:
-    """Scan, then stream the images through the workers and the writer actor."""
-    from trap_dask import tasks
-    from trap_dask.cluster import ClusterError, check_inputs_readable, start_client
+def _process(config, config_file, settings, session, append, known, scans, started, observe=None) -> RunSummary:
+    """Stream the scanned images through the workers and the writer actor (route.py)."""
+    from contextlib import ExitStack
+
+    from trap_dask.cluster import ClusterError, check_inputs_readable
+    from trap_dask.messages import ScanFailure, ScannedImage
     from trap_dask.writer import Writer
 
     log.info("export database: %s%s", settings.describe(), " (appending)" if append else "")
-    try:
-        session = start_client(config)
-    except ClusterError as exc:
-        if not append:  # the database this run just made holds nothing yet: leave none behind
-            from trap_dask.db.backends import drop_database
-
-            try:
-                drop_database(settings)
-            except DatabaseError as drop_error:
-                log.warning("could not remove the empty %s: %s", settings.describe(), drop_error)
-        raise PipelineError(str(exc)) from None
     client = session.client
     status, writer, finished = "failed", None, None
     totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0, "duplicates": 0}
-    seen: dict[str, str] = {}  # checksum -> url of every file recorded in this run
+    fresh = [s for s in scans if not _already_stored(s, known)]
+    progress = _Progress()
+    observing = ExitStack()
     try:
+        if observe is not None:
+            observing.enter_context(observe(client))
         log.info(session.dashboard)
         session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
                               backend=settings.backend)
-        check_inputs_readable(client, paths)
-        # checksums up front only to recognise images already in the database; else at load
-        scans = client.gather(client.map(tasks.scan, paths, checksum=bool(known.checksums), pure=False))
-        fresh = [s for s in scans if not _already_stored(s, known)]
+        check_inputs_readable(client, [s.meta.url if isinstance(s, ScannedImage) else s.url for s in scans])
         if len(fresh) < len(scans):
             log.info("%d images already in the database: skipped", len(scans) - len(fresh))
-        failures = [s for s in fresh if isinstance(s, tasks.ScanFailure)]
+        failures = [s for s in fresh if isinstance(s, ScanFailure)]
         images = sorted(
-            (s for s in fresh if isinstance(s, tasks.ScannedImage)),
+            (s for s in fresh if isinstance(s, ScannedImage)),
             key=lambda s: (s.meta.taustart_ts, s.meta.freq_eff, s.meta.url),
         )
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
+        progress.started = time.perf_counter()
         params, quality = extraction_params(config), quality_params(config)
-        progress, held, watch = _Progress(), {}, _AstrometryWatch(config)
+        watch = _AstrometryWatch(config)
         with _progress(len(fresh)) as bar:
             while True:
                 try:
                     writer = session.writer_actor()
                     for failure in failures[progress.failure:]:
-                        if not _is_copy(failure.url, failure.checksum, seen, totals, bar):
+                        summary = writer.reject_unreadable(failure).result()
+                        if summary.recorded:
                             log.warning("rejected %s: %s", failure.url, failure.reason)
-                            _count(totals, writer.reject_unreadable(failure).result(), bar)
-                            progress.acked += 1
+                        _count(totals, summary, failure.url, bar)
                         progress.failure += 1
                     with _stop_on_interrupt() as stop:
-                        for summary in _stream(session, writer, images, window, params, quality, seen, totals, bar,
-                                               progress, held):
-                            _count(totals, summary, bar)
+                        for url, summary in _stream(session, writer, images, window, params, quality, progress):
+                            _count(totals, summary, url, bar)
                             watch(summary)
                             if stop.is_set():
                                 raise KeyboardInterrupt
@@ -265,7 +317,7 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
                     if session.writer_lost() is None or progress.restarts == MAX_WRITER_RESTARTS:
                         raise
                     writer = None
-                    _restart_writer(session, settings, config, config_file, progress, len(failures), bar)
+                    _restart_writer(session, settings, config, config_file, progress)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -286,38 +338,31 @@ def _process(config, config_file, settings, paths, append, known, started) -> Ru
         except Exception as exc:  # noqa: BLE001 - the run's own error, if any, is the one to show
             log.warning("could not record the end of the run: %s", exc)
         finally:
-            session.close()
+            try:
+                observing.close()
+            finally:
+                session.close()
     return RunSummary(
         db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
         n_skipped=len(scans) - len(fresh),
         n_rejected=totals["rejected"], n_sources=totals["sources"], n_forced=totals["forced"],
         n_new_sources=totals["new"], n_light_curves=finished["n_light_curves"], n_duplicates=totals["duplicates"],
-        wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"], rows_committed=finished["rows_committed"],
+        wall_seconds=time.perf_counter() - started, writer_seconds=finished["writer_seconds"],
+        rows_committed=finished["rows_committed"],
+        startup_seconds=progress.first_submitted - started if progress.first_submitted else None,
+        worker_seconds=finished.get("worker_seconds", {}), n_threads=session.n_threads,
+        n_batches=finished.get("n_batches", 0),
     )
 
 
 def _already_stored(scan: ScannedImage | ScanFailure, known: KnownImages) -> bool:
     """Whether a scanned input (ScannedImage or ScanFailure) is in the database already: a file
     with a stored checksum, or one still unreadable at a path recorded as unreadable."""
-    from trap_dask.tasks import ScanFailure
+    from trap_dask.messages import ScanFailure
 
     if scan.checksum is not None:
         return scan.checksum in known.checksums
     return isinstance(scan, ScanFailure) and scan.url in known.unreadable
-
-
-def _is_copy(url: str, checksum: str | None, seen: dict[str, str], totals: dict, bar) -> bool:
-    """Whether a file has the contents of one already recorded in this run (counted and reported
-    as its copy, as an append skips a file already in the database); else remember it."""
-    if checksum is None:
-        return False
-    first = seen.setdefault(checksum, url)
-    if first == url:
-        return False
-    log.warning("%s has the same contents as %s: recorded once, under the first name", url, first)
-    totals["duplicates"] += 1
-    bar.update(1)
-    return True
 
 
 @dataclass
@@ -325,15 +370,17 @@ class _Progress:
     """How far a run has recorded its inputs, so that a new writer carries on where a lost one stopped."""
 
     failure: int = 0  #: the next unreadable file to record
-    image: int = 0  #: the next image to hand to the writer
-    acked: int = 0  #: commits of the current writer that the client has seen
+    image: int = 0  #: the next image whose summary the client has not seen
     lost_writers_images: int = 0  #: images committed by writers that were lost
     restarts: int = 0
+    started: float = 0.0  #: perf_counter when the images began to be submitted
+    first_submitted: float | None = None  #: perf_counter when the first image was submitted
 
 
-def _restart_writer(session, settings, config, config_file, progress: _Progress, n_failures: int, bar) -> None:
+def _restart_writer(session, settings, config, config_file, progress: _Progress) -> None:
     """Start a new writer from the committed state (as --db_append does) after the worker holding
-    the writer was lost; the images it had not committed are redone."""
+    the writer was lost; the images whose summaries did not come back are handed to it again, and
+    it skips those the lost writer had committed."""
     from trap_dask.db.store import ExportStore
     from trap_dask.writer import Writer
 
@@ -347,80 +394,71 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress,
         store.close_stale_runs()
     finally:
         store.close()
-    if committed > progress.acked:  # the file or image being committed made it, its answer did not
-        if progress.failure < n_failures:
-            progress.failure += 1
-        else:
-            progress.image += 1
-        bar.update(1)
     progress.lost_writers_images += committed
-    progress.acked = 0
     try:
         session.client.wait_for_workers(1, timeout=config.worker_timeout)
     except TimeoutError:
         raise PipelineError(f"no Dask worker left to hold the writer within worker_timeout = "
                             f"{config.worker_timeout:g} s; rerun with --db_append to resume") from None
-    session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, True,
+    session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, True, True,
                           backend=settings.backend)
 
 
-def _stream(session, writer, images, window, params, quality, seen, totals, bar, progress: _Progress, held: dict):
-    """Yield each image's CommitSummary in time order from ``images[progress.image]`` on, keeping
-    ``window`` images in flight; an image with the contents of one recorded before in this run is
-    left out (see _is_copy). ``held``: per band, the latest accepted image (im_id, future)."""
-    from trap_dask import tasks
-    from trap_dask.writer import CommitSummary
+def _stream(session, writer, images, window, params, quality, progress: _Progress):
+    """Yield (url, CommitSummary) of each image in time order from ``images[progress.image]`` on,
+    keeping ``window`` images in flight (route.ImageRoute submits each image's tasks)."""
+    from trap_dask.route import ImageRoute, WriterRef
 
-    client, slot = session.client, {"resources": session.extract_resources} if session.extract_resources else {}
+    ref = WriterRef(session.writer.key, session.writer_address.split(", ")[0])
+    route = ImageRoute(session.client, ref, params, quality, len(images), session.extract_resources,
+                       tag=f"-w{progress.restarts}" if progress.restarts else "")
     pending: deque = deque()
     upcoming = iter(enumerate(images[progress.image:], start=progress.image))
 
     def submit_next() -> None:
         for index, image in upcoming:
-            priority = len(images) - index
-            name = os.path.basename(image.meta.url)
-            loaded = client.submit(tasks.process, image, quality, params, priority=priority,
-                                   key=f"process-{index}-{name}", **slot)
-            result = client.submit(tasks.result_of, loaded, priority=priority, key=f"result-{index}-{name}")
-            pending.append((index, loaded, result))
+            pending.append((index, image.meta.url, route.submit(index, image)))
+            if progress.first_submitted is None:
+                progress.first_submitted = time.perf_counter()
             return
 
     for _ in range(window):
         submit_next()
+    try:
+        yield from _collect(session, writer, route, pending, progress, submit_next)
+    finally:  # stopped (Ctrl-C, SIGTERM, an error): the tasks not started are released, not run
+        pending.clear()
+
+
+def _collect(session, writer, route, pending: deque, progress: _Progress, submit_next):
+    """The summaries of the images in flight, in order, submitting the next image for each."""
+    flushing = None
     while pending:
-        index, loaded, result = pending.popleft()
-        image = result.result()
-        if _is_copy(image.meta.url, image.checksum, seen, totals, bar):
-            progress.image = index + 1
-            del loaded, result
-            submit_next()
-            continue
-        outcome = writer.associate(image).result()
-        if not isinstance(outcome, CommitSummary):
-            outcome = writer.commit(_forced_fits(client, outcome, loaded, held, params, quality,
-                                                 priority=len(images) + 1)).result()
-            held[outcome.band] = (outcome.im_id, loaded)
-        progress.image, progress.acked = index + 1, progress.acked + 1
-        del loaded, result
+        index, url, summary = pending.popleft()
+        outcome = _summary(summary, session)
+        route.done(index)
+        progress.image = index + 1
+        del summary
         submit_next()
-        yield outcome
+        if flushing is not None and flushing.done():
+            flushing.result()  # a failed transaction stops the run here
+            flushing = None
+        if outcome.staged and flushing is None and pending and not pending[0][2].done():
+            flushing = writer.flush()  # the writer waits for the next image: commit what it staged
+        yield url, outcome
+    if flushing is not None:
+        flushing.result()
 
 
-def _forced_fits(client, request, loaded, held: dict, params, quality, priority: int):
-    """The writer's forced fits of one image: on the worker holding it, and the new sources'
-    backfill on the worker holding the band's previous image (read again if none holds it)."""
-    from trap_dask import tasks
-
-    if not len(request):
-        return None
-    forced = client.submit(tasks.force, loaded, request, params, priority=priority)
-    back = None
-    if len(request.backfill_ra) and request.backfill_image >= 0:
-        im_id, previous = held.get(request.band, (-1, None))
-        previous = previous if im_id == request.backfill_image else None
-        back = client.submit(tasks.backfill, previous, request, params, quality, priority=priority).result()
-    forced = forced.result()
-    return forced if back is None else replace(forced, backfill=back)
+def _summary(future, session):
+    """The result of an image's summary future; RuntimeError as soon as the writer's worker is gone
+    (its lost results would otherwise wait for ever for tasks bound to workers that are gone too)."""
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except TimeoutError:
+            if session.writer is not None and session.writer.status != "finished":
+                raise RuntimeError("the worker holding the writer was lost") from None
 
 
 @contextmanager
@@ -464,7 +502,13 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _count(totals: dict, summary, bar) -> None:
+def _count(totals: dict, summary, url: str, bar) -> None:
+    if summary.copy_of is not None:
+        log.warning("%s has the same contents as %s: recorded once, under the first name", url, summary.copy_of)
+        totals["duplicates"] += 1
+    if not summary.recorded:
+        bar.update(1)
+        return
     totals["rejected"] += summary.rejected
     totals["sources"] += summary.n_sources
     totals["forced"] += summary.n_forced
@@ -483,7 +527,7 @@ class _AstrometryWatch:
 
     def __call__(self, summary) -> None:
         a = summary.astrometry
-        if summary.rejected or not a.measured:
+        if summary.rejected or a is None or not a.measured:
             return
         log.debug("image %d: offset %+.2f\" RA, %+.2f\" Dec, scatter %.2f\" RA, %.2f\" Dec (%d sources); "
                   "sys_err %.2f\" / %.2f\"", summary.im_id, a.offset_ra, a.offset_dec, a.scatter_ra,
@@ -510,7 +554,7 @@ class _LogProgress:
         self.total, self.n, self.postfix = total, 0, {}
         self.started = self.last = time.monotonic()
 
-    def __enter__(self) -> "_LogProgress":
+    def __enter__(self) -> _LogProgress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,14 +1,17 @@
 """The per-image work that Dask workers run: scan headers, load + quality-check, extract, force-fit.
 
-Each function is a plain function of picklable arguments. A :class:`LoadedImage` stays in the
-memory of the worker that made it (it is a Dask future on the client) until the writer has
-asked for that image's forced fits, so pixels are read once and never shipped to the client.
+Each function is a plain function of picklable arguments; what they return to others is a
+message of ``trap_dask.messages`` (this module imports nothing of the writer). A
+:class:`LoadedImage` stays in the memory of the worker that made it (it is a Dask future on the
+client) until the writer has asked for that image's forced fits, so pixels are read once and
+never shipped anywhere. Each stage is timed (``seconds`` of the messages) for ``trap-dask bench``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,42 +26,19 @@ from trap_dask.extraction import (
     forced_fit,
     prepare_image,
 )
-from trap_dask.catalogue import ForcedMeasurements, ForcedRequest
 from trap_dask.image import Beam, ImageError, ImageMeta, one_line, read_image, read_meta
+from trap_dask.messages import (
+    ForcedMeasurements,
+    ForcedRequest,
+    ImageResult,
+    ScanFailure,
+    ScannedImage,
+)
 from trap_dask.quality import ImageStats, QualityParams, check_quality
 from trap_dask.sources import empty_sources
 
 _CHUNK = 1 << 22
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScannedImage:
-    """A file whose header gave everything needed."""
-
-    meta: ImageMeta
-    checksum: str | None  #: sha256 of the file's bytes (hex); None: computed when it is loaded
-
-
-@dataclass(frozen=True)
-class ScanFailure:
-    """A file whose header could not be used; it becomes a rejected image row."""
-
-    url: str
-    reason: str
-    checksum: str | None  #: None when the file could not be read at all
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """What the writer needs from a worker for one image (small: no pixels)."""
-
-    meta: ImageMeta
-    checksum: str
-    stats: ImageStats | None
-    rejection: str | None
-    xtr_radius: float  #: deg
-    sources: np.ndarray  #: SOURCE_DTYPE, blind detections
 
 
 @dataclass
@@ -67,6 +47,24 @@ class LoadedImage:
 
     result: ImageResult
     prepared: PreparedImage | None  #: None for a rejected image
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its maps: what Dask weighs when it places the tasks that take it (so that they run
+        where it is held rather than move the pixels)."""
+        arrays = vars(self.prepared).values() if self.prepared is not None else ()
+        return self.result.sources.nbytes + sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
+def _register_sizeof() -> None:
+    try:
+        from dask.sizeof import sizeof
+    except ImportError:  # the functions run without Dask too
+        return
+    sizeof.register(LoadedImage)(lambda image: image.nbytes)
+
+
+_register_sizeof()
 
 
 def scan(path: str, checksum: bool = False, beam: Beam | None = None,
@@ -96,35 +94,58 @@ def file_checksum(path: str) -> str:
 
 def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
     """Read the pixels (the file is read once, for its checksum too), check quality, prepare maps."""
-    meta = image.meta
+    meta, clock = image.meta, _Clock()
     try:
         raw = Path(meta.url).read_bytes()
     except OSError as exc:  # no checksum: a later --db_append retries the file once it can be read
-        return _rejected(meta, None, None, f"cannot read the file: {exc.strerror or exc}")
+        return _rejected(meta, None, None, f"cannot read the file: {exc.strerror or exc}", clock)
     checksum = image.checksum or hashlib.sha256(raw).hexdigest()
     try:
         data, wcs = read_image(meta, raw)
     except ImageError as exc:
-        return _rejected(meta, checksum, None, str(exc))
+        return _rejected(meta, checksum, None, str(exc), clock)
     del raw
+    clock.lap("read")
     stats, reason = check_quality(data, quality)
+    clock.lap("quality")
     if reason is not None:
-        return _rejected(meta, checksum, stats, reason)
+        return _rejected(meta, checksum, stats, reason, clock)
     prepared = prepare_image(data, wcs, meta.beam, params)
-    result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources())
+    clock.lap("background")
+    result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
+                         seconds=clock.seconds)
     return LoadedImage(result, prepared)
 
 
-def _rejected(meta: ImageMeta, checksum: str | None, stats: ImageStats | None, reason: str) -> LoadedImage:
-    return LoadedImage(ImageResult(meta, checksum, stats, reason, 0.0, empty_sources()), None)
+class _Clock:
+    """Seconds per stage (perf_counter laps), for the messages' ``seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def _rejected(meta: ImageMeta, checksum: str | None, stats: ImageStats | None, reason: str,
+              clock: _Clock | None = None) -> LoadedImage:
+    if clock is not None:
+        clock.lap("read")
+    seconds = clock.seconds if clock is not None else {}
+    return LoadedImage(ImageResult(meta, checksum, stats, reason, 0.0, empty_sources(), seconds=seconds), None)
 
 
 def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
     """Blind source extraction; returns the small result the writer associates."""
     if image.prepared is None:
-        return image.result
+        return replace(image.result, done_at=time.time())
+    started = time.perf_counter()
     sources = extract_sources(image.prepared, params)
-    return replace(image.result, sources=sources)
+    seconds = image.result.seconds | {"extract": time.perf_counter() - started}
+    return replace(image.result, sources=sources, seconds=seconds, done_at=time.time())
 
 
 def process(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
@@ -139,32 +160,31 @@ def process(image: ScannedImage, quality: QualityParams, params: ExtractionParam
         return LoadedImage(extract(loaded, params), loaded.prepared)
     except Exception as exc:  # noqa: BLE001 - recorded, with its reason, in the images table
         checksum = loaded.result.checksum if loaded is not None else image.checksum
-        return _rejected(image.meta, checksum, None, f"processing failed: {one_line(exc)}")
-
-
-def result_of(image: LoadedImage) -> ImageResult:
-    """The small part of a processed image, for the client and the writer."""
-    return image.result
+        failed = _rejected(image.meta, checksum, None, f"processing failed: {one_line(exc)}")
+        return LoadedImage(replace(failed.result, done_at=time.time()), None)
 
 
 def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) -> ForcedMeasurements:
     """Forced fits with the beam's shape (NaN fluxes where not measurable) and the pair fits
     (where those fail, the writer keeps the detection and the forced fit as they are)."""
+    started = time.perf_counter()
     single = forced_fit(image.prepared, request.ra, request.dec, params)
     try:
         pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
         log.warning("%s: pair fits failed (%s); measured one by one", image.result.meta.url, exc)
-        return ForcedMeasurements(single)
-    return ForcedMeasurements(single, pairs, ok)
+        return ForcedMeasurements(single, seconds={"forced fits": time.perf_counter() - started})
+    return ForcedMeasurements(single, pairs, ok, seconds={"forced fits": time.perf_counter() - started})
 
 
 def backfill(previous: LoadedImage | None, request: ForcedRequest, params: ExtractionParams,
              quality: QualityParams) -> np.ndarray | None:
     """Forced fits of the new sources in the band's previous image (run where it is held); with
-    ``previous`` None, the image is read again from ``request.backfill_url``. None when that
-    image cannot be measured any more (moved, unreadable, now rejected, a fit failed)."""
+    ``previous`` None or another image, the image is read again from ``request.backfill_url``.
+    None when that image cannot be measured any more (moved, unreadable, now rejected, a fit failed)."""
     try:
+        if previous is not None and previous.result.meta.url != request.backfill_url:
+            previous = None  # the route's guess of the band's previous image was not the writer's
         if previous is None:
             scanned = scan(request.backfill_url)
             previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None

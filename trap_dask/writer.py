@@ -1,17 +1,28 @@
 """The writer: the one Dask actor that owns the export database and the running catalogue.
 
-The client feeds it images strictly in time order. For each image, :meth:`Writer.associate`
+It is fed images strictly in time order (``route.py``). For each image, :meth:`Writer.associate`
 links the blind detections to the running catalogue and returns the positions to force-fit;
 :meth:`Writer.commit` adds those forced fits and writes the image, its measurements, the
-association links and the catalogue/variability updates in ONE transaction. Only after that
-transaction commits does the in-memory catalogue move on, so memory and database never diverge.
+association links and the catalogue/variability updates in ONE transaction.
+
+Batching: when the writer falls behind (the next image was ready before it had finished the one
+before), an image is staged instead: its update is applied to the in-memory catalogue, so the
+next image can be associated, and its rows wait; the staged images are written together in ONE
+transaction (``store.batch()``) by the next commit that finds the writer keeping up, by a merge
+(which reads the database), after MAX_BATCH images or MAX_BATCH_SECONDS, by :meth:`flush`
+(which the client calls as soon as it waits for the next image) and by :meth:`finish`.
+So the database always ends at an image boundary, and a failed batch rolls the in-memory
+catalogue back to the last committed image. When the writer keeps up, every image is its own
+transaction, committed before its commit() returns.
+
+Messages in and out are those of ``trap_dask.messages``; the writer imports nothing of the workers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -22,8 +33,6 @@ from trap_dask.catalogue import (
     SOURCE_COLUMNS,
     AssociationPlan,
     EarlierImages,
-    ForcedMeasurements,
-    ForcedRequest,
     ImageContext,
     RunningCatalogue,
     columns_from_lists,
@@ -32,30 +41,32 @@ from trap_dask.catalogue import (
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
+from trap_dask.messages import (
+    CommitSummary,
+    ForcedMeasurements,
+    ForcedRequest,
+    ImageResult,
+    ScanFailure,
+)
 from trap_dask.sources import add_uncertainties, empty_sources
-from trap_dask.tasks import ImageResult, ScanFailure
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class CommitSummary:
-    """What one committed image added."""
-
-    im_id: int
-    rejected: bool
-    n_sources: int
-    n_forced: int  #: forced fits, including those of new sources in the band's previous image
-    n_new: int
-    band: int | None = None  #: frequency band of an accepted image
-    astrometry: Astrometry = Astrometry()  #: the image's offsets from the catalogue (arcsec)
-    sys_err: tuple[float, float] = (np.nan, np.nan)  #: ew/ns systematic error used to associate it (arcsec)
+#: Most images staged for one transaction, and most seconds the oldest of them waits: how far the
+#: database may trail the writer (and a run killed with kill -9 lose work it had done).
+MAX_BATCH = 4
+MAX_BATCH_SECONDS = 1.0
+#: Writer state that a batch moves on before it is committed, restored if the batch fails.
+_BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_monitors", "next_im_id",
+                "n_committed", "seen")
 
 
 class Writer:
     """Dask actor: association in time order and one transaction per image."""
 
-    def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None, append: bool = False):
+    def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None, append: bool = False,
+                 resume: bool = False):
+        """``resume``: a writer started after losing one; inputs already in the database are skipped."""
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
         state = self.store.load_state() if append else None
@@ -96,7 +107,18 @@ class Writer:
         #: seconds spent associating, updating light curves and committing; rows committed
         self.seconds = {"associate": 0.0, "update": 0.0, "commit": 0.0}
         self.rows_committed = 0
+        #: worker seconds per stage, from the messages (ImageResult.seconds, ForcedMeasurements.seconds)
+        self.worker_seconds: dict[str, float] = {}
+        self.n_batches = 0  #: transactions that wrote more than one image
         self._pending: tuple[AssociationPlan, ImageResult, Band, Astrometry, tuple[float, float]] | None = None
+        #: checksum -> url of every input recorded in this run (a later input with the same bytes is a copy)
+        self.seen: dict[str, str] = {}
+        known = self.store.known_images() if resume else None
+        self._stored = (known.checksums, known.unreadable) if known else (frozenset(), frozenset())
+        self._staged: list[tuple[dict, dict, int]] = []  #: (image row, commit_image keywords, rows) not yet written
+        self._snapshot: dict | None = None  #: the state before the first staged image
+        self._staged_since = 0.0
+        self._idle_since = 0.0  #: time.time() when the last image was committed or staged
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
         """Register the monitor positions not yet in the database; returns their monitor rows."""
@@ -112,9 +134,24 @@ class Writer:
     # -- per image --------------------------------------------------------------------------
     def reject_unreadable(self, failure: ScanFailure) -> CommitSummary:
         """Record a file whose header could not be used as a rejected image."""
+        skipped = self._skip(failure.url, failure.checksum, unreadable=True)
+        if skipped is not None:
+            return skipped
         row = {"url": failure.url, "checksum": failure.checksum, "rejected": True,
                "rejection_reason": failure.reason}
-        return self._commit_rejected(row)
+        summary = self._commit_rejected(row, behind=False)
+        self.flush()
+        return summary
+
+    def _skip(self, url: str, checksum: str | None, unreadable: bool = False) -> CommitSummary | None:
+        """The summary of an input that is not recorded: a copy of an earlier input of this run, or one
+        a lost writer committed; None for an input to record (then remembered by its checksum)."""
+        if (checksum in self._stored[0]) if checksum else (unreadable and url in self._stored[1]):
+            return CommitSummary(-1, False, 0, 0, 0, stored=True)
+        if checksum is None:
+            return None
+        first = self.seen.setdefault(checksum, url)
+        return None if first == url else CommitSummary(-1, False, 0, 0, 0, copy_of=first)
 
     def associate(self, result: ImageResult) -> ForcedRequest | CommitSummary:
         """Associate one image's detections; returns what to force-fit next.
@@ -124,6 +161,12 @@ class Writer:
         started = time.perf_counter()
         if self._pending is not None:
             raise RuntimeError("associate() called twice without commit(): images must be fed in order")
+        skipped = self._skip(result.meta.url, result.checksum)
+        if skipped is not None:
+            return skipped
+        behind = bool(result.done_at) and result.done_at < self._idle_since
+        for stage, seconds in result.seconds.items():
+            self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
         meta = result.meta
         band, is_new_band = assign_band(meta.freq_eff, meta.freq_bw, self.bands, self.fixed)
         rejection = result.rejection
@@ -133,7 +176,7 @@ class Writer:
             row = self._image_row(result) | {"rejected": True, "rejection_reason": rejection}
             if band is not None and not is_new_band:
                 row["freq_band"] = band.band_id
-            return self._commit_rejected(row)
+            return self._commit_rejected(row, behind)
         if is_new_band:
             self.bands.append(band)
             self._unsaved_bands.append(band)
@@ -149,18 +192,23 @@ class Writer:
         )
         detections = add_uncertainties(result.sources.copy(), *sys_err)
         plan = self.catalogue.plan(image, detections)
-        self._pending = (plan, result, band, astrometry, sys_err)
+        self._pending = (plan, result, band, astrometry, sys_err, behind)
         self.seconds["associate"] += time.perf_counter() - started
         return plan.forced_request(self.catalogue)
 
     def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
-        """Add the forced fits (answering the request from associate) and commit the image."""
+        """Add the forced fits (answering the request from associate) and commit the image; when
+        the writer is behind, stage it for the next transaction instead (see the module's text)."""
         started = time.perf_counter()
-        plan, result, band, astrometry, sys_err = self._pending
+        plan, result, band, astrometry, sys_err, behind = self._pending
+        self._pending = None
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
+        for stage, seconds in measured.seconds.items():
+            self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
+        if len(plan.merge_keep):
+            self.flush()  # the merge reads the histories back from the database
         history = self.store.history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
         update = self.catalogue.update(plan, measured, history)
-        updated = time.perf_counter()
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
             "n_sources": int(np.sum(~update.measurements["is_force_fit"])),
@@ -169,34 +217,75 @@ class Writer:
             **{f"astrometry_{name}": _finite_or_none(getattr(astrometry, name))
                for name in ("offset_ra", "offset_dec", "scatter_ra", "scatter_dec")},
         }
-        try:
-            self.store.commit_image(
-                row,
-                sources=update.measurements, source_ids=update.ids,
-                catalogue=update.sources, catalogue_rows=update.changed_sources,
-                lightcurves=update.lightcurves, lightcurve_rows=update.changed_lightcurves,
-                new_sources=update.new_sources,
-                merges=update.merges, relabelled=update.relabelled,
-                **self._unsaved(),
-            )
-        except BaseException:
-            self._pending = None
-            raise
+        rows = (len(update.measurements) + len(update.changed_sources) + len(update.changed_lightcurves)
+                + len(update.new_sources["src_id"]) + 1)
+        self._stage(row, dict(
+            sources=update.measurements, source_ids=update.ids,
+            catalogue=update.sources, catalogue_rows=update.changed_sources,
+            lightcurves=update.lightcurves, lightcurve_rows=update.changed_lightcurves,
+            new_sources=update.new_sources,
+            merges=update.merges, relabelled=update.relabelled,
+            **self._unsaved(),
+        ), rows)
         self.catalogue = self.catalogue.apply(update, plan.image)
         self.scatter = self.scatter.add(astrometry)
         self._saved()
-        self._pending = None
         self.next_im_id += 1
         self.n_committed += 1
-        self.seconds["update"] += updated - started
-        self.seconds["commit"] += time.perf_counter() - updated
-        self.rows_committed += (len(update.measurements) + len(update.changed_sources)
-                                + len(update.changed_lightcurves) + len(update.new_sources["src_id"]) + 1)
+        self.seconds["update"] += time.perf_counter() - started  # association's update and apply, not the commit
+        self._done(behind)
         return CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
-                             len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err)
+                             len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
+                             staged=bool(self._staged))
+
+    # -- transactions ---------------------------------------------------------------------------
+    def _stage(self, row: dict, keywords: dict, rows: int) -> None:
+        if not self._staged:
+            self._snapshot = {name: getattr(self, name) for name in _BATCH_STATE}
+            for name in ("bands", "_unsaved_bands", "seen"):  # changed in place
+                self._snapshot[name] = type(self._snapshot[name])(self._snapshot[name])
+            self._staged_since = time.monotonic()
+        self._staged.append((row, keywords, rows))
+
+    def _done(self, behind: bool) -> None:
+        """After an image was staged: write the staged images now unless the writer is behind."""
+        full = len(self._staged) >= MAX_BATCH or time.monotonic() - self._staged_since >= MAX_BATCH_SECONDS
+        if not behind or full:
+            self.flush()
+        self._idle_since = time.time()
+
+    def flush(self) -> int:
+        """Write the staged images in one transaction (the store's batch()); returns
+        how many. If it fails, nothing of them is written and the writer returns to the state after
+        the last committed image."""
+        if not self._staged:
+            return 0
+        started = time.perf_counter()
+        staged, self._staged = self._staged, []
+        try:
+            with self.store.batch():  # one transaction for every commit_image inside
+                for row, keywords, _ in staged:
+                    self.store.commit_image(row, **keywords)
+        except BaseException:
+            for name, value in self._snapshot.items():
+                setattr(self, name, value)
+            raise
+        finally:
+            self._snapshot = None
+        self.n_batches += len(staged) > 1
+        self.rows_committed += sum(rows for _, _, rows in staged)
+        self.seconds["commit"] += time.perf_counter() - started
+        return len(staged)
 
     def finish(self, status: str) -> dict:
-        """Record the run's end; returns totals for the summary."""
+        """Write what is staged and record the run's end; returns totals for the summary."""
+        self._pending = None
+        staged = len(self._staged)
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
+            log.warning("could not commit the last %d staged images: %s", staged, exc)
+            status = "failed"
         self.store.finish_run(self.run_id, status, self.n_committed)
         self.store.close()
         return {
@@ -205,6 +294,8 @@ class Writer:
             "n_light_curves": int((~self.catalogue.sources["is_monitor"]).sum()),
             "writer_seconds": dict(self.seconds),
             "rows_committed": self.rows_committed,
+            "worker_seconds": dict(self.worker_seconds),
+            "n_batches": self.n_batches,
         }
 
     # -- helpers --------------------------------------------------------------------------
@@ -235,13 +326,14 @@ class Writer:
             "xtr_radius": result.xtr_radius,
         }
 
-    def _commit_rejected(self, row: dict) -> CommitSummary:
+    def _commit_rejected(self, row: dict, behind: bool) -> CommitSummary:
         row = {"id": self.next_im_id, "run": self.run_id, "n_sources": 0, "n_forced": 0, "rejected": True} | row
-        self.store.commit_image(row, **self._unsaved())
+        self._stage(row, self._unsaved(), 1)
         self._saved()
         self.next_im_id += 1
         self.n_committed += 1
-        return CommitSummary(row["id"], True, 0, 0, 0)
+        self._done(behind)
+        return CommitSummary(row["id"], True, 0, 0, 0, staged=bool(self._staged))
 
     def _unsaved(self) -> dict:
         """Bands and monitor sources not yet in the database, to go with the next commit."""

@@ -1,0 +1,74 @@
+"""`trap-dask bench`: a tiny simulated survey on a local cluster, on a running scheduler, a scaling
+table and Dask's performance report."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from trap_dask.cli import main
+
+TINY = ["-i", "3", "--size", "128", "--sources", "6", "--detection_threshold", "5"]
+
+
+def table(text: str) -> dict[str, list[float]]:
+    """The bench table's rows: label -> the numbers of each column."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and cells[0] and re.fullmatch(r"-?[\d.]+", cells[1]):
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    return rows
+
+
+def check_sane(rows: dict[str, list[float]], column: int = 0) -> None:
+    value = {label: numbers[column] for label, numbers in rows.items()}
+    assert value["images"] == 3
+    assert 0 < value["images/s (whole run)"] <= value["images/s (after start-up)"]
+    assert 0 < value["start-up: launch -> first image submitted, s"] < value["wall time, s"]
+    for stage in ("read", "background", "extract"):
+        assert value[f"{stage}, ms/image (worker)"] > 0, stage
+    for stage in ("associate", "commit"):
+        assert value[f"{stage}, ms/image (writer)"] > 0, stage
+    assert 0 < value["writer busy, % of the wall time"] < 100
+    assert 0 < value["worker utilisation, % of the extraction threads"] < 150  # forced fits run beside
+
+
+def test_bench_on_the_local_cluster_prints_the_table(capsys):
+    assert main(["bench", *TINY, "--nr_threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 images of 128x128 pixels" in out
+    check_sane(table(out))
+    assert table(out)["extraction threads"] == [2]
+
+
+def test_bench_on_a_running_scheduler(capsys):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        assert main(["bench", *TINY, "--scheduler_address", cluster.scheduler_address]) == 0
+        assert main(["bench", *TINY, "--scheduler_address", cluster.scheduler_address, "--workers", "1"]) == 2
+    rows = table(capsys.readouterr().out)
+    check_sane(rows)
+    assert rows["extraction threads"] == [2]
+
+
+def test_bench_scaling_table_and_performance_report(tmp_path, capsys):
+    report = tmp_path / "report.html"
+    assert main(["bench", *TINY, "--scheduler", "threads", "--workers", "1", "2", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\|\s+\|\s+1 threads \|\s+2 threads \|", out), out
+    rows = table(out)
+    assert rows["extraction threads"] == [1, 2]
+    for column in (0, 1):
+        check_sane(rows, column)
+    for count in (1, 2):
+        written = tmp_path / f"report-w{count}.html"
+        assert written.stat().st_size > 10_000 and "Dask Performance Report" in written.read_text()
+
+
+@pytest.mark.parametrize("flags", [["--images", "0"], ["--size", "10"]])
+def test_bench_refuses_an_empty_survey(flags):
+    assert main(["bench", *flags]) == 2

@@ -1,0 +1,113 @@
+"""The messages of one run: small picklable records exchanged by the workers, the client and the writer.
+
+Workers (``tasks.py``) and the writer (``writer.py``) both import this module and neither imports
+the other. The route of one image through them is in ``route.py``::
+
+    scan (worker)      path            -> ScannedImage | ScanFailure
+    process (worker)   ScannedImage    -> LoadedImage, held on that worker; its ImageResult (no pixels)
+    associate (writer) ImageResult     -> ForcedRequest, or the CommitSummary of a rejected image
+    force (worker)     ForcedRequest   -> ForcedMeasurements      (where the image is held)
+    backfill (worker)  ForcedRequest   -> new sources in the band's previous image
+    commit (writer)    ForcedMeasurements -> CommitSummary
+
+Nothing here holds pixels: the largest field is one image's table of detections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from trap_dask.sources import SOURCE_DTYPE
+
+if TYPE_CHECKING:  # annotations only: this module stays free of astropy and the extractor
+    from trap_dask.astrometry import Astrometry
+    from trap_dask.image import ImageMeta
+    from trap_dask.quality import ImageStats
+
+#: Worker stages timed in ImageResult.seconds and ForcedMeasurements.seconds (perf_counter, s).
+WORKER_STAGES = ("read", "quality", "background", "extract", "forced fits", "backfill")
+
+
+@dataclass(frozen=True)
+class ScannedImage:
+    """A file whose header gave everything needed."""
+
+    meta: ImageMeta
+    checksum: str | None  #: sha256 of the file's bytes (hex); None: computed when it is loaded
+
+
+@dataclass(frozen=True)
+class ScanFailure:
+    """A file whose header could not be used; it becomes a rejected image row."""
+
+    url: str
+    reason: str
+    checksum: str | None  #: None when the file could not be read at all
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What the writer needs from a worker for one image (small: no pixels)."""
+
+    meta: ImageMeta
+    checksum: str | None
+    stats: ImageStats | None
+    rejection: str | None
+    xtr_radius: float  #: deg
+    sources: np.ndarray  #: SOURCE_DTYPE, blind detections
+    seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (WORKER_STAGES)
+    done_at: float = 0.0  #: time.time() when the worker finished it (the writer tells from it whether it is behind)
+
+
+@dataclass(frozen=True)
+class ForcedRequest:
+    """What the worker holding an image measures for the writer (positions in deg)."""
+
+    ra: np.ndarray  #: (n,) forced fits: null detections, then monitors
+    dec: np.ndarray
+    pair_ra: np.ndarray  #: (k, 2) start positions of pairs fitted together: (detected, null)
+    pair_dec: np.ndarray
+    backfill_ra: np.ndarray  #: (m,) new sources, to force-fit in the band's previous image
+    backfill_dec: np.ndarray
+    band: int = 0  #: the image's frequency band
+    backfill_image: int = -1  #: im_id of the band's previous image (-1: none)
+    backfill_url: str | None = None  #: its file, read again where no worker holds it
+
+    def __len__(self) -> int:
+        return len(self.ra) + len(self.pair_ra) + len(self.backfill_ra)
+
+
+@dataclass(frozen=True)
+class ForcedMeasurements:
+    """The worker's answer to a :class:`ForcedRequest` (SOURCE_DTYPE rows)."""
+
+    single: np.ndarray  #: (n,) aligned with ``ForcedRequest.ra``
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), SOURCE_DTYPE))  #: (k, 2)
+    pair_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  #: (k,) pair fit usable
+    backfill: np.ndarray = field(default_factory=lambda: np.zeros(0, SOURCE_DTYPE))  #: (m,) or none
+    seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (WORKER_STAGES)
+
+
+@dataclass(frozen=True)
+class CommitSummary:
+    """What one input added to the database (or why it added nothing)."""
+
+    im_id: int
+    rejected: bool
+    n_sources: int
+    n_forced: int  #: forced fits, including those of new sources in the band's previous image
+    n_new: int
+    band: int | None = None  #: frequency band of an accepted image
+    astrometry: Astrometry | None = None  #: the image's offsets from the catalogue (arcsec)
+    sys_err: tuple[float, float] = (np.nan, np.nan)  #: ew/ns systematic error used to associate it (arcsec)
+    copy_of: str | None = None  #: not recorded: a file with the contents of this earlier input of the run
+    stored: bool = False  #: not recorded: in the database already (committed before a lost writer's answer)
+    staged: bool = False  #: applied, its rows waiting for the writer's next transaction (Writer.flush)
+
+    @property
+    def recorded(self) -> bool:
+        """Whether this input became an ``images`` row in this call."""
+        return self.copy_of is None and not self.stored

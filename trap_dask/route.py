@@ -1,0 +1,202 @@
+"""The route of one image through the cluster, in one place.
+
+For image ``i`` the client submits, at once and without waiting for anything, two tasks on the
+worker W it chose for the image::
+
+    loaded_i  = process(scanned_i)           read, quality, background, extract; the pixels stay on W
+    summary_i = handle(writer, loaded_i, loaded_j, summary_i-1)
+        -> writer.associate(ImageResult)     the actor (detections only, no pixels): a ForcedRequest
+        -> force(loaded_i, request)          forced and pair fits, on W
+        -> backfill(loaded_j, request)       new sources in the band's previous image j (on W too)
+        -> writer.commit(ForcedMeasurements) the actor: one transaction, the CommitSummary
+
+When image j is held on another worker, ``handle`` is split in three tasks (associate_and_force
+on W, backfill_after where j is, commit_after on W). Every argument that is a future is a Dask
+dependency, so data goes worker to worker without passing through the client, and the writer
+sees the images strictly in time order (``summary_i-1`` is an argument of image i's first
+writer call). The client only collects the summaries, in order, to count them and to keep a
+bounded window of images in flight.
+
+The functions here run on workers; they need only the messages (``trap_dask.messages``) and
+call the writer through its actor handle, so workers never import the writer's code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
+
+
+@dataclass(frozen=True)
+class WriterRef:
+    """Where the writer actor is: tasks call it through their worker's connections (no Dask client
+    on the workers), and a call to a writer whose worker is gone fails at once."""
+
+    key: str
+    address: str
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``Writer.<method>(*args)`` on the actor's thread; its result, or its exception raised here."""
+        from distributed import get_worker
+        from distributed.protocol import to_serialize
+        from distributed.utils import sync
+
+        worker = get_worker()
+        if self.address == worker.address and self.key not in worker.state.actors:
+            raise RuntimeError("the writer has finished or was lost")  # a run stopping: nothing to ask
+
+        async def execute():
+            return await worker.rpc(self.address).actor_execute(
+                actor=self.key, function=method, args=[to_serialize(a) for a in args], kwargs={})
+
+        answer = sync(worker.loop, execute)
+        if answer["status"] != "OK":
+            raise answer["exception"]
+        return answer["result"]
+
+
+def handle(writer: WriterRef, loaded: Any, previous: Any, after: CommitSummary | None, params: Any,
+           quality: Any) -> CommitSummary:
+    """All of one image's steps after extraction, in one task where the image is held (and the
+    band's previous image too): associate, forced fits, backfill, commit. ``after``: the previous
+    image's summary, only to keep the order."""
+    outcome = writer.call("associate", loaded.result)
+    if isinstance(outcome, CommitSummary):
+        return outcome
+    return commit(writer, outcome, force(loaded, outcome, params), backfill(previous, outcome, params, quality))
+
+
+def associate_and_force(writer: WriterRef, loaded: Any, after: CommitSummary | None, params: Any):
+    """:func:`handle` up to the forced fits, when the band's previous image is on another worker:
+    (the writer's ForcedRequest or CommitSummary, the forced fits or None)."""
+    outcome = writer.call("associate", loaded.result)
+    return outcome, force(loaded, outcome, params)
+
+
+def backfill_after(previous: Any, outcome_forced: tuple, params: Any, quality: Any):
+    """:func:`backfill` of the request that associate_and_force got, where the previous image is held."""
+    return backfill(previous, outcome_forced[0], params, quality)
+
+
+def commit_after(writer: WriterRef, outcome_forced: tuple, back: tuple) -> CommitSummary:
+    """:func:`commit` of what associate_and_force and backfill_after measured."""
+    return commit(writer, *outcome_forced, back)
+
+
+def force(loaded: Any, outcome: ForcedRequest | CommitSummary, params: Any) -> ForcedMeasurements | None:
+    """The forced and pair fits of the request, where the image is held; None if none were asked."""
+    from trap_dask.tasks import force as measure
+
+    if not isinstance(outcome, ForcedRequest) or not (len(outcome.ra) or len(outcome.pair_ra)):
+        return None
+    return measure(loaded, outcome, params)
+
+
+def backfill(previous: Any, outcome: ForcedRequest | CommitSummary, params: Any, quality: Any):
+    """The new sources of the request measured in the band's previous image: (fits or None, seconds)."""
+    import time
+
+    from trap_dask.tasks import backfill as measure
+
+    if not isinstance(outcome, ForcedRequest) or not len(outcome.backfill_ra) or outcome.backfill_image < 0:
+        return None, 0.0
+    started = time.perf_counter()
+    return measure(previous, outcome, params, quality), time.perf_counter() - started
+
+
+def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: ForcedMeasurements | None,
+           back: tuple) -> CommitSummary:
+    """Have the writer commit the image with its measurements; the summary of what it added."""
+    if isinstance(outcome, CommitSummary):
+        return outcome
+    fits, seconds = back
+    if forced is None and (fits is not None or len(outcome)):
+        from trap_dask.sources import empty_sources
+
+        forced = ForcedMeasurements(empty_sources())
+    if forced is not None and fits is not None:
+        forced = replace(forced, backfill=fits, seconds=forced.seconds | {"backfill": seconds})
+    return writer.call("commit", forced)
+
+
+class ImageRoute:
+    """Submits each image's tasks (above) in time order; :meth:`submit` returns its summary's future.
+
+    Each image is placed on a worker here, the one with the fewest images in flight per extraction
+    slot, and every task that takes its pixels is bound to that worker (loosely: another one only if
+    it is gone): Dask would otherwise move a held image to a less busy worker to force-fit it there,
+    which costs more than it saves and makes the fits depend on where they ran (to ~1e-12).
+    """
+
+    #: Seconds between looks at the workers the scheduler has (batch jobs join while a run goes on).
+    REFRESH_S = 2.0
+
+    def __init__(self, client, writer, params, quality, n_images: int, extract_resources: dict | None = None,
+                 tag: str = ""):
+        self.client, self.writer, self.params, self.quality = client, writer, params, quality
+        #: tag: new keys for a new writer's tasks (a task of the lost writer's time may be stuck:
+        #: bound to a worker that is gone at a moment when no worker ran, Dask never places it again)
+        self.n_images, self.tag = n_images, tag
+        self.slot = {"resources": extract_resources} if extract_resources else {}
+        self.resource = next(iter(extract_resources), None) if extract_resources else None
+        self.previous_summary = None  #: the future of the last image's summary (keeps the order)
+        self.latest: dict[float, tuple[Any, str]] = {}  #: freq_eff -> (future, worker) of the last such image
+        self.slots: dict[str, int] = {}  #: worker -> extraction slots
+        self.in_flight: dict[str, int] = {}  #: worker -> images submitted whose summary is not back
+        self.placed: dict[int, str] = {}  #: image index -> worker
+        self.refreshed = -1e9
+
+    def _workers(self) -> dict[str, int]:
+        import time
+
+        if time.monotonic() - self.refreshed > self.REFRESH_S or not self.slots:
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            self.slots = {address: max(1, int(w.get("resources", {}).get(self.resource, 0)) if self.resource
+                                       else w.get("nthreads", 1))
+                          for address, w in info.items()}
+            self.refreshed = time.monotonic()
+        return self.slots
+
+    def _place(self) -> str | None:
+        slots = self._workers()
+        if not slots:
+            return None
+        return min(sorted(slots), key=lambda w: self.in_flight.get(w, 0) / slots[w])
+
+    def submit(self, index: int, image) -> Any:
+        from trap_dask import tasks
+
+        client, name = self.client, f"{index}-{os.path.basename(image.meta.url)}{self.tag}"
+        first, urgent = self.n_images - index, self.n_images + 1  # earlier images first; the writer's chain first
+        worker = self._place()
+        here = {"workers": [worker], "allow_other_workers": True} if worker else {}
+        loaded = client.submit(tasks.process, image, self.quality, self.params, priority=first,
+                               key=f"process-{name}", **self.slot, **here)
+        # the band's previous image is, as a rule, the previous one of the same frequency; the
+        # backfill checks that it is the one the writer names, else reads that one again
+        previous, there = self.latest.get(image.meta.freq_eff, (None, None))
+        if previous is None or there == worker:  # one task where both images are
+            summary = client.submit(handle, self.writer, loaded, previous, self.previous_summary, self.params,
+                                    self.quality, priority=urgent, key=f"handle-{name}", **here)
+        else:
+            measured = client.submit(associate_and_force, self.writer, loaded, self.previous_summary, self.params,
+                                     priority=urgent, key=f"associate-{name}", **here)
+            back = client.submit(backfill_after, previous, measured, self.params, self.quality, priority=urgent,
+                                 key=f"backfill-{name}", workers=[there], allow_other_workers=True)
+            summary = client.submit(commit_after, self.writer, measured, back, priority=urgent,
+                                    key=f"commit-{name}", **here)
+        self.latest[image.meta.freq_eff] = (loaded, worker)
+        self.previous_summary = summary
+        if worker:
+            self.in_flight[worker] = self.in_flight.get(worker, 0) + 1
+            self.placed[index] = worker
+        return summary
+
+    def done(self, index: int) -> None:
+        """The summary of image ``index`` came back: its worker has one image fewer in flight."""
+        worker = self.placed.pop(index, None)
+        if worker:
+            self.in_flight[worker] -= 1
