@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trap_dask.extraction import ExtractionParams, forced_fit
+from trap_dask.extraction.geometry import pixel_to_sky
 from trap_dask.scoring import (
     association_figures,
     extract_file,
@@ -28,8 +30,6 @@ from trap_dask.scoring import (
     read_light_curves,
     robust_stats,
 )
-from trap_dask.extraction import ExtractionParams, forced_fit
-from trap_dask.extraction.geometry import pixel_to_sky
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 #: No sources at all: the pure-noise survey.
@@ -313,7 +313,8 @@ def main() -> None:
             started = time.perf_counter()
             rows = sweep(workdir, args.epochs, args.seed, variants=tuple(args.variants))
         print_table(rows)
-        print(f"\n{sum(r.ok for r in rows)}/{len(rows)} PASS in {time.perf_counter() - started:.0f} s (sweep, seed {args.seed})")
+        print(f"\n{sum(r.ok for r in rows)}/{len(rows)} PASS in {time.perf_counter() - started:.0f} s "
+              f"(sweep, seed {args.seed})")
         return
     n = 3 if args.quick else 20
     with tempfile.TemporaryDirectory() as tmp:

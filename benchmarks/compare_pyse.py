@@ -6,7 +6,8 @@ Run with the project's Python. PySE runs in its own virtual environment (made by
 ``benchmarks/pyse/setup_venv.sh``) through ``benchmarks/pyse/run_pyse.py``. On a simulated
 2048x2048 image (point and resolved sources, with truth) and on the real images in
 ``/work/shared/realdata`` both extractors use the same detection threshold (``--detection``,
-default 8), analysis 3 and 50x50 pixel background boxes. Sources match within half the beam's major FWHM. Printed per image set: the fraction of
+default 8), analysis 3 and 50x50 pixel background boxes. Sources match within half the beam's
+major FWHM. Printed per image set: the fraction of
 PySE's sources we find and of ours PySE finds, the median integrated-flux ratio (ours / PySE),
 the median position offset, each side's time per image and, with truth, each side's flux and
 completeness against the injected sources.
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trap_dask.scoring import extract_file, match_mutual, robust_stats
 from trap_dask.extraction import ExtractionParams
 from trap_dask.image import ImageError, read_meta
+from trap_dask.scoring import extract_file, match_mutual, robust_stats
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 HERE = Path(__file__).resolve().parent

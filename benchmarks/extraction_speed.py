@@ -1,6 +1,7 @@
 """Time the source extractor (prepare_image + extract_sources) on one simulated 2048x2048 image.
 
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 taskset -c 1 python benchmarks/extraction_speed.py [--deblend 32] [--profile]
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 taskset -c 1 \\
+        python benchmarks/extraction_speed.py [--deblend 32] [--profile]
 
 The image (~1000 point sources, correlated noise) is simulated once into --workdir. Prints the
 median of --runs timed runs after a warm-up (CPU time of this process), split into background

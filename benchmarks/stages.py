@@ -192,7 +192,8 @@ def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, 
 
 if __name__ == "__main__":
     usage = ("usage: python benchmarks/stages.py startup WORKDIR\n"
-             "       python benchmarks/stages.py compare BEFORE_SRC AFTER_SRC SURVEY_DIR [N_IMAGES [ROUNDS [WORKDIR]]]\n"
+             "       python benchmarks/stages.py compare BEFORE_SRC AFTER_SRC SURVEY_DIR "
+             "[N_IMAGES [ROUNDS [WORKDIR]]]\n"
              "       python benchmarks/stages.py times SURVEY_DIR N_IMAGES WORKDIR   (JSON, for compare)")
     if len(sys.argv) == 3 and sys.argv[1] == "startup":
         print(json.dumps(startup_probe(Path(sys.argv[2]))))

@@ -292,7 +292,6 @@ def recovery(image_ids: dict[str, int], detections: np.ndarray, truth_path: Path
     axis of its (jittered) position; a detection with no true source that close is spurious.
     """
     from trap_dask.scoring import match_nearest
-
     from trap_dask.simulate import load_truth
 
     truth = load_truth(truth_path)
@@ -379,7 +378,8 @@ def record(title: str, body: str, args) -> None:
     path = args.results
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRecorded by `benchmarks/throughput.py` (see benchmarks/README.md).\n"
+        text = (text.rstrip("\n")
+                + f"\n\n{SECTION}\n\nRecorded by `benchmarks/throughput.py` (see benchmarks/README.md).\n")
     start = text.index(SECTION) + len(SECTION)
     following = re.search(r"^## ", text[start:], flags=re.M)
     end = start + following.start() if following else len(text)
@@ -390,7 +390,8 @@ def run_rows(results: list[RunResult]) -> str:
     headers = ["pipeline", "survey", "db", "threads", "images", "wall s", "start-up s", "images/s",
                "images/s after start-up", "sources/s", "peak RSS MB", "writer busy",
                "recovered >=10 sigma", "spurious", "light curves / true"]
-    rows = [[r.pipeline + ("" if r.returncode == 0 else f" (exit {r.returncode}: partial)"), r.survey, r.backend, r.threads or "auto", r.n_images, r.wall_s, r.startup_s,
+    rows = [[r.pipeline + ("" if r.returncode == 0 else f" (exit {r.returncode}: partial)"), r.survey, r.backend,
+             r.threads or "auto", r.n_images, r.wall_s, r.startup_s,
              r.images_per_s, r.steady_images_per_s, r.n_detections / r.wall_s, r.peak_rss_mb,
              None if r.writer_busy is None else f"{100 * r.writer_busy:.0f}%",
              f"{100 * r.accuracy['recovered']:.1f}%" if r.accuracy else None,
@@ -427,10 +428,12 @@ def cmd_compare(args) -> None:
     body = run_rows(results)
     busy = [r.writer_busy for r in results if r.writer_busy is not None]
     if busy:
-        body += f"\n\nWriter busy fraction < {MAX_WRITER_BUSY:.0%}: {verdict(max(busy) < MAX_WRITER_BUSY)} (max {max(busy):.0%})"
+        body += (f"\n\nWriter busy fraction < {MAX_WRITER_BUSY:.0%}: {verdict(max(busy) < MAX_WRITER_BUSY)} "
+                 f"(max {max(busy):.0%})")
     if ratios:
         body += "\n\nSpeed-up of trap-dask over trap 1.4.0 (target >= 10x on the standard survey, both columns):\n\n"
-        body += markdown_table(["survey", "db", "images/s ratio (wall)", "images/s ratio (after start-up)", "target"], ratios)
+        body += markdown_table(["survey", "db", "images/s ratio (wall)", "images/s ratio (after start-up)", "target"],
+                               ratios)
     record(f"End to end: {', '.join(args.survey)} ({', '.join(args.backend)})", body, args)
 
 
@@ -492,7 +495,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="results file (default: %(default)s)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not write the results file")
     parser.add_argument("--src", type=Path, help="measure the trap_dask package in this directory")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is killed (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds before a run is killed (default: %(default)s)")
     parser.add_argument("--trap14-venv", type=Path, default=Path("/tmp/trap14-venv"),
                         help="virtual environment of trap 1.4.0 (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -27,10 +27,9 @@ import shlex
 import sys
 from pathlib import Path
 
-
-from trap_dask.scoring import association_figures, read_light_curves
 from throughput import REFERENCE_TOML, db_flags, run_measured, trap14_env
 
+from trap_dask.scoring import association_figures, read_light_curves
 from trap_dask.simulate import load_truth
 
 FIELDS = ("sweep_40_0.05_0_0", "sweep_40_0.05_10_0")

@@ -5,8 +5,8 @@
 Commits ``--images`` images of ``--sources`` extracted sources each (plus their catalogue and
 variability upserts) through ``ExportStore.commit_image``, one transaction per image, as the
 writer actor does; ``--batch N`` (N > 1) commits N images per transaction with
-``ExportStore.batch()``, as a writer that fell behind may (one row per N). PostgreSQL: the server at 127.0.0.1:5432, user postgres; the benchmark
-database is dropped afterwards.
+``ExportStore.batch()``, as a writer that fell behind may (one row per N). PostgreSQL: the server
+at 127.0.0.1:5432, user postgres; the benchmark database is dropped afterwards.
 """
 
 from __future__ import annotations

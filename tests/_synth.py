@@ -60,7 +60,7 @@ def correlated_noise(shape: tuple[int, int], beam: Shape, rms: float, rng: np.ra
     transfer = np.exp(-0.5 * (c[0, 0] * kx * kx + 2 * c[0, 1] * kx * ky + c[1, 1] * ky * ky))
     noise = np.fft.irfft2(np.fft.rfft2(white) * transfer, s=shape)
     # exact per-pixel variance of the filtered white noise
-    return noise * rms / np.sqrt((np.abs(np.fft.irfft2(transfer**2, s=shape)[0, 0])))
+    return noise * rms / np.sqrt(np.abs(np.fft.irfft2(transfer**2, s=shape)[0, 0]))
 
 
 def gaussians(

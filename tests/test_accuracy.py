@@ -33,7 +33,8 @@ def bright(tmp_path_factory):
 
 def _true_columns(truth: dict, keep: np.ndarray) -> tuple[np.ndarray, ...]:
     src = truth["sources"]
-    return src["ra_epoch"][keep, 0], src["dec_epoch"][keep, 0], src["peak_flux"][keep, 0, 0], src["int_flux"][keep, 0, 0]
+    return (src["ra_epoch"][keep, 0], src["dec_epoch"][keep, 0], src["peak_flux"][keep, 0, 0],
+            src["int_flux"][keep, 0, 0])
 
 
 def _assert_honest(values: np.ndarray, name: str) -> None:

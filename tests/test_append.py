@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
-
 from _runs import dump, run
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, database_exists, make_engine
 from trap_dask.db.lock import RunLock
@@ -100,7 +101,8 @@ def parameter_by_run(settings: DatabaseSettings, key: str) -> list:
     config = schema.config.c
     with engine.connect() as conn:
         runs = conn.execute(select(schema.runs.c.id).order_by(schema.runs.c.id)).scalars().all()
-        rows = conn.execute(select(config.run, config.key, config.value, config.type).where(config.key == key)).mappings().all()
+        query = select(config.run, config.key, config.value, config.type).where(config.key == key)
+        rows = conn.execute(query).mappings().all()
     engine.dispose()
     values = {row["run"]: schema.config_values([row])[key] for row in rows}
     return [values.get(r) for r in runs]
@@ -220,7 +222,7 @@ def _writes_held(settings: DatabaseSettings):
                     conn.exec_driver_sql("BEGIN")
                     conn.exec_driver_sql("LOCK TABLE images IN SHARE MODE")
                 count = conn.execute(select(func.count()).select_from(schema.images)).scalar()
-            except Exception:   # the schema is not there yet
+            except DBAPIError:   # the schema is not there yet
                 count = 0
             yield count
             conn.rollback()
@@ -297,7 +299,8 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
     engine = make_engine(settings)
     with engine.connect() as conn:
         status, n_images = conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).one()
-        assert status == "interrupted" and n_images == conn.execute(select(func.count()).select_from(schema.images)).scalar()
+        assert status == "interrupted" and n_images == conn.execute(
+            select(func.count()).select_from(schema.images)).scalar()
     engine.dispose()
     assert 2 <= n_images < many.n_epochs
     resumed = subprocess.run(_cli(settings, [tmp_path / "many"], "--db_append"), capture_output=True, text=True)

@@ -50,7 +50,8 @@ def test_the_fit_error_is_taken_out_and_faint_or_crowded_sources_do_not_count():
     ra, dec = field(1000)
     det_ra, det_dec, sig, ra_err, dec_err = detections_of(ra, dec, (0.0, 0.0), (2.0, 2.0), rng, fit_err=1.5 * ARCSEC)
     # positions scatter by 2.5", of which 1.5" are the fits' own errors: 2" are systematic
-    assert measure(ra, dec, MANY, det_ra, det_dec, sig, ra_err, dec_err, BEAM).scatter_ra == pytest.approx(2.0, rel=0.15)
+    assert measure(ra, dec, MANY, det_ra, det_dec, sig, ra_err, dec_err, BEAM).scatter_ra == pytest.approx(
+        2.0, rel=0.15)
     sig[: len(ra) // 2] = 5.0  # below MIN_SIGNIFICANCE
     det_ra[len(ra) // 2:] = ra[len(ra) // 2:] + 0.5 * BEAM  # a second source half a beam away
     crowded = measure(np.concatenate([ra, ra[len(ra) // 2:]]), np.concatenate([dec, dec[len(ra) // 2:] + 0.5 * BEAM]),

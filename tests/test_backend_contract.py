@@ -42,7 +42,8 @@ def sources(first_id: int, src_ids, im_id=None, parent=None) -> tuple[np.ndarray
 
 def catalogue(src_ids, last) -> dict:
     cat = empty_columns(SOURCE_COLUMNS, len(src_ids))
-    cat["src_id"], cat["last_xtrsrc"], cat["merged_into"] = np.asarray(src_ids), np.asarray(last), -np.ones(len(src_ids), int)
+    cat["src_id"], cat["last_xtrsrc"], cat["merged_into"] = (np.asarray(src_ids), np.asarray(last),
+                                                             -np.ones(len(src_ids), int))
     cat["wm_ra"] = 150.0 + np.asarray(src_ids) * 1e-3
     cat["first_im_id"] = np.zeros(len(src_ids), int)
     return cat

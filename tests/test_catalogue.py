@@ -135,7 +135,8 @@ def test_bands_have_separate_light_curves(catalogue):
 def test_monitor_positions_are_forced_every_image_as_their_own_source(catalogue):
     cat, ids = catalogue.add_monitor_sources(np.array([150.05]), np.array([30.05]))
     for im_id in range(1, 5):
-        cat, update = step(cat, im_id, detections(np.array([150.0]), np.array([30.0]), [1.0]), forced_flux=np.array([0.2]))
+        cat, update = step(cat, im_id, detections(np.array([150.0]), np.array([30.0]), [1.0]),
+                           forced_flux=np.array([0.2]))
         monitor = update.ids["src_id"] == ids[0]
         assert monitor.sum() == 1 and update.measurements["is_force_fit"][monitor].all()
     assert cat.lightcurves["nr_datapoints"][cat.lightcurves["src_id"] == ids[0]].tolist() == [4]

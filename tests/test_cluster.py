@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from trap_dask.cli import main
 from trap_dask.cluster import (
     WRITER_RESOURCE,
     ClusterError,
@@ -30,7 +31,6 @@ from trap_dask.cluster import (
     start_client,
     writer_placement,
 )
-from trap_dask.cli import main
 from trap_dask.config import ConfigError, build_config, read_toml
 from trap_dask.pipeline import PipelineError, run_pipeline
 from trap_dask.simulate import SurveySpec, simulate_survey

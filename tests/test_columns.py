@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from trap_dask import catalogue
+from trap_dask.config import Config
 from trap_dask.db import schema
+from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
 from trap_dask.sources import NOT_EXPORTED, SOURCE_DTYPE, empty_sources
-from trap_dask.config import Config
-from trap_dask.db.backends import DatabaseSettings
 
 KINDS = {"f8": "f", "i8": "i", "?": "b", "O": "O"}
 

@@ -112,7 +112,8 @@ def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
 
 def test_help_is_fast_and_imports_no_heavy_modules():
     code = ("import sys; from trap_dask.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('dask', 'distributed', 'astropy', 'scipy', 'sqlalchemy', 'pandas', 'matplotlib') if m in sys.modules))")
+            "print(sorted(m for m in ('dask', 'distributed', 'astropy', 'scipy', 'sqlalchemy', 'pandas', 'matplotlib') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -150,14 +150,16 @@ def test_margin_and_radius_exclusion(field):
     ]:
         s = extract_sources(image, params)
         near_edge = np.abs(np.hypot(x - (N - 1) / 2, y - (N - 1) / 2) - 250) < 2 if params.radius else (
-            np.minimum(np.abs(x - 150), np.abs(x - N + 151)) < 2) | (np.minimum(np.abs(y - 150), np.abs(y - N + 151)) < 2)
+            np.minimum(np.abs(x - 150), np.abs(x - N + 151)) < 2) | (
+            np.minimum(np.abs(y - 150), np.abs(y - N + 151)) < 2)
         m = match(x, y, s["x"], s["y"], 2.0)
         assert ((m >= 0) == inside)[~near_edge].all()
         assert len(s) <= inside.sum() + near_edge.sum() + 2
     radius_deg = extraction_radius_deg(image, ExtractionParams(radius=250.0))
     assert radius_deg == pytest.approx(250 * PIX / 3600, rel=1e-3)
     half_diagonal = np.hypot(N - 20, N - 20) / 2
-    assert extraction_radius_deg(image, ExtractionParams(margin=10)) == pytest.approx(half_diagonal * PIX / 3600, rel=1e-3)
+    assert extraction_radius_deg(image, ExtractionParams(margin=10)) == pytest.approx(
+        half_diagonal * PIX / 3600, rel=1e-3)
 
 
 @pytest.fixture(scope="module")

@@ -230,7 +230,8 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
 
 @pytest.mark.parametrize("cards, reason", [
     ({"DATE-OBS": "2021-13-45T00:00:00"},
-     "unreadable start time DATE-OBS='2021-13-45T00:00:00': not a valid FITS date and time (YYYY-MM-DDThh:mm:ss[.sss])"),
+     "unreadable start time DATE-OBS='2021-13-45T00:00:00': "
+     "not a valid FITS date and time (YYYY-MM-DDThh:mm:ss[.sss])"),
     ({"DATE-OBS": "yesterday"},
      "unreadable start time DATE-OBS='yesterday': not a valid FITS date and time (YYYY-MM-DDThh:mm:ss[.sss])"),
     ({"DATE-OBS": None, "MJD-OBS": "soon"}, "unreadable start time MJD-OBS='soon': not a valid MJD"),

@@ -85,9 +85,10 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     """A source measured 18" (0.6 beam) off with tight position errors starts a second source
     (beyond the 15" obvious link); the next image detects one source there: the younger is merged
     into the older in that image's transaction, and an append carries on with the merged one."""
+    server = ({"db_host": db_settings.host, "db_port": db_settings.port, "db_user": db_settings.user}
+              if db_settings.host else {})
     config = build_config(dict(db_backend=db_settings.backend, db_name=db_settings.name, ew_sys_err="0.5",
-                               ns_sys_err="0.5", **({"db_host": db_settings.host, "db_port": db_settings.port,
-                                                     "db_user": db_settings.user} if db_settings.host else {})), {}, None)
+                               ns_sys_err="0.5", **server), {}, None)
     ExportStore.create(db_settings, overwrite=False).close()
     writer = Writer(db_settings, config, None)
     off = 30.0 + 18 * ARCSEC

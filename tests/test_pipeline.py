@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import BACKENDS, postgres_settings
+
 from trap_dask.config import build_config
 from trap_dask.db.backends import DatabaseSettings, drop_database, make_engine
 from trap_dask.pipeline import run_pipeline
@@ -130,7 +130,8 @@ def test_every_bright_source_found_in_every_image(exported, survey):
     truth, found = survey["sources"], detections_by_image(exported)
     for image in survey["images"]:
         e, b = image["epoch"], image["band"]
-        bright = (truth["peak_flux"][:, e, b] >= 10 * SPEC.rms) & np.isin(truth["kind"], ["steady", "variable", "transient"])
+        bright = ((truth["peak_flux"][:, e, b] >= 10 * SPEC.rms)
+                  & np.isin(truth["kind"], ["steady", "variable", "transient"]))
         ids = match(truth["ra_epoch"][bright, e], truth["dec_epoch"][bright, e], found[image["path"]])
         assert (ids >= 0).all(), f"missed {np.sum(ids < 0)} bright sources in {image['path']}"
 
@@ -138,7 +139,8 @@ def test_every_bright_source_found_in_every_image(exported, survey):
 def test_steady_sources_keep_one_src_id(exported, survey):
     truth, found = survey["sources"], detections_by_image(exported)
     steady = truth["kind"] == "steady"
-    ids = np.array([match(truth["ra_epoch"][steady, i["epoch"]], truth["dec_epoch"][steady, i["epoch"]], found[i["path"]])
+    ids = np.array([match(truth["ra_epoch"][steady, i["epoch"]], truth["dec_epoch"][steady, i["epoch"]],
+                          found[i["path"]])
                     for i in survey["images"]])
     assert (ids >= 0).all()
     assert (ids == ids[0]).all(), "a steady source was split over several src_ids"
@@ -243,7 +245,8 @@ def test_sigkill_leaves_a_consistent_prefix(tmp_path):
             continue
         if committed >= 5:
             break
-    assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert proc.poll() is None, ("the run ended before it could be killed: "
+                                 + (tmp_path / "stderr.txt").read_text()[-2000:])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     images = query(db, "SELECT id, n_sources, n_forced FROM images ORDER BY id")

@@ -6,10 +6,10 @@ import math
 import uuid
 
 import pytest
-from sqlalchemy import select
-
 from _runs import dump, run
 from conftest import postgres_settings
+from sqlalchemy import select
+
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, drop_database, make_engine
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey

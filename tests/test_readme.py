@@ -19,7 +19,8 @@ def demo_db(tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme")
     simulate_survey(folder / "demo_survey", SurveySpec(n_epochs=5, shape=(256, 256), n_steady=8, n_variable=2,
                                                        n_transient=1, n_resolved=0, n_pairs=0, min_separation=4.0))
-    values = {"input_images": (str(folder / "demo_survey"),), "db_name": str(folder / "demo.db"), "scheduler": "threads"}
+    values = {"input_images": (str(folder / "demo_survey"),), "db_name": str(folder / "demo.db"),
+              "scheduler": "threads"}
     run_pipeline(build_config(values, {}, None))
     return folder
 

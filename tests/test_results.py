@@ -38,9 +38,7 @@ def sqlite_db(survey) -> str:
 
 
 def db_argument(settings: DatabaseSettings) -> str:
-    if settings.backend == "sqlite":
-        return settings.name
-    return f"postgresql://{settings.user}@{settings.host}:{settings.port}/{settings.name}"
+    return settings.impl.address()
 
 
 def plot_content(path: Path) -> tuple[float, int]:

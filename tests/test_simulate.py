@@ -13,11 +13,20 @@ import pytest
 from astropy.io import fits
 
 from trap_dask.extraction.geometry import (
-    HALF_FWHM_PER_SIGMA, cov_from_axes, local_jacobian, sky_cov_to_pixel, sky_to_pixel,
+    HALF_FWHM_PER_SIGMA,
+    cov_from_axes,
+    local_jacobian,
+    sky_cov_to_pixel,
+    sky_to_pixel,
 )
 from trap_dask.image import Beam, read_image, read_meta
 from trap_dask.simulate import (
-    SurveySpec, add_simulate_arguments, load_truth, render_gaussians, simulate_from_args, simulate_survey,
+    SurveySpec,
+    add_simulate_arguments,
+    load_truth,
+    render_gaussians,
+    simulate_from_args,
+    simulate_survey,
 )
 
 SPEC = SurveySpec(

@@ -4,6 +4,7 @@ from datetime import datetime
 
 import numpy as np
 import pytest
+from conftest import postgres_settings
 from sqlalchemy import inspect, select, text
 
 from trap_dask.config import Config
@@ -11,8 +12,6 @@ from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, drop_database
 from trap_dask.db.store import ExportStore
 from trap_dask.sources import empty_sources
-
-from conftest import postgres_settings
 
 TRAP_TABLES = {
     "config", "images", "extracted_sources", "frequencybands", "variability",
@@ -65,7 +64,7 @@ def test_failed_commit_leaves_nothing_of_the_image(db_settings):
     band = {"band_id": 1, "freq_low": 1.49e8, "freq_central": 1.5e8, "freq_high": 1.51e8}
     bad_ids = {"id": np.array([1, 1]), "src_id": np.array([1, 2]), "parent": np.array([-1, -1]),
                "is_duplicate": np.array([False, False])}  # duplicate primary key: must roll back
-    with pytest.raises(Exception):
+    with pytest.raises(DatabaseError):
         store.commit_image(image_row(1, run), band_rows=[band], sources=empty_sources(2), source_ids=bad_ids)
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM images")).scalar() == 0

@@ -121,7 +121,7 @@ class ScatterHistory:
     sum_ra2: float = 0.0
     sum_dec2: float = 0.0
 
-    def add(self, astrometry: Astrometry) -> "ScatterHistory":
+    def add(self, astrometry: Astrometry) -> ScatterHistory:
         if not astrometry.measured:
             return self
         n = astrometry.n
@@ -129,7 +129,7 @@ class ScatterHistory:
                               self.sum_dec2 + n * astrometry.scatter_dec**2)
 
     @classmethod
-    def from_images(cls, n: list, scatter_ra: list, scatter_dec: list) -> "ScatterHistory":
+    def from_images(cls, n: list, scatter_ra: list, scatter_dec: list) -> ScatterHistory:
         """From the ``astrometry_*`` columns of the images already in the database."""
         history = cls()
         for args in zip(n, scatter_ra, scatter_dec):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 #: Relative tolerance within which a user's band edges (Hz) equal a stored band's.
 SAME_EDGES_RTOL = 1e-9

@@ -155,9 +155,10 @@ def _for_count(config, count: int | None):
 
 
 def _database_name(config, work: Path, count: int | None) -> str:
-    if config.db_backend == "sqlite":
-        return str(work / f"bench{'' if count is None else f'-w{count}'}.db")
-    return f"trapdask_bench_{os.getpid()}_{int(time.time())}{'' if count is None else f'_w{count}'}"
+    from trap_dask.db.backends import backend_class
+
+    stem = f"trapdask_bench_{os.getpid()}_{int(time.time())}{'' if count is None else f'_w{count}'}"
+    return backend_class(config.db_backend).scratch_name(work, stem)
 
 
 def _report_path(report: str | None, count: int | None, n_runs: int) -> str | None:
@@ -175,11 +176,10 @@ def _column_title(config, count: int | None) -> str:
 
 def _run_once(config, config_file, report: str | None):
     """One run into a fresh database, dropped afterwards (PostgreSQL) or left to the temp dir."""
-    from trap_dask.pipeline import database_settings, run_pipeline
-
     import dask
 
     from trap_dask.cluster import PROFILE_KEY
+    from trap_dask.pipeline import database_settings, run_pipeline
 
     observe = None
     if report:

@@ -14,9 +14,9 @@ from datetime import datetime
 
 import numpy as np
 
+from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
-from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
@@ -117,11 +117,11 @@ class AssociationPlan:
     merge_drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: ... and merged into them
     merge_separation: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: deg, between each two
 
-    def merging_src_ids(self, catalogue: "RunningCatalogue") -> np.ndarray:
+    def merging_src_ids(self, catalogue: RunningCatalogue) -> np.ndarray:
         """The src_ids whose measurements the merges of this image need (read back from the database)."""
         return catalogue.sources["src_id"][np.concatenate([self.merge_keep, self.merge_drop])]
 
-    def forced_request(self, catalogue: "RunningCatalogue") -> ForcedRequest:
+    def forced_request(self, catalogue: RunningCatalogue) -> ForcedRequest:
         """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
         sources to measure in the band's previous image."""
         s, back = catalogue.sources, self.detections[self.backfill_det]
@@ -161,16 +161,17 @@ class EarlierImages:
     url: np.ndarray = field(default_factory=lambda: np.zeros(0, "O"))
 
     @classmethod
-    def from_images_table(cls, images: dict[str, list]) -> "EarlierImages":
+    def from_images_table(cls, images: dict[str, list]) -> EarlierImages:
         """From the accepted rows of the ``images`` table."""
         if not images:
             return cls()
         names = {"band": "freq_band", "im_id": "id", "centre_ra": "centre_ra", "centre_dec": "centre_dec",
                  "xtr_radius": "xtr_radius", "rms_min": "rms_min", "rms_max": "rms_max", "url": "url"}
         dtypes = {"band": "i8", "im_id": "i8", "url": "O"}
-        return cls(**{ours: np.asarray(images[theirs], dtype=dtypes.get(ours, float)) for ours, theirs in names.items()})
+        return cls(**{ours: np.asarray(images[theirs], dtype=dtypes.get(ours, float))
+                      for ours, theirs in names.items()})
 
-    def add(self, image: ImageContext) -> "EarlierImages":
+    def add(self, image: ImageContext) -> EarlierImages:
         return EarlierImages(**{name: np.append(getattr(self, name), getattr(image, name))
                                 for name in self.__dataclass_fields__})
 
@@ -187,14 +188,15 @@ class RunningCatalogue:
     fit_blends: bool = DEFAULTS.fit_blends
     backfill: bool = DEFAULTS.backfill_new_sources
     link_radius: float = DEFAULTS.link_radius  #: beam FWHM, see :func:`trap_dask.association.associate`
-    merge_duplicates: bool = DEFAULTS.merge_duplicates  #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
+    #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
+    merge_duplicates: bool = DEFAULTS.merge_duplicates
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
     next_xtrsrc: int = 0  #: ids count from 0, as TraP 1.x's readers index arrays by them
     next_src_id: int = 0
 
-    def add_monitor_sources(self, ra: np.ndarray, dec: np.ndarray) -> tuple["RunningCatalogue", np.ndarray]:
+    def add_monitor_sources(self, ra: np.ndarray, dec: np.ndarray) -> tuple[RunningCatalogue, np.ndarray]:
         """Register user monitor positions (deg) as sources; returns the catalogue and their src_ids."""
         n = len(ra)
         new = empty_columns(SOURCE_COLUMNS, n)
@@ -543,7 +545,7 @@ class RunningCatalogue:
         }
 
     # -- step 3: after the transaction committed -------------------------------------------
-    def apply(self, update: ImageUpdate, image: ImageContext) -> "RunningCatalogue":
+    def apply(self, update: ImageUpdate, image: ImageContext) -> RunningCatalogue:
         """The catalogue after ``update`` (call only once its transaction has committed)."""
         return replace(
             self,

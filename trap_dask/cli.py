@@ -8,8 +8,8 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from trap_dask import __version__
 from trap_dask.config import CHOICES, PARAMETERS, SECTIONS, ConfigError, parameter_type
@@ -201,10 +201,9 @@ def _db_argument(config) -> str:
     """The DB argument of the results commands for this run's database, shell-quoted."""
     import shlex
 
-    if config.db_backend == "sqlite":
-        return shlex.quote(config.db_name)
-    user = f"{config.db_user}@" if config.db_user else ""
-    return shlex.quote(f"postgresql://{user}{config.db_host}:{config.db_port}/{config.db_name}")
+    from trap_dask.pipeline import database_settings
+
+    return shlex.quote(database_settings(config).impl.address())
 
 
 if __name__ == "__main__":

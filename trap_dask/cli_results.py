@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 FORMATS = ("table", "csv", "ecsv", "votable", "parquet")
 SUFFIX_FORMATS = {".csv": "csv", ".ecsv": "ecsv", ".xml": "votable", ".vot": "votable", ".votable": "votable",

@@ -27,10 +27,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from trap_dask.config import Config
 from trap_dask.db.backends import backend_class

@@ -16,9 +16,10 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_CONFIG_FILE = "trap_config.toml"
 ENV_PREFIX = "TRAP_"
@@ -391,7 +392,8 @@ def validate(config: Config) -> Config:
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
     need(config.de_ruiter_r_max > 0, "de_ruiter_r_max", "must be > 0")
     need(0 <= config.link_radius <= 1, "link_radius", "must be between 0 and 1 beam FWHM")
-    need(config.association_method in CHOICES["association_method"], "association_method", _one_of("association_method"))
+    need(config.association_method in CHOICES["association_method"], "association_method",
+         _one_of("association_method"))
     need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")
     need(config.rms_max > config.rms_min, "rms_max", "must be > rms_min")
     need(config.reduction_factor_for_rms >= 1, "reduction_factor_for_rms", "must be >= 1")

@@ -323,7 +323,7 @@ def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:
     freq_wcs = wcs.deepcopy()
     try:
         freq_wcs.wcs.sptr("FREQ-???", spec)
-    except Exception:  # WCSLIB raises several types when no translation exists
+    except Exception:  # noqa: BLE001 - WCSLIB raises several types when no translation exists
         return None, None
     pixels = np.zeros((3, wcs.naxis))
     pixels[:, spec] = (0.0, -0.5, 0.5)

@@ -84,7 +84,8 @@ class Writer:
         self.sys_err = (config.ew_sys_err, config.ns_sys_err)
         self.remove_shift = config.remove_image_shift
         self.scatter = ScatterHistory()
-        stored_bands = [Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())] if state and state.bands else []
+        stored_bands = ([Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())]
+                        if state and state.bands else [])
         self.fixed = bool(config.frequency_bands())
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]

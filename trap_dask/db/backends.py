@@ -16,8 +16,10 @@ reason, never the connection URL or the password.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from sqlalchemy import Connection, Engine, Table, create_engine
@@ -45,7 +47,7 @@ class DatabaseSettings:
     password: str | None = field(default=None, repr=False)
 
     @property
-    def impl(self) -> "Backend":
+    def impl(self) -> Backend:
         """The backend these settings name (a new, stateless object each time)."""
         return backend_class(self.backend)(self)
 
@@ -73,6 +75,11 @@ class Backend(ABC):
         """``db_name`` as the writer must see it wherever it runs (SQLite: an absolute path)."""
         return name
 
+    @classmethod
+    def scratch_name(cls, directory: Path, stem: str) -> str:
+        """The name of a throw-away database called ``stem`` (SQLite: a file in ``directory``)."""
+        return stem
+
     @abstractmethod
     def describe(self) -> str:
         """A password-free description for messages and logs."""
@@ -80,6 +87,10 @@ class Backend(ABC):
     @abstractmethod
     def url(self, database: str | None = None) -> URL:
         """The SQLAlchemy URL of the database (or of ``database`` on the same server)."""
+
+    @abstractmethod
+    def address(self) -> str:
+        """The database as the results commands take it (``trap-dask report DB``), password-free."""
 
     def make_engine(self, database: str | None = None, **kwargs) -> Engine:
         """An engine for the export database (or another database on the same server)."""
@@ -98,10 +109,10 @@ class Backend(ABC):
         """Remove the database and everything in it (nothing if it does not exist)."""
 
     @abstractmethod
-    def lock(self) -> "Lock":
+    def lock(self) -> Lock:
         """The run lock: one writer per database, freed when its holder dies (not yet acquired)."""
 
-    def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:
+    def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:  # noqa: B027
         """Apply a table's storage parameters (schema.STORAGE) to an existing table; none by default."""
 
     @abstractmethod

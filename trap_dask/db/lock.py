@@ -31,14 +31,14 @@ class Lock(ABC):
         )
 
     @abstractmethod
-    def acquire(self) -> "Lock":
+    def acquire(self) -> Lock:
         """Take the lock, or raise DatabaseBusy at once."""
 
     @abstractmethod
     def release(self) -> None:
         """Free the lock (nothing if not held)."""
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -52,7 +52,7 @@ class RunLock(Lock):
         super().__init__(settings)
         self._lock = settings.impl.lock()
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self._lock.acquire()
         return self
 

@@ -9,7 +9,7 @@ earlier notebooks of the science tables keep working on an upgraded database.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy import Connection, Table, delete, insert, inspect, update
 
@@ -41,7 +41,8 @@ def _v1_to_v2(conn: Connection, backend: Backend) -> None:
     sums.create(conn, checkfirst=True)
     quote = conn.dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in sums.columns)
-    conn.exec_driver_sql(f"INSERT INTO {quote(sums.name)} ({names}) SELECT {names} FROM {quote(schema.variability.name)}")
+    conn.exec_driver_sql(f"INSERT INTO {quote(sums.name)} ({names}) "
+                         f"SELECT {names} FROM {quote(schema.variability.name)}")
     for column in sums.columns:
         if not column.primary_key:
             conn.exec_driver_sql(f"ALTER TABLE {quote(schema.variability.name)} DROP COLUMN {quote(column.name)}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import BigInteger, Boolean, Connection, DateTime, Float, Integer, String, Table
@@ -74,7 +75,8 @@ def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
     return data, np.where(null, -1, data.shape[1]).astype(np.int32)
 
 
-def binary_copy_data(types: Mapping[str, Any], columns: Columns, names: Sequence[str], rows: np.ndarray | None) -> bytes:
+def binary_copy_data(types: Mapping[str, Any], columns: Columns, names: Sequence[str],
+                     rows: np.ndarray | None) -> bytes:
     """The rows of ``columns`` (``names`` in order, ``rows`` or all; ``types``: each one's SQL
     type) as a binary COPY stream."""
     n = len(columns[names[0]]) if rows is None else len(rows)

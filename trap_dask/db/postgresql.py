@@ -7,12 +7,12 @@ with its name quoted as an identifier (never interpolated). Rows go in with bina
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sqlalchemy import Connection, Engine, Table, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from trap_dask.db.backends import Backend, Columns, DatabaseError, driver_reason
 from trap_dask.db.lock import Lock
@@ -32,6 +32,11 @@ class PostgreSQLBackend(Backend):
         s = self.settings
         return URL.create("postgresql+psycopg2", username=s.user, password=s.password, host=s.host,
                           port=s.port, database=database or s.name)
+
+    def address(self) -> str:
+        s = self.settings
+        user = f"{s.user}@" if s.user else ""
+        return f"postgresql://{user}{s.host}:{s.port}/{s.name}"
 
     def server_engine(self) -> Engine:
         """An autocommit engine on the server's ``postgres`` maintenance database."""
@@ -69,7 +74,7 @@ class PostgreSQLBackend(Backend):
         finally:
             engine.dispose()
 
-    def lock(self) -> "AdvisoryLock":
+    def lock(self) -> AdvisoryLock:
         return AdvisoryLock(self.settings)
 
     def set_storage(self, conn: Connection, table: str, options) -> None:
@@ -91,7 +96,7 @@ class AdvisoryLock(Lock):
     _engine = None
     _conn = None
 
-    def acquire(self) -> "AdvisoryLock":
+    def acquire(self) -> AdvisoryLock:
         self._engine = PostgreSQLBackend(self.settings).server_engine()
         try:
             self._conn = self._engine.connect()
@@ -99,7 +104,7 @@ class AdvisoryLock(Lock):
                 text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"),
                 {"key": f"trap-dask:{self.settings.name}"},
             ).scalar()
-        except Exception as exc:
+        except SQLAlchemyError as exc:
             self.release()
             raise DatabaseError(f"cannot connect to {self.settings.describe()}: {driver_reason(exc)}") from None
         if not got:

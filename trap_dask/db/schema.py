@@ -3,13 +3,15 @@
 The TraP 1.x tables keep their names, columns and units (``config``, ``images``,
 ``extracted_sources``, ``frequencybands``, ``variability``); our additions are ``schema_version``,
 ``runs``, ``runningcatalog`` and ``_variability_running_averages`` (what a later run needs to
-append), ``newsource`` (transient candidates) and ``monitor``. ``python -m trap_dask.db.schema`` prints the DDL for both backends;
-``schema/`` holds that output, versioned with :data:`SCHEMA_VERSION`.
+append), ``newsource`` (transient candidates) and ``monitor``. ``python -m trap_dask.db.schema``
+prints the DDL for both backends; ``schema/`` holds that output, versioned with
+:data:`SCHEMA_VERSION`.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -25,8 +27,6 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
-
-from typing import Any
 
 from trap_dask.config import PARAMETERS, SECRET_PARAMETERS, parameter_type
 from trap_dask.variability import FLUX_SUMS, POSITION_SUMS

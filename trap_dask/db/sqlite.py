@@ -13,9 +13,10 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, Engine, Table, event
@@ -56,7 +57,7 @@ def row_tuples(columns: Columns, names: Sequence[str], rows: np.ndarray | None =
     return list(zip(*(python_values(columns[n] if rows is None else columns[n][rows]) for n in names)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = ()) -> str:
     """``INSERT INTO table (names) VALUES (?, ...)``, with ``ON CONFLICT (keys) DO UPDATE`` for keys."""
     def quote(name: str) -> str:
@@ -87,11 +88,18 @@ class SQLiteBackend(Backend):
     def resolve_name(cls, name: str) -> str:
         return str(Path(name).resolve())
 
+    @classmethod
+    def scratch_name(cls, directory: Path, stem: str) -> str:
+        return str(directory / f"{stem}.db")
+
     def describe(self) -> str:
         return f"SQLite file {self.settings.name}"
 
     def url(self, database: str | None = None) -> URL:
         return URL.create("sqlite", database=str(Path(self.settings.name).resolve()))
+
+    def address(self) -> str:
+        return self.settings.name
 
     def make_engine(self, database: str | None = None, **kwargs) -> Engine:
         engine = super().make_engine(database, **kwargs)
@@ -109,7 +117,7 @@ class SQLiteBackend(Backend):
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(self.settings.name + suffix).unlink(missing_ok=True)
 
-    def lock(self) -> "FileLock":
+    def lock(self) -> FileLock:
         return FileLock(self.settings)
 
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
@@ -128,7 +136,7 @@ class FileLock(Lock):
 
     _file = None
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         path = Path(self.settings.name).resolve()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspect, select, update
@@ -63,7 +64,7 @@ class KnownImages:
 def _database_errors(method: Callable) -> Callable:
     """Re-raise the driver's errors of a store method as one-line DatabaseErrors."""
     @functools.wraps(method)
-    def wrapper(self: "ExportStore", *args, **kwargs):
+    def wrapper(self: ExportStore, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except (DBAPIError, self.driver_error) as exc:  # bulk writes use the driver's cursor directly
@@ -85,7 +86,7 @@ class ExportStore:
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
-    def create(cls, settings: DatabaseSettings, overwrite: bool) -> "ExportStore":
+    def create(cls, settings: DatabaseSettings, overwrite: bool) -> ExportStore:
         """Create a new export database; an existing one is an error unless ``overwrite``."""
         backend = settings.impl
         if backend.exists():
@@ -105,7 +106,7 @@ class ExportStore:
         return store
 
     @classmethod
-    def prepare(cls, settings: DatabaseSettings, config: "Config") -> tuple[bool, KnownImages]:
+    def prepare(cls, settings: DatabaseSettings, config: Config) -> tuple[bool, KnownImages]:
         """Create the export database of a run, or open it to append (``config.db_append``);
         returns (appending, the files it already holds).
 
@@ -140,7 +141,7 @@ class ExportStore:
             store.close()
 
     @classmethod
-    def open(cls, settings: DatabaseSettings) -> "ExportStore":
+    def open(cls, settings: DatabaseSettings) -> ExportStore:
         """Open an existing export database of this schema version (to append to it).
 
         A database without any table (e.g. made by an administrator for the run) gets the schema.
@@ -162,7 +163,8 @@ class ExportStore:
             raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
         except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
             store.close()
-            raise DatabaseError(f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
+            raise DatabaseError(
+                f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
         except DatabaseError:
             store.close()
             raise
@@ -250,7 +252,7 @@ class ExportStore:
         )
 
     @_database_errors
-    def load_state(self) -> "StoredState":
+    def load_state(self) -> StoredState:
         """What a new run needs to continue this database: catalogue, light curves, images, ids."""
         with self.engine.connect() as conn:
             def columns(table: Table, order_by: list[str], where=None) -> dict[str, list]:
@@ -294,7 +296,7 @@ class ExportStore:
 
     # -- per image ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def batch(self) -> Iterator["ExportStore"]:
+    def batch(self) -> Iterator[ExportStore]:
         """Commit every ``commit_image`` inside the block in ONE transaction, when the block exits.
 
         Nothing is committed before then; an exception in the block (or a failing commit) rolls
@@ -386,12 +388,14 @@ class ExportStore:
                 src_id=bindparam("new_src_id"), parent=bindparam("new_parent")),
                 [{"row_id": i, "new_src_id": s, "new_parent": p} for i, s, p in
                  zip(*(relabelled[k].tolist() for k in ("id", "src_id", "parent")))])
-        triggers = dict(conn.execute(select(news.c.src_id, news.c.trigger_xtrsrc).where(news.c.src_id.in_(retired))).all())
+        triggers = dict(conn.execute(
+            select(news.c.src_id, news.c.trigger_xtrsrc).where(news.c.src_id.in_(retired))).all())
         conn.execute(delete(news).where(news.c.src_id.in_(retired)))
         for table in (schema.variability, schema.variability_running_averages):
             conn.execute(delete(table).where(table.c.src_id.in_(retired)))
-        self._insert(conn, schema.merges, {**merges, "id": _next_id(conn, schema.merges.c.id) + np.arange(len(retired)),
-                                           "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
+        self._insert(conn, schema.merges, {
+            **merges, "id": _next_id(conn, schema.merges.c.id) + np.arange(len(retired)),
+            "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
 
     @_database_errors
     def history(self, src_ids: np.ndarray) -> np.ndarray:
@@ -437,4 +441,4 @@ def _next_id(conn: Connection, column) -> int:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)

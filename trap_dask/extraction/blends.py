@@ -4,7 +4,8 @@ When two catalogued sources come closer than about a beam, the blind extractor s
 island (no deblender separates a single-peaked blob): its detection carries the light of both,
 and a forced fit of the undetected one at its catalogue position picks up part of the same light
 again. (A little further apart, the deblender splits the island, but each part fitted on its
-own pixels still takes in its neighbour's wing: the extractor refits such siblings here too.) Both light curves then jump in that image, and steady pairs rank among the most variable
+own pixels still takes in its neighbour's wing: the extractor refits such siblings here too.)
+Both light curves then jump in that image, and steady pairs rank among the most variable
 sources. :func:`fit_point_pairs` instead fits both as beam-shaped point sources at once,
 amplitudes and positions free, starting from positions the caller expects them at, with a
 Gaussian prior of ``POSITION_PRIOR`` beam FWHM on each position (it keeps the position of a
@@ -135,7 +136,8 @@ def _cutouts(residual: np.ndarray, rms: np.ndarray, start: np.ndarray, fwhm: flo
     half = int(np.ceil(CUTOUT_MARGIN * fwhm + np.nan_to_num(reach, nan=0.0).max()))
     dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
     finite = np.isfinite(start).all((1, 2))
-    sx, sy = np.rint(np.where(finite[:, None], start[..., 0], -1)), np.rint(np.where(finite[:, None], start[..., 1], -1))
+    sx = np.rint(np.where(finite[:, None], start[..., 0], -1))
+    sy = np.rint(np.where(finite[:, None], start[..., 1], -1))
     on_image = ((sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)).all(1)
     jx, jy = np.clip(sx, 0, nx - 1).astype(int), np.clip(sy, 0, ny - 1).astype(int)
     finite &= on_image & (np.isfinite(residual[jy, jx]) & np.isfinite(rms[jy, jx])).all(1)

@@ -8,8 +8,9 @@ an open SQLAlchemy ``Engine`` (left open).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
