@@ -58,7 +58,9 @@ MAX_BATCH = 4
 MAX_BATCH_SECONDS = 1.0
 #: Writer state that a batch moves on before it is committed, restored if the batch fails.
 _BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_monitors", "next_im_id",
-                "n_committed", "seen")
+                "n_committed", "seen", "_recent")
+#: Summaries of the latest images kept, to answer a task retried after its worker was lost.
+RECENT_SUMMARIES = 64
 
 
 class Writer:
@@ -114,6 +116,8 @@ class Writer:
         self._pending: tuple[AssociationPlan, ImageResult, Band, Astrometry, tuple[float, float]] | None = None
         #: checksum -> url of every input recorded in this run (a later input with the same bytes is a copy)
         self.seen: dict[str, str] = {}
+        #: (url, checksum) -> CommitSummary of the latest images recorded (RECENT_SUMMARIES)
+        self._recent: dict[tuple[str, str | None], CommitSummary] = {}
         known = self.store.known_images() if resume else None
         self._stored = (known.checksums, known.unreadable) if known else (frozenset(), frozenset())
         self._staged: list[tuple[dict, dict, int]] = []  #: (image row, commit_image keywords, rows) not yet written
@@ -160,8 +164,14 @@ class Writer:
         A rejected image is committed at once and its CommitSummary returned instead.
         """
         started = time.perf_counter()
+        key = (result.meta.url, result.checksum)
+        if key in self._recent:  # recorded already: its task was retried after its worker was lost
+            return self._recent[key]
         if self._pending is not None:
-            raise RuntimeError("associate() called twice without commit(): images must be fed in order")
+            if self._pending[1].meta.url != result.meta.url:
+                raise RuntimeError("associate() called twice without commit(): images must be fed in order")
+            log.info("%s: associated again (the worker holding it was lost before its commit)", result.meta.url)
+            self._pending = None
         skipped = self._skip(result.meta.url, result.checksum)
         if skipped is not None:
             return skipped
@@ -177,7 +187,7 @@ class Writer:
             row = self._image_row(result) | {"rejected": True, "rejection_reason": rejection}
             if band is not None and not is_new_band:
                 row["freq_band"] = band.band_id
-            return self._commit_rejected(row, behind)
+            return self._remember(key, self._commit_rejected(row, behind))
         if is_new_band:
             self.bands.append(band)
             self._unsaved_bands.append(band)
@@ -235,15 +245,23 @@ class Writer:
         self.n_committed += 1
         self.seconds["update"] += time.perf_counter() - started  # association's update and apply, not the commit
         self._done(behind)
-        return CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
-                             len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
-                             staged=bool(self._staged))
+        summary = CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
+                                len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
+                                staged=bool(self._staged))
+        return self._remember((result.meta.url, result.checksum), summary)
+
+    def _remember(self, key: tuple[str, str | None], summary: CommitSummary) -> CommitSummary:
+        """Keep the summary of a recorded image for a retry of its task; returns it."""
+        self._recent[key] = summary
+        if len(self._recent) > RECENT_SUMMARIES:
+            del self._recent[next(iter(self._recent))]
+        return summary
 
     # -- transactions ---------------------------------------------------------------------------
     def _stage(self, row: dict, keywords: dict, rows: int) -> None:
         if not self._staged:
             self._snapshot = {name: getattr(self, name) for name in _BATCH_STATE}
-            for name in ("bands", "_unsaved_bands", "seen"):  # changed in place
+            for name in ("bands", "_unsaved_bands", "seen", "_recent"):  # changed in place
                 self._snapshot[name] = type(self._snapshot[name])(self._snapshot[name])
             self._staged_since = time.monotonic()
         self._staged.append((row, keywords, rows))
