@@ -43,3 +43,19 @@ def dump(settings: DatabaseSettings) -> dict[str, list[tuple]]:
         engine.dispose()
 
 
+
+
+def same_tables(a: dict[str, list[tuple]], b: dict[str, list[tuple]], rel: float = 1e-9) -> bool:
+    """Whether two dumps hold the same rows, floats equal to ``rel``: a run whose images were measured
+    again after a lost worker may differ in the last digits (numpy's vectorised sums depend on the
+    arrays' alignment in memory), never in what was linked to what."""
+    import math
+
+    def same(x, y) -> bool:
+        if isinstance(x, float) and isinstance(y, float):
+            return math.isclose(x, y, rel_tol=rel, abs_tol=1e-300) or (math.isnan(x) and math.isnan(y))
+        return x == y
+
+    return a.keys() == b.keys() and all(
+        len(a[t]) == len(b[t]) and all(len(r) == len(s) and all(map(same, r, s)) for r, s in zip(a[t], b[t]))
+        for t in a)

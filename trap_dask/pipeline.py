@@ -305,7 +305,11 @@ def _process(config, config_file, settings, session, append, known, scans, start
                         _count(totals, summary, failure.url, bar)
                         progress.failure += 1
                     with _stop_on_interrupt() as stop:
-                        for url, summary in _stream(session, writer, images, window, params, quality, progress):
+                        for index, url, summary in _stream(session, writer, images, window, params, quality,
+                                                           progress):
+                            if index < progress.counted:  # staged by a writer that was lost, redone
+                                continue
+                            progress.counted = index + 1
                             _count(totals, summary, url, bar)
                             watch(summary)
                             if stop.is_set():
@@ -370,7 +374,8 @@ class _Progress:
     """How far a run has recorded its inputs, so that a new writer carries on where a lost one stopped."""
 
     failure: int = 0  #: the next unreadable file to record
-    image: int = 0  #: the next image whose summary the client has not seen
+    image: int = 0  #: the first image not known to be committed (a new writer starts there)
+    counted: int = 0  #: the next image whose summary is to be counted
     lost_writers_images: int = 0  #: images committed by writers that were lost
     restarts: int = 0
     started: float = 0.0  #: perf_counter when the images began to be submitted
@@ -405,7 +410,7 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
 
 
 def _stream(session, writer, images, window, params, quality, progress: _Progress):
-    """Yield (url, CommitSummary) of each image in time order from ``images[progress.image]`` on,
+    """Yield (index, url, CommitSummary) of each image in time order from ``images[progress.image]`` on,
     keeping ``window`` images in flight (route.ImageRoute submits each image's tasks)."""
     from trap_dask.route import ImageRoute, WriterRef
 
@@ -437,7 +442,8 @@ def _collect(session, writer, route, pending: deque, progress: _Progress, submit
         index, url, summary = pending.popleft()
         outcome = _summary(summary, session)
         route.done(index)
-        progress.image = index + 1
+        if not outcome.staged:  # committed, and every image staged before it: a new writer starts after it
+            progress.image = index + 1
         del summary
         submit_next()
         if flushing is not None and flushing.done():
@@ -445,7 +451,7 @@ def _collect(session, writer, route, pending: deque, progress: _Progress, submit
             flushing = None
         if outcome.staged and flushing is None and pending and not pending[0][2].done():
             flushing = writer.flush()  # the writer waits for the next image: commit what it staged
-        yield url, outcome
+        yield index, url, outcome
     if flushing is not None:
         flushing.result()
 
