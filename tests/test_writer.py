@@ -54,3 +54,15 @@ def test_a_committed_image_asked_again_gets_its_summary_back(tmp_path):
     _commit(writer, request)
     writer.finish("completed")
     assert _count(settings, schema.images) == 2 and _count(settings, schema.extracted_sources) == 2
+
+
+def test_a_commit_asked_again_gets_its_summary_back(tmp_path):
+    writer, settings = _writer(tmp_path)
+    first, second = _image(1, [150.0], [30.0]), _image(2, [150.0], [30.0])
+    request = writer.associate(first)
+    done = _commit(writer, request)
+    writer.associate(second)
+    again = writer.commit(ForcedMeasurements(_forced(request.ra, request.dec)), request.url)  # a retried task
+    assert again == done
+    writer.finish("completed")
+    assert _count(settings, schema.images) == 1 and _count(settings, schema.extracted_sources) == 1

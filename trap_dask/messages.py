@@ -75,6 +75,7 @@ class ForcedRequest:
     band: int = 0  #: the image's frequency band
     backfill_image: int = -1  #: im_id of the band's previous image (-1: none)
     backfill_url: str | None = None  #: its file, read again where no worker holds it
+    url: str = ""  #: the image's own file (a retried commit is recognised by it)
 
     def __len__(self) -> int:
         return len(self.ra) + len(self.pair_ra) + len(self.backfill_ra)

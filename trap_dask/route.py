@@ -119,7 +119,7 @@ def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: Fo
         forced = ForcedMeasurements(empty_sources())
     if forced is not None and fits is not None:
         forced = replace(forced, backfill=fits, seconds=forced.seconds | {"backfill": seconds})
-    return writer.call("commit", forced)
+    return writer.call("commit", forced, outcome.url)
 
 
 class ImageRoute:

@@ -205,12 +205,19 @@ class Writer:
         plan = self.catalogue.plan(image, detections)
         self._pending = (plan, result, band, astrometry, sys_err, behind)
         self.seconds["associate"] += time.perf_counter() - started
-        return plan.forced_request(self.catalogue)
+        return replace(plan.forced_request(self.catalogue), url=meta.url)
 
-    def commit(self, forced: ForcedMeasurements | None = None) -> CommitSummary:
-        """Add the forced fits (answering the request from associate) and commit the image; when
-        the writer is behind, stage it for the next transaction instead (see the module's text)."""
+    def commit(self, forced: ForcedMeasurements | None = None, url: str = "") -> CommitSummary:
+        """Add the forced fits (answering the request from associate for the image ``url``) and commit
+        the image; when the writer is behind, stage it for the next transaction instead (see the
+        module's text). A commit asked again (its task retried after its worker was lost) gets the
+        image's summary back."""
         started = time.perf_counter()
+        if url and (self._pending is None or self._pending[1].meta.url != url):
+            done = [summary for (done_url, _), summary in self._recent.items() if done_url == url]
+            if not done:
+                raise RuntimeError(f"commit() of {url} without its associate()")
+            return done[-1]
         plan, result, band, astrometry, sys_err, behind = self._pending
         self._pending = None
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
