@@ -116,8 +116,8 @@ class Writer:
         self._pending: tuple[AssociationPlan, ImageResult, Band, Astrometry, tuple[float, float]] | None = None
         #: checksum -> url of every input recorded in this run (a later input with the same bytes is a copy)
         self.seen: dict[str, str] = {}
-        #: (url, checksum) -> CommitSummary of the latest images recorded (RECENT_SUMMARIES)
-        self._recent: dict[tuple[str, str | None], CommitSummary] = {}
+        #: url -> CommitSummary of the latest images recorded (RECENT_SUMMARIES)
+        self._recent: dict[str, CommitSummary] = {}
         known = self.store.known_images() if resume else None
         self._stored = (known.checksums, known.unreadable) if known else (frozenset(), frozenset())
         self._staged: list[tuple[dict, dict, int]] = []  #: (image row, commit_image keywords, rows) not yet written
@@ -164,9 +164,8 @@ class Writer:
         A rejected image is committed at once and its CommitSummary returned instead.
         """
         started = time.perf_counter()
-        key = (result.meta.url, result.checksum)
-        if key in self._recent:  # recorded already: its task was retried after its worker was lost
-            return self._recent[key]
+        if result.meta.url in self._recent:  # recorded already: its task was retried after its worker was lost
+            return self._recent[result.meta.url]
         if self._pending is not None:
             if self._pending[1].meta.url != result.meta.url:
                 raise RuntimeError("associate() called twice without commit(): images must be fed in order")
@@ -187,7 +186,7 @@ class Writer:
             row = self._image_row(result) | {"rejected": True, "rejection_reason": rejection}
             if band is not None and not is_new_band:
                 row["freq_band"] = band.band_id
-            return self._remember(key, self._commit_rejected(row, behind))
+            return self._remember(meta.url, self._commit_rejected(row, behind))
         if is_new_band:
             self.bands.append(band)
             self._unsaved_bands.append(band)
@@ -214,10 +213,9 @@ class Writer:
         image's summary back."""
         started = time.perf_counter()
         if url and (self._pending is None or self._pending[1].meta.url != url):
-            done = [summary for (done_url, _), summary in self._recent.items() if done_url == url]
-            if not done:
+            if url not in self._recent:
                 raise RuntimeError(f"commit() of {url} without its associate()")
-            return done[-1]
+            return self._recent[url]
         plan, result, band, astrometry, sys_err, behind = self._pending
         self._pending = None
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
@@ -255,11 +253,11 @@ class Writer:
         summary = CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
                                 len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
                                 staged=bool(self._staged))
-        return self._remember((result.meta.url, result.checksum), summary)
+        return self._remember(result.meta.url, summary)
 
-    def _remember(self, key: tuple[str, str | None], summary: CommitSummary) -> CommitSummary:
+    def _remember(self, url: str, summary: CommitSummary) -> CommitSummary:
         """Keep the summary of a recorded image for a retry of its task; returns it."""
-        self._recent[key] = summary
+        self._recent[url] = summary
         if len(self._recent) > RECENT_SUMMARIES:
             del self._recent[next(iter(self._recent))]
         return summary
