@@ -72,3 +72,19 @@ def test_bench_scaling_table_and_performance_report(tmp_path, capsys):
 @pytest.mark.parametrize("flags", [["--images", "0"], ["--size", "10"]])
 def test_bench_refuses_an_empty_survey(flags):
     assert main(["bench", *flags]) == 2
+
+
+def test_bench_never_overwrites_a_directory_of_other_files(tmp_path, capsys):
+    """--survey_dir pointing at somebody's images is refused, untouched; a bench survey is reused."""
+    images = tmp_path / "my_images"
+    images.mkdir()
+    (images / "epoch0.fits").write_bytes(b"not a bench survey")
+    assert main(["bench", *TINY, "--survey_dir", str(images)]) == 2
+    assert "not a bench survey" in capsys.readouterr().err
+    assert [p.name for p in images.iterdir()] == ["epoch0.fits"]
+    assert (images / "epoch0.fits").read_bytes() == b"not a bench survey"
+
+    survey = tmp_path / "bench_survey"
+    for _ in range(2):
+        assert main(["bench", *TINY, "--scheduler", "threads", "--survey_dir", str(survey)]) == 0
+    assert ", reused)" in capsys.readouterr().out

@@ -101,7 +101,11 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
         survey = Path(args.survey_dir) if args.survey_dir else work / "survey"
         spec = survey_spec(args)
         started = time.perf_counter()
-        simulated = _simulate(survey, spec)
+        try:
+            simulated = _simulate(survey, spec)
+        except FileExistsError as exc:
+            print(f"trap-dask bench: {exc}", file=sys.stderr)
+            return 2
         print(f"survey: {args.images} images of {args.size}x{args.size} pixels, {args.sources} sources "
               f"({survey}{', reused' if not simulated else f', simulated in {time.perf_counter() - started:.1f} s'})",
               file=out, flush=True)
@@ -130,7 +134,11 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
 
 
 def _simulate(survey: Path, spec) -> bool:
-    """Write the survey unless ``survey`` holds it already (same spec); whether it was written."""
+    """Write the survey unless ``survey`` holds it already (same spec); whether it was written.
+
+    Only an empty directory or an earlier bench survey (one with ``bench-spec.json``) is replaced:
+    anything else raises FileExistsError, so a mistyped path never costs anybody their images.
+    """
     import json
 
     from trap_dask.simulate import simulate_survey
@@ -139,6 +147,9 @@ def _simulate(survey: Path, spec) -> bool:
     wanted = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
     if stamp.exists() and stamp.read_text() == wanted:
         return False
+    if survey.exists() and not stamp.exists() and (not survey.is_dir() or any(survey.iterdir())):
+        raise FileExistsError(f"--survey_dir {survey} holds files that are not a bench survey: give a new or "
+                              "empty directory (or one an earlier trap-dask bench wrote)")
     if survey.exists():
         shutil.rmtree(survey)
     simulate_survey(survey, spec)
