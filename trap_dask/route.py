@@ -154,9 +154,10 @@ class ImageRoute:
 
         if time.monotonic() - self.refreshed > self.REFRESH_S or not self.slots:
             info = self.client.scheduler_info(n_workers=-1)["workers"]
-            self.slots = {address: max(1, int(w.get("resources", {}).get(self.resource, 0)) if self.resource
-                                       else w.get("nthreads", 1))
-                          for address, w in info.items()}
+            self.slots = {address: int(w.get("resources", {}).get(self.resource, 0)) if self.resource
+                          else w.get("nthreads", 1) for address, w in info.items()}
+            # a worker without extraction slots (one that holds only the writer) never gets an image
+            self.slots = {address: n for address, n in self.slots.items() if n > 0}
             self.refreshed = time.monotonic()
         return self.slots
 

@@ -1,0 +1,41 @@
+"""Where ImageRoute places images: only on workers that have extraction slots."""
+
+from __future__ import annotations
+
+from trap_dask.cluster import EXTRACT_RESOURCE
+from trap_dask.route import ImageRoute, WriterRef
+
+
+class _Scheduler:
+    """A client stand-in that answers scheduler_info as Dask does."""
+
+    def __init__(self, workers: dict):
+        self.workers = workers
+
+    def scheduler_info(self, n_workers: int = 5) -> dict:
+        return {"workers": self.workers}
+
+
+def test_images_go_only_to_workers_with_extraction_slots():
+    """A worker that holds only the writer (no extraction resource) would leave every image bound
+    to it waiting for ever (the process task needs a slot it lacks)."""
+    client = _Scheduler({
+        "tcp://writer:1": {"nthreads": 1, "resources": {}},
+        "tcp://big:2": {"nthreads": 5, "resources": {EXTRACT_RESOURCE: 4}},
+        "tcp://small:3": {"nthreads": 2, "resources": {EXTRACT_RESOURCE: 1}},
+    })
+    route = ImageRoute(client, WriterRef("w", "tcp://writer:1"), None, None, 10, {EXTRACT_RESOURCE: 1})
+    placed = []
+    for _ in range(10):
+        worker = route._place()
+        placed.append(worker)
+        route.in_flight[worker] = route.in_flight.get(worker, 0) + 1
+    assert "tcp://writer:1" not in placed
+    assert placed.count("tcp://big:2") == 8 and placed.count("tcp://small:3") == 2  # by slots, 4:1
+
+
+def test_without_resources_every_worker_counts_its_threads():
+    """A running scheduler's workers may carry no resources: then threads are the slots."""
+    client = _Scheduler({"tcp://a:1": {"nthreads": 3, "resources": {}}, "tcp://b:2": {"nthreads": 1}})
+    route = ImageRoute(client, WriterRef("w", "tcp://a:1"), None, None, 8)
+    assert route._workers() == {"tcp://a:1": 3, "tcp://b:2": 1}
