@@ -68,6 +68,7 @@ class Survey:
 
 
 STANDARD_COUNTS = (850, 60, 30, 30, 15)  # 1000 sources (a pair is two)
+LONG_COUNTS = (300, 20, 10, 0, 0)
 SURVEYS = {
     s.name: s for s in (
         Survey("small", 20, 1024, (200, 25, 10, 10, 5), seed=1),
@@ -77,6 +78,10 @@ SURVEYS = {
         Survey("medium30", 30, 2048, (700, 50, 20, 20, 5), seed=3),
         Survey("pairs50", 50, 2048, (560, 30, 10, 8, 100), seed=4),
         Survey("huge", 6, 8192, (2800, 100, 40, 40, 10), seed=5),
+        # memory with the length of a run (issue 15: flat from 50 to 500 images); 1024^2, so that a
+        # catalogue or database cache that grows with the images stands out against one image's arrays
+        Survey("long50", 50, 1024, LONG_COUNTS, seed=6),
+        Survey("long500", 500, 1024, LONG_COUNTS, seed=6),
     )
 }
 
@@ -444,14 +449,14 @@ def cmd_scaling(args) -> None:
 
 
 def cmd_memory(args) -> None:
-    """Peak RSS of trap-dask for the standard survey of 50 and of 200 images."""
-    results = [run_pipeline("trap-dask", SURVEYS[name], "sqlite", args.threads, args)
-               for name in ("standard", "standard200")]
+    """Peak RSS of trap-dask for a survey of 50 images and the same of more (--pair)."""
+    short, long = (SURVEYS[name] for name in args.pair)
+    results = [run_pipeline("trap-dask", survey, "sqlite", args.threads, args) for survey in (short, long)]
     growth = results[1].peak_rss_mb / results[0].peak_rss_mb
     body = run_rows(results) + (
-        f"\n\nPeak RSS 200 / 50 images: {growth:.2f} (target <= {MAX_MEMORY_GROWTH}): "
+        f"\n\nPeak RSS {long.n_epochs} / {short.n_epochs} images: {growth:.2f} (target <= {MAX_MEMORY_GROWTH}): "
         f"{verdict(growth <= MAX_MEMORY_GROWTH)}")
-    record("Memory: 50 vs 200 standard images", body, args)
+    record(f"Memory: {short.n_epochs} vs {long.n_epochs} images of {long.size}^2", body, args)
 
 
 def cmd_stages(args) -> None:
@@ -516,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="run trap 1.4.0 with deblend_nthresh N instead of the reference TOML's 32 "
                               "(0 is trap 1.4.0's own default)")
     add("scaling", cmd_scaling).add_argument("--threads-list", type=int, nargs="+", default=[1, 2])
-    add("memory", cmd_memory)
+    add("memory", cmd_memory).add_argument(
+        "--pair", nargs=2, default=["standard", "standard200"], choices=SURVEYS, metavar=("SHORT", "LONG"),
+        help="the surveys compared (default: standard standard200; long50 long500 for issue 15's 50 to 500)")
     stages = add("stages", cmd_stages)
     stages.add_argument("--images", type=int, default=6, help="images timed (the first is a warm-up)")
     stages.add_argument("--top", type=int, default=12, help="hot spots listed from the profile")

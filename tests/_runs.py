@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from sqlalchemy import select
 
 from trap_dask.config import build_config
@@ -14,6 +17,21 @@ COMPARED = {
     "images": ("run",), "extracted_sources": (), "variability": (), "newsource": (),
     "runningcatalog": (), "frequencybands": (), "monitor": (),
 }
+
+
+#: Runs a Python command line (``-m module ...``) in place of itself once the kernel is asked to
+#: SIGKILL it when its parent (pytest) dies: a pytest killed by a CI timeout or by hand would
+#: otherwise leave the runs it started (in sessions of their own) going on for minutes.
+_DIES_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+                     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+def spawn(command: list[str], **popen) -> subprocess.Popen:
+    """A Python command line (``[sys.executable, ...]``) in a session of its own (a test may kill
+    its whole process group), killed with the test session (Linux; elsewhere it outlives a killed pytest)."""
+    if sys.platform == "linux":
+        command = [command[0], "-c", _DIES_WITH_PARENT, *command[1:]]
+    return subprocess.Popen(command, start_new_session=True, **popen)
 
 
 def flags(settings: DatabaseSettings) -> dict:

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from _runs import dump, run, same_tables
+from _runs import dump, run, same_tables, spawn
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, database_exists, drop_database, make_engine
@@ -237,12 +237,15 @@ def _run_until(settings: DatabaseSettings, inputs, log: Path, committed: int, ac
     """Start a run and call ``act(proc)`` once it has committed ``committed`` images, while its next
     commit waits for our lock (so it cannot have gone further); returns (proc, what act returned)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(_cli(settings, inputs, *extra), stdout=out, stderr=out, start_new_session=True)
+        proc = spawn(_cli(settings, inputs, *extra), stdout=out, stderr=out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        with _writes_held(settings) as count:
-            if count >= committed:
-                return proc, act(proc)
+        try:
+            with _writes_held(settings) as count:
+                if count >= committed:
+                    return proc, act(proc)
+        except OperationalError:  # SQLite: our connection opened while the run held the file locked; look again
+            pass
         time.sleep(0.01)
     raise AssertionError("the run finished before it could be stopped: " + log.read_text()[-2000:])
 
@@ -285,8 +288,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
     many = SurveySpec(n_epochs=30, shape=(192, 192), n_steady=6, n_variable=1, n_transient=1, n_resolved=0,
                       n_pairs=0, min_separation=4.0, seed=4)
     simulate_survey(tmp_path / "many", many)
-    proc = subprocess.Popen(_cli(settings, [tmp_path / "many"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = spawn(_cli(settings, [tmp_path / "many"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and _committed(settings) < 2:
         time.sleep(0.02)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from _runs import same_tables
+from _runs import same_tables, spawn
 
 from trap_dask.cli import main
 from trap_dask.cluster import (
@@ -55,8 +55,7 @@ class DaskProcesses:
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         with open(self.folder / f"{name}.log", "w") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=log,
-                                                start_new_session=True)
+            self.procs[name] = spawn([sys.executable, "-m", module, *args], stdout=log, stderr=log)
 
     def start(self, workers: dict[str, str]) -> DaskProcesses:
         """A scheduler on a free port, then one single-threaded worker per name (value: its resources)."""
@@ -177,8 +176,8 @@ def committed_images(db: Path) -> int:
 def cli_run(survey: Path, db: Path, address: str, log: Path) -> subprocess.Popen:
     args = [f"--{k}={v}" for k, v in flags(survey, db, scheduler_address=address).items() if k != "input_images"]
     with open(log, "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "trap_dask.cli", "run", "-i", str(survey), *args],
-                                stdout=subprocess.DEVNULL, stderr=err)
+        return spawn([sys.executable, "-m", "trap_dask.cli", "run", "-i", str(survey), *args],
+                     stdout=subprocess.DEVNULL, stderr=err)
 
 
 def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:

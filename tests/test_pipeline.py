@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _runs import dump, spawn
 from conftest import BACKENDS, postgres_settings
 
 from trap_dask.config import build_config
@@ -121,8 +122,6 @@ def test_both_backends_export_the_same_tables(exported, processed):
     """The PostgreSQL export equals the SQLite one (on SQLite, ``exported`` is that one)."""
     if exported is processed:
         return
-    from _runs import dump
-
     assert dump(exported) == dump(DatabaseSettings("sqlite", str(processed)))
 
 
@@ -230,10 +229,10 @@ def test_sigkill_leaves_a_consistent_prefix(tmp_path):
                    n_resolved=0, n_pairs=0, min_separation=4.0, seed=11)
     simulate_survey(tmp_path / "long", spec)
     db = tmp_path / "killed.db"
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "trap_dask.cli", "run", "-i", str(tmp_path / "long"), "--db-name", str(db),
          "--scheduler", "distributed", "--nr_threads", "2"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"),
     )
     deadline = time.monotonic() + 120
     committed = 0
