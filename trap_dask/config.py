@@ -73,17 +73,20 @@ class Config:
     )
     scheduler: str = _param(
         "distributed", "general", "",
-        "'distributed': a local Dask cluster of worker processes (dashboard available); "
-        "'threads': one process, worker threads only",
+        "'distributed': a local Dask cluster (scheduler, worker and writer; dashboard with --dashboard): "
+        "up to 4 extraction threads run in this process, more in worker processes of up to 4 threads "
+        "each; 'threads': one process, worker threads only, however many",
     )
     n_workers: int | None = _param(
         None, "general", "workers",
-        "worker processes of the local Dask cluster (default: nr_threads / threads_per_worker); "
-        "with --cluster slurm|pbs, the worker processes to request from the batch system",
+        "worker processes of the local Dask cluster (default: none up to 4 threads, the threads run in "
+        "this process; else nr_threads / 4, rounded up); with --cluster slurm|pbs, the worker processes "
+        "to request from the batch system",
     )
     threads_per_worker: int | None = _param(
         None, "general", "threads",
-        "threads in each local worker (default: 1 for 'distributed', nr_threads for 'threads')",
+        "threads in each local worker process (default: nr_threads / n_workers; nr_threads for "
+        "'threads')",
     )
     memory_limit: str | None = _param(
         None, "general", "bytes",
