@@ -34,7 +34,9 @@ def _pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # see the module's docstring
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages (default 2 MiB): the indexes stay in memory
+    # 4 MiB of pages (default 2): as fast as 64 MiB over 400 images of 1000 sources, and a run's memory
+    # stays flat (benchmarks/RESULTS.md, issue 15 round 2)
+    cursor.execute("PRAGMA cache_size=-4096")
     cursor.close()
 
 
