@@ -53,8 +53,11 @@ from trap_dask.sources import add_uncertainties, empty_sources
 log = logging.getLogger(__name__)
 
 #: Most images staged for one transaction, and most seconds the oldest of them waits: how far the
-#: database may trail the writer (and a run killed with kill -9 lose work it had done).
-MAX_BATCH = 4
+#: database may trail the writer (and a run killed with kill -9 lose work it had done). A batch
+#: writes each table once and each changed catalogue row once, so its cost per image falls with its
+#: size (benchmarks/RESULTS.md, issue 15 round 2). A staged image holds its own rows and the
+#: catalogue rows it changed (~0.5 MB per 1000 sources), not the catalogue.
+MAX_BATCH = 16
 MAX_BATCH_SECONDS = 1.0
 #: Writer state that a batch moves on before it is committed, restored if the batch fails.
 _BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_monitors", "next_im_id",
@@ -235,10 +238,10 @@ class Writer:
         }
         rows = (len(update.measurements) + len(update.changed_sources) + len(update.changed_lightcurves)
                 + len(update.new_sources["src_id"]) + 1)
-        self._stage(row, dict(
+        self._stage(row, dict(  # only the changed catalogue rows: a staged image holds no whole catalogue
             sources=update.measurements, source_ids=update.ids,
-            catalogue=update.sources, catalogue_rows=update.changed_sources,
-            lightcurves=update.lightcurves, lightcurve_rows=update.changed_lightcurves,
+            catalogue=take(update.sources, update.changed_sources),
+            lightcurves=take(update.lightcurves, update.changed_lightcurves),
             new_sources=update.new_sources,
             merges=update.merges, relabelled=update.relabelled,
             **self._unsaved(),
