@@ -225,7 +225,9 @@ class Writer:
         for stage, seconds in measured.seconds.items():
             self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
         if len(plan.merge_keep):
-            self.flush()  # the merge reads the histories back from the database
+            flushing = time.perf_counter()
+            self.flush()  # the merge reads the histories back from the database (counted as commit time)
+            started += time.perf_counter() - flushing
         history = self.store.history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
         update = self.catalogue.update(plan, measured, history)
         row = self._image_row(result) | {
