@@ -207,9 +207,10 @@ def newsource(src_id: int, trigger: int, im_id: int) -> dict:
             "sigma_rms_min": np.array([np.nan]), "sigma_rms_max": np.array([5.0])}
 
 
-def write_run(store: ExportStore) -> None:
+def write_run(store: ExportStore, revive: bool = False) -> None:
     """Six images that change the same sources again and again: a new source measured back in an
-    earlier image, a rejected image, a merge that retires the newest newsource row, one after it."""
+    earlier image, a rejected image, a merge that retires the newest newsource row, one after it
+    (``revive``: which measures the retired source again, as the writer never does)."""
     run = store.start_run(Config().exportable(), None)
     commit(store, 0, run, [0, 1], 0, new_sources=newsource(1, 1, 0))
     rows, ids = sources(2, [0, 1, 2, 2], im_id=[1, 1, 1, 0], parent=[0, 1, -1, -1])
@@ -223,7 +224,8 @@ def write_run(store: ExportStore) -> None:
     merges.update(src_id=np.array([2]), merged_into=np.array([1]), im_id=np.array([4]), separation=np.array([0.5]))
     relabelled = {"id": np.array([4, 8]), "src_id": np.array([1, 1]), "parent": np.array([3, 7])}
     commit(store, 4, run, [0, 1], 9, merges=merges, relabelled=relabelled)
-    commit(store, 5, run, [0, 1, 3], 11, new_sources=newsource(3, 13, 5))
+    commit(store, 5, run, [0, 1, 2, 3] if revive else [0, 1, 3], 11,
+           new_sources=newsource(3, 14 if revive else 13, 5))
 
 
 def table_rows(store: ExportStore) -> dict[str, list[tuple]]:
@@ -234,21 +236,25 @@ def table_rows(store: ExportStore) -> dict[str, list[tuple]]:
                 for table in schema.metadata.sorted_tables if table.name not in ("runs", "schema_version", "config")}
 
 
-def test_a_batch_stores_what_its_images_one_by_one_do(store, db_settings):
+@pytest.mark.parametrize("revive", [False, True])
+def test_a_batch_stores_what_its_images_one_by_one_do(store, db_settings, revive):
     """Rows changed by several images of a batch are stored once in their last state; the batch
     leaves the same rows as a transaction per image, merges and backfills included."""
-    write_run(store)
+    write_run(store, revive)
     one_by_one = table_rows(store)
     settings = replace(db_settings, name=db_settings.name.replace("export", "export_b") + "_b")
     batched = ExportStore.create(settings, overwrite=False)
     try:
         with batched.batch():
-            write_run(batched)
+            write_run(batched, revive)
         assert table_rows(batched) == one_by_one
         assert batched.running_images() == 6
     finally:
         batched.close()
         drop_database(settings)
+    if revive:  # its light curve, removed by the merge, is back
+        assert [row[0] for row in one_by_one["variability"]] == [0, 1, 2, 3]
+        return
     curves = {row[0]: row for row in one_by_one["variability"]}
     assert sorted(curves) == [0, 1, 3] and curves[0][11] == 6  # src 2 merged away; nr_datapoints of image 5
     catalogue_rows = {row[0]: row for row in one_by_one["runningcatalog"]}

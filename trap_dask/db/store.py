@@ -371,17 +371,21 @@ class ExportStore:
             self._commit([image])
 
     def _write(self, conn: Connection, images: list[ImageRows]) -> None:
-        """Write ``images`` in ``conn``'s transaction: the images from one merge to the next together
-        (a merge deletes rows and numbers its own, so it ends its group), each table in one statement."""
-        first = 0
-        for last in [i for i, image in enumerate(images) if image.merges is not None] + [len(images) - 1]:
-            if last >= first:
-                self._write_together(conn, images[first:last + 1])
-            first = last + 1
+        """Write ``images`` in ``conn``'s transaction, together (each table in one statement) up to an
+        image that changes a light curve a merge before it in the group removed (never, in practice)."""
+        first, retired = 0, np.zeros(0, np.int64)
+        for i, image in enumerate(images):
+            if image.lightcurves is not None and np.isin(image.lightcurves["src_id"], retired).any():
+                self._write_together(conn, images[first:i])
+                first, retired = i, np.zeros(0, np.int64)
+            if image.merges is not None:
+                retired = np.concatenate([retired, image.merges["src_id"]])
+        self._write_together(conn, images[first:])
 
     def _write_together(self, conn: Connection, images: list[ImageRows]) -> None:
-        """Write ``images``, of which only the last may merge, as if one after the other: per-image
-        rows are inserted together, catalogue and light-curve rows upserted once in their last state."""
+        """Write ``images`` as if one after the other: per-image rows are inserted together, catalogue
+        and light-curve rows upserted once in their last state; then, in image order, the newsource
+        rows and merges (a merge removes newsource and light-curve rows, and later ids follow it)."""
         bands = [row for image in images for row in image.bands]
         if bands:
             conn.execute(insert(schema.frequencybands), bands)
@@ -401,12 +405,20 @@ class ExportStore:
         if curves is not None:  # variability and its running sums: one COPY on PostgreSQL
             self._upsert(conn, [schema.variability, schema.variability_running_averages], curves,
                          ["src_id", "freq_band"])
+        first = 0
+        for i, image in enumerate(images):
+            if image.merges is not None or i == len(images) - 1:
+                self._insert_new_sources(conn, images[first:i + 1])
+                first = i + 1
+            if image.merges is not None:
+                self._merge(conn, image.merges, image.relabelled)
+
+    def _insert_new_sources(self, conn: Connection, images: list[ImageRows]) -> None:
+        """Insert the images' newsource rows in one statement, numbered on from the largest id."""
         new = _concat([image.new_sources for image in images if image.new_sources is not None])
         if new is not None:
             ids = _next_id(conn, schema.newsource.c.id) + np.arange(len(new["src_id"]))
             self.backend.insert(conn, schema.newsource, {**new, "id": ids})
-        if images[-1].merges is not None:
-            self._merge(conn, images[-1].merges, images[-1].relabelled)
 
     def _insert_sources(self, conn: Connection, images: list[ImageRows]) -> None:
         """Insert the images' measurements in one statement; forced fits in an earlier image (new
