@@ -455,13 +455,16 @@ class ExportStore:
             "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
 
     @_database_errors
-    def history(self, src_ids: np.ndarray) -> np.ndarray:
-        """Every measurement of ``src_ids`` with its image's band (HISTORY_DTYPE), for a merge."""
+    def history(self, src_ids: np.ndarray, ids: np.ndarray = ()) -> np.ndarray:
+        """Every measurement of ``src_ids``, and those with the given ``ids``, with its image's band
+        (HISTORY_DTYPE, in id order), for a merge."""
         es, im = schema.extracted_sources, schema.images
         columns = [es.c[n] if n in es.c else im.c[n] for n in HISTORY_DTYPE.names]
         with self.engine.connect() as conn:
             rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id)
-                                .where(es.c.src_id.in_(np.asarray(src_ids).tolist()))).all()
+                                .where(es.c.src_id.in_(np.asarray(src_ids).tolist())
+                                       | es.c.id.in_(np.asarray(ids).tolist()))
+                                .order_by(es.c.id)).all()
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
     def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, keys: list[str]) -> None:
