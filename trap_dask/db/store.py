@@ -460,10 +460,11 @@ class ExportStore:
         (HISTORY_DTYPE, in id order), for a merge."""
         es, im = schema.extracted_sources, schema.images
         columns = [es.c[n] if n in es.c else im.c[n] for n in HISTORY_DTYPE.names]
+        wanted = es.c.src_id.in_(np.asarray(src_ids).tolist())
+        if len(ids):  # (not an empty IN: an OR with it would keep the src_id index out of the query)
+            wanted = wanted | es.c.id.in_(np.asarray(ids).tolist())
         with self.engine.connect() as conn:
-            rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id)
-                                .where(es.c.src_id.in_(np.asarray(src_ids).tolist())
-                                       | es.c.id.in_(np.asarray(ids).tolist()))
+            rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id).where(wanted)
                                 .order_by(es.c.id)).all()
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
