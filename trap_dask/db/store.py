@@ -471,7 +471,8 @@ class ExportStore:
     def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, keys: list[str]) -> None:
         """Insert or update columnar rows in ``tables`` by their primary ``keys``; of rows with the same
         key, the last wins."""
-        self.backend.upsert(conn, tables, columns, last_of_each_key([columns[k] for k in keys]), keys)
+        if len(columns[keys[0]]):
+            self.backend.upsert(conn, tables, columns, last_of_each_key([columns[k] for k in keys]), keys)
 
 
 @dataclass(frozen=True)
@@ -489,10 +490,14 @@ class ImageRows:
     relabelled: Columns | None  #: earlier measurements a merge moved (id, src_id, parent)
 
     def check(self) -> None:
-        """Refuse rows that do not match their table's columns (ValueError)."""
+        """Refuse rows that do not match their table's columns (ValueError); the store numbers
+        newsource and merges rows (and finds each merge's newsource trigger) itself."""
+        numbered = {"id": ()}
         for table, columns, exact in ((schema.extracted_sources, self.sources, True),
                                       (schema.monitor, self.monitors, True),
-                                      (schema.newsource, self.new_sources and {**self.new_sources, "id": ()}, True),
+                                      (schema.newsource, self.new_sources and {**self.new_sources, **numbered}, True),
+                                      (schema.merges, self.merges and {**self.merges, **numbered,
+                                                                       "newsource_trigger": ()}, True),
                                       (schema.runningcatalog, self.catalogue, False),
                                       (schema.variability, self.lightcurves, False),
                                       (schema.variability_running_averages, self.lightcurves, False)):
