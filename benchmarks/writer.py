@@ -4,15 +4,17 @@
 
 Commits ``--images`` images of ``--sources`` extracted sources each (plus their catalogue and
 variability upserts) through ``ExportStore.commit_image``, one transaction per image, as the
-writer actor does; ``--batch N`` (N > 1) commits N images per transaction with
-``ExportStore.batch()``, as a writer that fell behind may (one row per N). PostgreSQL: the server
-at 127.0.0.1:5432, user postgres; the benchmark database is dropped afterwards.
+writer actor does when it keeps up; ``--batch N`` (N > 1) commits N images per transaction with
+``ExportStore.batch()`` (one insert per table, each catalogue/variability row upserted once), the
+path of a writer that fell behind (one row per N). PostgreSQL: the server at 127.0.0.1:5432, user
+postgres, a database named after this process, dropped afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -30,7 +32,7 @@ from trap_dask.sources import empty_sources
 def settings_for(backend: str, workdir: Path) -> DatabaseSettings:
     if backend == "sqlite":
         return DatabaseSettings("sqlite", str(workdir / "writer_bench.db"))
-    return DatabaseSettings("postgres", "trap_dask_writer_bench", host="127.0.0.1", user="postgres")
+    return DatabaseSettings("postgres", f"trap_dask_writer_bench_{os.getpid()}", host="127.0.0.1", user="postgres")
 
 
 def bench(settings: DatabaseSettings, n_images: int, n_sources: int, batch: int = 1) -> tuple[float, int]:

@@ -15,6 +15,7 @@ becomes the limit of a run.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -92,7 +93,7 @@ def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bo
     from trap_dask.writer import Writer
 
     values = dict(db_backend="sqlite", db_name=str(workdir / "writer_alone.db")) if backend == "sqlite" else \
-        dict(db_backend="postgres", db_name="trap_dask_writer_alone", **PG)
+        dict(db_backend="postgres", db_name=f"trap_dask_writer_alone_{os.getpid()}", **PG)
     config = build_config(values, {}, None)
     settings = DatabaseSettings(backend=config.db_backend, name=config.db_name, host=config.db_host,
                                 port=config.db_port, user=config.db_user, password=None)

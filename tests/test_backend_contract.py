@@ -13,7 +13,7 @@ from sqlalchemy import select
 from trap_dask.catalogue import LIGHTCURVE_COLUMNS, MERGE_COLUMNS, SOURCE_COLUMNS, empty_columns
 from trap_dask.config import Config
 from trap_dask.db import schema
-from trap_dask.db.backends import DatabaseError, backend_class
+from trap_dask.db.backends import DatabaseError, backend_class, drop_database
 from trap_dask.db.lock import DatabaseBusy, RunLock
 from trap_dask.db.store import ExportStore
 from trap_dask.sources import empty_sources
@@ -199,3 +199,65 @@ def test_values_round_trip_exactly(store):
         got = conn.execute(select(schema.extracted_sources.c.ra, schema.extracted_sources.c.dec,
                                   schema.extracted_sources.c.gaussian_fit).order_by(schema.extracted_sources.c.id)).all()
     assert [tuple(r) for r in got] == [(123.456789012345, -45.678901234567, True), (1e-300, None, False)]
+
+
+def newsource(src_id: int, trigger: int, im_id: int) -> dict:
+    return {"src_id": np.array([src_id]), "trigger_xtrsrc": np.array([trigger]), "im_id": np.array([im_id]),
+            "previous_limits_image": np.array([-1]), "newsource_type": np.array([0]),
+            "sigma_rms_min": np.array([np.nan]), "sigma_rms_max": np.array([5.0])}
+
+
+def write_run(store: ExportStore, revive: bool = False) -> None:
+    """Six images that change the same sources again and again: a new source measured back in an
+    earlier image, a rejected image, a merge that retires the newest newsource row, one after it
+    (``revive``: which measures the retired source again, as the writer never does)."""
+    run = store.start_run(Config().exportable(), None)
+    commit(store, 0, run, [0, 1], 0, new_sources=newsource(1, 1, 0))
+    rows, ids = sources(2, [0, 1, 2, 2], im_id=[1, 1, 1, 0], parent=[0, 1, -1, -1])
+    curves = lightcurves([0, 1, 2], 2)
+    curves["eta_int"] = np.array([0.5, 1.5, np.nan])
+    store.commit_image(image(1, run), sources=rows, source_ids=ids, catalogue=catalogue([0, 1, 2], [2, 3, 4]),
+                       lightcurves=curves, new_sources=newsource(2, 4, 1))
+    store.commit_image(image(2, run, rejected=True, rejection_reason="rms too high", checksum=None))
+    commit(store, 3, run, [0, 1, 2], 6, catalogue_rows=np.array([0, 2]), lightcurve_rows=np.array([2]))
+    merges = empty_columns(MERGE_COLUMNS, 1)
+    merges.update(src_id=np.array([2]), merged_into=np.array([1]), im_id=np.array([4]), separation=np.array([0.5]))
+    relabelled = {"id": np.array([4, 8]), "src_id": np.array([1, 1]), "parent": np.array([3, 7])}
+    commit(store, 4, run, [0, 1], 9, merges=merges, relabelled=relabelled)
+    commit(store, 5, run, [0, 1, 2, 3] if revive else [0, 1, 3], 11,
+           new_sources=newsource(3, 14 if revive else 13, 5))
+
+
+def table_rows(store: ExportStore) -> dict[str, list[tuple]]:
+    """Every row of the run's tables (not runs, whose times differ), in primary-key order."""
+    with store.engine.connect() as conn:
+        return {table.name: [tuple(row) for row in conn.execute(
+                    select(table).order_by(*(table.primary_key.columns or table.columns)))]
+                for table in schema.metadata.sorted_tables if table.name not in ("runs", "schema_version", "config")}
+
+
+@pytest.mark.parametrize("revive", [False, True])
+def test_a_batch_stores_what_its_images_one_by_one_do(store, db_settings, revive):
+    """Rows changed by several images of a batch are stored once in their last state; the batch
+    leaves the same rows as a transaction per image, merges and backfills included."""
+    write_run(store, revive)
+    one_by_one = table_rows(store)
+    settings = replace(db_settings, name=db_settings.name.replace("export", "export_b") + "_b")
+    batched = ExportStore.create(settings, overwrite=False)
+    try:
+        with batched.batch():
+            write_run(batched, revive)
+        assert table_rows(batched) == one_by_one
+        assert batched.running_images() == 6
+    finally:
+        batched.close()
+        drop_database(settings)
+    if revive:  # its light curve, removed by the merge, is back
+        assert [row[0] for row in one_by_one["variability"]] == [0, 1, 2, 3]
+        return
+    curves = {row[0]: row for row in one_by_one["variability"]}
+    assert sorted(curves) == [0, 1, 3] and curves[0][11] == 6  # src 2 merged away; nr_datapoints of image 5
+    catalogue_rows = {row[0]: row for row in one_by_one["runningcatalog"]}
+    assert catalogue_rows[2][schema.runningcatalog.c.keys().index("last_xtrsrc")] == 8  # image 3's state
+    assert [row[:2] for row in one_by_one["newsource"]] == [(1, 1), (2, 3)]  # src 2's went with the merge
+    assert one_by_one["images"][0][schema.images.c.keys().index("n_forced")] == 1  # backfilled by image 1

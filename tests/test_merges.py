@@ -127,3 +127,42 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     var = {r["src_id"]: r for r in _table(db_settings, schema.variability, ["src_id"])}
     assert var[a]["nr_datapoints"] == 4 and b not in var
     assert len(_table(db_settings, schema.merges, ["id"])) == 1
+
+
+def test_merges_in_a_batch_equal_merges_image_by_image(db_settings):
+    """Images that arrive while the writer is behind are staged and written in one batch; a merge
+    among them reads the staged measurements (not yet in the database) and a second merge sees the
+    first one's relabelling: the database ends as when every image is committed on its own."""
+    from dataclasses import replace
+
+    from test_backend_contract import table_rows
+
+    from trap_dask.db.backends import drop_database
+
+    off, further = 30.0 + 18 * ARCSEC, 30.0 + 30 * ARCSEC  # B, then E, each merged into A
+    sky = [([150.0, 150.2], [30.0, 30.0]), ([150.0, 150.2], [off, 30.0]), ([150.0, 150.2], [off, 30.0]),
+           ([150.0, 150.2], [further, 30.0]), ([150.0, 150.2], [further, 30.0]), ([150.0, 150.2], [30.0, 30.0])]
+
+    def run(settings, behind: bool) -> dict:
+        server = {"db_host": settings.host, "db_port": settings.port, "db_user": settings.user} if settings.host else {}
+        config = build_config(dict(db_backend=settings.backend, db_name=settings.name, ew_sys_err="0.5",
+                                   ns_sys_err="0.5", **server), {}, None)
+        ExportStore.create(settings, overwrite=False).close()
+        writer = Writer(settings, config, None)
+        for i, (ra, dec) in enumerate(sky, start=1):
+            _feed(writer, replace(_image(i, ra, dec), done_at=1.0 if behind and i > 1 else 0.0))
+        totals = writer.finish("completed")
+        store = ExportStore.open(settings)
+        try:
+            return {"rows": table_rows(store), "batches": totals["n_batches"]}
+        finally:
+            store.close()
+
+    alone = run(db_settings, behind=False)
+    batched_settings = replace(db_settings, name=db_settings.name.replace("export", "export_b") + "_b")
+    try:
+        batched = run(batched_settings, behind=True)
+    finally:
+        drop_database(batched_settings)
+    assert len(alone["rows"]["merges"]) == 2 and alone["batches"] == 0 and batched["batches"] == 1
+    assert batched["rows"] == alone["rows"]

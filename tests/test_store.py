@@ -10,7 +10,7 @@ from sqlalchemy import inspect, select, text
 from trap_dask.config import Config
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, drop_database
-from trap_dask.db.store import ExportStore
+from trap_dask.db.store import ExportStore, last_of_each_key
 from trap_dask.sources import empty_sources
 
 TRAP_TABLES = {
@@ -94,3 +94,11 @@ def test_postgres_wrong_password_is_one_clear_line_without_the_password():
     message = str(err.value)
     assert "Sup3rS3cret" not in message and "\n" not in message
     assert "cannot connect" in message
+
+
+def test_last_of_each_key_keeps_the_last_row_of_each_key_in_key_order():
+    src = np.array([5, 3, 5, 3, 7, 5])
+    band = np.array([0, 0, 1, 0, 0, 0])
+    assert last_of_each_key([src]).tolist() == [3, 5, 4]           # src 3 (row 3), 5 (row 5), 7 (row 4)
+    assert last_of_each_key([src, band]).tolist() == [3, 5, 2, 4]  # (3,0) (5,0) (5,1) (7,0)
+    assert last_of_each_key([np.zeros(0, int)]).tolist() == []

@@ -8,9 +8,10 @@ association links and the catalogue/variability updates in ONE transaction.
 Batching: when the writer falls behind (the next image was ready before it had finished the one
 before), an image is staged instead: its update is applied to the in-memory catalogue, so the
 next image can be associated, and its rows wait; the staged images are written together in ONE
-transaction (``store.batch()``) by the next commit that finds the writer keeping up, by a merge
-(which reads the database), after MAX_BATCH images or MAX_BATCH_SECONDS, by :meth:`flush`
-(which the client calls as soon as it waits for the next image) and by :meth:`finish`.
+transaction (``store.batch()``: one statement per table, each changed catalogue row once) by the
+next commit that finds the writer keeping up, after MAX_BATCH images or MAX_BATCH_SECONDS, by
+:meth:`flush` (which the client calls as soon as it waits for the next image) and by
+:meth:`finish`. A merge reads its sources' measurements from the database and the staged images.
 So the database always ends at an image boundary, and a failed batch rolls the in-memory
 catalogue back to the last committed image. When the writer keeps up, every image is its own
 transaction, committed before its commit() returns.
@@ -41,6 +42,7 @@ from trap_dask.catalogue import (
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
+from trap_dask.merging import HISTORY_DTYPE
 from trap_dask.messages import (
     CommitSummary,
     ForcedMeasurements,
@@ -53,8 +55,11 @@ from trap_dask.sources import add_uncertainties, empty_sources
 log = logging.getLogger(__name__)
 
 #: Most images staged for one transaction, and most seconds the oldest of them waits: how far the
-#: database may trail the writer (and a run killed with kill -9 lose work it had done).
-MAX_BATCH = 4
+#: database may trail the writer (and a run killed with kill -9 lose work it had done). A batch
+#: writes each table once and each changed catalogue row once, so its cost per image falls with its
+#: size (benchmarks/RESULTS.md, issue 15 round 2). A staged image holds its own rows and the
+#: catalogue rows it changed (~0.5 MB per 1000 sources), not the catalogue.
+MAX_BATCH = 16
 MAX_BATCH_SECONDS = 1.0
 #: Writer state that a batch moves on before it is committed, restored if the batch fails.
 _BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_monitors", "next_im_id",
@@ -221,9 +226,7 @@ class Writer:
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
         for stage, seconds in measured.seconds.items():
             self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
-        if len(plan.merge_keep):
-            self.flush()  # the merge reads the histories back from the database
-        history = self.store.history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
+        history = self._history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
         update = self.catalogue.update(plan, measured, history)
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
@@ -235,10 +238,10 @@ class Writer:
         }
         rows = (len(update.measurements) + len(update.changed_sources) + len(update.changed_lightcurves)
                 + len(update.new_sources["src_id"]) + 1)
-        self._stage(row, dict(
+        self._stage(row, dict(  # only the changed catalogue rows: a staged image holds no whole catalogue
             sources=update.measurements, source_ids=update.ids,
-            catalogue=update.sources, catalogue_rows=update.changed_sources,
-            lightcurves=update.lightcurves, lightcurve_rows=update.changed_lightcurves,
+            catalogue=take(update.sources, update.changed_sources),
+            lightcurves=take(update.lightcurves, update.changed_lightcurves),
             new_sources=update.new_sources,
             merges=update.merges, relabelled=update.relabelled,
             **self._unsaved(),
@@ -254,6 +257,25 @@ class Writer:
                                 len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
                                 staged=bool(self._staged))
         return self._remember(result.meta.url, summary)
+
+    def _history(self, src_ids: np.ndarray) -> np.ndarray:
+        """Every measurement of ``src_ids`` (HISTORY_DTYPE, in id order), the staged images' included:
+        the database's rows and the staged measurements, with the staged merges' relabelling applied
+        in order (a staged image is not in the database yet, so a merge does not end the batch)."""
+        staged = [keywords for _, keywords, _ in self._staged]
+        relabels = [keywords["relabelled"] for keywords in staged
+                    if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
+        moved = np.concatenate([r["id"] for r in relabels]) if relabels else np.zeros(0, np.int64)
+        rows = np.concatenate([self.store.history(src_ids, moved),
+                               *(_history_rows(row["id"], keywords, self.catalogue.earlier)
+                                 for row, keywords, _ in self._staged if keywords.get("sources") is not None)])
+        rows = rows[np.argsort(rows["id"], kind="stable")]
+        for relabel in relabels:
+            at = np.searchsorted(rows["id"], relabel["id"])
+            found = at < len(rows)
+            found[found] = rows["id"][at[found]] == relabel["id"][found]
+            rows["src_id"][at[found]], rows["parent"][at[found]] = relabel["src_id"][found], relabel["parent"][found]
+        return rows[np.isin(rows["src_id"], src_ids)]
 
     def _remember(self, url: str, summary: CommitSummary) -> CommitSummary:
         """Keep the summary of a recorded image for a retry of its task; returns it."""
@@ -379,6 +401,21 @@ def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) ->
     """The worker's measurements with the image's systematic errors (arcsec) in their uncertainties."""
     return replace(measured, **{name: add_uncertainties(getattr(measured, name).copy(), *sys_err)
                                 for name in ("single", "pairs", "backfill")})
+
+
+def _history_rows(im_id: int, keywords: dict, earlier: EarlierImages) -> np.ndarray:
+    """A staged image's measurements (``commit_image`` keywords; ``im_id``: the image's id) as
+    HISTORY_DTYPE rows, each with the band of the image it was measured in."""
+    sources, ids = keywords["sources"], keywords["source_ids"]
+    rows = np.zeros(len(sources), HISTORY_DTYPE)
+    for name in HISTORY_DTYPE.names:
+        if name in ids:
+            rows[name] = ids[name]
+        elif name in sources.dtype.names:
+            rows[name] = sources[name]
+    rows["im_id"] = ids.get("im_id", im_id)
+    rows["freq_band"] = earlier.band[np.searchsorted(earlier.im_id, rows["im_id"])]
+    return rows
 
 
 def _finite_or_none(value: float) -> float | None:

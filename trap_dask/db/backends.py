@@ -123,7 +123,7 @@ class Backend(ABC):
     def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
         """Insert or update ``rows`` of ``columns`` (every column of each of ``tables``, which share
-        their primary ``keys``) in each table."""
+        their primary ``keys``; each key in one row at most) in each table."""
 
 
 def backend_class(name: str) -> type[Backend]:

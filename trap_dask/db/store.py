@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,7 +81,7 @@ class ExportStore:
         self.settings = settings
         self.backend = settings.impl
         self.engine = self.backend.make_engine()
-        self._batch: Connection | None = None  #: the open transaction of a batch()
+        self._batch: list[ImageRows] | None = None  #: the images of an open batch()
         #: the DB-API driver's base exception (raised by the backends' bulk writes)
         self.driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
@@ -299,29 +300,28 @@ class ExportStore:
     def batch(self) -> Iterator[ExportStore]:
         """Commit every ``commit_image`` inside the block in ONE transaction, when the block exits.
 
-        Nothing is committed before then; an exception in the block (or a failing commit) rolls
-        back the whole batch, so the database still ends at an image boundary. Batches do not nest.
+        The images' rows are gathered and written together at the exit (:meth:`_write`): one bulk
+        insert per table, each catalogue and light-curve row upserted once with its last state.
+        Nothing is committed before then, and the arrays given to ``commit_image`` must not change
+        until the block exits; an exception in the block (or a failing write) rolls back the whole
+        batch, so the database still ends at an image boundary. Batches do not nest.
         """
         if self._batch is not None:
             raise RuntimeError("ExportStore.batch() does not nest")
+        self._batch = []
         try:
-            with self.engine.begin() as conn:
-                self._batch = conn
-                try:
-                    yield self
-                finally:
-                    self._batch = None
-        except (DBAPIError, self.driver_error) as exc:
-            raise DatabaseError(f"{self.settings.describe()}: {driver_reason(exc)}") from None
+            yield self
+            images = self._batch
+        finally:
+            self._batch = None
+        self._commit(images)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        """The open batch's transaction, or a new one committed when the block exits."""
-        if self._batch is not None:
-            yield self._batch
-            return
-        with self.engine.begin() as conn:
-            yield conn
+    @_database_errors
+    def _commit(self, images: list[ImageRows]) -> None:
+        """Write ``images`` (in time order) in one transaction."""
+        if images:
+            with self.engine.begin() as conn:
+                self._write(conn, images)
 
     @_database_errors
     def commit_image(
@@ -349,35 +349,92 @@ class ExportStore:
         time) add to that image's ``n_forced``. ``merges`` retire sources into others: their
         light curves and newsource rows go, the earlier measurements in ``relabelled`` get their
         new src_id and parent, and each merge is recorded. Inside :meth:`batch`, the image joins
-        the batch's transaction.
+        the batch and is written when it ends; rows that do not match their table's columns are
+        refused here, at once.
         """
-        with self._transaction() as conn:
-            if band_rows:
-                conn.execute(insert(schema.frequencybands), [plain(r) for r in band_rows])
-            conn.execute(insert(schema.images), [plain(image_row)])
-            runs = schema.runs  # the run's image count moves with its images: right even after kill -9
-            conn.execute(update(runs).where(runs.c.id == image_row["run"]).values(n_images=runs.c.n_images + 1))
-            if monitors is not None:
-                self._insert(conn, schema.monitor, monitors)
-                self._upsert(conn, [schema.runningcatalog], monitor_catalogue, None, ["src_id"])
-            if sources is not None and len(sources):
-                columns = {n: sources[n] for n in sources.dtype.names if n not in NOT_EXPORTED}
-                columns.update({"im_id": np.full(len(sources), image_row["id"])}, **source_ids)
-                self._insert(conn, schema.extracted_sources, columns)
-                earlier, counts = np.unique(columns["im_id"][columns["im_id"] != image_row["id"]], return_counts=True)
-                for im_id, count in zip(earlier.tolist(), counts.tolist()):  # backfilled images: one or none
-                    conn.execute(update(schema.images).where(schema.images.c.id == im_id).values(
-                        n_forced=schema.images.c.n_forced + count))
-            if catalogue is not None:
-                self._upsert(conn, [schema.runningcatalog], catalogue, catalogue_rows, ["src_id"])
-            if lightcurves is not None:  # variability and its running sums: one COPY on PostgreSQL
-                self._upsert(conn, [schema.variability, schema.variability_running_averages], lightcurves,
-                             lightcurve_rows, ["src_id", "freq_band"])
-            if new_sources is not None and len(new_sources["src_id"]):
-                ids = _next_id(conn, schema.newsource.c.id) + np.arange(len(new_sources["src_id"]))
-                self._insert(conn, schema.newsource, {**new_sources, "id": ids})
-            if merges is not None and len(merges["src_id"]):
-                self._merge(conn, merges, relabelled)
+        extracted = None
+        if sources is not None and len(sources):
+            extracted = {n: sources[n] for n in sources.dtype.names if n not in NOT_EXPORTED}
+            extracted.update({"im_id": np.full(len(sources), image_row["id"])}, **source_ids)
+        changed = [_rows(columns, rows) for columns, rows in
+                   ((monitor_catalogue, None), (catalogue, catalogue_rows)) if columns is not None]
+        image = ImageRows(
+            image=plain(image_row), bands=[plain(r) for r in band_rows or []], sources=extracted,
+            catalogue=_concat(changed), lightcurves=_rows(lightcurves, lightcurve_rows),
+            new_sources=new_sources if new_sources is not None and len(new_sources["src_id"]) else None,
+            monitors=monitors, merges=merges if merges is not None and len(merges["src_id"]) else None,
+            relabelled=relabelled)
+        image.check()
+        if self._batch is not None:
+            self._batch.append(image)
+        else:
+            self._commit([image])
+
+    def _write(self, conn: Connection, images: list[ImageRows]) -> None:
+        """Write ``images`` in ``conn``'s transaction, together (each table in one statement) up to an
+        image that changes a light curve a merge before it in the group removed (never, in practice)."""
+        first, retired = 0, np.zeros(0, np.int64)
+        for i, image in enumerate(images):
+            if image.lightcurves is not None and np.isin(image.lightcurves["src_id"], retired).any():
+                self._write_together(conn, images[first:i])
+                first, retired = i, np.zeros(0, np.int64)
+            if image.merges is not None:
+                retired = np.concatenate([retired, image.merges["src_id"]])
+        self._write_together(conn, images[first:])
+
+    def _write_together(self, conn: Connection, images: list[ImageRows]) -> None:
+        """Write ``images`` as if one after the other: per-image rows are inserted together, catalogue
+        and light-curve rows upserted once in their last state; then, in image order, the newsource
+        rows and merges (a merge removes newsource and light-curve rows, and later ids follow it)."""
+        bands = [row for image in images for row in image.bands]
+        if bands:
+            conn.execute(insert(schema.frequencybands), bands)
+        named = [c for c in schema.images.c.keys() if any(c in image.image for image in images)]
+        conn.execute(insert(schema.images), [{c: image.image.get(c) for c in named} for image in images])
+        runs = schema.runs  # the run's image count moves with its images: right even after kill -9
+        for run, count in Counter(image.image["run"] for image in images).items():
+            conn.execute(update(runs).where(runs.c.id == run).values(n_images=runs.c.n_images + count))
+        monitors = _concat([image.monitors for image in images if image.monitors is not None])
+        if monitors is not None:
+            self.backend.insert(conn, schema.monitor, monitors)
+        self._insert_sources(conn, images)
+        catalogue = _concat([image.catalogue for image in images if image.catalogue is not None])
+        if catalogue is not None:
+            self._upsert(conn, [schema.runningcatalog], catalogue, ["src_id"])
+        curves = _concat([image.lightcurves for image in images if image.lightcurves is not None])
+        if curves is not None:  # variability and its running sums: one COPY on PostgreSQL
+            self._upsert(conn, [schema.variability, schema.variability_running_averages], curves,
+                         ["src_id", "freq_band"])
+        first = 0
+        for i, image in enumerate(images):
+            if image.merges is not None or i == len(images) - 1:
+                self._insert_new_sources(conn, images[first:i + 1])
+                first = i + 1
+            if image.merges is not None:
+                self._merge(conn, image.merges, image.relabelled)
+
+    def _insert_new_sources(self, conn: Connection, images: list[ImageRows]) -> None:
+        """Insert the images' newsource rows in one statement, numbered on from the largest id."""
+        new = _concat([image.new_sources for image in images if image.new_sources is not None])
+        if new is not None:
+            ids = _next_id(conn, schema.newsource.c.id) + np.arange(len(new["src_id"]))
+            self.backend.insert(conn, schema.newsource, {**new, "id": ids})
+
+    def _insert_sources(self, conn: Connection, images: list[ImageRows]) -> None:
+        """Insert the images' measurements in one statement; forced fits in an earlier image (new
+        sources measured back in time) add to that image's ``n_forced``."""
+        measured = [image for image in images if image.sources is not None]
+        if not measured:
+            return
+        columns = _concat([image.sources for image in measured])
+        self.backend.insert(conn, schema.extracted_sources, columns)
+        own = np.repeat([image.image["id"] for image in measured], [len(image.sources["id"]) for image in measured])
+        earlier, counts = np.unique(columns["im_id"][columns["im_id"] != own], return_counts=True)
+        if len(earlier):  # backfilled images: one or none per image
+            im = schema.images
+            conn.execute(update(im).where(im.c.id == bindparam("earlier")).values(
+                n_forced=im.c.n_forced + bindparam("count")),
+                [{"earlier": i, "count": c} for i, c in zip(earlier.tolist(), counts.tolist())])
 
     def _merge(self, conn: Connection, merges: Columns, relabelled: Columns) -> None:
         """Retire the merged sources (see commit_image); merges are rare, a few statements each."""
@@ -393,35 +450,83 @@ class ExportStore:
         conn.execute(delete(news).where(news.c.src_id.in_(retired)))
         for table in (schema.variability, schema.variability_running_averages):
             conn.execute(delete(table).where(table.c.src_id.in_(retired)))
-        self._insert(conn, schema.merges, {
+        self.backend.insert(conn, schema.merges, {
             **merges, "id": _next_id(conn, schema.merges.c.id) + np.arange(len(retired)),
             "newsource_trigger": np.array([triggers.get(s) for s in retired], dtype=object)})
 
     @_database_errors
-    def history(self, src_ids: np.ndarray) -> np.ndarray:
-        """Every measurement of ``src_ids`` with its image's band (HISTORY_DTYPE), for a merge."""
+    def history(self, src_ids: np.ndarray, ids: np.ndarray = ()) -> np.ndarray:
+        """Every measurement of ``src_ids``, and those with the given ``ids``, with its image's band
+        (HISTORY_DTYPE, in id order), for a merge."""
         es, im = schema.extracted_sources, schema.images
         columns = [es.c[n] if n in es.c else im.c[n] for n in HISTORY_DTYPE.names]
+        wanted = es.c.src_id.in_(np.asarray(src_ids).tolist())
+        if len(ids):  # (not an empty IN: an OR with it would keep the src_id index out of the query)
+            wanted = wanted | es.c.id.in_(np.asarray(ids).tolist())
         with self.engine.connect() as conn:
-            rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id)
-                                .where(es.c.src_id.in_(np.asarray(src_ids).tolist()))).all()
+            rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id).where(wanted)
+                                .order_by(es.c.id)).all()
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
-    def _insert(self, conn: Connection, table: Table, columns: Columns) -> None:
-        """Insert columnar rows with the backend's bulk path; ``columns`` must be the table's, all of them."""
-        _check_columns(table, columns, exact=True)
-        self.backend.insert(conn, table, columns)
+    def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, keys: list[str]) -> None:
+        """Insert or update columnar rows in ``tables`` by their primary ``keys``; of rows with the same
+        key, the last wins."""
+        if len(columns[keys[0]]):
+            self.backend.upsert(conn, tables, columns, last_of_each_key([columns[k] for k in keys]), keys)
 
-    def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, rows: np.ndarray | None,
-                keys: list[str]) -> None:
-        """Insert or update ``rows`` (default all) of columnar data in ``tables`` by primary ``keys``."""
-        if rows is None:
-            rows = np.arange(len(columns[keys[0]]))
-        if len(rows) == 0:
-            return
-        for table in tables:
-            _check_columns(table, columns, exact=False)
-        self.backend.upsert(conn, tables, columns, rows, keys)
+
+@dataclass(frozen=True)
+class ImageRows:
+    """What one image writes, as ``commit_image`` was given it, with the rows to upsert taken out."""
+
+    image: dict[str, Any]  #: its images row
+    bands: list[dict[str, Any]]  #: frequencybands rows first needed by this image
+    sources: Columns | None  #: extracted_sources, every column
+    catalogue: Columns | None  #: runningcatalog rows it changed (monitor sources first)
+    lightcurves: Columns | None  #: variability rows with their running sums it changed
+    new_sources: Columns | None  #: newsource rows but their ids
+    monitors: Columns | None  #: monitor rows first registered with this image
+    merges: Columns | None  #: merges (MERGE_COLUMNS) it made
+    relabelled: Columns | None  #: earlier measurements a merge moved (id, src_id, parent)
+
+    def check(self) -> None:
+        """Refuse rows that do not match their table's columns (ValueError); the store numbers
+        newsource and merges rows (and finds each merge's newsource trigger) itself."""
+        numbered = {"id": ()}
+        for table, columns, exact in ((schema.extracted_sources, self.sources, True),
+                                      (schema.monitor, self.monitors, True),
+                                      (schema.newsource, self.new_sources and {**self.new_sources, **numbered}, True),
+                                      (schema.merges, self.merges and {**self.merges, **numbered,
+                                                                       "newsource_trigger": ()}, True),
+                                      (schema.runningcatalog, self.catalogue, False),
+                                      (schema.variability, self.lightcurves, False),
+                                      (schema.variability_running_averages, self.lightcurves, False)):
+            if columns is not None:
+                _check_columns(table, columns, exact)
+
+
+def _rows(columns: Columns | None, rows: np.ndarray | None) -> Columns | None:
+    """``rows`` of columnar data (default all), None for none."""
+    if columns is None or (rows is not None and len(rows) == 0):
+        return None
+    return dict(columns) if rows is None else {name: values[rows] for name, values in columns.items()}
+
+
+def _concat(parts: list[Columns | None]) -> Columns | None:
+    """Columnar parts with the same columns, one after the other (None for none)."""
+    parts = [part for part in parts if part is not None]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def last_of_each_key(keys: list[np.ndarray]) -> np.ndarray:
+    """Indices of the last row of each distinct key (a tuple of ``keys`` columns), in key order."""
+    n = len(keys[0])
+    order = np.lexsort([np.arange(n), *reversed(keys)])
+    ends = np.ones(n, bool)
+    ends[:-1] = np.any([k[order][1:] != k[order][:-1] for k in keys], axis=0) if n else ends[:-1]
+    return order[ends]
 
 
 def _check_columns(table: Table, columns: Columns, exact: bool) -> None:
