@@ -88,10 +88,12 @@ class PreparedImage:
         return (nx - 1) / 2.0, (ny - 1) / 2.0
 
 
-def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionParams) -> PreparedImage:
+def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionParams,
+                  overwrite: bool = False) -> PreparedImage:
     """Subtract the background and measure the noise of a 2-D image (Jy/beam).
 
-    ``wcs`` may carry extra (frequency, Stokes) axes; its celestial part is kept.
+    ``wcs`` may carry extra (frequency, Stokes) axes; its celestial part is kept. ``overwrite``:
+    a float32 ``data`` becomes the residual map (no copy of the image is made).
     """
     data = np.asarray(data, dtype=np.float32)
     wcs = wcs.celestial
@@ -101,7 +103,8 @@ def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionPara
     beam_minor_sigma = geo.axes_from_cov(beam_cov[None])[1][0]
     # Noise correlated over >= 2 pixels per sigma lets the statistics use every other pixel.
     stride = 2 if beam_minor_sigma >= 1.5 else 1
-    residual, rms = residual_and_rms(data, params.back_size_y, params.back_size_x, stride=stride)
+    residual, rms = residual_and_rms(data, params.back_size_y, params.back_size_x, stride=stride,
+                                     overwrite=overwrite)
     return PreparedImage(residual, rms, wcs, beam, beam_cov)
 
 
