@@ -272,6 +272,11 @@ def test_pixels_from_bytes_equal_astropys(tmp_path: Path, cards: dict, dtype: ty
     from_bytes, from_file = read_image(meta, path.read_bytes())[0], read_image(meta)[0]
     assert from_bytes.dtype == np.float32 and from_bytes.shape == (16, 20)
     np.testing.assert_array_equal(from_bytes, from_file)
+    buffer = bytearray(path.read_bytes())  # what the workers read: its float32 pixels become the plane
+    in_place = read_image(meta, buffer)[0]
+    np.testing.assert_array_equal(in_place, from_file)
+    if dtype == np.float32 and not cards:
+        assert np.shares_memory(in_place, np.frombuffer(buffer, np.uint8))
     with fits.open(path) as hdul:  # astropy applies BSCALE/BZERO and the tests' BLANK pixel is NaN
         expected = hdul[meta.hdu].data.astype(np.float32)
     if dtype == np.int16:
