@@ -456,3 +456,34 @@ def test_run_labels_equal_ndimage_labels(shape):
         flat, found = label_pixels(mask)
         assert np.array_equal(flat, np.flatnonzero(labels))
         assert np.array_equal(found, labels.ravel()[flat])
+
+
+@pytest.mark.parametrize("shape", [(60, 70), (12, 9)])
+def test_grown_rings_are_the_dilation_into_free_pixels(shape):
+    """Rings grown from the pixels next to the islands only: each ring is the 8-connected
+    dilation of the last into the free (finite, S/N <= analysis) pixels not yet taken, up to the
+    image edges; every added pixel touches its own island's previous ring; peaks unchanged."""
+    from scipy import ndimage
+
+    from trap_dask.extraction.islands import EIGHT_CONNECTED, grow_into_background, label_islands
+
+    rng = np.random.default_rng(sum(shape))
+    snr = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) * 4.0
+    snr[rng.uniform(size=shape) < 0.05] = np.nan
+    _, _, islands = label_islands(snr, 1.0, 1.5)
+    assert islands.n > 1
+    with np.errstate(invalid="ignore"):
+        free = np.isfinite(snr) & (snr <= 1.0)
+    done = np.zeros(shape, bool)
+    done.flat[islands.flat] = True
+    grown = grow_into_background(islands, snr, 1.0, 2)
+    owner = np.full(shape, -1)
+    owner.flat[grown.flat] = grown.island
+    assert np.array_equal(grown.peak_flat, islands.peak_flat) and len(np.unique(grown.flat)) == len(grown.flat)
+    for _ in range(2):
+        previous = np.where(done, owner, -1)
+        ring = ndimage.binary_dilation(done, EIGHT_CONNECTED) & free & ~done
+        for y, x in zip(*np.nonzero(ring)):  # a small image: each pixel touches its island's last ring
+            assert owner[y, x] in previous[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+        done |= ring
+    assert np.array_equal(done, owner >= 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,8 @@ from scipy.sparse.csgraph import connected_components
 
 #: 8-connectivity for scipy.ndimage.label.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+#: (dy, dx) of the 8 neighbours of a pixel, in raster order.
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 @dataclass
@@ -168,41 +171,44 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     Only ``valid`` pixels (a boolean image: finite, in no other island) are added; a pixel
     claimed by two islands goes to one of them. The islands' peaks are unchanged.
     """
-    ny, nx = valid.shape
-    free = np.zeros((ny + 2, nx + 2), dtype=bool)  # a frame of never-free pixels spares the bounds checks
-    free[1:-1, 1:-1] = valid
-    return _grow(islands, free, rings)
+    return _grow(islands, valid.shape, valid.ravel().take, np.sort(islands.flat), rings)
 
 
 def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rings: int) -> Islands:
-    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island)."""
-    ny, nx = snr.shape
-    free = np.zeros((ny + 2, nx + 2), dtype=bool)
-    inner = free[1:-1, 1:-1]
-    with np.errstate(invalid="ignore"):
-        np.less_equal(snr, analysis, out=inner)  # False for NaN and +inf
-        inner &= snr > -np.inf
-    return _grow(islands, free, rings)
+    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island), looking
+    at the S/N of the pixels next to the islands only."""
+    values = snr.ravel()
+
+    def free(flat: np.ndarray) -> np.ndarray:
+        near = values.take(flat)
+        with np.errstate(invalid="ignore"):
+            return (near <= analysis) & (near > -np.inf)  # False for NaN and +inf
+
+    # island pixels have S/N > analysis: never free, so none needs to be remembered as taken
+    return _grow(islands, snr.shape, free, np.zeros(0, dtype=np.intp), rings)
 
 
-def _grow(islands: Islands, free: np.ndarray, rings: int) -> Islands:
-    """:func:`grow_islands` with the free pixels in a (ny + 2, nx + 2) frame (modified)."""
-    width = free.shape[1]
-    nx = width - 2
-    free = free.ravel()
-    edge, edge_island = islands.flat + 2 * (islands.flat // nx) + width + 1, islands.island  # (row+1, col+1)
-    free[edge] = False
-    steps = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
+def _grow(islands: Islands, shape: tuple[int, int], free: Callable[[np.ndarray], np.ndarray],
+          taken: np.ndarray, rings: int) -> Islands:
+    """:func:`grow_islands` on an image of ``shape`` whose pixels (flat indices) may be added
+    where ``free`` says so and they are not in ``taken`` (sorted) or already added."""
+    ny, nx = shape
+    edge, edge_island = islands.flat, islands.island
     grown, grown_island = [edge], [edge_island]
     for _ in range(rings):
         # a pixel reached from several edge pixels goes to the first of them (in edge order):
         # sorting (pixel, edge position) packed in one integer puts that one first
         shift = max(int(len(edge) - 1).bit_length(), 1)  # bits of an edge position
+        row, col = np.divmod(edge, nx)
         reached = []
-        for step in steps:
-            cand = edge + step
-            take = np.flatnonzero(free[cand])
-            reached.append((cand[take] << shift) | take)
+        for dy, dx in _NEIGHBOURS:
+            inside = np.flatnonzero((row + dy >= 0) & (row + dy < ny) & (col + dx >= 0) & (col + dx < nx))
+            cand = edge[inside] + (dy * nx + dx)
+            ok = free(cand)
+            if len(taken):
+                at = np.minimum(np.searchsorted(taken, cand), len(taken) - 1)
+                ok &= taken[at] != cand
+            reached.append((cand[ok] << shift) | inside[ok])
         packed = np.sort(np.concatenate(reached))
         if len(packed) == 0:
             break
@@ -210,11 +216,10 @@ def _grow(islands: Islands, free: np.ndarray, rings: int) -> Islands:
         first = np.r_[True, pixel[1:] != pixel[:-1]]
         edge = pixel[first]
         edge_island = edge_island[packed[first] & ((1 << shift) - 1)]
-        free[edge] = False
+        taken = np.union1d(taken, edge) if len(taken) else edge
         grown.append(edge)
         grown_island.append(edge_island)
-    padded, island = np.concatenate(grown), np.concatenate(grown_island)
+    flat, island = np.concatenate(grown), np.concatenate(grown_island)
     order = stable_order(island)
-    padded, island = padded[order], island[order]
-    flat = padded - 2 * (padded // width) - nx - 1  # (row - 1) * nx + col - 1
-    return Islands(flat, island, _segment_starts(island, islands.n), islands.peak_flat, islands.peak_snr)
+    return Islands(flat[order], island[order], _segment_starts(island[order], islands.n), islands.peak_flat,
+                   islands.peak_snr)
