@@ -171,7 +171,7 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     Only ``valid`` pixels (a boolean image: finite, in no other island) are added; a pixel
     claimed by two islands goes to one of them. The islands' peaks are unchanged.
     """
-    return _grow(islands, valid.shape, valid.ravel().take, np.sort(islands.flat), rings)
+    return _grow(islands, valid.shape, valid.ravel().take, islands.flat, rings)
 
 
 def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rings: int) -> Islands:
@@ -191,32 +191,37 @@ def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rin
 def _grow(islands: Islands, shape: tuple[int, int], free: Callable[[np.ndarray], np.ndarray],
           taken: np.ndarray, rings: int) -> Islands:
     """:func:`grow_islands` on an image of ``shape`` whose pixels (flat indices) may be added
-    where ``free`` says so and they are not in ``taken`` (sorted) or already added."""
+    where ``free`` says so and they are not in ``taken`` or already added."""
     ny, nx = shape
     edge, edge_island = islands.flat, islands.island
     grown, grown_island = [edge], [edge_island]
     for _ in range(rings):
-        # a pixel reached from several edge pixels goes to the first of them (in edge order):
-        # sorting (pixel, edge position) packed in one integer puts that one first
-        shift = max(int(len(edge) - 1).bit_length(), 1)  # bits of an edge position
+        # A pixel reached from several edge pixels goes to the first of them (in edge order):
+        # sorting (pixel, 1 + edge position) packed in one integer puts that one first; a taken
+        # pixel, packed as (pixel, 0), comes before all and is dropped.
+        shift = max(len(edge).bit_length(), 1)
         row, col = np.divmod(edge, nx)
-        reached = []
+        interior = bool(((row > 0) & (row < ny - 1) & (col > 0) & (col < nx - 1)).all())
+        reached = [taken << shift]
         for dy, dx in _NEIGHBOURS:
-            inside = np.flatnonzero((row + dy >= 0) & (row + dy < ny) & (col + dx >= 0) & (col + dx < nx))
-            cand = edge[inside] + (dy * nx + dx)
-            ok = free(cand)
-            if len(taken):
-                at = np.minimum(np.searchsorted(taken, cand), len(taken) - 1)
-                ok &= taken[at] != cand
-            reached.append((cand[ok] << shift) | inside[ok])
+            if interior:  # the usual case: no neighbour off the image
+                cand = edge + (dy * nx + dx)
+                source = np.flatnonzero(free(cand))
+                cand = cand[source]
+            else:
+                source = np.flatnonzero((row + dy >= 0) & (row + dy < ny) & (col + dx >= 0) & (col + dx < nx))
+                cand = edge[source] + (dy * nx + dx)
+                ok = free(cand)
+                source, cand = source[ok], cand[ok]
+            reached.append((cand << shift) | (source + 1))
         packed = np.sort(np.concatenate(reached))
-        if len(packed) == 0:
-            break
+        source = packed & ((1 << shift) - 1)
         pixel = packed >> shift
-        first = np.r_[True, pixel[1:] != pixel[:-1]]
-        edge = pixel[first]
-        edge_island = edge_island[packed[first] & ((1 << shift) - 1)]
-        taken = np.union1d(taken, edge) if len(taken) else edge
+        new = np.r_[True, pixel[1:] != pixel[:-1]] & (source > 0)
+        if not new.any():
+            break
+        edge, edge_island = pixel[new], edge_island[source[new] - 1]
+        taken = np.concatenate([taken, edge])
         grown.append(edge)
         grown_island.append(edge_island)
     flat, island = np.concatenate(grown), np.concatenate(grown_island)
