@@ -108,3 +108,38 @@ def test_banded_interpolation_equals_the_matrix_product(noise):
     residual, rms = residual_and_rms(data, 50, 50, stride=2)
     background, rms_maps = background_maps(data, 50, 50, stride=2)
     assert np.array_equal(residual, data - background) and np.array_equal(rms, rms_maps)
+
+
+@pytest.mark.parametrize("npix", [5, 16, 625, 1000])
+def test_clipped_stats_equal_direct_sums_over_the_kept_pixels(npix):
+    """The block prefix sums give the clipped mean and std that direct float64 sums over each
+    box's kept sorted pixels give (the same clipping, NaNs ignored, rows with few pixels)."""
+    from trap_dask.extraction.background import IQR_PER_SIGMA, clipped_stats
+
+    rng = np.random.default_rng(npix)
+    stack = (rng.standard_normal((40, npix)) * 2e-3 + 0.01).astype(np.float32)
+    stack[rng.uniform(size=stack.shape) < 0.03] += 0.05  # sources
+    stack[:4, : npix // 2] = np.nan
+    stack[4] = np.nan
+    mean, sigma, nfinite = clipped_stats(stack.copy())
+    norm = 1.0 / np.sqrt(clipped_variance_factor(3.0))
+    for row, m, s, n in zip(stack, mean, sigma, nfinite):
+        values = np.sort(row[np.isfinite(row)])
+        assert n == len(values)
+        if n == 0:
+            continue
+        median = values[int(np.rint(0.5 * (n - 1)))]
+        offsets = values - median
+        width = 3.0 * (values[int(np.rint(0.75 * (n - 1)))] - values[int(np.rint(0.25 * (n - 1)))]) / IQR_PER_SIGMA
+        lo, hi = np.searchsorted(offsets, -width, "left"), np.searchsorted(offsets, width, "right")
+        for _ in range(10):
+            kept = offsets[lo:hi].astype(np.float64)
+            mu = kept.sum() / max(hi - lo, 1)
+            sd = np.sqrt(max(np.square(kept).sum() / max(hi - lo, 1) - mu**2, 0.0)) * norm
+            new = (np.searchsorted(offsets, np.float32(mu - 3 * sd), "left"),
+                   np.searchsorted(offsets, np.float32(mu + 3 * sd), "right"))
+            if new == (lo, hi):
+                break
+            lo, hi = new
+        assert m == pytest.approx(mu + median, rel=1e-12, abs=1e-15)
+        assert s == pytest.approx(sd, rel=1e-9, abs=1e-15)

@@ -83,12 +83,13 @@ def _block_prefix_sums(offsets: np.ndarray) -> np.ndarray:
     nrow, npix = offsets.shape
     nblock = npix // _BLOCK
     prefix = np.zeros((nrow, nblock + 1, 2))
+    ones = np.ones(_BLOCK)
     for first in range(0, nrow, _ROWS_PER_CHUNK):
         chunk = offsets[first : first + _ROWS_PER_CHUNK, : nblock * _BLOCK].astype(np.float64)
         blocks = prefix[first : first + _ROWS_PER_CHUNK, 1:]
-        chunk.reshape(len(chunk), -1, _BLOCK).sum(-1, out=blocks[..., 0])
+        blocks[..., 0] = chunk.reshape(len(chunk), -1, _BLOCK) @ ones  # a matrix product: many short sums
         np.square(chunk, out=chunk)
-        chunk.reshape(len(chunk), -1, _BLOCK).sum(-1, out=blocks[..., 1])
+        blocks[..., 1] = chunk.reshape(len(chunk), -1, _BLOCK) @ ones
     return np.cumsum(prefix, axis=1, out=prefix)
 
 
@@ -98,13 +99,14 @@ def _range_sums(offsets: np.ndarray, prefix: np.ndarray, lo: np.ndarray, hi: np.
     nrow, npix = offsets.shape
     ends = np.stack([lo, hi], -1)  # (nrow, 2)
     block = ends // _BLOCK
-    rows = np.arange(nrow)[:, None]
     within = np.arange(_BLOCK)
     index = np.minimum(block[..., None] * _BLOCK + within, npix - 1)  # (nrow, 2, _BLOCK)
-    values = offsets[rows[..., None], index].astype(np.float64)
-    values[within >= (ends - block * _BLOCK)[..., None]] = 0.0
-    partial = np.stack([values.sum(-1), np.square(values).sum(-1)], -1)  # (nrow, 2 ends, 2 sums)
-    at = prefix[rows, block] + partial
+    index += (np.arange(nrow) * npix)[:, None, None]
+    values = offsets.reshape(-1).take(index).astype(np.float64)
+    values = np.where(within < (ends - block * _BLOCK)[..., None], values, 0.0)
+    ones = np.ones(_BLOCK)
+    partial = np.stack([values @ ones, np.square(values) @ ones], -1)  # (nrow, 2 ends, 2 sums)
+    at = prefix.reshape(-1, 2).take(block + (np.arange(nrow) * prefix.shape[1])[:, None], axis=0) + partial
     return at[:, 1] - at[:, 0]
 
 
