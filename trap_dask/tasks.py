@@ -92,13 +92,12 @@ def file_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
-def read_file(path: str) -> bytearray:
-    """A file's bytes, in a buffer that :func:`read_image` may turn into the pixels in place."""
+def read_file(path: str) -> np.ndarray:
+    """A file's bytes (uint8), in a buffer that :func:`read_image` may turn into the pixels in place."""
     with open(path, "rb") as fh:
-        raw = bytearray(os.fstat(fh.fileno()).st_size)
-        size = fh.readinto(raw)
-    del raw[size:]  # a file that shrank meanwhile
-    return raw
+        raw = np.empty(os.fstat(fh.fileno()).st_size, dtype=np.uint8)
+        size = fh.readinto(memoryview(raw))
+    return raw[:size]  # shorter when the file shrank meanwhile
 
 
 def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
