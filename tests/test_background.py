@@ -108,6 +108,8 @@ def test_banded_interpolation_equals_the_matrix_product(noise):
     residual, rms = residual_and_rms(data, 50, 50, stride=2)
     background, rms_maps = background_maps(data, 50, 50, stride=2)
     assert np.array_equal(residual, data - background) and np.array_equal(rms, rms_maps)
+    overwritten, rms_in_place = residual_and_rms(data, 50, 50, stride=2, overwrite=True)  # into data
+    assert overwritten is data and np.array_equal(data, residual) and np.array_equal(rms_in_place, rms)
 
 
 @pytest.mark.parametrize("npix", [5, 16, 625, 1000])

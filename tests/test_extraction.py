@@ -487,3 +487,25 @@ def test_grown_rings_are_the_dilation_into_free_pixels(shape):
             assert owner[y, x] in previous[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
         done |= ring
     assert np.array_equal(done, owner >= 0)
+
+
+def test_snr_map_made_where_looked_at_equals_the_full_array(field):
+    """Islands, deblended components and grown rings from an SNRMap (S/N made band by band and
+    at the pixels looked at) are those of the S/N array, on a simulated field."""
+    from trap_dask.extraction.deblend import deblend
+    from trap_dask.extraction.islands import SNRMap, grow_into_background, label_islands
+
+    image = field["image"]
+    lazy = SNRMap(image.residual, image.rms)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        full = image.residual / image.rms
+    assert np.array_equal(lazy.above(3.0), full > 3.0)
+    found = [label_islands(snr, 3.0, 5.0) for snr in (lazy, full)]
+    for a, b in zip(found[0][:2], found[1][:2]):
+        assert np.array_equal(a, b)
+    islands = found[0][2]
+    assert islands.n > 10 and np.array_equal(islands.peak_snr, found[1][2].peak_snr)
+    parts = [deblend(islands, snr, image.residual, 3.0, 32, detection=5.0) for snr in (lazy, full)]
+    assert np.array_equal(*parts)
+    grown = [grow_into_background(islands, snr, 3.0, 2) for snr in (lazy, full)]
+    assert np.array_equal(grown[0].flat, grown[1].flat) and np.array_equal(grown[0].island, grown[1].island)

@@ -246,22 +246,21 @@ def interpolate(
     ``out`` (float32, ny x nx; may be ``minuend`` itself) when given, else into a new array.
 
     ``grid @ Wx.T`` first (small), then each band of rows between two box centres is the product
-    of two of its rows only (``Wy`` has two non-zero weights per row), made in a scratch band
-    and finished while in the cache.
+    of two of its rows only (``Wy`` has two non-zero weights per row), finished while in the cache.
     """
     across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx)
     wy = interpolation_weights(ny, centre_y)
     lower = np.clip(np.searchsorted(centre_y, np.arange(ny), side="right") - 1, 0, max(len(centre_y) - 2, 0))
     out = np.empty((ny, nx), dtype=np.float32) if out is None else out
     bounds = np.flatnonzero(np.r_[True, np.diff(lower) != 0, True])
-    scratch = np.empty((int(np.diff(bounds).max()), nx), dtype=np.float32)
+    # a band is made in a scratch band when it is subtracted from itself
+    scratch = np.empty((int(np.diff(bounds).max()), nx), dtype=np.float32) if out is minuend else None
     for first, last in itertools.pairwise(bounds):
         rows = slice(lower[first], lower[first] + 2)
-        band = scratch[: last - first]
+        band = out[first:last] if scratch is None else scratch[: last - first]
         np.matmul(wy[first:last, rows], across[rows], out=band)
         if floor is not None:
             np.maximum(band, floor, out=band)
         if minuend is not None:
-            np.subtract(minuend[first:last], band, out=band)
-        out[first:last] = band
+            np.subtract(minuend[first:last], band, out=out[first:last])
     return out

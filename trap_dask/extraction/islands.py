@@ -53,6 +53,61 @@ class Islands:
                        self.peak_snr[keep])
 
 
+#: Pixels of the S/N map made at a time by :meth:`SNRMap.above` (a band that stays in the cache).
+_BAND_PIXELS = 1 << 16
+
+
+@dataclass(frozen=True)
+class SNRMap:
+    """The S/N map ``residual / rms`` (Jy/beam over Jy/beam, float32, 2-D) made only where it is
+    looked at: its values at flat indices (:meth:`take`) and the mask of pixels above a level
+    (:meth:`above`, band by band), never as an image-sized array. The same numbers as the array
+    ``residual / rms``, which serves wherever an SNRMap does."""
+
+    residual: np.ndarray
+    rms: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx) in pixels."""
+        return self.residual.shape
+
+    @property
+    def size(self) -> int:
+        """Number of pixels."""
+        return self.residual.size
+
+    def take(self, flat: np.ndarray) -> np.ndarray:
+        """S/N at flat pixel indices (NaN where blank)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.residual.ravel().take(flat) / self.rms.ravel().take(flat)
+
+    def above(self, level: float) -> np.ndarray:
+        """Boolean image: S/N > ``level`` (False where blank)."""
+        ny, nx = self.shape
+        mask = np.empty((ny, nx), dtype=bool)
+        rows = max(1, _BAND_PIXELS // max(nx, 1))
+        scratch = np.empty((min(rows, ny), nx), dtype=np.result_type(self.residual, self.rms))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for first in range(0, ny, rows):
+                band = scratch[: min(rows, ny - first)]
+                np.divide(self.residual[first : first + rows], self.rms[first : first + rows], out=band)
+                np.greater(band, level, out=mask[first : first + rows])
+        return mask
+
+
+#: An S/N map: an array or an :class:`SNRMap`.
+SNR = np.ndarray | SNRMap
+
+
+def _above(snr: SNR, level: float) -> np.ndarray:
+    """Boolean image: S/N > ``level`` (False for NaN)."""
+    if isinstance(snr, SNRMap):
+        return snr.above(level)
+    with np.errstate(invalid="ignore"):
+        return snr > level
+
+
 def stable_order(ids: np.ndarray) -> np.ndarray:
     """``np.argsort(ids, kind="stable")`` of non-negative integer ids, by radix sort when they fit
     in 16 bits (NumPy sorts those in linear time; the order is the same)."""
@@ -66,14 +121,14 @@ def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     return np.searchsorted(sorted_ids, np.arange(n))
 
 
-def islands_from_labels(labels: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
+def islands_from_labels(labels: np.ndarray, snr: SNR, detection: float) -> Islands:
     """Group the labelled pixels of a label image (0 = none) by label; keep labels whose peak S/N
     exceeds ``detection``."""
     flat = np.flatnonzero(labels)
     return islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
 
 
-def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
+def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: SNR, detection: float) -> Islands:
     """Group pixels (flat image indices) by their label (0 = none); keep labels whose peak S/N
     exceeds ``detection``.
 
@@ -86,7 +141,7 @@ def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, dete
         empty = np.zeros(0, dtype=np.int64)
         return Islands(empty, empty, empty, empty, np.zeros(0))
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-    pix_snr = snr.ravel()[flat]
+    pix_snr = snr.take(flat)
     peak_snr = np.maximum.reduceat(pix_snr, starts)
     nlab = len(starts)
     seg = np.repeat(np.arange(nlab), np.diff(np.append(starts, len(flat))))
@@ -107,14 +162,13 @@ def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, dete
     )
 
 
-def find_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, Islands]:
+def find_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarray, Islands]:
     """Label 8-connected pixels with S/N > ``analysis``; keep islands peaking above ``detection``.
 
     Returns the label image (all islands, including rejected ones) and the kept islands.
     NaN pixels never belong to an island.
     """
-    with np.errstate(invalid="ignore"):
-        above = snr > analysis
+    above = _above(snr, analysis)
     labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
     flat = np.flatnonzero(above)  # the labelled pixels (faster to find in the mask)
     return labels, islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
@@ -156,12 +210,10 @@ def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat, np.repeat(label[component], length)
 
 
-def label_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
+def label_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
     """:func:`find_islands` without the label image: returns the flat indices of all pixels with
     S/N > ``analysis`` (sorted), their labels, and the kept islands."""
-    with np.errstate(invalid="ignore"):
-        above = snr > analysis
-    flat, labels = label_pixels(above)
+    flat, labels = label_pixels(_above(snr, analysis))
     return flat, labels, islands_from_pixels(flat, labels, snr, detection)
 
 
@@ -174,13 +226,11 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     return _grow(islands, valid.shape, valid.ravel().take, islands.flat, rings)
 
 
-def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rings: int) -> Islands:
+def grow_into_background(islands: Islands, snr: SNR, analysis: float, rings: int) -> Islands:
     """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island), looking
     at the S/N of the pixels next to the islands only."""
-    values = snr.ravel()
-
     def free(flat: np.ndarray) -> np.ndarray:
-        near = values.take(flat)
+        near = snr.take(flat)
         with np.errstate(invalid="ignore"):
             return (near <= analysis) & (near > -np.inf)  # False for NaN and +inf
 
