@@ -60,8 +60,8 @@ _BAND_PIXELS = 1 << 16
 @dataclass(frozen=True)
 class SNRMap:
     """The S/N map ``residual / rms`` (Jy/beam over Jy/beam, float32, 2-D) made only where it is
-    looked at: its values at flat indices (:meth:`take`) and the mask of pixels above a level
-    (:meth:`above`, band by band), never as an image-sized array. The same numbers as the array
+    looked at: its values at flat indices (:meth:`take`) and the pixels above a level
+    (:meth:`flat_above`, band by band), never as an image-sized array. The same numbers as the array
     ``residual / rms``, which serves wherever an SNRMap does."""
 
     residual: np.ndarray
@@ -82,30 +82,32 @@ class SNRMap:
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.residual.ravel().take(flat) / self.rms.ravel().take(flat)
 
-    def above(self, level: float) -> np.ndarray:
-        """Boolean image: S/N > ``level`` (False where blank)."""
+    def flat_above(self, level: float) -> np.ndarray:
+        """Flat indices (sorted) of the pixels of S/N > ``level`` (never blank ones)."""
         ny, nx = self.shape
-        mask = np.empty((ny, nx), dtype=bool)
         rows = max(1, _BAND_PIXELS // max(nx, 1))
         scratch = np.empty((min(rows, ny), nx), dtype=np.result_type(self.residual, self.rms))
+        mask = np.empty(scratch.shape, dtype=bool)
+        found = []
         with np.errstate(invalid="ignore", divide="ignore"):
             for first in range(0, ny, rows):
-                band = scratch[: min(rows, ny - first)]
+                band, above = scratch[: min(rows, ny - first)], mask[: min(rows, ny - first)]
                 np.divide(self.residual[first : first + rows], self.rms[first : first + rows], out=band)
-                np.greater(band, level, out=mask[first : first + rows])
-        return mask
+                np.greater(band, level, out=above)
+                found.append(np.flatnonzero(above) + first * nx)
+        return np.concatenate(found)
 
 
 #: An S/N map: an array or an :class:`SNRMap`.
 SNR = np.ndarray | SNRMap
 
 
-def _above(snr: SNR, level: float) -> np.ndarray:
-    """Boolean image: S/N > ``level`` (False for NaN)."""
+def flat_above(snr: SNR, level: float) -> np.ndarray:
+    """Flat indices (sorted) of the pixels of S/N > ``level`` (never NaN ones)."""
     if isinstance(snr, SNRMap):
-        return snr.above(level)
+        return snr.flat_above(level)
     with np.errstate(invalid="ignore"):
-        return snr > level
+        return np.flatnonzero(snr > level)
 
 
 def stable_order(ids: np.ndarray) -> np.ndarray:
@@ -168,24 +170,24 @@ def find_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarra
     Returns the label image (all islands, including rejected ones) and the kept islands.
     NaN pixels never belong to an island.
     """
-    above = _above(snr, analysis)
+    flat = flat_above(snr, analysis)
+    above = np.zeros(snr.shape, dtype=bool)
+    above.flat[flat] = True
     labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
-    flat = np.flatnonzero(above)  # the labelled pixels (faster to find in the mask)
     return labels, islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
 
 
-def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8-connected components of a boolean image as (flat indices of its True pixels, sorted;
-    their labels 1..n), numbered as ``scipy.ndimage.label`` numbers them (by first pixel).
+def label_runs(flat: np.ndarray, nx: int) -> np.ndarray:
+    """The 8-connected components of the pixels at sorted flat indices ``flat`` of an image ``nx``
+    pixels wide: their labels 1..n, numbered as ``scipy.ndimage.label`` numbers them (by first
+    pixel).
 
-    Works on the runs of True pixels along rows, not on every pixel: two runs in adjacent rows
-    are joined when their columns overlap or touch diagonally, and the runs' graph is split into
+    Works on the runs of pixels along rows, not on every pixel: two runs in adjacent rows are
+    joined when their columns overlap or touch diagonally, and the runs' graph is split into
     connected components.
     """
-    nx = mask.shape[1]
-    flat = np.flatnonzero(mask)
     if len(flat) == 0:
-        return flat, np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=np.int32)
     row = flat // nx
     first = np.flatnonzero(np.r_[True, (np.diff(flat) != 1) | (np.diff(row) != 0)])
     length = np.diff(first, append=len(flat))
@@ -207,13 +209,14 @@ def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.minimum.at(first_run, component, np.arange(len(first)))
     label = np.empty(n, dtype=np.int32)
     label[np.argsort(first_run)] = np.arange(1, n + 1, dtype=np.int32)
-    return flat, np.repeat(label[component], length)
+    return np.repeat(label[component], length)
 
 
 def label_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
     """:func:`find_islands` without the label image: returns the flat indices of all pixels with
     S/N > ``analysis`` (sorted), their labels, and the kept islands."""
-    flat, labels = label_pixels(_above(snr, analysis))
+    flat = flat_above(snr, analysis)
+    labels = label_runs(flat, snr.shape[1])
     return flat, labels, islands_from_pixels(flat, labels, snr, detection)
 
 
