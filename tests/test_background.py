@@ -145,3 +145,20 @@ def test_clipped_stats_equal_direct_sums_over_the_kept_pixels(npix):
             lo, hi = new
         assert m == pytest.approx(mu + median, rel=1e-12, abs=1e-15)
         assert s == pytest.approx(sd, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 150), (99, 77), (101, 50), (203, 150)])
+def test_boxes_are_the_nan_padded_image_cut_into_tiles(shape):
+    """The box stack is filled tile by tile in place: the same as cutting the NaN-padded image."""
+    from trap_dask.extraction.background import _boxes
+
+    data = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    for box_y, box_x, stride in ((50, 50, 1), (7, 13, 2), (1, 1, 1), (200, 3, 3)):
+        stack, _, _ = _boxes(data, box_y, box_x, stride)
+        gy, gx, npix = stack.shape
+        sub = data[::stride, ::stride]
+        by, bx = -(-sub.shape[0] // gy), -(-sub.shape[1] // gx)
+        padded = np.full((gy * by, gx * bx), np.nan, dtype=np.float32)
+        padded[: sub.shape[0], : sub.shape[1]] = sub
+        expected = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy, gx, by * bx)
+        assert npix == by * bx and np.array_equal(stack, expected, equal_nan=True)

@@ -33,9 +33,19 @@ def _boxes(
     gx = -(-data.shape[1] // max(box_x, 1))
     gy, gx = min(gy, ny), min(gx, nx)
     by, bx = -(-ny // gy), -(-nx // gx)
-    padded = np.full((gy * by, gx * bx), np.nan, dtype=np.float32)
-    padded[:ny, :nx] = sub
-    stack = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy, gx, by * bx)
+    stack = np.full((gy, gx, by, bx), np.nan, dtype=np.float32)
+    # tiles[i, a, j, b] is pixel (i * by + a, j * bx + b): whole boxes, then the partial last ones
+    tiles = stack.transpose(0, 2, 1, 3)
+    qy, qx = ny // by, nx // bx
+    ry, rx = ny - qy * by, nx - qx * bx
+    tiles[:qy, :, :qx] = sub[: qy * by, : qx * bx].reshape(qy, by, qx, bx)
+    if rx:
+        tiles[:qy, :, qx, :rx] = sub[: qy * by, qx * bx :].reshape(qy, by, rx)
+    if ry:
+        tiles[qy, :ry, :qx] = sub[qy * by :, : qx * bx].reshape(ry, qx, bx)
+    if ry and rx:
+        tiles[qy, :ry, qx, :rx] = sub[qy * by :, qx * bx :]
+    stack = stack.reshape(gy, gx, by * bx)
 
     def centres(g: int, b: int, n: int) -> np.ndarray:
         start = np.arange(g) * b
