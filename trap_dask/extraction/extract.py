@@ -22,10 +22,10 @@ from trap_dask.extraction.gaussian import (
 )
 from trap_dask.extraction.islands import (
     Islands,
-    SNRMap,
     grow_into_background,
     islands_from_pixels,
     label_islands,
+    snr_map,
 )
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
@@ -174,7 +174,7 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     """Detect and measure sources; returns SOURCE_DTYPE rows with every column filled."""
     if not any_finite(image.rms):
         return empty_sources()
-    snr = SNRMap(image.residual, image.rms)
+    snr = snr_map(image.residual, image.rms)
     labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
     parent = np.arange(islands.n)  # the island each component was deblended from
     if params.deblend_nthresh > 0 and islands.n:

@@ -102,6 +102,20 @@ class SNRMap:
 SNR = np.ndarray | SNRMap
 
 
+#: Images of up to this many pixels get their S/N map as one array: memory of that size freed by
+#: the last image is reused, so it costs one division pass and every look-up is one gather.
+#: Larger ones get an :class:`SNRMap`, sparing an image-sized array of fresh pages per image.
+FULL_SNR_PIXELS = 1 << 23
+
+
+def snr_map(residual: np.ndarray, rms: np.ndarray) -> SNR:
+    """The S/N map ``residual / rms`` of a 2-D image: an array, or for a large image an SNRMap."""
+    if residual.size <= FULL_SNR_PIXELS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return residual / rms
+    return SNRMap(residual, rms)
+
+
 def flat_above(snr: SNR, level: float) -> np.ndarray:
     """Flat indices (sorted) of the pixels of S/N > ``level`` (never NaN ones)."""
     if isinstance(snr, SNRMap):
