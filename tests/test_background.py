@@ -108,3 +108,57 @@ def test_banded_interpolation_equals_the_matrix_product(noise):
     residual, rms = residual_and_rms(data, 50, 50, stride=2)
     background, rms_maps = background_maps(data, 50, 50, stride=2)
     assert np.array_equal(residual, data - background) and np.array_equal(rms, rms_maps)
+    overwritten, rms_in_place = residual_and_rms(data, 50, 50, stride=2, overwrite=True)  # into data
+    assert overwritten is data and np.array_equal(data, residual) and np.array_equal(rms_in_place, rms)
+
+
+@pytest.mark.parametrize("npix", [5, 16, 625, 1000])
+def test_clipped_stats_equal_direct_sums_over_the_kept_pixels(npix):
+    """The block prefix sums give the clipped mean and std that direct float64 sums over each
+    box's kept sorted pixels give (the same clipping, NaNs ignored, rows with few pixels)."""
+    from trap_dask.extraction.background import IQR_PER_SIGMA, clipped_stats
+
+    rng = np.random.default_rng(npix)
+    stack = (rng.standard_normal((40, npix)) * 2e-3 + 0.01).astype(np.float32)
+    stack[rng.uniform(size=stack.shape) < 0.03] += 0.05  # sources
+    stack[:4, : npix // 2] = np.nan
+    stack[4] = np.nan
+    mean, sigma, nfinite = clipped_stats(stack.copy())
+    norm = 1.0 / np.sqrt(clipped_variance_factor(3.0))
+    for row, m, s, n in zip(stack, mean, sigma, nfinite):
+        values = np.sort(row[np.isfinite(row)])
+        assert n == len(values)
+        if n == 0:
+            continue
+        median = values[int(np.rint(0.5 * (n - 1)))]
+        offsets = values - median
+        width = 3.0 * (values[int(np.rint(0.75 * (n - 1)))] - values[int(np.rint(0.25 * (n - 1)))]) / IQR_PER_SIGMA
+        lo, hi = np.searchsorted(offsets, -width, "left"), np.searchsorted(offsets, width, "right")
+        for _ in range(10):
+            kept = offsets[lo:hi].astype(np.float64)
+            mu = kept.sum() / max(hi - lo, 1)
+            sd = np.sqrt(max(np.square(kept).sum() / max(hi - lo, 1) - mu**2, 0.0)) * norm
+            new = (np.searchsorted(offsets, np.float32(mu - 3 * sd), "left"),
+                   np.searchsorted(offsets, np.float32(mu + 3 * sd), "right"))
+            if new == (lo, hi):
+                break
+            lo, hi = new
+        assert m == pytest.approx(mu + median, rel=1e-12, abs=1e-15)
+        assert s == pytest.approx(sd, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 150), (99, 77), (101, 50), (203, 150)])
+def test_boxes_are_the_nan_padded_image_cut_into_tiles(shape):
+    """The box stack is filled tile by tile in place: the same as cutting the NaN-padded image."""
+    from trap_dask.extraction.background import _boxes
+
+    data = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    for box_y, box_x, stride in ((50, 50, 1), (7, 13, 2), (1, 1, 1), (200, 3, 3)):
+        stack, _, _ = _boxes(data, box_y, box_x, stride)
+        gy, gx, npix = stack.shape
+        sub = data[::stride, ::stride]
+        by, bx = -(-sub.shape[0] // gy), -(-sub.shape[1] // gx)
+        padded = np.full((gy * by, gx * bx), np.nan, dtype=np.float32)
+        padded[: sub.shape[0], : sub.shape[1]] = sub
+        expected = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy, gx, by * bx)
+        assert npix == by * bx and np.array_equal(stack, expected, equal_nan=True)

@@ -447,12 +447,66 @@ def test_run_labels_equal_ndimage_labels(shape):
     scipy.ndimage.label, across rows, diagonals and image edges."""
     from scipy import ndimage
 
-    from trap_dask.extraction.islands import EIGHT_CONNECTED, label_pixels
+    from trap_dask.extraction.islands import EIGHT_CONNECTED, label_runs
 
     rng = np.random.default_rng(sum(shape))
     for fill in (0.0, 0.2, 0.5, 1.0):
         mask = rng.uniform(size=shape) < fill
         labels, _ = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        flat, found = label_pixels(mask)
+        flat = np.flatnonzero(mask)
+        found = label_runs(flat, shape[1])
         assert np.array_equal(flat, np.flatnonzero(labels))
         assert np.array_equal(found, labels.ravel()[flat])
+
+
+@pytest.mark.parametrize("shape", [(60, 70), (12, 9)])
+def test_grown_rings_are_the_dilation_into_free_pixels(shape):
+    """Rings grown from the pixels next to the islands only: each ring is the 8-connected
+    dilation of the last into the free (finite, S/N <= analysis) pixels not yet taken, up to the
+    image edges; every added pixel touches its own island's previous ring; peaks unchanged."""
+    from scipy import ndimage
+
+    from trap_dask.extraction.islands import EIGHT_CONNECTED, grow_into_background, label_islands
+
+    rng = np.random.default_rng(sum(shape))
+    snr = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) * 4.0
+    snr[rng.uniform(size=shape) < 0.05] = np.nan
+    _, _, islands = label_islands(snr, 1.0, 1.5)
+    assert islands.n > 1
+    with np.errstate(invalid="ignore"):
+        free = np.isfinite(snr) & (snr <= 1.0)
+    done = np.zeros(shape, bool)
+    done.flat[islands.flat] = True
+    grown = grow_into_background(islands, snr, 1.0, 2)
+    owner = np.full(shape, -1)
+    owner.flat[grown.flat] = grown.island
+    assert np.array_equal(grown.peak_flat, islands.peak_flat) and len(np.unique(grown.flat)) == len(grown.flat)
+    for _ in range(2):
+        previous = np.where(done, owner, -1)
+        ring = ndimage.binary_dilation(done, EIGHT_CONNECTED) & free & ~done
+        for y, x in zip(*np.nonzero(ring)):  # a small image: each pixel touches its island's last ring
+            assert owner[y, x] in previous[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+        done |= ring
+    assert np.array_equal(done, owner >= 0)
+
+
+def test_snr_map_made_where_looked_at_equals_the_full_array(field):
+    """Islands, deblended components and grown rings from an SNRMap (S/N made band by band and
+    at the pixels looked at) are those of the S/N array, on a simulated field."""
+    from trap_dask.extraction.deblend import deblend
+    from trap_dask.extraction.islands import SNRMap, flat_above, grow_into_background, label_islands
+
+    image = field["image"]
+    lazy = SNRMap(image.residual, image.rms)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        full = image.residual / image.rms
+    assert np.array_equal(flat_above(lazy, 3.0), np.flatnonzero(full > 3.0))
+    found = [label_islands(snr, 3.0, 5.0) for snr in (lazy, full)]
+    for a, b in zip(found[0][:2], found[1][:2]):
+        assert np.array_equal(a, b)
+    islands = found[0][2]
+    assert islands.n > 10 and np.array_equal(islands.peak_snr, found[1][2].peak_snr)
+    parts = [deblend(islands, snr, image.residual, 3.0, 32, detection=5.0) for snr in (lazy, full)]
+    assert np.array_equal(*parts)
+    grown = [grow_into_background(islands, snr, 3.0, 2) for snr in (lazy, full)]
+    assert np.array_equal(grown[0].flat, grown[1].flat) and np.array_equal(grown[0].island, grown[1].island)

@@ -13,6 +13,7 @@ from astropy.io import fits
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from trap_dask.image import Beam, ImageError, celestial_wcs, read_image, read_meta
+from trap_dask.tasks import read_file
 
 DATA = Path(__file__).parent / "data"
 ARCSEC = 1.0 / 3600.0
@@ -226,6 +227,7 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     expected = np.arange(320, dtype=np.float32).reshape(16, 20)
     np.testing.assert_array_equal(read_image(meta)[0], expected)
     np.testing.assert_array_equal(read_image(meta, packed.read_bytes())[0], expected)
+    np.testing.assert_array_equal(read_image(meta, read_file(str(packed)))[0], expected)
 
 
 @pytest.mark.parametrize("cards, reason", [
@@ -272,6 +274,11 @@ def test_pixels_from_bytes_equal_astropys(tmp_path: Path, cards: dict, dtype: ty
     from_bytes, from_file = read_image(meta, path.read_bytes())[0], read_image(meta)[0]
     assert from_bytes.dtype == np.float32 and from_bytes.shape == (16, 20)
     np.testing.assert_array_equal(from_bytes, from_file)
+    buffer = read_file(str(path))  # what the workers read: its float32 pixels become the plane
+    in_place = read_image(meta, buffer)[0]
+    np.testing.assert_array_equal(in_place, from_file)
+    if dtype == np.float32 and not cards:
+        assert np.shares_memory(in_place, buffer)
     with fits.open(path) as hdul:  # astropy applies BSCALE/BZERO and the tests' BLANK pixel is NaN
         expected = hdul[meta.hdu].data.astype(np.float32)
     if dtype == np.int16:

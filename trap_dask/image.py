@@ -141,11 +141,16 @@ def read_meta(
     )
 
 
-def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, WCS]:
+#: A FITS file's bytes: ``bytes``, or a writable buffer (1-D uint8 array) that may be reused.
+Raw = bytes | np.ndarray
+
+
+def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS]:
     """Return the 2-D plane (float32, Jy/beam, NaN kept) and its celestial WCS.
 
     The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN.
-    ``raw``: the file's bytes when the caller has read them already (they are not read again).
+    ``raw``: the file's bytes when the caller has read them already (they are not read again); a
+    uint8 array may be overwritten, the plane being a view of it (see :func:`_float_plane`).
     """
     if raw is not None:
         raw = decompressed(raw)
@@ -174,25 +179,68 @@ def read_image(meta: ImageMeta, raw: bytes | None = None) -> tuple[np.ndarray, W
 _FLOAT_BITPIX = {-32: ">f4", -64: ">f8"}
 
 
-def _float_plane(raw: bytes, meta: ImageMeta) -> np.ndarray | None:
+def _float_plane(raw: Raw, meta: ImageMeta) -> np.ndarray | None:
     """The plane as float32 straight from a FITS file's bytes when its pixels are unscaled floats
-    in a plain image HDU (what astropy would return, without its copies); None otherwise."""
-    try:
-        with fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=True) as hdul:
-            hdu = hdul[meta.hdu]
-            header, offset = hdu.header, getattr(hdu, "_data_offset", None)
-            plain = type(hdu) in (fits.PrimaryHDU, fits.ImageHDU)
-    except (OSError, ValueError, IndexError, TypeError):
-        return None  # the full reader reports it
+    in a plain image HDU (what astropy would return, without its copies); None otherwise.
+
+    32-bit pixels of a writable ``raw`` (uint8 array) are byte-swapped in place and returned as
+    a view of it (no copy of the image is made; ``raw`` is changed).
+    """
+    located = _primary_header(raw) if meta.hdu == 0 else _hdu_header(raw, meta.hdu)
+    if located is None:
+        return None
+    header, offset = located
     dtype = _FLOAT_BITPIX.get(header.get("BITPIX"))
-    if not plain or dtype is None or not isinstance(offset, int) or header.get("BSCALE", 1) != 1 \
-            or header.get("BZERO", 0) != 0:
+    if dtype is None or header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0:
         return None
     naxes = [header.get(f"NAXIS{i + 1}", 0) for i in range(header.get("NAXIS", 0))]
     count = math.prod(naxes) if naxes else 0
     if count != meta.shape[0] * meta.shape[1] or offset + count * np.dtype(dtype).itemsize > len(raw):
         return None
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(meta.shape).astype(np.float32)
+    pixels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(meta.shape)
+    if pixels.flags.writeable and dtype == ">f4":
+        return pixels.view(np.uint32).byteswap(inplace=True).view(np.float32)
+    return pixels.astype(np.float32)
+
+
+#: FITS header blocks are this many bytes; the data start at the next block after the END card.
+_FITS_BLOCK = 2880
+#: The card that ends a header.
+_END_CARD = b"END" + b" " * 77
+
+
+#: Bytes of a primary header searched for its END card at most (then astropy reads the file).
+_MAX_HEADER_BYTES = 1000 * _FITS_BLOCK
+
+
+def _primary_header(raw: Raw) -> tuple[fits.Header, int] | None:
+    """The primary header of a FITS file's bytes and the offset of its data, when it is a plain
+    image (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
+    head = bytes(memoryview(raw)[:_MAX_HEADER_BYTES])
+    at = head.find(_END_CARD)
+    while at >= 0 and at % 80:  # the END card starts on a card boundary
+        at = head.find(_END_CARD, at + 1)
+    if at < 0 or not head.startswith(b"SIMPLE  ="):
+        return None
+    offset = -(-(at + 80) // _FITS_BLOCK) * _FITS_BLOCK
+    try:
+        header = fits.Header.fromstring(head[: at + 80])
+    except (ValueError, TypeError):
+        return None  # the full reader reports it
+    return (header, offset) if header.get("SIMPLE") is True and not header.get("GROUPS") else None
+
+
+def _hdu_header(raw: Raw, index: int) -> tuple[fits.Header, int] | None:
+    """Header and data offset of HDU ``index`` of a FITS file's bytes when it is a plain image HDU
+    (through astropy, which copies an array); None otherwise."""
+    try:
+        with fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=True) as hdul:
+            hdu = hdul[index]
+            header, offset = hdu.header, getattr(hdu, "_data_offset", None)
+            plain = type(hdu) in (fits.PrimaryHDU, fits.ImageHDU)
+    except (OSError, ValueError, IndexError, TypeError):
+        return None  # the full reader reports it
+    return (header, offset) if plain and isinstance(offset, int) else None
 
 
 #: Leading bytes of the compressed files astropy opens by name, and how to expand them in memory.
@@ -204,13 +252,14 @@ _COMPRESSIONS = {
 }
 
 
-def decompressed(raw: bytes) -> bytes:
+def decompressed(raw: Raw) -> Raw:
     """A FITS file's bytes, expanded when gzip, bzip2, xz or zip compressed (as astropy reads them
     by name, but not from memory)."""
+    lead = bytes(memoryview(raw)[:8])
     for magic, expand in _COMPRESSIONS.items():
-        if raw.startswith(magic):
+        if lead.startswith(magic):
             try:
-                return expand(raw)
+                return expand(bytes(raw))  # (no copy of bytes)
             except (OSError, EOFError, ValueError, lzma.LZMAError, zipfile.BadZipFile) as exc:
                 raise ImageError(f"cannot decompress the file: {one_line(exc)}") from exc
     return raw

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -92,16 +92,24 @@ def file_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
+def read_file(path: str) -> np.ndarray:
+    """A file's bytes (uint8), in a buffer that :func:`read_image` may turn into the pixels in place."""
+    with open(path, "rb") as fh:
+        raw = np.empty(os.fstat(fh.fileno()).st_size, dtype=np.uint8)
+        size = fh.readinto(memoryview(raw))
+    return raw[:size]  # shorter when the file shrank meanwhile
+
+
 def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
     """Read the pixels (the file is read once, for its checksum too), check quality, prepare maps."""
     meta, clock = image.meta, _Clock()
     try:
-        raw = Path(meta.url).read_bytes()
+        raw = read_file(meta.url)
     except OSError as exc:  # no checksum: a later --db_append retries the file once it can be read
         return _rejected(meta, None, None, f"cannot read the file: {exc.strerror or exc}", clock)
     checksum = image.checksum or hashlib.sha256(raw).hexdigest()
     try:
-        data, wcs = read_image(meta, raw)
+        data, wcs = read_image(meta, raw)  # the pixels of ``raw`` become ``data``
     except ImageError as exc:
         return _rejected(meta, checksum, None, str(exc), clock)
     del raw
@@ -110,7 +118,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     clock.lap("quality")
     if reason is not None:
         return _rejected(meta, checksum, stats, reason, clock)
-    prepared = prepare_image(data, wcs, meta.beam, params)
+    prepared = prepare_image(data, wcs, meta.beam, params, overwrite=True)  # data: ours alone
     clock.lap("background")
     result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
                          seconds=clock.seconds)

@@ -33,9 +33,19 @@ def _boxes(
     gx = -(-data.shape[1] // max(box_x, 1))
     gy, gx = min(gy, ny), min(gx, nx)
     by, bx = -(-ny // gy), -(-nx // gx)
-    padded = np.full((gy * by, gx * bx), np.nan, dtype=np.float32)
-    padded[:ny, :nx] = sub
-    stack = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy, gx, by * bx)
+    stack = np.full((gy, gx, by, bx), np.nan, dtype=np.float32)
+    # tiles[i, a, j, b] is pixel (i * by + a, j * bx + b): whole boxes, then the partial last ones
+    tiles = stack.transpose(0, 2, 1, 3)
+    qy, qx = ny // by, nx // bx
+    ry, rx = ny - qy * by, nx - qx * bx
+    tiles[:qy, :, :qx] = sub[: qy * by, : qx * bx].reshape(qy, by, qx, bx)
+    if rx:
+        tiles[:qy, :, qx, :rx] = sub[: qy * by, qx * bx :].reshape(qy, by, rx)
+    if ry:
+        tiles[qy, :ry, :qx] = sub[qy * by :, : qx * bx].reshape(ry, qx, bx)
+    if ry and rx:
+        tiles[qy, :ry, qx, :rx] = sub[qy * by :, qx * bx :]
+    stack = stack.reshape(gy, gx, by * bx)
 
     def centres(g: int, b: int, n: int) -> np.ndarray:
         start = np.arange(g) * b
@@ -71,6 +81,45 @@ def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.
     return lo
 
 
+#: Sorted pixels summed per block for the prefix sums of :func:`clipped_stats`.
+_BLOCK = 16
+#: Rows of a stack converted to float64 at a time (the temporaries stay in the cache).
+_ROWS_PER_CHUNK = 1024
+
+
+def _block_prefix_sums(offsets: np.ndarray) -> np.ndarray:
+    """(nrow, nblock + 1, 2) float64: per row of ``offsets`` (nrow, npix), the sums of the values
+    and of their squares over its first 0, 1, ... nblock whole blocks of ``_BLOCK`` values."""
+    nrow, npix = offsets.shape
+    nblock = npix // _BLOCK
+    prefix = np.zeros((nrow, nblock + 1, 2))
+    ones = np.ones(_BLOCK)
+    for first in range(0, nrow, _ROWS_PER_CHUNK):
+        chunk = offsets[first : first + _ROWS_PER_CHUNK, : nblock * _BLOCK].astype(np.float64)
+        blocks = prefix[first : first + _ROWS_PER_CHUNK, 1:]
+        blocks[..., 0] = chunk.reshape(len(chunk), -1, _BLOCK) @ ones  # a matrix product: many short sums
+        np.square(chunk, out=chunk)
+        blocks[..., 1] = chunk.reshape(len(chunk), -1, _BLOCK) @ ones
+    return np.cumsum(prefix, axis=1, out=prefix)
+
+
+def _range_sums(offsets: np.ndarray, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(nrow, 2) float64: per row the sum of ``offsets[row, lo:hi]`` and of their squares, from the
+    block prefix sums of :func:`_block_prefix_sums` and the few values of the last partial blocks."""
+    nrow, npix = offsets.shape
+    ends = np.stack([lo, hi], -1)  # (nrow, 2)
+    block = ends // _BLOCK
+    within = np.arange(_BLOCK)
+    index = np.minimum(block[..., None] * _BLOCK + within, npix - 1)  # (nrow, 2, _BLOCK)
+    index += (np.arange(nrow) * npix)[:, None, None]
+    values = offsets.reshape(-1).take(index).astype(np.float64)
+    values = np.where(within < (ends - block * _BLOCK)[..., None], values, 0.0)
+    ones = np.ones(_BLOCK)
+    partial = np.stack([values @ ones, np.square(values) @ ones], -1)  # (nrow, 2 ends, 2 sums)
+    at = prefix.reshape(-1, 2).take(block + (np.arange(nrow) * prefix.shape[1])[:, None], axis=0) + partial
+    return at[:, 1] - at[:, 0]
+
+
 def clipped_stats(
     stack: np.ndarray, kappa: float = 3.0, max_iter: int = 10, sort_in_place: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,18 +127,20 @@ def clipped_stats(
 
     Pixels further than ``kappa`` sigma from the mean are dropped until nothing changes. The std
     is corrected for the truncation so it estimates the sigma of the Gaussian noise. Returns
-    (mean, std, number of finite pixels) per box.
+    (mean, std, number of finite pixels) per box. ``sort_in_place``: ``stack`` may be reordered
+    and overwritten (when it is a C-contiguous float array).
 
     Each box is sorted once (NaNs last), so the kept pixels are always a contiguous run
-    ``[lo, hi)`` whose sums come from cumulative sums; an iteration only finds the clipping
-    limits in the sorted boxes by binary search. The first limits are robust: the median +-
-    kappa times the interquartile range's sigma, so bright sources never inflate the starting
-    width.
+    ``[lo, hi)`` whose sums come from prefix sums per block of sorted pixels; an iteration only
+    finds the clipping limits in the sorted boxes by binary search. The first limits are robust:
+    the median +- kappa times the interquartile range's sigma, so bright sources never inflate
+    the starting width.
     """
     shape, npix = stack.shape[:-1], stack.shape[-1]
-    ordered = np.sort(stack.reshape(-1, npix), axis=-1)
-    if ordered.dtype.kind != "f":
-        ordered = ordered.astype(np.float64)
+    if not (sort_in_place and stack.dtype.kind == "f" and stack.flags.c_contiguous):
+        stack = stack.astype(stack.dtype if stack.dtype.kind == "f" else np.float64, order="C")  # a copy
+    ordered = stack.reshape(-1, npix)
+    ordered.sort(axis=-1)
     # finite = below +inf and not -inf
     inf = np.full(len(ordered), np.inf, dtype=ordered.dtype)
     nfinite = _count_below(ordered, inf, False) - _count_below(ordered, -inf, True)
@@ -101,7 +152,8 @@ def clipped_stats(
     # Offsets from the median keep the sums accurate.
     median = quantile(0.5)
     median[nfinite == 0] = 0.0
-    offsets = ordered - median
+    width = kappa * (quantile(0.75) - quantile(0.25)) / IQR_PER_SIGMA
+    offsets = np.subtract(ordered, median, out=ordered)
     if np.isfinite(median).all():  # offsets stay sorted: limits by binary search
         def count(limit: np.ndarray, inclusive: bool) -> np.ndarray:
             return _count_below(offsets, limit, inclusive)
@@ -109,22 +161,13 @@ def clipped_stats(
         def count(limit: np.ndarray, inclusive: bool) -> np.ndarray:
             below = offsets <= limit[:, None] if inclusive else offsets < limit[:, None]
             return np.count_nonzero(below, axis=-1)
-    width = kappa * (quantile(0.75) - quantile(0.25)) / IQR_PER_SIGMA
     lo, hi = count(-width[:, 0], False), count(width[:, 0], True)
-    # sums[..., j] and squares[..., j]: sums over the first j pixels (NaNs, last, are never used),
-    # both from one cumulative sum of complex numbers (real: offsets, imaginary: their squares)
-    terms = np.empty(offsets.shape, dtype=np.complex128)
-    terms.real = offsets
-    np.square(offsets, out=terms.imag, dtype=np.float64)
-    cumulative = np.zeros(offsets.shape[:-1] + (npix + 1,), dtype=np.complex128)
-    np.cumsum(terms, -1, out=cumulative[..., 1:])
-    sums, squares = cumulative.real, cumulative.imag
+    prefix = _block_prefix_sums(offsets)  # NaNs (last) enter only the sums beyond the finite pixels
     norm = 1.0 / np.sqrt(clipped_variance_factor(kappa))
     for _ in range(max_iter):
         n = np.maximum(hi - lo, 1)
-        ends = np.stack([lo, hi], -1)
-        mean = np.diff(np.take_along_axis(sums, ends, -1), axis=-1)[..., 0] / n
-        mean_sq = np.diff(np.take_along_axis(squares, ends, -1), axis=-1)[..., 0] / n
+        total = _range_sums(offsets, prefix, lo, hi)
+        mean, mean_sq = total[:, 0] / n, total[:, 1] / n
         sigma = np.sqrt(np.maximum(mean_sq - mean**2, 0.0)) * norm
         low, high = (mean - kappa * sigma).astype(np.float32), (mean + kappa * sigma).astype(np.float32)
         new_lo, new_hi = count(low, False), count(high, True)
@@ -177,36 +220,40 @@ def background_maps(
 
 
 def residual_and_rms(
-    data: np.ndarray, box_y: int = 50, box_x: int = 50, kappa: float = 3.0, stride: int = 1
+    data: np.ndarray, box_y: int = 50, box_x: int = 50, kappa: float = 3.0, stride: int = 1,
+    overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``data - background`` and the noise map of :func:`background_maps`, without keeping the
-    background map (each band of it is subtracted while it is in the cache)."""
-    return _maps(data, box_y, box_x, kappa, stride, subtract=True)
+    background map (each band of it is subtracted while it is in the cache). ``overwrite``: the
+    residual is written into ``data`` (float32) instead of a new array."""
+    return _maps(data, box_y, box_x, kappa, stride, subtract=True, overwrite=overwrite)
 
 
 def _maps(
-    data: np.ndarray, box_y: int, box_x: int, kappa: float, stride: int, subtract: bool
+    data: np.ndarray, box_y: int, box_x: int, kappa: float, stride: int, subtract: bool, overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     ny, nx = data.shape
     stack, centre_y, centre_x = _boxes(data, box_y, box_x, stride)
     mean, sigma, nfinite = clipped_stats(stack, kappa, sort_in_place=True)  # the stack is a copy
     bad = (nfinite < MIN_FINITE_FRACTION * stack.shape[-1]) | ~(sigma > 0)
+    out = data if overwrite else None
     if bad.all():
         full = np.full((ny, nx), np.nan, dtype=np.float32)
-        return (data - full if subtract else full), full.copy()
+        return (np.subtract(data, full, out=out) if subtract else full), full.copy()
     mean = _fill_missing(np.where(bad, np.nan, mean)).astype(np.float32)
     sigma = _fill_missing(np.where(bad, np.nan, sigma)).astype(np.float32)
-    background = interpolate(mean, centre_y, centre_x, ny, nx, minuend=data if subtract else None)
+    background = interpolate(mean, centre_y, centre_x, ny, nx, minuend=data if subtract else None, out=out)
     rms = interpolate(sigma, centre_y, centre_x, ny, nx, floor=0.5 * sigma.min())
     return background, rms
 
 
 def interpolate(
     grid: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray, ny: int, nx: int,
-    floor: float | None = None, minuend: np.ndarray | None = None,
+    floor: float | None = None, minuend: np.ndarray | None = None, out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``Wy @ grid @ Wx.T`` (float32, ny x nx) with the weights of :func:`interpolation_weights`;
-    at least ``floor`` when given; subtracted from ``minuend`` (ny, nx) when given.
+    at least ``floor`` when given; subtracted from ``minuend`` (ny, nx) when given. Written into
+    ``out`` (float32, ny x nx; may be ``minuend`` itself) when given, else into a new array.
 
     ``grid @ Wx.T`` first (small), then each band of rows between two box centres is the product
     of two of its rows only (``Wy`` has two non-zero weights per row), finished while in the cache.
@@ -214,14 +261,16 @@ def interpolate(
     across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx)
     wy = interpolation_weights(ny, centre_y)
     lower = np.clip(np.searchsorted(centre_y, np.arange(ny), side="right") - 1, 0, max(len(centre_y) - 2, 0))
-    out = np.empty((ny, nx), dtype=np.float32)
+    out = np.empty((ny, nx), dtype=np.float32) if out is None else out
     bounds = np.flatnonzero(np.r_[True, np.diff(lower) != 0, True])
+    # a band is made in a scratch band when it is subtracted from itself
+    scratch = np.empty((int(np.diff(bounds).max()), nx), dtype=np.float32) if out is minuend else None
     for first, last in itertools.pairwise(bounds):
         rows = slice(lower[first], lower[first] + 2)
-        band = out[first:last]
+        band = out[first:last] if scratch is None else scratch[: last - first]
         np.matmul(wy[first:last, rows], across[rows], out=band)
         if floor is not None:
             np.maximum(band, floor, out=band)
         if minuend is not None:
-            np.subtract(minuend[first:last], band, out=band)
+            np.subtract(minuend[first:last], band, out=out[first:last])
     return out

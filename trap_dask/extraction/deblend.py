@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from trap_dask.extraction.islands import EIGHT_CONNECTED, Islands
+from trap_dask.extraction.islands import EIGHT_CONNECTED, SNR, Islands
 
 #: A branch counts as a separate source when it holds at least this fraction of its island's flux.
 MIN_CONTRAST = 0.005
@@ -13,7 +13,7 @@ MIN_CONTRAST = 0.005
 
 def deblend(
     islands: Islands,
-    snr: np.ndarray,
+    snr: SNR,
     residual: np.ndarray,
     analysis: float,
     nthresh: int,
@@ -41,11 +41,10 @@ def deblend(
     return component
 
 
-def _peaks_at_or_above(islands: Islands, snr: np.ndarray, level: float) -> np.ndarray:
+def _peaks_at_or_above(islands: Islands, snr: SNR, level: float) -> np.ndarray:
     """Number of pixels of each island at or above ``level`` (S/N) and >= all their 8 neighbours."""
     ny, nx = snr.shape
-    values = snr.ravel()
-    pix_snr = values[islands.flat]
+    pix_snr = snr.take(islands.flat)
     bright = np.flatnonzero(pix_snr >= level)
     flat, pix_snr = islands.flat[bright], pix_snr[bright]
     row = flat // nx
@@ -57,17 +56,17 @@ def _peaks_at_or_above(islands: Islands, snr: np.ndarray, level: float) -> np.nd
             continue
         neighbour = flat + (dy - 1) * nx + (dx - 1)
         if interior:
-            peak &= ~(values.take(neighbour) > pix_snr)
+            peak &= ~(snr.take(neighbour) > pix_snr)
         else:
             r, c = row + dy - 1, col + dx - 1
             inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
-            peak &= ~((values.take(np.clip(neighbour, 0, len(values) - 1)) > pix_snr) & inside)
+            peak &= ~((snr.take(np.clip(neighbour, 0, snr.size - 1)) > pix_snr) & inside)
     return np.bincount(islands.island[bright[peak]], minlength=islands.n)
 
 
 def _split(
     islands: Islands,
-    snr: np.ndarray,
+    snr: SNR,
     residual: np.ndarray,
     analysis: float,
     nthresh: int,
@@ -76,7 +75,7 @@ def _split(
 ) -> np.ndarray:
     """The multi-threshold splitting of :func:`deblend` (component label > 0, 0 = none, per pixel)."""
     local, box = _mosaic(islands, snr.shape[1])
-    pix_snr = snr.ravel()[islands.flat]
+    pix_snr = snr.take(islands.flat)
     pix_flux = residual.ravel()[islands.flat].astype(float)
     island_flux = np.bincount(islands.island, weights=pix_flux, minlength=islands.n)
 

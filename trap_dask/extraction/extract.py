@@ -25,6 +25,7 @@ from trap_dask.extraction.islands import (
     grow_into_background,
     islands_from_pixels,
     label_islands,
+    snr_map,
 )
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
@@ -88,10 +89,12 @@ class PreparedImage:
         return (nx - 1) / 2.0, (ny - 1) / 2.0
 
 
-def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionParams) -> PreparedImage:
+def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionParams,
+                  overwrite: bool = False) -> PreparedImage:
     """Subtract the background and measure the noise of a 2-D image (Jy/beam).
 
-    ``wcs`` may carry extra (frequency, Stokes) axes; its celestial part is kept.
+    ``wcs`` may carry extra (frequency, Stokes) axes; its celestial part is kept. ``overwrite``:
+    a float32 ``data`` becomes the residual map (no copy of the image is made).
     """
     data = np.asarray(data, dtype=np.float32)
     wcs = wcs.celestial
@@ -101,7 +104,8 @@ def prepare_image(data: np.ndarray, wcs: WCS, beam: Beam, params: ExtractionPara
     beam_minor_sigma = geo.axes_from_cov(beam_cov[None])[1][0]
     # Noise correlated over >= 2 pixels per sigma lets the statistics use every other pixel.
     stride = 2 if beam_minor_sigma >= 1.5 else 1
-    residual, rms = residual_and_rms(data, params.back_size_y, params.back_size_x, stride=stride)
+    residual, rms = residual_and_rms(data, params.back_size_y, params.back_size_x, stride=stride,
+                                     overwrite=overwrite)
     return PreparedImage(residual, rms, wcs, beam, beam_cov)
 
 
@@ -160,12 +164,17 @@ def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.nda
     return pixels, 1.0 / np.maximum(islands.peak_snr, 1e-12)
 
 
+def any_finite(values: np.ndarray, bands: int = 64) -> bool:
+    """Whether an array has a finite value, looking at one band of rows after the other (the
+    first band settles it for any but a blank image, without an image-sized mask)."""
+    return any(np.isfinite(band).any() for band in np.array_split(values, min(bands, len(values)) or 1))
+
+
 def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
     """Detect and measure sources; returns SOURCE_DTYPE rows with every column filled."""
-    if not np.isfinite(image.rms).any():
+    if not any_finite(image.rms):
         return empty_sources()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snr = image.residual / image.rms
+    snr = snr_map(image.residual, image.rms)
     labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
     parent = np.arange(islands.n)  # the island each component was deblended from
     if params.deblend_nthresh > 0 and islands.n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,8 @@ from scipy.sparse.csgraph import connected_components
 
 #: 8-connectivity for scipy.ndimage.label.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+#: (dy, dx) of the 8 neighbours of a pixel, in raster order.
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 @dataclass
@@ -50,6 +53,77 @@ class Islands:
                        self.peak_snr[keep])
 
 
+#: Pixels of the S/N map made at a time by :meth:`SNRMap.above` (a band that stays in the cache).
+_BAND_PIXELS = 1 << 16
+
+
+@dataclass(frozen=True)
+class SNRMap:
+    """The S/N map ``residual / rms`` (Jy/beam over Jy/beam, float32, 2-D) made only where it is
+    looked at: its values at flat indices (:meth:`take`) and the pixels above a level
+    (:meth:`flat_above`, band by band), never as an image-sized array. The same numbers as the array
+    ``residual / rms``, which serves wherever an SNRMap does."""
+
+    residual: np.ndarray
+    rms: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx) in pixels."""
+        return self.residual.shape
+
+    @property
+    def size(self) -> int:
+        """Number of pixels."""
+        return self.residual.size
+
+    def take(self, flat: np.ndarray) -> np.ndarray:
+        """S/N at flat pixel indices (NaN where blank)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.residual.ravel().take(flat) / self.rms.ravel().take(flat)
+
+    def flat_above(self, level: float) -> np.ndarray:
+        """Flat indices (sorted) of the pixels of S/N > ``level`` (never blank ones)."""
+        ny, nx = self.shape
+        rows = max(1, _BAND_PIXELS // max(nx, 1))
+        scratch = np.empty((min(rows, ny), nx), dtype=np.result_type(self.residual, self.rms))
+        mask = np.empty(scratch.shape, dtype=bool)
+        found = []
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for first in range(0, ny, rows):
+                band, above = scratch[: min(rows, ny - first)], mask[: min(rows, ny - first)]
+                np.divide(self.residual[first : first + rows], self.rms[first : first + rows], out=band)
+                np.greater(band, level, out=above)
+                found.append(np.flatnonzero(above) + first * nx)
+        return np.concatenate(found)
+
+
+#: An S/N map: an array or an :class:`SNRMap`.
+SNR = np.ndarray | SNRMap
+
+
+#: Images of up to this many pixels get their S/N map as one array: memory of that size freed by
+#: the last image is reused, so it costs one division pass and every look-up is one gather.
+#: Larger ones get an :class:`SNRMap`, sparing an image-sized array of fresh pages per image.
+FULL_SNR_PIXELS = 1 << 23
+
+
+def snr_map(residual: np.ndarray, rms: np.ndarray) -> SNR:
+    """The S/N map ``residual / rms`` of a 2-D image: an array, or for a large image an SNRMap."""
+    if residual.size <= FULL_SNR_PIXELS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return residual / rms
+    return SNRMap(residual, rms)
+
+
+def flat_above(snr: SNR, level: float) -> np.ndarray:
+    """Flat indices (sorted) of the pixels of S/N > ``level`` (never NaN ones)."""
+    if isinstance(snr, SNRMap):
+        return snr.flat_above(level)
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero(snr > level)
+
+
 def stable_order(ids: np.ndarray) -> np.ndarray:
     """``np.argsort(ids, kind="stable")`` of non-negative integer ids, by radix sort when they fit
     in 16 bits (NumPy sorts those in linear time; the order is the same)."""
@@ -63,14 +137,14 @@ def _segment_starts(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     return np.searchsorted(sorted_ids, np.arange(n))
 
 
-def islands_from_labels(labels: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
+def islands_from_labels(labels: np.ndarray, snr: SNR, detection: float) -> Islands:
     """Group the labelled pixels of a label image (0 = none) by label; keep labels whose peak S/N
     exceeds ``detection``."""
     flat = np.flatnonzero(labels)
     return islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
 
 
-def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, detection: float) -> Islands:
+def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: SNR, detection: float) -> Islands:
     """Group pixels (flat image indices) by their label (0 = none); keep labels whose peak S/N
     exceeds ``detection``.
 
@@ -83,7 +157,7 @@ def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, dete
         empty = np.zeros(0, dtype=np.int64)
         return Islands(empty, empty, empty, empty, np.zeros(0))
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-    pix_snr = snr.ravel()[flat]
+    pix_snr = snr.take(flat)
     peak_snr = np.maximum.reduceat(pix_snr, starts)
     nlab = len(starts)
     seg = np.repeat(np.arange(nlab), np.diff(np.append(starts, len(flat))))
@@ -104,31 +178,30 @@ def islands_from_pixels(flat: np.ndarray, lab: np.ndarray, snr: np.ndarray, dete
     )
 
 
-def find_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, Islands]:
+def find_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarray, Islands]:
     """Label 8-connected pixels with S/N > ``analysis``; keep islands peaking above ``detection``.
 
     Returns the label image (all islands, including rejected ones) and the kept islands.
     NaN pixels never belong to an island.
     """
-    with np.errstate(invalid="ignore"):
-        above = snr > analysis
+    flat = flat_above(snr, analysis)
+    above = np.zeros(snr.shape, dtype=bool)
+    above.flat[flat] = True
     labels, _ = ndimage.label(above, structure=EIGHT_CONNECTED)
-    flat = np.flatnonzero(above)  # the labelled pixels (faster to find in the mask)
     return labels, islands_from_pixels(flat, labels.ravel()[flat], snr, detection)
 
 
-def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8-connected components of a boolean image as (flat indices of its True pixels, sorted;
-    their labels 1..n), numbered as ``scipy.ndimage.label`` numbers them (by first pixel).
+def label_runs(flat: np.ndarray, nx: int) -> np.ndarray:
+    """The 8-connected components of the pixels at sorted flat indices ``flat`` of an image ``nx``
+    pixels wide: their labels 1..n, numbered as ``scipy.ndimage.label`` numbers them (by first
+    pixel).
 
-    Works on the runs of True pixels along rows, not on every pixel: two runs in adjacent rows
-    are joined when their columns overlap or touch diagonally, and the runs' graph is split into
+    Works on the runs of pixels along rows, not on every pixel: two runs in adjacent rows are
+    joined when their columns overlap or touch diagonally, and the runs' graph is split into
     connected components.
     """
-    nx = mask.shape[1]
-    flat = np.flatnonzero(mask)
     if len(flat) == 0:
-        return flat, np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=np.int32)
     row = flat // nx
     first = np.flatnonzero(np.r_[True, (np.diff(flat) != 1) | (np.diff(row) != 0)])
     length = np.diff(first, append=len(flat))
@@ -150,15 +223,14 @@ def label_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.minimum.at(first_run, component, np.arange(len(first)))
     label = np.empty(n, dtype=np.int32)
     label[np.argsort(first_run)] = np.arange(1, n + 1, dtype=np.int32)
-    return flat, np.repeat(label[component], length)
+    return np.repeat(label[component], length)
 
 
-def label_islands(snr: np.ndarray, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
+def label_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarray, np.ndarray, Islands]:
     """:func:`find_islands` without the label image: returns the flat indices of all pixels with
     S/N > ``analysis`` (sorted), their labels, and the kept islands."""
-    with np.errstate(invalid="ignore"):
-        above = snr > analysis
-    flat, labels = label_pixels(above)
+    flat = flat_above(snr, analysis)
+    labels = label_runs(flat, snr.shape[1])
     return flat, labels, islands_from_pixels(flat, labels, snr, detection)
 
 
@@ -168,53 +240,58 @@ def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
     Only ``valid`` pixels (a boolean image: finite, in no other island) are added; a pixel
     claimed by two islands goes to one of them. The islands' peaks are unchanged.
     """
-    ny, nx = valid.shape
-    free = np.zeros((ny + 2, nx + 2), dtype=bool)  # a frame of never-free pixels spares the bounds checks
-    free[1:-1, 1:-1] = valid
-    return _grow(islands, free, rings)
+    return _grow(islands, valid.shape, valid.ravel().take, islands.flat, rings)
 
 
-def grow_into_background(islands: Islands, snr: np.ndarray, analysis: float, rings: int) -> Islands:
-    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island)."""
-    ny, nx = snr.shape
-    free = np.zeros((ny + 2, nx + 2), dtype=bool)
-    inner = free[1:-1, 1:-1]
-    with np.errstate(invalid="ignore"):
-        np.less_equal(snr, analysis, out=inner)  # False for NaN and +inf
-        inner &= snr > -np.inf
-    return _grow(islands, free, rings)
+def grow_into_background(islands: Islands, snr: SNR, analysis: float, rings: int) -> Islands:
+    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island), looking
+    at the S/N of the pixels next to the islands only."""
+    def free(flat: np.ndarray) -> np.ndarray:
+        near = snr.take(flat)
+        with np.errstate(invalid="ignore"):
+            return (near <= analysis) & (near > -np.inf)  # False for NaN and +inf
+
+    # island pixels have S/N > analysis: never free, so none needs to be remembered as taken
+    return _grow(islands, snr.shape, free, np.zeros(0, dtype=np.intp), rings)
 
 
-def _grow(islands: Islands, free: np.ndarray, rings: int) -> Islands:
-    """:func:`grow_islands` with the free pixels in a (ny + 2, nx + 2) frame (modified)."""
-    width = free.shape[1]
-    nx = width - 2
-    free = free.ravel()
-    edge, edge_island = islands.flat + 2 * (islands.flat // nx) + width + 1, islands.island  # (row+1, col+1)
-    free[edge] = False
-    steps = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
+def _grow(islands: Islands, shape: tuple[int, int], free: Callable[[np.ndarray], np.ndarray],
+          taken: np.ndarray, rings: int) -> Islands:
+    """:func:`grow_islands` on an image of ``shape`` whose pixels (flat indices) may be added
+    where ``free`` says so and they are not in ``taken`` or already added."""
+    ny, nx = shape
+    edge, edge_island = islands.flat, islands.island
     grown, grown_island = [edge], [edge_island]
     for _ in range(rings):
-        # a pixel reached from several edge pixels goes to the first of them (in edge order):
-        # sorting (pixel, edge position) packed in one integer puts that one first
-        shift = max(int(len(edge) - 1).bit_length(), 1)  # bits of an edge position
-        reached = []
-        for step in steps:
-            cand = edge + step
-            take = np.flatnonzero(free[cand])
-            reached.append((cand[take] << shift) | take)
+        # A pixel reached from several edge pixels goes to the first of them (in edge order):
+        # sorting (pixel, 1 + edge position) packed in one integer puts that one first; a taken
+        # pixel, packed as (pixel, 0), comes before all and is dropped.
+        shift = max(len(edge).bit_length(), 1)
+        row, col = np.divmod(edge, nx)
+        interior = bool(((row > 0) & (row < ny - 1) & (col > 0) & (col < nx - 1)).all())
+        reached = [taken << shift]
+        for dy, dx in _NEIGHBOURS:
+            if interior:  # the usual case: no neighbour off the image
+                cand = edge + (dy * nx + dx)
+                source = np.flatnonzero(free(cand))
+                cand = cand[source]
+            else:
+                source = np.flatnonzero((row + dy >= 0) & (row + dy < ny) & (col + dx >= 0) & (col + dx < nx))
+                cand = edge[source] + (dy * nx + dx)
+                ok = free(cand)
+                source, cand = source[ok], cand[ok]
+            reached.append((cand << shift) | (source + 1))
         packed = np.sort(np.concatenate(reached))
-        if len(packed) == 0:
-            break
+        source = packed & ((1 << shift) - 1)
         pixel = packed >> shift
-        first = np.r_[True, pixel[1:] != pixel[:-1]]
-        edge = pixel[first]
-        edge_island = edge_island[packed[first] & ((1 << shift) - 1)]
-        free[edge] = False
+        new = np.r_[True, pixel[1:] != pixel[:-1]] & (source > 0)
+        if not new.any():
+            break
+        edge, edge_island = pixel[new], edge_island[source[new] - 1]
+        taken = np.concatenate([taken, edge])
         grown.append(edge)
         grown_island.append(edge_island)
-    padded, island = np.concatenate(grown), np.concatenate(grown_island)
+    flat, island = np.concatenate(grown), np.concatenate(grown_island)
     order = stable_order(island)
-    padded, island = padded[order], island[order]
-    flat = padded - 2 * (padded // width) - nx - 1  # (row - 1) * nx + col - 1
-    return Islands(flat, island, _segment_starts(island, islands.n), islands.peak_flat, islands.peak_snr)
+    return Islands(flat[order], island[order], _segment_starts(island[order], islands.n), islands.peak_flat,
+                   islands.peak_snr)
