@@ -416,3 +416,25 @@ def test_default_window_leaves_room_for_each_bands_held_image():
     assert default_window(metas(8), 8, twelve_images) == 4
     assert default_window(metas(1), 1, twelve_images) == 3
     assert default_window(metas(16), 8, twelve_images) == 2  # never fewer than 2
+
+
+def test_threads_take_the_gil_back_within_a_millisecond_during_a_run(survey, tmp_path):
+    """The run's threads (extraction, writer, Dask's loop) hand the GIL over every GIL_SWITCH_S
+    while the run lasts; the caller's Python gets its own setting back afterwards."""
+    from contextlib import contextmanager
+
+    from trap_dask.pipeline import GIL_SWITCH_S
+
+    seen = []
+
+    @contextmanager
+    def observe(client):
+        seen.append(sys.getswitchinterval())
+        yield
+
+    before = sys.getswitchinterval()
+    values = {"input_images": (str(Path(survey["images"][0]["path"]).parent),), "db_name": str(tmp_path / "gil.db"),
+              "nr_threads": 2, **THRESHOLDS}
+    run_pipeline(build_config(values, {}, None), observe=observe)
+    assert seen == [GIL_SWITCH_S] and GIL_SWITCH_S < before
+    assert sys.getswitchinterval() == before
