@@ -41,7 +41,8 @@ STAGES = (
     ("associate (plan)", "trap_dask.catalogue", "RunningCatalogue.plan"),
     ("catalogue update", "trap_dask.catalogue", "RunningCatalogue.update"),
     ("catalogue apply", "trap_dask.catalogue", "RunningCatalogue.apply"),
-    ("commit (database)", "trap_dask.db.store", "ExportStore.commit_image"),
+    # the writer's flush writes what commit_image gathered (ExportStore.batch), one transaction per call
+    ("commit (database)", "trap_dask.writer", "Writer.flush"),
 )
 
 
