@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
 import json
 import os
 import re
@@ -185,21 +184,19 @@ def trap_dask_env(src: Path | None) -> dict[str, str]:
     return env
 
 
-@functools.cache
-def _compile(pythonpath: str | None) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    code = ("import compileall, pathlib, trap_dask; "
+#: Compiles the trap_dask package that the interpreter imports.
+_COMPILE = ("import compileall, pathlib, trap_dask; "
             "compileall.compile_dir(pathlib.Path(trap_dask.__file__).parent, quiet=1)")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+_compiled: set[str | None] = set()  #: PYTHONPATHs whose trap_dask was compiled
 
 
 def compile_trap_dask(env: dict[str, str]) -> None:
     """Write the bytecode of the trap_dask that ``env`` imports, once: an installed package has it
     (as trap 1.4.0's venv has), but an editable checkout under PYTHONDONTWRITEBYTECODE (set on some
     machines) would compile every module at every start (~0.1-0.2 CPU-s of start-up here)."""
-    _compile(env.get("PYTHONPATH"))
+    if env.get("PYTHONPATH") not in _compiled:
+        subprocess.run([sys.executable, "-c", _COMPILE], env=env, check=True)
+        _compiled.add(env.get("PYTHONPATH"))
 
 
 def trap14_env(venv: Path) -> dict[str, str]:

@@ -53,7 +53,7 @@ class Islands:
                        self.peak_snr[keep])
 
 
-#: Pixels of the S/N map made at a time by :meth:`SNRMap.above` (a band that stays in the cache).
+#: Pixels of the S/N map made at a time by :meth:`SNRMap.flat_above` (a band that stays in the cache).
 _BAND_PIXELS = 1 << 16
 
 
