@@ -158,6 +158,39 @@ def test_append_upgrades_a_version_2_database(db_settings, epochs, reference):
     assert links == {"extracted_sources": [row[:4] for row in reference["extracted_sources"]]}
 
 
+def image_foreign_keys(settings: DatabaseSettings) -> list[dict]:
+    """The foreign keys of extracted_sources.im_id."""
+    from sqlalchemy import inspect
+
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        keys = [key for key in inspect(conn).get_foreign_keys("extracted_sources")
+                if key["constrained_columns"] == ["im_id"]]
+    engine.dispose()
+    return keys
+
+
+def test_append_upgrades_a_version_3_database(db_settings, epochs, reference):
+    """Version 3 had a foreign key from extracted_sources.im_id to images on both backends; an
+    append drops it on PostgreSQL (SQLite keeps it) and continues the light curves as one run."""
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        if db_settings.backend == "postgres":  # SQLite's version 3 table is the same as version 4's
+            conn.exec_driver_sql("ALTER TABLE extracted_sources ADD CONSTRAINT extracted_sources_im_id_fkey "
+                                 "FOREIGN KEY (im_id) REFERENCES images (id)")
+        conn.execute(schema.schema_version.update().values(version=3))
+    engine.dispose()
+    assert len(image_foreign_keys(db_settings)) == 1
+    run(db_settings, epochs, db_append=True)
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
+    engine.dispose()
+    assert len(image_foreign_keys(db_settings)) == (1 if db_settings.backend == "sqlite" else 0)
+    assert dump(db_settings) == reference
+
+
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
     """A database of export schema version 1 (running sums in `variability`, before the images'
     astrometry and merges) is upgraded in place by an append, which then links the new images to

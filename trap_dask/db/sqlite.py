@@ -41,12 +41,8 @@ def _pragmas(dbapi_connection, _record) -> None:
 
 
 def python_values(column: np.ndarray) -> list[Any]:
-    """A numpy column as SQLite DB-API values: Python scalars, NaN as NULL, datetimes as text."""
-    if column.dtype.kind == "f":
-        values = column.tolist()
-        for i in np.flatnonzero(np.isnan(column)).tolist():
-            values[i] = None
-        return values
+    """A numpy column as SQLite DB-API values: Python scalars, datetimes as text. A NaN float goes
+    as it is: SQLite stores a NaN bound as a double as NULL (tests/test_backend_contract.py)."""
     if column.dtype.kind == "O":
         text: dict[datetime, str] = {}  # a light curve's times repeat: format each once
         return [(text.get(v) or text.setdefault(v, v.strftime(SQLITE_DATETIME))) if isinstance(v, datetime) else v
