@@ -138,9 +138,13 @@ SINGLE_THREADED_LIBRARIES = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OP
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "numpy" not in sys.modules and any(a in ("run", "bench") for a in argv[:1]):
-        for name, value in SINGLE_THREADED_LIBRARIES.items():
-            os.environ.setdefault(name, value)
+    if any(a in ("run", "bench") for a in argv[:1]):
+        from trap_dask.allocator import reuse_freed_memory
+
+        reuse_freed_memory()  # before the run's threads start (each would take an arena of its own)
+        if "numpy" not in sys.modules:
+            for name, value in SINGLE_THREADED_LIBRARIES.items():
+                os.environ.setdefault(name, value)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", None)
