@@ -418,9 +418,11 @@ def test_default_window_leaves_room_for_each_bands_held_image():
     assert default_window(metas(16), 8, twelve_images) == 2  # never fewer than 2
 
 
-def test_threads_take_the_gil_back_within_a_millisecond_during_a_run(survey, tmp_path):
-    """The run's threads (extraction, writer, Dask's loop) hand the GIL over every GIL_SWITCH_S
-    while the run lasts; the caller's Python gets its own setting back afterwards."""
+def test_the_interpreter_is_tuned_during_a_run_and_restored_after(survey, tmp_path):
+    """While the run lasts, its threads (extraction, writer, Dask's loop) hand the GIL over every
+    GIL_SWITCH_S and the objects of the imported modules are frozen out of the garbage collector's
+    passes; the caller's Python gets its own settings back afterwards."""
+    import gc
     from contextlib import contextmanager
 
     from trap_dask.pipeline import GIL_SWITCH_S
@@ -429,12 +431,14 @@ def test_threads_take_the_gil_back_within_a_millisecond_during_a_run(survey, tmp
 
     @contextmanager
     def observe(client):
-        seen.append(sys.getswitchinterval())
+        seen.append((sys.getswitchinterval(), gc.get_freeze_count()))
         yield
 
     before = sys.getswitchinterval()
+    assert gc.get_freeze_count() == 0
     values = {"input_images": (str(Path(survey["images"][0]["path"]).parent),), "db_name": str(tmp_path / "gil.db"),
               "nr_threads": 2, **THRESHOLDS}
     run_pipeline(build_config(values, {}, None), observe=observe)
-    assert seen == [GIL_SWITCH_S] and GIL_SWITCH_S < before
-    assert sys.getswitchinterval() == before
+    (interval, frozen), = seen
+    assert interval == GIL_SWITCH_S < before and frozen > 10_000  # every module's objects
+    assert sys.getswitchinterval() == before and gc.get_freeze_count() == 0
