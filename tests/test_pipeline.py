@@ -442,3 +442,27 @@ def test_the_interpreter_is_tuned_during_a_run_and_restored_after(survey, tmp_pa
     (interval, frozen), = seen
     assert interval == GIL_SWITCH_S < before and frozen > 10_000  # every module's objects
     assert sys.getswitchinterval() == before and gc.get_freeze_count() == 0
+
+
+def test_a_call_to_the_closed_writer_is_not_reported_while_the_cluster_closes(caplog):
+    """A stopped run closes its cluster while a task of an image in flight may still call the
+    writer actor: Dask's report of that call (a KeyError of the actor's key) is dropped, any
+    other error it logs is kept, and after the close nothing is dropped."""
+    import logging
+
+    from trap_dask.pipeline import _late_writer_calls_quiet
+
+    core = logging.getLogger("distributed.core")
+
+    def report(key: str) -> None:
+        try:
+            raise KeyError(key)
+        except KeyError:
+            core.exception("Exception while handling op actor_execute")
+
+    with caplog.at_level(logging.ERROR, logger="distributed.core"):
+        with _late_writer_calls_quiet("Writer-1234"):
+            report("Writer-1234")
+            report("Writer-5678")
+        report("Writer-1234")
+    assert [r.exc_info[1].args for r in caplog.records] == [("Writer-5678",), ("Writer-1234",)]

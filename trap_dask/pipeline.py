@@ -346,7 +346,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
             try:
                 observing.close()
             finally:
-                session.close()
+                with _late_writer_calls_quiet(session.writer.key if session.writer is not None else None):
+                    session.close()
     return RunSummary(
         db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
         n_skipped=len(scans) - len(fresh),
@@ -486,6 +487,36 @@ def _gil_switch_interval(seconds: float) -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(previous)
+
+
+class _LateWriterCall(logging.Filter):
+    """Drops Dask's report of a call that reached the writer actor after the run closed it: a task of
+    an image that was still running when a stopped run (Ctrl-C, SIGTERM) shut its cluster down. Its
+    result is discarded on purpose; the report would only be a traceback for the user to puzzle over."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, KeyError) and error.args == (self.key,))
+
+
+@contextmanager
+def _late_writer_calls_quiet(key: str | None) -> Iterator[None]:
+    """While the cluster closes: no report of calls to the closed writer actor ``key`` (see
+    :class:`_LateWriterCall`; Dask's ``distributed.core`` logs them)."""
+    if key is None:
+        yield
+        return
+    late = _LateWriterCall(key)
+    logger = logging.getLogger("distributed.core")
+    logger.addFilter(late)
+    try:
+        yield
+    finally:
+        logger.removeFilter(late)
 
 
 @contextmanager
