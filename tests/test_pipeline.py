@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -444,25 +445,30 @@ def test_the_interpreter_is_tuned_during_a_run_and_restored_after(survey, tmp_pa
     assert sys.getswitchinterval() == before and gc.get_freeze_count() == 0
 
 
-def test_a_call_to_the_closed_writer_is_not_reported_while_the_cluster_closes(caplog):
-    """A stopped run closes its cluster while a task of an image in flight may still call the
-    writer actor: Dask's report of that call (a KeyError of the actor's key) is dropped, any
-    other error it logs is kept, and after the close nothing is dropped."""
-    import logging
+_RELEASE = threading.Event()
 
-    from trap_dask.pipeline import _late_writer_calls_quiet
 
-    core = logging.getLogger("distributed.core")
+def _held_task() -> bool:
+    """A task that runs until the test releases it (at most 5 s)."""
+    return _RELEASE.wait(5.0)
 
-    def report(key: str) -> None:
-        try:
-            raise KeyError(key)
-        except KeyError:
-            core.exception("Exception while handling op actor_execute")
 
-    with caplog.at_level(logging.ERROR, logger="distributed.core"):
-        with _late_writer_calls_quiet("Writer-1234"):
-            report("Writer-1234")
-            report("Writer-5678")
-        report("Writer-1234")
-    assert [r.exc_info[1].args for r in caplog.records] == [("Writer-5678",), ("Writer-1234",)]
+def test_a_stopped_run_waits_for_the_tasks_still_running_before_it_closes_the_cluster():
+    """_drain returns once no task runs on the workers (a task already running when a run stops
+    finishes its writer calls before the cluster, and the writer actor with it, goes away)."""
+    from distributed import Client, LocalCluster
+
+    from trap_dask.pipeline import _drain
+
+    _RELEASE.clear()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        running = client.submit(_held_task, pure=False)
+        while not any(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
+            time.sleep(0.01)
+        threading.Timer(0.3, _RELEASE.set).start()
+        started = time.monotonic()
+        _drain(client, 10.0)
+        assert running.done() and running.result() is True
+        assert 0.2 < time.monotonic() - started < 5.0
+        _drain(client, 10.0)  # nothing running: returns at once

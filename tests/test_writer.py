@@ -66,3 +66,17 @@ def test_a_commit_asked_again_gets_its_summary_back(tmp_path):
     assert again == done
     writer.finish("completed")
     assert _count(settings, schema.images) == 1 and _count(settings, schema.extracted_sources) == 1
+
+
+def test_an_image_that_reaches_the_writer_after_the_run_stopped_is_dropped_quietly(tmp_path):
+    """A task still running when a run stopped (Ctrl-C, SIGTERM) calls the writer after finish():
+    it gets a 'dropped' summary (no error for Dask to report) and nothing is recorded."""
+    writer, settings = _writer(tmp_path)
+    first, second = _image(1, [150.0], [30.0]), _image(2, [150.0], [30.0])
+    request = writer.associate(first)
+    writer.finish("interrupted")                  # the run stops between the image's two calls
+    late_commit = _commit(writer, request)
+    late_associate = writer.associate(second)
+    assert late_commit.dropped and not late_commit.recorded
+    assert late_associate.dropped and not late_associate.recorded
+    assert _count(settings, schema.images) == 0 and _count(settings, schema.extracted_sources) == 0

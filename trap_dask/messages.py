@@ -107,8 +107,9 @@ class CommitSummary:
     copy_of: str | None = None  #: not recorded: a file with the contents of this earlier input of the run
     stored: bool = False  #: not recorded: in the database already (committed before a lost writer's answer)
     staged: bool = False  #: applied, its rows waiting for the writer's next transaction (Writer.flush)
+    dropped: bool = False  #: not recorded: it reached the writer after the run had stopped (Writer.finish)
 
     @property
     def recorded(self) -> bool:
         """Whether this input became an ``images`` row in this call."""
-        return self.copy_of is None and not self.stored
+        return self.copy_of is None and not self.stored and not self.dropped

@@ -346,8 +346,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
             try:
                 observing.close()
             finally:
-                with _late_writer_calls_quiet(session.writer.key if session.writer is not None else None):
-                    session.close()
+                _drain(session.client, DRAIN_S)
+                session.close()
     return RunSummary(
         db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
         n_skipped=len(scans) - len(fresh),
@@ -489,34 +489,25 @@ def _gil_switch_interval(seconds: float) -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-class _LateWriterCall(logging.Filter):
-    """Drops Dask's report of a call that reached the writer actor after the run closed it: a task of
-    an image that was still running when a stopped run (Ctrl-C, SIGTERM) shut its cluster down. Its
-    result is discarded on purpose; the report would only be a traceback for the user to puzzle over."""
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, KeyError) and error.args == (self.key,))
+#: Seconds a stopped run waits for the tasks still running on its workers before it closes the
+#: cluster (an extraction of an 8192^2 image takes ~2 s).
+DRAIN_S = 30.0
 
 
-@contextmanager
-def _late_writer_calls_quiet(key: str | None) -> Iterator[None]:
-    """While the cluster closes: no report of calls to the closed writer actor ``key`` (see
-    :class:`_LateWriterCall`; Dask's ``distributed.core`` logs them)."""
-    if key is None:
-        yield
-        return
-    late = _LateWriterCall(key)
-    logger = logging.getLogger("distributed.core")
-    logger.addFilter(late)
-    try:
-        yield
-    finally:
-        logger.removeFilter(late)
+def _drain(client, seconds: float) -> None:
+    """Wait until no task runs on the cluster's workers, at most ``seconds``. A stopped run (Ctrl-C,
+    SIGTERM) has dropped the images in flight, but a task already running goes on in its thread: one
+    still talking to the writer actor when the cluster closes made Dask print tracebacks (the actor
+    gone, a call cancelled mid-way). After the writer finished, such a task's next call fails at once."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(lambda dask_worker: len(dask_worker.state.executing))
+        except Exception:  # noqa: BLE001 - workers gone: nothing left to wait for
+            return
+        if not any(running.values()):
+            return
+        time.sleep(0.05)
 
 
 @contextmanager

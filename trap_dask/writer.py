@@ -129,6 +129,7 @@ class Writer:
         self._snapshot: dict | None = None  #: the state before the first staged image
         self._staged_since = 0.0
         self._idle_since = 0.0  #: time.time() when the last image was committed or staged
+        self.finished = False  #: finish() was called: the run has stopped
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
         """Register the monitor positions not yet in the database; returns their monitor rows."""
@@ -168,6 +169,8 @@ class Writer:
 
         A rejected image is committed at once and its CommitSummary returned instead.
         """
+        if self.finished:  # a task still running when the run stopped: its image is not recorded
+            return CommitSummary(-1, False, 0, 0, 0, dropped=True)
         started = time.perf_counter()
         if result.meta.url in self._recent:  # recorded already: its task was retried after its worker was lost
             return self._recent[result.meta.url]
@@ -216,6 +219,8 @@ class Writer:
         the image; when the writer is behind, stage it for the next transaction instead (see the
         module's text). A commit asked again (its task retried after its worker was lost) gets the
         image's summary back."""
+        if self.finished:
+            return CommitSummary(-1, False, 0, 0, 0, dropped=True)
         started = time.perf_counter()
         if url and (self._pending is None or self._pending[1].meta.url != url):
             if url not in self._recent:
@@ -324,7 +329,10 @@ class Writer:
         return len(staged)
 
     def finish(self, status: str) -> dict:
-        """Write what is staged and record the run's end; returns totals for the summary."""
+        """Write what is staged and record the run's end; returns totals for the summary. Later
+        calls of :meth:`associate` and :meth:`commit` (tasks of images in flight when the run
+        stopped) record nothing and answer a ``dropped`` summary."""
+        self.finished = True
         self._pending = None
         staged = len(self._staged)
         try:
