@@ -498,7 +498,8 @@ def _drain(client, seconds: float) -> None:
     """Wait until no task runs on the cluster's workers, at most ``seconds``. A stopped run (Ctrl-C,
     SIGTERM) has dropped the images in flight, but a task already running goes on in its thread: one
     still talking to the writer actor when the cluster closes made Dask print tracebacks (the actor
-    gone, a call cancelled mid-way). After the writer finished, such a task's next call fails at once."""
+    gone, a call cancelled mid-way). After the writer finished, such a task's calls are answered at
+    once ('dropped', nothing recorded), so the wait is the rest of a running extraction at most."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
