@@ -454,8 +454,9 @@ def _held_task() -> bool:
 
 
 def test_a_stopped_run_waits_for_the_tasks_still_running_before_it_closes_the_cluster():
-    """_drain returns once no task runs on the workers (a task already running when a run stops
-    finishes its writer calls before the cluster, and the writer actor with it, goes away)."""
+    """_drain returns once no image's task runs on the workers (a task already running when a run
+    stops finishes its writer calls before the cluster, and the writer actor with it, goes away);
+    another client's task on a shared cluster is not waited for."""
     from distributed import Client, LocalCluster
 
     from trap_dask.pipeline import _drain
@@ -463,12 +464,21 @@ def test_a_stopped_run_waits_for_the_tasks_still_running_before_it_closes_the_cl
     _RELEASE.clear()
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        running = client.submit(_held_task, pure=False)
-        while not any(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
+        running = client.submit(_held_task, key="process-0-held.fits")
+        others = client.submit(_held_task, key="someone-else")
+        while len(sum(client.run(lambda dask_worker: list(dask_worker.state.executing)).values(), [])) < 2:
             time.sleep(0.01)
         threading.Timer(0.3, _RELEASE.set).start()
         started = time.monotonic()
         _drain(client, 10.0)
         assert running.done() and running.result() is True
         assert 0.2 < time.monotonic() - started < 5.0
-        _drain(client, 10.0)  # nothing running: returns at once
+        _RELEASE.clear()
+        others.result()  # released above; now hold another client's task
+        foreign = client.submit(_held_task, key="someone-else-2")
+        while not sum(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
+            time.sleep(0.01)
+        started = time.monotonic()
+        _drain(client, 10.0)  # no image's task running: returns at once
+        assert time.monotonic() - started < 1.0 and not foreign.done()
+        _RELEASE.set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trap_dask.cluster import EXTRACT_RESOURCE
-from trap_dask.route import ImageRoute, WriterRef
+from trap_dask.route import ImageRoute, WriterRef, is_route_key
 
 
 class _Scheduler:
@@ -39,3 +39,29 @@ def test_without_resources_every_worker_counts_its_threads():
     client = _Scheduler({"tcp://a:1": {"nthreads": 3, "resources": {}}, "tcp://b:2": {"nthreads": 1}})
     route = ImageRoute(client, WriterRef("w", "tcp://a:1"), None, None, 8)
     assert route._workers() == {"tcp://a:1": 3, "tcp://b:2": 1}
+
+
+class _Submitter(_Scheduler):
+    """Also records the keys of the tasks submitted."""
+
+    def __init__(self, workers: dict):
+        super().__init__(workers)
+        self.keys: list[str] = []
+
+    def submit(self, func, *args, key: str, **kwargs) -> str:
+        self.keys.append(key)
+        return key
+
+
+def test_every_task_of_an_image_has_a_key_the_run_knows_as_its_own():
+    """A stopped run waits for its images' tasks by their keys (pipeline._drain): both routes of an
+    image (one handle task, or associate/backfill/commit across two workers) and a restart's tag."""
+    from types import SimpleNamespace
+
+    client = _Submitter({"tcp://a:1": {"nthreads": 1}, "tcp://b:2": {"nthreads": 1}})
+    route = ImageRoute(client, WriterRef("w", "tcp://a:1"), None, None, 3, tag="-w1")
+    for index in range(3):
+        route.submit(index, SimpleNamespace(meta=SimpleNamespace(url=f"/data/image-{index}.fits", freq_eff=1.5e8)))
+    assert {key.split("-", 1)[0] for key in client.keys} == {"process", "handle", "associate", "backfill", "commit"}
+    assert all(is_route_key(key) for key in client.keys)
+    assert not is_route_key("someone-else") and not is_route_key(("tuple", 1))

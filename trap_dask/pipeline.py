@@ -346,7 +346,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
             try:
                 observing.close()
             finally:
-                _drain(session.client, DRAIN_S)
+                if status != "completed":  # a completed run has no task left running
+                    _drain(session.client, DRAIN_S)
                 session.close()
     return RunSummary(
         db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
@@ -495,15 +496,21 @@ DRAIN_S = 30.0
 
 
 def _drain(client, seconds: float) -> None:
-    """Wait until no task runs on the cluster's workers, at most ``seconds``. A stopped run (Ctrl-C,
-    SIGTERM) has dropped the images in flight, but a task already running goes on in its thread: one
-    still talking to the writer actor when the cluster closes made Dask print tracebacks (the actor
-    gone, a call cancelled mid-way). After the writer finished, such a task's calls are answered at
-    once ('dropped', nothing recorded), so the wait is the rest of a running extraction at most."""
+    """Wait until no image's task runs on the cluster's workers, at most ``seconds`` (other clients'
+    tasks on a shared cluster are not waited for). A stopped run (Ctrl-C, SIGTERM) has dropped the
+    images in flight, but a task already running goes on in its thread: one still talking to the
+    writer actor when the cluster closes made Dask print tracebacks (the actor gone, a call
+    cancelled mid-way). After the writer finished, such a task's calls are answered at once
+    ('dropped', nothing recorded), so the wait is the rest of a running extraction at most."""
+    from trap_dask.route import is_route_key
+
+    def images_running(dask_worker) -> int:
+        return sum(is_route_key(task.key) for task in dask_worker.state.executing)
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            running = client.run(lambda dask_worker: len(dask_worker.state.executing))
+            running = client.run(images_running)
         except Exception:  # noqa: BLE001 - workers gone: nothing left to wait for
             return
         if not any(running.values()):

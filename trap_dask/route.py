@@ -122,6 +122,16 @@ def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: Fo
     return writer.call("commit", forced, outcome.url)
 
 
+#: The tasks :meth:`ImageRoute.submit` makes for an image; each key is "<task>-<index>-<file name>",
+#: with "-w<n>" after a writer restart.
+TASKS = ("process", "handle", "associate", "backfill", "commit")
+
+
+def is_route_key(key: Any) -> bool:
+    """Whether a Dask key is that of an image's task (not another client's on a shared cluster)."""
+    return isinstance(key, str) and key.split("-", 1)[0] in TASKS
+
+
 class ImageRoute:
     """Submits each image's tasks (above) in time order; :meth:`submit` returns its summary's future.
 
