@@ -109,7 +109,7 @@ def _model(
 
     ``p`` (n, 6) or, with the shape (a, b, c) fixed, (n, 3); each row is (npix,).
     """
-    q = np.repeat(p.T, pixels.counts, axis=1)  # each island's parameters at its pixels
+    q = p.T.take(pixels.island, axis=1)  # each island's parameters at its pixels (take: no GIL)
     a, b, c = shape if shape is not None else q[3:6]
     dx, dy = pixels.x - q[1], pixels.y - q[2]
     # exp(-0.5 * (a dx dx + 2 b dx dy + c dy dy)), evaluated in that order, in place
@@ -131,7 +131,7 @@ def model_and_jacobian(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model values (npix,) and Jacobian (nparam, npix); ``shape`` (a, b, c) fixed when given."""
     m, profile, dx, dy = _model(p, pixels, shape)
-    a, b, c = shape if shape is not None else np.repeat(p[:, 3:6].T, pixels.counts, axis=1)
+    a, b, c = shape if shape is not None else p[:, 3:6].T.take(pixels.island, axis=1)
     mdx, mdy = m * dx, m * dy
     rows = [profile, a * mdx + b * mdy, b * mdx + c * mdy]
     if shape is None:
