@@ -1,9 +1,15 @@
-"""The writer's answers to a task retried after its worker was lost: an image is never recorded twice."""
+"""The writer's answers to a task retried after its worker was lost (an image is never recorded twice),
+and when it writes the images it staged."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sqlalchemy import func, select
+from test_backend_contract import table_rows
 from test_merges import _forced, _image
+
+from trap_dask import writer as writer_module
 
 from trap_dask.config import build_config
 from trap_dask.db import schema
@@ -13,11 +19,11 @@ from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 from trap_dask.writer import Writer
 
 
-def _writer(tmp_path) -> tuple[Writer, DatabaseSettings]:
-    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "w.db"))
+def _writer(tmp_path, name: str = "w.db", **options) -> tuple[Writer, DatabaseSettings]:
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / name))
     ExportStore.create(settings, overwrite=False).close()
     config = build_config(dict(db_name=settings.name), {}, None)
-    return Writer(settings, config, None), settings
+    return Writer(settings, config, None, **options), settings
 
 
 def _count(settings: DatabaseSettings, table) -> int:
@@ -80,3 +86,37 @@ def test_an_image_that_reaches_the_writer_after_the_run_stopped_is_dropped_quiet
     assert late_commit.dropped and not late_commit.recorded
     assert late_associate.dropped and not late_associate.recorded
     assert _count(settings, schema.images) == 0 and _count(settings, schema.extracted_sources) == 0
+
+
+def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypatch):
+    """What a run's writer does (stage_every_image): images staged while it keeps up are written
+    MAX_STAGED_KEEPING_UP at a time, and wait on when the client finds the writer idle, unless one
+    was staged behind or the oldest has waited MAX_BATCH_SECONDS; the tables end as with a
+    transaction per image."""
+    sky = [_image(i, [150.0, 150.2], [30.0, 30.0]) for i in range(1, 8)]
+    writer, settings = _writer(tmp_path, stage_every_image=True)
+    keeping_up = [_commit(writer, writer.associate(image)) for image in sky[:3]]
+    assert all(s.staged for s in keeping_up) and writer.flush(idle=True) == 0
+    assert _count(settings, schema.images) == 0
+    fourth = _commit(writer, writer.associate(sky[3]))
+    assert not fourth.staged and _count(settings, schema.images) == writer_module.MAX_STAGED_KEEPING_UP == 4
+    behind = _commit(writer, writer.associate(replace(sky[4], done_at=1.0)))  # done before the writer was idle
+    assert behind.staged and writer.flush(idle=True) == 1 and _count(settings, schema.images) == 5
+    _commit(writer, writer.associate(sky[5]))
+    assert writer.flush(idle=True) == 0
+    monkeypatch.setattr(writer_module, "MAX_BATCH_SECONDS", 0.0)  # the oldest staged image has waited
+    assert writer.flush(idle=True) == 1 and _count(settings, schema.images) == 6
+    _commit(writer, writer.associate(sky[6]))
+    assert writer.finish("completed")["n_batches"] == 1 and _count(settings, schema.images) == 7
+
+    alone, alone_settings = _writer(tmp_path, "alone.db")
+    for image in sky:
+        assert not _commit(alone, alone.associate(image)).staged
+    alone.finish("completed")
+    stores = [ExportStore.open(s) for s in (settings, alone_settings)]
+    try:
+        staged_rows, alone_rows = (table_rows(store) for store in stores)
+    finally:
+        for store in stores:
+            store.close()
+    assert staged_rows == alone_rows

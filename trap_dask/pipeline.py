@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +281,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
             observing.enter_context(observe(client))
         log.info(session.dashboard)
         session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
-                              backend=settings.backend)
+                              False, True, backend=settings.backend)  # not resuming; staging every image
         check_inputs_readable(client, [s.meta.url if isinstance(s, ScannedImage) else s.url for s in scans])
         if len(fresh) < len(scans):
             log.info("%d images already in the database: skipped", len(scans) - len(fresh))
@@ -409,7 +409,7 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
         raise PipelineError(f"no Dask worker left to hold the writer within worker_timeout = "
                             f"{config.worker_timeout:g} s; rerun with --db_append to resume") from None
     session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, True, True,
-                          backend=settings.backend)
+                          True, backend=settings.backend)  # appending, resuming, staging every image
 
 
 def _stream(session, writer, images, window, params, quality, progress: _Progress):
@@ -440,34 +440,45 @@ def _stream(session, writer, images, window, params, quality, progress: _Progres
 
 def _collect(session, writer, route, pending: deque, progress: _Progress, submit_next):
     """The summaries of the images in flight, in order, submitting the next image for each."""
-    flushing = None
+    flushing, staged = None, False
+
+    def flush_staged(waits: bool) -> None:
+        """A failed transaction stops the run here; when the writer ``waits`` for the next image, it
+        is asked to commit what it staged (see Writer.flush)."""
+        nonlocal flushing
+        if flushing is not None and flushing.done():
+            flushing.result()
+            flushing = None
+        if waits and staged and flushing is None:
+            flushing = writer.flush(True)
+
     while pending:
         index, url, summary = pending.popleft()
-        outcome = _summary(summary, session)
+        outcome = _summary(summary, session, lambda: flush_staged(True))
         route.done(index)
-        if not outcome.staged:  # committed, and every image staged before it: a new writer starts after it
+        staged = outcome.staged
+        if not staged:  # committed, and every image staged before it: a new writer starts after it
             progress.image = index + 1
         del summary
         submit_next()
-        if flushing is not None and flushing.done():
-            flushing.result()  # a failed transaction stops the run here
-            flushing = None
-        if outcome.staged and flushing is None and pending and not pending[0][2].done():
-            flushing = writer.flush()  # the writer waits for the next image: commit what it staged
+        flush_staged(bool(pending) and not pending[0][2].done())
         yield index, url, outcome
     if flushing is not None:
         flushing.result()
 
 
-def _summary(future, session):
+def _summary(future, session, waiting: Callable[[], None] | None = None):
     """The result of an image's summary future; RuntimeError as soon as the writer's worker is gone
-    (its lost results would otherwise wait for ever for tasks bound to workers that are gone too)."""
+    (its lost results would otherwise wait for ever for tasks bound to workers that are gone too).
+    ``waiting`` is called each second the result has not come."""
     while True:
         try:
             return future.result(timeout=1.0)
         except TimeoutError:
             if session.writer is not None and session.writer.status != "finished":
                 raise RuntimeError("the worker holding the writer was lost") from None
+            if waiting is not None:
+                waiting()
 
 
 #: Seconds a thread may hold the GIL while another waits for it, during a run (Python's default is

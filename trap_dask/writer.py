@@ -5,16 +5,21 @@ links the blind detections to the running catalogue and returns the positions to
 :meth:`Writer.commit` adds those forced fits and writes the image, its measurements, the
 association links and the catalogue/variability updates in ONE transaction.
 
-Batching: when the writer falls behind (the next image was ready before it had finished the one
-before), an image is staged instead: its update is applied to the in-memory catalogue, so the
-next image can be associated, and its rows wait; the staged images are written together in ONE
-transaction (``store.batch()``: one statement per table, each changed catalogue row once) by the
-next commit that finds the writer keeping up, after MAX_BATCH images or MAX_BATCH_SECONDS, by
-:meth:`flush` (which the client calls as soon as it waits for the next image) and by
-:meth:`finish`. A merge reads its sources' measurements from the database and the staged images.
-So the database always ends at an image boundary, and a failed batch rolls the in-memory
-catalogue back to the last committed image. When the writer keeps up, every image is its own
-transaction, committed before its commit() returns.
+Batching: an image can be staged instead of written: its update is applied to the in-memory
+catalogue, so the next image can be associated, and its rows wait; the staged images are written
+together in ONE transaction (``store.batch()``: one statement per table, each changed catalogue
+row once) after MAX_BATCH images (MAX_STAGED_KEEPING_UP while the writer keeps up) or once the
+oldest has waited MAX_BATCH_SECONDS, by :meth:`flush`
+(which the client calls when it waits for the next image) and by :meth:`finish`.
+A writer stages an image when it falls behind (the next image was ready before it had finished
+the one before) and, made with ``stage_every_image`` (what a run does), every image: a
+transaction per image costs twice the writer's time of a batch (benchmarks/RESULTS.md, issue 15
+round 4); those wait for their batch even while the client waits (at most MAX_BATCH_SECONDS).
+A merge reads its sources' measurements from the database and the staged images. So
+the database always ends at an image boundary, at most MAX_BATCH_SECONDS (plus one image) behind
+the writer, and a failed batch rolls the in-memory catalogue back to the last committed image.
+Otherwise, when the writer keeps up, every image is its own transaction, committed before its
+commit() returns.
 
 Messages in and out are those of ``trap_dask.messages``; the writer imports nothing of the workers.
 """
@@ -61,6 +66,10 @@ log = logging.getLogger(__name__)
 #: catalogue rows it changed (~0.5 MB per 1000 sources), not the catalogue.
 MAX_BATCH = 16
 MAX_BATCH_SECONDS = 1.0
+#: Most images a writer made with ``stage_every_image`` stages while it keeps up (a transaction of
+#: four images costs the writer about half as much per image as one of one, and a run killed with
+#: kill -9 redoes few images).
+MAX_STAGED_KEEPING_UP = 4
 #: Writer state that a batch moves on before it is committed, restored if the batch fails.
 _BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_monitors", "next_im_id",
                 "n_committed", "seen", "_recent")
@@ -72,8 +81,9 @@ class Writer:
     """Dask actor: association in time order and one transaction per image."""
 
     def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None, append: bool = False,
-                 resume: bool = False):
-        """``resume``: a writer started after losing one; inputs already in the database are skipped."""
+                 resume: bool = False, stage_every_image: bool = False):
+        """``resume``: a writer started after losing one; inputs already in the database are skipped.
+        ``stage_every_image``: stage images even while keeping up (see the module's text)."""
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
         state = self.store.load_state() if append else None
@@ -128,8 +138,10 @@ class Writer:
         self._staged: list[tuple[dict, dict, int]] = []  #: (image row, commit_image keywords, rows) not yet written
         self._snapshot: dict | None = None  #: the state before the first staged image
         self._staged_since = 0.0
+        self._staged_behind = False  #: an image was staged because the writer was behind
         self._idle_since = 0.0  #: time.time() when the last image was committed or staged
         self.finished = False  #: finish() was called: the run has stopped
+        self.stage_every_image = stage_every_image
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
         """Register the monitor positions not yet in the database; returns their monitor rows."""
@@ -299,18 +311,28 @@ class Writer:
         self._staged.append((row, keywords, rows))
 
     def _done(self, behind: bool) -> None:
-        """After an image was staged: write the staged images now unless the writer is behind."""
-        full = len(self._staged) >= MAX_BATCH or time.monotonic() - self._staged_since >= MAX_BATCH_SECONDS
-        if not behind or full:
+        """After an image was staged: write the staged images now unless the writer is behind or
+        stages every image, or once the batch is full (MAX_BATCH images when behind, else
+        MAX_STAGED_KEEPING_UP; the oldest staged MAX_BATCH_SECONDS ago)."""
+        self._staged_behind |= behind
+        most = MAX_BATCH if behind else MAX_STAGED_KEEPING_UP
+        if len(self._staged) >= most or self._waited() or not (behind or self.stage_every_image):
             self.flush()
         self._idle_since = time.time()
 
-    def flush(self) -> int:
+    def _waited(self) -> bool:
+        """Whether the oldest staged image has waited MAX_BATCH_SECONDS."""
+        return time.monotonic() - self._staged_since >= MAX_BATCH_SECONDS
+
+    def flush(self, idle: bool = False) -> int:
         """Write the staged images in one transaction (the store's batch()); returns
         how many. If it fails, nothing of them is written and the writer returns to the state after
-        the last committed image."""
-        if not self._staged:
+        the last committed image. ``idle``: the client waits for the next image; images staged
+        while the writer kept up then wait on for their batch (MAX_STAGED_KEEPING_UP) unless one
+        was staged behind or the oldest has waited MAX_BATCH_SECONDS."""
+        if not self._staged or (idle and not (self._staged_behind or self._waited())):
             return 0
+        self._staged_behind = False
         started = time.perf_counter()
         staged, self._staged = self._staged, []
         try:
