@@ -432,9 +432,8 @@ def _fft_gram(
             pix = pixel_order[lo:hi]
             cells = np.zeros((top - chunk, k, hy * wx), dtype=dtype)
             cell = ((position[lo:hi] - chunk) * k * hy + grid[1, pix]) * wx + grid[0, pix]
-            flat = cells.reshape(-1)
-            for j in range(k):
-                flat[cell + j * (hy * wx)] = rows[j, pix]
+            # every vector's values in one scatter: vector j of a cell lies j * hy * wx further on
+            cells.reshape(-1)[cell + (hy * wx) * np.arange(k)[:, None]] = rows[:, pix]
             isl = order[chunk:top]
             plain[isl] = cells @ np.swapaxes(cells, 1, 2)
             # rfft2 on the (ny, nx) grid, zero-padding each axis as it is transformed
