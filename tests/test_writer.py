@@ -10,7 +10,6 @@ from test_backend_contract import table_rows
 from test_merges import _forced, _image
 
 from trap_dask import writer as writer_module
-
 from trap_dask.config import build_config
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, make_engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -210,5 +211,14 @@ def _db_argument(config) -> str:
     return shlex.quote(database_settings(config).impl.address())
 
 
+def entry() -> None:
+    """The ``trap-dask`` program: :func:`main`, then exit without the garbage collector's passes
+    over every object while the interpreter shuts down (0.25 s after a run, 8% of a 20-image
+    one; a run has closed its database and cluster by then)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
