@@ -176,3 +176,18 @@ def test_the_program_exits_with_the_status_of_main_without_collecting(monkeypatc
     with pytest.raises(SystemExit) as stop:
         cli.entry()
     assert stop.value.code == 3 and frozen == [True]
+
+
+def test_a_run_imports_without_the_collector_and_gives_it_back(monkeypatch):
+    """``main`` turns the garbage collector off for a run's imports (the run turns it on again:
+    test_pipeline) and back on when it returns, whatever happened."""
+    import gc
+
+    from trap_dask import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda args: seen.append(gc.isenabled()) or 0)
+    assert cli.main(["run", "-i", "nowhere"]) == 0 and seen == [False] and gc.isenabled()
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--no_such_flag"])  # argparse stops it, with the collector off
+    assert gc.isenabled()

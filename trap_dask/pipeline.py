@@ -534,15 +534,20 @@ def _imports_frozen() -> Iterator[None]:
     """``gc.freeze()`` while the run lasts: the objects that exist when it starts (the modules
     imported, hundreds of thousands of them) are left out of the garbage collector's full
     collections, which walked them each time with the GIL held (on 50 x 2048^2 images: 0.28 ->
-    0.11 s in full collections, 0.46 -> 0.33 s in all; RESULTS.md, issue 15 round 3). Unfrozen
-    after, unless the caller had frozen objects before (then they stay as the caller left them)."""
-    frozen_before = gc.get_freeze_count()
+    0.11 s in full collections, 0.46 -> 0.33 s in all; RESULTS.md, issue 15 round 3). The collector
+    runs during the run even if the caller had turned it off (``trap-dask run`` does, while it
+    imports). Unfrozen after, unless the caller had frozen objects before (then they stay as the
+    caller left them), and off again if it was off."""
+    frozen_before, collecting = gc.get_freeze_count(), gc.isenabled()
     gc.freeze()
+    gc.enable()
     try:
         yield
     finally:
         if not frozen_before:
             gc.unfreeze()
+        if not collecting:
+            gc.disable()
 
 
 @contextmanager
