@@ -162,3 +162,22 @@ def test_boxes_are_the_nan_padded_image_cut_into_tiles(shape):
         padded[: sub.shape[0], : sub.shape[1]] = sub
         expected = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy, gx, by * bx)
         assert npix == by * bx and np.array_equal(stack, expected, equal_nan=True)
+
+
+def test_a_noise_map_made_where_looked_at_equals_the_array(noise, monkeypatch):
+    """For an image of more than FULL_NOISE_MAP_PIXELS, residual_and_rms gives a NoiseMap: bands
+    of rows equal the array's, pixels and flat indices to float32 rounding; the residual is the same."""
+    from trap_dask.extraction import background
+
+    data = (noise + 0.01 + 1e-4 * np.arange(noise.shape[1])).astype(np.float32)
+    residual, array = background.residual_and_rms(data.copy(), 50, 50, stride=2)
+    monkeypatch.setattr(background, "FULL_NOISE_MAP_PIXELS", data.size - 1)
+    lazy_residual, lazy = background.residual_and_rms(data.copy(), 50, 50, stride=2)
+    assert isinstance(lazy, background.NoiseMap) and isinstance(array, np.ndarray)
+    assert np.array_equal(lazy_residual, residual) and lazy.shape == array.shape and lazy.any_finite()
+    assert np.array_equal(lazy[100:173], array[100:173]) and np.array_equal(lazy[:], array)
+    rng = np.random.default_rng(3)
+    iy, ix = rng.integers(0, data.shape[0], 5000), rng.integers(0, data.shape[1], 5000)
+    assert np.allclose(lazy[iy, ix], array[iy, ix], rtol=3e-7, atol=0)
+    assert np.array_equal(lazy.take(iy * data.shape[1] + ix), lazy[iy, ix])
+    assert lazy[iy.reshape(50, 100), ix.reshape(50, 100)].shape == (50, 100)

@@ -510,3 +510,31 @@ def test_snr_map_made_where_looked_at_equals_the_full_array(field):
     assert np.array_equal(*parts)
     grown = [grow_into_background(islands, snr, 3.0, 2) for snr in (lazy, full)]
     assert np.array_equal(grown[0].flat, grown[1].flat) and np.array_equal(grown[0].island, grown[1].island)
+
+
+def test_a_noise_map_made_where_looked_at_measures_the_same_sources(field, monkeypatch):
+    """An image of more than FULL_NOISE_MAP_PIXELS gets a NoiseMap, not an array: its sources,
+    forced fits and pair fits are those measured with the array (the same interpolation, to float32
+    rounding), on a simulated field."""
+    from trap_dask.extraction import background
+    from trap_dask.extraction.blends import fit_point_pairs
+    from trap_dask.extraction.forced import forced_fit
+
+    monkeypatch.setattr(background, "FULL_NOISE_MAP_PIXELS", N * N - 1)
+    params = field["params"]
+    lazy = prepare_image(field["data"].astype(np.float32), field["wcs"], BEAM.beam(PIX), params)
+    array = field["image"]
+    assert isinstance(lazy.rms, background.NoiseMap) and isinstance(array.rms, np.ndarray)
+    assert np.array_equal(lazy.residual, array.residual, equal_nan=True)
+    found, expected = extract_sources(lazy, params), field["sources"]
+    assert len(found) == len(expected) > 200
+    for column in ("ra", "dec", "peak_flux", "peak_flux_err", "int_flux", "int_flux_err", "ra_fit_err"):
+        assert np.allclose(found[column], expected[column], rtol=1e-5, atol=0), column
+    ra, dec = field["ra"][:40], field["dec"][:40]
+    forced = [forced_fit(image, ra, dec, params) for image in (lazy, array)]
+    assert np.allclose(forced[0]["peak_flux"], forced[1]["peak_flux"], rtol=1e-5, equal_nan=True)
+    start = np.stack([np.column_stack([field["x"][:10], field["y"][:10]]),
+                      np.column_stack([field["x"][:10] + 3.0, field["y"][:10]])], 1)
+    pairs = [fit_point_pairs(image.residual, image.rms, image.beam_cov, start) for image in (lazy, array)]
+    assert np.array_equal(pairs[0].ok, pairs[1].ok) and pairs[0].ok.any()
+    assert np.allclose(pairs[0].params[pairs[0].ok], pairs[1].params[pairs[1].ok], rtol=1e-5)

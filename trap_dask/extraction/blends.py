@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trap_dask.extraction import geometry as geo
+from trap_dask.extraction.background import NoiseMap
 from trap_dask.extraction.gaussian import (
     PixelSet,
     correlated_covariance,
@@ -64,7 +65,8 @@ class PairFits:
     ok: np.ndarray
 
 
-def fit_point_pairs(residual: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray, start: np.ndarray) -> PairFits:
+def fit_point_pairs(residual: np.ndarray, rms: np.ndarray | NoiseMap, beam_cov: np.ndarray,
+                    start: np.ndarray) -> PairFits:
     """Fit each pair of point sources jointly, starting at ``start`` (n, 2, 2): (pair, component, xy)
     in pixels, on a square cutout of the background-subtracted image ``residual`` around both
     (noise map ``rms``, Jy/beam; beam covariance ``beam_cov``, pixel**2)."""
@@ -75,7 +77,7 @@ def fit_point_pairs(residual: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray,
     return fit_point_pairs_on(pixels, usable, rms, beam_cov, start)
 
 
-def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray, beam_cov: np.ndarray,
+def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | NoiseMap, beam_cov: np.ndarray,
                        start: np.ndarray) -> PairFits:
     """:func:`fit_point_pairs` on given pixels: one segment of ``pixels`` per pair where
     ``usable`` (n,), e.g. the pixels of the island the two came from."""
@@ -127,7 +129,8 @@ def _unfitted(n: int) -> PairFits:
                     np.zeros(n, int), np.zeros(n, bool))
 
 
-def _cutouts(residual: np.ndarray, rms: np.ndarray, start: np.ndarray, fwhm: float) -> tuple[PixelSet, np.ndarray]:
+def _cutouts(residual: np.ndarray, rms: np.ndarray | NoiseMap, start: np.ndarray,
+             fwhm: float) -> tuple[PixelSet, np.ndarray]:
     """Pixels of a square around each pair (both components plus ``CUTOUT_MARGIN`` beam), as a
     PixelSet of the usable pairs, and which pairs are usable (on the image, enough pixels)."""
     ny, nx = residual.shape

@@ -9,7 +9,7 @@ from astropy.wcs import WCS
 
 from trap_dask.config import DEFAULTS
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.background import residual_and_rms
+from trap_dask.extraction.background import NoiseMap, residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
 from trap_dask.extraction.deblend import deblend
 from trap_dask.extraction.gaussian import (
@@ -65,14 +65,15 @@ class PreparedImage:
     Attributes
     ----------
     residual : float32 (ny, nx), data - background in Jy/beam, NaN where blank
-    rms : float32 (ny, nx), local per-pixel noise in Jy/beam (NaN when the image is all blank)
+    rms : float32 (ny, nx), local per-pixel noise in Jy/beam (NaN when the image is all blank); a
+        NoiseMap (made where it is looked at) for large images
     wcs : 2-D celestial WCS
     beam : restoring beam in deg (semi-axes = FWHM/2, PA east of north)
     beam_cov : (2, 2) covariance of the beam in pixel**2 (sigma**2), at the image centre
     """
 
     residual: np.ndarray
-    rms: np.ndarray
+    rms: np.ndarray | NoiseMap
     wcs: WCS
     beam: Beam
     beam_cov: np.ndarray
@@ -152,21 +153,22 @@ def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.nda
         keep = order[rank < cap]
         flat, island, x, y = flat[keep], island[keep], x[keep], y[keep]
     residual = image.residual.ravel()
-    rms = image.rms.ravel()
     pixels = PixelSet(
         x.astype(float),
         y.astype(float),
         residual[flat].astype(float),
-        1.0 / np.square(rms[flat].astype(float)),
+        1.0 / np.square(image.rms.take(flat).astype(float)),
         island,
         np.searchsorted(island, np.arange(islands.n)),
     )
     return pixels, 1.0 / np.maximum(islands.peak_snr, 1e-12)
 
 
-def any_finite(values: np.ndarray, bands: int = 64) -> bool:
-    """Whether an array has a finite value, looking at one band of rows after the other (the
+def any_finite(values: np.ndarray | NoiseMap, bands: int = 64) -> bool:
+    """Whether a map has a finite value, looking at one band of rows after the other (the
     first band settles it for any but a blank image, without an image-sized mask)."""
+    if isinstance(values, NoiseMap):
+        return values.any_finite()
     return any(np.isfinite(band).any() for band in np.array_split(values, min(bands, len(values)) or 1))
 
 

@@ -10,6 +10,8 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from trap_dask.extraction.background import NoiseMap
+
 #: 8-connectivity for scipy.ndimage.label.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 #: (dy, dx) of the 8 neighbours of a pixel, in raster order.
@@ -65,7 +67,7 @@ class SNRMap:
     ``residual / rms``, which serves wherever an SNRMap does."""
 
     residual: np.ndarray
-    rms: np.ndarray
+    rms: np.ndarray | NoiseMap
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,13 +82,13 @@ class SNRMap:
     def take(self, flat: np.ndarray) -> np.ndarray:
         """S/N at flat pixel indices (NaN where blank)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.residual.ravel().take(flat) / self.rms.ravel().take(flat)
+            return self.residual.ravel().take(flat) / self.rms.take(flat)
 
     def flat_above(self, level: float) -> np.ndarray:
         """Flat indices (sorted) of the pixels of S/N > ``level`` (never blank ones)."""
         ny, nx = self.shape
         rows = max(1, _BAND_PIXELS // max(nx, 1))
-        scratch = np.empty((min(rows, ny), nx), dtype=np.result_type(self.residual, self.rms))
+        scratch = np.empty((min(rows, ny), nx), dtype=np.result_type(self.residual.dtype, self.rms.dtype))
         mask = np.empty(scratch.shape, dtype=bool)
         found = []
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -108,9 +110,10 @@ SNR = np.ndarray | SNRMap
 FULL_SNR_PIXELS = 1 << 23
 
 
-def snr_map(residual: np.ndarray, rms: np.ndarray) -> SNR:
-    """The S/N map ``residual / rms`` of a 2-D image: an array, or for a large image an SNRMap."""
-    if residual.size <= FULL_SNR_PIXELS:
+def snr_map(residual: np.ndarray, rms: np.ndarray | NoiseMap) -> SNR:
+    """The S/N map ``residual / rms`` of a 2-D image: an array, or for a large image (or a noise
+    map made where it is looked at) an SNRMap."""
+    if residual.size <= FULL_SNR_PIXELS and isinstance(rms, np.ndarray):
         with np.errstate(invalid="ignore", divide="ignore"):
             return residual / rms
     return SNRMap(residual, rms)
