@@ -267,7 +267,10 @@ def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_resta
                                                               "ORDER BY 1", last)
     images = query(reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
                                   "WHERE x.im_id = i.id AND x.id > ?) FROM images i ORDER BY 1", last)[:n]
-    assert [row[:-1] for row in prefix["images"]] == [row[:-1] for row in reference["images"][:n]]
+    # n_forced apart, checked next: a later transaction adds the forced fits backfilled into image n
+    skip = [row[1] for row in query(db, "PRAGMA table_info(images)") if row[1] != "run"].index("n_forced")
+    assert ([row[:skip] + row[skip + 1:] for row in prefix["images"]]
+            == [row[:skip] + row[skip + 1:] for row in reference["images"][:n]])
     assert query(db, "SELECT id, n_forced FROM images ORDER BY 1") == images
     run_pipeline(build_config(flags(survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
     assert content(db) == reference, "resuming with --db_append did not complete the run"
