@@ -8,18 +8,17 @@ association links and the catalogue/variability updates in ONE transaction.
 Batching: an image can be staged instead of written: its update is applied to the in-memory
 catalogue, so the next image can be associated, and its rows wait; the staged images are written
 together in ONE transaction (``store.batch()``: one statement per table, each changed catalogue
-row once) after MAX_BATCH images (MAX_STAGED_KEEPING_UP while the writer keeps up) or once the
-oldest has waited MAX_BATCH_SECONDS, by :meth:`flush`
-(which the client calls when it waits for the next image) and by :meth:`finish`.
-A writer stages an image when it falls behind (the next image was ready before it had finished
-the one before) and, made with ``stage_every_image`` (what a run does), every image: a
-transaction per image costs twice the writer's time of a batch (benchmarks/RESULTS.md, issue 15
-round 4); those wait for their batch even while the client waits (at most MAX_BATCH_SECONDS).
-A merge reads its sources' measurements from the database and the staged images. So
-the database always ends at an image boundary, at most MAX_BATCH_SECONDS (plus one image) behind
-the writer, and a failed batch rolls the in-memory catalogue back to the last committed image.
-Otherwise, when the writer keeps up, every image is its own transaction, committed before its
-commit() returns.
+row once) after MAX_BATCH images (MAX_STAGED_KEEPING_UP while the writer keeps up), once the
+oldest has waited MAX_BATCH_SECONDS, by :meth:`flush` (which the client calls when it waits for
+the next image) and by :meth:`finish`. A writer stages an image when it falls behind (the next
+image was ready before it had finished the one before) and, made with ``stage_every_image`` (what
+a run does), every image: a transaction per image costs twice the writer's time of a batch
+(benchmarks/RESULTS.md, issue 15 round 4), so those wait for their batch even while the client
+waits (at most MAX_BATCH_SECONDS). A merge reads its sources' measurements from the database and
+the staged images. So the database always ends at an image boundary, at most MAX_BATCH_SECONDS
+(plus one image) behind the writer, and a failed batch rolls the in-memory catalogue back to the
+last committed image. Without ``stage_every_image``, when the writer keeps up, every image is its
+own transaction, committed before its commit() returns.
 
 Messages in and out are those of ``trap_dask.messages``; the writer imports nothing of the workers.
 """
@@ -78,7 +77,7 @@ RECENT_SUMMARIES = 64
 
 
 class Writer:
-    """Dask actor: association in time order and one transaction per image."""
+    """Dask actor: association in time order, and a transaction per image or batch of images."""
 
     def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None, append: bool = False,
                  resume: bool = False, stage_every_image: bool = False):
