@@ -87,9 +87,17 @@ class Sky:
                                                          np.full(len(request.backfill_ra), 0.01), True), **extra)
 
 
-def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bool) -> dict[str, float]:
+#: How images reach the writer: (label, ready before the writer takes them, stage_every_image).
+MODES = (("keeping up, one transaction each", False, False),
+         ("keeping up, staged (what a run does)", False, True),
+         ("behind (batches)", True, False))
+
+
+def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bool,
+          stage_every_image: bool = False) -> dict[str, float]:
     """Seconds per phase (associate / update / commit / total) over the images after the first;
-    ``behind``: every image is ready before the writer takes it (it commits them in batches)."""
+    ``behind``: every image is ready before the writer takes it (it commits them in batches);
+    ``stage_every_image``: the writer of a run (batches of MAX_STAGED_KEEPING_UP while it keeps up)."""
     from trap_dask.writer import Writer
 
     values = dict(db_backend="sqlite", db_name=str(workdir / "writer_alone.db")) if backend == "sqlite" else \
@@ -100,7 +108,7 @@ def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bo
     ExportStore.create(settings, overwrite=True).close()
     sky, writer = Sky(n_sources), None
     try:
-        writer = Writer(settings, config, None)
+        writer = Writer(settings, config, None, stage_every_image=stage_every_image)
         images = [sky.image(i, ready=behind) for i in range(n_images)]
         wall = 0.0
         for i, image in enumerate(images):
@@ -133,10 +141,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for backend in args.backend:
-            for behind in (False, True):
-                s = bench(backend, Path(workdir), args.images, args.sources, behind)
+            for label, behind, staged in MODES:
+                s = bench(backend, Path(workdir), args.images, args.sources, behind, staged)
                 per = {k: 1000 * v / (args.images - 1) for k, v in s.items() if k != "batches"}
-                rows.append([backend, "behind (batches)" if behind else "keeping up", args.images, args.sources,
+                rows.append([backend, label, args.images, args.sources,
                              per["associate"], per["update"], per["commit"], per["total"], 1000 / per["total"],
                              args.worker_ms / per["total"]])
     print(markdown_table(["backend", "images arrive", "images", "sources / image", "associate ms", "light curves ms",
