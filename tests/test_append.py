@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,33 +21,58 @@ from trap_dask.db.backends import DatabaseSettings, database_exists, drop_databa
 from trap_dask.db.lock import RunLock
 from trap_dask.pipeline import PipelineError
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
+from trap_dask.writer import MAX_BATCH
 
 pytestmark = pytest.mark.slow
 
 SPEC = SurveySpec(n_epochs=7, shape=(256, 256), n_steady=10, n_variable=3, n_transient=2, n_resolved=0,
                   n_pairs=1, min_separation=4.0, jitter=0.1, seed=21)
+#: For the tests that stop a run between two transactions: more images than one transaction holds
+#: (a writer writes at most MAX_BATCH images at once).
+LONG_SPEC = replace(SPEC, n_epochs=MAX_BATCH + 4)
+
+
+def _paths_in_time_order(directory: Path, spec: SurveySpec) -> list[str]:
+    truth = load_truth(simulate_survey(directory, spec))
+    return [image["path"] for image in sorted(truth["images"], key=lambda i: i["epoch"])]
+
+
 @pytest.fixture(scope="module")
 def epochs(tmp_path_factory):
     """The survey's image paths in time order."""
-    truth = load_truth(simulate_survey(tmp_path_factory.mktemp("append_survey"), SPEC))
-    return [image["path"] for image in sorted(truth["images"], key=lambda i: i["epoch"])]
+    return _paths_in_time_order(tmp_path_factory.mktemp("append_survey"), SPEC)
+
+
+@pytest.fixture(scope="module")
+def long_epochs(tmp_path_factory):
+    """A longer survey's image paths in time order (LONG_SPEC)."""
+    return _paths_in_time_order(tmp_path_factory.mktemp("long_survey"), LONG_SPEC)
 
 
 def sibling(settings: DatabaseSettings, suffix: str) -> DatabaseSettings:
     """Another database on the same backend (cleaned up with the fixture's for sqlite's tmp dir)."""
-    from dataclasses import replace
-
     return replace(settings, name=settings.name + suffix)
+
+
+def _one_run(settings: DatabaseSettings, inputs: list[str]):
+    """The tables of all ``inputs`` processed in one run (a sibling database, dropped after)."""
+    ref = sibling(settings, "_ref")
+    run(ref, inputs)
+    yield dump(ref)
+    if ref.backend == "postgres":
+        drop_database(ref)
 
 
 @pytest.fixture
 def reference(db_settings, epochs):
     """All epochs processed in one run."""
-    ref = sibling(db_settings, "_ref")
-    run(ref, epochs)
-    yield dump(ref)
-    if ref.backend == "postgres":
-        drop_database(ref)
+    yield from _one_run(db_settings, epochs)
+
+
+@pytest.fixture
+def long_reference(db_settings, long_epochs):
+    """All epochs of the longer survey processed in one run."""
+    yield from _one_run(db_settings, long_epochs)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -284,14 +310,14 @@ def _run_until(settings: DatabaseSettings, inputs, log: Path, committed: int, ac
 
 
 @pytest.mark.parametrize("kill_after", [1, 4])
-def test_sigkill_then_resume_equals_one_run(db_settings, epochs, reference, tmp_path, kill_after):
-    _run_until(db_settings, epochs, tmp_path / "run.log", kill_after,
+def test_sigkill_then_resume_equals_one_run(db_settings, long_epochs, long_reference, tmp_path, kill_after):
+    _run_until(db_settings, long_epochs, tmp_path / "run.log", kill_after,
                lambda proc: (os.killpg(proc.pid, signal.SIGKILL), proc.wait()))
-    assert kill_after <= _committed(db_settings) < len(epochs)
-    assert _run_rows(db_settings) == [("running", _committed(db_settings))]   # counted in each image's transaction
-    resumed = subprocess.run(_cli(db_settings, epochs, "--db_append"), capture_output=True, text=True)
+    assert kill_after <= _committed(db_settings) < len(long_epochs)
+    assert _run_rows(db_settings) == [("running", _committed(db_settings))]   # counted in each transaction
+    resumed = subprocess.run(_cli(db_settings, long_epochs, "--db_append"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert dump(db_settings) == reference
+    assert dump(db_settings) == long_reference
 
 
 def _run_rows(settings: DatabaseSettings) -> list[tuple]:
@@ -302,18 +328,19 @@ def _run_rows(settings: DatabaseSettings) -> list[tuple]:
     return [tuple(row) for row in rows]
 
 
-def test_sigterm_stops_cleanly_and_the_resume_equals_one_run(db_settings, epochs, reference, tmp_path):
+def test_sigterm_stops_cleanly_and_the_resume_equals_one_run(db_settings, long_epochs, long_reference, tmp_path):
     """What SLURM and PBS send a job before they kill it, to every process of the job."""
-    proc, _ = _run_until(db_settings, epochs, tmp_path / "run.log", 2, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+    proc, _ = _run_until(db_settings, long_epochs, tmp_path / "run.log", 2,
+                         lambda proc: os.killpg(proc.pid, signal.SIGTERM))
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     stderr = (tmp_path / "run.log").read_text()
     assert "terminated (SIGTERM)" in stderr and "--db_append to resume" in stderr and "Traceback" not in stderr
     committed = _committed(db_settings)
-    assert 2 <= committed < len(epochs)
+    assert 2 <= committed < len(long_epochs)
     assert _run_rows(db_settings) == [("interrupted", committed)]
-    assert run(db_settings, epochs, db_append=True).n_images == len(epochs) - committed
-    assert dump(db_settings) == reference
-    assert _run_rows(db_settings) == [("interrupted", committed), ("completed", len(epochs) - committed)]
+    assert run(db_settings, long_epochs, db_append=True).n_images == len(long_epochs) - committed
+    assert dump(db_settings) == long_reference
+    assert _run_rows(db_settings) == [("interrupted", committed), ("completed", len(long_epochs) - committed)]
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
@@ -477,7 +504,7 @@ def _worker_processes(pid: int) -> list:
             if any("multiprocessing.spawn" in part or "spawn_main" in part for part in p.cmdline())]
 
 
-def test_every_worker_killed_once_the_writers_included_equals_one_run(db_settings, epochs, tmp_path):
+def test_every_worker_killed_once_the_writers_included_equals_one_run(db_settings, long_epochs, tmp_path):
     def kill_the_workers(proc) -> list:   # the writer's dies as its next commit waits for our lock
         workers = _worker_processes(proc.pid)
         for worker in workers:
@@ -487,20 +514,20 @@ def test_every_worker_killed_once_the_writers_included_equals_one_run(db_setting
     # the reference: one run on the same cluster (forced fits in worker processes and in the run's
     # own threads agree to ~1e-13 only: numpy's vectorised sums depend on the arrays' alignment)
     ref = sibling(db_settings, "_ref")
-    clean = subprocess.run(_cli(ref, epochs, "--n_workers", "2"), capture_output=True, text=True)
+    clean = subprocess.run(_cli(ref, long_epochs, "--n_workers", "2"), capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr[-2000:]
     reference = dump(ref)
     if ref.backend == "postgres":
         drop_database(ref)
     log_path = tmp_path / "run.log"
     # two worker processes (up to 4 threads, a local cluster runs them in its own process)
-    proc, killed = _run_until(db_settings, epochs, log_path, 2, kill_the_workers, "--n_workers", "2")
+    proc, killed = _run_until(db_settings, long_epochs, log_path, 2, kill_the_workers, "--n_workers", "2")
     assert len(killed) == 2
     assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
     assert "starting a new writer from the committed state (restart 1 of at most 3)" in log_path.read_text()
     assert same_tables(dump(db_settings), reference)
     runs = _run_rows(db_settings)
-    assert [status for status, _ in runs] == ["killed", "completed"] and sum(n for _, n in runs) == len(epochs)
+    assert [status for status, _ in runs] == ["killed", "completed"] and sum(n for _, n in runs) == len(long_epochs)
 
 
 def test_a_copy_of_an_unreadable_file_is_recorded_once(tmp_path, epochs):
