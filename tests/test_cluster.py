@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,12 @@ from trap_dask.cluster import (
 from trap_dask.config import ConfigError, build_config, read_toml
 from trap_dask.pipeline import PipelineError, run_pipeline
 from trap_dask.simulate import SurveySpec, simulate_survey
+from trap_dask.writer import MAX_BATCH
 
 CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
 SPEC = SurveySpec(n_epochs=12, shape=(256, 256), n_steady=10, n_variable=2, n_transient=1, n_resolved=0,
                   n_pairs=0, min_separation=4.0, seed=5)
+LONG_SPEC = replace(SPEC, n_epochs=MAX_BATCH + 4)
 THRESHOLDS = {"detection_threshold": 5.0, "analysis_threshold": 3.0}
 #: Tables whose content must not depend on where the work ran (runs and config hold times and flags).
 COMPARED = ("images", "extracted_sources", "variability", "newsource", "runningcatalog", "frequencybands")
@@ -135,17 +138,37 @@ def survey(tmp_path_factory) -> Path:
     return simulate_survey(tmp_path_factory.mktemp("survey"), SPEC).parent
 
 
-@pytest.fixture(scope="module")
-def reference_db(survey, tmp_path_factory) -> Path:
-    """A run on a LocalCluster (threads)."""
-    db = tmp_path_factory.mktemp("reference") / "local.db"
+def _local_run(survey: Path, db: Path) -> Path:
+    """The database of a run of ``survey`` on a LocalCluster (threads)."""
     run_pipeline(build_config(flags(survey, db, scheduler="threads", nr_threads=2), {}, None))
     return db
 
 
 @pytest.fixture(scope="module")
+def reference_db(survey, tmp_path_factory) -> Path:
+    return _local_run(survey, tmp_path_factory.mktemp("reference") / "local.db")
+
+
+@pytest.fixture(scope="module")
 def reference(reference_db) -> dict[str, list[tuple]]:
     return content(reference_db)
+
+
+@pytest.fixture(scope="module")
+def long_survey(tmp_path_factory) -> Path:
+    """For the tests that stop a run's writer or worker mid-way: more images than one transaction
+    holds (a writer writes at most MAX_BATCH images at once)."""
+    return simulate_survey(tmp_path_factory.mktemp("long_survey"), LONG_SPEC).parent
+
+
+@pytest.fixture(scope="module")
+def long_reference_db(long_survey, tmp_path_factory) -> Path:
+    return _local_run(long_survey, tmp_path_factory.mktemp("long_reference") / "local.db")
+
+
+@pytest.fixture(scope="module")
+def long_reference(long_reference_db) -> dict[str, list[tuple]]:
+    return content(long_reference_db)
 
 
 def flags(survey: Path, db: Path, **extra) -> dict:
@@ -209,31 +232,31 @@ def test_scheduler_address_gives_the_local_result(running, survey, reference, tm
 
 
 @pytest.mark.slow
-def test_killed_worker_has_its_work_redone(survey, reference, tmp_path):
+def test_killed_worker_has_its_work_redone(long_survey, long_reference, tmp_path):
     with dask_cluster(tmp_path, keeper=f"{WRITER_RESOURCE}=1", victim="") as cluster, cluster.client() as client:
         db, log = tmp_path / "killed.db", tmp_path / "run.log"
-        proc = cli_run(survey, db, cluster.address, log)
+        proc = cli_run(long_survey, db, cluster.address, log)
         wait_until(lambda: committed_images(db) >= 2 and stored_data(client).get("victim", 0) > 0, proc, log)
         cluster.kill("victim")
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    assert same_tables(content(db), reference)
+    assert same_tables(content(db), long_reference)
 
 
 @pytest.mark.slow
-def test_lost_writer_is_started_again_on_another_worker(survey, reference, tmp_path):
+def test_lost_writer_is_started_again_on_another_worker(long_survey, long_reference, tmp_path):
     with dask_cluster(tmp_path, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
         db, log = tmp_path / "lost.db", tmp_path / "run.log"
-        proc = cli_run(survey, db, cluster.address, log)
+        proc = cli_run(long_survey, db, cluster.address, log)
         wait_until(lambda: committed_images(db) >= 2, proc, log)
         cluster.kill("writer")   # for good: its nanny too
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     assert "starting a new writer from the committed state" in log.read_text()
-    assert same_tables(content(db), reference)
+    assert same_tables(content(db), long_reference)
 
 
 @pytest.mark.slow
 def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_restart(
-        survey, reference, reference_db, tmp_path, monkeypatch, capsys):
+        long_survey, long_reference, long_reference_db, tmp_path, monkeypatch, capsys):
     import threading
 
     import trap_dask.pipeline
@@ -252,28 +275,28 @@ def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_resta
         killer.start()
         try:
             with pytest.raises(PipelineError) as stopped:
-                run_pipeline(build_config(flags(survey, db, scheduler_address=cluster.address), {}, None))
+                run_pipeline(build_config(flags(long_survey, db, scheduler_address=cluster.address), {}, None))
         finally:
             killer.join()
     message = str(stopped.value)
     assert "writer" in message and "--db_append" in message, message
     prefix = content(db)
     n = len(prefix["images"])
-    assert 2 <= n < SPEC.n_epochs
+    assert 2 <= n < LONG_SPEC.n_epochs
     # the prefix is what the first n transactions wrote: measurement ids are handed out in commit
     # order, and the next image's transaction only adds its new sources' forced fits to image n
     last = max(row[0] for row in prefix["extracted_sources"])
-    assert prefix["extracted_sources"] == query(reference_db, "SELECT * FROM extracted_sources WHERE id <= ? "
+    assert prefix["extracted_sources"] == query(long_reference_db, "SELECT * FROM extracted_sources WHERE id <= ? "
                                                               "ORDER BY 1", last)
-    images = query(reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
+    images = query(long_reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
                                   "WHERE x.im_id = i.id AND x.id > ?) FROM images i ORDER BY 1", last)[:n]
     # n_forced apart, checked next: a later transaction adds the forced fits backfilled into image n
     skip = [row[1] for row in query(db, "PRAGMA table_info(images)") if row[1] != "run"].index("n_forced")
     assert ([row[:skip] + row[skip + 1:] for row in prefix["images"]]
-            == [row[:skip] + row[skip + 1:] for row in reference["images"][:n]])
+            == [row[:skip] + row[skip + 1:] for row in long_reference["images"][:n]])
     assert query(db, "SELECT id, n_forced FROM images ORDER BY 1") == images
-    run_pipeline(build_config(flags(survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
-    assert content(db) == reference, "resuming with --db_append did not complete the run"
+    run_pipeline(build_config(flags(long_survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
+    assert content(db) == long_reference, "resuming with --db_append did not complete the run"
 
 
 @pytest.mark.slow
