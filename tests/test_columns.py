@@ -58,3 +58,14 @@ def test_commit_refuses_rows_that_lack_or_add_a_column(tmp_path):
         store.commit_image(image, sources=empty_sources(2), source_ids=ids)  # nothing was half-written
     finally:
         store.close()
+
+
+def test_columnar_rows_are_taken_and_joined_column_by_column():
+    """trap_dask.columns: rows by index or mask, and parts joined in order, for every column."""
+    from trap_dask.columns import concat, take
+
+    table = {"src_id": np.array([10, 11, 12, 13]), "ra": np.array([1.0, 2.0, 3.0, 4.0])}
+    assert {k: v.tolist() for k, v in take(table, np.array([3, 0])).items()} == {"src_id": [13, 10], "ra": [4.0, 1.0]}
+    assert take(table, table["ra"] > 2.5)["src_id"].tolist() == [12, 13]
+    joined = concat([take(table, [2]), table, {"ra": np.array([9.0]), "src_id": np.array([99])}])
+    assert list(joined) == ["src_id", "ra"] and joined["src_id"].tolist() == [12, 10, 11, 12, 13, 99]

@@ -15,6 +15,7 @@ from datetime import datetime
 import numpy as np
 
 from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
+from trap_dask.columns import Columns, concat, take
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
@@ -29,8 +30,6 @@ from trap_dask.variability import (
     variability_indices,
     weighted_mean_position,
 )
-
-Columns = dict[str, np.ndarray]
 
 _POS = tuple(f"acc_{n}" for n in POSITION_SUMS)
 _FLUX = tuple(f"acc_{n}" for n in FLUX_SUMS)
@@ -53,14 +52,6 @@ def columns_from_lists(spec: dict[str, str], data: dict[str, list]) -> Columns:
     if not data or not next(iter(data.values())):
         return empty_columns(spec)
     return {name: np.array(data[name], dtype=float if dtype == "f8" else dtype) for name, dtype in spec.items()}
-
-
-def take(cols: Columns, index: np.ndarray) -> Columns:
-    return {k: v[index] for k, v in cols.items()}
-
-
-def concat(a: Columns, b: Columns) -> Columns:
-    return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
 @dataclass(frozen=True)
@@ -207,7 +198,7 @@ class RunningCatalogue:
         new["first_im_id"][:] = -1
         new["merged_into"][:] = -1
         return (
-            replace(self, sources=concat(self.sources, new), next_src_id=self.next_src_id + n),
+            replace(self, sources=concat([self.sources, new]), next_src_id=self.next_src_id + n),
             new["src_id"],
         )
 
@@ -383,7 +374,7 @@ class RunningCatalogue:
         added["first_im_id"][:] = image.im_id
         added["merged_into"][:] = -1
         n_before = len(s["src_id"])
-        s = concat(s, added)
+        s = concat([s, added])
         det_rows = np.where(det_source >= 0, det_source, 0)
         det_rows[new_det] = n_before + np.arange(len(new_det))
         increments = position_sum_increments(
@@ -475,7 +466,7 @@ class RunningCatalogue:
         added["ra_ref"] = meas["ra"][fresh]
         added["lightcurve_max"][:] = -np.inf
         rows[missing] = len(lc["src_id"]) + number.ravel()
-        lc = concat(lc, added)
+        lc = concat([lc, added])
 
         flux = flux_sum_increments(meas["int_flux"], meas["int_flux_err"], lc["flux_ref"][rows])
         for name in FLUX_SUMS:

@@ -41,8 +41,8 @@ from trap_dask.catalogue import (
     ImageContext,
     RunningCatalogue,
     columns_from_lists,
-    take,
 )
+from trap_dask.columns import take
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore

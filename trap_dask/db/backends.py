@@ -25,10 +25,10 @@ import numpy as np
 from sqlalchemy import Connection, Engine, Table, create_engine
 from sqlalchemy.engine import URL
 
+from trap_dask.columns import Columns
+
 if TYPE_CHECKING:
     from trap_dask.db.lock import Lock
-
-Columns = Mapping[str, np.ndarray]
 
 
 class DatabaseError(RuntimeError):

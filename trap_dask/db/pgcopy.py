@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import BigInteger, Boolean, Connection, DateTime, Float, Integer, String, Table
 
-Columns = Mapping[str, np.ndarray]
+from trap_dask.columns import Columns
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _TRAILER = struct.pack(">h", -1)

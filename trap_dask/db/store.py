@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, func, insert, inspe
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
+from trap_dask.columns import Columns, concat, take
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
 from trap_dask.db.migrations import can_migrate, migrate
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from trap_dask.config import Config
 
 log = logging.getLogger(__name__)
-Columns = Mapping[str, np.ndarray]
 
 
 def plain(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -509,7 +509,7 @@ def _rows(columns: Columns | None, rows: np.ndarray | None) -> Columns | None:
     """``rows`` of columnar data (default all), None for none."""
     if columns is None or (rows is not None and len(rows) == 0):
         return None
-    return dict(columns) if rows is None else {name: values[rows] for name, values in columns.items()}
+    return dict(columns) if rows is None else take(columns, rows)
 
 
 def _concat(parts: list[Columns | None]) -> Columns | None:
@@ -517,7 +517,7 @@ def _concat(parts: list[Columns | None]) -> Columns | None:
     parts = [part for part in parts if part is not None]
     if len(parts) <= 1:
         return parts[0] if parts else None
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return concat(parts)
 
 
 def last_of_each_key(keys: list[np.ndarray]) -> np.ndarray:
