@@ -181,3 +181,4 @@ def test_a_noise_map_made_where_looked_at_equals_the_array(noise, monkeypatch):
     assert np.allclose(lazy[iy, ix], array[iy, ix], rtol=3e-7, atol=0)
     assert np.array_equal(lazy.take(iy * data.shape[1] + ix), lazy[iy, ix])
     assert lazy[iy.reshape(50, 100), ix.reshape(50, 100)].shape == (50, 100)
+    assert lazy[7:7].shape == (0, data.shape[1])

@@ -235,26 +235,16 @@ class NoiseMap:
     """
 
     dtype = np.dtype(np.float32)
-    ndim = 2
 
     def __init__(self, grid: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray, shape: tuple[int, int],
                  floor: float) -> None:
         ny, nx = shape
         self.shape, self.floor = (ny, nx), np.float32(floor)
         self.across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx), as interpolate makes it
-        self.centre_y = centre_y
         self.wy = interpolation_weights(ny, centre_y)  # (ny, gy)
         self.lower = _lower_centre(ny, centre_y)  # rows: the first of the two box centres they take
 
-    @property
-    def size(self) -> int:
-        """Number of pixels."""
-        return self.shape[0] * self.shape[1]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
+    def __getitem__(self, key: slice | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         if isinstance(key, slice):
             first, last, step = key.indices(self.shape[0])
             if step != 1:
@@ -290,6 +280,8 @@ def _interpolate_rows(across: np.ndarray, wy: np.ndarray, lower: np.ndarray, fir
     box centres is the product of two rows of ``across`` only (``wy`` has two non-zero weights per
     row), finished while in the cache."""
     rows = lower[first : first + len(out)]
+    if len(rows) == 0:
+        return
     bounds = np.flatnonzero(np.r_[True, np.diff(rows) != 0, True])
     # a band is made in a scratch band when it is subtracted from itself
     scratch = np.empty((int(np.diff(bounds).max()), out.shape[1]), dtype=np.float32) if out is minuend else None
