@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -284,3 +284,19 @@ def test_pixels_from_bytes_equal_astropys(tmp_path: Path, cards: dict, dtype: ty
     if dtype == np.int16:
         expected[2, 3] = np.nan
     np.testing.assert_array_equal(from_bytes, expected)
+
+
+@pytest.mark.parametrize("n_history", [0, 700])
+def test_a_header_from_the_files_first_bytes_is_astropys(tmp_path: Path, n_history: int) -> None:
+    """The primary header read from the file's first blocks is the one astropy's reader gives; a
+    header longer than those blocks (700 HISTORY cards) is left to astropy's reader, with the same
+    metadata."""
+    from trap_dask.image import _leading_primary_header
+
+    short = write_image(tmp_path / "short.fits")
+    path = write_image(tmp_path / f"h{n_history}.fits", history=tuple(f"step {i}" for i in range(n_history)))
+    leading = _leading_primary_header(str(path))
+    assert (leading is None) == (n_history > 0)
+    if leading is not None:
+        assert leading.tostring() == fits.getheader(path).tostring()
+    assert replace(read_meta(path), url="") == replace(read_meta(short), url="")

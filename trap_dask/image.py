@@ -280,6 +280,9 @@ def celestial_wcs(meta: ImageMeta) -> WCS:
 
 def _read_header(url: str) -> tuple[int, fits.Header]:
     """Return (HDU index, header) of the first HDU with at least two axes."""
+    primary = _leading_primary_header(url)
+    if primary is not None:
+        return 0, primary
     try:
         with fits.open(url, memmap=True, lazy_load_hdus=True) as hdul:
             for index, hdu in enumerate(hdul):
@@ -290,6 +293,23 @@ def _read_header(url: str) -> tuple[int, fits.Header]:
     except (OSError, ValueError, TypeError, IndexError) as exc:
         raise ImageError(f"not a readable FITS file: {one_line(exc)}") from exc
     raise ImageError("the FITS file has no image with at least two axes")
+
+
+#: Bytes of a file read for its primary header before astropy's reader is asked (a header of up
+#: to 576 cards; radio images have a few dozen).
+_LEADING_BYTES = 16 * _FITS_BLOCK
+
+
+def _leading_primary_header(url: str) -> fits.Header | None:
+    """The primary header when it is an uncompressed plain image's of at least two axes, parsed
+    from the file's first _LEADING_BYTES (a third of the time of astropy's reader); else None."""
+    try:
+        with open(url, "rb") as fh:
+            head = fh.read(_LEADING_BYTES)
+    except OSError:
+        return None  # astropy's reader says why
+    found = _primary_header(head)
+    return found[0] if found is not None and found[0].get("NAXIS", 0) >= 2 else None
 
 
 def _header_wcs(header: fits.Header) -> WCS:
