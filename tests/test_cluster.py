@@ -162,13 +162,10 @@ def long_survey(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def long_reference_db(long_survey, tmp_path_factory) -> Path:
-    return _local_run(long_survey, tmp_path_factory.mktemp("long_reference") / "local.db")
-
-
-@pytest.fixture(scope="module")
-def long_reference(long_reference_db) -> dict[str, list[tuple]]:
-    return content(long_reference_db)
+def long_reference(long_survey, tmp_path_factory) -> tuple[Path, dict[str, list[tuple]]]:
+    """(database, its compared tables) of a run of the long survey on a LocalCluster."""
+    db = _local_run(long_survey, tmp_path_factory.mktemp("long_reference") / "local.db")
+    return db, content(db)
 
 
 def flags(survey: Path, db: Path, **extra) -> dict:
@@ -239,7 +236,7 @@ def test_killed_worker_has_its_work_redone(long_survey, long_reference, tmp_path
         wait_until(lambda: committed_images(db) >= 2 and stored_data(client).get("victim", 0) > 0, proc, log)
         cluster.kill("victim")
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    assert same_tables(content(db), long_reference)
+    assert same_tables(content(db), long_reference[1])
 
 
 @pytest.mark.slow
@@ -251,15 +248,17 @@ def test_lost_writer_is_started_again_on_another_worker(long_survey, long_refere
         cluster.kill("writer")   # for good: its nanny too
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     assert "starting a new writer from the committed state" in log.read_text()
-    assert same_tables(content(db), long_reference)
+    assert same_tables(content(db), long_reference[1])
 
 
 @pytest.mark.slow
 def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_restart(
-        long_survey, long_reference, long_reference_db, tmp_path, monkeypatch, capsys):
+        long_survey, long_reference, tmp_path, monkeypatch, capsys):
     import threading
 
     import trap_dask.pipeline
+
+    reference_db, reference = long_reference
 
     monkeypatch.setattr(trap_dask.pipeline, "MAX_WRITER_RESTARTS", 0)   # the bound, reached at the first loss
     with dask_cluster(tmp_path, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
@@ -286,17 +285,17 @@ def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_resta
     # the prefix is what the first n transactions wrote: measurement ids are handed out in commit
     # order, and the next image's transaction only adds its new sources' forced fits to image n
     last = max(row[0] for row in prefix["extracted_sources"])
-    assert prefix["extracted_sources"] == query(long_reference_db, "SELECT * FROM extracted_sources WHERE id <= ? "
+    assert prefix["extracted_sources"] == query(reference_db, "SELECT * FROM extracted_sources WHERE id <= ? "
                                                               "ORDER BY 1", last)
-    images = query(long_reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
+    images = query(reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
                                   "WHERE x.im_id = i.id AND x.id > ?) FROM images i ORDER BY 1", last)[:n]
     # n_forced apart, checked next: a later transaction adds the forced fits backfilled into image n
     skip = [row[1] for row in query(db, "PRAGMA table_info(images)") if row[1] != "run"].index("n_forced")
     assert ([row[:skip] + row[skip + 1:] for row in prefix["images"]]
-            == [row[:skip] + row[skip + 1:] for row in long_reference["images"][:n]])
+            == [row[:skip] + row[skip + 1:] for row in reference["images"][:n]])
     assert query(db, "SELECT id, n_forced FROM images ORDER BY 1") == images
     run_pipeline(build_config(flags(long_survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
-    assert content(db) == long_reference, "resuming with --db_append did not complete the run"
+    assert content(db) == reference, "resuming with --db_append did not complete the run"
 
 
 @pytest.mark.slow
