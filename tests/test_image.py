@@ -300,3 +300,19 @@ def test_a_header_from_the_files_first_bytes_is_astropys(tmp_path: Path, n_histo
     if leading is not None:
         assert leading.tostring() == fits.getheader(path).tostring()
     assert replace(read_meta(path), url="") == replace(read_meta(short), url="")
+
+
+def test_images_of_one_field_share_their_wcs_work_but_not_their_times(tmp_path: Path) -> None:
+    """Headers that differ only in their time keywords are one WCS to work out (cached); each
+    image keeps its own start time, and another pointing its own centre."""
+    from trap_dask.image import _sky_frame
+
+    first = read_meta(write_image(tmp_path / "a.fits"))
+    hits = _sky_frame.cache_info().hits
+    later = read_meta(write_image(tmp_path / "b.fits", {"DATE-OBS": "2021-03-05T05:06:07.5", "MJD-OBS": 59278.2}))
+    assert _sky_frame.cache_info().hits == hits + 1
+    assert later.taustart_ts == datetime(2021, 3, 5, 5, 6, 7, 500000) != first.taustart_ts
+    assert (later.centre_ra, later.centre_dec, later.pixel_scale) == (first.centre_ra, first.centre_dec,
+                                                                      first.pixel_scale)
+    moved = read_meta(write_image(tmp_path / "c.fits", {"CRVAL2": -41.0}))
+    assert moved.centre_dec == pytest.approx(first.centre_dec - 1.0, abs=1e-3)

@@ -9,6 +9,7 @@ an image unusable raises :class:`ImageError` whose message is the reason shown t
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import io
 import lzma
@@ -112,15 +113,8 @@ def read_meta(
     """
     url = str(Path(path).resolve())
     hdu, header = _read_header(url)
-    wcs = _header_wcs(header)
-    cel_axes = _celestial_axes(wcs, header)
-    shape = (header[f"NAXIS{cel_axes[1] + 1}"], header[f"NAXIS{cel_axes[0] + 1}"])
-    cel = wcs.celestial
-    centre = cel.pixel_to_world_values((shape[1] - 1) / 2, (shape[0] - 1) / 2)
-    centre_ra, centre_dec = (float(v) for v in centre)
-    if not (math.isfinite(centre_ra) and math.isfinite(centre_dec)):
-        raise ImageError("the image centre has no valid sky position in its WCS")
-    freq_eff, freq_bw = freq if freq is not None else _frequency(header, wcs)
+    frame = _sky_frame(_without_times(header))
+    freq_eff, freq_bw = freq if freq is not None else _frequency(header, frame.axis_freq)
     taustart_ts = _start_time(header)
     beam = beam if beam is not None else _header_beam(header)
     for key in ("HISTORY", "COMMENT"):
@@ -132,13 +126,53 @@ def read_meta(
         freq_eff=float(freq_eff),
         freq_bw=float(freq_bw),
         beam=beam,
-        shape=(int(shape[0]), int(shape[1])),
-        centre_ra=centre_ra % 360.0,
-        centre_dec=centre_dec,
-        pixel_scale=float(np.mean(proj_plane_pixel_scales(cel))),
+        shape=frame.shape,
+        centre_ra=frame.centre_ra,
+        centre_dec=frame.centre_dec,
+        pixel_scale=frame.pixel_scale,
         header=header.tostring(padding=False),
         hdu=hdu,
     )
+
+
+#: Header keywords of the time of an observation, which change from image to image of a field
+#: but not its celestial WCS.
+_TIME_KEYS = ("DATE-OBS", "MJD-OBS", "DATE-END", "MJD-END", "DATE-AVG", "MJD-AVG", "DATE", "TSTART", "TSTOP")
+
+
+@dataclass(frozen=True)
+class SkyFrame:
+    """What the WCS of a header says about its image: shape (ny, nx), centre (deg), pixel size
+    (deg) and the spectral axis' (frequency, channel width) in Hz, (None, None) without one."""
+
+    shape: tuple[int, int]
+    centre_ra: float
+    centre_dec: float
+    pixel_scale: float
+    axis_freq: tuple[float | None, float | None]
+
+
+def _without_times(header: fits.Header) -> str:
+    """The header's text without its time keywords (HISTORY and COMMENT neither): the same for the
+    images of a survey of one field, so that :func:`_sky_frame` works out their WCS once."""
+    return "".join(card.image for card in header.cards
+                   if card.keyword not in _TIME_KEYS and card.keyword not in ("HISTORY", "COMMENT"))
+
+
+@functools.lru_cache(maxsize=64)
+def _sky_frame(text: str) -> SkyFrame:
+    """The SkyFrame of a header's text (ImageError if its WCS is not that of a 2-D celestial
+    image). Cached: parsing a WCS was half the time of reading an image's metadata."""
+    header = fits.Header.fromstring(text)
+    wcs = _header_wcs(header)
+    cel_axes = _celestial_axes(wcs, header)
+    shape = (int(header[f"NAXIS{cel_axes[1] + 1}"]), int(header[f"NAXIS{cel_axes[0] + 1}"]))
+    cel = wcs.celestial
+    centre_ra, centre_dec = (float(v) for v in cel.pixel_to_world_values((shape[1] - 1) / 2, (shape[0] - 1) / 2))
+    if not (math.isfinite(centre_ra) and math.isfinite(centre_dec)):
+        raise ImageError("the image centre has no valid sky position in its WCS")
+    return SkyFrame(shape, centre_ra % 360.0, centre_dec, float(np.mean(proj_plane_pixel_scales(cel))),
+                    _spectral_axis_frequency(wcs))
 
 
 #: A FITS file's bytes: ``bytes``, or a writable buffer (1-D uint8 array) that may be reused.
@@ -362,9 +396,10 @@ def _header_beam(header: fits.Header) -> Beam:
     return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=bpa)
 
 
-def _frequency(header: fits.Header, wcs: WCS) -> tuple[float, float]:
-    """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the spectral axis of the WCS."""
-    axis_freq, axis_bw = _spectral_axis_frequency(wcs)
+def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> tuple[float, float]:
+    """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the WCS's spectral ``axis``
+    (frequency and channel width, Hz; see :func:`_spectral_axis_frequency`)."""
+    axis_freq, axis_bw = axis
     freq_eff = next((float(header[k]) for k in ("RESTFRQ", "RESTFREQ") if header.get(k)), axis_freq)
     freq_bw = float(header["RESTBW"]) if header.get("RESTBW") else axis_bw
     if freq_eff is None or not (freq_eff > 0):
