@@ -100,10 +100,11 @@ class ClusterSession:
             {address: w.get("resources", {}) for address, w in workers.items()}, host_addresses(), backend,
         )
 
-    def submit_writer(self, cls: type, *args: Any, backend: str) -> None:
-        """Start creating the writer actor where the database can be written (see writer_options)."""
+    def submit_writer(self, cls: type, *args: Any, backend: str, **kwargs: Any) -> None:
+        """Start creating the writer actor ``cls(*args, **kwargs)`` where the database can be written
+        (see writer_options)."""
         # pure=False: a new key each time, so that a writer started after losing one is a new actor
-        self.writer = self.client.submit(cls, *args, actor=True, pure=False, **self.writer_options(backend))
+        self.writer = self.client.submit(cls, *args, actor=True, pure=False, **kwargs, **self.writer_options(backend))
 
     def writer_actor(self) -> Any:
         """The writer actor submitted by submit_writer, once it is ready."""

@@ -280,8 +280,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
         if observe is not None:
             observing.enter_context(observe(client))
         log.info(session.dashboard)
-        session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, append,
-                              False, True, backend=settings.backend)  # not resuming; staging every image
+        session.submit_writer(Writer, settings, config, str(config_file) if config_file else None,
+                              backend=settings.backend, append=append, stage_every_image=True)
         check_inputs_readable(client, [s.meta.url if isinstance(s, ScannedImage) else s.url for s in scans])
         if len(fresh) < len(scans):
             log.info("%d images already in the database: skipped", len(scans) - len(fresh))
@@ -408,8 +408,8 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     except TimeoutError:
         raise PipelineError(f"no Dask worker left to hold the writer within worker_timeout = "
                             f"{config.worker_timeout:g} s; rerun with --db_append to resume") from None
-    session.submit_writer(Writer, settings, config, str(config_file) if config_file else None, True, True,
-                          True, backend=settings.backend)  # appending, resuming, staging every image
+    session.submit_writer(Writer, settings, config, str(config_file) if config_file else None,
+                          backend=settings.backend, append=True, resume=True, stage_every_image=True)
 
 
 def _stream(session, writer, images, window, params, quality, progress: _Progress):

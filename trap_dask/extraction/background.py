@@ -238,11 +238,8 @@ class NoiseMap:
 
     def __init__(self, grid: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray, shape: tuple[int, int],
                  floor: float) -> None:
-        ny, nx = shape
-        self.shape, self.floor = (ny, nx), np.float32(floor)
-        self.across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx), as interpolate makes it
-        self.wy = interpolation_weights(ny, centre_y)  # (ny, gy)
-        self.lower = _lower_centre(ny, centre_y)  # rows: the first of the two box centres they take
+        self.shape, self.floor = shape, np.float32(floor)
+        self.across, self.wy, self.lower = _bilinear(grid, centre_y, centre_x, shape)
 
     def __getitem__(self, key: slice | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         if isinstance(key, slice):
@@ -268,9 +265,14 @@ class NoiseMap:
         return bool(np.isfinite(self.across).any())
 
 
-def _lower_centre(n: int, centres: np.ndarray) -> np.ndarray:
-    """For pixels 0..n-1: the index of the lower of the two box centres they are interpolated from."""
-    return np.clip(np.searchsorted(centres, np.arange(n), side="right") - 1, 0, max(len(centres) - 2, 0))
+def _bilinear(grid: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray,
+              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`_interpolate_rows` interpolates a (gy, gx) grid of box values with onto an image
+    of ``shape`` (ny, nx): ``grid @ Wx.T`` (gy, nx), the weights ``Wy`` (ny, gy) and, per row, the
+    lower of the two box centres it takes."""
+    ny, nx = shape
+    lower = np.clip(np.searchsorted(centre_y, np.arange(ny), side="right") - 1, 0, max(len(centre_y) - 2, 0))
+    return grid @ interpolation_weights(nx, centre_x).T, interpolation_weights(ny, centre_y), lower
 
 
 def _interpolate_rows(across: np.ndarray, wy: np.ndarray, lower: np.ndarray, first: int, out: np.ndarray,
@@ -336,8 +338,6 @@ def interpolate(
 
     ``grid @ Wx.T`` first (small), then the rows band by band (:func:`_interpolate_rows`).
     """
-    across = grid @ interpolation_weights(nx, centre_x).T  # (gy, nx)
     out = np.empty((ny, nx), dtype=np.float32) if out is None else out
-    _interpolate_rows(across, interpolation_weights(ny, centre_y), _lower_centre(ny, centre_y), 0, out, floor,
-                      minuend)
+    _interpolate_rows(*_bilinear(grid, centre_y, centre_x, (ny, nx)), 0, out, floor, minuend)
     return out
