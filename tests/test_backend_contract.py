@@ -93,6 +93,23 @@ def test_upserts_and_state_load(store):
     assert [b for b in state.bands["band_id"]] == [0]
 
 
+def test_hundreds_of_rows_insert_and_upsert_row_for_row(store):
+    """Row counts that split into statements of several sizes (515 = 256 + 256 + 2 + 1 on SQLite)."""
+    run = store.start_run(Config().exportable(), None)
+    commit(store, 0, run, np.arange(515), 0)
+    commit(store, 1, run, np.arange(519)[::-1], 515)     # 515 updated, in another order, and 4 new
+    state = store.load_state()
+    assert state.sources["src_id"] == list(range(519))
+    assert state.sources["last_xtrsrc"] == list(range(515 + 518, 515 - 1, -1))
+    assert state.lightcurves["nr_datapoints"] == [2] * 519
+    with store.engine.connect() as conn:
+        table = schema.extracted_sources
+        got = conn.execute(select(table.c.id, table.c.ra, table.c.peak_flux).order_by(table.c.id)).all()
+    expected = [(first + i, 150.0 + i * 1e-3, flux) for first, n in ((0, 515), (515, 519))
+                for i, flux in enumerate(np.linspace(1e-3, 2e-3, n))]
+    assert [tuple(row) for row in got] == expected
+
+
 def test_known_images_and_stale_runs(store):
     run = store.start_run(Config().exportable(), None)
     commit(store, 0, run, [0], 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -50,30 +51,57 @@ def python_values(column: np.ndarray) -> list[Any]:
     return column.tolist()
 
 
-def row_tuples(columns: Columns, names: Sequence[str], rows: np.ndarray | None = None) -> list[tuple]:
-    """Rows of a columnar table as DB-API parameter tuples in the order of ``names``."""
-    return list(zip(*(python_values(columns[n] if rows is None else columns[n][rows]) for n in names)))
+def row_values(columns: Columns, names: Sequence[str], rows: np.ndarray | None = None) -> list[Any]:
+    """Rows of a columnar table as one flat list of DB-API parameters, row after row, each in the
+    order of ``names``."""
+    values = [python_values(columns[n] if rows is None else columns[n][rows]) for n in names]
+    flat: list[Any] = [None] * (len(names) * (len(values[0]) if values else 0))
+    for i, column in enumerate(values):
+        flat[i :: len(names)] = column
+    return flat
+
+
+#: Rows bound to one INSERT statement at most (a power of two). sqlite3 lets go of the GIL for
+#: every statement it steps: ``executemany``, a statement per row, handed the GIL to the
+#: extraction threads and waited to take it back once per row (1000 rows of 30 columns: 1.5 ms
+#: alone, 4.1 ms beside a thread running numpy; as multi-row statements 1.3 and 1.4 ms;
+#: benchmarks/RESULTS.md, issue 15 round 5).
+ROWS_PER_STATEMENT = 256
 
 
 @functools.cache
-def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = ()) -> str:
-    """``INSERT INTO table (names) VALUES (?, ...)``, with ``ON CONFLICT (keys) DO UPDATE`` for keys."""
+def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = (), rows: int = 1) -> str:
+    """``INSERT INTO table (names) VALUES (?, ...), ...`` for ``rows`` rows, with
+    ``ON CONFLICT (keys) DO UPDATE`` for keys."""
     def quote(name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
 
-    sql = (f"INSERT INTO {quote(table)} ({', '.join(map(quote, names))}) "
-           f"VALUES ({', '.join('?' * len(names))})")
+    row = f"({', '.join('?' * len(names))})"
+    sql = f"INSERT INTO {quote(table)} ({', '.join(map(quote, names))}) VALUES {', '.join([row] * rows)}"
     if keys:
         updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in keys)
         sql += f" ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {updates}"
     return sql
 
 
-def _executemany(conn: Connection, sql: str, rows: list[tuple]) -> None:
-    """One prepared statement for every row, straight on the DB-API connection (in its transaction)."""
-    cursor = conn.connection.dbapi_connection.cursor()
+def _insert_rows(conn: Connection, table: str, names: tuple[str, ...], values: list[Any],
+                 keys: tuple[str, ...] = ()) -> None:
+    """Insert (or upsert on ``keys``) the rows of ``values`` (:func:`row_values`) in the
+    connection's transaction, a few multi-row statements of a power-of-two number of rows each,
+    so that the prepared statements repeat (sqlite3 keeps them) and their parameters stay under
+    SQLite's limit."""
+    dbapi = conn.connection.dbapi_connection
+    most = max(1, min(ROWS_PER_STATEMENT, dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(names)))
+    size = 1 << (most.bit_length() - 1)
+    done, total = 0, len(values) // len(names)
+    cursor = dbapi.cursor()
     try:
-        cursor.executemany(sql, rows)
+        while done < total:
+            while size > total - done:
+                size >>= 1
+            cursor.execute(_insert_sql(table, names, keys, size),
+                           values[done * len(names) : (done + size) * len(names)])
+            done += size
     finally:
         cursor.close()
 
@@ -120,13 +148,13 @@ class SQLiteBackend(Backend):
 
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         names = tuple(c for c in table.c.keys() if c in columns)
-        _executemany(conn, _insert_sql(table.name, names), row_tuples(columns, names))
+        _insert_rows(conn, table.name, names, row_values(columns, names))
 
     def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
         for table in tables:
             names = tuple(table.c.keys())
-            _executemany(conn, _insert_sql(table.name, names, tuple(keys)), row_tuples(columns, names, rows))
+            _insert_rows(conn, table.name, names, row_values(columns, names, rows), tuple(keys))
 
 
 class FileLock(Lock):
