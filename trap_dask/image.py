@@ -233,8 +233,22 @@ def _float_plane(raw: Raw, meta: ImageMeta) -> np.ndarray | None:
         return None
     pixels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(meta.shape)
     if pixels.flags.writeable and dtype == ">f4":
-        return pixels.view(np.uint32).byteswap(inplace=True).view(np.float32)
+        return _native_in_place(pixels)
     return pixels.astype(np.float32)
+
+
+#: Pixels byte-swapped by one copy in :func:`_native_in_place`.
+_SWAP_BAND = 1 << 18
+
+
+def _native_in_place(pixels: np.ndarray) -> np.ndarray:
+    """Big-endian float32 pixels as native float32 in the same buffer, converted a band at a time
+    by numpy's copy, which lets go of the GIL (``ndarray.byteswap`` holds it: 1.2-1.5 ms per
+    2048^2 image, 3.6-5.7 ms for two threads at once; the copies 0.6-0.7 ms either way)."""
+    source, native = pixels.reshape(-1), pixels.reshape(-1).view(np.float32)
+    for first in range(0, len(source), _SWAP_BAND):
+        np.copyto(native[first : first + _SWAP_BAND], source[first : first + _SWAP_BAND])
+    return native.reshape(pixels.shape)
 
 
 #: FITS header blocks are this many bytes; the data start at the next block after the END card.
@@ -245,15 +259,21 @@ _END_CARD = b"END" + b" " * 77
 
 #: Bytes of a primary header searched for its END card at most (then astropy reads the file).
 _MAX_HEADER_BYTES = 1000 * _FITS_BLOCK
+#: Bytes of a file read for its primary header before astropy's reader is asked, and searched
+#: first for its END card (a header of up to 576 cards; radio images have a few dozen).
+_LEADING_BYTES = 16 * _FITS_BLOCK
 
 
 def _primary_header(raw: Raw) -> tuple[fits.Header, int] | None:
     """The primary header of a FITS file's bytes and the offset of its data, when it is a plain
     image (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
-    head = bytes(memoryview(raw)[:_MAX_HEADER_BYTES])
-    at = head.find(_END_CARD)
-    while at >= 0 and at % 80:  # the END card starts on a card boundary
-        at = head.find(_END_CARD, at + 1)
+    for limit in (_LEADING_BYTES, _MAX_HEADER_BYTES):  # a few blocks are enough but for long headers
+        head = bytes(memoryview(raw)[:limit])
+        at = head.find(_END_CARD)
+        while at >= 0 and at % 80:  # the END card starts on a card boundary
+            at = head.find(_END_CARD, at + 1)
+        if at >= 0 or len(head) < limit:
+            break
     if at < 0 or not head.startswith(b"SIMPLE  ="):
         return None
     offset = -(-(at + 80) // _FITS_BLOCK) * _FITS_BLOCK
@@ -327,11 +347,6 @@ def _read_header(url: str) -> tuple[int, fits.Header]:
     except (OSError, ValueError, TypeError, IndexError) as exc:
         raise ImageError(f"not a readable FITS file: {one_line(exc)}") from exc
     raise ImageError("the FITS file has no image with at least two axes")
-
-
-#: Bytes of a file read for its primary header before astropy's reader is asked (a header of up
-#: to 576 cards; radio images have a few dozen).
-_LEADING_BYTES = 16 * _FITS_BLOCK
 
 
 def _leading_primary_header(url: str) -> fits.Header | None:
