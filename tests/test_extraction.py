@@ -351,6 +351,17 @@ def test_normal_equations_and_fit_covariance_match_direct_sums():
         assert np.allclose(cov[i], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
+def test_segment_reductions_row_by_row_equal_numpys():
+    """segment_reduce reduces (..., npix) arrays one row at a time: numpy's own reduceat numbers."""
+    from trap_dask.extraction.gaussian import segment_reduce, segment_sum
+
+    rng = np.random.default_rng(2)
+    values, starts = rng.normal(size=(2, 3, 500)), np.array([0, 7, 8, 200, 499])
+    assert np.array_equal(segment_sum(values, starts), np.add.reduceat(values, starts, axis=-1))
+    assert np.array_equal(segment_reduce(np.minimum, values[0], starts), np.minimum.reduceat(values[0], starts, axis=1))
+    assert np.array_equal(segment_reduce(np.maximum, values[0, 0], starts), np.maximum.reduceat(values[0, 0], starts))
+
+
 def test_normal_equations_in_blocks_of_islands_equal_one_pass(monkeypatch):
     """Islands summed block by block (a few pixels per block here) give the same numbers as at once."""
     from trap_dask.extraction import gaussian

@@ -68,12 +68,22 @@ class PixelSet:
         return PixelSet(self.x[pix], self.y[pix], self.value[pix], self.weight[pix], island, ends - counts)
 
 
-def segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums over the islands' segments along the last axis: (..., npix) -> (..., n).
+def segment_reduce(ufunc: np.ufunc, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``ufunc`` reduced over the islands' segments along the last axis: (..., npix) -> (..., n).
 
-    Rows of pixel values reduce an order of magnitude faster than columns of a (npix, k) array.
+    One row at a time: numpy lets go of the GIL for a 1-D ``reduceat``, not for one over the rows
+    of a 2-D array nor for one given ``out`` (two threads then take twice as long as one). Rows of
+    pixel values reduce an order of magnitude faster than columns of a (npix, k) array.
     """
-    return np.add.reduceat(values, starts, axis=-1)
+    if values.ndim == 1:
+        return ufunc.reduceat(values, starts)
+    rows = values.reshape(-1, values.shape[-1])
+    return np.stack([ufunc.reduceat(row, starts) for row in rows]).reshape(*values.shape[:-1], len(starts))
+
+
+def segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums over the islands' segments along the last axis: (..., npix) -> (..., n)."""
+    return segment_reduce(np.add, values, starts)
 
 
 def moments(pixels: PixelSet, cut_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,13 +221,14 @@ def _linearise_block(
         sums = np.empty((len(rows), len(pixels.starts)))
         np.multiply(wm, model, out=rows[0])
         np.multiply(wm, resid, out=rows[n_sq])
+        # (reduceat without ``out``: see segment_reduce)
         for base, count in ((0, n_sq), (n_sq, n_jac)):
-            np.add.reduceat(rows[base], pixels.starts, out=sums[base])
+            sums[base] = segment_sum(rows[base], pixels.starts)
             for i, (source, by_x) in enumerate(_STEPS[: count - 1], start=1):
                 np.multiply(rows[base + source], dx if by_x else dy, out=rows[base + i])
-                np.add.reduceat(rows[base + i], pixels.starts, out=sums[base + i])
+                sums[base + i] = segment_sum(rows[base + i], pixels.starts)
         np.multiply(pixels.weight * resid, resid, out=rows[-1])
-        np.add.reduceat(rows[-1], pixels.starts, out=sums[-1])
+        sums[-1] = segment_sum(rows[-1], pixels.starts)
         moments_sq = sums[:n_sq].T[:, _PRODUCT[:n_jac, :n_jac]]
         jtj = coef @ moments_sq @ np.swapaxes(coef, 1, 2)
         grad = (coef @ sums[n_sq:-1].T[:, :, None])[..., 0]
@@ -359,8 +370,8 @@ def fit_islands(
 def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray) -> np.ndarray:
     """Reject fits that wander off their island, or are far narrower/wider than plausible."""
     xy = np.stack([pixels.x, pixels.y])
-    lo = np.minimum.reduceat(xy, pixels.starts, axis=1).T
-    hi = np.maximum.reduceat(xy, pixels.starts, axis=1).T
+    lo = segment_reduce(np.minimum, xy, pixels.starts).T
+    hi = segment_reduce(np.maximum, xy, pixels.starts).T
     inside = ((params[:, 1:3] >= lo - 1) & (params[:, 1:3] <= hi + 1)).all(-1)
     ok = _valid(params, None) & inside & (params[:, 0] < 3.0 * p0[:, 0])
     if not ok.any():
@@ -428,8 +439,8 @@ def _fft_gram(
         return np.zeros((0, k, k)), np.zeros((0, k, k))
     counts = np.diff(np.append(starts, npix))
     island = np.repeat(np.arange(n), counts)
-    grid = np.rint(offsets - np.minimum.reduceat(offsets, starts, axis=1)[:, island]).astype(np.intp)  # x, y
-    extent = np.maximum.reduceat(grid, starts, axis=1) + 1
+    grid = np.rint(offsets - segment_reduce(np.minimum, offsets, starts)[:, island]).astype(np.intp)  # x, y
+    extent = segment_reduce(np.maximum, grid, starts) + 1
     fast = np.zeros(extent.max() + 1, dtype=np.intp)
     for e in np.unique(extent):
         fast[e] = sfft.next_fast_len(int(2 * e - 1), real=True)
