@@ -351,6 +351,10 @@ def fit_islands(
         cov[:] = beam_cov
     beam_inv = inverse_params(beam_cov[None])[0]
     p0 = np.column_stack([peak, centre, inverse_params(cov)])
+    start = p0.copy()  # point-like islands start from the beam's shape, nearer their fit than the moments'
+    major, minor, _ = axes_from_cov(cov)
+    beam_major, beam_minor, _ = axes_from_cov(beam_cov[None])
+    start[(major <= _POINT_START * beam_major) & (minor <= _POINT_START * beam_minor), 3:] = beam_inv
     counts = np.diff(np.append(pixels.starts, len(pixels.x)))
     nparam = 3 if force_beam else 6
     fittable = counts > nparam
@@ -358,7 +362,7 @@ def fit_islands(
     ok = np.zeros(len(peak), dtype=bool)
     if fittable.any():
         sub = pixels.select(fittable)
-        start = p0[fittable, :3] if force_beam else p0[fittable]
+        start = start[fittable, :3] if force_beam else start[fittable]
         fitted, _, converged = levenberg_marquardt(start, sub, gaussian_model(beam_inv if force_beam else None))
         params[fittable, : fitted.shape[1]] = fitted
         ok[fittable] = converged
@@ -380,6 +384,11 @@ def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.nda
     beam_minor = axes_from_cov(beam_cov[None])[1][0]
     extent = np.hypot(*(hi - lo + 1).T)
     return ok & (minor > 0.2 * beam_minor) & (major < 3.0 * extent + 2.0 * beam_minor)
+
+
+#: Islands whose moments' axes are at most this many times the beam's start their fits from the
+#: beam's shape.
+_POINT_START = 1.5
 
 
 #: Islands of more pixels than this get their correlated sums in float64, the others in float32
