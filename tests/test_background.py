@@ -91,6 +91,8 @@ def test_count_below_equals_counting(nrow):
         for inclusive in (False, True):
             below = ordered <= limit[:, None] if inclusive else ordered < limit[:, None]
             assert np.array_equal(_count_below(ordered, limit, inclusive), below.sum(-1))
+            rows = np.arange(nrow)[1::2]  # some rows only: their counts
+            assert np.array_equal(_count_below(ordered, limit[rows], inclusive, rows), below[rows].sum(-1))
 
 
 def test_banded_interpolation_equals_the_matrix_product(noise):

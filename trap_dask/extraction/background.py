@@ -58,19 +58,21 @@ def _boxes(
 _FEW_ROWS = 32
 
 
-def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool) -> np.ndarray:
-    """Per row of ``ordered`` (rows sorted ascending, NaNs last): how many values are ``< limit``
-    (``<= limit`` when ``inclusive``), by a binary search of all rows at once.
+def _count_below(ordered: np.ndarray, limit: np.ndarray, inclusive: bool, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per row of ``ordered`` (rows sorted ascending, NaNs last), or of its ``rows``: how many
+    values are ``< limit`` (``<= limit`` when ``inclusive``), by a binary search of all rows at once.
 
     Equal to ``np.count_nonzero(ordered < limit[:, None], -1)`` (NaNs never count) at the cost of
     ~log2(npix) gathers of one value per row instead of a pass over every value.
     """
-    nrow, npix = ordered.shape
+    rows = np.arange(len(ordered)) if rows is None else rows
+    nrow, npix = len(rows), ordered.shape[1]
     if nrow <= _FEW_ROWS:  # one search per row
         side = "right" if inclusive else "left"
-        found = [0 if np.isnan(value) else np.searchsorted(row, value, side) for row, value in zip(ordered, limit)]
+        found = [0 if np.isnan(value) else np.searchsorted(ordered[row], value, side)
+                 for row, value in zip(rows, limit)]
         return np.array(found, dtype=np.intp)
-    flat, base = ordered.ravel(), np.arange(nrow) * npix
+    flat, base = ordered.ravel(), rows * npix
     lo, hi = np.zeros(nrow, dtype=np.intp), np.full(nrow, npix, dtype=np.intp)
     compare = np.less_equal if inclusive else np.less
     for _ in range(npix.bit_length()):
@@ -103,20 +105,22 @@ def _block_prefix_sums(offsets: np.ndarray) -> np.ndarray:
     return np.cumsum(prefix, axis=1, out=prefix)
 
 
-def _range_sums(offsets: np.ndarray, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(nrow, 2) float64: per row the sum of ``offsets[row, lo:hi]`` and of their squares, from the
-    block prefix sums of :func:`_block_prefix_sums` and the few values of the last partial blocks."""
-    nrow, npix = offsets.shape
-    ends = np.stack([lo, hi], -1)  # (nrow, 2)
+def _range_sums(offsets: np.ndarray, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                rows: np.ndarray) -> np.ndarray:
+    """(len(rows), 2) float64: per row of ``rows`` the sum of ``offsets[row, lo:hi]`` and of their
+    squares, from the block prefix sums of :func:`_block_prefix_sums` and the few values of the
+    last partial blocks."""
+    npix = offsets.shape[1]
+    ends = np.stack([lo, hi], -1)  # (len(rows), 2)
     block = ends // _BLOCK
     within = np.arange(_BLOCK)
-    index = np.minimum(block[..., None] * _BLOCK + within, npix - 1)  # (nrow, 2, _BLOCK)
-    index += (np.arange(nrow) * npix)[:, None, None]
+    index = np.minimum(block[..., None] * _BLOCK + within, npix - 1)  # (len(rows), 2, _BLOCK)
+    index += (rows * npix)[:, None, None]
     values = offsets.reshape(-1).take(index).astype(np.float64)
     values = np.where(within < (ends - block * _BLOCK)[..., None], values, 0.0)
     ones = np.ones(_BLOCK)
     partial = np.stack([values @ ones, np.square(values) @ ones], -1)  # (nrow, 2 ends, 2 sums)
-    at = prefix.reshape(-1, 2).take(block + (np.arange(nrow) * prefix.shape[1])[:, None], axis=0) + partial
+    at = prefix.reshape(-1, 2).take(block + (rows * prefix.shape[1])[:, None], axis=0) + partial
     return at[:, 1] - at[:, 0]
 
 
@@ -132,7 +136,8 @@ def clipped_stats(
 
     Each box is sorted once (NaNs last), so the kept pixels are always a contiguous run
     ``[lo, hi)`` whose sums come from prefix sums per block of sorted pixels; an iteration only
-    finds the clipping limits in the sorted boxes by binary search. The first limits are robust:
+    finds the clipping limits in the sorted boxes by binary search, and only in the boxes whose
+    limits moved in the one before (most settle in one or two). The first limits are robust:
     the median +- kappa times the interquartile range's sigma, so bright sources never inflate
     the starting width.
     """
@@ -155,25 +160,30 @@ def clipped_stats(
     width = kappa * (quantile(0.75) - quantile(0.25)) / IQR_PER_SIGMA
     offsets = np.subtract(ordered, median, out=ordered)
     if np.isfinite(median).all():  # offsets stay sorted: limits by binary search
-        def count(limit: np.ndarray, inclusive: bool) -> np.ndarray:
-            return _count_below(offsets, limit, inclusive)
+        def count(limit: np.ndarray, inclusive: bool, rows: np.ndarray) -> np.ndarray:
+            return _count_below(offsets, limit, inclusive, rows)
     else:  # -inf - -inf is NaN at the front of a box
-        def count(limit: np.ndarray, inclusive: bool) -> np.ndarray:
-            below = offsets <= limit[:, None] if inclusive else offsets < limit[:, None]
+        def count(limit: np.ndarray, inclusive: bool, rows: np.ndarray) -> np.ndarray:
+            below = offsets[rows] <= limit[:, None] if inclusive else offsets[rows] < limit[:, None]
             return np.count_nonzero(below, axis=-1)
-    lo, hi = count(-width[:, 0], False), count(width[:, 0], True)
+    rows = np.arange(len(ordered))  # the boxes whose clipping still changes
+    lo, hi = count(-width[:, 0], False, rows), count(width[:, 0], True, rows)
     prefix = _block_prefix_sums(offsets)  # NaNs (last) enter only the sums beyond the finite pixels
     norm = 1.0 / np.sqrt(clipped_variance_factor(kappa))
+    mean, sigma = np.zeros(len(ordered)), np.zeros(len(ordered))
     for _ in range(max_iter):
-        n = np.maximum(hi - lo, 1)
-        total = _range_sums(offsets, prefix, lo, hi)
-        mean, mean_sq = total[:, 0] / n, total[:, 1] / n
-        sigma = np.sqrt(np.maximum(mean_sq - mean**2, 0.0)) * norm
-        low, high = (mean - kappa * sigma).astype(np.float32), (mean + kappa * sigma).astype(np.float32)
-        new_lo, new_hi = count(low, False), count(high, True)
-        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+        n = np.maximum(hi[rows] - lo[rows], 1)
+        total = _range_sums(offsets, prefix, lo[rows], hi[rows], rows)
+        mean[rows], mean_sq = total[:, 0] / n, total[:, 1] / n
+        sigma[rows] = np.sqrt(np.maximum(mean_sq - mean[rows] ** 2, 0.0)) * norm
+        low = (mean[rows] - kappa * sigma[rows]).astype(np.float32)
+        high = (mean[rows] + kappa * sigma[rows]).astype(np.float32)
+        new_lo, new_hi = count(low, False, rows), count(high, True, rows)
+        moved = (new_lo != lo[rows]) | (new_hi != hi[rows])
+        lo[rows], hi[rows] = new_lo, new_hi
+        rows = rows[moved]  # a box whose limits stay has its statistics
+        if not len(rows):
             break
-        lo, hi = new_lo, new_hi
     return (mean + median[..., 0]).reshape(shape), sigma.reshape(shape), nfinite.reshape(shape)
 
 
