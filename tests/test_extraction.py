@@ -315,6 +315,21 @@ def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
         assert np.allclose(correlated[i], dense, rtol=1e-4, atol=1e-5 * np.abs(dense).max())
 
 
+def test_fft_grids_hold_their_islands_in_few_fast_sizes():
+    """Grid sizes hold the cells asked for, are FFT-friendly (2^a 3^b 5^c) and come in few sizes."""
+    from trap_dask.extraction.gaussian import _grid_size
+
+    cells = np.append(np.arange(1, 3001), 10**8 + 7)
+    sizes = _grid_size(cells)
+    assert (sizes >= cells).all()
+    for size in np.unique(sizes):
+        for factor in (2, 3, 5):
+            while size % factor == 0:
+                size //= factor
+        assert size == 1
+    assert len(np.unique(sizes[:-1])) <= 32  # of the 123 fast lengths up to 3000
+
+
 def test_normal_equations_and_fit_covariance_match_direct_sums():
     """The batched shortcuts (monomial moments, exp-factorised beam correlation) against dense sums."""
     from trap_dask.extraction.gaussian import _linearise, fit_covariance

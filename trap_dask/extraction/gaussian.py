@@ -399,6 +399,22 @@ _FLOAT64_MIN_PIXELS = 300
 _CELLS_PER_BATCH = 1 << 18
 
 
+#: FFT grid sizes, fast lengths about 25% apart: an island's grid is the smallest that holds it,
+#: so that islands fall into few groups of one grid size, each group one batched FFT (fewer numpy
+#: calls, and the GIL is held between them: 2-3% less wall time in two threads than with the next
+#: fast length of each island, the same CPU time in one).
+_GRID_SIZES = np.array(sorted({sfft.next_fast_len(round(4 * 1.25**i), real=True) for i in range(40)}))
+
+
+def _grid_size(cells: np.ndarray) -> np.ndarray:
+    """The grid sizes (of _GRID_SIZES, else the next fast length) of at least ``cells`` cells."""
+    at = np.searchsorted(_GRID_SIZES, cells)
+    beyond = at == len(_GRID_SIZES)
+    sizes = _GRID_SIZES[np.minimum(at, len(_GRID_SIZES) - 1)]
+    sizes[beyond] = [sfft.next_fast_len(int(c), real=True) for c in cells[beyond]]
+    return sizes
+
+
 def beam_on_grid(beam_inv: np.ndarray, ny: int, nx: int) -> np.ndarray:
     """Unit-peak beam (ny, nx) at the offsets of a circular grid (0, 1, ..., -1 along each axis)."""
     ox = np.fft.fftfreq(nx, 1.0 / nx)[None, :]
@@ -450,10 +466,7 @@ def _fft_gram(
     island = np.repeat(np.arange(n), counts)
     grid = np.rint(offsets - segment_reduce(np.minimum, offsets, starts)[:, island]).astype(np.intp)  # x, y
     extent = segment_reduce(np.maximum, grid, starts) + 1
-    fast = np.zeros(extent.max() + 1, dtype=np.intp)
-    for e in np.unique(extent):
-        fast[e] = sfft.next_fast_len(int(2 * e - 1), real=True)
-    padded = fast[extent]  # (2, n): nx, ny of each island's grid
+    padded = _grid_size(2 * extent - 1)  # (2, n): nx, ny of each island's grid
     shape_key = (padded[1] * (padded[0].max() + 1) + padded[0]) * 2 + precise
     order = np.argsort(shape_key, kind="stable")  # islands by grid size and precision
     bounds = np.flatnonzero(np.r_[True, np.diff(shape_key[order]) != 0, True])
