@@ -377,26 +377,6 @@ def test_segment_reductions_row_by_row_equal_numpys():
     assert np.array_equal(segment_reduce(np.maximum, values[0, 0], starts), np.maximum.reduceat(values[0, 0], starts))
 
 
-def test_normal_equations_in_blocks_of_islands_equal_one_pass(monkeypatch):
-    """Islands summed block by block (a few pixels per block here) give the same numbers as at once."""
-    from trap_dask.extraction import gaussian
-
-    rng = np.random.default_rng(3)
-    centres = rng.integers(10, 500, size=(23, 2))
-    pixels = _island_pixels(centres, 3, rng)  # 49 pixels each
-    params = np.column_stack([rng.uniform(1, 2, 23), centres + 0.2, np.tile([0.3, 0.05, 0.25], (23, 1))])
-    whole = gaussian._linearise_block(params, pixels, None)
-    monkeypatch.setattr(gaussian, "_BLOCK_PIXELS", 100)  # 12 blocks of 1 or 2 islands
-    blocked = gaussian._linearise(params, pixels, None)
-    for got, expected in zip(blocked, whole):
-        assert got.shape == expected.shape and np.array_equal(got, expected)
-    segment = pixels.segment(5, 9)
-    assert np.array_equal(segment.x, pixels.x[pixels.starts[5] : pixels.starts[9]])
-    assert np.array_equal(segment.island, np.repeat(np.arange(4), 49)) and list(segment.starts) == [0, 49, 98, 147]
-    fixed = gaussian._linearise(params[:, :3], pixels, np.array([0.3, 0.05, 0.25]))
-    assert np.array_equal(fixed[0], gaussian._linearise_block(params[:, :3], pixels, np.array([0.3, 0.05, 0.25]))[0])
-
-
 def test_deblending_never_joins_neighbouring_islands():
     """Islands one pixel apart, also on the image edges, each split in two, never share a label."""
     from trap_dask.extraction.deblend import deblend

@@ -50,13 +50,6 @@ class PixelSet:
         """Number of pixels of each island."""
         return np.diff(self.starts, append=len(self.x))
 
-    def segment(self, first: int, last: int) -> PixelSet:
-        """The pixel set of islands ``first..last-1`` (renumbered 0..), views of these arrays."""
-        lo = self.starts[first]
-        hi = self.starts[last] if last < len(self.starts) else len(self.x)
-        return PixelSet(self.x[lo:hi], self.y[lo:hi], self.value[lo:hi], self.weight[lo:hi],
-                        self.island[lo:hi] - first, self.starts[first:last] - lo)
-
     def select(self, keep_island: np.ndarray) -> PixelSet:
         """The pixel set of the islands where ``keep_island`` (renumbered 0..m-1)."""
         if keep_island.all():
@@ -183,24 +176,7 @@ def _jacobian_coefficients(p: np.ndarray, shape: np.ndarray | None) -> np.ndarra
     return coef
 
 
-#: Pixels whose normal equations are summed at a time: a block's rows of products (22 x 8 bytes
-#: a pixel) stay in the cache (139k pixels: 6.3 ms at once, 4.6 ms in 4 blocks).
-_BLOCK_PIXELS = 1 << 15
-
-
 def _linearise(
-    p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_linearise_block` over blocks of whole islands of about ``_BLOCK_PIXELS`` pixels."""
-    n_blocks = -(-len(pixels.x) // _BLOCK_PIXELS)
-    if n_blocks <= 1:
-        return _linearise_block(p, pixels, shape)
-    bounds = np.unique(np.searchsorted(pixels.starts, np.arange(n_blocks + 1) * (len(pixels.x) / n_blocks)))
-    parts = [_linearise_block(p[a:b], pixels.segment(a, b), shape) for a, b in zip(bounds[:-1], bounds[1:])]
-    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
-
-
-def _linearise_block(
     p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per island ``J^T W J`` (n, k, k), ``J^T W r`` (n, k) and chi-squared ``r^T W r`` (n,).
@@ -394,9 +370,10 @@ _POINT_START = 1.5
 #: Islands of more pixels than this get their correlated sums in float64, the others in float32
 #: (their few terms keep float32 sums accurate to ~1e-6 of the largest).
 _FLOAT64_MIN_PIXELS = 300
-#: Upper bound on grid cells (islands x vectors x padded cells) per batched FFT: a batch of
-#: 2 MB (float64) stays in the cache (~11% faster than batches of 1M cells).
-_CELLS_PER_BATCH = 1 << 18
+#: Upper bound on grid cells (islands x vectors x padded cells) per batched FFT. Batches of 256k
+#: cells stay in the cache and are 11% faster in one thread, but in two threads a run was 2% slower
+#: with them (more numpy calls, the GIL taken between each; benchmarks/RESULTS.md, issue 15 round 5).
+_CELLS_PER_BATCH = 1_000_000
 
 
 #: FFT grid sizes, fast lengths about 25% apart: an island's grid is the smallest that holds it,
