@@ -65,3 +65,34 @@ def test_every_task_of_an_image_has_a_key_the_run_knows_as_its_own():
     assert {key.split("-", 1)[0] for key in client.keys} == {"process", "handle", "associate", "backfill", "commit"}
     assert all(is_route_key(key) for key in client.keys)
     assert not is_route_key("someone-else") and not is_route_key(("tuple", 1))
+
+
+
+class _Where:
+    """An actor standing in for the writer: the thread each call ran in."""
+
+    def where(self) -> int:
+        import threading
+        return threading.get_ident()
+
+
+def _call_where(ref: WriterRef) -> tuple[int, int]:
+    import threading
+    return threading.get_ident(), ref.call("where")
+
+
+def test_a_task_on_the_writers_worker_calls_it_in_its_own_thread():
+    """On the writer's own worker a task runs the writer's method in place (no round trip through
+    the event loop to the actor's thread); a writer that is gone fails the call at once."""
+    import pytest
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        actor = client.submit(_Where, actor=True)
+        actor.result()
+        address = next(iter(client.who_has(actor)[actor.key]))
+        task_thread, writer_thread = client.submit(_call_where, WriterRef(actor.key, address)).result()
+        assert task_thread == writer_thread
+        with pytest.raises(RuntimeError, match="finished or was lost"):
+            client.submit(_call_where, WriterRef("no-such-writer", address)).result()

@@ -119,3 +119,36 @@ def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypat
         for store in stores:
             store.close()
     assert staged_rows == alone_rows
+
+
+def test_the_writers_entry_points_run_one_at_a_time():
+    """Two threads calling entry points (as a task in place and the actor's thread may) never
+    overlap, and an entry point may call another (Writer.commit calls flush)."""
+    import threading
+    import time
+
+    from trap_dask.writer import _one_at_a_time
+
+    class Guarded:
+        def __init__(self):
+            self._lock, self.inside, self.overlaps = threading.RLock(), 0, 0
+
+        @_one_at_a_time
+        def outer(self):
+            return self.inner()
+
+        @_one_at_a_time
+        def inner(self):
+            self.inside += 1
+            self.overlaps += self.inside > 1
+            time.sleep(0.002)
+            self.inside -= 1
+            return True
+
+    guarded = Guarded()
+    threads = [threading.Thread(target=lambda: [guarded.outer() for _ in range(20)]) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert guarded.overlaps == 0 and guarded.outer()

@@ -39,14 +39,19 @@ class WriterRef:
     address: str
 
     def call(self, method: str, *args: Any) -> Any:
-        """``Writer.<method>(*args)`` on the actor's thread; its result, or its exception raised here."""
+        """``Writer.<method>(*args)``: its result, or its exception raised here. On the writer's own
+        worker the method runs in this thread (the writer runs its entry points one at a time);
+        elsewhere on the actor's thread, through the workers' connections."""
         from distributed import get_worker
         from distributed.protocol import to_serialize
         from distributed.utils import sync
 
         worker = get_worker()
-        if self.address == worker.address and self.key not in worker.state.actors:
-            raise RuntimeError("the writer has finished or was lost")  # a run stopping: nothing to ask
+        if self.address == worker.address:
+            writer = worker.state.actors.get(self.key)
+            if writer is None:
+                raise RuntimeError("the writer has finished or was lost")  # a run stopping: nothing to ask
+            return getattr(writer, method)(*args)
 
         async def execute():
             return await worker.rpc(self.address).actor_execute(

@@ -21,13 +21,20 @@ last committed image. Without ``stage_every_image``, when the writer keeps up, e
 own transaction, committed before its commit() returns.
 
 Messages in and out are those of ``trap_dask.messages``; the writer imports nothing of the workers.
+Its entry points run one at a time: through the actor (its one thread), or called in place by a
+task on the writer's own worker (``route.WriterRef.call``), which spares the round trip through
+the worker's event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -76,6 +83,18 @@ _BATCH_STATE = ("catalogue", "scatter", "bands", "_unsaved_bands", "_unsaved_mon
 RECENT_SUMMARIES = 64
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_at_a_time(method: _Method) -> _Method:
+    """An entry point of the writer, run while it holds its lock (see the module's text)."""
+    @functools.wraps(method)
+    def locked(self: Writer, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked  # type: ignore[return-value]
+
+
 class Writer:
     """Dask actor: association in time order, and a transaction per image or batch of images."""
 
@@ -83,6 +102,7 @@ class Writer:
                  resume: bool = False, stage_every_image: bool = False):
         """``resume``: a writer started after losing one; inputs already in the database are skipped.
         ``stage_every_image``: stage images even while keeping up (see the module's text)."""
+        self._lock = threading.RLock()  # held by each entry point (they call one another)
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
         state = self.store.load_state() if append else None
@@ -154,6 +174,7 @@ class Writer:
         return {"id": first + np.arange(len(new)), "ra": new[:, 0], "dec": new[:, 1], "src_id": src_ids}
 
     # -- per image --------------------------------------------------------------------------
+    @_one_at_a_time
     def reject_unreadable(self, failure: ScanFailure) -> CommitSummary:
         """Record a file whose header could not be used as a rejected image."""
         skipped = self._skip(failure.url, failure.checksum, unreadable=True)
@@ -175,6 +196,7 @@ class Writer:
         first = self.seen.setdefault(checksum, url)
         return None if first == url else CommitSummary(-1, False, 0, 0, 0, copy_of=first)
 
+    @_one_at_a_time
     def associate(self, result: ImageResult) -> ForcedRequest | CommitSummary:
         """Associate one image's detections; returns what to force-fit next.
 
@@ -225,6 +247,7 @@ class Writer:
         self.seconds["associate"] += time.perf_counter() - started
         return replace(plan.forced_request(self.catalogue), url=meta.url)
 
+    @_one_at_a_time
     def commit(self, forced: ForcedMeasurements | None = None, url: str = "") -> CommitSummary:
         """Add the forced fits (answering the request from associate for the image ``url``) and commit
         the image; when the writer is behind, stage it for the next transaction instead (see the
@@ -323,6 +346,7 @@ class Writer:
         """Whether the oldest staged image has waited MAX_BATCH_SECONDS."""
         return time.monotonic() - self._staged_since >= MAX_BATCH_SECONDS
 
+    @_one_at_a_time
     def flush(self, idle: bool = False) -> int:
         """Write the staged images in one transaction (the store's batch()); returns
         how many. If it fails, nothing of them is written and the writer returns to the state after
@@ -349,6 +373,7 @@ class Writer:
         self.seconds["commit"] += time.perf_counter() - started
         return len(staged)
 
+    @_one_at_a_time
     def finish(self, status: str) -> dict:
         """Write what is staged and record the run's end; returns totals for the summary. Later
         calls of :meth:`associate` and :meth:`commit` (tasks of images in flight when the run
