@@ -18,7 +18,8 @@ writer call). The client only collects the summaries, in order, to count them an
 bounded window of images in flight.
 
 The functions here run on workers; they need only the messages (``trap_dask.messages``) and
-call the writer through its actor handle, so workers never import the writer's code.
+call the writer through its actor handle (in place on the writer's own worker, see
+:meth:`WriterRef.call`), so workers never import the writer's code.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 @dataclass(frozen=True)
 class WriterRef:
     """Where the writer actor is: tasks call it through their worker's connections (no Dask client
-    on the workers), and a call to a writer whose worker is gone fails at once."""
+    on the workers), or in place on its own worker, and a call to a writer whose worker is gone
+    fails at once."""
 
     key: str
     address: str
