@@ -157,6 +157,26 @@ def startup_probe(workdir: Path) -> dict[str, float]:
     return {"import_s": imported - started, "cluster_s": ready - imported, "actor_s": actor - ready}
 
 
+#: What the processes that time the stages add to their environment: one BLAS thread, as
+#: ``trap-dask run`` sets (a multi-threaded OpenBLAS made the stages 10-30% slower and noisier;
+#: RESULTS.md, issue 15 round 5). numpy reads it when it loads: the stages run in a process of their own.
+ONE_BLAS_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def in_run_process(*args: str, env: dict[str, str] | None = None) -> str:
+    """stdout of ``python stages.py ARGS`` in a fresh process, in ``env`` (default: this process's)
+    with one BLAS thread."""
+    return subprocess.run([sys.executable, __file__, *args], env={**(env or os.environ), **ONE_BLAS_THREAD},
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _as_a_run() -> None:
+    """The memory settings of ``trap-dask run`` (a process that times the stages calls this first)."""
+    from trap_dask.allocator import reuse_freed_memory
+
+    reuse_freed_memory()
+
+
 def stage_times(survey_dir: Path, n_images: int, workdir: Path) -> dict[str, float]:
     """CPU ms per image of each stage (images 2..N), as :func:`stage_table` measures them."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -177,13 +197,13 @@ def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, 
     of ``after`` (directories holding one, e.g. ``git archive BASE trap_dask | tar -x -C DIR``),
     each in a fresh process pinned to one core with one BLAS thread, alternately ``rounds`` times;
     per stage the smallest of the rounds (the least disturbed on a shared machine)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for _ in range(rounds):
         for name, src in (("before", before), ("after", after)):
             cmd = ["taskset", "-c", "1", sys.executable, __file__, "times", str(survey_dir), str(n_images),
                    str(workdir / name)]
-            out = subprocess.run(cmd, env=dict(env, PYTHONPATH=str(src)), capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, env={**os.environ, **ONE_BLAS_THREAD, "PYTHONPATH": str(src)},
+                                 capture_output=True, text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = {name: {stage: min(r[stage] for r in rs) for stage in rs[0]} for name, rs in runs.items()}
     rows = [[stage, best["before"][stage], best["after"][stage], f"{best['after'][stage] / best['before'][stage]:.2f}"]
@@ -199,11 +219,16 @@ if __name__ == "__main__":
     usage = ("usage: python benchmarks/stages.py startup WORKDIR\n"
              "       python benchmarks/stages.py compare BEFORE_SRC AFTER_SRC SURVEY_DIR "
              "[N_IMAGES [ROUNDS [WORKDIR]]]\n"
-             "       python benchmarks/stages.py times SURVEY_DIR N_IMAGES WORKDIR   (JSON, for compare)")
+             "       python benchmarks/stages.py times SURVEY_DIR N_IMAGES WORKDIR   (JSON, for compare)\n"
+             "       python benchmarks/stages.py table SURVEY_DIR N_IMAGES WORKDIR TOP   (Markdown, for throughput.py)")
     if len(sys.argv) == 3 and sys.argv[1] == "startup":
         print(json.dumps(startup_probe(Path(sys.argv[2]))))
     elif len(sys.argv) == 5 and sys.argv[1] == "times":
+        _as_a_run()
         print(json.dumps(stage_times(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))))
+    elif len(sys.argv) == 6 and sys.argv[1] == "table":
+        _as_a_run()
+        print(stage_table(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), top=int(sys.argv[5])))
     elif 5 <= len(sys.argv) <= 8 and sys.argv[1] == "compare":
         n, rounds = (int(sys.argv[5]) if len(sys.argv) > 5 else 6), (int(sys.argv[6]) if len(sys.argv) > 6 else 1)
         work = Path(sys.argv[7]) if len(sys.argv) > 7 else Path("/tmp/trapdask-bench/runs/compare")

@@ -496,10 +496,11 @@ def cmd_memory(args) -> None:
 
 
 def cmd_stages(args) -> None:
-    from stages import stage_table
+    from stages import in_run_process
 
     survey_dir = ensure_survey(SURVEYS[args.survey[0]], args)
-    body = stage_table(survey_dir, args.images, args.cache / "runs", top=args.top)
+    body = in_run_process("table", str(survey_dir), str(args.images), str(args.cache / "runs"), str(args.top),
+                          env=trap_dask_env(args.src)).strip()
     record(f"Per-stage timing, {args.images} images of {args.survey[0]}", body, args)
 
 
