@@ -119,7 +119,7 @@ def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | N
     shift = np.hypot(fit[:, [1, 4]] - p0[:, [1, 4]], fit[:, [2, 5]] - p0[:, [2, 5]]).max(-1)
     good &= np.isfinite(cov).all((1, 2)) & (np.einsum("nii->ni", cov) > 0).all(-1) & (shift <= MAX_SHIFT * fwhm)
     fits.params[usable], fits.cov[usable], fits.chisq[usable] = fit, cov, chisq
-    fits.npix[usable] = np.diff(np.append(pixels.starts, len(pixels.x)))
+    fits.npix[usable] = pixels.counts
     fits.ok[usable] = good
     return fits
 

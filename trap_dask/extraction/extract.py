@@ -207,7 +207,7 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
     noise = local_noise(image, fit[:, 1], fit[:, 2])
     errors = measurement_errors(fit, fitted, pixels, noise, image.beam_cov, params.force_beam)
     nparam = 3 if params.force_beam else 6
-    dof = np.maximum(np.diff(np.append(pixels.starts, len(pixels.x))) - nparam, 1)
+    dof = np.maximum(pixels.counts - nparam, 1)
     rows = source_rows(image, params, fit, errors, noise, chisq, dof, fitted)
     # both parts of a sibling pair stay where their joint fit keeps them in the extraction region
     refitted = pair_rows(image, params, sibling_fits)

@@ -331,15 +331,14 @@ def fit_islands(
     major, minor, _ = axes_from_cov(cov)
     beam_major, beam_minor, _ = axes_from_cov(beam_cov[None])
     start[(major <= _POINT_START * beam_major) & (minor <= _POINT_START * beam_minor), 3:] = beam_inv
-    counts = np.diff(np.append(pixels.starts, len(pixels.x)))
     nparam = 3 if force_beam else 6
-    fittable = counts > nparam
+    fittable = pixels.counts > nparam
     params = p0.copy()
     ok = np.zeros(len(peak), dtype=bool)
     if fittable.any():
         sub = pixels.select(fittable)
-        start = start[fittable, :3] if force_beam else start[fittable]
-        fitted, _, converged = levenberg_marquardt(start, sub, gaussian_model(beam_inv if force_beam else None))
+        fitted, _, converged = levenberg_marquardt(start[fittable, :nparam], sub,
+                                                   gaussian_model(beam_inv if force_beam else None))
         params[fittable, : fitted.shape[1]] = fitted
         ok[fittable] = converged
     ok &= _sane(params, p0, pixels, beam_cov)
