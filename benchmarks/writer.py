@@ -59,6 +59,10 @@ def bench(settings: DatabaseSettings, n_images: int, n_sources: int, batch: int 
             started = time.perf_counter()
             group = transaction()
             group.__enter__()
+        for columns in (catalogue, curves):  # each image moves every light curve it touches
+            for name, values in columns.items():
+                if values.dtype.kind == "f":
+                    values[:] = rng.random(n_sources)
         ids = {"id": i * n_sources + np.arange(1, n_sources + 1), "src_id": catalogue["src_id"],
                "parent": (i - 1) * n_sources + np.arange(1, n_sources + 1) if i else -np.ones(n_sources, int),
                "is_duplicate": np.zeros(n_sources, bool)}
