@@ -60,7 +60,7 @@ def bench(settings: DatabaseSettings, n_images: int, n_sources: int, batch: int 
             group = transaction()
             group.__enter__()
         for columns in (catalogue, curves):  # each image moves every light curve it touches
-            for name, values in columns.items():
+            for values in columns.values():
                 if values.dtype.kind == "f":
                     values[:] = rng.random(n_sources)
         ids = {"id": i * n_sources + np.arange(1, n_sources + 1), "src_id": catalogue["src_id"],

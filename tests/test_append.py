@@ -217,6 +217,36 @@ def test_append_upgrades_a_version_3_database(db_settings, epochs, reference):
     assert dump(db_settings) == reference
 
 
+def variability_indexes(settings: DatabaseSettings) -> list[str]:
+    """The names of the indexes on variability (its primary key left out)."""
+    from sqlalchemy import inspect
+
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        names = [index["name"] for index in inspect(conn).get_indexes("variability")]
+    engine.dispose()
+    return names
+
+
+def test_append_upgrades_a_version_4_database(db_settings, epochs, reference):
+    """Version 4 had an index on variability.eta_int; an append drops it and continues the light
+    curves as one run."""
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_variability_eta ON variability (eta_int)")
+        conn.execute(schema.schema_version.update().values(version=4))
+    engine.dispose()
+    assert variability_indexes(db_settings) == ["ix_variability_eta"]
+    run(db_settings, epochs, db_append=True)
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
+    engine.dispose()
+    assert variability_indexes(db_settings) == []
+    assert dump(db_settings) == reference
+
+
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
     """A database of export schema version 1 (running sums in `variability`, before the images'
     astrometry and merges) is upgraded in place by an append, which then links the new images to

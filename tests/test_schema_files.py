@@ -26,6 +26,7 @@ def test_schema_readme_matches_the_code():
 DDL_SHA256 = {
     3: "1e94f3a3c6af818e9627a14f5f95a233791c4a243ad91c97b78fe84c59f05eed",
     4: "7199ef71e231a6de936cb1dba21b0237b8f9f1f3498abb8546f97f41b88b96cb",
+    5: "7089da0d58ea6fff95d83eca689f45a52743d32898f61283a5863b7381528c83",
 }
 
 

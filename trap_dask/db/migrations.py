@@ -79,7 +79,15 @@ def _v3_to_v4(conn: Connection, backend: Backend) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {quote(table)} DROP CONSTRAINT {quote(key['name'])}")
 
 
-MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+def _v4_to_v5(conn: Connection, backend: Backend) -> None:
+    """`variability.eta_int` loses its index: every image changes the eta_int of many light curves,
+    and the index made each of those updates write a new index entry (on PostgreSQL, off the page).
+    No table or column changes."""
+    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {conn.dialect.identifier_preparer.quote('ix_variability_eta')}")
+
+
+MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
+                                                                4: _v4_to_v5}
 
 
 def can_migrate(version: int) -> bool:

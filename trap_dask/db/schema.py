@@ -34,7 +34,7 @@ from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
 #: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
 #: add the step to trap_dask/db/migrations.py; a database of a later version is refused on append.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -178,7 +178,8 @@ variability = Table(
     Column("nr_datapoints", Integer, comment="measurements, forced fits included"),
     Column("first_image", Integer, comment="im_id of the first measurement in this band"),
     Column("first_detection_time", DateTime),
-    Index("ix_variability_eta", "eta_int"),
+    # no index on eta_int (version 4 had one): every image changes the eta_int of the light curves
+    # it touches, and an indexed column that changes keeps an update off its page (not HOT)
     postgresql_with={"fillfactor": 50},  # room on each page for its next update (HOT)
 )
 
