@@ -166,7 +166,7 @@ def _cutouts(residual: np.ndarray, rms: np.ndarray | NoiseMap, start: np.ndarray
 def _linear_amplitudes(p: np.ndarray, pixels: PixelSet, beam: np.ndarray) -> np.ndarray:
     """Least-squares peaks (n, 2) in Jy/beam of both components at the positions in ``p``."""
     profiles = _model_and_jacobian(p, pixels, beam)[1][:, [0, 3]]
-    gram = _normal_matrix(profiles, pixels)
+    gram = _normal_matrix(profiles.T, pixels)
     gram += 1e-12 * np.eye(2) * np.einsum("nii->n", gram)[:, None, None]  # coincident starts
     rhs = segment_sum((profiles * (pixels.weight * pixels.value)[:, None]).T, pixels.starts).T
     return np.linalg.solve(gram, rhs[..., None])[..., 0]
@@ -188,9 +188,11 @@ def _pair_model(beam: np.ndarray, centres: np.ndarray, prior: np.ndarray):
         with np.errstate(over="ignore", invalid="ignore"):
             model, jac = _model_and_jacobian(p, pixels, beam)
             resid = pixels.value - model
-            jtj = _normal_matrix(jac, pixels)
-            grad = segment_sum((jac * (pixels.weight * resid)[:, None]).T, pixels.starts).T
-            chisq = segment_sum(pixels.weight * resid * resid, pixels.starts)
+            rows = jac.T
+            jtj = _normal_matrix(rows, pixels)
+            weighted = pixels.weight * resid
+            grad = segment_sum(rows * weighted, pixels.starts).T
+            chisq = segment_sum(weighted * resid, pixels.starts)
         offset, precision = p - centres[ids], prior[ids]
         jtj += precision[:, :, None] * np.eye(6)
         grad -= precision * offset
@@ -199,17 +201,21 @@ def _pair_model(beam: np.ndarray, centres: np.ndarray, prior: np.ndarray):
     return linearise, (lambda p: np.isfinite(p).all(-1))
 
 
-def _normal_matrix(jac: np.ndarray, pixels: PixelSet) -> np.ndarray:
-    """Per island ``J^T W J`` (n, k, k) from the Jacobian (npix, k)."""
-    k = jac.shape[1]
-    wj = jac * pixels.weight[:, None]
-    return segment_sum((wj[:, :, None] * jac[:, None, :]).reshape(len(jac), k * k).T, pixels.starts).T.reshape(-1, k, k)
+def _normal_matrix(rows: np.ndarray, pixels: PixelSet) -> np.ndarray:
+    """Per island ``J^T W J`` (n, k, k) from the Jacobian's rows (k, npix): the sums of its upper
+    triangle, mirrored."""
+    k = len(rows)
+    first, second = np.triu_indices(k)
+    sums = segment_sum((rows * pixels.weight)[first] * rows[second], pixels.starts).T
+    jtj = np.empty((len(sums), k, k))
+    jtj[:, first, second] = jtj[:, second, first] = sums
+    return jtj
 
 
 def _well_conditioned(jac: np.ndarray, pixels: PixelSet, precision: np.ndarray) -> np.ndarray:
     """Whether each fit's normal matrix (with its prior) can be inverted reliably: its condition
     number once scaled to unit diagonal (independent of the units of flux and position)."""
-    jtj = _normal_matrix(jac, pixels) + precision
+    jtj = _normal_matrix(jac.T, pixels) + precision
     diag = np.einsum("nii->ni", jtj)
     finite = np.isfinite(jtj).all((1, 2)) & (diag > 0).all(-1)
     scale = 1.0 / np.sqrt(np.where(finite[:, None], diag, 1.0))

@@ -192,19 +192,21 @@ def _linearise(
         n_sq = 15 if n_jac == 6 else 6
         resid = pixels.value - model
         wm = pixels.weight * model
-        # each row is summed over the islands as soon as it is made, while it is in the cache
-        rows = np.empty((n_sq + n_jac + 1, len(model)))
-        sums = np.empty((len(rows), len(pixels.starts)))
-        np.multiply(wm, model, out=rows[0])
-        np.multiply(wm, resid, out=rows[n_sq])
+        # each row is summed over the islands as soon as it is made, while it is in the cache; the
+        # monomial rows in float32 (half the memory traffic; sums good to ~1e-7, which moves a fit
+        # by ~1e-6 of its error), chi-squared in float64
+        rows = np.empty((n_sq + n_jac, len(model)), np.float32)
+        sums = np.empty((len(rows) + 1, len(pixels.starts)))
+        dx32, dy32 = dx.astype(np.float32), dy.astype(np.float32)
+        np.multiply(wm, model, out=rows[0], casting="same_kind")
+        np.multiply(wm, resid, out=rows[n_sq], casting="same_kind")
         # (reduceat without ``out``: see segment_reduce)
         for base, count in ((0, n_sq), (n_sq, n_jac)):
             sums[base] = segment_sum(rows[base], pixels.starts)
             for i, (source, by_x) in enumerate(_STEPS[: count - 1], start=1):
-                np.multiply(rows[base + source], dx if by_x else dy, out=rows[base + i])
+                np.multiply(rows[base + source], dx32 if by_x else dy32, out=rows[base + i])
                 sums[base + i] = segment_sum(rows[base + i], pixels.starts)
-        np.multiply(pixels.weight * resid, resid, out=rows[-1])
-        sums[-1] = segment_sum(rows[-1], pixels.starts)
+        sums[-1] = segment_sum(pixels.weight * resid * resid, pixels.starts)
         moments_sq = sums[:n_sq].T[:, _PRODUCT[:n_jac, :n_jac]]
         jtj = coef @ moments_sq @ np.swapaxes(coef, 1, 2)
         grad = (coef @ sums[n_sq:-1].T[:, :, None])[..., 0]
