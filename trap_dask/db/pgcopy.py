@@ -115,7 +115,7 @@ def copy_upsert(conn: Connection, tables: Sequence[Table], columns: Columns, row
     """Insert or update ``rows`` of ``columns`` in each of ``tables`` by their primary ``keys``:
     one COPY into a staging table holding the columns of all of them, then, in one round trip, an
     UPDATE of the rows each table has and an INSERT of those it lacks (``rows`` hold each key
-    once). A join UPDATE took 30-40% less server time than ``INSERT .. ON CONFLICT DO UPDATE``,
+    once). Together they took 20-35% less server time than ``INSERT .. ON CONFLICT DO UPDATE``,
     which tries each row as an insert first (benchmarks/RESULTS.md, issue 15 round 6)."""
     quote = conn.dialect.identifier_preparer.quote
     types = {c.name: c.type for table in tables for c in table.columns}
