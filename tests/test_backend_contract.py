@@ -93,6 +93,23 @@ def test_upserts_and_state_load(store):
     assert [b for b in state.bands["band_id"]] == [0]
 
 
+def test_a_known_source_in_a_second_band_gets_its_own_light_curve(store):
+    """The upsert keys on (src_id, freq_band): a source already in band 0 seen in band 1 adds a row
+    and leaves its band-0 light curve as it was, while another band-0 curve is updated."""
+    run = store.start_run(Config().exportable(), None)
+    commit(store, 0, run, [0, 1], 0)
+    band1 = {**BAND, "band_id": 1, "freq_low": 1.69e8, "freq_central": 1.7e8, "freq_high": 1.71e8}
+    rows, ids = sources(2, [0])
+    curves = {name: np.concatenate([a, b]) for (name, a), b in
+              zip(lightcurves([0], 1).items(), lightcurves([1], 3).values())}
+    curves["freq_band"] = np.array([1, 0])              # source 0 new in band 1, source 1 moved on in band 0
+    store.commit_image(image(1, run, freq_band=1), band_rows=[band1], sources=rows, source_ids=ids,
+                       catalogue=catalogue([0], [2]), lightcurves=curves)
+    state = store.load_state()
+    got = sorted(zip(state.lightcurves["src_id"], state.lightcurves["freq_band"], state.lightcurves["nr_datapoints"]))
+    assert got == [(0, 0, 1), (0, 1, 1), (1, 0, 3)]
+
+
 def test_hundreds_of_rows_insert_and_upsert_row_for_row(store):
     """Row counts that split into statements of several sizes (515 = 256 + 256 + 2 + 1 on SQLite)."""
     run = store.start_run(Config().exportable(), None)
