@@ -129,14 +129,17 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     assert len(_table(db_settings, schema.merges, ["id"])) == 1
 
 
-def test_merges_in_a_batch_equal_merges_image_by_image(db_settings):
-    """Images that arrive while the writer is behind are staged and written in one batch; a merge
-    among them reads the staged measurements (not yet in the database) and a second merge sees the
-    first one's relabelling: the database ends as when every image is committed on its own."""
+@pytest.mark.parametrize("max_batch, n_batches", [(16, 1), (2, 2)])
+def test_merges_in_a_batch_equal_merges_image_by_image(db_settings, monkeypatch, max_batch, n_batches):
+    """Images that arrive while the writer is behind are staged and written in batches; a merge
+    among them reads the staged measurements (not yet in the database), or those of the batch the
+    committer thread is writing (MAX_BATCH 2), and a second merge sees the first one's relabelling:
+    the database ends as when every image is committed on its own."""
     from dataclasses import replace
 
     from test_backend_contract import table_rows
 
+    from trap_dask import writer as writer_module
     from trap_dask.db.backends import drop_database
 
     off, further = 30.0 + 18 * ARCSEC, 30.0 + 30 * ARCSEC  # B, then E, each merged into A
@@ -158,11 +161,12 @@ def test_merges_in_a_batch_equal_merges_image_by_image(db_settings):
         finally:
             store.close()
 
+    monkeypatch.setattr(writer_module, "MAX_BATCH", max_batch)
     alone = run(db_settings, behind=False)
     batched_settings = replace(db_settings, name=db_settings.name.replace("export", "export_b") + "_b")
     try:
         batched = run(batched_settings, behind=True)
     finally:
         drop_database(batched_settings)
-    assert len(alone["rows"]["merges"]) == 2 and alone["batches"] == 0 and batched["batches"] == 1
+    assert len(alone["rows"]["merges"]) == 2 and alone["batches"] == 0 and batched["batches"] == n_batches
     assert batched["rows"] == alone["rows"]

@@ -97,10 +97,12 @@ def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypat
     keeping_up = [_commit(writer, writer.associate(image)) for image in sky[:3]]
     assert all(s.staged for s in keeping_up) and writer.flush(idle=True) == 0
     assert _count(settings, schema.images) == 0
-    fourth = _commit(writer, writer.associate(sky[3]))
-    assert not fourth.staged and _count(settings, schema.images) == writer_module.MAX_STAGED_KEEPING_UP == 4
+    fourth = _commit(writer, writer.associate(sky[3]))  # hands the four to the committer thread
+    assert fourth.staged and fourth.written_through == -1 and writer_module.MAX_STAGED_KEEPING_UP == 4
+    assert writer.flush(idle=True) == 0 and _count(settings, schema.images) == 4  # flush waits for them
     behind = _commit(writer, writer.associate(replace(sky[4], done_at=1.0)))  # done before the writer was idle
-    assert behind.staged and writer.flush(idle=True) == 1 and _count(settings, schema.images) == 5
+    assert behind.staged and behind.written_through == 3
+    assert writer.flush(idle=True) == 1 and _count(settings, schema.images) == 5
     _commit(writer, writer.associate(sky[5]))
     assert writer.flush(idle=True) == 0
     monkeypatch.setattr(writer_module, "MAX_BATCH_SECONDS", 0.0)  # the oldest staged image has waited
@@ -109,8 +111,9 @@ def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypat
     assert writer.finish("completed")["n_batches"] == 1 and _count(settings, schema.images) == 7
 
     alone, alone_settings = _writer(tmp_path, "alone.db")
-    for image in sky:
-        assert not _commit(alone, alone.associate(image)).staged
+    for i, image in enumerate(sky):
+        summary = _commit(alone, alone.associate(image))
+        assert not summary.staged and summary.written_through == summary.im_id == i
     alone.finish("completed")
     stores = [ExportStore.open(s) for s in (settings, alone_settings)]
     try:
@@ -152,3 +155,51 @@ def test_the_writers_entry_points_run_one_at_a_time():
     for thread in threads:
         thread.join()
     assert guarded.overlaps == 0 and guarded.outer()
+
+
+def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_last_written_image(
+        tmp_path, monkeypatch):
+    """A batch that fails while the writer goes on associating raises at the writer's next wait, and
+    leaves the database and the writer at the image before the batch: fed again from there, the
+    writer ends with the tables of a writer that never failed."""
+    from trap_dask.db.backends import DatabaseError
+
+    monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
+    sky = [replace(_image(i, [150.0, 150.2], [30.0, 30.0]), done_at=1.0) for i in range(1, 7)]  # all behind
+    writer, settings = _writer(tmp_path)
+    commit_image, failed = writer.store.commit_image, []
+
+    def fails_once_at_the_third(row, **keywords):
+        if row["id"] == 2 and not failed:
+            failed.append(row["id"])
+            raise DatabaseError("disk full")
+        return commit_image(row, **keywords)
+
+    monkeypatch.setattr(writer.store, "commit_image", fails_once_at_the_third)
+    # the first image is written alone (the writer was idle before it), then two at a time: the second
+    # and third are in flight together while the fourth is associated
+    summaries = [_commit(writer, writer.associate(image)) for image in sky[:4]]
+    assert [(s.im_id, s.staged, s.written_through) for s in summaries] == [
+        (0, False, 0), (1, True, 0), (2, True, 0), (3, True, 0)]
+    try:
+        writer.flush()
+    except DatabaseError as exc:
+        assert "disk full" in str(exc)
+    else:
+        raise AssertionError("the failed transaction was not reported")
+    assert failed == [2] and _count(settings, schema.images) == 1
+    assert writer.next_im_id == writer.n_committed == 1 and writer.written_through == 0
+    assert [_commit(writer, writer.associate(image)).im_id for image in sky[1:]] == [1, 2, 3, 4, 5]
+    writer.finish("completed")
+
+    alone, alone_settings = _writer(tmp_path, "alone.db")
+    for image in sky:
+        _commit(alone, alone.associate(image))
+    alone.finish("completed")
+    stores = [ExportStore.open(s) for s in (settings, alone_settings)]
+    try:
+        recovered, unbroken = (table_rows(store) for store in stores)
+    finally:
+        for store in stores:
+            store.close()
+    assert recovered == unbroken

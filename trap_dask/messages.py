@@ -106,7 +106,11 @@ class CommitSummary:
     sys_err: tuple[float, float] = (np.nan, np.nan)  #: ew/ns systematic error used to associate it (arcsec)
     copy_of: str | None = None  #: not recorded: a file with the contents of this earlier input of the run
     stored: bool = False  #: not recorded: in the database already (committed before a lost writer's answer)
-    staged: bool = False  #: applied, its rows waiting for the writer's next transaction (Writer.flush)
+    #: the writer holds images recorded but not yet in the database (staged for its next transaction,
+    #: or in the one being written; Writer.flush), this one or earlier ones
+    staged: bool = False
+    #: the id of the latest image in the database: every image recorded up to it is there
+    written_through: int = -1
     dropped: bool = False  #: not recorded: it reached the writer after the run had stopped (Writer.finish)
 
     @property

@@ -33,7 +33,7 @@ from trap_dask.image import ImageMeta
 from trap_dask.quality import QualityParams
 
 if TYPE_CHECKING:
-    from trap_dask.messages import ScanFailure, ScannedImage
+    from trap_dask.messages import CommitSummary, ScanFailure, ScannedImage
 
 log = logging.getLogger("trap_dask")
 
@@ -65,7 +65,8 @@ class RunSummary:
     n_new_sources: int
     n_light_curves: int
     wall_seconds: float
-    writer_seconds: dict[str, float]  #: associate / update / commit
+    #: associate / update / wait (for the committer thread), and commit (in the committer thread)
+    writer_seconds: dict[str, float]
     rows_committed: int
     n_duplicates: int = 0  #: inputs with the same contents (SHA-256) as an earlier input of this run
     startup_seconds: float | None = None  #: from the start of the run until the first image was submitted
@@ -75,7 +76,11 @@ class RunSummary:
 
     @property
     def writer_busy_fraction(self) -> float:
-        return sum(self.writer_seconds.values()) / self.wall_seconds if self.wall_seconds else 0.0
+        """The writer's share of the wall time: associating, updating and waiting for its commits
+        (those run in the committer thread beside it)."""
+        w = self.writer_seconds
+        busy = w["associate"] + w["update"] + w.get("wait", 0.0)
+        return busy / self.wall_seconds if self.wall_seconds else 0.0
 
     def describe(self) -> str:
         w = self.writer_seconds
@@ -89,7 +94,8 @@ class RunSummary:
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
             f"writer busy {100 * self.writer_busy_fraction:.0f}% (associate {w['associate']:.1f} s, "
-            f"light curves {w['update']:.1f} s, commit {w['commit']:.1f} s: {rate:.0f} rows/s)"
+            f"light curves {w['update']:.1f} s, waiting {w.get('wait', 0.0):.1f} s; commit {w['commit']:.1f} s "
+            f"in its own thread: {rate:.0f} rows/s)"
         )
 
 
@@ -378,11 +384,22 @@ class _Progress:
 
     failure: int = 0  #: the next unreadable file to record
     image: int = 0  #: the first image not known to be committed (a new writer starts there)
+    #: (index, im_id) of the images recorded by the writer and not yet known to be in the database
+    unwritten: deque = field(default_factory=deque)
     counted: int = 0  #: the next image whose summary is to be counted
     lost_writers_images: int = 0  #: images committed by writers that were lost
     restarts: int = 0
     started: float = 0.0  #: perf_counter when the images began to be submitted
     first_submitted: float | None = None  #: perf_counter when the first image was submitted
+
+    def answered(self, index: int, summary: CommitSummary) -> None:
+        """Move ``image`` on past what the summary of image ``index`` shows in the database: every
+        image before the first recorded one that is not there yet."""
+        if summary.recorded:
+            self.unwritten.append((index, summary.im_id))
+        while self.unwritten and self.unwritten[0][1] <= summary.written_through:
+            self.unwritten.popleft()
+        self.image = self.unwritten[0][0] if self.unwritten else index + 1
 
 
 def _restart_writer(session, settings, config, config_file, progress: _Progress) -> None:
@@ -393,6 +410,7 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     from trap_dask.writer import Writer
 
     progress.restarts += 1
+    progress.unwritten.clear()  # handed to the new writer again, from progress.image on
     log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
                 "state (restart %d of at most %d)", session.writer_address or "address unknown",
                 progress.restarts, MAX_WRITER_RESTARTS)
@@ -457,8 +475,7 @@ def _collect(session, writer, route, pending: deque, progress: _Progress, submit
         outcome = _summary(summary, session, lambda: flush_staged(True))
         route.done(index)
         staged = outcome.staged
-        if not staged:  # committed, and every image staged before it: a new writer starts after it
-            progress.image = index + 1
+        progress.answered(index, outcome)  # a new writer starts at the first image not in the database
         del summary
         submit_next()
         flush_staged(bool(pending) and not pending[0][2].done())

@@ -14,11 +14,17 @@ the next image) and by :meth:`finish`. A writer stages an image when it falls be
 image was ready before it had finished the one before) and, made with ``stage_every_image`` (what
 a run does), every image: a transaction per image costs twice the writer's time of a batch
 (benchmarks/RESULTS.md, issue 15 round 4), so those wait for their batch even while the client
-waits (at most MAX_BATCH_SECONDS). A merge reads its sources' measurements from the database and
-the staged images. So the database always ends at an image boundary, at most MAX_BATCH_SECONDS
-(plus one image) behind the writer, and a failed batch rolls the in-memory catalogue back to the
-last committed image. Without ``stage_every_image``, when the writer keeps up, every image is its
-own transaction, committed before its commit() returns.
+waits (at most MAX_BATCH_SECONDS). Without ``stage_every_image``, when the writer keeps up, every
+image is its own transaction, committed before its commit() returns.
+
+A full batch is written by the writer's committer thread while the writer associates the next
+images (the drivers let go of the GIL while the database works), one transaction in flight at a
+time, in order. A merge reads its sources' measurements from the database, the batch in flight
+and the staged images. So the database always ends at an image boundary, at most
+MAX_BATCH_SECONDS (plus one batch) behind the writer; a failed batch raises at the writer's next
+image or flush and rolls the in-memory catalogue back to the last image written, and each
+CommitSummary says which images the database holds (``written_through``), where a writer started
+after a lost one carries on.
 
 Messages in and out are those of ``trap_dask.messages``; the writer imports nothing of the workers.
 Its entry points run one at a time: through the actor (its one thread), or called in place by a
@@ -33,6 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -125,7 +132,7 @@ class Writer:
         self.fixed = bool(config.frequency_bands())
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
-        self.next_im_id = 0
+        self.next_im_id = 0  #: the id of the next image recorded
         if state is not None:
             self.catalogue = replace(
                 self.catalogue,
@@ -139,10 +146,11 @@ class Writer:
             if state.images:
                 self.scatter = ScatterHistory.from_images(*(state.images[f"astrometry_{c}"] for c in
                                                             ("n", "scatter_ra", "scatter_dec")))
+        self.written_through = self.next_im_id - 1  #: the id of the latest image the database holds
         self._unsaved_monitors = self._add_monitors(config.monitor_positions(), state.monitors if state else {})
         self.n_committed = 0
         #: seconds spent associating, updating light curves and committing; rows committed
-        self.seconds = {"associate": 0.0, "update": 0.0, "commit": 0.0}
+        self.seconds = {"associate": 0.0, "update": 0.0, "commit": 0.0, "wait": 0.0}
         self.rows_committed = 0
         #: worker seconds per stage, from the messages (ImageResult.seconds, ForcedMeasurements.seconds)
         self.worker_seconds: dict[str, float] = {}
@@ -158,6 +166,9 @@ class Writer:
         self._snapshot: dict | None = None  #: the state before the first staged image
         self._staged_since = 0.0
         self._staged_behind = False  #: an image was staged because the writer was behind
+        #: the batch being written by the committer thread: (its future, the state before it, its images)
+        self._committing: tuple[Future, dict, list] | None = None
+        self._committer: ThreadPoolExecutor | None = None
         self._idle_since = 0.0  #: time.time() when the last image was committed or staged
         self.finished = False  #: finish() was called: the run has stopped
         self.stage_every_image = stage_every_image
@@ -190,11 +201,11 @@ class Writer:
         """The summary of an input that is not recorded: a copy of an earlier input of this run, or one
         a lost writer committed; None for an input to record (then remembered by its checksum)."""
         if (checksum in self._stored[0]) if checksum else (unreadable and url in self._stored[1]):
-            return CommitSummary(-1, False, 0, 0, 0, stored=True)
+            return self._summary(-1, False, 0, 0, 0, stored=True)
         if checksum is None:
             return None
         first = self.seen.setdefault(checksum, url)
-        return None if first == url else CommitSummary(-1, False, 0, 0, 0, copy_of=first)
+        return None if first == url else self._summary(-1, False, 0, 0, 0, copy_of=first)
 
     @_one_at_a_time
     def associate(self, result: ImageResult) -> ForcedRequest | CommitSummary:
@@ -203,7 +214,8 @@ class Writer:
         A rejected image is committed at once and its CommitSummary returned instead.
         """
         if self.finished:  # a task still running when the run stopped: its image is not recorded
-            return CommitSummary(-1, False, 0, 0, 0, dropped=True)
+            return self._summary(-1, False, 0, 0, 0, dropped=True)
+        self._settle(block=False)  # a failed transaction stops the run at the next image
         started = time.perf_counter()
         if result.meta.url in self._recent:  # recorded already: its task was retried after its worker was lost
             return self._recent[result.meta.url]
@@ -254,7 +266,7 @@ class Writer:
         module's text). A commit asked again (its task retried after its worker was lost) gets the
         image's summary back."""
         if self.finished:
-            return CommitSummary(-1, False, 0, 0, 0, dropped=True)
+            return self._summary(-1, False, 0, 0, 0, dropped=True)
         started = time.perf_counter()
         if url and (self._pending is None or self._pending[1].meta.url != url):
             if url not in self._recent:
@@ -292,29 +304,34 @@ class Writer:
         self.n_committed += 1
         self.seconds["update"] += time.perf_counter() - started  # association's update and apply, not the commit
         self._done(behind)
-        summary = CommitSummary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
-                                len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
-                                staged=bool(self._staged))
+        summary = self._summary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
+                                len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err)
         return self._remember(result.meta.url, summary)
 
     def _history(self, src_ids: np.ndarray) -> np.ndarray:
         """Every measurement of ``src_ids`` (HISTORY_DTYPE, in id order), the staged images' included:
         the database's rows and the staged measurements, with the staged merges' relabelling applied
         in order (a staged image is not in the database yet, so a merge does not end the batch)."""
-        staged = [keywords for _, keywords, _ in self._staged]
+        everything = (self._committing[2] if self._committing else []) + self._staged
+        staged = [keywords for _, keywords, _ in everything]
         relabels = [keywords["relabelled"] for keywords in staged
                     if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
         moved = np.concatenate([r["id"] for r in relabels]) if relabels else np.zeros(0, np.int64)
         rows = np.concatenate([self.store.history(src_ids, moved),
                                *(_history_rows(row["id"], keywords, self.catalogue.earlier)
-                                 for row, keywords, _ in self._staged if keywords.get("sources") is not None)])
-        rows = rows[np.argsort(rows["id"], kind="stable")]
+                                 for row, keywords, _ in everything if keywords.get("sources") is not None)])
+        rows = rows[np.unique(rows["id"], return_index=True)[1]]
         for relabel in relabels:
             at = np.searchsorted(rows["id"], relabel["id"])
             found = at < len(rows)
             found[found] = rows["id"][at[found]] == relabel["id"][found]
             rows["src_id"][at[found]], rows["parent"][at[found]] = relabel["src_id"][found], relabel["parent"][found]
         return rows[np.isin(rows["src_id"], src_ids)]
+
+    def _summary(self, *fields: Any, **named: Any) -> CommitSummary:
+        """A CommitSummary of ``fields``, saying how much of the run the database holds now."""
+        return CommitSummary(*fields, **named, staged=bool(self._staged or self._committing),
+                             written_through=self.written_through)
 
     def _remember(self, url: str, summary: CommitSummary) -> CommitSummary:
         """Keep the summary of a recorded image for a retry of its task; returns it."""
@@ -338,8 +355,10 @@ class Writer:
         MAX_STAGED_KEEPING_UP; the oldest staged MAX_BATCH_SECONDS ago)."""
         self._staged_behind |= behind
         most = MAX_BATCH if behind else MAX_STAGED_KEEPING_UP
-        if len(self._staged) >= most or self._waited() or not (behind or self.stage_every_image):
+        if not (behind or self.stage_every_image):
             self.flush()
+        elif len(self._staged) >= most or self._waited():
+            self._write_staged(wait=False)
         self._idle_since = time.time()
 
     def _waited(self) -> bool:
@@ -348,30 +367,61 @@ class Writer:
 
     @_one_at_a_time
     def flush(self, idle: bool = False) -> int:
-        """Write the staged images in one transaction (the store's batch()); returns
-        how many. If it fails, nothing of them is written and the writer returns to the state after
-        the last committed image. ``idle``: the client waits for the next image; images staged
-        while the writer kept up then wait on for their batch (MAX_STAGED_KEEPING_UP) unless one
-        was staged behind or the oldest has waited MAX_BATCH_SECONDS."""
-        if not self._staged or (idle and not (self._staged_behind or self._waited())):
+        """Write the staged images in one transaction (the store's batch()) and wait until the
+        database holds every image recorded so far; returns how many it wrote. If a transaction
+        fails, nothing of its images is written, the writer returns to the state after the last
+        written image and the error is raised. ``idle``: the client waits for the next image;
+        images staged while the writer kept up then wait on for their batch
+        (MAX_STAGED_KEEPING_UP) unless one was staged behind or the oldest has waited
+        MAX_BATCH_SECONDS."""
+        if idle and self._staged and not (self._staged_behind or self._waited()):
             return 0
-        self._staged_behind = False
-        started = time.perf_counter()
+        return self._write_staged(wait=True)
+
+    def _write_staged(self, wait: bool) -> int:
+        """Hand the staged images to the committer thread as one transaction, once the one before
+        is written (one in flight at most; see the module's text); ``wait``: until it is written
+        too. Returns how many images it holds."""
+        self._settle()
         staged, self._staged = self._staged, []
+        if staged:
+            snapshot, self._snapshot = self._snapshot, None
+            self._staged_behind = False
+            if self._committer is None:
+                self._committer = ThreadPoolExecutor(1, thread_name_prefix="trap-dask-commit")
+            self._committing = (self._committer.submit(self._write, staged), snapshot, staged)
+        if wait:
+            self._settle()
+        return len(staged)
+
+    def _write(self, staged: list[tuple[dict, dict, int]]) -> float:
+        """Write ``staged`` in one transaction (in the committer thread); returns the seconds it took."""
+        started = time.perf_counter()
+        with self.store.batch():  # one transaction for every commit_image inside
+            for row, keywords, _ in staged:
+                self.store.commit_image(row, **keywords)
+        return time.perf_counter() - started
+
+    def _settle(self, block: bool = True) -> None:
+        """Wait for the transaction in flight (``block`` False: only if it has ended). If it failed,
+        return to the state before its first image, dropping what was staged since, and raise."""
+        if self._committing is None or not (block or self._committing[0].done()):
+            return
+        (future, snapshot, staged), self._committing = self._committing, None
+        started = time.perf_counter()
         try:
-            with self.store.batch():  # one transaction for every commit_image inside
-                for row, keywords, _ in staged:
-                    self.store.commit_image(row, **keywords)
+            seconds = future.result()
         except BaseException:
-            for name, value in self._snapshot.items():
+            self._staged, self._snapshot = [], None
+            for name, value in snapshot.items():
                 setattr(self, name, value)
             raise
         finally:
-            self._snapshot = None
+            self.seconds["wait"] += time.perf_counter() - started
+        self.written_through = staged[-1][0]["id"]
         self.n_batches += len(staged) > 1
         self.rows_committed += sum(rows for _, _, rows in staged)
-        self.seconds["commit"] += time.perf_counter() - started
-        return len(staged)
+        self.seconds["commit"] += seconds
 
     @_one_at_a_time
     def finish(self, status: str) -> dict:
@@ -380,7 +430,7 @@ class Writer:
         stopped) record nothing and answer a ``dropped`` summary."""
         self.finished = True
         self._pending = None
-        staged = len(self._staged)
+        staged = len(self._staged) + (len(self._committing[2]) if self._committing else 0)
         try:
             self.flush()
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
@@ -433,7 +483,7 @@ class Writer:
         self.next_im_id += 1
         self.n_committed += 1
         self._done(behind)
-        return CommitSummary(row["id"], True, 0, 0, 0, staged=bool(self._staged))
+        return self._summary(row["id"], True, 0, 0, 0)
 
     def _unsaved(self) -> dict:
         """Bands and monitor sources not yet in the database, to go with the next commit."""
