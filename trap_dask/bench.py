@@ -40,7 +40,7 @@ ROWS = (
     ("forced fits + backfill, ms/image (worker)", "forced", "{:.1f}"),
     ("associate, ms/image (writer)", "associate", "{:.1f}"),
     ("light curves, ms/image (writer)", "update", "{:.1f}"),
-    ("commit, ms/image (writer's committer thread)", "commit", "{:.1f}"),
+    ("commit, ms/image (writer, its own thread)", "commit", "{:.1f}"),
     ("waiting for a commit, ms/image (writer)", "wait", "{:.1f}"),
     ("writer busy, % of the wall time", "writer_busy", "{:.0f}"),
     ("worker utilisation, % of the extraction threads", "utilisation", "{:.0f}"),
