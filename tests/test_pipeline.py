@@ -487,3 +487,27 @@ def test_a_stopped_run_waits_for_the_tasks_still_running_before_it_closes_the_cl
         _drain(client, 10.0)  # no image's task running: returns at once
         assert time.monotonic() - started < 1.0 and not foreign.done()
         _RELEASE.set()
+
+
+def test_a_new_writer_carries_on_at_the_first_image_not_in_the_database():
+    """The client's progress follows each summary's ``written_through``: a copy of an earlier input
+    (recorded nothing) does not move it past images still staged, and an image written in a later
+    batch moves it on only once a summary says the database holds it."""
+    from trap_dask.messages import CommitSummary
+    from trap_dask.pipeline import _Progress
+
+    def summary(im_id: int, written_through: int, **kwargs) -> CommitSummary:
+        return CommitSummary(im_id, False, 1, 0, 0, staged=True, written_through=written_through, **kwargs)
+
+    progress, where = _Progress(), []
+    for index, answer in enumerate([
+        summary(0, -1),                      # staged
+        summary(-1, -1, copy_of="/a.fits"),  # a copy: nothing recorded, image 0 still staged
+        summary(1, -1),                      # staged; images 0 and 1 then in flight
+        summary(2, 0),                       # image 0 written
+        summary(-1, 0, stored=True),         # in the database already (a lost writer's)
+        summary(3, 3),                       # everything written
+    ]):
+        progress.answered(index, answer)
+        where.append(progress.image)
+    assert where == [0, 0, 0, 2, 2, 6]
