@@ -96,35 +96,33 @@ def chord(angle: ArrayLike) -> np.ndarray:
     return 2.0 * np.sin(np.deg2rad(angle) / 2.0)
 
 
-def _candidate_pairs(
-    cat_ra: np.ndarray,
-    cat_dec: np.ndarray,
-    cat_unc_ew: np.ndarray,
-    cat_unc_ns: np.ndarray,
-    det_ra: np.ndarray,
-    det_dec: np.ndarray,
-    det_unc_ew: np.ndarray,
-    det_unc_ns: np.ndarray,
-    r_max: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All (catalogue index, detection index, radius) with radius < r_max.
+def _search_radius(cat_unc_ew: np.ndarray, cat_unc_ns: np.ndarray, det_unc_ew: np.ndarray, det_unc_ns: np.ndarray,
+                   r_max: float) -> float:
+    """Chord within which every pair with a de Ruiter radius below ``r_max`` lies (uncertainties in deg).
 
-    The KD-tree search radius is a strict upper bound: the chord between two unit vectors,
-    2 sin(theta/2), never exceeds the flat-sky offset sqrt(dra^2 cos^2(mean dec) + ddec^2)
-    (in rad, RA difference wrapped), which is below r_max times the largest combined
-    uncertainty whenever r < r_max.
+    A strict upper bound: the chord between two unit vectors, 2 sin(theta/2), never exceeds the
+    flat-sky offset sqrt(dra^2 cos^2(mean dec) + ddec^2) (in rad, RA difference wrapped), which is
+    below r_max times the largest combined uncertainty whenever r < r_max.
     """
     unc_cat = np.max(np.maximum(cat_unc_ew, cat_unc_ns))
     unc_det = np.max(np.maximum(det_unc_ew, det_unc_ns))
-    search = np.deg2rad(r_max * np.hypot(unc_cat, unc_det)) * (1.0 + 1e-9)
-    tree_cat = cKDTree(unit_vectors(cat_ra, cat_dec))
-    tree_det = cKDTree(unit_vectors(det_ra, det_dec))
-    near = tree_cat.sparse_distance_matrix(tree_det, search, output_type="ndarray")
-    ci, dj = near["i"].astype(np.intp), near["j"].astype(np.intp)
-    r = de_ruiter_radius(
-        cat_ra[ci], cat_dec[ci], cat_unc_ew[ci], cat_unc_ns[ci],
-        det_ra[dj], det_dec[dj], det_unc_ew[dj], det_unc_ns[dj],
-    )  # fmt: skip
+    return float(np.deg2rad(r_max * np.hypot(unc_cat, unc_det)) * (1.0 + 1e-9))
+
+
+def _neighbours(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+                radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(catalogue index, detection index, chord) of every pair within ``radius`` (chord); positions in deg."""
+    near = cKDTree(unit_vectors(cat_ra, cat_dec)).sparse_distance_matrix(
+        cKDTree(unit_vectors(det_ra, det_dec)), radius, output_type="ndarray")
+    return near["i"].astype(np.intp), near["j"].astype(np.intp), near["v"]
+
+
+def _candidate_pairs(cat: list[np.ndarray], det: list[np.ndarray], ci: np.ndarray, dj: np.ndarray,
+                     r_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of the pairs (``ci``, ``dj``) within the search radius, (catalogue index, detection index,
+    radius) of those with a de Ruiter radius below r_max; ``cat`` and ``det`` are (ra, dec,
+    uncertainty_ew, uncertainty_ns) in deg."""
+    r = de_ruiter_radius(*(c[ci] for c in cat), *(d[dj] for d in det))
     keep = r < r_max
     return ci[keep], dj[keep], r[keep]
 
@@ -233,7 +231,12 @@ def associate(
     if n_cat == 0 or n_det == 0:
         return Association(source, distance, parent, np.zeros(n_det, dtype=bool), matched)
 
-    ci, dj, r = _candidate_pairs(*cat, *det, r_max)
+    # one neighbour search for the candidates and the obvious links
+    search = _search_radius(cat[2], cat[3], det[2], det[3], r_max)
+    link = float(chord(link_radius)) if link_radius > 0 else 0.0
+    near_i, near_j, apart = _neighbours(cat[0], cat[1], det[0], det[1], max(search, link))
+    within = apart <= search
+    ci, dj, r = _candidate_pairs(cat, det, near_i[within], near_j[within], r_max)
     order = np.lexsort((dj, ci, r))
     ci, dj, r = ci[order], dj[order], r[order]
 
@@ -250,7 +253,8 @@ def associate(
     distance[dj[chosen]] = r[chosen]
     matched[ci[chosen]] = True
     if link_radius > 0:
-        oi, oj = _obvious_links(cat[0], cat[1], det[0], det[1], ~matched, source < 0, link_radius)
+        within = apart <= link
+        oi, oj = _obvious_links(near_i[within], near_j[within], ~matched, source < 0)
         source[oj], matched[oi] = oi, True
         distance[oj] = de_ruiter_radius(*(c[oi] for c in cat), *(d[oj] for d in det))
     if blend_radius > 0:
@@ -263,19 +267,16 @@ def associate(
     return Association(source, distance, parent, parent >= 0, matched)
 
 
-def _obvious_links(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-                   cat_free: np.ndarray, det_free: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+def _obvious_links(ci: np.ndarray, dj: np.ndarray, cat_free: np.ndarray,
+                   det_free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue index, detection index) of free pairs that are each other's only neighbour.
 
-    Positions and ``radius`` in deg. A pair qualifies when the detection is the only one within
-    ``radius`` of the catalogue source and the source the only one within ``radius`` of the
-    detection (linked or not), and neither end is linked yet: such a link is beyond doubt even
-    when mis-set position errors put it outside the de Ruiter radius.
+    ``ci``, ``dj``: every pair within the link radius. A pair qualifies when the detection is the
+    only one within the radius of the catalogue source and the source the only one within the
+    radius of the detection (linked or not), and neither end is linked yet: such a link is beyond
+    doubt even when mis-set position errors put it outside the de Ruiter radius.
     """
-    near = cKDTree(unit_vectors(cat_ra, cat_dec)).sparse_distance_matrix(
-        cKDTree(unit_vectors(det_ra, det_dec)), chord(radius), output_type="ndarray")
-    ci, dj = near["i"].astype(np.intp), near["j"].astype(np.intp)
-    alone = (np.bincount(ci, minlength=len(cat_ra))[ci] == 1) & (np.bincount(dj, minlength=len(det_ra))[dj] == 1)
+    alone = (np.bincount(ci, minlength=len(cat_free))[ci] == 1) & (np.bincount(dj, minlength=len(det_free))[dj] == 1)
     take = alone & cat_free[ci] & det_free[dj]
     return ci[take], dj[take]
 

@@ -52,11 +52,12 @@ class Astrometry:
         return self.n >= MIN_MATCHES
 
 
-def _isolated(points: np.ndarray, radius: float) -> np.ndarray:
-    """Per unit vector: no other within ``radius`` (chord)."""
-    if len(points) < 2:
+def _isolated(tree: cKDTree, points: np.ndarray, radius: float) -> np.ndarray:
+    """Per point of ``points`` (unit vectors, each one of the tree's): no other of the tree's within
+    ``radius`` (chord)."""
+    if tree.n < 2:
         return np.ones(len(points), bool)
-    return np.isinf(cKDTree(points).query(points, k=2, distance_upper_bound=radius)[0][:, 1])
+    return np.isinf(tree.query(points, k=2, distance_upper_bound=radius)[0][:, 1])
 
 
 def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
@@ -71,16 +72,18 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     none = np.zeros(0, np.intp)
     if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
         return none, none
-    cat, det = unit_vectors(cat_ra, cat_dec), unit_vectors(det_ra, det_dec)
-    lonely_cat = _isolated(cat, chord(ISOLATION_RADIUS * beam_fwhm))
-    good_det = np.flatnonzero(_isolated(det, chord(ISOLATION_RADIUS * beam_fwhm))
-                              & (det_significance >= MIN_SIGNIFICANCE))
+    isolation = chord(ISOLATION_RADIUS * beam_fwhm)
+    det = unit_vectors(det_ra, det_dec)
+    bright = np.flatnonzero(det_significance >= MIN_SIGNIFICANCE)
+    good_det = bright[_isolated(cKDTree(det), det[bright], isolation)]
     if not len(good_det):
         return none, none
-    dist, ci = cKDTree(cat).query(det[good_det], distance_upper_bound=chord(MATCH_RADIUS * beam_fwhm))
+    cat = unit_vectors(cat_ra, cat_dec)
+    cat_tree = cKDTree(cat)
+    dist, ci = cat_tree.query(det[good_det], distance_upper_bound=chord(MATCH_RADIUS * beam_fwhm))
     ok = np.isfinite(dist)
     ci, dj = ci[ok], good_det[ok]
-    keep = lonely_cat[ci]
+    keep = _isolated(cat_tree, cat[ci], isolation)  # only the matched catalogue sources need asking
     return ci[keep].astype(np.intp), dj[keep].astype(np.intp)
 
 
