@@ -460,12 +460,16 @@ class ExportStore:
         (HISTORY_DTYPE, in id order), for a merge."""
         es, im = schema.extracted_sources, schema.images
         columns = [es.c[n] if n in es.c else im.c[n] for n in HISTORY_DTYPE.names]
-        wanted = es.c.src_id.in_(np.asarray(src_ids).tolist())
-        if len(ids):  # (not an empty IN: an OR with it would keep the src_id index out of the query)
-            wanted = wanted | es.c.id.in_(np.asarray(ids).tolist())
+        # expanding parameters: the statement compiles once, however many values (not an empty IN: an
+        # OR with it would keep the src_id index out of the query)
+        wanted = es.c.src_id.in_(bindparam("src_ids", expanding=True))
+        values = {"src_ids": np.asarray(src_ids).tolist()}
+        if len(ids):
+            wanted = wanted | es.c.id.in_(bindparam("ids", expanding=True))
+            values["ids"] = np.asarray(ids).tolist()
         with self.engine.connect() as conn:
             rows = conn.execute(select(*columns).join(im, im.c.id == es.c.im_id).where(wanted)
-                                .order_by(es.c.id)).all()
+                                .order_by(es.c.id), values).all()
         return np.array([tuple(r) for r in rows], dtype=HISTORY_DTYPE)
 
     def _upsert(self, conn: Connection, tables: list[Table], columns: Columns, keys: list[str]) -> None:
