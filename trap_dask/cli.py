@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         print(f"trap-dask: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, Terminated) as exc:
         print(
             f"trap-dask: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}. The database "
             "holds every image committed so far; run the same command with --db_append to resume.",

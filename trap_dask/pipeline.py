@@ -50,8 +50,12 @@ class PipelineError(RuntimeError):
     """A run that cannot start or cannot go on; the message is user-facing."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch system ending the job, ``kill``): the run stops as for Ctrl-C, at once."""
+class Terminated(BaseException):
+    """SIGTERM (a batch system ending the job, ``kill``): the run stops as for Ctrl-C, at once.
+
+    Not a KeyboardInterrupt: Dask's client answers one raised while it waits on its event loop by
+    cancelling what it waited for, which fails (and prints a traceback) when the signal came before
+    that had started (distributed 2026.8)."""
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
                     writer = None
                     _restart_writer(session, settings, config, config_file, progress)
         status = "completed"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         status = "interrupted"
         raise
     except ClusterError as exc:
