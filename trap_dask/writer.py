@@ -318,7 +318,7 @@ class Writer:
                     if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
         moved = np.concatenate([r["id"] for r in relabels]) if relabels else np.zeros(0, np.int64)
         rows = np.concatenate([self.store.history(src_ids, moved),
-                               *(_history_rows(row["id"], keywords, self.catalogue.earlier)
+                               *(_history_rows(row["id"], keywords, self.catalogue.earlier, src_ids, moved)
                                  for row, keywords, _ in everything if keywords.get("sources") is not None)])
         rows = rows[np.unique(rows["id"], return_index=True)[1]]
         for relabel in relabels:
@@ -507,17 +507,21 @@ def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) ->
                                 for name in ("single", "pairs", "backfill")})
 
 
-def _history_rows(im_id: int, keywords: dict, earlier: EarlierImages) -> np.ndarray:
-    """A staged image's measurements (``commit_image`` keywords; ``im_id``: the image's id) as
+def _history_rows(im_id: int, keywords: dict, earlier: EarlierImages, src_ids: np.ndarray,
+                  ids: np.ndarray) -> np.ndarray:
+    """A staged image's measurements (``commit_image`` keywords; ``im_id``: the image's id) of the
+    sources ``src_ids`` or with the given ``ids``, as the database gives them (ExportStore.history):
     HISTORY_DTYPE rows, each with the band of the image it was measured in."""
-    sources, ids = keywords["sources"], keywords["source_ids"]
-    rows = np.zeros(len(sources), HISTORY_DTYPE)
+    sources, numbers = keywords["sources"], keywords["source_ids"]
+    wanted = np.flatnonzero(np.isin(numbers["src_id"], src_ids) | np.isin(numbers["id"], ids))
+    rows = np.zeros(len(wanted), HISTORY_DTYPE)
     for name in HISTORY_DTYPE.names:
-        if name in ids:
-            rows[name] = ids[name]
+        if name in numbers:
+            rows[name] = numbers[name][wanted]
         elif name in sources.dtype.names:
-            rows[name] = sources[name]
-    rows["im_id"] = ids.get("im_id", im_id)
+            rows[name] = sources[name][wanted]
+    if "im_id" not in numbers:
+        rows["im_id"] = im_id
     rows["freq_band"] = earlier.band[np.searchsorted(earlier.im_id, rows["im_id"])]
     return rows
 
