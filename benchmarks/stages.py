@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -163,10 +164,18 @@ def startup_probe(workdir: Path) -> dict[str, float]:
 ONE_BLAS_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def as_a_run(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with what ``trap-dask run`` loads numpy with: one BLAS thread, and its CPU dispatch
+    (trap_dask.cpu: no AVX-512 sorts where they are slow)."""
+    from trap_dask.cpu import numpy_environ
+
+    return {**env, **ONE_BLAS_THREAD, **numpy_environ(env)}
+
+
 def in_run_process(*args: str, env: dict[str, str] | None = None) -> str:
     """stdout of ``python stages.py ARGS`` in a fresh process, in ``env`` (default: this process's)
-    with one BLAS thread."""
-    return subprocess.run([sys.executable, __file__, *args], env={**(env or os.environ), **ONE_BLAS_THREAD},
+    as in a run (:func:`as_a_run`)."""
+    return subprocess.run([sys.executable, __file__, *args], env=as_a_run(env or os.environ),
                           capture_output=True, text=True, check=True).stdout
 
 
@@ -195,14 +204,14 @@ def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, 
                     rounds: int = 1) -> str:
     """Markdown: CPU ms per image of every stage with the ``trap_dask`` package of ``before`` and
     of ``after`` (directories holding one, e.g. ``git archive BASE trap_dask | tar -x -C DIR``),
-    each in a fresh process pinned to one core with one BLAS thread, alternately ``rounds`` times;
+    each in a fresh process pinned to one core, as in a run (:func:`as_a_run`), alternately ``rounds`` times;
     per stage the smallest of the rounds (the least disturbed on a shared machine)."""
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for _ in range(rounds):
         for name, src in (("before", before), ("after", after)):
             cmd = ["taskset", "-c", "1", sys.executable, __file__, "times", str(survey_dir), str(n_images),
                    str(workdir / name)]
-            out = subprocess.run(cmd, env={**os.environ, **ONE_BLAS_THREAD, "PYTHONPATH": str(src)},
+            out = subprocess.run(cmd, env={**as_a_run(os.environ), "PYTHONPATH": str(src)},
                                  capture_output=True, text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = {name: {stage: min(r[stage] for r in rs) for stage in rs[0]} for name, rs in runs.items()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trap_dask import __version__
 from trap_dask.config import CHOICES, PARAMETERS, SECTIONS, ConfigError, parameter_type
+from trap_dask.cpu import numpy_environ
 
 SECTION_TITLES = {
     "general": "input and execution",
@@ -137,6 +138,17 @@ def _add_dashboard(parser: argparse.ArgumentParser) -> None:
 SINGLE_THREADED_LIBRARIES = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+def _import_numpy_with(environ: dict[str, str]) -> None:
+    """Import numpy with ``environ`` set (trap_dask.cpu), then unset again: a batch job's workers run
+    on CPUs of their own (local worker processes get it from trap_dask.cluster)."""
+    os.environ.update(environ)
+    try:
+        import numpy  # noqa: F401
+    finally:
+        for name in environ:
+            del os.environ[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     collecting = gc.isenabled()
@@ -147,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "numpy" not in sys.modules:
             for name, value in SINGLE_THREADED_LIBRARIES.items():
                 os.environ.setdefault(name, value)
+            _import_numpy_with(numpy_environ())
         # no garbage collection while the run's modules are imported (~1e6 objects, none of them
         # garbage: its passes were 0.15-0.2 s of a 1 s import); the run turns it on again
         gc.disable()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trap_dask.config import Config
+from trap_dask.cpu import numpy_environ
 from trap_dask.db.backends import backend_class
 
 log = logging.getLogger("trap_dask")
@@ -213,7 +214,9 @@ def _start_local(config: Config) -> ClusterSession:
     dashboard = dask.config.get(DASHBOARD_KEY, False)
     # Ctrl-C reaches the whole process group: only this process may act on it
     profile = {"distributed.worker.profile.enabled": bool(dask.config.get(PROFILE_KEY, False))}
-    with _stop_signals_ignored(), dask.config.set({**KEEP_FREED_MEMORY, **profile}):
+    # worker processes load numpy as this process did (trap_dask.cpu)
+    numpy_dispatch = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in numpy_environ().items()}
+    with _stop_signals_ignored(), dask.config.set({**KEEP_FREED_MEMORY, **profile, **numpy_dispatch}):
         cluster = LocalCluster(
             n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
