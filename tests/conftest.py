@@ -8,11 +8,19 @@ server fails the tests; elsewhere they are skipped.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
-import pytest
+from trap_dask.cpu import numpy_environ
 
-from trap_dask.db.backends import DatabaseError, DatabaseSettings, database_exists, drop_database
+# numpy dispatches as in a run (trap_dask.cpu), before anything loads it: the results computed here
+# and those of the runs the tests start equal to the last bit (AVX-512 and AVX2 kernels round differently)
+assert "numpy" not in sys.modules, "numpy was loaded before tests/conftest.py"
+os.environ.update(numpy_environ())
+
+import pytest  # noqa: E402
+
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, database_exists, drop_database  # noqa: E402
 
 PG = dict(
     host=os.environ.get("TRAP_TEST_PG_HOST", "127.0.0.1"),

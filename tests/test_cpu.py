@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -46,5 +47,6 @@ def test_the_run_imports_numpy_with_the_setting_and_leaves_no_trace_in_the_envir
         "from numpy._core._multiarray_umath import __cpu_features__ as features\n"
         f"print(features.get('X86_V4'), features.get('AVX512_ICL'), {NUMPY_DISABLE!r} in os.environ)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k != NUMPY_DISABLE}  # (conftest.py sets it here)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
