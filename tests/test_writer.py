@@ -33,6 +33,16 @@ def _count(settings: DatabaseSettings, table) -> int:
     return n
 
 
+def _tables(*databases: DatabaseSettings) -> list[dict]:
+    """Every table's rows of each database."""
+    stores = [ExportStore.open(settings) for settings in databases]
+    try:
+        return [table_rows(store) for store in stores]
+    finally:
+        for store in stores:
+            store.close()
+
+
 def _commit(writer: Writer, request: ForcedRequest) -> CommitSummary:
     return writer.commit(ForcedMeasurements(_forced(request.ra, request.dec),
                                             backfill=_forced(request.backfill_ra, request.backfill_dec)))
@@ -115,12 +125,7 @@ def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypat
         summary = _commit(alone, alone.associate(image))
         assert not summary.staged and summary.written_through == summary.im_id == i
     alone.finish("completed")
-    stores = [ExportStore.open(s) for s in (settings, alone_settings)]
-    try:
-        staged_rows, alone_rows = (table_rows(store) for store in stores)
-    finally:
-        for store in stores:
-            store.close()
+    staged_rows, alone_rows = _tables(settings, alone_settings)
     assert staged_rows == alone_rows
 
 
@@ -196,10 +201,5 @@ def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_
     for image in sky:
         _commit(alone, alone.associate(image))
     alone.finish("completed")
-    stores = [ExportStore.open(s) for s in (settings, alone_settings)]
-    try:
-        recovered, unbroken = (table_rows(store) for store in stores)
-    finally:
-        for store in stores:
-            store.close()
+    recovered, unbroken = _tables(settings, alone_settings)
     assert recovered == unbroken

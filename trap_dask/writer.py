@@ -309,9 +309,10 @@ class Writer:
         return self._remember(result.meta.url, summary)
 
     def _history(self, src_ids: np.ndarray) -> np.ndarray:
-        """Every measurement of ``src_ids`` (HISTORY_DTYPE, in id order), the staged images' included:
-        the database's rows and the staged measurements, with the staged merges' relabelling applied
-        in order (a staged image is not in the database yet, so a merge does not end the batch)."""
+        """Every measurement of ``src_ids`` (HISTORY_DTYPE, in id order), those of the images staged or
+        in flight included: the database's rows and theirs (a row read from both, as its batch
+        committed meanwhile, counts once), with their merges' relabelling applied in order (a staged
+        image is not in the database yet, so a merge does not end the batch)."""
         everything = (self._committing[2] if self._committing else []) + self._staged
         staged = [keywords for _, keywords, _ in everything]
         relabels = [keywords["relabelled"] for keywords in staged
@@ -436,6 +437,8 @@ class Writer:
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
             log.warning("could not commit the last %d staged images: %s", staged, exc)
             status = "failed"
+        if self._committer is not None:
+            self._committer.shutdown()
         self.store.finish_run(self.run_id, status, self.n_committed)
         self.store.close()
         return {
