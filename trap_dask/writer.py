@@ -516,7 +516,11 @@ def _history_rows(im_id: int, keywords: dict, earlier: EarlierImages, src_ids: n
     sources ``src_ids`` or with the given ``ids``, as the database gives them (ExportStore.history):
     HISTORY_DTYPE rows, each with the band of the image it was measured in."""
     sources, numbers = keywords["sources"], keywords["source_ids"]
-    wanted = np.flatnonzero(np.isin(numbers["src_id"], src_ids) | np.isin(numbers["id"], ids))
+    wanted = np.isin(numbers["src_id"], src_ids)
+    if len(wanted) and len(ids):  # an image's ids count up (RunningCatalogue.update): a binary search
+        at = np.minimum(np.searchsorted(numbers["id"], ids), len(wanted) - 1)
+        wanted[at[numbers["id"][at] == ids]] = True
+    wanted = np.flatnonzero(wanted)
     rows = np.zeros(len(wanted), HISTORY_DTYPE)
     for name in HISTORY_DTYPE.names:
         if name in numbers:
