@@ -88,3 +88,27 @@ def test_bench_never_overwrites_a_directory_of_other_files(tmp_path, capsys):
     for _ in range(2):
         assert main(["bench", *TINY, "--scheduler", "threads", "--survey_dir", str(survey)]) == 0
     assert ", reused)" in capsys.readouterr().out
+
+
+def test_bench_stopped_by_sigterm_says_so_and_leaves_nothing(tmp_path):
+    """What a batch system sends before it kills a job: one line, exit status 128 + SIGTERM, no
+    traceback, and its temporary directory gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "trap_dask.cli", "bench", "-i", "40", "--size", "512",
+                             "--sources", "60", "--nr_threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("trap-dask-bench-*/*.db")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the survey is simulated; the run has made its database
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "trap-dask bench: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert not list(tmp_path.glob("trap-dask-bench-*"))

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -90,7 +91,7 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
     environ = os.environ if environ is None else environ
     out = sys.stdout if out is None else out
     from trap_dask.config import PARAMETERS, build_config, resolve_config_file
-    from trap_dask.pipeline import PipelineError
+    from trap_dask.pipeline import PipelineError, Terminated
 
     if args.images < 1 or args.size < 64 or args.sources < 1:
         print("trap-dask bench: --images must be >= 1, --size >= 64 and --sources >= 1", file=sys.stderr)
@@ -125,6 +126,10 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
             except PipelineError as exc:
                 print(f"trap-dask bench: error: {exc}", file=sys.stderr)
                 return 1
+            except (KeyboardInterrupt, Terminated) as exc:
+                print(f"trap-dask bench: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}",
+                      file=sys.stderr)
+                return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
             columns.append((_column_title(config, count), numbers(summary)))
             if report:
                 print(f"performance report: {report}", file=out)
