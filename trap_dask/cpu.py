@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
 
 #: numpy's environment variable of CPU features not to dispatch to (read when numpy is imported)
 NUMPY_DISABLE = "NPY_DISABLE_CPU_FEATURES"
@@ -35,6 +34,8 @@ def slow_avx512_sorts(cpuinfo: str) -> bool:
 
 def _numpy_names_targets() -> bool:
     """Whether the installed numpy names its dispatch targets as AVX512_TARGETS does (2.4 and later)."""
+    from importlib.metadata import PackageNotFoundError, version  # here: ~10 ms, and only a run asks
+
     try:
         major, minor = (int(part) for part in version("numpy").split(".")[:2])
     except (PackageNotFoundError, ValueError):
