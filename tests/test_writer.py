@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from sqlalchemy import func, select
 from test_backend_contract import table_rows
 from test_merges import _forced, _image
@@ -186,12 +187,8 @@ def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_
     summaries = [_commit(writer, writer.associate(image)) for image in sky[:4]]
     assert [(s.im_id, s.staged, s.written_through) for s in summaries] == [
         (0, False, 0), (1, True, 0), (2, True, 0), (3, True, 0)]
-    try:
+    with pytest.raises(DatabaseError, match="disk full"):
         writer.flush()
-    except DatabaseError as exc:
-        assert "disk full" in str(exc)
-    else:
-        raise AssertionError("the failed transaction was not reported")
     assert failed == [2] and _count(settings, schema.images) == 1
     assert writer.next_im_id == writer.n_committed == 1 and writer.written_through == 0
     assert [_commit(writer, writer.associate(image)).im_id for image in sky[1:]] == [1, 2, 3, 4, 5]
