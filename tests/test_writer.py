@@ -3,13 +3,18 @@ and when it writes the images it staged."""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from dataclasses import replace
+from multiprocessing.connection import Connection
 
 import pytest
 from sqlalchemy import func, select
 from test_backend_contract import table_rows
 from test_merges import _forced, _image
 
+from trap_dask import committer
 from trap_dask import writer as writer_module
 from trap_dask.config import build_config
 from trap_dask.db import schema
@@ -172,7 +177,7 @@ def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_
 
     monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
     sky = [replace(_image(i, [150.0, 150.2], [30.0, 30.0]), done_at=1.0) for i in range(1, 7)]  # all behind
-    writer, settings = _writer(tmp_path)
+    writer, settings = _writer(tmp_path, commit_process=False)
     commit_image, failed = writer.store.commit_image, []
 
     def fails_once_at_the_third(row, **keywords):
@@ -200,3 +205,133 @@ def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_
     alone.finish("completed")
     recovered, unbroken = _tables(settings, alone_settings)
     assert recovered == unbroken
+
+
+def _behind(n: int) -> list:
+    """``n`` images of two sources, each ready before the writer took it."""
+    return [replace(_image(i, [150.0, 150.2 + 1e-5 * i], [30.0, 30.0]), done_at=1.0) for i in range(1, n + 1)]
+
+
+def test_a_writer_that_falls_behind_commits_in_a_process_of_its_own(tmp_path, monkeypatch):
+    """After a whole batch of images that were ready before the writer took them, the writer starts
+    its committer process; once it is up, it writes the batches, and the tables are those of a writer
+    that commits in its own process."""
+    monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
+    sky = _behind(9)
+    writer, settings = _writer(tmp_path)
+    for image in sky[:2]:  # the first is written alone (the writer was idle), the second is staged
+        _commit(writer, writer.associate(image))
+    assert writer._process is None
+    _commit(writer, writer.associate(sky[2]))  # a whole batch, behind: the process starts
+    writer.flush()  # (the committer thread is the process's one caller)
+    assert writer._process is not None and writer._process.ready(wait=True)
+    assert writer._process.pid != os.getpid()
+    for image in sky[3:]:
+        _commit(writer, writer.associate(image))
+    assert writer.flush() == 0 and writer._process.batches >= 3  # (3, 4) (5, 6) (7, 8)
+    process = writer._process._process
+    writer.finish("completed")
+    assert process.poll() == 0  # the run's end stops it
+
+    alone, alone_settings = _writer(tmp_path, "alone.db", commit_process=False)
+    for image in sky:
+        _commit(alone, alone.associate(image))
+    alone.finish("completed")
+    assert alone._process is None
+    in_process, in_thread = _tables(settings, alone_settings)
+    assert in_process == in_thread
+
+
+def test_a_batch_that_fails_in_the_committer_process_returns_the_writer_to_the_last_written_image(
+        tmp_path, monkeypatch):
+    """The database refuses the fifth image (a trigger): the error reaches the writer at its next
+    wait, the database and the writer are at the image before that batch, and once the database takes
+    images again the writer, fed from there, ends with the tables of a writer that never failed."""
+    from trap_dask.db.backends import DatabaseError
+
+    monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
+    sky = _behind(7)
+    writer, settings = _writer(tmp_path)
+    engine = make_engine(settings)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON images WHEN NEW.id = 4 "
+                             "BEGIN SELECT RAISE(ABORT, 'no room for image 4'); END")
+    for image in sky[:3]:
+        _commit(writer, writer.associate(image))
+    writer.flush()
+    assert writer._process.ready(wait=True)
+    failed_there = []
+    write = committer.CommitterProcess.write
+
+    def spied(process, images):
+        try:
+            return write(process, images)
+        except DatabaseError:
+            failed_there.append([row["id"] for row, _ in images])
+            raise
+
+    monkeypatch.setattr(committer.CommitterProcess, "write", spied)
+    _commit(writer, writer.associate(sky[3]))
+    _commit(writer, writer.associate(sky[4]))  # (3, 4) go to the process, which fails them
+    with pytest.raises(DatabaseError, match="no room for image 4"):
+        writer.flush()
+    assert failed_there == [[3, 4]]
+    assert _count(settings, schema.images) == 3
+    assert writer.next_im_id == writer.n_committed == 3 and writer.written_through == 2
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse")
+    engine.dispose()
+    assert [_commit(writer, writer.associate(image)).im_id for image in sky[3:]] == [3, 4, 5, 6]
+    writer.finish("completed")
+
+    alone, alone_settings = _writer(tmp_path, "alone.db", commit_process=False)
+    for image in sky:
+        _commit(alone, alone.associate(image))
+    alone.finish("completed")
+    recovered, unbroken = _tables(settings, alone_settings)
+    assert recovered == unbroken
+
+
+def _first_batch(tmp_path, monkeypatch) -> list:
+    """The first image of a writer, as its committer hands it over (a batch of one)."""
+    batches = []
+
+    def write_batch(store, images):
+        batches.append(images)
+        return committer.write_batch(store, images)
+
+    monkeypatch.setattr(writer_module, "write_batch", write_batch)
+    writer, _ = _writer(tmp_path, "source.db", commit_process=False)
+    _commit(writer, writer.associate(_behind(1)[0]))
+    writer.finish("completed")
+    return batches[0]
+
+
+def test_the_committer_process_commits_nothing_once_the_writers_process_has_gone(tmp_path, monkeypatch):
+    """A batch whose writer died while it was being written (kill -9 of the writer's worker) rolls
+    back: the database stays at the image before it, as with a thread that died with the writer."""
+    batch = _first_batch(tmp_path, monkeypatch)
+    _, settings = _writer(tmp_path)
+    ours, theirs = (Connection(s.detach()) for s in socket.socketpair())
+    server = threading.Thread(target=committer.serve, args=(theirs,))
+    server.start()
+    ours.send(settings)
+    assert ours.recv()[0] == "ready"
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # as after the writer's process died: adopted by init
+    ours.send(batch)
+    kind, (error, _) = ours.recv()
+    assert kind == "error" and isinstance(error, committer.Orphaned)
+    assert _count(settings, schema.images) == 0 and _count(settings, schema.extracted_sources) == 0
+    ours.close()  # the writer's end closes with its process: the committer ends
+    server.join(10)
+    assert not server.is_alive()
+
+
+def test_the_committer_process_ends_when_its_writer_does(tmp_path):
+    """A committer process whose writer's end of the socket closed without a word (its process was
+    killed) ends of itself."""
+    _, settings = _writer(tmp_path)
+    process = committer.CommitterProcess(settings)
+    assert process.ready(wait=True) and process.pid != os.getpid()
+    process._conn.close()
+    assert process._process.wait(30) == 0

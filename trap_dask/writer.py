@@ -18,8 +18,11 @@ waits (at most MAX_BATCH_SECONDS). Without ``stage_every_image``, when the write
 image is its own transaction, committed before its commit() returns.
 
 A full batch is written by the writer's committer thread while the writer associates the next
-images (the drivers let go of the GIL while the database works), one transaction in flight at a
-time, in order. A merge reads its sources' measurements from the database, the batch in flight
+images, one transaction in flight at a time, in order. Once a writer has staged a whole batch
+(MAX_BATCH images) while behind, the thread hands the batches on to a committer process of the
+writer's own (``trap_dask.committer``), from when it is up: a commit
+holds the GIL for most of its time, so beside association a thread gains little, a process the
+whole of it. A merge reads its sources' measurements from the database, the batch in flight
 and the staged images. So the database always ends at an image boundary, at most
 MAX_BATCH_SECONDS (plus one batch) behind the writer; a failed batch raises at the writer's next
 image or flush and rolls the in-memory catalogue back to the last image written, and each
@@ -57,6 +60,7 @@ from trap_dask.catalogue import (
     columns_from_lists,
 )
 from trap_dask.columns import take
+from trap_dask.committer import CommitterProcess, write_batch
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
@@ -106,9 +110,11 @@ class Writer:
     """Dask actor: association in time order, and a transaction per image or batch of images."""
 
     def __init__(self, settings: DatabaseSettings, config: Config, config_file: str | None, append: bool = False,
-                 resume: bool = False, stage_every_image: bool = False):
+                 resume: bool = False, stage_every_image: bool = False, commit_process: bool = True):
         """``resume``: a writer started after losing one; inputs already in the database are skipped.
-        ``stage_every_image``: stage images even while keeping up (see the module's text)."""
+        ``stage_every_image``: stage images even while keeping up; ``commit_process``: a writer that
+        falls behind commits in a process of its own, else always in its thread (see the module's
+        text)."""
         self._lock = threading.RLock()  # held by each entry point (they call one another)
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
@@ -169,6 +175,8 @@ class Writer:
         #: the batch being written by the committer thread: (its future, the state before it, its images)
         self._committing: tuple[Future, dict, list] | None = None
         self._committer: ThreadPoolExecutor | None = None
+        self.commit_process = commit_process
+        self._process: CommitterProcess | None = None  #: the committer process, once started
         self._idle_since = 0.0  #: time.time() when the last image was committed or staged
         self.finished = False  #: finish() was called: the run has stopped
         self.stage_every_image = stage_every_image
@@ -359,6 +367,10 @@ class Writer:
         if not (behind or self.stage_every_image):
             self.flush()
         elif len(self._staged) >= most or self._waited():
+            if behind and len(self._staged) >= MAX_BATCH and self.commit_process and self._process is None:
+                log.info("the writer is behind by %d images: its commits move to a process of their own",
+                         len(self._staged))
+                self._process = CommitterProcess(self.store.settings)
             self._write_staged(wait=False)
         self._idle_since = time.time()
 
@@ -396,12 +408,12 @@ class Writer:
         return len(staged)
 
     def _write(self, staged: list[tuple[dict, dict, int]]) -> float:
-        """Write ``staged`` in one transaction (in the committer thread); returns the seconds it took."""
-        started = time.perf_counter()
-        with self.store.batch():  # one transaction for every commit_image inside
-            for row, keywords, _ in staged:
-                self.store.commit_image(row, **keywords)
-        return time.perf_counter() - started
+        """Write ``staged`` in one transaction (in the committer thread, through the committer process
+        once it is up); returns the seconds it took."""
+        images = [(row, keywords) for row, keywords, _ in staged]
+        if self._process is not None and self._process.ready():
+            return self._process.write(images)
+        return write_batch(self.store, images)
 
     def _settle(self, block: bool = True) -> None:
         """Wait for the transaction in flight (``block`` False: only if it has ended). If it failed,
@@ -439,6 +451,8 @@ class Writer:
             status = "failed"
         if self._committer is not None:
             self._committer.shutdown()
+        if self._process is not None:
+            self._process.close()
         self.store.finish_run(self.run_id, status, self.n_committed)
         self.store.close()
         return {
