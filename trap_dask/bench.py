@@ -41,12 +41,13 @@ ROWS = (
     ("forced fits + backfill, ms/image (worker)", "forced", "{:.1f}"),
     ("associate, ms/image (writer)", "associate", "{:.1f}"),
     ("light curves, ms/image (writer)", "update", "{:.1f}"),
-    ("commit, ms/image (writer, its own thread)", "commit", "{:.1f}"),
+    ("commit, ms/image (writer, its own thread or process)", "commit", "{:.1f}"),
     ("waiting for a commit, ms/image (writer)", "wait", "{:.1f}"),
     ("writer busy, % of the wall time", "writer_busy", "{:.0f}"),
     ("worker utilisation, % of the extraction threads", "utilisation", "{:.0f}"),
     ("extraction threads", "threads", "{:.0f}"),
     ("transactions of several images", "batches", "{:.0f}"),
+    ("transactions in the writer's committer process", "process_batches", "{:.0f}"),
 )
 
 
@@ -241,6 +242,7 @@ def numbers(summary) -> dict[str, float]:
         "utilisation": 100 * busy / (steady * max(summary.n_threads, 1)),
         "threads": summary.n_threads,
         "batches": summary.n_batches,
+        "process_batches": summary.n_process_batches,
     }
 
 

@@ -69,7 +69,7 @@ class RunSummary:
     n_new_sources: int
     n_light_curves: int
     wall_seconds: float
-    #: associate / update / wait (for the committer thread), and commit (in the committer thread)
+    #: associate / update / wait (for the committer), and commit (in the committer thread or process)
     writer_seconds: dict[str, float]
     rows_committed: int
     n_duplicates: int = 0  #: inputs with the same contents (SHA-256) as an earlier input of this run
@@ -77,11 +77,12 @@ class RunSummary:
     worker_seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (messages.WORKER_STAGES)
     n_threads: int = 0  #: extraction threads of the cluster
     n_batches: int = 0  #: writer transactions of more than one image
+    n_process_batches: int = 0  #: transactions written by the writer's committer process (it fell behind)
 
     @property
     def writer_busy_fraction(self) -> float:
         """The writer's share of the wall time: associating, updating and waiting for its commits
-        (those run in the committer thread beside it)."""
+        (those run beside it, in its committer thread or process)."""
         w = self.writer_seconds
         busy = w["associate"] + w["update"] + w.get("wait", 0.0)
         return busy / self.wall_seconds if self.wall_seconds else 0.0
@@ -89,6 +90,8 @@ class RunSummary:
     def describe(self) -> str:
         w = self.writer_seconds
         rate = self.rows_committed / w["commit"] if w["commit"] else 0.0
+        where = (f" and process ({self.n_process_batches} of its transactions)" if self.n_process_batches
+                 else "")
         copies = (f", {self.n_duplicates} {'copy' if self.n_duplicates == 1 else 'copies'} of another input"
                   if self.n_duplicates else "")
         return (
@@ -99,7 +102,7 @@ class RunSummary:
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
             f"writer busy {100 * self.writer_busy_fraction:.0f}% (associate {w['associate']:.1f} s, "
             f"light curves {w['update']:.1f} s, waiting {w.get('wait', 0.0):.1f} s; commit {w['commit']:.1f} s "
-            f"in its own thread: {rate:.0f} rows/s)"
+            f"in its own thread{where}: {rate:.0f} rows/s)"
         )
 
 
@@ -369,6 +372,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         startup_seconds=progress.first_submitted - started if progress.first_submitted else None,
         worker_seconds=finished.get("worker_seconds", {}), n_threads=session.n_threads,
         n_batches=finished.get("n_batches", 0),
+        n_process_batches=finished.get("n_process_batches", 0),
     )
 
 

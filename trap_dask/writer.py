@@ -463,6 +463,7 @@ class Writer:
             "rows_committed": self.rows_committed,
             "worker_seconds": dict(self.worker_seconds),
             "n_batches": self.n_batches,
+            "n_process_batches": self._process.batches if self._process is not None else 0,
         }
 
     # -- helpers --------------------------------------------------------------------------
