@@ -29,7 +29,8 @@ def check_sane(rows: dict[str, list[float]], column: int = 0) -> None:
     assert 0 < value["start-up: launch -> first image submitted, s"] < value["wall time, s"]
     for stage in ("read", "background", "extract"):
         assert value[f"{stage}, ms/image (worker)"] > 0, stage
-    assert value["associate, ms/image (writer)"] > 0 and value["commit, ms/image (writer, its own thread or process)"] > 0
+    assert value["associate, ms/image (writer)"] > 0
+    assert value["commit, ms/image (writer, its own thread or process)"] > 0
     assert value["waiting for a commit, ms/image (writer)"] >= 0
     assert 0 < value["writer busy, % of the wall time"] < 100
     assert 0 < value["worker utilisation, % of the extraction threads"] < 150  # forced fits run beside

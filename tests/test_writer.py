@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
@@ -335,3 +336,30 @@ def test_the_committer_process_ends_when_its_writer_does(tmp_path):
     assert process.ready(wait=True) and process.pid != os.getpid()
     process._conn.close()
     assert process._process.wait(30) == 0
+
+
+def test_a_writer_in_a_dask_worker_process_commits_in_a_process_of_its_own(tmp_path):
+    """A writer actor on a worker process (as on a cluster) that falls behind starts its committer
+    process from there, and every image reaches the database."""
+    from distributed import Client, LocalCluster
+
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "w.db"))
+    ExportStore.create(settings, overwrite=False).close()
+    config = build_config(dict(db_name=settings.name), {}, None)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        writer = client.submit(Writer, settings, config, None, actor=True).result()
+        n, deadline = 0, time.monotonic() + 60.0
+        while writer.process_batches == 0 and time.monotonic() < deadline:  # fed behind until the process is up
+            for image in _behind(n + writer_module.MAX_BATCH)[n:]:
+                _commit_actor(writer, image)
+            n += writer_module.MAX_BATCH
+        finished = writer.finish("completed").result()
+    assert finished["n_process_batches"] >= 1
+    assert finished["n_images"] == n and _count(settings, schema.images) == n
+
+
+def _commit_actor(writer, image) -> None:
+    request = writer.associate(image).result()
+    writer.commit(ForcedMeasurements(_forced(request.ra, request.dec),
+                                     backfill=_forced(request.backfill_ra, request.backfill_dec))).result()

@@ -192,6 +192,11 @@ class Writer:
         first = max(stored.get("id", [0]), default=0) + 1
         return {"id": first + np.arange(len(new)), "ra": new[:, 0], "dec": new[:, 1], "src_id": src_ids}
 
+    @property
+    def process_batches(self) -> int:
+        """Transactions its committer process has written (none until the writer fell behind)."""
+        return self._process.batches if self._process is not None else 0
+
     # -- per image --------------------------------------------------------------------------
     @_one_at_a_time
     def reject_unreadable(self, failure: ScanFailure) -> CommitSummary:
@@ -463,7 +468,7 @@ class Writer:
             "rows_committed": self.rows_committed,
             "worker_seconds": dict(self.worker_seconds),
             "n_batches": self.n_batches,
-            "n_process_batches": self._process.batches if self._process is not None else 0,
+            "n_process_batches": self.process_batches,
         }
 
     # -- helpers --------------------------------------------------------------------------
