@@ -363,3 +363,14 @@ def _commit_actor(writer, image) -> None:
     request = writer.associate(image).result()
     writer.commit(ForcedMeasurements(_forced(request.ra, request.dec),
                                      backfill=_forced(request.backfill_ra, request.backfill_dec))).result()
+
+
+def test_a_merge_reads_back_the_measurements_that_earlier_relabellings_leave_under_its_sources():
+    """Of the measurements staged merges relabelled, a merge of sources 7 and 9 needs those whose
+    last relabelling put them under 7 or 9: not 11 (moved to 7, then on to 8), but 12 (to 8, then 7)."""
+    import numpy as np
+
+    relabels = [{"id": np.array([10, 11, 12]), "src_id": np.array([7, 7, 8])},
+                {"id": np.array([11, 12, 13]), "src_id": np.array([8, 7, 9])}]
+    assert sorted(writer_module._moved_into(relabels, np.array([7, 9])).tolist()) == [10, 12, 13]
+    assert writer_module._moved_into([], np.array([7])).tolist() == []

@@ -330,7 +330,7 @@ class Writer:
         staged = [keywords for _, keywords, _ in everything]
         relabels = [keywords["relabelled"] for keywords in staged
                     if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
-        moved = np.concatenate([r["id"] for r in relabels]) if relabels else np.zeros(0, np.int64)
+        moved = _moved_into(relabels, src_ids)
         rows = np.concatenate([self.store.history(src_ids, moved),
                                *(_history_rows(row["id"], keywords, self.catalogue.earlier, src_ids, moved)
                                  for row, keywords, _ in everything if keywords.get("sources") is not None)])
@@ -528,6 +528,17 @@ def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) ->
     """The worker's measurements with the image's systematic errors (arcsec) in their uncertainties."""
     return replace(measured, **{name: add_uncertainties(getattr(measured, name).copy(), *sys_err)
                                 for name in ("single", "pairs", "backfill")})
+
+
+def _moved_into(relabels: list[dict[str, np.ndarray]], src_ids: np.ndarray) -> np.ndarray:
+    """The ids of the measurements that the ``relabels`` (in order; each id, src_id, parent) leave
+    under one of ``src_ids``: the last relabelling of a measurement is the one that counts."""
+    if not relabels:
+        return np.zeros(0, np.int64)
+    ids = np.concatenate([r["id"] for r in relabels])[::-1]
+    to = np.concatenate([r["src_id"] for r in relabels])[::-1]
+    last = np.unique(ids, return_index=True)[1]
+    return ids[last][np.isin(to[last], src_ids)]
 
 
 def _history_rows(im_id: int, keywords: dict, earlier: EarlierImages, src_ids: np.ndarray,
