@@ -331,9 +331,9 @@ class Writer:
         relabels = [keywords["relabelled"] for keywords in staged
                     if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
         moved = _moved_into(relabels, src_ids)
+        measured = [(row["id"], keywords) for row, keywords, _ in everything if keywords.get("sources") is not None]
         rows = np.concatenate([self.store.history(src_ids, moved),
-                               *(_history_rows(row["id"], keywords, self.catalogue.earlier, src_ids, moved)
-                                 for row, keywords, _ in everything if keywords.get("sources") is not None)])
+                               _staged_history_rows(measured, self.catalogue.earlier, src_ids, moved)])
         rows = rows[np.unique(rows["id"], return_index=True)[1]]
         for relabel in relabels:
             at = np.searchsorted(rows["id"], relabel["id"])
@@ -541,27 +541,40 @@ def _moved_into(relabels: list[dict[str, np.ndarray]], src_ids: np.ndarray) -> n
     return ids[last][np.isin(to[last], src_ids)]
 
 
-def _history_rows(im_id: int, keywords: dict, earlier: EarlierImages, src_ids: np.ndarray,
-                  ids: np.ndarray) -> np.ndarray:
-    """A staged image's measurements (``commit_image`` keywords; ``im_id``: the image's id) of the
+def _staged_history_rows(images: list[tuple[int, dict]], earlier: EarlierImages, src_ids: np.ndarray,
+                         ids: np.ndarray) -> np.ndarray:
+    """The measurements of staged ``images`` ((image id, ``commit_image`` keywords) each) of the
     sources ``src_ids`` or with the given ``ids``, as the database gives them (ExportStore.history):
-    HISTORY_DTYPE rows, each with the band of the image it was measured in."""
-    sources, numbers = keywords["sources"], keywords["source_ids"]
-    wanted = np.isin(numbers["src_id"], src_ids)
-    if len(wanted) and len(ids):  # an image's ids count up (RunningCatalogue.update): a binary search
-        at = np.minimum(np.searchsorted(numbers["id"], ids), len(wanted) - 1)
-        wanted[at[numbers["id"][at] == ids]] = True
-    wanted = np.flatnonzero(wanted)
-    rows = np.zeros(len(wanted), HISTORY_DTYPE)
-    for name in HISTORY_DTYPE.names:
-        if name in numbers:
-            rows[name] = numbers[name][wanted]
-        elif name in sources.dtype.names:
-            rows[name] = sources[name][wanted]
-    if "im_id" not in numbers:
-        rows["im_id"] = im_id
+    HISTORY_DTYPE rows, each with the band of the image it was measured in. One search over every
+    image's rows; then only the images holding some are visited."""
+    if not images:
+        return np.zeros(0, HISTORY_DTYPE)
+    numbers = [keywords["source_ids"] for _, keywords in images]
+    wanted = np.isin(np.concatenate([n["src_id"] for n in numbers]), src_ids)
+    if len(ids):
+        wanted |= np.isin(np.concatenate([n["id"] for n in numbers]), ids)
+    starts = np.cumsum([0] + [len(n["src_id"]) for n in numbers])
+    hits = np.flatnonzero(wanted)
+    image_of = np.searchsorted(starts, hits, side="right") - 1
+    rows = np.zeros(len(hits), HISTORY_DTYPE)
+    for k, first, last in zip(*_runs(image_of)):
+        (im_id, keywords), at = images[k], hits[first:last] - starts[k]
+        out = rows[first:last]
+        for name in HISTORY_DTYPE.names:
+            if name in keywords["source_ids"]:
+                out[name] = keywords["source_ids"][name][at]
+            elif name in keywords["sources"].dtype.names:
+                out[name] = keywords["sources"][name][at]
+        if "im_id" not in keywords["source_ids"]:
+            out["im_id"] = im_id
     rows["freq_band"] = earlier.band[np.searchsorted(earlier.im_id, rows["im_id"])]
     return rows
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, first index, end index) of each run of equal ``values`` (sorted ints)."""
+    first = np.flatnonzero(np.diff(values, prepend=-1))
+    return values[first].tolist(), first.tolist(), np.append(first[1:], len(values)).tolist()
 
 
 def _finite_or_none(value: float) -> float | None:
