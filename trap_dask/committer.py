@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import site
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -55,13 +57,10 @@ class CommitterProcess:
 
     def __init__(self, settings: DatabaseSettings):
         ours, theirs = socket.socketpair()
-        package_root = str(Path(__file__).resolve().parent.parent)  # this trap_dask, wherever it was found
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                                         os.environ.get("PYTHONPATH")])))
         with theirs:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "trap_dask.committer", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_environment())
         self._conn = Connection(ours.detach())
         self._conn.send(settings)  # over the socket: the password is in no argument or environment
         self._state = "starting"  # -> "ready" | "unavailable"
@@ -113,6 +112,18 @@ class CommitterProcess:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def _environment() -> dict[str, str]:
+    """The process's environment: this one, with the directory this trap_dask was imported from
+    first on PYTHONPATH (a checkout run from its source tree), unless it is an installation's
+    site-packages, which must stay behind the standard library."""
+    root = str(Path(__file__).resolve().parent.parent)
+    installed = {str(Path(p).resolve()) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                                 site.getusersitepackages(), *site.getsitepackages())}
+    if root in installed:
+        return dict(os.environ)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
 
 
 class Orphaned(DatabaseError):

@@ -20,14 +20,13 @@ image is its own transaction, committed before its commit() returns.
 A full batch is written by the writer's committer thread while the writer associates the next
 images, one transaction in flight at a time, in order. Once a writer has staged a whole batch
 (MAX_BATCH images) while behind, the thread hands the batches on to a committer process of the
-writer's own (``trap_dask.committer``), from when it is up: a commit
-holds the GIL for most of its time, so beside association a thread gains little, a process the
-whole of it. A merge reads its sources' measurements from the database, the batch in flight
-and the staged images. So the database always ends at an image boundary, at most
-MAX_BATCH_SECONDS (plus one batch) behind the writer; a failed batch raises at the writer's next
-image or flush and rolls the in-memory catalogue back to the last image written, and each
-CommitSummary says which images the database holds (``written_through``), where a writer started
-after a lost one carries on.
+writer's own (``trap_dask.committer``), from when it is up: a commit holds the GIL for most of
+its time, so beside association a thread gains little, a process the whole of it. A merge reads
+its sources' measurements from the database, the batch in flight and the staged images. So the
+database always ends at an image boundary, at most MAX_BATCH_SECONDS (plus one batch) behind the
+writer; a failed batch raises at the writer's next image or flush and rolls the in-memory
+catalogue back to the last image written, and each CommitSummary says which images the database
+holds (``written_through``), where a writer started after a lost one carries on.
 
 Messages in and out are those of ``trap_dask.messages``; the writer imports nothing of the workers.
 Its entry points run one at a time: through the actor (its one thread), or called in place by a
@@ -571,8 +570,8 @@ def _staged_history_rows(images: list[tuple[int, dict]], earlier: EarlierImages,
     return rows
 
 
-def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(value, first index, end index) of each run of equal ``values`` (sorted ints)."""
+def _runs(values: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """(values, first indices, end indices) of the runs of equal ``values`` (sorted, >= 0)."""
     first = np.flatnonzero(np.diff(values, prepend=-1))
     return values[first].tolist(), first.tolist(), np.append(first[1:], len(values)).tolist()
 
