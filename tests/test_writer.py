@@ -328,6 +328,25 @@ def test_the_committer_process_commits_nothing_once_the_writers_process_has_gone
     assert not server.is_alive()
 
 
+def test_the_committer_process_leaves_ctrl_c_and_sigterm_to_its_writer(tmp_path, monkeypatch):
+    """Ctrl-C and a batch system's SIGTERM reach every process of a run: the committer process lets
+    them pass and still writes the batch the writer then hands it (the images the writer associated
+    before it stops)."""
+    import signal
+
+    batch = _first_batch(tmp_path, monkeypatch)
+    _, settings = _writer(tmp_path)
+    process = committer.CommitterProcess(settings)
+    assert process.ready(wait=True)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        os.kill(process.pid, number)
+    time.sleep(0.2)
+    assert process._process.poll() is None
+    process.write(batch)
+    process.close()
+    assert process._process.returncode == 0 and _count(settings, schema.images) == 1
+
+
 def test_the_committer_process_ends_when_its_writer_does(tmp_path):
     """A committer process whose writer's end of the socket closed without a word (its process was
     killed) ends of itself."""

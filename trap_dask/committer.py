@@ -10,7 +10,8 @@ a time, in order, so the database ends at an image boundary as before.
 
 The process writes nothing on its own: it commits only what the writer sends, and refuses to
 commit once the writer's process has gone (kill -9 of the writer's worker): the batch in flight
-rolls back, as it would in a thread, and the process exits when its socket closes.
+rolls back, as it would in a thread, and the process exits when its socket closes. Signals meant
+for the run (Ctrl-C, SIGTERM) are the writer's to act on; the process ignores them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import site
 import socket
 import subprocess
@@ -175,5 +177,14 @@ def serve(conn: Connection) -> None:
         store.close()
 
 
+def main(fd: int) -> None:
+    """The process: Ctrl-C in the terminal and a batch system's SIGTERM reach every process of the
+    run, but when to stop is the writer's to say (it commits what it associated, then closes the
+    socket), so the process lets both pass."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(Connection(fd))
+
+
 if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1])))
+    main(int(sys.argv[1]))
