@@ -25,11 +25,18 @@ from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 from trap_dask.writer import Writer
 
 
-def _writer(tmp_path, name: str = "w.db", **options) -> tuple[Writer, DatabaseSettings]:
-    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / name))
+def _writer_on(settings: DatabaseSettings, **options) -> Writer:
+    """A writer of a new database on either backend."""
     ExportStore.create(settings, overwrite=False).close()
-    config = build_config(dict(db_name=settings.name), {}, None)
-    return Writer(settings, config, None, **options), settings
+    server = dict(db_host=settings.host, db_port=settings.port, db_user=settings.user) if settings.user else {}
+    config = build_config(dict(db_backend=settings.backend, db_name=settings.name, **server), {}, None)
+    return Writer(settings, config, None, **options)
+
+
+def _writer(tmp_path, name: str = "w.db", **options) -> tuple[Writer, DatabaseSettings]:
+    """A writer of a new SQLite database in ``tmp_path``."""
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / name))
+    return _writer_on(settings, **options), settings
 
 
 def _count(settings: DatabaseSettings, table) -> int:
@@ -213,13 +220,15 @@ def _behind(n: int) -> list:
     return [replace(_image(i, [150.0, 150.2 + 1e-5 * i], [30.0, 30.0]), done_at=1.0) for i in range(1, n + 1)]
 
 
-def test_a_writer_that_falls_behind_commits_in_a_process_of_its_own(tmp_path, monkeypatch):
+def test_a_writer_that_falls_behind_commits_in_a_process_of_its_own(db_settings, monkeypatch):
     """After a whole batch of images that were ready before the writer took them, the writer starts
     its committer process; once it is up, it writes the batches, and the tables are those of a writer
     that commits in its own process."""
+    from trap_dask.db.backends import drop_database
+
     monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
     sky = _behind(9)
-    writer, settings = _writer(tmp_path)
+    writer = _writer_on(db_settings)
     for image in sky[:2]:  # the first is written alone (the writer was idle), the second is staged
         _commit(writer, writer.associate(image))
     assert writer._process is None
@@ -234,12 +243,16 @@ def test_a_writer_that_falls_behind_commits_in_a_process_of_its_own(tmp_path, mo
     writer.finish("completed")
     assert process.poll() == 0  # the run's end stops it
 
-    alone, alone_settings = _writer(tmp_path, "alone.db", commit_process=False)
-    for image in sky:
-        _commit(alone, alone.associate(image))
-    alone.finish("completed")
-    assert alone._process is None
-    in_process, in_thread = _tables(settings, alone_settings)
+    alone_settings = replace(db_settings, name=db_settings.name.replace("export", "export_alone") + "_alone")
+    try:
+        alone = _writer_on(alone_settings, commit_process=False)
+        for image in sky:
+            _commit(alone, alone.associate(image))
+        alone.finish("completed")
+        assert alone._process is None
+        in_process, in_thread = _tables(db_settings, alone_settings)
+    finally:
+        drop_database(alone_settings)
     assert in_process == in_thread
 
 
