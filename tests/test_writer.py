@@ -1,5 +1,6 @@
 """The writer's answers to a task retried after its worker was lost (an image is never recorded twice),
-and when it writes the images it staged."""
+and when and where it writes the images it staged: its committer thread, or its committer process
+once it falls behind (failures, kill -9 and signals included)."""
 
 from __future__ import annotations
 
