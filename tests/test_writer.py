@@ -274,6 +274,26 @@ _REFUSE = {
 }
 
 
+def test_a_committer_process_that_cannot_start_leaves_the_writer_committing_in_its_thread(
+        tmp_path, monkeypatch):
+    """No process to be had (out of process slots or memory): the writer says so and writes every
+    image itself."""
+    import subprocess
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    sky = _behind(6)
+    writer, settings = _writer(tmp_path)
+    for image in sky:
+        _commit(writer, writer.associate(image))
+    assert writer._process is None and not writer.commit_process
+    assert writer.finish("completed")["n_process_batches"] == 0
+    assert _count(settings, schema.images) == 6
+
+
 def test_a_batch_that_fails_in_the_committer_process_returns_the_writer_to_the_last_written_image(
         db_settings, monkeypatch):
     """The database refuses the fifth image (a trigger): the error reaches the writer at its next

@@ -372,11 +372,21 @@ class Writer:
             self.flush()
         elif len(self._staged) >= most or self._waited():
             if behind and len(self._staged) >= MAX_BATCH and self.commit_process and self._process is None:
-                log.info("the writer is behind by %d images: its commits move to a process of their own",
-                         len(self._staged))
-                self._process = CommitterProcess(self.store.settings)
+                self._start_committer_process()
             self._write_staged(wait=False)
         self._idle_since = time.time()
+
+    def _start_committer_process(self) -> None:
+        """Start the committer process (see the module's text); one that cannot be started is logged
+        once and the writer goes on committing in its thread."""
+        log.info("the writer is behind by %d images: its commits move to a process of their own",
+                 len(self._staged))
+        try:
+            self._process = CommitterProcess(self.store.settings)
+        except OSError as exc:
+            log.warning("could not start the writer's committer process (%s); the writer commits in its "
+                        "own process", exc)
+            self.commit_process = False
 
     def _waited(self) -> bool:
         """Whether the oldest staged image has waited MAX_BATCH_SECONDS."""
