@@ -151,7 +151,7 @@ def test_merges_in_a_batch_equal_merges_image_by_image(db_settings, monkeypatch,
         config = build_config(dict(db_backend=settings.backend, db_name=settings.name, ew_sys_err="0.5",
                                    ns_sys_err="0.5", **server), {}, None)
         ExportStore.create(settings, overwrite=False).close()
-        writer = Writer(settings, config, None)
+        writer = Writer(settings, config, None, commit_process=False)  # the thread, as the docstring says
         for i, (ra, dec) in enumerate(sky, start=1):
             _feed(writer, replace(_image(i, ra, dec), done_at=1.0 if behind and i > 1 else 0.0))
         totals = writer.finish("completed")
