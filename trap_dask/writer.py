@@ -565,10 +565,11 @@ def _staged_history_rows(images: list[tuple[int, dict]], earlier: EarlierImages,
     starts = np.cumsum([0] + [len(n["src_id"]) for n in numbers])
     hits = np.flatnonzero(wanted)
     image_of = np.searchsorted(starts, hits, side="right") - 1
+    holding, begins = np.unique(image_of, return_index=True)  # hits are in image order
     rows = np.zeros(len(hits), HISTORY_DTYPE)
-    for k, first, last in zip(*_runs(image_of)):
-        (im_id, keywords), at = images[k], hits[first:last] - starts[k]
-        out = rows[first:last]
+    for k, lo, hi in zip(holding.tolist(), begins.tolist(), [*begins[1:].tolist(), len(hits)]):
+        (im_id, keywords), at = images[k], hits[lo:hi] - starts[k]
+        out = rows[lo:hi]
         for name in HISTORY_DTYPE.names:
             if name in keywords["source_ids"]:
                 out[name] = keywords["source_ids"][name][at]
@@ -578,12 +579,6 @@ def _staged_history_rows(images: list[tuple[int, dict]], earlier: EarlierImages,
             out["im_id"] = im_id
     rows["freq_band"] = earlier.band[np.searchsorted(earlier.im_id, rows["im_id"])]
     return rows
-
-
-def _runs(values: np.ndarray) -> tuple[list[int], list[int], list[int]]:
-    """(values, first indices, end indices) of the runs of equal ``values`` (sorted, >= 0)."""
-    first = np.flatnonzero(np.diff(values, prepend=-1))
-    return values[first].tolist(), first.tolist(), np.append(first[1:], len(values)).tolist()
 
 
 def _finite_or_none(value: float) -> float | None:
