@@ -395,6 +395,27 @@ def test_the_committer_process_leaves_ctrl_c_and_sigterm_to_its_writer(tmp_path,
     assert process._process.returncode == 0 and _count(settings, schema.images) == 1
 
 
+def test_a_committer_process_that_dies_is_a_clear_error_and_loses_nothing_committed(tmp_path, monkeypatch):
+    """The process killed under the writer (the kernel's OOM killer): handing it a batch raises a
+    DatabaseError that says so, and the database keeps what it held."""
+    import signal
+
+    from trap_dask.db.backends import DatabaseError
+
+    batch = _first_batch(tmp_path, monkeypatch)
+    _, settings = _writer(tmp_path)
+    process = committer.CommitterProcess(settings)
+    assert process.ready(wait=True)
+    process.write(batch)
+    assert process.batches == 1 and _count(settings, schema.images) == 1
+    os.kill(process.pid, signal.SIGKILL)
+    process._process.wait(30)
+    with pytest.raises(DatabaseError, match=r"committer process ended \(exit code -9\) before its batch"):
+        process.write(batch)
+    assert not process.ready() and process.batches == 1 and _count(settings, schema.images) == 1
+    process.close()
+
+
 def test_the_committer_process_ends_when_its_writer_does(tmp_path):
     """A committer process whose writer's end of the socket closed without a word (its process was
     killed) ends of itself."""
