@@ -35,9 +35,14 @@ def _pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # see the module's docstring
     cursor.execute("PRAGMA foreign_keys=ON")
-    # 4 MiB of pages (default 2): as fast as 64 MiB over 400 images of 1000 sources, and a run's memory
-    # stays flat (benchmarks/RESULTS.md, issue 15 round 2)
-    cursor.execute("PRAGMA cache_size=-4096")
+    # 16 MiB of pages (default 2): a batch of 16 images of 1000 sources touches ~1000 pages of the
+    # src_id index (one per light curve) and ~900 new pages of rows; with fewer pages than that, each
+    # batch reads the index back from the file (benchmarks/RESULTS.md, issue 15 round 9). A bound,
+    # reached within a few batches, whatever the length of the run.
+    cursor.execute("PRAGMA cache_size=-16384")
+    # the log is copied into the file every 4000 pages (default 1000): a batch rewrites the same
+    # index pages as the one before, copied once per checkpoint (round 9)
+    cursor.execute("PRAGMA wal_autocheckpoint=4000")
     cursor.close()
 
 
