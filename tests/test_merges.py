@@ -129,6 +129,25 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     assert len(_table(db_settings, schema.merges, ["id"])) == 1
 
 
+def test_a_source_merged_away_is_not_a_neighbour_in_the_astrometry(db_settings):
+    """Once B is merged into A, B's frozen position 18" from A is no longer a sky source: the
+    next image's astrometry takes A as isolated (a confident match) again, as it does C."""
+    server = ({"db_host": db_settings.host, "db_port": db_settings.port, "db_user": db_settings.user}
+              if db_settings.host else {})
+    config = build_config(dict(db_backend=db_settings.backend, db_name=db_settings.name, ew_sys_err="0.5",
+                               ns_sys_err="0.5", **server), {}, None)
+    ExportStore.create(db_settings, overwrite=False).close()
+    writer = Writer(db_settings, config, None)
+    off = 30.0 + 18 * ARCSEC
+    for i, dec in enumerate((30.0, off, off), start=1):  # B starts in image 2 and is merged in image 3
+        _feed(writer, _image(i, [150.0, 150.2], [dec, 30.0]))
+    s = writer.catalogue.sources
+    assert (s["merged_into"] >= 0).sum() == 1 and len(writer.catalogue.blind_rows) == 2
+    astrometry, _ = writer._astrometry(_image(4, [150.0, 150.2], [off, 30.0]).sources, BEAM)
+    writer.finish("completed")
+    assert astrometry.n == 2
+
+
 @pytest.mark.parametrize("max_batch, n_batches", [(16, 1), (2, 2)])
 def test_merges_in_a_batch_equal_merges_image_by_image(db_settings, monkeypatch, max_batch, n_batches):
     """Images that arrive while the writer is behind are staged and written in batches; a merge

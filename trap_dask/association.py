@@ -109,11 +109,15 @@ def _search_radius(cat_unc_ew: np.ndarray, cat_unc_ns: np.ndarray, det_unc_ew: n
     return float(np.deg2rad(r_max * np.hypot(unc_cat, unc_det)) * (1.0 + 1e-9))
 
 
-def _neighbours(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+def sky_tree(ra: ArrayLike, dec: ArrayLike) -> cKDTree:
+    """KD-tree of the unit vectors of positions in deg (searched with chords, see :func:`chord`)."""
+    return cKDTree(unit_vectors(ra, dec))
+
+
+def _neighbours(cat_tree: cKDTree, det_ra: np.ndarray, det_dec: np.ndarray,
                 radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(catalogue index, detection index, chord) of every pair within ``radius`` (chord); positions in deg."""
-    near = cKDTree(unit_vectors(cat_ra, cat_dec)).sparse_distance_matrix(
-        cKDTree(unit_vectors(det_ra, det_dec)), radius, output_type="ndarray")
+    near = cat_tree.sparse_distance_matrix(sky_tree(det_ra, det_dec), radius, output_type="ndarray")
     return near["i"].astype(np.intp), near["j"].astype(np.intp), near["v"]
 
 
@@ -192,6 +196,7 @@ def associate(
     optimal: bool = False,
     link_radius: float = 0.0,
     blend_radius: float = 0.0,
+    cat_tree: cKDTree | None = None,
 ) -> Association:
     """Associate detections with catalogue sources by de Ruiter radius.
 
@@ -209,6 +214,7 @@ def associate(
     blend_radius : deg; a detection left without a link that has two or more catalogue sources
         left without one within this distance continues the nearest (see :func:`_blend_links`);
         0 (TraP 1.x): it starts a new source.
+    cat_tree : the catalogue positions' :func:`sky_tree`, when the caller has built it already.
 
     Returns
     -------
@@ -234,7 +240,8 @@ def associate(
     # one neighbour search for the candidates and the obvious links
     search = _search_radius(cat[2], cat[3], det[2], det[3], r_max)
     link = float(chord(link_radius)) if link_radius > 0 else 0.0
-    near_i, near_j, apart = _neighbours(cat[0], cat[1], det[0], det[1], max(search, link))
+    cat_tree = sky_tree(cat[0], cat[1]) if cat_tree is None else cat_tree
+    near_i, near_j, apart = _neighbours(cat_tree, det[0], det[1], max(search, link))
     within = apart <= search
     ci, dj, r = _candidate_pairs(cat, det, near_i[within], near_j[within], r_max)
     order = np.lexsort((dj, ci, r))
@@ -295,7 +302,7 @@ def _blend_links(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, de
     none = np.zeros(0, np.intp)
     if len(free_cat) < 2 or not len(free_det):
         return none, none
-    dist, near = cKDTree(unit_vectors(cat_ra[free_cat], cat_dec[free_cat])).query(
+    dist, near = sky_tree(cat_ra[free_cat], cat_dec[free_cat]).query(
         unit_vectors(det_ra[free_det], det_dec[free_det]), k=2, distance_upper_bound=chord(radius))
     blend = np.flatnonzero(np.isfinite(dist[:, 1]))
     order = blend[np.argsort(dist[blend, 0], kind="stable")]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import chord, unit_vectors, wrap_ra_difference
+from trap_dask.association import chord, sky_tree, unit_vectors, wrap_ra_difference
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -61,13 +61,15 @@ def _isolated(tree: cKDTree, points: np.ndarray, radius: float) -> np.ndarray:
 
 
 def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-                      det_significance: np.ndarray, beam_fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+                      det_significance: np.ndarray, beam_fwhm: float,
+                      cat_tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue index, detection index) of the confident one-to-one matches.
 
     Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
     ``ISOLATION_RADIUS`` beams on its own side), within ``MATCH_RADIUS`` beams of each other, the
     detection at least ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on the
-    systematic error, so it can measure it.
+    systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
+    :func:`~trap_dask.association.sky_tree`, when the caller has built it.
     """
     none = np.zeros(0, np.intp)
     if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
@@ -78,8 +80,8 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     good_det = bright[_isolated(cKDTree(det), det[bright], isolation)]
     if not len(good_det):
         return none, none
-    cat = unit_vectors(cat_ra, cat_dec)
-    cat_tree = cKDTree(cat)
+    cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
+    cat = cat_tree.data
     dist, ci = cat_tree.query(det[good_det], distance_upper_bound=chord(MATCH_RADIUS * beam_fwhm))
     ok = np.isfinite(dist)
     ci, dj = ci[ok], good_det[ok]
@@ -89,16 +91,17 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
 
 def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
             det_significance: np.ndarray, det_ra_err: np.ndarray, det_dec_err: np.ndarray,
-            beam_fwhm: float) -> Astrometry:
+            beam_fwhm: float, cat_tree: cKDTree | None = None) -> Astrometry:
     """Offsets and scatter of this image's detections from the catalogue (see :class:`Astrometry`).
 
     Positions and ``beam_fwhm`` in deg; ``cat_n`` is the number of detections behind each
     catalogue position; ``det_ra_err`` is the fit error along the RA coordinate and
     ``det_dec_err`` along Dec (deg), as in ``extracted_sources``. A catalogue position averages
     its N detections, so it scatters by sigma / sqrt(N) itself: the offsets' variance is
-    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved.
+    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved. ``cat_tree``: as for
+    :func:`confident_matches`.
     """
-    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm)
+    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm, cat_tree)
     if len(ci) < MIN_MATCHES:
         return Astrometry(n=len(ci))
     cos_dec = np.cos(np.deg2rad(det_dec[dj]))

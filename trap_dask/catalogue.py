@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 
 import numpy as np
+from scipy.spatial import cKDTree
 
-from trap_dask.association import associate, blended_null_detections, wrap_ra_difference
+from trap_dask.association import associate, blended_null_detections, sky_tree, wrap_ra_difference
 from trap_dask.columns import Columns, concat, take
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
@@ -203,10 +205,21 @@ class RunningCatalogue:
         )
 
     # -- step 1: association of the blind detections -----------------------------------------
+    @cached_property
+    def blind_rows(self) -> np.ndarray:
+        """Rows of the sources a detection can continue: neither monitors nor merged into another."""
+        return np.flatnonzero(~self.sources["is_monitor"] & (self.sources["merged_into"] < 0))
+
+    @cached_property
+    def blind_tree(self) -> cKDTree:
+        """The :func:`~trap_dask.association.sky_tree` of the ``blind_rows``' positions, built once per
+        image for its astrometry, association and merges."""
+        return sky_tree(self.sources["wm_ra"][self.blind_rows], self.sources["wm_dec"][self.blind_rows])
+
     def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
         s = self.sources
-        blind = np.flatnonzero(~s["is_monitor"] & (s["merged_into"] < 0))
+        blind = self.blind_rows
         det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec)
         links = associate(
             s["wm_ra"][blind], s["wm_dec"][blind],
@@ -217,6 +230,7 @@ class RunningCatalogue:
             optimal=self.optimal_association,
             link_radius=self.link_radius * image.beam_fwhm,
             blend_radius=BLEND_SWALLOW_RADIUS * image.beam_fwhm if self.fit_blends else 0.0,
+            cat_tree=self.blind_tree,
         )
         det_source = _remap(links.source, blind)
         det_parent_row = _remap(links.parent_source, blind)
@@ -267,7 +281,7 @@ class RunningCatalogue:
         seen = np.zeros(len(s["src_id"]), bool)
         seen[det_source[det_source >= 0]] = True
         keep, drop, apart = converged_pairs(s["wm_ra"][blind], s["wm_dec"][blind], s["src_id"][blind], seen[blind],
-                                            RESOLVABLE_SEPARATION * image.beam_fwhm)
+                                            RESOLVABLE_SEPARATION * image.beam_fwhm, self.blind_tree)
         return blind[keep], blind[drop], apart
 
     def _backfill(self, image: ImageContext, det: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, str | None]:

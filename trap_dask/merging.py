@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import chord, unit_vectors
+from trap_dask.association import chord, sky_tree
 
 #: The measurements of a source that a merge reads back (``extracted_sources`` columns, and the
 #: band of each row's image).
@@ -25,21 +25,23 @@ HISTORY_DTYPE = np.dtype([
 ])
 
 
-def converged_pairs(ra: np.ndarray, dec: np.ndarray, src_id: np.ndarray, seen: np.ndarray,
-                    radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def converged_pairs(ra: np.ndarray, dec: np.ndarray, src_id: np.ndarray, seen: np.ndarray, radius: float,
+                    tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keep, drop, separation) of the catalogue sources to merge in this image.
 
     ``ra``, ``dec`` (deg): candidate catalogue positions; ``seen``: continued by a detection in
     this image; ``radius`` (deg). Two sources closer than ``radius`` of which this image detects
     exactly one (it shows one source where the catalogue has two) merge: the younger (larger
-    src_id) into the older. Closest pairs first, each source in one merge at most. Returns
+    src_id) into the older. Closest pairs first, each source in one merge at most. ``tree``: the
+    positions' :func:`~trap_dask.association.sky_tree`, when the caller has built it. Returns
     indices into the inputs and the separations (deg).
     """
     none = np.zeros(0, np.intp)
     if len(ra) < 2 or radius <= 0:
         return none, none, np.zeros(0)
-    xyz = unit_vectors(ra, dec)
-    pairs = cKDTree(xyz).query_pairs(chord(radius), output_type="ndarray")
+    tree = sky_tree(ra, dec) if tree is None else tree
+    xyz = tree.data
+    pairs = tree.query_pairs(chord(radius), output_type="ndarray")
     i, j = pairs[:, 0], pairs[:, 1]
     one_seen = seen[i] != seen[j]
     i, j = i[one_seen], j[one_seen]

@@ -484,12 +484,11 @@ class Writer:
     def _astrometry(self, detections: np.ndarray, beam_fwhm: float) -> tuple[Astrometry, tuple[float, float]]:
         """The image's offsets from the catalogue, and the systematic errors (arcsec) to associate it
         with: the user's, or under 'auto' those measured so far and on this image."""
-        s = self.catalogue.sources
-        blind = ~s["is_monitor"]
+        s, blind = self.catalogue.sources, self.catalogue.blind_rows
         astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
                              detections["ra"], detections["dec"],
                              detections["significance_detection_level"], detections["ra_fit_err"],
-                             detections["dec_fit_err"], beam_fwhm)
+                             detections["dec_fit_err"], beam_fwhm, self.catalogue.blind_tree)
         if self.sys_err[0] is None:
             return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
         return astrometry, (float(self.sys_err[0]), float(self.sys_err[1]))
