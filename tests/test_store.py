@@ -72,6 +72,32 @@ def test_failed_commit_leaves_nothing_of_the_image(db_settings):
     store.close()
 
 
+def test_sqlite_page_cache_follows_the_transaction_size(tmp_path):
+    """A SQLite transaction's page cache grows with the measurements it inserts (~1 KiB each, at
+    least 4 MiB, at most 64): a batch written behind keeps its src_id-index pages cached, a writer
+    that keeps up stays at 4 MiB."""
+    store = ExportStore.create(DatabaseSettings(backend="sqlite", name=str(tmp_path / "x.db")), overwrite=False)
+    run = store.start_run(Config().exportable(), None)
+    band = {"band_id": 1, "freq_low": 1.49e8, "freq_central": 1.5e8, "freq_high": 1.51e8}
+
+    def commit(im_ids: list[int], per_image: int) -> int:
+        """Commit images of ``per_image`` measurements in one transaction; the cache after it (KiB)."""
+        with store.batch():
+            for im_id in im_ids:
+                ids = {"id": im_id * 100_000 + np.arange(per_image), "src_id": np.arange(per_image),
+                       "parent": np.full(per_image, -1), "is_duplicate": np.zeros(per_image, bool)}
+                store.commit_image(image_row(im_id, run), band_rows=[band] if im_id == 1 else [],
+                                   sources=empty_sources(per_image), source_ids=ids)
+        with store.engine.connect() as conn:  # the pool's one connection: the one that wrote
+            return -conn.exec_driver_sql("PRAGMA cache_size").scalar()
+
+    assert commit([1, 2, 3, 4], 1000) == 4096
+    assert commit(list(range(5, 21)), 1000) == 16000
+    assert commit([21], 100_000) == 65536
+    assert commit([22], 10) == 4096
+    store.close()
+
+
 @pytest.mark.parametrize("name", ['x"; DROP DATABASE postgres; --', "Mixed Case-ünïcode"])
 def test_postgres_odd_names_are_identifiers_never_sql(name):
     settings = postgres_settings(name)

@@ -115,6 +115,10 @@ class Backend(ABC):
     def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:  # noqa: B027
         """Apply a table's storage parameters (schema.STORAGE) to an existing table; none by default."""
 
+    def prepare_batch(self, conn: Connection, measurements: int) -> None:  # noqa: B027
+        """Ready ``conn`` for a transaction that inserts ``measurements`` rows of extracted_sources;
+        nothing by default."""
+
     @abstractmethod
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         """Insert every row of ``columns`` (the table's columns it has) in ``conn``'s transaction."""

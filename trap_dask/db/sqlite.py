@@ -28,6 +28,10 @@ from trap_dask.db.lock import Lock
 
 #: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
 SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+#: Page cache (KiB) of a connection: at least the first (SQLite's default is 2 MiB), at most the last,
+#: and for a transaction ~1 KiB per measurement it inserts (SQLiteBackend.prepare_batch).
+CACHE_KIB = (4096, 65536)
+CACHE_KIB_PER_MEASUREMENT = 1
 
 
 def _pragmas(dbapi_connection, _record) -> None:
@@ -35,13 +39,9 @@ def _pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # see the module's docstring
     cursor.execute("PRAGMA foreign_keys=ON")
-    # 16 MiB of pages (default 2): a batch of 16 images of 1000 sources touches ~1000 pages of the
-    # src_id index (one per light curve) and ~900 new pages of rows; with fewer pages than that, each
-    # batch reads the index back from the file (benchmarks/RESULTS.md, issue 15 round 9). A bound,
-    # reached within a few batches, whatever the length of the run.
-    cursor.execute("PRAGMA cache_size=-16384")
+    cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB[0]}")  # see SQLiteBackend.prepare_batch
     # the log is copied into the file every 4000 pages (default 1000): a batch rewrites the same
-    # index pages as the one before, copied once per checkpoint (round 9)
+    # index pages as the one before, copied once per checkpoint (benchmarks/RESULTS.md, issue 15 round 9)
     cursor.execute("PRAGMA wal_autocheckpoint=4000")
     cursor.close()
 
@@ -150,6 +150,17 @@ class SQLiteBackend(Backend):
 
     def lock(self) -> FileLock:
         return FileLock(self.settings)
+
+    def prepare_batch(self, conn: Connection, measurements: int) -> None:
+        """Size the page cache to the transaction. Each measurement adds an entry to the run of its
+        light curve in the src_id index of extracted_sources, and rows to the table's newest pages;
+        a batch of 16 images of 1000 sources touches ~1000 pages of the index and ~900 new pages
+        (4 KiB each). With a cache smaller than that, every batch reads the index back from the
+        file: 16 MiB took 18% off such a batch against 4 MiB (benchmarks/RESULTS.md, issue 15 round
+        9). A writer that keeps up writes a few images a transaction and keeps the 4 MiB of a small
+        one, so a long run's memory stays flat."""
+        kib = min(max(measurements * CACHE_KIB_PER_MEASUREMENT, CACHE_KIB[0]), CACHE_KIB[1])
+        conn.exec_driver_sql(f"PRAGMA cache_size=-{int(kib)}")  # a number of ours: no parameter in a PRAGMA
 
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         names = tuple(c for c in table.c.keys() if c in columns)

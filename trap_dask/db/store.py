@@ -322,6 +322,8 @@ class ExportStore:
         """Write ``images`` (in time order) in one transaction."""
         if images:
             with self.engine.begin() as conn:
+                self.backend.prepare_batch(conn, sum(len(image.sources["id"]) for image in images
+                                                     if image.sources is not None))
                 self._write(conn, images)
 
     @_database_errors
