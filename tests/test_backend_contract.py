@@ -127,6 +127,28 @@ def test_hundreds_of_rows_insert_and_upsert_row_for_row(store):
     assert [tuple(row) for row in got] == expected
 
 
+def test_update_sets_the_given_columns_of_the_rows_named_by_key(store):
+    """A bulk update by key (a merge relabelling earlier measurements): 515 rows in statements of
+    several sizes on SQLite, one statement on PostgreSQL; NaN becomes NULL; the other columns, the
+    rows not named and a key the table lacks change nothing."""
+    run = store.start_run(Config().exportable(), None)
+    commit(store, 0, run, np.arange(600), 0)
+    ids = np.concatenate([np.arange(3, 518)[::-1], [10_000]])  # 515 rows, in another order, and one absent
+    changes = {"id": ids, "src_id": 7000 + ids, "parent": ids - 1, "peak_flux": np.where(ids % 2, 5.0, np.nan)}
+    with store.engine.begin() as conn:
+        store.backend.update(conn, schema.extracted_sources, changes, ["id"])
+    table = schema.extracted_sources
+    with store.engine.connect() as conn:
+        got = conn.execute(select(table.c.id, table.c.src_id, table.c.parent, table.c.ra, table.c.peak_flux)
+                           .order_by(table.c.id)).all()
+    relabelled = set(ids[:-1].tolist())
+    before = np.linspace(1e-3, 2e-3, 600)
+    assert len(got) == 600
+    assert [tuple(row) for row in got] == [
+        (i, 7000 + i, i - 1, 150.0 + i * 1e-3, 5.0 if i % 2 else None) if i in relabelled
+        else (i, i, -1, 150.0 + i * 1e-3, before[i]) for i in range(600)]
+
+
 def test_known_images_and_stale_runs(store):
     run = store.start_run(Config().exportable(), None)
     commit(store, 0, run, [0], 0)

@@ -129,6 +129,12 @@ class Backend(ABC):
         """Insert or update ``rows`` of ``columns`` (every column of each of ``tables``, which share
         their primary ``keys``; each key in one row at most) in each table."""
 
+    @abstractmethod
+    def update(self, conn: Connection, table: Table, columns: Columns, keys: Sequence[str]) -> None:
+        """Set the other columns of ``columns`` in the rows of ``table`` whose ``keys`` they give
+        (each key in one row at most; a key the table lacks changes nothing), in a few statements
+        however many rows."""
+
 
 def backend_class(name: str) -> type[Backend]:
     """The backend called ``name`` (``db_backend``): the one place that maps names to classes."""

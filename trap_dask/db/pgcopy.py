@@ -41,6 +41,14 @@ def _filled(values: np.ndarray, null: np.ndarray, fill) -> np.ndarray:
     return values
 
 
+def _python_values(values: np.ndarray) -> list:
+    """A column as Python values for the driver, NULL (NaN, NaT, None) as None."""
+    null = _nulls(values)
+    if not null.any():
+        return values.tolist()
+    return [None if missing else value for value, missing in zip(values.tolist(), null.tolist())]
+
+
 def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
     """One column's binary COPY fields: payloads (n, width) uint8 and lengths (n,), -1 for NULL."""
     values = np.asarray(values)
@@ -135,3 +143,20 @@ def copy_upsert(conn: Connection, tables: Sequence[Table], columns: Columns, row
     statements.append(f"TRUNCATE {staging}")  # not DELETE: nothing vacuums temporary tables
     with conn.connection.dbapi_connection.cursor() as cursor:
         cursor.execute("; ".join(statements))
+
+
+def array_update(conn: Connection, table: Table, columns: Columns, keys: Sequence[str]) -> None:
+    """Set the other columns of ``columns`` in the rows of ``table`` whose ``keys`` they give: one
+    UPDATE joined to the columns passed as arrays (``unnest``), one round trip. For the few
+    hundred rows of a merge's relabelling; a statement per row would be a round trip each, and a
+    staging table (as :func:`copy_upsert`) took longer at that size (benchmarks/RESULTS.md, issue
+    15 round 9). NaN goes as NULL, as in a COPY."""
+    quote = conn.dialect.identifier_preparer.quote
+    names = [c for c in table.c.keys() if c in columns]
+    arrays = ", ".join(f"%s::{table.c[n].type.compile(dialect=conn.dialect)}[]" for n in names)
+    updates = ", ".join(f"{quote(n)} = s.{quote(n)}" for n in names if n not in keys)
+    match = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in keys)
+    values = [_python_values(np.asarray(columns[n])) for n in names]
+    with conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {conn.dialect.identifier_preparer.format_table(table)} AS t SET {updates} "
+                       f"FROM unnest({arrays}) AS s({', '.join(quote(n) for n in names)}) WHERE {match}", values)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from trap_dask.db.backends import Backend, Columns, DatabaseError, driver_reason
 from trap_dask.db.lock import Lock
-from trap_dask.db.pgcopy import copy_insert, copy_upsert
+from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
 
 
 class PostgreSQLBackend(Backend):
@@ -88,6 +88,9 @@ class PostgreSQLBackend(Backend):
     def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
         copy_upsert(conn, tables, columns, rows, keys)
+
+    def update(self, conn: Connection, table: Table, columns: Columns, keys: Sequence[str]) -> None:
+        array_update(conn, table, columns, keys)
 
 
 class AdvisoryLock(Lock):

@@ -14,7 +14,7 @@ import fcntl
 import functools
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -89,12 +89,27 @@ def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = (), 
     return sql
 
 
+@functools.cache
+def _update_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...], rows: int) -> str:
+    """``UPDATE table SET name = v.columnN, ... FROM (VALUES (?, ...), ...) AS v WHERE keys match``
+    for ``rows`` rows of ``names``."""
+    def quote(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    column = {name: f"v.column{i + 1}" for i, name in enumerate(names)}
+    row = f"({', '.join('?' * len(names))})"
+    updates = ", ".join(f"{quote(n)} = {column[n]}" for n in names if n not in keys)
+    match = " AND ".join(f"{quote(table)}.{quote(k)} = {column[k]}" for k in keys)
+    return f"UPDATE {quote(table)} SET {updates} FROM (VALUES {', '.join([row] * rows)}) AS v WHERE {match}"
+
+
 def _insert_rows(conn: Connection, table: str, names: tuple[str, ...], values: list[Any],
-                 keys: tuple[str, ...] = ()) -> None:
+                 keys: tuple[str, ...] = (), sql: Callable[..., str] = _insert_sql) -> None:
     """Insert (or upsert on ``keys``) the rows of ``values`` (:func:`row_values`) in the
     connection's transaction, a few multi-row statements of a power-of-two number of rows each,
     so that the prepared statements repeat (sqlite3 keeps them) and their parameters stay under
-    SQLite's limit."""
+    SQLite's limit. ``sql``: the statement of so many rows (``_update_sql``: an update of the
+    rows whose ``keys`` they give)."""
     dbapi = conn.connection.dbapi_connection
     most = max(1, min(ROWS_PER_STATEMENT, dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(names)))
     size = 1 << (most.bit_length() - 1)
@@ -104,7 +119,7 @@ def _insert_rows(conn: Connection, table: str, names: tuple[str, ...], values: l
         while done < total:
             while size > total - done:
                 size >>= 1
-            cursor.execute(_insert_sql(table, names, keys, size),
+            cursor.execute(sql(table, names, keys, size),
                            values[done * len(names) : (done + size) * len(names)])
             done += size
     finally:
@@ -171,6 +186,10 @@ class SQLiteBackend(Backend):
         for table in tables:
             names = tuple(table.c.keys())
             _insert_rows(conn, table.name, names, row_values(columns, names, rows), tuple(keys))
+
+    def update(self, conn: Connection, table: Table, columns: Columns, keys: Sequence[str]) -> None:
+        names = tuple(c for c in table.c.keys() if c in columns)
+        _insert_rows(conn, table.name, names, row_values(columns, names), tuple(keys), _update_sql)
 
 
 class FileLock(Lock):

@@ -443,11 +443,8 @@ class ExportStore:
         """Retire the merged sources (see commit_image); merges are rare, a few statements each."""
         es, news = schema.extracted_sources, schema.newsource
         retired = merges["src_id"].tolist()
-        if len(relabelled["id"]):
-            conn.execute(update(es).where(es.c.id == bindparam("row_id")).values(
-                src_id=bindparam("new_src_id"), parent=bindparam("new_parent")),
-                [{"row_id": i, "new_src_id": s, "new_parent": p} for i, s, p in
-                 zip(*(relabelled[k].tolist() for k in ("id", "src_id", "parent")))])
+        if len(relabelled["id"]):  # each id once, its last relabelling
+            self.backend.update(conn, es, take(relabelled, last_of_each_key([relabelled["id"]])), ["id"])
         triggers = dict(conn.execute(
             select(news.c.src_id, news.c.trigger_xtrsrc).where(news.c.src_id.in_(retired))).all())
         conn.execute(delete(news).where(news.c.src_id.in_(retired)))
