@@ -22,7 +22,8 @@ images, one transaction in flight at a time, in order. Once a writer has staged 
 (MAX_BATCH images) while behind, the thread hands the batches on to a committer process of the
 writer's own (``trap_dask.committer``), from when it is up: a commit holds the GIL for most of
 its time, so beside association a thread gains little, a process the whole of it. A merge reads
-its sources' measurements from the database, the batch in flight and the staged images. So the
+its sources' measurements from the database, the batch in flight and the staged images, in the
+writer's reader thread from when the image is associated (the read overlaps its forced fits). So the
 database always ends at an image boundary, at most MAX_BATCH_SECONDS (plus one batch) behind the
 writer; a failed batch raises at the writer's next image or flush and rolls the in-memory
 catalogue back to the last image written, and each CommitSummary says which images the database
@@ -160,7 +161,11 @@ class Writer:
         #: worker seconds per stage, from the messages (ImageResult.seconds, ForcedMeasurements.seconds)
         self.worker_seconds: dict[str, float] = {}
         self.n_batches = 0  #: transactions that wrote more than one image
-        self._pending: tuple[AssociationPlan, ImageResult, Band, Astrometry, tuple[float, float]] | None = None
+        #: the image associated and not yet committed: its plan, result, band, astrometry, systematic
+        #: errors, whether it came behind, and the read of its merges' history (None: no merge)
+        self._pending: tuple[AssociationPlan, ImageResult, Band, Astrometry, tuple[float, float], bool,
+                             Future | None] | None = None
+        self._reader: ThreadPoolExecutor | None = None  #: reads merges' histories (see _read_history)
         #: checksum -> url of every input recorded in this run (a later input with the same bytes is a copy)
         self.seen: dict[str, str] = {}
         #: url -> CommitSummary of the latest images recorded (RECENT_SUMMARIES)
@@ -267,7 +272,7 @@ class Writer:
         )
         detections = add_uncertainties(result.sources.copy(), *sys_err)
         plan = self.catalogue.plan(image, detections)
-        self._pending = (plan, result, band, astrometry, sys_err, behind)
+        self._pending = (plan, result, band, astrometry, sys_err, behind, self._read_history(plan))
         self.seconds["associate"] += time.perf_counter() - started
         return replace(plan.forced_request(self.catalogue), url=meta.url)
 
@@ -284,13 +289,12 @@ class Writer:
             if url not in self._recent:
                 raise RuntimeError(f"commit() of {url} without its associate()")
             return self._recent[url]
-        plan, result, band, astrometry, sys_err, behind = self._pending
+        plan, result, band, astrometry, sys_err, behind, reading = self._pending
         self._pending = None
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
         for stage, seconds in measured.seconds.items():
             self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
-        history = self._history(plan.merging_src_ids(self.catalogue)) if len(plan.merge_keep) else None
-        update = self.catalogue.update(plan, measured, history)
+        update = self.catalogue.update(plan, measured, reading.result() if reading is not None else None)
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
             "n_sources": int(np.sum(~update.measurements["is_force_fit"])),
@@ -320,26 +324,19 @@ class Writer:
                                 len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err)
         return self._remember(result.meta.url, summary)
 
-    def _history(self, src_ids: np.ndarray) -> np.ndarray:
-        """Every measurement of ``src_ids`` (HISTORY_DTYPE, in id order), those of the images staged or
-        in flight included: the database's rows and theirs (a row read from both, as its batch
-        committed meanwhile, counts once), with their merges' relabelling applied in order (a staged
-        image is not in the database yet, so a merge does not end the batch)."""
-        everything = (self._committing[2] if self._committing else []) + self._staged
-        staged = [keywords for _, keywords, _ in everything]
-        relabels = [keywords["relabelled"] for keywords in staged
-                    if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
-        moved = _moved_into(relabels, src_ids)
-        measured = [(row["id"], keywords) for row, keywords, _ in everything if keywords.get("sources") is not None]
-        rows = np.concatenate([self.store.history(src_ids, moved),
-                               _staged_history_rows(measured, self.catalogue.earlier, src_ids, moved)])
-        rows = rows[np.unique(rows["id"], return_index=True)[1]]
-        for relabel in relabels:
-            at = np.searchsorted(rows["id"], relabel["id"])
-            found = at < len(rows)
-            found[found] = rows["id"][at[found]] == relabel["id"][found]
-            rows["src_id"][at[found]], rows["parent"][at[found]] = relabel["src_id"][found], relabel["parent"][found]
-        return rows[np.isin(rows["src_id"], src_ids)]
+    def _read_history(self, plan: AssociationPlan) -> Future | None:
+        """Start reading the earlier measurements of the sources ``plan`` merges (:func:`_history`)
+        in the writer's reader thread, so that the read overlaps the image's forced fits on a
+        worker; None when it merges none. The images in flight and staged now are the ones to
+        read with: none is staged before this image's commit."""
+        if not len(plan.merge_keep):
+            return None
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="trap-dask-history")
+        unwritten = [(row, keywords) for row, keywords, _ in
+                     (self._committing[2] if self._committing else []) + self._staged]
+        return self._reader.submit(_history, self.store, plan.merging_src_ids(self.catalogue), unwritten,
+                                   self.catalogue.earlier)
 
     def _summary(self, *fields: Any, **named: Any) -> CommitSummary:
         """A CommitSummary of ``fields``, saying how much of the run the database holds now."""
@@ -463,8 +460,9 @@ class Writer:
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
             log.warning("could not commit the last %d staged images: %s", staged, exc)
             status = "failed"
-        if self._committer is not None:
-            self._committer.shutdown()
+        for executor in (self._committer, self._reader):
+            if executor is not None:
+                executor.shutdown()
         if self._process is not None:
             self._process.close()
         self.store.finish_run(self.run_id, status, self.n_committed)
@@ -536,6 +534,28 @@ def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) ->
     """The worker's measurements with the image's systematic errors (arcsec) in their uncertainties."""
     return replace(measured, **{name: add_uncertainties(getattr(measured, name).copy(), *sys_err)
                                 for name in ("single", "pairs", "backfill")})
+
+
+def _history(store: ExportStore, src_ids: np.ndarray, unwritten: list[tuple[dict, dict]],
+             earlier: EarlierImages) -> np.ndarray:
+    """Every measurement of ``src_ids`` (HISTORY_DTYPE, in id order), those of the ``unwritten``
+    images (in flight or staged: image row and ``commit_image`` keywords each, in order) included:
+    the database's rows and theirs (a row read from both, as its batch committed meanwhile, counts
+    once), with their merges' relabelling applied in order (a staged image is not in the database
+    yet, so a merge does not end the batch)."""
+    staged = [keywords for _, keywords in unwritten]
+    relabels = [keywords["relabelled"] for keywords in staged
+                if keywords.get("merges") is not None and len(keywords["merges"]["src_id"])]
+    moved = _moved_into(relabels, src_ids)
+    measured = [(row["id"], keywords) for row, keywords in unwritten if keywords.get("sources") is not None]
+    rows = np.concatenate([store.history(src_ids, moved), _staged_history_rows(measured, earlier, src_ids, moved)])
+    rows = rows[np.unique(rows["id"], return_index=True)[1]]
+    for relabel in relabels:
+        at = np.searchsorted(rows["id"], relabel["id"])
+        found = at < len(rows)
+        found[found] = rows["id"][at[found]] == relabel["id"][found]
+        rows["src_id"][at[found]], rows["parent"][at[found]] = relabel["src_id"][found], relabel["parent"][found]
+    return rows[np.isin(rows["src_id"], src_ids)]
 
 
 def _moved_into(relabels: list[dict[str, np.ndarray]], src_ids: np.ndarray) -> np.ndarray:
