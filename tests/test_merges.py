@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from trap_dask.catalogue import ForcedMeasurements
-from trap_dask.config import build_config
+from trap_dask.config import Config, build_config
 from trap_dask.db import schema
 from trap_dask.db.backends import make_engine
 from trap_dask.db.store import ExportStore
@@ -73,6 +73,14 @@ def _feed(writer: Writer, result: ImageResult) -> None:
                                      backfill=_forced(request.backfill_ra, request.backfill_dec)))
 
 
+def _config(settings) -> Config:
+    """A run's configuration on ``settings``' database, with tight systematic errors (0.5"): a source
+    measured 18" off starts a second source."""
+    server = {"db_host": settings.host, "db_port": settings.port, "db_user": settings.user} if settings.host else {}
+    return build_config(dict(db_backend=settings.backend, db_name=settings.name, ew_sys_err="0.5",
+                             ns_sys_err="0.5", **server), {}, None)
+
+
 def _table(settings, table, order) -> list[dict]:
     engine = make_engine(settings)
     with engine.connect() as conn:
@@ -85,10 +93,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     """A source measured 18" (0.6 beam) off with tight position errors starts a second source
     (beyond the 15" obvious link); the next image detects one source there: the younger is merged
     into the older in that image's transaction, and an append carries on with the merged one."""
-    server = ({"db_host": db_settings.host, "db_port": db_settings.port, "db_user": db_settings.user}
-              if db_settings.host else {})
-    config = build_config(dict(db_backend=db_settings.backend, db_name=db_settings.name, ew_sys_err="0.5",
-                               ns_sys_err="0.5", **server), {}, None)
+    config = _config(db_settings)
     ExportStore.create(db_settings, overwrite=False).close()
     writer = Writer(db_settings, config, None)
     off = 30.0 + 18 * ARCSEC
@@ -132,10 +137,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
 def test_a_source_merged_away_is_not_a_neighbour_in_the_astrometry(db_settings):
     """Once B is merged into A, B's frozen position 18" from A is no longer a sky source: the
     next image's astrometry takes A as isolated (a confident match) again, as it does C."""
-    server = ({"db_host": db_settings.host, "db_port": db_settings.port, "db_user": db_settings.user}
-              if db_settings.host else {})
-    config = build_config(dict(db_backend=db_settings.backend, db_name=db_settings.name, ew_sys_err="0.5",
-                               ns_sys_err="0.5", **server), {}, None)
+    config = _config(db_settings)
     ExportStore.create(db_settings, overwrite=False).close()
     writer = Writer(db_settings, config, None)
     off = 30.0 + 18 * ARCSEC
@@ -168,9 +170,7 @@ def test_merges_in_a_batch_equal_merges_image_by_image(db_settings, monkeypatch,
            ([150.0, 150.2], [further, 30.0]), ([150.0, 150.2], [further, 30.0]), ([150.0, 150.2], [30.0, 30.0])]
 
     def run(settings, behind: bool) -> dict:
-        server = {"db_host": settings.host, "db_port": settings.port, "db_user": settings.user} if settings.host else {}
-        config = build_config(dict(db_backend=settings.backend, db_name=settings.name, ew_sys_err="0.5",
-                                   ns_sys_err="0.5", **server), {}, None)
+        config = _config(settings)
         ExportStore.create(settings, overwrite=False).close()
         writer = Writer(settings, config, None, commit_process=False)  # the thread, as the docstring says
         for i, (ra, dec) in enumerate(sky, start=1):
