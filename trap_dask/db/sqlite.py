@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Table, event
+from sqlalchemy import Connection, Engine, Table, bindparam, event, update
 from sqlalchemy.engine import URL
 
 from trap_dask.db.backends import Backend, Columns, DatabaseError
@@ -65,6 +65,10 @@ def row_values(columns: Columns, names: Sequence[str], rows: np.ndarray | None =
         flat[i :: len(names)] = column
     return flat
 
+
+#: SQLite 3.33 (2020) and later update from a join (``UPDATE .. FROM``); before, an update by key is
+#: one statement per row (RHEL 8 ships 3.26).
+UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 
 #: Rows bound to one INSERT statement at most (a power of two). sqlite3 lets go of the GIL for
 #: every statement it steps: ``executemany``, a statement per row, handed the GIL to the
@@ -189,7 +193,14 @@ class SQLiteBackend(Backend):
 
     def update(self, conn: Connection, table: Table, columns: Columns, keys: Sequence[str]) -> None:
         names = tuple(c for c in table.c.keys() if c in columns)
-        _insert_rows(conn, table.name, names, row_values(columns, names), tuple(keys), _update_sql)
+        if UPDATE_FROM:
+            _insert_rows(conn, table.name, names, row_values(columns, names), tuple(keys), _update_sql)
+            return
+        others = [n for n in names if n not in keys]
+        conn.execute(update(table).where(*(table.c[k] == bindparam(f"key_{k}") for k in keys))
+                     .values({n: bindparam(f"new_{n}") for n in others}),
+                     [{f"{'key' if n in keys else 'new'}_{n}": v for n, v in zip(names, row)}
+                      for row in zip(*(python_values(columns[n]) for n in names))])
 
 
 class FileLock(Lock):
