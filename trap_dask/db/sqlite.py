@@ -78,18 +78,20 @@ UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 ROWS_PER_STATEMENT = 256
 
 
+def _quote(name: str) -> str:
+    """An SQL identifier, quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 @functools.cache
 def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = (), rows: int = 1) -> str:
     """``INSERT INTO table (names) VALUES (?, ...), ...`` for ``rows`` rows, with
     ``ON CONFLICT (keys) DO UPDATE`` for keys."""
-    def quote(name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
     row = f"({', '.join('?' * len(names))})"
-    sql = f"INSERT INTO {quote(table)} ({', '.join(map(quote, names))}) VALUES {', '.join([row] * rows)}"
+    sql = f"INSERT INTO {_quote(table)} ({', '.join(map(_quote, names))}) VALUES {', '.join([row] * rows)}"
     if keys:
-        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in keys)
-        sql += f" ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {updates}"
+        updates = ", ".join(f"{_quote(n)} = excluded.{_quote(n)}" for n in names if n not in keys)
+        sql += f" ON CONFLICT ({', '.join(map(_quote, keys))}) DO UPDATE SET {updates}"
     return sql
 
 
@@ -97,18 +99,15 @@ def _insert_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...] = (), 
 def _update_sql(table: str, names: tuple[str, ...], keys: tuple[str, ...], rows: int) -> str:
     """``UPDATE table SET name = v.columnN, ... FROM (VALUES (?, ...), ...) AS v WHERE keys match``
     for ``rows`` rows of ``names``."""
-    def quote(name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
     column = {name: f"v.column{i + 1}" for i, name in enumerate(names)}
     row = f"({', '.join('?' * len(names))})"
-    updates = ", ".join(f"{quote(n)} = {column[n]}" for n in names if n not in keys)
-    match = " AND ".join(f"{quote(table)}.{quote(k)} = {column[k]}" for k in keys)
-    return f"UPDATE {quote(table)} SET {updates} FROM (VALUES {', '.join([row] * rows)}) AS v WHERE {match}"
+    updates = ", ".join(f"{_quote(n)} = {column[n]}" for n in names if n not in keys)
+    match = " AND ".join(f"{_quote(table)}.{_quote(k)} = {column[k]}" for k in keys)
+    return f"UPDATE {_quote(table)} SET {updates} FROM (VALUES {', '.join([row] * rows)}) AS v WHERE {match}"
 
 
-def _insert_rows(conn: Connection, table: str, names: tuple[str, ...], values: list[Any],
-                 keys: tuple[str, ...] = (), sql: Callable[..., str] = _insert_sql) -> None:
+def _write_rows(conn: Connection, table: str, names: tuple[str, ...], values: list[Any],
+                keys: tuple[str, ...] = (), sql: Callable[..., str] = _insert_sql) -> None:
     """Insert (or upsert on ``keys``) the rows of ``values`` (:func:`row_values`) in the
     connection's transaction, a few multi-row statements of a power-of-two number of rows each,
     so that the prepared statements repeat (sqlite3 keeps them) and their parameters stay under
@@ -183,18 +182,18 @@ class SQLiteBackend(Backend):
 
     def insert(self, conn: Connection, table: Table, columns: Columns) -> None:
         names = tuple(c for c in table.c.keys() if c in columns)
-        _insert_rows(conn, table.name, names, row_values(columns, names))
+        _write_rows(conn, table.name, names, row_values(columns, names))
 
     def upsert(self, conn: Connection, tables: Sequence[Table], columns: Columns, rows: np.ndarray,
                keys: Sequence[str]) -> None:
         for table in tables:
             names = tuple(table.c.keys())
-            _insert_rows(conn, table.name, names, row_values(columns, names, rows), tuple(keys))
+            _write_rows(conn, table.name, names, row_values(columns, names, rows), tuple(keys))
 
     def update(self, conn: Connection, table: Table, columns: Columns, keys: Sequence[str]) -> None:
         names = tuple(c for c in table.c.keys() if c in columns)
         if UPDATE_FROM:
-            _insert_rows(conn, table.name, names, row_values(columns, names), tuple(keys), _update_sql)
+            _write_rows(conn, table.name, names, row_values(columns, names), tuple(keys), _update_sql)
             return
         others = [n for n in names if n not in keys]
         conn.execute(update(table).where(*(table.c[k] == bindparam(f"key_{k}") for k in keys))
