@@ -101,7 +101,8 @@ def test_bench_stopped_by_sigterm_says_so_and_leaves_nothing(tmp_path):
     import time
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "trap_dask.cli", "bench", "-i", "40", "--size", "512",
+    # 160 images: ~4 s of run on a fast 2-core VM (40 took 1.4 s there and could end before the signal)
+    proc = subprocess.Popen([sys.executable, "-m", "trap_dask.cli", "bench", "-i", "160", "--size", "512",
                              "--sources", "60", "--nr_threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
