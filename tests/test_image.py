@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.time import Time
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from trap_dask import image
@@ -151,6 +152,30 @@ def test_time_fallbacks(tmp_path: Path) -> None:
     assert mjd.taustart_ts == datetime(2020, 5, 31, 6)
     tai = read_meta(write_image(tmp_path / "t.fits", {"DATE-OBS": "2020-01-01T00:00:37", "TIMESYS": "TAI"}))
     assert tai.taustart_ts == datetime(2020, 1, 1)  # TAI - UTC = 37 s
+
+
+@pytest.mark.parametrize("value", ["2021-03-04T05:06:07", "2021-03-04T05:06:07.5", "2021-03-04T05:06:07.123456",
+                                   "2021-03-04T05:06:07.123456789", "2021-03-04", "2021-03-04T05:06:60"])
+def test_start_times_are_astropys(tmp_path: Path, value: str) -> None:
+    """A plain UTC DATE-OBS is read without astropy's Time, to the same datetime; finer than
+    microseconds, a date alone or a 60th second go through astropy as before."""
+    expected = Time(value, format="fits", scale="utc").utc.to_datetime()  # (60 s: the next minute)
+    assert read_meta(write_image(tmp_path / "t.fits", {"DATE-OBS": value})).taustart_ts == expected
+
+
+def test_header_text_without_keywords_looks_at_the_keyword_field_only() -> None:
+    """Cards go by their keyword (columns 1-8, any case); a value that mentions one stays; nothing after END."""
+    from trap_dask.image import _cards_without, _without_times
+
+    cards = [fits.Card("SIMPLE", True), fits.Card("DATE-OBS", "2021-03-04T05:06:07"), fits.Card("HISTORY", "DATE-OBS"),
+             fits.Card("OBJECT", "DATE-OBS"), fits.Card("COMMENT", "note"), fits.Card("MJD-OBS", 59277.2)]
+    lower, end = "date    = '2021'".ljust(80), "END".ljust(80)
+    text = "".join(card.image for card in cards) + lower + end + " " * 160
+    kept = _without_times(text)
+    assert kept == cards[0].image + cards[3].image + end
+    assert _cards_without(text, frozenset({"HISTORY", "COMMENT"})) == (
+        "".join(c.image for c in cards if c.keyword not in ("HISTORY", "COMMENT")) + lower + end)
+    assert list(fits.Header.fromstring(kept)) == ["SIMPLE", "OBJECT"]
 
 
 def test_blank_integer_pixels_become_nan(tmp_path: Path) -> None:
@@ -301,7 +326,8 @@ def test_a_header_from_the_files_first_bytes_is_astropys(tmp_path: Path, n_histo
     leading = _leading_primary_header(str(path))
     assert (leading is None) == (n_history > 0)
     if leading is not None:
-        assert leading.tostring() == fits.getheader(path).tostring()
+        header, text = leading
+        assert header.tostring() == text == fits.getheader(path).tostring()
     assert replace(read_meta(path), url="") == replace(read_meta(short), url="")
     meta = read_meta(path)
     np.testing.assert_array_equal(read_image(meta, read_file(str(path)))[0], fits.getdata(path).astype(np.float32))
