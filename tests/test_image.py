@@ -263,6 +263,9 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     ({"DATE-OBS": "yesterday"},
      "unreadable start time DATE-OBS='yesterday': not a valid FITS date and time (YYYY-MM-DDThh:mm:ss[.sss])"),
     ({"DATE-OBS": None, "MJD-OBS": "soon"}, "unreadable start time MJD-OBS='soon': not a valid MJD"),
+    ({"EXPTIME": "long"}, "unreadable EXPTIME='long': not a number"),
+    ({"BMAJ": "wide"}, "unreadable BMAJ='wide': not a number"),
+    ({"RESTFRQ": "low"}, "unreadable RESTFRQ='low': not a number"),
 ])
 def test_rejection_reasons_are_one_line_without_class_names(tmp_path: Path, cards: dict, reason: str) -> None:
     with pytest.raises(ImageError) as caught:

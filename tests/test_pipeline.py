@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _runs import dump, spawn
+from astropy.io import fits
 from conftest import BACKENDS, postgres_settings
 
 from trap_dask.config import build_config
@@ -313,6 +314,32 @@ def test_quality_control_rejects_images_with_their_reason(survey, tmp_path):
     assert len(rows) == len(survey["images"])
     assert all(r[0] == 1 and "rms_max" in r[1] for r in rows)
     assert query(db, "SELECT count(*) FROM extracted_sources")[0][0] == 0
+
+
+def test_images_with_unusable_headers_are_rejected_and_the_run_goes_on(survey, tmp_path, monkeypatch):
+    """A header keyword that is not a number (EXPTIME = 'long') and a header astropy cannot read at
+    all (any error of the reader) reject their image with the reason; the other images are processed."""
+    import trap_dask.tasks
+
+    inputs = tmp_path / "inputs"
+    shutil.copytree(Path(survey["images"][0]["path"]).parent, inputs)
+    first, second = sorted(inputs.glob("*.fits"))[2:4]
+    with fits.open(first, mode="update") as hdul:
+        hdul[0].header["EXPTIME"] = "long"
+    real = trap_dask.tasks.read_meta
+
+    def chokes_on_second(path, **kwargs):
+        if Path(path).name == second.name:
+            raise KeyError("CDELT1")  # what a reader's bug would raise
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(trap_dask.tasks, "read_meta", chokes_on_second)
+    db = run([inputs], tmp_path / "headers.db")
+    rejected = dict(query(db, "SELECT url, rejection_reason FROM images WHERE rejected"))
+    assert rejected == {str(first): "unreadable EXPTIME='long': not a number",
+                        str(second): "unreadable header: 'CDELT1'"}
+    assert query(db, "SELECT count(*) FROM images WHERE NOT rejected")[0][0] == len(survey["images"]) - 2
+    assert query(db, "SELECT count(*) FROM images WHERE checksum IS NULL")[0][0] == 0
 
 
 def test_monitor_position_is_measured_in_every_image(survey, tmp_path):

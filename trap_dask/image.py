@@ -122,7 +122,7 @@ def read_meta(
     return ImageMeta(
         url=url,
         taustart_ts=taustart_ts,
-        tau_time=next((float(header[k]) for k in _TAU_KEYS if k in header), 0.0),
+        tau_time=next((_number(header, k) for k in _TAU_KEYS if k in header), 0.0),
         freq_eff=float(freq_eff),
         freq_bw=float(freq_bw),
         beam=beam,
@@ -432,10 +432,19 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
     return lng, lat
 
 
+def _number(header: fits.Header, key: str) -> float:
+    """The value of keyword ``key`` as a float; ImageError naming the card if it is not a number."""
+    value = header[key]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ImageError(f"unreadable {key}={value!r}: not a number") from None
+
+
 def _header_beam(header: fits.Header) -> Beam:
     """Beam from BMAJ/BMIN/BPA (FWHM, deg) or the last AIPS HISTORY beam card."""
     if all(k in header for k in ("BMAJ", "BMIN", "BPA")):
-        bmaj, bmin, bpa = (float(header[k]) for k in ("BMAJ", "BMIN", "BPA"))
+        bmaj, bmin, bpa = (_number(header, k) for k in ("BMAJ", "BMIN", "BPA"))
     else:
         found = [m for m in map(_HISTORY_BEAM.search, map(str, header.get("HISTORY", []))) if m]
         if not found:
@@ -453,8 +462,8 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
     """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the WCS's spectral ``axis``
     (frequency and channel width, Hz; see :func:`_spectral_axis_frequency`)."""
     axis_freq, axis_bw = axis
-    freq_eff = next((float(header[k]) for k in ("RESTFRQ", "RESTFREQ") if header.get(k)), axis_freq)
-    freq_bw = float(header["RESTBW"]) if header.get("RESTBW") else axis_bw
+    freq_eff = next((_number(header, k) for k in ("RESTFRQ", "RESTFREQ") if header.get(k)), axis_freq)
+    freq_bw = _number(header, "RESTBW") if header.get("RESTBW") else axis_bw
     if freq_eff is None or not (freq_eff > 0):
         raise ImageError(
             "no frequency: the header has no RESTFRQ/RESTFREQ and no spectral (FREQ) axis; "

@@ -74,13 +74,19 @@ def scan(path: str, checksum: bool = False, beam: Beam | None = None,
         meta = read_meta(path, beam=beam, freq=freq)
         return ScannedImage(meta, file_checksum(path) if checksum else None)
     except ImageError as exc:
-        try:
-            digest = file_checksum(path)
-        except OSError:
-            digest = None
-        return ScanFailure(url=path, reason=str(exc), checksum=digest)
+        return ScanFailure(url=path, reason=str(exc), checksum=_checksum_or_none(path))
     except OSError as exc:
         return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
+    except Exception as exc:  # noqa: BLE001 - a header astropy chokes on: one bad file never stops a run
+        return ScanFailure(url=path, reason=f"unreadable header: {one_line(exc)}", checksum=_checksum_or_none(path))
+
+
+def _checksum_or_none(path: str) -> str | None:
+    """The file's checksum, None if it cannot be read (a rejected file is recognised by it on append)."""
+    try:
+        return file_checksum(path)
+    except OSError:
+        return None
 
 
 def file_checksum(path: str) -> str:
