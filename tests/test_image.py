@@ -266,11 +266,27 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     ({"EXPTIME": "long"}, "unreadable EXPTIME='long': not a number"),
     ({"BMAJ": "wide"}, "unreadable BMAJ='wide': not a number"),
     ({"RESTFRQ": "low"}, "unreadable RESTFRQ='low': not a number"),
+    ({"CRVAL1": "east"}, "invalid world coordinate system: CRVAL1 = 'east' is not a number"),
+    ({"CDELT2": "small"}, "invalid world coordinate system: CDELT2 = 'small' is not a number"),
 ])
 def test_rejection_reasons_are_one_line_without_class_names(tmp_path: Path, cards: dict, reason: str) -> None:
     with pytest.raises(ImageError) as caught:
         read_meta(write_image(tmp_path / "bad.fits", cards))
     assert str(caught.value) == reason
+
+
+def test_a_wcs_note_about_other_keywords_does_not_reject() -> None:
+    """A keyword outside the transformation that is not what wcslib expects (EQUINOX as text, as
+    some old headers have it) leaves the image usable; CRVAL1 as text rejects it."""
+    from trap_dask.image import _header_wcs
+
+    header = fits.Header({"NAXIS": 2, "NAXIS1": 20, "NAXIS2": 16, "CTYPE1": "RA---SIN", "CTYPE2": "DEC--SIN",
+                          "CRVAL1": 10.0, "CRVAL2": -40.0, "CRPIX1": 10.0, "CRPIX2": 8.0, "CDELT1": -0.001,
+                          "CDELT2": 0.001, "EQUINOX": "J2000"})
+    assert list(_header_wcs(header).wcs.crval) == [10.0, -40.0]
+    header["CRVAL1"] = "ten"
+    with pytest.raises(ImageError, match="CRVAL1"):
+        _header_wcs(header)
 
 
 def test_library_messages_become_one_line() -> None:

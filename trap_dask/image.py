@@ -399,8 +399,19 @@ def _leading_primary_header(url: str) -> tuple[fits.Header, str] | None:
     return header, head[:offset].decode("ascii", "replace")  # astropy parsed it: ASCII
 
 
+#: The keywords of a WCS's transformation (reference value and pixel, increments, matrix): wcslib
+#: puts a default (0, or 1 for an increment) in place of one that is not a number, and only warns.
+_TRANSFORM_KEY = re.compile(r"(?:CRVAL|CRPIX|CDELT|CROTA)\d+[A-Z]?|(?:CD|PC)\d+_\d+[A-Z]?")
+
+
 def _header_wcs(header: fits.Header) -> WCS:
-    """Parse the WCS of a header, silencing astropy's notes about legacy keywords."""
+    """Parse the WCS of a header, silencing astropy's notes about legacy keywords; ImageError for a
+    broken WCS, including a transformation keyword that is not a number (wcslib would put a
+    default in its place: every position of the image wrong)."""
+    for card in header.cards:
+        if _TRANSFORM_KEY.fullmatch(card.keyword) and (
+                isinstance(card.value, bool) or not isinstance(card.value, (int, float))):
+            raise ImageError(f"invalid world coordinate system: {card.keyword} = {card.value!r} is not a number")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
