@@ -254,6 +254,22 @@ def test_all_nan_image_gives_an_empty_table():
     assert len(f) == 1 and np.isnan(f["peak_flux"][0])
 
 
+def test_a_corrupt_block_of_1e30_pixels_gets_finite_errors():
+    """A block of corrupt pixels (1e30 Jy/beam) overflows the fit covariance's float32 sums: its
+    detection takes Condon's errors, finite, so its catalogue position stays a number."""
+    rng = np.random.default_rng(5)
+    wcs = make_wcs(128, 128, 10.0, 10.0, PIX)
+    data = correlated_noise((128, 128), BEAM, RMS, rng) + gaussians((128, 128), np.array([40.0]), np.array([40.0]),
+                                                                    np.array([30 * RMS]), BEAM.cov())
+    data[80:83, 80:83] = 1e30
+    params = ExtractionParams()
+    rows = extract_sources(prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params), params)
+    corrupt = rows[rows["peak_flux"] > 1e20]
+    assert len(corrupt) == 1 and len(rows) == 2
+    for name in ("ra", "dec", "ra_fit_err", "dec_fit_err", "peak_flux_err", "int_flux_err", "error_radius"):
+        assert np.isfinite(rows[name]).all(), name
+
+
 @pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
 def test_real_ami_image():
     path = DATA / "GRB120422A-120429.fits"

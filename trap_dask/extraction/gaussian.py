@@ -214,8 +214,9 @@ def _linearise(
 
 
 def _chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None) -> np.ndarray:
-    m = _model(p, pixels, shape)[0]
-    return segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
+    with np.errstate(over="ignore", invalid="ignore"):  # as in _linearise: corrupt pixels may overflow
+        m = _model(p, pixels, shape)[0]
+        return segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
 
 
 def _valid(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
@@ -624,15 +625,20 @@ def measurement_errors(
     beam_cov: np.ndarray,
     force_beam: bool,
 ) -> SourceErrors:
-    """Errors of every island's measurement: the fit covariance where ``fitted``, else Condon.
+    """Errors of every island's measurement: the fit covariance where ``fitted`` and it is finite,
+    else Condon's (a source of ~1e30 Jy/beam, a corrupt pixel, overflows the covariance's float32
+    sums: NaN errors would make its catalogue position NaN).
 
     ``noise`` is the local rms (Jy/beam) at each source.
     """
     errors = condon_errors(params[:, 0], shape_cov(params), noise, beam_cov, fixed_shape=force_beam)
     if fitted.any():
-        cov = fit_covariance(params[fitted], pixels.select(fitted), beam_cov, force_beam)
-        errors.peak_err[fitted] = np.sqrt(cov[:, 0, 0])
-        flux, flux_err = integrated_flux(params[fitted], beam_cov, cov)
-        errors.int_flux[fitted], errors.int_flux_err[fitted] = flux, flux_err
-        errors.pos_cov[fitted] = cov[:, 1:3, 1:3]
+        with np.errstate(over="ignore", invalid="ignore"):  # overflows give non-finite covariances
+            cov = fit_covariance(params[fitted], pixels.select(fitted), beam_cov, force_beam)
+            flux, flux_err = integrated_flux(params[fitted], beam_cov, cov)
+        finite = np.isfinite(cov).all((1, 2))
+        use = np.flatnonzero(fitted)[finite]
+        errors.peak_err[use] = np.sqrt(cov[finite, 0, 0])
+        errors.int_flux[use], errors.int_flux_err[use] = flux[finite], flux_err[finite]
+        errors.pos_cov[use] = cov[finite, 1:3, 1:3]
     return errors
