@@ -75,6 +75,25 @@ def test_an_image_associated_again_before_its_commit_is_recorded_once(tmp_path):
     assert _count(settings, schema.extracted_sources) == 4
 
 
+def test_detections_without_a_finite_position_are_left_out_with_a_warning(tmp_path, caplog):
+    """A detection whose position or position error is NaN never enters the catalogue: the next
+    images are associated as usual (a NaN position made every later association fail)."""
+    import numpy as np
+
+    writer, settings = _writer(tmp_path)
+    first = _image(1, [150.0, 150.2, 150.4], [30.0, 30.0, 30.0])
+    first.sources["ra"][1] = np.nan
+    first.sources["dec_fit_err"][2] = np.inf
+    with caplog.at_level("WARNING", logger="trap_dask.writer"):
+        _commit(writer, writer.associate(first))
+    assert "/data/image1.fits: 2 detection(s) without a finite position or position error left out" in caplog.text
+    summary = _commit(writer, writer.associate(_image(2, [150.0, 150.4], [30.0, 30.0])))
+    writer.finish("completed")
+    assert summary.n_sources == 2 and summary.n_new == 1
+    # 1 + 2 detections, and the new source's forced fit in image 1
+    assert _count(settings, schema.extracted_sources) == 4
+
+
 def test_a_committed_image_asked_again_gets_its_summary_back(tmp_path):
     writer, settings = _writer(tmp_path)
     first, second = _image(1, [150.0], [30.0]), _image(2, [150.0], [30.0])

@@ -261,6 +261,7 @@ class Writer:
             self.bands.append(band)
             self._unsaved_bands.append(band)
         beam_fwhm = 2.0 * meta.beam.smaj
+        result = _measurable(result)
         astrometry, sys_err = self._astrometry(result.sources, beam_fwhm)
         shift = (astrometry.offset_ra / 3600.0, astrometry.offset_dec / 3600.0) \
             if self.remove_shift and astrometry.measured else (0.0, 0.0)
@@ -528,6 +529,23 @@ class Writer:
     def _saved(self) -> None:
         self._unsaved_bands = []
         self._unsaved_monitors = {k: v[:0] for k, v in self._unsaved_monitors.items()}
+
+
+#: Columns a detection needs finite to enter the catalogue: its position (deg) and fit errors (deg).
+_POSITION_COLUMNS = ("ra", "dec", "ra_fit_err", "dec_fit_err")
+
+
+def _measurable(result: ImageResult) -> ImageResult:
+    """``result`` without the detections whose position or position error is not finite (logged): one
+    such detection would make its source's catalogue position NaN, and the association of every
+    later image fail. The extraction gives none; this keeps a run going if it ever did."""
+    sources = result.sources
+    finite = np.logical_and.reduce([np.isfinite(sources[name]) for name in _POSITION_COLUMNS])
+    if finite.all():
+        return result
+    log.warning("%s: %d detection(s) without a finite position or position error left out",
+                result.meta.url, int((~finite).sum()))
+    return replace(result, sources=sources[finite])
 
 
 def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) -> ForcedMeasurements:
