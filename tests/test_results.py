@@ -136,6 +136,32 @@ def test_subcommands_on_each_backend(db_settings, survey, tmp_path, capsys):
     assert "no source 99999" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["every image rejected", "one image"])
+def test_results_of_a_run_without_light_curves_to_rank(survey, tmp_path, capsys, case):
+    """A run whose every image was rejected, and a run of one image, still give a report, an
+    empty candidates table in every format and an eta-V diagram (its log axes had nothing to
+    scale by: matplotlib's error before)."""
+    db = str(tmp_path / "few.db")
+    images = sorted(str(p) for p in survey.glob("*.fits"))
+    if case == "every image rejected":
+        run(DatabaseSettings(backend="sqlite", name=db), images[:2], rms_max=1e-9)
+    else:
+        run(DatabaseSettings(backend="sqlite", name=db), images[:1])
+    assert main(["report", db, "-o", str(tmp_path / "report")]) == 0
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "<h2>Candidates (0)</h2>" in index and (tmp_path / "report" / "etav.png").stat().st_size > 5000
+    assert ("Rejected images" in index) == (case == "every image rejected")
+    capsys.readouterr()
+    assert main(["candidates", db]) == 0
+    assert "0 candidates (0 new sources" in capsys.readouterr().out
+    for fmt, name in (("csv", "c.csv"), ("ecsv", "c.ecsv"), ("votable", "c.xml")):
+        assert main(["candidates", db, "--format", fmt, "-o", str(tmp_path / name)]) == 0
+    from astropy.table import Table
+
+    assert len(Table.read(tmp_path / "c.ecsv")) == 0 == len(pd.read_csv(tmp_path / "c.csv"))
+    assert main(["etav", db, "-o", str(tmp_path / "etav.png")]) == 0
+
+
 def test_help_of_each_subcommand(capsys):
     for command in ("candidates", "lightcurve", "etav", "stamps", "report"):
         with pytest.raises(SystemExit) as done:

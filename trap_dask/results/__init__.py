@@ -87,7 +87,8 @@ def to_table(frame: pd.DataFrame, cut: SigmaCut | None = None):
     from astropy.time import Time
 
     out = Table.from_pandas(frame.drop(columns=["first_time"]))
-    out.add_column(Time(frame.first_time.to_numpy(), scale="utc").isot, name="first_time",
+    first = pd.to_datetime(frame.first_time).to_numpy(dtype="datetime64[ns]")  # typed also when empty
+    out.add_column(Time(first, format="datetime64", scale="utc").isot, name="first_time",
                    index=list(frame.columns).index("first_time"))
     for name, unit in (("ra", u.deg), ("dec", u.deg), ("freq_mhz", u.MHz), ("max_flux_mjy", u.mJy)):
         out[name].unit = unit

@@ -77,6 +77,10 @@ def etav_figure(var: pd.DataFrame, cut: SigmaCut, candidates: pd.DataFrame | Non
                         textcoords="offset points", fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if not len(several):  # nothing to scale the log axes by
+        ax.set_xlim(1e-2, 1e2)
+        ax.set_ylim(1e-3, 1.0)
+        ax.text(0.5, 0.5, "no light curve of two or more points", transform=ax.transAxes, ha="center")
     ax.set_xlabel("η (reduced weighted χ² of the integrated flux)")
     ax.set_ylabel("V (coefficient of variation of the integrated flux)")
     ax.set_title("η–V diagram")
