@@ -138,18 +138,20 @@ def test_subcommands_on_each_backend(db_settings, survey, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["every image rejected", "one image"])
 def test_results_of_a_run_without_light_curves_to_rank(survey, tmp_path, capsys, case):
-    """A run whose every image was rejected, and a run of one image, still give a report, an
-    empty candidates table in every format and an eta-V diagram (its log axes had nothing to
-    scale by: matplotlib's error before)."""
+    """A run whose every image was rejected, and a run of one image, still give a report (its
+    address a file URI, spaces escaped), an empty candidates table in every format and an eta-V
+    diagram (its log axes had nothing to scale by: matplotlib's error before)."""
     db = str(tmp_path / "few.db")
     images = sorted(str(p) for p in survey.glob("*.fits"))
     if case == "every image rejected":
         run(DatabaseSettings(backend="sqlite", name=db), images[:2], rms_max=1e-9)
     else:
         run(DatabaseSettings(backend="sqlite", name=db), images[:1])
-    assert main(["report", db, "-o", str(tmp_path / "report")]) == 0
-    index = (tmp_path / "report" / "index.html").read_text()
-    assert "<h2>Candidates (0)</h2>" in index and (tmp_path / "report" / "etav.png").stat().st_size > 5000
+    capsys.readouterr()
+    assert main(["report", db, "-o", str(tmp_path / "the report")]) == 0
+    assert "(file://" + str(tmp_path).replace(" ", "%20") + "/the%20report/index.html)" in capsys.readouterr().out
+    index = (tmp_path / "the report" / "index.html").read_text()
+    assert "<h2>Candidates (0)</h2>" in index and (tmp_path / "the report" / "etav.png").stat().st_size > 5000
     assert ("Rejected images" in index) == (case == "every image rejected")
     capsys.readouterr()
     assert main(["candidates", db]) == 0

@@ -197,7 +197,7 @@ def _report(args: argparse.Namespace) -> int:
     name = args.db.rsplit("@", 1)[-1] if "://" in args.db else args.db  # never a password
     index = write_report(args.db, args.output, args.eta_sigma, args.v_sigma, args.combine, args.forced_fits,
                          args.max_candidates, db_name=name)
-    print(f"wrote {index}; open it in a browser (file://{index.resolve()})")
+    print(f"wrote {index}; open it in a browser ({index.resolve().as_uri()})")
     return 0
 
 
