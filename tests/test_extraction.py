@@ -254,6 +254,24 @@ def test_all_nan_image_gives_an_empty_table():
     assert len(f) == 1 and np.isnan(f["peak_flux"][0])
 
 
+def test_islands_measured_in_batches_as_in_one(field, monkeypatch):
+    """A crowded image's islands are fitted and given errors in batches of MAX_BATCH_PIXELS pixels
+    (bounded memory): the same fits, and errors to rounding, as all islands at once."""
+    from trap_dask.extraction import gaussian
+
+    calls = []
+    real = gaussian.levenberg_marquardt
+    monkeypatch.setattr(gaussian, "levenberg_marquardt", lambda p0, *a, **k: calls.append(len(p0)) or real(p0, *a, **k))
+    monkeypatch.setattr(gaussian, "MAX_BATCH_PIXELS", 4000)
+    batched = extract_sources(field["image"], field["params"])
+    assert len(calls) > 5 and sum(calls) >= len(batched)
+    whole = field["sources"]
+    for name in ("ra", "dec", "peak_flux", "int_flux", "semimajor_axis", "chisq"):
+        assert np.array_equal(batched[name], whole[name]), name
+    for name in ("ra_fit_err", "dec_fit_err", "peak_flux_err", "int_flux_err"):
+        np.testing.assert_allclose(batched[name], whole[name], rtol=1e-12, err_msg=name)
+
+
 def test_a_corrupt_block_of_1e30_pixels_gets_finite_errors():
     """A block of corrupt pixels (1e30 Jy/beam) overflows the fit covariance's float32 sums: its
     detection takes Condon's errors, finite, so its catalogue position stays a number."""
