@@ -68,6 +68,14 @@ def test_impossible_values_are_named(flags, key):
         build_config(flags, {}, None)
 
 
+def test_overlapping_frequency_bands_are_refused_touching_ones_not():
+    """Two fixed bands that overlap would put an image between them in whichever came first."""
+    with pytest.raises(ConfigError, match=r"bands \[1e\+08, 2e\+08\] Hz and \[1.5e\+08, 3e\+08\] Hz overlap"):
+        build_config({"frequency_band": "[[1.5e8, 3e8], [1e8, 2e8]]"}, {}, None)
+    touching = build_config({"frequency_band": "[[1e8, 1.5e8], [1.5e8, 3e8]]"}, {}, None)
+    assert touching.frequency_bands() == [(1e8, 1.5e8), (1.5e8, 3e8)]
+
+
 def test_password_from_pgpassword_never_exported():
     config = build_config({"db_backend": "postgres", "db_name": "x"}, {"PGPASSWORD": "s3cret"}, None)
     assert config.db_password == "s3cret"

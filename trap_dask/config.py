@@ -434,6 +434,10 @@ def validate(config: Config) -> Config:
     config.monitor_positions()
     bands = config.frequency_bands()
     need(all(0 < lo < hi for lo, hi in bands), "frequency_band", "each band needs 0 < low < high (Hz)")
+    ordered = sorted(bands)
+    overlap = next(((a, b) for a, b in zip(ordered, ordered[1:]) if b[0] < a[1]), None)
+    need(overlap is None, "frequency_band", "bands {} overlap: an image's frequency must fall in one band only"
+         .format(" and ".join(f"[{lo:g}, {hi:g}] Hz" for lo, hi in overlap or ())))
     return config
 
 
