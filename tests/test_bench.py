@@ -33,7 +33,7 @@ def check_sane(rows: dict[str, list[float]], column: int = 0) -> None:
     assert value["commit, ms/image (writer, its own thread or process)"] > 0
     assert value["waiting for a commit, ms/image (writer)"] >= 0
     assert 0 < value["writer busy, % of the wall time"] < 100
-    assert 0 < value["worker utilisation, % of the extraction threads"] < 150  # forced fits run beside
+    assert 0 < value["worker utilisation, % of the extraction threads"] <= 101  # of its stages alone
 
 
 def test_bench_on_the_local_cluster_prints_the_table(capsys):

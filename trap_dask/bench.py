@@ -222,24 +222,28 @@ def _drop(settings) -> None:
         print(f"trap-dask bench: could not drop {settings.describe()}: {exc}", file=sys.stderr)
 
 
+#: The stages of an image that hold an extraction thread (worker_seconds keys).
+EXTRACTION_STAGES = ("read", "quality", "background", "extract")
+
+
 def numbers(summary) -> dict[str, float]:
     """The table's numbers of one run (RunSummary)."""
     n = max(summary.n_images, 1)
     w, ws = summary.writer_seconds, summary.worker_seconds
     startup = summary.startup_seconds or 0.0
     steady = max(summary.wall_seconds - startup, 1e-9)
-    busy = sum(ws.values())
+    extracting = sum(ws.get(stage, 0.0) for stage in EXTRACTION_STAGES)  # forced fits have a thread of their own
     return {
         "images": summary.n_images,
         "images_per_s": summary.n_images / max(summary.wall_seconds, 1e-9),
         "steady_images_per_s": summary.n_images / steady,
         "startup_s": startup,
         "wall_s": summary.wall_seconds,
-        **{stage: 1e3 * ws.get(stage, 0.0) / n for stage in ("read", "quality", "background", "extract")},
+        **{stage: 1e3 * ws.get(stage, 0.0) / n for stage in EXTRACTION_STAGES},
         "forced": 1e3 * (ws.get("forced fits", 0.0) + ws.get("backfill", 0.0)) / n,
         **{stage: 1e3 * w.get(stage, 0.0) / n for stage in ("associate", "update", "commit", "wait")},
         "writer_busy": 100 * summary.writer_busy_fraction,
-        "utilisation": 100 * busy / (steady * max(summary.n_threads, 1)),
+        "utilisation": 100 * extracting / (steady * max(summary.n_threads, 1)),
         "threads": summary.n_threads,
         "batches": summary.n_batches,
         "process_batches": summary.n_process_batches,
