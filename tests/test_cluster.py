@@ -359,6 +359,28 @@ def test_local_cluster_shape(values, expected):
     assert (shape.n_workers, shape.threads_per_worker, shape.processes) == expected
 
 
+@pytest.mark.parametrize("values", [{"nr_threads": 2}, {"n_workers": 1, "threads_per_worker": 1}],
+                         ids=["threads", "processes"])
+def test_a_local_clusters_loops_tick_and_check_memory_once_a_second(values):
+    """The event loops of a local cluster, in this process or in worker processes, wake for Dask's
+    own checks once a second, not every 20 ms (QUIET_LOOPS)."""
+    import dask
+
+    from trap_dask.cluster import start_client
+
+    session = start_client(build_config(values, {}, None))
+    try:
+        assert session.cluster.scheduler.periodic_callbacks["tick"].callback_time == 1000
+
+        def intervals(dask_worker):
+            return {name: dask_worker.periodic_callbacks[name].callback_time for name in ("tick", "memory_monitor")}
+
+        assert list(session.client.run(intervals).values()) == [{"tick": 1000, "memory_monitor": 1000}]
+    finally:
+        session.close()
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # this process's own settings are back
+
+
 def test_scheduler_address_from_dask_config():
     import dask
 

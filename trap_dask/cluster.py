@@ -68,6 +68,12 @@ DASHBOARD_KEY = "trap-dask.dashboard"
 #: zeroes on first touch (extraction 57% slower, a third of the CPU time in the kernel). Unset, the
 #: workers reuse freed image buffers; memory stays bounded by one image's working set per thread.
 KEEP_FREED_MEMORY = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+#: Dask's periodic work in a local cluster made rarer: each event loop's tick (every 20 ms; it only
+#: times the loop, for "event loop unresponsive" warnings) and each worker's memory check (every
+#: 100 ms) wake the loop's thread, which then takes the GIL from an extraction thread. Once a
+#: second: long500 (500 images of 1024^2), four alternating runs each, 25.1 -> 23.8 s, 38.1 -> 36.1
+#: CPU-s (benchmarks/RESULTS.md, issue 15 round 10). A running cluster's settings are its own.
+QUIET_LOOPS = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s"}
 
 
 class ClusterError(RuntimeError):
@@ -216,7 +222,7 @@ def _start_local(config: Config) -> ClusterSession:
     profile = {"distributed.worker.profile.enabled": bool(dask.config.get(PROFILE_KEY, False))}
     # worker processes load numpy as this process did (trap_dask.cpu)
     numpy_dispatch = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in numpy_environ().items()}
-    with _stop_signals_ignored(), dask.config.set({**KEEP_FREED_MEMORY, **profile, **numpy_dispatch}):
+    with _stop_signals_ignored(), dask.config.set({**KEEP_FREED_MEMORY, **QUIET_LOOPS, **profile, **numpy_dispatch}):
         cluster = LocalCluster(
             n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker + 1, processes=shape.processes,
             resources=slots, preload=WORKER_PRELOAD if shape.processes else None,
