@@ -352,6 +352,15 @@ def fit_islands(
     batched = _batched(pixels, lambda batch, ratio: fit_islands(batch, ratio, beam_cov, force_beam), cut_ratio)
     if batched is not None:
         return batched
+    # corrupt pixels (inf, 1e30) and degenerate islands give non-finite moments and trial steps:
+    # the fit refuses those (_valid, _sane) and falls back to the moments, without numpy's warnings
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _fit_one_batch(pixels, cut_ratio, beam_cov, force_beam)
+
+
+def _fit_one_batch(pixels: PixelSet, cut_ratio: np.ndarray, beam_cov: np.ndarray,
+                   force_beam: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fit_islands` of islands measured together."""
     peak, centre, cov = moments(pixels, cut_ratio)
     # Degenerate moments (one-pixel-wide islands) take the beam's shape.
     degenerate = ~(np.linalg.det(cov) > 1e-3 * np.linalg.det(beam_cov)) | ~np.isfinite(cov).all((1, 2))
