@@ -266,6 +266,8 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     ({"EXPTIME": "long"}, "unreadable EXPTIME='long': not a number"),
     ({"BMAJ": "wide"}, "unreadable BMAJ='wide': not a number"),
     ({"RESTFRQ": "low"}, "unreadable RESTFRQ='low': not a number"),
+    ({"RESTBW": -1.0}, "no bandwidth: RESTBW=-1.0 is not positive and the header has no spectral (FREQ) axis; "
+                       "give the frequency and bandwidth explicitly"),
     ({"CRVAL1": "east"}, "invalid world coordinate system: CRVAL1 = 'east' is not a number"),
     ({"CDELT2": "small"}, "invalid world coordinate system: CDELT2 = 'small' is not a number"),
 ])
@@ -273,6 +275,15 @@ def test_rejection_reasons_are_one_line_without_class_names(tmp_path: Path, card
     with pytest.raises(ImageError) as caught:
         read_meta(write_image(tmp_path / "bad.fits", cards))
     assert str(caught.value) == reason
+
+
+def test_a_blank_zero_or_negative_restfrq_leaves_the_spectral_axis_to_say() -> None:
+    """RESTFRQ/RESTBW blank, 0 or negative: the frequency axis's values, as when they are absent."""
+    from trap_dask.image import _frequency
+
+    for card in ("RESTFRQ =", "RESTFRQ =                  0.0", "RESTFRQ =              -1.0E8"):
+        header = fits.Header.fromstring(card.ljust(80) + "RESTBW  =                 -1.0".ljust(80) + "END".ljust(80))
+        assert _frequency(header, (1.4e9, 1e6)) == (1.4e9, 1e6), card
 
 
 def test_a_wcs_note_about_other_keywords_does_not_reject() -> None:

@@ -19,6 +19,7 @@ import re
 import threading
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -473,19 +474,27 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
     """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the WCS's spectral ``axis``
     (frequency and channel width, Hz; see :func:`_spectral_axis_frequency`)."""
     axis_freq, axis_bw = axis
-    freq_eff = next((_number(header, k) for k in ("RESTFRQ", "RESTFREQ") if header.get(k)), axis_freq)
-    freq_bw = _number(header, "RESTBW") if header.get("RESTBW") else axis_bw
+    freq_eff = next((v for v in _positive(header, ("RESTFRQ", "RESTFREQ"))), axis_freq)
+    freq_bw = next((v for v in _positive(header, ("RESTBW",))), axis_bw)
     if freq_eff is None or not (freq_eff > 0):
-        raise ImageError(
-            "no frequency: the header has no RESTFRQ/RESTFREQ and no spectral (FREQ) axis; "
-            "give the frequency explicitly"
-        )
+        raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; give the frequency explicitly")
     if freq_bw is None or not (freq_bw > 0):
-        raise ImageError(
-            "no bandwidth: the header has no RESTBW and no spectral (FREQ) axis; "
-            "give the frequency and bandwidth explicitly"
-        )
+        raise ImageError(f"no bandwidth: {_lacks(header, ('RESTBW',))}; give the frequency and bandwidth explicitly")
     return freq_eff, freq_bw
+
+
+def _positive(header: fits.Header, keys: tuple[str, ...]) -> Iterator[float]:
+    """The values > 0 of those of ``keys`` the header gives a value (not blank, not 0), in order;
+    ImageError for one that is not a number."""
+    return (value for value in (_number(header, k) for k in keys if header.get(k)) if value > 0)
+
+
+def _lacks(header: fits.Header, keys: tuple[str, ...]) -> str:
+    """Why neither ``keys`` nor a spectral axis give a value (for :func:`_frequency`'s errors)."""
+    key = next((k for k in keys if header.get(k)), None)
+    if key is None:
+        return f"the header has no {'/'.join(keys)} and no spectral (FREQ) axis"
+    return f"{key}={header[key]!r} is not positive and the header has no spectral (FREQ) axis"
 
 
 def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:
