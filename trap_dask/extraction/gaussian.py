@@ -241,9 +241,8 @@ def _linearise(
 
 
 def _chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None) -> np.ndarray:
-    with np.errstate(over="ignore", invalid="ignore"):  # as in _linearise: corrupt pixels may overflow
-        m = _model(p, pixels, shape)[0]
-        return segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
+    m = _model(p, pixels, shape)[0]
+    return segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
 
 
 def _valid(p: np.ndarray, shape: np.ndarray | None) -> np.ndarray:
