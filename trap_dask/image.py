@@ -142,6 +142,8 @@ _TIME_KEYS = frozenset({"DATE-OBS", "MJD-OBS", "DATE-END", "MJD-END", "DATE-AVG"
                         "TSTOP"})
 #: Commentary keywords, left out of ``ImageMeta.header``.
 _NOTES = frozenset({"HISTORY", "COMMENT"})
+#: The keywords left out of a field's header text (:func:`_without_times`).
+_NOT_FIELD = _TIME_KEYS | _NOTES
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def _cards_without(text: str, keywords: frozenset[str]) -> str:
 def _without_times(text: str) -> str:
     """A header's text without its time keywords (HISTORY and COMMENT neither): the same for the
     images of a survey of one field, so that :func:`_sky_frame` works out their WCS once."""
-    return _cards_without(text, _TIME_KEYS | _NOTES)
+    return _cards_without(text, _NOT_FIELD)
 
 
 @functools.lru_cache(maxsize=64)
@@ -474,8 +476,8 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
     """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the WCS's spectral ``axis``
     (frequency and channel width, Hz; see :func:`_spectral_axis_frequency`)."""
     axis_freq, axis_bw = axis
-    freq_eff = next((v for v in _positive(header, ("RESTFRQ", "RESTFREQ"))), axis_freq)
-    freq_bw = next((v for v in _positive(header, ("RESTBW",))), axis_bw)
+    freq_eff = next(_positive(header, ("RESTFRQ", "RESTFREQ")), axis_freq)
+    freq_bw = next(_positive(header, ("RESTBW",)), axis_bw)
     if freq_eff is None or not (freq_eff > 0):
         raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; give the frequency explicitly")
     if freq_bw is None or not (freq_bw > 0):
