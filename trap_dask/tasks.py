@@ -98,6 +98,11 @@ def file_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
+def bytes_checksum(raw: np.ndarray) -> str:
+    """:func:`file_checksum` of a file already read (its bytes, uint8)."""
+    return hashlib.sha256(raw).hexdigest()
+
+
 def read_file(path: str) -> np.ndarray:
     """A file's bytes (uint8), in a buffer that :func:`read_image` may turn into the pixels in place."""
     with open(path, "rb") as fh:
@@ -113,7 +118,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
         raw = read_file(meta.url)
     except OSError as exc:  # no checksum: a later --db_append retries the file once it can be read
         return _rejected(meta, None, None, f"cannot read the file: {exc.strerror or exc}", clock)
-    checksum = image.checksum or hashlib.sha256(raw).hexdigest()
+    checksum = image.checksum or bytes_checksum(raw)
     try:
         data, wcs = read_image(meta, raw)  # the pixels of ``raw`` become ``data``
     except ImageError as exc:
