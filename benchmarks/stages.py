@@ -34,6 +34,7 @@ CLOCK = time.process_time
 #: (stage, module, attribute): the functions timed (none of them calls another).
 STAGES = (
     ("checksum (scan)", "trap_dask.tasks", "file_checksum"),
+    ("checksum (load)", "trap_dask.tasks", "bytes_checksum"),
     ("read header (scan)", "trap_dask.tasks", "read_meta"),
     ("read pixels", "trap_dask.tasks", "read_image"),
     ("quality control", "trap_dask.tasks", "check_quality"),
@@ -95,6 +96,49 @@ def process_images(paths: list[str], db_path: Path) -> None:
         if not isinstance(outcome, CommitSummary):
             writer.commit(tasks.force(loaded, outcome, params) if len(outcome) else None)
     writer.finish("completed")
+
+
+def plain_threads(paths: list[str], db_path: Path, n_threads: int) -> dict[str, float]:
+    """What :func:`process_images` does with the worker stages (read, checksum, quality, background,
+    extraction) in ``n_threads`` plain threads and the writer's in this one, in time order, no Dask:
+    the images/s and CPU an image that any scheduler could reach on this machine, against which a
+    run's distribution overhead is measured. The first image warms up, untimed; at most
+    ``2 * n_threads`` images are held at once."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trap_dask import tasks
+    from trap_dask.config import Config
+    from trap_dask.db.store import ExportStore
+    from trap_dask.pipeline import database_settings, extraction_params, quality_params
+    from trap_dask.writer import CommitSummary, Writer
+
+    config = Config(input_images=tuple(paths), db_name=str(db_path), db_overwrite=True)
+    settings = database_settings(config)
+    ExportStore.create(settings, overwrite=True).close()
+    writer = Writer(settings, config, None)
+    params, quality = extraction_params(config), quality_params(config)
+    scans = sorted((tasks.scan(p) for p in paths), key=lambda s: s.meta.taustart_ts)
+
+    def write(loaded: tasks.LoadedImage) -> None:
+        outcome = writer.associate(loaded.result)
+        if not isinstance(outcome, CommitSummary):
+            writer.commit(tasks.force(loaded, outcome, params) if len(outcome) else None)
+
+    write(tasks.process(scans[0], quality, params))
+    wall, cpu = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(n_threads) as pool:
+        pending: deque = deque()
+        for scanned in scans[1:]:
+            pending.append(pool.submit(tasks.process, scanned, quality, params))
+            if len(pending) >= 2 * n_threads:
+                write(pending.popleft().result())
+        while pending:
+            write(pending.popleft().result())
+        writer.finish("completed")
+    n = len(scans) - 1
+    return {"images": n, "images_per_s": n / (time.perf_counter() - wall),
+            "cpu_ms_per_image": 1e3 * (time.process_time() - cpu) / n}
 
 
 def stage_table(survey_dir: Path, n_images: int, workdir: Path, top: int = 12) -> str:
@@ -197,7 +241,7 @@ def stage_times(survey_dir: Path, n_images: int, workdir: Path) -> dict[str, flo
 
 
 #: The worker stages of one image (the writer's stages and the scan are others' work).
-WORKER_STAGES = ("read pixels", "quality control", "background/prepare", "extract")
+WORKER_STAGES = ("checksum (load)", "read pixels", "quality control", "background/prepare", "extract")
 
 
 def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, workdir: Path,
@@ -217,8 +261,9 @@ def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, 
     best = {name: {stage: min(r[stage] for r in rs) for stage in rs[0]} for name, rs in runs.items()}
     rows = [[stage, best["before"][stage], best["after"][stage], f"{best['after'][stage] / best['before'][stage]:.2f}"]
             for stage, _, _ in STAGES if stage in best["before"] and stage in best["after"]]
-    for label, keys in (("worker stages (read, QC, background, extract)", WORKER_STAGES),
-                        ("all stages", [r[0] for r in rows])):
+    measured = [r[0] for r in rows]  # the stages both sides time (an older side may time fewer)
+    for label, keys in (("worker stages (checksum, read, QC, background, extract)",
+                         [k for k in WORKER_STAGES if k in measured]), ("all stages", measured)):
         b, a = (sum(best[name][k] for k in keys) for name in ("before", "after"))
         rows.append([f"**{label}**", b, a, f"**{a / b:.2f}**"])
     return markdown_table(["stage", "before, CPU ms / image", "after, CPU ms / image", "after / before"], rows)
@@ -229,7 +274,8 @@ if __name__ == "__main__":
              "       python benchmarks/stages.py compare BEFORE_SRC AFTER_SRC SURVEY_DIR "
              "[N_IMAGES [ROUNDS [WORKDIR]]]\n"
              "       python benchmarks/stages.py times SURVEY_DIR N_IMAGES WORKDIR   (JSON, for compare)\n"
-             "       python benchmarks/stages.py table SURVEY_DIR N_IMAGES WORKDIR TOP   (Markdown, for throughput.py)")
+             "       python benchmarks/stages.py table SURVEY_DIR N_IMAGES WORKDIR TOP   (Markdown, throughput.py)\n"
+             "       python benchmarks/stages.py plain SURVEY_DIR N_IMAGES WORKDIR THREADS   (JSON: no Dask)")
     if len(sys.argv) == 3 and sys.argv[1] == "startup":
         print(json.dumps(startup_probe(Path(sys.argv[2]))))
     elif len(sys.argv) == 5 and sys.argv[1] == "times":
@@ -238,6 +284,11 @@ if __name__ == "__main__":
     elif len(sys.argv) == 6 and sys.argv[1] == "table":
         _as_a_run()
         print(stage_table(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), top=int(sys.argv[5])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "plain":
+        _as_a_run()
+        paths = sorted(str(p) for p in Path(sys.argv[2]).glob("*.fits"))[: int(sys.argv[3])]
+        Path(sys.argv[4]).mkdir(parents=True, exist_ok=True)
+        print(json.dumps(plain_threads(paths, Path(sys.argv[4]) / "plain.db", int(sys.argv[5]))))
     elif 5 <= len(sys.argv) <= 8 and sys.argv[1] == "compare":
         n, rounds = (int(sys.argv[5]) if len(sys.argv) > 5 else 6), (int(sys.argv[6]) if len(sys.argv) > 6 else 1)
         work = Path(sys.argv[7]) if len(sys.argv) > 7 else Path("/tmp/trapdask-bench/runs/compare")
