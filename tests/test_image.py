@@ -286,6 +286,18 @@ def test_a_blank_zero_or_negative_restfrq_leaves_the_spectral_axis_to_say() -> N
         assert _frequency(header, (1.4e9, 1e6)) == (1.4e9, 1e6), card
 
 
+def test_a_blank_exposure_time_is_as_if_absent(tmp_path: Path) -> None:
+    """EXPTIME without a value (or only spaces) says nothing: the next of INTTIME/TAU_TIME that has
+    one, else 0 s, as when the card is absent; a value that is not a number still rejects."""
+    cases = ({"EXPTIME": None}, 0.0), ({"EXPTIME": "   "}, 0.0), ({"EXPTIME": None, "INTTIME": 30.0}, 30.0)
+    for number, (cards, tau) in enumerate(cases):
+        path = write_image(tmp_path / f"blank{number}.fits", {})
+        with fits.open(path, mode="update") as hdul:
+            for key, value in cards.items():
+                hdul[0].header[key] = value
+        assert read_meta(path).tau_time == tau, cards
+
+
 def test_a_wcs_note_about_other_keywords_does_not_reject() -> None:
     """A keyword outside the transformation that is not what wcslib expects (EQUINOX as text, as
     some old headers have it) leaves the image usable; CRVAL1 as text rejects it."""

@@ -123,7 +123,7 @@ def read_meta(
     return ImageMeta(
         url=url,
         taustart_ts=taustart_ts,
-        tau_time=next((_number(header, k) for k in _TAU_KEYS if k in header), 0.0),
+        tau_time=next((_number(header, k) for k in _TAU_KEYS if not _blank(header.get(k))), 0.0),
         freq_eff=float(freq_eff),
         freq_bw=float(freq_bw),
         beam=beam,
@@ -444,6 +444,11 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
     if lng > lat:
         raise ImageError("the latitude axis precedes the longitude axis; transposed images are not supported")
     return lng, lat
+
+
+def _blank(value: object) -> bool:
+    """Whether a card's value says nothing: absent, a card without a value, or a string of spaces."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _number(header: fits.Header, key: str) -> float:
