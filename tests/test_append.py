@@ -415,10 +415,18 @@ def test_append_to_an_empty_database_made_beforehand(db_settings, epochs):
     # a wider band than the stored one: a new band with a fresh id
     ("[[1.45e8, 1.55e8]]", {0: (149e6, 150e6, 151e6), 1: (145e6, 150e6, 155e6)}, 1),
 ], ids=["matching", "new"])
-def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, expected, appended_band):
+def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, expected, appended_band, capsys):
     run(db_settings, epochs[:2])   # automatic band 0: 150 MHz +- 1 MHz
+    capsys.readouterr()
     summary = run(db_settings, epochs[:4], db_append=True, frequency_band=bands, accept_config_change=True)
     assert summary.n_images == 2 and summary.n_rejected == 0
+    # a new band over the stored one's frequencies is said, once (the run's log goes to stderr)
+    said = [line.split(" WARNING ", 1)[1] for line in capsys.readouterr().err.splitlines()
+            if "overlaps band 0 of the database" in line]
+    assert said == ([] if appended_band == 0 else
+                    ["frequency_band [1.45e+08, 1.55e+08] Hz overlaps band 0 of the database [1.49e+08, 1.51e+08] Hz: "
+                     "the images appended there go to the new band, and their light curves' variability is measured "
+                     "apart from the earlier images'"])
     engine = make_engine(db_settings)
     with engine.connect() as conn:
         stored = {row.band_id: (row.freq_low, row.freq_central, row.freq_high)

@@ -22,6 +22,10 @@ class Band:
     def contains(self, freq: float) -> bool:
         return self.freq_low <= freq <= self.freq_high
 
+    def overlaps(self, other: Band) -> bool:
+        """Whether the two bands share frequencies beyond an edge they may have in common."""
+        return self.freq_low < other.freq_high and other.freq_low < self.freq_high
+
     def has_edges(self, low: float, high: float) -> bool:
         """Whether this band spans ``low`` to ``high`` (Hz), so has the same centre and width."""
         return (math.isclose(self.freq_low, low, rel_tol=SAME_EDGES_RTOL)
@@ -61,3 +65,9 @@ def fixed_bands(ranges: list[tuple[float, float]], stored: Sequence[Band] = ()) 
             band, next_id = Band(next_id, lo, 0.5 * (lo + hi), hi), next_id + 1
         bands.append(band)
     return bands
+
+
+def overlapped_stored(bands: Sequence[Band], stored: Sequence[Band]) -> list[tuple[Band, Band]]:
+    """(new band, stored band) for each band of ``bands`` that is not one of ``stored`` (those of the
+    database) yet shares frequencies with one: from the append on, images there go to the new band."""
+    return [(band, old) for band in bands if band not in stored for old in stored if band.overlaps(old)]
