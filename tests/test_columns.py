@@ -1,4 +1,5 @@
-"""The tables in trap_dask/db/schema.py are the one column list: the in-memory tables follow them."""
+"""The in-memory tables hold the columns of the export tables (trap_dask/db/schema.py, whose measured
+extracted_sources columns are trap_dask.sources.MEASURED_COLUMNS), in their order and types."""
 
 from __future__ import annotations
 

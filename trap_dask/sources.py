@@ -29,13 +29,48 @@ x, y                     pixel   0-based position in the image (not exported)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from trap_dask.db.schema import MEASURED_SOURCE_COLUMNS
 
-#: The measured columns of ``extracted_sources`` (trap_dask.db.schema is their one definition)
-#: followed by the pixel position x, y, which is not exported.
-SOURCE_DTYPE = np.dtype([*MEASURED_SOURCE_COLUMNS.items(), ("x", "f8"), ("y", "f8")])
+class MeasuredColumn(NamedTuple):
+    """A measured column of ``extracted_sources``: its numpy dtype (f8: double, ?: boolean) and comment."""
+
+    name: str
+    dtype: str
+    comment: str | None = None
+    nullable: bool = True
+
+
+#: The measured columns of ``extracted_sources`` in table order, their one definition: the
+#: schema (trap_dask.db.schema) makes the table's columns of them, and the workers, which
+#: measure them, need no database library to.
+MEASURED_COLUMNS = (
+    MeasuredColumn("ra", "f8", "deg"),
+    MeasuredColumn("dec", "f8", "deg"),
+    MeasuredColumn("ra_fit_err", "f8", "deg, along the RA coordinate"),
+    MeasuredColumn("dec_fit_err", "f8", "deg"),
+    MeasuredColumn("peak_flux", "f8", "Jy/beam"),
+    MeasuredColumn("peak_flux_err", "f8", "Jy/beam"),
+    MeasuredColumn("int_flux", "f8", "Jy"),
+    MeasuredColumn("int_flux_err", "f8", "Jy"),
+    MeasuredColumn("significance_detection_level", "f8", "peak / local rms"),
+    MeasuredColumn("semimajor_axis", "f8", "arcsec"),
+    MeasuredColumn("semiminor_axis", "f8", "arcsec"),
+    MeasuredColumn("parallactic_angle", "f8", "deg east of north"),
+    MeasuredColumn("ew_sys_err", "f8", "arcsec"),
+    MeasuredColumn("ns_sys_err", "f8", "arcsec"),
+    MeasuredColumn("error_radius", "f8", "arcsec"),
+    MeasuredColumn("gaussian_fit", "?"),
+    MeasuredColumn("chisq", "f8"),
+    MeasuredColumn("reduced_chisq", "f8"),
+    MeasuredColumn("uncertainty_ew", "f8", "deg"),
+    MeasuredColumn("uncertainty_ns", "f8", "deg"),
+    MeasuredColumn("is_force_fit", "?", nullable=False),
+)
+#: The measured columns followed by the pixel position x, y, which is not exported.
+SOURCE_DTYPE = np.dtype([*((c.name, c.dtype) for c in MEASURED_COLUMNS), ("x", "f8"), ("y", "f8")])
 #: Columns of SOURCE_DTYPE that are not written to ``extracted_sources``.
 NOT_EXPORTED: tuple[str, ...] = ("x", "y")
 

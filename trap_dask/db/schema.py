@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from trap_dask.config import PARAMETERS, SECRET_PARAMETERS, parameter_type
+from trap_dask.sources import MEASURED_COLUMNS
 from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
 #: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
@@ -37,6 +38,11 @@ from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 SCHEMA_VERSION = 5
 
 metadata = MetaData()
+
+
+#: The column type of each dtype of trap_dask.sources.MEASURED_COLUMNS (doubles: positions
+#: need 53-bit mantissas on every backend).
+_MEASURED_TYPES = {"f8": Double, "?": Boolean}
 
 
 def _pos(name: str, comment: str) -> Column:
@@ -124,27 +130,7 @@ extracted_sources = Table(
     Column("im_id", Integer, nullable=False),
     Column("src_id", Integer, nullable=False, comment="light curve (running catalogue) id"),
     Column("parent", Integer, nullable=False, comment="previous measurement of src_id, -1 if first"),
-    _pos("ra", "deg"),
-    _pos("dec", "deg"),
-    Column("ra_fit_err", Double, comment="deg, along the RA coordinate"),
-    Column("dec_fit_err", Double, comment="deg"),
-    Column("peak_flux", Double, comment="Jy/beam"),
-    Column("peak_flux_err", Double, comment="Jy/beam"),
-    Column("int_flux", Double, comment="Jy"),
-    Column("int_flux_err", Double, comment="Jy"),
-    Column("significance_detection_level", Double, comment="peak / local rms"),
-    Column("semimajor_axis", Double, comment="arcsec"),
-    Column("semiminor_axis", Double, comment="arcsec"),
-    Column("parallactic_angle", Double, comment="deg east of north"),
-    Column("ew_sys_err", Double, comment="arcsec"),
-    Column("ns_sys_err", Double, comment="arcsec"),
-    Column("error_radius", Double, comment="arcsec"),
-    Column("gaussian_fit", Boolean),
-    Column("chisq", Double),
-    Column("reduced_chisq", Double),
-    Column("uncertainty_ew", Double, comment="deg"),
-    Column("uncertainty_ns", Double, comment="deg"),
-    Column("is_force_fit", Boolean, nullable=False),
+    *(Column(c.name, _MEASURED_TYPES[c.dtype], nullable=c.nullable, comment=c.comment) for c in MEASURED_COLUMNS),
     Column("is_duplicate", Boolean, nullable=False),
     Index("ix_extracted_sources_src_id", "src_id"),
     Index("ix_extracted_sources_im_id", "im_id"),
@@ -303,9 +289,8 @@ def column_dtypes(table: Table, leave_out: tuple[str, ...] = ()) -> dict[str, st
 
 
 #: extracted_sources columns the writer assigns (ids, association); the others are measured
-#: (trap_dask.sources.SOURCE_DTYPE holds them, plus the pixel position, which is not exported)
+#: (trap_dask.sources.MEASURED_COLUMNS)
 ASSIGNED_SOURCE_COLUMNS = ("id", "im_id", "src_id", "parent", "is_duplicate")
-MEASURED_SOURCE_COLUMNS = column_dtypes(extracted_sources, ASSIGNED_SOURCE_COLUMNS)
 #: runningcatalog: one row per source (trap_dask.catalogue.SOURCE_COLUMNS)
 CATALOGUE_COLUMNS = column_dtypes(runningcatalog)
 #: variability with its running sums: one row per (src_id, freq_band) (catalogue.LIGHTCURVE_COLUMNS)
