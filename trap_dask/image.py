@@ -19,7 +19,7 @@ import re
 import threading
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -158,8 +158,9 @@ class SkyFrame:
     axis_freq: tuple[float | None, float | None]
 
 
-def _cards_without(text: str, keywords: frozenset[str]) -> str:
-    """A header's text (80-character cards, up to its END card) without the cards of ``keywords``.
+def _cards(text: str, keep: Callable[[str, str], bool]) -> str:
+    """A header's text (80-character cards) up to its END card, with only the cards for which
+    ``keep(keyword, card)`` (and the END card).
 
     Only the keyword field of each card (columns 1-8) is looked at: no card is parsed (astropy
     parses and verifies a card when it is looked at; for every card of a header, that was a
@@ -169,11 +170,30 @@ def _cards_without(text: str, keywords: frozenset[str]) -> str:
     for start in range(0, len(text), 80):
         card = text[start : start + 80]
         keyword = card[:8].rstrip().upper()
-        if keyword not in keywords:
-            kept.append(card)
         if keyword == "END":
+            kept.append(card)
             break
+        if keep(keyword, card):
+            kept.append(card)
     return "".join(kept)
+
+
+def _cards_without(text: str, keywords: frozenset[str]) -> str:
+    """A header's text without the cards of ``keywords`` (see :func:`_cards`)."""
+    return _cards(text, lambda keyword, _: keyword not in keywords)
+
+
+#: The keywords of a primary header that :func:`read_meta` and :func:`read_image` look up (the
+#: WCS is read from the whole text, once per field), besides NAXISn and the HISTORY cards of an
+#: AIPS beam.
+_LOOKED_UP = frozenset({"SIMPLE", "GROUPS", "BITPIX", "NAXIS", "BSCALE", "BZERO", "TIMESYS", "BMAJ", "BMIN", "BPA",
+                        "RESTFRQ", "RESTFREQ", "RESTBW", *_TIME_KEYS, *_TAU_KEYS})
+_NAXIS_N = re.compile(r"NAXIS\d+")
+
+
+def _looked_up(keyword: str, card: str) -> bool:
+    """Whether :func:`read_meta` or :func:`read_image` may look at this card."""
+    return keyword in _LOOKED_UP or bool(_NAXIS_N.fullmatch(keyword)) or (keyword == "HISTORY" and "BMAJ" in card)
 
 
 def _without_times(text: str) -> str:
@@ -282,14 +302,15 @@ _END_CARD = b"END" + b" " * 77
 
 #: Bytes of a primary header searched for its END card at most (then astropy reads the file).
 _MAX_HEADER_BYTES = 1000 * _FITS_BLOCK
-#: Bytes of a file read for its primary header before astropy's reader is asked, and searched
-#: first for its END card (a header of up to 576 cards; radio images have a few dozen).
+#: Bytes of a file read for its primary header first, and searched first for its END card (a
+#: header of up to 576 cards; a longer one, an AIPS history, is read on to _MAX_HEADER_BYTES).
 _LEADING_BYTES = 16 * _FITS_BLOCK
 
 
 def _primary_header(raw: Raw) -> tuple[fits.Header, int] | None:
-    """The primary header of a FITS file's bytes and the offset of its data, when it is a plain
-    image (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
+    """The primary header of a FITS file's bytes, its cards that :func:`read_meta` and
+    :func:`read_image` look up only (see _LOOKED_UP), and the offset of its data, when it is a
+    plain image (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
     for limit in (_LEADING_BYTES, _MAX_HEADER_BYTES):  # a few blocks are enough but for long headers
         head = bytes(memoryview(raw)[:limit])
         at = head.find(_END_CARD)
@@ -300,8 +321,8 @@ def _primary_header(raw: Raw) -> tuple[fits.Header, int] | None:
     if at < 0 or not head.startswith(b"SIMPLE  ="):
         return None
     offset = -(-(at + 80) // _FITS_BLOCK) * _FITS_BLOCK
-    try:
-        header = fits.Header.fromstring(head[: at + 80])
+    try:  # the cards looked up only: of a radio image's 100-1500 cards, ~15 (astropy's parse is per card)
+        header = fits.Header.fromstring(_cards(head[: at + 80].decode("ascii", "replace"), _looked_up))
     except (ValueError, TypeError):
         return None  # the full reader reports it
     return (header, offset) if header.get("SIMPLE") is True and not header.get("GROUPS") else None
@@ -370,7 +391,8 @@ def _field_wcs(text: str) -> WCS:
 
 
 def _read_header(url: str) -> tuple[int, fits.Header, str]:
-    """Return (HDU index, header, the header's text) of the first HDU with at least two axes."""
+    """Return (HDU index, header, the header's text) of the first HDU with at least two axes; the
+    header holds at least the cards of _LOOKED_UP (only those, on the usual path)."""
     primary = _leading_primary_header(url)
     if primary is not None:
         return 0, *primary
@@ -388,14 +410,17 @@ def _read_header(url: str) -> tuple[int, fits.Header, str]:
 
 def _leading_primary_header(url: str) -> tuple[fits.Header, str] | None:
     """The primary header and its text when it is an uncompressed plain image's of at least two
-    axes, parsed from the file's first _LEADING_BYTES (a third of the time of astropy's reader);
-    else None."""
+    axes, parsed from the file's first _LEADING_BYTES (or more, up to _MAX_HEADER_BYTES, for a
+    long header): a third of the time of astropy's reader, a tenth for a long history; else None."""
     try:
         with open(url, "rb") as fh:
             head = fh.read(_LEADING_BYTES)
+            found = _primary_header(head)
+            if found is None and len(head) == _LEADING_BYTES:  # a long header (an AIPS history)
+                head += fh.read(_MAX_HEADER_BYTES - _LEADING_BYTES)
+                found = _primary_header(head)
     except OSError:
         return None  # astropy's reader says why
-    found = _primary_header(head)
     if found is None or found[0].get("NAXIS", 0) < 2:
         return None
     header, offset = found
