@@ -342,13 +342,20 @@ def test_postgres_writer_goes_anywhere_or_to_the_marked_worker():
 
 
 def test_a_worker_imports_no_database_library_and_no_association():
-    """What a worker process unpickles its tasks with (tasks, route) leaves out the writer's side:
-    SQLAlchemy, the schema and the association's scipy.sparse/spatial, ~0.15 s and ~20 MB a worker."""
-    code = ("import sys, trap_dask.tasks, trap_dask.route; "
+    """What a worker process unpickles its tasks, checks and the writer's answers with (tasks, route,
+    cluster, a CommitSummary with its astrometry) leaves out the writer's side: SQLAlchemy, the
+    schema and the association's scipy.spatial, ~0.15 s and ~20 MB a worker."""
+    import pickle
+
+    from trap_dask.messages import Astrometry, CommitSummary
+
+    answer = pickle.dumps(CommitSummary(0, False, 10, 2, 1, band=0, astrometry=Astrometry(12, 0.1, -0.2, 0.5, 0.4)))
+    code = ("import pickle, sys, trap_dask.tasks, trap_dask.route, trap_dask.cluster; "
+            "assert pickle.loads(sys.stdin.buffer.read()).astrometry.measured; "
             "print(sorted(m for m in ('sqlalchemy', 'trap_dask.db.schema', 'trap_dask.association', "
-            "'trap_dask.writer', 'scipy.spatial') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+            "'trap_dask.astrometry', 'trap_dask.writer', 'scipy.spatial') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], input=answer, capture_output=True, check=True).stdout
+    assert out.decode().strip() == "[]"
 
 
 # -- local cluster shape, addresses, configuration ------------------------------------------------

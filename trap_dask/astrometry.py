@@ -15,6 +15,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from trap_dask.association import chord, sky_tree, unit_vectors, wrap_ra_difference
+from trap_dask.messages import MIN_MATCHES, Astrometry
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -22,34 +23,12 @@ MATCH_RADIUS = 1.0
 ISOLATION_RADIUS = 3.0
 #: ... and a detection at least this significant (peak / local rms).
 MIN_SIGNIFICANCE = 10.0
-#: Fewest confident matches for a measurement (fewer: NaN, the image does not count).
-MIN_MATCHES = 5
 #: Robust standard deviation of a normal distribution per median absolute deviation.
 MAD_TO_SIGMA = 1.482602218505602
 #: Floor of the automatic systematic error (beam FWHM): no image is trusted to better than this.
 AUTO_FLOOR = 0.02
 #: The automatic systematic error (beam FWHM) while nothing has been measured (too few matches).
 AUTO_UNMEASURED = 0.1
-
-
-@dataclass(frozen=True)
-class Astrometry:
-    """One image's positions against the running catalogue (arcsec on the sky; NaN: unmeasured).
-
-    ``offset_*``: median of detection minus catalogue position (RA along the sky, east positive).
-    ``scatter_*``: robust standard deviation of those offsets about the median, with the
-    detections' own fit errors taken out in quadrature.
-    """
-
-    n: int = 0
-    offset_ra: float = np.nan
-    offset_dec: float = np.nan
-    scatter_ra: float = np.nan
-    scatter_dec: float = np.nan
-
-    @property
-    def measured(self) -> bool:
-        return self.n >= MIN_MATCHES
 
 
 def _isolated(tree: cKDTree, points: np.ndarray, radius: float) -> np.ndarray:

@@ -35,7 +35,6 @@ from typing import Any
 
 from trap_dask.config import Config
 from trap_dask.cpu import numpy_environ
-from trap_dask.db.backends import backend_class
 
 log = logging.getLogger("trap_dask")
 
@@ -163,7 +162,7 @@ class LocalShape:
 #: Extraction threads a local cluster runs in this one process (with the writer) before it starts
 #: worker processes of this many threads each. On 2 cores (benchmarks/RESULTS.md, issue 15) one
 #: process of 2 threads took 0.89 CPU-s per 2048^2 image and 637 MB at its peak, against 1.08 CPU-s
-#: and 1170 MB for two single-threaded worker processes (every process holds ~150 MB of imports,
+#: and 1170 MB for two single-threaded worker processes (every process held ~150 MB of imports,
 #: and each image crossed processes twice); the extraction releases the GIL in numpy and scipy for
 #: most of its time, so a few threads share one process well.
 THREADS_PER_PROCESS = 4
@@ -433,6 +432,8 @@ def writer_placement(
     addresses. SQLite: a worker on this host (one with the ``trap_writer`` resource first), or
     ClusterError. PostgreSQL: a worker with the resource if any, else wherever the scheduler likes.
     """
+    from trap_dask.db.backends import backend_class  # here: workers run this module's checks without a database
+
     marked = sorted(a for a, resources in workers.items() if resources.get(WRITER_RESOURCE, 0) > 0)
     if not backend_class(backend).writer_on_this_host:
         return {"resources": {WRITER_RESOURCE: 1}} if marked else {}

@@ -23,12 +23,37 @@ import numpy as np
 from trap_dask.sources import SOURCE_DTYPE
 
 if TYPE_CHECKING:  # annotations only: this module stays free of astropy and the extractor
-    from trap_dask.astrometry import Astrometry
     from trap_dask.image import ImageMeta
     from trap_dask.quality import ImageStats
 
 #: Worker stages timed in ImageResult.seconds and ForcedMeasurements.seconds (perf_counter, s).
 WORKER_STAGES = ("read", "quality", "background", "extract", "forced fits", "backfill")
+
+
+#: Fewest confident matches for an image's astrometry to be measured (trap_dask.astrometry).
+MIN_MATCHES = 5
+
+
+@dataclass(frozen=True)
+class Astrometry:
+    """One image's positions against the running catalogue (arcsec on the sky; NaN: unmeasured),
+    as trap_dask.astrometry measures them: here, since a CommitSummary carries it to workers that
+    need not import the association.
+
+    ``offset_*``: median of detection minus catalogue position (RA along the sky, east positive).
+    ``scatter_*``: robust standard deviation of those offsets about the median, with the
+    detections' own fit errors taken out in quadrature.
+    """
+
+    n: int = 0
+    offset_ra: float = np.nan
+    offset_dec: float = np.nan
+    scatter_ra: float = np.nan
+    scatter_dec: float = np.nan
+
+    @property
+    def measured(self) -> bool:
+        return self.n >= MIN_MATCHES
 
 
 @dataclass(frozen=True)
