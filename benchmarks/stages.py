@@ -58,6 +58,8 @@ def timed_stages(totals: dict[str, list[float]]):
         *path, name = attr.split(".")
         for part in path:
             owner = getattr(owner, part)
+        if name not in owner.__dict__:
+            continue  # an older trap_dask (stages.py compare) without this stage's function
         original = owner.__dict__[name]
 
         def timer(*args, _f=original, _stage=stage, **kwargs):
@@ -76,65 +78,75 @@ def timed_stages(totals: dict[str, list[float]]):
             setattr(owner, name, original)
 
 
-def process_images(paths: list[str], db_path: Path) -> None:
-    """Scan, load, extract, associate, force-fit and commit ``paths`` in order, in this process."""
+def _as_a_run_makes_them(paths: list[str], db_path: Path, **writer_options):
+    """(writer, extraction parameters, quality parameters, the scanned ``paths`` in time order) on a
+    fresh database at ``db_path``, with the defaults of a run."""
     from trap_dask import tasks
     from trap_dask.config import Config
     from trap_dask.db.store import ExportStore
     from trap_dask.pipeline import database_settings, extraction_params, quality_params
-    from trap_dask.writer import CommitSummary, Writer
+    from trap_dask.writer import Writer
 
     config = Config(input_images=tuple(paths), db_name=str(db_path), db_overwrite=True)
     settings = database_settings(config)
     ExportStore.create(settings, overwrite=True).close()
-    writer = Writer(settings, config, None)
-    params, quality = extraction_params(config), quality_params(config)
+    writer = Writer(settings, config, None, **writer_options)
     scans = sorted((tasks.scan(p) for p in paths), key=lambda s: s.meta.taustart_ts)
+    return writer, extraction_params(config), quality_params(config), scans
+
+
+def _write(writer, result, loaded, params) -> None:
+    """The writer's part of one image (its extraction ``result``; ``loaded`` for the forced fits)."""
+    from trap_dask import tasks
+    from trap_dask.messages import CommitSummary
+
+    outcome = writer.associate(result)
+    if not isinstance(outcome, CommitSummary):
+        writer.commit(tasks.force(loaded, outcome, params) if len(outcome) else None)
+
+
+def process_images(paths: list[str], db_path: Path) -> None:
+    """Scan, load, extract, associate, force-fit and commit ``paths`` in order, in this process,
+    one image a transaction."""
+    from trap_dask import tasks
+
+    writer, params, quality, scans = _as_a_run_makes_them(paths, db_path)
     for scanned in scans:
         loaded = tasks.load(scanned, quality, params)
-        outcome = writer.associate(tasks.extract(loaded, params))
-        if not isinstance(outcome, CommitSummary):
-            writer.commit(tasks.force(loaded, outcome, params) if len(outcome) else None)
+        _write(writer, tasks.extract(loaded, params), loaded, params)
     writer.finish("completed")
 
 
 def plain_threads(paths: list[str], db_path: Path, n_threads: int) -> dict[str, float]:
     """What :func:`process_images` does with the worker stages (read, checksum, quality, background,
-    extraction) in ``n_threads`` plain threads and the writer's in this one, in time order, no Dask:
-    the images/s and CPU an image that any scheduler could reach on this machine, against which a
-    run's distribution overhead is measured. The first image warms up, untimed; at most
-    ``2 * n_threads`` images are held at once."""
+    extraction) in ``n_threads`` plain threads and the writer's in this one, in time order, its
+    commits staged as in a run, no Dask: the images/s and CPU an image that any scheduler could
+    reach on this machine, against which a run's distribution overhead is measured. The first
+    image warms up, untimed; at most ``2 * n_threads`` images are held at once."""
     from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from trap_dask import tasks
-    from trap_dask.config import Config
-    from trap_dask.db.store import ExportStore
-    from trap_dask.pipeline import database_settings, extraction_params, quality_params
-    from trap_dask.writer import CommitSummary, Writer
 
-    config = Config(input_images=tuple(paths), db_name=str(db_path), db_overwrite=True)
-    settings = database_settings(config)
-    ExportStore.create(settings, overwrite=True).close()
-    writer = Writer(settings, config, None)
-    params, quality = extraction_params(config), quality_params(config)
-    scans = sorted((tasks.scan(p) for p in paths), key=lambda s: s.meta.taustart_ts)
+    if len(paths) < 2:
+        raise ValueError("plain needs two images at least (the first warms up)")
+    writer, params, quality, scans = _as_a_run_makes_them(paths, db_path, stage_every_image=True)
 
     def write(loaded: tasks.LoadedImage) -> None:
-        outcome = writer.associate(loaded.result)
-        if not isinstance(outcome, CommitSummary):
-            writer.commit(tasks.force(loaded, outcome, params) if len(outcome) else None)
+        _write(writer, loaded.result, loaded, params)
 
     write(tasks.process(scans[0], quality, params))
     wall, cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(n_threads) as pool:
-        pending: deque = deque()
-        for scanned in scans[1:]:
-            pending.append(pool.submit(tasks.process, scanned, quality, params))
-            if len(pending) >= 2 * n_threads:
+    try:
+        with ThreadPoolExecutor(n_threads) as pool:
+            pending: deque[Future[tasks.LoadedImage]] = deque()
+            for scanned in scans[1:]:
+                pending.append(pool.submit(tasks.process, scanned, quality, params))
+                if len(pending) >= 2 * n_threads:
+                    write(pending.popleft().result())
+            while pending:
                 write(pending.popleft().result())
-        while pending:
-            write(pending.popleft().result())
+    finally:
         writer.finish("completed")
     n = len(scans) - 1
     return {"images": n, "images_per_s": n / (time.perf_counter() - wall),
@@ -262,8 +274,8 @@ def compare_sources(before: Path, after: Path, survey_dir: Path, n_images: int, 
     rows = [[stage, best["before"][stage], best["after"][stage], f"{best['after'][stage] / best['before'][stage]:.2f}"]
             for stage, _, _ in STAGES if stage in best["before"] and stage in best["after"]]
     measured = [r[0] for r in rows]  # the stages both sides time (an older side may time fewer)
-    for label, keys in (("worker stages (checksum, read, QC, background, extract)",
-                         [k for k in WORKER_STAGES if k in measured]), ("all stages", measured)):
+    worker = [k for k in WORKER_STAGES if k in measured]
+    for label, keys in ((f"worker stages ({', '.join(worker)})", worker), ("all stages", measured)):
         b, a = (sum(best[name][k] for k in keys) for name in ("before", "after"))
         rows.append([f"**{label}**", b, a, f"**{a / b:.2f}**"])
     return markdown_table(["stage", "before, CPU ms / image", "after, CPU ms / image", "after / before"], rows)
