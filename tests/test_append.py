@@ -424,9 +424,9 @@ def test_append_with_fixed_bands_to_automatic_bands(db_settings, epochs, bands, 
     said = [line.split(" WARNING ", 1)[1] for line in capsys.readouterr().err.splitlines()
             if "overlaps band 0 of the database" in line]
     assert said == ([] if appended_band == 0 else
-                    ["frequency_band [1.45e+08, 1.55e+08] Hz overlaps band 0 of the database [1.49e+08, 1.51e+08] Hz: "
-                     "the images appended there go to the new band, and their light curves' variability is measured "
-                     "apart from the earlier images'"])
+                    ["frequency_band [145000000, 155000000] Hz overlaps band 0 of the database [149000000, "
+                     "151000000] Hz: the images appended there go to the new band, and their light curves' "
+                     "variability is measured apart from the earlier images'"])
     engine = make_engine(db_settings)
     with engine.connect() as conn:
         stored = {row.band_id: (row.freq_low, row.freq_central, row.freq_high)

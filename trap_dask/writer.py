@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from trap_dask.astrometry import Astrometry, ScatterHistory, automatic_sys_err, measure
-from trap_dask.bands import Band, assign_band, fixed_bands, overlapped_stored
+from trap_dask.bands import Band, assign_band, fixed_bands
 from trap_dask.catalogue import (
     LIGHTCURVE_COLUMNS,
     SOURCE_COLUMNS,
@@ -138,11 +138,6 @@ class Writer:
         self.fixed = bool(config.frequency_bands())
         self.bands = fixed_bands(config.frequency_bands(), stored_bands) if self.fixed else stored_bands
         self._unsaved_bands = [b for b in self.bands if b not in stored_bands]
-        for new, old in overlapped_stored(self.bands, stored_bands):
-            log.warning("frequency_band [%.6g, %.6g] Hz overlaps band %d of the database [%.6g, %.6g] Hz: the images "
-                        "appended there go to the new band, and their light curves' variability is measured apart "
-                        "from the earlier images'", new.freq_low, new.freq_high, old.band_id, old.freq_low,
-                        old.freq_high)
         self.next_im_id = 0  #: the id of the next image recorded
         if state is not None:
             self.catalogue = replace(

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Compiled
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
+from trap_dask.bands import Band, fixed_bands, overlapped_stored
 from trap_dask.columns import Columns, concat, take
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
@@ -136,6 +137,8 @@ class ExportStore:
                     + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
                     + "--accept_config_change to use the new values from here on"
                 )
+            if config.frequency_bands():
+                _say_overlapped_bands(config.frequency_bands(), store.bands())
             if store.close_stale_runs():
                 log.info("resuming after a run that was killed")
             return True, store.known_images()
@@ -241,6 +244,13 @@ class ExportStore:
             rows = conn.execute(select(config.key, config.value, config.type).where(
                 config.run == select(func.max(config.run)).scalar_subquery())).mappings().all()
         return schema.config_values(rows) if rows else None
+
+    @_database_errors
+    def bands(self) -> list[Band]:
+        """The frequency bands of the database, by id."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(schema.frequencybands).order_by(schema.frequencybands.c.band_id))
+            return [Band(**row._mapping) for row in rows]
 
     @_database_errors
     def known_images(self) -> KnownImages:
@@ -532,6 +542,16 @@ class ImageRows:
                                       (schema.variability_running_averages, self.lightcurves, False)):
             if columns is not None:
                 _check_columns(table, columns, exact)
+
+
+def _say_overlapped_bands(ranges: list[tuple[float, float]], stored: list[Band]) -> None:
+    """Warn of each fixed band (low, high in Hz) of an append that shares frequencies with a band
+    of the database without being it: the images appended there go to the new band."""
+    for new, old in overlapped_stored(fixed_bands(ranges, stored), stored):
+        log.warning("frequency_band [%.10g, %.10g] Hz overlaps band %d of the database [%.10g, %.10g] Hz: the images "
+                    "appended there go to the new band, and their light curves' variability is measured apart "
+                    "from the earlier images'", new.freq_low, new.freq_high, old.band_id, old.freq_low,
+                    old.freq_high)
 
 
 def _rows(columns: Columns | None, rows: np.ndarray | None) -> Columns | None:
