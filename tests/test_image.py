@@ -278,6 +278,8 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     ({"EXPTIME": "long"}, "unreadable EXPTIME='long': not a number"),
     ({"BMAJ": "wide"}, "unreadable BMAJ='wide': not a number"),
     ({"RESTFRQ": "low"}, "unreadable RESTFRQ='low': not a number"),
+    ({"RESTFRQ": 0.0}, "no frequency: RESTFRQ=0.0 is not positive and the header has no spectral (FREQ) axis; "
+                       "give the frequency explicitly"),
     ({"RESTBW": -1.0}, "no bandwidth: RESTBW=-1.0 is not positive and the header has no spectral (FREQ) axis; "
                        "give the frequency and bandwidth explicitly"),
     ({"CRVAL1": "east"}, "invalid world coordinate system: CRVAL1 = 'east' is not a number"),

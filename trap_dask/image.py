@@ -518,12 +518,12 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
 def _positive(header: fits.Header, keys: tuple[str, ...]) -> Iterator[float]:
     """The values > 0 of those of ``keys`` the header gives a value (not blank, not 0), in order;
     ImageError for one that is not a number."""
-    return (value for value in (_number(header, k) for k in keys if header.get(k)) if value > 0)
+    return (value for value in (_number(header, k) for k in keys if not _blank(header.get(k))) if value > 0)
 
 
 def _lacks(header: fits.Header, keys: tuple[str, ...]) -> str:
     """Why neither ``keys`` nor a spectral axis give a value (for :func:`_frequency`'s errors)."""
-    key = next((k for k in keys if header.get(k)), None)
+    key = next((k for k in keys if not _blank(header.get(k))), None)
     if key is None:
         return f"the header has no {'/'.join(keys)} and no spectral (FREQ) axis"
     return f"{key}={header[key]!r} is not positive and the header has no spectral (FREQ) axis"
