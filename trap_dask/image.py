@@ -308,9 +308,9 @@ _LEADING_BYTES = 16 * _FITS_BLOCK
 
 
 def _primary_header(raw: Raw) -> tuple[fits.Header, int] | None:
-    """The primary header of a FITS file's bytes, its cards that :func:`read_meta` and
-    :func:`read_image` look up only (see _LOOKED_UP), and the offset of its data, when it is a
-    plain image (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
+    """The primary header of a FITS file's bytes (only the cards :func:`read_meta` and
+    :func:`read_image` look up: _LOOKED_UP) and the offset of its data, when it is a plain image
+    (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
     for limit in (_LEADING_BYTES, _MAX_HEADER_BYTES):  # a few blocks are enough but for long headers
         head = bytes(memoryview(raw)[:limit])
         at = head.find(_END_CARD)
