@@ -300,6 +300,18 @@ def test_a_blank_zero_or_negative_restfrq_leaves_the_spectral_axis_to_say() -> N
         assert _frequency(header, (1.4e9, 1e6)) == (1.4e9, 1e6), card
 
 
+def test_a_dimension_that_is_not_a_whole_number_rejects_the_image(tmp_path: Path) -> None:
+    """NAXIS1 = 20.0 is not FITS (astropy's reader fails on it too, with a TypeError): the image is
+    rejected when its header is read, saying why, not when its pixels are."""
+    path = write_image(tmp_path / "a.fits")
+    raw = path.read_bytes()
+    card = b"NAXIS1  =                   20"
+    assert card in raw
+    path.write_bytes(raw.replace(card, b"NAXIS1  =                 20.0"))
+    with pytest.raises(ImageError, match=r"^invalid NAXIS1 = 20\.0: not a whole number of pixels$"):
+        read_meta(path)
+
+
 def test_a_blank_exposure_time_is_as_if_absent(tmp_path: Path) -> None:
     """EXPTIME without a value (or only spaces) says nothing: the next of INTTIME/TAU_TIME that has
     one, else 0 s, as when the card is absent; a value that is not a number still rejects."""

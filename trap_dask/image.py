@@ -207,6 +207,8 @@ def _sky_frame(text: str) -> SkyFrame:
     """The SkyFrame of a header's text (ImageError if its WCS is not that of a 2-D celestial
     image). Cached: parsing a WCS was half the time of reading an image's metadata."""
     header = fits.Header.fromstring(text)
+    for key in ("NAXIS", *(f"NAXIS{i + 1}" for i in range(_whole(header, "NAXIS")))):
+        _whole(header, key)
     wcs = _header_wcs(header)
     cel_axes = _celestial_axes(wcs, header)
     shape = (int(header[f"NAXIS{cel_axes[1] + 1}"]), int(header[f"NAXIS{cel_axes[0] + 1}"]))
@@ -474,6 +476,15 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
 def _blank(value: object) -> bool:
     """Whether a card's value says nothing: absent, a card without a value, or a string of spaces."""
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _whole(header: fits.Header, key: str) -> int:
+    """The value of a dimension keyword (NAXIS, NAXISn), 0 if absent; ImageError if it is not a
+    whole number (astropy's reader fails on such a file too)."""
+    value = header.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImageError(f"invalid {key} = {value!r}: not a whole number of pixels")
+    return value
 
 
 def _number(header: fits.Header, key: str) -> float:
