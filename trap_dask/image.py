@@ -418,7 +418,7 @@ def _leading_primary_header(url: str) -> tuple[fits.Header, str] | None:
         with open(url, "rb") as fh:
             head = fh.read(_LEADING_BYTES)
             found = _primary_header(head)
-            if found is None and len(head) == _LEADING_BYTES:  # a long header (an AIPS history)
+            if found is None and len(head) == _LEADING_BYTES and head.startswith(b"SIMPLE  ="):  # a long header
                 head += fh.read(_MAX_HEADER_BYTES - _LEADING_BYTES)
                 found = _primary_header(head)
     except OSError:
