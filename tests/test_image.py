@@ -100,10 +100,11 @@ def test_the_looked_up_cards_give_what_astropys_whole_header_gives(name: str, mo
     AIPS history here, past its first blocks); astropy's reader of the whole file says the same."""
     from trap_dask import image
 
+    freq = (1.4e9, 1e6) if name == "missing_metadata.fits" else None  # a file without a frequency
     assert image._leading_primary_header(str(DATA / name)) is not None  # the usual path took it
-    fast = read_meta(DATA / name, freq=(1.4e9, 1e6))
+    fast = read_meta(DATA / name, freq=freq)
     monkeypatch.setattr(image, "_leading_primary_header", lambda url: None)
-    assert read_meta(DATA / name, freq=(1.4e9, 1e6)) == fast
+    assert read_meta(DATA / name, freq=freq) == fast
 
 
 def test_missing_metadata_with_override_uses_history_beam() -> None:
@@ -312,6 +313,37 @@ def test_a_dimension_that_is_not_a_whole_number_rejects_the_image(tmp_path: Path
         read_meta(path)
 
 
+def _card(key: str, value: str) -> bytes:
+    """An 80-byte header card of a value written as FITS text."""
+    return f"{key:<8}= {value}".ljust(80).encode()
+
+
+def test_a_long_string_of_a_looked_up_card_is_read_with_its_continue_card(tmp_path: Path, monkeypatch) -> None:
+    """TIMESYS = 'TA&' continued by CONTINUE 'I' is TAI on the usual path, as astropy's reader of the
+    whole file says (without its CONTINUE card the time would be read as UTC, 37 s off)."""
+    from trap_dask import image
+
+    path = write_image(tmp_path / "a.fits", {"TIMESYS": "UTC", "OBSERVER": "someone"})
+    raw = path.read_bytes()
+    timesys, observer = raw.index(b"TIMESYS ="), raw.index(b"OBSERVER=")
+    assert observer == timesys + 80
+    raw = raw[:timesys] + _card("TIMESYS", "'TA&'") + b"CONTINUE  'I'".ljust(80) + raw[timesys + 160:]
+    path.write_bytes(raw)
+    fast = read_meta(path)
+    assert fast.taustart_ts == datetime(2021, 3, 4, 5, 5, 30, 500000)  # 05:06:07.5 TAI is 37 s earlier in UTC
+    monkeypatch.setattr(image, "_leading_primary_header", lambda url: None)
+    assert read_meta(path) == fast
+
+
+def test_a_naxis_that_is_text_rejects_the_image(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "a.fits")
+    raw = path.read_bytes()
+    at = raw.index(b"NAXIS   =")
+    path.write_bytes(raw[:at] + _card("NAXIS", "'2'") + raw[at + 80:])
+    with pytest.raises(ImageError, match=r"^invalid NAXIS = '2': not a whole number of pixels$"):
+        read_meta(path)
+
+
 def test_a_blank_exposure_time_is_as_if_absent(tmp_path: Path) -> None:
     """EXPTIME without a value (or only spaces) says nothing: the next of INTTIME/TAU_TIME that has
     one, else 0 s, as when the card is absent; a value that is not a number still rejects."""
@@ -364,12 +396,20 @@ def test_pixels_from_bytes_equal_astropys(tmp_path: Path, cards: dict, dtype: ty
     path = tmp_path / "p.fits"
     if extension:
         fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, fits.Header(list(BASE_CARDS.items())))]).writeto(path)
+    elif "BSCALE" in cards:  # astropy leaves both out of a float image it writes: put them in its bytes
+        write_image(path, {"OBSERVER": "x", "OBJECT": "y"}, data)
+        raw = path.read_bytes()
+        at = raw.index(b"OBSERVER=")
+        assert raw[at + 80 : at + 88] == b"OBJECT  "
+        path.write_bytes(raw[:at] + b"".join(_card(key, str(value)) for key, value in cards.items()) + raw[at + 160:])
+        assert fits.getheader(path)["BSCALE"] == 2.0
     else:
         write_image(path, cards, data)
     meta = read_meta(path)
     from_bytes, from_file = read_image(meta, path.read_bytes())[0], read_image(meta)[0]
     assert from_bytes.dtype == np.float32 and from_bytes.shape == (16, 20)
     np.testing.assert_array_equal(from_bytes, from_file)
+    np.testing.assert_array_equal(from_file, fits.getdata(path).astype(np.float32))  # scaled as astropy scales
     buffer = read_file(str(path))  # what the workers read: its float32 pixels become the plane
     in_place = read_image(meta, buffer)[0]
     np.testing.assert_array_equal(in_place, from_file)

@@ -160,20 +160,22 @@ class SkyFrame:
 
 def _cards(text: str, keep: Callable[[str, str], bool]) -> str:
     """A header's text (80-character cards) up to its END card, with only the cards for which
-    ``keep(keyword, card)`` (and the END card).
+    ``keep(keyword, card)`` (with their CONTINUE cards) and the END card.
 
     Only the keyword field of each card (columns 1-8) is looked at: no card is parsed (astropy
     parses and verifies a card when it is looked at; for every card of a header, that was a
     third of the time :func:`read_meta` took).
     """
-    kept = []
+    kept, last_kept = [], False
     for start in range(0, len(text), 80):
         card = text[start : start + 80]
         keyword = card[:8].rstrip().upper()
         if keyword == "END":
             kept.append(card)
             break
-        if keep(keyword, card):
+        # a CONTINUE card (the rest of a long string) goes with the card it continues
+        last_kept = last_kept if keyword == "CONTINUE" else keep(keyword, card)
+        if last_kept:
             kept.append(card)
     return "".join(kept)
 
@@ -309,15 +311,22 @@ _MAX_HEADER_BYTES = 1000 * _FITS_BLOCK
 _LEADING_BYTES = 16 * _FITS_BLOCK
 
 
+def _end_card(head: bytes, start: int = 0) -> int:
+    """Offset of the END card in a header's bytes (on a card boundary, at or after ``start``), -1
+    if there is none."""
+    at = head.find(_END_CARD, start - start % 80)
+    while at >= 0 and at % 80:  # the END card starts on a card boundary
+        at = head.find(_END_CARD, at + 1)
+    return at
+
+
 def _primary_header(raw: Raw) -> tuple[fits.Header, int] | None:
     """The primary header of a FITS file's bytes (only the cards :func:`read_meta` and
     :func:`read_image` look up: _LOOKED_UP) and the offset of its data, when it is a plain image
     (SIMPLE, no random groups); None otherwise. Parses only the header's bytes."""
     for limit in (_LEADING_BYTES, _MAX_HEADER_BYTES):  # a few blocks are enough but for long headers
         head = bytes(memoryview(raw)[:limit])
-        at = head.find(_END_CARD)
-        while at >= 0 and at % 80:  # the END card starts on a card boundary
-            at = head.find(_END_CARD, at + 1)
+        at = _end_card(head)
         if at >= 0 or len(head) < limit:
             break
     if at < 0 or not head.startswith(b"SIMPLE  ="):
@@ -413,20 +422,24 @@ def _read_header(url: str) -> tuple[int, fits.Header, str]:
 def _leading_primary_header(url: str) -> tuple[fits.Header, str] | None:
     """The primary header and its text when it is an uncompressed plain image's of at least two
     axes, parsed from the file's first _LEADING_BYTES (or more, up to _MAX_HEADER_BYTES, for a
-    long header): a third of the time of astropy's reader, a tenth for a long history; else None."""
+    long header): a third of the time of astropy's reader, a tenth for a long history; else None.
+    ImageError for a NAXIS that is not a whole number."""
     try:
         with open(url, "rb") as fh:
             head = fh.read(_LEADING_BYTES)
-            found = _primary_header(head)
-            if found is None and len(head) == _LEADING_BYTES and head.startswith(b"SIMPLE  ="):  # a long header
-                head += fh.read(_MAX_HEADER_BYTES - _LEADING_BYTES)
-                found = _primary_header(head)
+            searched = 0
+            while head.startswith(b"SIMPLE  =") and _end_card(head, searched) < 0 and len(head) < _MAX_HEADER_BYTES:
+                more = fh.read(_LEADING_BYTES)  # a long header (an AIPS history): read on to its END card
+                if not more:
+                    break
+                searched, head = len(head), head + more
     except OSError:
         return None  # astropy's reader says why
-    if found is None or found[0].get("NAXIS", 0) < 2:
+    found = _primary_header(head)
+    if found is None or _whole(found[0], "NAXIS") < 2:
         return None
     header, offset = found
-    return header, head[:offset].decode("ascii", "replace")  # astropy parsed it: ASCII
+    return header, head[:offset].decode("ascii", "replace")  # non-ASCII bytes: the WCS's parse rejects them
 
 
 #: The keywords of a WCS's transformation (reference value and pixel, increments, matrix): wcslib
