@@ -123,7 +123,7 @@ def read_meta(
     return ImageMeta(
         url=url,
         taustart_ts=taustart_ts,
-        tau_time=next((_number(header, k) for k in _TAU_KEYS if not _blank(header.get(k))), 0.0),
+        tau_time=next((_number(header, k) for k in _given(header, _TAU_KEYS)), 0.0),
         freq_eff=float(freq_eff),
         freq_bw=float(freq_bw),
         beam=beam,
@@ -209,8 +209,8 @@ def _sky_frame(text: str) -> SkyFrame:
     """The SkyFrame of a header's text (ImageError if its WCS is not that of a 2-D celestial
     image). Cached: parsing a WCS was half the time of reading an image's metadata."""
     header = fits.Header.fromstring(text)
-    for key in ("NAXIS", *(f"NAXIS{i + 1}" for i in range(_whole(header, "NAXIS")))):
-        _whole(header, key)
+    for axis in range(1, _whole(header, "NAXIS") + 1):
+        _whole(header, f"NAXIS{axis}")
     wcs = _header_wcs(header)
     cel_axes = _celestial_axes(wcs, header)
     shape = (int(header[f"NAXIS{cel_axes[1] + 1}"]), int(header[f"NAXIS{cel_axes[0] + 1}"]))
@@ -486,9 +486,13 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
     return lng, lat
 
 
-def _blank(value: object) -> bool:
-    """Whether a card's value says nothing: absent, a card without a value, or a string of spaces."""
-    return value is None or (isinstance(value, str) and not value.strip())
+def _given(header: fits.Header, keys: tuple[str, ...]) -> Iterator[str]:
+    """Those of ``keys`` the header gives a value, in order: not absent, not a card without a value,
+    not a string of spaces."""
+    for key in keys:
+        value = header.get(key)
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            yield key
 
 
 def _whole(header: fits.Header, key: str) -> int:
@@ -542,12 +546,12 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
 def _positive(header: fits.Header, keys: tuple[str, ...]) -> Iterator[float]:
     """The values > 0 of those of ``keys`` the header gives a value (not blank, not 0), in order;
     ImageError for one that is not a number."""
-    return (value for value in (_number(header, k) for k in keys if not _blank(header.get(k))) if value > 0)
+    return (value for value in (_number(header, k) for k in _given(header, keys)) if value > 0)
 
 
 def _lacks(header: fits.Header, keys: tuple[str, ...]) -> str:
     """Why neither ``keys`` nor a spectral axis give a value (for :func:`_frequency`'s errors)."""
-    key = next((k for k in keys if not _blank(header.get(k))), None)
+    key = next(_given(header, keys), None)
     if key is None:
         return f"the header has no {'/'.join(keys)} and no spectral (FREQ) axis"
     return f"{key}={header[key]!r} is not positive and the header has no spectral (FREQ) axis"
