@@ -78,6 +78,12 @@ def timed_stages(totals: dict[str, list[float]]):
             setattr(owner, name, original)
 
 
+def _first_images(survey_dir: Path, n_images: int, workdir: Path) -> list[str]:
+    """The first ``n_images`` FITS files of a survey, by name, with ``workdir`` made for their database."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return sorted(str(p) for p in survey_dir.glob("*.fits"))[:n_images]
+
+
 def _as_a_run_makes_them(paths: list[str], db_path: Path, **writer_options):
     """(writer, extraction parameters, quality parameters, the scanned ``paths`` in time order) on a
     fresh database at ``db_path``, with the defaults of a run."""
@@ -117,7 +123,7 @@ def process_images(paths: list[str], db_path: Path) -> None:
     writer.finish("completed")
 
 
-def plain_threads(paths: list[str], db_path: Path, n_threads: int) -> dict[str, float]:
+def plain_threads(survey_dir: Path, n_images: int, workdir: Path, n_threads: int) -> dict[str, float]:
     """What :func:`process_images` does with the worker stages (read, checksum, quality, background,
     extraction) in ``n_threads`` plain threads and the writer's in this one, in time order, its
     commits staged as in a run, no Dask: the images/s and CPU an image that any scheduler could
@@ -128,9 +134,10 @@ def plain_threads(paths: list[str], db_path: Path, n_threads: int) -> dict[str, 
 
     from trap_dask import tasks
 
+    paths = _first_images(survey_dir, n_images, workdir)
     if len(paths) < 2:
         raise ValueError("plain needs two images at least (the first warms up)")
-    writer, params, quality, scans = _as_a_run_makes_them(paths, db_path, stage_every_image=True)
+    writer, params, quality, scans = _as_a_run_makes_them(paths, workdir / "plain.db", stage_every_image=True)
 
     def write(loaded: tasks.LoadedImage) -> None:
         _write(writer, loaded.result, loaded, params)
@@ -155,8 +162,7 @@ def plain_threads(paths: list[str], db_path: Path, n_threads: int) -> dict[str, 
 
 def stage_table(survey_dir: Path, n_images: int, workdir: Path, top: int = 12) -> str:
     """Markdown: ms per image of each stage (first image excluded as warm-up) and profile hot spots."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths = sorted(str(p) for p in survey_dir.glob("*.fits"))[:n_images]
+    paths = _first_images(survey_dir, n_images, workdir)
     totals: dict[str, list[float]] = defaultdict(list)
     started = time.perf_counter()
     with timed_stages(totals):
@@ -244,8 +250,7 @@ def _as_a_run() -> None:
 
 def stage_times(survey_dir: Path, n_images: int, workdir: Path) -> dict[str, float]:
     """CPU ms per image of each stage (images 2..N), as :func:`stage_table` measures them."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths = sorted(str(p) for p in survey_dir.glob("*.fits"))[:n_images]
+    paths = _first_images(survey_dir, n_images, workdir)
     totals: dict[str, list[float]] = defaultdict(list)
     with timed_stages(totals):
         process_images(paths, workdir / "stages.db")
@@ -298,9 +303,7 @@ if __name__ == "__main__":
         print(stage_table(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), top=int(sys.argv[5])))
     elif len(sys.argv) == 6 and sys.argv[1] == "plain":
         _as_a_run()
-        paths = sorted(str(p) for p in Path(sys.argv[2]).glob("*.fits"))[: int(sys.argv[3])]
-        Path(sys.argv[4]).mkdir(parents=True, exist_ok=True)
-        print(json.dumps(plain_threads(paths, Path(sys.argv[4]) / "plain.db", int(sys.argv[5]))))
+        print(json.dumps(plain_threads(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))))
     elif 5 <= len(sys.argv) <= 8 and sys.argv[1] == "compare":
         n, rounds = (int(sys.argv[5]) if len(sys.argv) > 5 else 6), (int(sys.argv[6]) if len(sys.argv) > 6 else 1)
         work = Path(sys.argv[7]) if len(sys.argv) > 7 else Path("/tmp/trapdask-bench/runs/compare")
