@@ -110,12 +110,10 @@ def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | N
     model, jac = _model_and_jacobian(fit, pixels, beam)
     chisq = segment_sum(pixels.weight * np.square(pixels.value - model), pixels.starts)
     precision = prior[:, :, None] * np.eye(6)
-    centre = 0.5 * (fit[:, [1, 2]] + fit[:, [4, 5]])
     good = converged & np.isfinite(fit).all(-1) & _well_conditioned(jac, pixels, precision)
     cov = np.full((len(fit), 6, 6), np.nan)
     if good.any():
-        cov[good] = correlated_covariance(jac[good[pixels.island]], centre[good], pixels.select(good),
-                                          beam_cov, precision[good])
+        cov[good] = correlated_covariance(jac[good[pixels.island]], pixels.select(good), beam_cov, precision[good])
     shift = np.hypot(fit[:, [1, 4]] - p0[:, [1, 4]], fit[:, [2, 5]] - p0[:, [2, 5]]).max(-1)
     good &= np.isfinite(cov).all((1, 2)) & (np.einsum("nii->ni", cov) > 0).all(-1) & (shift <= MAX_SHIFT * fwhm)
     fits.params[usable], fits.cov[usable], fits.chisq[usable] = fit, cov, chisq

@@ -464,7 +464,7 @@ def _parseval_weights(beam_inv: tuple[float, float, float], ny: int, nx: int, dt
 
 
 def _fft_gram(
-    rows: np.ndarray, offsets: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, precise: np.ndarray
+    rows: np.ndarray, positions: np.ndarray, beam_inv: np.ndarray, starts: np.ndarray, precise: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_gram_matrices` through the Fourier transforms of each island's vectors.
 
@@ -473,15 +473,15 @@ def _fft_gram(
     divided by the number of cells (Parseval): one real matrix product of each island's
     transformed vectors, weighted. The pixels lie on the integer grid (their offsets differ by
     whole pixels). Islands of the same padded size share one batched FFT, in float64 where
-    ``precise`` (per island), else in float32. ``rows`` (k, npix): the vectors; ``offsets``
-    (2, npix): the pixels' (x, y) offsets from any point of their island.
+    ``precise`` (per island), else in float32. ``rows`` (k, npix): the vectors; ``positions``
+    (2, npix): the pixels' (x, y), whole numbers.
     """
     (k, npix), n = rows.shape, len(starts)
     if n == 0:
         return np.zeros((0, k, k)), np.zeros((0, k, k))
     counts = np.diff(np.append(starts, npix))
     island = np.repeat(np.arange(n), counts)
-    grid = np.rint(offsets - segment_reduce(np.minimum, offsets, starts)[:, island]).astype(np.intp)  # x, y
+    grid = (positions - segment_reduce(np.minimum, positions, starts)[:, island]).astype(np.intp)  # x, y
     extent = segment_reduce(np.maximum, grid, starts) + 1
     padded = _grid_size(2 * extent - 1)  # (2, n): nx, ny of each island's grid
     shape_key = (padded[1] * (padded[0].max() + 1) + padded[0]) * 2 + precise
@@ -520,18 +520,15 @@ def _fft_gram(
     return plain, correlated
 
 
-def _gram_matrices(
-    vectors: np.ndarray, dx: np.ndarray, dy: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _gram_matrices(vectors: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per island ``sum_i v_i v_i^T`` and ``sum_ij v_i rho(r_i - r_j) v_j^T`` (n, k, k each).
 
-    ``vectors`` (npix, k) of the island pixels at offsets (dx, dy) in pixels from any point of
-    their island; ``rho`` is the unit-peak beam. Islands of more than ``_FLOAT64_MIN_PIXELS``
-    pixels are summed in float64, the others in float32 (see :func:`_fft_gram`).
+    ``vectors`` (npix, k) of the island pixels; ``rho`` is the unit-peak beam. Islands of more
+    than ``_FLOAT64_MIN_PIXELS`` pixels are summed in float64, the others in float32 (see
+    :func:`_fft_gram`).
     """
-    rows = np.ascontiguousarray(vectors.T)
-    return _fft_gram(rows, np.stack([dx, dy]), np.linalg.inv(beam_cov), pixels.starts,
-                     pixels.counts > _FLOAT64_MIN_PIXELS)
+    return _fft_gram(np.ascontiguousarray(vectors.T), np.stack([pixels.x, pixels.y]), np.linalg.inv(beam_cov),
+                     pixels.starts, pixels.counts > _FLOAT64_MIN_PIXELS)
 
 
 def fit_covariance(
@@ -550,27 +547,19 @@ def fit_covariance(
     shape = inverse_params(beam_cov[None])[0] if fixed_shape else None
     p = params[:, :3] if fixed_shape else params
     _, jac = model_and_jacobian(p, pixels, shape)
-    return correlated_covariance(jac.T, p[:, 1:3], pixels, beam_cov)
+    return correlated_covariance(jac.T, pixels, beam_cov)
 
 
 def correlated_covariance(
-    jacobian: np.ndarray, centre: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray,
-    prior_precision: np.ndarray | None = None,
+    jacobian: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray, prior_precision: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sandwich covariance (n, k, k) of weighted least-squares fits under beam-correlated noise.
 
-    ``jacobian`` (npix, k): d model / d parameter at every pixel; ``centre`` (n, 2): a point of
-    each island (pixels), to keep the pixel offsets small; ``prior_precision`` (n, k, k): the
-    inverse covariance of Gaussian priors on the parameters, added to ``J^T W J``.
+    ``jacobian`` (npix, k): d model / d parameter at every pixel; ``prior_precision`` (n, k, k):
+    the inverse covariance of Gaussian priors on the parameters, added to ``J^T W J``.
     See :func:`fit_covariance`.
     """
-    hessian, middle = _gram_matrices(
-        jacobian * np.sqrt(pixels.weight)[:, None],
-        pixels.x - centre[pixels.island, 0],
-        pixels.y - centre[pixels.island, 1],
-        pixels,
-        beam_cov,
-    )
+    hessian, middle = _gram_matrices(jacobian * np.sqrt(pixels.weight)[:, None], pixels, beam_cov)
     if prior_precision is not None:
         hessian = hessian + prior_precision
     h_inv = np.linalg.inv(hessian)
