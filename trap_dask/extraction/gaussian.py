@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import fft as sfft
@@ -584,8 +585,7 @@ def integrated_flux(
     return flux, np.sqrt(np.einsum("ni,nij,nj->n", grad, sub, grad))
 
 
-@dataclass
-class SourceErrors:
+class SourceErrors(NamedTuple):
     """1-sigma errors of Gaussian source measurements.
 
     peak_err (Jy/beam), int_flux and int_flux_err (Jy), pos_cov (n, 2, 2) pixel**2.
@@ -658,8 +658,7 @@ def measurement_errors(
 
     ``noise`` is the local rms (Jy/beam) at each source.
     """
-    batched = _batched(pixels, lambda batch, p, f, n: tuple(vars(measurement_errors(p, f, batch, n, beam_cov,
-                                                                                     force_beam)).values()),
+    batched = _batched(pixels, lambda batch, p, f, n: measurement_errors(p, f, batch, n, beam_cov, force_beam),
                        params, fitted, noise)
     if batched is not None:
         return SourceErrors(*batched)
