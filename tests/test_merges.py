@@ -15,9 +15,9 @@ from trap_dask.db import schema
 from trap_dask.db.backends import make_engine
 from trap_dask.db.store import ExportStore
 from trap_dask.image import Beam, ImageMeta
-from trap_dask.merging import HISTORY_DTYPE, converged_pairs, merge_histories
+from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.quality import ImageStats
-from trap_dask.sources import empty_sources
+from trap_dask.sources import HISTORY_DTYPE, empty_sources
 from trap_dask.tasks import ImageResult
 from trap_dask.writer import Writer
 

@@ -18,13 +18,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from trap_dask.sky import wrap_ra_difference
+
 #: TraP's default maximum de Ruiter radius for an association (dimensionless).
 DE_RUITER_R_MAX = 5.68
-
-
-def wrap_ra_difference(dra: ArrayLike) -> np.ndarray:
-    """Wrap RA differences (deg) to [-180, 180)."""
-    return (np.asarray(dra, dtype=float) + 180.0) % 360.0 - 180.0
 
 
 def de_ruiter_radius(

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import chord, sky_tree, unit_vectors, wrap_ra_difference
+from trap_dask.association import chord, sky_tree, unit_vectors
 from trap_dask.messages import MIN_MATCHES, Astrometry
+from trap_dask.sky import wrap_ra_difference
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0

@@ -16,13 +16,14 @@ from functools import cached_property
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import associate, blended_null_detections, sky_tree, wrap_ra_difference
+from trap_dask.association import associate, blended_null_detections, sky_tree
 from trap_dask.columns import Columns, concat, take
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
+from trap_dask.sky import wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,

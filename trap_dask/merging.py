@@ -16,14 +16,6 @@ from scipy.spatial import cKDTree
 
 from trap_dask.association import chord, sky_tree
 
-#: The measurements of a source that a merge reads back (``extracted_sources`` columns, and the
-#: band of each row's image).
-HISTORY_DTYPE = np.dtype([
-    ("id", "i8"), ("im_id", "i8"), ("src_id", "i8"), ("parent", "i8"), ("freq_band", "i8"),
-    ("ra", "f8"), ("dec", "f8"), ("int_flux", "f8"), ("int_flux_err", "f8"),
-    ("uncertainty_ew", "f8"), ("uncertainty_ns", "f8"), ("is_force_fit", "?"),
-])
-
 
 def converged_pairs(ra: np.ndarray, dec: np.ndarray, src_id: np.ndarray, seen: np.ndarray, radius: float,
                     tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

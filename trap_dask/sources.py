@@ -71,6 +71,13 @@ MEASURED_COLUMNS = (
 )
 #: The measured columns followed by the pixel position x, y, which is not exported.
 SOURCE_DTYPE = np.dtype([*((c.name, c.dtype) for c in MEASURED_COLUMNS), ("x", "f8"), ("y", "f8")])
+#: The measurements of a source that a merge of two light curves reads back (``extracted_sources`` columns, and the
+#: band of each row's image).
+HISTORY_DTYPE = np.dtype([
+    ("id", "i8"), ("im_id", "i8"), ("src_id", "i8"), ("parent", "i8"), ("freq_band", "i8"),
+    ("ra", "f8"), ("dec", "f8"), ("int_flux", "f8"), ("int_flux_err", "f8"),
+    ("uncertainty_ew", "f8"), ("uncertainty_ns", "f8"), ("is_force_fit", "?"),
+])
 #: Columns of SOURCE_DTYPE that are not written to ``extracted_sources``.
 NOT_EXPORTED: tuple[str, ...] = ("x", "y")
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from trap_dask.association import wrap_ra_difference
+from trap_dask.sky import wrap_ra_difference
 
 #: Flux sums per (source, band), all taken about the reference flux ``flux_ref``
 #: (d = I - flux_ref, w = 1 / err^2): n, sum d, sum d^2, sum w, sum w d, sum w d^2.

@@ -64,7 +64,6 @@ from trap_dask.committer import CommitterProcess, write_batch
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseSettings
 from trap_dask.db.store import ExportStore
-from trap_dask.merging import HISTORY_DTYPE
 from trap_dask.messages import (
     CommitSummary,
     ForcedMeasurements,
@@ -72,7 +71,7 @@ from trap_dask.messages import (
     ImageResult,
     ScanFailure,
 )
-from trap_dask.sources import add_uncertainties, empty_sources
+from trap_dask.sources import HISTORY_DTYPE, add_uncertainties, empty_sources
 
 log = logging.getLogger(__name__)
 

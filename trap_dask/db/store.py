@@ -27,8 +27,7 @@ from trap_dask.columns import Columns, concat, take
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
 from trap_dask.db.migrations import can_migrate, migrate
-from trap_dask.merging import HISTORY_DTYPE
-from trap_dask.sources import NOT_EXPORTED
+from trap_dask.sources import HISTORY_DTYPE, NOT_EXPORTED
 
 if TYPE_CHECKING:
     from trap_dask.config import Config

@@ -1,0 +1,15 @@
+"""Angles on the sky shared by the association, the astrometry and the light curves.
+
+Kept apart from :mod:`trap_dask.association`, so that what needs only these (the export schema
+through the light-curve sums, in the process that starts a run) imports no KD-tree or sparse graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def wrap_ra_difference(dra: ArrayLike) -> np.ndarray:
+    """Wrap RA differences (deg) to [-180, 180)."""
+    return (np.asarray(dra, dtype=float) + 180.0) % 360.0 - 180.0
