@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trap_dask.extraction import ExtractionParams, forced_fit
+from trap_dask.extraction.forced import forced_fit
 from trap_dask.extraction.geometry import pixel_to_sky
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.scoring import (
     association_figures,
     extract_file,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trap_dask.extraction import ExtractionParams
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import ImageError, read_meta
 from trap_dask.scoring import extract_file, match_mutual, robust_stats
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey

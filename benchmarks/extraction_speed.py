@@ -17,7 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from trap_dask.extraction import ExtractionParams, extract_sources, prepare_image
+from trap_dask.extraction.extract import extract_sources, prepare_image
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import read_image, read_meta
 from trap_dask.simulate import SurveySpec, simulate_survey
 

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trap_dask.extraction.extract as extract  # noqa: E402
 from tests._synth import Shape, correlated_noise, gaussians, make_wcs, match, robust_std  # noqa: E402
-from trap_dask.extraction import ExtractionParams, extract_sources, fit_pairs, forced_fit, prepare_image  # noqa: E402
+from trap_dask.extraction.extract import extract_sources, prepare_image  # noqa: E402
+from trap_dask.extraction.forced import fit_pairs, forced_fit  # noqa: E402
+from trap_dask.extraction.params import ExtractionParams  # noqa: E402
 
 PIX, BEAM, RMS, N = 5.0, Shape(6.0, 4.0, 30.0), 1e-3, 768
 

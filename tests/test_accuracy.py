@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import trap_dask.scoring as tm
-from trap_dask.extraction import ExtractionParams, forced_fit
+from trap_dask.extraction.forced import forced_fit
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 #: Change to check other seeds (the bounds were checked with seeds 0, 1 and 2).

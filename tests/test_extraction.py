@@ -22,14 +22,9 @@ from tests._synth import (
     robust_std,
     scattered_positions,
 )
-from trap_dask.extraction import (
-    ExtractionParams,
-    extract_sources,
-    extraction_radius_deg,
-    fit_pairs,
-    forced_fit,
-    prepare_image,
-)
+from trap_dask.extraction.extract import extract_sources, extraction_radius_deg, prepare_image
+from trap_dask.extraction.forced import fit_pairs, forced_fit
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE
 

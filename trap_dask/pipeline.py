@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from trap_dask.config import Config
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class
 from trap_dask.db.store import KnownImages
-from trap_dask.extraction import ExtractionParams
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import ImageMeta
 from trap_dask.quality import QualityParams
 

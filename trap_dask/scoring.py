@@ -16,7 +16,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from trap_dask.association import unit_vectors
-from trap_dask.extraction import ExtractionParams, PreparedImage, extract_sources, prepare_image
+from trap_dask.extraction.extract import PreparedImage, extract_sources, prepare_image
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import read_image, read_meta
 
 #: Robust standard deviation of a Gaussian from its median absolute deviation.

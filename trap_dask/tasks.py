@@ -17,15 +17,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from trap_dask.extraction import (
-    ExtractionParams,
-    PreparedImage,
-    extract_sources,
-    extraction_radius_deg,
-    fit_pairs,
-    forced_fit,
-    prepare_image,
-)
+from trap_dask.extraction.extract import PreparedImage, extract_sources, extraction_radius_deg, prepare_image
+from trap_dask.extraction.forced import fit_pairs, forced_fit
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam, ImageError, ImageMeta, one_line, read_image, read_meta
 from trap_dask.messages import (
     ForcedMeasurements,

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.wcs import WCS
 
-from trap_dask.config import DEFAULTS
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.background import NoiseMap, residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
@@ -27,6 +26,7 @@ from trap_dask.extraction.islands import (
     label_islands,
     snr_map,
 )
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -39,23 +39,6 @@ FIT_RINGS = 2
 #: apart (further apart, the wings hardly overlap).
 SIBLING_MAX_EXTENT = 1.5
 SIBLING_MAX_SEPARATION = 2.0
-
-
-@dataclass(frozen=True)
-class ExtractionParams:
-    """Source-extraction settings (TraP ``[extraction]`` names)."""
-
-    # defaults: trap_dask.config.Config's (the one source)
-    detection_threshold: float = DEFAULTS.detection_threshold  # x rms
-    analysis_threshold: float = DEFAULTS.analysis_threshold  # x rms
-    deblend_nthresh: int = DEFAULTS.deblend_nthresh  # 0 = no deblending
-    force_beam: bool = DEFAULTS.force_beam  # fix the shape to the restoring beam
-    margin: int = DEFAULTS.im_margin  # pixels from the edge in which sources are ignored
-    radius: float = DEFAULTS.im_radius  # pixels from the centre beyond which sources are ignored (0 = no limit)
-    back_size_x: int = DEFAULTS.im_back_size_x  # background box size, pixels
-    back_size_y: int = DEFAULTS.im_back_size_y
-    ew_sys_err: float = DEFAULTS.ew_sys_err or 0.0  # arcsec ('auto', the default: 0 until measured)
-    ns_sys_err: float = DEFAULTS.ns_sys_err or 0.0  # arcsec
 
 
 @dataclass

@@ -8,8 +8,9 @@ from scipy import fft as sfft
 
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.blends import fit_point_pairs
-from trap_dask.extraction.extract import ExtractionParams, PreparedImage, local_noise, pair_rows
+from trap_dask.extraction.extract import PreparedImage, local_noise, pair_rows
 from trap_dask.extraction.gaussian import beam_on_grid
+from trap_dask.extraction.params import ExtractionParams
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties
 
 #: Half-width of the fitting cutout in beam semi-major axes (half FWHM): 3 -> +-1.5 FWHM.

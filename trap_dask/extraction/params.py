@@ -1,0 +1,25 @@
+"""The settings of a source extraction, apart from the extraction itself: the process that starts a
+run makes them and sends them to the workers without importing the extraction's modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trap_dask.config import DEFAULTS
+
+
+@dataclass(frozen=True)
+class ExtractionParams:
+    """Source-extraction settings (TraP ``[extraction]`` names)."""
+
+    # defaults: trap_dask.config.Config's (the one source)
+    detection_threshold: float = DEFAULTS.detection_threshold  # x rms
+    analysis_threshold: float = DEFAULTS.analysis_threshold  # x rms
+    deblend_nthresh: int = DEFAULTS.deblend_nthresh  # 0 = no deblending
+    force_beam: bool = DEFAULTS.force_beam  # fix the shape to the restoring beam
+    margin: int = DEFAULTS.im_margin  # pixels from the edge in which sources are ignored
+    radius: float = DEFAULTS.im_radius  # pixels from the centre beyond which sources are ignored (0 = no limit)
+    back_size_x: int = DEFAULTS.im_back_size_x  # background box size, pixels
+    back_size_y: int = DEFAULTS.im_back_size_y
+    ew_sys_err: float = DEFAULTS.ew_sys_err or 0.0  # arcsec ('auto', the default: 0 until measured)
+    ns_sys_err: float = DEFAULTS.ns_sys_err or 0.0  # arcsec
