@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trap_dask.config import DEFAULTS
-from trap_dask.extraction.background import clipped_stats
+from trap_dask.extraction.clipping import clipped_stats
 
 #: Clipping threshold (in standard deviations) and iteration cap of the clipped statistics.
 KAPPA = 3.0
@@ -62,7 +62,7 @@ def clipped_rms(values: np.ndarray, kappa: float = KAPPA, max_iterations: int = 
     """Kappa-sigma clipped, truncation-corrected standard deviation of each row of a 2-D array
     (in the units of ``values``, e.g. Jy/beam).
 
-    The statistic of :func:`trap_dask.extraction.background.clipped_stats` (NaN ignored), so the
+    The statistic of :func:`trap_dask.extraction.clipping.clipped_stats` (NaN ignored), so the
     quality control and the noise maps agree. Returns (n_groups,) float64; NaN for a row with
     fewer than two finite values.
     """
