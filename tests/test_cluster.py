@@ -359,10 +359,10 @@ def test_a_worker_imports_no_database_library_and_no_association():
 
 
 
-def test_the_process_that_starts_a_run_imports_no_extraction_and_no_association():
-    """The run's own process (it prepares the database, reads the headers and hands the images to
-    the workers) imports neither what the workers measure with nor what the writer associates
-    with: the scipy modules and the extraction, ~0.2-0.4 s before the cluster could start."""
+def test_the_pipeline_module_imports_no_extraction_and_no_association():
+    """The layering of the modules: the run's settings, the export schema and the store name no
+    extraction, association or merging module (those are imported where they are used: on the
+    workers, by the writer, and by the header scan), so none of their scipy modules comes with them."""
     code = ("import sys, trap_dask.pipeline, trap_dask.cluster; "
             "print(sorted(m for m in ('trap_dask.extraction.extract', 'trap_dask.association', 'trap_dask.writer', "
             "'scipy.spatial', 'scipy.sparse', 'scipy.ndimage', 'scipy.fft') if m in sys.modules))")
