@@ -110,6 +110,29 @@ def test_association_neither_splits_nor_mixes_a_jittered_field_with_close_pairs(
         assert figures["top_eta_variable"] >= 0.8
 
 
+def test_a_close_pair_seen_first_in_a_new_band_keeps_its_light_curves(tmp_path):
+    """Three bands, the first image of the third (1.4 GHz) after the pairs are known from the
+    other two: the pair fit starts each member where its flux puts it (a member of 13 mJy beside
+    one of 60 no longer starts as if they were equal), so no light curve takes the other member's
+    detections and no component of a fit gone wrong is stored as a detection."""
+    import sqlite3
+
+    from trap_dask.catalogue import PAIR_MIN_DETECTED_SNR
+    from trap_dask.config import build_config
+    from trap_dask.pipeline import run_pipeline
+
+    spec = SurveySpec(n_epochs=3, freqs=(150e6, 160e6, 1.4e9), seed=5)
+    truth = load_truth(simulate_survey(tmp_path / "field", spec))
+    db = tmp_path / "field.db"
+    run_pipeline(build_config(dict(input_images=(str(tmp_path / "field"),), db_name=str(db),
+                                   scheduler="threads", nr_threads=2), {}, None))
+    figures = tm.association_figures(tm.read_light_curves(str(db), truth), truth, spec.beam.smaj)
+    assert figures["split"] == 0.0 and figures["mixed"] == 0.0 and figures["extra_ids"] == 0.0
+    with sqlite3.connect(db) as conn:
+        weakest, = conn.execute("SELECT min(significance_detection_level) FROM extracted_sources "
+                                "WHERE is_force_fit = 0").fetchone()
+    assert weakest >= PAIR_MIN_DETECTED_SNR
+
 def test_optimal_association_keeps_a_close_pair_that_moved_together():
     # Two catalogue sources 60" apart east-west; both detections shifted 35" east.
     # Greedy gives the bright detection to the faint source's light curve (it is nearer) and

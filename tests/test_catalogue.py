@@ -161,6 +161,7 @@ def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
     assert (2.0 * request.pair_dec[0, 0] + request.pair_dec[0, 1]) / 3.0 == pytest.approx(blend["dec"][0])
 
     pairs = np.stack([detections(ra, dec, [2.05, 0.95])])
+    pairs["significance_detection_level"] = [20.5, 6.0]  # the neighbour below the detection threshold (8)
     update = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), pairs, np.array([True])))
     assert update.ids["src_id"].tolist() == [1, 2]
     assert update.measurements["int_flux"].tolist() == [2.05, 0.95]  # not 2.9 and 2.5
@@ -168,6 +169,12 @@ def test_a_null_detection_next_to_a_detection_is_fitted_with_it_as_a_pair():
 
     failed = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), pairs, np.array([False])))
     assert failed.measurements["int_flux"].tolist() == [2.9, 2.5]  # the fits of TraP 1.x
+
+    handed = pairs.copy()  # a fit that gave the detection's light to the neighbour: not used either
+    handed["significance_detection_level"] = [1.2, 29.0]
+    handed["int_flux"] = [0.12, 2.9]
+    given = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [2.5]), handed, np.array([True])))
+    assert given.measurements["int_flux"].tolist() == [2.9, 2.5]
 
     pairs["significance_detection_level"] = [205.0, 95.0]  # the neighbour too is above the threshold (8)
     pairs["dec"][0, 1] += 2 * ARCSEC

@@ -79,6 +79,8 @@ class ImageContext:
 BLEND_RADIUS = 2.0
 #: A pair's second component counts as detected only this far (beam FWHM) from the first.
 PROMOTE_MIN_SEPARATION = 0.5
+#: A pair fit replaces its detection only if the detected component keeps this peak S/N at least.
+PAIR_MIN_DETECTED_SNR = 3.0
 #: Detections wider than this (fitted major axis over the beam's) are not refitted as points.
 BLEND_MAX_EXTENT = 2.0
 #: A new detection with two known sources undetected within this distance (beam FWHM) is their
@@ -326,17 +328,20 @@ class RunningCatalogue:
         """Start positions (k, 2) in deg of (detected, null) source in each pair.
 
         Their catalogue positions, moved together so that their centroid weighted by mean
-        flux in this band (equal weights where unknown) falls on the detection: the
-        detection shows where the pair is now, the catalogue how its members are placed.
+        flux falls on the detection: the detection shows where the pair is now, the catalogue
+        how its members are placed. The fluxes are those in this band; for a pair not yet
+        measured here (the first image of a band), each source's mean over the bands it was
+        measured in (a pair of 60 and 13 mJy would otherwise be moved as if equal, its starts
+        a fifth of their separation off); equal weights where neither is known.
         """
-        s, lc = self.sources, self.lightcurves
+        s = self.sources
         rows = np.stack([det_rows, null_rows], 1)
-        keys = _lightcurve_key(s["src_id"][rows.ravel()], image.band)
-        found = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), keys)
-        flux = np.where(found >= 0, lc["lightcurve_avg"][np.maximum(found, 0)], np.nan).reshape(-1, 2)
-        flux = np.clip(flux, 0.0, None)
-        known = np.isfinite(flux).all(1, keepdims=True) & (np.nan_to_num(flux).sum(1, keepdims=True) > 0)
-        weight = np.where(known, np.nan_to_num(flux), 1.0)
+        src_id = s["src_id"][rows.ravel()]
+        weight = np.ones(rows.shape)
+        for flux in (self._mean_flux(src_id, image.band), self._mean_flux(src_id)):
+            flux = np.clip(flux.reshape(-1, 2), 0.0, None)
+            known = np.isfinite(flux).all(1) & (np.nan_to_num(flux).sum(1) > 0) & (weight == 1.0).all(1)
+            weight[known] = flux[known]
         weight = weight / weight.sum(1, keepdims=True)
         cos_dec = np.cos(np.deg2rad(det["dec"]))[:, None]
         x = wrap_ra_difference(s["wm_ra"][rows] - det["ra"][:, None]) * cos_dec
@@ -344,6 +349,19 @@ class RunningCatalogue:
         x -= (weight * x).sum(1, keepdims=True)
         y -= (weight * y).sum(1, keepdims=True)
         return (det["ra"][:, None] + x / cos_dec) % 360.0, det["dec"][:, None] + y
+
+    def _mean_flux(self, src_id: np.ndarray, band: int | None = None) -> np.ndarray:
+        """Mean flux (Jy) of each source's light curve in ``band``, or over all its bands (their
+        light curves' means averaged) when ``band`` is None; NaN where it has none."""
+        lc = self.lightcurves
+        if band is not None:
+            found = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), _lightcurve_key(src_id, band))
+            return np.where(found >= 0, lc["lightcurve_avg"][np.maximum(found, 0)], np.nan)
+        ids, at = np.unique(lc["src_id"], return_inverse=True)
+        total = np.bincount(at, weights=lc["lightcurve_avg"], minlength=len(ids))
+        mean = total / np.maximum(np.bincount(at, minlength=len(ids)), 1)
+        found = _find_rows(ids, np.asarray(src_id, dtype=ids.dtype))
+        return np.where(found >= 0, mean[np.maximum(found, 0)], np.nan)
 
     # -- step 2: the image's measurements and the new state ----------------------------------
     def update(self, plan: AssociationPlan, measured: ForcedMeasurements,
@@ -441,7 +459,9 @@ class RunningCatalogue:
         det, forced = plan.detections, measured.single
         det_source, det_parent_row, is_duplicate = plan.det_source, plan.det_parent_row, plan.is_duplicate
         keep = np.ones(len(forced), bool)
-        paired = measured.pair_ok
+        # a fit that hands the detection's light to the other component (it started in the wrong
+        # place) explains the detection no better than the detection itself: it is not used
+        paired = measured.pair_ok & (measured.pairs[:, 0]["significance_detection_level"] >= PAIR_MIN_DETECTED_SNR)
         if paired.any():
             det, forced = det.copy(), forced.copy()
             det[plan.pair_det[paired]] = measured.pairs[paired, 0]
