@@ -538,3 +538,28 @@ def test_a_new_writer_carries_on_at_the_first_image_not_in_the_database():
         progress.answered(index, answer)
         where.append(progress.image)
     assert where == [0, 0, 0, 2, 2, 6]
+
+
+def test_a_run_whose_last_transaction_fails_fails_and_leaves_a_prefix(survey, tmp_path, monkeypatch):
+    """The last image's transaction (written when the writer finishes) is refused: the run stops
+    with the database's reason and how to resume, is recorded as failed, and the database holds
+    the images before it."""
+    from trap_dask import writer as writer_module
+    from trap_dask.db.backends import DatabaseError
+    from trap_dask.pipeline import PipelineError
+
+    real = writer_module.write_batch
+    last = len(survey["images"]) - 1
+
+    def write_batch(store, images):
+        if any(row["id"] == last for row, _ in images):
+            raise DatabaseError("disk full")
+        return real(store, images)
+
+    monkeypatch.setattr(writer_module, "write_batch", write_batch)
+    db = tmp_path / "full.db"
+    with pytest.raises(PipelineError, match=r"disk full.*--db_append"):
+        run([Path(i["path"]) for i in survey["images"]], db)
+    ids = [i for i, in query(db, "SELECT id FROM images ORDER BY id")]
+    assert ids == list(range(len(ids))) and len(ids) < len(survey["images"])
+    assert query(db, "SELECT status FROM runs") == [("failed",)]

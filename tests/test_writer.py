@@ -26,12 +26,15 @@ from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 from trap_dask.writer import Writer
 
 
+def _config(settings: DatabaseSettings):
+    server = dict(db_host=settings.host, db_port=settings.port, db_user=settings.user) if settings.user else {}
+    return build_config(dict(db_backend=settings.backend, db_name=settings.name, **server), {}, None)
+
+
 def _writer_on(settings: DatabaseSettings, **options) -> Writer:
     """A writer of a new database on either backend."""
     ExportStore.create(settings, overwrite=False).close()
-    server = dict(db_host=settings.host, db_port=settings.port, db_user=settings.user) if settings.user else {}
-    config = build_config(dict(db_backend=settings.backend, db_name=settings.name, **server), {}, None)
-    return Writer(settings, config, None, **options)
+    return Writer(settings, _config(settings), None, **options)
 
 
 def _writer(tmp_path, name: str = "w.db", **options) -> tuple[Writer, DatabaseSettings]:
@@ -202,8 +205,8 @@ def test_the_writers_entry_points_run_one_at_a_time():
 def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_last_written_image(
         tmp_path, monkeypatch):
     """A batch that fails while the writer goes on associating raises at the writer's next wait, and
-    leaves the database and the writer at the image before the batch: fed again from there, the
-    writer ends with the tables of a writer that never failed."""
+    leaves the database and the writer at the image before the batch, which then takes no later
+    image: a writer resuming the run from there ends with the tables of a writer that never failed."""
     from trap_dask.db.backends import DatabaseError
 
     monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
@@ -227,15 +230,26 @@ def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_
         writer.flush()
     assert failed == [2] and _count(settings, schema.images) == 1
     assert writer.next_im_id == writer.n_committed == 1 and writer.written_through == 0
-    assert [_commit(writer, writer.associate(image)).im_id for image in sky[1:]] == [1, 2, 3, 4, 5]
-    writer.finish("completed")
+    with pytest.raises(DatabaseError, match="--db_append"):
+        writer.associate(sky[4])
+    with pytest.raises(DatabaseError, match="disk full"):
+        writer.finish("completed")
+    resumed = Writer(settings, _config(settings), None, append=True, resume=True)
+    assert [_commit(resumed, resumed.associate(image)).im_id for image in sky[1:]] == [1, 2, 3, 4, 5]
+    resumed.finish("completed")
 
     alone, alone_settings = _writer(tmp_path, "alone.db")
     for image in sky:
         _commit(alone, alone.associate(image))
     alone.finish("completed")
     recovered, unbroken = _tables(settings, alone_settings)
-    assert recovered == unbroken
+    assert _runless(recovered) == _runless(unbroken)
+
+
+def _runless(tables: dict) -> dict:
+    """``tables`` without the images' run column (the images of a resumed run name it)."""
+    run = [c.name for c in schema.images.c].index("run")
+    return {**tables, "images": [row[:run] + row[run + 1:] for row in tables["images"]]}
 
 
 def _behind(n: int) -> list:
@@ -319,8 +333,10 @@ def test_a_committer_process_that_cannot_start_leaves_the_writer_committing_in_i
 def test_a_batch_that_fails_in_the_committer_process_returns_the_writer_to_the_last_written_image(
         db_settings, monkeypatch):
     """The database refuses the fifth image (a trigger): the error reaches the writer at its next
-    wait, the database and the writer are at the image before that batch, and once the database takes
-    images again the writer, fed from there, ends with the tables of a writer that never failed."""
+    wait, the database and the writer are at the image before that batch, and the writer takes no
+    later image (tasks already under way would feed it the images after the failed ones: a gap);
+    its run is recorded as failed. Once the database takes images again, a writer resuming the run
+    from there ends with the tables of a writer that never failed."""
     from trap_dask.db.backends import DatabaseError
 
     monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
@@ -353,14 +369,19 @@ def test_a_batch_that_fails_in_the_committer_process_returns_the_writer_to_the_l
     assert failed_there == [[3, 4]]
     assert _count(db_settings, schema.images) == 3
     assert writer.next_im_id == writer.n_committed == 3 and writer.written_through == 2
+    with pytest.raises(DatabaseError, match="--db_append"):
+        writer.associate(sky[5])
+    with pytest.raises(DatabaseError, match="no room for image 4"):
+        writer.finish("completed")
     with engine.begin() as conn:
+        assert conn.execute(select(schema.runs.c.status)).scalars().all() == ["failed"]
         for statement in allow:
             conn.exec_driver_sql(statement)
     engine.dispose()
-    assert [_commit(writer, writer.associate(image)).im_id for image in sky[3:]] == [3, 4, 5, 6]
-    writer.finish("completed")
-
-    assert _tables(db_settings) == [_tables_in_thread(db_settings, sky)]
+    resumed = Writer(db_settings, _config(db_settings), None, append=True, resume=True)
+    assert [_commit(resumed, resumed.associate(image)).im_id for image in sky[3:]] == [3, 4, 5, 6]
+    resumed.finish("completed")
+    assert _runless(_tables(db_settings)[0]) == _runless(_tables_in_thread(db_settings, sky))
 
 
 def _first_batch(tmp_path, monkeypatch) -> list:

@@ -354,6 +354,9 @@ def _process(config, config_file, settings, session, append, known, scans, start
             if writer is not None:
                 finished = writer.finish(status).result()
         except Exception as exc:  # noqa: BLE001 - the run's own error, if any, is the one to show
+            if status == "completed":  # the last images could not be written: the run failed
+                raise PipelineError(str(exc) if isinstance(exc, DatabaseError)
+                                    else f"could not finish the run: {exc}") from None
             log.warning("could not record the end of the run: %s", exc)
         finally:
             try:

@@ -62,8 +62,9 @@ from trap_dask.catalogue import (
 from trap_dask.columns import take
 from trap_dask.committer import CommitterProcess, write_batch
 from trap_dask.config import Config
-from trap_dask.db.backends import DatabaseSettings
+from trap_dask.db.backends import DatabaseError, DatabaseSettings
 from trap_dask.db.store import ExportStore
+from trap_dask.image import one_line
 from trap_dask.messages import (
     CommitSummary,
     ForcedMeasurements,
@@ -182,6 +183,8 @@ class Writer:
         self._process: CommitterProcess | None = None  #: the committer process, once started
         self._idle_since = 0.0  #: time.time() when the last image was committed or staged
         self.finished = False  #: finish() was called: the run has stopped
+        #: why a transaction failed: the writer then records nothing more (see _refuse_if_failed)
+        self._failure: str | None = None
         self.stage_every_image = stage_every_image
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
@@ -204,6 +207,7 @@ class Writer:
     @_one_at_a_time
     def reject_unreadable(self, failure: ScanFailure) -> CommitSummary:
         """Record a file whose header could not be used as a rejected image."""
+        self._refuse_if_failed()
         skipped = self._skip(failure.url, failure.checksum, unreadable=True)
         if skipped is not None:
             return skipped
@@ -231,6 +235,7 @@ class Writer:
         """
         if self.finished:  # a task still running when the run stopped: its image is not recorded
             return self._summary(-1, False, 0, 0, 0, dropped=True)
+        self._refuse_if_failed()
         self._settle(block=False)  # a failed transaction stops the run at the next image
         started = time.perf_counter()
         if result.meta.url in self._recent:  # recorded already: its task was retried after its worker was lost
@@ -284,6 +289,7 @@ class Writer:
         image's summary back."""
         if self.finished:
             return self._summary(-1, False, 0, 0, 0, dropped=True)
+        self._refuse_if_failed()
         started = time.perf_counter()
         if url and (self._pending is None or self._pending[1].meta.url != url):
             if url not in self._recent:
@@ -435,10 +441,13 @@ class Writer:
         started = time.perf_counter()
         try:
             seconds = future.result()
-        except BaseException:
-            self._staged, self._snapshot = [], None
+        except BaseException as exc:
+            self._staged, self._snapshot, self._pending = [], None, None
             for name, value in snapshot.items():
                 setattr(self, name, value)
+            self._failure = one_line(exc)
+            if isinstance(exc, Exception):  # the same words wherever the run learns of it
+                raise DatabaseError(self._failure_message()) from exc
             raise
         finally:
             self.seconds["wait"] += time.perf_counter() - started
@@ -447,11 +456,23 @@ class Writer:
         self.rows_committed += sum(rows for _, _, rows in staged)
         self.seconds["commit"] += seconds
 
+    def _refuse_if_failed(self) -> None:
+        """DatabaseError once a transaction has failed: the writer went back to the last image the
+        database holds, so an image recorded now would follow a gap (its task fails, and the run
+        stops with it)."""
+        if self._failure is not None:
+            raise DatabaseError(self._failure_message())
+
+    def _failure_message(self) -> str:
+        return (f"the export database could not be written ({self._failure}); it holds the images before "
+                "that transaction: run the same command with --db_append to resume")
+
     @_one_at_a_time
     def finish(self, status: str) -> dict:
         """Write what is staged and record the run's end; returns totals for the summary. Later
         calls of :meth:`associate` and :meth:`commit` (tasks of images in flight when the run
-        stopped) record nothing and answer a ``dropped`` summary."""
+        stopped) record nothing and answer a ``dropped`` summary. If a transaction failed, the
+        run is recorded as failed and DatabaseError is raised once the writer has closed."""
         self.finished = True
         self._pending = None
         staged = len(self._staged) + (len(self._committing[2]) if self._committing else 0)
@@ -459,6 +480,7 @@ class Writer:
             self.flush()
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
             log.warning("could not commit the last %d staged images: %s", staged, exc)
+        if self._failure is not None:
             status = "failed"
         for executor in (self._committer, self._reader):
             if executor is not None:
@@ -467,6 +489,7 @@ class Writer:
             self._process.close()
         self.store.finish_run(self.run_id, status, self.n_committed)
         self.store.close()
+        self._refuse_if_failed()
         return {
             "run_id": self.run_id,
             "n_images": self.n_committed,
