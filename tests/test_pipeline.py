@@ -308,12 +308,16 @@ def test_inputs_are_files_directories_and_globs_and_broken_links_are_recorded(tm
     assert rows[str((deep / "a.fits").resolve())] is None
 
 
-def test_quality_control_rejects_images_with_their_reason(survey, tmp_path):
+def test_quality_control_rejects_images_with_their_reason(survey, tmp_path, capsys):
+    """Rejected images are recorded with their reason, and the log names each with it."""
     db = run([Path(survey["images"][0]["path"]).parent], tmp_path / "qc.db", rms_max=SPEC.rms / 2)
-    rows = query(db, "SELECT rejected, rejection_reason FROM images")
+    rows = query(db, "SELECT url, rejected, rejection_reason FROM images")
     assert len(rows) == len(survey["images"])
-    assert all(r[0] == 1 and "rms_max" in r[1] for r in rows)
+    assert all(rejected == 1 and "rms_max" in reason for _, rejected, reason in rows)
     assert query(db, "SELECT count(*) FROM extracted_sources")[0][0] == 0
+    logged = [line.split(" WARNING ", 1)[1] for line in capsys.readouterr().err.splitlines()
+              if " WARNING rejected " in line]
+    assert sorted(logged) == sorted(f"rejected {url}: {reason}" for url, _, reason in rows)
 
 
 def test_images_with_unusable_headers_are_rejected_and_the_run_goes_on(survey, tmp_path, monkeypatch):

@@ -137,6 +137,7 @@ class CommitSummary:
     #: the id of the latest image in the database: every image recorded up to it is there
     written_through: int = -1
     dropped: bool = False  #: not recorded: it reached the writer after the run had stopped (Writer.finish)
+    rejection: str | None = None  #: why a rejected image was rejected
 
     @property
     def recorded(self) -> bool:

@@ -314,8 +314,6 @@ def _process(config, config_file, settings, session, append, known, scans, start
                     writer = session.writer_actor()
                     for failure in failures[progress.failure:]:
                         summary = writer.reject_unreadable(failure).result()
-                        if summary.recorded:
-                            log.warning("rejected %s: %s", failure.url, failure.reason)
                         _count(totals, summary, failure.url, bar)
                         progress.failure += 1
                     with _stop_on_interrupt() as stop:
@@ -626,6 +624,8 @@ def _count(totals: dict, summary, url: str, bar) -> None:
     if not summary.recorded:
         bar.update(1)
         return
+    if summary.rejected:
+        log.warning("rejected %s: %s", url, summary.rejection)
     totals["rejected"] += summary.rejected
     totals["sources"] += summary.n_sources
     totals["forced"] += summary.n_forced

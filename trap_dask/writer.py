@@ -535,7 +535,7 @@ class Writer:
         self.next_im_id += 1
         self.n_committed += 1
         self._done(behind)
-        return self._summary(row["id"], True, 0, 0, 0)
+        return self._summary(row["id"], True, 0, 0, 0, rejection=row["rejection_reason"])
 
     def _unsaved(self) -> dict:
         """Bands and monitor sources not yet in the database, to go with the next commit."""
