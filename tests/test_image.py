@@ -90,7 +90,7 @@ def test_real_image_centre_against_header() -> None:
 
 
 def test_missing_metadata_is_a_clear_error() -> None:
-    with pytest.raises(ImageError, match="no frequency.*RESTFRQ.*give the frequency"):
+    with pytest.raises(ImageError, match="no frequency.*RESTFRQ.*add RESTFRQ"):
         read_meta(DATA / "missing_metadata.fits")
 
 
@@ -140,6 +140,15 @@ def test_history_beam_last_card_wins(tmp_path: Path) -> None:
     )
     assert astuple(read_meta(path).beam) == pytest.approx((0.01, 0.002, -45.5))
 
+
+
+def test_a_beam_written_with_bmaj_below_bmin_keeps_its_orientation(tmp_path: Path) -> None:
+    """BPA is the angle of the BMAJ axis: a beam of 10" x 15" at 120 deg is one of 15" x 10" at 210
+    (the same ellipse), not at 120."""
+    path = write_image(tmp_path / "b.fits", {"BMAJ": 10 * ARCSEC, "BMIN": 15 * ARCSEC, "BPA": 120.0})
+    beam = read_meta(path).beam
+    assert (beam.smaj, beam.smin) == pytest.approx((7.5 * ARCSEC, 5 * ARCSEC))
+    assert beam.pa % 180.0 == pytest.approx(30.0)
 
 def test_user_overrides_win(tmp_path: Path) -> None:
     path = write_image(tmp_path / "o.fits")
@@ -280,9 +289,9 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     ({"BMAJ": "wide"}, "unreadable BMAJ='wide': not a number"),
     ({"RESTFRQ": "low"}, "unreadable RESTFRQ='low': not a number"),
     ({"RESTFRQ": 0.0}, "no frequency: RESTFRQ=0.0 is not positive and the header has no spectral (FREQ) axis; "
-                       "give the frequency explicitly"),
+                       "add RESTFRQ (Hz) to the header"),
     ({"RESTBW": -1.0}, "no bandwidth: RESTBW=-1.0 is not positive and the header has no spectral (FREQ) axis; "
-                       "give the frequency and bandwidth explicitly"),
+                       "add RESTBW (Hz) to the header"),
     ({"CRVAL1": "east"}, "invalid world coordinate system: CRVAL1 = 'east' is not a number"),
     ({"CDELT2": "small"}, "invalid world coordinate system: CDELT2 = 'small' is not a number"),
 ])

@@ -522,12 +522,13 @@ def _header_beam(header: fits.Header) -> Beam:
         if not found:
             raise ImageError(
                 "no restoring beam: the header has no BMAJ/BMIN/BPA and no HISTORY beam card; "
-                "give the beam explicitly"
+                "add BMAJ, BMIN (FWHM, deg) and BPA (deg) to the header"
             )
         bmaj, bmin, bpa = (float(v.upper().replace("D", "E")) for v in found[-1].groups())
     if not (bmaj > 0 and bmin > 0 and math.isfinite(bmaj * bmin * bpa)):
         raise ImageError(f"invalid restoring beam BMAJ={bmaj} BMIN={bmin} BPA={bpa}")
-    return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=bpa)
+    # BPA is the angle of the BMAJ axis: when BMAJ < BMIN the major axis is the one across it
+    return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=bpa if bmaj >= bmin else bpa + 90.0)
 
 
 def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> tuple[float, float]:
@@ -537,9 +538,9 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
     freq_eff = next(_positive(header, ("RESTFRQ", "RESTFREQ")), axis_freq)
     freq_bw = next(_positive(header, ("RESTBW",)), axis_bw)
     if freq_eff is None or not (freq_eff > 0):
-        raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; give the frequency explicitly")
+        raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; add RESTFRQ (Hz) to the header")
     if freq_bw is None or not (freq_bw > 0):
-        raise ImageError(f"no bandwidth: {_lacks(header, ('RESTBW',))}; give the frequency and bandwidth explicitly")
+        raise ImageError(f"no bandwidth: {_lacks(header, ('RESTBW',))}; add RESTBW (Hz) to the header")
     return freq_eff, freq_bw
 
 
