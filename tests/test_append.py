@@ -91,6 +91,19 @@ def test_appending_the_same_images_twice_adds_nothing(db_settings, epochs):
     assert dump(db_settings) == before
 
 
+
+def test_an_append_of_images_older_than_the_database_holds_is_refused(db_settings, epochs):
+    """Images before the latest one in the database cannot join its light curves afterwards (their
+    parents and new sources would point forward in time): the append stops before it records
+    anything, and names the images and what to do; the images already there do not count."""
+    run(db_settings, epochs[3:5])
+    before = dump(db_settings)
+    with pytest.raises(PipelineError, match=r"^3 of the images to append start before the latest image .*"
+                                            rf"e\.g\. {epochs[0]} .*without --db_append"):
+        run(db_settings, epochs[:5], db_append=True)
+    assert dump(db_settings) == before
+    assert run(db_settings, epochs[3:], db_append=True).n_images == len(epochs) - 5
+
 def test_changed_association_parameters_need_consent(db_settings, epochs):
     run(db_settings, epochs[:2])
     with pytest.raises(PipelineError, match=r"de_ruiter_r_max: 5\.68 -> 3\.0.*pass --de_ruiter_r_max 5\.68 to "

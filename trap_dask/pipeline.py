@@ -249,9 +249,33 @@ def _drop_quietly(settings: DatabaseSettings) -> None:
 
 
 def _prepare_and_scan(settings: DatabaseSettings, config: Config, paths: list[str]):
-    """The database ready (see prepare_database), and every input's header read; (append, known, scans)."""
+    """The database ready (see prepare_database), and every input's header read; (append, known, scans).
+    PipelineError for an append of images older than the database's latest."""
     append, known = prepare_database(settings, config)
-    return append, known, scan_inputs(paths, checksum=bool(known.checksums))
+    scans = scan_inputs(paths, checksum=bool(known.checksums))
+    _check_time_order(scans, known, settings)
+    return append, known, scans
+
+
+def _check_time_order(scans: list, known: KnownImages, settings: DatabaseSettings) -> None:
+    """PipelineError if an image to append starts before the latest one the database holds: the
+    light curves, their parents and the new sources follow the images in time order, so an
+    earlier image cannot join them afterwards."""
+    from trap_dask.messages import ScannedImage
+
+    if known.latest is None:
+        return
+    earlier = sorted((s.meta.taustart_ts, s.meta.url) for s in scans
+                     if isinstance(s, ScannedImage) and not _already_stored(s, known)
+                     and s.meta.taustart_ts < known.latest)
+    if earlier:
+        start, url = earlier[0]
+        raise PipelineError(
+            f"{len(earlier)} of the images to append start before the latest image in {settings.describe()} "
+            f"({known.latest:%Y-%m-%d %H:%M:%S} UTC), e.g. {url} ({start:%Y-%m-%d %H:%M:%S}): an append adds "
+            "images after those the database holds, because light curves and new sources follow the images "
+            "in time order. Process all the images into a new database (without --db_append), or leave "
+            "the earlier ones out")
 
 
 def scan_inputs(paths: list[str], checksum: bool = False) -> list:

@@ -61,6 +61,8 @@ class KnownImages:
     checksums: frozenset[str] = frozenset()  #: sha256 (hex) of every file recorded with one
     #: paths of files recorded as rejected without a checksum: their bytes could not be read
     unreadable: frozenset[str] = frozenset()
+    #: the start (UTC) of the latest image it holds that was not rejected; None: none
+    latest: datetime | None = None
 
 
 def _database_errors(method: Callable) -> Callable:
@@ -257,9 +259,11 @@ class ExportStore:
         images = schema.images.c
         with self.engine.connect() as conn:
             rows = conn.execute(select(images.checksum, images.url, images.rejected)).all()
+            latest = conn.execute(select(func.max(images.taustart_ts)).where(~images.rejected)).scalar()
         return KnownImages(
             checksums=frozenset(checksum for checksum, _, _ in rows if checksum),
             unreadable=frozenset(url for checksum, url, rejected in rows if rejected and not checksum),
+            latest=latest,
         )
 
     @_database_errors
