@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trap_dask.image import read_image, read_meta
-from trap_dask.quality import ImageStats, QualityParams, central_rms, check_quality, clipped_rms
+from trap_dask.quality import ImageStats, QualityParams, beam_problem, central_rms, check_quality, clipped_rms
 
 DATA = Path(__file__).parent / "data"
 
@@ -98,3 +98,22 @@ def test_real_image_quality() -> None:
     # a LOFAR 2-minute snapshot: mJy/beam-level noise, well above the float32 resolution
     assert 1e-4 < stats.rms < 1.0
     assert stats.rms_min <= stats.rms <= stats.rms_max
+
+
+@pytest.mark.parametrize("scale, expected", [
+    (1.0, None),
+    (3600.0, 'the restoring beam (1.08e+05" x 7.2e+04" FWHM) is wider than half the image: BMAJ and BMIN are '
+             "FWHM in degrees"),  # BMAJ/BMIN written in arcsec
+    (np.pi / 180.0, 'the restoring beam (0.524" x 0.349" FWHM) is narrower than a pixel (5"): BMAJ and BMIN '
+                    "are FWHM in degrees"),  # in radians
+])
+def test_a_beam_in_the_wrong_unit_is_rejected(scale: float, expected: str | None) -> None:
+    """A 30" x 20" beam on 5" pixels of a 512^2 image, and the same numbers read in another unit."""
+    assert beam_problem(15.0 / 3600 * scale, 10.0 / 3600 * scale, 5.0 / 3600, (512, 512)) == expected
+
+
+def test_the_beams_of_the_real_images_are_accepted() -> None:
+    for path in sorted(DATA.glob("*.fits")):
+        if path.name != "missing_metadata.fits":
+            meta = read_meta(path)
+            assert beam_problem(meta.beam.smaj, meta.beam.smin, meta.pixel_scale, meta.shape) is None, path.name

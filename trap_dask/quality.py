@@ -1,4 +1,5 @@
-"""Image quality control: reject images whose noise is absent, undefined or out of bounds.
+"""Image quality control: reject images whose noise is absent, undefined or out of bounds, and
+those whose restoring beam cannot be theirs.
 
 The noise statistic is TraP's: a kappa-sigma clipped standard deviation of the central
 ``1/f x 1/f`` region of the image (``f = reduction_factor_for_rms``), in Jy/beam.
@@ -92,6 +93,23 @@ def image_stats(data: np.ndarray, reduction_factor: float = 4.0) -> ImageStats:
         rms_min=float(finite.min()) if finite.size else math.nan,
         rms_max=float(finite.max()) if finite.size else math.nan,
     )
+
+
+def beam_problem(smaj: float, smin: float, pixel_scale: float, shape: tuple[int, int]) -> str | None:
+    """Why a restoring beam of semi-axes ``smaj``, ``smin`` (deg) cannot be that of an image of
+    ``shape`` (ny, nx) pixels of ``pixel_scale`` deg, as a sentence for users; None if it can.
+
+    A beam narrower than a pixel cannot be fitted (a BMAJ in radians looks like one); one wider
+    than half the image leaves no room for a source (a BMAJ in arcsec looks like one). Both
+    ruin every position error and association that follows, so such an image is rejected.
+    """
+    major, minor = 7200.0 * smaj, 7200.0 * smin  # FWHM, arcsec
+    beam = f"the restoring beam ({major:.3g}\" x {minor:.3g}\" FWHM)"
+    if 2.0 * smin < pixel_scale:
+        return f"{beam} is narrower than a pixel ({3600.0 * pixel_scale:.3g}\"): BMAJ and BMIN are FWHM in degrees"
+    if 2.0 * smaj > 0.5 * min(shape) * pixel_scale:
+        return f"{beam} is wider than half the image: BMAJ and BMIN are FWHM in degrees"
+    return None
 
 
 def check_quality(data: np.ndarray, params: QualityParams = QualityParams()) -> tuple[ImageStats, str | None]:

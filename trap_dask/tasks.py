@@ -28,7 +28,7 @@ from trap_dask.messages import (
     ScanFailure,
     ScannedImage,
 )
-from trap_dask.quality import ImageStats, QualityParams, check_quality
+from trap_dask.quality import ImageStats, QualityParams, beam_problem, check_quality
 from trap_dask.sources import empty_sources
 
 _CHUNK = 1 << 22
@@ -120,6 +120,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     del raw
     clock.lap("read")
     stats, reason = check_quality(data, quality)
+    reason = reason or beam_problem(meta.beam.smaj, meta.beam.smin, meta.pixel_scale, meta.shape)
     clock.lap("quality")
     if reason is not None:
         return _rejected(meta, checksum, stats, reason, clock)
