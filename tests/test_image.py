@@ -150,6 +150,25 @@ def test_a_beam_written_with_bmaj_below_bmin_keeps_its_orientation(tmp_path: Pat
     assert (beam.smaj, beam.smin) == pytest.approx((7.5 * ARCSEC, 5 * ARCSEC))
     assert beam.pa % 180.0 == pytest.approx(30.0)
 
+
+@pytest.mark.parametrize("bunit, scale", [("JY/BEAM", 1.0), ("Jy/beam", 1.0), (None, 1.0), ("mJy/beam", 1e-3),
+                                          ("uJy/beam", 1e-6), ("mJy/bm", 1e-3)])
+def test_pixels_are_read_in_jy_per_beam_whatever_the_bunit(tmp_path: Path, bunit: str | None, scale: float) -> None:
+    """An image in mJy/beam is read in Jy/beam (its fluxes were 1000 times too large), by the fast
+    float path and by astropy's (scaled integers) alike; no BUNIT is taken as Jy/beam."""
+    data = np.arange(320, dtype=np.float32).reshape(16, 20)
+    for name, pixels, cards in (("f.fits", data, {}), ("i.fits", data.astype(np.int16), {"BSCALE": 1.0})):
+        meta = read_meta(write_image(tmp_path / name, {"BUNIT": bunit, **cards}, pixels))
+        assert meta.flux_scale == scale
+        plane, _ = read_image(meta, read_file(meta.url))
+        assert plane.dtype == np.float32 and np.allclose(plane, data * scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bunit", ["K", "JY/PIXEL", "MJY/BEAM"])
+def test_pixels_that_are_not_flux_densities_per_beam_are_rejected(tmp_path: Path, bunit: str) -> None:
+    with pytest.raises(ImageError, match=rf"^BUNIT = '{bunit}': the pixels must be flux densities per beam"):
+        read_meta(write_image(tmp_path / "k.fits", {"BUNIT": bunit}))
+
 def test_user_overrides_win(tmp_path: Path) -> None:
     path = write_image(tmp_path / "o.fits")
     beam = Beam(1e-3, 5e-4, 45.0)

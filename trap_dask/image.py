@@ -74,6 +74,7 @@ class ImageMeta:
     header : the FITS header as text, without its HISTORY and COMMENT cards (celestial WCS
         rebuilt from it with astropy)
     hdu : index of the HDU that holds the image in the FITS file (0: primary)
+    flux_scale : Jy/beam per unit of the pixels (BUNIT; 1e-3 for mJy/beam)
     """
 
     url: str
@@ -88,6 +89,7 @@ class ImageMeta:
     pixel_scale: float
     header: str = field(repr=False)
     hdu: int = 0
+    flux_scale: float = 1.0
 
 
 #: Header keywords holding the integration time in s, in order of preference.
@@ -133,7 +135,29 @@ def read_meta(
         pixel_scale=frame.pixel_scale,
         header=_cards_without(text, _NOTES),
         hdu=hdu,
+        flux_scale=_flux_scale(header),
     )
+
+
+#: BUNIT values (case and spaces aside) of images in Jy/beam times the scale they give. A blank or
+#: absent BUNIT is taken as Jy/beam, as TraP takes every image.
+_JY_PER_BEAM = {"jy/beam": 1.0, "jy/bm": 1.0, "jy/beams": 1.0, "beam-1jy": 1.0}
+#: SI prefixes a BUNIT may put before Jy (case-sensitive: mJy is not MJy; a header is ASCII).
+_PREFIXES = {"m": 1e-3, "u": 1e-6}
+
+
+def _flux_scale(header: fits.Header) -> float:
+    """Jy/beam per unit of the pixels, from BUNIT; ImageError for a unit that is not a flux
+    density per beam (K, Jy/pixel, ...)."""
+    unit = str(header.get("BUNIT", "") or "").replace(" ", "")
+    if not unit:
+        return 1.0
+    prefix, rest = (unit[0], unit[1:]) if unit[0] in _PREFIXES and unit[1:2] in "jJ" else ("", unit)
+    scale = _JY_PER_BEAM.get(rest.lower())
+    if scale is None:
+        raise ImageError(f"BUNIT = {header['BUNIT']!r}: the pixels must be flux densities per beam "
+                         "(Jy/beam, mJy/beam or uJy/beam)")
+    return scale * _PREFIXES.get(prefix, 1.0)
 
 
 #: Header keywords of the time of an observation, which change from image to image of a field
@@ -189,7 +213,7 @@ def _cards_without(text: str, keywords: frozenset[str]) -> str:
 #: WCS is read from the whole text, once per field), besides NAXISn and the HISTORY cards of an
 #: AIPS beam.
 _LOOKED_UP = frozenset({"SIMPLE", "GROUPS", "BITPIX", "NAXIS", "BSCALE", "BZERO", "TIMESYS", "BMAJ", "BMIN", "BPA",
-                        "RESTFRQ", "RESTFREQ", "RESTBW", *_TIME_KEYS, *_TAU_KEYS})
+                        "RESTFRQ", "RESTFREQ", "RESTBW", "BUNIT", *_TIME_KEYS, *_TAU_KEYS})
 _NAXIS_N = re.compile(r"NAXIS\d+")
 
 
@@ -237,7 +261,7 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
         raw = decompressed(raw)
         plane = _float_plane(raw, meta)
         if plane is not None:  # the common case: float pixels, unscaled, read in one pass
-            return plane, celestial_wcs(meta)
+            return _in_jy_per_beam(plane, meta), celestial_wcs(meta)
     try:
         with fits.open(io.BytesIO(raw) if raw is not None else meta.url, memmap=False) as hdul:
             hdu = hdul[meta.hdu]
@@ -253,7 +277,14 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
     out = plane.astype(np.float32)
     if blank is not None:
         out[plane == blank] = np.nan
-    return out, celestial_wcs(meta)
+    return _in_jy_per_beam(out, meta), celestial_wcs(meta)
+
+
+def _in_jy_per_beam(plane: np.ndarray, meta: ImageMeta) -> np.ndarray:
+    """``plane`` (float32, ours to change) in Jy/beam."""
+    if meta.flux_scale != 1.0:
+        plane *= np.float32(meta.flux_scale)
+    return plane
 
 
 #: FITS BITPIX of float pixels and their (big-endian) dtypes.
