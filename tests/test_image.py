@@ -193,6 +193,10 @@ def test_time_fallbacks(tmp_path: Path) -> None:
     assert mjd.taustart_ts == datetime(2020, 5, 31, 6)
     tai = read_meta(write_image(tmp_path / "t.fits", {"DATE-OBS": "2020-01-01T00:00:37", "TIMESYS": "TAI"}))
     assert tai.taustart_ts == datetime(2020, 1, 1)  # TAI - UTC = 37 s
+    zulu = read_meta(write_image(tmp_path / "z.fits", {"DATE-OBS": "2020-01-01T10:20:30Z", "TIMESYS": "TAI"}))
+    assert zulu.taustart_ts == datetime(2020, 1, 1, 10, 20, 30)  # Z: UTC
+    split = read_meta(write_image(tmp_path / "s.fits", {"DATE-OBS": "2020-01-01", "TIME-OBS": "10:20:30.5"}))
+    assert split.taustart_ts == datetime(2020, 1, 1, 10, 20, 30, 500000)  # the older date + time convention
 
 
 @pytest.mark.parametrize("value", ["2021-03-04T05:06:07", "2021-03-04T05:06:07.5", "2021-03-04T05:06:07.123456",

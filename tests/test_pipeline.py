@@ -567,3 +567,19 @@ def test_a_run_whose_last_transaction_fails_fails_and_leaves_a_prefix(survey, tm
     ids = [i for i, in query(db, "SELECT id FROM images ORDER BY id")]
     assert ids == list(range(len(ids))) and len(ids) < len(survey["images"])
     assert query(db, "SELECT status FROM runs") == [("failed",)]
+
+
+def test_images_that_share_a_start_time_are_named_in_a_warning(survey, tmp_path, capsys):
+    """Three images of one frequency with one DATE-OBS (a date without its time, say): the run
+    goes on, and says so."""
+    copies = []
+    for image in survey["images"][:3]:
+        with fits.open(image["path"]) as hdul:
+            hdul[0].header["DATE-OBS"] = "2024-01-01T00:00:00"
+            copies.append(tmp_path / Path(image["path"]).name)
+            hdul.writeto(copies[-1])
+    run(copies, tmp_path / "same.db")
+    err = capsys.readouterr().err
+    assert (f"WARNING 2 images have the start time and frequency of the image before them, e.g. {copies[0]} "
+            f"and {copies[1]}") in err
+    assert query(tmp_path / "same.db", "SELECT count(*) FROM images WHERE rejected = 0") == [(3,)]

@@ -162,8 +162,8 @@ def _flux_scale(header: fits.Header) -> float:
 
 #: Header keywords of the time of an observation, which change from image to image of a field
 #: but not its celestial WCS.
-_TIME_KEYS = frozenset({"DATE-OBS", "MJD-OBS", "DATE-END", "MJD-END", "DATE-AVG", "MJD-AVG", "DATE", "TSTART",
-                        "TSTOP"})
+_TIME_KEYS = frozenset({"DATE-OBS", "TIME-OBS", "MJD-OBS", "DATE-END", "MJD-END", "DATE-AVG", "MJD-AVG", "DATE",
+                        "TSTART", "TSTOP"})
 #: Commentary keywords, left out of ``ImageMeta.header``.
 _NOTES = frozenset({"HISTORY", "COMMENT"})
 #: The keywords left out of a field's header text (:func:`_without_times`).
@@ -617,13 +617,18 @@ _PLAIN_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?")
 
 
 def _start_time(header: fits.Header) -> datetime:
-    """Start time (UTC, naive) from DATE-OBS in the TIMESYS scale, else MJD-OBS."""
+    """Start time (UTC, naive) from DATE-OBS in the TIMESYS scale, else MJD-OBS. A DATE-OBS of a
+    date alone takes its time of day from TIME-OBS (the older convention); one ending in Z is UTC."""
     scale = str(header.get("TIMESYS", "UTC")).strip().lower()
     scale = scale if scale in Time.SCALES else "utc"
     if not (header.get("DATE-OBS") or header.get("MJD-OBS")):
         raise ImageError("no start time: the header has neither DATE-OBS nor MJD-OBS")
     if header.get("DATE-OBS"):
         value = str(header["DATE-OBS"]).strip()
+        if value.endswith("Z"):
+            value, scale = value[:-1], "utc"
+        if "T" not in value and str(header.get("TIME-OBS") or "").strip():
+            value = f"{value}T{str(header['TIME-OBS']).strip()}"
         if scale == "utc" and _PLAIN_UTC.fullmatch(value):
             try:  # what astropy's Time gives for these (0.1 us against its 80 us)
                 return datetime.fromisoformat(value)

@@ -327,6 +327,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
             (s for s in fresh if isinstance(s, ScannedImage)),
             key=lambda s: (s.meta.taustart_ts, s.meta.freq_eff, s.meta.url),
         )
+        _say_shared_start_times(images)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
         progress.started = time.perf_counter()
@@ -399,6 +400,17 @@ def _process(config, config_file, settings, session, append, known, scans, start
         n_batches=finished.get("n_batches", 0),
         n_process_batches=finished.get("n_process_batches", 0),
     )
+
+
+def _say_shared_start_times(images: list) -> None:
+    """Warn when images (ScannedImage, in time order) of one frequency share a start time: they
+    are taken in the order of their names, which is seldom what their light curves need (a
+    header whose DATE-OBS holds the date alone, or a copy of one image's header into another)."""
+    same = [(a.meta.url, b.meta.url) for a, b in zip(images, images[1:])
+            if (a.meta.taustart_ts, a.meta.freq_eff) == (b.meta.taustart_ts, b.meta.freq_eff)]
+    if same:
+        log.warning("%d images have the start time and frequency of the image before them, e.g. %s and %s: "
+                    "they are processed in the order of their names; check their DATE-OBS", len(same), *same[0])
 
 
 def _already_stored(scan: ScannedImage | ScanFailure, known: KnownImages) -> bool:
