@@ -583,3 +583,13 @@ def test_images_that_share_a_start_time_are_named_in_a_warning(survey, tmp_path,
     assert (f"WARNING 2 images have the start time and frequency of the image before them, e.g. {copies[0]} "
             f"and {copies[1]}") in err
     assert query(tmp_path / "same.db", "SELECT count(*) FROM images WHERE rejected = 0") == [(3,)]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_as_the_database_is_one_line_and_is_left_alone(survey, tmp_path, overwrite):
+    from trap_dask.pipeline import PipelineError
+
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(PipelineError, match=rf"^--db_name {tmp_path} is a directory: give the SQLite file's path"):
+        run([Path(survey["images"][0]["path"])], tmp_path, db_overwrite=overwrite)
+    assert (tmp_path / "keep.txt").read_text() == "mine"

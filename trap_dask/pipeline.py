@@ -159,7 +159,10 @@ def database_settings(config: Config) -> DatabaseSettings:
     if not config.db_name:
         raise PipelineError("no export database given: use --db_name (a file path for sqlite)")
     # a SQLite path is resolved here: a remote writer's worker has another working directory
-    name = backend_class(config.db_backend).resolve_name(config.db_name)
+    try:
+        name = backend_class(config.db_backend).resolve_name(config.db_name)
+    except DatabaseError as exc:
+        raise PipelineError(str(exc)) from None
     return DatabaseSettings(
         backend=config.db_backend, name=name, host=config.db_host,
         port=config.db_port, user=config.db_user, password=config.db_password,

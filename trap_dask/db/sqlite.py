@@ -135,7 +135,12 @@ class SQLiteBackend(Backend):
 
     @classmethod
     def resolve_name(cls, name: str) -> str:
-        return str(Path(name).resolve())
+        """The absolute path of the file; DatabaseError for a directory (it cannot be the file)."""
+        path = Path(name).resolve()
+        if path.is_dir():
+            raise DatabaseError(f"--db_name {name} is a directory: give the SQLite file's path, "
+                                f"e.g. {path / 'trap.db'}")
+        return str(path)
 
     @classmethod
     def scratch_name(cls, directory: Path, stem: str) -> str:
