@@ -169,6 +169,13 @@ def test_pixels_that_are_not_flux_densities_per_beam_are_rejected(tmp_path: Path
     with pytest.raises(ImageError, match=rf"^BUNIT = '{bunit}': the pixels must be flux densities per beam"):
         read_meta(write_image(tmp_path / "k.fits", {"BUNIT": bunit}))
 
+
+@pytest.mark.parametrize("cards", [{"RADESYS": "FK4", "EQUINOX": 1950.0}, {"EQUINOX": 1950.0}])
+def test_b1950_coordinates_are_rejected(tmp_path: Path, cards: dict) -> None:
+    with pytest.raises(ImageError, match=r"^the image's RA/Dec are FK4 \(B1950\), not ICRS or FK5 \(J2000\)"):
+        read_meta(write_image(tmp_path / "b.fits", cards))
+    assert read_meta(write_image(tmp_path / "j.fits", {"RADESYS": "FK5", "EQUINOX": 2000.0})).centre_ra > 0
+
 def test_user_overrides_win(tmp_path: Path) -> None:
     path = write_image(tmp_path / "o.fits")
     beam = Beam(1e-3, 5e-4, 45.0)

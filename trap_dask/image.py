@@ -504,6 +504,9 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
         raise ImageError(
             f"celestial axes {wcs.wcs.lngtyp}/{wcs.wcs.lattyp} are not RA/Dec; only equatorial images are supported"
         )
+    if wcs.wcs.radesys in ("FK4", "FK4-NO-E"):  # also what an EQUINOX before 1984 alone implies
+        raise ImageError(f"the image's RA/Dec are {wcs.wcs.radesys} (B{wcs.wcs.equinox:g}), not ICRS or FK5 "
+                         "(J2000) as the database's: they would be stored up to 0.7 deg off; reproject the image")
     for axis in range(naxis):
         length = header.get(f"NAXIS{axis + 1}", 0)
         if axis in (lng, lat):
