@@ -593,3 +593,22 @@ def test_a_directory_as_the_database_is_one_line_and_is_left_alone(survey, tmp_p
     with pytest.raises(PipelineError, match=rf"^--db_name {tmp_path} is a directory: give the SQLite file's path"):
         run([Path(survey["images"][0]["path"])], tmp_path, db_overwrite=overwrite)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_a_new_database_is_removed_when_the_run_fails_before_its_first_image(survey, tmp_path, monkeypatch):
+    """The workers cannot read the inputs: the run stops before any image, and the database it
+    made goes too, so the same command runs once the inputs are fixed (it said 'already exists')."""
+    from trap_dask import cluster
+    from trap_dask.pipeline import PipelineError
+
+    def unreadable(client, paths):
+        raise cluster.ClusterError("the Dask workers cannot read the inputs")
+
+    inputs, db = [Path(i["path"]) for i in survey["images"][:2]], tmp_path / "new.db"
+    monkeypatch.setattr(cluster, "check_inputs_readable", unreadable)
+    with pytest.raises(PipelineError, match="cannot read the inputs"):
+        run(inputs, db)
+    assert not db.exists()
+    monkeypatch.undo()
+    run(inputs, db)
+    assert query(db, "SELECT count(*) FROM images") == [(2,)]

@@ -237,9 +237,31 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
                 except BaseException:
                     session.close()
                     raise
-            return _process(config, config_file, settings, session, append, known, scans, started, observe)
+            try:
+                return _process(config, config_file, settings, session, append, known, scans, started, observe)
+            except BaseException:
+                if not append:
+                    _drop_if_imageless(settings)
+                raise
     except DatabaseError as exc:
         raise PipelineError(str(exc)) from None
+
+
+def _drop_if_imageless(settings: DatabaseSettings) -> None:
+    """Drop the database a run created if it holds no image (the run failed or was stopped before
+    its first), so that the same command can simply be run again."""
+    from trap_dask.db.store import ExportStore
+
+    try:
+        store = ExportStore.open(settings)
+        try:
+            known = store.known_images()
+        finally:
+            store.close()
+    except DatabaseError:
+        return
+    if not (known.checksums or known.unreadable):
+        _drop_quietly(settings)
 
 
 def _drop_quietly(settings: DatabaseSettings) -> None:
