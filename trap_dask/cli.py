@@ -239,8 +239,13 @@ def _db_argument(config) -> str:
 def entry() -> None:
     """The ``trap-dask`` program: :func:`main`, then exit without the garbage collector's passes
     over every object while the interpreter shuts down (0.25 s after a run, 8% of a 20-image
-    one; a run has closed its database and cluster by then)."""
-    code = main()
+    one; a run has closed its database and cluster by then). Ctrl-C before a run has started (while
+    it imports) is one line too."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("trap-dask: interrupted", file=sys.stderr)
+        code = 128 + signal.SIGINT
     gc.freeze()
     sys.exit(code)
 
