@@ -612,3 +612,25 @@ def test_a_new_database_is_removed_when_the_run_fails_before_its_first_image(sur
     monkeypatch.undo()
     run(inputs, db)
     assert query(db, "SELECT count(*) FROM images") == [(2,)]
+
+
+def test_a_writer_that_cannot_be_replaced_says_why(survey, tmp_path, monkeypatch):
+    """The writer's worker is lost and no worker comes back within worker_timeout: the run says
+    that (it said only that the writer was lost)."""
+    import distributed
+
+    from trap_dask import cluster, route
+    from trap_dask.pipeline import PipelineError
+
+    def handle(*args, **kwargs):
+        raise RuntimeError("the worker holding the writer was lost")
+
+    def wait_for_workers(self, *args, **kwargs):
+        raise TimeoutError
+
+    monkeypatch.setattr(route, "handle", handle)
+    monkeypatch.setattr(cluster.ClusterSession, "writer_lost",
+                        lambda self, timeout=2.0: cluster.WRITER_LOST_MESSAGE.format(address="tcp://gone"))
+    monkeypatch.setattr(distributed.Client, "wait_for_workers", wait_for_workers)
+    with pytest.raises(PipelineError, match="^no Dask worker left to hold the writer within worker_timeout"):
+        run([Path(i["path"]) for i in survey["images"][:3]], tmp_path / "lost.db")

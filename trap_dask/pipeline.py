@@ -388,6 +388,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
     except (KeyboardInterrupt, Terminated):
         status = "interrupted"
         raise
+    except PipelineError:  # already says what happened (a writer that could not be replaced)
+        raise
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
     except Exception as exc:
@@ -484,12 +486,16 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
                 "state (restart %d of at most %d)", session.writer_address or "address unknown",
                 progress.restarts, MAX_WRITER_RESTARTS)
-    store = ExportStore.open(settings)
     try:
-        committed = store.running_images()  # the lost writer's run: it counted its images in each transaction
-        store.close_stale_runs()
-    finally:
-        store.close()
+        store = ExportStore.open(settings)
+        try:
+            committed = store.running_images()  # the lost writer's run: it counted its images in each transaction
+            store.close_stale_runs()
+        finally:
+            store.close()
+    except DatabaseError as exc:
+        raise PipelineError(f"the worker holding the writer was lost, and a new writer cannot open the "
+                            f"database: {exc}; rerun with --db_append to resume") from None
     progress.lost_writers_images += committed
     try:
         session.client.wait_for_workers(1, timeout=config.worker_timeout)
