@@ -80,6 +80,14 @@ def test_rms_out_of_range_is_rejected(noise: np.ndarray, params: QualityParams, 
     assert stats.rms == pytest.approx(2e-3, rel=0.01)
 
 
+def test_an_rms_just_above_its_limit_is_shown_apart_from_it(noise: np.ndarray) -> None:
+    """Not "0.00201 Jy/beam is above rms_max = 0.00201 Jy/beam"."""
+    limit = check_quality(noise)[0].rms * (1 - 1e-5)
+    reason = check_quality(noise, QualityParams(rms_max=limit))[1]
+    shown, told = reason.removeprefix("central rms ").removesuffix(" Jy/beam").split(" Jy/beam is above rms_max = ")
+    assert float(shown) > float(told) == pytest.approx(limit, rel=1e-5)
+
+
 def test_degenerate_images_are_rejected() -> None:
     stats, reason = check_quality(np.full((64, 64), np.nan, np.float32))
     assert reason == "the image has no finite pixels"

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.time import Time
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
@@ -263,11 +264,15 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
         if plane is not None:  # the common case: float pixels, unscaled, read in one pass
             return _in_jy_per_beam(plane, meta), celestial_wcs(meta)
     try:
-        with fits.open(io.BytesIO(raw) if raw is not None else meta.url, memmap=False) as hdul:
-            hdu = hdul[meta.hdu]
-            data = hdu.data
-            blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None
+        with warnings.catch_warnings():  # a truncated file: astropy's note, then the error below
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            with fits.open(io.BytesIO(raw) if raw is not None else meta.url, memmap=False) as hdul:
+                hdu = hdul[meta.hdu]
+                data = hdu.data
+                blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None
     except (OSError, ValueError, IndexError, TypeError) as exc:
+        if any(words in str(exc) for words in ("buffer is too small", "cannot reshape array")):  # astropy's
+            raise ImageError("the file is truncated: it holds fewer pixels than its header says") from exc
         raise ImageError(f"cannot read the image data: {one_line(exc)}") from exc
     if data is None:
         raise ImageError("the FITS file has no image data")

@@ -112,6 +112,15 @@ def beam_problem(smaj: float, smin: float, pixel_scale: float, shape: tuple[int,
     return None
 
 
+def _told_apart(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` with 3 significant digits, or as many more as tell them apart."""
+    for digits in (3, 4, 5, 6, 9, 17):
+        shown = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        if shown[0] != shown[1]:
+            break
+    return shown
+
+
 def check_quality(data: np.ndarray, params: QualityParams = QualityParams()) -> tuple[ImageStats, str | None]:
     """Measure the noise of a 2-D image and decide whether to reject it.
 
@@ -134,9 +143,11 @@ def check_quality(data: np.ndarray, params: QualityParams = QualityParams()) -> 
     elif rms == 0.0:
         reason = "the central rms is zero: the image is constant"
     elif rms < params.rms_min:
-        reason = f"central rms {rms:.3g} Jy/beam is below rms_min = {params.rms_min:.3g} Jy/beam"
+        shown, limit = _told_apart(rms, params.rms_min)
+        reason = f"central rms {shown} Jy/beam is below rms_min = {limit} Jy/beam"
     elif rms > params.rms_max:
-        reason = f"central rms {rms:.3g} Jy/beam is above rms_max = {params.rms_max:.3g} Jy/beam"
+        shown, limit = _told_apart(rms, params.rms_max)
+        reason = f"central rms {shown} Jy/beam is above rms_max = {limit} Jy/beam"
     else:
         reason = None
     return stats, reason
