@@ -202,6 +202,10 @@ def _main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # every module a run uses (the header scan's and the writer's too, which the run's own process
+    # needs whatever the cluster), imported now, while the garbage collector is off (see main)
+    import trap_dask.tasks
+    import trap_dask.writer  # noqa: F401
     from trap_dask.config import build_config, resolve_config_file
     from trap_dask.pipeline import PipelineError, Terminated, run_pipeline
 
