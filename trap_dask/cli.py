@@ -182,6 +182,8 @@ def _main(argv: list[str]) -> int:
 
         dask.config.set({DASHBOARD_KEY: True})
     try:
+        if args.command in ("run", "bench"):
+            _import_run_modules()
         if args.command == "run":
             return _run(args)
         if args.command == "bench":
@@ -201,11 +203,16 @@ def _main(argv: list[str]) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
-    # every module a run uses (the header scan's and the writer's too, which the run's own process
-    # needs whatever the cluster), imported now, while the garbage collector is off (see main)
+def _import_run_modules() -> None:
+    """Every module a run uses (the header scan's and the writer's too, which the run's own process
+    needs whatever the cluster), imported now, while the garbage collector is off (see main) and
+    before the run freezes what exists (pipeline._imports_frozen)."""
+    import trap_dask.pipeline
     import trap_dask.tasks
     import trap_dask.writer  # noqa: F401
+
+
+def _run(args: argparse.Namespace) -> int:
     from trap_dask.config import build_config, resolve_config_file
     from trap_dask.pipeline import PipelineError, Terminated, run_pipeline
 
