@@ -634,3 +634,10 @@ def test_a_writer_that_cannot_be_replaced_says_why(survey, tmp_path, monkeypatch
     monkeypatch.setattr(distributed.Client, "wait_for_workers", wait_for_workers)
     with pytest.raises(PipelineError, match="^no Dask worker left to hold the writer within worker_timeout"):
         run([Path(i["path"]) for i in survey["images"][:3]], tmp_path / "lost.db")
+
+
+def test_a_margin_that_leaves_no_pixel_is_named_in_a_warning(survey, tmp_path, capsys):
+    image = Path(survey["images"][0]["path"])
+    run([image], tmp_path / "margin.db", im_margin=SPEC.shape[0] // 2)
+    assert (f"WARNING im_margin = {SPEC.shape[0] // 2} and im_radius = 0 pixels leave no pixel to find sources in "
+            f"for 1 of 1 images, e.g. {image} ({SPEC.shape[0]} x {SPEC.shape[1]} pixels)") in capsys.readouterr().err

@@ -353,6 +353,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
             key=lambda s: (s.meta.taustart_ts, s.meta.freq_eff, s.meta.url),
         )
         _say_shared_start_times(images)
+        _say_empty_regions(images, config)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
         progress.started = time.perf_counter()
@@ -427,6 +428,17 @@ def _process(config, config_file, settings, session, append, known, scans, start
         n_batches=finished.get("n_batches", 0),
         n_process_batches=finished.get("n_process_batches", 0),
     )
+
+
+def _say_empty_regions(images: list, config: Config) -> None:
+    """Warn when ``im_margin`` or ``im_radius`` leave an image (ScannedImage) no pixel to find
+    sources in: its run would record images without a source and say nothing."""
+    empty = [s.meta.url for s in images
+             if 2 * config.im_margin >= min(s.meta.shape) or 0 < config.im_radius < 1]
+    if empty:
+        log.warning("im_margin = %d and im_radius = %g pixels leave no pixel to find sources in for %d of %d "
+                    "images, e.g. %s (%d x %d pixels)", config.im_margin, config.im_radius, len(empty), len(images),
+                    empty[0], *next(s.meta.shape for s in images if s.meta.url == empty[0]))
 
 
 def _say_shared_start_times(images: list) -> None:
