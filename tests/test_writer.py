@@ -505,3 +505,31 @@ def test_a_merge_reads_back_the_measurements_that_earlier_relabellings_leave_und
                 {"id": np.array([11, 12, 13]), "src_id": np.array([8, 7, 9])}]
     assert sorted(writer_module._moved_into(relabels, np.array([7, 9])).tolist()) == [10, 12, 13]
     assert writer_module._moved_into([], np.array([7])).tolist() == []
+
+
+def test_a_batch_written_by_a_committer_that_died_before_answering_is_counted_in_runs(tmp_path, monkeypatch):
+    """The committer wrote the batch and died before saying so: the writer takes it as failed and
+    stops, but the run's n_images, counted in each transaction, still says what the database holds."""
+    from trap_dask.db.backends import DatabaseError
+
+    real = writer_module.write_batch
+
+    def wrote_then_died(store, images):
+        seconds = real(store, images)
+        if any(row["id"] == 2 for row, _ in images):
+            raise DatabaseError("the committer process ended (exit code -9) before its batch was written")
+        return seconds
+
+    monkeypatch.setattr(writer_module, "MAX_BATCH", 2)
+    monkeypatch.setattr(writer_module, "write_batch", wrote_then_died)
+    writer, settings = _writer(tmp_path, commit_process=False)
+    for image in _behind(4):
+        _commit(writer, writer.associate(image))
+    with pytest.raises(DatabaseError, match="before its batch was written"):
+        writer.finish("completed")
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        held = conn.execute(select(func.count()).select_from(schema.images)).scalar()
+        assert conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).one() == ("failed", held)
+    engine.dispose()
+    assert held > writer.n_committed

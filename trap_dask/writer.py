@@ -487,7 +487,7 @@ class Writer:
                 executor.shutdown()
         if self._process is not None:
             self._process.close()
-        self.store.finish_run(self.run_id, status, self.n_committed)
+        self.store.finish_run(self.run_id, status)
         self.store.close()
         self._refuse_if_failed()
         return {

@@ -303,10 +303,12 @@ class ExportStore:
         return dict(zip(result.keys(), map(list, zip(*result.all()))))
 
     @_database_errors
-    def finish_run(self, run_id: int, status: str, n_images: int) -> None:
+    def finish_run(self, run_id: int, status: str) -> None:
+        """Record a run's end. Its ``n_images`` moved in each of its transactions (a count kept by
+        the writer could fall short: a batch its committer process wrote and died before saying so)."""
         with self.engine.begin() as conn:
             conn.execute(update(schema.runs).where(schema.runs.c.id == run_id).values(
-                finished_at=_now(), status=status, n_images=n_images
+                finished_at=_now(), status=status
             ))
 
     # -- per image ----------------------------------------------------------------------
