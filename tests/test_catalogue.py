@@ -278,3 +278,27 @@ def test_a_dormant_source_resumes_its_src_id_after_the_forced_fits_stopped(catal
     again = image(8, detections(ra, dec + np.array([0, 10]) * ARCSEC, [1.0, 1.0]))
     assert again.ids["src_id"].tolist() == [1, 2] and len(again.new_sources["src_id"]) == 0
     assert cat.next_src_id == 3
+
+
+@pytest.mark.parametrize("band_1, band_2, weights", [
+    ([2.0, 1.0], [3.0, 1.0], (2 / 3, 1 / 3)),  # the pair's fluxes in the band of the image
+    ([1.0, 1.0], [3.0, 1.0], (1 / 2, 1 / 2)),  # (1 Jy each is a flux, not "unknown")
+    (None, [3.0, 1.0], (3 / 4, 1 / 4)),        # not yet measured in it: their means over the other bands
+])
+def test_pair_members_start_where_their_fluxes_put_their_centroid(band_1, band_2, weights):
+    """Two sources 40" apart (1.33 beams of 30") measured in band 2 (and band 1); an image of band 1
+    detects one blob between them: the pair fit's starts keep their separation and put their
+    centroid, weighted by flux, on the detection."""
+    beam = 30.0 * ARCSEC
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                           **{**TRAP1, "fit_blends": True}, next_xtrsrc=1, next_src_id=1)
+    ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
+    for im_id, (band, flux) in enumerate(((2, band_2), (1, band_1)), start=1):
+        if flux is not None:
+            plan = cat.plan(replace(context(im_id, band=band), beam_fwhm=beam), detections(ra, dec, flux))
+            cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
+    blend = detections(ra[:1], dec[:1] + 10 * ARCSEC, [2.9])
+    request = cat.plan(replace(context(3, band=1), beam_fwhm=beam), blend).forced_request(cat)
+    first, second = request.pair_dec[0]
+    assert second - first == pytest.approx(40 * ARCSEC)
+    assert weights[0] * first + weights[1] * second == pytest.approx(blend["dec"][0])

@@ -152,7 +152,8 @@ def test_a_beam_written_with_bmaj_below_bmin_keeps_its_orientation(tmp_path: Pat
 
 
 @pytest.mark.parametrize("bunit, scale", [("JY/BEAM", 1.0), ("Jy/beam", 1.0), (None, 1.0), ("mJy/beam", 1e-3),
-                                          ("uJy/beam", 1e-6), ("mJy/bm", 1e-3)])
+                                          ("uJy/beam", 1e-6), ("mJy/bm", 1e-3), ("Jy beam-1", 1.0),
+                                          ("Jy.beam-1", 1.0), ("mJy beam-1", 1e-3)])
 def test_pixels_are_read_in_jy_per_beam_whatever_the_bunit(tmp_path: Path, bunit: str | None, scale: float) -> None:
     """An image in mJy/beam is read in Jy/beam (its fluxes were 1000 times too large), by the fast
     float path and by astropy's (scaled integers) alike; no BUNIT is taken as Jy/beam."""

@@ -337,11 +337,11 @@ class RunningCatalogue:
         s = self.sources
         rows = np.stack([det_rows, null_rows], 1)
         src_id = s["src_id"][rows.ravel()]
-        weight = np.ones(rows.shape)
+        weight, unset = np.ones(rows.shape), np.ones(len(rows), bool)
         for flux in (self._mean_flux(src_id, image.band), self._mean_flux(src_id)):
             flux = np.clip(flux.reshape(-1, 2), 0.0, None)
-            known = np.isfinite(flux).all(1) & (np.nan_to_num(flux).sum(1) > 0) & (weight == 1.0).all(1)
-            weight[known] = flux[known]
+            known = unset & np.isfinite(flux).all(1) & (np.nan_to_num(flux).sum(1) > 0)
+            weight[known], unset[known] = flux[known], False
         weight = weight / weight.sum(1, keepdims=True)
         cos_dec = np.cos(np.deg2rad(det["dec"]))[:, None]
         x = wrap_ra_difference(s["wm_ra"][rows] - det["ra"][:, None]) * cos_dec

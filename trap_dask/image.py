@@ -140,9 +140,9 @@ def read_meta(
     )
 
 
-#: BUNIT values (case and spaces aside) of images in Jy/beam times the scale they give. A blank or
-#: absent BUNIT is taken as Jy/beam, as TraP takes every image.
-_JY_PER_BEAM = {"jy/beam": 1.0, "jy/bm": 1.0, "jy/beams": 1.0, "beam-1jy": 1.0}
+#: BUNIT values of images in Jy/beam (case, spaces and the FITS product's dots aside: "Jy beam-1",
+#: astropy's, is "jybeam-1"). A blank or absent BUNIT is taken as Jy/beam, as TraP takes every image.
+_JY_PER_BEAM = frozenset({"jy/beam", "jy/bm", "jy/beams", "jybeam-1", "jybeam**-1", "jybeam^-1", "beam-1jy"})
 #: SI prefixes a BUNIT may put before Jy (case-sensitive: mJy is not MJy; a header is ASCII).
 _PREFIXES = {"m": 1e-3, "u": 1e-6}
 
@@ -150,15 +150,14 @@ _PREFIXES = {"m": 1e-3, "u": 1e-6}
 def _flux_scale(header: fits.Header) -> float:
     """Jy/beam per unit of the pixels, from BUNIT; ImageError for a unit that is not a flux
     density per beam (K, Jy/pixel, ...)."""
-    unit = str(header.get("BUNIT", "") or "").replace(" ", "")
+    unit = str(header.get("BUNIT", "") or "").replace(" ", "").replace(".", "")
     if not unit:
         return 1.0
     prefix, rest = (unit[0], unit[1:]) if unit[0] in _PREFIXES and unit[1:2] in "jJ" else ("", unit)
-    scale = _JY_PER_BEAM.get(rest.lower())
-    if scale is None:
+    if rest.lower() not in _JY_PER_BEAM:
         raise ImageError(f"BUNIT = {header['BUNIT']!r}: the pixels must be flux densities per beam "
                          "(Jy/beam, mJy/beam or uJy/beam)")
-    return scale * _PREFIXES.get(prefix, 1.0)
+    return _PREFIXES.get(prefix, 1.0)
 
 
 #: Header keywords of the time of an observation, which change from image to image of a field

@@ -1,7 +1,8 @@
 """Angles on the sky shared by the association, the astrometry and the light curves.
 
-Kept apart from :mod:`trap_dask.association`, so that what needs only these (the export schema
-through the light-curve sums, in the process that starts a run) imports no KD-tree or sparse graph.
+Kept apart from :mod:`trap_dask.association`, so that what needs only these (the export schema,
+through the light-curve sums) imports no KD-tree or sparse graph: the results commands read the
+database with the schema alone.
 """
 
 from __future__ import annotations

@@ -11,5 +11,5 @@ Written on numpy/scipy/astropy. Typical use on a worker::
     pairs, ok = fit_pairs(image, ra2, dec2, params)   # (n, 2) rows: two point sources fitted together
 
 ``params`` is an :class:`~trap_dask.extraction.params.ExtractionParams`. The package imports none
-of its modules itself: the process that starts a run needs only the settings.
+of its modules itself: each user imports the ones it uses.
 """

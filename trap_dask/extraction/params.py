@@ -1,5 +1,5 @@
-"""The settings of a source extraction, apart from the extraction itself: the process that starts a
-run makes them and sends them to the workers without importing the extraction's modules."""
+"""The settings of a source extraction, apart from the extraction itself (what makes and checks them
+needs none of its modules)."""
 
 from __future__ import annotations
 
