@@ -641,3 +641,28 @@ def test_a_margin_that_leaves_no_pixel_is_named_in_a_warning(survey, tmp_path, c
     run([image], tmp_path / "margin.db", im_margin=SPEC.shape[0] // 2)
     assert (f"WARNING im_margin = {SPEC.shape[0] // 2} and im_radius = 0 pixels leave no pixel to find sources in "
             f"for 1 of 1 images, e.g. {image} ({SPEC.shape[0]} x {SPEC.shape[1]} pixels)") in capsys.readouterr().err
+
+
+def test_a_run_whose_first_transaction_fails_removes_its_new_database_and_says_so(survey, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Nothing was recorded: the new database goes, and what to do is to run the same command again
+    (not --db_append); the writer recorded the run's end before that (no 'could not record' warning)."""
+    from trap_dask import writer as writer_module
+    from trap_dask.db.backends import DatabaseError
+    from trap_dask.pipeline import PipelineError
+
+    real = writer_module.write_batch
+
+    def write_batch(store, images):
+        if any(row["id"] == 0 for row, _ in images):
+            raise DatabaseError("disk full")
+        return real(store, images)
+
+    monkeypatch.setattr(writer_module, "write_batch", write_batch)
+    db = tmp_path / "fails.db"
+    with pytest.raises(PipelineError, match=r"^the export database could not be written \(disk full\); .*: nothing "
+                                            r"was recorded, so the new database was removed: run the same command "
+                                            r"again$"):
+        run([Path(i["path"]) for i in survey["images"]], db)
+    assert not db.exists()
+    assert "could not record" not in capsys.readouterr().err

@@ -232,8 +232,7 @@ def test_a_failed_transaction_in_the_committer_thread_returns_the_writer_to_the_
     assert writer.next_im_id == writer.n_committed == 1 and writer.written_through == 0
     with pytest.raises(DatabaseError, match="--db_append"):
         writer.associate(sky[4])
-    with pytest.raises(DatabaseError, match="disk full"):
-        writer.finish("completed")
+    assert "disk full" in writer.finish("completed")["failure"]
     resumed = Writer(settings, _config(settings), None, append=True, resume=True)
     assert [_commit(resumed, resumed.associate(image)).im_id for image in sky[1:]] == [1, 2, 3, 4, 5]
     resumed.finish("completed")
@@ -371,8 +370,7 @@ def test_a_batch_that_fails_in_the_committer_process_returns_the_writer_to_the_l
     assert writer.next_im_id == writer.n_committed == 3 and writer.written_through == 2
     with pytest.raises(DatabaseError, match="--db_append"):
         writer.associate(sky[5])
-    with pytest.raises(DatabaseError, match="no room for image 4"):
-        writer.finish("completed")
+    assert "no room for image 4" in writer.finish("completed")["failure"]
     with engine.begin() as conn:
         assert conn.execute(select(schema.runs.c.status)).scalars().all() == ["failed"]
         for statement in allow:
@@ -525,11 +523,28 @@ def test_a_batch_written_by_a_committer_that_died_before_answering_is_counted_in
     writer, settings = _writer(tmp_path, commit_process=False)
     for image in _behind(4):
         _commit(writer, writer.associate(image))
-    with pytest.raises(DatabaseError, match="before its batch was written"):
-        writer.finish("completed")
+    assert "before its batch was written" in writer.finish("completed")["failure"]
     engine = make_engine(settings)
     with engine.connect() as conn:
         held = conn.execute(select(func.count()).select_from(schema.images)).scalar()
         assert conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).one() == ("failed", held)
     engine.dispose()
     assert held > writer.n_committed
+
+
+def test_a_fault_of_the_code_in_a_transaction_keeps_its_type_and_stops_the_writer(tmp_path, monkeypatch):
+    """Not every failure is the database's: a bug raises as itself (its traceback for the user), and
+    the writer still takes no later image."""
+    from trap_dask.db.backends import DatabaseError
+
+    def broken(store, images):
+        raise KeyError("sources")
+
+    monkeypatch.setattr(writer_module, "write_batch", broken)
+    writer, _ = _writer(tmp_path, commit_process=False)
+    sky = _behind(2)
+    with pytest.raises(KeyError):  # the first image is written at once (the writer was idle)
+        _commit(writer, writer.associate(sky[0]))
+    with pytest.raises(DatabaseError, match="KeyError"):
+        writer.associate(sky[1])
+    assert "KeyError" in writer.finish("failed")["failure"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trap_dask import __version__
-from trap_dask.config import CHOICES, PARAMETERS, SECTIONS, ConfigError, parameter_type
+from trap_dask.config import CHOICES, PARAMETERS, RESUME, SECTIONS, ConfigError, parameter_type
 from trap_dask.cpu import numpy_environ
 
 SECTION_TITLES = {
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, Terminated) as exc:
         print(
             f"trap-dask: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}. The database "
-            "holds every image committed so far; run the same command with --db_append to resume.",
+            f"holds every image committed so far; {RESUME}.",
             file=sys.stderr,
         )
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trap_dask.config import Config
+from trap_dask.config import RESUME, Config
 from trap_dask.cpu import numpy_environ
 
 log = logging.getLogger("trap_dask")
@@ -44,7 +44,7 @@ WRITER_RESOURCE = "trap_writer"
 MAX_PROBED_DIRECTORIES = 64
 WRITER_LOST_MESSAGE = (
     "the Dask worker holding the writer ({address}) was lost: the run stops here. The database "
-    "holds a consistent prefix (every committed image complete); rerun with --db_append to resume"
+    f"holds a consistent prefix (every committed image complete); {RESUME}"
 )
 
 

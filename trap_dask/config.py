@@ -250,6 +250,8 @@ PARAMETERS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.field
 #: Every parameter at its default: the one source of defaults (ExtractionParams, QualityParams
 #: and RunningCatalogue take theirs from here).
 DEFAULTS = Config()
+#: What every message about a stopped run tells its user to do (the database holds a consistent prefix).
+RESUME = "run the same command with --db_append to resume"
 #: Parameters never written to the export database, logs or error messages.
 SECRET_PARAMETERS = frozenset(name for name, f in PARAMETERS.items() if f.metadata["secret"])
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.metadata["section"] for f in PARAMETERS.values()))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trap_dask.config import Config
+from trap_dask.config import RESUME, Config
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class
 from trap_dask.db.store import KnownImages
 from trap_dask.extraction.params import ExtractionParams
@@ -239,17 +239,22 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
                     raise
             try:
                 return _process(config, config_file, settings, session, append, known, scans, started, observe)
-            except BaseException:
-                if not append:
-                    _drop_if_imageless(settings)
+            except Exception as exc:  # an interrupted run keeps its database: --db_append goes on with it
+                if append or not _drop_if_imageless(settings):
+                    raise
+                if isinstance(exc, (PipelineError, DatabaseError)):
+                    removed = "nothing was recorded, so the new database was removed: run the same command again"
+                    message = str(exc)
+                    raise PipelineError(message.replace(RESUME, removed) if RESUME in message
+                                        else f"{message}; {removed}") from None
                 raise
     except DatabaseError as exc:
         raise PipelineError(str(exc)) from None
 
 
-def _drop_if_imageless(settings: DatabaseSettings) -> None:
-    """Drop the database a run created if it holds no image (the run failed or was stopped before
-    its first), so that the same command can simply be run again."""
+def _drop_if_imageless(settings: DatabaseSettings) -> bool:
+    """Drop the database a run created if it holds no image (the run failed before its first), so
+    that the same command can simply be run again; whether it did."""
     from trap_dask.db.store import ExportStore
 
     try:
@@ -259,9 +264,11 @@ def _drop_if_imageless(settings: DatabaseSettings) -> None:
         finally:
             store.close()
     except DatabaseError:
-        return
-    if not (known.checksums or known.unreadable):
-        _drop_quietly(settings)
+        return False
+    if known.checksums or known.unreadable:
+        return False
+    _drop_quietly(settings)
+    return True
 
 
 def _drop_quietly(settings: DatabaseSettings) -> None:
@@ -405,9 +412,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
             if writer is not None:
                 finished = writer.finish(status).result()
         except Exception as exc:  # noqa: BLE001 - the run's own error, if any, is the one to show
-            if status == "completed":  # the last images could not be written: the run failed
-                raise PipelineError(str(exc) if isinstance(exc, DatabaseError)
-                                    else f"could not finish the run: {exc}") from None
+            if status == "completed":
+                raise PipelineError(f"could not record the end of the run: {exc}") from None
             log.warning("could not record the end of the run: %s", exc)
         finally:
             try:
@@ -416,6 +422,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
                 if status != "completed":  # a completed run has no task left running
                     _drain(session.client, DRAIN_S)
                 session.close()
+    if finished["failure"]:  # the last images could not be written: the run failed
+        raise PipelineError(finished["failure"])
     return RunSummary(
         db=settings.describe(), n_images=progress.lost_writers_images + finished["n_images"],
         n_skipped=len(scans) - len(fresh),
@@ -507,13 +515,13 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
             store.close()
     except DatabaseError as exc:
         raise PipelineError(f"the worker holding the writer was lost, and a new writer cannot open the "
-                            f"database: {exc}; rerun with --db_append to resume") from None
+                            f"database: {exc}; {RESUME}") from None
     progress.lost_writers_images += committed
     try:
         session.client.wait_for_workers(1, timeout=config.worker_timeout)
     except TimeoutError:
         raise PipelineError(f"no Dask worker left to hold the writer within worker_timeout = "
-                            f"{config.worker_timeout:g} s; rerun with --db_append to resume") from None
+                            f"{config.worker_timeout:g} s; {RESUME}") from None
     session.submit_writer(Writer, settings, config, str(config_file) if config_file else None,
                           backend=settings.backend, append=True, resume=True, stage_every_image=True)
 

@@ -61,7 +61,7 @@ from trap_dask.catalogue import (
 )
 from trap_dask.columns import take
 from trap_dask.committer import CommitterProcess, write_batch
-from trap_dask.config import Config
+from trap_dask.config import RESUME, Config
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
 from trap_dask.db.store import ExportStore
 from trap_dask.image import one_line
@@ -445,10 +445,11 @@ class Writer:
             self._staged, self._snapshot, self._pending = [], None, None
             for name, value in snapshot.items():
                 setattr(self, name, value)
-            self._failure = one_line(exc)
-            if isinstance(exc, Exception):  # the same words wherever the run learns of it
+            database = isinstance(exc, DatabaseError)
+            self._failure = one_line(exc) if database else f"{type(exc).__name__}: {one_line(exc)}"
+            if database:  # the same words wherever the run learns of it
                 raise DatabaseError(self._failure_message()) from exc
-            raise
+            raise  # a fault of the code, with its traceback
         finally:
             self.seconds["wait"] += time.perf_counter() - started
         self.written_through = staged[-1][0]["id"]
@@ -465,14 +466,14 @@ class Writer:
 
     def _failure_message(self) -> str:
         return (f"the export database could not be written ({self._failure}); it holds the images before "
-                "that transaction: run the same command with --db_append to resume")
+                f"that transaction: {RESUME}")
 
     @_one_at_a_time
     def finish(self, status: str) -> dict:
         """Write what is staged and record the run's end; returns totals for the summary. Later
         calls of :meth:`associate` and :meth:`commit` (tasks of images in flight when the run
         stopped) record nothing and answer a ``dropped`` summary. If a transaction failed, the
-        run is recorded as failed and DatabaseError is raised once the writer has closed."""
+        run is recorded as failed and the totals' ``failure`` says why (else None)."""
         self.finished = True
         self._pending = None
         staged = len(self._staged) + (len(self._committing[2]) if self._committing else 0)
@@ -489,8 +490,8 @@ class Writer:
             self._process.close()
         self.store.finish_run(self.run_id, status)
         self.store.close()
-        self._refuse_if_failed()
         return {
+            "failure": self._failure_message() if self._failure is not None else None,
             "run_id": self.run_id,
             "n_images": self.n_committed,
             "n_light_curves": int((~self.catalogue.sources["is_monitor"]).sum()),
