@@ -148,7 +148,7 @@ def test_a_beam_written_with_bmaj_below_bmin_keeps_its_orientation(tmp_path: Pat
     path = write_image(tmp_path / "b.fits", {"BMAJ": 10 * ARCSEC, "BMIN": 15 * ARCSEC, "BPA": 120.0})
     beam = read_meta(path).beam
     assert (beam.smaj, beam.smin) == pytest.approx((7.5 * ARCSEC, 5 * ARCSEC))
-    assert beam.pa % 180.0 == pytest.approx(30.0)
+    assert beam.pa == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("bunit, scale", [("JY/BEAM", 1.0), ("Jy/beam", 1.0), (None, 1.0), ("mJy/beam", 1e-3),
@@ -205,6 +205,10 @@ def test_time_fallbacks(tmp_path: Path) -> None:
     assert zulu.taustart_ts == datetime(2020, 1, 1, 10, 20, 30)  # Z: UTC
     split = read_meta(write_image(tmp_path / "s.fits", {"DATE-OBS": "2020-01-01", "TIME-OBS": "10:20:30.5"}))
     assert split.taustart_ts == datetime(2020, 1, 1, 10, 20, 30, 500000)  # the older date + time convention
+    split_z = read_meta(write_image(tmp_path / "sz.fits", {"DATE-OBS": "2020-01-01", "TIME-OBS": "10:20:30Z"}))
+    assert split_z.taustart_ts == datetime(2020, 1, 1, 10, 20, 30)
+    with pytest.raises(ImageError, match=r"^unreadable start time DATE-OBS \+ TIME-OBS='2020-01-01T25:00:00'"):
+        read_meta(write_image(tmp_path / "bad.fits", {"DATE-OBS": "2020-01-01", "TIME-OBS": "25:00:00"}))
 
 
 @pytest.mark.parametrize("value", ["2021-03-04T05:06:07", "2021-03-04T05:06:07.5", "2021-03-04T05:06:07.123456",

@@ -566,7 +566,8 @@ def _header_beam(header: fits.Header) -> Beam:
     if not (bmaj > 0 and bmin > 0 and math.isfinite(bmaj * bmin * bpa)):
         raise ImageError(f"invalid restoring beam BMAJ={bmaj} BMIN={bmin} BPA={bpa}")
     # BPA is the angle of the BMAJ axis: when BMAJ < BMIN the major axis is the one across it
-    return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=bpa if bmaj >= bmin else bpa + 90.0)
+    pa = bpa if bmaj >= bmin else (bpa + 180.0) % 180.0 - 90.0  # BPA + 90, in [-90, 90)
+    return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=pa)
 
 
 def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> tuple[float, float]:
@@ -631,11 +632,11 @@ def _start_time(header: fits.Header) -> datetime:
     if not (header.get("DATE-OBS") or header.get("MJD-OBS")):
         raise ImageError("no start time: the header has neither DATE-OBS nor MJD-OBS")
     if header.get("DATE-OBS"):
-        value = str(header["DATE-OBS"]).strip()
+        value, name = str(header["DATE-OBS"]).strip(), "DATE-OBS"
+        if "T" not in value and str(header.get("TIME-OBS") or "").strip():
+            value, name = f"{value}T{str(header['TIME-OBS']).strip()}", "DATE-OBS + TIME-OBS"
         if value.endswith("Z"):
             value, scale = value[:-1], "utc"
-        if "T" not in value and str(header.get("TIME-OBS") or "").strip():
-            value = f"{value}T{str(header['TIME-OBS']).strip()}"
         if scale == "utc" and _PLAIN_UTC.fullmatch(value):
             try:  # what astropy's Time gives for these (0.1 us against its 80 us)
                 return datetime.fromisoformat(value)
@@ -644,7 +645,7 @@ def _start_time(header: fits.Header) -> datetime:
         try:
             return Time(value, format="fits", scale=scale).utc.to_datetime()
         except (ValueError, TypeError) as exc:
-            raise ImageError(f"unreadable start time DATE-OBS={value!r}: not a valid FITS date and time "
+            raise ImageError(f"unreadable start time {name}={value!r}: not a valid FITS date and time "
                              "(YYYY-MM-DDThh:mm:ss[.sss])") from exc
     try:
         return Time(float(header["MJD-OBS"]), format="mjd", scale=scale).utc.to_datetime()
