@@ -599,3 +599,4 @@ def test_ctrl_c_before_the_run_starts_is_one_line(tmp_path, epochs):
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("trap-dask: interrupted")
