@@ -481,6 +481,8 @@ class Writer:
             self.flush()
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
             log.warning("could not commit the last %d staged images: %s", staged, exc)
+            if self._failure is None:  # not a transaction's (those set it): the images are lost all the same
+                self._failure = f"{type(exc).__name__}: {one_line(exc)}"
         if self._failure is not None:
             status = "failed"
         for executor in (self._committer, self._reader):
