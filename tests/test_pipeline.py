@@ -666,3 +666,10 @@ def test_a_run_whose_first_transaction_fails_removes_its_new_database_and_says_s
         run([Path(i["path"]) for i in survey["images"]], db)
     assert not db.exists()
     assert "could not record" not in capsys.readouterr().err
+
+
+def test_a_monitor_position_outside_every_image_is_named_in_a_warning(survey, tmp_path, capsys):
+    images = [Path(i["path"]) for i in survey["images"][:2]]
+    run(images, tmp_path / "monitor.db", monitor_loc="[[150.0, 30.0], [10.0, -40.0]]")
+    assert ("WARNING 1 of the 2 monitor positions lie outside every image's extraction region, e.g. "
+            "(10.000000, -40.000000) deg: their light curves stay empty") in capsys.readouterr().err

@@ -361,6 +361,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         )
         _say_shared_start_times(images)
         _say_empty_regions(images, config)
+        _say_uncovered_monitors(images, config)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
         progress.started = time.perf_counter()
@@ -447,6 +448,24 @@ def _say_empty_regions(images: list, config: Config) -> None:
         log.warning("im_margin = %d and im_radius = %g pixels leave no pixel to find sources in for %d of %d "
                     "images, e.g. %s (%d x %d pixels)", config.im_margin, config.im_radius, len(empty), len(images),
                     empty[0], *next(s.meta.shape for s in images if s.meta.url == empty[0]))
+
+
+def _say_uncovered_monitors(images: list, config: Config) -> None:
+    """Warn about monitor positions (``monitor_loc``) that no image's extraction region covers:
+    their light curves would stay empty without a word."""
+    from trap_dask.newsource import covering_images
+
+    positions, params = config.monitor_positions(), extraction_params(config)
+    if not positions or not images:
+        return
+    covered = covering_images(
+        [ra for ra, _ in positions], [dec for _, dec in positions], [s.meta.centre_ra for s in images],
+        [s.meta.centre_dec for s in images], [params.region_radius(s.meta.shape) * s.meta.pixel_scale for s in images],
+    ).any(1)
+    outside = [position for position, inside in zip(positions, covered) if not inside]
+    if outside:
+        log.warning("%d of the %d monitor positions lie outside every image's extraction region, e.g. (%.6f, %.6f) "
+                    "deg: their light curves stay empty", len(outside), len(positions), *outside[0])
 
 
 def _say_shared_start_times(images: list) -> None:

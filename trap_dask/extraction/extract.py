@@ -108,15 +108,12 @@ def in_extraction_region(
 def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> float:
     """Radius (deg) of the circle around the centre that holds the extraction region (``xtr_radius``).
 
-    It is ``radius`` when set (capped at the region's half-diagonal), else the half-diagonal of
-    the image inside its margins, so that sources in the corners count as covered; times the
-    pixel size at the centre. Positions inside the circle but off the image are measured by
+    It is :meth:`ExtractionParams.region_radius` (the half-diagonal inside the margins unless
+    ``radius`` is set, so that sources in the corners count as covered) times the pixel size at
+    the centre. Positions inside the circle but off the image are measured by
     nobody: :func:`forced_fit` gives them NaN.
     """
-    ny, nx = image.shape
-    half_diagonal = 0.5 * np.hypot(nx - 2 * params.margin, ny - 2 * params.margin)
-    radius = min(params.radius, half_diagonal) if params.radius > 0 else half_diagonal
-    return max(radius, 0.0) * geo.pixel_scale(image.wcs, *image.centre)
+    return params.region_radius(image.shape) * geo.pixel_scale(image.wcs, *image.centre)
 
 
 def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.ndarray]:

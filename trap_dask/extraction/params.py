@@ -3,6 +3,7 @@ needs none of its modules)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from trap_dask.config import DEFAULTS
@@ -23,3 +24,11 @@ class ExtractionParams:
     back_size_y: int = DEFAULTS.im_back_size_y
     ew_sys_err: float = DEFAULTS.ew_sys_err or 0.0  # arcsec ('auto', the default: 0 until measured)
     ns_sys_err: float = DEFAULTS.ns_sys_err or 0.0  # arcsec
+
+    def region_radius(self, shape: tuple[int, int]) -> float:
+        """Radius (pixels) of the circle around the centre of an image of ``shape`` (ny, nx) that
+        holds its extraction region: ``radius`` when set (capped at the region's half-diagonal),
+        else the half-diagonal of the image inside its margins."""
+        ny, nx = shape
+        half_diagonal = 0.5 * math.hypot(nx - 2 * self.margin, ny - 2 * self.margin)
+        return max(min(self.radius, half_diagonal) if self.radius > 0 else half_diagonal, 0.0)
