@@ -196,6 +196,16 @@ def test_degenerate_cube_with_freq_axis(tmp_path: Path) -> None:
     assert wcs.naxis == 2
 
 
+
+@pytest.mark.parametrize("stokes, name", [(2.0, "Q"), (4.0, "V"), (-5.0, "XX"), (7.0, "unknown")])
+def test_a_plane_that_is_not_stokes_i_is_rejected(tmp_path: Path, stokes: float, name: str) -> None:
+    cards = {"CTYPE3": "FREQ", "CRVAL3": 1.5e8, "CDELT3": 2e6, "CRPIX3": 1.0, "CUNIT3": "Hz",
+             "CTYPE4": "STOKES", "CRVAL4": stokes, "CDELT4": 1.0, "CRPIX4": 1.0}
+    plane = np.ones((1, 1, 16, 20), np.float32)
+    with pytest.raises(ImageError, match=rf"^the plane is Stokes {name} \(STOKES = {stokes:g}\); trap-dask "
+                                         r"measures Stokes I \(total intensity\)$"):
+        read_meta(write_image(tmp_path / "p.fits", cards, plane))
+
 def test_time_fallbacks(tmp_path: Path) -> None:
     mjd = read_meta(write_image(tmp_path / "m.fits", {"DATE-OBS": None, "MJD-OBS": 59000.25}))
     assert mjd.taustart_ts == datetime(2020, 5, 31, 6)

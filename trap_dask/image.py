@@ -238,6 +238,7 @@ def _sky_frame(text: str) -> SkyFrame:
     wcs = _header_wcs(header)
     cel_axes = _celestial_axes(wcs, header)
     shape = (int(header[f"NAXIS{cel_axes[1] + 1}"]), int(header[f"NAXIS{cel_axes[0] + 1}"]))
+    _check_stokes(wcs)
     cel = wcs.celestial
     centre_ra, centre_dec = (float(v) for v in cel.pixel_to_world_values((shape[1] - 1) / 2, (shape[0] - 1) / 2))
     if not (math.isfinite(centre_ra) and math.isfinite(centre_dec)):
@@ -595,6 +596,26 @@ def _lacks(header: fits.Header, keys: tuple[str, ...]) -> str:
     if key is None:
         return f"the header has no {'/'.join(keys)} and no spectral (FREQ) axis"
     return f"{key}={header[key]!r} is not positive and the header has no spectral (FREQ) axis"
+
+
+#: The names of the FITS STOKES axis's values (Greisen & Calabretta 2002, table 7).
+_STOKES = {1: "I", 2: "Q", 3: "U", 4: "V", -1: "RR", -2: "LL", -3: "RL", -4: "LR",
+           -5: "XX", -6: "YY", -7: "XY", -8: "YX"}
+
+
+def _check_stokes(wcs: WCS) -> None:
+    """ImageError when the plane is not Stokes I by its STOKES axis (an image without one is taken
+    as Stokes I): light curves, new sources and the fits' positive Gaussians are total intensity."""
+    types = [t.strip().upper() for t in wcs.wcs.ctype]
+    if "STOKES" not in types:
+        return
+    axis = types.index("STOKES")
+    pixel = np.zeros((1, wcs.naxis))
+    value = float(wcs.wcs_pix2world(pixel, 0)[0, axis])
+    if value != 1.0:
+        name = _STOKES.get(round(value), "unknown") if value == round(value) else "unknown"
+        raise ImageError(f"the plane is Stokes {name} (STOKES = {value:g}); trap-dask measures Stokes I "
+                         "(total intensity)")
 
 
 def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:
