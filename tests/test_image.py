@@ -206,6 +206,25 @@ def test_a_plane_that_is_not_stokes_i_is_rejected(tmp_path: Path, stokes: float,
                                          r"measures Stokes I \(total intensity\)$"):
         read_meta(write_image(tmp_path / "p.fits", cards, plane))
 
+
+@pytest.mark.parametrize("cards", [{}, {"BSCALE": 2.0}])  # read straight from the bytes; through astropy
+def test_a_mask_written_as_zeros_is_blank_as_one_written_as_nan(tmp_path: Path, cards: dict) -> None:
+    """Zeros outside a circle (a primary beam's mask) read as NaN, the noise inside unchanged; a lone
+    zero on the edge is a pixel value."""
+    noise = np.random.default_rng(3).standard_normal((40, 50)).astype(np.float32)
+    y, x = np.indices(noise.shape)
+    outside = np.hypot(x - 24.5, y - 19.5) > 18
+    zeros, nans = np.where(outside, np.float32(0), noise), np.where(outside, np.float32(np.nan), noise)
+    for name, data in (("zeros.fits", zeros), ("nans.fits", nans)):
+        write_image(tmp_path / name, cards, data / cards.get("BSCALE", 1.0))
+    read = [read_image(read_meta(tmp_path / name), read_file(str(tmp_path / name)))[0]
+            for name in ("zeros.fits", "nans.fits")]
+    np.testing.assert_array_equal(read[0], read[1])
+    lone = noise.copy()
+    lone[0, 7] = 0.0
+    plane, _ = read_image(read_meta(write_image(tmp_path / "lone.fits", {}, lone)))
+    np.testing.assert_array_equal(plane, lone)
+
 def test_time_fallbacks(tmp_path: Path) -> None:
     mjd = read_meta(write_image(tmp_path / "m.fits", {"DATE-OBS": None, "MJD-OBS": 59000.25}))
     assert mjd.taustart_ts == datetime(2020, 5, 31, 6)

@@ -254,7 +254,8 @@ Raw = bytes | np.ndarray
 def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS]:
     """Return the 2-D plane (float32, Jy/beam, NaN kept) and its celestial WCS.
 
-    The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN.
+    The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN,
+    and so does a mask written as zeros in float pixels (:func:`_zero_mask_blanked`).
     ``raw``: the file's bytes when the caller has read them already (they are not read again); a
     uint8 array may be overwritten, the plane being a view of it (see :func:`_float_plane`).
     """
@@ -262,7 +263,7 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
         raw = decompressed(raw)
         plane = _float_plane(raw, meta)
         if plane is not None:  # the common case: float pixels, unscaled, read in one pass
-            return _in_jy_per_beam(plane, meta), celestial_wcs(meta)
+            return _in_jy_per_beam(_zero_mask_blanked(plane), meta), celestial_wcs(meta)
     try:
         with warnings.catch_warnings():  # a truncated file: astropy's note, then the error below
             warnings.simplefilter("ignore", AstropyUserWarning)
@@ -270,6 +271,7 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
                 hdu = hdul[meta.hdu]
                 data = hdu.data
                 blank = hdu.header.get("BLANK") if data is not None and data.dtype.kind in "iu" else None
+                floats = hdu.header.get("BITPIX", 0) < 0
     except (OSError, ValueError, IndexError, TypeError) as exc:
         if any(words in str(exc) for words in ("buffer is too small", "cannot reshape array")):  # astropy's
             raise ImageError("the file is truncated: it holds fewer pixels than its header says") from exc
@@ -282,7 +284,24 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
     out = plane.astype(np.float32)
     if blank is not None:
         out[plane == blank] = np.nan
-    return _in_jy_per_beam(out, meta), celestial_wcs(meta)
+    return _in_jy_per_beam(_zero_mask_blanked(out) if floats else out, meta), celestial_wcs(meta)
+
+
+#: The share of an edge row or column of exact zeros that marks a mask written as zeros.
+ZERO_MASK_EDGE = 0.01
+
+
+def _zero_mask_blanked(plane: np.ndarray) -> np.ndarray:
+    """``plane`` (float pixels, ours to change) with a mask written as exact zeros blanked (NaN), as
+    a mask written as NaN is: when a row or column at the image's edge holds exact zeros, at least
+    ZERO_MASK_EDGE of it (the outside of a primary beam, say), every exact zero of the image. Noise
+    in float pixels is never exactly zero; without this, the mask's edge gave detections and a
+    half-masked image was rejected as constant."""
+    edges = (plane[0], plane[-1], plane[:, 0], plane[:, -1])
+    if any(np.count_nonzero(edge == 0.0) >= max(2, ZERO_MASK_EDGE * len(edge)) for edge in edges):
+        plane[plane == 0.0] = np.nan
+    return plane
+
 
 
 def _in_jy_per_beam(plane: np.ndarray, meta: ImageMeta) -> np.ndarray:
