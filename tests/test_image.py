@@ -225,6 +225,17 @@ def test_a_mask_written_as_zeros_is_blank_as_one_written_as_nan(tmp_path: Path, 
     plane, _ = read_image(read_meta(write_image(tmp_path / "lone.fits", {}, lone)))
     np.testing.assert_array_equal(plane, lone)
 
+
+def test_a_restfrq_that_is_a_line_is_not_the_observing_frequency(tmp_path: Path) -> None:
+    """A 150 MHz cube carrying the HI line's rest frequency: the FREQ axis says where it observed;
+    where the two agree (within the channel), RESTFRQ is the frequency as TraP takes it."""
+    cards = {"CTYPE3": "FREQ", "CRVAL3": 1.5e8, "CDELT3": 2e6, "CRPIX3": 1.0, "CUNIT3": "Hz", "RESTBW": None}
+    plane = np.ones((1, 16, 20), np.float32)
+    line = read_meta(write_image(tmp_path / "hi.fits", {**cards, "RESTFRQ": 1.420405752e9}, plane))
+    assert (line.freq_eff, line.freq_bw) == (1.5e8, 2e6)
+    same = read_meta(write_image(tmp_path / "same.fits", {**cards, "RESTFRQ": 1.505e8}, plane))
+    assert same.freq_eff == 1.505e8
+
 def test_time_fallbacks(tmp_path: Path) -> None:
     mjd = read_meta(write_image(tmp_path / "m.fits", {"DATE-OBS": None, "MJD-OBS": 59000.25}))
     assert mjd.taustart_ts == datetime(2020, 5, 31, 6)

@@ -595,6 +595,11 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
     (frequency and channel width, Hz; see :func:`_spectral_axis_frequency`)."""
     axis_freq, axis_bw = axis
     freq_eff = next(_positive(header, ("RESTFRQ", "RESTFREQ")), axis_freq)
+    # RESTFRQ is, by the FITS standard, a line's rest frequency: it is the observing frequency where
+    # a FREQ axis agrees (LOFAR's, CASA's continuum images) or is absent, not where one says otherwise
+    # (the HI line's 1.42 GHz in a 150 MHz cube)
+    if axis_freq is not None and abs(freq_eff - axis_freq) > max(axis_bw or 0.0, 1e-6 * axis_freq):
+        freq_eff = axis_freq
     freq_bw = next(_positive(header, ("RESTBW",)), axis_bw)
     if freq_eff is None or not (freq_eff > 0):
         raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; add RESTFRQ (Hz) to the header")
