@@ -589,14 +589,3 @@ def test_a_copy_of_an_unreadable_file_is_recorded_once(tmp_path, epochs):
     assert (summary.n_images, summary.n_rejected, summary.n_duplicates) == (2, 1, 1)
     url = list(schema.images.c.keys()).index("url") - 1
     assert [row[url] for row in dump(settings)["images"]] == [str(tmp_path / "garbage.fits"), epochs[0]]
-
-
-def test_ctrl_c_before_the_run_starts_is_one_line(tmp_path, epochs):
-    """Ctrl-C while the run still imports its modules (the first second): no traceback either."""
-    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "early.db"))
-    proc = spawn(_cli(settings, epochs[:1]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1].startswith("trap-dask: interrupted")

@@ -199,3 +199,23 @@ def test_a_run_imports_without_the_collector_and_gives_it_back(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["run", "--no_such_flag"])  # argparse stops it, with the collector off
     assert gc.isenabled()
+
+
+def test_ctrl_c_before_a_run_starts_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while the command still imports its modules (before the run's own handling): one line
+    and exit status 130, not a traceback (a real Ctrl-C during a run: test_append)."""
+    import gc
+
+    from trap_dask import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.entry()
+    finally:
+        gc.unfreeze()  # entry() freezes what exists, for its exit
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "trap-dask: interrupted\n"
