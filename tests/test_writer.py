@@ -548,3 +548,18 @@ def test_a_fault_of_the_code_in_a_transaction_keeps_its_type_and_stops_the_write
     with pytest.raises(DatabaseError, match="KeyError"):
         writer.associate(sky[1])
     assert "KeyError" in writer.finish("failed")["failure"]
+
+
+def test_a_run_end_the_database_refuses_still_closes_the_store(tmp_path, monkeypatch):
+    from trap_dask.db.backends import DatabaseError
+
+    def refused(*args):
+        raise DatabaseError("server gone")
+
+    writer, _ = _writer(tmp_path)
+    closed = []
+    monkeypatch.setattr(writer.store, "finish_run", refused)
+    monkeypatch.setattr(writer.store, "close", lambda: closed.append(True))
+    with pytest.raises(DatabaseError, match="server gone"):
+        writer.finish("completed")
+    assert closed == [True]

@@ -490,8 +490,10 @@ class Writer:
                 executor.shutdown()
         if self._process is not None:
             self._process.close()
-        self.store.finish_run(self.run_id, status)
-        self.store.close()
+        try:
+            self.store.finish_run(self.run_id, status)
+        finally:  # a database gone by now: its engine's connections are let go all the same
+            self.store.close()
         return {
             "failure": self._failure_message() if self._failure is not None else None,
             "run_id": self.run_id,
