@@ -355,13 +355,15 @@ class RunningCatalogue:
         light curves' means averaged) when ``band`` is None; NaN where it has none."""
         lc = self.lightcurves
         if band is not None:
-            found = _find_rows(_lightcurve_key(lc["src_id"], lc["freq_band"]), _lightcurve_key(src_id, band))
-            return np.where(found >= 0, lc["lightcurve_avg"][np.maximum(found, 0)], np.nan)
-        ids, at = np.unique(lc["src_id"], return_inverse=True)
-        total = np.bincount(at, weights=lc["lightcurve_avg"], minlength=len(ids))
-        mean = total / np.maximum(np.bincount(at, minlength=len(ids)), 1)
-        found = _find_rows(ids, np.asarray(src_id, dtype=ids.dtype))
-        return np.where(found >= 0, mean[np.maximum(found, 0)], np.nan)
+            keys, means = _lightcurve_key(lc["src_id"], lc["freq_band"]), lc["lightcurve_avg"]
+            wanted = _lightcurve_key(src_id, band)
+        else:
+            keys, at = np.unique(lc["src_id"], return_inverse=True)
+            counts = np.bincount(at, minlength=len(keys))
+            means = np.bincount(at, weights=lc["lightcurve_avg"], minlength=len(keys)) / np.maximum(counts, 1)
+            wanted = np.asarray(src_id, dtype=keys.dtype)
+        found = _find_rows(keys, wanted)
+        return np.where(found >= 0, means[np.maximum(found, 0)], np.nan)
 
     # -- step 2: the image's measurements and the new state ----------------------------------
     def update(self, plan: AssociationPlan, measured: ForcedMeasurements,

@@ -303,7 +303,6 @@ def _zero_mask_blanked(plane: np.ndarray) -> np.ndarray:
     return plane
 
 
-
 def _in_jy_per_beam(plane: np.ndarray, meta: ImageMeta) -> np.ndarray:
     """``plane`` (float32, ours to change) in Jy/beam."""
     if meta.flux_scale != 1.0:
@@ -637,9 +636,8 @@ def _check_stokes(wcs: WCS) -> None:
     pixel = np.zeros((1, wcs.naxis))
     value = float(wcs.wcs_pix2world(pixel, 0)[0, axis])
     if value != 1.0:
-        name = _STOKES.get(round(value), "unknown") if value == round(value) else "unknown"
-        raise ImageError(f"the plane is Stokes {name} (STOKES = {value:g}); trap-dask measures Stokes I "
-                         "(total intensity)")
+        raise ImageError(f"the plane is Stokes {_STOKES.get(value, 'unknown')} (STOKES = {value:g}); "
+                         "trap-dask measures Stokes I (total intensity)")
 
 
 def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:

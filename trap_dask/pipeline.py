@@ -359,13 +359,13 @@ def _process(config, config_file, settings, session, append, known, scans, start
             (s for s in fresh if isinstance(s, ScannedImage)),
             key=lambda s: (s.meta.taustart_ts, s.meta.freq_eff, s.meta.url),
         )
+        params, quality = extraction_params(config), quality_params(config)
         _say_shared_start_times(images)
         _say_empty_regions(images, config)
-        _say_uncovered_monitors(images, config)
+        _say_uncovered_monitors(images, config.monitor_positions(), params)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
         progress.started = time.perf_counter()
-        params, quality = extraction_params(config), quality_params(config)
         watch = _AstrometryWatch(config)
         with _progress(len(fresh)) as bar:
             while True:
@@ -442,20 +442,18 @@ def _process(config, config_file, settings, session, append, known, scans, start
 def _say_empty_regions(images: list, config: Config) -> None:
     """Warn when ``im_margin`` or ``im_radius`` leave an image (ScannedImage) no pixel to find
     sources in: its run would record images without a source and say nothing."""
-    empty = [s.meta.url for s in images
-             if 2 * config.im_margin >= min(s.meta.shape) or 0 < config.im_radius < 1]
+    empty = [s.meta for s in images if 2 * config.im_margin >= min(s.meta.shape) or 0 < config.im_radius < 1]
     if empty:
         log.warning("im_margin = %d and im_radius = %g pixels leave no pixel to find sources in for %d of %d "
                     "images, e.g. %s (%d x %d pixels)", config.im_margin, config.im_radius, len(empty), len(images),
-                    empty[0], *next(s.meta.shape for s in images if s.meta.url == empty[0]))
+                    empty[0].url, *empty[0].shape)
 
 
-def _say_uncovered_monitors(images: list, config: Config) -> None:
-    """Warn about monitor positions (``monitor_loc``) that no image's extraction region covers:
+def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:
+    """Warn about monitor positions (``monitor_loc``, deg) that no image's extraction region covers:
     their light curves would stay empty without a word."""
     from trap_dask.newsource import covering_images
 
-    positions, params = config.monitor_positions(), extraction_params(config)
     if not positions or not images:
         return
     covered = covering_images(

@@ -445,9 +445,8 @@ class Writer:
             self._staged, self._snapshot, self._pending = [], None, None
             for name, value in snapshot.items():
                 setattr(self, name, value)
-            database = isinstance(exc, DatabaseError)
-            self._failure = one_line(exc) if database else f"{type(exc).__name__}: {one_line(exc)}"
-            if database:  # the same words wherever the run learns of it
+            self._failure = _failure_text(exc)
+            if isinstance(exc, DatabaseError):  # the same words wherever the run learns of it
                 raise DatabaseError(self._failure_message()) from exc
             raise  # a fault of the code, with its traceback
         finally:
@@ -482,7 +481,7 @@ class Writer:
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever happened
             log.warning("could not commit the last %d staged images: %s", staged, exc)
             if self._failure is None:  # not a transaction's (those set it): the images are lost all the same
-                self._failure = f"{type(exc).__name__}: {one_line(exc)}"
+                self._failure = _failure_text(exc)
         if self._failure is not None:
             status = "failed"
         for executor in (self._committer, self._reader):
@@ -643,6 +642,11 @@ def _staged_history_rows(images: list[tuple[int, dict]], earlier: EarlierImages,
             out["im_id"] = im_id
     rows["freq_band"] = earlier.band[np.searchsorted(earlier.im_id, rows["im_id"])]
     return rows
+
+
+def _failure_text(exc: BaseException) -> str:
+    """One line for a failed transaction: the database's own words, or a fault's type and words."""
+    return one_line(exc) if isinstance(exc, DatabaseError) else f"{type(exc).__name__}: {one_line(exc)}"
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -138,8 +138,8 @@ class ExportStore:
                     + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
                     + "--accept_config_change to use the new values from here on"
                 )
-            if config.frequency_bands():
-                _say_overlapped_bands(config.frequency_bands(), store.bands())
+            if ranges := config.frequency_bands():
+                _say_overlapped_bands(ranges, store.bands())
             if store.close_stale_runs():
                 log.info("resuming after a run that was killed")
             return True, store.known_images()
