@@ -3,7 +3,9 @@ table and Dask's performance report."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 
 import pytest
 
@@ -33,6 +35,9 @@ def check_sane(rows: dict[str, list[float]], column: int = 0) -> None:
     assert value["commit, ms/image (writer, its own thread or process)"] > 0
     assert value["waiting for a commit, ms/image (writer)"] >= 0
     assert 0 < value["writer busy, % of the wall time"] < 100
+    assert value["CPU, ms/image (every process of the cluster, while the images are processed)"] > 0
+    in_stages = value["of it in the stages above (workers' and writer's threads), %"]
+    assert 0 < in_stages <= 100 and in_stages + value["of it elsewhere (Dask, transfers, handing work on), %"] == 100
     assert 0 < value["worker utilisation, % of the extraction threads"] <= 101  # of its stages alone
 
 
@@ -68,6 +73,23 @@ def test_bench_scaling_table_and_performance_report(tmp_path, capsys):
     for count in (1, 2):
         written = tmp_path / f"report-w{count}.html"
         assert written.stat().st_size > 10_000 and "Dask Performance Report" in written.read_text()
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_the_cluster_cpu_counts_each_process_once(processes):
+    """A local cluster's threads share this process (one entry, whatever the number of workers);
+    worker processes are each their own entry, beside this process (which runs the scheduler)."""
+    from distributed import Client, LocalCluster
+
+    from trap_dask.bench import cluster_cpu
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        before = cluster_cpu(client)
+        sum(range(3_000_000))
+        after = cluster_cpu(client)
+    assert len(after) == (3 if processes else 1) and (socket.gethostname(), os.getpid()) in after
+    assert after[socket.gethostname(), os.getpid()] - before[socket.gethostname(), os.getpid()] > 0.01
 
 
 @pytest.mark.parametrize("flags", [["--images", "0"], ["--size", "10"]])

@@ -424,7 +424,9 @@ def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey)
     config = config_of({"input_images": ("x",), **THRESHOLDS}, {}, None)
     params, quality = extraction_params(config), quality_params(config)
     path = survey["images"][0]["path"]
+    started = time.process_time()
     held = tasks.process(tasks.scan(path), quality, params)
+    assert 0 < held.result.cpu <= time.process_time() - started  # its CPU time, for trap-dask bench
     ra, dec = survey["sources"]["ra"][:5], survey["sources"]["dec"][:5]
     none = np.zeros((0, 2))
     request = ForcedRequest(ra[:0], dec[:0], none, none, ra, dec, 0, 1, path)

@@ -137,6 +137,20 @@ def test_an_image_that_reaches_the_writer_after_the_run_stopped_is_dropped_quiet
     assert _count(settings, schema.images) == 0 and _count(settings, schema.extracted_sources) == 0
 
 
+def test_the_stages_cpu_is_the_messages_and_the_writers_own_each_counted_once(tmp_path):
+    """Writer.stage_cpu (trap-dask bench's CPU rows): the CPU seconds the workers' messages carry plus
+    the writer's own, its entry points and its committer thread's, none twice (entry points call one
+    another: finish calls flush)."""
+    writer, _ = _writer(tmp_path, stage_every_image=True)
+    started = time.process_time()
+    for i in (1, 2, 3):
+        request = writer.associate(replace(_image(i, [150.0, 150.2], [30.0, 30.0]), cpu=2.0))
+        writer.commit(ForcedMeasurements(_forced(request.ra, request.dec), cpu=3.0))
+    spent = writer.finish("completed")["stage_cpu_seconds"] - 15.0
+    assert writer.n_batches == 1  # the three written together, in the committer thread
+    assert 0 < spent <= time.process_time() - started
+
+
 def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypatch):
     """What a run's writer does (stage_every_image): images staged while it keeps up are written
     MAX_STAGED_KEEPING_UP at a time, and wait on when the client finds the writer idle, unless one
@@ -447,8 +461,8 @@ def test_a_committer_process_that_dies_is_a_clear_error_and_loses_nothing_commit
     _, settings = _writer(tmp_path)
     process = committer.CommitterProcess(settings)
     assert process.ready(wait=True)
-    process.write(batch)
-    assert process.batches == 1 and _count(settings, schema.images) == 1
+    seconds, cpu = process.write(batch)
+    assert 0 < cpu and 0 < seconds and process.batches == 1 and _count(settings, schema.images) == 1
     os.kill(process.pid, signal.SIGKILL)
     process._process.wait(30)
     with pytest.raises(DatabaseError, match=r"committer process ended \(exit code -9\) before its batch"):

@@ -7,19 +7,26 @@ at the end), with the same cluster flags as ``trap-dask run``: a local cluster b
 ``--workers 1 2 4`` runs once per count and prints the columns side by side.
 
 Per-stage times come from the workers and the writer themselves (``seconds`` of the messages:
-perf_counter around each stage), summed over the run and divided by the number of images.
+perf_counter around each stage), summed over the run and divided by the number of images. The CPU
+rows set the stages' CPU time (each worker thread's and the writer's, ``Writer.stage_cpu``) against
+that of every process of the cluster while the images are processed (:func:`cluster_cpu`): the
+rest is what distributing the work costs (Dask's scheduler and event loops, transfers, threads
+handing work on).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 #: Parameters of ``trap-dask run`` that bench sets itself.
@@ -43,6 +50,9 @@ ROWS = (
     ("light curves, ms/image (writer)", "update", "{:.1f}"),
     ("commit, ms/image (writer, its own thread or process)", "commit", "{:.1f}"),
     ("waiting for a commit, ms/image (writer)", "wait", "{:.1f}"),
+    ("CPU, ms/image (every process of the cluster, while the images are processed)", "cpu", "{:.0f}"),
+    ("of it in the stages above (workers' and writer's threads), %", "stage_cpu", "{:.0f}"),
+    ("of it elsewhere (Dask, transfers, handing work on), %", "overhead", "{:.0f}"),
     ("writer busy, % of the wall time", "writer_busy", "{:.0f}"),
     ("worker utilisation, % of the extraction threads", "utilisation", "{:.0f}"),
     ("extraction threads", "threads", "{:.0f}"),
@@ -123,7 +133,7 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
             config = dataclasses.replace(config, db_name=_database_name(config, work, count), db_overwrite=True)
             report = _report_path(args.report, count, len(args.workers or [None]))
             try:
-                summary = _run_once(config, config_file, report)
+                summary, cpu = _run_once(config, config_file, report)
             except PipelineError as exc:
                 print(f"trap-dask bench: error: {exc}", file=sys.stderr)
                 return 1
@@ -131,7 +141,7 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
                 print(f"trap-dask bench: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}",
                       file=sys.stderr)
                 return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
-            columns.append((_column_title(config, count), numbers(summary)))
+            columns.append((_column_title(config, count), numbers(summary, cpu)))
             if report:
                 print(f"performance report: {report}", file=out)
         print(format_table(columns), file=out)
@@ -193,24 +203,56 @@ def _column_title(config, count: int | None) -> str:
 
 
 def _run_once(config, config_file, report: str | None):
-    """One run into a fresh database, dropped afterwards (PostgreSQL) or left to the temp dir."""
+    """One run into a fresh database, dropped afterwards (PostgreSQL) or left to the temp dir;
+    (RunSummary, CPU seconds of the cluster's processes while the images were processed, NaN if
+    they could not all be asked)."""
     import dask
 
     from trap_dask.cluster import PROFILE_KEY
     from trap_dask.pipeline import database_settings, run_pipeline
 
-    observe = None
-    if report:
-        from distributed import performance_report
+    cpu = {"seconds": math.nan}
 
-        def observe(client):
-            return performance_report(filename=report)
+    @contextmanager
+    def observe(client):
+        before = cluster_cpu(client)
+        if report:
+            from distributed import performance_report
+
+            watching = performance_report(filename=report)
+        else:
+            watching = nullcontext()
+        with watching:
+            yield
+        after = cluster_cpu(client)
+        if before and after:  # a process new since is counted from its start (a batch job that joined)
+            cpu["seconds"] = sum(seconds - before.get(process, 0.0) for process, seconds in after.items())
+
     try:
         with dask.config.set({PROFILE_KEY: bool(report)}):
-            return run_pipeline(config, config_file, observe=observe)
+            return run_pipeline(config, config_file, observe=observe), cpu["seconds"]
     finally:
         if config.db_backend != "sqlite":
             _drop(database_settings(config))
+
+
+def process_cpu() -> tuple[str, int, float]:
+    """(host, pid, CPU seconds so far) of the process it runs in, user and system, its ended
+    children (the writer's committer process) included."""
+    times = os.times()
+    return socket.gethostname(), os.getpid(), times.user + times.system + times.children_user + times.children_system
+
+
+def cluster_cpu(client) -> dict[tuple[str, int], float]:
+    """CPU seconds so far of each process of the cluster, by (host, pid): the workers, the scheduler
+    and this one, each once however many workers it holds (a local cluster's threads share this
+    process). Empty when a process could not be asked (a worker lost meanwhile)."""
+    try:
+        samples = [*client.run(process_cpu).values(), client.run_on_scheduler(process_cpu)]
+    except Exception as exc:  # noqa: BLE001 - the CPU rows are then left empty; the run goes on
+        print(f"trap-dask bench: the CPU of the cluster's processes could not be read ({exc})", file=sys.stderr)
+        return {}
+    return {(host, pid): seconds for host, pid, seconds in [*samples, process_cpu()]}
 
 
 def _drop(settings) -> None:
@@ -226,9 +268,10 @@ def _drop(settings) -> None:
 EXTRACTION_STAGES = ("read", "quality", "background", "extract")
 
 
-def numbers(summary) -> dict[str, float]:
-    """The table's numbers of one run (RunSummary)."""
+def numbers(summary, cpu: float = math.nan) -> dict[str, float]:
+    """The table's numbers of one run (RunSummary; ``cpu``: the cluster's CPU seconds, NaN if unknown)."""
     n = max(summary.n_images, 1)
+    stage_share = 100 * summary.stage_cpu_seconds / cpu if cpu > 0 else math.nan
     w, ws = summary.writer_seconds, summary.worker_seconds
     startup = summary.startup_seconds or 0.0
     steady = max(summary.wall_seconds - startup, 1e-9)
@@ -242,6 +285,9 @@ def numbers(summary) -> dict[str, float]:
         **{stage: 1e3 * ws.get(stage, 0.0) / n for stage in EXTRACTION_STAGES},
         "forced": 1e3 * (ws.get("forced fits", 0.0) + ws.get("backfill", 0.0)) / n,
         **{stage: 1e3 * w.get(stage, 0.0) / n for stage in ("associate", "update", "commit", "wait")},
+        "cpu": 1e3 * cpu / n,
+        "stage_cpu": stage_share,
+        "overhead": 100 - stage_share,
         "writer_busy": 100 * summary.writer_busy_fraction,
         "utilisation": 100 * extracting / (steady * max(summary.n_threads, 1)),
         "threads": summary.n_threads,
@@ -253,7 +299,8 @@ def numbers(summary) -> dict[str, float]:
 def format_table(columns: list[tuple[str, dict[str, float]]]) -> str:
     """A Markdown table: one row per ROWS entry, one column per run."""
     header = ["", *(title for title, _ in columns)]
-    rows = [[label, *(fmt.format(values[key]) for _, values in columns)] for label, key, fmt in ROWS]
+    rows = [[label, *("-" if math.isnan(values[key]) else fmt.format(values[key]) for _, values in columns)]
+            for label, key, fmt in ROWS]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells) -> str:

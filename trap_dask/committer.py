@@ -5,7 +5,7 @@ A commit spends most of its time in Python and in the drivers' parameter binding
 little: the two take turns. Once a writer falls behind (see ``trap_dask.writer``) it starts a
 :class:`CommitterProcess`, ``python -m trap_dask.committer``, and hands it each batch over a
 socket; the process writes the batch in ONE transaction with its own :class:`ExportStore` and
-answers with the seconds it took or the error. The writer still has one transaction in flight at
+answers with the seconds (and CPU seconds) it took or the error. The writer still has one transaction in flight at
 a time, in order, so the database ends at an image boundary as before.
 
 The process writes nothing on its own: it commits only what the writer sends, and refuses to
@@ -85,9 +85,9 @@ class CommitterProcess:
                             "own process", detail)
         return self._state == "ready"
 
-    def write(self, images: list[StagedImage]) -> float:
-        """Have the process write ``images`` in one transaction; returns its seconds, or raises its
-        error (DatabaseError when the process itself was lost)."""
+    def write(self, images: list[StagedImage]) -> tuple[float, float]:
+        """Have the process write ``images`` in one transaction; returns its seconds and the CPU
+        seconds it spent, or raises its error (DatabaseError when the process itself was lost)."""
         try:
             self._conn.send(images)
             kind, detail = self._conn.recv()
@@ -166,7 +166,8 @@ def serve(conn: Connection) -> None:
             if images is None:
                 return
             try:
-                reply = ("ok", write_batch(store, images))
+                cpu = time.thread_time()
+                reply = ("ok", (write_batch(store, images), time.thread_time() - cpu))
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the writer
                 reply = ("error", (_picklable(exc), traceback.format_exc()))
             try:

@@ -84,6 +84,7 @@ class ImageResult:
     xtr_radius: float  #: deg
     sources: np.ndarray  #: SOURCE_DTYPE, blind detections
     seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (WORKER_STAGES)
+    cpu: float = 0.0  #: CPU seconds the worker's thread spent on it (time.thread_time), every stage
     done_at: float = 0.0  #: time.time() when the worker finished it (the writer tells from it whether it is behind)
 
 
@@ -115,6 +116,7 @@ class ForcedMeasurements:
     pair_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  #: (k,) pair fit usable
     backfill: np.ndarray = field(default_factory=lambda: np.zeros(0, SOURCE_DTYPE))  #: (m,) or none
     seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (WORKER_STAGES)
+    cpu: float = 0.0  #: CPU seconds of the workers' threads on the fits and the backfill (time.thread_time)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ class RunSummary:
     n_threads: int = 0  #: extraction threads of the cluster
     n_batches: int = 0  #: writer transactions of more than one image
     n_process_batches: int = 0  #: transactions written by the writer's committer process (it fell behind)
+    #: CPU seconds of the stages (workers' tasks, the writer's entry points and commits; Writer.stage_cpu)
+    stage_cpu_seconds: float = 0.0
 
     @property
     def writer_busy_fraction(self) -> float:
@@ -436,6 +438,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         worker_seconds=finished.get("worker_seconds", {}), n_threads=session.n_threads,
         n_batches=finished.get("n_batches", 0),
         n_process_batches=finished.get("n_process_batches", 0),
+        stage_cpu_seconds=finished.get("stage_cpu_seconds", 0.0),
     )
 
 

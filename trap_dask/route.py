@@ -103,15 +103,17 @@ def force(loaded: Any, outcome: ForcedRequest | CommitSummary, params: Any) -> F
 
 
 def backfill(previous: Any, outcome: ForcedRequest | CommitSummary, params: Any, quality: Any):
-    """The new sources of the request measured in the band's previous image: (fits or None, seconds)."""
+    """The new sources of the request measured in the band's previous image: (fits or None, seconds,
+    CPU seconds of this thread)."""
     import time
 
     from trap_dask.tasks import backfill as measure
 
     if not isinstance(outcome, ForcedRequest) or not len(outcome.backfill_ra) or outcome.backfill_image < 0:
-        return None, 0.0
-    started = time.perf_counter()
-    return measure(previous, outcome, params, quality), time.perf_counter() - started
+        return None, 0.0, 0.0
+    started, cpu = time.perf_counter(), time.thread_time()
+    fits = measure(previous, outcome, params, quality)
+    return fits, time.perf_counter() - started, time.thread_time() - cpu
 
 
 def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: ForcedMeasurements | None,
@@ -119,13 +121,13 @@ def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: Fo
     """Have the writer commit the image with its measurements; the summary of what it added."""
     if isinstance(outcome, CommitSummary):
         return outcome
-    fits, seconds = back
+    fits, seconds, cpu = back
     if forced is None and (fits is not None or len(outcome)):
         from trap_dask.sources import empty_sources
 
         forced = ForcedMeasurements(empty_sources())
     if forced is not None and fits is not None:
-        forced = replace(forced, backfill=fits, seconds=forced.seconds | {"backfill": seconds})
+        forced = replace(forced, backfill=fits, seconds=forced.seconds | {"backfill": seconds}, cpu=forced.cpu + cpu)
     return writer.call("commit", forced, outcome.url)
 
 

@@ -168,27 +168,30 @@ def process(image: ScannedImage, quality: QualityParams, params: ExtractionParam
     An image that breaks the extractor becomes a rejected image with the reason, so one bad
     image never stops a run.
     """
-    loaded = None
+    loaded, cpu = None, time.thread_time()
     try:
         loaded = load(image, quality, params)
-        return LoadedImage(extract(loaded, params), loaded.prepared)
+        result, prepared = extract(loaded, params), loaded.prepared
     except Exception as exc:  # noqa: BLE001 - recorded, with its reason, in the images table
         checksum = loaded.result.checksum if loaded is not None else image.checksum
-        failed = _rejected(image.meta, checksum, None, f"processing failed: {one_line(exc)}")
-        return LoadedImage(replace(failed.result, done_at=time.time()), None)
+        result, prepared = _rejected(image.meta, checksum, None, f"processing failed: {one_line(exc)}").result, None
+        result = replace(result, done_at=time.time())
+    return LoadedImage(replace(result, cpu=time.thread_time() - cpu), prepared)
 
 
 def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) -> ForcedMeasurements:
     """Forced fits with the beam's shape (NaN fluxes where not measurable) and the pair fits
     (where those fail, the writer keeps the detection and the forced fit as they are)."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     single = forced_fit(image.prepared, request.ra, request.dec, params)
     try:
         pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
         log.warning("%s: pair fits failed (%s); measured one by one", image.result.meta.url, exc)
-        return ForcedMeasurements(single, seconds={"forced fits": time.perf_counter() - started})
-    return ForcedMeasurements(single, pairs, ok, seconds={"forced fits": time.perf_counter() - started})
+        measured = ForcedMeasurements(single)
+    else:
+        measured = ForcedMeasurements(single, pairs, ok)
+    return replace(measured, seconds={"forced fits": time.perf_counter() - started}, cpu=time.thread_time() - cpu)
 
 
 def backfill(previous: LoadedImage | None, request: ForcedRequest, params: ExtractionParams,

@@ -102,7 +102,14 @@ def _one_at_a_time(method: _Method) -> _Method:
     @functools.wraps(method)
     def locked(self: Writer, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            return method(self, *args, **kwargs)
+            if self._inside:  # called by another entry point, whose CPU time counts it
+                return method(self, *args, **kwargs)
+            self._inside, cpu = True, time.thread_time()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._inside = False
+                self.stage_cpu += time.thread_time() - cpu
     return locked  # type: ignore[return-value]
 
 
@@ -116,6 +123,11 @@ class Writer:
         falls behind commits in a process of its own, else always in its thread (see the module's
         text)."""
         self._lock = threading.RLock()  # held by each entry point (they call one another)
+        self._inside = False  # an entry point runs (the outermost one times the CPU)
+        #: CPU seconds of the run's stages: the workers' (from the messages), the writer's entry points
+        #: and its commits (committer thread and process); what ``trap-dask bench`` sets against the
+        #: CPU of the whole cluster
+        self.stage_cpu = 0.0
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
         state = self.store.load_state() if append else None
@@ -249,8 +261,7 @@ class Writer:
         if skipped is not None:
             return skipped
         behind = bool(result.done_at) and result.done_at < self._idle_since
-        for stage, seconds in result.seconds.items():
-            self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
+        self._count_worker(result)
         meta = result.meta
         band, is_new_band = assign_band(meta.freq_eff, meta.freq_bw, self.bands, self.fixed)
         rejection = result.rejection
@@ -298,8 +309,7 @@ class Writer:
         plan, result, band, astrometry, sys_err, behind, reading = self._pending
         self._pending = None
         measured = _with_sys_err(forced if forced is not None else ForcedMeasurements(empty_sources()), sys_err)
-        for stage, seconds in measured.seconds.items():
-            self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
+        self._count_worker(measured)
         update = self.catalogue.update(plan, measured, reading.result() if reading is not None else None)
         row = self._image_row(result) | {
             "rejected": False, "freq_band": band.band_id,
@@ -424,13 +434,16 @@ class Writer:
             self._settle()
         return len(staged)
 
-    def _write(self, staged: list[tuple[dict, dict, int]]) -> float:
+    def _write(self, staged: list[tuple[dict, dict, int]]) -> tuple[float, float]:
         """Write ``staged`` in one transaction (in the committer thread, through the committer process
-        once it is up); returns the seconds it took."""
+        once it is up); returns the seconds it took and the CPU seconds spent (thread and process)."""
         images = [(row, keywords) for row, keywords, _ in staged]
+        cpu = time.thread_time()
         if self._process is not None and self._process.ready():
-            return self._process.write(images)
-        return write_batch(self.store, images)
+            seconds, spent = self._process.write(images)
+        else:
+            seconds, spent = write_batch(self.store, images), 0.0
+        return seconds, spent + time.thread_time() - cpu
 
     def _settle(self, block: bool = True) -> None:
         """Wait for the transaction in flight (``block`` False: only if it has ended). If it failed,
@@ -440,7 +453,7 @@ class Writer:
         (future, snapshot, staged), self._committing = self._committing, None
         started = time.perf_counter()
         try:
-            seconds = future.result()
+            seconds, cpu = future.result()
         except BaseException as exc:
             self._staged, self._snapshot, self._pending = [], None, None
             for name, value in snapshot.items():
@@ -455,6 +468,7 @@ class Writer:
         self.n_batches += len(staged) > 1
         self.rows_committed += sum(rows for _, _, rows in staged)
         self.seconds["commit"] += seconds
+        self.stage_cpu += cpu
 
     def _refuse_if_failed(self) -> None:
         """DatabaseError once a transaction has failed: the writer went back to the last image the
@@ -501,11 +515,18 @@ class Writer:
             "writer_seconds": dict(self.seconds),
             "rows_committed": self.rows_committed,
             "worker_seconds": dict(self.worker_seconds),
+            "stage_cpu_seconds": self.stage_cpu,
             "n_batches": self.n_batches,
             "n_process_batches": self.process_batches,
         }
 
     # -- helpers --------------------------------------------------------------------------
+    def _count_worker(self, message: ImageResult | ForcedMeasurements) -> None:
+        """Add a worker's seconds per stage and CPU seconds to the run's."""
+        for stage, seconds in message.seconds.items():
+            self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
+        self.stage_cpu += message.cpu
+
     def _astrometry(self, detections: np.ndarray, beam_fwhm: float) -> tuple[Astrometry, tuple[float, float]]:
         """The image's offsets from the catalogue, and the systematic errors (arcsec) to associate it
         with: the user's, or under 'auto' those measured so far and on this image."""
