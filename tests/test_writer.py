@@ -194,6 +194,7 @@ def test_the_writers_entry_points_run_one_at_a_time():
     class Guarded:
         def __init__(self):
             self._lock, self.inside, self.overlaps = threading.RLock(), 0, 0
+            self._inside, self.stage_cpu = False, 0.0  # what the decorator times the CPU with
 
         @_one_at_a_time
         def outer(self):
