@@ -39,7 +39,7 @@ STAGES = (
     ("read pixels", "trap_dask.tasks", "read_image"),
     ("quality control", "trap_dask.tasks", "check_quality"),
     ("background/prepare", "trap_dask.tasks", "prepare_image"),
-    ("extract", "trap_dask.tasks", "extract_sources"),
+    ("extract", "trap_dask.tasks", "extract_image"),
     ("forced fits", "trap_dask.tasks", "forced_fit"),
     ("associate (plan)", "trap_dask.catalogue", "RunningCatalogue.plan"),
     ("catalogue update", "trap_dask.catalogue", "RunningCatalogue.update"),

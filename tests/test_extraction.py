@@ -22,7 +22,7 @@ from tests._synth import (
     robust_std,
     scattered_positions,
 )
-from trap_dask.extraction.extract import extract_sources, extraction_radius_deg, prepare_image
+from trap_dask.extraction.extract import extract, extract_sources, extraction_radius_deg, prepare_image
 from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
@@ -269,19 +269,24 @@ def test_islands_measured_in_batches_as_in_one(field, monkeypatch):
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_a_corrupt_block_of_1e30_pixels_gets_finite_errors():
-    """A block of corrupt pixels (1e30 Jy/beam) overflows the fit covariance's float32 sums: its
-    detection takes Condon's errors, finite, so its catalogue position stays a number. Neither it
-    nor a block of infinite pixels fills the log with numpy's warnings."""
+    """A block of corrupt pixels (1e30 Jy/beam) large enough not to be cut as a pixel artefact
+    overflows the fit covariance's float32 sums: its detection takes Condon's errors, finite, so its
+    catalogue position stays a number. A small block (3 x 3) and a block of infinite pixels are left
+    out as artefacts. None of them fills the log with numpy's warnings."""
     rng = np.random.default_rng(5)
     wcs = make_wcs(128, 128, 10.0, 10.0, PIX)
     data = correlated_noise((128, 128), BEAM, RMS, rng) + gaussians((128, 128), np.array([40.0]), np.array([40.0]),
                                                                     np.array([30 * RMS]), BEAM.cov())
-    data[80:83, 80:83] = 1e30
+    data[70:90, 70:90] = 1e30
+    data[100:103, 20:23] = 1e30
     data[20:23, 100:103] = np.inf
     params = ExtractionParams()
-    rows = extract_sources(prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params), params)
+    found = extract(prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params), params)
+    rows = found.sources
     corrupt = rows[rows["peak_flux"] > 1e20]
-    assert len(corrupt) == 1 and len(rows) == 2
+    assert len(corrupt) == 1 and len(rows) == 2 and 70 < corrupt["x"][0] < 90
+    cut = found.artefacts[np.argsort(found.artefacts[:, 0])]  # the small 1e30 block, then the infinite one
+    assert len(cut) == 2 and (np.abs(cut[:, :2] - [[21, 101], [101, 21]]) <= 1).all()
     for name in ("ra", "dec", "ra_fit_err", "dec_fit_err", "peak_flux_err", "int_flux_err", "error_radius"):
         assert np.isfinite(rows[name]).all(), name
 

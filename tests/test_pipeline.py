@@ -368,7 +368,7 @@ def test_an_image_that_breaks_the_extractor_is_rejected_and_the_run_goes_on(surv
 
     import trap_dask.tasks
 
-    real, calls, lock = trap_dask.tasks.extract_sources, [], threading.Lock()
+    real, calls, lock = trap_dask.tasks.extract_image, [], threading.Lock()
 
     def fails_once(image, params):
         with lock:
@@ -378,13 +378,13 @@ def test_an_image_that_breaks_the_extractor_is_rejected_and_the_run_goes_on(surv
             raise RuntimeError("boom")
         return real(image, params)
 
-    monkeypatch.setattr(trap_dask.tasks, "extract_sources", fails_once)
+    monkeypatch.setattr(trap_dask.tasks, "extract_image", fails_once)
     db = run([Path(survey["images"][0]["path"]).parent], tmp_path / "bad.db")
     rejected = query(db, "SELECT rejection_reason, checksum FROM images WHERE rejected")
     assert [r[0] for r in rejected] == ["processing failed: boom"]
     assert rejected[0][1] is not None   # its contents are known: an append skips it, not records it again
     assert query(db, "SELECT count(*) FROM images WHERE NOT rejected")[0][0] == len(survey["images"]) - 1
-    monkeypatch.setattr(trap_dask.tasks, "extract_sources", real)
+    monkeypatch.setattr(trap_dask.tasks, "extract_image", real)
     summary = run_pipeline(build_config({"input_images": (str(Path(survey["images"][0]["path"]).parent),),
                                          "db_name": str(db), "db_append": True, "scheduler": "threads",
                                          "nr_threads": 2, **THRESHOLDS}, {}, None))

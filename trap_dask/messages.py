@@ -85,6 +85,7 @@ class ImageResult:
     sources: np.ndarray  #: SOURCE_DTYPE, blind detections
     seconds: dict[str, float] = field(default_factory=dict)  #: worker time per stage (WORKER_STAGES)
     cpu: float = 0.0  #: CPU seconds the worker's thread spent on it (time.thread_time), every stage
+    n_artefacts: int = 0  #: islands left out as pixel artefacts (trap_dask.extraction.artefacts)
     done_at: float = 0.0  #: time.time() when the worker finished it (the writer tells from it whether it is behind)
 
 

@@ -80,6 +80,7 @@ class RunSummary:
     n_process_batches: int = 0  #: transactions written by the writer's committer process (it fell behind)
     #: CPU seconds of the stages (workers' tasks, the writer's entry points and commits; Writer.stage_cpu)
     stage_cpu_seconds: float = 0.0
+    n_artefacts: int = 0  #: islands left out as pixel artefacts (hot pixels, glitches), in every image
 
     @property
     def writer_busy_fraction(self) -> float:
@@ -96,10 +97,12 @@ class RunSummary:
                  else "")
         copies = (f", {self.n_duplicates} {'copy' if self.n_duplicates == 1 else 'copies'} of another input"
                   if self.n_duplicates else "")
+        artefacts = (f" ({self.n_artefacts} pixel artefacts left out: hot pixels or glitches, see the log)"
+                     if self.n_artefacts else "")
         return (
             f"trap-dask: {self.n_images} images ({self.n_rejected} rejected, {self.n_skipped} already "
             f"in the database{copies}) -> {self.db}\n"
-            f"  {self.n_sources} detections, {self.n_forced} forced fits, "
+            f"  {self.n_sources} detections{artefacts}, {self.n_forced} forced fits, "
             f"{self.n_light_curves} light curves, {self.n_new_sources} new sources\n"
             f"  {self.wall_seconds:.1f} s ({self.n_images / max(self.wall_seconds, 1e-9):.1f} images/s), "
             f"writer busy {100 * self.writer_busy_fraction:.0f}% (associate {w['associate']:.1f} s, "
@@ -439,6 +442,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         n_batches=finished.get("n_batches", 0),
         n_process_batches=finished.get("n_process_batches", 0),
         stage_cpu_seconds=finished.get("stage_cpu_seconds", 0.0),
+        n_artefacts=finished.get("n_artefacts", 0),
     )
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from trap_dask.extraction.extract import PreparedImage, extract_sources, extraction_radius_deg, prepare_image
+from trap_dask.extraction.extract import PreparedImage, extraction_radius_deg, prepare_image
+from trap_dask.extraction.extract import extract as extract_image
 from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam, ImageError, ImageMeta, one_line, read_image, read_meta
@@ -157,9 +158,15 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
     if image.prepared is None:
         return replace(image.result, done_at=time.time())
     started = time.perf_counter()
-    sources = extract_sources(image.prepared, params)
+    found = extract_image(image.prepared, params)
     seconds = image.result.seconds | {"extract": time.perf_counter() - started}
-    return replace(image.result, sources=sources, seconds=seconds, done_at=time.time())
+    if len(found.artefacts):
+        x, y, snr = found.artefacts[found.artefacts[:, 2].argmax()]
+        log.info("%s: %d islands left out as pixel artefacts (too few pixels for their peak to be seen "
+                 "through the beam: hot pixels, glitches), the brightest of S/N %.0f at pixel (%d, %d)",
+                 image.result.meta.url, len(found.artefacts), snr, x, y)
+    return replace(image.result, sources=found.sources, seconds=seconds, n_artefacts=len(found.artefacts),
+                   done_at=time.time())
 
 
 def process(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:

@@ -8,6 +8,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from trap_dask.extraction import geometry as geo
+from trap_dask.extraction.artefacts import pixel_artefacts
 from trap_dask.extraction.background import NoiseMap, residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
 from trap_dask.extraction.deblend import deblend
@@ -152,12 +153,39 @@ def any_finite(values: np.ndarray | NoiseMap, bands: int = 64) -> bool:
     return any(np.isfinite(band).any() for band in np.array_split(values, min(bands, len(values)) or 1))
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """What blind extraction found in an image."""
+
+    sources: np.ndarray  #: SOURCE_DTYPE rows, every column filled
+    #: (k, 3) islands left out as pixel artefacts (trap_dask.extraction.artefacts): x, y of the
+    #: peak (0-based pixels) and its S/N
+    artefacts: np.ndarray
+
+
 def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
     """Detect and measure sources; returns SOURCE_DTYPE rows with every column filled."""
+    return extract(image, params).sources
+
+
+def extract(image: PreparedImage, params: ExtractionParams) -> Extraction:
+    """Detect and measure sources, leaving out pixel artefacts (:mod:`.artefacts`)."""
     if not any_finite(image.rms):
-        return empty_sources()
+        return Extraction(empty_sources(), np.zeros((0, 3)))
     snr = snr_map(image.residual, image.rms)
     labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
+    artefact = pixel_artefacts(islands, params.analysis_threshold, image.beam_cov)
+    y, x = np.divmod(islands.peak_flat[artefact], image.shape[1])
+    artefacts = np.column_stack([x, y, islands.peak_snr[artefact]])
+    if artefact.any():
+        islands = islands.select(~artefact)
+    return Extraction(_measure(image, params, snr, labelled, labels, islands),
+                      artefacts[in_extraction_region(image.shape, params, x, y)])
+
+
+def _measure(image: PreparedImage, params: ExtractionParams, snr, labelled: np.ndarray, labels: np.ndarray,
+             islands: Islands) -> np.ndarray:
+    """SOURCE_DTYPE rows of the islands: deblended, fitted, in the extraction region."""
     parent = np.arange(islands.n)  # the island each component was deblended from
     if params.deblend_nthresh > 0 and islands.n:
         components = deblend(

@@ -1,0 +1,107 @@
+"""Pixel artefacts: glitches, hot pixels and blocks of bad pixels are left out of the detections;
+every island of beam-convolved sky (sources and noise peaks) is kept."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from tests._synth import Shape, correlated_noise, gaussians, make_wcs, match, scattered_positions
+from trap_dask.extraction.artefacts import point_source_pixels
+from trap_dask.extraction.extract import extract, prepare_image
+from trap_dask.extraction.params import ExtractionParams
+
+PIX = 5.0  # arcsec
+RMS = 1e-3  # Jy/beam
+N = 512
+
+
+@pytest.mark.parametrize("beam", [Shape(6.0, 4.0, 30.0), Shape(2.5, 2.0, -60.0), Shape(12.0, 8.0, 0.0)])
+@pytest.mark.parametrize("peak", [5.0, 40.0, 1000.0])
+def test_a_point_source_covers_the_pixels_the_beam_predicts(beam, peak):
+    """Noiseless point sources (S/N: rms 1) at random sub-pixel positions: the pixels above 3 are
+    on average those predicted from the brightest pixel's value, within 10% (or a pixel)."""
+    rng = np.random.default_rng(3)
+    counted, predicted = [], []
+    for x, y in rng.uniform(60, 61, (20, 2)):
+        image = gaussians((128, 128), np.array([x]), np.array([y]), np.array([peak]), beam.cov())
+        counted.append(np.count_nonzero(image > 3.0))
+        predicted.append(point_source_pixels(np.array(image.max()), 3.0, beam.cov()))
+    assert np.mean(counted) == pytest.approx(np.mean(predicted), rel=0.1, abs=1.0)
+
+
+def _field(beam: Shape, seed: int):
+    """Correlated noise and ~60 point and resolved sources of S/N 5-200; (data, wcs, x, y)."""
+    rng = np.random.default_rng(seed)
+    x, y = scattered_positions(60, (N, N), 8 * beam.fwhm_major, 30, rng)
+    peak = np.exp(rng.uniform(np.log(5), np.log(200), len(x))) * RMS
+    wide = np.where(rng.random(len(x)) < 0.2, 2.0, 1.0)[:, None, None]  # a fifth twice the beam
+    data = correlated_noise((N, N), beam, RMS, rng) + gaussians((N, N), x, y, peak, beam.cov() * wide)
+    return data.astype(np.float32), make_wcs(N, N, 150.0, 30.0, PIX), x, y
+
+
+@pytest.mark.parametrize("beam", [Shape(6.0, 4.0, 30.0), Shape(2.5, 2.0, -60.0)])
+def test_no_island_of_sky_or_noise_is_cut_at_a_detection_threshold_of_4(beam):
+    data, wcs, x, _ = _field(beam, 11)
+    params = ExtractionParams(detection_threshold=4.0, analysis_threshold=3.0)
+    found = extract(prepare_image(data, wcs, beam.beam(PIX), params), params)
+    assert len(found.artefacts) == 0 and len(found.sources) >= 0.9 * len(x)
+
+
+def test_glitches_are_left_out_and_named_and_sources_of_the_same_peak_kept():
+    beam = Shape(6.0, 4.0, 30.0)
+    data, wcs, x, y = _field(beam, 12)
+    sy, sx = _empty_sky(x, y, 6, 5 * beam.fwhm_major)
+    for i, snr in enumerate((15, 40, 400)):  # one pixel
+        data[sy[i], sx[i]] += snr * RMS
+    data[sy[3]:sy[3] + 2, sx[3]:sx[3] + 2] += 50 * RMS  # a 2 x 2 block
+    data[sy[4], sx[4] - 1:sx[4] + 2] += 50 * RMS  # a streak of 3 pixels along a row
+    data += gaussians((N, N), sx[5:] + 0.3, sy[5:] - 0.2, np.array([400 * RMS]), beam.cov())  # a source
+    params = ExtractionParams()
+    found = extract(prepare_image(data, wcs, beam.beam(PIX), params), params)
+    assert (match(sx[:5], sy[:5], found.sources["x"], found.sources["y"], 3.0) == -1).all()
+    assert (match(sx[:5], sy[:5], found.artefacts[:, 0], found.artefacts[:, 1], 1.5) >= 0).all()
+    assert len(found.artefacts) == 5 and found.artefacts[:, 2].max() > 300  # the five glitches, no sky island
+    assert match(sx[5:] + 0.3, sy[5:] - 0.2, found.sources["x"], found.sources["y"], 1.0)[0] >= 0
+
+
+def _empty_sky(x: np.ndarray, y: np.ndarray, n: int, distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) of ``n`` whole pixels at least ``distance`` from every source and from one another."""
+    gy, gx = (a.ravel() for a in np.mgrid[30:N - 30:8, 30:N - 30:8])
+    free = np.hypot(gx[:, None] - x, gy[:, None] - y).min(1) > distance
+    chosen: list[int] = []
+    for i in np.flatnonzero(free):
+        if all(np.hypot(gx[i] - gx[j], gy[i] - gy[j]) > distance for j in chosen):
+            chosen.append(i)
+    assert len(chosen) >= n
+    return gy[chosen[:n]], gx[chosen[:n]]
+
+
+def test_a_run_names_the_images_with_artefacts_and_counts_them(tmp_path, caplog):
+    """A worker's extraction logs each image's artefacts with its file, the result counts them, and
+    the run's summary says how many were left out."""
+    from trap_dask import tasks
+    from trap_dask.pipeline import RunSummary
+    from trap_dask.quality import QualityParams
+
+    beam = Shape(6.0, 4.0, 30.0)
+    data, wcs, x, y = _field(beam, 13)
+    (sy,), (sx,) = _empty_sky(x, y, 1, 5 * beam.fwhm_major)
+    data[sy, sx] += 60 * RMS
+    header = wcs.to_header()
+    b = beam.beam(PIX)
+    header.update(BMAJ=2 * b.smaj, BMIN=2 * b.smin, BPA=b.pa, RESTFRQ=150e6, RESTBW=2e6, BUNIT="JY/BEAM",
+                  **{"DATE-OBS": "2024-01-01T00:00:00", "EXPTIME": 60.0})
+    path = tmp_path / "glitched.fits"
+    fits.writeto(path, data, header)
+    with caplog.at_level(logging.INFO, logger="trap_dask.tasks"):
+        result = tasks.process(tasks.scan(str(path)), QualityParams(), ExtractionParams()).result
+    assert result.rejection is None and result.n_artefacts == 1
+    assert f"{path}: 1 islands left out as pixel artefacts" in caplog.text and f"at pixel ({sx}, {sy})" in caplog.text
+    summary = RunSummary(db="x", n_images=1, n_skipped=0, n_rejected=0, n_sources=5, n_forced=0, n_new_sources=0,
+                         n_light_curves=5, wall_seconds=1.0, rows_committed=1, n_artefacts=1,
+                         writer_seconds={"associate": 0.0, "update": 0.0, "commit": 0.0})
+    assert "5 detections (1 pixel artefacts left out" in summary.describe()
