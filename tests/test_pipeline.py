@@ -571,6 +571,37 @@ def test_a_run_whose_last_transaction_fails_fails_and_leaves_a_prefix(survey, tm
     assert query(db, "SELECT status FROM runs") == [("failed",)]
 
 
+def test_the_observer_of_a_failed_run_is_told_how_it_ended(survey, tmp_path, monkeypatch):
+    """A run that stops (here: its first transaction refused) exits the observer's context with its
+    error, so that trap-dask bench asks nothing more of a cluster that may not answer."""
+    from contextlib import contextmanager
+
+    from trap_dask import writer as writer_module
+    from trap_dask.db.backends import DatabaseError
+    from trap_dask.pipeline import PipelineError
+
+    def write_batch(store, images):
+        raise DatabaseError("disk full")
+
+    monkeypatch.setattr(writer_module, "write_batch", write_batch)
+    ended = []
+
+    @contextmanager
+    def observe(client):
+        try:
+            yield
+            ended.append(None)
+        except BaseException as exc:
+            ended.append(type(exc).__name__)
+            raise
+
+    values = {"input_images": tuple(i["path"] for i in survey["images"]), "db_name": str(tmp_path / "full.db"),
+              "nr_threads": 2, **THRESHOLDS}
+    with pytest.raises(PipelineError, match="disk full"):
+        run_pipeline(build_config(values, {}, None), observe=observe)
+    assert ended == ["DatabaseError"]  # the writer's (the caller gets it as a PipelineError)
+
+
 def test_images_that_share_a_start_time_are_named_in_a_warning(survey, tmp_path, capsys):
     """Three images of one frequency with one DATE-OBS (a date without its time, say): the run
     goes on, and says so."""

@@ -9,9 +9,10 @@ at the end), with the same cluster flags as ``trap-dask run``: a local cluster b
 Per-stage times come from the workers and the writer themselves (``seconds`` of the messages:
 perf_counter around each stage), summed over the run and divided by the number of images. The CPU
 rows set the stages' CPU time (each worker thread's and the writer's, ``Writer.stage_cpu``) against
-that of every process of the cluster while the images are processed (:func:`cluster_cpu`): the
-rest is what distributing the work costs (Dask's scheduler and event loops, transfers, threads
-handing work on).
+that of every process of the cluster from when it is up until the images are done
+(:func:`cluster_cpu`): the rest is what distributing the work costs (Dask's scheduler and event
+loops, transfers, threads handing work on) and the start-up after the cluster's (the writer's
+imports, a worker process's first tasks), which weighs less the more images a run has.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ ROWS = (
     ("commit, ms/image (writer, its own thread or process)", "commit", "{:.1f}"),
     ("waiting for a commit, ms/image (writer)", "wait", "{:.1f}"),
     ("CPU, ms/image (every process of the cluster, while the images are processed)", "cpu", "{:.0f}"),
-    ("of it in the stages above (workers' and writer's threads), %", "stage_cpu", "{:.0f}"),
-    ("of it elsewhere (Dask, transfers, handing work on), %", "overhead", "{:.0f}"),
+    ("of it in the stages above (workers' and writer's threads), %", "stage_cpu_pct", "{:.0f}"),
+    ("of it elsewhere (Dask, transfers, the writer's and workers' start-up), %", "overhead_pct", "{:.0f}"),
     ("writer busy, % of the wall time", "writer_busy", "{:.0f}"),
     ("worker utilisation, % of the extraction threads", "utilisation", "{:.0f}"),
     ("extraction threads", "threads", "{:.0f}"),
@@ -246,7 +247,8 @@ def process_cpu() -> tuple[str, int, float]:
 def cluster_cpu(client) -> dict[tuple[str, int], float]:
     """CPU seconds so far of each process of the cluster, by (host, pid): the workers, the scheduler
     and this one, each once however many workers it holds (a local cluster's threads share this
-    process). Empty when a process could not be asked (a worker lost meanwhile)."""
+    process). Empty when a process could not be asked (a worker lost meanwhile). A local worker
+    process that ended meanwhile is in this process's children's time (its nanny runs here)."""
     try:
         samples = [*client.run(process_cpu).values(), client.run_on_scheduler(process_cpu)]
     except Exception as exc:  # noqa: BLE001 - the CPU rows are then left empty; the run goes on
@@ -286,8 +288,8 @@ def numbers(summary, cpu: float = math.nan) -> dict[str, float]:
         "forced": 1e3 * (ws.get("forced fits", 0.0) + ws.get("backfill", 0.0)) / n,
         **{stage: 1e3 * w.get(stage, 0.0) / n for stage in ("associate", "update", "commit", "wait")},
         "cpu": 1e3 * cpu / n,
-        "stage_cpu": stage_share,
-        "overhead": 100 - stage_share,
+        "stage_cpu_pct": stage_share,
+        "overhead_pct": 100 - stage_share,
         "writer_busy": 100 * summary.writer_busy_fraction,
         "utilisation": 100 * extracting / (steady * max(summary.n_threads, 1)),
         "threads": summary.n_threads,

@@ -192,7 +192,8 @@ def run_pipeline(config: Config, config_file: Path | None = None, observe=None) 
     """Process every input image into the export database; returns totals for the summary.
 
     ``observe``: called with the Dask client once the cluster is up, returns a context manager
-    held while the images are processed (``trap-dask bench --report``: Dask's performance report).
+    held while the images are processed and exited with the run's exception if it failed
+    (``trap-dask bench``: Dask's performance report, the cluster's CPU time).
     """
     from trap_dask.cluster import ClusterError, check_cluster
 
@@ -423,7 +424,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
             log.warning("could not record the end of the run: %s", exc)
         finally:
             try:
-                observing.close()
+                observing.__exit__(*sys.exc_info())  # the observer sees how the run ended
             finally:
                 if status != "completed":  # a completed run has no task left running
                     _drain(session.client, DRAIN_S)

@@ -126,8 +126,9 @@ def commit(writer: WriterRef, outcome: ForcedRequest | CommitSummary, forced: Fo
         from trap_dask.sources import empty_sources
 
         forced = ForcedMeasurements(empty_sources())
-    if forced is not None and fits is not None:
-        forced = replace(forced, backfill=fits, seconds=forced.seconds | {"backfill": seconds}, cpu=forced.cpu + cpu)
+    if forced is not None:
+        forced = replace(forced, seconds=forced.seconds | {"backfill": seconds}, cpu=forced.cpu + cpu,
+                         **({"backfill": fits} if fits is not None else {}))
     return writer.call("commit", forced, outcome.url)
 
 

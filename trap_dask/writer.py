@@ -102,14 +102,14 @@ def _one_at_a_time(method: _Method) -> _Method:
     @functools.wraps(method)
     def locked(self: Writer, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            if self._inside:  # called by another entry point, whose CPU time counts it
+            if self._entered is not None:  # called by another entry point, whose CPU time counts it
                 return method(self, *args, **kwargs)
-            self._inside, cpu = True, time.thread_time()
+            self._entered = time.thread_time()
             try:
                 return method(self, *args, **kwargs)
             finally:
-                self._inside = False
-                self.stage_cpu += time.thread_time() - cpu
+                self.stage_cpu += time.thread_time() - self._entered
+                self._entered = None
     return locked  # type: ignore[return-value]
 
 
@@ -123,7 +123,7 @@ class Writer:
         falls behind commits in a process of its own, else always in its thread (see the module's
         text)."""
         self._lock = threading.RLock()  # held by each entry point (they call one another)
-        self._inside = False  # an entry point runs (the outermost one times the CPU)
+        self._entered: float | None = None  # thread_time when the outermost entry point running began
         #: CPU seconds of the run's stages: the workers' (from the messages), the writer's entry points
         #: and its commits (committer thread and process); what ``trap-dask bench`` sets against the
         #: CPU of the whole cluster
@@ -517,7 +517,7 @@ class Writer:
             "writer_seconds": dict(self.seconds),
             "rows_committed": self.rows_committed,
             "worker_seconds": dict(self.worker_seconds),
-            "stage_cpu_seconds": self.stage_cpu,
+            "stage_cpu_seconds": self.stage_cpu + time.thread_time() - self._entered,  # this call's too
             "n_artefacts": self.n_artefacts,
             "n_batches": self.n_batches,
             "n_process_batches": self.process_batches,
