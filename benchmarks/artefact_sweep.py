@@ -7,7 +7,7 @@
    is extracted as the workers do: every island the cut takes for an artefact in it is a real
    detection (or a noise peak, which is also seen through the beam) lost. Then one-pixel glitches,
    2 x 2 blocks and 3-pixel streaks of S/N 6 to 500 are added at least 5 beams from every source,
-   and the glitches detected are counted with the cut (``MIN_BEAM_FILL``) and without it (0).
+   and the glitches detected are counted with the cut and without it (``--no-drop_pixel_artefacts``).
 2. The pipeline. A 12-epoch survey whose epochs 4, 7 and 10 hold glitches, run with and without
    the cut: its new sources, light curves and detections.
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import glob
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from results_table import markdown_table
 
-from trap_dask.extraction import artefacts
 from trap_dask.image import Beam
 
 BEAMS_PX = ((2.5, 2.0), (4.0, 3.0), (6.0, 4.0), (12.0, 8.0))  #: FWHM major x minor, pixels
@@ -62,13 +62,8 @@ def _extract(path: str, detection: float, cut: bool):
     from trap_dask.extraction.extract import extract
 
     params, quality = _params(detection)
-    saved = artefacts.MIN_BEAM_FILL
-    artefacts.MIN_BEAM_FILL = saved if cut else 0.0
-    try:
-        loaded = tasks.load(tasks.scan(path), quality, params)
-        found = extract(loaded.prepared, params)
-    finally:
-        artefacts.MIN_BEAM_FILL = saved
+    params = replace(params, drop_pixel_artefacts=cut)
+    found = extract(tasks.load(tasks.scan(path), quality, params).prepared, params)
     return found.sources, found.artefacts
 
 
@@ -165,15 +160,10 @@ def pipeline_check(workdir: Path) -> str:
     rows = []
     for label, inputs in (("clean", survey), ("glitches in 3 epochs", glitched)):
         for cut in (False, True):
-            saved = artefacts.MIN_BEAM_FILL
-            artefacts.MIN_BEAM_FILL = saved if cut else 0.0
             db = workdir / f"run-{label[:5]}-{cut}.db"
-            try:
-                config = build_config({"input_images": (str(inputs),), "db_name": str(db), "db_overwrite": True,
-                                       "nr_threads": 2}, {}, None)
-                summary = run_pipeline(config)
-            finally:
-                artefacts.MIN_BEAM_FILL = saved
+            config = build_config({"input_images": (str(inputs),), "db_name": str(db), "db_overwrite": True,
+                                   "nr_threads": 2, "drop_pixel_artefacts": cut}, {}, None)
+            summary = run_pipeline(config)
             with sqlite3.connect(db) as conn:
                 new = conn.execute("SELECT count(*) FROM newsource").fetchone()[0]
             rows.append([label, "with" if cut else "without", summary.n_sources, summary.n_light_curves, new,

@@ -4,6 +4,7 @@ every island of beam-convolved sky (sources and noise peaks) is kept."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,6 +67,8 @@ def test_glitches_are_left_out_and_named_and_sources_of_the_same_peak_kept():
     assert (match(sx[:5], sy[:5], found.artefacts[:, 0], found.artefacts[:, 1], 1.5) >= 0).all()
     assert len(found.artefacts) == 5 and found.artefacts[:, 2].max() > 300  # the five glitches, no sky island
     assert match(sx[5:] + 0.3, sy[5:] - 0.2, found.sources["x"], found.sources["y"], 1.0)[0] >= 0
+    as_trap = extract(prepare_image(data, wcs, beam.beam(PIX), params), replace(params, drop_pixel_artefacts=False))
+    assert len(as_trap.artefacts) == 0 and len(as_trap.sources) == len(found.sources) + 5  # TraP 1.x's sources
 
 
 def _empty_sky(x: np.ndarray, y: np.ndarray, n: int, distance: float) -> tuple[np.ndarray, np.ndarray]:

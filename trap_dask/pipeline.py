@@ -143,6 +143,7 @@ def extraction_params(config: Config) -> ExtractionParams:
         analysis_threshold=config.analysis_threshold,
         deblend_nthresh=config.deblend_nthresh,
         force_beam=config.force_beam,
+        drop_pixel_artefacts=config.drop_pixel_artefacts,
         margin=config.im_margin,
         radius=config.im_radius,
         back_size_x=config.im_back_size_x,

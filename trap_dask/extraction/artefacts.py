@@ -6,7 +6,8 @@ above an analysis threshold ``t`` (sigma: the beam's in pixels), and an extended
 pixel, a correlator or imaging glitch or a few corrupt pixels are not convolved: one to a few
 pixels, whatever their brightness. A Gaussian fit takes such an island for a source (as narrow as
 the pixels allow or, failing that, with the beam's shape), and seen in a later image of the field
-it is a new-source candidate, as in TraP. trap-dask leaves it out.
+it is a new-source candidate, as in TraP. trap-dask leaves it out (``drop_pixel_artefacts``, on by
+default; ``trap_dask.extraction.extract.extract``).
 
 An island is an artefact when it holds fewer than ``MIN_BEAM_FILL`` of the pixels that a point
 source of its peak would cover. Of ~23,000 islands of the benchmark surveys at a detection

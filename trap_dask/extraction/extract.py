@@ -169,12 +169,14 @@ def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarra
 
 
 def extract(image: PreparedImage, params: ExtractionParams) -> Extraction:
-    """Detect and measure sources, leaving out pixel artefacts (:mod:`.artefacts`)."""
+    """Detect and measure sources, leaving out pixel artefacts (:mod:`.artefacts`) unless
+    ``params.drop_pixel_artefacts`` is off."""
     if not any_finite(image.rms):
         return Extraction(empty_sources(), np.zeros((0, 3)))
     snr = snr_map(image.residual, image.rms)
     labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
-    artefact = pixel_artefacts(islands, params.analysis_threshold, image.beam_cov)
+    artefact = (pixel_artefacts(islands, params.analysis_threshold, image.beam_cov) if params.drop_pixel_artefacts
+                else np.zeros(islands.n, dtype=bool))
     y, x = np.divmod(islands.peak_flat[artefact], image.shape[1])
     artefacts = np.column_stack([x, y, islands.peak_snr[artefact]])
     if artefact.any():

@@ -18,6 +18,7 @@ class ExtractionParams:
     analysis_threshold: float = DEFAULTS.analysis_threshold  # x rms
     deblend_nthresh: int = DEFAULTS.deblend_nthresh  # 0 = no deblending
     force_beam: bool = DEFAULTS.force_beam  # fix the shape to the restoring beam
+    drop_pixel_artefacts: bool = DEFAULTS.drop_pixel_artefacts  # leave out islands too small for the beam
     margin: int = DEFAULTS.im_margin  # pixels from the edge in which sources are ignored
     radius: float = DEFAULTS.im_radius  # pixels from the centre beyond which sources are ignored (0 = no limit)
     back_size_x: int = DEFAULTS.im_back_size_x  # background box size, pixels
