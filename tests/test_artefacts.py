@@ -100,8 +100,13 @@ def test_a_run_names_the_images_with_artefacts_and_counts_them(tmp_path, caplog)
                   **{"DATE-OBS": "2024-01-01T00:00:00", "EXPTIME": 60.0})
     path = tmp_path / "glitched.fits"
     fits.writeto(path, data, header)
-    with caplog.at_level(logging.INFO, logger="trap_dask.tasks"):
-        result = tasks.process(tasks.scan(str(path)), QualityParams(), ExtractionParams()).result
+    logger = logging.getLogger("trap_dask.tasks")  # (a run before may have kept its messages from the root)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="trap_dask.tasks"):
+            result = tasks.process(tasks.scan(str(path)), QualityParams(), ExtractionParams()).result
+    finally:
+        logger.removeHandler(caplog.handler)
     assert result.rejection is None and result.n_artefacts == 1
     assert f"{path}: 1 islands left out as pixel artefacts" in caplog.text and f"at pixel ({sx}, {sy})" in caplog.text
     summary = RunSummary(db="x", n_images=1, n_skipped=0, n_rejected=0, n_sources=5, n_forced=0, n_new_sources=0,

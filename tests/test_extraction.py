@@ -157,6 +157,13 @@ def test_margin_and_radius_exclusion(field):
         half_diagonal * PIX / 3600, rel=1e-3)
 
 
+def test_margins_that_leave_no_pixel_leave_no_extraction_region():
+    """A margin of half the image or more leaves nothing: no radius, whichever side is longer."""
+    assert ExtractionParams(margin=256).region_radius((512, 1024)) == 0.0
+    assert ExtractionParams(margin=300, radius=100.0).region_radius((1024, 512)) == 0.0
+    assert ExtractionParams(margin=200).region_radius((512, 1024)) == pytest.approx(0.5 * np.hypot(112, 624))
+
+
 @pytest.fixture(scope="module")
 def resolved():
     """Resolved Gaussians of 1.5-3 beam sizes at peak S/N 100, south field (SIN, dec -30)."""

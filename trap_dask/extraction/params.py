@@ -29,7 +29,9 @@ class ExtractionParams:
     def region_radius(self, shape: tuple[int, int]) -> float:
         """Radius (pixels) of the circle around the centre of an image of ``shape`` (ny, nx) that
         holds its extraction region: ``radius`` when set (capped at the region's half-diagonal),
-        else the half-diagonal of the image inside its margins."""
+        else the half-diagonal of the image inside its margins; 0 when the margins leave no pixel."""
         ny, nx = shape
+        if 2 * self.margin >= min(nx, ny):
+            return 0.0
         half_diagonal = 0.5 * math.hypot(nx - 2 * self.margin, ny - 2 * self.margin)
         return max(min(self.radius, half_diagonal) if self.radius > 0 else half_diagonal, 0.0)
