@@ -58,8 +58,8 @@ def test_glitches_are_left_out_and_named_and_sources_of_the_same_peak_kept():
     sy, sx = _empty_sky(x, y, 6, 5 * beam.fwhm_major)
     for i, snr in enumerate((15, 40, 400)):  # one pixel
         data[sy[i], sx[i]] += snr * RMS
-    data[sy[3]:sy[3] + 2, sx[3]:sx[3] + 2] += 50 * RMS  # a 2 x 2 block
-    data[sy[4], sx[4] - 1:sx[4] + 2] += 50 * RMS  # a streak of 3 pixels along a row
+    data[sy[3]:sy[3] + 2, sx[3]:sx[3] + 2] += 100 * RMS  # a 2 x 2 block
+    data[sy[4], sx[4] - 1:sx[4] + 2] += 100 * RMS  # a streak of 3 pixels along a row
     data += gaussians((N, N), sx[5:] + 0.3, sy[5:] - 0.2, np.array([400 * RMS]), beam.cov())  # a source
     params = ExtractionParams()
     found = extract(prepare_image(data, wcs, beam.beam(PIX), params), params)
@@ -108,8 +108,72 @@ def test_a_run_names_the_images_with_artefacts_and_counts_them(tmp_path, caplog)
     finally:
         logger.removeHandler(caplog.handler)
     assert result.rejection is None and result.n_artefacts == 1
-    assert f"{path}: 1 islands left out as pixel artefacts" in caplog.text and f"at pixel ({sx}, {sy})" in caplog.text
+    assert f"{path}: 1 island left out as pixel artefacts" in caplog.text and f"at pixel ({sx}, {sy})" in caplog.text
     summary = RunSummary(db="x", n_images=1, n_skipped=0, n_rejected=0, n_sources=5, n_forced=0, n_new_sources=0,
                          n_light_curves=5, wall_seconds=1.0, rows_committed=1, n_artefacts=1,
                          writer_seconds={"associate": 0.0, "update": 0.0, "commit": 0.0})
     assert "5 detections (1 pixel artefacts left out" in summary.describe()
+
+
+def test_glitches_added_to_a_field_of_close_pairs_leave_every_source_row_as_it_was():
+    """The islands cut before deblending leave the others' labels, deblending and fits exact."""
+    beam = Shape(6.0, 4.0, 30.0)
+    rng = np.random.default_rng(21)
+    x, y = scattered_positions(30, (N, N), 60, 40, rng)
+    angle = rng.uniform(0, np.pi, len(x))
+    x2, y2 = x + 8 * np.cos(angle), y + 8 * np.sin(angle)  # partners 1.3-2 beams away
+    peaks = rng.uniform(10, 80, (2, len(x))) * RMS
+    data = correlated_noise((N, N), beam, RMS, rng) + gaussians(
+        (N, N), np.r_[x, x2], np.r_[y, y2], np.r_[peaks[0], peaks[1]], beam.cov())
+    params = ExtractionParams()
+    image = prepare_image(data.astype(np.float32), make_wcs(N, N, 150.0, 30.0, PIX), beam.beam(PIX), params)
+    clean = extract(image, params)
+    gy, gx = _empty_sky(np.r_[x, x2], np.r_[y, y2], 12, 3 * beam.fwhm_major)
+    image.residual[gy, gx] += np.geomspace(30, 1e4, len(gy)).astype(np.float32) * RMS
+    glitched = extract(image, params)
+    assert len(glitched.artefacts) == len(gy) and len(clean.artefacts) == 0
+    assert glitched.sources.tobytes() == clean.sources.tobytes()
+
+
+def test_sources_on_the_edge_or_by_a_blank_region_are_kept():
+    """Islands cut short by the image's edge or blank pixels are never taken for artefacts."""
+    beam = Shape(6.0, 4.0, 30.0)
+    rng = np.random.default_rng(22)
+    data = correlated_noise((N, N), beam, RMS, rng) + gaussians(
+        (N, N), np.array([-1.5, 200.0, 300.0]), np.array([100.0, N + 0.5, 302.0]), np.full(3, 300 * RMS), beam.cov())
+    data[:, :1] = np.nan  # the first column blank: the first source shows a sliver of itself
+    data[290:, 300:] = np.nan  # the third source under a blank corner but its edge
+    params = ExtractionParams()
+    found = extract(prepare_image(data.astype(np.float32), make_wcs(N, N, 150.0, 30.0, PIX), beam.beam(PIX), params),
+                    params)
+    assert len(found.artefacts) == 0 and found.kept_too_small == 0
+    assert (match(np.array([1.0, 200.0, 298.0]), np.array([100.0, N - 1.0, 300.0]), found.sources["x"],
+                  found.sources["y"], 4.0) >= 0).all()
+
+
+@pytest.mark.parametrize("wider", [2.0, 5.0])
+def test_a_header_beam_wider_than_the_image_cuts_no_source(wider, caplog):
+    """Sources at the image's true resolution under a header beam 2x (they still fill enough of it)
+    or 5x too wide (most would be cut: the beam is suspect, and all are measured) are all kept."""
+    true = Shape(6.0, 4.0, 30.0)
+    data, wcs, x, y = _field(true, 23)
+    header = Shape(6.0 * wider, 4.0 * wider, 30.0)
+    params = ExtractionParams(back_size_x=64, back_size_y=64)
+    found = extract(prepare_image(data, wcs, header.beam(PIX), params), params)
+    assert len(found.artefacts) == 0
+    assert (found.kept_too_small >= 5) == (wider == 5.0)
+
+
+def test_a_hot_pixel_on_a_faint_source_leaves_the_source():
+    """An S/N 6 source under a hot pixel of S/N 30,000: the island holds the source's pixels, far
+    more than a glitch's, and is kept (measured as TraP would, hot pixel and all)."""
+    beam = Shape(6.0, 4.0, 30.0)
+    rng = np.random.default_rng(24)
+    data = correlated_noise((N, N), beam, RMS, rng) + gaussians(
+        (N, N), np.array([200.0]), np.array([200.0]), np.array([6 * RMS]), beam.cov())
+    data[200, 200] += 3e4 * RMS
+    params = ExtractionParams(detection_threshold=5.0)
+    found = extract(prepare_image(data.astype(np.float32), make_wcs(N, N, 150.0, 30.0, PIX), beam.beam(PIX), params),
+                    params)
+    assert len(found.artefacts) == 0
+    assert match(np.array([200.0]), np.array([200.0]), found.sources["x"], found.sources["y"], 2.0)[0] >= 0

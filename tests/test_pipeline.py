@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from _runs import dump, spawn
 from astropy.io import fits
+from astropy.wcs import WCS
 from conftest import BACKENDS, postgres_settings
 
 from trap_dask.config import build_config
@@ -600,6 +601,37 @@ def test_the_observer_of_a_failed_run_is_told_how_it_ended(survey, tmp_path, mon
     with pytest.raises(PipelineError, match="disk full"):
         run_pipeline(build_config(values, {}, None), observe=observe)
     assert ended == ["DatabaseError"]  # the writer's (the caller gets it as a PipelineError)
+
+
+@pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
+def test_a_hot_pixel_in_a_later_image_is_no_new_source(survey, tmp_path):
+    """One pixel of S/N 200 in the fifth image, far from every source: left out as an artefact (the
+    run's summary counts it), so no new source and no light curve appear there; TraP's behaviour
+    (--no-drop_pixel_artefacts) makes it both."""
+    with fits.open(survey["images"][0]["path"]) as hdul:
+        x, y = WCS(hdul[0].header).celestial.all_world2pix(survey["sources"]["ra"], survey["sources"]["dec"], 0)
+    gy, gx = (a.ravel() for a in np.mgrid[20:SPEC.shape[0] - 20:4, 20:SPEC.shape[1] - 20:4])
+    distance = np.hypot(gx[:, None] - x, gy[:, None] - y).min(1)
+    spot = distance.argmax()  # the pixel of the grid farthest from every source
+    assert distance[spot] > 20
+    glitched = tmp_path / "glitched"
+    glitched.mkdir()
+    for i, image in enumerate(survey["images"]):
+        with fits.open(image["path"]) as hdul:
+            data, header = hdul[0].data.copy(), hdul[0].header
+        if i == 4:
+            data[..., gy[spot], gx[spot]] += 200 * SPEC.rms
+        fits.writeto(glitched / Path(image["path"]).name, data, header)
+    counts = {}
+    for drop in (True, False):
+        db = tmp_path / f"drop-{drop}.db"
+        values = {"input_images": (str(glitched),), "db_name": str(db), "nr_threads": 2, **THRESHOLDS,
+                  "drop_pixel_artefacts": drop}
+        summary = run_pipeline(build_config(values, {}, None))
+        counts[drop] = (summary.n_artefacts, summary.n_new_sources, summary.n_light_curves)
+        assert ("1 pixel artefacts left out" in summary.describe()) == drop
+    assert counts[True][0] == 1 and counts[False][0] == 0
+    assert counts[False][1:] == (counts[True][1] + 1, counts[True][2] + 1)
 
 
 def test_images_that_share_a_start_time_are_named_in_a_warning(survey, tmp_path, capsys):

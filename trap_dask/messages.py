@@ -141,6 +141,7 @@ class CommitSummary:
     written_through: int = -1
     dropped: bool = False  #: not recorded: it reached the writer after the run had stopped (Writer.finish)
     rejection: str | None = None  #: why a rejected image was rejected
+    n_artefacts: int = 0  #: islands the worker left out as pixel artefacts (ImageResult.n_artefacts)
 
     @property
     def recorded(self) -> bool:

@@ -348,7 +348,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
     log.info("export database: %s%s", settings.describe(), " (appending)" if append else "")
     client = session.client
     status, writer, finished = "failed", None, None
-    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0, "duplicates": 0}
+    totals = {"rejected": 0, "sources": 0, "forced": 0, "new": 0, "duplicates": 0, "artefacts": 0}
     fresh = [s for s in scans if not _already_stored(s, known)]
     progress = _Progress()
     observing = ExitStack()
@@ -444,7 +444,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         n_batches=finished.get("n_batches", 0),
         n_process_batches=finished.get("n_process_batches", 0),
         stage_cpu_seconds=finished.get("stage_cpu_seconds", 0.0),
-        n_artefacts=finished.get("n_artefacts", 0),
+        n_artefacts=totals["artefacts"],
     )
 
 
@@ -743,6 +743,7 @@ def _count(totals: dict, summary, url: str, bar) -> None:
     totals["sources"] += summary.n_sources
     totals["forced"] += summary.n_forced
     totals["new"] += summary.n_new
+    totals["artefacts"] += summary.n_artefacts
     bar.update(1)
     bar.set_postfix(sources=totals["sources"], new=totals["new"], refresh=False)
 

@@ -160,11 +160,18 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
     started = time.perf_counter()
     found = extract_image(image.prepared, params)
     seconds = image.result.seconds | {"extract": time.perf_counter() - started}
-    if len(found.artefacts):
+    url, n = image.result.meta.url, len(found.artefacts)
+    if n:
         x, y, snr = found.artefacts[found.artefacts[:, 2].argmax()]
-        log.info("%s: %d islands left out as pixel artefacts (too few pixels for their peak to be seen "
-                 "through the beam: hot pixels, glitches), the brightest of S/N %.0f at pixel (%d, %d)",
-                 image.result.meta.url, len(found.artefacts), snr, x, y)
+        log.info("%s: %d %s left out as pixel artefacts (too few pixels for their peak to be seen through "
+                 "the beam: hot pixels, glitches), the brightest of S/N %.0f at pixel (%d, %d)",
+                 url, n, "island" if n == 1 else "islands", snr, x, y)
+    if found.kept_too_small:
+        beam = image.result.meta.beam
+        log.warning("%s: %d islands hold too few pixels for the header's beam (%.1f\" x %.1f\" FWHM) to have "
+                    "seen them, too many to be glitches: the beam looks wider than the image's resolution "
+                    "(check BMAJ/BMIN); they are measured as sources", url, found.kept_too_small,
+                    7200 * beam.smaj, 7200 * beam.smin)
     return replace(image.result, sources=found.sources, seconds=seconds, n_artefacts=len(found.artefacts),
                    done_at=time.time())
 

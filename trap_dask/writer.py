@@ -128,7 +128,6 @@ class Writer:
         #: and its commits (committer thread and process); what ``trap-dask bench`` sets against the
         #: CPU of the whole cluster
         self.stage_cpu = 0.0
-        self.n_artefacts = 0  #: islands the workers left out as pixel artefacts (ImageResult.n_artefacts)
         self.store = ExportStore(settings)
         self.run_id = self.store.start_run(config.exportable(), config_file)
         state = self.store.load_state() if append else None
@@ -263,7 +262,6 @@ class Writer:
             return skipped
         behind = bool(result.done_at) and result.done_at < self._idle_since
         self._count_worker(result)
-        self.n_artefacts += result.n_artefacts
         meta = result.meta
         band, is_new_band = assign_band(meta.freq_eff, meta.freq_bw, self.bands, self.fixed)
         rejection = result.rejection
@@ -339,7 +337,8 @@ class Writer:
         self.seconds["update"] += time.perf_counter() - started  # association's update and apply, not the commit
         self._done(behind)
         summary = self._summary(row["id"], False, row["n_sources"], len(update.measurements) - row["n_sources"],
-                                len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err)
+                                len(update.new_sources["src_id"]), band.band_id, astrometry, sys_err,
+                                n_artefacts=result.n_artefacts)
         return self._remember(result.meta.url, summary)
 
     def _read_history(self, plan: AssociationPlan) -> Future | None:
@@ -518,7 +517,6 @@ class Writer:
             "rows_committed": self.rows_committed,
             "worker_seconds": dict(self.worker_seconds),
             "stage_cpu_seconds": self.stage_cpu + time.thread_time() - self._entered,  # this call's too
-            "n_artefacts": self.n_artefacts,
             "n_batches": self.n_batches,
             "n_process_batches": self.process_batches,
         }

@@ -9,23 +9,33 @@ the pixels allow or, failing that, with the beam's shape), and seen in a later i
 it is a new-source candidate, as in TraP. trap-dask leaves it out (``drop_pixel_artefacts``, on by
 default; ``trap_dask.extraction.extract.extract``).
 
-An island is an artefact when it holds fewer than ``MIN_BEAM_FILL`` of the pixels that a point
-source of its peak would cover. Of ~23,000 islands of the benchmark surveys at a detection
+An island is an artefact when it holds fewer than ``MIN_BEAM_FILL`` (5%) of the pixels that a
+point source of its peak would cover, unless it touches the image's edge or a blank pixel (cut
+short, its count tells nothing). Of ~23,000 islands of the benchmark surveys at a detection
 threshold of 4 (noise peaks included) and those of the real images in ``shared/realdata``, the
-fewest held 0.27 of that, and ``benchmarks/artefact_sweep.py`` cuts no island of its fields for
-beams of 2.5 x 2 to 12 x 8 pixels; a one-pixel glitch of S/N 8 holds 0.04 of it (a beam of
-6 x 4 pixels), one of S/N 40 under 0.01 (benchmarks/RESULTS.md, issue 15 round 13).
+fewest held 0.27 of that; none of 463 faint sources (S/N 1-3 times thresholds of 3 to 8) under
+a header beam 3 times too wide is cut, nor a source of S/N 6 under a hot pixel of S/N 30,000. A
+one-pixel glitch holds 0.04 at S/N 8 (a beam of 6 x 4 pixels) and under 0.01 from S/N 40. What
+the cut leaves: fainter glitches, blocks of a few pixels unless very bright, and most glitches
+where the beam is hardly larger than a pixel. An image where most islands (at least
+``SUSPECT_BEAM_MIN``) look like artefacts has a wrong beam in its header, not glitches: none is
+cut, and the worker warns (benchmarks/RESULTS.md, issue 15 round 13; ``artefact_sweep.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from trap_dask.extraction.islands import Islands
+from trap_dask.extraction.islands import SNR, Islands
 
 #: Least share of a point source's pixels (above the analysis threshold, at the island's peak S/N)
 #: that an island must hold to be taken as a source.
-MIN_BEAM_FILL = 0.1
+MIN_BEAM_FILL = 0.05
+#: An image where at least this many islands, and at least half of them, hold too few pixels has a
+#: header beam wider than its resolution (all its sources look too small): none of them is cut.
+SUSPECT_BEAM_MIN = 5
+#: (dy, dx) of a pixel's 8 neighbours.
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 def point_source_pixels(peak_snr: np.ndarray, analysis: float, beam_cov: np.ndarray) -> np.ndarray:
@@ -36,6 +46,29 @@ def point_source_pixels(peak_snr: np.ndarray, analysis: float, beam_cov: np.ndar
     return 2.0 * np.pi * sigmas * np.log(np.maximum(peak_snr / analysis, 1.0))
 
 
-def pixel_artefacts(islands: Islands, analysis: float, beam_cov: np.ndarray) -> np.ndarray:
-    """bool per island: it holds too few pixels for its peak to be seen through the beam."""
-    return islands.counts < MIN_BEAM_FILL * point_source_pixels(islands.peak_snr, analysis, beam_cov)
+def pixel_artefacts(islands: Islands, snr: SNR, analysis: float, beam_cov: np.ndarray) -> np.ndarray:
+    """bool per island: it holds too few pixels for the beam (see the module's text)."""
+    few = islands.counts < MIN_BEAM_FILL * point_source_pixels(islands.peak_snr, analysis, beam_cov)
+    if few.any():  # (the usual image has none)
+        few[np.flatnonzero(few)[_cut_short(islands.select(few), snr)]] = False
+    return few
+
+
+def _cut_short(islands: Islands, snr: SNR) -> np.ndarray:
+    """bool per island: a pixel of it lies on the image's edge or next to a blank one, so that it
+    may hold fewer pixels than the sky it shows (its count tells nothing)."""
+    ny, nx = snr.shape
+    y, x = np.divmod(islands.flat, nx)
+    short = (x == 0) | (x == nx - 1) | (y == 0) | (y == ny - 1)
+    inside = ~short
+    for dy, dx in _NEIGHBOURS:
+        short[inside] |= np.isnan(snr.take(islands.flat[inside] + dy * nx + dx))
+    return np.logical_or.reduceat(short, islands.starts)
+
+
+def beam_suspect(artefact: np.ndarray) -> bool:
+    """Whether the islands taken for artefacts (bool per island) are too many to be glitches:
+    at least SUSPECT_BEAM_MIN and half of the image's, so that the header's beam, not the
+    islands, is wrong."""
+    n = int(artefact.sum())
+    return n >= SUSPECT_BEAM_MIN and 2 * n >= len(artefact)

@@ -8,7 +8,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.artefacts import pixel_artefacts
+from trap_dask.extraction.artefacts import beam_suspect, pixel_artefacts
 from trap_dask.extraction.background import NoiseMap, residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
 from trap_dask.extraction.deblend import deblend
@@ -161,6 +161,8 @@ class Extraction:
     #: (k, 3) islands left out as pixel artefacts (trap_dask.extraction.artefacts): x, y of the
     #: peak (0-based pixels) and its S/N
     artefacts: np.ndarray
+    #: islands too small for the header's beam but kept, being most of the image's (artefacts.beam_suspect)
+    kept_too_small: int = 0
 
 
 def extract_sources(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
@@ -175,14 +177,17 @@ def extract(image: PreparedImage, params: ExtractionParams) -> Extraction:
         return Extraction(empty_sources(), np.zeros((0, 3)))
     snr = snr_map(image.residual, image.rms)
     labelled, labels, islands = label_islands(snr, params.analysis_threshold, params.detection_threshold)
-    artefact = (pixel_artefacts(islands, params.analysis_threshold, image.beam_cov) if params.drop_pixel_artefacts
-                else np.zeros(islands.n, dtype=bool))
+    artefact = (pixel_artefacts(islands, snr, params.analysis_threshold, image.beam_cov)
+                if params.drop_pixel_artefacts else np.zeros(islands.n, dtype=bool))
+    kept_too_small = 0
+    if beam_suspect(artefact):  # the beam is wrong, not the islands: measured as TraP would
+        kept_too_small, artefact = int(artefact.sum()), np.zeros(islands.n, dtype=bool)
     y, x = np.divmod(islands.peak_flat[artefact], image.shape[1])
     artefacts = np.column_stack([x, y, islands.peak_snr[artefact]])
     if artefact.any():
         islands = islands.select(~artefact)
     return Extraction(_measure(image, params, snr, labelled, labels, islands),
-                      artefacts[in_extraction_region(image.shape, params, x, y)])
+                      artefacts[in_extraction_region(image.shape, params, x, y)], kept_too_small)
 
 
 def _measure(image: PreparedImage, params: ExtractionParams, snr, labelled: np.ndarray, labels: np.ndarray,
