@@ -10,6 +10,10 @@
    and the glitches detected are counted with the cut and without it (``--no-drop_pixel_artefacts``).
 2. The pipeline. A 12-epoch survey whose epochs 4, 7 and 10 hold glitches, run with and without
    the cut: its new sources, light curves and detections.
+3. A wrong header beam. 150 faint sources (S/N 1-3 times the detection threshold) under a header
+   beam 2 to 5 times wider than the image's: the true sources each cut (0.1, 0.07, and
+   ``MIN_BEAM_FILL``, the default) takes for artefacts; an image where most islands look so keeps
+   them all.
 
 Prints Markdown tables (benchmarks/RESULTS.md, issue 15 round 13).
 """
@@ -47,21 +51,21 @@ def _spec(beam_px: tuple[float, float], seed: int, n_epochs: int = 2, shape=(512
                       n_resolved=int(10 / scale**2), n_pairs=int(10 / scale**2))
 
 
-def _params(detection: float):
+def _params(detection: float, analysis: float = 3.0):
     from trap_dask.config import build_config
     from trap_dask.pipeline import extraction_params, quality_params
 
-    config = build_config({"input_images": ("x",), "detection_threshold": detection, "analysis_threshold": 3.0},
-                          {}, None)
+    config = build_config({"input_images": ("x",), "detection_threshold": detection,
+                           "analysis_threshold": analysis}, {}, None)
     return extraction_params(config), quality_params(config)
 
 
-def _extract(path: str, detection: float, cut: bool):
+def _extract(path: str, detection: float, cut: bool, analysis: float = 3.0):
     """(sources, artefacts) of one file, with the cut or without it."""
     from trap_dask import tasks
     from trap_dask.extraction.extract import extract
 
-    params, quality = _params(detection)
+    params, quality = _params(detection, analysis)
     params = replace(params, drop_pixel_artefacts=cut)
     found = extract(tasks.load(tasks.scan(path), quality, params).prepared, params)
     return found.sources, found.artefacts
@@ -172,6 +176,41 @@ def pipeline_check(workdir: Path) -> str:
                            "pixel artefacts left out"], rows)
 
 
+def wrong_beam_check(workdir: Path) -> str:
+    """Faint sources (S/N 1-3 times the detection threshold) under a header beam wider than the
+    image's resolution by a factor: how many each cut (``MIN_BEAM_FILL``) takes for artefacts."""
+    from trap_dask.extraction import artefacts
+    from trap_dask.simulate import simulate_survey
+
+    rows, fills = [], (0.1, 0.07, artefacts.MIN_BEAM_FILL)
+    for detection, analysis in ((8.0, 3.0), (5.0, 3.0), (4.0, 3.0), (3.0, 2.0)):
+        survey = workdir / f"faint-{detection:g}"
+        if not survey.exists():
+            spec = replace(_spec((6.0, 4.0), 11), n_epochs=1, n_steady=150, n_variable=0, n_resolved=0, n_pairs=0,
+                           flux_range=(detection, 3 * detection))
+            simulate_survey(survey, spec)
+        path = sorted(glob.glob(str(survey / "*.fits")))[0]
+        tx, ty = _truth_pixels(path, survey)
+        for factor in (2.0, 2.5, 3.0, 4.0, 5.0):
+            wider = str(workdir / "wider.fits")
+            with fits.open(path) as hdul:
+                header = hdul[0].header
+                header["BMAJ"], header["BMIN"] = header["BMAJ"] * factor, header["BMIN"] * factor
+                fits.writeto(wider, hdul[0].data, header, overwrite=True)
+            lost, saved = [], artefacts.MIN_BEAM_FILL
+            try:
+                for fill in fills:
+                    artefacts.MIN_BEAM_FILL = fill
+                    _, cut = _extract(wider, detection, True, analysis)
+                    lost.append(int(sum(len(cut) and np.hypot(cut[:, 0] - x, cut[:, 1] - y).min() < 3
+                                        for x, y in zip(tx, ty))))
+            finally:
+                artefacts.MIN_BEAM_FILL = saved
+            rows.append([f"{factor:g}x", f"{detection:g} / {analysis:g}", len(tx), *lost])
+    return markdown_table(["header beam / true", "detection / analysis threshold", "sources",
+                           *(f"cut at {fill:g}" for fill in fills)], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="fields per beam (default: %(default)s)")
@@ -181,7 +220,8 @@ def main() -> None:
         workdir = Path(args.workdir or scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         print(extraction_sweep(workdir, args.seeds), "\n")
-        print(pipeline_check(workdir))
+        print(pipeline_check(workdir), "\n")
+        print(wrong_beam_check(workdir))
 
 
 if __name__ == "__main__":

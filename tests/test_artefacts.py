@@ -151,17 +151,17 @@ def test_sources_on_the_edge_or_by_a_blank_region_are_kept():
                   found.sources["y"], 4.0) >= 0).all()
 
 
-@pytest.mark.parametrize("wider", [2.0, 5.0])
-def test_a_header_beam_wider_than_the_image_cuts_no_source(wider, caplog):
+@pytest.mark.parametrize("wider", [2.0, 4.0, 5.0])
+def test_a_header_beam_wider_than_the_image_cuts_no_source(wider):
     """Sources at the image's true resolution under a header beam 2x (they still fill enough of it)
-    or 5x too wide (most would be cut: the beam is suspect, and all are measured) are all kept."""
+    or 4-5x too wide (some or most would be cut: the beam is suspect, and all are measured) are all kept."""
     true = Shape(6.0, 4.0, 30.0)
     data, wcs, x, y = _field(true, 23)
     header = Shape(6.0 * wider, 4.0 * wider, 30.0)
     params = ExtractionParams(back_size_x=64, back_size_y=64)
     found = extract(prepare_image(data, wcs, header.beam(PIX), params), params)
     assert len(found.artefacts) == 0
-    assert (found.kept_too_small >= 5) == (wider == 5.0)
+    assert (found.kept_too_small > 0) == (wider > 2.0)
 
 
 def test_a_hot_pixel_on_a_faint_source_leaves_the_source():

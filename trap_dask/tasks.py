@@ -168,10 +168,10 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
                  url, n, "island" if n == 1 else "islands", snr, x, y)
     if found.kept_too_small:
         beam = image.result.meta.beam
-        log.warning("%s: %d islands hold too few pixels for the header's beam (%.1f\" x %.1f\" FWHM) to have "
-                    "seen them, too many to be glitches: the beam looks wider than the image's resolution "
-                    "(check BMAJ/BMIN); they are measured as sources", url, found.kept_too_small,
-                    7200 * beam.smaj, 7200 * beam.smin)
+        log.warning("%s: its islands hold too few pixels for the header's beam (%.1f\" x %.1f\" FWHM) to have "
+                    "seen them, as a whole and not a few glitches: the beam looks wider than the image's "
+                    "resolution (check BMAJ/BMIN); %d islands that would be taken for pixel artefacts are "
+                    "measured as sources", url, 7200 * beam.smaj, 7200 * beam.smin, found.kept_too_small)
     return replace(image.result, sources=found.sources, seconds=seconds, n_artefacts=len(found.artefacts),
                    done_at=time.time())
 

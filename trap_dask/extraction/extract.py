@@ -161,7 +161,7 @@ class Extraction:
     #: (k, 3) islands left out as pixel artefacts (trap_dask.extraction.artefacts): x, y of the
     #: peak (0-based pixels) and its S/N
     artefacts: np.ndarray
-    #: islands too small for the header's beam but kept, being most of the image's (artefacts.beam_suspect)
+    #: islands too small for the header's beam but kept: all the image's were (artefacts.beam_suspect)
     kept_too_small: int = 0
 
 
@@ -180,7 +180,8 @@ def extract(image: PreparedImage, params: ExtractionParams) -> Extraction:
     artefact = (pixel_artefacts(islands, snr, params.analysis_threshold, image.beam_cov)
                 if params.drop_pixel_artefacts else np.zeros(islands.n, dtype=bool))
     kept_too_small = 0
-    if beam_suspect(artefact):  # the beam is wrong, not the islands: measured as TraP would
+    if artefact.any() and beam_suspect(islands, params.analysis_threshold, image.beam_cov):
+        # the beam is wrong, not the islands: all measured, as TraP would
         kept_too_small, artefact = int(artefact.sum()), np.zeros(islands.n, dtype=bool)
     y, x = np.divmod(islands.peak_flat[artefact], image.shape[1])
     artefacts = np.column_stack([x, y, islands.peak_snr[artefact]])
