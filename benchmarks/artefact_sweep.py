@@ -12,8 +12,8 @@
    the cut: its new sources, light curves and detections.
 3. A wrong header beam. 150 faint sources (S/N 1-3 times the detection threshold) under a header
    beam 2 to 5 times wider than the image's: the true sources each cut (0.1, 0.07, and
-   ``MIN_BEAM_FILL``, the default) takes for artefacts; an image where most islands look so keeps
-   them all.
+   ``MIN_BEAM_FILL``, the default) takes for artefacts; an image whose median island holds under
+   0.3 of a point source's pixels keeps them all (``artefacts.beam_suspect``).
 
 Prints Markdown tables (benchmarks/RESULTS.md, issue 15 round 13).
 """

@@ -177,3 +177,20 @@ def test_a_hot_pixel_on_a_faint_source_leaves_the_source():
                     params)
     assert len(found.artefacts) == 0
     assert match(np.array([200.0]), np.array([200.0]), found.sources["x"], found.sources["y"], 2.0)[0] >= 0
+
+
+@pytest.mark.parametrize("n_glitches", [2, 6, 20])
+def test_many_glitches_in_a_sparse_field_are_all_cut(n_glitches):
+    """Four sources and more hot pixels than sources: the glitches are not taken for a wrong beam
+    (the median is of the islands that are not cut), so every one goes and every source stays."""
+    beam = Shape(6.0, 4.0, 30.0)
+    rng = np.random.default_rng(25)
+    x, y = np.array([100.0, 400.0, 100.0, 400.0]), np.array([100.0, 100.0, 400.0, 400.0])
+    data = correlated_noise((N, N), beam, RMS, rng) + gaussians((N, N), x, y, np.full(4, 50 * RMS), beam.cov())
+    gy, gx = _empty_sky(x, y, n_glitches, 40.0)
+    data[gy, gx] += 100 * RMS
+    params = ExtractionParams()
+    found = extract(prepare_image(data.astype(np.float32), make_wcs(N, N, 150.0, 30.0, PIX), beam.beam(PIX), params),
+                    params)
+    assert len(found.artefacts) == n_glitches and found.kept_too_small == 0
+    assert (match(x, y, found.sources["x"], found.sources["y"], 1.0) >= 0).all() and len(found.sources) == 4

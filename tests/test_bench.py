@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from trap_dask.bench import ROWS
 from trap_dask.cli import main
 
 TINY = ["-i", "3", "--size", "128", "--sources", "6", "--detection_threshold", "5"]
@@ -36,9 +37,10 @@ def check_sane(rows: dict[str, list[float]], column: int = 0) -> None:
     assert value["commit, ms/image (writer, its own thread or process)"] > 0
     assert value["waiting for a commit, ms/image (writer)"] >= 0
     assert 0 < value["writer busy, % of the wall time"] < 100
-    assert value["CPU, ms/image (every process of the cluster, while the images are processed)"] > 0
-    in_stages = value["of it in the stages above (workers' and writer's threads), %"]
-    assert 0 < in_stages <= 100 and in_stages + value["of it elsewhere (Dask, transfers, handing work on), %"] == 100
+    label = {key: text for text, key, _ in ROWS}
+    assert value[label["cpu"]] > 0
+    in_stages = value[label["stage_cpu_pct"]]
+    assert 0 < in_stages <= 100 and in_stages + value[label["overhead_pct"]] == 100
     assert 0 < value["worker utilisation, % of the extraction threads"] <= 101  # of its stages alone
 
 

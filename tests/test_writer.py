@@ -158,16 +158,18 @@ def test_the_stages_cpu_is_the_messages_and_the_writers_own_each_counted_once(tm
             return real(*args, **kwargs)
         return burn_then
 
-    monkeypatch.setattr(writer, "_stage", burning("stage", 0.1, writer._stage))  # in commit()
-    monkeypatch.setattr(writer, "_write_staged", burning("write_staged", 0.2, writer._write_staged))  # in flush()
-    monkeypatch.setattr(writer_module, "write_batch", burning("write_batch", 0.15, writer_module.write_batch))
+    monkeypatch.setattr(writer, "_stage", burning("stage", 0.3, writer._stage))  # in commit()
+    monkeypatch.setattr(writer, "_write_staged", burning("write_staged", 0.6, writer._write_staged))  # in flush()
+    monkeypatch.setattr(writer_module, "write_batch", burning("write_batch", 0.45, writer_module.write_batch))
     for i in (1, 2, 3):
         request = writer.associate(replace(_image(i, [150.0, 150.2], [30.0, 30.0]), cpu=2.0))
         writer.commit(ForcedMeasurements(_forced(request.ra, request.dec), cpu=3.0))
     spent = writer.finish("completed")["stage_cpu_seconds"] - 15.0
-    burnt = 0.1 * calls["stage"] + 0.2 * calls["write_staged"] + 0.15 * calls["write_batch"]
+    burnt = 0.3 * calls["stage"] + 0.6 * calls["write_staged"] + 0.45 * calls["write_batch"]
     assert calls["stage"] == 3 and calls["write_batch"] >= 1
-    assert burnt <= spent < burnt + 0.15  # the writer's own work on three small images is a few ms
+    # the writer's own work on three small images: ~0.1 s on a slow core; counting an entry point
+    # nested in another twice would add 0.6 s at least
+    assert burnt <= spent < burnt + 0.45
 
 
 def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypatch):

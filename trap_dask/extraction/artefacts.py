@@ -17,28 +17,27 @@ fewest held 0.27 of that; none of 463 faint sources (S/N 1-3 times thresholds of
 a header beam 3 times too wide is cut, nor a source of S/N 6 under a hot pixel of S/N 30,000. A
 one-pixel glitch holds 0.04 at S/N 8 (a beam of 6 x 4 pixels) and under 0.01 from S/N 40. What
 the cut leaves: fainter glitches, blocks of a few pixels unless very bright, and most glitches
-where the beam is hardly larger than a pixel. An image whose median island holds under
-``SUSPECT_MEDIAN_FILL`` has a wrong beam in its header, not glitches: none is cut, and the worker
-warns (benchmarks/RESULTS.md, issue 15 round 13; ``artefact_sweep.py``).
+where the beam is hardly larger than a pixel. An island with an infinite pixel is always cut. An
+image whose median island (of those not cut) holds under ``SUSPECT_MEDIAN_FILL`` has a wrong beam
+in its header, not glitches: none is cut, and the worker warns (benchmarks/RESULTS.md, issue 15
+round 13; ``artefact_sweep.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from trap_dask.extraction.islands import SNR, Islands
+from trap_dask.extraction.islands import NEIGHBOURS, SNR, Islands
 
 #: Least share of a point source's pixels (above the analysis threshold, at the island's peak S/N)
 #: that an island must hold to be taken as a source.
 MIN_BEAM_FILL = 0.05
-#: An image of at least SUSPECT_BEAM_MIN islands whose median island holds under SUSPECT_MEDIAN_FILL
-#: of a point source's pixels has a header beam wider than its resolution (all its sources look too
-#: small; the benchmark surveys and real images give 0.95-1.03, glitches are a few among them): none
-#: is cut.
+#: An image of at least SUSPECT_BEAM_MIN islands whose median island (of those not taken for
+#: artefacts) holds under SUSPECT_MEDIAN_FILL of a point source's pixels has a header beam wider than
+#: its resolution (all its sources look too small; the benchmark surveys and real images give
+#: 0.95-1.03): none is cut.
 SUSPECT_BEAM_MIN = 5
 SUSPECT_MEDIAN_FILL = 0.3
-#: (dy, dx) of a pixel's 8 neighbours.
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 def point_source_pixels(peak_snr: np.ndarray, analysis: float, beam_cov: np.ndarray) -> np.ndarray:
@@ -62,10 +61,14 @@ def pixel_artefacts(islands: Islands, snr: SNR, analysis: float, beam_cov: np.nd
     return few
 
 
-def beam_suspect(islands: Islands, analysis: float, beam_cov: np.ndarray) -> bool:
+def beam_suspect(islands: Islands, artefact: np.ndarray, analysis: float, beam_cov: np.ndarray) -> bool:
     """Whether the image's islands look too small as a whole, not a few of them: its header's beam
-    is wider than its resolution."""
-    return islands.n >= SUSPECT_BEAM_MIN and np.median(fill(islands, analysis, beam_cov)) < SUSPECT_MEDIAN_FILL
+    is wider than its resolution. The median is of the islands not taken for artefacts (of all,
+    when every one is), so that many glitches in a sparse field do not pass for a wrong beam."""
+    if islands.n < SUSPECT_BEAM_MIN:
+        return False
+    fills = fill(islands, analysis, beam_cov)
+    return bool(np.median(fills[~artefact] if not artefact.all() else fills) < SUSPECT_MEDIAN_FILL)
 
 
 def _cut_short(islands: Islands, snr: SNR) -> np.ndarray:
@@ -75,7 +78,7 @@ def _cut_short(islands: Islands, snr: SNR) -> np.ndarray:
     y, x = np.divmod(islands.flat, nx)
     short = (x == 0) | (x == nx - 1) | (y == 0) | (y == ny - 1)
     inside = ~short
-    for dy, dx in _NEIGHBOURS:
+    for dy, dx in NEIGHBOURS:
         short[inside] |= np.isnan(snr.take(islands.flat[inside] + dy * nx + dx))
     return np.logical_or.reduceat(short, islands.starts)
 

@@ -21,6 +21,7 @@ from trap_dask.extraction.gaussian import (
     shape_cov,
 )
 from trap_dask.extraction.islands import (
+    SNR,
     Islands,
     grow_into_background,
     islands_from_pixels,
@@ -180,7 +181,7 @@ def extract(image: PreparedImage, params: ExtractionParams) -> Extraction:
     artefact = (pixel_artefacts(islands, snr, params.analysis_threshold, image.beam_cov)
                 if params.drop_pixel_artefacts else np.zeros(islands.n, dtype=bool))
     kept_too_small = 0
-    if artefact.any() and beam_suspect(islands, params.analysis_threshold, image.beam_cov):
+    if artefact.any() and beam_suspect(islands, artefact, params.analysis_threshold, image.beam_cov):
         # the beam is wrong, not the islands: all measured, as TraP would
         kept_too_small, artefact = int(artefact.sum()), np.zeros(islands.n, dtype=bool)
     y, x = np.divmod(islands.peak_flat[artefact], image.shape[1])
@@ -191,7 +192,7 @@ def extract(image: PreparedImage, params: ExtractionParams) -> Extraction:
                       artefacts[in_extraction_region(image.shape, params, x, y)], kept_too_small)
 
 
-def _measure(image: PreparedImage, params: ExtractionParams, snr, labelled: np.ndarray, labels: np.ndarray,
+def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled: np.ndarray, labels: np.ndarray,
              islands: Islands) -> np.ndarray:
     """SOURCE_DTYPE rows of the islands: deblended, fitted, in the extraction region."""
     parent = np.arange(islands.n)  # the island each component was deblended from

@@ -15,7 +15,7 @@ from trap_dask.extraction.background import NoiseMap
 #: 8-connectivity for scipy.ndimage.label.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 #: (dy, dx) of the 8 neighbours of a pixel, in raster order.
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 @dataclass
@@ -273,7 +273,7 @@ def _grow(islands: Islands, shape: tuple[int, int], free: Callable[[np.ndarray],
         row, col = np.divmod(edge, nx)
         interior = bool(((row > 0) & (row < ny - 1) & (col > 0) & (col < nx - 1)).all())
         reached = [taken << shift]
-        for dy, dx in _NEIGHBOURS:
+        for dy, dx in NEIGHBOURS:
             if interior:  # the usual case: no neighbour off the image
                 cand = edge + (dy * nx + dx)
                 source = np.flatnonzero(free(cand))
