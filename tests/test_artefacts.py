@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from astropy.io import fits
 from tests._synth import Shape, correlated_noise, gaussians, make_wcs, match, scattered_positions
 from trap_dask.extraction.artefacts import point_source_pixels
 from trap_dask.extraction.extract import extract, prepare_image
+from trap_dask.extraction.islands import snr_map
 from trap_dask.extraction.params import ExtractionParams
+from trap_dask.image import read_image, read_meta
 
 PIX = 5.0  # arcsec
 RMS = 1e-3  # Jy/beam
@@ -194,3 +197,27 @@ def test_many_glitches_in_a_sparse_field_are_all_cut(n_glitches):
                     params)
     assert len(found.artefacts) == n_glitches and found.kept_too_small == 0
     assert (match(x, y, found.sources["x"], found.sources["y"], 1.0) >= 0).all() and len(found.sources) == 4
+
+
+@pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
+@pytest.mark.parametrize("name", ["GRB120422A-120429.fits", "SWIFT_554620-130504.fits",
+                                  "GRB201006A_final_2min_srcs-t0002-image-pb_cutout.fits"])
+def test_hot_pixels_in_real_images_go_and_their_sources_stay(name):
+    """Real AMI-LA and LOFAR images at a detection threshold of 4, with three hot pixels (S/N 15, 50
+    and 500) where the image has no island: the hot pixels are cut, nothing of the image itself is,
+    and every detection of the clean image is there, measured the same."""
+    meta = read_meta(str(Path(__file__).parent / "data" / name))
+    data, wcs = read_image(meta)
+    params = ExtractionParams(detection_threshold=4.0)
+    image = prepare_image(data, wcs, meta.beam, params)
+    clean = extract(image, params)
+    assert len(clean.sources) >= 3 and len(clean.artefacts) == 0
+    quiet = np.abs(np.nan_to_num(snr_map(image.residual, image.rms), nan=99.0))
+    ny, nx = quiet.shape
+    gy, gx = (a.ravel() for a in np.mgrid[20:ny - 20:7, 20:nx - 20:7])
+    calm = [i for i in range(len(gy)) if quiet[gy[i] - 6:gy[i] + 7, gx[i] - 6:gx[i] + 7].max() < 2.0]
+    spots = np.array(calm)[np.linspace(0, len(calm) - 1, 3).astype(int)]
+    assert point_source_pixels(np.array(15.0), params.analysis_threshold, image.beam_cov) > 20  # a glitch is cut
+    image.residual[gy[spots], gx[spots]] += np.array([15.0, 50.0, 500.0], np.float32) * image.rms[gy[spots], gx[spots]]
+    glitched = extract(image, params)
+    assert len(glitched.artefacts) == 3 and glitched.sources.tobytes() == clean.sources.tobytes()
