@@ -5,8 +5,8 @@ A commit spends most of its time in Python and in the drivers' parameter binding
 little: the two take turns. Once a writer falls behind (see ``trap_dask.writer``) it starts a
 :class:`CommitterProcess`, ``python -m trap_dask.committer``, and hands it each batch over a
 socket; the process writes the batch in ONE transaction with its own :class:`ExportStore` and
-answers with the seconds (and CPU seconds) it took or the error. The writer still has one transaction in flight at
-a time, in order, so the database ends at an image boundary as before.
+answers with the seconds (and CPU seconds) it took or the error. The writer still has one
+transaction in flight at a time, in order, so the database ends at an image boundary as before.
 
 The process writes nothing on its own: it commits only what the writer sends, and refuses to
 commit once the writer's process has gone (kill -9 of the writer's worker): the batch in flight

@@ -180,12 +180,12 @@ class Config:
     force_beam: bool = _param(False, "extraction", "", "fix fitted shapes to the restoring beam")
     drop_pixel_artefacts: bool = _param(
         True, "extraction", "",
-        "leave out islands holding under a twentieth of the pixels that a point source of their peak covers "
-        "above the analysis threshold: hot pixels, glitches and small blocks of bad pixels, which the "
-        "beam never smoothed and which would become false new sources (islands on the image's edge "
-        "or by blank pixels are kept, and all of an image whose median island holds under 0.3 of a "
-        "point source's pixels: its header's beam is wrong; false: TraP 1.x, which takes them all "
-        "for sources)",
+        "leave out islands holding under a twentieth of the pixels that a point source of their "
+        "peak covers above the analysis threshold: hot pixels, glitches and small blocks of bad "
+        "pixels, which the beam never smoothed and which would become false new sources (islands on "
+        "the image's edge or by blank pixels are kept, and all of an image whose median island holds "
+        "under 0.3 of a point source's pixels: its header's beam is wrong; false: TraP 1.x, which "
+        "takes them all for sources)",
     )
     im_margin: int = _param(0, "extraction.image", "pixels", "ignore sources this close to the edge")
     im_radius: float = _param(

@@ -81,4 +81,3 @@ def _cut_short(islands: Islands, snr: SNR) -> np.ndarray:
     for dy, dx in NEIGHBOURS:
         short[inside] |= np.isnan(snr.take(islands.flat[inside] + dy * nx + dx))
     return np.logical_or.reduceat(short, islands.starts)
-
