@@ -93,8 +93,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "bench", help="simulate a survey, run it on the cluster and print where the time goes",
         description="Simulate a survey (trap_dask.simulate) into a temporary directory, process it into a "
                     "throw-away database with the cluster flags of `run`, and print images/s, start-up, "
-                    "per-stage time per image, writer busy and worker utilisation. The default survey "
-                    "finishes within about a minute on a laptop.",
+                    "per-stage time per image, the CPU time of the cluster's processes per image and the "
+                    "share of it in the stages (the rest is what distributing the work costs), writer busy "
+                    "and worker utilisation. The default survey finishes within about a minute on a laptop.",
     )
     if command == "bench":
         from trap_dask.bench import add_bench_arguments
