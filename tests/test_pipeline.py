@@ -701,6 +701,15 @@ def test_a_writer_that_cannot_be_replaced_says_why(survey, tmp_path, monkeypatch
         run([Path(i["path"]) for i in survey["images"][:3]], tmp_path / "lost.db")
 
 
+def test_background_boxes_narrower_than_the_beam_are_named_in_a_warning(survey, tmp_path, capsys):
+    image = Path(survey["images"][0]["path"])
+    run([image], tmp_path / "boxes.db", im_back_size_x=8, im_back_size_y=8)  # the beam is 6 x 4 pixels
+    assert ("WARNING im_back_size_x = 8 and im_back_size_y = 8 pixels are under 2 beam widths for 1 of 1 images, "
+            f"e.g. {image} (beam FWHM 6.0 pixels)") in capsys.readouterr().err
+    run([image], tmp_path / "fine.db")
+    assert "im_back_size" not in capsys.readouterr().err
+
+
 def test_a_margin_that_leaves_no_pixel_is_named_in_a_warning(survey, tmp_path, capsys):
     image = Path(survey["images"][0]["path"])
     run([image], tmp_path / "margin.db", im_margin=SPEC.shape[0] // 2)

@@ -369,6 +369,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         params, quality = extraction_params(config), quality_params(config)
         _say_shared_start_times(images)
         _say_empty_regions(images, config)
+        _say_small_background_boxes(images, config)
         _say_uncovered_monitors(images, config.monitor_positions(), params)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
@@ -456,6 +457,24 @@ def _say_empty_regions(images: list, config: Config) -> None:
         log.warning("im_margin = %d and im_radius = %g pixels leave no pixel to find sources in for %d of %d "
                     "images, e.g. %s (%d x %d pixels)", config.im_margin, config.im_radius, len(empty), len(images),
                     empty[0].url, *empty[0].shape)
+
+
+#: Background boxes narrower than this many beam FWHM (major axis) take in the sources they hold:
+#: the background follows them and the noise map drops, so the residual loses its sources.
+MIN_BOX_BEAMS = 2.0
+
+
+def _say_small_background_boxes(images: list, config: Config) -> None:
+    """Warn when ``im_back_size_x/_y`` are under MIN_BOX_BEAMS beam widths for images (ScannedImage)
+    of the run: their background and noise maps would follow the sources."""
+    box = min(config.im_back_size_x, config.im_back_size_y)
+    small = [s.meta for s in images if box < MIN_BOX_BEAMS * 2 * s.meta.beam.smaj / s.meta.pixel_scale]
+    if small:
+        meta = small[0]
+        log.warning("im_back_size_x = %d and im_back_size_y = %d pixels are under %g beam widths for %d of %d images, "
+                    "e.g. %s (beam FWHM %.1f pixels): the background and noise maps follow the sources there; "
+                    "use boxes of several beams", config.im_back_size_x, config.im_back_size_y, MIN_BOX_BEAMS,
+                    len(small), len(images), meta.url, 2 * meta.beam.smaj / meta.pixel_scale)
 
 
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:
