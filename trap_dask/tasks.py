@@ -172,7 +172,7 @@ def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
                     "seen them, as a whole and not a few glitches: the beam looks wider than the image's "
                     "resolution (check BMAJ/BMIN); %d islands that would be taken for pixel artefacts are "
                     "measured as sources", url, 7200 * beam.smaj, 7200 * beam.smin, found.kept_too_small)
-    return replace(image.result, sources=found.sources, seconds=seconds, n_artefacts=len(found.artefacts),
+    return replace(image.result, sources=found.sources, seconds=seconds, n_artefacts=n,
                    done_at=time.time())
 
 
