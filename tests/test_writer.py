@@ -172,6 +172,31 @@ def test_the_stages_cpu_is_the_messages_and_the_writers_own_each_counted_once(tm
     assert burnt <= spent < burnt + 0.45
 
 
+def test_a_writer_taken_over_writes_nothing_more(db_settings):
+    """A writer given up for lost that lives on after all: once its successor's start has marked its
+    run 'killed' (as pipeline._restart_writer does), its staged images are refused, the database
+    keeps what it held, and its run's end does not overwrite 'killed'."""
+    from trap_dask.db.backends import DatabaseError
+
+    writer = _writer_on(db_settings, stage_every_image=True)
+    _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))
+    writer.flush()
+    _commit(writer, writer.associate(_image(2, [150.0, 150.2], [30.0, 30.0])))  # staged, not written
+    store = ExportStore.open(db_settings)
+    try:
+        assert store.close_stale_runs() == 1
+    finally:
+        store.close()
+    with pytest.raises(DatabaseError, match="no longer running"):
+        writer.flush()
+    assert writer.finish("completed")["failure"] is not None
+    assert _count(db_settings, schema.images) == 1
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).all() == [("killed", 1)]
+    engine.dispose()
+
+
 def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypatch):
     """What a run's writer does (stage_every_image): images staged while it keeps up are written
     MAX_STAGED_KEEPING_UP at a time, and wait on when the client finds the writer idle, unless one

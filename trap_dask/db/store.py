@@ -306,10 +306,9 @@ class ExportStore:
     def finish_run(self, run_id: int, status: str) -> None:
         """Record a run's end. Its ``n_images`` moved in each of its transactions (a count kept by
         the writer could fall short: a batch its committer process wrote and died before saying so)."""
-        with self.engine.begin() as conn:
-            conn.execute(update(schema.runs).where(schema.runs.c.id == run_id).values(
-                finished_at=_now(), status=status
-            ))
+        with self.engine.begin() as conn:  # a run taken over (marked 'killed') keeps that status
+            conn.execute(update(schema.runs).where(schema.runs.c.id == run_id, schema.runs.c.status == "running")
+                         .values(finished_at=_now(), status=status))
 
     # -- per image ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -400,18 +399,29 @@ class ExportStore:
                 retired = np.concatenate([retired, image.merges["src_id"]])
         self._write_together(conn, images[first:])
 
+    def _count_in_runs(self, conn: Connection, images: list[ImageRows]) -> None:
+        """Add the images to their runs' counts (so the count is right even after kill -9), first in
+        the transaction: a run no longer 'running' was taken over (a writer started after this one
+        was given up for lost marks it 'killed'), so this transaction is refused, and a writer
+        that lives on after all never writes beside its successor."""
+        runs = schema.runs
+        for run, count in Counter(image.image["run"] for image in images).items():
+            moved = conn.execute(update(runs).where(runs.c.id == run, runs.c.status == "running")
+                                 .values(n_images=runs.c.n_images + count)).rowcount
+            if moved != 1:
+                raise DatabaseError(f"{self.settings.describe()}: run {run} is no longer running (another writer "
+                                    "took over from this one); its images are not written")
+
     def _write_together(self, conn: Connection, images: list[ImageRows]) -> None:
         """Write ``images`` as if one after the other: per-image rows are inserted together, catalogue
         and light-curve rows upserted once in their last state; then, in image order, the newsource
         rows and merges (a merge removes newsource and light-curve rows, and later ids follow it)."""
+        self._count_in_runs(conn, images)
         bands = [row for image in images for row in image.bands]
         if bands:
             conn.execute(insert(schema.frequencybands), bands)
         named = [c for c in schema.images.c.keys() if any(c in image.image for image in images)]
         conn.execute(insert(schema.images), [{c: image.image.get(c) for c in named} for image in images])
-        runs = schema.runs  # the run's image count moves with its images: right even after kill -9
-        for run, count in Counter(image.image["run"] for image in images).items():
-            conn.execute(update(runs).where(runs.c.id == run).values(n_images=runs.c.n_images + count))
         monitors = _concat([image.monitors for image in images if image.monitors is not None])
         if monitors is not None:
             self.backend.insert(conn, schema.monitor, monitors)
