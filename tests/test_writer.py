@@ -184,7 +184,7 @@ def test_a_writer_taken_over_writes_nothing_more(db_settings):
     _commit(writer, writer.associate(_image(2, [150.0, 150.2], [30.0, 30.0])))  # staged, not written
     store = ExportStore.open(db_settings)
     try:
-        assert store.close_stale_runs() == 1
+        assert store.close_stale_runs() == 1  # the one image it wrote
     finally:
         store.close()
     with pytest.raises(DatabaseError, match="no longer running"):

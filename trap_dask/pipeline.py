@@ -554,8 +554,7 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     try:
         store = ExportStore.open(settings)
         try:
-            committed = store.running_images()  # the lost writer's run: it counted its images in each transaction
-            store.close_stale_runs()
+            committed = store.close_stale_runs()  # the lost writer's run, which counted its images in each transaction
         finally:
             store.close()
     except DatabaseError as exc:

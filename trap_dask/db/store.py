@@ -223,19 +223,20 @@ class ExportStore:
 
     @_database_errors
     def close_stale_runs(self) -> int:
-        """Mark runs still 'running' as 'killed' (call only while holding the run lock)."""
-        with self.engine.begin() as conn:
-            return conn.execute(
-                update(schema.runs).where(schema.runs.c.status == "running").values(status="killed")
-            ).rowcount
-
-    @_database_errors
-    def running_images(self) -> int:
-        """Images committed by the runs still marked 'running' (their counts move with each image)."""
+        """Mark runs still 'running' as 'killed' (call only while holding the run lock); returns the
+        images they committed (their counts move with each transaction), read once they are
+        marked: a writer of theirs that lives on can commit nothing more then (_count_in_runs), so
+        none is missed."""
         runs = schema.runs.c
+        with self.engine.begin() as conn:
+            stale = list(conn.execute(select(runs.id).where(runs.status == "running")).scalars())
+            if stale:
+                conn.execute(update(schema.runs).where(runs.id.in_(stale)).values(status="killed"))
+        if not stale:
+            return 0
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.coalesce(func.sum(runs.n_images), 0))
-                                    .where(runs.status == "running")).scalar())
+                                    .where(runs.id.in_(stale))).scalar())
 
     @_database_errors
     def latest_config(self) -> dict[str, Any] | None:
