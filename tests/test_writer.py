@@ -187,14 +187,60 @@ def test_a_writer_taken_over_writes_nothing_more(db_settings):
         assert store.close_stale_runs() == 1  # the one image it wrote
     finally:
         store.close()
-    with pytest.raises(DatabaseError, match="no longer running"):
+    with pytest.raises(DatabaseError, match="^this writer was taken over .*no longer running.*writes nothing more$"):
         writer.flush()
-    assert writer.finish("completed")["failure"] is not None
+    assert "--db_append" not in writer.finish("completed")["failure"]  # its run goes on under its successor
     assert _count(db_settings, schema.images) == 1
     engine = make_engine(db_settings)
     with engine.connect() as conn:
         assert conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).all() == [("killed", 1)]
     engine.dispose()
+
+
+@pytest.mark.parametrize("first", ["old writer", "takeover"])
+def test_a_takeover_and_a_lingering_writers_transaction_exclude_each_other(db_settings, monkeypatch, first):
+    """The lost writer's transaction and its successor's takeover (close_stale_runs), at once: the
+    one that takes the run's row first goes through and the other waits for it. Old writer first:
+    its batch is written and counted in the images the takeover returns. Takeover first: the batch
+    is refused. Either way the count returned is what the database holds."""
+    from trap_dask.db.backends import DatabaseError
+
+    writer = _writer_on(db_settings, stage_every_image=True)
+    _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))  # staged
+    counted, hold, outcome = threading.Event(), threading.Event(), {}
+    real = ExportStore._count_in_runs
+
+    def count_then_hold(self, conn, images):
+        real(self, conn, images)
+        counted.set()
+        hold.wait(10)  # the transaction stays open, holding the run's row
+
+    def take_over():
+        store = ExportStore.open(db_settings)
+        try:
+            outcome["images"] = store.close_stale_runs()
+        finally:
+            store.close()
+
+    if first == "old writer":
+        monkeypatch.setattr(ExportStore, "_count_in_runs", count_then_hold)
+        flushing = threading.Thread(target=writer.flush)
+        flushing.start()
+        assert counted.wait(10)
+        taking = threading.Thread(target=take_over)
+        taking.start()
+        time.sleep(0.5)
+        assert taking.is_alive()  # it waits for the old writer's transaction
+        hold.set()
+        flushing.join(10)
+        taking.join(10)
+        assert outcome["images"] == 1 and _count(db_settings, schema.images) == 1
+    else:
+        take_over()
+        with pytest.raises(DatabaseError, match="taken over"):
+            writer.flush()
+        assert outcome["images"] == 0 and _count(db_settings, schema.images) == 0
+    writer.finish("completed")
 
 
 def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypatch):

@@ -65,6 +65,10 @@ class KnownImages:
     latest: datetime | None = None
 
 
+class RunTakenOver(DatabaseError):
+    """A transaction of a run that another writer has taken over (marked it 'killed'): refused."""
+
+
 def _database_errors(method: Callable) -> Callable:
     """Re-raise the driver's errors of a store method as one-line DatabaseErrors."""
     @functools.wraps(method)
@@ -410,8 +414,8 @@ class ExportStore:
             moved = conn.execute(update(runs).where(runs.c.id == run, runs.c.status == "running")
                                  .values(n_images=runs.c.n_images + count)).rowcount
             if moved != 1:
-                raise DatabaseError(f"{self.settings.describe()}: run {run} is no longer running (another writer "
-                                    "took over from this one); its images are not written")
+                raise RunTakenOver(f"{self.settings.describe()}: run {run} is no longer running (another writer "
+                                   "took over from this one); its images are not written")
 
     def _write_together(self, conn: Connection, images: list[ImageRows]) -> None:
         """Write ``images`` as if one after the other: per-image rows are inserted together, catalogue
