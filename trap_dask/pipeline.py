@@ -368,7 +368,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         )
         params, quality = extraction_params(config), quality_params(config)
         _say_shared_start_times(images)
-        _say_empty_regions(images, config)
+        _say_empty_regions(images, params)
         _say_small_background_boxes(images, config)
         _say_uncovered_monitors(images, config.monitor_positions(), params)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
@@ -449,13 +449,13 @@ def _process(config, config_file, settings, session, append, known, scans, start
     )
 
 
-def _say_empty_regions(images: list, config: Config) -> None:
+def _say_empty_regions(images: list, params: ExtractionParams) -> None:
     """Warn when ``im_margin`` or ``im_radius`` leave an image (ScannedImage) no pixel to find
     sources in: its run would record images without a source and say nothing."""
-    empty = [s.meta for s in images if 2 * config.im_margin >= min(s.meta.shape) or 0 < config.im_radius < 1]
+    empty = [s.meta for s in images if params.region_radius(s.meta.shape) == 0 or 0 < params.radius < 1]
     if empty:
         log.warning("im_margin = %d and im_radius = %g pixels leave no pixel to find sources in for %d of %d "
-                    "images, e.g. %s (%d x %d pixels)", config.im_margin, config.im_radius, len(empty), len(images),
+                    "images, e.g. %s (%d x %d pixels)", params.margin, params.radius, len(empty), len(images),
                     empty[0].url, *empty[0].shape)
 
 
@@ -468,13 +468,13 @@ def _say_small_background_boxes(images: list, config: Config) -> None:
     """Warn when ``im_back_size_x/_y`` are under MIN_BOX_BEAMS beam widths for images (ScannedImage)
     of the run: their background and noise maps would follow the sources."""
     box = min(config.im_back_size_x, config.im_back_size_y)
-    small = [s.meta for s in images if box < MIN_BOX_BEAMS * 2 * s.meta.beam.smaj / s.meta.pixel_scale]
+    beams = ((s.meta.url, 2 * s.meta.beam.smaj / s.meta.pixel_scale) for s in images)  # FWHM, pixels
+    small = [(url, fwhm) for url, fwhm in beams if box < MIN_BOX_BEAMS * fwhm]
     if small:
-        meta = small[0]
         log.warning("im_back_size_x = %d and im_back_size_y = %d pixels are under %g beam widths for %d of %d images, "
                     "e.g. %s (beam FWHM %.1f pixels): the background and noise maps follow the sources there; "
                     "use boxes of several beams", config.im_back_size_x, config.im_back_size_y, MIN_BOX_BEAMS,
-                    len(small), len(images), meta.url, 2 * meta.beam.smaj / meta.pixel_scale)
+                    len(small), len(images), *small[0])
 
 
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:

@@ -229,16 +229,14 @@ class ExportStore:
     def close_stale_runs(self) -> int:
         """Mark runs still 'running' as 'killed' (call only while holding the run lock); returns the
         images they committed (their counts move with each transaction), read once they are
-        marked: a writer of theirs that lives on can commit nothing more then (_count_in_runs), so
-        none is missed."""
+        marked in the same transaction: a writer of theirs that lives on waits for it and then can
+        commit nothing more (_count_in_runs), so none is missed."""
         runs = schema.runs.c
         with self.engine.begin() as conn:
             stale = list(conn.execute(select(runs.id).where(runs.status == "running")).scalars())
-            if stale:
-                conn.execute(update(schema.runs).where(runs.id.in_(stale)).values(status="killed"))
-        if not stale:
-            return 0
-        with self.engine.connect() as conn:
+            if not stale:
+                return 0
+            conn.execute(update(schema.runs).where(runs.id.in_(stale)).values(status="killed"))
             return int(conn.execute(select(func.coalesce(func.sum(runs.n_images), 0))
                                     .where(runs.id.in_(stale))).scalar())
 

@@ -34,4 +34,4 @@ class ExtractionParams:
         if 2 * self.margin >= min(nx, ny):
             return 0.0
         half_diagonal = 0.5 * math.hypot(nx - 2 * self.margin, ny - 2 * self.margin)
-        return max(min(self.radius, half_diagonal) if self.radius > 0 else half_diagonal, 0.0)
+        return min(self.radius, half_diagonal) if self.radius > 0 else half_diagonal
