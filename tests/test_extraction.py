@@ -408,6 +408,50 @@ def test_normal_equations_and_fit_covariance_match_direct_sums():
         assert np.allclose(cov[i], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("fixed_shape", [False, True])
+@pytest.mark.parametrize("half", [6, 11])  # 169 pixels (float32 sums) and up to 529 (float64)
+def test_fit_covariance_matches_the_dense_sandwich(fixed_shape, half):
+    """fit_covariance's sums of monomials made along y from rows transformed along x (DyExpansion)
+    against the dense sandwich of the Jacobian's columns, for free and beam-fixed shapes, on
+    irregular islands whose fitted centres lie off their middle."""
+    from trap_dask.extraction.gaussian import _FLOAT64_MIN_PIXELS, PixelSet, fit_covariance, inverse_params
+
+    rng = np.random.default_rng(12 + half)
+    centres = np.array([[20, 30], [70, 64], [120, 40]])
+    full = _island_pixels(centres, half, rng)
+    keep = rng.uniform(size=len(full.x)) < 0.85
+    keep[full.starts] = True
+    pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
+                      np.searchsorted(full.island[keep], np.arange(3)))
+    assert (pixels.counts > _FLOAT64_MIN_PIXELS).all() == (half == 11)
+    beam_cov = BEAM.cov()
+    source_cov = beam_cov if fixed_shape else np.array([[5.0, 1.5], [1.5, 3.0]])
+    shape = inverse_params(source_cov[None])[0]
+    offsets = np.array([[1.7, -2.4], [-3.1, 0.6], [0.2, 2.9]])
+    params = np.column_stack([[1.0, 2.0, 0.5], centres + offsets, np.tile(shape, (3, 1))])
+    cov = fit_covariance(params, pixels, beam_cov, fixed_shape)
+    k = 3 if fixed_shape else 6
+    assert cov.shape == (3, k, k)
+    beam_inv = np.linalg.inv(beam_cov)
+
+    def model(p, sel):
+        a, b, c = p[3:6] if not fixed_shape else shape
+        dx, dy = pixels.x[sel] - p[1], pixels.y[sel] - p[2]
+        return p[0] * np.exp(-0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
+
+    for i, p in enumerate(params):
+        sel = pixels.island == i
+        steps = 1e-6 * np.eye(6)[:k]
+        jac = np.column_stack([(model(p + h, sel) - model(p - h, sel)) / 2e-6 for h in steps])
+        x, y = pixels.x[sel], pixels.y[sel]
+        lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
+        rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, beam_inv, lag))
+        scaled = np.sqrt(pixels.weight[sel])[:, None] * jac
+        h_inv = np.linalg.inv(scaled.T @ scaled)
+        expected = h_inv @ scaled.T @ rho @ scaled @ h_inv
+        assert np.allclose(cov[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
 def test_segment_reductions_row_by_row_equal_numpys():
     """segment_reduce reduces (..., npix) arrays one row at a time: numpy's own reduceat numbers."""
     from trap_dask.extraction.gaussian import segment_reduce, segment_sum
