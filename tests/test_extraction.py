@@ -452,6 +452,49 @@ def test_fit_covariance_matches_the_dense_sandwich(fixed_shape, half):
         assert np.allclose(cov[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("half", [6, 11])
+def test_pair_covariance_matches_the_dense_sandwich(half):
+    """The pair fits' covariance (correlated_covariance of the Jacobian of two beam-shaped
+    components, with a prior on the positions) against the dense sandwich."""
+    from trap_dask.extraction.blends import _model_and_jacobian
+    from trap_dask.extraction.gaussian import PixelSet, correlated_covariance, inverse_params
+
+    rng = np.random.default_rng(3 + half)
+    centres = np.array([[20, 30], [70, 64], [120, 40]])
+    full = _island_pixels(centres, half, rng)
+    keep = rng.uniform(size=len(full.x)) < 0.85
+    keep[full.starts] = True
+    pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
+                      np.searchsorted(full.island[keep], np.arange(3)))
+    beam_cov = BEAM.cov()
+    beam = inverse_params(beam_cov[None])[0]
+    first = np.column_stack([[1.0, 2.0, 0.5], centres + [[1.7, -2.4], [-3.1, 0.6], [0.2, 2.9]]])
+    second = np.column_stack([[0.3, 1.0, 0.8], centres + [[-1.2, 2.0], [2.5, 1.1], [-0.4, -3.3]]])
+    prior = np.zeros((3, 6, 6))
+    prior[:, [1, 2, 4, 5], [1, 2, 4, 5]] = 0.5
+    cov = correlated_covariance(_model_and_jacobian(np.column_stack([first, second]), pixels, beam)[1], pixels,
+                                beam_cov, prior)
+    beam_inv = np.linalg.inv(beam_cov)
+
+    def model(p, sel):
+        dx, dy = pixels.x[sel] - p[1], pixels.y[sel] - p[2]
+        return p[0] * np.exp(-0.5 * (beam[0] * dx * dx + 2 * beam[1] * dx * dy + beam[2] * dy * dy))
+
+    for i in range(3):
+        sel = pixels.island == i
+        p = np.concatenate([first[i], second[i]])
+        steps = 1e-6 * np.eye(6)
+        jac = np.column_stack([(model((p + h)[:3], sel) + model((p + h)[3:], sel)
+                                - model((p - h)[:3], sel) - model((p - h)[3:], sel)) / 2e-6 for h in steps])
+        x, y = pixels.x[sel], pixels.y[sel]
+        lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
+        rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, beam_inv, lag))
+        scaled = np.sqrt(pixels.weight[sel])[:, None] * jac
+        h_inv = np.linalg.inv(scaled.T @ scaled + prior[i])
+        expected = h_inv @ scaled.T @ rho @ scaled @ h_inv
+        assert np.allclose(cov[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
 def test_segment_reductions_row_by_row_equal_numpys():
     """segment_reduce reduces (..., npix) arrays one row at a time: numpy's own reduceat numbers."""
     from trap_dask.extraction.gaussian import segment_reduce, segment_sum
