@@ -357,6 +357,28 @@ def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
         assert np.allclose(correlated[i], dense, rtol=1e-4, atol=1e-5 * np.abs(dense).max())
 
 
+@pytest.mark.parametrize("sigmas", [(5.0, 1.0, 90.0), (2.0, 1.5, 0.0), (3.0, 1.5, 17.0)])
+def test_gram_matrices_of_small_islands_under_wide_beams_match_dense_sums(sigmas):
+    """A grid smaller than the beam cuts it off, and its transform dips below zero: those terms
+    count with their sign (clipped to zero they put the sums 3e-4 to 1e-3 off here)."""
+    from trap_dask.extraction.gaussian import PixelSet, _gram_matrices
+
+    major, minor, angle = sigmas
+    turn = np.deg2rad(angle)
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    beam_cov = rotation @ np.diag([major**2, minor**2]) @ rotation.T
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[0:5, 0:7]
+    x, y = xx.ravel() + 100.0, yy.ravel() + 40.0
+    pixels = PixelSet(x, y, np.zeros(len(x)), np.ones(len(x)), np.zeros(len(x), int), np.array([0]))
+    vectors = rng.normal(size=(len(x), 3)) + 2.0
+    _, correlated = _gram_matrices(vectors, pixels, beam_cov)
+    lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
+    rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, np.linalg.inv(beam_cov), lag))
+    dense = vectors.T @ rho @ vectors
+    assert np.abs(correlated[0] - dense).max() < 1e-5 * np.abs(dense).max()
+
+
 def test_fft_grids_hold_their_islands_in_few_fast_sizes():
     """Grid sizes hold the cells asked for, are FFT-friendly (2^a 3^b 5^c) and come in few sizes."""
     from trap_dask.extraction.gaussian import _grid_size
@@ -493,6 +515,31 @@ def test_pair_covariance_matches_the_dense_sandwich(half):
         h_inv = np.linalg.inv(scaled.T @ scaled + prior[i])
         expected = h_inv @ scaled.T @ rho @ scaled @ h_inv
         assert np.allclose(cov[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("force_beam", [True, False])
+def test_an_island_one_pixel_high_gets_finite_errors(force_beam):
+    """An island of one row, fitted on that row, leaves the fit's y unconstrained (a singular
+    J^T W J): numpy refuses to invert the whole stack for one such matrix, which made an image
+    with one such island fail. Its errors are now Condon's, and the other islands keep theirs."""
+    from trap_dask.extraction.gaussian import PixelSet, fit_islands, measurement_errors
+
+    beam_cov = np.diag([4.0, 2.56])
+    row_x, row_y = np.arange(40, 49.0), np.full(9, 50.0)
+    box_y, box_x = (a.ravel() + 20.0 for a in np.mgrid[0:9, 0:9])
+    x, y = np.concatenate([row_x, box_x]), np.concatenate([row_y, box_y])
+    offset = np.stack([x - np.where(x > 30, 44.3, 24.1), y - np.where(x > 30, 50.2, 23.8)])
+    value = 10 * np.exp(-0.5 * np.einsum("in,ij,jn->n", offset, np.linalg.inv(beam_cov), offset))
+    pixels = PixelSet(x, y, value, np.ones(len(x)), np.repeat([0, 1], [9, 81]), np.array([0, 9]))
+    params, _, fitted = fit_islands(pixels, np.array([0.3, 0.1]), beam_cov, force_beam)
+    assert fitted.all() and abs(params[0, 2] - 50.0) < 1e-3
+    params[0, 2] = 50.0  # where a fit of it alone ends
+    errors = measurement_errors(params, fitted, pixels, np.ones(2), beam_cov, force_beam)
+    assert np.isfinite(errors.peak_err).all() and np.isfinite(errors.pos_cov).all()
+    assert errors.pos_cov[0, 1, 1] > 0
+    alone = measurement_errors(params[1:], fitted[1:], pixels.select(np.array([False, True])), np.ones(1), beam_cov,
+                               force_beam)
+    assert np.allclose(errors.pos_cov[1], alone.pos_cov[0]) and np.isclose(errors.peak_err[1], alone.peak_err[0])
 
 
 def test_segment_reductions_row_by_row_equal_numpys():
