@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 
+from trap_dask.association import sky_tree
 from trap_dask.astrometry import (
     AUTO_FLOOR,
     AUTO_UNMEASURED,
     Astrometry,
     ScatterHistory,
     automatic_sys_err,
+    coherent_shift,
     measure,
 )
 
@@ -43,6 +45,33 @@ def test_measures_the_offset_and_the_scatter_of_isolated_bright_sources():
     assert result.measured and result.n == len(ra)
     assert result.offset_ra == pytest.approx(1.0, abs=0.25) and result.offset_dec == pytest.approx(-0.5, abs=0.35)
     assert result.scatter_ra == pytest.approx(2.0, rel=0.12) and result.scatter_dec == pytest.approx(3.0, rel=0.12)
+
+
+@pytest.mark.parametrize("offset", [(45.0, -20.0), (-10.0, 70.0), (60.0, 60.0)])  # 1.6, 2.4, 2.8 beams
+def test_a_shift_of_more_than_a_beam_is_found_and_measured(offset):
+    """Shifted by more than a beam, few detections lie within a beam of their source: the shift
+    is found as the densest cluster of the pairs' offsets, and measured as a small one is."""
+    rng = np.random.default_rng(3)
+    ra, dec = field()
+    result = measure(ra, dec, MANY, *detections_of(ra, dec, offset, (2.0, 3.0), rng), BEAM)
+    assert result.measured and result.n == len(ra)
+    assert result.offset_ra == pytest.approx(offset[0], abs=0.3)
+    assert result.offset_dec == pytest.approx(offset[1], abs=0.4)
+    assert result.scatter_ra == pytest.approx(2.0, rel=0.12) and result.scatter_dec == pytest.approx(3.0, rel=0.12)
+
+
+def test_no_shift_is_made_up_from_unrelated_detections():
+    """Detections of another field (none at a catalogue position, however shifted) give no shift
+    and no measurement."""
+    rng = np.random.default_rng(4)
+    ra, dec = field()
+    other_ra = ra.min() + rng.uniform(0, np.ptp(ra), len(ra))
+    other_dec = dec.min() + rng.uniform(0, np.ptp(dec), len(dec))
+    n = len(ra)
+    assert coherent_shift(sky_tree(ra, dec), ra, dec, other_ra, other_dec, np.arange(n), BEAM) is None
+    result = measure(ra, dec, MANY, other_ra, other_dec, np.full(n, 50.0), np.full(n, 0.2 * ARCSEC),
+                     np.full(n, 0.2 * ARCSEC), BEAM)
+    assert result.n < 0.05 * n
 
 
 def test_the_fit_error_is_taken_out_and_faint_or_crowded_sources_do_not_count():

@@ -3,8 +3,11 @@
 Bright detections of isolated known sources, each the other's only neighbour within a beam, show
 how far this image's positions sit from the running catalogue: their median offset (a coherent
 shift of the whole image) and their robust scatter per axis (what ``ew_sys_err``/``ns_sys_err``
-should be). :class:`ScatterHistory` keeps the running estimate over the images so far, from which
-``ew_sys_err = "auto"`` takes the systematic error of the next image. Pure functions, no I/O.
+should be). A shift of more than a beam leaves few such pairs within a beam of each other: then
+the shift is first found as the densest cluster of the offsets of all pairs within
+``MAX_SHIFT`` beams, and the pairs are matched around it. :class:`ScatterHistory` keeps the
+running estimate over the images so far, from which ``ew_sys_err = "auto"`` takes the systematic
+error of the next image. Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from scipy.spatial import cKDTree
 
 from trap_dask.association import chord, sky_tree, unit_vectors
 from trap_dask.messages import MIN_MATCHES, Astrometry
-from trap_dask.sky import wrap_ra_difference
+from trap_dask.sky import unshifted, wrap_ra_difference
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -24,6 +27,17 @@ MATCH_RADIUS = 1.0
 ISOLATION_RADIUS = 3.0
 #: ... and a detection at least this significant (peak / local rms).
 MIN_SIGNIFICANCE = 10.0
+#: Largest coherent shift of an image from the catalogue that is searched for (beam FWHM): as far
+#: as sources are isolated (ISOLATION_RADIUS), so that each has at most one counterpart there.
+MAX_SHIFT = ISOLATION_RADIUS
+#: The shift is searched for when fewer than this fraction of the bright, isolated detections
+#: have a confident match without it.
+SEARCH_BELOW = 0.5
+#: Radius of the cluster of pair offsets that locates a shift (beam FWHM) ...
+CLUSTER_RADIUS = 0.5
+#: ... and the least fraction of the detections searched with that it holds: unrelated pairs
+#: spread over the search circle (~3% of them in a cluster's area), a shift's gather in one.
+CLUSTER_LEAST = 0.25
 #: Robust standard deviation of a normal distribution per median absolute deviation.
 MAD_TO_SIGMA = 1.482602218505602
 #: Floor of the automatic systematic error (beam FWHM): no image is trusted to better than this.
@@ -46,9 +60,10 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     """(catalogue index, detection index) of the confident one-to-one matches.
 
     Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
-    ``ISOLATION_RADIUS`` beams on its own side), within ``MATCH_RADIUS`` beams of each other, the
-    detection at least ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on the
-    systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
+    ``ISOLATION_RADIUS`` beams on its own side), within ``MATCH_RADIUS`` beams of each other once
+    the image's coherent shift is taken out (:func:`coherent_shift`, when few match without
+    it), the detection at least ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
+    the systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
     :func:`~trap_dask.association.sky_tree`, when the caller has built it.
     """
     none = np.zeros(0, np.intp)
@@ -61,12 +76,54 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     if not len(good_det):
         return none, none
     cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
-    cat = cat_tree.data
-    dist, ci = cat_tree.query(det[good_det], distance_upper_bound=chord(MATCH_RADIUS * beam_fwhm))
+    ci, dj = _matches(cat_tree, det[good_det], good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
+    if len(ci) >= SEARCH_BELOW * len(good_det):
+        return ci, dj
+    shift = coherent_shift(cat_tree, cat_ra, cat_dec, det_ra, det_dec, good_det, beam_fwhm)
+    if shift is None:
+        return ci, dj
+    moved = unit_vectors(*unshifted(det_ra[good_det], det_dec[good_det], *shift))
+    shifted = _matches(cat_tree, moved, good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
+    return shifted if len(shifted[0]) > len(ci) else (ci, dj)
+
+
+def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radius: float,
+             isolation: float) -> tuple[np.ndarray, np.ndarray]:
+    """(catalogue index, ``det_index``) of the detections at ``points`` (unit vectors) whose
+    nearest catalogue source within ``radius`` (chord) has no other within ``isolation``."""
+    dist, ci = cat_tree.query(points, distance_upper_bound=radius)
     ok = np.isfinite(dist)
-    ci, dj = ci[ok], good_det[ok]
-    keep = _isolated(cat_tree, cat[ci], isolation)  # only the matched catalogue sources need asking
+    ci, dj = ci[ok], det_index[ok]
+    keep = _isolated(cat_tree, cat_tree.data[ci], isolation)  # only the matched catalogue sources need asking
     return ci[keep].astype(np.intp), dj[keep].astype(np.intp)
+
+
+def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray,
+                   det_dec: np.ndarray, det_index: np.ndarray, beam_fwhm: float) -> tuple[float, float] | None:
+    """The image's shift (deg, east and north) from the catalogue as seen by the detections
+    ``det_index``: the median offset of the densest cluster (``CLUSTER_RADIUS`` beams) of the
+    offsets of every detection from each isolated catalogue source within ``MAX_SHIFT`` beams;
+    None when that cluster holds fewer than MIN_MATCHES pairs or CLUSTER_LEAST of the detections.
+    A coherent shift moves every pair by the same offset; the other pairs spread theirs over the
+    whole search circle."""
+    near = cat_tree.query_ball_point(unit_vectors(det_ra[det_index], det_dec[det_index]),
+                                     chord(MAX_SHIFT * beam_fwhm), return_sorted=False)
+    dj = np.repeat(det_index, [len(n) for n in near])
+    ci = np.fromiter((c for n in near for c in n), np.intp, len(dj))
+    keep = _isolated(cat_tree, cat_tree.data[ci], chord(ISOLATION_RADIUS * beam_fwhm))
+    ci, dj = ci[keep], dj[keep]
+    if len(ci) < MIN_MATCHES:
+        return None
+    offsets = np.column_stack([wrap_ra_difference(det_ra[dj] - cat_ra[ci]) * np.cos(np.deg2rad(det_dec[dj])),
+                               det_dec[dj] - cat_dec[ci]]) / beam_fwhm  # beams
+    tree = cKDTree(offsets)
+    counts = tree.query_ball_point(offsets, CLUSTER_RADIUS, return_length=True)
+    best = int(np.argmax(counts))
+    if counts[best] < max(MIN_MATCHES, CLUSTER_LEAST * len(det_index)):
+        return None
+    members = tree.query_ball_point(offsets[best], CLUSTER_RADIUS)
+    east, north = np.median(offsets[members], axis=0) * beam_fwhm
+    return float(east), float(north)
 
 
 def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,

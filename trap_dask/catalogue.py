@@ -23,7 +23,7 @@ from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
-from trap_dask.sky import wrap_ra_difference
+from trap_dask.sky import unshifted, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,
@@ -583,14 +583,6 @@ class RunningCatalogue:
             next_xtrsrc=update.next_xtrsrc,
             next_src_id=update.next_src_id,
         )
-
-
-def unshifted(ra: np.ndarray, dec: np.ndarray, shift_ra: float, shift_dec: float) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (deg) with an image's coherent offset (deg on the sky, east and north) taken out."""
-    if shift_ra == 0.0 and shift_dec == 0.0:
-        return ra, dec
-    dec_out = dec - shift_dec
-    return (ra - shift_ra / np.cos(np.deg2rad(dec_out))) % 360.0, dec_out
 
 
 def _ra_error(meas: np.ndarray) -> np.ndarray:

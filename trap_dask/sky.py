@@ -14,3 +14,11 @@ from numpy.typing import ArrayLike
 def wrap_ra_difference(dra: ArrayLike) -> np.ndarray:
     """Wrap RA differences (deg) to [-180, 180)."""
     return (np.asarray(dra, dtype=float) + 180.0) % 360.0 - 180.0
+
+
+def unshifted(ra: np.ndarray, dec: np.ndarray, shift_ra: float, shift_dec: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (deg) with an image's coherent offset (deg on the sky, east and north) taken out."""
+    if shift_ra == 0.0 and shift_dec == 0.0:
+        return ra, dec
+    dec_out = dec - shift_dec
+    return (ra - shift_ra / np.cos(np.deg2rad(dec_out))) % 360.0, dec_out
