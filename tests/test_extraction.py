@@ -331,6 +331,29 @@ def _island_pixels(centres: np.ndarray, half: int, rng: np.random.Generator):
     return PixelSet(x, y, rng.normal(size=len(x)), weight, island, np.arange(len(centres)) * dx.size)
 
 
+def _ragged_islands(centres: np.ndarray, half: int, rng: np.random.Generator):
+    """:func:`_island_pixels` with ~15% of each island's pixels left out (its first kept)."""
+    from trap_dask.extraction.gaussian import PixelSet
+
+    full = _island_pixels(centres, half, rng)
+    keep = rng.uniform(size=len(full.x)) < 0.85
+    keep[full.starts] = True
+    return PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
+                    np.searchsorted(full.island[keep], np.arange(len(centres))))
+
+
+def _dense_sandwich(pixels, island: int, jac: np.ndarray, beam_cov: np.ndarray, prior=0.0) -> np.ndarray:
+    """The beam-correlated sandwich covariance of one island from its Jacobian (npix, k), summed
+    over every pair of its pixels."""
+    sel = pixels.island == island
+    x, y = pixels.x[sel], pixels.y[sel]
+    lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
+    rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, np.linalg.inv(beam_cov), lag))
+    scaled = np.sqrt(pixels.weight[sel])[:, None] * jac
+    h_inv = np.linalg.inv(scaled.T @ scaled + prior)
+    return h_inv @ scaled.T @ rho @ scaled @ h_inv
+
+
 def test_gram_matrices_match_dense_sums_for_small_and_large_islands():
     """FFT beam-correlated sums (float32: small islands, float64: large) against dense ones."""
     from trap_dask.extraction.gaussian import _FLOAT64_MIN_PIXELS, PixelSet, _gram_matrices
@@ -436,15 +459,10 @@ def test_fit_covariance_matches_the_dense_sandwich(fixed_shape, half):
     """fit_covariance's sums of monomials made along y from rows transformed along x (DyExpansion)
     against the dense sandwich of the Jacobian's columns, for free and beam-fixed shapes, on
     irregular islands whose fitted centres lie off their middle."""
-    from trap_dask.extraction.gaussian import _FLOAT64_MIN_PIXELS, PixelSet, fit_covariance, inverse_params
+    from trap_dask.extraction.gaussian import _FLOAT64_MIN_PIXELS, fit_covariance, inverse_params
 
-    rng = np.random.default_rng(12 + half)
     centres = np.array([[20, 30], [70, 64], [120, 40]])
-    full = _island_pixels(centres, half, rng)
-    keep = rng.uniform(size=len(full.x)) < 0.85
-    keep[full.starts] = True
-    pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
-                      np.searchsorted(full.island[keep], np.arange(3)))
+    pixels = _ragged_islands(centres, half, np.random.default_rng(12 + half))
     assert (pixels.counts > _FLOAT64_MIN_PIXELS).all() == (half == 11)
     beam_cov = BEAM.cov()
     source_cov = beam_cov if fixed_shape else np.array([[5.0, 1.5], [1.5, 3.0]])
@@ -454,7 +472,6 @@ def test_fit_covariance_matches_the_dense_sandwich(fixed_shape, half):
     cov = fit_covariance(params, pixels, beam_cov, fixed_shape)
     k = 3 if fixed_shape else 6
     assert cov.shape == (3, k, k)
-    beam_inv = np.linalg.inv(beam_cov)
 
     def model(p, sel):
         a, b, c = p[3:6] if not fixed_shape else shape
@@ -465,12 +482,7 @@ def test_fit_covariance_matches_the_dense_sandwich(fixed_shape, half):
         sel = pixels.island == i
         steps = 1e-6 * np.eye(6)[:k]
         jac = np.column_stack([(model(p + h, sel) - model(p - h, sel)) / 2e-6 for h in steps])
-        x, y = pixels.x[sel], pixels.y[sel]
-        lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
-        rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, beam_inv, lag))
-        scaled = np.sqrt(pixels.weight[sel])[:, None] * jac
-        h_inv = np.linalg.inv(scaled.T @ scaled)
-        expected = h_inv @ scaled.T @ rho @ scaled @ h_inv
+        expected = _dense_sandwich(pixels, i, jac, beam_cov)
         assert np.allclose(cov[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
@@ -479,15 +491,10 @@ def test_pair_covariance_matches_the_dense_sandwich(half):
     """The pair fits' covariance (correlated_covariance of the Jacobian of two beam-shaped
     components, with a prior on the positions) against the dense sandwich."""
     from trap_dask.extraction.blends import _model_and_jacobian
-    from trap_dask.extraction.gaussian import PixelSet, correlated_covariance, inverse_params
+    from trap_dask.extraction.gaussian import correlated_covariance, inverse_params
 
-    rng = np.random.default_rng(3 + half)
     centres = np.array([[20, 30], [70, 64], [120, 40]])
-    full = _island_pixels(centres, half, rng)
-    keep = rng.uniform(size=len(full.x)) < 0.85
-    keep[full.starts] = True
-    pixels = PixelSet(*(v[keep] for v in (full.x, full.y, full.value, full.weight, full.island)),
-                      np.searchsorted(full.island[keep], np.arange(3)))
+    pixels = _ragged_islands(centres, half, np.random.default_rng(3 + half))
     beam_cov = BEAM.cov()
     beam = inverse_params(beam_cov[None])[0]
     first = np.column_stack([[1.0, 2.0, 0.5], centres + [[1.7, -2.4], [-3.1, 0.6], [0.2, 2.9]]])
@@ -496,7 +503,6 @@ def test_pair_covariance_matches_the_dense_sandwich(half):
     prior[:, [1, 2, 4, 5], [1, 2, 4, 5]] = 0.5
     cov = correlated_covariance(_model_and_jacobian(np.column_stack([first, second]), pixels, beam)[1], pixels,
                                 beam_cov, prior)
-    beam_inv = np.linalg.inv(beam_cov)
 
     def model(p, sel):
         dx, dy = pixels.x[sel] - p[1], pixels.y[sel] - p[2]
@@ -508,12 +514,7 @@ def test_pair_covariance_matches_the_dense_sandwich(half):
         steps = 1e-6 * np.eye(6)
         jac = np.column_stack([(model((p + h)[:3], sel) + model((p + h)[3:], sel)
                                 - model((p - h)[:3], sel) - model((p - h)[3:], sel)) / 2e-6 for h in steps])
-        x, y = pixels.x[sel], pixels.y[sel]
-        lag = np.stack([x[:, None] - x, y[:, None] - y], -1)
-        rho = np.exp(-0.5 * np.einsum("ijk,kl,ijl->ij", lag, beam_inv, lag))
-        scaled = np.sqrt(pixels.weight[sel])[:, None] * jac
-        h_inv = np.linalg.inv(scaled.T @ scaled + prior[i])
-        expected = h_inv @ scaled.T @ rho @ scaled @ h_inv
+        expected = _dense_sandwich(pixels, i, jac, beam_cov, prior[i])
         assert np.allclose(cov[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
