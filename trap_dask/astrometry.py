@@ -27,9 +27,10 @@ MATCH_RADIUS = 1.0
 ISOLATION_RADIUS = 3.0
 #: ... and a detection at least this significant (peak / local rms).
 MIN_SIGNIFICANCE = 10.0
-#: Largest coherent shift of an image from the catalogue that is searched for (beam FWHM): as far
-#: as sources are isolated (ISOLATION_RADIUS), so that each has at most one counterpart there.
-MAX_SHIFT = ISOLATION_RADIUS
+#: Largest coherent shift of an image from the catalogue that is searched for (beam FWHM). Beyond
+#: ISOLATION_RADIUS a detection has several isolated catalogue sources in reach: only a shift
+#: gathers the offsets of one of each into one cluster.
+MAX_SHIFT = 5.0
 #: The shift is searched for when fewer than this fraction of the bright, isolated detections
 #: have a confident match without it.
 SEARCH_BELOW = 0.5
