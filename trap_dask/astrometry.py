@@ -34,6 +34,9 @@ MAX_SHIFT = 5.0
 #: The shift is searched for when fewer than this fraction of the bright, isolated detections
 #: have a confident match without it.
 SEARCH_BELOW = 0.5
+#: The matches are made again around their median offset when it is more than this (beam FWHM):
+#: the match radius cut off the far side of the offsets.
+RECENTRE_ABOVE = 0.25
 #: Radius of the cluster of pair offsets that locates a shift (beam FWHM) ...
 CLUSTER_RADIUS = 0.5
 #: ... and the least fraction of the detections searched with that it holds: unrelated pairs
@@ -78,11 +81,14 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
         return none, none
     cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
     ci, dj = _matches(cat_tree, det[good_det], good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
-    if len(ci) >= SEARCH_BELOW * len(good_det):
-        return ci, dj
-    shift = coherent_shift(cat_tree, cat_ra, cat_dec, det_ra, det_dec, good_det, beam_fwhm)
-    if shift is None:
-        return ci, dj
+    if len(ci) >= SEARCH_BELOW * len(good_det):  # most match: around their median offset, if far off
+        shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]), axis=0) if len(ci) else None
+        if shift is None or np.hypot(*shift) <= RECENTRE_ABOVE * beam_fwhm:
+            return ci, dj
+    else:
+        shift = coherent_shift(cat_tree, cat_ra, cat_dec, det_ra, det_dec, good_det, beam_fwhm)
+        if shift is None:
+            return ci, dj
     moved = unit_vectors(*unshifted(det_ra[good_det], det_dec[good_det], *shift))
     shifted = _matches(cat_tree, moved, good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
     return shifted if len(shifted[0]) > len(ci) else (ci, dj)
@@ -115,8 +121,7 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
     ci, dj = ci[keep], dj[keep]
     if len(ci) < MIN_MATCHES:
         return None
-    offsets = np.column_stack([wrap_ra_difference(det_ra[dj] - cat_ra[ci]) * np.cos(np.deg2rad(det_dec[dj])),
-                               det_dec[dj] - cat_dec[ci]]) / beam_fwhm  # beams
+    offsets = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]) / beam_fwhm  # beams
     tree = cKDTree(offsets)
     counts = tree.query_ball_point(offsets, CLUSTER_RADIUS, return_length=True)
     best = int(np.argmax(counts))
@@ -125,6 +130,11 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
     members = tree.query_ball_point(offsets[best], CLUSTER_RADIUS)
     east, north = np.median(offsets[members], axis=0) * beam_fwhm
     return float(east), float(north)
+
+
+def _offsets(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray) -> np.ndarray:
+    """(n, 2) offsets (deg, east and north) of detections from catalogue positions (deg), flat-sky."""
+    return np.column_stack([wrap_ra_difference(det_ra - cat_ra) * np.cos(np.deg2rad(det_dec)), det_dec - cat_dec])
 
 
 def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
@@ -142,10 +152,8 @@ def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: 
     ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm, cat_tree)
     if len(ci) < MIN_MATCHES:
         return Astrometry(n=len(ci))
-    cos_dec = np.cos(np.deg2rad(det_dec[dj]))
-    dx = wrap_ra_difference(det_ra[dj] - cat_ra[ci]) * cos_dec * 3600.0
-    dy = (det_dec[dj] - cat_dec[ci]) * 3600.0
-    fit_x = np.median(det_ra_err[dj] * cos_dec) * 3600.0
+    dx, dy = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]).T * 3600.0
+    fit_x = np.median(det_ra_err[dj] * np.cos(np.deg2rad(det_dec[dj]))) * 3600.0
     fit_y = np.median(det_dec_err[dj]) * 3600.0
     averaged = 1.0 + 1.0 / max(float(np.median(cat_n[ci])), 1.0)
 

@@ -30,6 +30,7 @@ from trap_dask.extraction.gaussian import (
     levenberg_marquardt,
     model_and_jacobian,
     segment_sum,
+    well_conditioned,
 )
 
 #: rms of the Gaussian prior on each component's position around its start, in beam FWHM
@@ -211,11 +212,6 @@ def _normal_matrix(rows: np.ndarray, pixels: PixelSet) -> np.ndarray:
 
 
 def _well_conditioned(jac: np.ndarray, pixels: PixelSet, precision: np.ndarray) -> np.ndarray:
-    """Whether each fit's normal matrix (with its prior) can be inverted reliably: its condition
-    number once scaled to unit diagonal (independent of the units of flux and position)."""
-    jtj = _normal_matrix(jac.T, pixels) + precision
-    diag = np.einsum("nii->ni", jtj)
-    finite = np.isfinite(jtj).all((1, 2)) & (diag > 0).all(-1)
-    scale = 1.0 / np.sqrt(np.where(finite[:, None], diag, 1.0))
-    scaled = np.where(finite[:, None, None], jtj * scale[:, :, None] * scale[:, None, :], np.eye(jtj.shape[1]))
-    return finite & (np.linalg.cond(scaled) < 1e10)
+    """Whether each fit's normal matrix (with its prior) can be inverted reliably
+    (:func:`~trap_dask.extraction.gaussian.well_conditioned`)."""
+    return well_conditioned(_normal_matrix(jac.T, pixels) + precision)

@@ -645,16 +645,33 @@ def correlated_covariance(
     return _sandwich(hessian, middle)
 
 
+#: A normal matrix scaled to unit diagonal with a larger condition number than this is not inverted.
+MAX_CONDITION = 1e10
+#: ... nor one of the fit errors' sandwich above this: their sums in float32 keep ~7 digits, which
+#: the inverse's amplification by the condition number would overwhelm (fits of Gaussians to
+#: islands stay below ~60: 58 the largest of 4746 on pairs50).
+SANDWICH_MAX_CONDITION = 1e6
+
+
+def well_conditioned(matrices: np.ndarray, max_condition: float = MAX_CONDITION) -> np.ndarray:
+    """Whether each (k, k) normal matrix of a stack can be inverted reliably: finite, a positive
+    diagonal, and a condition number below ``max_condition`` once scaled to unit diagonal
+    (independent of the units of flux and position)."""
+    diag = np.einsum("nii->ni", matrices)
+    finite = np.isfinite(matrices).all((1, 2)) & (diag > 0).all(-1)
+    scale = 1.0 / np.sqrt(np.where(finite[:, None], diag, 1.0))
+    scaled = np.where(finite[:, None, None], matrices * scale[:, :, None] * scale[:, None, :],
+                      np.eye(matrices.shape[-1]))
+    return finite & (np.linalg.cond(scaled) < max_condition)
+
+
 def _sandwich(hessian: np.ndarray, middle: np.ndarray) -> np.ndarray:
-    """``H^-1 S H^-1`` of (n, k, k) stacks; NaN where H is singular (e.g. an island one pixel high
-    with its fit centred on that row: its pixels say nothing of the fit's y), which
-    :func:`measurement_errors` answers with Condon's errors."""
-    try:
-        h_inv = np.linalg.inv(hessian)
-    except np.linalg.LinAlgError:  # one singular H makes numpy refuse the whole stack
-        singular = np.linalg.slogdet(hessian)[0] == 0
-        h_inv = np.linalg.inv(np.where(singular[:, None, None], np.eye(hessian.shape[-1]), hessian))
-        h_inv[singular] = np.nan
+    """``H^-1 S H^-1`` of (n, k, k) stacks; NaN where H is singular or nearly so (e.g. an island
+    one pixel high: its pixels say nothing of the fit's y, and its inverse is rounding noise,
+    negative variances among it), which :func:`measurement_errors` answers with Condon's errors."""
+    usable = well_conditioned(hessian, SANDWICH_MAX_CONDITION)
+    h_inv = np.linalg.inv(np.where(usable[:, None, None], hessian, np.eye(hessian.shape[-1])))
+    h_inv[~usable] = np.nan
     return h_inv @ middle @ h_inv
 
 
@@ -743,9 +760,10 @@ def measurement_errors(
     beam_cov: np.ndarray,
     force_beam: bool,
 ) -> SourceErrors:
-    """Errors of every island's measurement: the fit covariance where ``fitted`` and it is finite,
-    else Condon's (a source of ~1e30 Jy/beam, a corrupt pixel, overflows the covariance's float32
-    sums: NaN errors would make its catalogue position NaN).
+    """Errors of every island's measurement: the fit covariance where ``fitted`` and it is a
+    covariance (finite, positive variances), else Condon's (a source of ~1e30 Jy/beam, a corrupt
+    pixel, overflows the covariance's float32 sums; an island one pixel high leaves its normal
+    matrix singular: NaN or negative variances would make its catalogue position NaN).
 
     ``noise`` is the local rms (Jy/beam) at each source.
     """
@@ -758,9 +776,9 @@ def measurement_errors(
         with np.errstate(over="ignore", invalid="ignore"):  # overflows give non-finite covariances
             cov = fit_covariance(params[fitted], pixels.select(fitted), beam_cov, force_beam)
             flux, flux_err = integrated_flux(params[fitted], beam_cov, cov)
-        finite = np.isfinite(cov).all((1, 2))
-        use = np.flatnonzero(fitted)[finite]
-        errors.peak_err[use] = np.sqrt(cov[finite, 0, 0])
-        errors.int_flux[use], errors.int_flux_err[use] = flux[finite], flux_err[finite]
-        errors.pos_cov[use] = cov[finite, 1:3, 1:3]
+        valid = np.isfinite(cov).all((1, 2)) & (np.einsum("nii->ni", cov) > 0).all(-1) & np.isfinite(flux_err)
+        use = np.flatnonzero(fitted)[valid]
+        errors.peak_err[use] = np.sqrt(cov[valid, 0, 0])
+        errors.int_flux[use], errors.int_flux_err[use] = flux[valid], flux_err[valid]
+        errors.pos_cov[use] = cov[valid, 1:3, 1:3]
     return errors
