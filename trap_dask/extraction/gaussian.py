@@ -654,15 +654,16 @@ SANDWICH_MAX_CONDITION = 1e6
 
 
 def well_conditioned(matrices: np.ndarray, max_condition: float = MAX_CONDITION) -> np.ndarray:
-    """Whether each (k, k) normal matrix of a stack can be inverted reliably: finite, a positive
-    diagonal, and a condition number below ``max_condition`` once scaled to unit diagonal
-    (independent of the units of flux and position)."""
+    """Whether each (k, k) symmetric normal matrix of a stack can be inverted reliably: finite, a
+    positive diagonal, and positive eigenvalues within ``max_condition`` of each other once scaled
+    to unit diagonal (independent of the units of flux and position)."""
     diag = np.einsum("nii->ni", matrices)
     finite = np.isfinite(matrices).all((1, 2)) & (diag > 0).all(-1)
     scale = 1.0 / np.sqrt(np.where(finite[:, None], diag, 1.0))
     scaled = np.where(finite[:, None, None], matrices * scale[:, :, None] * scale[:, None, :],
                       np.eye(matrices.shape[-1]))
-    return finite & (np.linalg.cond(scaled) < max_condition)
+    eigen = np.linalg.eigvalsh(scaled)  # ascending; half the time of np.linalg.cond's SVD
+    return finite & (eigen[:, 0] * max_condition > eigen[:, -1])
 
 
 def _sandwich(hessian: np.ndarray, middle: np.ndarray) -> np.ndarray:
