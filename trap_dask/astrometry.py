@@ -5,7 +5,8 @@ how far this image's positions sit from the running catalogue: their median offs
 shift of the whole image) and their robust scatter per axis (what ``ew_sys_err``/``ns_sys_err``
 should be). A shift of more than a beam leaves few such pairs within a beam of each other: then
 the shift is first found as the densest cluster of the offsets of all pairs within
-``MAX_SHIFT`` beams, and the pairs are matched around it. :class:`ScatterHistory` keeps the
+``MAX_SHIFT`` beams, and the pairs are matched around it; a shift of a quarter beam or more,
+whose far side the match radius cut off, is matched around too. :class:`ScatterHistory` keeps the
 running estimate over the images so far, from which ``ew_sys_err = "auto"`` takes the systematic
 error of the next image. Pure functions, no I/O.
 """
@@ -65,8 +66,9 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
 
     Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
     ``ISOLATION_RADIUS`` beams on its own side), within ``MATCH_RADIUS`` beams of each other once
-    the image's coherent shift is taken out (:func:`coherent_shift`, when few match without
-    it), the detection at least ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
+    the image's coherent shift is taken out (:func:`coherent_shift` when few match without it,
+    their median offset when that is over ``RECENTRE_ABOVE`` beams), the detection at least
+    ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
     the systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
     :func:`~trap_dask.association.sky_tree`, when the caller has built it.
     """
@@ -82,8 +84,8 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
     ci, dj = _matches(cat_tree, det[good_det], good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
     if len(ci) >= SEARCH_BELOW * len(good_det):  # most match: around their median offset, if far off
-        shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]), axis=0) if len(ci) else None
-        if shift is None or np.hypot(*shift) <= RECENTRE_ABOVE * beam_fwhm:
+        shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]), axis=0)
+        if np.hypot(*shift) <= RECENTRE_ABOVE * beam_fwhm:
             return ci, dj
     else:
         shift = coherent_shift(cat_tree, cat_ra, cat_dec, det_ra, det_dec, good_det, beam_fwhm)
