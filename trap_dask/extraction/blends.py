@@ -30,7 +30,6 @@ from trap_dask.extraction.gaussian import (
     levenberg_marquardt,
     model_and_jacobian,
     segment_sum,
-    well_conditioned,
 )
 
 #: rms of the Gaussian prior on each component's position around its start, in beam FWHM
@@ -111,7 +110,7 @@ def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | N
     model, jac = _model_and_jacobian(fit, pixels, beam)
     chisq = segment_sum(pixels.weight * np.square(pixels.value - model), pixels.starts)
     precision = prior[:, :, None] * np.eye(6)
-    good = converged & np.isfinite(fit).all(-1) & _well_conditioned(jac, pixels, precision)
+    good = converged & np.isfinite(fit).all(-1)  # the covariance is NaN where its normal matrix is ill-conditioned
     cov = np.full((len(fit), 6, 6), np.nan)
     if good.any():
         cov[good] = correlated_covariance(jac[good[pixels.island]], pixels.select(good), beam_cov, precision[good])
@@ -209,9 +208,3 @@ def _normal_matrix(rows: np.ndarray, pixels: PixelSet) -> np.ndarray:
     jtj = np.empty((len(sums), k, k))
     jtj[:, first, second] = jtj[:, second, first] = sums
     return jtj
-
-
-def _well_conditioned(jac: np.ndarray, pixels: PixelSet, precision: np.ndarray) -> np.ndarray:
-    """Whether each fit's normal matrix (with its prior) can be inverted reliably
-    (:func:`~trap_dask.extraction.gaussian.well_conditioned`)."""
-    return well_conditioned(_normal_matrix(jac.T, pixels) + precision)

@@ -645,32 +645,31 @@ def correlated_covariance(
     return _sandwich(hessian, middle)
 
 
-#: A normal matrix scaled to unit diagonal with a larger condition number than this is not inverted.
-MAX_CONDITION = 1e10
-#: ... nor one of the fit errors' sandwich above this: their sums in float32 keep ~7 digits, which
-#: the inverse's amplification by the condition number would overwhelm (fits of Gaussians to
-#: islands stay below ~60: 58 the largest of 4746 on pairs50).
-SANDWICH_MAX_CONDITION = 1e6
+#: A normal matrix scaled to unit diagonal with a larger condition number than this is not inverted:
+#: the fit errors' sums in float32 keep ~7 digits, which the inverse's amplification by the
+#: condition number would overwhelm (fits of Gaussians to islands stay below ~60: 58 the largest
+#: of 4746 on pairs50).
+MAX_CONDITION = 1e6
 
 
-def well_conditioned(matrices: np.ndarray, max_condition: float = MAX_CONDITION) -> np.ndarray:
+def _well_conditioned(matrices: np.ndarray) -> np.ndarray:
     """Whether each (k, k) symmetric normal matrix of a stack can be inverted reliably: finite, a
-    positive diagonal, and positive eigenvalues within ``max_condition`` of each other once scaled
-    to unit diagonal (independent of the units of flux and position)."""
+    positive diagonal, and positive eigenvalues within MAX_CONDITION of each other once scaled to
+    unit diagonal (independent of the units of flux and position)."""
     diag = np.einsum("nii->ni", matrices)
     finite = np.isfinite(matrices).all((1, 2)) & (diag > 0).all(-1)
     scale = 1.0 / np.sqrt(np.where(finite[:, None], diag, 1.0))
     scaled = np.where(finite[:, None, None], matrices * scale[:, :, None] * scale[:, None, :],
                       np.eye(matrices.shape[-1]))
     eigen = np.linalg.eigvalsh(scaled)  # ascending; half the time of np.linalg.cond's SVD
-    return finite & (eigen[:, 0] * max_condition > eigen[:, -1])
+    return finite & (eigen[:, 0] * MAX_CONDITION > eigen[:, -1])
 
 
 def _sandwich(hessian: np.ndarray, middle: np.ndarray) -> np.ndarray:
     """``H^-1 S H^-1`` of (n, k, k) stacks; NaN where H is singular or nearly so (e.g. an island
     one pixel high: its pixels say nothing of the fit's y, and its inverse is rounding noise,
     negative variances among it), which :func:`measurement_errors` answers with Condon's errors."""
-    usable = well_conditioned(hessian, SANDWICH_MAX_CONDITION)
+    usable = _well_conditioned(hessian)
     h_inv = np.linalg.inv(np.where(usable[:, None, None], hessian, np.eye(hessian.shape[-1])))
     h_inv[~usable] = np.nan
     return h_inv @ middle @ h_inv
