@@ -237,18 +237,11 @@ def label_islands(snr: SNR, analysis: float, detection: float) -> tuple[np.ndarr
     return flat, labels, islands_from_pixels(flat, labels, snr, detection)
 
 
-def grow_islands(islands: Islands, valid: np.ndarray, rings: int) -> Islands:
-    """Add ``rings`` rings of 8-connected neighbouring pixels to every island.
-
-    Only ``valid`` pixels (a boolean image: finite, in no other island) are added; a pixel
-    claimed by two islands goes to one of them. The islands' peaks are unchanged.
-    """
-    return _grow(islands, valid.shape, valid.ravel().take, islands.flat, rings)
-
-
 def grow_into_background(islands: Islands, snr: SNR, analysis: float, rings: int) -> Islands:
-    """:func:`grow_islands` into the finite pixels of S/N <= ``analysis`` (in no island), looking
-    at the S/N of the pixels next to the islands only."""
+    """Add ``rings`` rings of 8-connected neighbouring pixels to every island, into the finite
+    pixels of S/N <= ``analysis`` (in no island), looking at the S/N of the pixels next to the
+    islands only. A pixel reached from several islands goes to one of them; the islands' peaks
+    are unchanged."""
     def free(flat: np.ndarray) -> np.ndarray:
         near = snr.take(flat)
         with np.errstate(invalid="ignore"):
@@ -260,8 +253,8 @@ def grow_into_background(islands: Islands, snr: SNR, analysis: float, rings: int
 
 def _grow(islands: Islands, shape: tuple[int, int], free: Callable[[np.ndarray], np.ndarray],
           taken: np.ndarray, rings: int) -> Islands:
-    """:func:`grow_islands` on an image of ``shape`` whose pixels (flat indices) may be added
-    where ``free`` says so and they are not in ``taken`` or already added."""
+    """:func:`grow_into_background` on an image of ``shape`` whose pixels (flat indices) may be
+    added where ``free`` says so and they are not in ``taken`` or already added."""
     ny, nx = shape
     edge, edge_island = islands.flat, islands.island
     grown, grown_island = [edge], [edge_island]
