@@ -12,9 +12,10 @@ from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, make_engine
 from trap_dask.pipeline import run_pipeline
 
-#: Science tables and the columns that differ between one run and several by design.
+#: Science tables and the columns that differ between one run and several by design (and the
+#: files' stamps: a copy of an image has its own size or modification time).
 COMPARED = {
-    "images": ("run",), "extracted_sources": (), "variability": (), "newsource": (),
+    "images": ("run", "file_size", "file_mtime"), "extracted_sources": (), "variability": (), "newsource": (),
     "runningcatalog": (), "frequencybands": (), "monitor": (),
 }
 

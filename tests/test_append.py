@@ -92,6 +92,44 @@ def test_appending_the_same_images_twice_adds_nothing(db_settings, epochs):
 
 
 
+def _checksums_counted(monkeypatch) -> list[str]:
+    """The paths tasks.file_checksum reads from now on (the files an append cannot recognise unread)."""
+    from trap_dask import tasks
+
+    read, checksum = [], tasks.file_checksum
+    monkeypatch.setattr(tasks, "file_checksum", lambda path: read.append(path) or checksum(path))
+    return read
+
+
+def _stamps(settings: DatabaseSettings) -> list[tuple]:
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        rows = conn.execute(select(schema.images.c.url, schema.images.c.file_size, schema.images.c.file_mtime)
+                            .order_by(schema.images.c.id)).all()
+    engine.dispose()
+    return [tuple(row) for row in rows]
+
+
+def test_an_append_reads_only_the_files_it_does_not_know(db_settings, epochs, reference, tmp_path, monkeypatch):
+    """Each image row keeps its file's size and modification time: an append recognises a file at the
+    same path with both unchanged without reading it, and checksums the others (new files, and a file
+    touched since, which its checksum still recognises)."""
+    run(db_settings, epochs[:3])
+    assert _stamps(db_settings) == [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in epochs[:3]]
+    read = _checksums_counted(monkeypatch)
+    summary = run(db_settings, epochs, db_append=True)
+    assert (summary.n_skipped, summary.n_images) == (3, len(epochs) - 3)
+    assert sorted(read) == sorted(epochs[3:])
+    assert dump(db_settings) == reference
+    read.clear()
+    touched = tmp_path / "touched.fits"   # the same bytes at a new path, then a new time at an old one
+    touched.write_bytes(Path(epochs[1]).read_bytes())
+    os.utime(epochs[2], ns=(os.stat(epochs[2]).st_atime_ns, os.stat(epochs[2]).st_mtime_ns + 10**9))
+    summary = run(db_settings, [*epochs, str(touched)], db_append=True)
+    assert (summary.n_images, summary.n_skipped) == (0, len(epochs) + 1)
+    assert sorted(read) == sorted([epochs[2], str(touched)])
+
+
 def test_an_append_of_images_older_than_the_database_holds_is_refused(db_settings, epochs):
     """Images before the latest one in the database cannot join its light curves afterwards (their
     parents and new sources would point forward in time): the append stops before it records
@@ -257,6 +295,25 @@ def test_append_upgrades_a_version_4_database(db_settings, epochs, reference):
         assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
     engine.dispose()
     assert variability_indexes(db_settings) == []
+    assert dump(db_settings) == reference
+
+
+def test_append_upgrades_a_version_5_database(db_settings, epochs, reference, monkeypatch):
+    """Version 5 kept no file sizes and modification times: an append adds the columns, reads the
+    files of the images already there to recognise them (their stamps stay NULL), records the new
+    images with theirs, and continues the light curves as one run."""
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        for column in ("file_size", "file_mtime"):
+            conn.exec_driver_sql(f"ALTER TABLE images DROP COLUMN {column}")
+        conn.execute(schema.schema_version.update().values(version=5))
+    engine.dispose()
+    read = _checksums_counted(monkeypatch)
+    run(db_settings, epochs, db_append=True)
+    assert sorted(read) == sorted(epochs)
+    assert [stamp[1:] for stamp in _stamps(db_settings)] == [(None, None)] * 3 + [
+        (os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in epochs[3:]]
     assert dump(db_settings) == reference
 
 

@@ -161,7 +161,7 @@ def test_pixels_are_read_in_jy_per_beam_whatever_the_bunit(tmp_path: Path, bunit
     for name, pixels, cards in (("f.fits", data, {}), ("i.fits", data.astype(np.int16), {"BSCALE": 1.0})):
         meta = read_meta(write_image(tmp_path / name, {"BUNIT": bunit, **cards}, pixels))
         assert meta.flux_scale == scale
-        plane, _ = read_image(meta, read_file(meta.url))
+        plane, _ = read_image(meta, read_file(meta.url)[0])
         assert plane.dtype == np.float32 and np.allclose(plane, data * scale, rtol=1e-6)
 
 
@@ -217,7 +217,7 @@ def test_a_mask_written_as_zeros_is_blank_as_one_written_as_nan(tmp_path: Path, 
     zeros, nans = np.where(outside, np.float32(0), noise), np.where(outside, np.float32(np.nan), noise)
     for name, data in (("zeros.fits", zeros), ("nans.fits", nans)):
         write_image(tmp_path / name, cards, data / cards.get("BSCALE", 1.0))
-    read = [read_image(read_meta(tmp_path / name), read_file(str(tmp_path / name)))[0]
+    read = [read_image(read_meta(tmp_path / name), read_file(str(tmp_path / name))[0])[0]
             for name in ("zeros.fits", "nans.fits")]
     np.testing.assert_array_equal(read[0], read[1])
     lone = noise.copy()
@@ -322,7 +322,7 @@ def test_truncated_data_raise(tmp_path: Path, bitpix: type) -> None:
     path = write_image(tmp_path / "trunc.fits", data=np.ones((400, 400), bitpix))
     meta = read_meta(path)
     path.write_bytes(path.read_bytes()[: 2880 * 3])
-    for raw in (None, read_file(str(path))):
+    for raw in (None, read_file(str(path))[0]):
         with pytest.raises(ImageError, match="^the file is truncated: it holds fewer pixels than its header says$"):
             read_image(meta, raw)
 
@@ -354,7 +354,7 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
     expected = np.arange(320, dtype=np.float32).reshape(16, 20)
     np.testing.assert_array_equal(read_image(meta)[0], expected)
     np.testing.assert_array_equal(read_image(meta, packed.read_bytes())[0], expected)
-    np.testing.assert_array_equal(read_image(meta, read_file(str(packed)))[0], expected)
+    np.testing.assert_array_equal(read_image(meta, read_file(str(packed))[0])[0], expected)
 
 
 @pytest.mark.parametrize("cards, reason", [
@@ -498,7 +498,7 @@ def test_pixels_from_bytes_equal_astropys(tmp_path: Path, cards: dict, dtype: ty
     assert from_bytes.dtype == np.float32 and from_bytes.shape == (16, 20)
     np.testing.assert_array_equal(from_bytes, from_file)
     np.testing.assert_array_equal(from_file, fits.getdata(path).astype(np.float32))  # scaled as astropy scales
-    buffer = read_file(str(path))  # what the workers read: its float32 pixels become the plane
+    buffer, _ = read_file(str(path))  # what the workers read: its float32 pixels become the plane
     in_place = read_image(meta, buffer)[0]
     np.testing.assert_array_equal(in_place, from_file)
     if dtype == np.float32 and not cards:
@@ -526,7 +526,7 @@ def test_a_header_from_the_files_first_bytes_is_astropys(tmp_path: Path, n_histo
     assert {key: header[key] for key in header} == {key: full[key] for key in header}
     assert replace(read_meta(path), url="") == replace(read_meta(short), url="")
     meta = read_meta(path)
-    np.testing.assert_array_equal(read_image(meta, read_file(str(path)))[0], fits.getdata(path).astype(np.float32))
+    np.testing.assert_array_equal(read_image(meta, read_file(str(path))[0])[0], fits.getdata(path).astype(np.float32))
 
 
 def test_images_of_one_field_share_their_wcs_work_but_not_their_times(tmp_path: Path) -> None:

@@ -141,7 +141,8 @@ class Config:
     db_append: bool = _param(
         False, "database", "",
         "add the images to an existing export database: known sources continue their light "
-        "curves; images already in it are skipped. Also resumes a killed or interrupted run",
+        "curves; images already in it are skipped (recognised by path, size and modification "
+        "time without being read, else by their SHA-256). Also resumes a killed or interrupted run",
     )
     accept_config_change: bool = _param(
         False, "database", "",

@@ -15,8 +15,9 @@ Nothing here holds pixels: the largest field is one image's table of detections.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -56,6 +57,18 @@ class Astrometry:
         return self.n >= MIN_MATCHES
 
 
+class FileStamp(NamedTuple):
+    """A file's size and modification time when it was read. With its path, what recognises a
+    file already in the database on an append without reading it again (as rsync and make do)."""
+
+    size: int  #: bytes
+    mtime_ns: int  #: modification time, ns since 1970-01-01 UTC
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileStamp:
+        return cls(status.st_size, status.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class ScannedImage:
     """A file whose header gave everything needed."""
@@ -87,6 +100,7 @@ class ImageResult:
     cpu: float = 0.0  #: CPU seconds the worker's thread spent on it (time.thread_time), every stage
     n_artefacts: int = 0  #: islands left out as pixel artefacts (trap_dask.extraction.artefacts)
     done_at: float = 0.0  #: time.time() when the worker finished it (the writer tells from it whether it is behind)
+    stamp: FileStamp | None = None  #: the file's when its bytes were read (None: they could not be)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +291,7 @@ def _prepare_and_scan(settings: DatabaseSettings, config: Config, paths: list[st
     """The database ready (see prepare_database), and every input's header read; (append, known, scans).
     PipelineError for an append of images older than the database's latest."""
     append, known = prepare_database(settings, config)
-    scans = scan_inputs(paths, checksum=bool(known.checksums))
+    scans = scan_inputs(paths, checksum=bool(known.checksums), stored=known.stored)
     _check_time_order(scans, known, settings)
     return append, known, scans
 
@@ -317,17 +317,20 @@ def _check_time_order(scans: list, known: KnownImages, settings: DatabaseSetting
             "the earlier ones out")
 
 
-def scan_inputs(paths: list[str], checksum: bool = False) -> list:
+def scan_inputs(paths: list[str], checksum: bool = False,
+                stored: Mapping[str, tuple[int, int, str]] | None = None) -> list:
     """ScannedImage or ScanFailure of each path, headers read in threads here (checksums only to
-    recognise images already in the database; else they are computed when the image is loaded)."""
+    recognise images already in the database, whose files are read only where their path, size or
+    modification time differ from those ``stored``, see tasks.scan; else they are computed when
+    the image is loaded)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from trap_dask.tasks import scan
 
     if len(paths) < 4:
-        return [scan(p, checksum=checksum) for p in paths]
+        return [scan(p, checksum=checksum, stored=stored) for p in paths]
     with ThreadPoolExecutor(min(8, len(paths)), thread_name_prefix="trap-dask-scan") as pool:
-        return list(pool.map(lambda p: scan(p, checksum=checksum), paths))
+        return list(pool.map(lambda p: scan(p, checksum=checksum, stored=stored), paths))
 
 
 def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, KnownImages]:

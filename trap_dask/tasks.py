@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,6 +24,7 @@ from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam, ImageError, ImageMeta, one_line, read_image, read_meta
 from trap_dask.messages import (
+    FileStamp,
     ForcedMeasurements,
     ForcedRequest,
     ImageResult,
@@ -63,11 +65,18 @@ _register_sizeof()
 
 
 def scan(path: str, checksum: bool = False, beam: Beam | None = None,
-         freq: tuple[float, float] | None = None) -> ScannedImage | ScanFailure:
-    """Read one file's header (and checksum it if asked); a bad file gives a ScanFailure, never an exception."""
+         freq: tuple[float, float] | None = None,
+         stored: Mapping[str, tuple[int, int, str]] | None = None) -> ScannedImage | ScanFailure:
+    """Read one file's header (and checksum it if asked); a bad file gives a ScanFailure, never an exception.
+
+    ``stored``: (size, mtime_ns, checksum) of files a database holds, by path: a file at one of
+    those paths with that size and modification time has that checksum without being read.
+    """
     try:
         meta = read_meta(path, beam=beam, freq=freq)
-        return ScannedImage(meta, file_checksum(path) if checksum else None)
+        if not checksum:
+            return ScannedImage(meta, None)
+        return ScannedImage(meta, _stored_checksum(meta.url, stored or {}) or file_checksum(meta.url))
     except ImageError as exc:
         return ScanFailure(url=path, reason=str(exc), checksum=_checksum_or_none(path))
     except OSError as exc:
@@ -84,6 +93,19 @@ def _checksum_or_none(path: str) -> str | None:
         return None
 
 
+def _stored_checksum(url: str, stored: Mapping[str, tuple[int, int, str]]) -> str | None:
+    """The checksum recorded for the file at ``url`` if it has the size and modification time
+    recorded with it, else None."""
+    known = stored.get(url)
+    if known is None:
+        return None
+    try:
+        stamp = FileStamp.of(os.stat(url))
+    except OSError:
+        return None
+    return known[2] if stamp == known[:2] else None
+
+
 def file_checksum(path: str) -> str:
     """sha256 of the file's bytes (hex), to recognise an image already in a database."""
     digest = hashlib.sha256()
@@ -98,37 +120,39 @@ def bytes_checksum(raw: np.ndarray) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def read_file(path: str) -> np.ndarray:
-    """A file's bytes (uint8), in a buffer that :func:`read_image` may turn into the pixels in place."""
+def read_file(path: str) -> tuple[np.ndarray, FileStamp]:
+    """A file's bytes (uint8), in a buffer that :func:`read_image` may turn into the pixels in place,
+    and its stamp when it was opened."""
     with open(path, "rb") as fh:
-        raw = np.empty(os.fstat(fh.fileno()).st_size, dtype=np.uint8)
+        stamp = FileStamp.of(os.fstat(fh.fileno()))
+        raw = np.empty(stamp.size, dtype=np.uint8)
         size = fh.readinto(memoryview(raw))
-    return raw[:size]  # shorter when the file shrank meanwhile
+    return raw[:size], stamp  # shorter when the file shrank meanwhile
 
 
 def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
     """Read the pixels (the file is read once, for its checksum too), check quality, prepare maps."""
     meta, clock = image.meta, _Clock()
     try:
-        raw = read_file(meta.url)
+        raw, stamp = read_file(meta.url)
     except OSError as exc:  # no checksum: a later --db_append retries the file once it can be read
         return _rejected(meta, None, None, f"cannot read the file: {exc.strerror or exc}", clock)
     checksum = image.checksum or bytes_checksum(raw)
     try:
         data, wcs = read_image(meta, raw)  # the pixels of ``raw`` become ``data``
     except ImageError as exc:
-        return _rejected(meta, checksum, None, str(exc), clock)
+        return _rejected(meta, checksum, None, str(exc), clock, stamp)
     del raw
     clock.lap("read")
     stats, reason = check_quality(data, quality)
     reason = reason or beam_problem(meta.beam.smaj, meta.beam.smin, meta.pixel_scale, meta.shape)
     clock.lap("quality")
     if reason is not None:
-        return _rejected(meta, checksum, stats, reason, clock)
+        return _rejected(meta, checksum, stats, reason, clock, stamp)
     prepared = prepare_image(data, wcs, meta.beam, params, overwrite=True)  # data: ours alone
     clock.lap("background")
     result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
-                         seconds=clock.seconds)
+                         seconds=clock.seconds, stamp=stamp)
     return LoadedImage(result, prepared)
 
 
@@ -146,11 +170,12 @@ class _Clock:
 
 
 def _rejected(meta: ImageMeta, checksum: str | None, stats: ImageStats | None, reason: str,
-              clock: _Clock | None = None) -> LoadedImage:
+              clock: _Clock | None = None, stamp: FileStamp | None = None) -> LoadedImage:
     if clock is not None:
         clock.lap("read")
     seconds = clock.seconds if clock is not None else {}
-    return LoadedImage(ImageResult(meta, checksum, stats, reason, 0.0, empty_sources(), seconds=seconds), None)
+    return LoadedImage(ImageResult(meta, checksum, stats, reason, 0.0, empty_sources(), seconds=seconds, stamp=stamp),
+                       None)
 
 
 def extract(image: LoadedImage, params: ExtractionParams) -> ImageResult:
@@ -187,8 +212,10 @@ def process(image: ScannedImage, quality: QualityParams, params: ExtractionParam
         loaded = load(image, quality, params)
         result, prepared = extract(loaded, params), loaded.prepared
     except Exception as exc:  # noqa: BLE001 - recorded, with its reason, in the images table
-        checksum = loaded.result.checksum if loaded is not None else image.checksum
-        result, prepared = _rejected(image.meta, checksum, None, f"processing failed: {one_line(exc)}").result, None
+        read = loaded.result if loaded is not None else None
+        result = _rejected(image.meta, read.checksum if read else image.checksum, None,
+                           f"processing failed: {one_line(exc)}", stamp=read.stamp if read else None).result
+        prepared = None
         result = replace(result, done_at=time.time())
     return LoadedImage(replace(result, cpu=time.thread_time() - cpu), prepared)
 

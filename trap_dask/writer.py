@@ -556,6 +556,8 @@ class Writer:
             "rb_smaj": meta.beam.smaj, "rb_smin": meta.beam.smin, "rb_pa": meta.beam.pa,
             "centre_ra": meta.centre_ra, "centre_dec": meta.centre_dec,
             "xtr_radius": result.xtr_radius,
+            "file_size": result.stamp.size if result.stamp else None,
+            "file_mtime": result.stamp.mtime_ns if result.stamp else None,
         }
 
     def _commit_rejected(self, row: dict, behind: bool) -> CommitSummary:

@@ -86,8 +86,15 @@ def _v4_to_v5(conn: Connection, backend: Backend) -> None:
     conn.exec_driver_sql(f"DROP INDEX IF EXISTS {conn.dialect.identifier_preparer.quote('ix_variability_eta')}")
 
 
+def _v5_to_v6(conn: Connection, backend: Backend) -> None:
+    """`images` gains `file_size` and `file_mtime` (NULL for the images so far): an append
+    recognises a file already in the database by its path, size and modification time without
+    reading it, and checksums only the others."""
+    add_missing_columns(conn, schema.images)
+
+
 MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                4: _v4_to_v5}
+                                                                4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def can_migrate(version: int) -> bool:

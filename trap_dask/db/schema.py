@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -35,7 +36,7 @@ from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
 #: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
 #: add the step to trap_dask/db/migrations.py; a database of a later version is refused on append.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = MetaData()
 
@@ -122,6 +123,10 @@ images = Table(
     Column("astrometry_offset_dec", Double, comment="arcsec north"),
     Column("astrometry_scatter_ra", Double, comment="arcsec, robust scatter about the median offset"),
     Column("astrometry_scatter_dec", Double, comment="arcsec"),
+    Column("file_size", BigInteger, comment="bytes of the file when it was read (NULL: never read)"),
+    Column("file_mtime", BigInteger,
+           comment="ns since 1970 (UTC), the file's modification time when it was read; with url and "
+                   "file_size, what recognises it on an append without reading it"),
 )
 
 extracted_sources = Table(

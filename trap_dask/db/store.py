@@ -12,7 +12,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,8 @@ class KnownImages:
     unreadable: frozenset[str] = frozenset()
     #: the start (UTC) of the latest image it holds that was not rejected; None: none
     latest: datetime | None = None
+    #: (size in bytes, modification time in ns, checksum) of the files recorded with them, by path
+    stored: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
 
 
 class RunTakenOver(DatabaseError):
@@ -258,15 +260,19 @@ class ExportStore:
 
     @_database_errors
     def known_images(self) -> KnownImages:
-        """The checksums of the files already in the database, and the paths of those that were unreadable."""
+        """The checksums of the files already in the database (with their paths, sizes and modification
+        times), and the paths of those that were unreadable."""
         images = schema.images.c
         with self.engine.connect() as conn:
-            rows = conn.execute(select(images.checksum, images.url, images.rejected)).all()
+            rows = conn.execute(select(images.checksum, images.url, images.rejected, images.file_size,
+                                       images.file_mtime)).all()
             latest = conn.execute(select(func.max(images.taustart_ts)).where(~images.rejected)).scalar()
         return KnownImages(
-            checksums=frozenset(checksum for checksum, _, _ in rows if checksum),
-            unreadable=frozenset(url for checksum, url, rejected in rows if rejected and not checksum),
+            checksums=frozenset(checksum for checksum, *_ in rows if checksum),
+            unreadable=frozenset(url for checksum, url, rejected, *_ in rows if rejected and not checksum),
             latest=latest,
+            stored={url: (size, mtime, checksum) for checksum, url, _, size, mtime in rows
+                    if checksum and size is not None and mtime is not None},
         )
 
     @_database_errors
