@@ -22,7 +22,7 @@ from tests._synth import (
     robust_std,
     scattered_positions,
 )
-from trap_dask.extraction.extract import extract, extract_sources, extraction_radius_deg, prepare_image
+from trap_dask.extraction.extract import extract, extract_sources, extraction_radius_deg, noise_range, prepare_image
 from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
@@ -155,6 +155,29 @@ def test_margin_and_radius_exclusion(field):
     half_diagonal = np.hypot(N - 20, N - 20) / 2
     assert extraction_radius_deg(image, ExtractionParams(margin=10)) == pytest.approx(
         half_diagonal * PIX / 3600, rel=1e-3)
+
+
+def test_noise_range_is_that_of_the_noise_map_in_the_extraction_region():
+    """An image's rms_min and rms_max are the extremes of its noise map inside the margins and the
+    radius (TraP's meaning), not those of its centre: noise rising towards the edges as under a primary
+    beam (2x at the sides, 4x in the corners) gives a range of ~4, which a margin or a radius narrows."""
+    rng = np.random.default_rng(8)
+    n = 512
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    gain = np.exp(-0.5 * (x**2 + y**2) / (n / 2 / np.sqrt(2 * np.log(2))) ** 2)  # 0.5 at the sides
+    data = (correlated_noise((n, n), BEAM, RMS, rng) / gain).astype(np.float32)
+    image = prepare_image(data, make_wcs(n, n, 10.0, 10.0, PIX), BEAM.beam(PIX), ExtractionParams())
+    for params in (ExtractionParams(), ExtractionParams(margin=100), ExtractionParams(radius=150.0)):
+        inside = np.zeros((n, n), bool)
+        inside[params.margin : n - params.margin, params.margin : n - params.margin] = True
+        if params.radius:
+            inside &= np.hypot(x, y) <= params.radius
+        low, high = noise_range(image, params)
+        assert low == pytest.approx(image.rms[inside].min(), rel=0.01), params
+        assert high == pytest.approx(image.rms[inside].max(), rel=0.01), params
+    assert noise_range(image, ExtractionParams())[1] > 3.0 * noise_range(image, ExtractionParams())[0]
+    assert noise_range(image, ExtractionParams(radius=150.0))[1] < 0.5 * noise_range(image, ExtractionParams())[1]
+    assert np.isnan(noise_range(image, ExtractionParams(margin=256))).all()
 
 
 def test_margins_that_leave_no_pixel_leave_no_extraction_region():

@@ -55,16 +55,7 @@ def test_good_image_is_accepted_and_stats_bracket_rms(noise: np.ndarray) -> None
     stats, reason = check_quality(noise, QualityParams(rms_min=1e-3, rms_max=3e-3))
     assert reason is None
     assert stats.rms == pytest.approx(2e-3, rel=0.01)
-    assert stats.rms_min <= stats.rms <= stats.rms_max
-    assert stats.rms_max / stats.rms_min < 1.05
-
-
-def test_box_extremes_see_a_noisy_corner(noise: np.ndarray) -> None:
-    data = noise.copy()
-    data[768:896, 768:896] *= 3.0  # one of the 4 x 4 boxes tiling the central 512 x 512
-    stats, _ = check_quality(data)
-    assert stats.rms_max == pytest.approx(6e-3, rel=0.03)
-    assert stats.rms_min == pytest.approx(2e-3, rel=0.03)
+    assert np.isnan(stats.rms_min) and np.isnan(stats.rms_max)  # the noise map's, made after (noise_range)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +96,6 @@ def test_real_image_quality() -> None:
     assert isinstance(stats, ImageStats)
     # a LOFAR 2-minute snapshot: mJy/beam-level noise, well above the float32 resolution
     assert 1e-4 < stats.rms < 1.0
-    assert stats.rms_min <= stats.rms <= stats.rms_max
 
 
 @pytest.mark.parametrize("scale, expected", [

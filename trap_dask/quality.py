@@ -18,8 +18,6 @@ from trap_dask.extraction.clipping import clipped_stats
 #: Clipping threshold (in standard deviations) and iteration cap of the clipped statistics.
 KAPPA = 3.0
 MAX_ITERATIONS = 10
-#: The central region is tiled by BOXES x BOXES boxes for ``rms_min`` / ``rms_max``.
-BOXES = 4
 
 
 @dataclass(frozen=True)
@@ -39,14 +37,15 @@ class QualityParams:
 class ImageStats:
     """Noise statistics of one image, Jy/beam.
 
-    rms : clipped rms of the central region
-    rms_min, rms_max : smallest and largest clipped rms of the ``BOXES x BOXES`` boxes that
-        tile the central region (a cheap stand-in for the extremes of a full noise map)
+    rms : clipped rms of the central region (what the quality control judges)
+    rms_min, rms_max : lowest and highest rms of the noise map in the extraction region (TraP's
+        meaning; trap_dask.extraction.extract.noise_range), NaN until the map is made and for an
+        image rejected before it was
     """
 
     rms: float
-    rms_min: float
-    rms_max: float
+    rms_min: float = math.nan
+    rms_max: float = math.nan
 
 
 def _central_region(data: np.ndarray, reduction_factor: float) -> np.ndarray:
@@ -75,24 +74,6 @@ def central_rms(data: np.ndarray, reduction_factor: float = 4.0) -> float:
     """Clipped rms (Jy/beam) of the central ``1/f x 1/f`` region of a 2-D image (NaN ignored)."""
     region = _central_region(data, reduction_factor)
     return float(clipped_rms(region.reshape(1, -1))[0])
-
-
-def image_stats(data: np.ndarray, reduction_factor: float = 4.0) -> ImageStats:
-    """Noise statistics of a 2-D image (Jy/beam); see :class:`ImageStats`."""
-    region = _central_region(data, reduction_factor)
-    rms = float(clipped_rms(region.reshape(1, -1))[0])
-    ny, nx = (n // BOXES * BOXES for n in region.shape)
-    if ny and nx:
-        boxes = region[:ny, :nx].reshape(BOXES, ny // BOXES, BOXES, nx // BOXES).swapaxes(1, 2)
-        box_rms = clipped_rms(boxes.reshape(BOXES * BOXES, -1))
-    else:  # region smaller than the box grid: the region is its only box
-        box_rms = np.array([rms])
-    finite = box_rms[np.isfinite(box_rms)]
-    return ImageStats(
-        rms=rms,
-        rms_min=float(finite.min()) if finite.size else math.nan,
-        rms_max=float(finite.max()) if finite.size else math.nan,
-    )
 
 
 def beam_problem(smaj: float, smin: float, pixel_scale: float, shape: tuple[int, int]) -> str | None:
@@ -132,9 +113,9 @@ def check_quality(data: np.ndarray, params: QualityParams = QualityParams()) -> 
     factor = params.reduction_factor_for_rms
     central = factor >= 1 and bool(np.isfinite(_central_region(data, factor)).any())
     if not (central or np.isfinite(data).any()):
-        return ImageStats(math.nan, math.nan, math.nan), "the image has no finite pixels"
-    stats = image_stats(data, params.reduction_factor_for_rms)
-    rms = stats.rms
+        return ImageStats(math.nan), "the image has no finite pixels"
+    rms = central_rms(data, params.reduction_factor_for_rms)
+    stats = ImageStats(rms)
     if not math.isfinite(rms):
         reason = (
             f"the central 1/{params.reduction_factor_for_rms:g} of the image has fewer than two finite pixels,"

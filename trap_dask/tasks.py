@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from trap_dask.extraction.extract import PreparedImage, extraction_radius_deg, prepare_image
+from trap_dask.extraction.extract import PreparedImage, extraction_radius_deg, noise_range, prepare_image
 from trap_dask.extraction.extract import extract as extract_image
 from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
@@ -150,6 +150,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     if reason is not None:
         return _rejected(meta, checksum, stats, reason, clock, stamp)
     prepared = prepare_image(data, wcs, meta.beam, params, overwrite=True)  # data: ours alone
+    stats = replace(stats, **dict(zip(("rms_min", "rms_max"), noise_range(prepared, params))))
     clock.lap("background")
     result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
                          seconds=clock.seconds, stamp=stamp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,34 @@ def in_extraction_region(
     if params.radius > 0:
         ok &= np.hypot(x - (nx - 1) / 2.0, y - (ny - 1) / 2.0) <= params.radius
     return ok
+
+
+#: The noise map is looked at every this fraction of a background box (and along the extraction
+#: region's edges) for its extremes: it is linear between box centres, so they lie at a centre or
+#: on the edge, and a look every quarter box finds them to ~1% of the step between two boxes.
+NOISE_LOOKS_PER_BOX = 4
+
+
+def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, float]:
+    """Lowest and highest rms (Jy/beam) of the noise map in the extraction region: an image's
+    ``rms_min`` and ``rms_max`` (TraP's meaning), against which a later new source's significance is
+    measured. NaN when the region holds no finite rms."""
+    ny, nx = image.shape
+    m = params.margin
+    if 2 * m >= min(nx, ny):
+        return math.nan, math.nan
+    ys = np.unique(np.r_[np.arange(m, ny - m, max(1, params.back_size_y // NOISE_LOOKS_PER_BOX)), ny - 1 - m])
+    xs = np.unique(np.r_[np.arange(m, nx - m, max(1, params.back_size_x // NOISE_LOOKS_PER_BOX)), nx - 1 - m])
+    iy, ix = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
+    if params.radius > 0:  # the circle's edge too, a look every pixel
+        (cx, cy), r = image.centre, params.region_radius(image.shape)
+        angle = np.linspace(0.0, 2.0 * np.pi, max(8, int(2.0 * np.pi * r)), endpoint=False)
+        iy = np.r_[iy, np.clip(np.rint(cy + r * np.sin(angle)), 0, ny - 1).astype(int)]
+        ix = np.r_[ix, np.clip(np.rint(cx + r * np.cos(angle)), 0, nx - 1).astype(int)]
+    inside = in_extraction_region(image.shape, params, ix, iy)
+    values = image.rms[iy[inside], ix[inside]]
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
 
 
 def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> float:
