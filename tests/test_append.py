@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from _runs import dump, run, same_tables, spawn
+from _runs import COMPARED, dump, run, same_tables, spawn
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -298,23 +298,41 @@ def test_append_upgrades_a_version_4_database(db_settings, epochs, reference):
     assert dump(db_settings) == reference
 
 
-def test_append_upgrades_a_version_5_database(db_settings, epochs, reference, monkeypatch):
-    """Version 5 kept no file sizes and modification times: an append adds the columns, reads the
-    files of the images already there to recognise them (their stamps stay NULL), records the new
-    images with theirs, and continues the light curves as one run."""
+CORNERS = [f"corner{i}_{axis}" for i in range(1, 5) for axis in ("ra", "dec")]
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_append_upgrades_a_version_5_or_6_database(db_settings, epochs, reference, monkeypatch, version):
+    """Version 5 kept no file sizes and modification times, 6 no corners of the extraction regions:
+    an append adds the columns (NULL for the images already there: their files are read to recognise
+    them, their circles alone say what they covered), records the new images with them, and
+    continues the light curves as one run."""
     run(db_settings, epochs[:3])
     engine = make_engine(db_settings)
     with engine.begin() as conn:
-        for column in ("file_size", "file_mtime"):
+        for column in CORNERS + (["file_size", "file_mtime"] if version == 5 else []):
             conn.exec_driver_sql(f"ALTER TABLE images DROP COLUMN {column}")
-        conn.execute(schema.schema_version.update().values(version=5))
+        conn.execute(schema.schema_version.update().values(version=version))
     engine.dispose()
     read = _checksums_counted(monkeypatch)
     run(db_settings, epochs, db_append=True)
-    assert sorted(read) == sorted(epochs)
-    assert [stamp[1:] for stamp in _stamps(db_settings)] == [(None, None)] * 3 + [
-        (os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in epochs[3:]]
-    assert dump(db_settings) == reference
+    assert sorted(read) == sorted(epochs if version == 5 else epochs[3:])
+    stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in epochs]
+    kept = [(None, None)] * 3 if version == 5 else stamps[:3]
+    assert [stamp[1:] for stamp in _stamps(db_settings)] == kept + stamps[3:]
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        corners = conn.execute(select(*(schema.images.c[c] for c in CORNERS)).order_by(schema.images.c.id)).all()
+    engine.dispose()
+    assert all(v is None for row in corners[:3] for v in row) and all(v is not None for row in corners[3:] for v in row)
+    dumped = [c for c in schema.images.c.keys() if c not in COMPARED["images"]]
+    skip = [dumped.index(c) for c in CORNERS]
+
+    def without_corners(tables: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
+        strip = [tuple(v for i, v in enumerate(row) if i not in skip) for row in tables["images"]]
+        return tables | {"images": strip}
+
+    assert without_corners(dump(db_settings)) == without_corners(reference)
 
 
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):

@@ -97,6 +97,25 @@ def test_transient_becomes_a_new_source_with_its_significance(catalogue):
     assert new["newsource_type"][0] == 1                   # 25 sigma in the earlier image: likely
 
 
+def test_a_source_outside_the_earlier_images_corners_is_not_new(catalogue):
+    """An earlier image covered its extraction region, not the circle of its half-diagonal round it: a
+    source first seen beyond that image's side (a new pointing's sky) is no transient candidate, one
+    seen inside it is; without corners (a database of schema < 7) the circle alone decides, as before."""
+    half = 0.7  # deg: a square image of 1.4 deg a side; its half-diagonal 0.99 deg, the circle 1.0
+    corners = np.array([[150.0 + dx * half / np.cos(np.radians(30.0)), 30.0 + dy * half]
+                        for dx, dy in ((1, -1), (-1, -1), (-1, 1), (1, 1))])
+    first = replace(context(1), corners=corners)
+    plan = catalogue.plan(first, detections(np.array([150.0]), np.array([30.0]), [1.0]))
+    cat = catalogue.apply(catalogue.update(plan, ForcedMeasurements(forced_at([], [], []))), first)
+    beyond, inside = (150.0, 30.9), (150.2, 30.5)    # both within 1 deg of the centre
+    det = detections(np.array([150.0, beyond[0], inside[0]]), np.array([30.0, beyond[1], inside[1]]), [1.0, 0.05, 0.05])
+    new = step(cat, 2, det)[1].new_sources
+    assert new["src_id"].tolist() == [3]
+    circle_only = catalogue.apply(catalogue.update(catalogue.plan(context(1), det[:1]),
+                                                   ForcedMeasurements(forced_at([], [], []))), context(1))
+    assert step(circle_only, 2, det)[1].new_sources["src_id"].tolist() == [2, 3]
+
+
 def test_one_to_many_makes_a_duplicate_with_the_known_parent(catalogue):
     cat, first = step(catalogue, 1, detections(np.array([150.0]), np.array([30.0]), [1.0]))
     det = detections(np.array([150.0, 150.0 + 4 * ARCSEC]), np.array([30.0, 30.0]), [1.0, 0.5])

@@ -72,3 +72,36 @@ def test_classify_new_sources_per_source_threshold():
     _, s_max, likely = classify_new_sources([0.05, 0.05], threshold, [1e-3] * 2, [1e-2] * 2)
     assert s_max[0] == pytest.approx(5.0)
     np.testing.assert_array_equal(likely, [True, False])
+
+
+@pytest.mark.parametrize(("proj", "dec0", "turn"), [("SIN", 30.0, 0.0), ("SIN", 60.0, 25.0), ("TAN", -45.0, 70.0)])
+def test_covering_images_inside_an_images_corners_is_inside_its_pixels(proj, dec0, turn):
+    """With the corners of an image's extraction region (a turned image, SIN or TAN), a position counts
+    as covered where the image's pixels hold it (inside its margins), not anywhere in the circle of the
+    region's half-diagonal; positions within a pixel of a side may go either way."""
+    from astropy.wcs import WCS
+
+    from trap_dask.extraction.geometry import pixel_to_sky, sky_to_pixel
+
+    n, margin, pixel = 400, 20, 30.0 / 3600  # a 3.3 deg image
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = [f"RA---{proj}", f"DEC--{proj}"]
+    wcs.wcs.crval, wcs.wcs.crpix = [200.0, dec0], [(n + 1) / 2, (n + 1) / 2]
+    wcs.wcs.cdelt = [-pixel, pixel]
+    c, s = np.cos(np.radians(turn)), np.sin(np.radians(turn))
+    wcs.wcs.pc = [[c, -s], [s, c]]
+    ends = np.array([margin, n - 1 - margin], float)
+    corners = np.column_stack(pixel_to_sky(wcs, ends[[0, 1, 1, 0]], ends[[0, 0, 1, 1]]))
+    centre_ra, centre_dec = (float(v[0]) for v in pixel_to_sky(wcs, np.array([(n - 1) / 2]), np.array([(n - 1) / 2])))
+    radius = 0.5 * np.hypot(n - 2 * margin, n - 2 * margin) * pixel
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(-100, n + 100, 4000), rng.uniform(-100, n + 100, 4000)
+    ra, dec = pixel_to_sky(wcs, x, y)
+    cover = covering_images(ra, dec, centre_ra, centre_dec, radius, corners)[:, 0]
+    px, py = sky_to_pixel(wcs, ra, dec)
+    held = (px >= margin) & (px <= n - 1 - margin) & (py >= margin) & (py <= n - 1 - margin)
+    clear = (np.minimum(np.abs(px - ends[:, None]).min(0), np.abs(py - ends[:, None]).min(0)) > 1.0)
+    assert held.sum() > 1000 and (~held & covering_images(ra, dec, centre_ra, centre_dec, radius)[:, 0]).sum() > 300
+    np.testing.assert_array_equal(cover[clear], held[clear])
+    unknown = covering_images(ra, dec, centre_ra, centre_dec, radius, np.full((4, 2), np.nan))[:, 0]
+    np.testing.assert_array_equal(unknown, covering_images(ra, dec, centre_ra, centre_dec, radius)[:, 0])

@@ -12,9 +12,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from trap_dask.association import unit_vectors
+
+#: A position this far outside an edge of an image's extraction region (radians, ~0.2") still
+#: counts as inside: the pixel rows of a SIN image are not exactly great circles.
+EDGE_TOLERANCE = 1e-6
+
 
 def covering_images(
-    ra: ArrayLike, dec: ArrayLike, img_ra: ArrayLike, img_dec: ArrayLike, img_radius: ArrayLike
+    ra: ArrayLike, dec: ArrayLike, img_ra: ArrayLike, img_dec: ArrayLike, img_radius: ArrayLike,
+    img_corners: ArrayLike | None = None,
 ) -> np.ndarray:
     """Which images cover which positions.
 
@@ -23,22 +30,44 @@ def covering_images(
     ra, dec : positions in deg (n values).
     img_ra, img_dec : image centres in deg (k values).
     img_radius : extraction radius of each image in deg (k values, or one for all).
+    img_corners : (k, 4, 2) ra, dec (deg) of the corners of each image's extraction region, in
+        order around it (extract.extraction_corners); NaN (or None for all) where not known.
 
     Returns
     -------
     Boolean array of shape (n, k): True where the great-circle distance from the position to
-    the image centre is at most the image's radius (haversine, accurate at all separations).
+    the image centre is at most the image's radius (haversine, accurate at all separations) and,
+    where the corners are known, the position lies inside them (edges along great circles): the
+    radius of an image without a set ``radius`` is its half-diagonal, whose circle reaches well
+    beyond the image's sides.
     """
-    ra, dec = (np.deg2rad(np.atleast_1d(np.asarray(a, dtype=float)))[:, None] for a in (ra, dec))
-    img_ra, img_dec, img_radius = (
-        np.deg2rad(np.asarray(a, dtype=float))
-        for a in np.broadcast_arrays(img_ra, img_dec, img_radius)
-    )
+    ra, dec = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (ra, dec))
+    img_ra, img_dec, img_radius = (np.atleast_1d(np.asarray(a, dtype=float))
+                                   for a in np.broadcast_arrays(img_ra, img_dec, img_radius))
+    lat, img_lat = np.deg2rad(dec)[:, None], np.deg2rad(img_dec)
     hav = (
-        np.sin(0.5 * (dec - img_dec)) ** 2
-        + np.cos(dec) * np.cos(img_dec) * np.sin(0.5 * (ra - img_ra)) ** 2
+        np.sin(0.5 * (lat - img_lat)) ** 2
+        + np.cos(lat) * np.cos(img_lat) * np.sin(0.5 * np.deg2rad(ra[:, None] - img_ra)) ** 2
     )
-    return hav <= np.sin(0.5 * np.clip(img_radius, 0.0, np.pi)) ** 2
+    inside = hav <= np.sin(0.5 * np.clip(np.deg2rad(img_radius), 0.0, np.pi)) ** 2
+    if img_corners is None:
+        return inside
+    corners = np.asarray(img_corners, dtype=float).reshape(-1, 4, 2)
+    known = np.flatnonzero(np.isfinite(corners).all((1, 2)) & inside.any(0))
+    if len(known):
+        inside[:, known] &= _within_corners(ra, dec, img_ra[known], img_dec[known], corners[known])
+    return inside
+
+
+def _within_corners(ra: np.ndarray, dec: np.ndarray, img_ra: np.ndarray, img_dec: np.ndarray,
+                    corners: np.ndarray) -> np.ndarray:
+    """(n, k): whether each position (deg) lies inside each quadrilateral of ``corners`` (k, 4, 2;
+    deg) whose edges are great circles, on the side of each edge its centre (deg) is on."""
+    vertices = unit_vectors(corners[..., 0].ravel(), corners[..., 1].ravel()).reshape(-1, 4, 3)
+    normals = np.cross(vertices, np.roll(vertices, -1, axis=1))  # edge i: corner i to i + 1
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    normals *= np.sign(np.einsum("kij,kj->ki", normals, unit_vectors(img_ra, img_dec)))[..., None]  # inwards
+    return (np.einsum("nj,kij->nki", unit_vectors(ra, dec), normals) >= -EDGE_TOLERANCE).all(-1)
 
 
 def earlier_rms_bounds(

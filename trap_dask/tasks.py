@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from trap_dask.extraction.extract import PreparedImage, extraction_radius_deg, noise_range, prepare_image
+from trap_dask.extraction.extract import (
+    PreparedImage,
+    extraction_corners,
+    extraction_radius_deg,
+    noise_range,
+    prepare_image,
+)
 from trap_dask.extraction.extract import extract as extract_image
 from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
@@ -153,7 +159,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     stats = replace(stats, **dict(zip(("rms_min", "rms_max"), noise_range(prepared, params))))
     clock.lap("background")
     result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
-                         seconds=clock.seconds, stamp=stamp)
+                         seconds=clock.seconds, stamp=stamp, corners=extraction_corners(prepared, params))
     return LoadedImage(result, prepared)
 
 

@@ -93,8 +93,15 @@ def _v5_to_v6(conn: Connection, backend: Backend) -> None:
     add_missing_columns(conn, schema.images)
 
 
+def _v6_to_v7(conn: Connection, backend: Backend) -> None:
+    """`images` gains the corners of each image's extraction region (`corner1_ra` .. `corner4_dec`;
+    NULL for the images so far, which keep their circle alone): a source counts as covered by an
+    earlier image only inside them, not anywhere in the circle round its corners."""
+    add_missing_columns(conn, schema.images)
+
+
 MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                4: _v4_to_v5, 5: _v5_to_v6}
+                                                                4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7}
 
 
 def can_migrate(version: int) -> bool:

@@ -36,7 +36,7 @@ from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
 #: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
 #: add the step to trap_dask/db/migrations.py; a database of a later version is refused on append.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = MetaData()
 
@@ -127,6 +127,11 @@ images = Table(
     Column("file_mtime", BigInteger,
            comment="ns since 1970 (UTC), the file's modification time when it was read; with url and "
                    "file_size, what recognises it on an append without reading it"),
+    *(Column(f"corner{i}_{axis}", Double,
+             comment=f"deg, corner {i} of the extraction region (the image inside its margins m: pixels (m, m), "
+                     "(nx-1-m, m), (nx-1-m, ny-1-m), (m, ny-1-m)); with xtr_radius, what the image covered"
+             if i == 1 and axis == "ra" else "deg")
+      for i in range(1, 5) for axis in ("ra", "dec")),
 )
 
 extracted_sources = Table(

@@ -136,6 +136,20 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
     return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
 
 
+def extraction_corners(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
+    """(4, 2) sky positions (ra, dec; deg) of the corners of the extraction region's rectangle (the
+    image inside its margins; pixels (m, m), (nx-1-m, m), (nx-1-m, ny-1-m), (m, ny-1-m)), in order
+    around it: with ``xtr_radius``'s circle, what a later image's sources were covered by
+    (trap_dask.newsource.covering_images). NaN when the margins leave no pixel."""
+    ny, nx = image.shape
+    m = params.margin
+    if 2 * m >= min(nx, ny):
+        return np.full((4, 2), np.nan)
+    x = np.array([m, nx - 1 - m, nx - 1 - m, m], dtype=float)
+    y = np.array([m, m, ny - 1 - m, ny - 1 - m], dtype=float)
+    return np.column_stack(geo.pixel_to_sky(image.wcs, x, y))
+
+
 def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> float:
     """Radius (deg) of the circle around the centre that holds the extraction region (``xtr_radius``).
 
