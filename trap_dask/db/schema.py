@@ -130,7 +130,7 @@ images = Table(
     *(Column(f"corner{i}_{axis}", Double,
              comment=f"deg, corner {i} of the extraction region (the image inside its margins m: pixels (m, m), "
                      "(nx-1-m, m), (nx-1-m, ny-1-m), (m, ny-1-m)); with xtr_radius, what the image covered"
-             if i == 1 and axis == "ra" else "deg")
+             if (i, axis) == (1, "ra") else f"deg, corner {i} of the extraction region")
       for i in range(1, 5) for axis in ("ra", "dec")),
 )
 
