@@ -97,14 +97,15 @@ def test_transient_becomes_a_new_source_with_its_significance(catalogue):
     assert new["newsource_type"][0] == 1                   # 25 sigma in the earlier image: likely
 
 
-def test_a_source_outside_the_earlier_images_corners_is_not_new(catalogue):
+def test_a_source_outside_the_earlier_images_outline_is_not_new(catalogue):
     """An earlier image covered its extraction region, not the circle of its half-diagonal round it: a
     source first seen beyond that image's side (a new pointing's sky) is no transient candidate, one
-    seen inside it is; without corners (a database of schema < 7) the circle alone decides, as before."""
-    half = 0.7  # deg: a square image of 1.4 deg a side; its half-diagonal 0.99 deg, the circle 1.0
-    corners = np.array([[150.0 + dx * half / np.cos(np.radians(30.0)), 30.0 + dy * half]
-                        for dx, dy in ((1, -1), (-1, -1), (-1, 1), (1, 1))])
-    first = replace(context(1), corners=corners)
+    seen inside it is; without an outline (a database of schema < 7) the circle alone decides, as before."""
+    half, side = 0.7, np.linspace(-1.0, 1.0, 8, endpoint=False)  # deg: a square 1.4 deg a side, circle 1.0
+    square = np.concatenate([np.column_stack([-side, -np.ones(8)]), np.column_stack([-np.ones(8), side]),
+                             np.column_stack([side, np.ones(8)]), np.column_stack([np.ones(8), -side])])
+    outline = np.column_stack([150.0 + square[:, 0] * half / np.cos(np.radians(30.0)), 30.0 + square[:, 1] * half])
+    first = replace(context(1), outline=outline)
     plan = catalogue.plan(first, detections(np.array([150.0]), np.array([30.0]), [1.0]))
     cat = catalogue.apply(catalogue.update(plan, ForcedMeasurements(forced_at([], [], []))), first)
     beyond, inside = (150.0, 30.9), (150.2, 30.5)    # both within 1 deg of the centre

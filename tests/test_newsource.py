@@ -74,34 +74,66 @@ def test_classify_new_sources_per_source_threshold():
     np.testing.assert_array_equal(likely, [True, False])
 
 
-@pytest.mark.parametrize(("proj", "dec0", "turn"), [("SIN", 30.0, 0.0), ("SIN", 60.0, 25.0), ("TAN", -45.0, 70.0)])
-def test_covering_images_inside_an_images_corners_is_inside_its_pixels(proj, dec0, turn):
-    """With the corners of an image's extraction region (a turned image, SIN or TAN), a position counts
-    as covered where the image's pixels hold it (inside its margins), not anywhere in the circle of the
-    region's half-diagonal; positions within a pixel of a side may go either way."""
+@pytest.mark.parametrize(("proj", "size", "dec0", "turn"), [
+    ("SIN", 400, 30.0, 0.0), ("SIN", 400, 60.0, 25.0), ("TAN", 400, -45.0, 70.0),  # 3.3 deg
+    ("SIN", 3600, -30.0, 10.0), ("ZEA", 2400, 30.0, 0.0), ("CAR", 1200, 40.0, 0.0),  # 30, 20, 10 deg
+])
+def test_covering_images_inside_an_images_outline_is_inside_its_pixels(proj, size, dec0, turn):
+    """With the outline of an image's extraction region (turned, wide, SIN, TAN, ZEA and CAR images,
+    whose pixel rows are no great circles), a position counts as covered where the image's pixels hold
+    it (inside its margins), not anywhere in the circle of the region's half-diagonal; positions within
+    a pixel of a side may go either way. Without an outline the circle alone decides."""
+    from types import SimpleNamespace
+
     from astropy.wcs import WCS
 
+    from trap_dask.extraction.extract import extraction_outline, extraction_radius_deg
     from trap_dask.extraction.geometry import pixel_to_sky, sky_to_pixel
+    from trap_dask.extraction.params import ExtractionParams
+    from trap_dask.newsource import Outlines
 
-    n, margin, pixel = 400, 20, 30.0 / 3600  # a 3.3 deg image
+    n, margin, pixel = size, 20, 30.0 / 3600
     wcs = WCS(naxis=2)
     wcs.wcs.ctype = [f"RA---{proj}", f"DEC--{proj}"]
     wcs.wcs.crval, wcs.wcs.crpix = [200.0, dec0], [(n + 1) / 2, (n + 1) / 2]
+    if proj == "CAR":  # CAR's reference on the equator: the image's centre at dec0
+        wcs.wcs.crval, wcs.wcs.crpix = [200.0, 0.0], [(n + 1) / 2, (n + 1) / 2 - dec0 / pixel]
     wcs.wcs.cdelt = [-pixel, pixel]
     c, s = np.cos(np.radians(turn)), np.sin(np.radians(turn))
     wcs.wcs.pc = [[c, -s], [s, c]]
-    ends = np.array([margin, n - 1 - margin], float)
-    corners = np.column_stack(pixel_to_sky(wcs, ends[[0, 1, 1, 0]], ends[[0, 0, 1, 1]]))
+    image = SimpleNamespace(shape=(n, n), wcs=wcs, centre=((n - 1) / 2, (n - 1) / 2))
+    params = ExtractionParams(margin=margin)
+    outline, radius = extraction_outline(image, params), extraction_radius_deg(image, params)
     centre_ra, centre_dec = (float(v[0]) for v in pixel_to_sky(wcs, np.array([(n - 1) / 2]), np.array([(n - 1) / 2])))
-    radius = 0.5 * np.hypot(n - 2 * margin, n - 2 * margin) * pixel
     rng = np.random.default_rng(4)
-    x, y = rng.uniform(-100, n + 100, 4000), rng.uniform(-100, n + 100, 4000)
+    x, y = rng.uniform(-0.25 * n, 1.25 * n, 20000), rng.uniform(-0.25 * n, 1.25 * n, 20000)
     ra, dec = pixel_to_sky(wcs, x, y)
-    cover = covering_images(ra, dec, centre_ra, centre_dec, radius, corners)[:, 0]
+    ok = np.isfinite(ra) & np.isfinite(dec)
+    ra, dec = ra[ok], dec[ok]
+    cover = covering_images(ra, dec, centre_ra, centre_dec, radius, Outlines.of_rows(outline[None]))[:, 0]
+    circle = covering_images(ra, dec, centre_ra, centre_dec, radius)[:, 0]
     px, py = sky_to_pixel(wcs, ra, dec)
-    held = (px >= margin) & (px <= n - 1 - margin) & (py >= margin) & (py <= n - 1 - margin)
-    clear = (np.minimum(np.abs(px - ends[:, None]).min(0), np.abs(py - ends[:, None]).min(0)) > 1.0)
-    assert held.sum() > 1000 and (~held & covering_images(ra, dec, centre_ra, centre_dec, radius)[:, 0]).sum() > 300
+    ends = np.array([margin, n - 1 - margin], float)
+    held = (px >= ends[0]) & (px <= ends[1]) & (py >= ends[0]) & (py <= ends[1])
+    clear = np.minimum(np.abs(px - ends[:, None]).min(0), np.abs(py - ends[:, None]).min(0)) > 1.0
+    assert held.sum() > 5000 and (~held & circle).sum() > 1000
     np.testing.assert_array_equal(cover[clear], held[clear])
-    unknown = covering_images(ra, dec, centre_ra, centre_dec, radius, np.full((4, 2), np.nan))[:, 0]
-    np.testing.assert_array_equal(unknown, covering_images(ra, dec, centre_ra, centre_dec, radius)[:, 0])
+    unknown = Outlines.of_rows(np.full((1, len(outline), 2), np.nan))
+    np.testing.assert_array_equal(covering_images(ra, dec, centre_ra, centre_dec, radius, unknown)[:, 0], circle)
+
+
+def test_outlines_are_held_once_and_read_back_from_their_text():
+    """Images of one pointing share one outline; the images table's text gives the same outlines."""
+    from trap_dask.newsource import Outlines, outline_from_text, outline_text
+
+    square = np.array([[1.0, -1.0], [-1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    held = Outlines.of_rows(np.full((0, 4, 2), np.nan))
+    for outline in (square, square + 3.0, square.copy(), np.full((4, 2), np.nan), square + 3.0):
+        held = held.add(outline)
+    assert len(held.shapes) == 2 and held.of.tolist() == [0, 1, 0, -1, 1]
+    texts = [outline_text(o) for o in (square, None, square + 3.0)]
+    assert texts[1] is None and np.array_equal(outline_from_text(texts)[[0, 2]], [square, square + 3.0])
+    again = Outlines.of_rows(outline_from_text(texts))
+    assert len(again.shapes) == 2 and (again.of >= 0).tolist() == [True, False, True]
+    inside = covering_images([0.0, 2.5, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0], 10.0, again)
+    assert inside.tolist() == [[True, True, False], [False, True, False], [False, True, True]]

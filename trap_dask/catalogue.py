@@ -22,7 +22,7 @@ from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import ForcedMeasurements, ForcedRequest
-from trap_dask.newsource import classify_new_sources, covering_images, earlier_rms_bounds
+from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
 from trap_dask.sky import unshifted, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
@@ -73,8 +73,9 @@ class ImageContext:
     url: str = ""  #: the image's file
     shift_ra: float = 0.0  #: deg on the sky (east), the image's coherent offset, taken out to associate
     shift_dec: float = 0.0  #: deg (north)
-    #: (4, 2) ra, dec (deg) of the extraction region's corners (NaN: not known, the circle alone)
-    corners: np.ndarray = field(default_factory=lambda: np.full((4, 2), np.nan))
+    #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,
+    #: the circle alone)
+    outline: np.ndarray = field(default_factory=lambda: np.full((1, 2), np.nan))
 
 
 #: A null detection this close to a detection (beam FWHM) is measured together with it.
@@ -157,24 +158,24 @@ class EarlierImages:
     rms_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
     url: np.ndarray = field(default_factory=lambda: np.zeros(0, "O"))
-    corners: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 2)))  #: (k, 4, 2) deg
+    outlines: Outlines = field(default_factory=lambda: Outlines(np.zeros((0, 0, 2)), np.zeros(0, "i8")))
 
     @classmethod
     def from_images_table(cls, images: dict[str, list]) -> EarlierImages:
-        """From the accepted rows of the ``images`` table (corners NULL before schema 7: NaN)."""
+        """From the accepted rows of the ``images`` table (``xtr_outline`` NULL before schema 7)."""
         if not images:
             return cls()
         names = {"band": "freq_band", "im_id": "id", "centre_ra": "centre_ra", "centre_dec": "centre_dec",
                  "xtr_radius": "xtr_radius", "rms_min": "rms_min", "rms_max": "rms_max", "url": "url"}
         dtypes = {"band": "i8", "im_id": "i8", "url": "O"}
-        corners = np.array([[images[f"corner{i}_{axis}"] for axis in ("ra", "dec")] for i in range(1, 5)],
-                           dtype=float)  # (4, 2, k); None -> NaN
         return cls(**{ours: np.asarray(images[theirs], dtype=dtypes.get(ours, float))
-                      for ours, theirs in names.items()}, corners=corners.transpose(2, 0, 1))
+                      for ours, theirs in names.items()},
+                   outlines=Outlines.of_rows(outline_from_text(images["xtr_outline"])))
 
     def add(self, image: ImageContext) -> EarlierImages:
-        return EarlierImages(**{name: np.append(getattr(self, name), np.asarray(getattr(image, name))[None], axis=0)
-                                for name in self.__dataclass_fields__})
+        arrays = {name: np.append(getattr(self, name), getattr(image, name))
+                  for name in self.__dataclass_fields__ if name != "outlines"}
+        return EarlierImages(**arrays, outlines=self.outlines.add(image.outline))
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ class RunningCatalogue:
         candidates = np.concatenate([eligible, monitors])
         inside = covering_images(
             s["wm_ra"][candidates], s["wm_dec"][candidates],
-            image.centre_ra, image.centre_dec, image.xtr_radius, image.corners,
+            image.centre_ra, image.centre_dec, image.xtr_radius, Outlines.of_rows(image.outline[None]),
         )[:, 0]
         forced_rows = candidates[inside]
         pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows)
@@ -302,7 +303,8 @@ class RunningCatalogue:
         last = in_band[np.argmax(earlier.im_id[in_band])]
         cand = np.flatnonzero(new)
         inside = covering_images(det["ra"][cand], det["dec"][cand], earlier.centre_ra[last],
-                                 earlier.centre_dec[last], earlier.xtr_radius[last], earlier.corners[last])[:, 0]
+                                 earlier.centre_dec[last], earlier.xtr_radius[last],
+                                 earlier.outlines.take(last))[:, 0]
         return cand[inside], int(earlier.im_id[last]), str(earlier.url[last])
 
     def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray,
@@ -558,7 +560,7 @@ class RunningCatalogue:
         in_band = np.flatnonzero(earlier.band == image.band)
         covered = covering_images(
             det["ra"][cand], det["dec"][cand], earlier.centre_ra[in_band],
-            earlier.centre_dec[in_band], earlier.xtr_radius[in_band], earlier.corners[in_band],
+            earlier.centre_dec[in_band], earlier.xtr_radius[in_band], earlier.outlines.take(in_band),
         )
         seen = covered.any(axis=1)
         cand, covered = cand[seen], covered[seen]

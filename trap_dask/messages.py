@@ -101,8 +101,8 @@ class ImageResult:
     n_artefacts: int = 0  #: islands left out as pixel artefacts (trap_dask.extraction.artefacts)
     done_at: float = 0.0  #: time.time() when the worker finished it (the writer tells from it whether it is behind)
     stamp: FileStamp | None = None  #: the file's when its bytes were read (None: they could not be)
-    #: (4, 2) ra, dec (deg) of the extraction region's corners (extract.extraction_corners); None: rejected
-    corners: np.ndarray | None = None
+    #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline); None: rejected
+    outline: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

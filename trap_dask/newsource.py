@@ -9,19 +9,66 @@ been just below the earlier detection limit).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import numpy as np
 from numpy.typing import ArrayLike
 
 from trap_dask.association import unit_vectors
 
-#: A position this far outside an edge of an image's extraction region (radians, ~0.2") still
-#: counts as inside: the pixel rows of a SIN image are not exactly great circles.
-EDGE_TOLERANCE = 1e-6
+
+class Outlines(NamedTuple):
+    """The outlines of k images' extraction regions (extract.extraction_outline), each distinct one
+    held once (the images of one pointing share theirs)."""
+
+    shapes: np.ndarray  #: (u, V, 2) ra, dec (deg) of V points around each distinct region
+    of: np.ndarray  #: (k,) the shape of each image; -1: not known (the circle alone)
+
+    @classmethod
+    def of_rows(cls, outlines: np.ndarray) -> Outlines:
+        """From (k, V, 2) outlines (NaN rows: not known)."""
+        outlines = np.asarray(outlines, dtype=float)
+        known = np.isfinite(outlines).all((1, 2))
+        of = np.full(len(outlines), -1)
+        if not known.any():
+            return cls(np.zeros((0, *outlines.shape[1:])), of)
+        shapes, of[known] = np.unique(outlines[known].reshape(int(known.sum()), -1), axis=0, return_inverse=True)
+        return cls(shapes.reshape(-1, *outlines.shape[1:]), of)
+
+    def add(self, outline: np.ndarray) -> Outlines:
+        """With one more image, of outline (V, 2) (NaN: not known)."""
+        if not np.isfinite(outline).all():
+            return Outlines(self.shapes, np.append(self.of, -1))
+        same = np.flatnonzero((self.shapes == outline).all((1, 2))) if self.shapes.shape[1:] == outline.shape else []
+        if len(same):
+            return Outlines(self.shapes, np.append(self.of, same[0]))
+        shapes = np.concatenate([self.shapes.reshape(-1, *outline.shape), outline[None]])
+        return Outlines(shapes, np.append(self.of, len(shapes) - 1))
+
+    def take(self, images: np.ndarray | int) -> Outlines:
+        """Those of the images at ``images`` (indices)."""
+        return Outlines(self.shapes, np.atleast_1d(self.of[images]))
+
+
+def outline_text(outline: np.ndarray | None) -> str | None:
+    """An outline (V, 2) as ``images.xtr_outline`` holds it: "ra dec ra dec ..." in deg (None: not known)."""
+    if outline is None or not np.isfinite(outline).all():
+        return None
+    return " ".join(f"{v:.10f}" for v in np.ravel(outline))
+
+
+def outline_from_text(texts: Sequence[str | None]) -> np.ndarray:
+    """(k, V, 2) outlines of ``images.xtr_outline`` texts (NaN where NULL)."""
+    parsed = [np.array(text.split(), dtype=float).reshape(-1, 2) if text else None for text in texts]
+    points = next((len(p) for p in parsed if p is not None), 1)
+    rows = [p if p is not None and len(p) == points else np.full((points, 2), np.nan) for p in parsed]
+    return np.array(rows, dtype=float).reshape(len(rows), points, 2)
 
 
 def covering_images(
     ra: ArrayLike, dec: ArrayLike, img_ra: ArrayLike, img_dec: ArrayLike, img_radius: ArrayLike,
-    img_corners: ArrayLike | None = None,
+    outlines: Outlines | None = None,
 ) -> np.ndarray:
     """Which images cover which positions.
 
@@ -30,16 +77,14 @@ def covering_images(
     ra, dec : positions in deg (n values).
     img_ra, img_dec : image centres in deg (k values).
     img_radius : extraction radius of each image in deg (k values, or one for all).
-    img_corners : (k, 4, 2) ra, dec (deg) of the corners of each image's extraction region, in
-        order around it (extract.extraction_corners); NaN (or None for all) where not known.
+    outlines : the outlines of the k images' extraction regions, where known.
 
     Returns
     -------
     Boolean array of shape (n, k): True where the great-circle distance from the position to
     the image centre is at most the image's radius (haversine, accurate at all separations) and,
-    where the corners are known, the position lies inside them (edges along great circles): the
-    radius of an image without a set ``radius`` is its half-diagonal, whose circle reaches well
-    beyond the image's sides.
+    where the image's outline is known, the position lies inside it: the radius of an image
+    without a set ``radius`` is its half-diagonal, whose circle reaches well beyond its sides.
     """
     ra, dec = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (ra, dec))
     img_ra, img_dec, img_radius = (np.atleast_1d(np.asarray(a, dtype=float))
@@ -50,24 +95,44 @@ def covering_images(
         + np.cos(lat) * np.cos(img_lat) * np.sin(0.5 * np.deg2rad(ra[:, None] - img_ra)) ** 2
     )
     inside = hav <= np.sin(0.5 * np.clip(np.deg2rad(img_radius), 0.0, np.pi)) ** 2
-    if img_corners is None:
+    if outlines is None:
         return inside
-    corners = np.asarray(img_corners, dtype=float).reshape(-1, 4, 2)
-    known = np.flatnonzero(np.isfinite(corners).all((1, 2)) & inside.any(0))
-    if len(known):
-        inside[:, known] &= _within_corners(ra, dec, img_ra[known], img_dec[known], corners[known])
+    known = outlines.of >= 0
+    used = np.unique(outlines.of[known & inside.any(0)])
+    if len(used):
+        within = np.zeros((len(ra), len(outlines.shapes)), dtype=bool)
+        within[:, used] = within_outlines(ra, dec, outlines.shapes[used])
+        inside[:, known] &= within[:, outlines.of[known]]
     return inside
 
 
-def _within_corners(ra: np.ndarray, dec: np.ndarray, img_ra: np.ndarray, img_dec: np.ndarray,
-                    corners: np.ndarray) -> np.ndarray:
-    """(n, k): whether each position (deg) lies inside each quadrilateral of ``corners`` (k, 4, 2;
-    deg) whose edges are great circles, on the side of each edge its centre (deg) is on."""
-    vertices = unit_vectors(corners[..., 0].ravel(), corners[..., 1].ravel()).reshape(-1, 4, 3)
-    normals = np.cross(vertices, np.roll(vertices, -1, axis=1))  # edge i: corner i to i + 1
-    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-    normals *= np.sign(np.einsum("kij,kj->ki", normals, unit_vectors(img_ra, img_dec)))[..., None]  # inwards
-    return (np.einsum("nj,kij->nki", unit_vectors(ra, dec), normals) >= -EDGE_TOLERANCE).all(-1)
+def within_outlines(ra: np.ndarray, dec: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """(n, u): whether each position (deg) lies inside each outline of ``shapes`` (u, V, 2; deg), its
+    points joined by great circles: a point-in-polygon test (crossing number) on the gnomonic
+    projection about the outline's centre, where great circles are straight lines. A position 90 deg
+    or more from the centre is outside; an outline reaching that far (a region of a hemisphere) holds
+    every position (its image's circle decides)."""
+    points = unit_vectors(ra, dec)  # (n, 3)
+    vertices = unit_vectors(shapes[..., 0].ravel(), shapes[..., 1].ravel()).reshape(*shapes.shape[:2], 3)
+    centre = vertices.sum(1)
+    centre /= np.linalg.norm(centre, axis=-1, keepdims=True)
+    east = np.cross([0.0, 0.0, 1.0], centre)
+    east[np.linalg.norm(east, axis=-1) == 0] = [0.0, 1.0, 0.0]  # an outline centred on a pole
+    east /= np.linalg.norm(east, axis=-1, keepdims=True)
+    north = np.cross(centre, east)
+
+    def plane(v: np.ndarray, axes: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        depth = np.einsum(axes, v, centre)
+        return np.einsum(axes, v, east) / depth, np.einsum(axes, v, north) / depth, depth
+
+    px, py, depth = plane(points, "nj,uj->nu")  # (n, u)
+    vx, vy, vertex_depth = plane(vertices, "uvj,uj->uv")  # (u, V)
+    x1, y1, x2, y2 = vx, vy, np.roll(vx, -1, axis=1), np.roll(vy, -1, axis=1)
+    below = py[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crossing = ((y1 > below) != (y2 > below)) & (px[..., None] < x1 + (below - y1) * (x2 - x1) / (y2 - y1))
+    inside = (depth > 0) & (crossing.sum(-1) % 2 == 1)
+    return inside | ~(vertex_depth > 0).all(-1)
 
 
 def earlier_rms_bounds(

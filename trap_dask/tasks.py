@@ -20,7 +20,7 @@ import numpy as np
 
 from trap_dask.extraction.extract import (
     PreparedImage,
-    extraction_corners,
+    extraction_outline,
     extraction_radius_deg,
     noise_range,
     prepare_image,
@@ -159,7 +159,7 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     stats = replace(stats, **dict(zip(("rms_min", "rms_max"), noise_range(prepared, params))))
     clock.lap("background")
     result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
-                         seconds=clock.seconds, stamp=stamp, corners=extraction_corners(prepared, params))
+                         seconds=clock.seconds, stamp=stamp, outline=extraction_outline(prepared, params))
     return LoadedImage(result, prepared)
 
 

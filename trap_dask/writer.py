@@ -72,6 +72,7 @@ from trap_dask.messages import (
     ImageResult,
     ScanFailure,
 )
+from trap_dask.newsource import outline_text
 from trap_dask.sources import HISTORY_DTYPE, add_uncertainties, empty_sources
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class Writer:
             centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
             rms_min=result.stats.rms_min, rms_max=result.stats.rms_max, beam_fwhm=beam_fwhm,
             url=meta.url, shift_ra=shift[0], shift_dec=shift[1],
-            corners=np.full((4, 2), np.nan) if result.corners is None else result.corners,
+            outline=np.full((1, 2), np.nan) if result.outline is None else result.outline,
         )
         detections = add_uncertainties(result.sources.copy(), *sys_err)
         plan = self.catalogue.plan(image, detections)
@@ -559,7 +560,7 @@ class Writer:
             "xtr_radius": result.xtr_radius,
             "file_size": result.stamp.size if result.stamp else None,
             "file_mtime": result.stamp.mtime_ns if result.stamp else None,
-            **_corner_columns(result.corners),
+            "xtr_outline": outline_text(result.outline),
         }
 
     def _commit_rejected(self, row: dict, behind: bool) -> CommitSummary:
@@ -602,13 +603,6 @@ def _measurable(result: ImageResult) -> ImageResult:
     log.warning("%s: %d detection(s) without a finite position or position error left out",
                 result.meta.url, int((~finite).sum()))
     return replace(result, sources=sources[finite])
-
-
-def _corner_columns(corners: np.ndarray | None) -> dict[str, float | None]:
-    """The ``images`` columns of an extraction region's corners (4, 2) (NULL where not finite)."""
-    values = np.full((4, 2), np.nan) if corners is None else corners
-    return {f"corner{i + 1}_{axis}": float(values[i, j]) if np.isfinite(values[i, j]) else None
-            for i in range(4) for j, axis in enumerate(("ra", "dec"))}
 
 
 def _with_sys_err(measured: ForcedMeasurements, sys_err: tuple[float, float]) -> ForcedMeasurements:

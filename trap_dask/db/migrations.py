@@ -94,9 +94,9 @@ def _v5_to_v6(conn: Connection, backend: Backend) -> None:
 
 
 def _v6_to_v7(conn: Connection, backend: Backend) -> None:
-    """`images` gains the corners of each image's extraction region (`corner1_ra` .. `corner4_dec`;
-    NULL for the images so far, which keep their circle alone): a source counts as covered by an
-    earlier image only inside them, not anywhere in the circle round its corners."""
+    """`images` gains `xtr_outline`, points around each image's extraction region (NULL for the
+    images so far, which keep their circle alone): a source counts as covered by an earlier image
+    only inside it, not anywhere in the circle round its corners."""
     add_missing_columns(conn, schema.images)
 
 

@@ -127,11 +127,10 @@ images = Table(
     Column("file_mtime", BigInteger,
            comment="ns since 1970 (UTC), the file's modification time when it was read; with url and "
                    "file_size, what recognises it on an append without reading it"),
-    *(Column(f"corner{i}_{axis}", Double,
-             comment=f"deg, corner {i} of the extraction region (the image inside its margins m: pixels (m, m), "
-                     "(nx-1-m, m), (nx-1-m, ny-1-m), (m, ny-1-m)); with xtr_radius, what the image covered"
-             if (i, axis) == (1, "ra") else f"deg, corner {i} of the extraction region")
-      for i in range(1, 5) for axis in ("ra", "dec")),
+    Column("xtr_outline", Text,
+           comment="deg, 'ra dec ra dec ...' of 32 points around the extraction region (the image inside its "
+                   "margins, from pixel (m, m) along its edge's rows and columns); with xtr_radius, what the "
+                   "image covered (NULL: not known, the circle alone)"),
 )
 
 extracted_sources = Table(

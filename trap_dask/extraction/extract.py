@@ -136,29 +136,49 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
     return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
 
 
-def extraction_corners(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
-    """(4, 2) sky positions (ra, dec; deg) of the corners of the extraction region's rectangle (the
-    image inside its margins; pixels (m, m), (nx-1-m, m), (nx-1-m, ny-1-m), (m, ny-1-m)), in order
-    around it: with ``xtr_radius``'s circle, what a later image's sources were covered by
-    (trap_dask.newsource.covering_images). NaN when the margins leave no pixel."""
+#: Points along each side of the extraction region that :func:`extraction_outline` gives: joined by
+#: great circles (straight lines of a gnomonic projection) they follow the pixel rows and columns of
+#: any projection to 1/64 of a side's bend from a great circle (~0.5 px on the sides of a 30 deg SIN image).
+OUTLINE_POINTS_PER_SIDE = 8
+
+
+def extraction_outline(image: PreparedImage, params: ExtractionParams) -> np.ndarray:
+    """(4 * OUTLINE_POINTS_PER_SIDE, 2) sky positions (ra, dec; deg) around the extraction region's
+    rectangle (the image inside its margins m), from pixel (m, m) along the rows and columns on its
+    edge: with ``xtr_radius``'s circle, what a later image's sources were covered by
+    (trap_dask.newsource.covering_images). NaN when the region is no rectangle (its margins leave
+    a pixel or less across) or a point of it is off the sky."""
     ny, nx = image.shape
-    m = params.margin
-    if 2 * m >= min(nx, ny):
-        return np.full((4, 2), np.nan)
-    x = np.array([m, nx - 1 - m, nx - 1 - m, m], dtype=float)
-    y = np.array([m, m, ny - 1 - m, ny - 1 - m], dtype=float)
-    return np.column_stack(geo.pixel_to_sky(image.wcs, x, y))
+    m, k = params.margin, OUTLINE_POINTS_PER_SIDE
+    if 2 * m + 1 >= min(nx, ny):
+        return np.full((4 * k, 2), np.nan)
+    (x0, x1), (y0, y1), step = (m, nx - 1 - m), (m, ny - 1 - m), np.arange(k) / k
+    x = np.concatenate([x0 + (x1 - x0) * step, np.full(k, x1), x1 - (x1 - x0) * step, np.full(k, x0)])
+    y = np.concatenate([np.full(k, y0), y0 + (y1 - y0) * step, np.full(k, y1), y1 - (y1 - y0) * step])
+    outline = np.column_stack(geo.pixel_to_sky(image.wcs, x, y))
+    return outline if np.isfinite(outline).all() else np.full((4 * k, 2), np.nan)
 
 
 def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> float:
     """Radius (deg) of the circle around the centre that holds the extraction region (``xtr_radius``).
 
-    It is :meth:`ExtractionParams.region_radius` (the half-diagonal inside the margins unless
-    ``radius`` is set, so that sources in the corners count as covered) times the pixel size at
-    the centre. Positions inside the circle but off the image are measured by
+    It holds the circle of :meth:`ExtractionParams.region_radius` pixels around the centre (the
+    half-diagonal inside the margins unless ``radius`` is set, so that sources in the corners count
+    as covered): the largest distance on the sky from the centre to that circle's pixels, which is
+    more than its pixels times the pixel size at the centre on a wide SIN or ZEA image. That where
+    the circle is off the sky. Positions inside the circle but off the image are measured by
     nobody: :func:`forced_fit` gives them NaN.
     """
-    return params.region_radius(image.shape) * geo.pixel_scale(image.wcs, *image.centre)
+    pixels = params.region_radius(image.shape)
+    (cx, cy), scale = image.centre, geo.pixel_scale(image.wcs, *image.centre)
+    angle = np.linspace(0.0, 2.0 * np.pi, 360, endpoint=False)
+    x, y = np.r_[cx, cx + pixels * np.cos(angle)], np.r_[cy, cy + pixels * np.sin(angle)]  # the centre first
+    ra, dec = geo.pixel_to_sky(image.wcs, x, y)
+    if pixels <= 0 or not (np.isfinite(ra) & np.isfinite(dec)).all():
+        return pixels * scale
+    lat, dlat, dlon = np.radians(dec), np.radians(dec[1:] - dec[0]), np.radians(ra[1:] - ra[0])
+    hav = np.sin(dlat / 2) ** 2 + np.cos(lat[0]) * np.cos(lat[1:]) * np.sin(dlon / 2) ** 2
+    return max(float(np.degrees(2.0 * np.arcsin(np.sqrt(hav.max())))), pixels * scale)
 
 
 def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.ndarray]:
