@@ -39,8 +39,12 @@ def _paths_in_time_order(directory: Path, spec: SurveySpec) -> list[str]:
 
 @pytest.fixture(scope="module")
 def epochs(tmp_path_factory):
-    """The survey's image paths in time order."""
-    return _paths_in_time_order(tmp_path_factory.mktemp("append_survey"), SPEC)
+    """The survey's image paths in time order, last modified an hour ago (files just written get no
+    stamp: tasks.FRESH_NS)."""
+    paths = _paths_in_time_order(tmp_path_factory.mktemp("append_survey"), SPEC)
+    for path in paths:
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns - 3600 * 10**9))
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,19 @@ def test_an_append_reads_only_the_files_it_does_not_know(db_settings, epochs, re
     summary = run(db_settings, [*epochs, str(touched)], db_append=True)
     assert (summary.n_images, summary.n_skipped) == (0, len(epochs) + 1)
     assert sorted(read) == sorted([epochs[2], str(touched)])
+
+
+def test_a_file_modified_as_it_is_read_gets_no_stamp(db_settings, epochs, tmp_path, monkeypatch):
+    """A file written less than 2 s before it is read may be written again within the same tick of a
+    coarse clock, keeping its size and modification time over other bytes: its image gets no stamp,
+    and the next append reads it."""
+    fresh = tmp_path / "fresh.fits"
+    fresh.write_bytes(Path(epochs[0]).read_bytes())
+    run(db_settings, [str(fresh), *epochs[1:3]])
+    assert [stamp[1] is None for stamp in _stamps(db_settings)] == [True, False, False]
+    read = _checksums_counted(monkeypatch)
+    assert run(db_settings, [str(fresh), *epochs[1:3]], db_append=True).n_skipped == 3
+    assert read == [str(fresh)]
 
 
 def test_an_append_of_images_older_than_the_database_holds_is_refused(db_settings, epochs):

@@ -126,14 +126,21 @@ def bytes_checksum(raw: np.ndarray) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def read_file(path: str) -> tuple[np.ndarray, FileStamp]:
+#: A file modified less than this long before it is read gets no stamp (ns): a write in the same tick
+#: of a coarse clock (FAT's 2 s, NFS, older kernels' few ms) would leave its stamp unchanged over other
+#: bytes; without one it is checksummed on the next append, as git does with "racily clean" files.
+FRESH_NS = 2_000_000_000
+
+
+def read_file(path: str) -> tuple[np.ndarray, FileStamp | None]:
     """A file's bytes (uint8), in a buffer that :func:`read_image` may turn into the pixels in place,
-    and its stamp when it was opened."""
+    and its stamp when it was opened (None for a file modified within FRESH_NS of that)."""
     with open(path, "rb") as fh:
-        stamp = FileStamp.of(os.fstat(fh.fileno()))
-        raw = np.empty(stamp.size, dtype=np.uint8)
+        status = os.fstat(fh.fileno())
+        raw = np.empty(status.st_size, dtype=np.uint8)
         size = fh.readinto(memoryview(raw))
-    return raw[:size], stamp  # shorter when the file shrank meanwhile
+    settled = time.time_ns() - status.st_mtime_ns >= FRESH_NS
+    return raw[:size], FileStamp.of(status) if settled else None  # raw: shorter when the file shrank meanwhile
 
 
 def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) -> LoadedImage:
