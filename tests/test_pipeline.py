@@ -208,7 +208,7 @@ def test_shuffled_input_order_gives_the_same_database(processed, survey, tmp_pat
     db = run([inputs[i] for i in rng.permutation(len(inputs))], tmp_path / "s.db")
     for name in ("extracted_sources", "variability", "newsource"):
         assert table(db, name) == table(processed, name), name
-    same_file = ("url", "file_mtime")  # copies: other paths, modified now
+    same_file = ("url", "file_size", "file_mtime")  # copies: other paths and stamps (none if read as written)
     assert table(db, "images", drop=same_file) == table(processed, "images", drop=same_file)
 
 
@@ -217,7 +217,8 @@ def test_worker_count_does_not_change_the_result(survey, tmp_path):
     one = run([folder], tmp_path / "one.db", scheduler="distributed", nr_threads=1)
     two = run([folder], tmp_path / "two.db", scheduler="distributed", nr_threads=2)
     for name in ("images", "extracted_sources", "variability", "newsource", "runningcatalog", "frequencybands"):
-        assert table(one, name) == table(two, name), name
+        stamps = ("file_size", "file_mtime") if name == "images" else ()  # none for a file read as it was written
+        assert table(one, name, drop=stamps) == table(two, name, drop=stamps), name
 
 
 def test_existing_database_is_refused_without_overwrite(processed, survey, tmp_path):
