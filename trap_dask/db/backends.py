@@ -112,6 +112,12 @@ class Backend(ABC):
     def lock(self) -> Lock:
         """The run lock: one writer per database, freed when its holder dies (not yet acquired)."""
 
+    def create_tables(self, engine: Engine) -> None:
+        """Make the export schema's tables (trap_dask.db.schema) in an empty database."""
+        from trap_dask.db import schema
+
+        schema.metadata.create_all(engine)
+
     def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:  # noqa: B027
         """Apply a table's storage parameters (schema.STORAGE) to an existing table; none by default."""
 

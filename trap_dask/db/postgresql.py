@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, Table, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
+from trap_dask.db import schema
 from trap_dask.db.backends import Backend, Columns, DatabaseError, driver_reason
 from trap_dask.db.lock import Lock
 from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
@@ -76,6 +77,11 @@ class PostgreSQLBackend(Backend):
 
     def lock(self) -> AdvisoryLock:
         return AdvisoryLock(self.settings)
+
+    def create_tables(self, engine: Engine) -> None:
+        """The export schema's tables, those every image updates with their storage (schema.STORAGE)."""
+        schema.postgresql_storage()
+        super().create_tables(engine)
 
     def set_storage(self, conn: Connection, table: str, options) -> None:
         quote = conn.dialect.identifier_preparer.quote

@@ -175,7 +175,6 @@ variability = Table(
     Column("first_detection_time", DateTime),
     # no index on eta_int (version 4 had one): every image changes the eta_int of the light curves
     # it touches, and an indexed column that changes keeps an update off its page (not HOT)
-    postgresql_with={"fillfactor": 50},  # room on each page for its next update (HOT)
 )
 
 #: The running sums behind ``variability`` (what an append continues from), in their own table
@@ -189,7 +188,6 @@ variability_running_averages = Table(
     *_sums(FLUX_SUMS),
     Column("ra_ref", Double, comment="deg, reference RA of the position sums"),
     *_sums(POSITION_SUMS),
-    postgresql_with={"fillfactor": 50},  # every image updates many rows: keep the updates HOT
 )
 
 runningcatalog = Table(
@@ -206,7 +204,6 @@ runningcatalog = Table(
     Column("is_monitor", Boolean, nullable=False),
     Column("first_im_id", Integer),
     Column("merged_into", Integer, comment="src_id whose light curve took this one's measurements (-1: none)"),
-    postgresql_with={"fillfactor": 50},  # every image updates many rows: keep the updates HOT
 )
 
 merges = Table(
@@ -244,9 +241,18 @@ monitor = Table(
 )
 
 
-#: PostgreSQL storage parameters of the tables above (``ALTER TABLE .. SET`` them on an upgrade)
-STORAGE = {t.name: t.dialect_options["postgresql"]["with"] for t in metadata.sorted_tables
-           if t.dialect_options["postgresql"]["with"]}
+#: PostgreSQL storage parameters of the tables every image updates: room on each page for its next
+#: update, so that the updates stay on the page (HOT). Given to the tables as ``postgresql_with`` only
+#: where a PostgreSQL database or its DDL is made (:func:`postgresql_storage`; ``ALTER TABLE .. SET`` on
+#: an upgrade): naming a dialect's option loads the dialect, 20 ms of a SQLite run's start-up.
+STORAGE = {name: {"fillfactor": 50} for name in ("variability", "_variability_running_averages", "runningcatalog")}
+
+
+def postgresql_storage() -> None:
+    """Give the tables of STORAGE their ``postgresql_with`` (again: no change), before PostgreSQL tables
+    or their DDL are made from the metadata."""
+    for name, options in STORAGE.items():
+        metadata.tables[name].dialect_kwargs["postgresql_with"] = options
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
@@ -314,6 +320,8 @@ def ddl(dialect_name: str) -> str:
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect()}[dialect_name]
+    if dialect_name == "postgresql":
+        postgresql_storage()
     statements = []
     for table in metadata.sorted_tables:
         statements.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")

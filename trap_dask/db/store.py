@@ -201,7 +201,7 @@ class ExportStore:
 
     def _create_tables(self) -> None:
         try:
-            schema.metadata.create_all(self.engine)
+            self.backend.create_tables(self.engine)
             with self.engine.begin() as conn:
                 conn.execute(insert(schema.schema_version).values(
                     version=schema.SCHEMA_VERSION, software_version=__version__, created_at=_now()
