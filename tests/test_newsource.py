@@ -137,3 +137,9 @@ def test_outlines_are_held_once_and_read_back_from_their_text():
     assert len(again.shapes) == 2 and (again.of >= 0).tolist() == [True, False, True]
     inside = covering_images([0.0, 2.5, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0], 10.0, again)
     assert inside.tolist() == [[True, True, False], [False, True, False], [False, True, True]]
+    # an outline of 4 points stored beside one of 8 (another version's): each still holds its own sky
+    octagon = np.repeat(square, 2, axis=0)
+    mixed = Outlines.of_rows(outline_from_text([outline_text(square)])).add(octagon + 3.0)
+    assert mixed.shapes.shape == (2, 8, 2) and mixed.of.tolist() == [0, 1]
+    assert covering_images([0.0, 3.0], [0.0, 3.0], [0.0, 3.0], [0.0, 3.0], 10.0, mixed).tolist() == [[True, False],
+                                                                                                       [False, True]]

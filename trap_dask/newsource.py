@@ -40,11 +40,12 @@ class Outlines(NamedTuple):
         """With one more image, of outline (V, 2) (NaN: not known)."""
         if not np.isfinite(outline).all():
             return Outlines(self.shapes, np.append(self.of, -1))
-        same = np.flatnonzero((self.shapes == outline).all((1, 2))) if self.shapes.shape[1:] == outline.shape else []
+        points = max(self.shapes.shape[1], len(outline))
+        shapes, outline = _padded(self.shapes, points), _padded(outline[None], points)[0]
+        same = np.flatnonzero((shapes == outline).all((1, 2)))
         if len(same):
-            return Outlines(self.shapes, np.append(self.of, same[0]))
-        shapes = np.concatenate([self.shapes.reshape(-1, *outline.shape), outline[None]])
-        return Outlines(shapes, np.append(self.of, len(shapes) - 1))
+            return Outlines(shapes, np.append(self.of, same[0]))
+        return Outlines(np.concatenate([shapes, outline[None]]), np.append(self.of, len(shapes)))
 
     def take(self, images: np.ndarray | int) -> Outlines:
         """Those of the images at ``images`` (indices)."""
@@ -58,12 +59,22 @@ def outline_text(outline: np.ndarray | None) -> str | None:
     return " ".join(f"{v:.10f}" for v in np.ravel(outline))
 
 
+def _padded(outlines: np.ndarray, points: int) -> np.ndarray:
+    """(k, points, 2): outlines (k, V <= points, 2) with their last point repeated: an edge of no
+    length, the same region (outlines of another number of points, from another version, join them)."""
+    missing = points - outlines.shape[1]
+    if missing <= 0:
+        return outlines
+    last = outlines[:, -1:] if outlines.shape[1] else np.full((len(outlines), 1, 2), np.nan)
+    return np.concatenate([outlines, np.repeat(last, missing, axis=1)], axis=1)
+
+
 def outline_from_text(texts: Sequence[str | None]) -> np.ndarray:
-    """(k, V, 2) outlines of ``images.xtr_outline`` texts (NaN where NULL)."""
-    parsed = [np.array(text.split(), dtype=float).reshape(-1, 2) if text else None for text in texts]
-    points = next((len(p) for p in parsed if p is not None), 1)
-    rows = [p if p is not None and len(p) == points else np.full((points, 2), np.nan) for p in parsed]
-    return np.array(rows, dtype=float).reshape(len(rows), points, 2)
+    """(k, V, 2) outlines of ``images.xtr_outline`` texts (NaN where NULL; shorter ones padded)."""
+    parsed = [np.array(text.split(), dtype=float).reshape(1, -1, 2) if text else None for text in texts]
+    points = max((p.shape[1] for p in parsed if p is not None), default=1)
+    rows = [_padded(p, points) if p is not None else np.full((1, points, 2), np.nan) for p in parsed]
+    return np.concatenate(rows).reshape(len(rows), points, 2) if rows else np.zeros((0, points, 2))
 
 
 def covering_images(
@@ -98,21 +109,26 @@ def covering_images(
     if outlines is None:
         return inside
     known = outlines.of >= 0
-    used = np.unique(outlines.of[known & inside.any(0)])
-    if len(used):
-        within = np.zeros((len(ra), len(outlines.shapes)), dtype=bool)
-        within[:, used] = within_outlines(ra, dec, outlines.shapes[used])
+    position, image = np.nonzero(inside & known)
+    if len(position):  # each (position, distinct outline) once: the pairs inside a circle only
+        u = len(outlines.shapes)
+        position, shape = np.divmod(np.unique(position * u + outlines.of[image]), u)
+        within = np.zeros((len(ra), u), dtype=bool)
+        within[position, shape] = within_outlines(ra[position], dec[position], outlines.shapes, shape)
         inside[:, known] &= within[:, outlines.of[known]]
     return inside
 
 
-def within_outlines(ra: np.ndarray, dec: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-    """(n, u): whether each position (deg) lies inside each outline of ``shapes`` (u, V, 2; deg), its
-    points joined by great circles: a point-in-polygon test (crossing number) on the gnomonic
+#: Position-outline pairs tested at once by :func:`within_outlines` (a few tens of MB of work arrays).
+_PAIRS_AT_ONCE = 1 << 15
+
+
+def within_outlines(ra: np.ndarray, dec: np.ndarray, shapes: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """Whether each position (deg) lies inside the outline ``shapes[shape]`` (shapes: (u, V, 2) deg),
+    its points joined by great circles: a point-in-polygon test (crossing number) on the gnomonic
     projection about the outline's centre, where great circles are straight lines. A position 90 deg
     or more from the centre is outside; an outline reaching that far (a region of a hemisphere) holds
     every position (its image's circle decides)."""
-    points = unit_vectors(ra, dec)  # (n, 3)
     vertices = unit_vectors(shapes[..., 0].ravel(), shapes[..., 1].ravel()).reshape(*shapes.shape[:2], 3)
     centre = vertices.sum(1)
     centre /= np.linalg.norm(centre, axis=-1, keepdims=True)
@@ -120,19 +136,21 @@ def within_outlines(ra: np.ndarray, dec: np.ndarray, shapes: np.ndarray) -> np.n
     east[np.linalg.norm(east, axis=-1) == 0] = [0.0, 1.0, 0.0]  # an outline centred on a pole
     east /= np.linalg.norm(east, axis=-1, keepdims=True)
     north = np.cross(centre, east)
-
-    def plane(v: np.ndarray, axes: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        depth = np.einsum(axes, v, centre)
-        return np.einsum(axes, v, east) / depth, np.einsum(axes, v, north) / depth, depth
-
-    px, py, depth = plane(points, "nj,uj->nu")  # (n, u)
-    vx, vy, vertex_depth = plane(vertices, "uvj,uj->uv")  # (u, V)
-    x1, y1, x2, y2 = vx, vy, np.roll(vx, -1, axis=1), np.roll(vy, -1, axis=1)
-    below = py[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        crossing = ((y1 > below) != (y2 > below)) & (px[..., None] < x1 + (below - y1) * (x2 - x1) / (y2 - y1))
-    inside = (depth > 0) & (crossing.sum(-1) % 2 == 1)
-    return inside | ~(vertex_depth > 0).all(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a position or a point 90 deg off
+        depth = np.einsum("uvj,uj->uv", vertices, centre)
+        vx, vy = np.einsum("uvj,uj->uv", vertices, east) / depth, np.einsum("uvj,uj->uv", vertices, north) / depth
+        hemisphere = ~(depth > 0).all(-1)
+        points, inside = unit_vectors(ra, dec), np.empty(len(ra), dtype=bool)
+        for first in range(0, len(ra), _PAIRS_AT_ONCE):
+            at, u = slice(first, first + _PAIRS_AT_ONCE), shape[first : first + _PAIRS_AT_ONCE]
+            front = np.einsum("nj,nj->n", points[at], centre[u])
+            px = (np.einsum("nj,nj->n", points[at], east[u]) / front)[:, None]
+            py = (np.einsum("nj,nj->n", points[at], north[u]) / front)[:, None]
+            x1, y1 = vx[u], vy[u]
+            x2, y2 = np.roll(x1, -1, axis=1), np.roll(y1, -1, axis=1)
+            crossing = ((y1 > py) != (y2 > py)) & (px < x1 + (py - y1) * (x2 - x1) / (y2 - y1))
+            inside[at] = hemisphere[u] | ((front > 0) & (crossing.sum(-1) % 2 == 1))
+    return inside
 
 
 def earlier_rms_bounds(

@@ -164,21 +164,22 @@ def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> flo
 
     It holds the circle of :meth:`ExtractionParams.region_radius` pixels around the centre (the
     half-diagonal inside the margins unless ``radius`` is set, so that sources in the corners count
-    as covered): the largest distance on the sky from the centre to that circle's pixels, which is
-    more than its pixels times the pixel size at the centre on a wide SIN or ZEA image. That where
-    the circle is off the sky. Positions inside the circle but off the image are measured by
-    nobody: :func:`forced_fit` gives them NaN.
+    as covered): the largest distance on the sky from the centre to that circle's pixels on the
+    sky, which differs from its pixels times the pixel size at the centre on a wide image (more on
+    SIN or ZEA, less on TAN); that product where none of the circle is on the sky. Positions inside
+    the circle but off the image are measured by nobody: :func:`forced_fit` gives them NaN.
     """
     pixels = params.region_radius(image.shape)
     (cx, cy), scale = image.centre, geo.pixel_scale(image.wcs, *image.centre)
     angle = np.linspace(0.0, 2.0 * np.pi, 360, endpoint=False)
     x, y = np.r_[cx, cx + pixels * np.cos(angle)], np.r_[cy, cy + pixels * np.sin(angle)]  # the centre first
     ra, dec = geo.pixel_to_sky(image.wcs, x, y)
-    if pixels <= 0 or not (np.isfinite(ra) & np.isfinite(dec)).all():
+    on_sky = np.isfinite(ra[1:]) & np.isfinite(dec[1:])
+    if pixels <= 0 or not (np.isfinite(ra[0]) and np.isfinite(dec[0]) and on_sky.any()):
         return pixels * scale
     lat, dlat, dlon = np.radians(dec), np.radians(dec[1:] - dec[0]), np.radians(ra[1:] - ra[0])
     hav = np.sin(dlat / 2) ** 2 + np.cos(lat[0]) * np.cos(lat[1:]) * np.sin(dlon / 2) ** 2
-    return max(float(np.degrees(2.0 * np.arcsin(np.sqrt(hav.max())))), pixels * scale)
+    return float(np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(hav[on_sky].max(), 0.0, 1.0)))))
 
 
 def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.ndarray]:
