@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from trap_dask.association import unit_vectors
+from trap_dask.sky import haversine
 
 
 class Outlines(NamedTuple):
@@ -100,12 +101,8 @@ def covering_images(
     ra, dec = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (ra, dec))
     img_ra, img_dec, img_radius = (np.atleast_1d(np.asarray(a, dtype=float))
                                    for a in np.broadcast_arrays(img_ra, img_dec, img_radius))
-    lat, img_lat = np.deg2rad(dec)[:, None], np.deg2rad(img_dec)
-    hav = (
-        np.sin(0.5 * (lat - img_lat)) ** 2
-        + np.cos(lat) * np.cos(img_lat) * np.sin(0.5 * np.deg2rad(ra[:, None] - img_ra)) ** 2
-    )
-    inside = hav <= np.sin(0.5 * np.clip(np.deg2rad(img_radius), 0.0, np.pi)) ** 2
+    inside = haversine(ra[:, None], dec[:, None], img_ra, img_dec) <= np.sin(
+        0.5 * np.clip(np.deg2rad(img_radius), 0.0, np.pi)) ** 2
     if outlines is None:
         return inside
     known = outlines.of >= 0

@@ -16,6 +16,14 @@ def wrap_ra_difference(dra: ArrayLike) -> np.ndarray:
     return (np.asarray(dra, dtype=float) + 180.0) % 360.0 - 180.0
 
 
+def haversine(ra1: ArrayLike, dec1: ArrayLike, ra2: ArrayLike, dec2: ArrayLike) -> np.ndarray:
+    """``sin**2(d / 2)`` of the great-circle distances ``d`` between positions (deg; broadcast), accurate
+    at all separations: ``d = 2 arcsin(sqrt(h))``, and ``d <= r`` is ``h <= sin**2(r / 2)``."""
+    lat1, lat2 = np.deg2rad(dec1), np.deg2rad(dec2)
+    return (np.sin(0.5 * (lat2 - lat1)) ** 2
+            + np.cos(lat1) * np.cos(lat2) * np.sin(0.5 * np.deg2rad(np.subtract(ra2, ra1))) ** 2)
+
+
 def unshifted(ra: np.ndarray, dec: np.ndarray, shift_ra: float, shift_dec: float) -> tuple[np.ndarray, np.ndarray]:
     """Positions (deg) with an image's coherent offset (deg on the sky, east and north) taken out."""
     if shift_ra == 0.0 and shift_dec == 0.0:

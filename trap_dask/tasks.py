@@ -163,7 +163,8 @@ def load(image: ScannedImage, quality: QualityParams, params: ExtractionParams) 
     if reason is not None:
         return _rejected(meta, checksum, stats, reason, clock, stamp)
     prepared = prepare_image(data, wcs, meta.beam, params, overwrite=True)  # data: ours alone
-    stats = replace(stats, **dict(zip(("rms_min", "rms_max"), noise_range(prepared, params))))
+    rms_min, rms_max = noise_range(prepared, params)
+    stats = replace(stats, rms_min=rms_min, rms_max=rms_max)
     clock.lap("background")
     result = ImageResult(meta, checksum, stats, None, extraction_radius_deg(prepared, params), empty_sources(),
                          seconds=clock.seconds, stamp=stamp, outline=extraction_outline(prepared, params))

@@ -31,6 +31,7 @@ from trap_dask.extraction.islands import (
 )
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
+from trap_dask.sky import haversine
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
 #: Islands larger than this many beam areas are cropped to the pixels nearest their peak.
@@ -118,10 +119,9 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
     """Lowest and highest rms (Jy/beam) of the noise map in the extraction region: an image's
     ``rms_min`` and ``rms_max`` (TraP's meaning), against which a later new source's significance is
     measured. NaN when the region holds no finite rms."""
-    ny, nx = image.shape
-    m = params.margin
-    if 2 * m >= min(nx, ny):
+    if params.region_radius(image.shape) <= 0:  # the margins leave no pixel
         return math.nan, math.nan
+    (ny, nx), m = image.shape, params.margin
     ys = np.unique(np.r_[np.arange(m, ny - m, max(1, params.back_size_y // NOISE_LOOKS_PER_BOX)), ny - 1 - m])
     xs = np.unique(np.r_[np.arange(m, nx - m, max(1, params.back_size_x // NOISE_LOOKS_PER_BOX)), nx - 1 - m])
     iy, ix = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
@@ -177,9 +177,8 @@ def extraction_radius_deg(image: PreparedImage, params: ExtractionParams) -> flo
     on_sky = np.isfinite(ra[1:]) & np.isfinite(dec[1:])
     if pixels <= 0 or not (np.isfinite(ra[0]) and np.isfinite(dec[0]) and on_sky.any()):
         return pixels * scale
-    lat, dlat, dlon = np.radians(dec), np.radians(dec[1:] - dec[0]), np.radians(ra[1:] - ra[0])
-    hav = np.sin(dlat / 2) ** 2 + np.cos(lat[0]) * np.cos(lat[1:]) * np.sin(dlon / 2) ** 2
-    return float(np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(hav[on_sky].max(), 0.0, 1.0)))))
+    farthest = haversine(ra[0], dec[0], ra[1:][on_sky], dec[1:][on_sky]).max()
+    return float(np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(farthest, 0.0, 1.0)))))
 
 
 def _pixel_set(image: PreparedImage, islands: Islands) -> tuple[PixelSet, np.ndarray]:
