@@ -8,7 +8,7 @@ import uuid
 import pytest
 from _runs import dump, run
 from conftest import postgres_settings
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, drop_database, make_engine
@@ -171,3 +171,24 @@ def test_tables_every_image_updates_keep_room_for_their_updates(pg):
             "trap_dask.db.store; print('sqlalchemy.dialects.postgresql' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_every_session_probes_for_a_lost_peer(pg):
+    """The export database's sessions and the run lock's (in the server's maintenance database) ask
+    the server to probe a silent client and to end a transaction left idle, and the driver probes
+    the server: a lost writer's locks do not outlive it by Linux's two hours (trap_dask.db.postgresql)."""
+    from trap_dask.db import postgresql
+    from trap_dask.db.store import ExportStore
+
+    ExportStore.create(pg, overwrite=False).close()
+    expected = [str(postgresql.KEEPALIVE_IDLE_S), str(postgresql.KEEPALIVE_INTERVAL_S),
+                str(postgresql.KEEPALIVE_COUNT), f"{postgresql.IDLE_IN_TRANSACTION_S // 60}min"]
+    for engine in (make_engine(pg), pg.impl.server_engine()):
+        with engine.connect() as conn:
+            shown = [conn.execute(text(f"SHOW {name}")).scalar() for name in
+                     ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+                      "idle_in_transaction_session_timeout")]
+            dsn = conn.connection.dbapi_connection.get_dsn_parameters()
+        engine.dispose()
+        assert shown == expected
+        assert (dsn["keepalives"], dsn["keepalives_idle"]) == ("1", str(postgresql.KEEPALIVE_IDLE_S))

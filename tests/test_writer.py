@@ -243,6 +243,67 @@ def test_a_takeover_and_a_lingering_writers_transaction_exclude_each_other(db_se
     writer.finish("completed")
 
 
+@pytest.mark.postgres
+def test_a_stopped_writers_transaction_does_not_hold_off_its_successor(monkeypatch):
+    """PostgreSQL: a writer stopped inside its transaction (as a suspended process, or one whose
+    network is cut, holds it) keeps the run's row only until the server ends its idle session
+    (postgresql.IDLE_IN_TRANSACTION_S; lost connections as soon as its keepalive probes go
+    unanswered); its successor's takeover then goes through, and the stopped writer's batch is
+    rolled back and refused."""
+    from conftest import postgres_settings
+
+    from trap_dask.db import postgresql
+    from trap_dask.db.backends import DatabaseError, drop_database
+
+    monkeypatch.setattr(postgresql, "IDLE_IN_TRANSACTION_S", 1)
+    settings = postgres_settings(f"trap_dask_test_{os.getpid()}_stopped")
+    writer = _writer_on(settings, stage_every_image=True)
+    try:
+        _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))  # staged
+        counted, resume, outcome = threading.Event(), threading.Event(), {}
+        real = ExportStore._count_in_runs
+
+        def count_then_stop(self, conn, images):
+            real(self, conn, images)
+            counted.set()
+            resume.wait(30)  # stopped: the transaction stays open and idle, holding the run's row
+
+        def take_over():
+            store = ExportStore.open(settings)
+            try:
+                outcome["images"] = store.close_stale_runs()
+            finally:
+                store.close()
+
+        monkeypatch.setattr(ExportStore, "_count_in_runs", count_then_stop)
+        flushing = threading.Thread(target=lambda: outcome.setdefault("flush", _raised(writer.flush)))
+        flushing.start()
+        assert counted.wait(10)
+        taking = threading.Thread(target=take_over)
+        started = time.monotonic()
+        taking.start()
+        taking.join(15)
+        assert not taking.is_alive() and time.monotonic() - started < 10  # not the two hours of Linux's keepalive
+        assert outcome["images"] == 0 and _count(settings, schema.images) == 0
+        resume.set()
+        flushing.join(10)
+        assert isinstance(outcome["flush"], DatabaseError)
+        with make_engine(settings).connect() as conn:  # the stopped writer's run, marked by its successor
+            assert conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).all() == [("killed", 0)]
+    finally:
+        writer.finish("completed")
+        drop_database(settings)
+
+
+def _raised(call) -> BaseException | None:
+    """The exception ``call()`` raises, or None."""
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test to check
+        return exc
+    return None
+
+
 def test_a_writer_staging_every_image_writes_them_in_batches(tmp_path, monkeypatch):
     """What a run's writer does (stage_every_image): images staged while it keeps up are written
     MAX_STAGED_KEEPING_UP at a time, and wait on when the client finds the writer idle, unless one

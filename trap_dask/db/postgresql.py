@@ -3,6 +3,16 @@
 The database is created and dropped through the server's ``postgres`` maintenance database,
 with its name quoted as an identifier (never interpolated). Rows go in with binary COPY
 (:mod:`trap_dask.db.pgcopy`).
+
+A writer whose machine or network is lost holds its session's locks (the run lock, and inside a
+transaction the run's row) until the server ends the session. A server notices a silent client
+only through TCP keepalives, which Linux first sends after two hours, so a restarted run was
+refused ("being written by another run") or waited that long. Every session of ours therefore
+asks the server to probe its connection after KEEPALIVE_IDLE_S of silence (it ends a lost one
+within about a minute and a half), and ends one that leaves a transaction idle for
+IDLE_IN_TRANSACTION_S (a writer alive but stopped, e.g. suspended); the driver probes the server
+the same way while it waits for an answer, so a run whose server is lost fails instead of
+waiting. A writer never leaves a transaction idle: it writes each batch in one go.
 """
 
 from __future__ import annotations
@@ -10,14 +20,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Table, text
+from sqlalchemy import Connection, Engine, Table, event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from trap_dask.db import schema
 from trap_dask.db.backends import Backend, Columns, DatabaseError, driver_reason
-from trap_dask.db.lock import Lock
+from trap_dask.db.lock import DatabaseBusy, Lock
 from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
+
+#: Seconds of silence on a connection before the first TCP keepalive probe (server and driver) ...
+KEEPALIVE_IDLE_S = 30
+#: ... seconds between probes, and unanswered probes after which the connection counts as lost.
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 6
+#: Seconds a session may leave a transaction open and idle before the server ends it (and with it
+#: the transaction, rolled back, and its locks).
+IDLE_IN_TRANSACTION_S = 300
+
+
+def _session_settings(dbapi_connection, connection_record) -> None:
+    """The server's side of the module's text, set on each new connection of an engine (SET after
+    connecting, not the startup packet's ``options``, which connection poolers may refuse)."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('tcp_keepalives_idle', %s, false), "
+                       "set_config('tcp_keepalives_interval', %s, false), "
+                       "set_config('tcp_keepalives_count', %s, false), "
+                       "set_config('idle_in_transaction_session_timeout', %s, false)",
+                       (str(KEEPALIVE_IDLE_S), str(KEEPALIVE_INTERVAL_S), str(KEEPALIVE_COUNT),
+                        f"{IDLE_IN_TRANSACTION_S}s"))
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()  # set_config outside a transaction of the caller's
 
 
 class PostgreSQLBackend(Backend):
@@ -38,6 +71,14 @@ class PostgreSQLBackend(Backend):
         s = self.settings
         user = f"{s.user}@" if s.user else ""
         return f"postgresql://{user}{s.host}:{s.port}/{s.name}"
+
+    def make_engine(self, database: str | None = None, **kwargs) -> Engine:
+        """An engine whose sessions probe and are probed for a lost peer (see the module's text)."""
+        keepalives = dict(keepalives=1, keepalives_idle=KEEPALIVE_IDLE_S, keepalives_interval=KEEPALIVE_INTERVAL_S,
+                          keepalives_count=KEEPALIVE_COUNT)
+        engine = super().make_engine(database, connect_args=keepalives | kwargs.pop("connect_args", {}), **kwargs)
+        event.listen(engine, "connect", _session_settings)
+        return engine
 
     def server_engine(self) -> Engine:
         """An autocommit engine on the server's ``postgres`` maintenance database."""
@@ -120,6 +161,11 @@ class AdvisoryLock(Lock):
             self.release()
             raise self.busy()
         return self
+
+    def busy(self) -> DatabaseBusy:
+        lost = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT
+        return DatabaseBusy(f"{super().busy()}; the lock of a run whose machine or network was lost is "
+                            f"released by the server within about {lost} s")
 
     def release(self) -> None:
         if self._conn is not None:
