@@ -180,6 +180,24 @@ def test_noise_range_is_that_of_the_noise_map_in_the_extraction_region():
     assert np.isnan(noise_range(image, ExtractionParams(margin=256))).all()
 
 
+def test_noise_range_leaves_out_blank_pixels():
+    """An image blanked outside a circle (a primary-beam cut): the noise map is extrapolated over the
+    blank corners, 8% above the noise of any pixel with data here; rms_max is that of the pixels
+    with data, as TraP's masked noise map gives it."""
+    rng = np.random.default_rng(8)
+    n = 512
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    gain = np.exp(-0.5 * (x**2 + y**2) / (n / 2 / np.sqrt(2 * np.log(2))) ** 2)
+    data = (correlated_noise((n, n), BEAM, RMS, rng) / gain).astype(np.float32)
+    data[np.hypot(x, y) > 230] = np.nan
+    image = prepare_image(data, make_wcs(n, n, 10.0, 10.0, PIX), BEAM.beam(PIX), ExtractionParams())
+    seen = np.isfinite(data)
+    low, high = noise_range(image, ExtractionParams())
+    assert high == pytest.approx(image.rms[seen].max(), rel=0.01)
+    assert low == pytest.approx(image.rms[seen].min(), rel=0.01)
+    assert np.nanmax(image.rms) > 1.05 * high  # what counting the blank corners gave
+
+
 def test_margins_that_leave_no_pixel_leave_no_extraction_region():
     """A margin of half the image or more leaves nothing: no radius, whichever side is longer."""
     assert ExtractionParams(margin=256).region_radius((512, 1024)) == 0.0

@@ -118,7 +118,8 @@ NOISE_LOOKS_PER_BOX = 4
 def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, float]:
     """Lowest and highest rms (Jy/beam) of the noise map in the extraction region: an image's
     ``rms_min`` and ``rms_max`` (TraP's meaning), against which a later new source's significance is
-    measured. NaN when the region holds no finite rms."""
+    measured. Blank pixels do not count (the map is extrapolated over them), unless every pixel looked
+    at is blank. NaN when the region holds no finite rms."""
     if params.region_radius(image.shape) <= 0:  # the margins leave no pixel
         return math.nan, math.nan
     (ny, nx), m = image.shape, params.margin
@@ -131,6 +132,9 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
         iy = np.r_[iy, np.clip(np.rint(cy + r * np.sin(angle)), 0, ny - 1).astype(int)]
         ix = np.r_[ix, np.clip(np.rint(cx + r * np.cos(angle)), 0, nx - 1).astype(int)]
     inside = in_extraction_region(image.shape, params, ix, iy)
+    seen = inside & np.isfinite(image.residual[iy, ix])  # not a blank pixel, over which the map is extrapolated
+    if seen.any():
+        inside = seen
     values = image.rms[iy[inside], ix[inside]]
     values = values[np.isfinite(values)]
     return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
