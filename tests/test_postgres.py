@@ -175,20 +175,21 @@ def test_tables_every_image_updates_keep_room_for_their_updates(pg):
 
 def test_every_session_probes_for_a_lost_peer(pg):
     """The export database's sessions and the run lock's (in the server's maintenance database) ask
-    the server to probe a silent client and to end a transaction left idle, and the driver probes
-    the server: a lost writer's locks do not outlive it by Linux's two hours (trap_dask.db.postgresql)."""
+    the server to probe a silent client, to give up on unacknowledged data and to end a transaction
+    left idle, and the driver does the same towards the server: a lost writer's locks do not outlive
+    it by Linux's two hours (trap_dask.db.postgresql)."""
     from trap_dask.db import postgresql
     from trap_dask.db.store import ExportStore
 
     ExportStore.create(pg, overwrite=False).close()
-    expected = [str(postgresql.KEEPALIVE_IDLE_S), str(postgresql.KEEPALIVE_INTERVAL_S),
-                str(postgresql.KEEPALIVE_COUNT), f"{postgresql.IDLE_IN_TRANSACTION_S // 60}min"]
+    expected = postgresql.server_settings()
+    assert postgresql.LOST_AFTER_S <= 300 and expected["tcp_user_timeout"] == str(1000 * postgresql.LOST_AFTER_S)
     for engine in (make_engine(pg), pg.impl.server_engine()):
         with engine.connect() as conn:
-            shown = [conn.execute(text(f"SHOW {name}")).scalar() for name in
-                     ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
-                      "idle_in_transaction_session_timeout")]
+            shown = dict(conn.execute(text("SELECT name, setting FROM pg_settings WHERE name = ANY(:names)"),
+                                      {"names": list(expected)}).all())
             dsn = conn.connection.dbapi_connection.get_dsn_parameters()
         engine.dispose()
         assert shown == expected
-        assert (dsn["keepalives"], dsn["keepalives_idle"]) == ("1", str(postgresql.KEEPALIVE_IDLE_S))
+        assert (dsn["keepalives"], dsn["keepalives_idle"], dsn["tcp_user_timeout"]) == (
+            "1", str(postgresql.KEEPALIVE_IDLE_S), str(1000 * postgresql.LOST_AFTER_S))

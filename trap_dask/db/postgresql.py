@@ -8,11 +8,14 @@ A writer whose machine or network is lost holds its session's locks (the run loc
 transaction the run's row) until the server ends the session. A server notices a silent client
 only through TCP keepalives, which Linux first sends after two hours, so a restarted run was
 refused ("being written by another run") or waited that long. Every session of ours therefore
-asks the server to probe its connection after KEEPALIVE_IDLE_S of silence (it ends a lost one
-within about a minute and a half), and ends one that leaves a transaction idle for
-IDLE_IN_TRANSACTION_S (a writer alive but stopped, e.g. suspended); the driver probes the server
-the same way while it waits for an answer, so a run whose server is lost fails instead of
-waiting. A writer never leaves a transaction idle: it writes each batch in one go.
+asks the server to probe its connection after KEEPALIVE_IDLE_S of silence and to give up on data
+the client leaves unacknowledged: a lost connection ends within LOST_AFTER_S. It also ends a
+session that leaves a transaction idle for IDLE_IN_TRANSACTION_S (a writer alive but stopped,
+e.g. suspended). The driver does the same towards the server, so a run whose server is lost
+fails instead of waiting. A writer never leaves a transaction idle: it writes each batch in one
+go. The price: a network outage longer than LOST_AFTER_S ends the sessions at both ends, so the
+run stops (resumable) at its next transaction, and its run lock is gone; pooled connections are
+tested before use (``pool_pre_ping``), so one ended while idle is replaced.
 """
 
 from __future__ import annotations
@@ -30,25 +33,33 @@ from trap_dask.db.lock import DatabaseBusy, Lock
 from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
 
 #: Seconds of silence on a connection before the first TCP keepalive probe (server and driver) ...
-KEEPALIVE_IDLE_S = 30
+KEEPALIVE_IDLE_S = 60
 #: ... seconds between probes, and unanswered probes after which the connection counts as lost.
-KEEPALIVE_INTERVAL_S = 10
-KEEPALIVE_COUNT = 6
+KEEPALIVE_INTERVAL_S = 15
+KEEPALIVE_COUNT = 8
+#: Seconds after which a silent peer's connection is ended: the keepalives' bound, and the longest
+#: that sent data may stay unacknowledged (TCP_USER_TIMEOUT, where keepalives are not sent).
+LOST_AFTER_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT
 #: Seconds a session may leave a transaction open and idle before the server ends it (and with it
 #: the transaction, rolled back, and its locks).
 IDLE_IN_TRANSACTION_S = 300
 
 
+def server_settings() -> dict[str, str]:
+    """What each session sets on the server, as the constants say now (PostgreSQL's names and units:
+    s, and ms for the timeouts)."""
+    return {"tcp_keepalives_idle": str(KEEPALIVE_IDLE_S), "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
+            "tcp_keepalives_count": str(KEEPALIVE_COUNT), "tcp_user_timeout": str(1000 * LOST_AFTER_S),
+            "idle_in_transaction_session_timeout": str(1000 * IDLE_IN_TRANSACTION_S)}
+
+
 def _session_settings(dbapi_connection, connection_record) -> None:
     """The server's side of the module's text, set on each new connection of an engine (SET after
     connecting, not the startup packet's ``options``, which connection poolers may refuse)."""
+    settings = server_settings()
     with dbapi_connection.cursor() as cursor:
-        cursor.execute("SELECT set_config('tcp_keepalives_idle', %s, false), "
-                       "set_config('tcp_keepalives_interval', %s, false), "
-                       "set_config('tcp_keepalives_count', %s, false), "
-                       "set_config('idle_in_transaction_session_timeout', %s, false)",
-                       (str(KEEPALIVE_IDLE_S), str(KEEPALIVE_INTERVAL_S), str(KEEPALIVE_COUNT),
-                        f"{IDLE_IN_TRANSACTION_S}s"))
+        cursor.execute("SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
+                       [list(settings), list(settings.values())])
     if not dbapi_connection.autocommit:
         dbapi_connection.commit()  # set_config outside a transaction of the caller's
 
@@ -75,8 +86,9 @@ class PostgreSQLBackend(Backend):
     def make_engine(self, database: str | None = None, **kwargs) -> Engine:
         """An engine whose sessions probe and are probed for a lost peer (see the module's text)."""
         keepalives = dict(keepalives=1, keepalives_idle=KEEPALIVE_IDLE_S, keepalives_interval=KEEPALIVE_INTERVAL_S,
-                          keepalives_count=KEEPALIVE_COUNT)
-        engine = super().make_engine(database, connect_args=keepalives | kwargs.pop("connect_args", {}), **kwargs)
+                          keepalives_count=KEEPALIVE_COUNT, tcp_user_timeout=1000 * LOST_AFTER_S)
+        engine = super().make_engine(database, connect_args=keepalives | kwargs.pop("connect_args", {}),
+                                     pool_pre_ping=True, **kwargs)
         event.listen(engine, "connect", _session_settings)
         return engine
 
@@ -163,9 +175,8 @@ class AdvisoryLock(Lock):
         return self
 
     def busy(self) -> DatabaseBusy:
-        lost = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT
         return DatabaseBusy(f"{super().busy()}; the lock of a run whose machine or network was lost is "
-                            f"released by the server within about {lost} s")
+                            f"released by the server within {LOST_AFTER_S} s")
 
     def release(self) -> None:
         if self._conn is not None:

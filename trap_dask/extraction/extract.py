@@ -118,13 +118,16 @@ NOISE_LOOKS_PER_BOX = 4
 def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, float]:
     """Lowest and highest rms (Jy/beam) of the noise map in the extraction region: an image's
     ``rms_min`` and ``rms_max`` (TraP's meaning), against which a later new source's significance is
-    measured. Blank pixels do not count (the map is extrapolated over them), unless every pixel looked
-    at is blank. NaN when the region holds no finite rms."""
+    measured. The map is looked at every quarter box: a look at a blank pixel counts only with a pixel
+    of data within half that (the map is extrapolated over blank areas), unless every look is at
+    such a pixel. NaN when the region holds no finite rms."""
     if params.region_radius(image.shape) <= 0:  # the margins leave no pixel
         return math.nan, math.nan
     (ny, nx), m = image.shape, params.margin
-    ys = np.unique(np.r_[np.arange(m, ny - m, max(1, params.back_size_y // NOISE_LOOKS_PER_BOX)), ny - 1 - m])
-    xs = np.unique(np.r_[np.arange(m, nx - m, max(1, params.back_size_x // NOISE_LOOKS_PER_BOX)), nx - 1 - m])
+    step_y = max(1, params.back_size_y // NOISE_LOOKS_PER_BOX)
+    step_x = max(1, params.back_size_x // NOISE_LOOKS_PER_BOX)
+    ys = np.unique(np.r_[np.arange(m, ny - m, step_y), ny - 1 - m])
+    xs = np.unique(np.r_[np.arange(m, nx - m, step_x), nx - 1 - m])
     iy, ix = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
     if params.radius > 0:  # the circle's edge too, a look every pixel
         (cx, cy), r = image.centre, params.region_radius(image.shape)
@@ -132,12 +135,23 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
         iy = np.r_[iy, np.clip(np.rint(cy + r * np.sin(angle)), 0, ny - 1).astype(int)]
         ix = np.r_[ix, np.clip(np.rint(cx + r * np.cos(angle)), 0, nx - 1).astype(int)]
     inside = in_extraction_region(image.shape, params, ix, iy)
-    seen = inside & np.isfinite(image.residual[iy, ix])  # not a blank pixel, over which the map is extrapolated
-    if seen.any():
-        inside = seen
+    blank = np.flatnonzero(inside & ~np.isfinite(image.residual[iy, ix]))
+    far = blank[~_near_data(image.residual, iy[blank], ix[blank], step_y // 2, step_x // 2)]
+    if len(far) < inside.sum():
+        inside[far] = False
     values = image.rms[iy[inside], ix[inside]]
     values = values[np.isfinite(values)]
     return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
+
+
+def _near_data(residual: np.ndarray, iy: np.ndarray, ix: np.ndarray, half_y: int, half_x: int) -> np.ndarray:
+    """Per pixel (iy, ix): a pixel with data (finite ``residual``) within ``half_y`` rows and
+    ``half_x`` columns of it."""
+    ny, nx = residual.shape
+    dy, dx = (a.ravel() for a in np.mgrid[-half_y : half_y + 1, -half_x : half_x + 1])
+    rows = np.clip(iy[:, None] + dy, 0, ny - 1)
+    cols = np.clip(ix[:, None] + dx, 0, nx - 1)
+    return np.isfinite(residual[rows, cols]).any(axis=1)
 
 
 #: Points along each side of the extraction region that :func:`extraction_outline` gives: joined by
