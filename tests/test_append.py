@@ -503,6 +503,25 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
     assert _committed(settings) == many.n_epochs
 
 
+def test_a_run_started_with_ctrl_c_ignored_goes_on_ignoring_it(tmp_path):
+    """A background job of a script (``trap-dask run ... &`` without job control) starts with SIGINT
+    ignored, so that a Ctrl-C meant for the script does not reach it: the run keeps it so. It once
+    installed its own handler a second into the run, and stopped there."""
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "ign.db"))
+    many = SurveySpec(n_epochs=12, shape=(192, 192), n_steady=6, n_variable=1, n_transient=1, n_resolved=0,
+                      n_pairs=0, min_separation=4.0, seed=4)
+    simulate_survey(tmp_path / "many", many)
+    proc = spawn(_cli(settings, [tmp_path / "many"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _committed(settings) < 2:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "interrupted" not in stderr and _committed(settings) == many.n_epochs
+
+
 def test_append_to_an_empty_database_made_beforehand(db_settings, epochs):
     from trap_dask.db.backends import create_database
 

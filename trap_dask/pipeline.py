@@ -732,7 +732,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 @contextmanager
 def _stop_on_interrupt() -> Iterator[threading.Event]:
     """The first Ctrl-C sets the returned event (the run stops after the image being committed);
-    a second one interrupts at once."""
+    a second one interrupts at once. A run started with Ctrl-C ignored (a background job of a
+    script, whose shell ignores it there) goes on ignoring it."""
     stop = threading.Event()
 
     def handler(signum, frame) -> None:
@@ -741,7 +742,7 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         stop.set()
         log.warning("interrupted: stopping after the image being committed (Ctrl-C again to stop at once)")
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield stop
         return
     previous = signal.signal(signal.SIGINT, handler)
