@@ -193,3 +193,50 @@ def test_every_session_probes_for_a_lost_peer(pg):
         assert shown == expected
         assert (dsn["keepalives"], dsn["keepalives_idle"], dsn["tcp_user_timeout"]) == (
             "1", str(postgresql.KEEPALIVE_IDLE_S), str(1000 * postgresql.LOST_AFTER_S))
+
+
+def _end_session_of(lock) -> None:
+    """End the server session holding ``lock`` (a RunLock), as the server does with a lost client's."""
+    from sqlalchemy import create_engine
+
+    pid = lock._lock._conn.connection.dbapi_connection.info.backend_pid
+    engine = create_engine(lock.settings.url("postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    engine.dispose()
+
+
+def test_a_run_takes_its_lock_again_after_the_server_ended_its_session(pg, monkeypatch):
+    """An outage longer than the keepalives' bound ends the lock's session (the server frees the
+    lock): the run's next check takes it again if it is free, and says it lost it if another run
+    has taken it meanwhile."""
+    from trap_dask.db import lock as lock_module
+    from trap_dask.db.backends import DatabaseError
+    from trap_dask.db.lock import DatabaseBusy, RunLock
+
+    monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 0.0)
+    with RunLock(pg) as lock:
+        lock.check()  # held: nothing to do
+        _end_session_of(lock)
+        lock.check()
+        with pytest.raises(DatabaseBusy), RunLock(pg):  # held again
+            pass
+        _end_session_of(lock)
+        with RunLock(pg), pytest.raises(DatabaseError, match="lost its lock .* another trap-dask run holds it"):
+            lock.check()
+
+
+def test_a_run_checks_its_lock_every_so_often(pg, monkeypatch):
+    """Once per CHECK_EVERY_S, not per image: before then a lost session goes unnoticed."""
+    from trap_dask.db import lock as lock_module
+    from trap_dask.db.lock import RunLock
+
+    monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 3600.0)
+    with RunLock(pg) as lock:
+        _end_session_of(lock)
+        ended = lock._lock._conn
+        lock.check()
+        assert lock._lock._conn is ended  # not looked at
+        monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 0.0)
+        lock.check()
+        assert lock._lock._conn is not ended and lock._lock._conn.execute(text("SELECT 1")).scalar() == 1

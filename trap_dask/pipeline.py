@@ -226,7 +226,7 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
         if config.db_append and not database_exists(settings):  # a typo must not start a new catalogue
             raise PipelineError(f"{settings.describe()} does not exist, so there is nothing to append to; "
                                 "a run without --db_append creates it")
-        with RunLock(settings):
+        with RunLock(settings) as lock:
             with ThreadPoolExecutor(1, thread_name_prefix="trap-dask-prepare") as pool:
                 prepared = pool.submit(_prepare_and_scan, settings, config, paths)
                 try:
@@ -245,7 +245,8 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
                     session.close()
                     raise
             try:
-                return _process(config, config_file, settings, session, append, known, scans, started, observe)
+                return _process(config, config_file, settings, session, append, known, scans, started, observe,
+                                lock)
             except Exception as exc:  # an interrupted run keeps its database: --db_append goes on with it
                 if append or not _drop_if_imageless(settings):
                     raise
@@ -340,8 +341,10 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
     return ExportStore.prepare(settings, config)
 
 
-def _process(config, config_file, settings, session, append, known, scans, started, observe=None) -> RunSummary:
-    """Stream the scanned images through the workers and the writer actor (route.py)."""
+def _process(config, config_file, settings, session, append, known, scans, started, observe=None,
+             lock=None) -> RunSummary:
+    """Stream the scanned images through the workers and the writer actor (route.py), checking as it
+    goes that the run still holds its ``lock`` (a RunLock)."""
     from contextlib import ExitStack
 
     from trap_dask.cluster import ClusterError, check_inputs_readable
@@ -394,6 +397,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
                             progress.counted = index + 1
                             _count(totals, summary, url, bar)
                             watch(summary)
+                            if lock is not None:
+                                lock.check()
                             if stop.is_set():
                                 raise KeyboardInterrupt
                     break

@@ -4,11 +4,14 @@ Each backend provides its :class:`Lock` (``settings.impl.lock()``): SQLite an ex
 ``flock`` on ``<db>.lock`` beside the database file, PostgreSQL a session advisory lock keyed by
 the database name, taken in the server's ``postgres`` maintenance database. Both are released by
 the operating system or the server when the holding process dies, so a stale lock from a killed
-run never blocks a resume.
+run never blocks a resume. A server also ends the session of a client it lost touch with (see
+:mod:`trap_dask.db.postgresql`), so a run checks that it still holds its lock as it goes
+(:meth:`RunLock.check`).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
@@ -38,11 +41,24 @@ class Lock(ABC):
     def release(self) -> None:
         """Free the lock (nothing if not held)."""
 
+    def check(self) -> None:  # noqa: B027 - a lock only its process can lose needs no check
+        """DatabaseError if this run no longer holds the lock."""
+
+    def lost(self) -> DatabaseError:
+        return DatabaseError(
+            f"{self.settings.describe()}: this run lost its lock (its connection to the server broke) and "
+            "another trap-dask run holds it now; this run stops here (the images it committed stay)"
+        )
+
     def __enter__(self) -> Lock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+#: Seconds between a run's checks that it still holds its lock (RunLock.check).
+CHECK_EVERY_S = 10.0
 
 
 class RunLock(Lock):
@@ -51,6 +67,13 @@ class RunLock(Lock):
     def __init__(self, settings: DatabaseSettings):
         super().__init__(settings)
         self._lock = settings.impl.lock()
+        self._checked = time.monotonic()
+
+    def check(self) -> None:
+        """The backend lock's check, at most once every CHECK_EVERY_S (a run calls it per image)."""
+        if time.monotonic() - self._checked >= CHECK_EVERY_S:
+            self._lock.check()
+            self._checked = time.monotonic()
 
     def acquire(self) -> RunLock:
         self._lock.acquire()

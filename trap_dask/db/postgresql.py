@@ -20,6 +20,7 @@ tested before use (``pool_pre_ping``), so one ended while idle is replaced.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,8 @@ from trap_dask.db import schema
 from trap_dask.db.backends import Backend, Columns, DatabaseError, driver_reason
 from trap_dask.db.lock import DatabaseBusy, Lock
 from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
+
+log = logging.getLogger(__name__)
 
 #: Seconds of silence on a connection before the first TCP keepalive probe (server and driver) ...
 KEEPALIVE_IDLE_S = 60
@@ -173,6 +176,22 @@ class AdvisoryLock(Lock):
             self.release()
             raise self.busy()
         return self
+
+    def check(self) -> None:
+        """A session the server ended (an outage longer than LOST_AFTER_S) held the lock: it is taken
+        again if it is free, else this run has lost it (DatabaseError)."""
+        try:
+            self._conn.execute(text("SELECT 1"))
+            return
+        except SQLAlchemyError:
+            pass
+        self.release()
+        try:
+            self.acquire()
+        except DatabaseBusy:
+            raise self.lost() from None
+        log.warning("%s: this run's connection for its lock was lost; the lock was free and is held again",
+                    self.settings.describe())
 
     def busy(self) -> DatabaseBusy:
         return DatabaseBusy(f"{super().busy()}; the lock of a run whose machine or network was lost is "
