@@ -197,6 +197,31 @@ def test_a_writer_taken_over_writes_nothing_more(db_settings):
     engine.dispose()
 
 
+def _take_over(settings: DatabaseSettings, outcome: dict) -> None:
+    """A successor's takeover (as pipeline._restart_writer starts): the lost writer's run marked
+    'killed'; the images the database holds of it in ``outcome["images"]``."""
+    store = ExportStore.open(settings)
+    try:
+        outcome["images"] = store.close_stale_runs()
+    finally:
+        store.close()
+
+
+def _stopping_in_transaction(monkeypatch, seconds: float) -> tuple[threading.Event, threading.Event]:
+    """Writers' transactions stop once they hold their run's row: (holding, go_on). ``holding`` is
+    set then; each goes on when ``go_on`` is set, or after ``seconds``."""
+    holding, go_on = threading.Event(), threading.Event()
+    real = ExportStore._count_in_runs
+
+    def count_then_stop(self, conn, images):
+        real(self, conn, images)
+        holding.set()
+        go_on.wait(seconds)  # the transaction stays open, holding the run's row
+
+    monkeypatch.setattr(ExportStore, "_count_in_runs", count_then_stop)
+    return holding, go_on
+
+
 @pytest.mark.parametrize("first", ["old writer", "takeover"])
 def test_a_takeover_and_a_lingering_writers_transaction_exclude_each_other(db_settings, monkeypatch, first):
     """The lost writer's transaction and its successor's takeover (close_stale_runs), at once: the
@@ -207,36 +232,22 @@ def test_a_takeover_and_a_lingering_writers_transaction_exclude_each_other(db_se
 
     writer = _writer_on(db_settings, stage_every_image=True)
     _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))  # staged
-    counted, hold, outcome = threading.Event(), threading.Event(), {}
-    real = ExportStore._count_in_runs
-
-    def count_then_hold(self, conn, images):
-        real(self, conn, images)
-        counted.set()
-        hold.wait(10)  # the transaction stays open, holding the run's row
-
-    def take_over():
-        store = ExportStore.open(db_settings)
-        try:
-            outcome["images"] = store.close_stale_runs()
-        finally:
-            store.close()
-
+    outcome: dict = {}
     if first == "old writer":
-        monkeypatch.setattr(ExportStore, "_count_in_runs", count_then_hold)
+        holding, go_on = _stopping_in_transaction(monkeypatch, 10)
         flushing = threading.Thread(target=writer.flush)
         flushing.start()
-        assert counted.wait(10)
-        taking = threading.Thread(target=take_over)
+        assert holding.wait(10)
+        taking = threading.Thread(target=_take_over, args=(db_settings, outcome))
         taking.start()
         time.sleep(0.5)
         assert taking.is_alive()  # it waits for the old writer's transaction
-        hold.set()
+        go_on.set()
         flushing.join(10)
         taking.join(10)
         assert outcome["images"] == 1 and _count(db_settings, schema.images) == 1
     else:
-        take_over()
+        _take_over(db_settings, outcome)
         with pytest.raises(DatabaseError, match="taken over"):
             writer.flush()
         assert outcome["images"] == 0 and _count(db_settings, schema.images) == 0
@@ -247,9 +258,9 @@ def test_a_takeover_and_a_lingering_writers_transaction_exclude_each_other(db_se
 def test_a_stopped_writers_transaction_does_not_hold_off_its_successor(monkeypatch):
     """PostgreSQL: a writer stopped inside its transaction (as a suspended process, or one whose
     network is cut, holds it) keeps the run's row only until the server ends its idle session
-    (postgresql.IDLE_IN_TRANSACTION_S; lost connections as soon as its keepalive probes go
-    unanswered); its successor's takeover then goes through, and the stopped writer's batch is
-    rolled back and refused."""
+    (postgresql.IDLE_IN_TRANSACTION_S; a lost connection once its keepalive probes go unanswered);
+    its successor's takeover then goes through, and the stopped writer's batch is rolled back and
+    refused."""
     from conftest import postgres_settings
 
     from trap_dask.db import postgresql
@@ -260,32 +271,18 @@ def test_a_stopped_writers_transaction_does_not_hold_off_its_successor(monkeypat
     writer = _writer_on(settings, stage_every_image=True)
     try:
         _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))  # staged
-        counted, resume, outcome = threading.Event(), threading.Event(), {}
-        real = ExportStore._count_in_runs
-
-        def count_then_stop(self, conn, images):
-            real(self, conn, images)
-            counted.set()
-            resume.wait(30)  # stopped: the transaction stays open and idle, holding the run's row
-
-        def take_over():
-            store = ExportStore.open(settings)
-            try:
-                outcome["images"] = store.close_stale_runs()
-            finally:
-                store.close()
-
-        monkeypatch.setattr(ExportStore, "_count_in_runs", count_then_stop)
+        outcome: dict = {}
+        holding, go_on = _stopping_in_transaction(monkeypatch, 30)
         flushing = threading.Thread(target=lambda: outcome.setdefault("flush", _raised(writer.flush)))
         flushing.start()
-        assert counted.wait(10)
-        taking = threading.Thread(target=take_over)
+        assert holding.wait(10)
+        taking = threading.Thread(target=_take_over, args=(settings, outcome))
         started = time.monotonic()
         taking.start()
         taking.join(15)
         assert not taking.is_alive() and time.monotonic() - started < 10  # not the two hours of Linux's keepalive
         assert outcome["images"] == 0 and _count(settings, schema.images) == 0
-        resume.set()
+        go_on.set()
         flushing.join(10)
         assert isinstance(outcome["flush"], DatabaseError)
         with make_engine(settings).connect() as conn:  # the stopped writer's run, marked by its successor
