@@ -8,7 +8,7 @@ import uuid
 import pytest
 from _runs import dump, run
 from conftest import postgres_settings
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, drop_database, make_engine
@@ -229,7 +229,7 @@ def test_a_run_takes_its_lock_again_after_the_server_ended_its_session(pg, monke
 def test_a_run_checks_its_lock_every_so_often(pg, monkeypatch):
     """Once per CHECK_EVERY_S, not per image: before then a lost session goes unnoticed."""
     from trap_dask.db import lock as lock_module
-    from trap_dask.db.lock import RunLock
+    from trap_dask.db.lock import LockLost, RunLock
 
     monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 3600.0)
     with RunLock(pg) as lock:
@@ -240,3 +240,67 @@ def test_a_run_checks_its_lock_every_so_often(pg, monkeypatch):
         monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 0.0)
         lock.check()
         assert lock._lock._conn is not ended and lock._lock._conn.execute(text("SELECT 1")).scalar() == 1
+    with pytest.raises(LockLost, match="it was released"):  # a check after the run's end: no AttributeError
+        lock.check()
+
+
+def test_a_run_whose_lock_connection_broke_takes_it_from_its_own_old_session(pg, monkeypatch):
+    """Only the client's end broke (the server's session lives on, holding the lock): the run ends
+    its own old session and takes the lock again, rather than saying another run holds it."""
+    import os
+
+    from trap_dask.db import lock as lock_module
+    from trap_dask.db.lock import DatabaseBusy, RunLock
+
+    monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 0.0)
+    with RunLock(pg) as lock:
+        old_pid = lock._lock._pid
+        fd = lock._lock._conn.connection.dbapi_connection.fileno()
+        server_end = os.dup(fd)  # the socket stays open: the server keeps the session and its lock
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, fd)
+        try:
+            lock.check()
+        finally:
+            os.close(devnull)
+            os.close(server_end)
+        assert lock._lock._pid != old_pid
+        with pytest.raises(DatabaseBusy), RunLock(pg):  # held again, by the run's new session
+            pass
+
+
+def test_a_run_that_lost_its_lock_to_another_run_stops_and_says_how_to_resume(survey, pg, monkeypatch):
+    """The lock's session ended mid-run and another run took the lock: the run stops at its next
+    check (no writer restart, no traceback), its committed images stay, its run is 'failed', and
+    the message says how to resume."""
+    from sqlalchemy import create_engine
+
+    from trap_dask.db import lock as lock_module
+    from trap_dask.db.lock import RunLock
+    from trap_dask.pipeline import PipelineError
+
+    monkeypatch.setattr(lock_module, "CHECK_EVERY_S", 0.0)
+    real, calls, other = RunLock.check, [], create_engine(pg.url("postgres"), isolation_level="AUTOCOMMIT")
+
+    def check_after_losing_it(self):
+        calls.append(1)
+        if len(calls) == 2:  # the lock's session ends, and another run takes the lock
+            _end_session_of(self)
+            other_conn = other.connect()
+            assert other_conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"),
+                                      {"key": f"trap-dask:{pg.name}"}).scalar()
+            calls.append(other_conn)
+        return real(self)
+
+    monkeypatch.setattr(RunLock, "check", check_after_losing_it)
+    try:
+        with pytest.raises(PipelineError, match="lost its lock .*another trap-dask run holds it.*--db_append"):
+            run(pg, survey)
+    finally:
+        other.dispose()
+    engine = make_engine(pg)
+    with engine.connect() as conn:
+        status, n_images = conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).one()
+        stored = conn.execute(select(func.count()).select_from(schema.images)).scalar()
+    engine.dispose()
+    assert status == "failed" and n_images == stored >= 2  # those in flight at the stop may be committed too

@@ -348,6 +348,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
     from contextlib import ExitStack
 
     from trap_dask.cluster import ClusterError, check_inputs_readable
+    from trap_dask.db.lock import LockLost
     from trap_dask.messages import ScanFailure, ScannedImage
     from trap_dask.writer import Writer
 
@@ -402,7 +403,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
                             if stop.is_set():
                                 raise KeyboardInterrupt
                     break
-                except (KeyboardInterrupt, ClusterError):
+                except (KeyboardInterrupt, ClusterError, LockLost):
                     raise
                 except Exception:
                     if session.writer_lost() is None or progress.restarts == MAX_WRITER_RESTARTS:

@@ -14,11 +14,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 
+from trap_dask.config import RESUME
 from trap_dask.db.backends import DatabaseError, DatabaseSettings
 
 
 class DatabaseBusy(DatabaseError):
     """Another live run is writing to the same export database."""
+
+
+class LockLost(DatabaseError):
+    """A run no longer holds its lock: it must stop (not restart its writer and go on)."""
 
 
 class Lock(ABC):
@@ -42,13 +47,12 @@ class Lock(ABC):
         """Free the lock (nothing if not held)."""
 
     def check(self) -> None:  # noqa: B027 - a lock only its process can lose needs no check
-        """DatabaseError if this run no longer holds the lock."""
+        """LockLost if this run no longer holds the lock."""
 
-    def lost(self) -> DatabaseError:
-        return DatabaseError(
-            f"{self.settings.describe()}: this run lost its lock (its connection to the server broke) and "
-            "another trap-dask run holds it now; this run stops here (the images it committed stay)"
-        )
+    def lost(self, why: str) -> LockLost:
+        """The error of a run that no longer holds its lock, ``why`` saying how it lost it."""
+        return LockLost(f"{self.settings.describe()}: this run lost its lock ({why}); it stops here and the images "
+                        f"it committed stay: {RESUME}")
 
     def __enter__(self) -> Lock:
         return self.acquire()

@@ -21,6 +21,7 @@ tested before use (``pool_pre_ping``), so one ended while idle is replaced.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +47,8 @@ LOST_AFTER_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT
 #: Seconds a session may leave a transaction open and idle before the server ends it (and with it
 #: the transaction, rolled back, and its locks).
 IDLE_IN_TRANSACTION_S = 300
+#: Tries, 0.1 s apart, to take the run lock again once this run's old session was ended.
+TAKE_AGAIN_TRIES = 50
 
 
 def server_settings() -> dict[str, str]:
@@ -161,14 +164,20 @@ class AdvisoryLock(Lock):
     _engine = None
     _conn = None
 
+    _pid: int | None = None  #: the server process of the session holding the lock
+
+    @property
+    def key(self) -> str:
+        """The lock's name; the advisory lock's key is its hash."""
+        return f"trap-dask:{self.settings.name}"
+
     def acquire(self) -> AdvisoryLock:
         self._engine = PostgreSQLBackend(self.settings).server_engine()
         try:
             self._conn = self._engine.connect()
-            got = self._conn.execute(
-                text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"),
-                {"key": f"trap-dask:{self.settings.name}"},
-            ).scalar()
+            got = self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"),
+                                     {"key": self.key}).scalar()
+            self._pid = self._conn.connection.dbapi_connection.info.backend_pid
         except SQLAlchemyError as exc:
             self.release()
             raise DatabaseError(f"cannot connect to {self.settings.describe()}: {driver_reason(exc)}") from None
@@ -179,19 +188,54 @@ class AdvisoryLock(Lock):
 
     def check(self) -> None:
         """A session the server ended (an outage longer than LOST_AFTER_S) held the lock: it is taken
-        again if it is free, else this run has lost it (DatabaseError)."""
+        again if it is free; if this run's old session still holds it (only the connection broke),
+        that session is ended first. LockLost when another run holds it, or the server cannot be
+        reached."""
+        if self._conn is None:
+            raise self.lost("it was released")
         try:
             self._conn.execute(text("SELECT 1"))
             return
         except SQLAlchemyError:
             pass
+        old = self._pid
         self.release()
         try:
-            self.acquire()
+            self._take_again(old)
         except DatabaseBusy:
-            raise self.lost() from None
-        log.warning("%s: this run's connection for its lock was lost; the lock was free and is held again",
-                    self.settings.describe())
+            raise self.lost("its connection to the server broke, and another trap-dask run holds it now") from None
+        except DatabaseError as exc:
+            raise self.lost(str(exc)) from None
+        log.warning("%s: this run's connection for its lock was lost; the lock is held again", self.settings.describe())
+
+    def _take_again(self, old_pid: int | None) -> None:
+        """Acquire, after ending this run's old session ``old_pid`` if it still holds the lock."""
+        try:
+            self.acquire()
+            return
+        except DatabaseBusy:
+            if old_pid is None:
+                raise
+        engine = PostgreSQLBackend(self.settings).server_engine()
+        try:
+            with engine.connect() as conn:
+                ended = conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE pid = :pid AND locktype = 'advisory' "
+                    "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(:key, 0)"),
+                    {"pid": old_pid, "key": self.key}).scalar()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot connect to {self.settings.describe()}: {driver_reason(exc)}") from None
+        finally:
+            engine.dispose()
+        if not ended:
+            raise self.busy()
+        for _ in range(TAKE_AGAIN_TRIES):  # the lock goes when the ended session's process has exited
+            try:
+                self.acquire()
+                return
+            except DatabaseBusy:
+                time.sleep(0.1)
+        raise self.busy()
 
     def busy(self) -> DatabaseBusy:
         return DatabaseBusy(f"{super().busy()}; the lock of a run whose machine or network was lost is "
