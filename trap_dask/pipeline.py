@@ -220,7 +220,7 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
 
     from trap_dask.cluster import ClusterError, start_client
     from trap_dask.db.backends import database_exists
-    from trap_dask.db.lock import RunLock
+    from trap_dask.db.lock import LockLost, RunLock
 
     try:
         if config.db_append and not database_exists(settings):  # a typo must not start a new catalogue
@@ -248,8 +248,8 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
                 return _process(config, config_file, settings, session, append, known, scans, started, observe,
                                 lock)
             except Exception as exc:  # an interrupted run keeps its database: --db_append goes on with it
-                if append or not _drop_if_imageless(settings):
-                    raise
+                if append or isinstance(exc, LockLost) or not _drop_if_imageless(settings):
+                    raise  # (a run that lost its lock leaves the database to the run that holds it)
                 if isinstance(exc, (PipelineError, DatabaseError)):
                     removed = "nothing was recorded, so the new database was removed: run the same command again"
                     message = str(exc)

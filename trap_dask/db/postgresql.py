@@ -14,8 +14,9 @@ session that leaves a transaction idle for IDLE_IN_TRANSACTION_S (a writer alive
 e.g. suspended). The driver does the same towards the server, so a run whose server is lost
 fails instead of waiting. A writer never leaves a transaction idle: it writes each batch in one
 go. The price: a network outage longer than LOST_AFTER_S ends the sessions at both ends, so the
-run stops (resumable) at its next transaction, and its run lock is gone; pooled connections are
-tested before use (``pool_pre_ping``), so one ended while idle is replaced.
+run stops (resumable) at its next transaction; pooled connections are tested before use
+(``pool_pre_ping``), so one ended while idle is replaced, and a run takes its lock again if it is
+still free (:meth:`AdvisoryLock.check`).
 """
 
 from __future__ import annotations
