@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 
 from trap_dask.association import chord, sky_tree, unit_vectors
 from trap_dask.messages import MIN_MATCHES, Astrometry
-from trap_dask.sky import unshifted, wrap_ra_difference
+from trap_dask.sky import to_tangent, unshifted
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -60,8 +60,8 @@ def _isolated(tree: cKDTree, points: np.ndarray, radius: float) -> np.ndarray:
 
 
 def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-                      det_significance: np.ndarray, beam_fwhm: float,
-                      cat_tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      det_significance: np.ndarray, beam_fwhm: float, cat_tree: cKDTree | None = None,
+                      centre: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue index, detection index) of the confident one-to-one matches.
 
     Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
@@ -70,13 +70,16 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     their median offset when that is over ``RECENTRE_ABOVE`` beams), the detection at least
     ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
     the systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
-    :func:`~trap_dask.association.sky_tree`, when the caller has built it.
+    :func:`~trap_dask.association.sky_tree`, when the caller has built it. Shifts are translations
+    in the tangent plane at ``centre`` (ra, dec; deg), the image's centre (default: the detections'
+    mean position).
     """
     none = np.zeros(0, np.intp)
     if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
         return none, none
     isolation = chord(ISOLATION_RADIUS * beam_fwhm)
     det = unit_vectors(det_ra, det_dec)
+    centre = mean_position(det) if centre is None else centre
     bright = np.flatnonzero(det_significance >= MIN_SIGNIFICANCE)
     good_det = bright[_isolated(cKDTree(det), det[bright], isolation)]
     if not len(good_det):
@@ -84,14 +87,14 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
     ci, dj = _matches(cat_tree, det[good_det], good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
     if len(ci) >= SEARCH_BELOW * len(good_det):  # most match: around their median offset, if far off
-        shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]), axis=0)
+        shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre), axis=0)
         if np.hypot(*shift) <= RECENTRE_ABOVE * beam_fwhm:
             return ci, dj
     else:
-        shift = coherent_shift(cat_tree, cat_ra, cat_dec, det_ra, det_dec, good_det, beam_fwhm)
+        shift = coherent_shift(cat_tree, cat_ra, cat_dec, det_ra, det_dec, good_det, beam_fwhm, centre)
         if shift is None:
             return ci, dj
-    moved = unit_vectors(*unshifted(det_ra[good_det], det_dec[good_det], *shift))
+    moved = unit_vectors(*unshifted(det_ra[good_det], det_dec[good_det], *shift, centre))
     shifted = _matches(cat_tree, moved, good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
     return shifted if len(shifted[0]) > len(ci) else (ci, dj)
 
@@ -108,11 +111,13 @@ def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radiu
 
 
 def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray,
-                   det_dec: np.ndarray, det_index: np.ndarray, beam_fwhm: float) -> tuple[float, float] | None:
-    """The image's shift (deg, east and north) from the catalogue as seen by the detections
-    ``det_index``: the median offset of the densest cluster (``CLUSTER_RADIUS`` beams) of the
-    offsets of every detection from each isolated catalogue source within ``MAX_SHIFT`` beams;
-    None when that cluster holds fewer than MIN_MATCHES pairs or CLUSTER_LEAST of the detections.
+                   det_dec: np.ndarray, det_index: np.ndarray, beam_fwhm: float,
+                   centre: tuple[float, float]) -> tuple[float, float] | None:
+    """The image's shift (deg, east and north in the tangent plane at ``centre``) from the catalogue
+    as seen by the detections ``det_index``: the median offset of the densest cluster
+    (``CLUSTER_RADIUS`` beams) of the offsets of every detection from each isolated catalogue
+    source within ``MAX_SHIFT`` beams; None when that cluster holds fewer than MIN_MATCHES pairs or
+    CLUSTER_LEAST of the detections.
     A coherent shift moves every pair by the same offset; the other pairs spread theirs over the
     whole search circle."""
     near = cat_tree.query_ball_point(unit_vectors(det_ra[det_index], det_dec[det_index]),
@@ -123,7 +128,7 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
     ci, dj = ci[keep], dj[keep]
     if len(ci) < MIN_MATCHES:
         return None
-    offsets = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]) / beam_fwhm  # beams
+    offsets = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre) / beam_fwhm  # beams
     tree = cKDTree(offsets)
     counts = tree.query_ball_point(offsets, CLUSTER_RADIUS, return_length=True)
     best = int(np.argmax(counts))
@@ -134,27 +139,39 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
     return float(east), float(north)
 
 
-def _offsets(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray) -> np.ndarray:
-    """(n, 2) offsets (deg, east and north) of detections from catalogue positions (deg), flat-sky."""
-    return np.column_stack([wrap_ra_difference(det_ra - cat_ra) * np.cos(np.deg2rad(det_dec)), det_dec - cat_dec])
+def _offsets(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+             centre: tuple[float, float]) -> np.ndarray:
+    """(n, 2) offsets (deg) of detections from catalogue positions (deg) in the tangent plane at
+    ``centre`` (east and north there): a shifted image moves all of them alike, also on a field
+    around a pole, where east and north turn across the field."""
+    return np.column_stack(to_tangent(det_ra, det_dec, *centre)) - np.column_stack(to_tangent(cat_ra, cat_dec, *centre))
+
+
+def mean_position(points: np.ndarray) -> tuple[float, float]:
+    """(ra, dec) in deg of the mean direction of unit vectors (n, 3)."""
+    x, y, z = points.mean(axis=0)
+    return float(np.rad2deg(np.arctan2(y, x)) % 360.0), float(np.rad2deg(np.arctan2(z, np.hypot(x, y))))
 
 
 def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
             det_significance: np.ndarray, det_ra_err: np.ndarray, det_dec_err: np.ndarray,
-            beam_fwhm: float, cat_tree: cKDTree | None = None) -> Astrometry:
+            beam_fwhm: float, cat_tree: cKDTree | None = None,
+            centre: tuple[float, float] | None = None) -> Astrometry:
     """Offsets and scatter of this image's detections from the catalogue (see :class:`Astrometry`).
 
     Positions and ``beam_fwhm`` in deg; ``cat_n`` is the number of detections behind each
     catalogue position; ``det_ra_err`` is the fit error along the RA coordinate and
     ``det_dec_err`` along Dec (deg), as in ``extracted_sources``. A catalogue position averages
     its N detections, so it scatters by sigma / sqrt(N) itself: the offsets' variance is
-    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved. ``cat_tree``: as for
-    :func:`confident_matches`.
+    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved. ``cat_tree`` and ``centre``
+    (the offsets' tangent point): as for :func:`confident_matches`.
     """
-    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm, cat_tree)
+    if centre is None and len(det_ra):
+        centre = mean_position(unit_vectors(det_ra, det_dec))
+    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm, cat_tree, centre)
     if len(ci) < MIN_MATCHES:
         return Astrometry(n=len(ci))
-    dx, dy = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj]).T * 3600.0
+    dx, dy = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre).T * 3600.0
     fit_x = np.median(det_ra_err[dj] * np.cos(np.deg2rad(det_dec[dj]))) * 3600.0
     fit_y = np.median(det_dec_err[dj]) * 3600.0
     averaged = 1.0 + 1.0 / max(float(np.median(cat_n[ci])), 1.0)

@@ -71,8 +71,9 @@ class ImageContext:
     rms_max: float  #: Jy/beam
     beam_fwhm: float = 0.0  #: deg, major axis of the restoring beam (0: no pair fits)
     url: str = ""  #: the image's file
-    shift_ra: float = 0.0  #: deg on the sky (east), the image's coherent offset, taken out to associate
-    shift_dec: float = 0.0  #: deg (north)
+    #: deg, the image's coherent shift east in the tangent plane at its centre, taken out to associate
+    shift_ra: float = 0.0
+    shift_dec: float = 0.0  #: deg, north
     #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,
     #: the circle alone)
     outline: np.ndarray = field(default_factory=lambda: np.full((1, 2), np.nan))
@@ -229,7 +230,8 @@ class RunningCatalogue:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
         s = self.sources
         blind = self.blind_rows
-        det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec)
+        det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec,
+                                    (image.centre_ra, image.centre_dec))
         links = associate(
             s["wm_ra"][blind], s["wm_dec"][blind],
             s["wm_uncertainty_ew"][blind], s["wm_uncertainty_ns"][blind],

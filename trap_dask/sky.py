@@ -24,9 +24,30 @@ def haversine(ra1: ArrayLike, dec1: ArrayLike, ra2: ArrayLike, dec2: ArrayLike) 
             + np.cos(lat1) * np.cos(lat2) * np.sin(0.5 * np.deg2rad(np.subtract(ra2, ra1))) ** 2)
 
 
-def unshifted(ra: np.ndarray, dec: np.ndarray, shift_ra: float, shift_dec: float) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (deg) with an image's coherent offset (deg on the sky, east and north) taken out."""
-    if shift_ra == 0.0 and shift_dec == 0.0:
+def to_tangent(ra: ArrayLike, dec: ArrayLike, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gnomonic (tangent-plane) coordinates (deg) of positions (deg) about the point (ra0, dec0):
+    ``xi`` east and ``eta`` north there. For positions less than 90 deg from the point."""
+    a, d, d0 = np.deg2rad(np.subtract(ra, ra0)), np.deg2rad(dec), np.deg2rad(dec0)
+    cos_c = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a)
+    xi = np.cos(d) * np.sin(a) / cos_c
+    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a)) / cos_c
+    return np.rad2deg(xi), np.rad2deg(eta)
+
+
+def from_tangent(xi: ArrayLike, eta: ArrayLike, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (deg) of gnomonic coordinates (deg) about (ra0, dec0): :func:`to_tangent` undone."""
+    x, y, d0 = np.deg2rad(xi), np.deg2rad(eta), np.deg2rad(dec0)
+    dec = np.arctan2(np.sin(d0) + y * np.cos(d0), np.hypot(x, np.cos(d0) - y * np.sin(d0)))
+    ra = ra0 + np.rad2deg(np.arctan2(x, np.cos(d0) - y * np.sin(d0)))
+    return ra % 360.0, np.rad2deg(dec)
+
+
+def unshifted(ra: np.ndarray, dec: np.ndarray, shift_east: float, shift_north: float,
+              centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (deg) with an image's coherent shift taken out: a translation (deg) east and north in
+    the tangent plane at the image's ``centre`` (ra, dec; deg), as a shifted image moves its positions
+    (on a field around a pole as anywhere: there east and north turn across the field)."""
+    if shift_east == 0.0 and shift_north == 0.0:
         return ra, dec
-    dec_out = dec - shift_dec
-    return (ra - shift_ra / np.cos(np.deg2rad(dec_out))) % 360.0, dec_out
+    xi, eta = to_tangent(ra, dec, *centre)
+    return from_tangent(xi - shift_east, eta - shift_north, *centre)

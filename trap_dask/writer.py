@@ -279,7 +279,7 @@ class Writer:
             self._unsaved_bands.append(band)
         beam_fwhm = 2.0 * meta.beam.smaj
         result = _measurable(result)
-        astrometry, sys_err = self._astrometry(result.sources, beam_fwhm)
+        astrometry, sys_err = self._astrometry(result.sources, beam_fwhm, (meta.centre_ra, meta.centre_dec))
         shift = (astrometry.offset_ra / 3600.0, astrometry.offset_dec / 3600.0) \
             if self.remove_shift and astrometry.measured else (0.0, 0.0)
         image = ImageContext(
@@ -534,14 +534,16 @@ class Writer:
             self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
         self.stage_cpu += message.cpu
 
-    def _astrometry(self, detections: np.ndarray, beam_fwhm: float) -> tuple[Astrometry, tuple[float, float]]:
-        """The image's offsets from the catalogue, and the systematic errors (arcsec) to associate it
-        with: the user's, or under 'auto' those measured so far and on this image."""
+    def _astrometry(self, detections: np.ndarray, beam_fwhm: float,
+                    centre: tuple[float, float]) -> tuple[Astrometry, tuple[float, float]]:
+        """The image's offsets from the catalogue (in the tangent plane at its ``centre``, deg), and the
+        systematic errors (arcsec) to associate it with: the user's, or under 'auto' those measured
+        so far and on this image."""
         s, blind = self.catalogue.sources, self.catalogue.blind_rows
         astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
                              detections["ra"], detections["dec"],
                              detections["significance_detection_level"], detections["ra_fit_err"],
-                             detections["dec_fit_err"], beam_fwhm, self.catalogue.blind_tree)
+                             detections["dec_fit_err"], beam_fwhm, self.catalogue.blind_tree, centre)
         if self.sys_err[0] is None:
             return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
         return astrometry, (float(self.sys_err[0]), float(self.sys_err[1]))
