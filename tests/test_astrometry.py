@@ -13,7 +13,7 @@ from trap_dask.astrometry import (
     coherent_shift,
     measure,
 )
-from trap_dask.sky import from_tangent, to_tangent
+from trap_dask.sky import TANGENT_REACH, from_tangent, haversine, to_tangent, unshifted
 
 ARCSEC = 1 / 3600
 BEAM = 30 * ARCSEC
@@ -101,6 +101,25 @@ def test_tangent_plane_coordinates_go_back_to_the_same_positions(centre):
         xi, eta = to_tangent([centre[0] + 1e-4, centre[0]], [centre[1], centre[1] + 1e-4], *centre)
         assert xi[0] == pytest.approx(1e-4 * np.cos(np.deg2rad(centre[1])), rel=1e-6) and abs(eta[0]) < 1e-9
         assert abs(xi[1]) < 1e-9 and eta[1] == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_positions_far_from_the_centre_keep_their_place():
+    """An all-sky image (ZEA, CAR) reaches past 90 deg from its centre, where the tangent plane maps a
+    position onto its opposite: taking a 5" shift out moves every position within TANGENT_REACH by
+    a few arcsec at most, and leaves those beyond where they are (a source 97 deg out once became
+    its antipode and split its light curve)."""
+    centre, bearing = (150.0, 30.0), np.deg2rad(np.linspace(0.0, 360.0, 7, endpoint=False))
+    far = np.deg2rad(np.array([1.0, 10.0, 60.0, 79.0, 85.0, 90.0, 97.0, 150.0]))[:, None]
+    d0 = np.deg2rad(centre[1])
+    dec = np.arcsin(np.sin(d0) * np.cos(far) + np.cos(d0) * np.sin(far) * np.cos(bearing))
+    ra = centre[0] + np.rad2deg(np.arctan2(np.sin(bearing) * np.sin(far) * np.cos(d0),
+                                           np.cos(far) - np.sin(d0) * np.sin(dec)))
+    ra, dec = ra.ravel() % 360.0, np.rad2deg(dec).ravel()
+    moved_ra, moved_dec = unshifted(ra, dec, 5 * ARCSEC, -3 * ARCSEC, centre)
+    moved = np.rad2deg(2 * np.arcsin(np.sqrt(haversine(ra, dec, moved_ra, moved_dec)))) * 3600.0
+    near = np.repeat(far.ravel() < np.deg2rad(TANGENT_REACH), bearing.size)
+    assert (moved[near] > 0.0).all() and moved.max() < 6.0
+    assert (moved_ra[~near] == ra[~near]).all() and (moved_dec[~near] == dec[~near]).all()
 
 
 def test_no_shift_is_made_up_from_unrelated_detections():

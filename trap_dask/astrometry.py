@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 
 from trap_dask.association import chord, sky_tree, unit_vectors
 from trap_dask.messages import MIN_MATCHES, Astrometry
-from trap_dask.sky import to_tangent, unshifted
+from trap_dask.sky import to_tangent, unshifted, within_reach
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -80,7 +80,7 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     isolation = chord(ISOLATION_RADIUS * beam_fwhm)
     det = unit_vectors(det_ra, det_dec)
     centre = mean_position(det) if centre is None else centre
-    bright = np.flatnonzero(det_significance >= MIN_SIGNIFICANCE)
+    bright = np.flatnonzero((det_significance >= MIN_SIGNIFICANCE) & within_reach(det_ra, det_dec, centre))
     good_det = bright[_isolated(cKDTree(det), det[bright], isolation)]
     if not len(good_det):
         return none, none
@@ -147,6 +147,20 @@ def _offsets(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_de
     return np.column_stack(to_tangent(det_ra, det_dec, *centre)) - np.column_stack(to_tangent(cat_ra, cat_dec, *centre))
 
 
+def _fit_errors_in_tangent_plane(ra: np.ndarray, dec: np.ndarray, ra_err: np.ndarray, dec_err: np.ndarray,
+                                 centre: tuple[float, float]) -> np.ndarray:
+    """(2, n) fit errors (deg) along the tangent plane's east and north at ``centre`` of positions
+    (deg) whose errors are ``ra_err`` along the RA coordinate and ``dec_err`` along Dec: the two
+    turn with the angle between the local north and the plane's north (large around a pole)."""
+    step = 1e-6  # deg: the local north's direction in the plane
+    xi, eta = to_tangent(ra, dec, *centre)
+    dxi, deta = (np.subtract(a, b) for a, b in zip(to_tangent(ra, np.minimum(dec + step, 90.0), *centre), (xi, eta)))
+    turn = np.arctan2(dxi, deta)
+    east, north = ra_err * np.cos(np.deg2rad(dec)), dec_err
+    return np.stack([np.hypot(east * np.cos(turn), north * np.sin(turn)),
+                     np.hypot(east * np.sin(turn), north * np.cos(turn))])
+
+
 def mean_position(points: np.ndarray) -> tuple[float, float]:
     """(ra, dec) in deg of the mean direction of unit vectors (n, 3)."""
     x, y, z = points.mean(axis=0)
@@ -172,8 +186,8 @@ def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: 
     if len(ci) < MIN_MATCHES:
         return Astrometry(n=len(ci))
     dx, dy = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre).T * 3600.0
-    fit_x = np.median(det_ra_err[dj] * np.cos(np.deg2rad(det_dec[dj]))) * 3600.0
-    fit_y = np.median(det_dec_err[dj]) * 3600.0
+    fit_x, fit_y = np.median(_fit_errors_in_tangent_plane(det_ra[dj], det_dec[dj], det_ra_err[dj], det_dec_err[dj],
+                                                          centre), axis=1) * 3600.0
     averaged = 1.0 + 1.0 / max(float(np.median(cat_n[ci])), 1.0)
 
     def scatter(d: np.ndarray, fit: float) -> float:

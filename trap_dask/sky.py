@@ -42,12 +42,27 @@ def from_tangent(xi: ArrayLike, eta: ArrayLike, ra0: float, dec0: float) -> tupl
     return ra % 360.0, np.rad2deg(dec)
 
 
+#: Distance (deg) from an image's centre up to which its coherent shift is a translation in the
+#: tangent plane there (the plane stretches without bound towards 90 deg, and beyond maps a
+#: position onto its opposite): positions farther out (all-sky images) neither measure it nor move.
+TANGENT_REACH = 80.0
+
+
+def within_reach(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
+    """Per position (deg): within TANGENT_REACH of ``centre`` (ra, dec; deg)."""
+    return haversine(ra, dec, *centre) < np.sin(np.deg2rad(TANGENT_REACH) / 2.0) ** 2
+
+
 def unshifted(ra: np.ndarray, dec: np.ndarray, shift_east: float, shift_north: float,
               centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Positions (deg) with an image's coherent shift taken out: a translation (deg) east and north in
     the tangent plane at the image's ``centre`` (ra, dec; deg), as a shifted image moves its positions
-    (on a field around a pole as anywhere: there east and north turn across the field)."""
+    (on a field around a pole as anywhere: there east and north turn across the field). Positions
+    beyond TANGENT_REACH stay where they are."""
     if shift_east == 0.0 and shift_north == 0.0:
         return ra, dec
-    xi, eta = to_tangent(ra, dec, *centre)
-    return from_tangent(xi - shift_east, eta - shift_north, *centre)
+    near = within_reach(ra, dec, centre)
+    xi, eta = to_tangent(ra[near], dec[near], *centre)
+    out_ra, out_dec = np.array(ra, dtype=float), np.array(dec, dtype=float)
+    out_ra[near], out_dec[near] = from_tangent(xi - shift_east, eta - shift_north, *centre)
+    return out_ra, out_dec
