@@ -119,8 +119,9 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
     """Lowest and highest rms (Jy/beam) of the noise map in the extraction region: an image's
     ``rms_min`` and ``rms_max`` (TraP's meaning), against which a later new source's significance is
     measured. The map is looked at every quarter box: a look at a blank pixel counts only with a pixel
-    of data within half that (the map is extrapolated over blank areas), unless every look is at
-    such a pixel. NaN when the region holds no finite rms."""
+    of data within half that (the map is extrapolated over blank areas; a blank look whose
+    neighbouring looks are blank too counts as far from data), unless every look is at such a
+    pixel. NaN when the region holds no finite rms."""
     if params.region_radius(image.shape) <= 0:  # the margins leave no pixel
         return math.nan, math.nan
     (ny, nx), m = image.shape, params.margin
@@ -135,13 +136,29 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
         iy = np.r_[iy, np.clip(np.rint(cy + r * np.sin(angle)), 0, ny - 1).astype(int)]
         ix = np.r_[ix, np.clip(np.rint(cx + r * np.cos(angle)), 0, nx - 1).astype(int)]
     inside = in_extraction_region(image.shape, params, ix, iy)
-    blank = np.flatnonzero(inside & ~np.isfinite(image.residual[iy, ix]))
-    far = blank[~_near_data(image.residual, iy[blank], ix[blank], step_y // 2, step_x // 2)]
+    data = np.isfinite(image.residual[iy, ix])
+    # a blank look among blank looks is far from data; the others are looked around
+    n_grid, grid = ys.size * xs.size, np.pad(data[: ys.size * xs.size].reshape(ys.size, xs.size), 1)
+    beside = np.ones(data.size, bool)  # the circle's edge: looked around
+    beside[:n_grid] = np.logical_or.reduce([grid[1 + dy : ys.size + 1 + dy, 1 + dx : xs.size + 1 + dx]
+                                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]).ravel()
+    blank = np.flatnonzero(inside & ~data)
+    near = np.zeros(blank.size, bool)
+    ask = np.flatnonzero(beside[blank])
+    for first in range(0, ask.size, _LOOKS_AT_ONCE):
+        chunk = blank[ask[first : first + _LOOKS_AT_ONCE]]
+        near[ask[first : first + _LOOKS_AT_ONCE]] = _near_data(image.residual, iy[chunk], ix[chunk], step_y // 2,
+                                                               step_x // 2)
+    far = blank[~near]
     if len(far) < inside.sum():
         inside[far] = False
     values = image.rms[iy[inside], ix[inside]]
     values = values[np.isfinite(values)]
     return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
+
+
+#: Blank looks whose surroundings :func:`noise_range` tests at once (a few MB of work arrays).
+_LOOKS_AT_ONCE = 4096
 
 
 def _near_data(residual: np.ndarray, iy: np.ndarray, ix: np.ndarray, half_y: int, half_x: int) -> np.ndarray:
