@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 
 from trap_dask.association import chord, sky_tree, unit_vectors
 from trap_dask.messages import MIN_MATCHES, Astrometry
-from trap_dask.sky import to_tangent, unshifted, within_reach
+from trap_dask.sky import from_local, north_turn, unshifted, within_reach, wrap_ra_difference
 
 #: A confident match: detection and known source within this distance (beam FWHM) ...
 MATCH_RADIUS = 1.0
@@ -70,9 +70,9 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     their median offset when that is over ``RECENTRE_ABOVE`` beams), the detection at least
     ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
     the systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
-    :func:`~trap_dask.association.sky_tree`, when the caller has built it. Shifts are translations
-    in the tangent plane at ``centre`` (ra, dec; deg), the image's centre (default: the detections'
-    mean position).
+    :func:`~trap_dask.association.sky_tree`, when the caller has built it. Offsets and shifts are
+    east and north at ``centre`` (ra, dec; deg), the image's centre (default: the detections' mean
+    position), turned at each source as its own east and north turn (:func:`~trap_dask.sky.north_turn`).
     """
     none = np.zeros(0, np.intp)
     if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
@@ -113,7 +113,7 @@ def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radiu
 def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray,
                    det_dec: np.ndarray, det_index: np.ndarray, beam_fwhm: float,
                    centre: tuple[float, float]) -> tuple[float, float] | None:
-    """The image's shift (deg, east and north in the tangent plane at ``centre``) from the catalogue
+    """The image's shift (deg, east and north at ``centre``, see :func:`_offsets`) from the catalogue
     as seen by the detections ``det_index``: the median offset of the densest cluster
     (``CLUSTER_RADIUS`` beams) of the offsets of every detection from each isolated catalogue
     source within ``MAX_SHIFT`` beams; None when that cluster holds fewer than MIN_MATCHES pairs or
@@ -141,21 +141,20 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
 
 def _offsets(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
              centre: tuple[float, float]) -> np.ndarray:
-    """(n, 2) offsets (deg) of detections from catalogue positions (deg) in the tangent plane at
-    ``centre`` (east and north there): a shifted image moves all of them alike, also on a field
-    around a pole, where east and north turn across the field."""
-    return np.column_stack(to_tangent(det_ra, det_dec, *centre)) - np.column_stack(to_tangent(cat_ra, cat_dec, *centre))
+    """(n, 2) offsets (deg on the sky) of detections from catalogue positions (deg), each east and
+    north at its detection turned to east and north at ``centre`` (:func:`~trap_dask.sky.north_turn`):
+    a shifted image moves all of them alike, also on a field around a pole, where east and north
+    turn across the field."""
+    east = wrap_ra_difference(det_ra - cat_ra) * np.cos(np.deg2rad(det_dec))
+    return np.column_stack(from_local(east, det_dec - cat_dec, north_turn(det_ra, det_dec, centre)))
 
 
-def _fit_errors_in_tangent_plane(ra: np.ndarray, dec: np.ndarray, ra_err: np.ndarray, dec_err: np.ndarray,
-                                 centre: tuple[float, float]) -> np.ndarray:
-    """(2, n) fit errors (deg) along the tangent plane's east and north at ``centre`` of positions
-    (deg) whose errors are ``ra_err`` along the RA coordinate and ``dec_err`` along Dec: the two
-    turn with the angle between the local north and the plane's north (large around a pole)."""
-    step = 1e-6  # deg: the local north's direction in the plane
-    xi, eta = to_tangent(ra, dec, *centre)
-    dxi, deta = (np.subtract(a, b) for a, b in zip(to_tangent(ra, np.minimum(dec + step, 90.0), *centre), (xi, eta)))
-    turn = np.arctan2(dxi, deta)
+def _fit_errors_at_centre(ra: np.ndarray, dec: np.ndarray, ra_err: np.ndarray, dec_err: np.ndarray,
+                          centre: tuple[float, float]) -> np.ndarray:
+    """(2, n) fit errors (deg) along east and north at ``centre`` of positions (deg) whose errors are
+    ``ra_err`` along the RA coordinate and ``dec_err`` along Dec: the two turn as the positions'
+    east and north do (:func:`~trap_dask.sky.north_turn`; much around a pole)."""
+    turn = north_turn(ra, dec, centre)
     east, north = ra_err * np.cos(np.deg2rad(dec)), dec_err
     return np.stack([np.hypot(east * np.cos(turn), north * np.sin(turn)),
                      np.hypot(east * np.sin(turn), north * np.cos(turn))])
@@ -186,7 +185,7 @@ def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: 
     if len(ci) < MIN_MATCHES:
         return Astrometry(n=len(ci))
     dx, dy = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre).T * 3600.0
-    fit_x, fit_y = np.median(_fit_errors_in_tangent_plane(det_ra[dj], det_dec[dj], det_ra_err[dj], det_dec_err[dj],
+    fit_x, fit_y = np.median(_fit_errors_at_centre(det_ra[dj], det_dec[dj], det_ra_err[dj], det_dec_err[dj],
                                                           centre), axis=1) * 3600.0
     averaged = 1.0 + 1.0 / max(float(np.median(cat_n[ci])), 1.0)
 

@@ -71,7 +71,7 @@ class ImageContext:
     rms_max: float  #: Jy/beam
     beam_fwhm: float = 0.0  #: deg, major axis of the restoring beam (0: no pair fits)
     url: str = ""  #: the image's file
-    #: deg, the image's coherent shift east in the tangent plane at its centre, taken out to associate
+    #: deg, the image's coherent shift east at its centre (trap_dask.sky.unshifted), taken out to associate
     shift_ra: float = 0.0
     shift_dec: float = 0.0  #: deg, north
     #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,

@@ -207,7 +207,7 @@ class Config:
     remove_image_shift: bool = _param(
         True, "association", "",
         "take each image's coherent offset from the catalogue (the median over its bright isolated "
-        "sources in the tangent plane at the image's centre, stored as astrometry_offset_ra/dec) out "
+        "sources, east and north at the image's centre, stored as astrometry_offset_ra/dec) out "
         "of its positions before associating them, so a shifted image does not split light curves "
         "(false: TraP 1.x)",
     )

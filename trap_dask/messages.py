@@ -41,8 +41,8 @@ class Astrometry:
     as trap_dask.astrometry measures them: here, since a CommitSummary carries it to workers that
     need not import the association.
 
-    ``offset_*``: median of detection minus catalogue position in the tangent plane at the image's
-    centre (east and north there, east positive).
+    ``offset_*``: median of detection minus catalogue position, east and north at the image's centre
+    (each offset turned there from its own east and north; east positive).
     ``scatter_*``: robust standard deviation of those offsets about the median, with the
     detections' own fit errors taken out in quadrature.
     """

@@ -24,27 +24,9 @@ def haversine(ra1: ArrayLike, dec1: ArrayLike, ra2: ArrayLike, dec2: ArrayLike) 
             + np.cos(lat1) * np.cos(lat2) * np.sin(0.5 * np.deg2rad(np.subtract(ra2, ra1))) ** 2)
 
 
-def to_tangent(ra: ArrayLike, dec: ArrayLike, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic (tangent-plane) coordinates (deg) of positions (deg) about the point (ra0, dec0):
-    ``xi`` east and ``eta`` north there. For positions less than 90 deg from the point."""
-    a, d, d0 = np.deg2rad(np.subtract(ra, ra0)), np.deg2rad(dec), np.deg2rad(dec0)
-    cos_c = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a)
-    xi = np.cos(d) * np.sin(a) / cos_c
-    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a)) / cos_c
-    return np.rad2deg(xi), np.rad2deg(eta)
-
-
-def from_tangent(xi: ArrayLike, eta: ArrayLike, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (deg) of gnomonic coordinates (deg) about (ra0, dec0): :func:`to_tangent` undone."""
-    x, y, d0 = np.deg2rad(xi), np.deg2rad(eta), np.deg2rad(dec0)
-    dec = np.arctan2(np.sin(d0) + y * np.cos(d0), np.hypot(x, np.cos(d0) - y * np.sin(d0)))
-    ra = ra0 + np.rad2deg(np.arctan2(x, np.cos(d0) - y * np.sin(d0)))
-    return ra % 360.0, np.rad2deg(dec)
-
-
-#: Distance (deg) from an image's centre up to which its coherent shift is a translation in the
-#: tangent plane there (the plane stretches without bound towards 90 deg, and beyond maps a
-#: position onto its opposite): positions farther out (all-sky images) neither measure it nor move.
+#: Distance (deg) from an image's centre up to which its coherent shift is measured and taken out
+#: (:func:`north_turn` holds to 90 deg): positions farther out (all-sky images) neither measure it
+#: nor move.
 TANGENT_REACH = 80.0
 
 
@@ -53,16 +35,45 @@ def within_reach(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> 
     return haversine(ra, dec, *centre) < np.sin(np.deg2rad(TANGENT_REACH) / 2.0) ** 2
 
 
+def north_turn(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
+    """Angle (rad, towards east) from north at ``centre`` (ra, dec; deg) to north at each position
+    (deg), as the tangent plane at the centre shows them: how far east and north at a position
+    turn from those at the centre (a little across a small field, up to half a turn around a
+    pole). For positions less than 90 deg from the centre."""
+    a, d = np.deg2rad(ra), np.deg2rad(dec)
+    a0, d0 = np.deg2rad(centre[0]), np.deg2rad(centre[1])
+    p = np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], -1)
+    north = np.stack([-np.sin(d) * np.cos(a), -np.sin(d) * np.sin(a), np.cos(d)], -1)
+    c0 = np.array([np.cos(d0) * np.cos(a0), np.cos(d0) * np.sin(a0), np.sin(d0)])
+    e0 = np.array([-np.sin(a0), np.cos(a0), 0.0])
+    n0 = np.cross(c0, e0)
+    depth, rise = p @ c0, north @ c0  # the plane's image of north at p, up to a positive factor
+    return np.arctan2(north @ e0 * depth - p @ e0 * rise, north @ n0 * depth - p @ n0 * rise)
+
+
+def to_local(x: ArrayLike, y: ArrayLike, turn: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets along the centre's east and north (``x``, ``y``) as east and north at positions whose
+    north is turned by ``turn`` (rad, :func:`north_turn`); :func:`from_local` undoes it."""
+    return x * np.cos(turn) - y * np.sin(turn), x * np.sin(turn) + y * np.cos(turn)
+
+
+def from_local(east: ArrayLike, north: ArrayLike, turn: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets east and north at positions whose north is turned by ``turn`` (rad) as offsets along
+    the centre's east and north."""
+    return east * np.cos(turn) + north * np.sin(turn), -east * np.sin(turn) + north * np.cos(turn)
+
+
 def unshifted(ra: np.ndarray, dec: np.ndarray, shift_east: float, shift_north: float,
               centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (deg) with an image's coherent shift taken out: a translation (deg) east and north in
-    the tangent plane at the image's ``centre`` (ra, dec; deg), as a shifted image moves its positions
-    (on a field around a pole as anywhere: there east and north turn across the field). Positions
-    beyond TANGENT_REACH stay where they are."""
+    """Positions (deg) with an image's coherent shift taken out: the same offset (deg) at every
+    position, east and north as at the image's ``centre`` (ra, dec; deg), turned at each position
+    as its own east and north turn (:func:`north_turn`): a shifted image moves all its positions
+    alike, on a field around a pole as anywhere. Positions beyond TANGENT_REACH stay where they are."""
     if shift_east == 0.0 and shift_north == 0.0:
         return ra, dec
     near = within_reach(ra, dec, centre)
-    xi, eta = to_tangent(ra[near], dec[near], *centre)
+    east, north = to_local(shift_east, shift_north, north_turn(ra[near], dec[near], centre))
     out_ra, out_dec = np.array(ra, dtype=float), np.array(dec, dtype=float)
-    out_ra[near], out_dec[near] = from_tangent(xi - shift_east, eta - shift_north, *centre)
+    out_dec[near] = dec[near] - north
+    out_ra[near] = (ra[near] - east / np.cos(np.deg2rad(out_dec[near]))) % 360.0
     return out_ra, out_dec

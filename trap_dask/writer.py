@@ -536,7 +536,7 @@ class Writer:
 
     def _astrometry(self, detections: np.ndarray, beam_fwhm: float,
                     centre: tuple[float, float]) -> tuple[Astrometry, tuple[float, float]]:
-        """The image's offsets from the catalogue (in the tangent plane at its ``centre``, deg), and the
+        """The image's offsets from the catalogue (east and north at its ``centre``, deg), and the
         systematic errors (arcsec) to associate it with: the user's, or under 'auto' those measured
         so far and on this image."""
         s, blind = self.catalogue.sources, self.catalogue.blind_rows
