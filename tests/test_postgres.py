@@ -182,8 +182,9 @@ def test_every_session_probes_for_a_lost_peer(pg):
     from trap_dask.db.store import ExportStore
 
     ExportStore.create(pg, overwrite=False).close()
-    expected = postgresql.server_settings()
+    expected = postgresql.server_settings(150000)
     assert postgresql.LOST_AFTER_S <= 300 and expected["tcp_user_timeout"] == str(1000 * postgresql.LOST_AFTER_S)
+    assert postgresql.server_settings(110022) == {k: v for k, v in expected.items() if k != "tcp_user_timeout"}
     for engine in (make_engine(pg), pg.impl.server_engine()):
         with engine.connect() as conn:
             shown = dict(conn.execute(text("SELECT name, setting FROM pg_settings WHERE name = ANY(:names)"),

@@ -52,18 +52,26 @@ IDLE_IN_TRANSACTION_S = 300
 TAKE_AGAIN_TRIES = 50
 
 
-def server_settings() -> dict[str, str]:
-    """What each session sets on the server, as the constants say now (PostgreSQL's names and units:
-    s, and ms for the timeouts)."""
-    return {"tcp_keepalives_idle": str(KEEPALIVE_IDLE_S), "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
-            "tcp_keepalives_count": str(KEEPALIVE_COUNT), "tcp_user_timeout": str(1000 * LOST_AFTER_S),
-            "idle_in_transaction_session_timeout": str(1000 * IDLE_IN_TRANSACTION_S)}
+#: The first server version (``server_version_num``) with ``tcp_user_timeout``.
+TCP_USER_TIMEOUT_SINCE = 120000
+
+
+def server_settings(server_version: int) -> dict[str, str]:
+    """What each session sets on a server of ``server_version`` (``server_version_num``), as the
+    constants say now (PostgreSQL's names and units: s, and ms for the timeouts); an older server
+    than TCP_USER_TIMEOUT_SINCE has no ``tcp_user_timeout``, and gets the rest."""
+    settings = {"tcp_keepalives_idle": str(KEEPALIVE_IDLE_S), "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
+                "tcp_keepalives_count": str(KEEPALIVE_COUNT), "tcp_user_timeout": str(1000 * LOST_AFTER_S),
+                "idle_in_transaction_session_timeout": str(1000 * IDLE_IN_TRANSACTION_S)}
+    if server_version < TCP_USER_TIMEOUT_SINCE:
+        del settings["tcp_user_timeout"]
+    return settings
 
 
 def _session_settings(dbapi_connection, connection_record) -> None:
     """The server's side of the module's text, set on each new connection of an engine (SET after
     connecting, not the startup packet's ``options``, which connection poolers may refuse)."""
-    settings = server_settings()
+    settings = server_settings(dbapi_connection.server_version)
     with dbapi_connection.cursor() as cursor:
         cursor.execute("SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
                        [list(settings), list(settings.values())])
