@@ -37,18 +37,12 @@ def within_reach(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> 
 
 def north_turn(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
     """Angle (rad, towards east) from north at ``centre`` (ra, dec; deg) to north at each position
-    (deg), as the tangent plane at the centre shows them: how far east and north at a position
+    (deg), as the tangent plane at the centre draws them: how far east and north at a position
     turn from those at the centre (a little across a small field, up to half a turn around a
-    pole). For positions less than 90 deg from the centre."""
-    a, d = np.deg2rad(ra), np.deg2rad(dec)
-    a0, d0 = np.deg2rad(centre[0]), np.deg2rad(centre[1])
-    p = np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], -1)
-    north = np.stack([-np.sin(d) * np.cos(a), -np.sin(d) * np.sin(a), np.cos(d)], -1)
-    c0 = np.array([np.cos(d0) * np.cos(a0), np.cos(d0) * np.sin(a0), np.sin(d0)])
-    e0 = np.array([-np.sin(a0), np.cos(a0), 0.0])
-    n0 = np.cross(c0, e0)
-    depth, rise = p @ c0, north @ c0  # the plane's image of north at p, up to a positive factor
-    return np.arctan2(north @ e0 * depth - p @ e0 * rise, north @ n0 * depth - p @ n0 * rise)
+    pole). For positions less than 90 deg from the centre. The plane draws a position's north along
+    (-sin(ra - ra0) sin(dec0), cos(ra - ra0)), whatever its dec (the meridians' convergence)."""
+    dra, dec0 = np.deg2rad(np.subtract(ra, centre[0])), np.deg2rad(centre[1])
+    return np.arctan2(-np.sin(dra) * np.sin(dec0), np.cos(dra)) + np.zeros(np.shape(dec))
 
 
 def to_local(x: ArrayLike, y: ArrayLike, turn: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
