@@ -60,8 +60,8 @@ def _isolated(tree: cKDTree, points: np.ndarray, radius: float) -> np.ndarray:
 
 
 def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-                      det_significance: np.ndarray, beam_fwhm: float, cat_tree: cKDTree | None = None,
-                      centre: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      det_significance: np.ndarray, beam_fwhm: float, centre: tuple[float, float],
+                      cat_tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue index, detection index) of the confident one-to-one matches.
 
     Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
@@ -69,17 +69,16 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     the image's coherent shift is taken out (:func:`coherent_shift` when few match without it,
     their median offset when that is over ``RECENTRE_ABOVE`` beams), the detection at least
     ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
-    the systematic error, so it can measure it. ``cat_tree``: the catalogue positions'
-    :func:`~trap_dask.association.sky_tree`, when the caller has built it. Offsets and shifts are
-    east and north at ``centre`` (ra, dec; deg), the image's centre (default: the detections' mean
-    position), turned at each source as its own east and north turn (:func:`~trap_dask.sky.north_turn`).
+    the systematic error, so it can measure it. Offsets and shifts are east and north at ``centre``
+    (ra, dec; deg), the image's centre, turned at each source as its own east and north turn
+    (:func:`~trap_dask.sky.north_turn`). ``cat_tree``: the catalogue positions'
+    :func:`~trap_dask.association.sky_tree`, when the caller has built it.
     """
     none = np.zeros(0, np.intp)
     if len(cat_ra) == 0 or len(det_ra) == 0 or beam_fwhm <= 0:
         return none, none
     isolation = chord(ISOLATION_RADIUS * beam_fwhm)
     det = unit_vectors(det_ra, det_dec)
-    centre = mean_position(det) if centre is None else centre
     bright = np.flatnonzero((det_significance >= MIN_SIGNIFICANCE) & within_reach(det_ra, det_dec, centre))
     good_det = bright[_isolated(cKDTree(det), det[bright], isolation)]
     if not len(good_det):
@@ -146,7 +145,7 @@ def _offsets(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_de
     a shifted image moves all of them alike, also on a field around a pole, where east and north
     turn across the field."""
     east = wrap_ra_difference(det_ra - cat_ra) * np.cos(np.deg2rad(det_dec))
-    return np.column_stack(from_local(east, det_dec - cat_dec, north_turn(det_ra, det_dec, centre)))
+    return np.column_stack(from_local(east, det_dec - cat_dec, north_turn(det_ra, centre)))
 
 
 def _fit_errors_at_centre(ra: np.ndarray, dec: np.ndarray, ra_err: np.ndarray, dec_err: np.ndarray,
@@ -154,39 +153,30 @@ def _fit_errors_at_centre(ra: np.ndarray, dec: np.ndarray, ra_err: np.ndarray, d
     """(2, n) fit errors (deg) along east and north at ``centre`` of positions (deg) whose errors are
     ``ra_err`` along the RA coordinate and ``dec_err`` along Dec: the two turn as the positions'
     east and north do (:func:`~trap_dask.sky.north_turn`; much around a pole)."""
-    turn = north_turn(ra, dec, centre)
+    turn = north_turn(ra, centre)
     east, north = ra_err * np.cos(np.deg2rad(dec)), dec_err
     return np.stack([np.hypot(east * np.cos(turn), north * np.sin(turn)),
                      np.hypot(east * np.sin(turn), north * np.cos(turn))])
 
 
-def mean_position(points: np.ndarray) -> tuple[float, float]:
-    """(ra, dec) in deg of the mean direction of unit vectors (n, 3)."""
-    x, y, z = points.mean(axis=0)
-    return float(np.rad2deg(np.arctan2(y, x)) % 360.0), float(np.rad2deg(np.arctan2(z, np.hypot(x, y))))
-
-
 def measure(cat_ra: np.ndarray, cat_dec: np.ndarray, cat_n: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
             det_significance: np.ndarray, det_ra_err: np.ndarray, det_dec_err: np.ndarray,
-            beam_fwhm: float, cat_tree: cKDTree | None = None,
-            centre: tuple[float, float] | None = None) -> Astrometry:
+            beam_fwhm: float, centre: tuple[float, float], cat_tree: cKDTree | None = None) -> Astrometry:
     """Offsets and scatter of this image's detections from the catalogue (see :class:`Astrometry`).
 
     Positions and ``beam_fwhm`` in deg; ``cat_n`` is the number of detections behind each
     catalogue position; ``det_ra_err`` is the fit error along the RA coordinate and
     ``det_dec_err`` along Dec (deg), as in ``extracted_sources``. A catalogue position averages
     its N detections, so it scatters by sigma / sqrt(N) itself: the offsets' variance is
-    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved. ``cat_tree`` and ``centre``
-    (the offsets' tangent point): as for :func:`confident_matches`.
+    sigma^2 (1 + 1/N) plus the fit errors', from which sigma is solved. ``centre`` (the image's, where
+    the offsets are east and north) and ``cat_tree``: as for :func:`confident_matches`.
     """
-    if centre is None and len(det_ra):
-        centre = mean_position(unit_vectors(det_ra, det_dec))
-    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm, cat_tree, centre)
+    ci, dj = confident_matches(cat_ra, cat_dec, det_ra, det_dec, det_significance, beam_fwhm, centre, cat_tree)
     if len(ci) < MIN_MATCHES:
         return Astrometry(n=len(ci))
     dx, dy = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre).T * 3600.0
-    fit_x, fit_y = np.median(_fit_errors_at_centre(det_ra[dj], det_dec[dj], det_ra_err[dj], det_dec_err[dj],
-                                                          centre), axis=1) * 3600.0
+    fit_errors = _fit_errors_at_centre(det_ra[dj], det_dec[dj], det_ra_err[dj], det_dec_err[dj], centre)
+    fit_x, fit_y = np.median(fit_errors, axis=1) * 3600.0
     averaged = 1.0 + 1.0 / max(float(np.median(cat_n[ci])), 1.0)
 
     def scatter(d: np.ndarray, fit: float) -> float:

@@ -35,14 +35,15 @@ def within_reach(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> 
     return haversine(ra, dec, *centre) < np.sin(np.deg2rad(TANGENT_REACH) / 2.0) ** 2
 
 
-def north_turn(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
-    """Angle (rad, towards east) from north at ``centre`` (ra, dec; deg) to north at each position
-    (deg), as the tangent plane at the centre draws them: how far east and north at a position
-    turn from those at the centre (a little across a small field, up to half a turn around a
-    pole). For positions less than 90 deg from the centre. The plane draws a position's north along
-    (-sin(ra - ra0) sin(dec0), cos(ra - ra0)), whatever its dec (the meridians' convergence)."""
+def north_turn(ra: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
+    """Angle (rad, towards east) from north at ``centre`` (ra, dec; deg) to north at positions of
+    right ascension ``ra`` (deg), as the tangent plane at the centre draws them: how far east and
+    north at a position turn from those at the centre (a little across a small field, up to half a
+    turn around a pole). For positions less than 90 deg from the centre. The plane draws a
+    position's north along (-sin(ra - ra0) sin(dec0), cos(ra - ra0)), whatever its dec (the
+    meridians' convergence)."""
     dra, dec0 = np.deg2rad(np.subtract(ra, centre[0])), np.deg2rad(centre[1])
-    return np.arctan2(-np.sin(dra) * np.sin(dec0), np.cos(dra)) + np.zeros(np.shape(dec))
+    return np.arctan2(-np.sin(dra) * np.sin(dec0), np.cos(dra))
 
 
 def to_local(x: ArrayLike, y: ArrayLike, turn: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +67,7 @@ def unshifted(ra: np.ndarray, dec: np.ndarray, shift_east: float, shift_north: f
     if shift_east == 0.0 and shift_north == 0.0:
         return ra, dec
     near = within_reach(ra, dec, centre)
-    east, north = to_local(shift_east, shift_north, north_turn(ra[near], dec[near], centre))
+    east, north = to_local(shift_east, shift_north, north_turn(ra[near], centre))
     out_ra, out_dec = np.array(ra, dtype=float), np.array(dec, dtype=float)
     out_dec[near] = dec[near] - north
     out_ra[near] = (ra[near] - east / np.cos(np.deg2rad(out_dec[near]))) % 360.0

@@ -543,7 +543,7 @@ class Writer:
         astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
                              detections["ra"], detections["dec"],
                              detections["significance_detection_level"], detections["ra_fit_err"],
-                             detections["dec_fit_err"], beam_fwhm, self.catalogue.blind_tree, centre)
+                             detections["dec_fit_err"], beam_fwhm, centre, self.catalogue.blind_tree)
         if self.sys_err[0] is None:
             return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
         return astrometry, (float(self.sys_err[0]), float(self.sys_err[1]))
