@@ -160,6 +160,11 @@ def driver_reason(exc: Exception) -> str:
     return lines[0] if lines else type(orig).__name__
 
 
+def cannot_connect(settings: DatabaseSettings, exc: Exception) -> DatabaseError:
+    """The user's error for a connection to ``settings``' database (or its server) that failed with ``exc``."""
+    return DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}")
+
+
 # -- the same, as functions of the settings ---------------------------------------------------
 def make_engine(settings: DatabaseSettings, database: str | None = None, **kwargs) -> Engine:
     return settings.impl.make_engine(database, **kwargs)

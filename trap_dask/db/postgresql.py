@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from trap_dask.db import schema
-from trap_dask.db.backends import Backend, Columns, DatabaseError, driver_reason
+from trap_dask.db.backends import Backend, Columns, DatabaseError, cannot_connect, driver_reason
 from trap_dask.db.lock import DatabaseBusy, Lock
 from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
 
@@ -119,7 +119,7 @@ class PostgreSQLBackend(Backend):
                     text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.settings.name}
                 ).first()
         except OperationalError as exc:
-            raise DatabaseError(f"cannot connect to {self.describe()}: {driver_reason(exc)}") from None
+            raise cannot_connect(self.settings, exc) from None
         finally:
             engine.dispose()
         return found is not None
@@ -189,7 +189,7 @@ class AdvisoryLock(Lock):
             self._pid = self._conn.connection.dbapi_connection.info.backend_pid
         except SQLAlchemyError as exc:
             self.release()
-            raise DatabaseError(f"cannot connect to {self.settings.describe()}: {driver_reason(exc)}") from None
+            raise cannot_connect(self.settings, exc) from None
         if not got:
             self.release()
             raise self.busy()
@@ -233,7 +233,7 @@ class AdvisoryLock(Lock):
                     "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(:key, 0)"),
                     {"pid": old_pid, "key": self.key}).scalar()
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot connect to {self.settings.describe()}: {driver_reason(exc)}") from None
+            raise cannot_connect(self.settings, exc) from None
         finally:
             engine.dispose()
         if not ended:

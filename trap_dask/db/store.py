@@ -25,7 +25,7 @@ from trap_dask import __version__
 from trap_dask.bands import Band, fixed_bands, overlapped_stored
 from trap_dask.columns import Columns, concat, take
 from trap_dask.db import schema
-from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, cannot_connect, driver_reason
 from trap_dask.db.migrations import can_migrate, migrate
 from trap_dask.sources import HISTORY_DTYPE, NOT_EXPORTED
 
@@ -172,7 +172,7 @@ class ExportStore:
                 store._create_tables()
         except OperationalError as exc:
             store.close()
-            raise DatabaseError(f"cannot connect to {settings.describe()}: {driver_reason(exc)}") from None
+            raise cannot_connect(settings, exc) from None
         except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
             store.close()
             raise DatabaseError(
