@@ -137,21 +137,20 @@ def noise_range(image: PreparedImage, params: ExtractionParams) -> tuple[float, 
         ix = np.r_[ix, np.clip(np.rint(cx + r * np.cos(angle)), 0, nx - 1).astype(int)]
     inside = in_extraction_region(image.shape, params, ix, iy)
     data = np.isfinite(image.residual[iy, ix])
-    # a blank look among blank looks is far from data; the others are looked around
-    n_grid, grid = ys.size * xs.size, np.pad(data[: ys.size * xs.size].reshape(ys.size, xs.size), 1)
-    beside = np.ones(data.size, bool)  # the circle's edge: looked around
-    beside[:n_grid] = np.logical_or.reduce([grid[1 + dy : ys.size + 1 + dy, 1 + dx : xs.size + 1 + dx]
-                                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]).ravel()
     blank = np.flatnonzero(inside & ~data)
-    near = np.zeros(blank.size, bool)
-    ask = np.flatnonzero(beside[blank])
-    for first in range(0, ask.size, _LOOKS_AT_ONCE):
-        chunk = blank[ask[first : first + _LOOKS_AT_ONCE]]
-        near[ask[first : first + _LOOKS_AT_ONCE]] = _near_data(image.residual, iy[chunk], ix[chunk], step_y // 2,
-                                                               step_x // 2)
-    far = blank[~near]
-    if len(far) < inside.sum():
-        inside[far] = False
+    if blank.size:  # a blank look among blank looks is far from data; the others are looked around
+        n_grid, grid = ys.size * xs.size, np.pad(data[: ys.size * xs.size].reshape(ys.size, xs.size), 1)
+        beside = np.ones(data.size, bool)  # the circle's edge: looked around
+        beside[:n_grid] = np.logical_or.reduce([grid[1 + dy : ys.size + 1 + dy, 1 + dx : xs.size + 1 + dx]
+                                                for dy in (-1, 0, 1) for dx in (-1, 0, 1)]).ravel()
+        near = np.zeros(blank.size, bool)
+        ask = np.flatnonzero(beside[blank])
+        for first in range(0, ask.size, _LOOKS_AT_ONCE):
+            at = ask[first : first + _LOOKS_AT_ONCE]
+            near[at] = _near_data(image.residual, iy[blank[at]], ix[blank[at]], step_y // 2, step_x // 2)
+        far = blank[~near]
+        if len(far) < inside.sum():
+            inside[far] = False
     values = image.rms[iy[inside], ix[inside]]
     values = values[np.isfinite(values)]
     return (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
