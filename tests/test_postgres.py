@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, drop_database, make_engine
+from trap_dask.db.store import ExportStore
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -156,10 +157,6 @@ def test_tables_every_image_updates_keep_room_for_their_updates(pg):
     import subprocess
     import sys
 
-    from sqlalchemy import text
-
-    from trap_dask.db.store import ExportStore
-
     ExportStore.create(pg, overwrite=True).close()
     engine = make_engine(pg)
     with engine.connect() as conn:
@@ -171,6 +168,43 @@ def test_tables_every_image_updates_keep_room_for_their_updates(pg):
             "trap_dask.db.store; print('sqlalchemy.dialects.postgresql' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_binary_copy_round_trips_every_column_type_and_null(pg):
+    """What ``pgcopy`` streams reads back as it was given: NaN, None and NaT as NULL, texts of any
+    length (non-ASCII, empty, all NULL), big integers, booleans and microsecond timestamps."""
+    from datetime import datetime
+
+    import numpy as np
+    from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table
+
+    from trap_dask.db.pgcopy import copy_insert
+
+    table = Table("copied", MetaData(), Column("n", Integer, primary_key=True), Column("big", BigInteger),
+                  Column("count", Integer), Column("flux", Float), Column("flag", Boolean), Column("at", DateTime),
+                  Column("at_object", DateTime), Column("name", String), Column("blank", String))
+    names = ["ü" * 7, "", None, "a"]
+    columns = {
+        "n": np.arange(4), "big": np.array([2**40, -(2**40), 0, 1]), "count": np.array([1.0, np.nan, 3.0, 4.0]),
+        "flux": np.array([0.1, np.nan, -1e-300, 1e300]), "flag": np.array([True, False, None, True], dtype=object),
+        "at": np.array(["2020-01-01T00:00:00.000001", "NaT", "1999-12-31T23:59:59", "2040-02-29"],
+                       dtype="datetime64[us]"),
+        "at_object": np.array([None, datetime(2021, 5, 6, 7, 8, 9, 10), None, datetime(2000, 1, 1)], dtype=object),
+        "name": np.array(names, dtype=object), "blank": np.array([None] * 4, dtype=object),
+    }
+    ExportStore.create(pg, overwrite=True).close()
+    engine = make_engine(pg)
+    with engine.begin() as conn:
+        table.create(conn)
+        copy_insert(conn, table, columns)
+        rows = conn.execute(select(table).order_by(table.c.n)).all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        (0, 2**40, 1, 0.1, True, datetime(2020, 1, 1, 0, 0, 0, 1), None, "ü" * 7, None),
+        (1, -(2**40), None, None, False, None, datetime(2021, 5, 6, 7, 8, 9, 10), "", None),
+        (2, 0, 3, -1e-300, None, datetime(1999, 12, 31, 23, 59, 59), None, None, None),
+        (3, 1, 4, 1e300, True, datetime(2040, 2, 29), datetime(2000, 1, 1), "a", None),
+    ]
 
 
 def test_every_session_probes_for_a_lost_peer(pg):

@@ -49,20 +49,21 @@ def _python_values(values: np.ndarray) -> list:
     return [None if missing else value for value, missing in zip(values.tolist(), null.tolist())]
 
 
-def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
-    """One column's binary COPY fields: payloads (n, width) uint8 and lengths (n,), -1 for NULL."""
+def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.dtype, np.ndarray]:
+    """One column's binary COPY fields: its values as a record field of ``dtype`` (big-endian, fixed
+    width; texts padded with NUL bytes, their lengths say where each ends) and the lengths (n,),
+    -1 for NULL (its field's bytes are then left out)."""
     values = np.asarray(values)
-    n, null = len(values), _nulls(values)
+    null = _nulls(values)
     if isinstance(sqltype, Boolean):
-        data = _filled(values, null, False).astype(bool).astype(np.uint8).reshape(n, 1)
+        data, dtype = _filled(values, null, False).astype(bool), np.dtype("u1")
     elif isinstance(sqltype, Integer):
-        kind = ">i8" if isinstance(sqltype, BigInteger) else ">i4"
-        clean = _filled(values, null, 0)
-        if clean.dtype.kind == "f":
-            clean = np.where(null, 0, clean)
-        data = clean.astype(kind).view(np.uint8).reshape(n, -1)
+        dtype = np.dtype(">i8" if isinstance(sqltype, BigInteger) else ">i4")
+        data = _filled(values, null, 0)
+        if data.dtype.kind == "f":
+            data = np.where(null, 0, data)
     elif isinstance(sqltype, Float):  # Double too
-        data = _filled(values, null, np.nan).astype(">f8").view(np.uint8).reshape(n, 8)
+        data, dtype = _filled(values, null, np.nan), np.dtype(">f8")
     elif isinstance(sqltype, DateTime):
         if values.dtype.kind == "M":
             stamps = values.astype("datetime64[us]")
@@ -70,38 +71,42 @@ def encode_column(values: np.ndarray, sqltype) -> tuple[np.ndarray, np.ndarray]:
             cache: dict = {}
             stamps = np.array([cache[v] if v in cache else cache.setdefault(v, np.datetime64(v, "us"))
                                for v in _filled(values, null, None).tolist()], dtype="datetime64[us]")
-        micro = np.where(np.isnat(stamps), 0, (stamps - _EPOCH).astype(np.int64))
-        data = micro.astype(">i8").view(np.uint8).reshape(n, 8)
+        data, dtype = np.where(np.isnat(stamps), 0, (stamps - _EPOCH).astype(np.int64)), np.dtype(">i8")
     elif isinstance(sqltype, String):  # Text too
         encoded = [b"" if null[i] else str(v).encode() for i, v in enumerate(values.tolist())]
-        width = max(map(len, encoded), default=0)
-        data = np.frombuffer(b"".join(e.ljust(width, b"\0") for e in encoded), np.uint8).reshape(n, width)
         lengths = np.array([len(e) for e in encoded], np.int32)
-        return data, np.where(null, -1, lengths).astype(np.int32)
+        data = np.array(encoded, dtype=f"S{max(lengths.max(initial=0), 1)}")
+        return data, data.dtype, np.where(null, -1, lengths).astype(np.int32)
     else:
         raise TypeError(f"no binary COPY encoding for {sqltype!r}")
-    return data, np.where(null, -1, data.shape[1]).astype(np.int32)
+    return data, dtype, np.where(null, -1, dtype.itemsize).astype(np.int32)
 
 
 def binary_copy_data(types: Mapping[str, Any], columns: Columns, names: Sequence[str],
                      rows: np.ndarray | None) -> bytes:
     """The rows of ``columns`` (``names`` in order, ``rows`` or all; ``types``: each one's SQL
-    type) as a binary COPY stream."""
+    type) as a binary COPY stream: one record array of every tuple at its fields' full widths,
+    filled a column at a time, then the bytes past each field's length (NULLs, shorter texts) left out."""
     n = len(columns[names[0]]) if rows is None else len(rows)
     if n == 0:
         return _HEADER + _TRAILER
     fields = [encode_column(columns[name] if rows is None else columns[name][rows], types[name])
               for name in names]
-    parts = [np.frombuffer(struct.pack(">h", len(names)) * n, np.uint8).reshape(n, 2)]
-    for data, lengths in fields:
-        parts += [lengths.astype(">i4").view(np.uint8).reshape(n, 4), data]
-    matrix = np.hstack(parts)  # one row per tuple, every field at its full width
-    if all((lengths == data.shape[1]).all() for data, lengths in fields):
-        return _HEADER + matrix.tobytes() + _TRAILER
-    keep = [np.ones((n, 2), bool)]  # NULLs and shorter texts: leave out the bytes past each length
-    for data, lengths in fields:
-        keep += [np.ones((n, 4), bool), np.arange(data.shape[1]) < np.maximum(lengths, 0)[:, None]]
-    return _HEADER + matrix[np.hstack(keep)].tobytes() + _TRAILER
+    layout = np.dtype([("count", ">i2")] + [item for i, (_, dtype, _) in enumerate(fields)
+                                            for item in ((f"length{i}", ">i4"), (f"value{i}", dtype))])
+    tuples = np.empty(n, dtype=layout)
+    tuples["count"] = len(names)
+    for i, (data, _, lengths) in enumerate(fields):
+        tuples[f"length{i}"], tuples[f"value{i}"] = lengths, data
+    short = [i for i, (_, dtype, lengths) in enumerate(fields) if (lengths != dtype.itemsize).any()]
+    if not short:
+        return _HEADER + tuples.tobytes() + _TRAILER
+    matrix = tuples.view(np.uint8).reshape(n, layout.itemsize)
+    keep = np.ones(matrix.shape, bool)
+    for i in short:
+        dtype, offset = layout.fields[f"value{i}"]
+        keep[:, offset : offset + dtype.itemsize] = np.arange(dtype.itemsize) < np.maximum(fields[i][2], 0)[:, None]
+    return _HEADER + matrix[keep].tobytes() + _TRAILER
 
 
 def _copy(conn: Connection, target: str, names: Sequence[str], data: bytes) -> None:
