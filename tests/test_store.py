@@ -36,6 +36,32 @@ def test_create_refuses_existing_database_unless_overwrite(db_settings):
     store.close()
 
 
+
+def test_overwrite_replaces_only_an_export_database_or_an_empty_one(db_settings, tmp_path):
+    """--db_overwrite never destroys what is not a trap-dask export database: another application's
+    tables, or (SQLite) any other file, such as an input image given as --db_name by mistake."""
+    from trap_dask.db.backends import create_database, make_engine
+
+    create_database(db_settings)  # an empty database (an administrator's): replaced
+    ExportStore.create(db_settings, overwrite=True).close()
+    drop_database(db_settings)
+    create_database(db_settings)
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE observations (id INTEGER)"))
+    engine.dispose()
+    with pytest.raises(DatabaseError, match="not a trap-dask export database; --db_overwrite replaces only those"):
+        ExportStore.create(db_settings, overwrite=True)
+    engine = make_engine(db_settings)
+    assert inspect(engine).get_table_names() == ["observations"]
+    engine.dispose()
+    if db_settings.backend == "sqlite":
+        image = tmp_path / "epoch0.fits"
+        image.write_bytes(b"SIMPLE  =                    T" + b" " * 2850)
+        with pytest.raises(DatabaseError, match="file is not a database; --db_overwrite replaces only those"):
+            ExportStore.create(DatabaseSettings("sqlite", str(image)), overwrite=True)
+        assert image.read_bytes().startswith(b"SIMPLE  =")
+
 def test_image_commit_round_trips_in_double_precision(db_settings):
     store = ExportStore.create(db_settings, overwrite=False)
     run = store.start_run(Config(db_name="x", db_password="hunter2").exportable(), None)

@@ -136,7 +136,8 @@ class Config:
         "PostgreSQL password (or PGPASSWORD, or ~/.pgpass); never stored or logged", secret=True,
     )
     db_overwrite: bool = _param(
-        False, "database", "", "drop and recreate an existing export database"
+        False, "database", "", "drop and recreate an existing export database (only a trap-dask export "
+        "database or an empty one: never another file or database)"
     )
     db_append: bool = _param(
         False, "database", "",

@@ -104,6 +104,7 @@ class ExportStore:
                 raise DatabaseError(
                     f"{settings.describe()} already exists; pass --db_overwrite to replace it"
                 )
+            cls._replaceable(settings)
             backend.drop()
         backend.create()
         store = cls(settings)
@@ -160,23 +161,16 @@ class ExportStore:
         """
         store = cls(settings)
         try:
-            with store.engine.connect() as conn:
-                tables = inspect(conn).get_table_names()
-                if not tables:
-                    versions = [schema.SCHEMA_VERSION]
-                elif schema.schema_version.name not in tables:
-                    raise DatabaseError(f"{settings.describe()} is not a trap-dask export database")
-                else:
-                    versions = conn.execute(select(schema.schema_version.c.version)).scalars().all()
+            tables = store._export_tables()
             if not tables:
+                versions = [schema.SCHEMA_VERSION]
                 store._create_tables()
+            else:
+                with store.engine.connect() as conn:
+                    versions = conn.execute(select(schema.schema_version.c.version)).scalars().all()
         except OperationalError as exc:
             store.close()
             raise cannot_connect(settings, exc) from None
-        except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
-            store.close()
-            raise DatabaseError(
-                f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
         except DatabaseError:
             store.close()
             raise
@@ -189,6 +183,37 @@ class ExportStore:
                 f"version {schema.SCHEMA_VERSION}; append to it with the trap-dask that made it"
             )
         return store
+
+    @classmethod
+    def _replaceable(cls, settings: DatabaseSettings) -> None:
+        """Raise unless ``--db_overwrite`` may replace the existing database: a trap-dask export
+        database (of any schema version) or one without tables, never another file or database
+        (a FITS image given as --db_name by mistake, another application's data)."""
+        store = cls(settings)
+        try:
+            store._export_tables()
+        except OperationalError as exc:
+            raise cannot_connect(settings, exc) from None
+        except DatabaseError as exc:
+            raise DatabaseError(f"{exc}; --db_overwrite replaces only those: choose another --db_name, "
+                                "or remove it yourself if it is not needed") from None
+        finally:
+            store.close()
+
+    def _export_tables(self) -> list[str]:
+        """The database's tables: none, or those of a trap-dask export database (DatabaseError if
+        it is something else)."""
+        try:
+            with self.engine.connect() as conn:
+                tables = inspect(conn).get_table_names()
+        except OperationalError:
+            raise
+        except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
+            raise DatabaseError(
+                f"{self.settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
+        if tables and schema.schema_version.name not in tables:
+            raise DatabaseError(f"{self.settings.describe()} is not a trap-dask export database")
+        return tables
 
     def _migrate(self, version: int) -> None:
         try:
