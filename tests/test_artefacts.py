@@ -118,6 +118,34 @@ def test_a_run_names_the_images_with_artefacts_and_counts_them(tmp_path, caplog)
     assert "5 detections (1 pixel artefacts left out" in summary.describe()
 
 
+
+def test_a_source_with_an_infinite_pixel_on_its_peak_is_measured(tmp_path):
+    """An infinite pixel is blank, as NaN is: the source under it is measured from its other pixels
+    (as an island of infinite S/N it was cut as a pixel artefact, and the source with it)."""
+    from trap_dask import tasks
+    from trap_dask.quality import QualityParams
+
+    beam = Shape(6.0, 4.0, 30.0)
+    data, wcs, x, y = _field(beam, 13)
+    header = wcs.to_header()
+    b = beam.beam(PIX)
+    header.update(BMAJ=2 * b.smaj, BMIN=2 * b.smin, BPA=b.pa, RESTFRQ=150e6, RESTBW=2e6, BUNIT="JY/BEAM",
+                  **{"DATE-OBS": "2024-01-01T00:00:00", "EXPTIME": 60.0})
+    found = {}
+    for name, value in (("clean", None), ("inf", np.inf), ("nan", np.nan)):
+        spoilt = data.copy()
+        if value is not None:
+            spoilt[np.rint(y).astype(int), np.rint(x).astype(int)] = value
+        fits.writeto(tmp_path / f"{name}.fits", spoilt, header)
+        result = tasks.process(tasks.scan(str(tmp_path / f"{name}.fits")), QualityParams(), ExtractionParams()).result
+        assert result.rejection is None and result.n_artefacts == 0
+        found[name] = result.sources
+    assert len(found["inf"]) == len(found["clean"]) >= 40
+    for column in ("ra", "dec", "peak_flux", "int_flux", "int_flux_err"):
+        np.testing.assert_array_equal(found["inf"][column], found["nan"][column])
+    peak = np.sort(found["inf"]["peak_flux"])
+    assert np.all(np.abs(peak - np.sort(found["clean"]["peak_flux"])) < 4 * np.sort(found["inf"]["peak_flux_err"]))
+
 def test_glitches_added_to_a_field_of_close_pairs_leave_every_source_row_as_it_was():
     """The islands cut before deblending leave the others' labels, deblending and fits exact."""
     beam = Shape(6.0, 4.0, 30.0)

@@ -255,7 +255,7 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
     """Return the 2-D plane (float32, Jy/beam, NaN kept) and its celestial WCS.
 
     The array is indexed ``[y, x]`` with shape ``meta.shape``; blanked integer pixels become NaN,
-    and so does a mask written as zeros in float pixels (:func:`_zero_mask_blanked`).
+    and so do infinite float pixels and a mask written as zeros (:func:`_blanked`).
     ``raw``: the file's bytes when the caller has read them already (they are not read again); a
     uint8 array may be overwritten, the plane being a view of it (see :func:`_float_plane`).
     """
@@ -263,7 +263,7 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
         raw = decompressed(raw)
         plane = _float_plane(raw, meta)
         if plane is not None:  # the common case: float pixels, unscaled, read in one pass
-            return _in_jy_per_beam(_zero_mask_blanked(plane), meta), celestial_wcs(meta)
+            return _in_jy_per_beam(_blanked(plane), meta), celestial_wcs(meta)
     try:
         with warnings.catch_warnings():  # a truncated file: astropy's note, then the error below
             warnings.simplefilter("ignore", AstropyUserWarning)
@@ -281,22 +281,31 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
     if data.size != meta.shape[0] * meta.shape[1]:
         raise ImageError(f"image data of shape {data.shape} do not match the header's {meta.shape} plane")
     plane = data.reshape(meta.shape)  # the other axes have length 1
-    out = plane.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: infinite, then blank (_blanked)
+        out = plane.astype(np.float32)
     if blank is not None:
         out[plane == blank] = np.nan
-    return _in_jy_per_beam(_zero_mask_blanked(out) if floats else out, meta), celestial_wcs(meta)
+    return _in_jy_per_beam(_blanked(out) if floats else out, meta), celestial_wcs(meta)
 
 
 #: The share of an edge row or column of exact zeros that marks a mask written as zeros.
 ZERO_MASK_EDGE = 0.01
 
 
-def _zero_mask_blanked(plane: np.ndarray) -> np.ndarray:
-    """``plane`` (float pixels, ours to change) with a mask written as exact zeros blanked (NaN), as
-    a mask written as NaN is: when a row or column at the image's edge holds exact zeros, at least
-    ZERO_MASK_EDGE of it (the outside of a primary beam, say), every exact zero of the image. Noise
-    in float pixels is never exactly zero; without this, the mask's edge gave detections and a
-    half-masked image was rejected as constant."""
+def _blanked(plane: np.ndarray) -> np.ndarray:
+    """``plane`` (float pixels, ours to change) with what measures nothing blanked (NaN), as a
+    mask written as NaN is:
+
+    - infinite pixels (an imager's division by zero, float64 values beyond float32): kept, one on
+      a source made an island of infinite S/N that the artefact cut left out, and the source with it;
+    - a mask written as exact zeros: when a row or column at the image's edge holds exact zeros,
+      at least ZERO_MASK_EDGE of it (the outside of a primary beam, say), every exact zero of the
+      image. Noise in float pixels is never exactly zero; without this, the mask's edge gave
+      detections and a half-masked image was rejected as constant.
+    """
+    infinite = np.isinf(plane)
+    if infinite.any():
+        plane[infinite] = np.nan
     edges = (plane[0], plane[-1], plane[:, 0], plane[:, -1])
     if any(np.count_nonzero(edge == 0.0) >= max(2, ZERO_MASK_EDGE * len(edge)) for edge in edges):
         plane[plane == 0.0] = np.nan
@@ -335,7 +344,8 @@ def _float_plane(raw: Raw, meta: ImageMeta) -> np.ndarray | None:
     pixels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(meta.shape)
     if pixels.flags.writeable and dtype == ">f4":
         return _native_in_place(pixels)
-    return pixels.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: infinite, then blank (_blanked)
+        return pixels.astype(np.float32)
 
 
 #: Pixels byte-swapped by one copy in :func:`_native_in_place`.
