@@ -236,6 +236,23 @@ def resolved():
     return dict(data=data.astype(np.float32), wcs=wcs, x=x, y=y, flux=flux, shapes=shapes)
 
 
+
+@pytest.mark.parametrize("unit", [1e-5, 1e4])
+def test_fits_do_not_depend_on_the_flux_unit(field, resolved, unit):
+    """An image in other units (here its pixels times ``unit``: rms 1e-8 or 10 Jy/beam) gives the
+    same sources, its fluxes times ``unit``: at rms 1e-7 Jy/beam the fits once stopped near their
+    first guesses (sizes up to 7" off), the damping's floor set by the amplitude's curvature."""
+    for sky, params in ((field, field["params"]), (resolved, ExtractionParams(back_size_x=128, back_size_y=128))):
+        rows = [extract_sources(prepare_image(sky["data"].astype(np.float32) * np.float32(scale), sky["wcs"],
+                                              BEAM.beam(PIX), params), params) for scale in (1.0, unit)]
+        assert len(rows[0]) == len(rows[1]) >= 25 and rows[1]["gaussian_fit"].all()
+        for name in ("ra", "dec"):
+            assert np.abs(_dra(rows[1][name], rows[0][name])).max() * 3600 < 1e-4
+        for name in ("semimajor_axis", "semiminor_axis"):
+            np.testing.assert_allclose(rows[1][name], rows[0][name], rtol=1e-5)
+        for name in ("peak_flux", "int_flux", "peak_flux_err", "int_flux_err"):
+            np.testing.assert_allclose(rows[1][name] / unit, rows[0][name], rtol=1e-5)
+
 def test_resolved_sources_flux_and_shape(resolved):
     params = ExtractionParams(back_size_x=128, back_size_y=128)
     image = prepare_image(resolved["data"], resolved["wcs"], BEAM.beam(PIX), params)

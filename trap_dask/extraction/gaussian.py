@@ -303,14 +303,17 @@ def levenberg_marquardt(
     n, k = p0.shape
     p = p0.astype(float)
     jtj, grad, chisq = linearise(p, pixels, np.arange(n))
+    unit = _parameter_units(jtj)
     lam = np.full(n, 1e-3)
     done = np.zeros(n, dtype=bool)
     ids = np.arange(n)  # islands of the working set
     work = pixels
     for _ in range(max_iter):
-        diag = np.einsum("nii->ni", jtj[ids])
+        u = unit[ids]
+        scaled = jtj[ids] * u[:, :, None] * u[:, None, :]
+        diag = np.einsum("nii->ni", scaled)
         damping = lam[ids, None] * diag + 1e-12 * diag.max(-1, keepdims=True) + 1e-300
-        step = np.linalg.solve(jtj[ids] + damping[:, :, None] * np.eye(k), grad[ids, :, None])[..., 0]
+        step = u * np.linalg.solve(scaled + damping[:, :, None] * np.eye(k), (u * grad[ids])[..., None])[..., 0]
         # chi-squared would drop by about step . grad: negligible drops end the fit here
         done[ids] |= np.einsum("ni,ni->n", step, grad[ids]) < _SETTLED * tol
         active = ~done[ids]
@@ -328,6 +331,20 @@ def levenberg_marquardt(
         lam[ids] = np.where(better, np.maximum(lam[ids] * 0.2, 1e-9), lam[ids] * 10.0)
         done[ids] |= (better & (gain < tol)) | (lam[ids] > 1e9)
     return p, chisq, done
+
+
+def _parameter_units(jtj: np.ndarray) -> np.ndarray:
+    """(n, k) units in which each fit's parameters start with unit curvature, ``1 / sqrt(diag(J^T W J))``
+    at the first guess (a parameter the data do not constrain: the largest of its island's).
+    :func:`levenberg_marquardt` solves for its steps in these units, so its damping's floor is the
+    same share of every parameter's curvature whatever the image's flux unit: in Jy/beam, that of
+    the amplitude grows as 1 / rms**2 and that of the position and shape as (peak / rms)**2, and
+    with the floor set by the largest of them, the fits of an image of rms 1e-7 Jy/beam barely moved
+    from their first guesses (sizes 7" off)."""
+    diag = np.einsum("nii->ni", jtj)
+    usable = np.isfinite(diag) & (diag > 0)
+    largest = np.max(np.where(usable, diag, 0.0), axis=-1, keepdims=True)
+    return 1.0 / np.sqrt(np.where(usable, diag, np.where(largest > 0, largest, 1.0)))
 
 
 def fit_islands(
