@@ -164,6 +164,21 @@ def test_results_of_a_run_without_light_curves_to_rank(survey, tmp_path, capsys,
     assert main(["etav", db, "-o", str(tmp_path / "etav.png")]) == 0
 
 
+
+@pytest.mark.parametrize("argv, wanted", [
+    (["lightcurve", "x.db", "99999999999999999999"], "'99999999999999999999': give a source id"),
+    (["stamps", "x.db", "-5", "-o", "s.png"], "'-5': give a source id"),
+    (["stamps", "x.db", "1", "-o", "s.png", "--max-stamps", "0"], "'0': give a whole number, 1 or more"),
+    (["candidates", "x.db", "--eta-sigma", "nan"], "'nan': give a number of sigma, 0 or more"),
+    (["etav", "x.db", "-o", "e.png", "--v-sigma", "-1"], "'-1': give a number of sigma, 0 or more"),
+])
+def test_arguments_out_of_range_are_one_line_errors(capsys, argv, wanted):
+    """Numbers the database or the cuts cannot take are refused by the parser, before the database
+    is opened (a src_id beyond SQLite's integers was a traceback, NaN cuts an empty table)."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and wanted in capsys.readouterr().err
+
 def test_help_of_each_subcommand(capsys):
     for command in ("candidates", "lightcurve", "etav", "stamps", "report"):
         with pytest.raises(SystemExit) as done:

@@ -22,10 +22,29 @@ CUT_HELP = ("Candidates are the new sources (newsource table) and the variabilit
             "mean + V_SIGMA*std in log V is an outlier (as VAST does; --combine or takes either).")
 
 
+def _checked(convert: Callable[[str], float], ok: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    """An argparse type: ``convert`` of the text, refused with what is ``wanted`` unless ``ok``."""
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        return value
+
+    return parse
+
+
+_SRC_ID = _checked(int, lambda v: 0 <= v < 2**63, "a source id (a whole number from 0)")
+_AT_LEAST_ONE = _checked(int, lambda v: v >= 1, "a whole number, 1 or more")
+_SIGMA = _checked(float, lambda v: 0.0 <= v < float("inf"), "a number of sigma, 0 or more")
+
+
 def _add_cut_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eta-sigma", "--eta_sigma", type=float, default=3.0, metavar="X",
+    parser.add_argument("--eta-sigma", "--eta_sigma", type=_SIGMA, default=3.0, metavar="X",
                         help="sigma cut on log10 eta (default: 3)")
-    parser.add_argument("--v-sigma", "--v_sigma", type=float, default=3.0, metavar="Y",
+    parser.add_argument("--v-sigma", "--v_sigma", type=_SIGMA, default=3.0, metavar="Y",
                         help="sigma cut on log10 V (default: 3)")
     parser.add_argument("--combine", choices=("and", "or"), default="and",
                         help="an outlier is above both cuts (and, default) or either (or)")
@@ -55,7 +74,7 @@ def add_results_commands(commands, add_verbosity: Callable[[argparse.ArgumentPar
 
     p = command("lightcurve", "plot (or write) the light curve of a source",
                 "Integrated flux with error bars against time, per band; forced fits as open squares.")
-    p.add_argument("src_id", metavar="SRC_ID", type=int, help="the source (src_id of the variability table)")
+    p.add_argument("src_id", metavar="SRC_ID", type=_SRC_ID, help="the source (src_id of the variability table)")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="FILE.png (plot) or FILE.csv (table); without it the table is printed")
 
@@ -68,9 +87,9 @@ def add_results_commands(commands, add_verbosity: Callable[[argparse.ArgumentPar
     p = command("stamps", "cut the images around a source",
                 "A cutout around the source from each image that holds it, in time order, with the "
                 "restoring beam and the measured position drawn. Reads the images the database names.")
-    p.add_argument("src_id", metavar="SRC_ID", type=int, help="the source (src_id)")
+    p.add_argument("src_id", metavar="SRC_ID", type=_SRC_ID, help="the source (src_id)")
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the PNG to write")
-    p.add_argument("--max-stamps", "--max_stamps", type=int, default=24, metavar="N",
+    p.add_argument("--max-stamps", "--max_stamps", type=_AT_LEAST_ONE, default=24, metavar="N",
                    help="at most N images, the earliest (default: 24)")
 
     p = command("report", "write a static HTML report of the run",
