@@ -165,6 +165,37 @@ def test_results_of_a_run_without_light_curves_to_rank(survey, tmp_path, capsys,
 
 
 
+
+def test_stamps_say_which_images_changed_or_miss_the_source(survey, tmp_path):
+    """An image whose file changed since the run (its stored sha256 differs) or that no longer
+    reaches the source gets a panel saying so, never a cutout of other data; the rest are drawn (a
+    moved image made the whole figure fail before, a changed one drew the wrong pixels)."""
+    import shutil
+
+    from astropy.io import fits
+
+    from trap_dask import results
+    from trap_dask.results.stamps import stamps_figure
+
+    copies = tmp_path / "images"
+    shutil.copytree(survey, copies)
+    db = str(tmp_path / "moved.db")
+    run(DatabaseSettings(backend="sqlite", name=db), [str(copies)])
+    meas = results.lightcurves(db)
+    src = int(meas.groupby("src_id").size().idxmax())
+    rows = meas[meas.src_id == src].sort_values("taustart_ts")
+    first, second = rows.url.iloc[0], rows.url.iloc[1]
+    with fits.open(first, mode="update") as hdul:
+        hdul[0].data[:] = hdul[0].data[::-1]
+    figure = stamps_figure(rows, src, checksums=results.image_checksums(db))
+    panels = [[t.get_text() for t in ax.texts] for ax in figure.axes[:len(rows)]]
+    assert panels[0] == ["image changed\nsince the run"] and all(p == [] for p in panels[1:])
+    with fits.open(second, mode="update") as hdul:
+        hdul[0].header["CRVAL1"] += 5.0
+    figure = stamps_figure(rows, src)  # no checksums: the files are not checked
+    panels = [[t.get_text() for t in ax.texts] for ax in figure.axes[:len(rows)]]
+    assert panels[1] == ["source not\non this image"] and panels[0] == [] and len(figure.axes[2].images) == 1
+
 @pytest.mark.parametrize("argv, wanted", [
     (["lightcurve", "x.db", "99999999999999999999"], "'99999999999999999999': give a source id"),
     (["stamps", "x.db", "-5", "-o", "s.png"], "'-5': give a source id"),

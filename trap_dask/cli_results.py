@@ -203,11 +203,13 @@ def _etav(args: argparse.Namespace) -> int:
 
 
 def _stamps(args: argparse.Namespace) -> int:
+    from trap_dask.results import image_checksums
     from trap_dask.results.plots import save
     from trap_dask.results.stamps import stamps_figure
 
     meas = _source_measurements(args)
-    return _done(save(stamps_figure(meas, args.src_id, max_stamps=args.max_stamps), args.output, dpi=90))
+    figure = stamps_figure(meas, args.src_id, max_stamps=args.max_stamps, checksums=image_checksums(args.db))
+    return _done(save(figure, args.output, dpi=90))
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from trap_dask.results.select import (
     varmetric_from_measurements,
 )
 
-__all__ = ["SigmaCut", "candidates", "lightcurves", "summary", "varmetric"]
+__all__ = ["SigmaCut", "candidates", "image_checksums", "lightcurves", "summary", "varmetric"]
 
 #: Default sigma cuts on log10 eta and log10 V.
 ETA_SIGMA = 3.0
@@ -42,6 +42,14 @@ def lightcurves(db: Any, src_id: int | None = None) -> pd.DataFrame:
     """
     with _db.connect(db) as engine:
         return _db.measurements(engine, src_id)
+
+
+def image_checksums(db: Any) -> dict[int, str]:
+    """sha256 (hex) of each image's file as the run read it, by image id (stamps check the files
+    against them)."""
+    with _db.connect(db) as engine:
+        frame = _db.read_sql(engine, "SELECT id, checksum FROM images WHERE checksum IS NOT NULL")
+    return dict(zip(frame["id"].tolist(), frame["checksum"].tolist()))
 
 
 def varmetric(db: Any, forced_fits: bool = True) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from trap_dask import __version__
-from trap_dask.results import _candidates, lightcurves, summary, varmetric
+from trap_dask.results import _candidates, image_checksums, lightcurves, summary, varmetric
 from trap_dask.results.plots import etav_figure, lightcurve_figure, save
 from trap_dask.results.stamps import stamps_figure
 
@@ -95,7 +95,7 @@ def write_report(db: Any, outdir: str | Path, eta_sigma: float, v_sigma: float, 
     cands, cut = _candidates(db, eta_sigma, v_sigma, combine, forced_fits)
     cands.to_csv(out / "candidates.csv", index=False)
     save(etav_figure(var, cut, cands, combine), out / "etav.png")
-    meas = lightcurves(db)
+    meas, checksums = lightcurves(db), image_checksums(db)
     freqs = dict(zip(var.freq_band.astype(int), var.freq_central))
     shown = cands.head(max_candidates)
     sections, written = [], set()
@@ -105,7 +105,8 @@ def write_report(db: Any, outdir: str | Path, eta_sigma: float, v_sigma: float, 
         if lc_png not in written:  # one light curve (all bands) per source
             save(lightcurve_figure(rows, row.src_id, freqs), out / lc_png)
             written.add(lc_png)
-        save(stamps_figure(rows[rows.freq_band == row.freq_band], row.src_id), out / st_png, dpi=90)
+        save(stamps_figure(rows[rows.freq_band == row.freq_band], row.src_id, checksums=checksums), out / st_png,
+             dpi=90)
         why = " and ".join(w for w, f in (("a new source", row.new), ("a variability outlier", row.variable)) if f)
         sections.append(
             f'<section class="candidate" id="src{row.src_id}-{row.freq_band}">'

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from astropy.nddata import Cutout2D
+from astropy.nddata import Cutout2D, NoOverlapError
 from astropy.wcs.utils import proj_plane_pixel_scales
 from matplotlib.patches import Ellipse
 
@@ -24,11 +25,14 @@ def stamp_size(smaj_deg: float, pixel_deg: float) -> int:
     return int(np.clip(math.ceil(side), *STAMP_PIXELS))
 
 
-def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns: int = 6) -> plt.Figure:
+def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns: int = 6,
+                  checksums: Mapping[int, str] | None = None) -> plt.Figure:
     """One panel per measurement of ``src_id`` (``meas`` from results.lightcurves, time order):
     the image around the source's weighted mean position (detections), the restoring beam as an
     ellipse in the lower left, the measured position as a cross (detection) or a circle (forced
-    fit). Images that cannot be read any more get an empty panel saying so."""
+    fit). ``checksums``: the sha256 of each image's file when the run read it, by image id
+    (results.image_checksums). An image that cannot be read any more, whose file has changed
+    since, or that does not reach the source gets an empty panel saying so."""
     meas = meas.sort_values(["taustart_ts", "id"]).head(max_stamps)
     blind = meas[~meas.is_force_fit]
     centre = (blind if len(blind) else meas)[["ra", "dec"]].median()
@@ -39,16 +43,8 @@ def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns
                              layout="constrained")
     cutouts = []
     for row in meas.itertuples():
-        try:
-            data, wcs = read_image(read_meta(row.url))
-        except (ImageError, OSError) as exc:
-            cutouts.append((row, None, str(exc)))
-            continue
-        pixel = float(np.mean(proj_plane_pixel_scales(wcs)))
-        x, y = wcs.world_to_pixel_values(centre.ra, centre.dec)
-        size = stamp_size(row.rb_smaj, pixel)
-        cut = Cutout2D(data, (float(x), float(y)), size, wcs=wcs, mode="partial", fill_value=np.nan)
-        cutouts.append((row, cut, pixel))
+        cut = _stamp(row, centre, (checksums or {}).get(row.im_id))
+        cutouts.append((row, *cut) if isinstance(cut, tuple) else (row, None, cut))
     finite = [c.data[np.isfinite(c.data)] for _, c, _ in cutouts if c is not None]
     values = np.concatenate(finite) if finite else np.zeros(1)
     vmin, vmax = (np.percentile(values, [1.0, 99.8]) if values.size else (0.0, 1.0))
@@ -57,7 +53,7 @@ def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns
         ax.set_yticks([])
         title = f"{row.taustart_ts:%Y-%m-%d %H:%M}\n{row.int_flux * 1e3:.1f} mJy"
         if cut is None:
-            ax.text(0.5, 0.5, "image not readable", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            ax.text(0.5, 0.5, extra, ha="center", va="center", fontsize=7, transform=ax.transAxes)
             ax.set_title(title, fontsize=7)
             continue
         ax.imshow(cut.data, origin="lower", cmap="inferno", vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -77,3 +73,23 @@ def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns
     fig.suptitle(f"source {src_id} at RA {centre.ra:.4f}°, Dec {centre.dec:.4f}° "
                  f"(+ detection, ○ forced fit, ellipse: beam FWHM)", fontsize=9)
     return fig
+
+
+def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, float] | str:
+    """The cutout of the image of measurement ``row`` around ``centre`` (ra, dec, deg) and the
+    image's pixel size (deg), or why there is none."""
+    from trap_dask.tasks import file_checksum
+
+    try:
+        if checksum is not None and file_checksum(row.url) != checksum:
+            return "image changed\nsince the run"
+        data, wcs = read_image(read_meta(row.url))
+    except (ImageError, OSError):
+        return "image not readable"
+    x, y = wcs.world_to_pixel_values(centre.ra, centre.dec)
+    pixel = float(np.mean(proj_plane_pixel_scales(wcs)))
+    try:
+        return Cutout2D(data, (float(x), float(y)), stamp_size(row.rb_smaj, pixel), wcs=wcs, mode="partial",
+                        fill_value=np.nan), pixel
+    except (NoOverlapError, ValueError):  # off the image (a NaN pixel position too)
+        return "source not\non this image"
