@@ -151,6 +151,12 @@ def test_a_beam_written_with_bmaj_below_bmin_keeps_its_orientation(tmp_path: Pat
     assert beam.pa == pytest.approx(30.0)
 
 
+@pytest.mark.parametrize("bpa, pa", [(400.0, 40.0), (-200.0, -20.0), (90.0, 90.0), (-135.0, -135.0)])
+def test_a_beam_angle_beyond_a_half_turn_either_way_is_brought_back(tmp_path: Path, bpa: float, pa: float) -> None:
+    """BPA 400 deg is the beam at 40 deg; within [-180, 180] the header's angle is kept as written."""
+    assert read_meta(write_image(tmp_path / "b.fits", {"BPA": bpa})).beam.pa == pytest.approx(pa)
+
+
 @pytest.mark.parametrize("bunit, scale", [("JY/BEAM", 1.0), ("Jy/beam", 1.0), (None, 1.0), ("mJy/beam", 1e-3),
                                           ("uJy/beam", 1e-6), ("mJy/bm", 1e-3), ("Jy beam-1", 1.0),
                                           ("Jy.beam-1", 1.0), ("mJy beam-1", 1e-3)])
@@ -176,6 +182,17 @@ def test_b1950_coordinates_are_rejected(tmp_path: Path, cards: dict) -> None:
     with pytest.raises(ImageError, match=r"^the image's RA/Dec are FK4 \(B1950\), not ICRS or FK5 \(J2000\)"):
         read_meta(write_image(tmp_path / "b.fits", cards))
     assert read_meta(write_image(tmp_path / "j.fits", {"RADESYS": "FK5", "EQUINOX": 2000.0})).centre_ra > 0
+
+
+@pytest.mark.parametrize("cards, said", [({"RADESYS": "FK5", "EQUINOX": 1950.0}, "FK5 of equinox J1950"),
+                                         ({"RADESYS": "GAPPT"}, "in the GAPPT frame")])
+def test_coordinates_of_another_equinox_or_the_apparent_place_are_rejected(tmp_path: Path, cards: dict,
+                                                                           said: str) -> None:
+    """Only ICRS and FK5 J2000 are the database's frame: FK5 of another equinox, or the apparent
+    place of the day, were stored as if they were (0.7 deg off for J1950)."""
+    with pytest.raises(ImageError, match=rf"^the image's RA/Dec are {said}.*reproject the image$"):
+        read_meta(write_image(tmp_path / "f.fits", cards))
+    assert read_meta(write_image(tmp_path / "icrs.fits", {"RADESYS": "ICRS"})).centre_ra > 0
 
 def test_user_overrides_win(tmp_path: Path) -> None:
     path = write_image(tmp_path / "o.fits")
@@ -451,7 +468,8 @@ def test_a_naxis_that_is_text_rejects_the_image(tmp_path: Path) -> None:
 def test_a_blank_exposure_time_is_as_if_absent(tmp_path: Path) -> None:
     """EXPTIME without a value (or only spaces) says nothing: the next of INTTIME/TAU_TIME that has
     one, else 0 s, as when the card is absent; a value that is not a number still rejects."""
-    cases = ({"EXPTIME": None}, 0.0), ({"EXPTIME": "   "}, 0.0), ({"EXPTIME": None, "INTTIME": 30.0}, 30.0)
+    cases = (({"EXPTIME": None}, 0.0), ({"EXPTIME": "   "}, 0.0), ({"EXPTIME": None, "INTTIME": 30.0}, 30.0),
+             ({"EXPTIME": -5.0}, 0.0))  # a negative time says nothing either
     for number, (cards, tau) in enumerate(cases):
         path = write_image(tmp_path / f"blank{number}.fits", {})
         with fits.open(path, mode="update") as hdul:

@@ -66,7 +66,7 @@ class ImageMeta:
     ----------
     url : absolute path of the FITS file
     taustart_ts : start time of the observation (UTC, naive datetime)
-    tau_time : integration time in s (0 when the header does not say)
+    tau_time : integration time in s (0 when the header does not say, or says less than 0)
     freq_eff, freq_bw : effective frequency and bandwidth in Hz
     beam : restoring beam (deg)
     shape : (ny, nx) of the 2-D plane
@@ -126,7 +126,7 @@ def read_meta(
     return ImageMeta(
         url=url,
         taustart_ts=taustart_ts,
-        tau_time=next((_number(header, k) for k in _given(header, _TAU_KEYS)), 0.0),
+        tau_time=max(next((_number(header, k) for k in _given(header, _TAU_KEYS)), 0.0), 0.0),
         freq_eff=float(freq_eff),
         freq_bw=float(freq_bw),
         beam=beam,
@@ -537,9 +537,16 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
         raise ImageError(
             f"celestial axes {wcs.wcs.lngtyp}/{wcs.wcs.lattyp} are not RA/Dec; only equatorial images are supported"
         )
-    if wcs.wcs.radesys in ("FK4", "FK4-NO-E"):  # also what an EQUINOX before 1984 alone implies
-        raise ImageError(f"the image's RA/Dec are {wcs.wcs.radesys} (B{wcs.wcs.equinox:g}), not ICRS or FK5 "
-                         "(J2000) as the database's: they would be stored up to 0.7 deg off; reproject the image")
+    frame, equinox = wcs.wcs.radesys, wcs.wcs.equinox
+    if frame in ("FK4", "FK4-NO-E"):  # also what an EQUINOX before 1984 alone implies
+        raise ImageError(f"the image's RA/Dec are {frame} (B{equinox:g}), not ICRS or FK5 (J2000) as the "
+                         "database's: they would be stored up to 0.7 deg off; reproject the image")
+    if frame == "FK5" and abs(equinox - 2000.0) > 0.01:
+        raise ImageError(f"the image's RA/Dec are FK5 of equinox J{equinox:g}, not J2000 as the database's: "
+                         "they would be stored off by the precession between the two; reproject the image")
+    if frame not in ("ICRS", "FK5"):  # GAPPT: the apparent place of the day, not a fixed frame
+        raise ImageError(f"the image's RA/Dec are in the {frame} frame (RADESYS), not ICRS or FK5 (J2000) as the "
+                         "database's; reproject the image")
     for axis in range(naxis):
         length = header.get(f"NAXIS{axis + 1}", 0)
         if axis in (lng, lat):
@@ -594,6 +601,8 @@ def _header_beam(header: fits.Header) -> Beam:
         bmaj, bmin, bpa = (float(v.upper().replace("D", "E")) for v in found[-1].groups())
     if not (bmaj > 0 and bmin > 0 and math.isfinite(bmaj * bmin * bpa)):
         raise ImageError(f"invalid restoring beam BMAJ={bmaj} BMIN={bmin} BPA={bpa}")
+    if not -180.0 <= bpa <= 180.0:  # the same beam turned by whole half turns: into [-90, 90)
+        bpa = (bpa + 90.0) % 180.0 - 90.0
     # BPA is the angle of the BMAJ axis: when BMAJ < BMIN the major axis is the one across it
     pa = bpa if bmaj >= bmin else (bpa + 180.0) % 180.0 - 90.0  # BPA + 90, in [-90, 90)
     return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=pa)
