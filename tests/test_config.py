@@ -61,6 +61,10 @@ def test_wrong_type_is_named(tmp_path):
     ({"db_backend": "oracle"}, "db_backend"),
     ({"rms_min": "2", "rms_max": "1"}, "rms_max"),
     ({"monitor_loc": "[[10, 95]]"}, "monitor_loc"),
+    ({"monitor_loc": "[[NaN, 10]]"}, "monitor_loc"),
+    ({"frequency_band": "[[1e8, Infinity]]"}, "frequency_band"),
+    ({"detection_threshold": "inf"}, "detection_threshold"),
+    ({"de_ruiter_r_max": "inf"}, "de_ruiter_r_max"),
     ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
 ])
 def test_impossible_values_are_named(flags, key):
@@ -90,6 +94,9 @@ def test_monitor_list_inline_and_from_file(tmp_path):
     f = write(tmp_path / "m.json", "[[150.1, 30.2], [150.3, 29.9]]")
     assert build_config({"monitor_loc": str(f)}, {}, None).monitor_positions() == [(150.1, 30.2), (150.3, 29.9)]
     assert build_config({"monitor_loc": "[[1, 2]]"}, {}, None).monitor_positions() == [(1.0, 2.0)]
+    # RA is brought into [0, 360): -30 is 330 (it was stored as -30)
+    assert build_config({"monitor_loc": "[[-30, 2], [400, -5]]"}, {}, None).monitor_positions() == [(330.0, 2.0),
+                                                                                                   (40.0, -5.0)]
 
 
 def test_trap_config_toml_in_cwd_is_found(tmp_path):
@@ -98,6 +105,8 @@ def test_trap_config_toml_in_cwd_is_found(tmp_path):
     assert resolve_config_file(None, tmp_path) == tmp_path / "trap_config.toml"
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_config_file(str(tmp_path / "nope.toml"), tmp_path)
+    with pytest.raises(ConfigError, match="is a directory, not a TOML file"):
+        resolve_config_file(str(tmp_path), tmp_path)
 
 
 def test_help_documents_every_parameter_with_unit_and_default():

@@ -395,7 +395,7 @@ def validate(config: Config) -> Config:
     need(config.db_backend in CHOICES["db_backend"], "db_backend", _one_of("db_backend"))
     need(not (config.db_append and config.db_overwrite), "db_append", "cannot be combined with db_overwrite")
     need(config.scheduler in CHOICES["scheduler"], "scheduler", _one_of("scheduler"))
-    need(config.detection_threshold > 0, "detection_threshold", "must be > 0")
+    need(0 < config.detection_threshold < math.inf, "detection_threshold", "must be a number > 0")
     need(0 < config.analysis_threshold <= config.detection_threshold, "analysis_threshold",
          "must be > 0 and <= detection_threshold")
     need(config.deblend_nthresh >= 0, "deblend_nthresh", "must be >= 0")
@@ -407,7 +407,7 @@ def validate(config: Config) -> Config:
     need(config.im_radius >= 0, "im_radius", "must be >= 0 pixels (0: no limit)")
     need(config.im_back_size_x >= 4, "im_back_size_x", "must be >= 4 pixels")
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
-    need(config.de_ruiter_r_max > 0, "de_ruiter_r_max", "must be > 0")
+    need(0 < config.de_ruiter_r_max < math.inf, "de_ruiter_r_max", "must be a number > 0")
     need(0 <= config.link_radius <= 1, "link_radius", "must be between 0 and 1 beam FWHM")
     need(config.association_method in CHOICES["association_method"], "association_method",
          _one_of("association_method"))
@@ -480,8 +480,12 @@ def _parse_positions(text: str, name: str) -> list[tuple[float, float]]:
         result = [(float(a), float(b)) for a, b in pairs]
     except (ValueError, TypeError):
         raise ConfigError(f"{name} must be a JSON list of [a, b] number pairs") from None
-    if name == "monitor_loc" and not all(-90 <= dec <= 90 for _, dec in result):
-        raise ConfigError(f"{name}: declinations must lie in [-90, 90] deg")
+    if not all(math.isfinite(a) and math.isfinite(b) for a, b in result):
+        raise ConfigError(f"{name}: every number must be finite (not NaN or Infinity)")
+    if name == "monitor_loc":
+        if not all(-90 <= dec <= 90 for _, dec in result):
+            raise ConfigError(f"{name}: declinations must lie in [-90, 90] deg")
+        return [(ra % 360.0, dec) for ra, dec in result]  # RA -30 is RA 330
     return result
 
 
@@ -490,7 +494,8 @@ def resolve_config_file(explicit: str | None, cwd: Path) -> Path | None:
     if explicit:
         path = Path(explicit)
         if not path.is_file():
-            raise ConfigError(f"config file {explicit} does not exist")
+            raise ConfigError(f"config file {explicit} " + ("is a directory, not a TOML file" if path.is_dir()
+                                                              else "does not exist"))
         return path
     default = cwd / DEFAULT_CONFIG_FILE
     return default if default.is_file() else None
