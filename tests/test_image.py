@@ -94,6 +94,21 @@ def test_missing_metadata_is_a_clear_error() -> None:
         read_meta(DATA / "missing_metadata.fits")
 
 
+
+@pytest.mark.parametrize("cards, said", [
+    ({"CDELT1": None, "CDELT2": None}, r"no pixel size for its RA/Dec axes \(CDELT1/CDELT2 or a CD matrix\)"),
+    ({"CDELT2": None}, "no pixel size"),
+    ({"BPA": None}, "no restoring beam: the header has no BPA and no HISTORY beam card"),
+    ({"BMAJ": None, "BMIN": None}, "the header has no BMAJ/BMIN and no HISTORY"),
+])
+def test_missing_cards_are_named(tmp_path: Path, cards: dict, said: str) -> None:
+    """A header without a pixel size was rejected for a beam "narrower than a pixel" of 1 deg
+    (astropy's default), one without BPA alone as having no BMAJ/BMIN/BPA."""
+    with pytest.raises(ImageError, match=said):
+        read_meta(write_image(tmp_path / "m.fits", cards))
+    cd = {"CDELT1": None, "CDELT2": None, "CD1_1": -2 * ARCSEC, "CD2_2": 2 * ARCSEC}
+    assert read_meta(write_image(tmp_path / "cd.fits", cd)).pixel_scale == pytest.approx(2 * ARCSEC)
+
 @pytest.mark.parametrize("name", [*sorted(REAL), "missing_metadata.fits"])
 def test_the_looked_up_cards_give_what_astropys_whole_header_gives(name: str, monkeypatch) -> None:
     """The usual path parses only the cards it looks up (and reads a long header, 1436 cards of
@@ -291,6 +306,13 @@ def test_start_times_are_astropys(tmp_path: Path, value: str) -> None:
     microseconds, a date alone or a 60th second go through astropy as before."""
     expected = Time(value, format="fits", scale="utc").utc.to_datetime()  # (60 s: the next minute)
     assert read_meta(write_image(tmp_path / "t.fits", {"DATE-OBS": value})).taustart_ts == expected
+
+
+def test_a_start_in_a_leap_second_is_read_as_the_next_second(tmp_path: Path) -> None:
+    """23:59:60 UTC on a day with a leap second is a valid time that Python's datetime cannot hold:
+    the image starts as far into the next second rather than being rejected as unreadable."""
+    meta = read_meta(write_image(tmp_path / "leap.fits", {"DATE-OBS": "2016-12-31T23:59:60.5"}))
+    assert meta.taustart_ts == datetime(2017, 1, 1, 0, 0, 0, 500000)
 
 
 def test_header_text_without_keywords_looks_at_the_keyword_field_only() -> None:

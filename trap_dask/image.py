@@ -557,6 +557,10 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
             raise ImageError(f"the image has {length} planes along {kind}; only single 2-D planes are supported")
     if lng > lat:
         raise ImageError("the latitude axis precedes the longitude axis; transposed images are not supported")
+    if not (all(f"CDELT{axis + 1}" in header for axis in (lng, lat))
+            or any(f"CD{i + 1}_{j + 1}" in header for i in (lng, lat) for j in (lng, lat))):
+        raise ImageError(f"the header gives no pixel size for its RA/Dec axes (CDELT{lng + 1}/CDELT{lat + 1} "
+                         f"or a CD matrix); astropy would take 1 deg")
     return lng, lat
 
 
@@ -594,8 +598,9 @@ def _header_beam(header: fits.Header) -> Beam:
     else:
         found = [m for m in map(_HISTORY_BEAM.search, map(str, header.get("HISTORY", []))) if m]
         if not found:
+            missing = "/".join(k for k in ("BMAJ", "BMIN", "BPA") if k not in header)
             raise ImageError(
-                "no restoring beam: the header has no BMAJ/BMIN/BPA and no HISTORY beam card; "
+                f"no restoring beam: the header has no {missing} and no HISTORY beam card; "
                 "add BMAJ, BMIN (FWHM, deg) and BPA (deg) to the header"
             )
         bmaj, bmin, bpa = (float(v.upper().replace("D", "E")) for v in found[-1].groups())
@@ -704,12 +709,12 @@ def _start_time(header: fits.Header) -> datetime:
                 return datetime.fromisoformat(value)
             except ValueError:
                 pass  # not a date (month 13, second 60, ...): astropy says why
-        try:
-            return Time(value, format="fits", scale=scale).utc.to_datetime()
+        try:  # a UTC leap second (23:59:60) is the next second, 00:00:00: datetime has no second 60
+            return Time(value, format="fits", scale=scale).utc.to_datetime(leap_second_strict="silent")
         except (ValueError, TypeError) as exc:
             raise ImageError(f"unreadable start time {name}={value!r}: not a valid FITS date and time "
                              "(YYYY-MM-DDThh:mm:ss[.sss])") from exc
     try:
-        return Time(float(header["MJD-OBS"]), format="mjd", scale=scale).utc.to_datetime()
+        return Time(float(header["MJD-OBS"]), format="mjd", scale=scale).utc.to_datetime(leap_second_strict="silent")
     except (ValueError, TypeError) as exc:
         raise ImageError(f"unreadable start time MJD-OBS={header['MJD-OBS']!r}: not a valid MJD") from exc
