@@ -303,6 +303,16 @@ def test_inputs_are_files_directories_and_globs_and_broken_links_are_recorded(tm
     assert sorted(Path(f).name for f in found) == ["0gone.fits", "a.fits", "b.FITS", "named.img"]
     with pytest.raises(PipelineError, match="matches no file"):
         find_images((str(tmp_path / "nothing*.fits"),))
+    # a linked-in directory is searched (each real directory once: a link back up is no loop),
+    # and fpack's .fits.fz files are found as the other compressed FITS files are
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(DATA / "GRB120422A-120429.fits", elsewhere / "c.fits.fz")
+    (elsewhere / "up").symlink_to(tmp_path / "obs", target_is_directory=True)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "night2").symlink_to(elsewhere, target_is_directory=True)
+    found = find_images((str(tmp_path / "linked"),))
+    assert sorted(Path(f).name for f in found) == ["0gone.fits", "a.fits", "b.FITS", "c.fits.fz"]
     db = run([tmp_path / "obs", tmp_path / "lonely", tmp_path / "named.fits"], tmp_path / "inputs.db")
     rows = dict(query(db, "SELECT url, rejection_reason FROM images"))
     assert len(rows) == 5

@@ -54,7 +54,8 @@ class Config:
     # -- general (input and execution) --------------------------------------------------------
     input_images: tuple[str, ...] = _param(
         (), "general", "",
-        "FITS images: a file, a directory (searched recursively for *.fits) or a glob pattern; "
+        "FITS images: a file, a directory (searched recursively for *.fits, *.fit, *.fts, also compressed) "
+        "or a glob pattern; "
         "repeatable",
     )
     monitor_loc: str | None = _param(

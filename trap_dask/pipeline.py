@@ -39,7 +39,7 @@ log = logging.getLogger("trap_dask")
 
 #: Suffixes of the FITS files found in a directory: plain, or compressed as astropy reads them.
 FITS_SUFFIXES = tuple(f"{base}{packed}" for base in (".fits", ".fit", ".fts")
-                      for packed in ("", ".gz", ".bz2", ".xz", ".zip"))
+                      for packed in ("", ".gz", ".bz2", ".xz", ".zip", ".fz"))
 #: Rough bytes of worker memory per image pixel while it is held (data, maps, temporaries).
 BYTES_PER_PIXEL = 32
 #: New writers a run starts after losing the worker that held one, before it stops.
@@ -128,13 +128,25 @@ def find_images(patterns: tuple[str, ...]) -> list[str]:
         if not matches:
             raise PipelineError(f"input {pattern!r} matches no file or directory")
         for match in matches:
-            candidates = match.rglob("*") if match.is_dir() else [match]
-            for p in candidates:
+            for p in _below(match) if match.is_dir() else [match]:
                 if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES):
                     found.add(str(p.resolve()))
                 elif p.is_symlink() and not p.exists() and (p == path or p.name.lower().endswith(FITS_SUFFIXES)):
                     found.add(os.path.abspath(p))
     return sorted(found)
+
+
+def _below(directory: Path) -> Iterator[Path]:
+    """Every entry under ``directory``, following links to directories (a data directory linked in),
+    each real directory once (a link back up is no loop)."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(root, name) for name in (*files, *dirs))
 
 
 def extraction_params(config: Config) -> ExtractionParams:
