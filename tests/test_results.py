@@ -196,6 +196,19 @@ def test_stamps_say_which_images_changed_or_miss_the_source(survey, tmp_path):
     panels = [[t.get_text() for t in ax.texts] for ax in figure.axes[:len(rows)]]
     assert panels[1] == ["source not\non this image"] and panels[0] == [] and len(figure.axes[2].images) == 1
 
+
+def test_outputs_are_written_where_said(sqlite_db, tmp_path, capsys):
+    """A plot named without a suffix is written as NAME.png and said so; a table's folder is made
+    if missing, as a plot's is; a file that is not a database is named in the error."""
+    assert main(["etav", sqlite_db, "-o", str(tmp_path / "eta_v")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'eta_v.png'}\n" and (tmp_path / "eta_v.png").is_file()
+    assert main(["candidates", sqlite_db, "--format", "votable", "-o", str(tmp_path / "new" / "c.xml")]) == 0
+    assert (tmp_path / "new" / "c.xml").stat().st_size > 0
+    capsys.readouterr()
+    (tmp_path / "notes.txt").write_text("not a database")
+    assert main(["candidates", str(tmp_path / "notes.txt")]) == 1
+    assert capsys.readouterr().err == f"trap-dask candidates: error: {tmp_path / 'notes.txt'}: file is not a database\n"
+
 @pytest.mark.parametrize("argv, wanted", [
     (["lightcurve", "x.db", "99999999999999999999"], "'99999999999999999999': give a source id"),
     (["stamps", "x.db", "-5", "-o", "s.png"], "'-5': give a source id"),

@@ -130,6 +130,8 @@ def _candidates(args: argparse.Namespace) -> int:
     from trap_dask import results
 
     fmt = args.format or (SUFFIX_FORMATS.get(Path(args.output).suffix.lower(), "table") if args.output else "table")
+    if args.output:  # its folder made if missing, as for the plots
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     frame = results.candidates(args.db, args.eta_sigma, args.v_sigma, args.combine, args.forced_fits)
     cut = frame.attrs["cut"]
     if fmt == "parquet":

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, create_engine, inspect, make_url, text
+from sqlalchemy.exc import DBAPIError
 
-from trap_dask.db.backends import DatabaseError, DatabaseSettings, make_engine
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, driver_reason, make_engine
 
 #: Measurement columns read for light curves, and the image columns they are joined with.
 MEASUREMENT_COLUMNS = ("id", "src_id", "parent", "im_id", "ra", "dec", "ra_fit_err", "dec_fit_err",
@@ -44,8 +45,11 @@ def connect(db: Any) -> Iterator[Engine]:
             raise DatabaseError(f"no SQLite export database at {path}")
         engine = create_engine(f"sqlite:///{path.resolve()}", hide_parameters=True)  # only SELECTs
     try:
-        with engine.connect() as conn:
-            tables = set(inspect(conn).get_table_names())
+        try:
+            with engine.connect() as conn:
+                tables = set(inspect(conn).get_table_names())
+        except DBAPIError as exc:  # SQLite's "file is not a database"; a server's refusal
+            raise DatabaseError(f"{db}: {driver_reason(exc)}") from None
         if "extracted_sources" not in tables or "variability" not in tables:
             raise DatabaseError(f"{db} is not a trap-dask export database (no extracted_sources/variability)")
         yield engine

@@ -90,7 +90,11 @@ def etav_figure(var: pd.DataFrame, cut: SigmaCut, candidates: pd.DataFrame | Non
 
 
 def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (its folder made if missing; ``.png`` added to a name without a
+    suffix, as matplotlib does); returns the path written."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
