@@ -109,6 +109,22 @@ def test_missing_cards_are_named(tmp_path: Path, cards: dict, said: str) -> None
     cd = {"CDELT1": None, "CDELT2": None, "CD1_1": -2 * ARCSEC, "CD2_2": 2 * ARCSEC}
     assert read_meta(write_image(tmp_path / "cd.fits", cd)).pixel_scale == pytest.approx(2 * ARCSEC)
 
+
+@pytest.mark.parametrize("value", [b"INF", b"NAN", b"1.0.0"])
+def test_a_card_that_is_no_fits_value_is_named_without_astropys_warnings(tmp_path: Path, value: bytes) -> None:
+    """BMAJ = INF is no FITS value at all: the image is rejected naming the card, and astropy's
+    verification warnings (several lines on stderr, about "zero-based indexing") are not printed."""
+    import warnings
+
+    path = write_image(tmp_path / "v.fits")
+    raw = path.read_bytes()
+    at = raw.index(b"BMAJ    = ")
+    path.write_bytes(raw[:at] + b"BMAJ    = " + value.rjust(20) + b" " * 50 + raw[at + 80:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match=rf"^unreadable BMAJ={value.decode()}: not a number$"):
+            read_meta(path)
+
 @pytest.mark.parametrize("name", [*sorted(REAL), "missing_metadata.fits"])
 def test_the_looked_up_cards_give_what_astropys_whole_header_gives(name: str, monkeypatch) -> None:
     """The usual path parses only the cards it looks up (and reads a long header, 1436 cards of

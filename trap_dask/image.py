@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
 from astropy.time import Time
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
@@ -512,7 +513,7 @@ _TRANSFORM_KEY = re.compile(r"(?:CRVAL|CRPIX|CDELT|CROTA)\d+[A-Z]?|(?:CD|PC)\d+_
 
 
 def _header_wcs(header: fits.Header) -> WCS:
-    """Parse the WCS of a header, silencing astropy's notes about legacy keywords; ImageError for a
+    """Parse the WCS of a header, silencing astropy's notes about legacy keywords and cards it fixed; ImageError for a
     broken WCS, including a transformation keyword that is not a number (wcslib would put a
     default in its place: every position of the image wrong)."""
     for card in header.cards:
@@ -522,6 +523,7 @@ def _header_wcs(header: fits.Header) -> WCS:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
+            warnings.simplefilter("ignore", VerifyWarning)  # a card it fixed (BMAJ = INF): checked where used
             return WCS(header)
     except Exception as exc:  # astropy raises many types for a broken WCS
         raise ImageError(f"invalid world coordinate system: {one_line(exc)}") from exc
@@ -584,7 +586,13 @@ def _whole(header: fits.Header, key: str) -> int:
 
 def _number(header: fits.Header, key: str) -> float:
     """The value of keyword ``key`` as a float; ImageError naming the card if it is not a number."""
-    value = header[key]
+    try:
+        value = header[key]
+    except fits.VerifyError:  # a value that is no FITS value at all (BMAJ = INF)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VerifyWarning)
+            text = header.cards[key].image[10:].split("/")[0].strip().strip("'").strip()
+        raise ImageError(f"unreadable {key}={text}: not a number") from None
     try:
         return float(value)
     except (TypeError, ValueError):
