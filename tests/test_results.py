@@ -223,6 +223,28 @@ def test_arguments_out_of_range_are_one_line_errors(capsys, argv, wanted):
         main(argv)
     assert done.value.code == 2 and wanted in capsys.readouterr().err
 
+
+def test_a_rejected_image_mended_and_appended_is_said_to_be_processed_later(survey, tmp_path):
+    """The rejected row stays (the history of the database); the report says the file was processed
+    in a later run, and as which image, rather than listing it as if it were still rejected."""
+    import shutil
+
+    from trap_dask import results
+    from trap_dask.results.report import write_report
+
+    images = sorted(survey.glob("*.fits"))[:3]
+    copies = [shutil.copy(image, tmp_path / image.name) for image in images]
+    broken = Path(copies[2])  # the last: an append adds images after those the database holds
+    broken.write_bytes(broken.read_bytes()[:5000])  # truncated: rejected as unreadable
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "mended.db"))
+    run(settings, [str(c) for c in copies])
+    shutil.copy(images[2], broken)
+    run(settings, [str(c) for c in copies], db_append=True)
+    rejections = results.summary(settings.name)["rejections"]
+    assert len(rejections) == 1 and rejections.later.iloc[0] == 3 and rejections.url.iloc[0] == str(broken)
+    index = write_report(settings.name, tmp_path / "report", 3.0, 3.0).read_text()
+    assert "4 (1 rejected, 1 of them processed later)" in index and "; processed later as image 3</td>" in index
+
 def test_help_of_each_subcommand(capsys):
     for command in ("candidates", "lightcurve", "etav", "stamps", "report"):
         with pytest.raises(SystemExit) as done:

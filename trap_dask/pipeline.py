@@ -391,7 +391,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
         _say_small_background_boxes(images, config)
         _say_uncovered_monitors(images, config.monitor_positions(), params)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
-        log.info("%d images to process (%d unreadable), up to %d in flight", len(fresh), len(failures), window)
+        log.info("%d images to process (%d rejected on reading: an unreadable file or header), up to %d in flight",
+                 len(fresh), len(failures), window)
         progress.started = time.perf_counter()
         watch = _AstrometryWatch(config)
         with _progress(len(fresh)) as bar:

@@ -117,8 +117,18 @@ def summary(engine: Engine) -> dict[str, Any]:
         "forced_fits": int(one("SELECT count(*) FROM extracted_sources WHERE is_force_fit") or 0),
         "new_sources": int(one("SELECT count(*) FROM newsource") or 0),
         "runs": runs,
-        "rejections": imgs[imgs.rejected][["id", "url", "rejection_reason"]],
+        "rejections": _rejections(imgs),
     }
+
+
+def _rejections(imgs: pd.DataFrame) -> pd.DataFrame:
+    """The rejected images (id, url, rejection_reason) and ``later``: the id of an image of the same
+    file accepted after it (the file mended and appended), else NA."""
+    rejected = imgs[imgs.rejected][["id", "url", "rejection_reason"]]
+    accepted = imgs[~imgs.rejected][["id", "url"]].rename(columns={"id": "later"})
+    pairs = rejected.merge(accepted, on="url")
+    pairs = pairs[pairs.later > pairs.id].groupby("id", as_index=False).later.min()
+    return rejected.merge(pairs, on="id", how="left").astype({"later": "Int64"})
 
 
 def as_int(value: Any) -> int:

@@ -62,7 +62,9 @@ def _candidates_table(cands: pd.DataFrame) -> str:
 def _summary_list(info: dict[str, Any], db_name: str, cut) -> str:
     items = {
         "database": db_name,
-        "images": f"{info['images']} ({info['images_rejected']} rejected)",
+        "images": f"{info['images']} ({info['images_rejected']} rejected"
+                  + (f", {later} of them processed later)" if (later := int(info["rejections"].later.notna().sum()))
+                     else ")"),
         "bands": ", ".join(f"{f:.1f} MHz" for f in info["bands_mhz"]) or "none",
         "time span (UTC)": f"{info['first_time']} to {info['last_time']}",
         "light curves (sources)": info["sources"],
@@ -77,7 +79,8 @@ def _summary_list(info: dict[str, Any], db_name: str, cut) -> str:
     }
     body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
     rejected = "".join(f"<tr><td>{r.id}</td><td>{html.escape(str(r.url))}</td>"
-                       f"<td>{html.escape(str(r.rejection_reason))}</td></tr>"
+                       f"<td>{html.escape(str(r.rejection_reason))}"
+                       f"{'' if pd.isna(r.later) else f'; processed later as image {r.later}'}</td></tr>"
                        for r in info["rejections"].itertuples())
     if rejected:
         rejected = ("<h3>Rejected images</h3><table><thead><tr><th>id</th><th>file</th><th>reason</th></tr>"
