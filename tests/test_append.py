@@ -653,9 +653,13 @@ def test_a_copy_in_the_same_run_is_recorded_once(db_settings, epochs, tmp_path, 
     without_urls = lambda tables: {name: rows if name != "images" else [row[:url] + row[url + 1:] for row in rows]  # noqa: E731
                                    for name, rows in tables.items()}
     assert without_urls(stored) == without_urls(reference)
-    # appending the folder again: all, the copy included, already in the database
+    # appending the folder again: all, the copy included, already in the database; the copy, recorded
+    # under its original's name, is said to be one (it may have been meant as a new observation)
+    capsys.readouterr()
     summary = run(db_settings, [str(folder)], db_append=True)
     assert (summary.n_images, summary.n_skipped) == (0, len(epochs) + 1)
+    assert (f"skipped 1 images holding the same bytes as an image in the database under another name, e.g. {copy}"
+            in capsys.readouterr().err)
 
 
 def _worker_processes(pid: int) -> list:

@@ -77,6 +77,11 @@ class ScannedImage:
     meta: ImageMeta
     checksum: str | None  #: sha256 of the file's bytes (hex); None: computed when it is loaded
 
+    @property
+    def url(self) -> str:
+        """The file's path, as a ScanFailure's."""
+        return self.meta.url
+
 
 @dataclass(frozen=True)
 class ScanFailure:

@@ -377,9 +377,10 @@ def _process(config, config_file, settings, session, append, known, scans, start
         log.info(session.dashboard)
         session.submit_writer(Writer, settings, config, str(config_file) if config_file else None,
                               backend=settings.backend, append=append, stage_every_image=True)
-        check_inputs_readable(client, [s.meta.url if isinstance(s, ScannedImage) else s.url for s in scans])
+        check_inputs_readable(client, [s.url for s in scans])
         if len(fresh) < len(scans):
             log.info("%d images already in the database: skipped", len(scans) - len(fresh))
+            _say_renamed_copies(scans, fresh, known)
         failures = [s for s in fresh if isinstance(s, ScanFailure)]
         images = sorted(
             (s for s in fresh if isinstance(s, ScannedImage)),
@@ -525,6 +526,16 @@ def _say_shared_start_times(images: list) -> None:
     if same:
         log.warning("%d images have the start time and frequency of the image before them, e.g. %s and %s: "
                     "they are processed in the order of their names; check their DATE-OBS", len(same), *same[0])
+
+
+def _say_renamed_copies(scans: list, fresh: list, known: KnownImages) -> None:
+    """Warn about skipped inputs recorded under another name: the same bytes as an image the
+    database holds (a copy, a renamed file), which a user may have meant as a new observation."""
+    kept = {id(s) for s in fresh}
+    copies = [s for s in scans if id(s) not in kept and s.checksum is not None and s.url not in known.paths]
+    if copies:
+        log.warning("skipped %d images holding the same bytes as an image in the database under another name, "
+                    "e.g. %s: a copy is not a new observation", len(copies), copies[0].url)
 
 
 def _already_stored(scan: ScannedImage | ScanFailure, known: KnownImages) -> bool:

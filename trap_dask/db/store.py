@@ -59,6 +59,8 @@ class KnownImages:
     """The input files an export database already holds, so that an append skips them."""
 
     checksums: frozenset[str] = frozenset()  #: sha256 (hex) of every file recorded with one
+    #: paths of the files recorded with a checksum
+    paths: frozenset[str] = frozenset()
     #: paths of files recorded as rejected without a checksum: their bytes could not be read
     unreadable: frozenset[str] = frozenset()
     #: the start (UTC) of the latest image it holds that was not rejected; None: none
@@ -294,6 +296,7 @@ class ExportStore:
             latest = conn.execute(select(func.max(images.taustart_ts)).where(~images.rejected)).scalar()
         return KnownImages(
             checksums=frozenset(checksum for checksum, *_ in rows if checksum),
+            paths=frozenset(url for checksum, url, *_ in rows if checksum),
             unreadable=frozenset(url for checksum, url, rejected, *_ in rows if rejected and not checksum),
             latest=latest,
             stored={url: (size, mtime, checksum) for checksum, url, _, size, mtime in rows
