@@ -274,6 +274,18 @@ def test_a_mask_written_as_zeros_is_blank_as_one_written_as_nan(tmp_path: Path, 
     np.testing.assert_array_equal(plane, lone)
 
 
+def test_a_quantized_image_keeps_its_zeros(tmp_path: Path) -> None:
+    """fpack's quantization without dithering leaves one pixel in ten of the noise exactly zero,
+    scattered: pixel values, not a mask (every zero of such an image was blanked, its noise
+    measured without them)."""
+    noise = np.random.default_rng(5).standard_normal((64, 80)).astype(np.float32)
+    header = fits.Header({key: value for key, value in BASE_CARDS.items() if value is not None})
+    packed = fits.CompImageHDU(noise, header=header, quantize_level=4, quantize_method=-1)  # -1: no dithering
+    fits.HDUList([fits.PrimaryHDU(), packed]).writeto(tmp_path / "q.fits.fz")
+    plane, _ = read_image(read_meta(tmp_path / "q.fits.fz"))
+    assert 0.05 < np.mean(plane == 0.0) and not np.isnan(plane).any()
+
+
 
 @pytest.mark.parametrize("cards, dtype", [({}, np.float32), ({"BSCALE": 2.0}, np.float32), ({}, np.float64)])
 def test_infinite_pixels_read_as_blank(tmp_path: Path, cards: dict, dtype: type) -> None:

@@ -289,7 +289,9 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
     return _in_jy_per_beam(_blanked(out) if floats else out, meta), celestial_wcs(meta)
 
 
-#: The share of an edge row or column of exact zeros that marks a mask written as zeros.
+#: A run of consecutive exact zeros along an edge row or column at least this long, and at least
+#: ZERO_MASK_EDGE of the edge, marks a mask written as zeros.
+ZERO_MASK_RUN = 8
 ZERO_MASK_EDGE = 0.01
 
 
@@ -299,18 +301,27 @@ def _blanked(plane: np.ndarray) -> np.ndarray:
 
     - infinite pixels (an imager's division by zero, float64 values beyond float32): kept, one on
       a source made an island of infinite S/N that the artefact cut left out, and the source with it;
-    - a mask written as exact zeros: when a row or column at the image's edge holds exact zeros,
-      at least ZERO_MASK_EDGE of it (the outside of a primary beam, say), every exact zero of the
-      image. Noise in float pixels is never exactly zero; without this, the mask's edge gave
-      detections and a half-masked image was rejected as constant.
+    - a mask written as exact zeros: when a row or column at the image's edge holds a run of
+      consecutive exact zeros (ZERO_MASK_RUN, ZERO_MASK_EDGE; the outside of a primary beam, say),
+      every exact zero of the image. Noise in float pixels is exactly zero only where it was
+      quantized (fpack without dithering: one pixel in ten), and then in scattered pixels, not in
+      runs; without this, the mask's edge gave detections and a half-masked image was rejected as
+      constant.
     """
     infinite = np.isinf(plane)
     if infinite.any():
         plane[infinite] = np.nan
     edges = (plane[0], plane[-1], plane[:, 0], plane[:, -1])
-    if any(np.count_nonzero(edge == 0.0) >= max(2, ZERO_MASK_EDGE * len(edge)) for edge in edges):
+    if any(_longest_zero_run(edge) >= max(ZERO_MASK_RUN, ZERO_MASK_EDGE * len(edge)) for edge in edges):
         plane[plane == 0.0] = np.nan
     return plane
+
+
+def _longest_zero_run(values: np.ndarray) -> int:
+    """The length of the longest run of consecutive exact zeros in a 1-D array."""
+    zero = np.concatenate(([False], values == 0.0, [False]))
+    change = np.flatnonzero(zero[1:] != zero[:-1])  # where runs start and (one past) end
+    return int((change[1::2] - change[::2]).max(initial=0))
 
 
 def _in_jy_per_beam(plane: np.ndarray, meta: ImageMeta) -> np.ndarray:
