@@ -38,29 +38,58 @@ def test_create_refuses_existing_database_unless_overwrite(db_settings):
 
 
 def test_overwrite_replaces_only_an_export_database_or_an_empty_one(db_settings, tmp_path):
-    """--db_overwrite never destroys what is not a trap-dask export database: another application's
-    tables, or (SQLite) any other file, such as an input image given as --db_name by mistake."""
+    """--db_overwrite never destroys, nor changes, what is not a trap-dask export database: another
+    application's tables, in any schema, also one with a ``schema_version`` table of its own (a
+    migration tool's), or (SQLite) any other file, such as an input image given as --db_name by
+    mistake; an empty database (an administrator's, an empty file) is replaced."""
+    import sqlite3
+
     from trap_dask.db.backends import create_database, make_engine
 
-    create_database(db_settings)  # an empty database (an administrator's): replaced
+    sqlite = db_settings.backend == "sqlite"
+
+    def make(*statements: str) -> None:  # another application's database, as it would make it
+        drop_database(db_settings)
+        if sqlite:
+            with sqlite3.connect(db_settings.name) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+            return
+        create_database(db_settings)
+        engine = make_engine(db_settings)
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+        engine.dispose()
+
+    make()  # empty
     ExportStore.create(db_settings, overwrite=True).close()
-    drop_database(db_settings)
-    create_database(db_settings)
-    engine = make_engine(db_settings)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE observations (id INTEGER)"))
-    engine.dispose()
-    with pytest.raises(DatabaseError, match="not a trap-dask export database; --db_overwrite replaces only those"):
-        ExportStore.create(db_settings, overwrite=True)
-    engine = make_engine(db_settings)
-    assert inspect(engine).get_table_names() == ["observations"]
-    engine.dispose()
-    if db_settings.backend == "sqlite":
+    others = [("CREATE TABLE observations (id INTEGER)",),
+              ("CREATE TABLE schema_version (installed_rank INTEGER, version TEXT)",
+               "CREATE TABLE customers (id INTEGER)")]
+    if not sqlite:
+        others.append(("CREATE SCHEMA app", "CREATE TABLE app.observations (id INTEGER)"))
+    for statements in others:
+        make(*statements)
+        with pytest.raises(DatabaseError, match="not a trap-dask export database; --db_overwrite replaces only those"):
+            ExportStore.create(db_settings, overwrite=True)
+        table = statements[-1].split()[2]  # the last one made: still there
+        if sqlite:  # untouched: not even switched to the export database's WAL journal
+            with sqlite3.connect(db_settings.name) as conn:
+                assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+                assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        else:
+            engine = make_engine(db_settings)
+            with engine.connect() as conn:
+                assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+            engine.dispose()
+    if sqlite:
         image = tmp_path / "epoch0.fits"
         image.write_bytes(b"SIMPLE  =                    T" + b" " * 2850)
         with pytest.raises(DatabaseError, match="file is not a database; --db_overwrite replaces only those"):
             ExportStore.create(DatabaseSettings("sqlite", str(image)), overwrite=True)
         assert image.read_bytes().startswith(b"SIMPLE  =")
+
 
 def test_image_commit_round_trips_in_double_precision(db_settings):
     store = ExportStore.create(db_settings, overwrite=False)

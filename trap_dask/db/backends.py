@@ -96,6 +96,11 @@ class Backend(ABC):
         """An engine for the export database (or another database on the same server)."""
         return create_engine(self.url(database), hide_parameters=True, **kwargs)
 
+    def looking_engine(self) -> Engine:
+        """An engine that reads the database and changes nothing in it, not even its settings
+        (what :meth:`ExportStore.create` looks at before replacing a database that may be another's)."""
+        return self.make_engine()
+
     @abstractmethod
     def exists(self) -> bool:
         """Whether the database exists (DatabaseError when the server cannot be reached)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Table, bindparam, event, update
+from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, update
 from sqlalchemy.engine import URL
 
 from trap_dask.db.backends import Backend, Columns, DatabaseError
@@ -159,6 +159,12 @@ class SQLiteBackend(Backend):
         engine = super().make_engine(database, **kwargs)
         event.listen(engine, "connect", _pragmas)
         return engine
+
+    def looking_engine(self) -> Engine:
+        """Read-only, without the export database's pragmas (WAL would stay set in another's file)."""
+        path = Path(self.settings.name).resolve()
+        return create_engine(URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"}),
+                             hide_parameters=True)
 
     def exists(self) -> bool:
         return Path(self.settings.name).exists()

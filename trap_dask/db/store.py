@@ -85,6 +85,33 @@ def _database_errors(method: Callable) -> Callable:
     return wrapper
 
 
+#: Tables every trap-dask export database has had, whatever its schema version: what tells one
+#: from another application's database (a ``schema_version`` table alone is common).
+EXPORT_TABLES = frozenset({"schema_version", "images", "extracted_sources"})
+
+
+def _export_tables(settings: DatabaseSettings) -> list[str]:
+    """The database's tables: none (nothing at all, in any schema), or those of a trap-dask export
+    database; DatabaseError if it is something else. Looked at without changing anything."""
+    engine = settings.impl.looking_engine()
+    try:
+        with engine.connect() as conn:
+            look = inspect(conn)
+            tables = look.get_table_names()
+            held = [name for space in look.get_schema_names() if space != "information_schema"
+                    for name in (*look.get_table_names(space), *look.get_view_names(space),
+                                 *(look.get_sequence_names(space) if conn.dialect.supports_sequences else ()))]
+    except OperationalError:
+        raise
+    except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
+        raise DatabaseError(f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
+    finally:
+        engine.dispose()
+    if held and not EXPORT_TABLES <= set(tables):
+        raise DatabaseError(f"{settings.describe()} is not a trap-dask export database")
+    return tables
+
+
 class ExportStore:
     """Reads and writes the export database; see trap_dask.db.schema for the tables."""
 
@@ -163,8 +190,7 @@ class ExportStore:
         """
         store = cls(settings)
         try:
-            tables = store._export_tables()
-            if not tables:
+            if not _export_tables(settings):
                 versions = [schema.SCHEMA_VERSION]
                 store._create_tables()
             else:
@@ -173,6 +199,9 @@ class ExportStore:
         except OperationalError as exc:
             store.close()
             raise cannot_connect(settings, exc) from None
+        except DBAPIError as exc:  # e.g. a table it may not read
+            store.close()
+            raise DatabaseError(f"{settings.describe()}: {driver_reason(exc)}") from None
         except DatabaseError:
             store.close()
             raise
@@ -189,33 +218,15 @@ class ExportStore:
     @classmethod
     def _replaceable(cls, settings: DatabaseSettings) -> None:
         """Raise unless ``--db_overwrite`` may replace the existing database: a trap-dask export
-        database (of any schema version) or one without tables, never another file or database
-        (a FITS image given as --db_name by mistake, another application's data)."""
-        store = cls(settings)
+        database (of any schema version) or an empty one, never another file or database (a FITS
+        image given as --db_name by mistake, another application's data)."""
         try:
-            store._export_tables()
+            _export_tables(settings)
         except OperationalError as exc:
             raise cannot_connect(settings, exc) from None
         except DatabaseError as exc:
             raise DatabaseError(f"{exc}; --db_overwrite replaces only those: choose another --db_name, "
                                 "or remove it yourself if it is not needed") from None
-        finally:
-            store.close()
-
-    def _export_tables(self) -> list[str]:
-        """The database's tables: none, or those of a trap-dask export database (DatabaseError if
-        it is something else)."""
-        try:
-            with self.engine.connect() as conn:
-                tables = inspect(conn).get_table_names()
-        except OperationalError:
-            raise
-        except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
-            raise DatabaseError(
-                f"{self.settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
-        if tables and schema.schema_version.name not in tables:
-            raise DatabaseError(f"{self.settings.describe()} is not a trap-dask export database")
-        return tables
 
     def _migrate(self, version: int) -> None:
         try:
