@@ -69,6 +69,21 @@ def test_password_never_reaches_the_database_or_the_log(survey, pg, tmp_path):
     engine.dispose()
 
 
+
+def test_a_results_command_never_shows_the_password_of_its_url(pg, capsys):
+    """A results command given a URL with a password (here of a database that does not exist, and
+    of one that is not an export database) names the database in its error without the password."""
+    from trap_dask.cli import main
+    from trap_dask.db.backends import create_database
+
+    secret = "Pa55-" + uuid.uuid4().hex
+    url = f"postgresql://{pg.user}:{secret}@{pg.host}:{pg.port}/{pg.name}"
+    assert main(["candidates", url]) == 1
+    create_database(pg)
+    assert main(["etav", url, "-o", "never.png"]) == 1
+    err = capsys.readouterr().err
+    assert secret not in err and err.count(f"{pg.user}:***@") == 2 and "not a trap-dask export database" in err
+
 def test_positions_keep_double_precision_and_booleans_are_booleans(survey, pg):
     run(pg, survey[:1])
     engine = make_engine(pg)

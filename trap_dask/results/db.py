@@ -44,14 +44,17 @@ def connect(db: Any) -> Iterator[Engine]:
         if not path.is_file():
             raise DatabaseError(f"no SQLite export database at {path}")
         engine = create_engine(f"sqlite:///{path.resolve()}", hide_parameters=True)  # only SELECTs
+    # what messages name it by, never with a password
+    shown = db.describe() if isinstance(db, DatabaseSettings) else (
+        engine.url.render_as_string(hide_password=True) if "://" in str(db) else str(db))
     try:
         try:
             with engine.connect() as conn:
                 tables = set(inspect(conn).get_table_names())
         except DBAPIError as exc:  # SQLite's "file is not a database"; a server's refusal
-            raise DatabaseError(f"{db}: {driver_reason(exc)}") from None
+            raise DatabaseError(f"{shown}: {driver_reason(exc)}") from None
         if "extracted_sources" not in tables or "variability" not in tables:
-            raise DatabaseError(f"{db} is not a trap-dask export database (no extracted_sources/variability)")
+            raise DatabaseError(f"{shown} is not a trap-dask export database (no extracted_sources/variability)")
         yield engine
     finally:
         engine.dispose()
