@@ -119,6 +119,16 @@ def read_meta(
         frequency (unless overridden), or it has more than one plane.
     """
     url = str(Path(path).resolve())
+    try:
+        return _meta(url, beam, freq)
+    except fits.VerifyError as exc:  # a card whose value is no FITS value at all (EXPTIME = INF)
+        card = re.search(r"card \((.+?)\)", str(exc))
+        raise ImageError(f"unreadable {card.group(1) if card else 'header card'}: its value is no FITS value "
+                         "(a number, a quoted string or T/F)") from None
+
+
+def _meta(url: str, beam: Beam | None, freq: tuple[float, float] | None) -> ImageMeta:
+    """:func:`read_meta` of an absolute path."""
     hdu, header, text = _read_header(url)
     frame = _sky_frame(_without_times(text))
     freq_eff, freq_bw = freq if freq is not None else _frequency(header, frame.axis_freq)
@@ -291,7 +301,7 @@ def read_image(meta: ImageMeta, raw: Raw | None = None) -> tuple[np.ndarray, WCS
 
 #: A run of consecutive exact zeros along an edge row or column at least this long, and at least
 #: ZERO_MASK_EDGE of the edge, marks a mask written as zeros.
-ZERO_MASK_RUN = 8
+ZERO_MASK_RUN = 16
 ZERO_MASK_EDGE = 0.01
 
 
@@ -299,14 +309,15 @@ def _blanked(plane: np.ndarray) -> np.ndarray:
     """``plane`` (float pixels, ours to change) with what measures nothing blanked (NaN), as a
     mask written as NaN is:
 
-    - infinite pixels (an imager's division by zero, float64 values beyond float32): kept, one on
-      a source made an island of infinite S/N that the artefact cut left out, and the source with it;
+    - infinite pixels (an imager's division by zero, float64 values beyond float32): were they
+      kept, one on a source would make an island of infinite S/N that the artefact cut leaves out,
+      and the source with it;
     - a mask written as exact zeros: when a row or column at the image's edge holds a run of
       consecutive exact zeros (ZERO_MASK_RUN, ZERO_MASK_EDGE; the outside of a primary beam, say),
       every exact zero of the image. Noise in float pixels is exactly zero only where it was
-      quantized (fpack without dithering: one pixel in ten), and then in scattered pixels, not in
-      runs; without this, the mask's edge gave detections and a half-masked image was rejected as
-      constant.
+      quantized (fpack without dithering: one pixel in ten at its default level), and then in
+      scattered pixels, not in runs of 16; without this, the mask's edge gave detections and a
+      half-masked image was rejected as constant.
     """
     infinite = np.isinf(plane)
     if infinite.any():
@@ -550,7 +561,7 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
         raise ImageError(
             f"celestial axes {wcs.wcs.lngtyp}/{wcs.wcs.lattyp} are not RA/Dec; only equatorial images are supported"
         )
-    frame, equinox = wcs.wcs.radesys, wcs.wcs.equinox
+    frame, equinox = wcs.wcs.radesys.strip().upper(), wcs.wcs.equinox  # wcslib keeps the header's case
     if frame in ("FK4", "FK4-NO-E"):  # also what an EQUINOX before 1984 alone implies
         raise ImageError(f"the image's RA/Dec are {frame} (B{equinox:g}), not ICRS or FK5 (J2000) as the "
                          "database's: they would be stored up to 0.7 deg off; reproject the image")
@@ -571,9 +582,10 @@ def _celestial_axes(wcs: WCS, header: fits.Header) -> tuple[int, int]:
     if lng > lat:
         raise ImageError("the latitude axis precedes the longitude axis; transposed images are not supported")
     if not (all(f"CDELT{axis + 1}" in header for axis in (lng, lat))
-            or any(f"CD{i + 1}_{j + 1}" in header for i in (lng, lat) for j in (lng, lat))):
-        raise ImageError(f"the header gives no pixel size for its RA/Dec axes (CDELT{lng + 1}/CDELT{lat + 1} "
-                         f"or a CD matrix); astropy would take 1 deg")
+            or any(f"{matrix}{i + 1}_{j + 1}" in header for matrix in ("CD", "PC") for i in (lng, lat)
+                   for j in (lng, lat))):  # a PC matrix with CDELT's default of 1 carries the size itself
+        raise ImageError(f"the header gives no pixel size for its RA/Dec axes (CDELT{lng + 1}/CDELT{lat + 1}, "
+                         f"a CD or a PC matrix); astropy would take 1 deg")
     return lng, lat
 
 
@@ -597,13 +609,7 @@ def _whole(header: fits.Header, key: str) -> int:
 
 def _number(header: fits.Header, key: str) -> float:
     """The value of keyword ``key`` as a float; ImageError naming the card if it is not a number."""
-    try:
-        value = header[key]
-    except fits.VerifyError:  # a value that is no FITS value at all (BMAJ = INF)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", VerifyWarning)
-            text = header.cards[key].image[10:].split("/")[0].strip().strip("'").strip()
-        raise ImageError(f"unreadable {key}={text}: not a number") from None
+    value = header[key]
     try:
         return float(value)
     except (TypeError, ValueError):
