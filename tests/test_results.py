@@ -200,10 +200,15 @@ def test_stamps_say_which_images_changed_or_miss_the_source(survey, tmp_path):
 def test_outputs_are_written_where_said(sqlite_db, tmp_path, capsys):
     """A plot named without a suffix is written as NAME.png and said so; a table's folder is made
     if missing, as a plot's is; a file that is not a database is named in the error."""
+    from trap_dask import results
+
     assert main(["etav", sqlite_db, "-o", str(tmp_path / "eta_v")]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'eta_v.png'}\n" and (tmp_path / "eta_v.png").is_file()
     assert main(["candidates", sqlite_db, "--format", "votable", "-o", str(tmp_path / "new" / "c.xml")]) == 0
     assert (tmp_path / "new" / "c.xml").stat().st_size > 0
+    src = str(results.lightcurves(sqlite_db).src_id.iloc[0])
+    assert main(["lightcurve", sqlite_db, src, "-o", str(tmp_path / "curves" / "lc.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "curves" / "lc.csv")) > 0
     capsys.readouterr()
     (tmp_path / "notes.txt").write_text("not a database")
     assert main(["candidates", str(tmp_path / "notes.txt")]) == 1

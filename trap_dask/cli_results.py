@@ -121,6 +121,13 @@ def run_results_command(args: argparse.Namespace) -> int:
         raise
 
 
+def _writable(output: str) -> Path:
+    """The path of an output file, its folder made if missing (as for the plots)."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _done(path: Path | str) -> int:
     print(f"wrote {path}")
     return 0
@@ -130,8 +137,8 @@ def _candidates(args: argparse.Namespace) -> int:
     from trap_dask import results
 
     fmt = args.format or (SUFFIX_FORMATS.get(Path(args.output).suffix.lower(), "table") if args.output else "table")
-    if args.output:  # its folder made if missing, as for the plots
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if args.output:
+        _writable(args.output)
     frame = results.candidates(args.db, args.eta_sigma, args.v_sigma, args.combine, args.forced_fits)
     cut = frame.attrs["cut"]
     if fmt == "parquet":
@@ -185,7 +192,7 @@ def _lightcurve(args: argparse.Namespace) -> int:
                      "significance_detection_level", "is_force_fit"]].to_string(index=False))
         return 0
     if Path(args.output).suffix.lower() == ".csv":
-        meas[columns].to_csv(args.output, index=False)
+        meas[columns].to_csv(_writable(args.output), index=False)
         return _done(args.output)
     from trap_dask import results
     from trap_dask.results.plots import lightcurve_figure, save

@@ -77,15 +77,18 @@ def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns
 
 def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, float] | str:
     """The cutout of the image of measurement ``row`` around ``centre`` (ra, dec, deg) and the
-    image's pixel size (deg), or why there is none."""
-    from trap_dask.tasks import file_checksum
+    image's pixel size (deg), or why there is none. The file is read once (checked, then its pixels)."""
+    from trap_dask.tasks import bytes_checksum, read_file
 
     try:
-        if checksum is not None and file_checksum(row.url) != checksum:
+        raw, _ = read_file(row.url)
+        if checksum is not None and bytes_checksum(raw) != checksum:
             return "image changed\nsince the run"
-        data, wcs = read_image(read_meta(row.url))
+        data, wcs = read_image(read_meta(row.url), raw)
     except (ImageError, OSError):
         return "image not readable"
+    if not np.isfinite(row.rb_smaj):
+        return "no beam recorded"
     x, y = wcs.world_to_pixel_values(centre.ra, centre.dec)
     pixel = float(np.mean(proj_plane_pixel_scales(wcs)))
     try:
