@@ -62,7 +62,8 @@ def test_wrong_type_is_named(tmp_path):
     ({"rms_min": "2", "rms_max": "1"}, "rms_max"),
     ({"monitor_loc": "[[10, 95]]"}, "monitor_loc"),
     ({"monitor_loc": "[[NaN, 10]]"}, "monitor_loc"),
-    ({"frequency_band": "[[1e8, Infinity]]"}, "frequency_band"),
+    ({"frequency_band": "[[NaN, 2e8]]"}, "frequency_band"),
+    ({"monitor_loc": "[[Infinity, 10]]"}, "monitor_loc"),
     ({"detection_threshold": "inf"}, "detection_threshold"),
     ({"de_ruiter_r_max": "inf"}, "de_ruiter_r_max"),
     ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
@@ -95,8 +96,10 @@ def test_monitor_list_inline_and_from_file(tmp_path):
     assert build_config({"monitor_loc": str(f)}, {}, None).monitor_positions() == [(150.1, 30.2), (150.3, 29.9)]
     assert build_config({"monitor_loc": "[[1, 2]]"}, {}, None).monitor_positions() == [(1.0, 2.0)]
     # RA is brought into [0, 360): -30 is 330 (it was stored as -30)
-    assert build_config({"monitor_loc": "[[-30, 2], [400, -5]]"}, {}, None).monitor_positions() == [(330.0, 2.0),
-                                                                                                   (40.0, -5.0)]
+    assert build_config({"monitor_loc": "[[-30, 2], [400, -5], [-1e-20, 0]]"}, {}, None).monitor_positions() == [
+        (330.0, 2.0), (40.0, -5.0), (0.0, 0.0)]
+    # an open-ended band (a database made with one is appended to) stays as it was
+    assert build_config({"frequency_band": "[[1e8, Infinity]]"}, {}, None).frequency_bands() == [(1e8, math.inf)]
 
 
 def test_trap_config_toml_in_cwd_is_found(tmp_path):

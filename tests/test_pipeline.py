@@ -308,11 +308,13 @@ def test_inputs_are_files_directories_and_globs_and_broken_links_are_recorded(tm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(DATA / "GRB120422A-120429.fits", elsewhere / "c.fits.fz")
-    (elsewhere / "up").symlink_to(tmp_path / "obs", target_is_directory=True)
+    (elsewhere / "obs").symlink_to(tmp_path / "obs", target_is_directory=True)
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "night2").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(tmp_path / "linked", target_is_directory=True)  # a loop: linked/night2/up
     found = find_images((str(tmp_path / "linked"),))
     assert sorted(Path(f).name for f in found) == ["0gone.fits", "a.fits", "b.FITS", "c.fits.fz"]
+    assert str(deep / "0gone.fits") in found  # a broken link under its real folder, whichever way it was reached
     db = run([tmp_path / "obs", tmp_path / "lonely", tmp_path / "named.fits"], tmp_path / "inputs.db")
     rows = dict(query(db, "SELECT url, rejection_reason FROM images"))
     assert len(rows) == 5

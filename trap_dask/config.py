@@ -481,13 +481,19 @@ def _parse_positions(text: str, name: str) -> list[tuple[float, float]]:
         result = [(float(a), float(b)) for a, b in pairs]
     except (ValueError, TypeError):
         raise ConfigError(f"{name} must be a JSON list of [a, b] number pairs") from None
-    if not all(math.isfinite(a) and math.isfinite(b) for a, b in result):
-        raise ConfigError(f"{name}: every number must be finite (not NaN or Infinity)")
+    if any(math.isnan(a) or math.isnan(b) for a, b in result):
+        raise ConfigError(f"{name}: NaN is not a number it can use")
     if name == "monitor_loc":
-        if not all(-90 <= dec <= 90 for _, dec in result):
-            raise ConfigError(f"{name}: declinations must lie in [-90, 90] deg")
-        return [(ra % 360.0, dec) for ra, dec in result]  # RA -30 is RA 330
+        if not all(math.isfinite(ra) and -90 <= dec <= 90 for ra, dec in result):
+            raise ConfigError(f"{name}: RAs must be finite and declinations lie in [-90, 90] deg")
+        return [(_wrapped_ra(ra), dec) for ra, dec in result]
     return result
+
+
+def _wrapped_ra(ra: float) -> float:
+    """RA (deg) in [0, 360): -30 is 330 (a tiny negative RA is 0, not 360)."""
+    wrapped = ra % 360.0
+    return 0.0 if wrapped == 360.0 else wrapped
 
 
 def resolve_config_file(explicit: str | None, cwd: Path) -> Path | None:

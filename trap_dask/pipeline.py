@@ -132,7 +132,7 @@ def find_images(patterns: tuple[str, ...]) -> list[str]:
                 if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES):
                     found.add(str(p.resolve()))
                 elif p.is_symlink() and not p.exists() and (p == path or p.name.lower().endswith(FITS_SUFFIXES)):
-                    found.add(os.path.abspath(p))
+                    found.add(os.path.join(os.path.realpath(p.parent), p.name))  # one path whatever the route
     return sorted(found)
 
 
@@ -146,6 +146,8 @@ def _below(directory: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        if os.path.islink(root):
+            log.info("searching %s, a link to %s", root, real)
         yield from (Path(root, name) for name in (*files, *dirs))
 
 
