@@ -133,7 +133,7 @@ def test_subcommands_on_each_backend(db_settings, survey, tmp_path, capsys):
     index = (tmp_path / "report" / "index.html").read_text()
     assert f"source {src}" in index and "Run summary" in index
     assert main(["lightcurve", db, "99999", "-o", str(tmp_path / "none.png")]) == 1
-    assert "no source 99999" in capsys.readouterr().err
+    assert "no measurements of source 99999" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["every image rejected", "one image"])

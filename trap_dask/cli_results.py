@@ -178,7 +178,8 @@ def _source_measurements(args: argparse.Namespace):
 
     meas = results.lightcurves(args.db, args.src_id)
     if meas.empty:
-        raise LookupError(f"no source {args.src_id} in {args.db}")
+        raise LookupError(f"no measurements of source {args.src_id} in {args.db} (no such src_id, or a monitor "
+                          "position that no image covered)")
     return meas
 
 

@@ -101,7 +101,7 @@ def _export_tables(settings: DatabaseSettings) -> list[str]:
             held = [name for space in look.get_schema_names() if space != "information_schema"
                     for name in (*look.get_table_names(space), *look.get_view_names(space),
                                  *(look.get_sequence_names(space) if conn.dialect.supports_sequences else ()))]
-    except OperationalError:
+    except OperationalError:  # cannot connect (a DBAPIError too): the caller says so
         raise
     except DBAPIError as exc:  # e.g. SQLite's "file is not a database"
         raise DatabaseError(f"{settings.describe()} is not a trap-dask export database: {driver_reason(exc)}") from None
