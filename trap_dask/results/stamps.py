@@ -12,6 +12,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from matplotlib.patches import Ellipse
 
 from trap_dask.image import ImageError, read_image, read_meta
+from trap_dask.messages import FileStamp
 from trap_dask.results.plots import plt
 
 #: Stamp side in beam major-axis FWHMs, and the bounds in pixels.
@@ -78,11 +79,11 @@ def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns
 def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, float] | str:
     """The cutout of the image of measurement ``row`` around ``centre`` (ra, dec, deg) and the
     image's pixel size (deg), or why there is none. The file is read once (checked, then its pixels)."""
-    from trap_dask.tasks import bytes_checksum, read_file
+    from trap_dask.tasks import read_file
 
     try:
-        raw, _ = read_file(row.url)
-        if checksum is not None and bytes_checksum(raw) != checksum:
+        raw, stamp = read_file(row.url)
+        if checksum is not None and _digest(row.url, stamp, raw) != checksum:
             return "image changed\nsince the run"
         data, wcs = read_image(read_meta(row.url), raw)
     except (ImageError, OSError):
@@ -96,3 +97,24 @@ def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, floa
                         fill_value=np.nan), pixel
     except (NoOverlapError, ValueError):  # off the image (a NaN pixel position too)
         return "source not\non this image"
+
+
+#: sha256 of the files hashed already, by (path, size, modification time): a report draws the stamps
+#: of many candidates from the same images, and hashes each file once.
+_DIGESTS: dict[tuple, str] = {}
+_MAX_DIGESTS = 4096
+
+
+def _digest(url: str, stamp: FileStamp | None, raw: np.ndarray) -> str:
+    """The sha256 of the file at ``url`` whose bytes are ``raw``, remembered by its stamp (None for
+    a file modified moments ago: hashed each time)."""
+    from trap_dask.tasks import bytes_checksum
+
+    if stamp is None:
+        return bytes_checksum(raw)
+    key = (url, *stamp)
+    if key not in _DIGESTS:
+        if len(_DIGESTS) >= _MAX_DIGESTS:
+            _DIGESTS.clear()
+        _DIGESTS[key] = bytes_checksum(raw)
+    return _DIGESTS[key]
