@@ -70,6 +70,35 @@ def test_password_never_reaches_the_database_or_the_log(survey, pg, tmp_path):
 
 
 
+
+def test_a_server_that_never_answers_is_given_up_on(monkeypatch):
+    """An address that takes the connection and never answers held a run at its start forever
+    (no signal stopped it while libpq waited); now it is a one-line error after CONNECT_TIMEOUT_S."""
+    import socket
+    import time
+
+    from trap_dask.db import postgresql
+    from trap_dask.db.backends import DatabaseError, database_exists
+
+    monkeypatch.setattr(postgresql, "CONNECT_TIMEOUT_S", 2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        settings = DatabaseSettings("postgres", "never", host="127.0.0.1", port=silent.getsockname()[1], user="x")
+        started = time.monotonic()
+        with pytest.raises(DatabaseError, match="cannot connect"):
+            database_exists(settings)
+        assert time.monotonic() - started < 10
+
+
+def test_the_printed_address_names_the_same_database(pg):
+    """The address a run prints for the results commands is percent-encoded: a name holding '?',
+    '#' or '%' named another database (the one up to the '?')."""
+    from sqlalchemy import make_url
+
+    odd = DatabaseSettings("postgres", "a?b#c%41 d", host=pg.host, port=pg.port, user=pg.user)
+    assert make_url(odd.impl.address()).database == "a?b#c%41 d"
+
 def test_a_results_command_never_shows_the_password_of_its_url(pg, capsys):
     """A results command given a URL with a password (here of a database that does not exist, and
     of one that is not an export database) names the database in its error without the password."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import Connection, Engine, Table, event, text
@@ -45,6 +46,9 @@ KEEPALIVE_COUNT = 8
 #: Seconds after which a silent peer's connection is ended: the keepalives' bound, and the longest
 #: that sent data may stay unacknowledged (TCP_USER_TIMEOUT, where keepalives are not sent).
 LOST_AFTER_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT
+#: Seconds to wait for a server to answer a new connection: an address that takes the connection
+#: and never answers (a firewall's, another service's) otherwise held a run at its start forever.
+CONNECT_TIMEOUT_S = 30
 #: Seconds a session may leave a transaction open and idle before the server ends it (and with it
 #: the transaction, rolled back, and its locks).
 IDLE_IN_TRANSACTION_S = 300
@@ -94,14 +98,15 @@ class PostgreSQLBackend(Backend):
                           port=s.port, database=database or s.name)
 
     def address(self) -> str:
-        s = self.settings
-        user = f"{s.user}@" if s.user else ""
-        return f"postgresql://{user}{s.host}:{s.port}/{s.name}"
+        s = self.settings  # quoted: a name with '?', '#' or '%' would name another database
+        user = f"{quote(s.user, safe='')}@" if s.user else ""
+        return f"postgresql://{user}{s.host}:{s.port}/{quote(s.name, safe='')}"
 
     def make_engine(self, database: str | None = None, **kwargs) -> Engine:
         """An engine whose sessions probe and are probed for a lost peer (see the module's text)."""
         keepalives = dict(keepalives=1, keepalives_idle=KEEPALIVE_IDLE_S, keepalives_interval=KEEPALIVE_INTERVAL_S,
-                          keepalives_count=KEEPALIVE_COUNT, tcp_user_timeout=1000 * LOST_AFTER_S)
+                          keepalives_count=KEEPALIVE_COUNT, tcp_user_timeout=1000 * LOST_AFTER_S,
+                          connect_timeout=CONNECT_TIMEOUT_S)
         engine = super().make_engine(database, connect_args=keepalives | kwargs.pop("connect_args", {}),
                                      pool_pre_ping=True, **kwargs)
         event.listen(engine, "connect", _session_settings)
