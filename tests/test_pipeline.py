@@ -761,3 +761,18 @@ def test_a_monitor_position_outside_every_image_is_named_in_a_warning(survey, tm
     run(images, tmp_path / "monitor.db", monitor_loc="[[150.0, 30.0], [10.0, -40.0]]")
     assert ("WARNING 1 of the 2 monitor positions lie outside every image's extraction region, e.g. "
             "(10.000000, -40.000000) deg: their light curves stay empty") in capsys.readouterr().err
+
+
+def test_a_window_larger_than_the_run_and_an_unwritable_log_dir(survey, tmp_path):
+    """max_concurrent_images far beyond the number of images submits each image once (a window of
+    10^9 spent 48 s submitting nothing); a --log_dir that cannot be written is a one-line error
+    before the database is made (it was a traceback)."""
+    from trap_dask.pipeline import PipelineError
+
+    folder = Path(survey["images"][0]["path"]).parent
+    db = run([folder], tmp_path / "window.db", max_concurrent_images=10**12)
+    assert query(db, "SELECT count(*) FROM images")[0][0] == len(survey["images"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PipelineError, match=r"^--log_dir .*a_file: cannot write the log there"):
+        run([folder], tmp_path / "never.db", log_dir=str(tmp_path / "a_file"))
+    assert not (tmp_path / "never.db").exists()
