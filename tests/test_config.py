@@ -65,12 +65,22 @@ def test_wrong_type_is_named(tmp_path):
     ({"frequency_band": "[[NaN, 2e8]]"}, "frequency_band"),
     ({"monitor_loc": "[[Infinity, 10]]"}, "monitor_loc"),
     ({"detection_threshold": "inf"}, "detection_threshold"),
+    ({"memory_limit": "2.5"}, "memory_limit"),  # 2 bytes to Dask: its workers restarted until it gave up
+    ({"memory_limit": "1KB"}, "memory_limit"),
+    ({"db_backend": "postgres", "db_name": "é" * 32}, "db_name"),  # 64 bytes: cut by the server
     ({"de_ruiter_r_max": "inf"}, "de_ruiter_r_max"),
     ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
 ])
 def test_impossible_values_are_named(flags, key):
     with pytest.raises(ConfigError, match=key):
         build_config(flags, {}, None)
+
+
+def test_memory_limits_and_database_names_at_their_bounds_are_taken():
+    for limit in ("auto", "0.5", "1", "256MiB", "4GB", "2 GiB"):
+        assert build_config({"memory_limit": limit}, {}, None).memory_limit == limit
+    name = "x" * 63
+    assert build_config({"db_backend": "postgres", "db_name": name}, {}, None).db_name == name
 
 
 def test_overlapping_frequency_bands_are_refused_touching_ones_not():

@@ -25,6 +25,10 @@ DEFAULT_CONFIG_FILE = "trap_config.toml"
 ENV_PREFIX = "TRAP_"
 #: A Dask memory limit: bytes with an optional unit, a fraction of system memory, or 'auto'.
 _MEMORY_LIMIT = r"(?i)auto|\d+(\.\d+)?\s*([kmgtp]i?b?|b)?"
+#: The smallest memory limit of a worker (bytes): a worker and one image need more than this.
+MIN_MEMORY_LIMIT = 256 << 20
+#: The longest PostgreSQL identifier, a database's name included (NAMEDATALEN - 1).
+PG_NAME_BYTES = 63
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
     "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
@@ -394,6 +398,9 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{name} = {shown}: {what}")
 
     need(config.db_backend in CHOICES["db_backend"], "db_backend", _one_of("db_backend"))
+    need(config.db_backend != "postgres" or len(config.db_name.encode()) <= PG_NAME_BYTES, "db_name",
+         f"a PostgreSQL database name has at most {PG_NAME_BYTES} bytes (the server cuts longer ones, "
+         "and two names alike in their first bytes would be one database)")
     need(not (config.db_append and config.db_overwrite), "db_append", "cannot be combined with db_overwrite")
     need(config.scheduler in CHOICES["scheduler"], "scheduler", _one_of("scheduler"))
     need(0 < config.detection_threshold < math.inf, "detection_threshold", "must be a number > 0")
@@ -425,6 +432,9 @@ def validate(config: Config) -> Config:
     need(config.memory_limit is None or re.fullmatch(_MEMORY_LIMIT, config.memory_limit.strip()) is not None,
          "memory_limit", "must be bytes with an optional unit ('4GB', '512MiB'), a fraction "
          "of system memory ('0.5') or 'auto'")
+    need(config.memory_limit is None or _memory_bytes(config.memory_limit) >= MIN_MEMORY_LIMIT, "memory_limit",
+         f"must be at least {MIN_MEMORY_LIMIT >> 20} MiB a worker, or a fraction of system memory up to 1 "
+         "('2.5' is 2 bytes to Dask)")
     need(config.cluster in CHOICES["cluster"], "cluster", _one_of("cluster"))
     need(config.scheduler == "distributed" or (config.cluster == "local" and not config.scheduler_address
                                                 and config.n_workers in (None, 1)),
@@ -466,6 +476,21 @@ def association_differences(config: Config, stored: Mapping[str, Any]) -> dict[s
         for name in ASSOCIATION_PARAMETERS
         if value(name, stored.get(name)) != value(name, getattr(config, name))
     }
+
+
+def _memory_bytes(text: str) -> float:
+    """A memory limit as Dask reads it, in bytes: 'auto' and fractions of system memory (numbers up
+    to 1) count as unbounded; other numbers are bytes, with an optional unit (k, M, G, T, P; 'i'
+    for powers of 1024)."""
+    text = text.strip().lower()
+    number = re.match(r"\d+(\.\d+)?", text)
+    if text == "auto" or number is None:
+        return math.inf
+    unit = text[number.end():].strip().rstrip("b")
+    if not unit and float(number.group()) <= 1:
+        return math.inf
+    base = 1024 if unit.endswith("i") else 1000
+    return float(number.group()) * base ** (" kmgtp".index(unit[:1]) if unit else 0)
 
 
 def _parse_positions(text: str, name: str) -> list[tuple[float, float]]:
