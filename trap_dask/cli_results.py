@@ -157,9 +157,10 @@ def _candidates(args: argparse.Namespace) -> int:
         for name in ("eta", "v", "max_flux_mjy", "significance", "sigma_rms_max", "freq_mhz"):
             table[name].info.format = ".4g"
         lines = table.pformat(max_lines=-1, max_width=-1)
-        text = "\n".join(lines) + (
-            f"\n{len(frame)} candidates ({int(frame.new.sum())} new sources, {int(frame.variable.sum())} "
-            f"variability outliers: eta > {cut.eta_threshold:.3g} {args.combine} V > {cut.v_threshold:.3g})\n")
+        rule = (f"eta > {cut.eta_threshold:.3g} {args.combine} V > {cut.v_threshold:.3g}" if cut.defined
+                else "no light curve of two or more points to fit a cut to")
+        text = "\n".join(lines) + (f"\n{len(frame)} candidates ({int(frame.new.sum())} new sources, "
+                                    f"{int(frame.variable.sum())} variability outliers: {rule})\n")
         if args.output:
             Path(args.output).write_text(text)
             return _done(args.output)

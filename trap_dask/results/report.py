@@ -66,7 +66,8 @@ def _summary_list(info: dict[str, Any], db_name: str, cut) -> str:
                   + (f", {later} of them processed later)" if (later := int(info["rejections"].later.notna().sum()))
                      else ")"),
         "bands": ", ".join(f"{f:.1f} MHz" for f in info["bands_mhz"]) or "none",
-        "time span (UTC)": f"{info['first_time']} to {info['last_time']}",
+        "time span (UTC)": (f"{info['first_time']} to {info['last_time']}" if pd.notna(info["first_time"])
+                            else "none: no image was accepted"),
         "light curves (sources)": info["sources"],
         "measurements": f"{info['detections']} detections, {info['forced_fits']} forced fits",
         "new sources": info["new_sources"],
@@ -75,7 +76,8 @@ def _summary_list(info: dict[str, Any], db_name: str, cut) -> str:
                           for r in info["runs"].itertuples()),
         "variability cut": (f"log η > {cut.eta_mean:.3f} + {cut.eta_sigma:g} × {cut.eta_std:.3f} "
                             f"(η > {cut.eta_threshold:.3g}), log V > {cut.v_mean:.3f} + {cut.v_sigma:g} × "
-                            f"{cut.v_std:.3f} (V > {cut.v_threshold:.3g})"),
+                            f"{cut.v_std:.3f} (V > {cut.v_threshold:.3g})") if cut.defined
+                           else "none: no light curve of two or more points to fit it to",
     }
     body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
     rejected = "".join(f"<tr><td>{r.id}</td><td>{html.escape(str(r.url))}</td>"

@@ -82,6 +82,12 @@ class SigmaCut:
     def v_threshold(self) -> float:
         return float(10 ** (self.v_mean + self.v_sigma * self.v_std))
 
+    @property
+    def defined(self) -> bool:
+        """Whether there were light curves of two or more points to fit (none after one image, or when
+        every image was rejected)."""
+        return bool(np.isfinite([self.eta_mean, self.eta_std, self.v_mean, self.v_std]).all())
+
 
 def fit_sigma_cut(var: pd.DataFrame, eta_sigma: float, v_sigma: float) -> SigmaCut:
     """Fit the log-normal distributions of eta and V over light curves of >= 2 points with
