@@ -445,6 +445,7 @@ def test_unreachable_scheduler_is_a_clear_error():
     ({"nr_threads": 4, "n_workers": 2, "threads_per_worker": 3}, "nr_threads"),
     ({"cluster_config": "jobqueue.yaml"}, "cluster_config"),
     ({"scheduler_address": "somewhere"}, "scheduler_address"),
+    ({"scheduler_address": "tcp://127.0.0.1:99999"}, "scheduler_address"),  # no such port
     ({"worker_timeout": "0"}, "worker_timeout"),
     ({"worker_timeout": "inf"}, "worker_timeout"),
 ])
@@ -494,6 +495,17 @@ def test_jobqueue_file_without_the_section_is_refused(tmp_path):
     path.write_text("jobqueue:\n  slurm:\n    cores: 4\n")
     with pytest.raises(ClusterError, match="no 'jobqueue: pbs:' section"):
         jobqueue_options("pbs", str(path))
+    path.write_bytes(b"\x00\xff")  # a binary file was a UnicodeDecodeError traceback
+    with pytest.raises(ClusterError, match="is not a text \\(UTF-8\\) file"):
+        jobqueue_options("pbs", str(path))
+
+
+def test_a_scheduler_address_that_cannot_be_parsed_is_one_line():
+    from trap_dask.cluster import start_client
+
+    config = build_config({"scheduler_address": "tcp://[::1:8786"}, {}, None)
+    with pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://\[::1:8786: invalid address"):
+        start_client(config)
 
 
 def test_unknown_jobqueue_setting_is_one_line_naming_it_before_anything_starts(tmp_path, capsys):

@@ -264,7 +264,7 @@ def _connect(address: str, worker_timeout: float) -> ClusterSession:
 
     try:
         client = Client(address)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: an address it cannot parse
         raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     with ExitStack() as on_failure:
         on_failure.callback(client.close)
@@ -281,7 +281,7 @@ def _start_jobqueue(config: Config) -> ClusterSession:
     with ExitStack() as on_failure:  # closing the cluster cancels the jobs it submitted
         try:
             cluster = cls(**options)
-        except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. memory: lots
+        except (TypeError, ValueError, ArithmeticError) as exc:  # a value of the wrong kind (memory: lots; cores: 0)
             source = f"cluster_config {config.cluster_config}" if config.cluster_config else "the Dask configuration"
             raise ClusterError(f"{source}: dask-jobqueue cannot use these {config.cluster} settings: {exc}") from None
         on_failure.callback(cluster.close)
@@ -369,6 +369,8 @@ def jobqueue_options(kind: str, path: str | None) -> dict[str, Any]:
         document = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
         raise ClusterError(f"cannot read cluster_config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ClusterError(f"cluster_config {path} is not a text (UTF-8) file") from None
     except yaml.YAMLError as exc:
         raise ClusterError(f"cluster_config {path} is not valid YAML: {exc}") from None
     section = (document.get("jobqueue") or {}).get(kind)

@@ -439,8 +439,9 @@ def validate(config: Config) -> Config:
     need(config.scheduler == "distributed" or (config.cluster == "local" and not config.scheduler_address
                                                 and config.n_workers in (None, 1)),
          "scheduler", "'threads' runs in this process: it takes no scheduler_address, cluster or n_workers > 1")
-    need(config.scheduler_address is None or re.fullmatch(r"(\w+://)?\S+:\d+", config.scheduler_address) is not None,
-         "scheduler_address", "must be an address such as tcp://host:8786")
+    port = re.fullmatch(r"(\w+://)?\S+:(\d+)", config.scheduler_address or "")
+    need(config.scheduler_address is None or (port is not None and 0 < int(port.group(2)) < 65536),
+         "scheduler_address", "must be an address such as tcp://host:8786 (a port of 1-65535)")
     need(not (config.scheduler_address and config.cluster != "local"), "cluster",
          "cannot be combined with scheduler_address (the scheduler is already running)")
     need(not ((config.scheduler_address or config.cluster != "local")
