@@ -266,3 +266,19 @@ def test_jitter_scale_moves_neighbours_together_and_keeps_the_rms(tmp_path):
     pair = np.corrcoef(offset[first].ravel(), offset[src["partner"][first]].ravel())[0, 1]
     unrelated = np.corrcoef(offset[:100].ravel(), offset[100:200].ravel())[0, 1]
     assert pair > 0.9 and abs(unrelated) < 0.3
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--n_epochs", "0"], "n_epochs must be >= 1"), (["--shape", "4", "4"], "shape must be at least 16"),
+    (["--rms", "-1"], "rms must be > 0"), (["--beam", "0", "0", "0"], "beam must have"),
+    (["--centre", "400", "100"], "centre must be"), (["--freqs", "-5"], "freqs must be"),
+    (["--cadence", "0"], "cadence must be > 0"), (["--start_time", "garbage"], "start_time 'garbage'"),
+])
+def test_a_survey_no_pipeline_could_read_is_refused_before_anything_is_written(tmp_path, capsys, flags, said):
+    """Values a survey cannot have are one line and exit 2, and no folder is made (they were
+    tracebacks, some after an empty folder; --freqs -5 and --cadence 0 wrote images the pipeline
+    rejects)."""
+    from trap_dask.cli import main
+
+    assert main(["simulate", str(tmp_path / "out"), *flags]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "out").exists()

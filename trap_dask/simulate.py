@@ -27,6 +27,7 @@ from astropy.wcs import WCS
 from scipy.ndimage import map_coordinates
 from scipy.spatial import cKDTree
 
+from trap_dask.config import ConfigError
 from trap_dask.extraction.geometry import (
     HALF_FWHM_PER_SIGMA,
     beam_sky_cov,
@@ -110,6 +111,31 @@ class SurveySpec:
     start_time: str = "2024-01-01T00:00:00"
     seed: int = 0
     cube: bool = False
+
+    def __post_init__(self) -> None:
+        """ValueError naming the first field that no survey (or no pipeline reading it) can have."""
+        counts = ("n_steady", "n_variable", "n_transient", "n_resolved", "n_pairs")
+        problems = [
+            (self.n_epochs >= 1, "n_epochs", "must be >= 1"),
+            (min(self.shape) >= 16, "shape", "must be at least 16 x 16 pixels"),
+            (0 < self.pixel_scale < 10, "pixel_scale", "must be a size > 0"),
+            (-90 <= self.centre[1] <= 90 and np.isfinite(self.centre[0]), "centre",
+             "must be an RA and a Dec in [-90, 90] deg"),
+            (0 < self.beam.smin <= self.beam.smaj < 90, "beam", "must have a major >= minor axis > 0"),
+            (0 < self.rms < np.inf, "rms", "must be > 0"),
+            (len(self.freqs) >= 1 and min(self.freqs) > 0, "freqs", "must be frequencies > 0 Hz"),
+            (self.bandwidth > 0, "bandwidth", "must be > 0 Hz"),
+            (self.cadence > 0, "cadence", "must be > 0 s (epochs in time order)"),
+            (self.integration >= 0, "integration", "must be >= 0 s"),
+            (min(getattr(self, name) for name in counts) >= 0, "n_steady..n_pairs", "must be >= 0"),
+        ]
+        for ok, name, rule in problems:
+            if not ok:
+                raise ValueError(f"{name} {rule}")
+        try:
+            np.datetime64(self.start_time)
+        except ValueError:
+            raise ValueError(f"start_time {self.start_time!r} must be an ISO date and time") from None
 
 
 @dataclass(frozen=True)
@@ -509,7 +535,10 @@ def simulate_from_args(args: argparse.Namespace) -> None:
     values["pixel_scale"] = args.pixel_scale / 3600.0
     bmaj, bmin, bpa = args.beam
     values["beam"] = Beam(smaj=bmaj / 7200.0, smin=bmin / 7200.0, pa=bpa)
-    spec = SurveySpec(**values)
+    try:
+        spec = SurveySpec(**values)
+    except ValueError as exc:
+        raise ConfigError(f"simulate: {exc}") from None
     truth = simulate_survey(args.outdir, spec)
     n_images = spec.n_epochs * len(spec.freqs)
     print(f"wrote {n_images} images and {truth}")
