@@ -98,9 +98,16 @@ def test_the_cluster_cpu_counts_each_process_once(processes):
     assert after[socket.gethostname(), os.getpid()] - before[socket.gethostname(), os.getpid()] >= 0.185
 
 
-@pytest.mark.parametrize("flags", [["--images", "0"], ["--size", "10"]])
-def test_bench_refuses_an_empty_survey(flags):
-    assert main(["bench", *flags]) == 2
+@pytest.mark.parametrize("flags, said", [
+    (["--images", "0"], "--images must be >= 1"), (["--size", "10"], "--size >= 64"),
+    (["--size", "128", "--sources", "100000"], "100000 sources do not fit in 128x128 pixels"),  # filled memory
+    (["--workers", "0"], "--workers takes counts >= 1"), (["--workers", "-2"], "--workers takes counts >= 1"),
+    (["--report", "/proc/no/report.html"], "--report /proc/no/report.html: cannot write a file there"),
+])
+def test_bench_refuses_what_it_cannot_run_before_it_starts(capsys, flags, said):
+    """Flags the benchmark cannot run are refused at once (an unwritable --report failed after the
+    whole run; too many sources filled the memory; --workers -2 was a traceback)."""
+    assert main(["bench", *flags]) == 2 and said in capsys.readouterr().err
 
 
 def test_bench_never_overwrites_a_directory_of_other_files(tmp_path, capsys):

@@ -98,6 +98,32 @@ def survey_spec(args: argparse.Namespace):
     return SurveySpec(n_epochs=args.images, shape=(args.size, args.size), seed=args.seed, **counts)
 
 
+#: Pixels of an image per simulated source at most (sources 4 beams apart, the beam ~6 pixels wide).
+PIXELS_PER_SOURCE = 600
+
+
+def _wrong_flags(args: argparse.Namespace) -> str | None:
+    """What is wrong with the benchmark's own flags, before anything is simulated or run; None if nothing."""
+    if args.images < 1 or args.size < 64 or args.sources < 1:
+        return "--images must be >= 1, --size >= 64 and --sources >= 1"
+    if args.sources * PIXELS_PER_SOURCE > args.size**2:
+        return (f"{args.sources} sources do not fit in {args.size}x{args.size} pixels (one per "
+                f"{PIXELS_PER_SOURCE} at most): give fewer --sources or a larger --size")
+    if args.workers and min(args.workers) < 1:
+        return "--workers takes counts >= 1"
+    if args.report:  # found out now, not after the runs
+        report = Path(args.report)
+        try:
+            existed = report.exists()
+            with open(report, "a"):
+                pass
+            if not existed:
+                report.unlink()
+        except OSError as exc:
+            return f"--report {args.report}: cannot write a file there ({exc.strerror or exc})"
+    return None
+
+
 def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
     """Simulate, run once per worker count, print the table; 0, 1 when a run failed, 2 for wrong flags."""
     environ = os.environ if environ is None else environ
@@ -105,8 +131,9 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
     from trap_dask.config import PARAMETERS, build_config, resolve_config_file
     from trap_dask.pipeline import PipelineError, Terminated
 
-    if args.images < 1 or args.size < 64 or args.sources < 1:
-        print("trap-dask bench: --images must be >= 1, --size >= 64 and --sources >= 1", file=sys.stderr)
+    wrong = _wrong_flags(args)
+    if wrong:
+        print(f"trap-dask bench: {wrong}", file=sys.stderr)
         return 2
     config_file = resolve_config_file(args.config_file, Path.cwd())
     cli_values = {name: getattr(args, name, None) for name in PARAMETERS if name not in OWN_PARAMETERS}
@@ -119,6 +146,9 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
             simulated = _simulate(survey, spec)
         except FileExistsError as exc:
             print(f"trap-dask bench: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"trap-dask bench: --survey_dir {survey}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         print(f"survey: {args.images} images of {args.size}x{args.size} pixels, {args.sources} sources "
               f"({survey}{', reused' if not simulated else f', simulated in {time.perf_counter() - started:.1f} s'})",
