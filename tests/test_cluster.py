@@ -578,3 +578,16 @@ def test_a_jobqueue_setting_of_the_wrong_kind_is_one_line(tmp_path, monkeypatch,
 def test_batch_cluster_without_its_submit_command_is_a_clear_error():
     with pytest.raises(ClusterError, match="sbatch.*not on PATH"):
         start_client(build_config({"cluster": "slurm"}, {}, None))
+
+
+def test_a_local_cluster_of_far_more_threads_than_cores_is_warned_about(monkeypatch, caplog):
+    """--nr_threads 500 on two cores took 92 s for 4 images (0.4 s with 2), without a word."""
+    import logging
+
+    from trap_dask import cluster
+
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 2)
+    session = cluster.start_client(build_config({"scheduler": "threads", "nr_threads": 8}, {}, None))
+    session.close()
+    assert any(r.levelno == logging.WARNING and "1 worker processes of 8 threads on 2 cores" in r.getMessage()
+               for r in caplog.records)

@@ -75,6 +75,10 @@ KEEP_FREED_MEMORY = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_
 QUIET_LOOPS = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s"}
 
 
+#: Extraction threads of a local cluster beyond this many per core get a warning.
+OVERSUBSCRIBED = 2
+
+
 class ClusterError(RuntimeError):
     """The cluster cannot be used for this run; the message is user-facing."""
 
@@ -214,7 +218,12 @@ def _start_local(config: Config) -> ClusterSession:
     import dask
     from distributed import Client, LocalCluster
 
-    shape = local_shape(config, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    shape = local_shape(config, cores)
+    if shape.n_workers * shape.threads_per_worker > OVERSUBSCRIBED * cores:
+        log.warning("%d worker processes of %d threads on %d cores: threads beyond the cores only take turns "
+                    "(and memory); --nr_threads %d is about the fastest", shape.n_workers, shape.threads_per_worker,
+                    cores, cores)
     slots = {EXTRACT_RESOURCE: shape.threads_per_worker}
     dashboard = dask.config.get(DASHBOARD_KEY, False)
     # Ctrl-C reaches the whole process group: only this process may act on it
