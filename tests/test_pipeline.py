@@ -757,10 +757,20 @@ def test_a_run_whose_first_transaction_fails_removes_its_new_database_and_says_s
 
 
 def test_a_monitor_position_outside_every_image_is_named_in_a_warning(survey, tmp_path, capsys):
+    """Far away, or just beyond a side of the images (inside the circle round their corners, which
+    was all that was looked at): no measurement, and a warning."""
+    from trap_dask.image import celestial_wcs, read_meta
+
     images = [Path(i["path"]) for i in survey["images"][:2]]
-    run(images, tmp_path / "monitor.db", monitor_loc="[[150.0, 30.0], [10.0, -40.0]]")
-    assert ("WARNING 1 of the 2 monitor positions lie outside every image's extraction region, e.g. "
-            "(10.000000, -40.000000) deg: their light curves stay empty") in capsys.readouterr().err
+    meta = read_meta(images[0])
+    beside = celestial_wcs(meta).pixel_to_world_values(-3.0, meta.shape[0] / 2)
+    monitors = f"[[150.0, 30.0], [10.0, -40.0], [{beside[0]:.8f}, {beside[1]:.8f}]]"
+    db = run(images, tmp_path / "monitor.db", monitor_loc=monitors)
+    assert ("WARNING 2 of the 3 monitor positions lie outside every image's extraction region (the image inside "
+            "its margins and radius), e.g. (10.000000, -40.000000) deg: their light curves stay empty"
+            ) in capsys.readouterr().err
+    assert query(db, "SELECT count(DISTINCT m.src_id) FROM monitor m JOIN extracted_sources x "
+                     "ON x.src_id = m.src_id")[0][0] == 1  # the one on the images
 
 
 def test_a_window_larger_than_the_run_and_an_unwritable_log_dir(survey, tmp_path):

@@ -503,20 +503,30 @@ def _say_small_background_boxes(images: list, config: Config) -> None:
 
 
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:
-    """Warn about monitor positions (``monitor_loc``, deg) that no image's extraction region covers:
-    their light curves would stay empty without a word."""
-    from trap_dask.newsource import covering_images
+    """Warn about monitor positions (``monitor_loc``, deg) that lie outside every image's extraction
+    region (the image inside its margins, and within ``radius`` when set): their light curves would
+    stay empty without a word. Each pointing (header and shape) is looked at once."""
+    import numpy as np
+
+    from trap_dask.image import celestial_wcs
 
     if not positions or not images:
         return
-    covered = covering_images(
-        [ra for ra, _ in positions], [dec for _, dec in positions], [s.meta.centre_ra for s in images],
-        [s.meta.centre_dec for s in images], [params.region_radius(s.meta.shape) * s.meta.pixel_scale for s in images],
-    ).any(1)
-    outside = [position for position, inside in zip(positions, covered) if not inside]
-    if outside:
-        log.warning("%d of the %d monitor positions lie outside every image's extraction region, e.g. (%.6f, %.6f) "
-                    "deg: their light curves stay empty", len(outside), len(positions), *outside[0])
+    ra, dec = np.array(positions, dtype=float).T
+    measured = np.zeros(len(positions), dtype=bool)
+    for meta in {(s.meta.header, s.meta.shape): s.meta for s in images}.values():
+        with np.errstate(invalid="ignore"):
+            x, y = celestial_wcs(meta).world_to_pixel_values(ra, dec)
+            (ny, nx), m = meta.shape, params.margin
+            inside = (x > m) & (x < nx - 1 - m) & (y > m) & (y < ny - 1 - m)
+            if params.radius > 0:
+                inside &= np.hypot(x - (nx - 1) / 2, y - (ny - 1) / 2) <= params.region_radius(meta.shape)
+        measured |= inside
+    outside = np.flatnonzero(~measured)
+    if len(outside):
+        log.warning("%d of the %d monitor positions lie outside every image's extraction region (the image "
+                    "inside its margins and radius), e.g. (%.6f, %.6f) deg: their light curves stay empty",
+                    len(outside), len(positions), ra[outside[0]], dec[outside[0]])
 
 
 def _say_shared_start_times(images: list) -> None:
