@@ -764,13 +764,14 @@ def test_a_monitor_position_outside_every_image_is_named_in_a_warning(survey, tm
     images = [Path(i["path"]) for i in survey["images"][:2]]
     meta = read_meta(images[0])
     beside = celestial_wcs(meta).pixel_to_world_values(-3.0, meta.shape[0] / 2)
-    monitors = f"[[150.0, 30.0], [10.0, -40.0], [{beside[0]:.8f}, {beside[1]:.8f}]]"
+    monitors = f"[[150.0, 30.0], [10.0, -40.0], [{beside[0]:.8f}, {beside[1]:.8f}], [150.0, 30.0000001]]"
     db = run(images, tmp_path / "monitor.db", monitor_loc=monitors)
-    assert ("WARNING 2 of the 3 monitor positions lie outside every image's extraction region (the image inside "
-            "its margins and radius), e.g. (10.000000, -40.000000) deg: their light curves stay empty"
-            ) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("WARNING 2 of the 4 monitor positions lie outside every image's extraction region (the image inside "
+            "its margins and radius), e.g. (10.000000, -40.000000) deg: their light curves stay empty") in err
+    assert "WARNING 1 monitor positions are given more than once (within 0.04\"), e.g. (150.000000, 30.000000)" in err
     assert query(db, "SELECT count(DISTINCT m.src_id) FROM monitor m JOIN extracted_sources x "
-                     "ON x.src_id = m.src_id")[0][0] == 1  # the one on the images
+                     "ON x.src_id = m.src_id")[0][0] == 2  # the two on the images (one given twice)
 
 
 def test_a_window_larger_than_the_run_and_an_unwritable_log_dir(survey, tmp_path):

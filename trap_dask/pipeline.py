@@ -505,7 +505,8 @@ def _say_small_background_boxes(images: list, config: Config) -> None:
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:
     """Warn about monitor positions (``monitor_loc``, deg) that lie outside every image's extraction
     region (the image inside its margins, and within ``radius`` when set): their light curves would
-    stay empty without a word. Each pointing (header and shape) is looked at once."""
+    stay empty without a word; and about positions given twice. Each pointing (header and shape) is
+    looked at once."""
     import numpy as np
 
     from trap_dask.image import celestial_wcs
@@ -522,6 +523,13 @@ def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], 
             if params.radius > 0:
                 inside &= np.hypot(x - (nx - 1) / 2, y - (ny - 1) / 2) <= params.region_radius(meta.shape)
         measured |= inside
+    near = np.round(np.column_stack([ra % 360.0, dec]), 5)  # to 0.04"
+    _, first, counts = np.unique(near, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        twice = first[np.argmax(counts > 1)]
+        log.warning("%d monitor positions are given more than once (within 0.04\"), e.g. (%.6f, %.6f) deg: each "
+                    "is measured as a source of its own, with the same light curve", int((counts > 1).sum()),
+                    ra[twice], dec[twice])
     outside = np.flatnonzero(~measured)
     if len(outside):
         log.warning("%d of the %d monitor positions lie outside every image's extraction region (the image "
