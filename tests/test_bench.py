@@ -101,6 +101,8 @@ def test_the_cluster_cpu_counts_each_process_once(processes):
 @pytest.mark.parametrize("flags, said", [
     (["--images", "0"], "--images must be >= 1"), (["--size", "10"], "--size >= 64"),
     (["--size", "128", "--sources", "100000"], "100000 sources do not fit in 128x128 pixels"),  # filled memory
+    (["--size", "128", "--sources", "20"], "20 sources do not fit"),  # the simulator's own traceback
+    (["--images", "1", "--size", "512", "--sources", "100"], "transients need at least two epochs"),
     (["--workers", "0"], "--workers takes counts >= 1"), (["--workers", "-2"], "--workers takes counts >= 1"),
     (["--report", "/proc/no/report.html"], "--report /proc/no/report.html: cannot write a file there"),
 ])

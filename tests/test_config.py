@@ -67,6 +67,7 @@ def test_wrong_type_is_named(tmp_path):
     ({"detection_threshold": "inf"}, "detection_threshold"),
     ({"memory_limit": "2.5"}, "memory_limit"),  # 2 bytes to Dask: its workers restarted until it gave up
     ({"memory_limit": "1KB"}, "memory_limit"),
+    ({"memory_limit": "1b"}, "memory_limit"),  # a byte, not a fraction
     ({"db_backend": "postgres", "db_name": "é" * 32}, "db_name"),  # 64 bytes: cut by the server
     ({"de_ruiter_r_max": "inf"}, "de_ruiter_r_max"),
     ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
@@ -81,6 +82,7 @@ def test_memory_limits_and_database_names_at_their_bounds_are_taken():
         assert build_config({"memory_limit": limit}, {}, None).memory_limit == limit
     name = "x" * 63
     assert build_config({"db_backend": "postgres", "db_name": name}, {}, None).db_name == name
+    assert build_config({"db_backend": "postgres"}, {}, None).db_name is None  # said later: no database given
 
 
 def test_overlapping_frequency_bands_are_refused_touching_ones_not():

@@ -273,6 +273,9 @@ def test_jitter_scale_moves_neighbours_together_and_keeps_the_rms(tmp_path):
     (["--rms", "-1"], "rms must be > 0"), (["--beam", "0", "0", "0"], "beam must have"),
     (["--centre", "400", "100"], "centre must be"), (["--freqs", "-5"], "freqs must be"),
     (["--cadence", "0"], "cadence must be > 0"), (["--start_time", "garbage"], "start_time 'garbage'"),
+    (["--start_time", "now"], "start_time 'now'"), (["--cadence", "inf"], "cadence must be > 0"),
+    (["--n_epochs", "1"], "transients need at least two epochs"), (["--flux_range", "5", "1"], "flux_range"),
+    (["--shape", "64", "64"], "cannot place 33 sources"),
 ])
 def test_a_survey_no_pipeline_could_read_is_refused_before_anything_is_written(tmp_path, capsys, flags, said):
     """Values a survey cannot have are one line and exit 2, and no folder is made (they were

@@ -98,8 +98,9 @@ def survey_spec(args: argparse.Namespace):
     return SurveySpec(n_epochs=args.images, shape=(args.size, args.size), seed=args.seed, **counts)
 
 
-#: Pixels of an image per simulated source at most (sources 4 beams apart, the beam ~6 pixels wide).
-PIXELS_PER_SOURCE = 600
+#: Pixels of an image per simulated source at least (sources 4 beams apart, the beam ~6 pixels
+#: wide, and a margin: the simulator places ~1200-1400 pixels' worth at most).
+PIXELS_PER_SOURCE = 1500
 
 
 def _wrong_flags(args: argparse.Namespace) -> str | None:
@@ -108,7 +109,7 @@ def _wrong_flags(args: argparse.Namespace) -> str | None:
         return "--images must be >= 1, --size >= 64 and --sources >= 1"
     if args.sources * PIXELS_PER_SOURCE > args.size**2:
         return (f"{args.sources} sources do not fit in {args.size}x{args.size} pixels (one per "
-                f"{PIXELS_PER_SOURCE} at most): give fewer --sources or a larger --size")
+                f"{PIXELS_PER_SOURCE} pixels at most): give fewer --sources or a larger --size")
     if args.workers and min(args.workers) < 1:
         return "--workers takes counts >= 1"
     if args.report:  # found out now, not after the runs
@@ -140,15 +141,18 @@ def run_bench(args: argparse.Namespace, environ=None, out=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="trap-dask-bench-"))
     try:
         survey = Path(args.survey_dir) if args.survey_dir else work / "survey"
-        spec = survey_spec(args)
         started = time.perf_counter()
         try:
-            simulated = _simulate(survey, spec)
+            simulated = _simulate(survey, survey_spec(args))
         except FileExistsError as exc:
             print(f"trap-dask bench: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
-            print(f"trap-dask bench: --survey_dir {survey}: {exc.strerror or exc}", file=sys.stderr)
+            where = f"--survey_dir {survey}" if args.survey_dir else f"the survey's folder {survey}"
+            print(f"trap-dask bench: {where}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:  # a survey the simulator cannot make (one image with transients)
+            print(f"trap-dask bench: {exc}", file=sys.stderr)
             return 2
         print(f"survey: {args.images} images of {args.size}x{args.size} pixels, {args.sources} sources "
               f"({survey}{', reused' if not simulated else f', simulated in {time.perf_counter() - started:.1f} s'})",

@@ -158,7 +158,7 @@ def _candidates(args: argparse.Namespace) -> int:
             table[name].info.format = ".4g"
         lines = table.pformat(max_lines=-1, max_width=-1)
         rule = (f"eta > {cut.eta_threshold:.3g} {args.combine} V > {cut.v_threshold:.3g}" if cut.defined
-                else "no light curve of two or more points to fit a cut to")
+                else "fewer than two light curves of two or more points to fit a cut to")
         text = "\n".join(lines) + (f"\n{len(frame)} candidates ({int(frame.new.sum())} new sources, "
                                     f"{int(frame.variable.sum())} variability outliers: {rule})\n")
         if args.output:

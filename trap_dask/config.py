@@ -398,7 +398,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{name} = {shown}: {what}")
 
     need(config.db_backend in CHOICES["db_backend"], "db_backend", _one_of("db_backend"))
-    need(config.db_backend != "postgres" or len(config.db_name.encode()) <= PG_NAME_BYTES, "db_name",
+    need(config.db_backend != "postgres" or config.db_name is None or len(config.db_name.encode()) <= PG_NAME_BYTES,
+         "db_name",
          f"a PostgreSQL database name has at most {PG_NAME_BYTES} bytes (the server cuts longer ones, "
          "and two names alike in their first bytes would be one database)")
     need(not (config.db_append and config.db_overwrite), "db_append", "cannot be combined with db_overwrite")
@@ -487,9 +488,10 @@ def _memory_bytes(text: str) -> float:
     number = re.match(r"\d+(\.\d+)?", text)
     if text == "auto" or number is None:
         return math.inf
-    unit = text[number.end():].strip().rstrip("b")
-    if not unit and float(number.group()) <= 1:
+    unit = text[number.end():].strip()
+    if not unit and float(number.group()) <= 1:  # a bare number up to 1: a fraction ('1b' is a byte)
         return math.inf
+    unit = unit.rstrip("b")
     base = 1024 if unit.endswith("i") else 1000
     return float(number.group()) * base ** (" kmgtp".index(unit[:1]) if unit else 0)
 

@@ -505,24 +505,19 @@ def _say_small_background_boxes(images: list, config: Config) -> None:
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:
     """Warn about monitor positions (``monitor_loc``, deg) that lie outside every image's extraction
     region (the image inside its margins, and within ``radius`` when set): their light curves would
-    stay empty without a word; and about positions given twice. Each pointing (header and shape) is
-    looked at once."""
+    stay empty without a word; and about positions given twice."""
     import numpy as np
 
+    from trap_dask.extraction.extract import in_extraction_region
     from trap_dask.image import celestial_wcs
 
     if not positions or not images:
         return
     ra, dec = np.array(positions, dtype=float).T
     measured = np.zeros(len(positions), dtype=bool)
-    for meta in {(s.meta.header, s.meta.shape): s.meta for s in images}.values():
-        with np.errstate(invalid="ignore"):
-            x, y = celestial_wcs(meta).world_to_pixel_values(ra, dec)
-            (ny, nx), m = meta.shape, params.margin
-            inside = (x > m) & (x < nx - 1 - m) & (y > m) & (y < ny - 1 - m)
-            if params.radius > 0:
-                inside &= np.hypot(x - (nx - 1) / 2, y - (ny - 1) / 2) <= params.region_radius(meta.shape)
-        measured |= inside
+    for meta in (s.meta for s in images):
+        with np.errstate(invalid="ignore"):  # NaN: behind the projection
+            measured |= in_extraction_region(meta.shape, params, *celestial_wcs(meta).world_to_pixel_values(ra, dec))
     near = np.round(np.column_stack([ra % 360.0, dec]), 5)  # to 0.04"
     _, first, counts = np.unique(near, axis=0, return_index=True, return_counts=True)
     if (counts > 1).any():

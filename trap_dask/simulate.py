@@ -115,27 +115,33 @@ class SurveySpec:
     def __post_init__(self) -> None:
         """ValueError naming the first field that no survey (or no pipeline reading it) can have."""
         counts = ("n_steady", "n_variable", "n_transient", "n_resolved", "n_pairs")
+        low, high = self.transient_decay
         problems = [
             (self.n_epochs >= 1, "n_epochs", "must be >= 1"),
+            (self.n_transient == 0 or self.n_epochs >= 2, "n_transient",
+             "needs n_epochs >= 2: transients need at least two epochs (they switch on at epoch >= 1)"),
             (min(self.shape) >= 16, "shape", "must be at least 16 x 16 pixels"),
             (0 < self.pixel_scale < 10, "pixel_scale", "must be a size > 0"),
             (-90 <= self.centre[1] <= 90 and np.isfinite(self.centre[0]), "centre",
              "must be an RA and a Dec in [-90, 90] deg"),
             (0 < self.beam.smin <= self.beam.smaj < 90, "beam", "must have a major >= minor axis > 0"),
             (0 < self.rms < np.inf, "rms", "must be > 0"),
-            (len(self.freqs) >= 1 and min(self.freqs) > 0, "freqs", "must be frequencies > 0 Hz"),
-            (self.bandwidth > 0, "bandwidth", "must be > 0 Hz"),
-            (self.cadence > 0, "cadence", "must be > 0 s (epochs in time order)"),
-            (self.integration >= 0, "integration", "must be >= 0 s"),
+            (0 < self.flux_range[0] <= self.flux_range[1] < np.inf, "flux_range", "must be 0 < LOW <= HIGH"),
+            ((low, high) == (0, 0) or 0 < low <= high < math.inf, "transient_decay",
+             "must be 0 0 (no decay) or 0 < LOW <= HIGH (finite), in epochs"),
+            (len(self.freqs) >= 1 and all(0 < f < np.inf for f in self.freqs), "freqs", "must be frequencies > 0 Hz"),
+            (0 < self.bandwidth < np.inf, "bandwidth", "must be > 0 Hz"),
+            (0 < self.cadence < np.inf, "cadence", "must be > 0 s (epochs in time order)"),
+            (0 <= self.integration < np.inf, "integration", "must be >= 0 s"),
             (min(getattr(self, name) for name in counts) >= 0, "n_steady..n_pairs", "must be >= 0"),
         ]
         for ok, name, rule in problems:
             if not ok:
                 raise ValueError(f"{name} {rule}")
-        try:
-            np.datetime64(self.start_time)
-        except ValueError:
-            raise ValueError(f"start_time {self.start_time!r} must be an ISO date and time") from None
+        try:  # as the images' times are made
+            Time(self.start_time, scale="utc").to_datetime()
+        except (ValueError, TypeError):
+            raise ValueError(f"start_time {self.start_time!r} must be an ISO date and time (UTC)") from None
 
 
 @dataclass(frozen=True)
@@ -167,13 +173,12 @@ def simulate_survey(outdir: str | Path, spec: SurveySpec = SurveySpec()) -> Path
     ``smaj``, ``smin`` (image-plane semi-axes = FWHM / 2, arcsec), ``pa`` (deg east of north),
     ``switch_on_epoch`` (transients; -1 otherwise), ``partner`` (pairs; -1 otherwise).
     """
-    _validate(spec)
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(spec.seed).spawn(1 + spec.n_epochs * len(spec.freqs))
     base_header = _celestial_header(spec)
     wcs = WCS(base_header)
-    cat = _make_catalogue(spec, wcs, np.random.default_rng(seeds[0]))
+    cat = _make_catalogue(spec, wcs, np.random.default_rng(seeds[0]))  # (ValueError if they cannot be placed)
+    outdir.mkdir(parents=True, exist_ok=True)
     noise_filter = _noise_filter(spec.shape, _beam_pixel_cov(spec, wcs) / 2.0)
     times = Time(spec.start_time, scale="utc") + TimeDelta(np.arange(spec.n_epochs) * spec.cadence, format="sec")
     digits = max(3, len(str(spec.n_epochs - 1)))
@@ -261,18 +266,6 @@ def render_gaussians(
         weights.append(values[inside])
     image = np.bincount(np.concatenate(indices), weights=np.concatenate(weights), minlength=ny * nx)
     return image.reshape(shape)
-
-
-def _validate(spec: SurveySpec) -> None:
-    if spec.n_epochs < 1 or min(spec.shape) < 8 or not spec.freqs:
-        raise ValueError("need at least one epoch, one band and an image of at least 8x8 pixels")
-    if spec.n_transient and spec.n_epochs < 2:
-        raise ValueError("transients need at least two epochs (they switch on at epoch >= 1)")
-    if not (0 < spec.flux_range[0] <= spec.flux_range[1]) or spec.rms <= 0 or spec.pixel_scale <= 0:
-        raise ValueError("rms, pixel_scale and the flux range must be positive")
-    low, high = spec.transient_decay
-    if (low, high) != (0, 0) and not 0 < low <= high < math.inf:
-        raise ValueError("transient_decay must be 0 0 (no decay) or 0 < LOW <= HIGH (finite), in epochs")
 
 
 def _celestial_header(spec: SurveySpec) -> fits.Header:
@@ -537,8 +530,8 @@ def simulate_from_args(args: argparse.Namespace) -> None:
     values["beam"] = Beam(smaj=bmaj / 7200.0, smin=bmin / 7200.0, pa=bpa)
     try:
         spec = SurveySpec(**values)
-    except ValueError as exc:
+        truth = simulate_survey(args.outdir, spec)
+    except ValueError as exc:  # a spec no survey can have, or sources that do not fit
         raise ConfigError(f"simulate: {exc}") from None
-    truth = simulate_survey(args.outdir, spec)
     n_images = spec.n_epochs * len(spec.freqs)
     print(f"wrote {n_images} images and {truth}")

@@ -77,7 +77,7 @@ def _summary_list(info: dict[str, Any], db_name: str, cut) -> str:
         "variability cut": (f"log η > {cut.eta_mean:.3f} + {cut.eta_sigma:g} × {cut.eta_std:.3f} "
                             f"(η > {cut.eta_threshold:.3g}), log V > {cut.v_mean:.3f} + {cut.v_sigma:g} × "
                             f"{cut.v_std:.3f} (V > {cut.v_threshold:.3g})") if cut.defined
-                           else "none: no light curve of two or more points to fit it to",
+                           else "none: fewer than two light curves of two or more points to fit it to",
     }
     body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
     rejected = "".join(f"<tr><td>{r.id}</td><td>{html.escape(str(r.url))}</td>"

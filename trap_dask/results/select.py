@@ -84,8 +84,8 @@ class SigmaCut:
 
     @property
     def defined(self) -> bool:
-        """Whether there were light curves of two or more points to fit (none after one image, or when
-        every image was rejected)."""
+        """Whether there were light curves to fit it to: two or more, of two or more points each,
+        with eta and V above 0 (none after one image, or when every image was rejected)."""
         return bool(np.isfinite([self.eta_mean, self.eta_std, self.v_mean, self.v_std]).all())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -99,20 +100,22 @@ def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, floa
         return "source not\non this image"
 
 
-#: sha256 of the files hashed already, by (path, size, modification time): a report draws the stamps
-#: of many candidates from the same images, and hashes each file once.
+#: sha256 of the files hashed already, by path, size, modification and change times and inode: a
+#: report draws the stamps of many candidates from the same images, and hashes each file once.
 _DIGESTS: dict[tuple, str] = {}
 _MAX_DIGESTS = 4096
 
 
 def _digest(url: str, stamp: FileStamp | None, raw: np.ndarray) -> str:
-    """The sha256 of the file at ``url`` whose bytes are ``raw``, remembered by its stamp (None for
-    a file modified moments ago: hashed each time)."""
+    """The sha256 of the file at ``url`` whose bytes are ``raw``, remembered by its stamp when it was
+    read (None for a file modified moments ago: hashed each time), its inode and its status change
+    time (which no copy that keeps modification times can set back)."""
     from trap_dask.tasks import bytes_checksum
 
-    if stamp is None:
+    status = os.stat(url)
+    if stamp is None or (status.st_size, status.st_mtime_ns) != tuple(stamp):
         return bytes_checksum(raw)
-    key = (url, *stamp)
+    key = (url, *stamp, status.st_ino, status.st_ctime_ns)
     if key not in _DIGESTS:
         if len(_DIGESTS) >= _MAX_DIGESTS:
             _DIGESTS.clear()
