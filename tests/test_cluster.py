@@ -587,7 +587,12 @@ def test_a_local_cluster_of_far_more_threads_than_cores_is_warned_about(monkeypa
     from trap_dask import cluster
 
     monkeypatch.setattr(cluster.os, "cpu_count", lambda: 2)
-    session = cluster.start_client(build_config({"scheduler": "threads", "nr_threads": 8}, {}, None))
-    session.close()
+    logger = logging.getLogger("trap_dask")  # (a run before may have kept its messages from the root)
+    logger.addHandler(caplog.handler)
+    try:
+        session = cluster.start_client(build_config({"scheduler": "threads", "nr_threads": 8}, {}, None))
+        session.close()
+    finally:
+        logger.removeHandler(caplog.handler)
     assert any(r.levelno == logging.WARNING and "1 worker processes of 8 threads on 2 cores" in r.getMessage()
                for r in caplog.records)
