@@ -477,11 +477,17 @@ def _unzip(data: bytes) -> bytes:
         return archive.read(names[0])
 
 
+def field_header(meta: ImageMeta) -> str:
+    """The image's header text without its time keywords: the same for every image of one pointing
+    (what its celestial WCS follows from)."""
+    return _without_times(meta.header)
+
+
 def celestial_wcs(meta: ImageMeta) -> WCS:
     """Return the 2-D celestial WCS of the image plane (pixel axes x, y), made without the header's
     time keywords: a copy of the one worked out for the first image of the field (0.95 -> 0.12 ms
     an image; the images of a survey differ in those keywords only)."""
-    field_wcs = _field_wcs(_without_times(meta.header))
+    field_wcs = _field_wcs(field_header(meta))
     with _COPYING:  # copies of one WCS are made one at a time (wcslib is not known to be thread-safe)
         return copy.deepcopy(field_wcs)
 

@@ -509,13 +509,13 @@ def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], 
     import numpy as np
 
     from trap_dask.extraction.extract import in_extraction_region
-    from trap_dask.image import celestial_wcs
+    from trap_dask.image import celestial_wcs, field_header
 
     if not positions or not images:
         return
     ra, dec = np.array(positions, dtype=float).T
     measured = np.zeros(len(positions), dtype=bool)
-    for meta in (s.meta for s in images):
+    for meta in {(field_header(s.meta), s.meta.shape): s.meta for s in images}.values():  # each pointing once
         with np.errstate(invalid="ignore"):  # NaN: behind the projection
             measured |= in_extraction_region(meta.shape, params, *celestial_wcs(meta).world_to_pixel_values(ra, dec))
     near = np.round(np.column_stack([ra % 360.0, dec]), 5)  # to 0.04"
