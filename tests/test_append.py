@@ -478,6 +478,38 @@ def test_sigterm_stops_cleanly_and_the_resume_equals_one_run(db_settings, long_e
     assert _run_rows(db_settings) == [("interrupted", committed), ("completed", len(long_epochs) - committed)]
 
 
+def test_a_sigterm_whose_exception_python_swallows_still_stops_the_run(tmp_path, long_epochs, monkeypatch):
+    """A SIGTERM that arrives while the main thread runs a ``__del__`` (a Dask future's, as it is
+    collected) has the exception its handler raises swallowed by Python: the run once went on and
+    completed, exit 0. It now stops at its next image, recorded as interrupted."""
+    import trap_dask.pipeline as pipeline
+
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "term.db"))
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
+
+    class SigtermInDel:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:  # bytecode: the handler runs (and raises) in here
+                pass
+
+    counted = pipeline._count
+
+    def count_then_sigterm(*args) -> None:
+        counted(*args)
+        if not swallowed:
+            SigtermInDel()  # collected at once: its __del__ runs in the main thread
+
+    monkeypatch.setattr(pipeline, "_count", count_then_sigterm)
+    with pytest.raises(pipeline.Terminated):
+        run(settings, long_epochs)
+    assert swallowed == [pipeline.Terminated]  # raised inside __del__, where Python drops it
+    [(status, committed)] = _run_rows(settings)
+    assert status == "interrupted" and 1 <= committed < len(long_epochs)
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, epochs):
     settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "int.db"))
     many = SurveySpec(n_epochs=30, shape=(192, 192), n_steady=6, n_variable=1, n_transient=1, n_resolved=0,

@@ -223,11 +223,12 @@ def run_pipeline(config: Config, config_file: Path | None = None, observe=None) 
         check_cluster(config)  # wrong batch-system settings stop the run before the database is touched
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
-    with _terminate_as_interrupt(), _gil_switch_interval(GIL_SWITCH_S), _imports_frozen():
-        return _run_locked(config, config_file, settings, paths, started, observe)
+    with _terminate_as_interrupt() as terminated, _gil_switch_interval(GIL_SWITCH_S), _imports_frozen():
+        return _run_locked(config, config_file, settings, paths, started, observe, terminated)
 
 
-def _run_locked(config, config_file, settings, paths, started, observe=None) -> RunSummary:
+def _run_locked(config, config_file, settings, paths, started, observe=None,
+                terminated: threading.Event | None = None) -> RunSummary:
     """Under the run lock: prepare the database and scan the headers (in a thread) while the Dask
     cluster starts (here: signal handling belongs to the main thread), then process."""
     from concurrent.futures import ThreadPoolExecutor
@@ -260,7 +261,7 @@ def _run_locked(config, config_file, settings, paths, started, observe=None) -> 
                     raise
             try:
                 return _process(config, config_file, settings, session, append, known, scans, started, observe,
-                                lock)
+                                lock, terminated)
             except Exception as exc:  # an interrupted run keeps its database: --db_append goes on with it
                 if append or isinstance(exc, LockLost) or not _drop_if_imageless(settings):
                     raise  # (a run that lost its lock leaves the database to the run that holds it)
@@ -356,9 +357,10 @@ def prepare_database(settings: DatabaseSettings, config: Config) -> tuple[bool, 
 
 
 def _process(config, config_file, settings, session, append, known, scans, started, observe=None,
-             lock=None) -> RunSummary:
+             lock=None, terminated: threading.Event | None = None) -> RunSummary:
     """Stream the scanned images through the workers and the writer actor (route.py), checking as it
-    goes that the run still holds its ``lock`` (a RunLock)."""
+    goes that the run still holds its ``lock`` (a RunLock) and that no SIGTERM went unheard
+    (``terminated``, see :func:`_terminate_as_interrupt`)."""
     from contextlib import ExitStack
 
     from trap_dask.cluster import ClusterError, check_inputs_readable
@@ -418,6 +420,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
                                 lock.check()
                             if stop.is_set():
                                 raise KeyboardInterrupt
+                            if terminated is not None and terminated.is_set():
+                                raise Terminated
                     break
                 except (KeyboardInterrupt, ClusterError, LockLost):
                     raise
@@ -756,20 +760,28 @@ def _imports_frozen() -> Iterator[None]:
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _terminate_as_interrupt() -> Iterator[threading.Event]:
     """SIGTERM raises Terminated wherever the run is: the image being committed is committed (the
     writer finishes its call before it records the run's end), one in flight is dropped, and the
-    run is recorded as interrupted."""
+    run is recorded as interrupted.
+
+    The returned event is set as well: Python swallows an exception a signal handler raises while
+    the main thread runs a ``__del__`` (a Dask future's, as it is collected) or a weakref callback,
+    and the run then stops at its next image (``_process``) instead of completing as if it had not
+    been told to stop."""
+    terminated = threading.Event()
+
     def handler(signum, frame) -> None:
+        terminated.set()
         log.warning("terminated (SIGTERM): stopping now")
         raise Terminated
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield terminated
         return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield terminated
     finally:
         signal.signal(signal.SIGTERM, previous)
 
