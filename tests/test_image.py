@@ -310,14 +310,36 @@ def test_infinite_pixels_read_as_blank(tmp_path: Path, reader: str, dtype: type)
     np.testing.assert_array_equal(read[0], read[1])
 
 def test_a_restfrq_that_is_a_line_is_not_the_observing_frequency(tmp_path: Path) -> None:
-    """A 150 MHz cube carrying the HI line's rest frequency: the FREQ axis says where it observed;
-    where the two agree (within the channel), RESTFRQ is the frequency as TraP takes it."""
-    cards = {"CTYPE3": "FREQ", "CRVAL3": 1.5e8, "CDELT3": 2e6, "CRPIX3": 1.0, "CUNIT3": "Hz", "RESTBW": None}
+    """A FREQ axis says where an image observed; RESTFRQ is a line's rest frequency, also within the
+    band: a MeerKAT L-band continuum image (1.284 GHz, 856 MHz wide) carrying the HI line's
+    1.4204 GHz was stored at 1.4204 GHz. LOFAR's images are read as TraP reads them: RESTFRQ and
+    RESTBW where RESTFRQ agrees with the axis to within a channel."""
+    cards = {"CTYPE3": "FREQ", "CRVAL3": 1.284e9, "CDELT3": 8.56e8, "CRPIX3": 1.0, "CUNIT3": "Hz", "RESTBW": None}
     plane = np.ones((1, 16, 20), np.float32)
-    line = read_meta(write_image(tmp_path / "hi.fits", {**cards, "RESTFRQ": 1.420405752e9}, plane))
+    for name, rest in (("hi.fits", 1.420405752e9), ("far.fits", 1.5e8)):
+        meta = read_meta(write_image(tmp_path / name, {**cards, "RESTFRQ": rest}, plane))
+        assert (meta.freq_eff, meta.freq_bw) == (1.284e9, 8.56e8)
+    lofar = {**cards, "CRVAL3": 1.5e8, "CDELT3": 2e6, "TELESCOP": "LOFAR"}
+    same = read_meta(write_image(tmp_path / "lofar.fits", {**lofar, "RESTFRQ": 1.505e8, "RESTBW": 1.9e6}, plane))
+    assert (same.freq_eff, same.freq_bw) == (1.505e8, 1.9e6)
+    line = read_meta(write_image(tmp_path / "lofar_hi.fits", {**lofar, "RESTFRQ": 1.420405752e9}, plane))
     assert (line.freq_eff, line.freq_bw) == (1.5e8, 2e6)
-    same = read_meta(write_image(tmp_path / "same.fits", {**cards, "RESTFRQ": 1.505e8}, plane))
-    assert same.freq_eff == 1.505e8
+
+
+@pytest.mark.parametrize("increment", [{}, {"CD1_1": -2 * ARCSEC, "CD2_2": 2 * ARCSEC, "CDELT1": None, "CDELT2": None}])
+def test_a_spectral_axis_without_an_increment_has_no_bandwidth(tmp_path: Path, increment: dict) -> None:
+    """A FREQ axis without CDELT3 (also beside a CD matrix of RA/Dec without CD3_3): WCSLIB takes an
+    increment of 1, and every image was stored with a bandwidth of 1 Hz, each its own band. RESTBW
+    gives the bandwidth then, else the image is rejected saying so."""
+    cards = {"CTYPE3": "FREQ", "CRVAL3": 1.5e8, "CRPIX3": 1.0, "CUNIT3": "Hz", "RESTFRQ": None, "RESTBW": None,
+             **increment}
+    plane = np.ones((1, 16, 20), np.float32)
+    with pytest.raises(ImageError, match=r"^no bandwidth: the spectral axis has no increment \(CDELT\) and the "
+                                         r"header no positive RESTBW; add RESTBW \(Hz\) to the header$"):
+        read_meta(write_image(tmp_path / "no_cdelt3.fits", cards, plane))
+    meta = read_meta(write_image(tmp_path / "restbw.fits", {**cards, "RESTBW": 2e6}, plane))
+    assert (meta.freq_eff, meta.freq_bw) == (1.5e8, 2e6)
+
 
 def test_time_fallbacks(tmp_path: Path) -> None:
     mjd = read_meta(write_image(tmp_path / "m.fits", {"DATE-OBS": None, "MJD-OBS": 59000.25}))

@@ -224,7 +224,7 @@ def _cards_without(text: str, keywords: frozenset[str]) -> str:
 #: WCS is read from the whole text, once per field), besides NAXISn and the HISTORY cards of an
 #: AIPS beam.
 _LOOKED_UP = frozenset({"SIMPLE", "GROUPS", "BITPIX", "NAXIS", "BSCALE", "BZERO", "TIMESYS", "BMAJ", "BMIN", "BPA",
-                        "RESTFRQ", "RESTFREQ", "RESTBW", "BUNIT", *_TIME_KEYS, *_TAU_KEYS})
+                        "RESTFRQ", "RESTFREQ", "RESTBW", "BUNIT", "TELESCOP", *_TIME_KEYS, *_TAU_KEYS})
 _NAXIS_N = re.compile(r"NAXIS\d+")
 
 
@@ -255,7 +255,7 @@ def _sky_frame(text: str) -> SkyFrame:
     if not (math.isfinite(centre_ra) and math.isfinite(centre_dec)):
         raise ImageError("the image centre has no valid sky position in its WCS")
     return SkyFrame(shape, centre_ra % 360.0, centre_dec, float(np.mean(proj_plane_pixel_scales(cel))),
-                    _spectral_axis_frequency(wcs))
+                    _spectral_axis_frequency(wcs, header))
 
 
 #: A FITS file's bytes: ``bytes``, or a writable buffer (1-D uint8 array) that may be reused.
@@ -652,21 +652,36 @@ def _header_beam(header: fits.Header) -> Beam:
     return Beam(smaj=max(bmaj, bmin) / 2.0, smin=min(bmaj, bmin) / 2.0, pa=pa)
 
 
+#: Telescopes whose images give their observing frequency and bandwidth in RESTFRQ and RESTBW, as
+#: TraP reads them (TELESCOP).
+_RESTFRQ_TELESCOPES = frozenset({"LOFAR", "AARTFAAC"})
+
+
 def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> tuple[float, float]:
-    """(freq_eff, freq_bw) in Hz from RESTFRQ/RESTFREQ/RESTBW or the WCS's spectral ``axis``
-    (frequency and channel width, Hz; see :func:`_spectral_axis_frequency`)."""
+    """(freq_eff, freq_bw) in Hz from the WCS's spectral ``axis`` (frequency and channel width, Hz;
+    see :func:`_spectral_axis_frequency`), else from RESTFRQ/RESTFREQ and RESTBW.
+
+    RESTFRQ is, by the FITS standard, a line's rest frequency: a FREQ axis says where the image
+    observed (a continuum image of MeerKAT's L band at 1.28 GHz may carry the HI line's 1.42 GHz,
+    within its 856 MHz). LOFAR's images are read as TraP reads them, RESTFRQ and RESTBW first,
+    where RESTFRQ agrees with their axis to within a channel.
+    """
     axis_freq, axis_bw = axis
-    freq_eff = next(_positive(header, ("RESTFRQ", "RESTFREQ")), axis_freq)
-    # RESTFRQ is, by the FITS standard, a line's rest frequency: it is the observing frequency where
-    # a FREQ axis agrees (LOFAR's, CASA's continuum images) or is absent, not where one says otherwise
-    # (the HI line's 1.42 GHz in a 150 MHz cube)
-    if axis_freq is not None and abs(freq_eff - axis_freq) > max(axis_bw or 0.0, 1e-6 * axis_freq):
-        freq_eff = axis_freq
-    freq_bw = next(_positive(header, ("RESTBW",)), axis_bw)
-    if freq_eff is None or not (freq_eff > 0):
+    rest = next(_positive(header, ("RESTFRQ", "RESTFREQ")), None)
+    rest_bw = next(_positive(header, ("RESTBW",)), None)
+    lofar = str(header.get("TELESCOP", "") or "").strip().upper() in _RESTFRQ_TELESCOPES
+    if axis_freq is None:
+        freq_eff, freq_bw = rest, rest_bw
+    elif rest is not None and lofar and abs(rest - axis_freq) <= max(axis_bw or 0.0, 1e-6 * axis_freq):
+        freq_eff, freq_bw = rest, rest_bw or axis_bw
+    else:
+        freq_eff, freq_bw = axis_freq, axis_bw or rest_bw
+    if freq_eff is None:
         raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; add RESTFRQ (Hz) to the header")
-    if freq_bw is None or not (freq_bw > 0):
-        raise ImageError(f"no bandwidth: {_lacks(header, ('RESTBW',))}; add RESTBW (Hz) to the header")
+    if freq_bw is None:
+        lacks = (_lacks(header, ("RESTBW",)) if axis_freq is None else
+                 "the spectral axis has no increment (CDELT) and the header no positive RESTBW")
+        raise ImageError(f"no bandwidth: {lacks}; add RESTBW (Hz) to the header")
     return freq_eff, freq_bw
 
 
@@ -703,15 +718,17 @@ def _check_stokes(wcs: WCS) -> None:
                          "trap-dask measures Stokes I (total intensity)")
 
 
-def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:
+def _spectral_axis_frequency(wcs: WCS, header: fits.Header) -> tuple[float | None, float | None]:
     """Frequency (Hz) of the first spectral pixel and the width of that channel (Hz).
 
     Velocity or wavelength axes are translated to frequency by WCSLIB (needs RESTFRQ for
-    velocities). (None, None) when there is no usable spectral axis.
+    velocities). (None, None) when there is no usable spectral axis; a width of None when the
+    header gives the axis no increment (CDELTn, CDn_n or PCn_n: WCSLIB would take 1 Hz).
     """
     spec = wcs.wcs.spec
     if spec < 0:
         return None, None
+    given = any(f"{key}{spec + 1}" in header for key in ("CDELT", f"CD{spec + 1}_", f"PC{spec + 1}_"))
     freq_wcs = wcs.deepcopy()
     try:
         freq_wcs.wcs.sptr("FREQ-???", spec)
@@ -722,7 +739,7 @@ def _spectral_axis_frequency(wcs: WCS) -> tuple[float | None, float | None]:
     freqs = freq_wcs.wcs_pix2world(pixels, 0)[:, spec]
     if not np.all(np.isfinite(freqs)):
         return None, None
-    return float(freqs[0]), float(abs(freqs[2] - freqs[1]))
+    return float(freqs[0]), float(abs(freqs[2] - freqs[1])) if given else None
 
 
 #: A FITS date and time to the second or finer, at most microseconds: datetime reads it as astropy
