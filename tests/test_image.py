@@ -111,6 +111,28 @@ def test_missing_cards_are_named(tmp_path: Path, cards: dict, said: str) -> None
         assert read_meta(write_image(tmp_path / f"{matrix}.fits", cards)).pixel_scale == pytest.approx(2 * ARCSEC)
 
 
+def test_beams_of_other_conventions(tmp_path: Path) -> None:
+    """Obit's CLEANBMJ/CLEANBMN/CLEANBPA are a beam; a round beam needs no BPA; a BMAJ of 0 (a
+    placeholder) gives way to an AIPS HISTORY beam; an elliptical beam without BPA is still refused,
+    and a CASA header whose beams are in a BEAMS table says so."""
+    no_beam = {"BMAJ": None, "BMIN": None, "BPA": None}
+    obit = read_meta(write_image(tmp_path / "o.fits", {**no_beam, "CLEANBMJ": 8 * ARCSEC, "CLEANBMN": 4 * ARCSEC,
+                                                        "CLEANBPA": 30.0}))
+    assert astuple(obit.beam) == pytest.approx((4 * ARCSEC, 2 * ARCSEC, 30.0))
+    round_beam = read_meta(write_image(tmp_path / "r.fits", {"BMIN": 10 * ARCSEC, "BPA": None}))
+    assert astuple(round_beam.beam) == pytest.approx((5 * ARCSEC, 5 * ARCSEC, 0.0))
+    history = ("AIPS   CLEAN BMAJ=  2.7778E-03 BMIN=  1.3889E-03 BPA=  45.00",)
+    aips = read_meta(write_image(tmp_path / "a.fits", {"BMAJ": 0.0, "BMIN": 0.0, "BPA": 0.0}, history=history))
+    assert astuple(aips.beam) == pytest.approx((2.7778e-3 / 2, 1.3889e-3 / 2, 45.0))
+    with pytest.raises(ImageError, match=r"^invalid restoring beam BMAJ=0.0 BMIN=0.0 BPA=0.0$"):
+        read_meta(write_image(tmp_path / "z.fits", {"BMAJ": 0.0, "BMIN": 0.0, "BPA": 0.0}))
+    with pytest.raises(ImageError, match=r"^no restoring beam: the header has no BPA and no HISTORY beam card;"):
+        read_meta(write_image(tmp_path / "e.fits", {"BPA": None}))
+    with pytest.raises(ImageError, match=r"no HISTORY beam card \(its per-plane beams are in a BEAMS table, "
+                                         r"CASAMBM = T, which trap-dask does not read\); add BMAJ"):
+        read_meta(write_image(tmp_path / "c.fits", {**no_beam, "CASAMBM": True}))
+
+
 @pytest.mark.parametrize("key, value", [("BMAJ", b"INF"), ("BMAJ", b"NAN"), ("EXPTIME", b"INF"), ("CDELT1", b"1.0.0"),
                                         ("RESTFRQ", b"INF")])
 def test_a_card_that_is_no_fits_value_is_named_without_astropys_warnings(tmp_path: Path, key: str,
@@ -356,6 +378,28 @@ def test_time_fallbacks(tmp_path: Path) -> None:
         read_meta(write_image(tmp_path / "bad.fits", {"DATE-OBS": "2020-01-01", "TIME-OBS": "25:00:00"}))
 
 
+
+def test_start_times_of_other_conventions(tmp_path: Path) -> None:
+    """Seen in real imagers' headers: a DATE-OBS of a date alone beside MJD-OBS (AIPS, Obit) was
+    read as midnight; FITS 4.0's DATE-BEG or MJD-BEG alone was refused; GPS time was taken as UTC
+    (18 s off) and a LOCAL one refused with astropy's words."""
+    aips = read_meta(write_image(tmp_path / "a.fits", {"DATE-OBS": "2020-05-31", "MJD-OBS": 59000.4375}))
+    assert aips.taustart_ts == datetime(2020, 5, 31, 10, 30)
+    midnight = read_meta(write_image(tmp_path / "d.fits", {"DATE-OBS": "2020-05-31"}))
+    assert midnight.taustart_ts == datetime(2020, 5, 31)  # nothing gives its time of day
+    beg = read_meta(write_image(tmp_path / "b.fits", {"DATE-OBS": None, "DATE-BEG": "2020-05-31T06:00:00"}))
+    mjd_beg = read_meta(write_image(tmp_path / "mb.fits", {"DATE-OBS": None, "MJD-BEG": 59000.25}))
+    assert beg.taustart_ts == mjd_beg.taustart_ts == datetime(2020, 5, 31, 6)
+    gps = read_meta(write_image(tmp_path / "g.fits", {"DATE-OBS": "2020-01-01T00:00:18", "TIMESYS": "GPS"}))
+    assert gps.taustart_ts == datetime(2020, 1, 1)  # GPS = TAI - 19 s, TAI - UTC = 37 s
+    iat = read_meta(write_image(tmp_path / "i.fits", {"DATE-OBS": "2020-01-01T00:00:37", "TIMESYS": "IAT"}))
+    assert iat.taustart_ts == datetime(2020, 1, 1)  # IAT: TAI's older name
+    with pytest.raises(ImageError, match=r"^TIMESYS = 'LOCAL': a local clock has no known relation to UTC"):
+        read_meta(write_image(tmp_path / "l.fits", {"TIMESYS": "LOCAL"}))
+    with pytest.raises(ImageError, match=r"^no start time: the header has neither DATE-OBS nor MJD-OBS"):
+        read_meta(write_image(tmp_path / "n.fits", {"DATE-OBS": None}))
+
+
 @pytest.mark.parametrize("value", ["2021-03-04T05:06:07", "2021-03-04T05:06:07.5", "2021-03-04T05:06:07.123456",
                                    "2021-03-04T05:06:07.123456789", "2021-03-04", "2021-03-04T05:06:60"])
 def test_start_times_are_astropys(tmp_path: Path, value: str) -> None:
@@ -485,6 +529,8 @@ def test_compressed_files_read_from_disk_and_from_memory(tmp_path: Path, suffix:
                        "add RESTBW (Hz) to the header"),
     ({"CRVAL1": "east"}, "invalid world coordinate system: CRVAL1 = 'east' is not a number"),
     ({"CDELT2": "small"}, "invalid world coordinate system: CDELT2 = 'small' is not a number"),
+    ({"CDELT2": 0.0}, "invalid world coordinate system: CDELT2 = 0 (DEC--SIN): an axis needs a non-zero increment, "
+                      "also one of a single plane"),
 ])
 def test_rejection_reasons_are_one_line_without_class_names(tmp_path: Path, cards: dict, reason: str) -> None:
     with pytest.raises(ImageError) as caught:
@@ -545,10 +591,13 @@ def test_a_naxis_that_is_text_rejects_the_image(tmp_path: Path) -> None:
 
 
 def test_a_blank_exposure_time_is_as_if_absent(tmp_path: Path) -> None:
-    """EXPTIME without a value (or only spaces) says nothing: the next of INTTIME/TAU_TIME that has
-    one, else 0 s, as when the card is absent; a value that is not a number still rejects."""
+    """EXPTIME without a value (or only spaces) says nothing: the next of INTTIME/TAU_TIME/XPOSURE/
+    DURATION/TELAPSE that has a positive one, else 0 s, as when the card is absent; a value that is
+    not a number still rejects."""
     cases = (({"EXPTIME": None}, 0.0), ({"EXPTIME": "   "}, 0.0), ({"EXPTIME": None, "INTTIME": 30.0}, 30.0),
-             ({"EXPTIME": -5.0}, 0.0))  # a negative time says nothing either
+             ({"EXPTIME": -5.0}, 0.0),  # a negative time says nothing either, nor does 0 (it hid INTTIME)
+             ({"EXPTIME": 0.0, "INTTIME": 600.0}, 600.0), ({"XPOSURE": 45.0}, 45.0),  # FITS 4.0
+             ({"DURATION": 900.0}, 900.0), ({"TELAPSE": 20.0}, 20.0))  # ASKAPsoft's; the elapsed time
     for number, (cards, tau) in enumerate(cases):
         path = write_image(tmp_path / f"blank{number}.fits", {})
         with fits.open(path, mode="update") as hdul:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
-from astropy.time import Time
+from astropy.time import Time, TimeDelta
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
@@ -94,8 +94,12 @@ class ImageMeta:
     flux_scale: float = 1.0
 
 
-#: Header keywords holding the integration time in s, in order of preference.
-_TAU_KEYS = ("EXPTIME", "INTTIME", "TAU_TIME")
+#: Header keywords holding the integration time in s, in order of preference: the first positive one
+#: (EXPTIME = 0 beside INTTIME = 600 is 600 s); XPOSURE is FITS 4.0's, DURATION ASKAPsoft's.
+_TAU_KEYS = ("EXPTIME", "INTTIME", "TAU_TIME", "XPOSURE", "DURATION", "TELAPSE")
+#: The keywords of a restoring beam (FWHM major and minor axes, deg; position angle, deg), in order
+#: of preference: the usual ones, then Obit's.
+_BEAM_KEYS = (("BMAJ", "BMIN", "BPA"), ("CLEANBMJ", "CLEANBMN", "CLEANBPA"))
 _FLOAT = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][-+]?\d+)?)"
 #: AIPS/Obit ``HISTORY ... BMAJ= x BMIN= y BPA= z`` card (deg).
 _HISTORY_BEAM = re.compile(rf"BMAJ\s*=\s*{_FLOAT}\s+BMIN\s*=\s*{_FLOAT}\s+BPA\s*=\s*{_FLOAT}")
@@ -137,7 +141,7 @@ def _meta(url: str, beam: Beam | None, freq: tuple[float, float] | None) -> Imag
     return ImageMeta(
         url=url,
         taustart_ts=taustart_ts,
-        tau_time=max(next((_number(header, k) for k in _given(header, _TAU_KEYS)), 0.0), 0.0),
+        tau_time=next(_positive(header, _TAU_KEYS), 0.0),
         freq_eff=float(freq_eff),
         freq_bw=float(freq_bw),
         beam=beam,
@@ -173,8 +177,8 @@ def _flux_scale(header: fits.Header) -> float:
 
 #: Header keywords of the time of an observation, which change from image to image of a field
 #: but not its celestial WCS.
-_TIME_KEYS = frozenset({"DATE-OBS", "TIME-OBS", "MJD-OBS", "DATE-END", "MJD-END", "DATE-AVG", "MJD-AVG", "DATE",
-                        "TSTART", "TSTOP"})
+_TIME_KEYS = frozenset({"DATE-OBS", "TIME-OBS", "MJD-OBS", "DATE-BEG", "MJD-BEG", "DATE-END", "MJD-END", "DATE-AVG",
+                        "MJD-AVG", "DATE", "TSTART", "TSTOP"})
 #: Commentary keywords, left out of ``ImageMeta.header``.
 _NOTES = frozenset({"HISTORY", "COMMENT"})
 #: The keywords left out of a field's header text (:func:`_without_times`).
@@ -223,8 +227,9 @@ def _cards_without(text: str, keywords: frozenset[str]) -> str:
 #: The keywords of a primary header that :func:`read_meta` and :func:`read_image` look up (the
 #: WCS is read from the whole text, once per field), besides NAXISn and the HISTORY cards of an
 #: AIPS beam.
-_LOOKED_UP = frozenset({"SIMPLE", "GROUPS", "BITPIX", "NAXIS", "BSCALE", "BZERO", "TIMESYS", "BMAJ", "BMIN", "BPA",
-                        "RESTFRQ", "RESTFREQ", "RESTBW", "BUNIT", "TELESCOP", *_TIME_KEYS, *_TAU_KEYS})
+_LOOKED_UP = frozenset({"SIMPLE", "GROUPS", "BITPIX", "NAXIS", "BSCALE", "BZERO", "TIMESYS",
+                        "RESTFRQ", "RESTFREQ", "RESTBW", "BUNIT", "TELESCOP", "CASAMBM", *_TIME_KEYS, *_TAU_KEYS,
+                        *(k for keys in _BEAM_KEYS for k in keys)})
 _NAXIS_N = re.compile(r"NAXIS\d+")
 
 
@@ -546,6 +551,7 @@ def _leading_primary_header(url: str) -> tuple[fits.Header, str] | None:
 #: The keywords of a WCS's transformation (reference value and pixel, increments, matrix): wcslib
 #: puts a default (0, or 1 for an increment) in place of one that is not a number, and only warns.
 _TRANSFORM_KEY = re.compile(r"(?:CRVAL|CRPIX|CDELT|CROTA)\d+[A-Z]?|(?:CD|PC)\d+_\d+[A-Z]?")
+_CD_KEY = re.compile(r"CD\d+_\d+")
 
 
 def _header_wcs(header: fits.Header) -> WCS:
@@ -556,6 +562,12 @@ def _header_wcs(header: fits.Header) -> WCS:
         if _TRANSFORM_KEY.fullmatch(card.keyword) and (
                 isinstance(card.value, bool) or not isinstance(card.value, (int, float))):
             raise ImageError(f"invalid world coordinate system: {card.keyword} = {card.value!r} is not a number")
+    cd_matrix = any(_CD_KEY.fullmatch(keyword) for keyword in header)  # CDELTn then count for nothing
+    for axis in range(1, _whole(header, "NAXIS") + 1):
+        if not cd_matrix and header.get(f"CDELT{axis}") == 0:  # wcslib: "PCi_ja matrix is singular"
+            kind = str(header.get(f"CTYPE{axis}", "") or "").strip() or "no CTYPE"
+            raise ImageError(f"invalid world coordinate system: CDELT{axis} = 0 ({kind}): an axis needs a "
+                             "non-zero increment, also one of a single plane")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
@@ -631,18 +643,24 @@ def _number(header: fits.Header, key: str) -> float:
 
 
 def _header_beam(header: fits.Header) -> Beam:
-    """Beam from BMAJ/BMIN/BPA (FWHM, deg) or the last AIPS HISTORY beam card."""
-    if all(k in header for k in ("BMAJ", "BMIN", "BPA")):
-        bmaj, bmin, bpa = (_number(header, k) for k in ("BMAJ", "BMIN", "BPA"))
+    """Beam from BMAJ/BMIN/BPA (FWHM, deg), Obit's CLEANBMJ/CLEANBMN/CLEANBPA, or the last AIPS
+    HISTORY beam card. A round beam needs no position angle; keywords of a beam of no size (BMAJ = 0,
+    a placeholder) give way to a HISTORY card."""
+    given = [keys for keys in _BEAM_KEYS if all(k in header for k in keys[:2])
+             and (keys[2] in header or _number(header, keys[0]) == _number(header, keys[1]))]
+    values = [tuple(_number(header, k) if k in header else 0.0 for k in keys) for keys in given]
+    history = [m for m in map(_HISTORY_BEAM.search, map(str, header.get("HISTORY", []))) if m]
+    usable = [v for v in values if v[0] > 0 and v[1] > 0]
+    if usable or (values and not history):
+        bmaj, bmin, bpa = (usable or values)[0]
+    elif history:
+        bmaj, bmin, bpa = (float(v.upper().replace("D", "E")) for v in history[-1].groups())
     else:
-        found = [m for m in map(_HISTORY_BEAM.search, map(str, header.get("HISTORY", []))) if m]
-        if not found:
-            missing = "/".join(k for k in ("BMAJ", "BMIN", "BPA") if k not in header)
-            raise ImageError(
-                f"no restoring beam: the header has no {missing} and no HISTORY beam card; "
-                "add BMAJ, BMIN (FWHM, deg) and BPA (deg) to the header"
-            )
-        bmaj, bmin, bpa = (float(v.upper().replace("D", "E")) for v in found[-1].groups())
+        missing = "/".join(k for k in _BEAM_KEYS[0] if k not in header)
+        tables = " (its per-plane beams are in a BEAMS table, CASAMBM = T, which trap-dask does not read)" \
+            if header.get("CASAMBM") is True else ""
+        raise ImageError(f"no restoring beam: the header has no {missing} and no HISTORY beam card{tables}; "
+                         "add BMAJ, BMIN (FWHM, deg) and BPA (deg) to the header")
     if not (bmaj > 0 and bmin > 0 and math.isfinite(bmaj * bmin * bpa)):
         raise ImageError(f"invalid restoring beam BMAJ={bmaj} BMIN={bmin} BPA={bpa}")
     if not -180.0 <= bpa <= 180.0:  # the same beam turned by whole half turns: into [-90, 90)
@@ -747,30 +765,59 @@ def _spectral_axis_frequency(wcs: WCS, header: fits.Header) -> tuple[float | Non
 _PLAIN_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?")
 
 
+#: TIMESYS values naming a time scale otherwise than astropy does (FITS 4.0, section 9.2.1, and
+#: older usage); any other value astropy does not know is taken as UTC, as TraP takes every image.
+_SCALE_NAMES = {"UT": "utc", "GMT": "utc", "Z": "utc", "IAT": "tai", "ET": "tt", "TDT": "tt"}
+#: TAI runs 19 s ahead of GPS time (FITS 4.0, section 9.2.1): a GPS clock's reading plus this is TAI.
+_TAI_MINUS_GPS_S = 19.0
+
+
+def _time_scale(header: fits.Header) -> tuple[str, float]:
+    """(astropy's scale, seconds to add in it) of the header's TIMESYS (default UTC)."""
+    name = str(header.get("TIMESYS", "UTC") or "UTC").strip().upper()
+    if name == "GPS":
+        return "tai", _TAI_MINUS_GPS_S
+    if name == "LOCAL":
+        raise ImageError("TIMESYS = 'LOCAL': a local clock has no known relation to UTC; give the start time "
+                         "in UTC (TIMESYS = 'UTC')")
+    scale = _SCALE_NAMES.get(name, name.lower())
+    return (scale if scale in Time.SCALES else "utc"), 0.0
+
+
 def _start_time(header: fits.Header) -> datetime:
-    """Start time (UTC, naive) from DATE-OBS in the TIMESYS scale, else MJD-OBS. A DATE-OBS of a
-    date alone takes its time of day from TIME-OBS (the older convention); one ending in Z is UTC."""
-    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
-    scale = scale if scale in Time.SCALES else "utc"
-    if not (header.get("DATE-OBS") or header.get("MJD-OBS")):
-        raise ImageError("no start time: the header has neither DATE-OBS nor MJD-OBS")
-    if header.get("DATE-OBS"):
-        value, name = str(header["DATE-OBS"]).strip(), "DATE-OBS"
-        if "T" not in value and str(header.get("TIME-OBS") or "").strip():
-            value, name = f"{value}T{str(header['TIME-OBS']).strip()}", "DATE-OBS + TIME-OBS"
+    """Start time (UTC, naive) from DATE-OBS (else DATE-BEG) in the TIMESYS scale, else MJD-OBS
+    (MJD-BEG). A DATE-OBS of a date alone takes its time of day from TIME-OBS (the older
+    convention), else from MJD-OBS (AIPS and Obit write both); one ending in Z is UTC."""
+    scale, offset = _time_scale(header)
+    date_key = next(_given(header, ("DATE-OBS", "DATE-BEG")), None)
+    mjd_key = next(_given(header, ("MJD-OBS", "MJD-BEG")), None)
+    if date_key is None and mjd_key is None:
+        raise ImageError("no start time: the header has neither DATE-OBS nor MJD-OBS (nor DATE-BEG/MJD-BEG)")
+    value, name = (str(header[date_key]).strip(), date_key) if date_key else ("", "")
+    if date_key and "T" not in value and next(_given(header, ("TIME-OBS",)), None):
+        value, name = f"{value}T{str(header['TIME-OBS']).strip()}", f"{date_key} + TIME-OBS"
+    if date_key and ("T" in value or mjd_key is None):
         if value.endswith("Z"):
-            value, scale = value[:-1], "utc"
+            value, scale, offset = value[:-1], "utc", 0.0
         if scale == "utc" and _PLAIN_UTC.fullmatch(value):
             try:  # what astropy's Time gives for these (0.1 us against its 80 us)
                 return datetime.fromisoformat(value)
             except ValueError:
                 pass  # not a date (month 13, second 60, ...): astropy says why
-        try:  # a UTC leap second (23:59:60) is the next second, 00:00:00: datetime has no second 60
-            return Time(value, format="fits", scale=scale).utc.to_datetime(leap_second_strict="silent")
+        try:
+            return _utc(Time(value, format="fits", scale=scale), offset)
         except (ValueError, TypeError) as exc:
             raise ImageError(f"unreadable start time {name}={value!r}: not a valid FITS date and time "
                              "(YYYY-MM-DDThh:mm:ss[.sss])") from exc
     try:
-        return Time(float(header["MJD-OBS"]), format="mjd", scale=scale).utc.to_datetime(leap_second_strict="silent")
+        return _utc(Time(float(header[mjd_key]), format="mjd", scale=scale), offset)
     except (ValueError, TypeError) as exc:
-        raise ImageError(f"unreadable start time MJD-OBS={header['MJD-OBS']!r}: not a valid MJD") from exc
+        raise ImageError(f"unreadable start time {mjd_key}={header[mjd_key]!r}: not a valid MJD") from exc
+
+
+def _utc(time: Time, offset: float) -> datetime:
+    """``time`` plus ``offset`` seconds of its scale, in UTC (naive); a UTC leap second (23:59:60)
+    is the next second, 00:00:00: datetime has no second 60."""
+    if offset:
+        time = time + TimeDelta(offset, format="sec", scale=time.scale)
+    return time.utc.to_datetime(leap_second_strict="silent")
