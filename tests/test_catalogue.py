@@ -322,3 +322,38 @@ def test_pair_members_start_where_their_fluxes_put_their_centroid(band_1, band_2
     first, second = request.pair_dec[0]
     assert second - first == pytest.approx(40 * ARCSEC)
     assert weights[0] * first + weights[1] * second == pytest.approx(blend["dec"][0])
+
+
+def test_a_shifted_image_is_force_fitted_where_it_shows_its_sources_and_adds_unshifted_positions(catalogue):
+    """An image shifted 10" east: the null detection is force-fitted 10" east of its catalogue
+    position, and a source it finds enters the catalogue with the shift taken out; a run that
+    continues the database takes the same shifts from the images table (astrometry offsets of the
+    images measured with at least MIN_MATCHES matches, under remove_image_shift)."""
+    from dataclasses import replace
+
+    from trap_dask.catalogue import EarlierImages
+    from trap_dask.messages import MIN_MATCHES
+
+    east = 10.0 / 3600.0
+    cat, _ = step(catalogue, 0, detections([150.0, 150.1], [30.0, 30.0], [1.0, 1.0]))
+    image = replace(context(1), shift_ra=east)
+    det = detections([150.0 + east / np.cos(np.deg2rad(30.0)), 150.05 + east / np.cos(np.deg2rad(30.0))],
+                     [30.0, 30.02], [1.0, 1.0])
+    plan = cat.plan(image, det)
+    request = plan.forced_request(cat)
+    assert plan.det_source.tolist() == [0, -1]  # the first continues its source, the second is new
+    assert request.ra == pytest.approx([150.1 + east / np.cos(np.deg2rad(30.0))], abs=1e-5)
+    assert request.dec == pytest.approx([30.0], abs=1e-5)
+    update = cat.update(plan, ForcedMeasurements(forced_at(request.ra, request.dec, [1.0])))
+    new = update.sources["src_id"] == 3  # (the fixture counts ids from 1)
+    assert update.sources["wm_ra"][new] == pytest.approx([150.05], abs=1e-5)  # to 0.04"
+    assert update.sources["wm_ra"][0] == pytest.approx(150.0, abs=1e-5)  # its detection unshifted too
+    cat = cat.apply(update, image)
+    images = {"id": [0, 1], "freq_band": [1, 1], "centre_ra": [150.0, 150.0], "centre_dec": [30.0, 30.0],
+              "xtr_radius": [1.0, 1.0], "rms_min": [0.001] * 2, "rms_max": [0.001] * 2, "url": ["", ""],
+              "astrometry_n": [0, MIN_MATCHES], "astrometry_offset_ra": [None, 10.0],
+              "astrometry_offset_dec": [None, 0.0], "xtr_outline": [None, None]}
+    stored = EarlierImages.from_images_table(images)
+    assert stored.shift_ra.tolist() == pytest.approx(cat.earlier.shift_ra.tolist()) == [0.0, east]
+    assert EarlierImages.from_images_table(images, remove_shift=False).shift_ra.tolist() == [0.0, 0.0]
+    assert EarlierImages.from_images_table({**images, "astrometry_n": [0, MIN_MATCHES - 1]}).shift_ra.tolist() == [0, 0]

@@ -21,9 +21,9 @@ from trap_dask.columns import Columns, concat, take
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
-from trap_dask.messages import ForcedMeasurements, ForcedRequest
+from trap_dask.messages import MIN_MATCHES, ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
-from trap_dask.sky import unshifted, wrap_ra_difference
+from trap_dask.sky import shifted, unshifted, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,
@@ -106,11 +106,15 @@ class AssociationPlan:
     det_parent_row: np.ndarray  #: catalogue row whose last measurement is the parent, -1 for none
     is_duplicate: np.ndarray
     forced_rows: np.ndarray  #: catalogue rows to force-fit (null detections, then monitors)
+    forced_ra: np.ndarray  #: deg, where this image shows them (their positions with its shift)
+    forced_dec: np.ndarray
     pair_det: np.ndarray  #: detections refitted together with a null detection
     pair_forced: np.ndarray  #: index into ``forced_rows`` of each pair's null detection
     pair_ra: np.ndarray  #: (k, 2) deg, start positions of (detected, null) source
     pair_dec: np.ndarray
     backfill_det: np.ndarray  #: new sources covered by the band's previous image, to measure there
+    backfill_ra: np.ndarray  #: deg, where that image shows them (with its shift instead of this one's)
+    backfill_dec: np.ndarray
     backfill_image: int  #: im_id of that image (-1: none)
     backfill_url: str | None  #: its file
     merge_keep: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: catalogue rows kept ...
@@ -124,10 +128,8 @@ class AssociationPlan:
     def forced_request(self, catalogue: RunningCatalogue) -> ForcedRequest:
         """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
         sources to measure in the band's previous image."""
-        s, back = catalogue.sources, self.detections[self.backfill_det]
-        return ForcedRequest(s["wm_ra"][self.forced_rows], s["wm_dec"][self.forced_rows],
-                             self.pair_ra, self.pair_dec, back["ra"], back["dec"], self.image.band,
-                             self.backfill_image, self.backfill_url)
+        return ForcedRequest(self.forced_ra, self.forced_dec, self.pair_ra, self.pair_dec, self.backfill_ra,
+                             self.backfill_dec, self.image.band, self.backfill_image, self.backfill_url)
 
 
 @dataclass(frozen=True)
@@ -159,19 +161,41 @@ class EarlierImages:
     rms_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
     url: np.ndarray = field(default_factory=lambda: np.zeros(0, "O"))
+    #: deg, the coherent shift taken out of each image's positions (ImageContext.shift_ra/dec)
+    shift_ra: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    shift_dec: np.ndarray = field(default_factory=lambda: np.zeros(0))
     outlines: Outlines = field(default_factory=lambda: Outlines(np.zeros((0, 0, 2)), np.zeros(0, "i8")))
 
     @classmethod
-    def from_images_table(cls, images: dict[str, list]) -> EarlierImages:
-        """From the accepted rows of the ``images`` table (``xtr_outline`` NULL before schema 7)."""
+    def from_images_table(cls, images: dict[str, list], remove_shift: bool = True) -> EarlierImages:
+        """From the accepted rows of the ``images`` table (``xtr_outline`` NULL before schema 7); the
+        shift taken out of an image is its measured astrometry offset, under ``remove_shift``."""
         if not images:
             return cls()
         names = {"band": "freq_band", "im_id": "id", "centre_ra": "centre_ra", "centre_dec": "centre_dec",
                  "xtr_radius": "xtr_radius", "rms_min": "rms_min", "rms_max": "rms_max", "url": "url"}
         dtypes = {"band": "i8", "im_id": "i8", "url": "O"}
+        n = np.asarray(images["astrometry_n"], dtype=float)
+        applied = remove_shift & (np.nan_to_num(n) >= MIN_MATCHES)
+        shift = {ours: np.where(applied, np.nan_to_num(np.asarray(images[theirs], dtype=float)) / 3600.0, 0.0)
+                 for ours, theirs in (("shift_ra", "astrometry_offset_ra"), ("shift_dec", "astrometry_offset_dec"))}
         return cls(**{ours: np.asarray(images[theirs], dtype=dtypes.get(ours, float))
-                      for ours, theirs in names.items()},
+                      for ours, theirs in names.items()}, **shift,
                    outlines=Outlines.of_rows(outline_from_text(images["xtr_outline"])))
+
+    def shifts_of(self, im_id: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(shift east, shift north, centre ra, centre dec) in deg of the images ``im_id`` (zero
+        shift for an image not among these)."""
+        at = np.searchsorted(self.im_id, im_id)  # ids ascend: images are added in the run's order
+        known = np.zeros(len(im_id), bool)
+        inside = at < len(self.im_id)
+        known[inside] = self.im_id[at[inside]] == im_id[inside]
+        values = []
+        for column in (self.shift_ra, self.shift_dec, self.centre_ra, self.centre_dec):
+            value = np.zeros(len(im_id))
+            value[known] = column[at[known]]
+            values.append(value)
+        return tuple(values)
 
     def add(self, image: ImageContext) -> EarlierImages:
         arrays = {name: np.append(getattr(self, name), getattr(image, name))
@@ -253,16 +277,17 @@ class RunningCatalogue:
         eligible = unmatched[s["n_consecutive_force_fits"][unmatched] < self.max_nr_consecutive_force_fits]
         monitors = np.flatnonzero(s["is_monitor"])
         candidates = np.concatenate([eligible, monitors])
-        inside = covering_images(
-            s["wm_ra"][candidates], s["wm_dec"][candidates],
-            image.centre_ra, image.centre_dec, image.xtr_radius, Outlines.of_rows(image.outline[None]),
-        )[:, 0]
-        forced_rows = candidates[inside]
-        pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows)
+        # where this image shows them: the catalogue's positions with its coherent shift
+        cand_ra, cand_dec = shifted(s["wm_ra"][candidates], s["wm_dec"][candidates], image.shift_ra,
+                                    image.shift_dec, (image.centre_ra, image.centre_dec))
+        inside = covering_images(cand_ra, cand_dec, image.centre_ra, image.centre_dec, image.xtr_radius,
+                                 Outlines.of_rows(image.outline[None]))[:, 0]
+        forced_rows, forced_ra, forced_dec = candidates[inside], cand_ra[inside], cand_dec[inside]
+        pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows, forced_ra, forced_dec)
         pair_ra, pair_dec = self._pair_starts(image, detections[pair_det], det_source[pair_det],
                                               forced_rows[pair_forced])
-        backfill_det, backfill_image, backfill_url = self._backfill(
-            image, detections, (det_source < 0) & ~links.is_duplicate)
+        backfill_det, backfill_ra, backfill_dec, backfill_image, backfill_url = self._backfill(
+            image, det_ra, det_dec, (det_source < 0) & ~links.is_duplicate)
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -270,11 +295,15 @@ class RunningCatalogue:
             det_parent_row=det_parent_row,
             is_duplicate=links.is_duplicate,
             forced_rows=forced_rows,
+            forced_ra=forced_ra,
+            forced_dec=forced_dec,
             pair_det=pair_det,
             pair_forced=pair_forced,
             pair_ra=pair_ra,
             pair_dec=pair_dec,
             backfill_det=backfill_det,
+            backfill_ra=backfill_ra,
+            backfill_dec=backfill_dec,
             backfill_image=backfill_image,
             backfill_url=backfill_url,
             merge_keep=merge_keep,
@@ -295,23 +324,27 @@ class RunningCatalogue:
                                             RESOLVABLE_SEPARATION * image.beam_fwhm, self.blind_tree)
         return blind[keep], blind[drop], apart
 
-    def _backfill(self, image: ImageContext, det: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, int, str | None]:
-        """New sources to measure in the band's previous image, and that image's im_id and file
-        (-1 and None: none)."""
+    def _backfill(self, image: ImageContext, det_ra: np.ndarray, det_dec: np.ndarray,
+                  new: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str | None]:
+        """New sources to measure in the band's previous image (detections, of positions ``det_ra``,
+        ``det_dec`` in deg with this image's shift taken out), where that image shows them (deg),
+        and its im_id and file (-1 and None: none)."""
         earlier = self.earlier
         in_band = np.flatnonzero(earlier.band == image.band)
         if not self.backfill or not len(in_band) or not new.any():
-            return np.zeros(0, np.intp), -1, None
+            return np.zeros(0, np.intp), np.zeros(0), np.zeros(0), -1, None
         last = in_band[np.argmax(earlier.im_id[in_band])]
         cand = np.flatnonzero(new)
-        inside = covering_images(det["ra"][cand], det["dec"][cand], earlier.centre_ra[last],
-                                 earlier.centre_dec[last], earlier.xtr_radius[last],
+        ra, dec = shifted(det_ra[cand], det_dec[cand], earlier.shift_ra[last], earlier.shift_dec[last],
+                          (earlier.centre_ra[last], earlier.centre_dec[last]))
+        inside = covering_images(ra, dec, earlier.centre_ra[last], earlier.centre_dec[last], earlier.xtr_radius[last],
                                  earlier.outlines.take(last))[:, 0]
-        return cand[inside], int(earlier.im_id[last]), str(earlier.url[last])
+        return cand[inside], ra[inside], dec[inside], int(earlier.im_id[last]), str(earlier.url[last])
 
-    def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray,
-                forced_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(index into forced_rows, detection) of null detections to fit with a detection.
+    def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray, forced_rows: np.ndarray,
+                forced_ra: np.ndarray, forced_dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index into forced_rows, detection) of null detections to fit with a detection; the null
+        detections are where this image shows them (``forced_ra``, ``forced_dec``, deg).
 
         Only point-like detections that continue a known source take part, and only null
         detections of blind sources (not monitors).
@@ -323,10 +356,8 @@ class RunningCatalogue:
         nulls = np.flatnonzero(~s["is_monitor"][forced_rows])
         point_like = det["semimajor_axis"] * 2.0 / 3600.0 <= BLEND_MAX_EXTENT * image.beam_fwhm
         dets = np.flatnonzero((det_source >= 0) & point_like)
-        ni, dj = blended_null_detections(
-            det["ra"][dets], det["dec"][dets], s["wm_ra"][forced_rows[nulls]], s["wm_dec"][forced_rows[nulls]],
-            BLEND_RADIUS * image.beam_fwhm,
-        )
+        ni, dj = blended_null_detections(det["ra"][dets], det["dec"][dets], forced_ra[nulls], forced_dec[nulls],
+                                         BLEND_RADIUS * image.beam_fwhm)
         null_rows, det_rows = forced_rows[nulls[ni]], det_source[dets[dj]]
         apart = _separation(s["wm_ra"][null_rows], s["wm_dec"][null_rows], s["wm_ra"][det_rows], s["wm_dec"][det_rows])
         keep = apart >= RESOLVABLE_SEPARATION * image.beam_fwhm
@@ -411,19 +442,21 @@ class RunningCatalogue:
         det_src_id[old_det] = s["src_id"][det_source[old_det]]
         det_src_id[new_det] = new_src_ids
 
-        # new sources get catalogue rows; every detection then updates its row's position sums
+        # new sources get catalogue rows; every detection then updates its row's position sums, with
+        # the image's coherent shift taken out (the catalogue's positions are in one frame)
+        det_ra, det_dec = unshifted(det["ra"], det["dec"], image.shift_ra, image.shift_dec,
+                                    (image.centre_ra, image.centre_dec))
         added = empty_columns(SOURCE_COLUMNS, len(new_det))
         added["src_id"] = new_src_ids
-        added["ra_ref"] = det["ra"][new_det]
+        added["ra_ref"] = det_ra[new_det]
         added["first_im_id"][:] = image.im_id
         added["merged_into"][:] = -1
         n_before = len(s["src_id"])
         s = concat([s, added])
         det_rows = np.where(det_source >= 0, det_source, 0)
         det_rows[new_det] = n_before + np.arange(len(new_det))
-        increments = position_sum_increments(
-            det["ra"], det["dec"], _ra_error(det), det["uncertainty_ns"], s["ra_ref"][det_rows]
-        )
+        increments = position_sum_increments(det_ra, det_dec, _ra_error(det), det["uncertainty_ns"],
+                                             s["ra_ref"][det_rows])
         for name in POSITION_SUMS:
             np.add.at(s[f"acc_{name}"], det_rows, increments[name])
         s["last_xtrsrc"][det_rows] = det_ids
@@ -542,7 +575,7 @@ class RunningCatalogue:
         for keep, drop, apart in zip(plan.merge_keep.tolist(), plan.merge_drop.tolist(), plan.merge_separation):
             keep_src, drop_src = int(s["src_id"][keep]), int(s["src_id"][drop])
             merged = merge_histories(history, keep_src, drop_src)
-            _merge_catalogue_row(s, keep, drop, merged.rows)
+            _merge_catalogue_row(s, keep, drop, merged.rows, self.earlier)
             lc = _merge_lightcurves(lc, merged.rows, keep_src, drop_src)
             records.append({"src_id": drop_src, "merged_into": keep_src, "im_id": plan.image.im_id,
                             "separation": float(apart) * 3600.0,
@@ -636,12 +669,14 @@ def _substitute(rows: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarra
     return out
 
 
-def _merge_catalogue_row(s: Columns, keep: int, drop: int, rows: np.ndarray) -> None:
+def _merge_catalogue_row(s: Columns, keep: int, drop: int, rows: np.ndarray, earlier: EarlierImages) -> None:
     """Catalogue row ``keep`` rebuilt from the merged measurements ``rows`` (HISTORY_DTYPE, in
-    processing order); row ``drop`` marked as merged into it. In place."""
+    processing order; their positions with the shifts of their images, ``earlier``, taken out); row
+    ``drop`` marked as merged into it. In place."""
     blind = rows[~rows["is_force_fit"]]
-    increments = position_sum_increments(blind["ra"], blind["dec"], _ra_error(blind), blind["uncertainty_ns"],
-                                         s["ra_ref"][keep])
+    east, north, centre_ra, centre_dec = earlier.shifts_of(blind["im_id"])
+    ra, dec = unshifted(blind["ra"], blind["dec"], east, north, (centre_ra, centre_dec))
+    increments = position_sum_increments(ra, dec, _ra_error(blind), blind["uncertainty_ns"], s["ra_ref"][keep])
     for name in POSITION_SUMS:
         s[f"acc_{name}"][keep] = increments[name].sum()
     s["first_im_id"][keep] = min(s["first_im_id"][keep], s["first_im_id"][drop])

@@ -214,8 +214,10 @@ class Config:
         True, "association", "",
         "take each image's coherent offset from the catalogue (the median over its bright isolated "
         "sources, east and north at the image's centre, stored as astrometry_offset_ra/dec) out "
-        "of its positions before associating them, so a shifted image does not split light curves "
-        "(false: TraP 1.x)",
+        "of its positions before associating them and adding them to the catalogue, and force-fit "
+        "its sources where it shows them, so a shifted image neither splits light curves nor "
+        "misplaces forced fits; the catalogue's positions stay in the frame of the run's first "
+        "image (false: TraP 1.x)",
     )
     link_radius: float = _param(
         0.5, "association", "beam FWHM",

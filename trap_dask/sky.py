@@ -58,17 +58,48 @@ def from_local(east: ArrayLike, north: ArrayLike, turn: ArrayLike) -> tuple[np.n
     return east * np.cos(turn) + north * np.sin(turn), -east * np.sin(turn) + north * np.cos(turn)
 
 
-def unshifted(ra: np.ndarray, dec: np.ndarray, shift_east: float, shift_north: float,
-              centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def unshifted(ra: ArrayLike, dec: ArrayLike, shift_east: ArrayLike, shift_north: ArrayLike,
+              centre: tuple[ArrayLike, ArrayLike]) -> tuple[np.ndarray, np.ndarray]:
     """Positions (deg) with an image's coherent shift taken out: the same offset (deg) at every
     position, east and north as at the image's ``centre`` (ra, dec; deg), turned at each position
     as its own east and north turn (:func:`north_turn`): a shifted image moves all its positions
-    alike, on a field around a pole as anywhere. Positions beyond TANGENT_REACH stay where they are."""
-    if shift_east == 0.0 and shift_north == 0.0:
+    alike, on a field around a pole as anywhere. Positions beyond TANGENT_REACH stay where they are.
+    The shift and centre may also be arrays, one per position (positions of several images)."""
+    return _moved(ra, dec, shift_east, shift_north, centre, -1.0)
+
+
+def shifted(ra: ArrayLike, dec: ArrayLike, shift_east: ArrayLike, shift_north: ArrayLike,
+            centre: tuple[ArrayLike, ArrayLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Where an image shifted by (``shift_east``, ``shift_north``) shows the sources at ``ra``,
+    ``dec`` (deg, the catalogue's): the inverse of :func:`unshifted`."""
+    return _moved(ra, dec, shift_east, shift_north, centre, 1.0)
+
+
+#: Steps of :func:`shifted` towards the position that :func:`unshifted` takes back: each divides the
+#: error by about the shift over the distance to the pole (0.1 deg from it, 20" shifts: 0.003").
+INVERSE_STEPS = 3
+
+
+def _moved(ra: ArrayLike, dec: ArrayLike, shift_east: ArrayLike, shift_north: ArrayLike,
+           centre: tuple[ArrayLike, ArrayLike], sign: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions moved by ``sign`` times a shift (see :func:`unshifted`); the offset east is taken
+    along the parallel of the catalogue's position (the unshifted one), so the two are inverses."""
+    ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
+    if not (np.any(shift_east) or np.any(shift_north)):
         return ra, dec
-    near = within_reach(ra, dec, centre)
-    east, north = to_local(shift_east, shift_north, north_turn(ra[near], centre))
-    out_ra, out_dec = np.array(ra, dtype=float), np.array(dec, dtype=float)
-    out_dec[near] = dec[near] - north
-    out_ra[near] = (ra[near] - east / np.cos(np.deg2rad(out_dec[near]))) % 360.0
+    east0, north0, ra0, dec0 = np.broadcast_arrays(shift_east, shift_north, *centre, ra)[:4]
+    near = within_reach(ra, dec, (ra0, dec0))
+    ra_n, dec_n, east0, north0, centre_n = ra[near], dec[near], east0[near], north0[near], (ra0[near], dec0[near])
+
+    def move(turn_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        east, north = to_local(east0, north0, north_turn(turn_at, centre_n))
+        moved_dec = dec_n + sign * north
+        parallel = np.deg2rad(moved_dec if sign < 0 else dec_n)
+        return (ra_n + sign * east / np.cos(parallel)) % 360.0, moved_dec
+
+    moved_ra, moved_dec = move(ra_n)
+    for _ in range(INVERSE_STEPS if sign > 0 else 0):  # the turn is the shifted position's, as unshifted takes it
+        moved_ra, moved_dec = move(moved_ra)
+    out_ra, out_dec = ra.copy(), dec.copy()
+    out_ra[near], out_dec[near] = moved_ra, moved_dec
     return out_ra, out_dec

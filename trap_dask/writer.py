@@ -157,7 +157,7 @@ class Writer:
                 self.catalogue,
                 sources=columns_from_lists(SOURCE_COLUMNS, state.sources),
                 lightcurves=columns_from_lists(LIGHTCURVE_COLUMNS, state.lightcurves),
-                earlier=EarlierImages.from_images_table(state.images),
+                earlier=EarlierImages.from_images_table(state.images, config.remove_image_shift),
                 next_xtrsrc=state.next_xtrsrc,
                 next_src_id=state.next_src_id,
             )
