@@ -351,9 +351,29 @@ def test_a_shifted_image_is_force_fitted_where_it_shows_its_sources_and_adds_uns
     cat = cat.apply(update, image)
     images = {"id": [0, 1], "freq_band": [1, 1], "centre_ra": [150.0, 150.0], "centre_dec": [30.0, 30.0],
               "xtr_radius": [1.0, 1.0], "rms_min": [0.001] * 2, "rms_max": [0.001] * 2, "url": ["", ""],
-              "astrometry_n": [0, MIN_MATCHES], "astrometry_offset_ra": [None, 10.0],
+              "rb_smaj": [0.0] * 2, "astrometry_n": [0, MIN_MATCHES], "astrometry_offset_ra": [None, 10.0],
               "astrometry_offset_dec": [None, 0.0], "xtr_outline": [None, None]}
     stored = EarlierImages.from_images_table(images)
     assert stored.shift_ra.tolist() == pytest.approx(cat.earlier.shift_ra.tolist()) == [0.0, east]
     assert EarlierImages.from_images_table(images, remove_shift=False).shift_ra.tolist() == [0.0, 0.0]
     assert EarlierImages.from_images_table({**images, "astrometry_n": [0, MIN_MATCHES - 1]}).shift_ra.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("earlier_beam, new", [(30.0, True), (60.0, False)])
+def test_a_new_source_is_a_candidate_only_where_an_earlier_image_could_tell_it_from_its_neighbour(
+        catalogue, earlier_beam, new):
+    """A source found 24" (0.8 beam) from a known one: an earlier image of the same 30" beam would
+    have told them apart, one of a 60" beam saw one source there (they are 0.4 of its beam apart):
+    a pair member first resolved by a sharper image is no transient candidate."""
+    from dataclasses import replace
+
+    beam = 30.0 * ARCSEC
+    first = replace(context(0), beam_fwhm=earlier_beam * ARCSEC)
+    plan = catalogue.plan(first, add_uncertainties(detections([150.0], [30.0], [1.0]), 1.0, 1.0))
+    cat = catalogue.apply(catalogue.update(plan, ForcedMeasurements(forced_at([], [], []))), first)
+    image = replace(context(1), beam_fwhm=beam)
+    det = add_uncertainties(detections([150.0, 150.0], [30.0, 30.0 + 24 * ARCSEC], [1.0, 1.0]), 1.0, 1.0)
+    plan = cat.plan(image, det)  # (1" systematic errors: no duplicate of the known source either)
+    update = cat.update(plan, ForcedMeasurements(forced_at([], [], [])))
+    assert plan.det_source.tolist() == [0, -1] and not plan.is_duplicate.any()
+    assert len(update.new_sources["src_id"]) == int(new)

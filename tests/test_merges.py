@@ -44,9 +44,10 @@ def test_merged_history_keeps_one_measurement_per_image():
     assert merged.set_aside.tolist() == [2, 6]
 
 
-def _image(i: int, ra: list[float], dec: list[float]) -> ImageResult:
+def _image(i: int, ra: list[float], dec: list[float], blur: float = 1.0) -> ImageResult:
+    """Image ``i`` detecting sources at ``ra``, ``dec`` (deg), of a beam ``blur`` times BEAM."""
     meta = ImageMeta(url=f"/data/image{i}.fits", taustart_ts=datetime(2024, 1, 1) + timedelta(days=i), tau_time=60.0,
-                     freq_eff=150e6, freq_bw=2e6, beam=Beam(BEAM / 2, BEAM / 3, 0.0), shape=(512, 512),
+                     freq_eff=150e6, freq_bw=2e6, beam=Beam(blur * BEAM / 2, blur * BEAM / 3, 0.0), shape=(512, 512),
                      centre_ra=150.0, centre_dec=30.0, pixel_scale=5 * ARCSEC, header="")
     det = empty_sources(len(ra))
     det["ra"], det["dec"] = ra, dec
@@ -91,8 +92,10 @@ def _table(settings, table, order) -> list[dict]:
 
 def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     """A source measured 18" (0.6 beam) off with tight position errors starts a second source
-    (beyond the 15" obvious link); the next image detects one source there: the younger is merged
-    into the older in that image's transaction, and an append carries on with the merged one."""
+    (beyond the 15" obvious link), no transient candidate: it is within 0.7 beam of a known source,
+    which no image could tell it from (it had a newsource row, which the merge then removed); the
+    next image detects one source there: the younger is merged into the older in that image's
+    transaction, and an append carries on with the merged one."""
     config = _config(db_settings)
     ExportStore.create(db_settings, overwrite=False).close()
     writer = Writer(db_settings, config, None)
@@ -102,7 +105,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     sources = _table(db_settings, schema.extracted_sources, ["id"])
     a, c = sources[0]["src_id"], sources[1]["src_id"]
     b = max(r["src_id"] for r in sources)
-    assert len({a, b, c}) == 3 and len(_table(db_settings, schema.newsource, ["id"])) == 1
+    assert len({a, b, c}) == 3 and _table(db_settings, schema.newsource, ["id"]) == []
     _feed(writer, _image(3, [150.0, 150.2], [off, 30.0]))       # one source there: merge
     writer.finish("completed")
 
@@ -117,7 +120,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     assert len(merges) == 1
     m = merges[0]
     assert (m["src_id"], m["merged_into"], m["im_id"] - first, m["n_moved"], m["n_set_aside"]) == (b, a, 2, 1, 2)
-    assert m["separation"] == pytest.approx(18.0, abs=0.5) and m["newsource_trigger"] is not None
+    assert m["separation"] == pytest.approx(18.0, abs=0.5) and m["newsource_trigger"] is None
     assert _table(db_settings, schema.newsource, ["id"]) == []
     var = {r["src_id"]: r for r in _table(db_settings, schema.variability, ["src_id"])}
     assert b not in var and var[a]["nr_datapoints"] == 3
@@ -132,6 +135,25 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     var = {r["src_id"]: r for r in _table(db_settings, schema.variability, ["src_id"])}
     assert var[a]["nr_datapoints"] == 4 and b not in var
     assert len(_table(db_settings, schema.merges, ["id"])) == 1
+
+
+def test_a_pair_that_sharper_images_resolved_is_not_merged_by_a_blurred_one(db_settings):
+    """Two sources 40" apart (1.3 beams), resolved by two images; a third of a beam 3 times as wide
+    sees one source between them. They were merged as one (40" is within 0.7 of its beam), and each
+    next sharp image started them again (a helper's survey of beams alternating 1x and 2x: one
+    source over 10 src_ids); the merge now needs them within 0.7 of the sharpest beam seen."""
+    config = _config(db_settings)
+    ExportStore.create(db_settings, overwrite=False).close()
+    writer = Writer(db_settings, config, None)
+    north = 30.0 + 40 * ARCSEC
+    for i in (1, 2):
+        _feed(writer, _image(i, [150.0, 150.0], [30.0, north]))
+    _feed(writer, _image(3, [150.0], [30.0 + 8 * ARCSEC], blur=3.0))
+    _feed(writer, _image(4, [150.0, 150.0], [30.0, north]))
+    writer.finish("completed")
+    assert _table(db_settings, schema.merges, ["id"]) == []
+    rows = _table(db_settings, schema.extracted_sources, ["id"])
+    assert len({r["src_id"] for r in rows}) == 2 and _table(db_settings, schema.newsource, ["id"]) == []
 
 
 def test_a_source_merged_away_is_not_a_neighbour_in_the_astrometry(db_settings):

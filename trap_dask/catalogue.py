@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import associate, blended_null_detections, sky_tree
+from trap_dask.association import associate, blended_null_detections, sky_tree, unit_vectors
 from trap_dask.columns import Columns, concat, take
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
@@ -92,7 +92,8 @@ BLEND_MAX_EXTENT = 2.0
 BLEND_SWALLOW_RADIUS = 1.0
 #: Known sources closer than this (beam FWHM) are one source to the fits (benchmarks/pair_fits.py):
 #: they are not fitted as a pair (each component would take in the light of both), and when an
-#: image detects one source there they are merged into one light curve.
+#: image detects one source there they are merged into one light curve, closer than this times the
+#: sharpest beam of the run's images (a pair that sharp images resolve stays two, blurred or not).
 RESOLVABLE_SEPARATION = 0.7
 
 
@@ -161,6 +162,7 @@ class EarlierImages:
     rms_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rms_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
     url: np.ndarray = field(default_factory=lambda: np.zeros(0, "O"))
+    beam_fwhm: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: deg, major axis of each restoring beam
     #: deg, the coherent shift taken out of each image's positions (ImageContext.shift_ra/dec)
     shift_ra: np.ndarray = field(default_factory=lambda: np.zeros(0))
     shift_dec: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -181,7 +183,14 @@ class EarlierImages:
                  for ours, theirs in (("shift_ra", "astrometry_offset_ra"), ("shift_dec", "astrometry_offset_dec"))}
         return cls(**{ours: np.asarray(images[theirs], dtype=dtypes.get(ours, float))
                       for ours, theirs in names.items()}, **shift,
+                   beam_fwhm=2.0 * np.asarray(images["rb_smaj"], dtype=float),
                    outlines=Outlines.of_rows(outline_from_text(images["xtr_outline"])))
+
+    def sharpest(self, beam_fwhm: float) -> float:
+        """The smallest of ``beam_fwhm`` (deg) and the earlier images' beams (deg): what the run has
+        resolved (sources resolved in one image are not one source because another blurs them)."""
+        known = self.beam_fwhm[self.beam_fwhm > 0]
+        return float(min(beam_fwhm, known.min())) if len(known) else beam_fwhm
 
     def shifts_of(self, im_id: np.ndarray) -> tuple[np.ndarray, ...]:
         """(shift east, shift north, centre ra, centre dec) in deg of the images ``im_id`` (zero
@@ -321,7 +330,8 @@ class RunningCatalogue:
         seen = np.zeros(len(s["src_id"]), bool)
         seen[det_source[det_source >= 0]] = True
         keep, drop, apart = converged_pairs(s["wm_ra"][blind], s["wm_dec"][blind], s["src_id"][blind], seen[blind],
-                                            RESOLVABLE_SEPARATION * image.beam_fwhm, self.blind_tree)
+                                            RESOLVABLE_SEPARATION * self.earlier.sharpest(image.beam_fwhm),
+                                            self.blind_tree)
         return blind[keep], blind[drop], apart
 
     def _backfill(self, image: ImageContext, det_ra: np.ndarray, det_dec: np.ndarray,
@@ -589,7 +599,10 @@ class RunningCatalogue:
 
     def _new_sources(self, image: ImageContext, det: np.ndarray, det_ids: np.ndarray,
                      det_src_id: np.ndarray, new_det: np.ndarray, is_duplicate: np.ndarray) -> Columns:
-        """Transient candidates: new (non-duplicate) sources at positions seen before in this band."""
+        """Transient candidates: new (non-duplicate) sources at positions seen before in this band,
+        by an image that could tell them from the known sources (one whose beam puts the nearest
+        within RESOLVABLE_SEPARATION saw them as one: a pair member first resolved by a sharper
+        image is no transient)."""
         cand = new_det[~is_duplicate[new_det]]
         earlier = self.earlier
         in_band = np.flatnonzero(earlier.band == image.band)
@@ -597,6 +610,7 @@ class RunningCatalogue:
             det["ra"][cand], det["dec"][cand], earlier.centre_ra[in_band],
             earlier.centre_dec[in_band], earlier.xtr_radius[in_band], earlier.outlines.take(in_band),
         )
+        covered &= self._nearest_known(image, det[cand])[:, None] >= RESOLVABLE_SEPARATION * earlier.beam_fwhm[in_band]
         seen = covered.any(axis=1)
         cand, covered = cand[seen], covered[seen]
         prev_min, prev_max = earlier_rms_bounds(covered, earlier.rms_min[in_band], earlier.rms_max[in_band])
@@ -613,6 +627,15 @@ class RunningCatalogue:
             "sigma_rms_min": sigma_min,
             "sigma_rms_max": sigma_max,
         }
+
+    def _nearest_known(self, image: ImageContext, det: np.ndarray) -> np.ndarray:
+        """Distance (deg) from each detection (its image's shift taken out) to the nearest source a
+        detection can continue (inf: none)."""
+        if not len(self.blind_rows) or not len(det):
+            return np.full(len(det), np.inf)
+        ra, dec = unshifted(det["ra"], det["dec"], image.shift_ra, image.shift_dec, (image.centre_ra, image.centre_dec))
+        chords = self.blind_tree.query(unit_vectors(ra, dec))[0]
+        return np.rad2deg(2.0 * np.arcsin(np.minimum(chords, 2.0) / 2.0))
 
     # -- step 3: after the transaction committed -------------------------------------------
     def apply(self, update: ImageUpdate, image: ImageContext) -> RunningCatalogue:
