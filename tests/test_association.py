@@ -202,3 +202,19 @@ def test_large_field_5000_by_1000():
     cu, du = np.full(n, 10 * ARCSEC), np.full(m, 10 * ARCSEC)
     a = associate(cat_ra, cat_dec, cu, cu, det_ra % 360, det_dec, du, du)
     assert np.mean(a.source[:900] == pick) > 0.99
+
+
+@pytest.mark.parametrize("optimal", [False, True])
+def test_a_duplicate_lies_within_reach_of_its_source(optimal):
+    """Over-set position errors (30", a beam) make a transient 4 beams beside a known source, which
+    its own detection continues, a candidate of it: TraP makes it that source's duplicate, no new
+    source. Within duplicate_reach (here a beam) it still is; beyond, a source of its own."""
+    beam, unc = 30 * ARCSEC, np.full(1, 30 * ARCSEC)
+    for offset, reach, duplicate in ((4.0, None, True), (4.0, beam, False), (0.5, beam, True)):
+        det_dec = np.array([30.0, 30.0 + offset * beam])
+        got = associate(np.full(1, 150.0), np.full(1, 30.0), unc, unc, np.full(2, 150.0), det_dec,
+                        np.full(2, 30 * ARCSEC), np.full(2, 30 * ARCSEC), optimal=optimal, duplicate_reach=reach)
+        assert got.source.tolist() == [0, -1]
+        assert got.is_duplicate.tolist() == [False, duplicate]
+        assert got.parent_source.tolist() == [-1, 0 if duplicate else -1]
+        assert np.isnan(got.distance[1]) != duplicate

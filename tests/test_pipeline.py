@@ -724,6 +724,20 @@ def test_background_boxes_narrower_than_the_beam_are_named_in_a_warning(survey, 
     assert "im_back_size" not in capsys.readouterr().err
 
 
+def test_position_errors_of_a_beam_or_more_are_named_in_a_warning(survey, tmp_path, capsys):
+    image = Path(survey["images"][0]["path"])
+    from trap_dask.image import read_meta
+
+    fwhm = 7200.0 * read_meta(image).beam.smaj
+    run([image], tmp_path / "large.db", ew_sys_err=str(2 * fwhm), ns_sys_err=str(2 * fwhm))
+    err = capsys.readouterr().err
+    assert f"WARNING --ew_sys_err {2 * fwhm:g} / --ns_sys_err {2 * fwhm:g} arcsec: 2.0 times the beam" in err
+    assert "every known source within 16 beams becomes a candidate" in err
+    for sys_err in ("auto", str(0.5 * fwhm)):
+        run([image], tmp_path / f"fine_{sys_err}.db", ew_sys_err=sys_err, ns_sys_err=sys_err)
+        assert "times the beam" not in capsys.readouterr().err
+
+
 def test_a_margin_that_leaves_no_pixel_is_named_in_a_warning(survey, tmp_path, capsys):
     image = Path(survey["images"][0]["path"])
     run([image], tmp_path / "margin.db", im_margin=SPEC.shape[0] // 2)

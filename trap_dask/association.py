@@ -18,7 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from trap_dask.sky import wrap_ra_difference
+from trap_dask.sky import haversine, wrap_ra_difference
 
 #: TraP's default maximum de Ruiter radius for an association (dimensionless).
 DE_RUITER_R_MAX = 5.68
@@ -64,7 +64,7 @@ class Association:
     source : int, per detection: catalogue index of the source it continues, -1 when it starts
         a new source.
     distance : float, per detection: de Ruiter radius to ``source`` or, for a duplicate, to
-        ``parent_source``; NaN for a new source without candidates.
+        ``parent_source``; NaN for a new source without candidates (within its reach).
     parent_source : int, per detection: for a duplicate, the catalogue index whose latest
         measurement becomes its parent; -1 otherwise.
     is_duplicate : bool, per detection: a new source split off a known one that another
@@ -193,6 +193,7 @@ def associate(
     optimal: bool = False,
     link_radius: float = 0.0,
     blend_radius: float = 0.0,
+    duplicate_reach: ArrayLike | None = None,
     cat_tree: cKDTree | None = None,
 ) -> Association:
     """Associate detections with catalogue sources by de Ruiter radius.
@@ -211,6 +212,10 @@ def associate(
     blend_radius : deg; a detection left without a link that has two or more catalogue sources
         left without one within this distance continues the nearest (see :func:`_blend_links`);
         0 (TraP 1.x): it starts a new source.
+    duplicate_reach : deg, per detection (or one for all); a detection left without a link is a
+        duplicate of its nearest candidate only within this distance of it, else it starts a
+        source of its own (a candidate many beams off, within reach of over-set position errors
+        only, is another source); None (TraP 1.x): anywhere within the de Ruiter radius.
     cat_tree : the catalogue positions' :func:`sky_tree`, when the caller has built it already.
 
     Returns
@@ -268,6 +273,12 @@ def associate(
 
     linked = source >= 0
     parent[linked] = -1
+    if duplicate_reach is not None:
+        child = np.flatnonzero(parent >= 0)
+        reach = np.broadcast_to(np.asarray(duplicate_reach, float), (n_det,))[child]
+        apart = haversine(det[0][child], det[1][child], cat[0][parent[child]], cat[1][parent[child]])
+        beyond = child[apart > np.sin(np.deg2rad(reach) / 2.0) ** 2]
+        parent[beyond], distance[beyond] = -1, np.nan
     return Association(source, distance, parent, parent >= 0, matched)
 
 

@@ -224,6 +224,7 @@ class RunningCatalogue:
     fit_blends: bool = DEFAULTS.fit_blends
     backfill: bool = DEFAULTS.backfill_new_sources
     link_radius: float = DEFAULTS.link_radius  #: beam FWHM, see :func:`trap_dask.association.associate`
+    duplicate_reach: float = DEFAULTS.duplicate_reach  #: beam FWHM, see :func:`trap_dask.association.associate`
     #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
     merge_duplicates: bool = DEFAULTS.merge_duplicates
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
@@ -274,6 +275,9 @@ class RunningCatalogue:
             optimal=self.optimal_association,
             link_radius=self.link_radius * image.beam_fwhm,
             blend_radius=BLEND_SWALLOW_RADIUS * image.beam_fwhm if self.fit_blends else 0.0,
+            duplicate_reach=np.maximum(self.duplicate_reach * image.beam_fwhm,
+                                       detections["semimajor_axis"] * 2.0 / 3600.0)
+            if self.duplicate_reach > 0 and image.beam_fwhm > 0 else None,
             cat_tree=self.blind_tree,
         )
         det_source = _remap(links.source, blind)

@@ -226,6 +226,14 @@ class Config:
         "Ruiter radius, so mis-set position errors cannot break an obvious link (0: TraP 1.x, "
         "the de Ruiter radius alone)",
     )
+    duplicate_reach: float = _param(
+        1.0, "association", "beam FWHM",
+        "a detection that no known source takes, with one within its de Ruiter radius, is a second "
+        "detection of it (a duplicate, no transient candidate) only this close to it, or within its "
+        "own fitted size where larger; farther, it is a source of its own: with over-set position "
+        "errors a transient beside a known source was taken for its duplicate (0: TraP 1.x, "
+        "anywhere within the de Ruiter radius)",
+    )
     merge_duplicates: bool = _param(
         True, "association", "",
         "when two known sources converge closer than fits can tell apart (0.7 beam) and an image "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import glob
 import logging
+import math
 import os
 import signal
 import sys
@@ -394,6 +395,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         _say_shared_start_times(images)
         _say_empty_regions(images, params)
         _say_small_background_boxes(images, config)
+        _say_large_position_errors(images, config)
         _say_uncovered_monitors(images, config.monitor_positions(), params)
         window = config.max_concurrent_images or default_window([s.meta for s in images], session.n_threads)
         log.info("%d images to process (%d rejected on reading: an unreadable file or header), up to %d in flight",
@@ -504,6 +506,25 @@ def _say_small_background_boxes(images: list, config: Config) -> None:
                     "e.g. %s (beam FWHM %.1f pixels): the background and noise maps follow the sources there; "
                     "use boxes of several beams", config.im_back_size_x, config.im_back_size_y, MIN_BOX_BEAMS,
                     len(small), len(images), *small[0])
+
+
+def _say_large_position_errors(images: list, config: Config) -> None:
+    """Warn when ``ew_sys_err``/``ns_sys_err`` (arcsec, not 'auto') are a beam FWHM or more for
+    images (ScannedImage) of the run: every known source within several beams becomes a candidate
+    of every detection, and a new source can pass its light curve on to its neighbours."""
+    given = [v for v in (config.ew_sys_err, config.ns_sys_err) if v is not None]
+    if not given or not images:
+        return
+    sharpest = min(images, key=lambda s: s.meta.beam.smaj)
+    fwhm = 7200.0 * sharpest.meta.beam.smaj  # arcsec
+    if max(given) >= fwhm:
+        said = " / ".join(f"--{name} {'auto' if v is None else f'{v:g}'}"
+                          for name, v in (("ew_sys_err", config.ew_sys_err), ("ns_sys_err", config.ns_sys_err)))
+        log.warning("%s arcsec: %.1f times the beam (FWHM %.1f\" of %s); every known source within %.0f beams "
+                    "becomes a candidate of each detection, and light curves may pass from one source to another. "
+                    "Set them near the measured position scatter (the images' astrometry_scatter_ra/dec) or to "
+                    "'auto'", said, max(given) / fwhm, fwhm, sharpest.meta.url,
+                    config.de_ruiter_r_max * math.sqrt(2.0) * max(given) / fwhm)
 
 
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:

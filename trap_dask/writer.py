@@ -140,6 +140,7 @@ class Writer:
             fit_blends=config.fit_blends,
             backfill=config.backfill_new_sources,
             link_radius=config.link_radius,
+            duplicate_reach=config.duplicate_reach,
             merge_duplicates=config.merge_duplicates,
         )
         #: the user's systematic errors (arcsec); None: 'auto', measured image by image
