@@ -87,9 +87,14 @@ def _moved(ra: ArrayLike, dec: ArrayLike, shift_east: ArrayLike, shift_north: Ar
     ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
     if not (np.any(shift_east) or np.any(shift_north)):
         return ra, dec
-    east0, north0, ra0, dec0 = np.broadcast_arrays(shift_east, shift_north, *centre, ra)[:4]
-    near = within_reach(ra, dec, (ra0, dec0))
-    ra_n, dec_n, east0, north0, centre_n = ra[near], dec[near], east0[near], north0[near], (ra0[near], dec0[near])
+    near = within_reach(ra, dec, centre)
+    every = bool(near.all())  # the usual case: no position beyond reach, nothing to pick out
+
+    def pick(value: ArrayLike) -> np.ndarray | float:
+        return value if every or np.ndim(value) == 0 else np.broadcast_to(value, ra.shape)[near]
+
+    ra_n, dec_n, east0, north0 = pick(ra), pick(dec), pick(shift_east), pick(shift_north)
+    centre_n = (pick(centre[0]), pick(centre[1]))
 
     def move(turn_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         east, north = to_local(east0, north0, north_turn(turn_at, centre_n))
@@ -100,6 +105,8 @@ def _moved(ra: ArrayLike, dec: ArrayLike, shift_east: ArrayLike, shift_north: Ar
     moved_ra, moved_dec = move(ra_n)
     for _ in range(INVERSE_STEPS if sign > 0 else 0):  # the turn is the shifted position's, as unshifted takes it
         moved_ra, moved_dec = move(moved_ra)
+    if every:
+        return moved_ra, moved_dec
     out_ra, out_dec = ra.copy(), dec.copy()
     out_ra[near], out_dec[near] = moved_ra, moved_dec
     return out_ra, out_dec
