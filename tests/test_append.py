@@ -166,6 +166,8 @@ def test_changed_association_parameters_need_consent(db_settings, epochs):
         run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0)
     with pytest.raises(PipelineError, match=r"pass --association_method optimal to continue"):
         run(db_settings, epochs, db_append=True, association_method="greedy")
+    with pytest.raises(PipelineError, match=r"remove_image_shift: True -> False\); pass --remove_image_shift to "):
+        run(db_settings, epochs, db_append=True, remove_image_shift=False)  # the catalogue's frame
     run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0, accept_config_change=True)
     assert parameter_by_run(db_settings, "de_ruiter_r_max") == [5.68, 3.0]   # every run's parameters are kept
 

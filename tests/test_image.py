@@ -128,6 +128,8 @@ def test_beams_of_other_conventions(tmp_path: Path) -> None:
         read_meta(write_image(tmp_path / "z.fits", {"BMAJ": 0.0, "BMIN": 0.0, "BPA": 0.0}))
     with pytest.raises(ImageError, match=r"^no restoring beam: the header has no BPA and no HISTORY beam card;"):
         read_meta(write_image(tmp_path / "e.fits", {"BPA": None}))
+    spare = read_meta(write_image(tmp_path / "s.fits", {"CLEANBMJ": "wide", "CLEANBMN": 1.0, "CLEANBPA": 0.0}))
+    assert astuple(spare.beam) == pytest.approx((5 * ARCSEC, 3 * ARCSEC, 20.0))  # Obit's unread: BMAJ is there
     with pytest.raises(ImageError, match=r"no HISTORY beam card \(its per-plane beams are in a BEAMS table, "
                                          r"CASAMBM = T, which trap-dask does not read\); add BMAJ"):
         read_meta(write_image(tmp_path / "c.fits", {**no_beam, "CASAMBM": True}))
@@ -346,13 +348,20 @@ def test_a_restfrq_that_is_a_line_is_not_the_observing_frequency(tmp_path: Path)
     assert (same.freq_eff, same.freq_bw) == (1.505e8, 1.9e6)
     line = read_meta(write_image(tmp_path / "lofar_hi.fits", {**lofar, "RESTFRQ": 1.420405752e9}, plane))
     assert (line.freq_eff, line.freq_bw) == (1.5e8, 2e6)
+    band = read_meta(write_image(tmp_path / "aartfaac.fits", {**lofar, "TELESCOP": "AARTFAAC-6", "RESTFRQ": 1.6e8,
+                                                              "RESTBW": 1.9e6}, plane))
+    assert (band.freq_eff, band.freq_bw) == (1.5e8, 1.9e6)  # RESTFRQ 5 channels off: the axis; its RESTBW
 
 
-@pytest.mark.parametrize("increment", [{}, {"CD1_1": -2 * ARCSEC, "CD2_2": 2 * ARCSEC, "CDELT1": None, "CDELT2": None}])
+CD_MATRIX = {"CD1_1": -2 * ARCSEC, "CD2_2": 2 * ARCSEC, "CDELT1": None, "CDELT2": None}
+
+
+@pytest.mark.parametrize("increment", [{}, CD_MATRIX, {"PC3_3": 1.0}, {**CD_MATRIX, "CDELT3": 2e6}])
 def test_a_spectral_axis_without_an_increment_has_no_bandwidth(tmp_path: Path, increment: dict) -> None:
-    """A FREQ axis without CDELT3 (also beside a CD matrix of RA/Dec without CD3_3): WCSLIB takes an
-    increment of 1, and every image was stored with a bandwidth of 1 Hz, each its own band. RESTBW
-    gives the bandwidth then, else the image is rejected saying so."""
+    """A FREQ axis without CDELT3 (with PC3_3 alone, or beside a CD matrix of RA/Dec without CD3_3,
+    where WCSLIB reads no CDELT3): WCSLIB takes an increment of 1, and every image was stored with a
+    bandwidth of 1 Hz, each its own band. RESTBW gives the bandwidth then, else the image is
+    rejected saying so."""
     cards = {"CTYPE3": "FREQ", "CRVAL3": 1.5e8, "CRPIX3": 1.0, "CUNIT3": "Hz", "RESTFRQ": None, "RESTBW": None,
              **increment}
     plane = np.ones((1, 16, 20), np.float32)
@@ -385,6 +394,10 @@ def test_start_times_of_other_conventions(tmp_path: Path) -> None:
     (18 s off) and a LOCAL one refused with astropy's words."""
     aips = read_meta(write_image(tmp_path / "a.fits", {"DATE-OBS": "2020-05-31", "MJD-OBS": 59000.4375}))
     assert aips.taustart_ts == datetime(2020, 5, 31, 10, 30)
+    for mjd in (59010.25, 0.0, "soon"):  # another day, or no MJD: the date alone, as before
+        other = read_meta(write_image(tmp_path / "o.fits", {"DATE-OBS": "2020-05-31", "MJD-OBS": mjd}))
+        assert other.taustart_ts == datetime(2020, 5, 31)
+        (tmp_path / "o.fits").unlink()
     midnight = read_meta(write_image(tmp_path / "d.fits", {"DATE-OBS": "2020-05-31"}))
     assert midnight.taustart_ts == datetime(2020, 5, 31)  # nothing gives its time of day
     beg = read_meta(write_image(tmp_path / "b.fits", {"DATE-OBS": None, "DATE-BEG": "2020-05-31T06:00:00"}))

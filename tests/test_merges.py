@@ -92,10 +92,8 @@ def _table(settings, table, order) -> list[dict]:
 
 def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     """A source measured 18" (0.6 beam) off with tight position errors starts a second source
-    (beyond the 15" obvious link), no transient candidate: it is within 0.7 beam of a known source,
-    which no image could tell it from (it had a newsource row, which the merge then removed); the
-    next image detects one source there: the younger is merged into the older in that image's
-    transaction, and an append carries on with the merged one."""
+    (beyond the 15" obvious link); the next image detects one source there: the younger is merged
+    into the older in that image's transaction, and an append carries on with the merged one."""
     config = _config(db_settings)
     ExportStore.create(db_settings, overwrite=False).close()
     writer = Writer(db_settings, config, None)
@@ -105,7 +103,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     sources = _table(db_settings, schema.extracted_sources, ["id"])
     a, c = sources[0]["src_id"], sources[1]["src_id"]
     b = max(r["src_id"] for r in sources)
-    assert len({a, b, c}) == 3 and _table(db_settings, schema.newsource, ["id"]) == []
+    assert len({a, b, c}) == 3 and len(_table(db_settings, schema.newsource, ["id"])) == 1
     _feed(writer, _image(3, [150.0, 150.2], [off, 30.0]))       # one source there: merge
     writer.finish("completed")
 
@@ -120,7 +118,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     assert len(merges) == 1
     m = merges[0]
     assert (m["src_id"], m["merged_into"], m["im_id"] - first, m["n_moved"], m["n_set_aside"]) == (b, a, 2, 1, 2)
-    assert m["separation"] == pytest.approx(18.0, abs=0.5) and m["newsource_trigger"] is None
+    assert m["separation"] == pytest.approx(18.0, abs=0.5) and m["newsource_trigger"] is not None
     assert _table(db_settings, schema.newsource, ["id"]) == []
     var = {r["src_id"]: r for r in _table(db_settings, schema.variability, ["src_id"])}
     assert b not in var and var[a]["nr_datapoints"] == 3
@@ -154,6 +152,24 @@ def test_a_pair_that_sharper_images_resolved_is_not_merged_by_a_blurred_one(db_s
     assert _table(db_settings, schema.merges, ["id"]) == []
     rows = _table(db_settings, schema.extracted_sources, ["id"])
     assert len({r["src_id"] for r in rows}) == 2 and _table(db_settings, schema.newsource, ["id"]) == []
+
+
+def test_a_sharp_image_of_another_field_leaves_the_merges_here_alone(db_settings):
+    """The sharpest beam a merge is held to is that of the images covering the pair: a first image
+    of another field and band, of a beam 10 times as sharp, once stopped every merge here."""
+    from dataclasses import replace
+
+    config = _config(db_settings)
+    ExportStore.create(db_settings, overwrite=False).close()
+    writer = Writer(db_settings, config, None)
+    other = _image(0, [200.0, 200.1, 200.2], [-30.0, -30.0, -30.0], blur=0.1)
+    _feed(writer, replace(other, meta=replace(other.meta, freq_eff=1.4e9, centre_ra=200.0, centre_dec=-30.0)))
+    off = 30.0 + 18 * ARCSEC
+    _feed(writer, _image(1, [150.0, 150.2], [30.0, 30.0]))
+    _feed(writer, _image(2, [150.0, 150.2], [off, 30.0]))  # a second source, B
+    _feed(writer, _image(3, [150.0, 150.2], [off, 30.0]))  # one source there: merged
+    writer.finish("completed")
+    assert len(_table(db_settings, schema.merges, ["id"])) == 1
 
 
 def test_a_source_merged_away_is_not_a_neighbour_in_the_astrometry(db_settings):

@@ -93,8 +93,12 @@ BLEND_SWALLOW_RADIUS = 1.0
 #: Known sources closer than this (beam FWHM) are one source to the fits (benchmarks/pair_fits.py):
 #: they are not fitted as a pair (each component would take in the light of both), and when an
 #: image detects one source there they are merged into one light curve, closer than this times the
-#: sharpest beam of the run's images (a pair that sharp images resolve stays two, blurred or not).
+#: sharpest beam of the images covering them (a pair that sharp images resolve stays two, blurred
+#: or not).
 RESOLVABLE_SEPARATION = 0.7
+#: An earlier image's beam is wider than this image's when its FWHM is more than this many times
+#: this one's (a survey's beams differ by a few per cent from image to image).
+WIDER_BEAM = 1.1
 
 
 @dataclass(frozen=True)
@@ -186,11 +190,15 @@ class EarlierImages:
                    beam_fwhm=2.0 * np.asarray(images["rb_smaj"], dtype=float),
                    outlines=Outlines.of_rows(outline_from_text(images["xtr_outline"])))
 
-    def sharpest(self, beam_fwhm: float) -> float:
-        """The smallest of ``beam_fwhm`` (deg) and the earlier images' beams (deg): what the run has
-        resolved (sources resolved in one image are not one source because another blurs them)."""
-        known = self.beam_fwhm[self.beam_fwhm > 0]
-        return float(min(beam_fwhm, known.min())) if len(known) else beam_fwhm
+    def sharpest_over(self, ra: np.ndarray, dec: np.ndarray, beam_fwhm: float) -> np.ndarray:
+        """Per position (deg): the smallest of ``beam_fwhm`` (deg) and the beams of the earlier
+        images covering it: what the run has resolved there (sources resolved in one image are not
+        one source because another blurs them)."""
+        if not len(ra) or not len(self.im_id):
+            return np.full(len(ra), beam_fwhm)
+        covered = covering_images(ra, dec, self.centre_ra, self.centre_dec, self.xtr_radius, self.outlines)
+        beams = np.where(covered & (self.beam_fwhm > 0), self.beam_fwhm, np.inf)
+        return np.minimum(beams.min(axis=1), beam_fwhm)
 
     def shifts_of(self, im_id: np.ndarray) -> tuple[np.ndarray, ...]:
         """(shift east, shift north, centre ra, centre dec) in deg of the images ``im_id`` (zero
@@ -334,9 +342,11 @@ class RunningCatalogue:
         seen = np.zeros(len(s["src_id"]), bool)
         seen[det_source[det_source >= 0]] = True
         keep, drop, apart = converged_pairs(s["wm_ra"][blind], s["wm_dec"][blind], s["src_id"][blind], seen[blind],
-                                            RESOLVABLE_SEPARATION * self.earlier.sharpest(image.beam_fwhm),
-                                            self.blind_tree)
-        return blind[keep], blind[drop], apart
+                                            RESOLVABLE_SEPARATION * image.beam_fwhm, self.blind_tree)
+        keep, drop = blind[keep], blind[drop]
+        sharpest = self.earlier.sharpest_over(s["wm_ra"][keep], s["wm_dec"][keep], image.beam_fwhm)
+        one = apart < RESOLVABLE_SEPARATION * sharpest  # no image of theirs resolved them
+        return keep[one], drop[one], apart[one]
 
     def _backfill(self, image: ImageContext, det_ra: np.ndarray, det_dec: np.ndarray,
                   new: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str | None]:
@@ -604,9 +614,9 @@ class RunningCatalogue:
     def _new_sources(self, image: ImageContext, det: np.ndarray, det_ids: np.ndarray,
                      det_src_id: np.ndarray, new_det: np.ndarray, is_duplicate: np.ndarray) -> Columns:
         """Transient candidates: new (non-duplicate) sources at positions seen before in this band,
-        by an image that could tell them from the known sources (one whose beam puts the nearest
-        within RESOLVABLE_SEPARATION saw them as one: a pair member first resolved by a sharper
-        image is no transient)."""
+        by an image that could tell them from the known sources: one of a wider beam than this
+        image's that puts the nearest within RESOLVABLE_SEPARATION saw them as one (a pair member
+        first resolved by a sharper image is no transient; under one beam, as in TraP, any)."""
         cand = new_det[~is_duplicate[new_det]]
         earlier = self.earlier
         in_band = np.flatnonzero(earlier.band == image.band)
@@ -614,7 +624,10 @@ class RunningCatalogue:
             det["ra"][cand], det["dec"][cand], earlier.centre_ra[in_band],
             earlier.centre_dec[in_band], earlier.xtr_radius[in_band], earlier.outlines.take(in_band),
         )
-        covered &= self._nearest_known(image, det[cand])[:, None] >= RESOLVABLE_SEPARATION * earlier.beam_fwhm[in_band]
+        wider = earlier.beam_fwhm[in_band] > WIDER_BEAM * image.beam_fwhm
+        if wider.any():
+            covered &= ~wider | (self._nearest_known(image, det[cand])[:, None]
+                                 >= RESOLVABLE_SEPARATION * earlier.beam_fwhm[in_band])
         seen = covered.any(axis=1)
         cand, covered = cand[seen], covered[seen]
         prev_min, prev_max = earlier_rms_bounds(covered, earlier.rms_min[in_band], earlier.rms_max[in_band])

@@ -32,7 +32,7 @@ PG_NAME_BYTES = 63
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
     "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
-    "frequency_band", "link_radius",
+    "frequency_band", "link_radius", "remove_image_shift",
 )
 
 
@@ -227,12 +227,12 @@ class Config:
         "the de Ruiter radius alone)",
     )
     duplicate_reach: float = _param(
-        1.0, "association", "beam FWHM",
+        0.0, "association", "beam FWHM",
         "a detection that no known source takes, with one within its de Ruiter radius, is a second "
         "detection of it (a duplicate, no transient candidate) only this close to it, or within its "
         "own fitted size where larger; farther, it is a source of its own: with over-set position "
-        "errors a transient beside a known source was taken for its duplicate (0: TraP 1.x, "
-        "anywhere within the de Ruiter radius)",
+        "errors a transient beside a known source was taken for its duplicate (1 with errors of a "
+        "beam or more; 0, the default: TraP 1.x, anywhere within the de Ruiter radius)",
     )
     merge_duplicates: bool = _param(
         True, "association", "",
@@ -428,6 +428,7 @@ def validate(config: Config) -> Config:
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
     need(0 < config.de_ruiter_r_max < math.inf, "de_ruiter_r_max", "must be a number > 0")
     need(0 <= config.link_radius <= 1, "link_radius", "must be between 0 and 1 beam FWHM")
+    need(0 <= config.duplicate_reach < math.inf, "duplicate_reach", "must be a number >= 0 beam FWHM (0: TraP 1.x)")
     need(config.association_method in CHOICES["association_method"], "association_method",
          _one_of("association_method"))
     need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")

@@ -646,9 +646,14 @@ def _header_beam(header: fits.Header) -> Beam:
     """Beam from BMAJ/BMIN/BPA (FWHM, deg), Obit's CLEANBMJ/CLEANBMN/CLEANBPA, or the last AIPS
     HISTORY beam card. A round beam needs no position angle; keywords of a beam of no size (BMAJ = 0,
     a placeholder) give way to a HISTORY card."""
-    given = [keys for keys in _BEAM_KEYS if all(k in header for k in keys[:2])
-             and (keys[2] in header or _number(header, keys[0]) == _number(header, keys[1]))]
-    values = [tuple(_number(header, k) if k in header else 0.0 for k in keys) for keys in given]
+    values = []  # the keyword sets given, read one at a time: a later set is looked at only if needed
+    for major, minor, angle in _BEAM_KEYS:
+        if major in header and minor in header:
+            bmaj, bmin = _number(header, major), _number(header, minor)
+            if angle in header or bmaj == bmin:
+                values.append((bmaj, bmin, _number(header, angle) if angle in header else 0.0))
+                if bmaj > 0 and bmin > 0:
+                    break
     history = [m for m in map(_HISTORY_BEAM.search, map(str, header.get("HISTORY", []))) if m]
     usable = [v for v in values if v[0] > 0 and v[1] > 0]
     if usable or (values and not history):
@@ -671,8 +676,8 @@ def _header_beam(header: fits.Header) -> Beam:
 
 
 #: Telescopes whose images give their observing frequency and bandwidth in RESTFRQ and RESTBW, as
-#: TraP reads them (TELESCOP).
-_RESTFRQ_TELESCOPES = frozenset({"LOFAR", "AARTFAAC"})
+#: TraP reads them (TELESCOP starting so: AARTFAAC-6 too).
+_RESTFRQ_TELESCOPES = ("LOFAR", "AARTFAAC")
 
 
 def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> tuple[float, float]:
@@ -687,13 +692,13 @@ def _frequency(header: fits.Header, axis: tuple[float | None, float | None]) -> 
     axis_freq, axis_bw = axis
     rest = next(_positive(header, ("RESTFRQ", "RESTFREQ")), None)
     rest_bw = next(_positive(header, ("RESTBW",)), None)
-    lofar = str(header.get("TELESCOP", "") or "").strip().upper() in _RESTFRQ_TELESCOPES
+    lofar = str(header.get("TELESCOP", "") or "").strip().upper().startswith(_RESTFRQ_TELESCOPES)
     if axis_freq is None:
         freq_eff, freq_bw = rest, rest_bw
     elif rest is not None and lofar and abs(rest - axis_freq) <= max(axis_bw or 0.0, 1e-6 * axis_freq):
         freq_eff, freq_bw = rest, rest_bw or axis_bw
-    else:
-        freq_eff, freq_bw = axis_freq, axis_bw or rest_bw
+    else:  # (LOFAR's RESTBW is the band's width, as TraP reads it, wherever the frequency came from)
+        freq_eff, freq_bw = axis_freq, (rest_bw if lofar else None) or axis_bw or rest_bw
     if freq_eff is None:
         raise ImageError(f"no frequency: {_lacks(header, ('RESTFRQ', 'RESTFREQ'))}; add RESTFRQ (Hz) to the header")
     if freq_bw is None:
@@ -741,12 +746,13 @@ def _spectral_axis_frequency(wcs: WCS, header: fits.Header) -> tuple[float | Non
 
     Velocity or wavelength axes are translated to frequency by WCSLIB (needs RESTFRQ for
     velocities). (None, None) when there is no usable spectral axis; a width of None when the
-    header gives the axis no increment (CDELTn, CDn_n or PCn_n: WCSLIB would take 1 Hz).
+    header gives the axis no increment (CDELTn, or CDn_n beside a CD matrix: WCSLIB would take 1 Hz).
     """
     spec = wcs.wcs.spec
     if spec < 0:
         return None, None
-    given = any(f"{key}{spec + 1}" in header for key in ("CDELT", f"CD{spec + 1}_", f"PC{spec + 1}_"))
+    n = spec + 1  # wcslib takes CDELTn = 1 without it, and reads no CDELT beside a CD matrix
+    given = f"CD{n}_{n}" in header if any(_CD_KEY.fullmatch(k) for k in header) else f"CDELT{n}" in header
     freq_wcs = wcs.deepcopy()
     try:
         freq_wcs.wcs.sptr("FREQ-???", spec)
@@ -796,7 +802,9 @@ def _start_time(header: fits.Header) -> datetime:
     value, name = (str(header[date_key]).strip(), date_key) if date_key else ("", "")
     if date_key and "T" not in value and next(_given(header, ("TIME-OBS",)), None):
         value, name = f"{value}T{str(header['TIME-OBS']).strip()}", f"{date_key} + TIME-OBS"
-    if date_key and ("T" in value or mjd_key is None):
+    if date_key and "T" not in value and mjd_key is not None:
+        value = _with_time_of(value, header[mjd_key], scale)
+    if date_key:
         if value.endswith("Z"):
             value, scale, offset = value[:-1], "utc", 0.0
         if scale == "utc" and _PLAIN_UTC.fullmatch(value):
@@ -813,6 +821,18 @@ def _start_time(header: fits.Header) -> datetime:
         return _utc(Time(float(header[mjd_key]), format="mjd", scale=scale), offset)
     except (ValueError, TypeError) as exc:
         raise ImageError(f"unreadable start time {mjd_key}={header[mjd_key]!r}: not a valid MJD") from exc
+
+
+def _with_time_of(date: str, mjd: object, scale: str) -> str:
+    """A date alone (``YYYY-MM-DD``) with the time of day of ``mjd`` (an MJD on the same clock,
+    ``scale``) where the two fall on the same day (AIPS and Obit write both); else the date as it is."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ERFA's "dubious year" for an MJD of 0
+            when = Time(float(mjd), format="mjd", scale=scale).isot
+    except (ValueError, TypeError):
+        return date
+    return when if when[:10] == date[:10] else date
 
 
 def _utc(time: Time, offset: float) -> datetime:

@@ -154,8 +154,6 @@ class ExportStore:
         run (unless ``config.accept_config_change``) and marks the runs left 'running' by a
         killed process as 'killed': call only while holding the run lock.
         """
-        import shlex
-
         from trap_dask.config import association_differences
 
         if not config.db_append:
@@ -167,8 +165,7 @@ class ExportStore:
             differences = association_differences(config, stored) if stored else {}
             if differences and not config.accept_config_change:
                 changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-                keep = " ".join(f"--{name} {shlex.quote(str(old))}" for name, (old, new) in differences.items()
-                                if old is not None)
+                keep = " ".join(_flag(name, old) for name, (old, new) in differences.items() if old is not None)
                 raise DatabaseError(
                     f"association parameters differ from those of {settings.describe()} ({changes}); "
                     + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
@@ -659,3 +656,12 @@ def _next_id(conn: Connection, column) -> int:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _flag(name: str, value: Any) -> str:
+    """The command-line flag that sets parameter ``name`` to ``value`` (a switch for a bool)."""
+    import shlex
+
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {shlex.quote(str(value))}"
