@@ -157,6 +157,8 @@ def test_shifted_undoes_unshifted(centre, size):
         assert np.rad2deg(2 * np.arcsin(np.sqrt(haversine(ra, dec, *moved)))).max() > 5 * ARCSEC
         back = unshifted(*moved, *shift, (np.full(200, centre[0]), np.full(200, centre[1])))
         assert np.rad2deg(2 * np.arcsin(np.sqrt(haversine(ra, dec, *back)))).max() < 0.05 * ARCSEC
+    over = shifted(np.array([10.0]), np.array([89.9999]), 0.0, 1 * ARCSEC, (10.0, 89.9))  # 0.36" from the pole
+    assert -90.0 <= over[1][0] <= 90.0 and 0.0 <= over[0][0] < 360.0
 
 
 def test_no_shift_is_made_up_from_unrelated_detections():
