@@ -218,3 +218,19 @@ def test_a_duplicate_lies_within_reach_of_its_source(optimal):
         assert got.is_duplicate.tolist() == [False, duplicate]
         assert got.parent_source.tolist() == [-1, 0 if duplicate else -1]
         assert np.isnan(got.distance[1]) != duplicate
+
+
+def test_over_set_errors_do_not_pass_light_curves_along_a_chain():
+    """Sources 3 beams apart in a row, the last undetected, and a new detection 3 beams before the
+    first; 60" errors (two beams) make every pair a candidate. Most links with the least sum of
+    r**2 passes each light curve on to the next source, for the new detection to take the first's;
+    with near_reach (where the errors the data show would make a candidate), the links within it
+    come first and the natural ones stay."""
+    beam = 30 * ARCSEC
+    cat_dec = 30.0 + np.array([0.0, 3.0, 6.0]) * beam
+    det_dec = 30.0 + np.array([0.0, 3.0, -3.0]) * beam
+    unc = np.full(3, 60 * ARCSEC)
+    args = (np.full(3, 150.0), cat_dec, unc, unc, np.full(3, 150.0), det_dec, unc, unc)
+    assert associate(*args, optimal=True).source.tolist() == [1, 2, 0]  # the chain
+    assert associate(*args, optimal=True, near_reach=beam / 2).source.tolist() == [0, 1, 2]
+    assert associate(*args, optimal=True, near_reach=10 * beam).source.tolist() == [1, 2, 0]  # all near: as before

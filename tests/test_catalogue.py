@@ -377,3 +377,20 @@ def test_a_new_source_is_a_candidate_only_where_an_earlier_image_could_tell_it_f
     update = cat.update(plan, ForcedMeasurements(forced_at([], [], [])))
     assert plan.det_source.tolist() == [0, -1] and not plan.is_duplicate.any()
     assert len(update.new_sources["src_id"]) == int(new)
+
+
+@pytest.mark.parametrize("data_sys_err, chained", [(None, True), ((1.0, 1.0), False)])
+def test_the_errors_the_data_show_keep_over_set_ones_from_chaining_light_curves(catalogue, data_sys_err, chained):
+    """60" position errors set by the user (two beams): a new detection 3 beams before a row of
+    sources 3 beams apart, the last undetected, passed each light curve on to the next. Where the
+    data show 1" (ImageContext.data_sys_err, which the writer sets beside the user's errors), the
+    links they would make come first."""
+    from dataclasses import replace
+
+    cat = replace(catalogue, optimal_association=True)
+    beam = 30 * ARCSEC
+    first = add_uncertainties(detections(np.full(3, 150.0), 30.0 + np.array([0.0, 3.0, 6.0]) * beam, [1.0] * 3), 60, 60)
+    cat, _ = step(cat, 0, first)
+    det = add_uncertainties(detections(np.full(3, 150.0), 30.0 + np.array([0.0, 3.0, -3.0]) * beam, [1.0] * 3), 60, 60)
+    plan = cat.plan(replace(context(1), beam_fwhm=beam, data_sys_err=data_sys_err), det)
+    assert plan.det_source.tolist() == ([1, 2, 0] if chained else [0, 1, 2])

@@ -119,13 +119,13 @@ def _neighbours(cat_tree: cKDTree, det_ra: np.ndarray, det_dec: np.ndarray,
 
 
 def _candidate_pairs(cat: list[np.ndarray], det: list[np.ndarray], ci: np.ndarray, dj: np.ndarray,
-                     r_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Of the pairs (``ci``, ``dj``) within the search radius, (catalogue index, detection index,
-    radius) of those with a de Ruiter radius below r_max; ``cat`` and ``det`` are (ra, dec,
-    uncertainty_ew, uncertainty_ns) in deg."""
+                     apart: np.ndarray, r_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Of the pairs (``ci``, ``dj``) within the search radius, ``apart`` (chord), (catalogue index,
+    detection index, radius, chord) of those with a de Ruiter radius below r_max; ``cat`` and
+    ``det`` are (ra, dec, uncertainty_ew, uncertainty_ns) in deg."""
     r = de_ruiter_radius(*(c[ci] for c in cat), *(d[dj] for d in det))
     keep = r < r_max
-    return ci[keep], dj[keep], r[keep]
+    return ci[keep], dj[keep], r[keep], apart[keep]
 
 
 def _greedy_matching(ci: np.ndarray, dj: np.ndarray, n_cat: int, n_det: int) -> np.ndarray:
@@ -146,14 +146,19 @@ def _greedy_matching(ci: np.ndarray, dj: np.ndarray, n_cat: int, n_det: int) -> 
     return take
 
 
-def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int, n_det: int) -> np.ndarray:
+def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int, n_det: int,
+                      near: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask of the pairs of the best assignment within each group of competing pairs.
 
     Groups are the connected components of the candidate graph. In each, the assignment links
     as many pairs as possible and, among those, has the smallest sum of r**2 (the most likely
     under Gaussian position errors): a close pair of sources that shifted together between
     images keeps its two light curves, where greedy matching may give one source's detection
-    to the other and start a new source.
+    to the other and start a new source. With ``near`` (per pair), only near pairs count as links
+    to have the most of; a far pair is taken where it displaces no near one and lowers the sum of
+    r**2 - r_max**2 (each link worth r_max**2 - r**2, r_max**2 as the largest r**2 of the group):
+    over-set position errors, which make sources beams apart candidates, then cannot pass light
+    curves along a chain of sources to give a new detection a link.
     """
     from scipy.optimize import linear_sum_assignment  # here, not at import: scipy.optimize is slow to import
 
@@ -170,10 +175,11 @@ def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int,
     for members in np.split(contested[order], bounds):
         rows, row_of = np.unique(ci[members], return_inverse=True)
         cols, col_of = np.unique(dj[members], return_inverse=True)
-        # a link always outweighs any difference in the sum of r**2 over the group
-        bonus = (min(rows.size, cols.size) + 1) * float(np.max(r[members]) ** 2 + 1.0)
+        # a (near) link always outweighs any difference in the sum of r**2 over the group
+        largest = float(np.max(r[members]) ** 2 + 1.0)
+        bonus = (min(rows.size, cols.size) + 1) * largest
         cost = np.zeros((rows.size, cols.size))
-        cost[row_of, col_of] = r[members] ** 2 - bonus
+        cost[row_of, col_of] = r[members] ** 2 - (bonus if near is None else np.where(near[members], bonus, largest))
         best = np.zeros_like(cost, dtype=bool)
         best[linear_sum_assignment(cost)] = True
         take[members] = best[row_of, col_of]
@@ -194,6 +200,7 @@ def associate(
     link_radius: float = 0.0,
     blend_radius: float = 0.0,
     duplicate_reach: ArrayLike | None = None,
+    near_reach: ArrayLike | None = None,
     cat_tree: cKDTree | None = None,
 ) -> Association:
     """Associate detections with catalogue sources by de Ruiter radius.
@@ -216,6 +223,10 @@ def associate(
         duplicate of its nearest candidate only within this distance of it, else it starts a
         source of its own (a candidate many beams off, within reach of over-set position errors
         only, is another source); None (TraP 1.x): anywhere within the de Ruiter radius.
+    near_reach : deg, per detection (or one for all); the optimal matching has the most links
+        among the pairs this close (see :func:`_optimal_matching`): where the user's position
+        errors are larger than the data's, the distance within which the data's would make a
+        candidate; None: every candidate counts alike.
     cat_tree : the catalogue positions' :func:`sky_tree`, when the caller has built it already.
 
     Returns
@@ -245,9 +256,9 @@ def associate(
     cat_tree = sky_tree(cat[0], cat[1]) if cat_tree is None else cat_tree
     near_i, near_j, apart = _neighbours(cat_tree, det[0], det[1], max(search, link))
     within = apart <= search
-    ci, dj, r = _candidate_pairs(cat, det, near_i[within], near_j[within], r_max)
+    ci, dj, r, pair_chord = _candidate_pairs(cat, det, near_i[within], near_j[within], apart[within], r_max)
     order = np.lexsort((dj, ci, r))
-    ci, dj, r = ci[order], dj[order], r[order]
+    ci, dj, r, pair_chord = ci[order], dj[order], r[order], pair_chord[order]
 
     # Each detection's best candidate: its first pair in sorted order.
     has_candidate, best = np.unique(dj, return_index=True)
@@ -255,7 +266,9 @@ def associate(
     distance[has_candidate] = r[best]
 
     if optimal:
-        chosen = _optimal_matching(ci, dj, r, n_cat, n_det)
+        near = None if near_reach is None else \
+            pair_chord <= chord(np.broadcast_to(np.asarray(near_reach, float), (n_det,))[dj])
+        chosen = _optimal_matching(ci, dj, r, n_cat, n_det, near)
     else:
         chosen = _greedy_matching(ci, dj, n_cat, n_det)
     source[dj[chosen]] = ci[chosen]

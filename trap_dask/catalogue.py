@@ -74,6 +74,9 @@ class ImageContext:
     #: deg, the image's coherent shift east at its centre (trap_dask.sky.unshifted), taken out to associate
     shift_ra: float = 0.0
     shift_dec: float = 0.0  #: deg, north
+    #: arcsec (RA, Dec): the systematic errors the data show (astrometry.automatic_sys_err) where the
+    #: user's are set (None under 'auto'): candidates within their reach are linked first
+    data_sys_err: tuple[float, float] | None = None
     #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,
     #: the circle alone)
     outline: np.ndarray = field(default_factory=lambda: np.full((1, 2), np.nan))
@@ -286,6 +289,7 @@ class RunningCatalogue:
             duplicate_reach=np.maximum(self.duplicate_reach * image.beam_fwhm,
                                        detections["semimajor_axis"] * 2.0 / 3600.0)
             if self.duplicate_reach > 0 and image.beam_fwhm > 0 else None,
+            near_reach=self._data_reach(image, detections),
             cat_tree=self.blind_tree,
         )
         det_source = _remap(links.source, blind)
@@ -644,6 +648,15 @@ class RunningCatalogue:
             "sigma_rms_min": sigma_min,
             "sigma_rms_max": sigma_max,
         }
+
+    def _data_reach(self, image: ImageContext, det: np.ndarray) -> np.ndarray | None:
+        """Per detection, the distance (deg) within which a known source would be its candidate
+        under the systematic errors the data show (a detection's and a source's uncertainty taken
+        alike); None under 'auto' (the errors are the data's)."""
+        if image.data_sys_err is None:
+            return None
+        sigma = np.hypot(max(image.data_sys_err), det["error_radius"]) / 3600.0
+        return self.de_ruiter_r_max * np.sqrt(2.0) * sigma
 
     def _nearest_known(self, image: ImageContext, det: np.ndarray) -> np.ndarray:
         """Distance (deg) from each detection (its image's shift taken out) to the nearest source a
