@@ -234,3 +234,15 @@ def test_over_set_errors_do_not_pass_light_curves_along_a_chain():
     assert associate(*args, optimal=True).source.tolist() == [1, 2, 0]  # the chain
     assert associate(*args, optimal=True, near_reach=beam / 2).source.tolist() == [0, 1, 2]
     assert associate(*args, optimal=True, near_reach=10 * beam).source.tolist() == [1, 2, 0]  # all near: as before
+
+
+def test_a_far_links_worth_does_not_depend_on_the_rest_of_its_group():
+    """Each far link is worth r_max**2 - r**2: a further far pair joining the group leaves the
+    choice among the others as it was (with the group's largest r**2 in place of r_max**2 it
+    flipped from one link to two)."""
+    from trap_dask.association import _optimal_matching
+
+    ci, dj, r = np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([3.0, 4.0, 4.2])
+    alone = _optimal_matching(ci, dj, r, 2, 3, near=np.zeros(3, bool))
+    joined = _optimal_matching(np.append(ci, 1), np.append(dj, 2), np.append(r, 5.5), 2, 3, near=np.zeros(4, bool))
+    assert alone.tolist() == joined[:3].tolist() == [False, True, True]

@@ -394,6 +394,8 @@ def test_start_times_of_other_conventions(tmp_path: Path) -> None:
     (18 s off) and a LOCAL one refused with astropy's words."""
     aips = read_meta(write_image(tmp_path / "a.fits", {"DATE-OBS": "2020-05-31", "MJD-OBS": 59000.4375}))
     assert aips.taustart_ts == datetime(2020, 5, 31, 10, 30)
+    late = read_meta(write_image(tmp_path / "late.fits", {"DATE-OBS": "2020-01-01", "MJD-OBS": 58849.9999999999}))
+    assert late.taustart_ts == datetime(2020, 1, 1, 23, 59, 59, 999991)  # (milliseconds made it the next day)
     for mjd in (59010.25, 0.0, "soon"):  # another day, or no MJD: the date alone, as before
         other = read_meta(write_image(tmp_path / "o.fits", {"DATE-OBS": "2020-05-31", "MJD-OBS": mjd}))
         assert other.taustart_ts == datetime(2020, 5, 31)

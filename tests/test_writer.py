@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 from test_backend_contract import table_rows
@@ -728,3 +729,26 @@ def test_a_run_end_the_database_refuses_still_closes_the_store(tmp_path, monkeyp
     with pytest.raises(DatabaseError, match="server gone"):
         writer.finish("completed")
     assert closed == [True]
+
+
+USER_ERRORS = {"ew_sys_err": "10", "ns_sys_err": "10"}
+
+
+@pytest.mark.parametrize("values, given", [(USER_ERRORS, True), ({**USER_ERRORS, "remove_image_shift": False}, False),
+                                           ({}, False)])
+def test_the_data_s_errors_reach_the_association_only_beside_the_user_s_and_a_shift_taken_out(
+        tmp_path, values, given):
+    """ImageContext.data_sys_err (the scatter about the image's shift, see RunningCatalogue._data_reach)
+    is set where the user's errors are and the image's shift was taken out: with the shift left in
+    (--no-remove_image_shift), a pair shifted together lies beyond the reach of that scatter."""
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "d.db"))
+    ExportStore.create(settings, overwrite=False).close()
+    writer = Writer(settings, build_config(dict(db_name=settings.name, **values), {}, None), None)
+    ra = list(150.0 + np.arange(8) * 0.05)
+    for i in range(3):  # 8 isolated bright sources measure each image's shift from the second on
+        shifted = [x + (2 * i) / 3600.0 for x in ra]
+        request = writer.associate(_image(i, shifted, [30.0] * 8))
+        data = writer._pending[0].image.data_sys_err
+        _commit(writer, request)
+    writer.finish("completed")
+    assert (data is not None) == given

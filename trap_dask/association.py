@@ -147,7 +147,7 @@ def _greedy_matching(ci: np.ndarray, dj: np.ndarray, n_cat: int, n_det: int) -> 
 
 
 def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int, n_det: int,
-                      near: np.ndarray | None = None) -> np.ndarray:
+                      near: np.ndarray | None = None, r_max: float = DE_RUITER_R_MAX) -> np.ndarray:
     """Boolean mask of the pairs of the best assignment within each group of competing pairs.
 
     Groups are the connected components of the candidate graph. In each, the assignment links
@@ -156,7 +156,7 @@ def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int,
     images keeps its two light curves, where greedy matching may give one source's detection
     to the other and start a new source. With ``near`` (per pair), only near pairs count as links
     to have the most of; a far pair is taken where it displaces no near one and lowers the sum of
-    r**2 - r_max**2 (each link worth r_max**2 - r**2, r_max**2 as the largest r**2 of the group):
+    r**2 - r_max**2 (each far link worth r_max**2 - r**2, whatever else its group holds):
     over-set position errors, which make sources beams apart candidates, then cannot pass light
     curves along a chain of sources to give a new detection a link.
     """
@@ -176,10 +176,10 @@ def _optimal_matching(ci: np.ndarray, dj: np.ndarray, r: np.ndarray, n_cat: int,
         rows, row_of = np.unique(ci[members], return_inverse=True)
         cols, col_of = np.unique(dj[members], return_inverse=True)
         # a (near) link always outweighs any difference in the sum of r**2 over the group
-        largest = float(np.max(r[members]) ** 2 + 1.0)
+        largest = float(max(np.max(r[members]) ** 2, r_max**2) + 1.0)
         bonus = (min(rows.size, cols.size) + 1) * largest
         cost = np.zeros((rows.size, cols.size))
-        cost[row_of, col_of] = r[members] ** 2 - (bonus if near is None else np.where(near[members], bonus, largest))
+        cost[row_of, col_of] = r[members] ** 2 - (bonus if near is None else np.where(near[members], bonus, r_max**2))
         best = np.zeros_like(cost, dtype=bool)
         best[linear_sum_assignment(cost)] = True
         take[members] = best[row_of, col_of]
@@ -268,7 +268,7 @@ def associate(
     if optimal:
         near = None if near_reach is None else \
             pair_chord <= chord(np.broadcast_to(np.asarray(near_reach, float), (n_det,))[dj])
-        chosen = _optimal_matching(ci, dj, r, n_cat, n_det, near)
+        chosen = _optimal_matching(ci, dj, r, n_cat, n_det, near, r_max)
     else:
         chosen = _greedy_matching(ci, dj, n_cat, n_det)
     source[dj[chosen]] = ci[chosen]

@@ -74,8 +74,9 @@ class ImageContext:
     #: deg, the image's coherent shift east at its centre (trap_dask.sky.unshifted), taken out to associate
     shift_ra: float = 0.0
     shift_dec: float = 0.0  #: deg, north
-    #: arcsec (RA, Dec): the systematic errors the data show (astrometry.automatic_sys_err) where the
-    #: user's are set (None under 'auto'): candidates within their reach are linked first
+    #: arcsec (RA, Dec): the systematic errors the data show (astrometry.automatic_sys_err, the scatter
+    #: about the shift taken out) where the user's are set and a shift was taken out (else None):
+    #: candidates within their reach are linked first
     data_sys_err: tuple[float, float] | None = None
     #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,
     #: the circle alone)

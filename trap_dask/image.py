@@ -829,7 +829,8 @@ def _with_time_of(date: str, mjd: object, scale: str) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ERFA's "dubious year" for an MJD of 0
-            when = Time(float(mjd), format="mjd", scale=scale).isot
+            moment = Time(float(mjd), format="mjd", scale=scale, precision=6)
+            when = moment.isot  # to the microsecond (3 digits rounded 23:59:59.9999 into the next day)
     except (ValueError, TypeError):
         return date
     return when if when[:10] == date[:10] else date

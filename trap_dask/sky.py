@@ -100,13 +100,15 @@ def _moved(ra: ArrayLike, dec: ArrayLike, shift_east: ArrayLike, shift_north: Ar
         east, north = to_local(east0, north0, north_turn(turn_at, centre_n))
         moved_dec = dec_n + sign * north
         parallel = np.deg2rad(moved_dec if sign < 0 else dec_n)
-        moved_ra = ra_n + sign * east / np.cos(parallel)
-        past = np.abs(moved_dec) > 90.0  # moved over a pole: down the meridian opposite
-        return (moved_ra + 180.0 * past) % 360.0, np.where(past, np.copysign(180.0, moved_dec) - moved_dec, moved_dec)
+        return (ra_n + sign * east / np.cos(parallel)) % 360.0, moved_dec
 
     moved_ra, moved_dec = move(ra_n)
     for _ in range(INVERSE_STEPS if sign > 0 else 0):  # the turn is the shifted position's, as unshifted takes it
         moved_ra, moved_dec = move(moved_ra)
+    past = np.abs(moved_dec) > 90.0  # moved over a pole: down the meridian opposite
+    if past.any():
+        moved_ra = (moved_ra + 180.0 * past) % 360.0
+        moved_dec = np.where(past, np.copysign(180.0, moved_dec) - moved_dec, moved_dec)
     if every:
         return moved_ra, moved_dec
     out_ra, out_dec = ra.copy(), dec.copy()

@@ -288,7 +288,9 @@ class Writer:
             centre_ra=meta.centre_ra, centre_dec=meta.centre_dec, xtr_radius=result.xtr_radius,
             rms_min=result.stats.rms_min, rms_max=result.stats.rms_max, beam_fwhm=beam_fwhm,
             url=meta.url, shift_ra=shift[0], shift_dec=shift[1],
-            data_sys_err=None if self.sys_err[0] is None else automatic_sys_err(self.scatter, astrometry, beam_fwhm),
+            # the scatter about the image's shift: what the data show once that shift is taken out
+            data_sys_err=automatic_sys_err(self.scatter, astrometry, beam_fwhm)
+            if self.sys_err[0] is not None and shift != (0.0, 0.0) else None,
             outline=np.full((1, 2), np.nan) if result.outline is None else result.outline,
         )
         detections = add_uncertainties(result.sources.copy(), *sys_err)
