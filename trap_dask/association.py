@@ -18,7 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from trap_dask.sky import haversine, wrap_ra_difference
+from trap_dask.sky import wrap_ra_difference
 
 #: TraP's default maximum de Ruiter radius for an association (dimensionless).
 DE_RUITER_R_MAX = 5.68
@@ -91,6 +91,17 @@ def unit_vectors(ra: ArrayLike, dec: ArrayLike) -> np.ndarray:
 def chord(angle: ArrayLike) -> np.ndarray:
     """Straight-line distance between two unit vectors ``angle`` deg apart (for KD-tree radii)."""
     return 2.0 * np.sin(np.deg2rad(angle) / 2.0)
+
+
+def angle_of_chord(length: ArrayLike) -> np.ndarray:
+    """The angle (deg) between two unit vectors a straight line of ``length`` apart: the inverse of
+    :func:`chord` (KD-tree distances; inf stays inf)."""
+    return np.rad2deg(2.0 * np.arcsin(np.minimum(length, 2.0) / 2.0))
+
+
+def _per_detection(value: ArrayLike, n_det: int) -> np.ndarray:
+    """``value`` (one for all, or one per detection) as one per detection."""
+    return np.broadcast_to(np.asarray(value, float), (n_det,))
 
 
 def _search_radius(cat_unc_ew: np.ndarray, cat_unc_ns: np.ndarray, det_unc_ew: np.ndarray, det_unc_ns: np.ndarray,
@@ -264,10 +275,11 @@ def associate(
     has_candidate, best = np.unique(dj, return_index=True)
     parent[has_candidate] = ci[best]
     distance[has_candidate] = r[best]
+    parent_chord = np.full(n_det, np.inf)
+    parent_chord[has_candidate] = pair_chord[best]
 
     if optimal:
-        near = None if near_reach is None else \
-            pair_chord <= chord(np.broadcast_to(np.asarray(near_reach, float), (n_det,))[dj])
+        near = None if near_reach is None else pair_chord <= chord(_per_detection(near_reach, n_det)[dj])
         chosen = _optimal_matching(ci, dj, r, n_cat, n_det, near, r_max)
     else:
         chosen = _greedy_matching(ci, dj, n_cat, n_det)
@@ -286,11 +298,8 @@ def associate(
 
     linked = source >= 0
     parent[linked] = -1
-    if duplicate_reach is not None:
-        child = np.flatnonzero(parent >= 0)
-        reach = np.broadcast_to(np.asarray(duplicate_reach, float), (n_det,))[child]
-        apart = haversine(det[0][child], det[1][child], cat[0][parent[child]], cat[1][parent[child]])
-        beyond = child[apart > np.sin(np.deg2rad(reach) / 2.0) ** 2]
+    if duplicate_reach is not None:  # (an unlinked detection's parent is its best candidate: parent_chord)
+        beyond = (parent >= 0) & (parent_chord > chord(_per_detection(duplicate_reach, n_det)))
         parent[beyond], distance[beyond] = -1, np.nan
     return Association(source, distance, parent, parent >= 0, matched)
 

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import associate, blended_null_detections, sky_tree, unit_vectors
+from trap_dask.association import angle_of_chord, associate, blended_null_detections, sky_tree, unit_vectors
 from trap_dask.columns import Columns, concat, take
 from trap_dask.config import DEFAULTS
 from trap_dask.db import schema
@@ -510,7 +510,7 @@ class RunningCatalogue:
         if len(plan.merge_keep):  # the merged light curves in every band, also those not measured here
             kept = np.isin(lightcurves["src_id"], s["src_id"][plan.merge_keep])
             changed_lc = np.union1d(changed_lc, np.flatnonzero(kept))
-        new_sources = self._new_sources(image, det, det_ids, det_src_id, new_det, is_duplicate)
+        new_sources = self._new_sources(image, det, det_ra, det_dec, det_ids, det_src_id, new_det, is_duplicate)
         changed = np.unique(np.concatenate([meas_rows, plan.merge_keep, plan.merge_drop]))
         return ImageUpdate(
             measurements=measurements,
@@ -616,9 +616,11 @@ class RunningCatalogue:
                    for name in ("id", "src_id", "parent")}
         return s, lc, merges, changes
 
-    def _new_sources(self, image: ImageContext, det: np.ndarray, det_ids: np.ndarray,
-                     det_src_id: np.ndarray, new_det: np.ndarray, is_duplicate: np.ndarray) -> Columns:
-        """Transient candidates: new (non-duplicate) sources at positions seen before in this band,
+    def _new_sources(self, image: ImageContext, det: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
+                     det_ids: np.ndarray, det_src_id: np.ndarray, new_det: np.ndarray,
+                     is_duplicate: np.ndarray) -> Columns:
+        """Transient candidates: new (non-duplicate) sources (``det_ra``, ``det_dec``: their positions
+        with the image's shift taken out, deg) at positions seen before in this band,
         by an image that could tell them from the known sources: one of a wider beam than this
         image's that puts the nearest within RESOLVABLE_SEPARATION saw them as one (a pair member
         first resolved by a sharper image is no transient; under one beam, as in TraP, any)."""
@@ -631,7 +633,7 @@ class RunningCatalogue:
         )
         wider = earlier.beam_fwhm[in_band] > WIDER_BEAM * image.beam_fwhm
         if wider.any():
-            covered &= ~wider | (self._nearest_known(image, det[cand])[:, None]
+            covered &= ~wider | (self._nearest_known(det_ra[cand], det_dec[cand])[:, None]
                                  >= RESOLVABLE_SEPARATION * earlier.beam_fwhm[in_band])
         seen = covered.any(axis=1)
         cand, covered = cand[seen], covered[seen]
@@ -659,14 +661,12 @@ class RunningCatalogue:
         sigma = np.hypot(max(image.data_sys_err), det["error_radius"]) / 3600.0
         return self.de_ruiter_r_max * np.sqrt(2.0) * sigma
 
-    def _nearest_known(self, image: ImageContext, det: np.ndarray) -> np.ndarray:
-        """Distance (deg) from each detection (its image's shift taken out) to the nearest source a
+    def _nearest_known(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        """Distance (deg) from each position (deg, the catalogue's frame) to the nearest source a
         detection can continue (inf: none)."""
-        if not len(self.blind_rows) or not len(det):
-            return np.full(len(det), np.inf)
-        ra, dec = unshifted(det["ra"], det["dec"], image.shift_ra, image.shift_dec, (image.centre_ra, image.centre_dec))
-        chords = self.blind_tree.query(unit_vectors(ra, dec))[0]
-        return np.rad2deg(2.0 * np.arcsin(np.minimum(chords, 2.0) / 2.0))
+        if not len(self.blind_rows) or not len(ra):
+            return np.full(len(ra), np.inf)
+        return angle_of_chord(self.blind_tree.query(unit_vectors(ra, dec))[0])
 
     # -- step 3: after the transaction committed -------------------------------------------
     def apply(self, update: ImageUpdate, image: ImageContext) -> RunningCatalogue:

@@ -554,6 +554,11 @@ _TRANSFORM_KEY = re.compile(r"(?:CRVAL|CRPIX|CDELT|CROTA)\d+[A-Z]?|(?:CD|PC)\d+_
 _CD_KEY = re.compile(r"CD\d+_\d+")
 
 
+def _has_cd_matrix(header: fits.Header) -> bool:
+    """Whether the header gives a CD matrix: wcslib then reads no CDELTn (nor takes their default)."""
+    return any(_CD_KEY.fullmatch(keyword) for keyword in header)
+
+
 def _header_wcs(header: fits.Header) -> WCS:
     """Parse the WCS of a header, silencing astropy's notes about legacy keywords and cards it fixed; ImageError for a
     broken WCS, including a transformation keyword that is not a number (wcslib would put a
@@ -562,7 +567,7 @@ def _header_wcs(header: fits.Header) -> WCS:
         if _TRANSFORM_KEY.fullmatch(card.keyword) and (
                 isinstance(card.value, bool) or not isinstance(card.value, (int, float))):
             raise ImageError(f"invalid world coordinate system: {card.keyword} = {card.value!r} is not a number")
-    cd_matrix = any(_CD_KEY.fullmatch(keyword) for keyword in header)  # CDELTn then count for nothing
+    cd_matrix = _has_cd_matrix(header)
     for axis in range(1, _whole(header, "NAXIS") + 1):
         if not cd_matrix and header.get(f"CDELT{axis}") == 0:  # wcslib: "PCi_ja matrix is singular"
             kind = str(header.get(f"CTYPE{axis}", "") or "").strip() or "no CTYPE"
@@ -752,7 +757,7 @@ def _spectral_axis_frequency(wcs: WCS, header: fits.Header) -> tuple[float | Non
     if spec < 0:
         return None, None
     n = spec + 1  # wcslib takes CDELTn = 1 without it, and reads no CDELT beside a CD matrix
-    given = f"CD{n}_{n}" in header if any(_CD_KEY.fullmatch(k) for k in header) else f"CDELT{n}" in header
+    given = f"CD{n}_{n}" in header if _has_cd_matrix(header) else f"CDELT{n}" in header
     freq_wcs = wcs.deepcopy()
     try:
         freq_wcs.wcs.sptr("FREQ-???", spec)

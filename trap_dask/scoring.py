@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import unit_vectors
+from trap_dask.association import angle_of_chord, unit_vectors
 from trap_dask.extraction.extract import PreparedImage, extract_sources, prepare_image
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import read_image, read_meta
@@ -46,7 +46,7 @@ def match_nearest(
     chord = 2.0 * np.sin(np.deg2rad(radius) / 2.0)
     dist, idx = cKDTree(unit_vectors(ra2, dec2)).query(unit_vectors(ra1, dec1), distance_upper_bound=chord)
     found = np.isfinite(dist)
-    sep = np.where(found, np.rad2deg(2.0 * np.arcsin(np.minimum(dist, 2.0) / 2.0)), np.nan)
+    sep = np.where(found, angle_of_chord(dist), np.nan)
     return np.where(found, idx, -1), sep
 
 
