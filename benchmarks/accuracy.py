@@ -228,7 +228,7 @@ SWEEP_VARIANTS: dict[str, dict[str, object]] = {
     "no merges": {"merge_duplicates": False},
     "TraP behaviour": dict(deblend_nthresh=0, association_method="greedy", fit_blends=False,
                            backfill_new_sources=False, link_radius=0.0, merge_duplicates=False,
-                           remove_image_shift=False),
+                           remove_image_shift=False, widen_sys_err=False),
 }
 #: Systematic-error settings of the sweep, as multiples of the injected scatter ("auto": measured).
 SWEEP_SETTINGS: tuple[str | float, ...] = ("auto", 0.5, 1.0, 5.0)

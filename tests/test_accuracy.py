@@ -201,6 +201,36 @@ def test_the_measured_scatter_is_the_injected_one(small_jittered_field, tmp_path
     assert (ew[1:] >= ra[1:] - 1e-9).all() and (ns[1:] >= dec[1:] - 1e-9).all()  # never below the data's
 
 
+def test_errors_set_far_below_the_scatter_are_widened_to_it(tmp_path):
+    """Positions scattered by 0.2 beam (6") per axis per epoch, associated under a 1" setting:
+    TraP 1.x's meaning (--no-widen_sys_err) splits light curves beyond link_radius's reach and
+    makes false variables; widened, each image is associated with the scatter measured so far
+    (stored as its ew_sys_err/ns_sys_err) and one sky source keeps one src_id."""
+    import sqlite3
+
+    from trap_dask.config import build_config
+    from trap_dask.pipeline import run_pipeline
+
+    spec = SurveySpec(n_epochs=8, shape=(1024, 1024), n_steady=200, n_variable=0, n_transient=0,
+                      n_resolved=0, n_pairs=0, flux_range=(20.0, 100.0), jitter=0.2, seed=SEED + 310)
+    truth = load_truth(simulate_survey(tmp_path / "field", spec))
+    figures = {}
+    for widen in (True, False):
+        db = tmp_path / f"widen_{widen}.db"
+        run_pipeline(build_config(dict(input_images=(str(tmp_path / "field"),), db_name=str(db), scheduler="threads",
+                                       nr_threads=2, ew_sys_err="1", ns_sys_err="1", widen_sys_err=str(widen),
+                                       log_dir=str(tmp_path / str(widen))), {}, None))
+        figures[widen] = tm.association_figures(tm.read_light_curves(str(db), truth), truth, spec.beam.smaj)
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT astrometry_scatter_ra, ew_sys_err FROM images ORDER BY id").fetchall()
+        scatter, used = (np.array(c, dtype=float) for c in zip(*rows))
+        assert used[0] == (3.0 if widen else 1.0) and np.nanmedian(scatter) > 4.0  # 3": 0.1 beam, unmeasured
+        assert (used[1:] > 4.0).all() if widen else (used == 1.0).all()
+        assert ("associating with the scatter" in (tmp_path / str(widen) / "trap-dask.log").read_text()) == widen
+    assert figures[False]["split"] > 0.03
+    assert figures[True]["split"] <= 0.01 and figures[True]["mixed"] == 0
+
+
 @pytest.mark.parametrize("dec", [30.0, 89.8])
 def test_images_shifted_by_more_than_a_beam_keep_their_light_curves(tmp_path, dec):
     """Whole-field offsets of ~1 beam rms per image (up to ~3 beams between images): few

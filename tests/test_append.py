@@ -172,6 +172,26 @@ def test_changed_association_parameters_need_consent(db_settings, epochs):
     assert parameter_by_run(db_settings, "de_ruiter_r_max") == [5.68, 3.0]   # every run's parameters are kept
 
 
+def test_a_database_from_before_widen_sys_err_continues_as_it_was_made(db_settings, epochs):
+    """Runs before the parameter existed associated with set position errors as given: an append
+    with numbers names --no-widen_sys_err; under 'auto' the switch changes nothing and is not asked."""
+    def forget_widen() -> None:
+        engine = make_engine(db_settings)
+        with engine.begin() as conn:
+            conn.execute(schema.config.delete().where(schema.config.c.key == "widen_sys_err"))
+        engine.dispose()
+
+    run(db_settings, epochs[:2])
+    forget_widen()
+    run(db_settings, epochs[:3], db_append=True)
+    run(db_settings, epochs[:4], db_append=True, ew_sys_err="3", ns_sys_err="3", accept_config_change=True)
+    forget_widen()
+    with pytest.raises(PipelineError, match=r"\(widen_sys_err: False -> True\); pass --no-widen_sys_err to "):
+        run(db_settings, epochs[:5], db_append=True, ew_sys_err="3", ns_sys_err="3")
+    run(db_settings, epochs[:5], db_append=True, ew_sys_err="3", ns_sys_err="3", widen_sys_err=False)
+    assert parameter_by_run(db_settings, "widen_sys_err") == [None, None, None, False]
+
+
 def test_a_live_run_blocks_a_second_writer(db_settings, epochs):
     with RunLock(db_settings):
         with pytest.raises(PipelineError, match="another trap-dask run"):

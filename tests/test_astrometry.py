@@ -12,6 +12,7 @@ from trap_dask.astrometry import (
     automatic_sys_err,
     coherent_shift,
     measure,
+    widened_sys_err,
 )
 from trap_dask.sky import TANGENT_REACH, haversine, north_turn, shifted, unshifted
 
@@ -211,6 +212,16 @@ def test_automatic_sys_err_follows_the_running_scatter_and_a_worse_image():
     assert automatic_sys_err(history, Astrometry(50, 0, 0, 3.0, 0.5), BEAM) == pytest.approx((3.0, 1.0))
     tiny = nothing.add(Astrometry(100, 0, 0, 0.01, 0.01))
     assert automatic_sys_err(tiny, Astrometry(), BEAM) == pytest.approx((AUTO_FLOOR * beam_arcsec,) * 2)
+
+
+def test_set_errors_are_widened_to_the_scatter_the_data_show_per_axis():
+    history = ScatterHistory().add(Astrometry(100, 0.0, 0.0, 6.0, 0.5))
+    unmeasured = AUTO_UNMEASURED * BEAM / ARCSEC
+    assert widened_sys_err((1.0, 1.0), ScatterHistory(), Astrometry(), BEAM) == (unmeasured, unmeasured)
+    assert widened_sys_err((1.0, 5.0), ScatterHistory(), Astrometry(), BEAM) == (unmeasured, 5.0)
+    assert widened_sys_err((1.0, 1.0), history, Astrometry(), BEAM) == pytest.approx((6.0, 1.0))
+    assert widened_sys_err((1.0, 1.0), history, Astrometry(50, 0, 0, 2.0, 4.0), BEAM) == pytest.approx((6.0, 4.0))
+    assert widened_sys_err((10.0, 10.0), history, Astrometry(50, 0, 0, 2.0, 4.0), BEAM) == (10.0, 10.0)
 
 
 def test_history_is_rebuilt_from_the_images_table():

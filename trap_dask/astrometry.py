@@ -219,16 +219,24 @@ class ScatterHistory:
 
 
 def automatic_sys_err(history: ScatterHistory, image: Astrometry, beam_fwhm: float) -> tuple[float, float]:
-    """The systematic error (arcsec, RA and Dec) of an image under ``ew_sys_err = "auto"``.
+    """The systematic error (arcsec, RA and Dec) of an image under ``ew_sys_err = "auto"``: what the
+    data show (:func:`widened_sys_err`), never below ``AUTO_FLOOR`` beams."""
+    floor = AUTO_FLOOR * beam_fwhm * 3600.0
+    return widened_sys_err((floor, floor), history, image, beam_fwhm)
 
-    The larger of the running scatter over the earlier images and this image's own (an image
-    worse than the rest is not held to their standard), never below ``AUTO_FLOOR`` beams. While
-    neither is measured (too few confident matches so far) it is ``AUTO_UNMEASURED`` beams.
-    """
-    beam = beam_fwhm * 3600.0
+
+def widened_sys_err(given: tuple[float, float], history: ScatterHistory, image: Astrometry,
+                    beam_fwhm: float) -> tuple[float, float]:
+    """The larger (arcsec, RA and Dec) of ``given`` and the scatter the data show: the running
+    scatter over the earlier images and this image's own (an image worse than the rest is not held
+    to their standard). While neither is measured (too few confident matches so far: the run's
+    first image) the larger of ``given`` and ``AUTO_UNMEASURED`` beams (``beam_fwhm``, deg): a
+    first image associated with errors far below the later ones' would outweigh them all in the
+    catalogue's weighted mean positions."""
+    if history.n == 0 and not image.measured:
+        unmeasured = AUTO_UNMEASURED * beam_fwhm * 3600.0
+        return max(given[0], unmeasured), max(given[1], unmeasured)
     earlier = history.rms()
     own = (image.scatter_ra, image.scatter_dec) if image.measured else (np.nan, np.nan)
-    if history.n == 0 and not image.measured:
-        return AUTO_UNMEASURED * beam, AUTO_UNMEASURED * beam
-    best = np.nanmax(np.array([earlier, own, (AUTO_FLOOR * beam,) * 2]), axis=0)
+    best = np.nanmax(np.array([earlier, own, given], float), axis=0)
     return float(best[0]), float(best[1])

@@ -32,8 +32,11 @@ PG_NAME_BYTES = 63
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
     "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
-    "frequency_band", "link_radius", "remove_image_shift",
+    "frequency_band", "link_radius", "remove_image_shift", "widen_sys_err",
 )
+
+#: Association parameters added after runs began storing theirs: how the runs before behaved.
+BEFORE_STORED = {"widen_sys_err": False}
 
 
 #: Parameters whose value may be 'auto' (held as None: measured from the data during the run).
@@ -174,7 +177,7 @@ class Config:
         "systematic position error east-west, added in quadrature to each fit error for "
         "association; 'auto' (default): the scatter of this run's confident associations about "
         "their median offset, measured image by image (see the images table); a number keeps "
-        "TraP 1.x's meaning (TraP's usual 10)",
+        "TraP 1.x's meaning (TraP's usual 10), widened where the data show more (widen_sys_err)",
     )
     ns_sys_err: float | None = _param(
         None, "extraction", "arcsec", "systematic position error north-south; 'auto' (default) as ew_sys_err",
@@ -218,6 +221,14 @@ class Config:
         "its sources where it shows them, so a shifted image neither splits light curves nor "
         "misplaces forced fits; the catalogue's positions stay in the frame of the run's first "
         "image (false: TraP 1.x)",
+    )
+    widen_sys_err: bool = _param(
+        True, "association", "",
+        "where ew_sys_err/ns_sys_err are numbers, associate each image with the larger of them "
+        "and the position scatter the data show (as 'auto' measures it, over the earlier images "
+        "and this one; before anything is measured, as in the first image, 0.1 beam), stored on "
+        "the images and extracted_sources rows: errors set below the real scatter split light "
+        "curves and make false variables (false: TraP 1.x, the numbers alone)",
     )
     link_radius: float = _param(
         0.5, "association", "beam FWHM",
@@ -480,15 +491,17 @@ def validate(config: Config) -> Config:
 
 
 def association_differences(config: Config, stored: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{name: (stored, new)}`` for each association parameter that differs from a stored config row."""
+    """``{name: (stored, new)}`` for each association parameter that differs from a stored config row
+    (one a run did not store has its value of ``BEFORE_STORED``; ``widen_sys_err`` counts only
+    where the new run's position errors are numbers: 'auto' follows the data either way)."""
     def value(name: str, raw: Any) -> Any:  # the bands as numbers, however they were written
         return _parse_positions(raw, name) if name == "frequency_band" and raw else raw
 
-    return {
-        name: (stored.get(name), getattr(config, name))
-        for name in ASSOCIATION_PARAMETERS
-        if value(name, stored.get(name)) != value(name, getattr(config, name))
-    }
+    names = [name for name in ASSOCIATION_PARAMETERS
+             if name != "widen_sys_err" or config.ew_sys_err is not None or config.ns_sys_err is not None]
+    old = {name: stored.get(name, BEFORE_STORED.get(name)) for name in names}
+    return {name: (old[name], getattr(config, name)) for name in names
+            if value(name, old[name]) != value(name, getattr(config, name))}
 
 
 def _memory_bytes(text: str) -> float:

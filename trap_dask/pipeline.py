@@ -851,10 +851,12 @@ def _count(totals: dict, summary, url: str, bar) -> None:
 
 class _AstrometryWatch:
     """Logs each image's measured astrometric offset and scatter, and warns once when the scatter
-    exceeds the systematic error the user set (an under-set error splits light curves)."""
+    exceeds the systematic error the user set (an under-set error splits light curves unless
+    ``widen_sys_err`` associates with the scatter instead)."""
 
     def __init__(self, config: Config):
         self.given = (config.ew_sys_err, config.ns_sys_err)
+        self.widen = config.widen_sys_err
         self.warned = False
 
     def __call__(self, summary) -> None:
@@ -870,9 +872,12 @@ class _AstrometryWatch:
             self.warned = True
             log.warning(
                 "image %d: the measured position scatter (%.2f\" RA, %.2f\" Dec, from %d bright isolated "
-                "sources) exceeds --ew_sys_err %g / --ns_sys_err %g arcsec: light curves may split. "
-                "Set them to at least the scatter, or to 'auto' (the default) to follow the data",
-                summary.im_id, a.scatter_ra, a.scatter_dec, a.n, *self.given)
+                "sources) exceeds --ew_sys_err %g / --ns_sys_err %g arcsec: %s",
+                summary.im_id, a.scatter_ra, a.scatter_dec, a.n, *self.given,
+                "associating with the scatter where it is larger (widen_sys_err; --no-widen_sys_err "
+                "keeps the set values, as TraP 1.x)" if self.widen else
+                "light curves may split. Set them to at least the scatter, or to 'auto' (the default) "
+                "to follow the data")
 
 
 #: Seconds between progress lines when stderr is not a terminal (batch jobs, log files).

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from trap_dask.astrometry import Astrometry, ScatterHistory, automatic_sys_err, measure
+from trap_dask.astrometry import Astrometry, ScatterHistory, automatic_sys_err, measure, widened_sys_err
 from trap_dask.bands import Band, assign_band, fixed_bands
 from trap_dask.catalogue import (
     LIGHTCURVE_COLUMNS,
@@ -145,6 +145,7 @@ class Writer:
         )
         #: the user's systematic errors (arcsec); None: 'auto', measured image by image
         self.sys_err = (config.ew_sys_err, config.ns_sys_err)
+        self.widen_sys_err = config.widen_sys_err
         self.remove_shift = config.remove_image_shift
         self.scatter = ScatterHistory()
         stored_bands = ([Band(**dict(zip(state.bands, row))) for row in zip(*state.bands.values())]
@@ -541,8 +542,8 @@ class Writer:
     def _astrometry(self, detections: np.ndarray, beam_fwhm: float,
                     centre: tuple[float, float]) -> tuple[Astrometry, tuple[float, float]]:
         """The image's offsets from the catalogue (east and north at its ``centre``, deg), and the
-        systematic errors (arcsec) to associate it with: the user's, or under 'auto' those measured
-        so far and on this image."""
+        systematic errors (arcsec) to associate it with: under 'auto' those measured so far and on
+        this image; else the user's, widened to those measured unless ``widen_sys_err`` is off."""
         s, blind = self.catalogue.sources, self.catalogue.blind_rows
         astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
                              detections["ra"], detections["dec"],
@@ -550,7 +551,8 @@ class Writer:
                              detections["dec_fit_err"], beam_fwhm, centre, self.catalogue.blind_tree)
         if self.sys_err[0] is None:
             return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
-        return astrometry, (float(self.sys_err[0]), float(self.sys_err[1]))
+        given = (float(self.sys_err[0]), float(self.sys_err[1]))
+        return astrometry, widened_sys_err(given, self.scatter, astrometry, beam_fwhm) if self.widen_sys_err else given
 
     def _image_row(self, result: ImageResult) -> dict:
         meta, stats = result.meta, result.stats
