@@ -11,9 +11,11 @@ from trap_dask.astrometry import (
     ScatterHistory,
     automatic_sys_err,
     coherent_shift,
+    measurable,
     measure,
     widened_sys_err,
 )
+from trap_dask.messages import MIN_MATCHES
 from trap_dask.sky import TANGENT_REACH, haversine, north_turn, shifted, unshifted
 
 ARCSEC = 1 / 3600
@@ -216,12 +218,22 @@ def test_automatic_sys_err_follows_the_running_scatter_and_a_worse_image():
 
 def test_set_errors_are_widened_to_the_scatter_the_data_show_per_axis():
     history = ScatterHistory().add(Astrometry(100, 0.0, 0.0, 6.0, 0.5))
-    unmeasured = AUTO_UNMEASURED * BEAM / ARCSEC
-    assert widened_sys_err((1.0, 1.0), ScatterHistory(), Astrometry(), BEAM) == (unmeasured, unmeasured)
-    assert widened_sys_err((1.0, 5.0), ScatterHistory(), Astrometry(), BEAM) == (unmeasured, 5.0)
-    assert widened_sys_err((1.0, 1.0), history, Astrometry(), BEAM) == pytest.approx((6.0, 1.0))
-    assert widened_sys_err((1.0, 1.0), history, Astrometry(50, 0, 0, 2.0, 4.0), BEAM) == pytest.approx((6.0, 4.0))
-    assert widened_sys_err((10.0, 10.0), history, Astrometry(50, 0, 0, 2.0, 4.0), BEAM) == (10.0, 10.0)
+    assert widened_sys_err((1.0, 1.0), ScatterHistory(), Astrometry()) == (1.0, 1.0)
+    assert widened_sys_err((1.0, 5.0), ScatterHistory(), Astrometry(), unmeasured=3.0) == (3.0, 5.0)
+    assert widened_sys_err((1.0, 1.0), history, Astrometry(), unmeasured=9.0) == pytest.approx((6.0, 1.0))
+    assert widened_sys_err((1.0, 1.0), history, Astrometry(50, 0, 0, 2.0, 4.0)) == pytest.approx((6.0, 4.0))
+    assert widened_sys_err((10.0, 10.0), history, Astrometry(50, 0, 0, 2.0, 4.0)) == (10.0, 10.0)
+
+
+def test_a_field_is_measurable_with_enough_bright_isolated_sources():
+    ra, dec = field(MIN_MATCHES)
+    bright = np.full(len(ra), 50.0)
+    centre = (float(np.mean(ra)), float(np.mean(dec)))
+    assert measurable(ra, dec, bright, BEAM, centre)
+    assert not measurable(ra[1:], dec[1:], bright[1:], BEAM, centre)
+    assert not measurable(ra, dec, np.full(len(ra), 5.0), BEAM, centre)  # too faint to match confidently
+    pairs = np.concatenate([ra, ra]), np.concatenate([dec, dec + 0.5 * BEAM])  # none isolated
+    assert not measurable(*pairs, np.tile(bright, 2), BEAM, centre)
 
 
 def test_history_is_rebuilt_from_the_images_table():

@@ -79,8 +79,7 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
         return none, none
     isolation = chord(ISOLATION_RADIUS * beam_fwhm)
     det = unit_vectors(det_ra, det_dec)
-    bright = np.flatnonzero((det_significance >= MIN_SIGNIFICANCE) & within_reach(det_ra, det_dec, centre))
-    good_det = bright[_isolated(cKDTree(det), det[bright], isolation)]
+    good_det = _bright_isolated(det, det_ra, det_dec, det_significance, beam_fwhm, centre)
     if not len(good_det):
         return none, none
     cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
@@ -96,6 +95,25 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     moved = unit_vectors(*unshifted(det_ra[good_det], det_dec[good_det], *shift, centre))
     shifted = _matches(cat_tree, moved, good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
     return shifted if len(shifted[0]) > len(ci) else (ci, dj)
+
+
+def _bright_isolated(det: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray, det_significance: np.ndarray,
+                     beam_fwhm: float, centre: tuple[float, float]) -> np.ndarray:
+    """Indices of the detections that may measure the astrometry: at least ``MIN_SIGNIFICANCE``,
+    within reach of the image's ``centre`` and nothing else within ``ISOLATION_RADIUS`` beams
+    (``det``: their unit vectors; positions and ``beam_fwhm`` in deg)."""
+    bright = np.flatnonzero((det_significance >= MIN_SIGNIFICANCE) & within_reach(det_ra, det_dec, centre))
+    return bright[_isolated(cKDTree(det), det[bright], chord(ISOLATION_RADIUS * beam_fwhm))]
+
+
+def measurable(det_ra: np.ndarray, det_dec: np.ndarray, det_significance: np.ndarray, beam_fwhm: float,
+               centre: tuple[float, float]) -> bool:
+    """Whether an image's detections (deg; ``beam_fwhm`` deg) hold enough bright isolated sources
+    (``MIN_MATCHES``) to measure the astrometry of the images after it."""
+    if len(det_ra) < MIN_MATCHES:
+        return False
+    found = _bright_isolated(unit_vectors(det_ra, det_dec), det_ra, det_dec, det_significance, beam_fwhm, centre)
+    return len(found) >= MIN_MATCHES
 
 
 def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radius: float,
@@ -220,21 +238,19 @@ class ScatterHistory:
 
 def automatic_sys_err(history: ScatterHistory, image: Astrometry, beam_fwhm: float) -> tuple[float, float]:
     """The systematic error (arcsec, RA and Dec) of an image under ``ew_sys_err = "auto"``: what the
-    data show (:func:`widened_sys_err`), never below ``AUTO_FLOOR`` beams."""
-    floor = AUTO_FLOOR * beam_fwhm * 3600.0
-    return widened_sys_err((floor, floor), history, image, beam_fwhm)
+    data show (:func:`widened_sys_err`), never below ``AUTO_FLOOR`` beams; while nothing is
+    measured (too few confident matches so far) ``AUTO_UNMEASURED`` beams."""
+    beam = beam_fwhm * 3600.0
+    return widened_sys_err((AUTO_FLOOR * beam,) * 2, history, image, AUTO_UNMEASURED * beam)
 
 
 def widened_sys_err(given: tuple[float, float], history: ScatterHistory, image: Astrometry,
-                    beam_fwhm: float) -> tuple[float, float]:
+                    unmeasured: float = 0.0) -> tuple[float, float]:
     """The larger (arcsec, RA and Dec) of ``given`` and the scatter the data show: the running
     scatter over the earlier images and this image's own (an image worse than the rest is not held
-    to their standard). While neither is measured (too few confident matches so far: the run's
-    first image) the larger of ``given`` and ``AUTO_UNMEASURED`` beams (``beam_fwhm``, deg): a
-    first image associated with errors far below the later ones' would outweigh them all in the
-    catalogue's weighted mean positions."""
+    to their standard). While neither is measured (too few confident matches so far) the larger
+    of ``given`` and ``unmeasured`` (arcsec)."""
     if history.n == 0 and not image.measured:
-        unmeasured = AUTO_UNMEASURED * beam_fwhm * 3600.0
         return max(given[0], unmeasured), max(given[1], unmeasured)
     earlier = history.rms()
     own = (image.scatter_ra, image.scatter_dec) if image.measured else (np.nan, np.nan)

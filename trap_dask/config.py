@@ -226,7 +226,8 @@ class Config:
         True, "association", "",
         "where ew_sys_err/ns_sys_err are numbers, associate each image with the larger of them "
         "and the position scatter the data show (as 'auto' measures it, over the earlier images "
-        "and this one; before anything is measured, as in the first image, 0.1 beam), stored on "
+        "and this one; in the first image of a field with enough bright isolated sources to measure "
+        "it, 0.1 beam), stored on "
         "the images and extracted_sources rows: errors set below the real scatter split light "
         "curves and make false variables (false: TraP 1.x, the numbers alone)",
     )

@@ -48,7 +48,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from trap_dask.astrometry import Astrometry, ScatterHistory, automatic_sys_err, measure, widened_sys_err
+from trap_dask.astrometry import (
+    AUTO_UNMEASURED,
+    Astrometry,
+    ScatterHistory,
+    automatic_sys_err,
+    measurable,
+    measure,
+    widened_sys_err,
+)
 from trap_dask.bands import Band, assign_band, fixed_bands
 from trap_dask.catalogue import (
     LIGHTCURVE_COLUMNS,
@@ -552,7 +560,15 @@ class Writer:
         if self.sys_err[0] is None:
             return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
         given = (float(self.sys_err[0]), float(self.sys_err[1]))
-        return astrometry, widened_sys_err(given, self.scatter, astrometry, beam_fwhm) if self.widen_sys_err else given
+        if not self.widen_sys_err:
+            return astrometry, given
+        unmeasured = 0.0
+        if self.scatter.n == 0 and not astrometry.measured and measurable(
+                detections["ra"], detections["dec"], detections["significance_detection_level"], beam_fwhm, centre):
+            # the first image of a field that the next images will measure: AUTO_UNMEASURED beams at
+            # least, as under 'auto', so that it does not outweigh their widened errors in the catalogue
+            unmeasured = AUTO_UNMEASURED * beam_fwhm * 3600.0
+        return astrometry, widened_sys_err(given, self.scatter, astrometry, unmeasured)
 
     def _image_row(self, result: ImageResult) -> dict:
         meta, stats = result.meta, result.stats
