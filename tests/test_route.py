@@ -96,3 +96,33 @@ def test_a_task_on_the_writers_worker_calls_it_in_its_own_thread():
         assert task_thread == writer_thread
         with pytest.raises(RuntimeError, match="finished or was lost"):
             client.submit(_call_where, WriterRef("no-such-writer", address)).result()
+
+
+def _fails_with(exc: BaseException):
+    raise exc
+
+
+def test_a_task_failing_with_the_writers_database_error_is_not_logged_by_dask_as_well():
+    """The run stops with a database error's one line; Dask's "Compute Failed" record (the task, a
+    traceback) of the same error is left out. A fault of the code keeps its record."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from trap_dask.db.backends import DatabaseError, DatabaseGone
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("distributed.worker")
+    logger.addHandler(handler)
+    try:
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            for exc in (DatabaseError("locked"), DatabaseGone("deleted"), ValueError("a fault")):
+                future = client.submit(_fails_with, exc, pure=False)
+                assert future.exception() is not None
+    finally:
+        logger.removeHandler(handler)
+    failed = [r for r in records if r.startswith("Compute Failed")]
+    assert len(failed) == 1 and "ValueError('a fault')" in failed[0]

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,28 @@ def test_a_writer_taken_over_writes_nothing_more(db_settings):
     with engine.connect() as conn:
         assert conn.execute(select(schema.runs.c.status, schema.runs.c.n_images)).all() == [("killed", 1)]
     engine.dispose()
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_sqlite_file_deleted_or_replaced_during_the_run_stops_it(tmp_path, replaced):
+    """SQLite goes on writing into a file deleted under it (its inode lives while open): the
+    writer checks before each transaction that the path still names the file it opened, and the
+    run stops without telling the user to resume a database that is not there."""
+    from trap_dask.db.backends import DatabaseError
+
+    writer, settings = _writer(tmp_path)
+    _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))
+    path = Path(settings.name)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if replaced:
+        path.write_bytes(b"")  # another file at the path
+    with pytest.raises(DatabaseError, match=r"^the export database could not be written: SQLite file .* was "
+                                            r"deleted or replaced while this run wrote to it"):
+        _commit(writer, writer.associate(_image(2, [150.0, 150.2], [30.0, 30.0])))
+        writer.flush()
+    assert "--db_append to resume" not in writer.finish("completed")["failure"]
+    assert path.exists() == replaced and (not replaced or path.stat().st_size == 0)
 
 
 def _take_over(settings: DatabaseSettings, outcome: dict) -> None:

@@ -54,7 +54,7 @@ EXTRACT_RESOURCE = "trap_extract"
 #: Modules a local worker process imports as it starts, so the first tasks start at once (the
 #: writer's modules, sqlalchemy among them, only where the writer goes: its worker imports them
 #: while the first images are extracted).
-WORKER_PRELOAD = ["trap_dask.tasks"]
+WORKER_PRELOAD = ["trap_dask.tasks", "trap_dask.route"]
 #: Dask config key that keeps Dask's statistical profiler on in a local cluster's workers: off, it
 #: no longer samples every worker thread every 10 ms (a few % of the CPU); ``trap-dask bench
 #: --report`` turns it on for its report.

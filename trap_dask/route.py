@@ -24,11 +24,30 @@ call the writer through its actor handle (in place on the writer's own worker, s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
+
+#: Errors of the writer's that the run reports itself, in one line, when a task fails with one.
+REPORTED_BY_THE_RUN = ("DatabaseError(", "DatabaseGone(", "RunTakenOver(")
+
+
+class _ReportedByTheRun(logging.Filter):
+    """Leaves out Dask's "Compute Failed" record (the task, its exception, a traceback) of a task
+    that failed with one of the writer's database errors: the run stops with that error's words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
+                    and str(args[3]).startswith(REPORTED_BY_THE_RUN))
+
+
+# every worker imports this module to run an image's tasks, before the first of them runs
+if not any(isinstance(f, _ReportedByTheRun) for f in logging.getLogger("distributed.worker").filters):
+    logging.getLogger("distributed.worker").addFilter(_ReportedByTheRun())
 
 
 @dataclass(frozen=True)

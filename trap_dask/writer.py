@@ -70,7 +70,7 @@ from trap_dask.catalogue import (
 from trap_dask.columns import take
 from trap_dask.committer import CommitterProcess, write_batch
 from trap_dask.config import RESUME, Config
-from trap_dask.db.backends import DatabaseError, DatabaseSettings
+from trap_dask.db.backends import DatabaseError, DatabaseGone, DatabaseSettings
 from trap_dask.db.store import ExportStore, RunTakenOver
 from trap_dask.image import one_line
 from trap_dask.messages import (
@@ -209,6 +209,7 @@ class Writer:
         #: why a transaction failed: the writer then records nothing more (see _refuse_if_failed)
         self._failure: str | None = None
         self._taken_over = False  # the failure was a takeover (store.RunTakenOver)
+        self._gone = False  # the failure was the database's going (backends.DatabaseGone)
         self.stage_every_image = stage_every_image
 
     def _add_monitors(self, positions: list[tuple[float, float]], stored: dict[str, list]) -> dict:
@@ -477,6 +478,7 @@ class Writer:
                 setattr(self, name, value)
             self._failure = _failure_text(exc)
             self._taken_over = isinstance(exc, RunTakenOver)
+            self._gone = isinstance(exc, DatabaseGone)
             if isinstance(exc, DatabaseError):  # the same words wherever the run learns of it
                 raise DatabaseError(self._failure_message()) from exc
             raise  # a fault of the code, with its traceback
@@ -498,6 +500,8 @@ class Writer:
     def _failure_message(self) -> str:
         if self._taken_over:  # the run goes on under the writer that took over: nothing to resume here
             return f"this writer was taken over ({self._failure}): it writes nothing more"
+        if self._gone:  # nothing left to resume: the message says what to do
+            return f"the export database could not be written: {self._failure}"
         return (f"the export database could not be written ({self._failure}); it holds the images before "
                 f"that transaction: {RESUME}")
 

@@ -35,6 +35,10 @@ class DatabaseError(RuntimeError):
     """A database that cannot be opened, created or written; the message is user-facing."""
 
 
+class DatabaseGone(DatabaseError):
+    """The database a run was writing to is no longer where it was: nothing there to resume."""
+
+
 @dataclass(frozen=True)
 class DatabaseSettings:
     """Where the export database lives. ``password`` is never logged or stored."""

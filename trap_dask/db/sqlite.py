@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, update
 from sqlalchemy.engine import URL
 
-from trap_dask.db.backends import Backend, Columns, DatabaseError
+from trap_dask.db.backends import Backend, Columns, DatabaseError, DatabaseGone
 from trap_dask.db.lock import Lock
 
 #: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
@@ -34,7 +34,7 @@ CACHE_KIB = (4096, 65536)
 CACHE_KIB_PER_MEASUREMENT = 1
 
 
-def _pragmas(dbapi_connection, _record) -> None:
+def _pragmas(dbapi_connection, record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # see the module's docstring
@@ -43,7 +43,18 @@ def _pragmas(dbapi_connection, _record) -> None:
     # the log is copied into the file every 4000 pages (default 1000): a batch rewrites the same
     # index pages as the one before, copied once per checkpoint (benchmarks/RESULTS.md, issue 15 round 9)
     cursor.execute("PRAGMA wal_autocheckpoint=4000")
+    path = next(row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main")
     cursor.close()
+    record.info["file"] = path, _identity(path)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None where there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def python_values(column: np.ndarray) -> list[Any]:
@@ -181,13 +192,22 @@ class SQLiteBackend(Backend):
         return FileLock(self.settings)
 
     def prepare_batch(self, conn: Connection, measurements: int) -> None:
-        """Size the page cache to the transaction. Each measurement adds an entry to the run of its
-        light curve in the src_id index of extracted_sources, and rows to the table's newest pages;
+        """Refuse to write when the file this connection opened is no longer at its path (deleted or
+        replaced: the commits would be lost with it), and size the page cache to the transaction.
+
+        Each measurement adds an entry to the run of its light curve in the src_id index of
+        extracted_sources, and rows to the table's newest pages;
         a batch of 16 images of 1000 sources touches ~1000 pages of the index and ~900 new pages
         (4 KiB each). With a cache smaller than that, every batch reads the index back from the
         file: 16 MiB took 18% off such a batch against 4 MiB (benchmarks/RESULTS.md, issue 15 round
         9). A writer that keeps up writes a few images a transaction and keeps the 4 MiB of a small
         one, so a long run's memory stays flat."""
+        path, identity = conn.info["file"]
+        if _identity(path) != identity:  # SQLite would go on writing into the file no longer there
+            raise DatabaseGone(
+                f"{self.describe()} was deleted or replaced while this run wrote to it: the images "
+                "committed after that went into the file no longer there and are lost. Run the "
+                "command again (with --db_append only where the file is back)")
         kib = min(max(measurements * CACHE_KIB_PER_MEASUREMENT, CACHE_KIB[0]), CACHE_KIB[1])
         conn.exec_driver_sql(f"PRAGMA cache_size=-{int(kib)}")  # a number of ours: no parameter in a PRAGMA
 
