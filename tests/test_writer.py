@@ -221,6 +221,21 @@ def test_a_sqlite_file_deleted_or_replaced_during_the_run_stops_it(tmp_path, rep
     assert path.exists() == replaced and (not replaced or path.stat().st_size == 0)
 
 
+def test_an_image_rejected_before_its_noise_map_has_null_noise_range_on_both_backends(db_settings):
+    """Its rms_min and rms_max are NaN in the message; SQLite stored them as NULL, PostgreSQL as NaN."""
+    from trap_dask.quality import ImageStats
+
+    writer = _writer_on(db_settings)
+    rejected = replace(_image(1, [150.0], [30.0]), stats=ImageStats(0.5), rejection="rms too high")
+    assert writer.associate(rejected).rejected
+    writer.finish("completed")
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        row = conn.execute(select(schema.images.c.rms, schema.images.c.rms_min, schema.images.c.rms_max)).one()
+    engine.dispose()
+    assert tuple(row) == (0.5, None, None)
+
+
 def _take_over(settings: DatabaseSettings, outcome: dict) -> None:
     """A successor's takeover (as pipeline._restart_writer starts): the lost writer's run marked
     'killed'; the images the database holds of it in ``outcome["images"]``."""

@@ -578,9 +578,10 @@ class Writer:
         meta, stats = result.meta, result.stats
         return {
             "id": self.next_im_id, "run": self.run_id, "url": meta.url, "checksum": result.checksum,
-            "rms": stats.rms if stats else None,
-            "rms_min": stats.rms_min if stats else None,
-            "rms_max": stats.rms_max if stats else None,
+            # an image rejected before its noise was measured: NULL on both backends (PostgreSQL keeps NaN)
+            "rms": _finite_or_none(stats.rms) if stats else None,
+            "rms_min": _finite_or_none(stats.rms_min) if stats else None,
+            "rms_max": _finite_or_none(stats.rms_max) if stats else None,
             "freq_eff": meta.freq_eff, "freq_bw": meta.freq_bw,
             "taustart_ts": meta.taustart_ts, "tau_time": meta.tau_time,
             "rb_smaj": meta.beam.smaj, "rb_smin": meta.beam.smin, "rb_pa": meta.beam.pa,
