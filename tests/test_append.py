@@ -192,6 +192,30 @@ def test_a_database_from_before_widen_sys_err_continues_as_it_was_made(db_settin
     assert parameter_by_run(db_settings, "widen_sys_err") == [None, None, None, False]
 
 
+def test_a_database_dropped_or_deleted_during_the_run_is_not_to_be_resumed(db_settings, epochs, monkeypatch):
+    """The second transaction finds the database gone (a PostgreSQL database dropped, its sessions
+    ended; a SQLite file deleted): the run stops and tells to run again without --db_append, not
+    to resume what is not there."""
+    from trap_dask import writer as writer_module
+    from trap_dask.db.backends import drop_database
+
+    written = []
+    original = writer_module.write_batch
+
+    def write_batch(store, images):
+        written.append(len(images))
+        if len(written) == 2:
+            drop_database(db_settings)
+        return original(store, images)
+
+    monkeypatch.setattr(writer_module, "write_batch", write_batch)
+    stopped = r"(deleted or replaced while this run wrote to it.*Run the command again|no longer exists: run the " \
+              r"same command without --db_append$)"
+    with pytest.raises(PipelineError, match=stopped) as stop:
+        run(db_settings, epochs)
+    assert "to resume" not in str(stop.value) and len(written) == 2
+
+
 def test_a_live_run_blocks_a_second_writer(db_settings, epochs):
     with RunLock(db_settings):
         with pytest.raises(PipelineError, match="another trap-dask run"):

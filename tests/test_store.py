@@ -183,3 +183,16 @@ def test_last_of_each_key_keeps_the_last_row_of_each_key_in_key_order():
     assert last_of_each_key([src]).tolist() == [3, 5, 4]           # src 3 (row 3), 5 (row 5), 7 (row 4)
     assert last_of_each_key([src, band]).tolist() == [3, 5, 2, 4]  # (3,0) (5,0) (5,1) (7,0)
     assert last_of_each_key([np.zeros(0, int)]).tolist() == []
+
+
+def test_a_lost_connection_is_named_as_such_with_what_ends_one():
+    """psycopg2 reports a session the server ended (pg_terminate_backend, a restart, a dropped
+    database) as the rollback's "connection already closed": said alone, that hides why."""
+    import psycopg2
+
+    from trap_dask.db.backends import driver_reason
+
+    lost = driver_reason(psycopg2.InterfaceError("connection already closed"))
+    assert lost.startswith("the connection to the database server was lost (connection already closed): ")
+    assert "pg_terminate_backend" in lost and "network" in lost
+    assert driver_reason(psycopg2.OperationalError("disk full\nDETAIL: x")) == "disk full"

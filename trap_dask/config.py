@@ -291,6 +291,8 @@ PARAMETERS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.field
 DEFAULTS = Config()
 #: What every message about a stopped run tells its user to do (the database holds a consistent prefix).
 RESUME = "run the same command with --db_append to resume"
+#: The same after a failed transaction, which the database does not hold.
+RESUME_AFTER_FAILURE = f"it holds the images before that transaction: {RESUME}"
 #: Parameters never written to the export database, logs or error messages.
 SECRET_PARAMETERS = frozenset(name for name, f in PARAMETERS.items() if f.metadata["secret"])
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.metadata["section"] for f in PARAMETERS.values()))

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trap_dask.config import RESUME, Config
-from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class
+from trap_dask.config import RESUME, RESUME_AFTER_FAILURE, Config
+from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class, database_exists
 from trap_dask.db.store import KnownImages
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import ImageMeta
@@ -235,7 +235,6 @@ def _run_locked(config, config_file, settings, paths, started, observe=None,
     from concurrent.futures import ThreadPoolExecutor
 
     from trap_dask.cluster import ClusterError, start_client
-    from trap_dask.db.backends import database_exists
     from trap_dask.db.lock import LockLost, RunLock
 
     try:
@@ -264,6 +263,9 @@ def _run_locked(config, config_file, settings, paths, started, observe=None,
                 return _process(config, config_file, settings, session, append, known, scans, started, observe,
                                 lock, terminated)
             except Exception as exc:  # an interrupted run keeps its database: --db_append goes on with it
+                if isinstance(exc, (PipelineError, DatabaseError)) and RESUME in str(exc) and _gone(settings):
+                    again = f"{settings.describe()} no longer exists: run the same command without --db_append"
+                    raise PipelineError(str(exc).replace(RESUME_AFTER_FAILURE, again).replace(RESUME, again)) from None
                 if append or isinstance(exc, LockLost) or not _drop_if_imageless(settings):
                     raise  # (a run that lost its lock leaves the database to the run that holds it)
                 if isinstance(exc, (PipelineError, DatabaseError)):
@@ -274,6 +276,15 @@ def _run_locked(config, config_file, settings, paths, started, observe=None,
                 raise
     except DatabaseError as exc:
         raise PipelineError(str(exc)) from None
+
+
+def _gone(settings: DatabaseSettings) -> bool:
+    """Whether the run's database is known to be gone (dropped or deleted while the run wrote to
+    it); False where that cannot be told (its server does not answer)."""
+    try:
+        return not database_exists(settings)
+    except Exception:  # noqa: BLE001 - a question asked while reporting another error
+        return False
 
 
 def _drop_if_imageless(settings: DatabaseSettings) -> bool:

@@ -69,7 +69,7 @@ from trap_dask.catalogue import (
 )
 from trap_dask.columns import take
 from trap_dask.committer import CommitterProcess, write_batch
-from trap_dask.config import RESUME, Config
+from trap_dask.config import RESUME_AFTER_FAILURE, Config
 from trap_dask.db.backends import DatabaseError, DatabaseGone, DatabaseSettings
 from trap_dask.db.store import ExportStore, RunTakenOver
 from trap_dask.image import one_line
@@ -502,8 +502,7 @@ class Writer:
             return f"this writer was taken over ({self._failure}): it writes nothing more"
         if self._gone:  # nothing left to resume: the message says what to do
             return f"the export database could not be written: {self._failure}"
-        return (f"the export database could not be written ({self._failure}); it holds the images before "
-                f"that transaction: {RESUME}")
+        return f"the export database could not be written ({self._failure}); {RESUME_AFTER_FAILURE}"
 
     @_one_at_a_time
     def finish(self, status: str) -> dict:

@@ -162,11 +162,23 @@ def backend_class(name: str) -> type[Backend]:
     raise DatabaseError(f"unknown database backend {name!r}: use sqlite or postgres")
 
 
+#: What a driver says when the server's end of a connection went away mid-statement (psycopg2,
+#: libpq): said alone, it hides why.
+CONNECTION_LOST = ("connection already closed", "invalid socket", "server closed the connection unexpectedly",
+                   "terminating connection due to administrator command", "SSL connection has been closed")
+
+
 def driver_reason(exc: Exception) -> str:
-    """The driver's one-line reason for a failure, without SQL, parameters or URL."""
+    """The driver's one-line reason for a failure, without SQL, parameters or URL; where the
+    connection was lost, saying so and what ends one."""
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines()
-    return lines[0] if lines else type(orig).__name__
+    reason = lines[0] if lines else type(orig).__name__
+    if any(words in reason for words in CONNECTION_LOST):
+        return (f"the connection to the database server was lost ({reason}): the server ended the "
+                "session (an administrator's pg_terminate_backend, a restart, the database dropped) "
+                "or the network failed")
+    return reason
 
 
 def cannot_connect(settings: DatabaseSettings, exc: Exception) -> DatabaseError:
