@@ -127,6 +127,31 @@ def test_failed_commit_leaves_nothing_of_the_image(db_settings):
     store.close()
 
 
+def test_a_lock_held_by_another_session_fails_the_commit_after_the_wait_naming_it(db_settings, monkeypatch):
+    """A write transaction left open elsewhere (a sqlite3 shell, a notebook, another client's LOCK
+    TABLE) holds the writer LOCK_WAIT_S at most, then the commit fails saying what held it."""
+    from trap_dask.db import backends, postgresql, sqlite
+
+    for module in (backends, postgresql, sqlite):
+        monkeypatch.setattr(module, "LOCK_WAIT_S", 1)
+    store = ExportStore.create(db_settings, overwrite=False)
+    run = store.start_run(Config().exportable(), None)
+    band = {"band_id": 1, "freq_low": 1.49e8, "freq_central": 1.5e8, "freq_high": 1.51e8}
+    other = db_settings.impl.make_engine()
+    with other.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if db_settings.backend == "sqlite" else "BEGIN")
+        if db_settings.backend == "postgres":
+            conn.exec_driver_sql("LOCK TABLE images IN ACCESS EXCLUSIVE MODE")
+        held = r"(database is locked after 1 s: another process holds a write transaction open on the file" \
+               r"|canceling statement due to lock timeout after 1 s: another session held a lock on a table)"
+        with pytest.raises(DatabaseError, match=held):
+            store.commit_image(image_row(1, run), band_rows=[band])
+        conn.rollback()
+    other.dispose()
+    store.commit_image(image_row(1, run), band_rows=[band])  # the lock gone, the same commit goes through
+    store.close()
+
+
 def test_sqlite_page_cache_follows_the_transaction_size(tmp_path):
     """A SQLite transaction's page cache grows with the measurements it inserts (~1 KiB each, at
     least 4 MiB, at most 64): a batch written behind keeps its src_id-index pages cached, a writer

@@ -162,6 +162,19 @@ def backend_class(name: str) -> type[Backend]:
     raise DatabaseError(f"unknown database backend {name!r}: use sqlite or postgres")
 
 
+#: Seconds a statement waits for a lock another session or process holds on the database before
+#: the transaction fails (a forgotten open transaction in a notebook or a shell would otherwise
+#: hold a run for ever, silently, or, SQLite's default, stop it after 5 s).
+LOCK_WAIT_S = 120
+#: What the drivers say when that wait ran out, and what to look at.
+LOCK_WAIT_ENDED = {
+    "database is locked": "another process holds a write transaction open on the file (a sqlite3 shell or "
+                          "a notebook?)",
+    "canceling statement due to lock timeout": "another session held a lock on a table this run writes "
+                                               "(pg_locks and pg_stat_activity show which)",
+}
+
+
 #: What a driver says when the server's end of a connection went away mid-statement (psycopg2,
 #: libpq): said alone, it hides why.
 CONNECTION_LOST = ("connection already closed", "invalid socket", "server closed the connection unexpectedly",
@@ -174,6 +187,9 @@ def driver_reason(exc: Exception) -> str:
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines()
     reason = lines[0] if lines else type(orig).__name__
+    for words, why in LOCK_WAIT_ENDED.items():
+        if words in reason:
+            return f"{reason} after {LOCK_WAIT_S} s: {why}"
     if any(words in reason for words in CONNECTION_LOST):
         return (f"the connection to the database server was lost ({reason}): the server ended the "
                 "session (an administrator's pg_terminate_backend, a restart, the database dropped) "

@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from trap_dask.db import schema
-from trap_dask.db.backends import Backend, Columns, DatabaseError, cannot_connect, driver_reason
+from trap_dask.db.backends import LOCK_WAIT_S, Backend, Columns, DatabaseError, cannot_connect, driver_reason
 from trap_dask.db.lock import DatabaseBusy, Lock
 from trap_dask.db.pgcopy import array_update, copy_insert, copy_upsert
 
@@ -66,7 +66,8 @@ def server_settings(server_version: int) -> dict[str, str]:
     than TCP_USER_TIMEOUT_SINCE has no ``tcp_user_timeout``, and gets the rest."""
     settings = {"tcp_keepalives_idle": str(KEEPALIVE_IDLE_S), "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
                 "tcp_keepalives_count": str(KEEPALIVE_COUNT), "tcp_user_timeout": str(1000 * LOST_AFTER_S),
-                "idle_in_transaction_session_timeout": str(1000 * IDLE_IN_TRANSACTION_S)}
+                "idle_in_transaction_session_timeout": str(1000 * IDLE_IN_TRANSACTION_S),
+                "lock_timeout": str(1000 * LOCK_WAIT_S)}
     if server_version < TCP_USER_TIMEOUT_SINCE:
         del settings["tcp_user_timeout"]
     return settings

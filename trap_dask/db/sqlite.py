@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, update
 from sqlalchemy.engine import URL
 
-from trap_dask.db.backends import Backend, Columns, DatabaseError, DatabaseGone
+from trap_dask.db.backends import LOCK_WAIT_S, Backend, Columns, DatabaseError, DatabaseGone
 from trap_dask.db.lock import Lock
 
 #: How SQLAlchemy stores a DateTime in SQLite; raw inserts use the same text.
@@ -167,7 +167,7 @@ class SQLiteBackend(Backend):
         return self.settings.name
 
     def make_engine(self, database: str | None = None, **kwargs) -> Engine:
-        engine = super().make_engine(database, **kwargs)
+        engine = super().make_engine(database, connect_args={"timeout": LOCK_WAIT_S}, **kwargs)
         event.listen(engine, "connect", _pragmas)
         return engine
 
