@@ -236,6 +236,28 @@ def test_an_image_rejected_before_its_noise_map_has_null_noise_range_on_both_bac
     assert tuple(row) == (0.5, None, None)
 
 
+def test_a_writer_that_cannot_load_the_catalogue_records_its_run_failed_and_says_to_resume(db_settings, monkeypatch):
+    """An append whose writer fails reading the database (after recording its run) leaves that run
+    'failed' with its end, not 'running' for the next append to call 'killed'."""
+    from trap_dask.db.backends import DatabaseError
+
+    writer = _writer_on(db_settings)
+    _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))
+    writer.finish("completed")
+
+    def refuse(store):
+        raise DatabaseError(f"{db_settings.describe()}: database is locked")
+
+    monkeypatch.setattr(ExportStore, "load_state", refuse)
+    with pytest.raises(DatabaseError, match=r": database is locked; run the same command with --db_append to resume$"):
+        Writer(db_settings, _config(db_settings), None, append=True)
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        runs = conn.execute(select(schema.runs.c.status, schema.runs.c.finished_at).order_by(schema.runs.c.id)).all()
+    engine.dispose()
+    assert [status for status, _ in runs] == ["completed", "failed"] and runs[1][1] is not None
+
+
 def _take_over(settings: DatabaseSettings, outcome: dict) -> None:
     """A successor's takeover (as pipeline._restart_writer starts): the lost writer's run marked
     'killed'; the images the database holds of it in ``outcome["images"]``."""

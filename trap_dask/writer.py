@@ -37,6 +37,7 @@ the worker's event loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -69,7 +70,7 @@ from trap_dask.catalogue import (
 )
 from trap_dask.columns import take
 from trap_dask.committer import CommitterProcess, write_batch
-from trap_dask.config import RESUME_AFTER_FAILURE, Config
+from trap_dask.config import RESUME, RESUME_AFTER_FAILURE, Config
 from trap_dask.db.backends import DatabaseError, DatabaseGone, DatabaseSettings
 from trap_dask.db.store import ExportStore, RunTakenOver
 from trap_dask.image import one_line
@@ -138,8 +139,16 @@ class Writer:
         #: CPU of the whole cluster
         self.stage_cpu = 0.0
         self.store = ExportStore(settings)
-        self.run_id = self.store.start_run(config.exportable(), config_file)
-        state = self.store.load_state() if append else None
+        self.run_id = -1
+        try:
+            self.run_id = self.store.start_run(config.exportable(), config_file)
+            state = self.store.load_state() if append else None
+            known = self.store.known_images() if resume else None
+        except DatabaseError as exc:  # the database holds what it held: the same command goes on with it
+            if self.run_id >= 0:
+                with contextlib.suppress(DatabaseError):
+                    self.store.finish_run(self.run_id, "failed")
+            raise DatabaseError(f"{exc}; {RESUME}") from None
         self.catalogue = RunningCatalogue(
             de_ruiter_r_max=config.de_ruiter_r_max,
             max_nr_consecutive_force_fits=config.max_nr_consecutive_force_fits,
@@ -193,7 +202,6 @@ class Writer:
         self.seen: dict[str, str] = {}
         #: url -> CommitSummary of the latest images recorded (RECENT_SUMMARIES)
         self._recent: dict[str, CommitSummary] = {}
-        known = self.store.known_images() if resume else None
         self._stored = (known.checksums, known.unreadable) if known else (frozenset(), frozenset())
         self._staged: list[tuple[dict, dict, int]] = []  #: (image row, commit_image keywords, rows) not yet written
         self._snapshot: dict | None = None  #: the state before the first staged image
