@@ -221,3 +221,18 @@ def test_a_lost_connection_is_named_as_such_with_what_ends_one():
     assert lost.startswith("the connection to the database server was lost (connection already closed): ")
     assert "pg_terminate_backend" in lost and "network" in lost
     assert driver_reason(psycopg2.OperationalError("disk full\nDETAIL: x")) == "disk full"
+
+
+def test_a_new_database_whose_tables_cannot_be_made_is_removed_and_the_error_says_so(db_settings, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from trap_dask.db.backends import database_exists
+
+    def lost(self, engine):
+        raise OperationalError("CREATE TABLE", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(type(db_settings.impl), "create_tables", lost)
+    with pytest.raises(DatabaseError, match=r"^cannot create the tables in .*: the connection to the database server "
+                                            r"was lost .*; the new database was removed: run the same command again$"):
+        ExportStore.create(db_settings, overwrite=False)
+    assert not database_exists(db_settings)

@@ -139,10 +139,10 @@ class ExportStore:
         store = cls(settings)
         try:
             store._create_tables()
-        except DatabaseError:
+        except DatabaseError as exc:
             store.close()
             backend.drop()
-            raise
+            raise DatabaseError(f"{exc}; the new database was removed: run the same command again") from None
         return store
 
     @classmethod
