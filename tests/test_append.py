@@ -173,8 +173,9 @@ def test_changed_association_parameters_need_consent(db_settings, epochs):
 
 
 def test_a_database_from_before_widen_sys_err_continues_as_it_was_made(db_settings, epochs):
-    """Runs before the parameter existed associated with set position errors as given: an append
-    with numbers names --no-widen_sys_err; under 'auto' the switch changes nothing and is not asked."""
+    """Runs before the parameter existed associated with set position errors as given: the advice
+    to continue such a catalogue names --no-widen_sys_err with the numbers, in one error; a catalogue
+    made under 'auto' followed the data either way and is not asked about the switch."""
     def forget_widen() -> None:
         engine = make_engine(db_settings)
         with engine.begin() as conn:
@@ -184,10 +185,15 @@ def test_a_database_from_before_widen_sys_err_continues_as_it_was_made(db_settin
     run(db_settings, epochs[:2])
     forget_widen()
     run(db_settings, epochs[:3], db_append=True)
+    with pytest.raises(PipelineError, match=r"\(ew_sys_err: None -> 3\.0; ns_sys_err: None -> 3\.0\); pass "
+                                            r"--accept_config_change"):  # and nothing of widen_sys_err
+        run(db_settings, epochs[:4], db_append=True, ew_sys_err="3", ns_sys_err="3")
     run(db_settings, epochs[:4], db_append=True, ew_sys_err="3", ns_sys_err="3", accept_config_change=True)
     forget_widen()
     with pytest.raises(PipelineError, match=r"\(widen_sys_err: False -> True\); pass --no-widen_sys_err to "):
         run(db_settings, epochs[:5], db_append=True, ew_sys_err="3", ns_sys_err="3")
+    with pytest.raises(PipelineError, match=r"pass --ew_sys_err 3\.0 --ns_sys_err 3\.0 --no-widen_sys_err to continue"):
+        run(db_settings, epochs[:5], db_append=True)  # back to 'auto': all three restore the catalogue's making
     run(db_settings, epochs[:5], db_append=True, ew_sys_err="3", ns_sys_err="3", widen_sys_err=False)
     assert parameter_by_run(db_settings, "widen_sys_err") == [None, None, None, False]
 
@@ -209,8 +215,9 @@ def test_a_database_dropped_or_deleted_during_the_run_is_not_to_be_resumed(db_se
         return original(store, images)
 
     monkeypatch.setattr(writer_module, "write_batch", write_batch)
-    stopped = r"(deleted or replaced while this run wrote to it.*Run the command again|no longer exists: run the " \
-              r"same command without --db_append$)"
+    sqlite = db_settings.backend == "sqlite"
+    stopped = (r"deleted or replaced while this run wrote to it.*Run the command again" if sqlite
+               else r"no longer exists: run the same command without --db_append$")
     with pytest.raises(PipelineError, match=stopped) as stop:
         run(db_settings, epochs)
     assert "to resume" not in str(stop.value) and len(written) == 2

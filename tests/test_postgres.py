@@ -383,3 +383,30 @@ def test_a_run_that_lost_its_lock_to_another_run_stops_and_says_how_to_resume(su
         stored = conn.execute(select(func.count()).select_from(schema.images)).scalar()
     engine.dispose()
     assert status == "failed" and n_images == stored >= 2  # those in flight at the stop may be committed too
+
+
+def test_a_takeover_waits_for_a_lost_writers_transaction_beyond_the_lock_wait(pg, monkeypatch):
+    """A lost writer's open transaction holds its run's row until the server ends its session
+    (LOST_AFTER_S, IDLE_IN_TRANSACTION_S: minutes); the successor's close_stale_runs waits for it,
+    past the lock_timeout (LOCK_WAIT_S) that bounds every other wait."""
+    import threading
+    import time
+
+    from trap_dask.config import Config
+    from trap_dask.db import postgresql
+    from trap_dask.db.store import ExportStore
+
+    monkeypatch.setattr(postgresql, "LOCK_WAIT_S", 1)
+    store = ExportStore.create(pg, overwrite=False)
+    run = store.start_run(Config().exportable(), None)
+    lost = make_engine(pg)
+    conn = lost.connect()
+    conn.execute(text("UPDATE runs SET n_images = 0 WHERE id = :id"), {"id": run})  # its row locked, uncommitted
+    ended = threading.Timer(3.0, conn.close)  # the server ends the lost session (rolled back)
+    ended.start()
+    started = time.monotonic()
+    assert store.close_stale_runs() == 0
+    assert time.monotonic() - started >= 2.5
+    ended.join()
+    lost.dispose()
+    store.close()

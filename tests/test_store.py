@@ -236,3 +236,21 @@ def test_a_new_database_whose_tables_cannot_be_made_is_removed_and_the_error_say
                                             r"was lost .*; the new database was removed: run the same command again$"):
         ExportStore.create(db_settings, overwrite=False)
     assert not database_exists(db_settings)
+
+
+def test_a_sqlite_file_deleted_is_not_made_again_by_a_later_connection(tmp_path):
+    """A writer's committer process connects after the run started: if the file was deleted by
+    then, connecting fails instead of making an empty file at the path (which hid the deletion)."""
+    from pathlib import Path
+
+    settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "gone.db"))
+    store = ExportStore.create(settings, overwrite=False)
+    run = store.start_run(Config().exportable(), None)
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{settings.name}{suffix}").unlink(missing_ok=True)
+    later = ExportStore(settings)
+    with pytest.raises(DatabaseError, match="unable to open database file"):
+        later.commit_image(image_row(1, run))
+    later.close()
+    assert not Path(settings.name).exists()

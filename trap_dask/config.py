@@ -435,6 +435,9 @@ def validate(config: Config) -> Config:
     for name in AUTO_PARAMETERS:
         value = getattr(config, name)
         need(value is None or 0 <= value < math.inf, name, "must be 'auto' or a number >= 0 arcsec")
+    need((config.ew_sys_err is None) == (config.ns_sys_err is None), "ns_sys_err",
+         f"ew_sys_err is {config.ew_sys_err if config.ew_sys_err is not None else AUTO!r}: set both to numbers "
+         "(arcsec), or both to 'auto'")
     need(config.max_nr_consecutive_force_fits >= 0, "max_nr_consecutive_force_fits", "must be >= 0")
     need(config.im_margin >= 0, "im_margin", "must be >= 0 pixels")
     need(config.im_radius >= 0, "im_radius", "must be >= 0 pixels (0: no limit)")
@@ -495,13 +498,13 @@ def validate(config: Config) -> Config:
 
 def association_differences(config: Config, stored: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{name: (stored, new)}`` for each association parameter that differs from a stored config row
-    (one a run did not store has its value of ``BEFORE_STORED``; ``widen_sys_err`` counts only
-    where the new run's position errors are numbers: 'auto' follows the data either way)."""
+    (one a run did not store has its value of ``BEFORE_STORED``; ``widen_sys_err`` counts only where
+    the stored position errors are numbers: under 'auto' the catalogue followed the data either way)."""
     def value(name: str, raw: Any) -> Any:  # the bands as numbers, however they were written
         return _parse_positions(raw, name) if name == "frequency_band" and raw else raw
 
     names = [name for name in ASSOCIATION_PARAMETERS
-             if name != "widen_sys_err" or config.ew_sys_err is not None or config.ns_sys_err is not None]
+             if name != "widen_sys_err" or stored.get("ew_sys_err") is not None]
     old = {name: stored.get(name, BEFORE_STORED.get(name)) for name in names}
     return {name: (old[name], getattr(config, name)) for name in names
             if value(name, old[name]) != value(name, getattr(config, name))}

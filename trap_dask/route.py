@@ -26,23 +26,27 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 
-#: Errors of the writer's that the run reports itself, in one line, when a task fails with one.
-REPORTED_BY_THE_RUN = ("DatabaseError(", "DatabaseGone(", "RunTakenOver(")
+#: The exception (its repr, as Dask logs it) of a task refused by a writer whose transaction
+#: failed (Writer._failure_message): the run stops with those words itself, in one line.
+REPORTED_BY_THE_RUN = re.compile(r"""^DatabaseError\(['"](the export database could not be written|this writer was """
+                                 r"taken over)")
 
 
 class _ReportedByTheRun(logging.Filter):
     """Leaves out Dask's "Compute Failed" record (the task, its exception, a traceback) of a task
-    that failed with one of the writer's database errors: the run stops with that error's words."""
+    that the writer refused after a failed transaction; a driver's error that reached a task
+    unconverted (a fault of the code) keeps its record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
-                    and str(args[3]).startswith(REPORTED_BY_THE_RUN))
+                    and REPORTED_BY_THE_RUN.match(str(args[3])) is not None)
 
 
 # every worker imports this module to run an image's tasks, before the first of them runs

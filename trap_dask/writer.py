@@ -145,9 +145,10 @@ class Writer:
             state = self.store.load_state() if append else None
             known = self.store.known_images() if resume else None
         except DatabaseError as exc:  # the database holds what it held: the same command goes on with it
-            if self.run_id >= 0:
-                with contextlib.suppress(DatabaseError):
+            with contextlib.suppress(DatabaseError):
+                if self.run_id >= 0:
                     self.store.finish_run(self.run_id, "failed")
+                self.store.close()
             raise DatabaseError(f"{exc}; {RESUME}") from None
         self.catalogue = RunningCatalogue(
             de_ruiter_r_max=config.de_ruiter_r_max,
@@ -536,6 +537,12 @@ class Writer:
             self._process.close()
         try:
             self.store.finish_run(self.run_id, status)
+        except DatabaseError as exc:
+            if self._failure is None:
+                raise
+            # the transaction's failure is the run's error: the same cause (a database gone) often
+            # refuses the run's end too
+            log.warning("could not record the end of the run: %s", exc)
         finally:  # a database gone by now: its engine's connections are let go all the same
             self.store.close()
         return {

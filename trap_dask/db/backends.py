@@ -130,6 +130,10 @@ class Backend(ABC):
     def set_storage(self, conn: Connection, table: str, options: Mapping[str, object]) -> None:  # noqa: B027
         """Apply a table's storage parameters (schema.STORAGE) to an existing table; none by default."""
 
+    def wait_for_any_lock(self, conn: Connection) -> None:  # noqa: B027
+        """Let ``conn``'s transaction wait for locks as long as they are held, beyond LOCK_WAIT_S: a
+        lost writer's, which its server ends in its own time; nothing by default."""
+
     def prepare_batch(self, conn: Connection, measurements: int) -> None:  # noqa: B027
         """Ready ``conn`` for a transaction that inserts ``measurements`` rows of extracted_sources;
         nothing by default."""

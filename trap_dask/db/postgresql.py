@@ -133,6 +133,11 @@ class PostgreSQLBackend(Backend):
     def create(self) -> None:
         self._server_statement("CREATE DATABASE {}", "create")
 
+    def wait_for_any_lock(self, conn: Connection) -> None:
+        """A lost writer's session is ended by the server (LOST_AFTER_S, IDLE_IN_TRANSACTION_S),
+        after LOCK_WAIT_S: the transaction that takes over from it waits until then."""
+        conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
+
     def drop(self) -> None:
         self._server_statement("DROP DATABASE IF EXISTS {} WITH (FORCE)", "drop")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, update
@@ -46,6 +47,12 @@ def _pragmas(dbapi_connection, record) -> None:
     path = next(row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main")
     cursor.close()
     record.info["file"] = path, _identity(path)
+
+
+def _file_url(path: Path, mode: str) -> URL:
+    """The SQLite URI of the file at ``path`` opened in ``mode`` ('ro', 'rw'): the path percent-encoded,
+    so that a '?', '#' or '%' in a name is the name's."""
+    return URL.create("sqlite", database=f"file:{quote(str(path))}", query={"mode": mode, "uri": "true"})
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -161,7 +168,9 @@ class SQLiteBackend(Backend):
         return f"SQLite file {self.settings.name}"
 
     def url(self, database: str | None = None) -> URL:
-        return URL.create("sqlite", database=str(Path(self.settings.name).resolve()))
+        """The file, opened read-write and never created by connecting (:meth:`create` makes it): a
+        connection opened after the file was deleted fails instead of writing into a new one."""
+        return _file_url(Path(self.settings.name).resolve(), "rw")
 
     def address(self) -> str:
         return self.settings.name
@@ -173,16 +182,16 @@ class SQLiteBackend(Backend):
 
     def looking_engine(self) -> Engine:
         """Read-only, without the export database's pragmas (WAL would stay set in another's file)."""
-        path = Path(self.settings.name).resolve()
-        return create_engine(URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"}),
-                             hide_parameters=True)
+        return create_engine(_file_url(Path(self.settings.name).resolve(), "ro"), hide_parameters=True)
 
     def exists(self) -> bool:
         return Path(self.settings.name).exists()
 
     def create(self) -> None:
-        """The file's directory is made if missing; SQLite makes the file on the first connection."""
-        Path(self.settings.name).resolve().parent.mkdir(parents=True, exist_ok=True)
+        """An empty file (its directory made if missing): SQLite writes its header on the first connection."""
+        path = Path(self.settings.name).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
 
     def drop(self) -> None:
         for suffix in ("", "-wal", "-shm", "-journal"):

@@ -270,6 +270,7 @@ class ExportStore:
         commit nothing more (_count_in_runs), so none is missed."""
         runs = schema.runs.c
         with self.engine.begin() as conn:
+            self.backend.wait_for_any_lock(conn)  # a lost writer's transaction ends when its server says
             stale = list(conn.execute(select(runs.id).where(runs.status == "running")).scalars())
             if not stale:
                 return 0
