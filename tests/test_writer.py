@@ -199,14 +199,21 @@ def test_a_writer_taken_over_writes_nothing_more(db_settings):
     engine.dispose()
 
 
-@pytest.mark.parametrize("replaced", [False, True])
+@pytest.mark.parametrize("replaced", [False, True, "link"])
 def test_a_sqlite_file_deleted_or_replaced_during_the_run_stops_it(tmp_path, replaced):
     """SQLite goes on writing into a file deleted under it (its inode lives while open): the
     writer checks before each transaction that the path still names the file it opened, and the
     run stops without telling the user to resume a database that is not there."""
     from trap_dask.db.backends import DatabaseError
 
-    writer, settings = _writer(tmp_path)
+    if replaced == "link":  # --db_name a symbolic link, replaced by a file of its own
+        target = DatabaseSettings(backend="sqlite", name=str(tmp_path / "target.db"))
+        ExportStore.create(target, overwrite=False).close()
+        (tmp_path / "w.db").symlink_to(tmp_path / "target.db")
+        settings = DatabaseSettings(backend="sqlite", name=str(tmp_path / "w.db"))
+        writer = Writer(settings, _config(settings), None)
+    else:
+        writer, settings = _writer(tmp_path)
     _commit(writer, writer.associate(_image(1, [150.0, 150.2], [30.0, 30.0])))
     path = Path(settings.name)
     for suffix in ("", "-wal", "-shm"):
@@ -218,7 +225,7 @@ def test_a_sqlite_file_deleted_or_replaced_during_the_run_stops_it(tmp_path, rep
         _commit(writer, writer.associate(_image(2, [150.0, 150.2], [30.0, 30.0])))
         writer.flush()
     assert "--db_append to resume" not in writer.finish("completed")["failure"]
-    assert path.exists() == replaced and (not replaced or path.stat().st_size == 0)
+    assert path.exists() == bool(replaced) and (not replaced or path.stat().st_size == 0)
 
 
 def test_an_image_rejected_before_its_noise_map_has_null_noise_range_on_both_backends(db_settings):

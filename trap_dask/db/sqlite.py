@@ -46,7 +46,7 @@ def _pragmas(dbapi_connection, record) -> None:
     cursor.execute("PRAGMA wal_autocheckpoint=4000")
     path = next(row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main")
     cursor.close()
-    record.info["file"] = path, _identity(path)
+    record.info["file"] = _identity(path)  # the file opened (a link's target)
 
 
 def _file_url(path: Path, mode: str) -> URL:
@@ -211,8 +211,8 @@ class SQLiteBackend(Backend):
         file: 16 MiB took 18% off such a batch against 4 MiB (benchmarks/RESULTS.md, issue 15 round
         9). A writer that keeps up writes a few images a transaction and keeps the 4 MiB of a small
         one, so a long run's memory stays flat."""
-        path, identity = conn.info["file"]
-        if _identity(path) != identity:  # SQLite would go on writing into the file no longer there
+        # the name as given (a link is followed): SQLite would go on writing into the file no longer there
+        if _identity(self.settings.name) != conn.info["file"]:
             raise DatabaseGone(
                 f"{self.describe()} was deleted or replaced while this run wrote to it: the images "
                 "committed after that went into the file no longer there and are lost. Run the "
