@@ -435,9 +435,11 @@ def validate(config: Config) -> Config:
     for name in AUTO_PARAMETERS:
         value = getattr(config, name)
         need(value is None or 0 <= value < math.inf, name, "must be 'auto' or a number >= 0 arcsec")
-    need((config.ew_sys_err is None) == (config.ns_sys_err is None), "ns_sys_err",
-         f"ew_sys_err is {config.ew_sys_err if config.ew_sys_err is not None else AUTO!r}: set both to numbers "
-         "(arcsec), or both to 'auto'")
+    if (config.ew_sys_err is None) != (config.ns_sys_err is None):
+        shown = {name: AUTO if value is None else f"{value:g}" for name, value in
+                 (("ew_sys_err", config.ew_sys_err), ("ns_sys_err", config.ns_sys_err))}
+        raise ConfigError(f"ew_sys_err = {shown['ew_sys_err']}, ns_sys_err = {shown['ns_sys_err']}: set both to "
+                          "numbers (arcsec), or both to 'auto'")
     need(config.max_nr_consecutive_force_fits >= 0, "max_nr_consecutive_force_fits", "must be >= 0")
     need(config.im_margin >= 0, "im_margin", "must be >= 0 pixels")
     need(config.im_radius >= 0, "im_radius", "must be >= 0 pixels (0: no limit)")
