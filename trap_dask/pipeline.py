@@ -523,20 +523,19 @@ def _say_large_position_errors(images: list, config: Config) -> None:
     """Warn when ``ew_sys_err``/``ns_sys_err`` (arcsec, not 'auto') are a beam FWHM or more for
     images (ScannedImage) of the run: every known source within several beams becomes a candidate
     of every detection, and a new source can pass its light curve on to its neighbours."""
-    given = [v for v in (config.ew_sys_err, config.ns_sys_err) if v is not None]
-    if not given or not images:
+    if config.ew_sys_err is None or not images:  # 'auto' (both are, or neither: config.validate)
         return
+    given = max(config.ew_sys_err, config.ns_sys_err)
     sharpest = min(images, key=lambda s: s.meta.beam.smaj)
     fwhm = 7200.0 * sharpest.meta.beam.smaj  # arcsec
-    if max(given) >= fwhm:
-        said = " / ".join(f"--{name} {'auto' if v is None else f'{v:g}'}"
-                          for name, v in (("ew_sys_err", config.ew_sys_err), ("ns_sys_err", config.ns_sys_err)))
+    if given >= fwhm:
+        said = f"--ew_sys_err {config.ew_sys_err:g} / --ns_sys_err {config.ns_sys_err:g}"
         log.warning("%s arcsec: %.1f times the beam (FWHM %.1f\" of %s); every known source within %.0f beams "
                     "becomes a candidate of each detection, and light curves may pass from one source to another. "
                     "Set them near the measured position scatter (the images' astrometry_scatter_ra/dec) or to "
                     "'auto' (--duplicate_reach 1 at least keeps a transient beside a known source from being "
-                    "taken for its duplicate)", said, max(given) / fwhm, fwhm, sharpest.meta.url,
-                    config.de_ruiter_r_max * math.sqrt(2.0) * max(given) / fwhm)
+                    "taken for its duplicate)", said, given / fwhm, fwhm, sharpest.meta.url,
+                    config.de_ruiter_r_max * math.sqrt(2.0) * given / fwhm)
 
 
 def _say_uncovered_monitors(images: list, positions: list[tuple[float, float]], params: ExtractionParams) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from trap_dask.association import angle_of_chord, unit_vectors
+from trap_dask.association import angle_of_chord, chord, unit_vectors
 from trap_dask.extraction.extract import PreparedImage, extract_sources, prepare_image
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import read_image, read_meta
@@ -43,8 +43,7 @@ def match_nearest(
     n1 = len(np.atleast_1d(ra1))
     if n1 == 0 or len(np.atleast_1d(ra2)) == 0:
         return np.full(n1, -1), np.full(n1, np.nan)
-    chord = 2.0 * np.sin(np.deg2rad(radius) / 2.0)
-    dist, idx = cKDTree(unit_vectors(ra2, dec2)).query(unit_vectors(ra1, dec1), distance_upper_bound=chord)
+    dist, idx = cKDTree(unit_vectors(ra2, dec2)).query(unit_vectors(ra1, dec1), distance_upper_bound=chord(radius))
     found = np.isfinite(dist)
     sep = np.where(found, angle_of_chord(dist), np.nan)
     return np.where(found, idx, -1), sep
