@@ -41,7 +41,8 @@ def step(cat, im_id, det, forced_flux=None, band=1, rms=0.001):
 
 
 #: the catalogue as TraP 1.x runs it (Config's defaults switch these on), which the cases below spell out
-TRAP1 = dict(optimal_association=False, fit_blends=False, backfill=False, link_radius=0.0, merge_duplicates=False)
+TRAP1 = dict(optimal_association=False, fit_blends=False, backfill=False, link_radius=0.0, merge_duplicates=False,
+             duplicate_reach=0.0)
 
 
 @pytest.fixture
@@ -394,3 +395,23 @@ def test_the_errors_the_data_show_keep_over_set_ones_from_chaining_light_curves(
     det = add_uncertainties(detections(np.full(3, 150.0), 30.0 + np.array([0.0, 3.0, -3.0]) * beam, [1.0] * 3), 60, 60)
     plan = cat.plan(replace(context(1), beam_fwhm=beam, data_sys_err=data_sys_err), det)
     assert plan.det_source.tolist() == ([1, 2, 0] if chained else [0, 1, 2])
+
+
+@pytest.mark.parametrize("reach, data_sys_err, duplicate", [
+    (None, None, True),          # 'auto' where the data's scatter is not measured: TraP's
+    (None, (1.0, 1.0), False),   # 'auto': the data's 1" put the source far out of reach
+    (0.0, (1.0, 1.0), True),     # TraP 1.x: anywhere within the de Ruiter radius
+    (5.0, (1.0, 1.0), True),     # a reach set in beams
+])
+def test_over_set_errors_do_not_take_a_transient_beside_a_known_source_for_its_duplicate(
+        catalogue, reach, data_sys_err, duplicate):
+    """60" position errors set by the user (two beams): a new detection 4 beams from a known
+    source that is detected again lies within its de Ruiter radius. TraP makes it that source's
+    duplicate (no transient candidate); under duplicate_reach 'auto' the data's 1" decide."""
+    beam = 30 * ARCSEC
+    cat = replace(catalogue, duplicate_reach=reach)
+    cat, _ = step(cat, 0, add_uncertainties(detections(np.array([150.0]), np.array([30.0]), [1.0]), 60, 60))
+    det = add_uncertainties(detections(np.full(2, 150.0), 30.0 + np.array([0.0, 4.0]) * beam, [1.0, 1.0]), 60, 60)
+    plan = cat.plan(replace(context(1), beam_fwhm=beam, data_sys_err=data_sys_err), det)
+    assert plan.det_source.tolist() == [0, -1]
+    assert plan.is_duplicate.tolist() == [False, duplicate]

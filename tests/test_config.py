@@ -71,10 +71,34 @@ def test_wrong_type_is_named(tmp_path):
     ({"db_backend": "postgres", "db_name": "é" * 32}, "db_name"),  # 64 bytes: cut by the server
     ({"de_ruiter_r_max": "inf"}, "de_ruiter_r_max"),
     ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
+    ({"duplicate_reach": "-1"}, "duplicate_reach"),
 ])
 def test_impossible_values_are_named(flags, key):
     with pytest.raises(ConfigError, match=key):
         build_config(flags, {}, None)
+
+
+def test_duplicate_reach_is_auto_by_default_or_a_number_of_beams():
+    assert build_config({}, {}, None).duplicate_reach is None
+    assert build_config({"duplicate_reach": "auto"}, {}, None).duplicate_reach is None
+    assert build_config({"duplicate_reach": "1"}, {}, None).duplicate_reach == 1.0
+
+
+@pytest.mark.parametrize("stored, differs", [
+    ({"ew_sys_err": None, "ns_sys_err": None, "duplicate_reach": 0.0}, False),  # 'auto' errors: TraP's reach
+    ({"ew_sys_err": None, "ns_sys_err": None}, False),                          # from before the parameter
+    ({"ew_sys_err": None, "ns_sys_err": None, "duplicate_reach": 1.0}, True),
+    ({"ew_sys_err": 3.0, "ns_sys_err": 3.0, "duplicate_reach": 0.0}, True),     # set errors: 'auto' acts
+    ({"ew_sys_err": 3.0, "ns_sys_err": 3.0}, True),
+])
+def test_an_auto_duplicate_reach_differs_from_trap_only_under_set_position_errors(stored, differs):
+    from trap_dask.config import association_differences
+
+    config = build_config({"ew_sys_err": "auto" if stored["ew_sys_err"] is None else "3",
+                           "ns_sys_err": "auto" if stored["ns_sys_err"] is None else "3"}, {}, None)
+    base = {name: getattr(config, name) for name in ("de_ruiter_r_max", "association_method",
+            "max_nr_consecutive_force_fits", "frequency_band", "link_radius", "remove_image_shift", "widen_sys_err")}
+    assert ("duplicate_reach" in association_differences(config, base | stored)) == differs
 
 
 @pytest.mark.parametrize("flags", [{"ew_sys_err": "1"}, {"ns_sys_err": "1"}, {"ew_sys_err": "auto", "ns_sys_err": "2"}])

@@ -236,7 +236,7 @@ class RunningCatalogue:
     fit_blends: bool = DEFAULTS.fit_blends
     backfill: bool = DEFAULTS.backfill_new_sources
     link_radius: float = DEFAULTS.link_radius  #: beam FWHM, see :func:`trap_dask.association.associate`
-    duplicate_reach: float = DEFAULTS.duplicate_reach  #: beam FWHM, see :func:`trap_dask.association.associate`
+    duplicate_reach: float | None = DEFAULTS.duplicate_reach  #: beam FWHM, None: 'auto' (:meth:`_duplicate_reach`)
     #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
     merge_duplicates: bool = DEFAULTS.merge_duplicates
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
@@ -278,6 +278,7 @@ class RunningCatalogue:
         blind = self.blind_rows
         det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec,
                                     (image.centre_ra, image.centre_dec))
+        data_reach = self._data_reach(image, detections)
         links = associate(
             s["wm_ra"][blind], s["wm_dec"][blind],
             s["wm_uncertainty_ew"][blind], s["wm_uncertainty_ns"][blind],
@@ -287,10 +288,8 @@ class RunningCatalogue:
             optimal=self.optimal_association,
             link_radius=self.link_radius * image.beam_fwhm,
             blend_radius=BLEND_SWALLOW_RADIUS * image.beam_fwhm if self.fit_blends else 0.0,
-            duplicate_reach=np.maximum(self.duplicate_reach * image.beam_fwhm,
-                                       detections["semimajor_axis"] * 2.0 / 3600.0)
-            if self.duplicate_reach > 0 and image.beam_fwhm > 0 else None,
-            near_reach=self._data_reach(image, detections),
+            duplicate_reach=self._duplicate_reach(image, detections, data_reach),
+            near_reach=data_reach,
             cat_tree=self.blind_tree,
         )
         det_source = _remap(links.source, blind)
@@ -660,6 +659,19 @@ class RunningCatalogue:
             return None
         sigma = np.hypot(max(image.data_sys_err), det["error_radius"]) / 3600.0
         return self.de_ruiter_r_max * np.sqrt(2.0) * sigma
+
+    def _duplicate_reach(self, image: ImageContext, det: np.ndarray,
+                         data_reach: np.ndarray | None) -> np.ndarray | None:
+        """Per detection, the distance (deg) within which a known source it does not continue
+        makes it a duplicate, never below the detection's own fitted FWHM: ``duplicate_reach``
+        beams; under 'auto' the ``data_reach``, which set errors no larger than the data's put
+        about as far as their de Ruiter radius. None (anywhere within that radius, TraP 1.x)
+        for 0, and under 'auto' where the errors are 'auto' or the data's are not measured."""
+        if self.duplicate_reach is None:
+            reach = data_reach
+        else:
+            reach = self.duplicate_reach * image.beam_fwhm if self.duplicate_reach > 0 and image.beam_fwhm > 0 else None
+        return None if reach is None else np.maximum(reach, det["semimajor_axis"] * 2.0 / 3600.0)
 
     def _nearest_known(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
         """Distance (deg) from each position (deg, the catalogue's frame) to the nearest source a

@@ -32,15 +32,15 @@ PG_NAME_BYTES = 63
 #: Parameters that change what association means; appending with other values needs consent.
 ASSOCIATION_PARAMETERS = (
     "de_ruiter_r_max", "association_method", "ew_sys_err", "ns_sys_err", "max_nr_consecutive_force_fits",
-    "frequency_band", "link_radius", "remove_image_shift", "widen_sys_err",
+    "frequency_band", "link_radius", "remove_image_shift", "widen_sys_err", "duplicate_reach",
 )
 
 #: Association parameters added after runs began storing theirs: how the runs before behaved.
-BEFORE_STORED = {"widen_sys_err": False}
+BEFORE_STORED = {"widen_sys_err": False, "duplicate_reach": 0.0}
 
 
 #: Parameters whose value may be 'auto' (held as None: measured from the data during the run).
-AUTO_PARAMETERS = ("ew_sys_err", "ns_sys_err")
+AUTO_PARAMETERS = ("ew_sys_err", "ns_sys_err", "duplicate_reach")
 AUTO = "auto"
 
 
@@ -238,13 +238,16 @@ class Config:
         "Ruiter radius, so mis-set position errors cannot break an obvious link (0: TraP 1.x, "
         "the de Ruiter radius alone)",
     )
-    duplicate_reach: float = _param(
-        0.0, "association", "beam FWHM",
+    duplicate_reach: float | None = _param(
+        None, "association", "beam FWHM",
         "a detection that no known source takes, with one within its de Ruiter radius, is a second "
         "detection of it (a duplicate, no transient candidate) only this close to it, or within its "
-        "own fitted size where larger; farther, it is a source of its own: with over-set position "
-        "errors a transient beside a known source was taken for its duplicate (1 with errors of a "
-        "beam or more; 0, the default: TraP 1.x, anywhere within the de Ruiter radius)",
+        "own fitted size where larger; farther, it is a source of its own. 'auto' (default): where "
+        "ew_sys_err/ns_sys_err are numbers larger than the position scatter the data show, the "
+        "distance within which the data's scatter would make the known source a candidate, so "
+        "over-set errors do not take a transient beside a known source for its duplicate; under "
+        "'auto' errors, or errors no larger than the data's, anywhere within the de Ruiter radius, "
+        "as with 0 (TraP 1.x)",
     )
     merge_duplicates: bool = _param(
         True, "association", "",
@@ -432,7 +435,7 @@ def validate(config: Config) -> Config:
     need(0 < config.analysis_threshold <= config.detection_threshold, "analysis_threshold",
          "must be > 0 and <= detection_threshold")
     need(config.deblend_nthresh >= 0, "deblend_nthresh", "must be >= 0")
-    for name in AUTO_PARAMETERS:
+    for name in ("ew_sys_err", "ns_sys_err"):
         value = getattr(config, name)
         need(value is None or 0 <= value < math.inf, name, "must be 'auto' or a number >= 0 arcsec")
     if (config.ew_sys_err is None) != (config.ns_sys_err is None):
@@ -447,7 +450,8 @@ def validate(config: Config) -> Config:
     need(config.im_back_size_y >= 4, "im_back_size_y", "must be >= 4 pixels")
     need(0 < config.de_ruiter_r_max < math.inf, "de_ruiter_r_max", "must be a number > 0")
     need(0 <= config.link_radius <= 1, "link_radius", "must be between 0 and 1 beam FWHM")
-    need(0 <= config.duplicate_reach < math.inf, "duplicate_reach", "must be a number >= 0 beam FWHM (0: TraP 1.x)")
+    need(config.duplicate_reach is None or 0 <= config.duplicate_reach < math.inf, "duplicate_reach",
+         "must be 'auto' or a number >= 0 beam FWHM (0: TraP 1.x)")
     need(config.association_method in CHOICES["association_method"], "association_method",
          _one_of("association_method"))
     need(config.rms_min >= 0, "rms_min", "must be >= 0 Jy/beam")
@@ -501,12 +505,17 @@ def validate(config: Config) -> Config:
 def association_differences(config: Config, stored: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{name: (stored, new)}`` for each association parameter that differs from a stored config row
     (one a run did not store has its value of ``BEFORE_STORED``; ``widen_sys_err`` counts only where
-    the stored position errors are numbers: under 'auto' the catalogue followed the data either way)."""
+    the stored position errors are numbers: under 'auto' the catalogue followed the data either way,
+    and there an 'auto' ``duplicate_reach`` is TraP's, 0)."""
+    stored_auto = stored.get("ew_sys_err") is None
+
     def value(name: str, raw: Any) -> Any:  # the bands as numbers, however they were written
-        return _parse_positions(raw, name) if name == "frequency_band" and raw else raw
+        if name == "frequency_band" and raw:
+            return _parse_positions(raw, name)
+        return 0.0 if name == "duplicate_reach" and raw is None and stored_auto else raw
 
     names = [name for name in ASSOCIATION_PARAMETERS
-             if name != "widen_sys_err" or stored.get("ew_sys_err") is not None]
+             if name != "widen_sys_err" or not stored_auto]
     old = {name: stored.get(name, BEFORE_STORED.get(name)) for name in names}
     return {name: (old[name], getattr(config, name)) for name in names
             if value(name, old[name]) != value(name, getattr(config, name))}

@@ -533,8 +533,7 @@ def _say_large_position_errors(images: list, config: Config) -> None:
         log.warning("%s arcsec: %.1f times the beam (FWHM %.1f\" of %s); every known source within %.0f beams "
                     "becomes a candidate of each detection, and light curves may pass from one source to another. "
                     "Set them near the measured position scatter (the images' astrometry_scatter_ra/dec) or to "
-                    "'auto' (--duplicate_reach 1 at least keeps a transient beside a known source from being "
-                    "taken for its duplicate)", said, given / fwhm, fwhm, sharpest.meta.url,
+                    "'auto'", said, given / fwhm, fwhm, sharpest.meta.url,
                     config.de_ruiter_r_max * math.sqrt(2.0) * given / fwhm)
 
 
