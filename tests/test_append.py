@@ -185,8 +185,9 @@ def test_a_database_from_before_widen_sys_err_continues_as_it_was_made(db_settin
     run(db_settings, epochs[:2])
     forget_widen()
     run(db_settings, epochs[:3], db_append=True)
-    with pytest.raises(PipelineError, match=r"\(ew_sys_err: None -> 3\.0; ns_sys_err: None -> 3\.0\); pass "
-                                            r"--accept_config_change"):  # and nothing of widen_sys_err
+    with pytest.raises(PipelineError, match=r"\(ew_sys_err: 'auto' -> 3\.0; ns_sys_err: 'auto' -> 3\.0\); pass "
+                                            r"--ew_sys_err auto --ns_sys_err auto to continue as its catalogue was "
+                                            r"made, or --accept_config_change"):  # and nothing of widen_sys_err
         run(db_settings, epochs[:4], db_append=True, ew_sys_err="3", ns_sys_err="3")
     run(db_settings, epochs[:4], db_append=True, ew_sys_err="3", ns_sys_err="3", accept_config_change=True)
     forget_widen()
@@ -196,6 +197,18 @@ def test_a_database_from_before_widen_sys_err_continues_as_it_was_made(db_settin
         run(db_settings, epochs[:5], db_append=True)  # back to 'auto': all three restore the catalogue's making
     run(db_settings, epochs[:5], db_append=True, ew_sys_err="3", ns_sys_err="3", widen_sys_err=False)
     assert parameter_by_run(db_settings, "widen_sys_err") == [None, None, None, False]
+
+
+def test_an_append_asks_about_the_duplicate_reach_only_where_it_acts(db_settings, epochs):
+    """A catalogue made with set position errors and TraP's duplicate reach (0) continues only with
+    it or with consent; made under 'auto' errors, 'auto' and 0 are the same and nothing is asked."""
+    run(db_settings, epochs[:2], ew_sys_err="3", ns_sys_err="3", duplicate_reach="0")
+    with pytest.raises(PipelineError, match=r"\(duplicate_reach: 0\.0 -> 'auto'\); pass --duplicate_reach 0\.0 "):
+        run(db_settings, epochs[:3], db_append=True, ew_sys_err="3", ns_sys_err="3")
+    run(db_settings, epochs[:3], db_append=True, ew_sys_err="3", ns_sys_err="3", duplicate_reach="0")
+    run(db_settings, epochs[:2], db_overwrite=True, duplicate_reach="0")
+    run(db_settings, epochs[:3], db_append=True)
+    assert parameter_by_run(db_settings, "duplicate_reach") == [0.0, None]
 
 
 def test_a_database_dropped_or_deleted_during_the_run_is_not_to_be_resumed(db_settings, epochs, monkeypatch):

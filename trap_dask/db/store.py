@@ -154,7 +154,10 @@ class ExportStore:
         run (unless ``config.accept_config_change``) and marks the runs left 'running' by a
         killed process as 'killed': call only while holding the run lock.
         """
-        from trap_dask.config import association_differences
+        from trap_dask.config import AUTO, AUTO_PARAMETERS, association_differences
+
+        def shown(name: str, value: Any) -> Any:  # as the user writes it
+            return AUTO if value is None and name in AUTO_PARAMETERS else value
 
         if not config.db_append:
             cls.create(settings, overwrite=config.db_overwrite).close()
@@ -164,8 +167,10 @@ class ExportStore:
             stored = store.latest_config()
             differences = association_differences(config, stored) if stored else {}
             if differences and not config.accept_config_change:
-                changes = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-                keep = " ".join(_flag(name, old) for name, (old, new) in differences.items() if old is not None)
+                changes = "; ".join(f"{name}: {shown(name, old)!r} -> {shown(name, new)!r}"
+                                    for name, (old, new) in differences.items())
+                keep = " ".join(_flag(name, shown(name, old)) for name, (old, new) in differences.items()
+                                if shown(name, old) is not None)
                 raise DatabaseError(
                     f"association parameters differ from those of {settings.describe()} ({changes}); "
                     + (f"pass {keep} to continue as its catalogue was made, or " if keep else "pass ")
