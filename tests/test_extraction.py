@@ -819,3 +819,53 @@ def test_a_noise_map_made_where_looked_at_measures_the_same_sources(field, monke
     pairs = [fit_point_pairs(image.residual, image.rms, image.beam_cov, start) for image in (lazy, array)]
     assert np.array_equal(pairs[0].ok, pairs[1].ok) and pairs[0].ok.any()
     assert np.allclose(pairs[0].params[pairs[0].ok], pairs[1].params[pairs[1].ok], rtol=1e-5)
+
+
+def test_a_resolved_source_cut_along_a_noise_dip_is_one_source(monkeypatch):
+    """Faint resolved Gaussians (1.5-3 beams, S/N 10-30): the deblending cuts the flat tops of some
+    along a dip of the noise, and each part's fit reaches over the whole source. Joined again
+    (:func:`~trap_dask.extraction.deblend.rejoined`), every one is one source with its flux."""
+    import trap_dask.extraction.extract as extract
+
+    rng = np.random.default_rng(2)
+    n = 512
+    wcs = make_wcs(n, n, 150.0, -30.0, PIX, "SIN")
+    x, y = scattered_positions(30, (n, n), 60, 40, rng)
+    scale = rng.uniform(1.5, 3.0, len(x))
+    pa = rng.uniform(0, 180, len(x))
+    shapes = [Shape(BEAM.fwhm_major * s, BEAM.fwhm_minor * s * rng.uniform(0.5, 1.0), p) for s, p in zip(scale, pa)]
+    peak = rng.uniform(10, 30, len(x)) * RMS
+    covs = np.array([sh.cov() for sh in shapes])
+    data = correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), x, y, peak, covs)
+    flux = peak * np.array([sh.fwhm_major * sh.fwhm_minor for sh in shapes]) / (BEAM.fwhm_major * BEAM.fwhm_minor)
+    params = ExtractionParams(back_size_x=128, back_size_y=128)
+    image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params)
+
+    def detections_per_source() -> tuple[np.ndarray, np.ndarray]:
+        s = extract_sources(image, params)
+        near = np.hypot(s["x"] - x[:, None], s["y"] - y[:, None]) < 1.5 * BEAM.fwhm_major * scale[:, None]
+        return near.sum(1), s
+
+    counts, s = detections_per_source()
+    assert (counts == 1).all()
+    m = match(x, y, s["x"], s["y"], 0.5 * BEAM.fwhm_major)
+    assert (m >= 0).all() and np.median(np.abs(s["int_flux"][m] / flux - 1)) < 0.1
+    monkeypatch.setattr(extract, "rejoined", lambda parent, fit: np.arange(len(parent)))
+    assert (detections_per_source()[0] > 1).sum() >= 2
+
+
+def test_only_parts_that_each_hold_the_others_centre_are_joined():
+    """Islands 0-3: two wide fits 1 pixel apart (joined); two beam-sized fits a beam apart, as a
+    deblended pair (apart); a wide fit holding a beam-sized one's centre but not the reverse
+    (apart); a failed fit (NaN, apart). Island 4: three parts, the first two joined."""
+    from trap_dask.extraction.deblend import rejoined
+    from trap_dask.extraction.gaussian import inverse_params
+
+    wide, beam = inverse_params(np.array([np.eye(2) * 100.0, BEAM.cov()]))
+    fwhm = BEAM.fwhm_major
+    rows = [(0, 10, 10, wide), (0, 11, 10, wide), (1, 50, 50, beam), (1, 50, 50 + fwhm, beam),
+            (2, 90, 90, wide), (2, 90 + 0.8 * fwhm, 90, beam), (3, 130, 130, wide), (3, 130, 130, np.full(3, np.nan)),
+            (4, 170, 170, wide), (4, 172, 170, wide), (4, 170, 200, wide)]
+    parent = np.array([r[0] for r in rows])
+    fit = np.array([(1.0, r[1], r[2], *r[3]) for r in rows])
+    assert rejoined(parent, fit).tolist() == [0, 0, 2, 3, 4, 5, 6, 7, 8, 8, 10]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA
 from trap_dask.extraction.islands import EIGHT_CONNECTED, SNR, Islands
 
 #: A branch counts as a separate source when it holds at least this fraction of its island's flux.
@@ -122,6 +125,40 @@ def _split(
         grid.flat[local[todo]] = grown
         todo = todo[grown == 0]
     return grid.flat[local]
+
+
+def rejoined(parent: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """The source of each deblended component: the lowest index of the components it is joined to.
+
+    Components of one island (``parent``, (n,)) whose fitted Gaussians (``fit`` (n, 6): A, x0,
+    y0 in pixels and a, b, c, the inverse covariance in pixel**-2) each hold the other's centre
+    within their half-maximum contour are one source cut in two, as a resolved source's flat top is along
+    a dip of the noise: each part's fit reaches over the whole source, and both are the same
+    source. Two point sources that the deblending separates lie a beam or more apart, outside
+    both contours, and stay apart.
+    """
+    n = len(parent)
+    order = np.argsort(parent, kind="stable")
+    _, start, size = np.unique(parent[order], return_index=True, return_counts=True)
+    if not (size >= 2).any():
+        return np.arange(n)
+    # every ordered pair (first, second) of components of one island
+    position = np.flatnonzero(np.repeat(size, size) >= 2)  # in sorted order, of islands with several
+    group_start, group_size = np.repeat(start, size)[position], np.repeat(size, size)[position]
+    first = np.repeat(order[position], group_size)
+    offset = np.arange(group_size.sum()) - np.repeat(np.cumsum(group_size) - group_size, group_size)
+    second = order[np.repeat(group_start, group_size) + offset]
+    dx, dy = (fit[second, 1:3] - fit[first, 1:3]).T
+    a, b, c = fit[first, 3:6].T
+    with np.errstate(invalid="ignore"):  # NaN where a fit failed: never joined
+        reach = a * dx * dx + 2.0 * b * dx * dy + c * dy * dy  # squared, in sigma of the first
+    within = (first != second) & (reach < HALF_FWHM_PER_SIGMA ** 2)
+    mutual = coo_matrix((within.astype(np.int8), (first, second)), shape=(n, n)).tocsr()
+    mutual = mutual.multiply(mutual.T)  # each centre within the other's contour
+    _, label = connected_components(mutual, directed=False)
+    lowest = np.full(label.max() + 1, n)
+    np.minimum.at(lowest, label, np.arange(n))
+    return lowest[label]
 
 
 def _mosaic(islands: Islands, nx: int) -> tuple[np.ndarray, tuple[int, int]]:

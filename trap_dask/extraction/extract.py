@@ -12,7 +12,7 @@ from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.artefacts import beam_suspect, pixel_artefacts
 from trap_dask.extraction.background import NoiseMap, residual_and_rms
 from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
-from trap_dask.extraction.deblend import deblend
+from trap_dask.extraction.deblend import deblend, rejoined
 from trap_dask.extraction.gaussian import (
     PixelSet,
     SourceErrors,
@@ -312,6 +312,14 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     fit, chisq, fitted = fit_islands(
         pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam
     )
+    source = rejoined(parent, fit)
+    if (source != np.arange(len(source))).any():
+        pixels, cut_ratio, joined = _join(pixels, cut_ratio, source)
+        one = np.unique(source)
+        fit, chisq, fitted, parent = fit[one], chisq[one], fitted[one], parent[one]
+        fit[joined], chisq[joined], fitted[joined] = fit_islands(
+            pixels.select(joined), params.analysis_threshold * cut_ratio[joined], image.beam_cov, params.force_beam
+        )
     keep = in_extraction_region(image.shape, params, fit[:, 1], fit[:, 2])
     siblings = _siblings(parent, fit, keep, image.beam_cov)
     sibling_fits = fit_point_pairs_on(_pair_pixels(pixels, siblings), np.ones(len(siblings), bool),
@@ -328,6 +336,20 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     ok = sibling_fits.ok & in_extraction_region(image.shape, params, refitted["x"], refitted["y"]).all(1)
     rows[(np.cumsum(keep) - 1)[siblings[ok]]] = refitted[ok]
     return rows
+
+
+def _join(pixels: PixelSet, cut_ratio: np.ndarray, source: np.ndarray) -> tuple[PixelSet, np.ndarray, np.ndarray]:
+    """The islands of each source (:func:`~trap_dask.extraction.deblend.rejoined`) as one: their
+    pixel set in the sources' order, analysis threshold / peak ratios, and which are joined."""
+    one, new_id, members = np.unique(source, return_inverse=True, return_counts=True)
+    island = new_id[pixels.island]
+    order = np.argsort(island, kind="stable")
+    island = island[order]
+    joined = PixelSet(pixels.x[order], pixels.y[order], pixels.value[order], pixels.weight[order], island,
+                      np.searchsorted(island, np.arange(len(one))))
+    ratio = np.full(len(one), np.inf)
+    np.minimum.at(ratio, new_id, cut_ratio)  # the brightest part's peak
+    return joined, ratio, members >= 2
 
 
 def _siblings(parent: np.ndarray, fit: np.ndarray, keep: np.ndarray, beam_cov: np.ndarray) -> np.ndarray:
