@@ -847,11 +847,45 @@ def test_a_resolved_source_cut_along_a_noise_dip_is_one_source(monkeypatch):
         return near.sum(1), s
 
     counts, s = detections_per_source()
-    assert (counts == 1).all()
+    assert (counts >= 1).all() and (counts > 1).sum() <= 1  # one join stays undone at 6.2 (> JOIN_MAX_CHISQ)
     m = match(x, y, s["x"], s["y"], 0.5 * BEAM.fwhm_major)
     assert (m >= 0).all() and np.median(np.abs(s["int_flux"][m] / flux - 1)) < 0.1
+    monkeypatch.setattr(extract, "JOIN_MAX_CHISQ", np.inf)
+    assert (detections_per_source()[0] > 1).sum() == 0
     monkeypatch.setattr(extract, "rejoined", lambda parent, fit: np.arange(len(parent)))
-    assert (detections_per_source()[0] > 1).sum() >= 2
+    assert (detections_per_source()[0] > 1).sum() == 2
+
+
+def test_a_point_source_on_a_resolved_ones_flank_is_not_joined_to_it(monkeypatch):
+    """81 Gaussians 3 beams across (S/N 8-20), each with a point source of S/N 8-15 a beam from
+    its centre, which the deblending separates. Their parts' fits both reach over the resolved
+    source, but one Gaussian fits the pair of them worse than they do (by more than
+    JOIN_MAX_CHISQ): the point sources stay sources of their own (a transient in its host)."""
+    import trap_dask.extraction.extract as extract
+
+    rng = np.random.default_rng(7)
+    n = 768
+    centres = np.arange(50.0, n - 50, 75.0)
+    cx, cy = (a.ravel() for a in np.meshgrid(centres, centres))
+    angle = rng.uniform(0, np.pi, len(cx))
+    px, py = cx + BEAM.fwhm_major * np.cos(angle), cy + BEAM.fwhm_major * np.sin(angle)
+    hosts = np.array([Shape(3 * BEAM.fwhm_major, 3 * BEAM.fwhm_minor * rng.uniform(0.6, 1), pa).cov()
+                      for pa in rng.uniform(0, 180, len(cx))])
+    host_peak, point_peak = rng.uniform(8, 20, len(cx)) * RMS, rng.uniform(8, 15, len(cx)) * RMS
+    data = (correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), cx, cy, host_peak, hosts)
+            + gaussians((n, n), px, py, point_peak, BEAM.cov()))
+    image = prepare_image(data.astype(np.float32), make_wcs(n, n, 30.0, 45.0, PIX), BEAM.beam(PIX), ExtractionParams())
+
+    def points_found() -> int:
+        s = extract_sources(image, ExtractionParams())
+        return int((match(px, py, s["x"], s["y"], 0.5 * BEAM.fwhm_major) >= 0).sum())
+
+    gated = points_found()
+    monkeypatch.setattr(extract, "JOIN_MAX_CHISQ", np.inf)
+    ungated = points_found()
+    monkeypatch.setattr(extract, "rejoined", lambda parent, fit: np.arange(len(parent)))
+    apart = points_found()
+    assert gated >= apart - 1 and ungated <= apart - 5
 
 
 def test_only_parts_that_each_hold_the_others_centre_are_joined():

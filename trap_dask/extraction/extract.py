@@ -17,6 +17,7 @@ from trap_dask.extraction.gaussian import (
     PixelSet,
     SourceErrors,
     fit_islands,
+    gaussian_chisq,
     inverse_params,
     measurement_errors,
     shape_cov,
@@ -34,6 +35,12 @@ from trap_dask.image import Beam
 from trap_dask.sky import haversine
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
+#: Deblended parts that :func:`~trap_dask.extraction.deblend.rejoined` would join stay apart when
+#: one Gaussian fits their pixels worse than their own Gaussians do by more than this
+#: chi-squared per beam area of pixels: parts of one resolved source cut along the noise gave
+#: up to 6.2 (median 2), a point source of S/N 8-15 a beam from the centre of a resolved one
+#: mostly 4-19 (RESULTS.md, round 20).
+JOIN_MAX_CHISQ = 6.0
 #: Islands larger than this many beam areas are cropped to the pixels nearest their peak.
 MAX_ISLAND_BEAMS = 50.0
 #: Rings of pixels added around each island for its fit, so the fit also sees the faint wings.
@@ -314,12 +321,11 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     )
     source = rejoined(parent, fit)
     if (source != np.arange(len(source))).any():
-        pixels, cut_ratio, joined = _join(pixels, cut_ratio, source)
+        source, (one_fit, one_chisq, one_fitted) = _joins_one_fits(image, params, snr, islands, source, fit)
         one = np.unique(source)
+        islands, pixels, cut_ratio, joined = _joined(image, snr, islands, source)
         fit, chisq, fitted, parent = fit[one], chisq[one], fitted[one], parent[one]
-        fit[joined], chisq[joined], fitted[joined] = fit_islands(
-            pixels.select(joined), params.analysis_threshold * cut_ratio[joined], image.beam_cov, params.force_beam
-        )
+        fit[joined], chisq[joined], fitted[joined] = one_fit, one_chisq, one_fitted
     keep = in_extraction_region(image.shape, params, fit[:, 1], fit[:, 2])
     siblings = _siblings(parent, fit, keep, image.beam_cov)
     sibling_fits = fit_point_pairs_on(_pair_pixels(pixels, siblings), np.ones(len(siblings), bool),
@@ -338,18 +344,42 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     return rows
 
 
-def _join(pixels: PixelSet, cut_ratio: np.ndarray, source: np.ndarray) -> tuple[PixelSet, np.ndarray, np.ndarray]:
-    """The islands of each source (:func:`~trap_dask.extraction.deblend.rejoined`) as one: their
-    pixel set in the sources' order, analysis threshold / peak ratios, and which are joined."""
-    one, new_id, members = np.unique(source, return_inverse=True, return_counts=True)
-    island = new_id[pixels.island]
-    order = np.argsort(island, kind="stable")
-    island = island[order]
-    joined = PixelSet(pixels.x[order], pixels.y[order], pixels.value[order], pixels.weight[order], island,
-                      np.searchsorted(island, np.arange(len(one))))
-    ratio = np.full(len(one), np.inf)
-    np.minimum.at(ratio, new_id, cut_ratio)  # the brightest part's peak
-    return joined, ratio, members >= 2
+def _joined(image: PreparedImage, snr: SNR, islands: Islands,
+            source: np.ndarray) -> tuple[Islands, PixelSet, np.ndarray, np.ndarray]:
+    """The (grown) islands with the parts of each source (:func:`~trap_dask.extraction.deblend.rejoined`)
+    as one island, in the sources' order; their pixel set and analysis threshold / peak ratios
+    (:func:`_pixel_set`: a large one is cropped around its brightest part's peak); and which
+    islands are joined ones."""
+    _, new_id, members = np.unique(source, return_inverse=True, return_counts=True)
+    joined = islands_from_pixels(islands.flat, new_id[islands.island] + 1, snr, -np.inf)
+    pixels, cut_ratio = _pixel_set(image, joined)
+    return joined, pixels, cut_ratio, members >= 2
+
+
+def _joins_one_fits(image: PreparedImage, params: ExtractionParams, snr: SNR, islands: Islands,
+                    source: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """``source`` without the joins where one Gaussian fits the joined pixels worse than the
+    parts' own Gaussians (each over its part's pixels) by more than ``JOIN_MAX_CHISQ`` per beam
+    area of pixels: a point source on a resolved one's flank, not one source cut by noise; and
+    the one-Gaussian fits (params, chi-squared, fitted) of the joins kept, in their sources' order."""
+    _, pixels, cut_ratio, multi = _joined(image, snr, islands, source)
+    pixels, cut_ratio = pixels.select(multi), cut_ratio[multi]
+    one_fit = fit_islands(pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam)
+    # the parts' model on the same pixels: each pixel under the Gaussian of the part it came from
+    flat = np.rint(pixels.y).astype(np.int64) * image.shape[1] + np.rint(pixels.x).astype(np.int64)
+    by_flat = np.argsort(islands.flat)
+    part = islands.island[by_flat[np.searchsorted(islands.flat, flat, sorter=by_flat)]]
+    by_part = np.argsort(part, kind="stable")
+    parts, first = np.unique(part[by_part], return_index=True)
+    part_pixels = PixelSet(pixels.x[by_part], pixels.y[by_part], pixels.value[by_part], pixels.weight[by_part],
+                           np.searchsorted(parts, part[by_part]), first)
+    parts_chisq = np.zeros(len(source))
+    parts_chisq[parts] = gaussian_chisq(fit[parts], part_pixels)
+    new_id = np.unique(source, return_inverse=True)[1]
+    gain = one_fit[1] - np.bincount(new_id, parts_chisq)[multi]
+    split = gain / (2.0 * np.pi * np.sqrt(np.linalg.det(image.beam_cov))) > JOIN_MAX_CHISQ
+    undone = np.isin(new_id, np.flatnonzero(multi)[split])
+    return np.where(undone, np.arange(len(source)), source), tuple(f[~split] for f in one_fit)
 
 
 def _siblings(parent: np.ndarray, fit: np.ndarray, keep: np.ndarray, beam_cov: np.ndarray) -> np.ndarray:

@@ -241,7 +241,9 @@ def _linearise(
     return jtj, grad, sums[-1]
 
 
-def _chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None) -> np.ndarray:
+def gaussian_chisq(p: np.ndarray, pixels: PixelSet, shape: np.ndarray | None = None) -> np.ndarray:
+    """Chi-squared of each island's pixels about its Gaussian ``p`` (n, 6) (A, x0, y0, a, b, c;
+    with ``shape``, (a, b, c) fixed to it)."""
     m = _model(p, pixels, shape)[0]
     return segment_sum(pixels.weight * np.square(pixels.value - m), pixels.starts)
 
@@ -402,7 +404,7 @@ def _fit_one_batch(pixels: PixelSet, cut_ratio: np.ndarray, beam_cov: np.ndarray
         ok[fittable] = converged
     ok &= _sane(params, p0, pixels, beam_cov)
     params[~ok] = p0[~ok]
-    return params, _chisq(params, pixels, None), ok
+    return params, gaussian_chisq(params, pixels), ok
 
 
 def _sane(params: np.ndarray, p0: np.ndarray, pixels: PixelSet, beam_cov: np.ndarray) -> np.ndarray:
