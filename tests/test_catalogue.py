@@ -400,6 +400,7 @@ def test_the_errors_the_data_show_keep_over_set_ones_from_chaining_light_curves(
 @pytest.mark.parametrize("reach, data_sys_err, duplicate", [
     (None, None, True),          # 'auto' where the data's scatter is not measured: TraP's
     (None, (1.0, 1.0), False),   # 'auto': the data's 1" put the source far out of reach
+    (None, (60.0, 60.0), True),  # 'auto' with the set errors no larger than the data's: TraP's
     (0.0, (1.0, 1.0), True),     # TraP 1.x: anywhere within the de Ruiter radius
     (5.0, (1.0, 1.0), True),     # a reach set in beams
 ])

@@ -72,6 +72,7 @@ def test_wrong_type_is_named(tmp_path):
     ({"de_ruiter_r_max": "inf"}, "de_ruiter_r_max"),
     ({"frequency_band": "[[2e8, 1e8]]"}, "frequency_band"),
     ({"duplicate_reach": "-1"}, "duplicate_reach"),
+    ({"duplicate_reach": "none"}, "duplicate_reach"),  # not 'auto', nor TraP's 0: said as one of them
 ])
 def test_impossible_values_are_named(flags, key):
     with pytest.raises(ConfigError, match=key):

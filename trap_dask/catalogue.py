@@ -664,11 +664,14 @@ class RunningCatalogue:
                          data_reach: np.ndarray | None) -> np.ndarray | None:
         """Per detection, the distance (deg) within which a known source it does not continue
         makes it a duplicate, never below the detection's own fitted FWHM: ``duplicate_reach``
-        beams; under 'auto' the ``data_reach``, which set errors no larger than the data's put
-        about as far as their de Ruiter radius. None (anywhere within that radius, TraP 1.x)
-        for 0, and under 'auto' where the errors are 'auto' or the data's are not measured."""
+        beams; under 'auto' the ``data_reach`` where the detection's systematic errors are larger
+        than the data's. None (anywhere within the de Ruiter radius, TraP 1.x) for 0, and under
+        'auto' where the errors are 'auto' or the data's are not known (``data_reach`` None)."""
         if self.duplicate_reach is None:
-            reach = data_reach
+            if data_reach is None:
+                return None
+            over = np.maximum(det["ew_sys_err"], det["ns_sys_err"]) > max(image.data_sys_err)
+            reach = np.where(over, data_reach, 180.0)  # 180 deg: the whole sky, TraP's rule
         else:
             reach = self.duplicate_reach * image.beam_fwhm if self.duplicate_reach > 0 and image.beam_fwhm > 0 else None
         return None if reach is None else np.maximum(reach, det["semimajor_axis"] * 2.0 / 3600.0)

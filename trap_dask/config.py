@@ -243,11 +243,12 @@ class Config:
         "a detection that no known source takes, with one within its de Ruiter radius, is a second "
         "detection of it (a duplicate, no transient candidate) only this close to it, or within its "
         "own fitted size where larger; farther, it is a source of its own. 'auto' (default): where "
-        "ew_sys_err/ns_sys_err are numbers larger than the position scatter the data show, the "
-        "distance within which the data's scatter would make the known source a candidate, so "
-        "over-set errors do not take a transient beside a known source for its duplicate; under "
-        "'auto' errors, or errors no larger than the data's, anywhere within the de Ruiter radius, "
-        "as with 0 (TraP 1.x)",
+        "ew_sys_err/ns_sys_err are numbers larger than the position scatter the data show (measured "
+        "about the image's shift, which remove_image_shift takes out), the distance within which "
+        "the data's scatter would make the known source a candidate, so over-set errors do not take "
+        "a transient beside a known source for its duplicate; under 'auto' errors, errors no larger "
+        "than the data's, --no-remove_image_shift, or an image whose shift is not measured, anywhere "
+        "within the de Ruiter radius, as with 0 (TraP 1.x)",
     )
     merge_duplicates: bool = _param(
         True, "association", "",
@@ -335,7 +336,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
                 if lowered not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
                     raise ValueError
                 return lowered in {"1", "true", "yes", "on"}
-            if text.lower() == "none" and PARAMETERS[name].default is None:
+            if text.lower() == "none" and PARAMETERS[name].default is None and name not in AUTO_PARAMETERS:
                 return None
             if text.lower() == AUTO and name in AUTO_PARAMETERS:
                 return None
@@ -354,9 +355,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
             return value
         raise ValueError
     except ValueError:
-        raise ConfigError(
-            f"{name} in {source} must be of type {kind.__name__}, got {shown}"
-        ) from None
+        wanted = f"'{AUTO}' or a number" if name in AUTO_PARAMETERS else f"of type {kind.__name__}"
+        raise ConfigError(f"{name} in {source} must be {wanted}, got {shown}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
