@@ -132,10 +132,10 @@ def rejoined(parent: np.ndarray, fit: np.ndarray) -> np.ndarray:
 
     Components of one island (``parent``, (n,)) whose fitted Gaussians (``fit`` (n, 6): A, x0,
     y0 in pixels and a, b, c, the inverse covariance in pixel**-2) each hold the other's centre
-    within their half-maximum contour are one source cut in two, as a resolved source's flat top is along
-    a dip of the noise: each part's fit reaches over the whole source, and both are the same
-    source. Two point sources that the deblending separates lie a beam or more apart, outside
-    both contours, and stay apart.
+    within their half-maximum contour may be one source cut in two, as a resolved source's flat
+    top is cut along a dip of the noise: each part's fit then reaches over the whole source. Two
+    point sources that the deblending separates lie 0.85 beam or more apart, outside both
+    contours, and stay apart. (The extractor keeps a join only where one Gaussian fits it.)
     """
     n = len(parent)
     order = np.argsort(parent, kind="stable")
