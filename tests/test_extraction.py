@@ -219,21 +219,28 @@ def test_margins_that_leave_no_pixel_leave_no_extraction_region():
     assert ExtractionParams(margin=200).region_radius((512, 1024)) == pytest.approx(0.5 * np.hypot(112, 624))
 
 
-@pytest.fixture(scope="module")
-def resolved():
-    """Resolved Gaussians of 1.5-3 beam sizes at peak S/N 100, south field (SIN, dec -30)."""
-    rng = np.random.default_rng(11)
+def _resolved_field(seed: int, peak_snr: tuple[float, float], axis_ratio: tuple[float, float]) -> dict:
+    """30 Gaussians of 1.5-3 beam sizes, peak S/N and minor/major ratio (relative to the beam's)
+    drawn uniformly from the ranges given, south field (SIN, dec -30), 512^2 pixels."""
+    rng = np.random.default_rng(seed)
     n = 512
     wcs = make_wcs(n, n, 150.0, -30.0, PIX, "SIN")
     x, y = scattered_positions(30, (n, n), 60, 40, rng)
     scale = rng.uniform(1.5, 3.0, len(x))
     pa = rng.uniform(0, 180, len(x))
-    shapes = [Shape(BEAM.fwhm_major * s, BEAM.fwhm_minor * s * 0.8, p) for s, p in zip(scale, pa)]
+    ratio = rng.uniform(*axis_ratio, len(x)) if axis_ratio[0] < axis_ratio[1] else np.full(len(x), axis_ratio[0])
+    shapes = [Shape(BEAM.fwhm_major * s, BEAM.fwhm_minor * s * r, p) for s, r, p in zip(scale, ratio, pa)]
     covs = np.array([sh.cov() for sh in shapes])
-    peak = np.full(len(x), 100 * RMS)
+    peak = (rng.uniform(*peak_snr, len(x)) if peak_snr[0] < peak_snr[1] else np.full(len(x), peak_snr[0])) * RMS
     data = correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), x, y, peak, covs)
     flux = peak * np.array([sh.fwhm_major * sh.fwhm_minor for sh in shapes]) / (BEAM.fwhm_major * BEAM.fwhm_minor)
-    return dict(data=data.astype(np.float32), wcs=wcs, x=x, y=y, flux=flux, shapes=shapes)
+    return dict(data=data.astype(np.float32), wcs=wcs, x=x, y=y, flux=flux, shapes=shapes, scale=scale)
+
+
+@pytest.fixture(scope="module")
+def resolved():
+    """Resolved Gaussians of 1.5-3 beam sizes at peak S/N 100."""
+    return _resolved_field(11, (100.0, 100.0), (0.8, 0.8))
 
 
 
@@ -827,19 +834,10 @@ def test_a_resolved_source_cut_along_a_noise_dip_is_one_source(monkeypatch):
     (:func:`~trap_dask.extraction.deblend.rejoined`), every one is one source with its flux."""
     import trap_dask.extraction.extract as extract
 
-    rng = np.random.default_rng(2)
-    n = 512
-    wcs = make_wcs(n, n, 150.0, -30.0, PIX, "SIN")
-    x, y = scattered_positions(30, (n, n), 60, 40, rng)
-    scale = rng.uniform(1.5, 3.0, len(x))
-    pa = rng.uniform(0, 180, len(x))
-    shapes = [Shape(BEAM.fwhm_major * s, BEAM.fwhm_minor * s * rng.uniform(0.5, 1.0), p) for s, p in zip(scale, pa)]
-    peak = rng.uniform(10, 30, len(x)) * RMS
-    covs = np.array([sh.cov() for sh in shapes])
-    data = correlated_noise((n, n), BEAM, RMS, rng) + gaussians((n, n), x, y, peak, covs)
-    flux = peak * np.array([sh.fwhm_major * sh.fwhm_minor for sh in shapes]) / (BEAM.fwhm_major * BEAM.fwhm_minor)
+    field = _resolved_field(2, (10.0, 30.0), (0.5, 1.0))
+    x, y, scale, flux = field["x"], field["y"], field["scale"], field["flux"]
     params = ExtractionParams(back_size_x=128, back_size_y=128)
-    image = prepare_image(data.astype(np.float32), wcs, BEAM.beam(PIX), params)
+    image = prepare_image(field["data"], field["wcs"], BEAM.beam(PIX), params)
 
     def detections_per_source() -> tuple[np.ndarray, np.ndarray]:
         s = extract_sources(image, params)
