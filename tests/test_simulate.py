@@ -14,6 +14,7 @@ from astropy.io import fits
 
 from trap_dask.extraction.geometry import (
     HALF_FWHM_PER_SIGMA,
+    beam_sky_cov,
     cov_from_axes,
     local_jacobian,
     sky_cov_to_pixel,
@@ -285,3 +286,29 @@ def test_a_survey_no_pipeline_could_read_is_refused_before_anything_is_written(t
 
     assert main(["simulate", str(tmp_path / "out"), *flags]) == 2
     assert said in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_each_epoch_has_its_own_beam_and_noise(tmp_path: Path) -> None:
+    """``beam_scale``/``rms_scale``: each image's header carries its epoch's beam, its noise is the
+    epoch's, and its sources are the intrinsic shapes under that beam, with their integrated
+    fluxes (the truth's ``peak_flux`` follows the beam; the image matches it)."""
+    spec = replace(SPEC, freqs=(150e6,), beam_scale=(1.0, 2.0), rms_scale=(1.0, 3.0), n_resolved=4)
+    truth = load_truth(simulate_survey(tmp_path, spec))
+    src = truth["sources"]
+    intrinsic = _sky_cov(src["smaj"], src["smin"], src["pa"]) - beam_sky_cov(spec.beam)
+    scales = np.array([(i["beam_scale"], i["rms_scale"]) for i in truth["images"]])
+    assert np.ptp(scales[:, 0]) > 0.2 and np.ptp(scales[:, 1]) > 0.5 and (scales >= 1.0).all()
+    for image, (beam_scale, rms_scale) in zip(truth["images"], scales):
+        meta = read_meta(image["path"])
+        data, wcs = read_image(meta)
+        assert meta.beam.smaj == pytest.approx(spec.beam.smaj * beam_scale)
+        assert meta.beam.smin == pytest.approx(spec.beam.smin * beam_scale)
+        beam = beam_sky_cov(meta.beam)
+        epoch = image["epoch"]
+        x, y = sky_to_pixel(wcs, src["ra_epoch"][:, epoch], src["dec_epoch"][:, epoch])
+        cov = sky_cov_to_pixel(intrinsic + beam, local_jacobian(wcs, x, y))
+        residual = data - render_gaussians(spec.shape, x, y, src["peak_flux"][:, epoch, 0], cov)
+        assert residual.std() == pytest.approx(spec.rms * rms_scale, rel=0.1)
+        assert np.abs(residual).max() < 6 * spec.rms * rms_scale
+        area = np.sqrt(np.linalg.det(intrinsic + beam) / np.linalg.det(beam))
+        np.testing.assert_allclose(src["peak_flux"][:, epoch, 0] * area, src["int_flux"][:, epoch, 0], rtol=1e-9)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,10 @@ class SurveySpec:
     min_separation : minimum distance between sources of different objects (a pair is one
         object; a resolved source's own extent beyond the beam is added), beam FWHM
     margin : minimum distance of a source (a pair's centre) from the image edge, beam FWHM
+    beam_scale : (low, high) range of each epoch's beam size as a multiple of ``beam`` (both
+        axes), drawn log-uniform per epoch: resolved sources keep their intrinsic shape and
+        integrated flux, so their peak changes; (1, 1): every epoch has ``beam``
+    rms_scale : (low, high) range of each epoch's noise as a multiple of ``rms``, drawn the same way
     cadence : time between epochs, s
     integration : integration time of an image, s (header EXPTIME)
     start_time : start of the first epoch, ISO UTC
@@ -106,6 +110,8 @@ class SurveySpec:
     jitter_scale: float = 0.0
     min_separation: float = 4.0
     margin: float = 3.0
+    beam_scale: tuple[float, float] = (1.0, 1.0)
+    rms_scale: tuple[float, float] = (1.0, 1.0)
     cadence: float = 86400.0
     integration: float = 600.0
     start_time: str = "2024-01-01T00:00:00"
@@ -127,6 +133,8 @@ class SurveySpec:
             (0 < self.beam.smin <= self.beam.smaj < 90, "beam", "must have a major >= minor axis > 0"),
             (0 < self.rms < np.inf, "rms", "must be > 0"),
             (0 < self.flux_range[0] <= self.flux_range[1] < np.inf, "flux_range", "must be 0 < LOW <= HIGH"),
+            (0 < self.beam_scale[0] <= self.beam_scale[1] < np.inf, "beam_scale", "must be 0 < LOW <= HIGH"),
+            (0 < self.rms_scale[0] <= self.rms_scale[1] < np.inf, "rms_scale", "must be 0 < LOW <= HIGH"),
             ((low, high) == (0, 0) or 0 < low <= high < math.inf, "transient_decay",
              "must be 0 0 (no decay) or 0 < LOW <= HIGH (finite), in epochs"),
             (len(self.freqs) >= 1 and all(0 < f < np.inf for f in self.freqs), "freqs", "must be frequencies > 0 Hz"),
@@ -157,6 +165,7 @@ class _Catalogue:
     area_ratio: np.ndarray  # (n,) source area / beam area: int_flux = peak * area_ratio
     cov_pix: np.ndarray  # (n, 2, 2) image-plane shape, pixel**2
     cov_sky: np.ndarray  # (n, 2, 2) image-plane shape, deg**2 (east, north)
+    jac: np.ndarray  # (n, 2, 2) the WCS's local Jacobian at each source (sky <-> pixel covariances)
     switch_on: np.ndarray  # (n,) transient switch-on epoch, -1 for the others
     partner: np.ndarray  # (n,) id of the other source of a pair, -1 for the others
 
@@ -170,37 +179,51 @@ def simulate_survey(outdir: str | Path, spec: SurveySpec = SurveySpec()) -> Path
     ``id``, ``kind`` (one of ``KINDS``), ``ra``, ``dec`` (deg, mean position), ``x``, ``y``
     (0-based pixels), ``ra_epoch``, ``dec_epoch`` (n, n_epochs: jittered positions, deg),
     ``peak_flux`` (n, n_epochs, n_bands, Jy/beam), ``int_flux`` (same shape, Jy),
-    ``smaj``, ``smin`` (image-plane semi-axes = FWHM / 2, arcsec), ``pa`` (deg east of north),
+    ``smaj``, ``smin`` (image-plane semi-axes = FWHM / 2 under ``spec.beam``, arcsec), ``pa`` (deg
+    east of north); each image record also holds its epoch's ``beam_scale`` and ``rms_scale``;
     ``switch_on_epoch`` (transients; -1 otherwise), ``partner`` (pairs; -1 otherwise).
     """
     outdir = Path(outdir)
-    seeds = np.random.SeedSequence(spec.seed).spawn(1 + spec.n_epochs * len(spec.freqs))
+    # the last child draws each epoch's beam and noise scales: the others are as without it
+    seeds = np.random.SeedSequence(spec.seed).spawn(2 + spec.n_epochs * len(spec.freqs))
     base_header = _celestial_header(spec)
     wcs = WCS(base_header)
     cat = _make_catalogue(spec, wcs, np.random.default_rng(seeds[0]))  # (ValueError if they cannot be placed)
     outdir.mkdir(parents=True, exist_ok=True)
-    noise_filter = _noise_filter(spec.shape, _beam_pixel_cov(spec, wcs) / 2.0)
+    scales = np.random.default_rng(seeds[-1])
+    beam_scale, rms_scale = (np.exp(scales.uniform(*np.log(span), spec.n_epochs)).tolist()
+                             for span in (spec.beam_scale, spec.rms_scale))
     times = Time(spec.start_time, scale="utc") + TimeDelta(np.arange(spec.n_epochs) * spec.cadence, format="sec")
     digits = max(3, len(str(spec.n_epochs - 1)))
-    images = []
+    images, peak = [], cat.peak.copy()
     for epoch in range(spec.n_epochs):
+        beam = Beam(spec.beam.smaj * beam_scale[epoch], spec.beam.smin * beam_scale[epoch], spec.beam.pa)
+        epoch_spec = replace(spec, beam=beam, rms=spec.rms * rms_scale[epoch])
+        noise_filter = _noise_filter(spec.shape, _beam_pixel_cov(epoch_spec, wcs) / 2.0)
+        cov_pix = cat.cov_pix
+        if beam != spec.beam:  # the intrinsic shapes under this epoch's beam; the integrated fluxes stay
+            cov_sky = cat.cov_sky + beam_sky_cov(beam) - beam_sky_cov(spec.beam)
+            area_ratio = np.sqrt(np.linalg.det(cov_sky) / np.linalg.det(beam_sky_cov(beam)))
+            peak[:, epoch] *= (cat.area_ratio / area_ratio)[:, None]
+            cov_pix = sky_cov_to_pixel(cov_sky, cat.jac)
         for band, freq in enumerate(spec.freqs):
             rng = np.random.default_rng(seeds[1 + epoch * len(spec.freqs) + band])
-            data = correlated_noise(spec.shape, noise_filter, spec.rms, rng)
-            on = cat.peak[:, epoch, band] != 0.0
+            data = correlated_noise(spec.shape, noise_filter, epoch_spec.rms, rng)
+            on = peak[:, epoch, band] != 0.0
             data += render_gaussians(
                 spec.shape, cat.x[on] + cat.dx[on, epoch], cat.y[on] + cat.dy[on, epoch],
-                cat.peak[on, epoch, band], cat.cov_pix[on],
+                peak[on, epoch, band], cov_pix[on],
             ).astype(np.float32)
             name = f"epoch{epoch:0{digits}d}_band{band}.fits"
-            header = _image_header(spec, base_header, freq, times[epoch].isot)
+            header = _image_header(epoch_spec, base_header, freq, times[epoch].isot)
             if spec.cube:
                 data = data[np.newaxis, np.newaxis]
             fits.PrimaryHDU(data=data, header=header).writeto(outdir / name, overwrite=True)
             images.append(dict(path=name, epoch=epoch, band=band, time=times[epoch].isot,
-                               freq=float(freq), bandwidth=float(spec.bandwidth)))
+                               freq=float(freq), bandwidth=float(spec.bandwidth),
+                               beam_scale=beam_scale[epoch], rms_scale=rms_scale[epoch]))
     truth_path = outdir / TRUTH_NAME
-    truth = dict(spec=asdict(spec), images=images, sources=_source_columns(cat, wcs))
+    truth = dict(spec=asdict(spec), images=images, sources=_source_columns(cat, wcs, peak))
     truth_path.write_text(json.dumps(truth))
     return truth_path
 
@@ -408,10 +431,10 @@ def _make_catalogue(spec: SurveySpec, wcs: WCS, rng: np.random.Generator) -> _Ca
     spectrum = (np.asarray(spec.freqs) / spec.freqs[0]) ** spec.spectral_index
     peak = flux0[:, None, None] * curve[:, :, None] * spectrum
 
+    jac = local_jacobian(wcs, x, y)
     return _Catalogue(
         kind=kind, x=x, y=y, dx=jitter[0], dy=jitter[1], peak=peak, area_ratio=area_ratio,
-        cov_pix=sky_cov_to_pixel(cov_sky, local_jacobian(wcs, x, y)), cov_sky=cov_sky,
-        switch_on=switch_on, partner=partner,
+        cov_pix=sky_cov_to_pixel(cov_sky, jac), cov_sky=cov_sky, jac=jac, switch_on=switch_on, partner=partner,
     )
 
 
@@ -445,8 +468,9 @@ def _jitter(rng: np.random.Generator, spec: SurveySpec, x: np.ndarray, y: np.nda
     return sigma * np.stack(fields, -1).reshape(n, 2, spec.n_epochs).transpose(1, 0, 2)
 
 
-def _source_columns(cat: _Catalogue, wcs: WCS) -> dict[str, list]:
-    """The truth file's ``sources`` columns (JSON-ready lists)."""
+def _source_columns(cat: _Catalogue, wcs: WCS, peak: np.ndarray) -> dict[str, list]:
+    """The truth file's ``sources`` columns (JSON-ready lists); ``peak`` (n, n_epochs, n_bands,
+    Jy/beam) under each epoch's beam."""
     n, n_epochs = cat.dx.shape
     ra, dec = pixel_to_sky(wcs, cat.x, cat.y)
     ra_e, dec_e = pixel_to_sky(wcs, (cat.x[:, None] + cat.dx).ravel(), (cat.y[:, None] + cat.dy).ravel())
@@ -454,7 +478,7 @@ def _source_columns(cat: _Catalogue, wcs: WCS) -> dict[str, list]:
     columns = dict(
         id=np.arange(n), kind=cat.kind, ra=ra, dec=dec, x=cat.x, y=cat.y,
         ra_epoch=ra_e.reshape(n, n_epochs), dec_epoch=dec_e.reshape(n, n_epochs),
-        peak_flux=cat.peak, int_flux=cat.peak * cat.area_ratio[:, None, None],
+        peak_flux=peak, int_flux=cat.peak * cat.area_ratio[:, None, None],
         smaj=smaj, smin=smin, pa=pa, switch_on_epoch=cat.switch_on, partner=cat.partner,
     )
     return {key: np.asarray(value).tolist() for key, value in columns.items()}
@@ -488,6 +512,8 @@ _FLAGS: dict[str, tuple[type, int | str | None, str | tuple[str, ...] | None, st
     "jitter_scale": (float, None, "FWHM", "correlation length of the jitter on the sky, beam FWHM (0: independent)"),
     "min_separation": (float, None, "FWHM", "minimum separation of unrelated sources, beam FWHM"),
     "margin": (float, None, "FWHM", "minimum distance of sources from the image edge, beam FWHM"),
+    "beam_scale": (float, 2, ("LOW", "HIGH"), "range of each epoch's beam size, times --beam (log-uniform)"),
+    "rms_scale": (float, 2, ("LOW", "HIGH"), "range of each epoch's noise, times --rms (log-uniform)"),
     "cadence": (float, None, "S", "time between epochs, s"),
     "integration": (float, None, "S", "integration time of each image, s"),
     "start_time": (str, None, "ISO", "start time of the first epoch, ISO UTC"),
