@@ -277,6 +277,7 @@ def test_jitter_scale_moves_neighbours_together_and_keeps_the_rms(tmp_path):
     (["--start_time", "now"], "start_time 'now'"), (["--cadence", "inf"], "cadence must be > 0"),
     (["--n_epochs", "1"], "transients need at least two epochs"), (["--flux_range", "5", "1"], "flux_range"),
     (["--shape", "64", "64"], "cannot place 33 sources"),
+    (["--beam_scale", "1", "1e6"], "beam_scale must be"), (["--rms_scale", "2", "1"], "rms_scale must be"),
 ])
 def test_a_survey_no_pipeline_could_read_is_refused_before_anything_is_written(tmp_path, capsys, flags, said):
     """Values a survey cannot have are one line and exit 2, and no folder is made (they were

@@ -133,7 +133,8 @@ class SurveySpec:
             (0 < self.beam.smin <= self.beam.smaj < 90, "beam", "must have a major >= minor axis > 0"),
             (0 < self.rms < np.inf, "rms", "must be > 0"),
             (0 < self.flux_range[0] <= self.flux_range[1] < np.inf, "flux_range", "must be 0 < LOW <= HIGH"),
-            (0 < self.beam_scale[0] <= self.beam_scale[1] < np.inf, "beam_scale", "must be 0 < LOW <= HIGH"),
+            (0 < self.beam_scale[0] <= self.beam_scale[1] and self.beam.smaj * self.beam_scale[1] < 90, "beam_scale",
+             "must be 0 < LOW <= HIGH, with the beam times HIGH under 180 deg"),
             (0 < self.rms_scale[0] <= self.rms_scale[1] < np.inf, "rms_scale", "must be 0 < LOW <= HIGH"),
             ((low, high) == (0, 0) or 0 < low <= high < math.inf, "transient_decay",
              "must be 0 0 (no decay) or 0 < LOW <= HIGH (finite), in epochs"),
@@ -195,11 +196,13 @@ def simulate_survey(outdir: str | Path, spec: SurveySpec = SurveySpec()) -> Path
                              for span in (spec.beam_scale, spec.rms_scale))
     times = Time(spec.start_time, scale="utc") + TimeDelta(np.arange(spec.n_epochs) * spec.cadence, format="sec")
     digits = max(3, len(str(spec.n_epochs - 1)))
-    images, peak = [], cat.peak.copy()
+    images, peak, noise_filters = [], cat.peak.copy(), {}
     for epoch in range(spec.n_epochs):
         beam = Beam(spec.beam.smaj * beam_scale[epoch], spec.beam.smin * beam_scale[epoch], spec.beam.pa)
         epoch_spec = replace(spec, beam=beam, rms=spec.rms * rms_scale[epoch])
-        noise_filter = _noise_filter(spec.shape, _beam_pixel_cov(epoch_spec, wcs) / 2.0)
+        if beam not in noise_filters:  # (one for all epochs of one beam: it costs more than the noise)
+            noise_filters[beam] = _noise_filter(spec.shape, _beam_pixel_cov(epoch_spec, wcs) / 2.0)
+        noise_filter = noise_filters[beam]
         cov_pix = cat.cov_pix
         if beam != spec.beam:  # the intrinsic shapes under this epoch's beam; the integrated fluxes stay
             cov_sky = cat.cov_sky + beam_sky_cov(beam) - beam_sky_cov(spec.beam)
