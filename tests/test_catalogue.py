@@ -270,7 +270,7 @@ def test_a_pair_detected_as_one_new_blend_continues_its_members(catalogue):
 def test_known_sources_closer_than_a_pair_fit_resolves_are_not_fitted_as_a_pair(catalogue):
     beam = 30.0 * ARCSEC
     cat = replace(catalogue, fit_blends=True)
-    for apart, pairs in ((0.6, 0), (0.8, 1)):
+    for apart, pairs in ((0.4, 0), (0.6, 1)):  # PAIR_MIN_SEPARATION: 0.5 beam
         ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + apart * beam])
         first = cat.plan(replace(context(1), beam_fwhm=beam), detections(ra, dec, [2.0, 1.0]))
         known = cat.apply(cat.update(first, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), first.image)

@@ -94,12 +94,17 @@ BLEND_MAX_EXTENT = 2.0
 #: A new detection with two known sources undetected within this distance (beam FWHM) is their
 #: blend: it continues the nearest, and the pair fit measures both.
 BLEND_SWALLOW_RADIUS = 1.0
-#: Known sources closer than this (beam FWHM) are one source to the fits (benchmarks/pair_fits.py):
-#: they are not fitted as a pair (each component would take in the light of both), and when an
-#: image detects one source there they are merged into one light curve, closer than this times the
-#: sharpest beam of the images covering them (a pair that sharp images resolve stays two, blurred
-#: or not).
+#: Known sources closer than this (beam FWHM) are one source to an image: when an image detects one
+#: source there they are merged into one light curve, closer than this times the sharpest beam of
+#: the images covering them (a pair that sharp images resolve stays two, blurred or not), and an
+#: earlier image saw a new source this close to a known one as that one.
 RESOLVABLE_SEPARATION = 0.7
+#: Known sources at least this far apart (beam FWHM) are fitted as a pair where an image detects
+#: one and not the other (benchmarks/pair_fits.py: from 0.5 beam the pulls of both stay within a
+#: robust std of 1.4, where a forced fit of the undetected one counts its neighbour's light). A
+#: pair blended in its first images has its catalogue position near the pair's centroid; under
+#: a beam 1.1-1.6x the sharpest, 0.7 left such pairs double-counted (RESULTS.md, round 20).
+PAIR_MIN_SEPARATION = 0.5
 #: An earlier image's beam is wider than this image's when its FWHM is more than this many times
 #: this one's (a survey's beams differ by a few per cent from image to image).
 WIDER_BEAM = 1.1
@@ -388,7 +393,7 @@ class RunningCatalogue:
                                          BLEND_RADIUS * image.beam_fwhm)
         null_rows, det_rows = forced_rows[nulls[ni]], det_source[dets[dj]]
         apart = _separation(s["wm_ra"][null_rows], s["wm_dec"][null_rows], s["wm_ra"][det_rows], s["wm_dec"][det_rows])
-        keep = apart >= RESOLVABLE_SEPARATION * image.beam_fwhm
+        keep = apart >= PAIR_MIN_SEPARATION * image.beam_fwhm
         return nulls[ni[keep]], dets[dj[keep]]
 
     def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,
