@@ -321,11 +321,10 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     )
     source = rejoined(parent, fit)
     if (source != np.arange(len(source))).any():
-        source, (one_fit, one_chisq, one_fitted) = _joins_one_fits(image, params, snr, islands, source, fit)
+        source, islands, pixels, cut_ratio, joined, one_fits = _join(image, params, snr, islands, source, fit)
         one = np.unique(source)
-        islands, pixels, cut_ratio, joined = _joined(image, snr, islands, source)
         fit, chisq, fitted, parent = fit[one], chisq[one], fitted[one], parent[one]
-        fit[joined], chisq[joined], fitted[joined] = one_fit, one_chisq, one_fitted
+        fit[joined], chisq[joined], fitted[joined] = one_fits
     keep = in_extraction_region(image.shape, params, fit[:, 1], fit[:, 2])
     siblings = _siblings(parent, fit, keep, image.beam_cov)
     sibling_fits = fit_point_pairs_on(_pair_pixels(pixels, siblings), np.ones(len(siblings), bool),
@@ -356,30 +355,33 @@ def _joined(image: PreparedImage, snr: SNR, islands: Islands,
     return joined, pixels, cut_ratio, members >= 2
 
 
-def _joins_one_fits(image: PreparedImage, params: ExtractionParams, snr: SNR, islands: Islands,
-                    source: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """``source`` without the joins where one Gaussian fits the joined pixels worse than the
-    parts' own Gaussians (each over its part's pixels) by more than ``JOIN_MAX_CHISQ`` per beam
-    area of pixels: a point source on a resolved one's flank, not one source cut by noise; and
-    the one-Gaussian fits (params, chi-squared, fitted) of the joins kept, in their sources' order."""
-    _, pixels, cut_ratio, multi = _joined(image, snr, islands, source)
-    pixels, cut_ratio = pixels.select(multi), cut_ratio[multi]
-    one_fit = fit_islands(pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam)
+def _join(image: PreparedImage, params: ExtractionParams, snr: SNR, islands: Islands, source: np.ndarray,
+          fit: np.ndarray) -> tuple[np.ndarray, Islands, PixelSet, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """The parts of each ``source`` joined (:func:`_joined`), except where one Gaussian fits the
+    joined pixels worse than the parts' own Gaussians (each over its part's pixels) by more than
+    ``JOIN_MAX_CHISQ`` per beam area of pixels: a point source on a resolved one's flank, not one
+    source cut by noise. Returns the sources, :func:`_joined`'s four for them, and the one-Gaussian
+    fits (params, chi-squared, fitted) of the joins kept, in their sources' order."""
+    joined, pixels, cut_ratio, multi = _joined(image, snr, islands, source)
+    candidates = pixels.select(multi)
+    one_fit = fit_islands(candidates, params.analysis_threshold * cut_ratio[multi], image.beam_cov, params.force_beam)
     # the parts' model on the same pixels: each pixel under the Gaussian of the part it came from
-    flat = np.rint(pixels.y).astype(np.int64) * image.shape[1] + np.rint(pixels.x).astype(np.int64)
+    flat = np.rint(candidates.y).astype(np.int64) * image.shape[1] + np.rint(candidates.x).astype(np.int64)
     by_flat = np.argsort(islands.flat)
     part = islands.island[by_flat[np.searchsorted(islands.flat, flat, sorter=by_flat)]]
     by_part = np.argsort(part, kind="stable")
     parts, first = np.unique(part[by_part], return_index=True)
-    part_pixels = PixelSet(pixels.x[by_part], pixels.y[by_part], pixels.value[by_part], pixels.weight[by_part],
-                           np.searchsorted(parts, part[by_part]), first)
+    part_pixels = PixelSet(candidates.x[by_part], candidates.y[by_part], candidates.value[by_part],
+                           candidates.weight[by_part], np.searchsorted(parts, part[by_part]), first)
     parts_chisq = np.zeros(len(source))
     parts_chisq[parts] = gaussian_chisq(fit[parts], part_pixels)
     new_id = np.unique(source, return_inverse=True)[1]
     gain = one_fit[1] - np.bincount(new_id, parts_chisq)[multi]
     split = gain / (2.0 * np.pi * np.sqrt(np.linalg.det(image.beam_cov))) > JOIN_MAX_CHISQ
-    undone = np.isin(new_id, np.flatnonzero(multi)[split])
-    return np.where(undone, np.arange(len(source)), source), tuple(f[~split] for f in one_fit)
+    if split.any():
+        source = np.where(np.isin(new_id, np.flatnonzero(multi)[split]), np.arange(len(source)), source)
+        joined, pixels, cut_ratio, multi = _joined(image, snr, islands, source)
+    return source, joined, pixels, cut_ratio, multi, tuple(f[~split] for f in one_fit)
 
 
 def _siblings(parent: np.ndarray, fit: np.ndarray, keep: np.ndarray, beam_cov: np.ndarray) -> np.ndarray:
