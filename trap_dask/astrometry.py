@@ -244,13 +244,18 @@ def automatic_sys_err(history: ScatterHistory, image: Astrometry, beam_fwhm: flo
     return widened_sys_err((AUTO_FLOOR * beam,) * 2, history, image, AUTO_UNMEASURED * beam)
 
 
+def nothing_measured(history: ScatterHistory, image: Astrometry) -> bool:
+    """Whether no scatter is measured yet: none over the earlier images, none on this one."""
+    return history.n == 0 and not image.measured
+
+
 def widened_sys_err(given: tuple[float, float], history: ScatterHistory, image: Astrometry,
                     unmeasured: float = 0.0) -> tuple[float, float]:
     """The larger (arcsec, RA and Dec) of ``given`` and the scatter the data show: the running
     scatter over the earlier images and this image's own (an image worse than the rest is not held
     to their standard). While neither is measured (too few confident matches so far) the larger
     of ``given`` and ``unmeasured`` (arcsec)."""
-    if history.n == 0 and not image.measured:
+    if nothing_measured(history, image):
         return max(given[0], unmeasured), max(given[1], unmeasured)
     earlier = history.rms()
     own = (image.scatter_ra, image.scatter_dec) if image.measured else (np.nan, np.nan)

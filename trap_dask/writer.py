@@ -56,6 +56,7 @@ from trap_dask.astrometry import (
     automatic_sys_err,
     measurable,
     measure,
+    nothing_measured,
     widened_sys_err,
 )
 from trap_dask.bands import Band, assign_band, fixed_bands
@@ -581,7 +582,7 @@ class Writer:
         if not self.widen_sys_err:
             return astrometry, given
         unmeasured = 0.0
-        if self.scatter.n == 0 and not astrometry.measured and measurable(
+        if nothing_measured(self.scatter, astrometry) and measurable(
                 detections["ra"], detections["dec"], detections["significance_detection_level"], beam_fwhm, centre):
             # the first image of a field that the next images will measure: AUTO_UNMEASURED beams at
             # least, as under 'auto', so that it does not outweigh their widened errors in the catalogue
