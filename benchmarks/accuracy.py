@@ -257,7 +257,7 @@ SWEEP_VARIANTS: dict[str, dict[str, object]] = {
     "no merges": {"merge_duplicates": False},
     "TraP behaviour": dict(deblend_nthresh=0, association_method="greedy", fit_blends=False,
                            backfill_new_sources=False, link_radius=0.0, merge_duplicates=False, duplicate_reach=0.0,
-                           remove_image_shift=False, widen_sys_err=False),
+                           remove_image_shift=False, widen_sys_err=False, fit_source_shape=False),
 }
 #: Systematic-error settings of the sweep, as multiples of the injected scatter ("auto": measured);
 #: 20x and 40x are 1 and 2 beams (over-set: TraP's usual 10" under a beam of 10" or 5").

@@ -20,6 +20,7 @@ from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseSettings, database_exists, drop_database, make_engine
 from trap_dask.db.lock import RunLock
 from trap_dask.pipeline import PipelineError
+from trap_dask.shapes import SHAPE_SUMS
 from trap_dask.simulate import SurveySpec, load_truth, simulate_survey
 from trap_dask.writer import MAX_BATCH
 
@@ -416,6 +417,26 @@ def test_append_upgrades_a_version_5_or_6_database(db_settings, epochs, referenc
         return tables | {"images": strip}
 
     assert without_outline(dump(db_settings)) == without_outline(reference)
+
+
+def test_append_upgrades_a_version_7_database(db_settings, epochs, reference):
+    """Version 7 kept no sums of the sources' shapes: an append adds them, filled from the
+    detections so far as one run would have summed them, and continues the light curves as one run."""
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    with engine.begin() as conn:
+        for name in SHAPE_SUMS:
+            conn.exec_driver_sql(f"ALTER TABLE runningcatalog DROP COLUMN acc_shape_{name}")
+        conn.execute(schema.schema_version.update().values(version=7))
+    engine.dispose()
+    run(db_settings, epochs, db_append=True)
+    engine = make_engine(db_settings)
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
+    engine.dispose()
+    weights = [row[-len(SHAPE_SUMS)] for row in reference["runningcatalog"]]
+    assert sum(w > 0 for w in weights) >= 10  # the detections' shapes were summed
+    assert same_tables(dump(db_settings), reference)
 
 
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):

@@ -56,7 +56,8 @@ def _image(i: int, ra: list[float], dec: list[float], blur: float = 1.0) -> Imag
     det["peak_flux_err"] = det["int_flux_err"] = 0.001
     det["significance_detection_level"] = 100.0
     det["error_radius"] = 0.5
-    det["semimajor_axis"], det["semiminor_axis"] = 15.0, 10.0
+    # fitted a little wider than the beam: each detection adds 1e4 ((int_flux / int_flux_err)**2) to its shape sums
+    det["semimajor_axis"], det["semiminor_axis"], det["gaussian_fit"] = 15.0 * blur + 3.0, 10.0 * blur, True
     return ImageResult(meta, f"{i:064x}", ImageStats(0.001, 0.001, 0.001), None, 0.5, det)
 
 
@@ -124,6 +125,10 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     assert b not in var and var[a]["nr_datapoints"] == 3
     catalogue = {r["src_id"]: r for r in _table(db_settings, schema.runningcatalog, ["src_id"])}
     assert catalogue[b]["merged_into"] == a and catalogue[a]["merged_into"] == -1
+    # the merged source's shape sums hold every detection of both: A's first, B's, and this image's
+    assert catalogue[a]["acc_shape_weight"] == pytest.approx(3e4)
+    assert catalogue[b]["acc_shape_weight"] == pytest.approx(1e4)
+    assert catalogue[a]["acc_shape_ee"] == pytest.approx(3 * catalogue[b]["acc_shape_ee"])
 
     appended = Writer(db_settings, config, None, append=True)
     _feed(appended, _image(4, [150.0, 150.2], [off, 30.0]))

@@ -23,6 +23,7 @@ from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import MIN_MATCHES, ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
+from trap_dask.shapes import SHAPE_SUMS, resolved_shapes, shape_sum_increments
 from trap_dask.sky import shifted, unshifted, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
@@ -81,6 +82,9 @@ class ImageContext:
     #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,
     #: the circle alone)
     outline: np.ndarray = field(default_factory=lambda: np.full((1, 2), np.nan))
+    #: (2, 2) arcsec**2: the restoring beam's covariance, east-north (trap_dask.shapes.beam_cov); None:
+    #: not known, the detections' shapes are not followed and every forced fit has the beam's shape
+    beam_cov: np.ndarray | None = None
 
 
 #: A null detection this close to a detection (beam FWHM) is measured together with it.
@@ -122,6 +126,8 @@ class AssociationPlan:
     forced_rows: np.ndarray  #: catalogue rows to force-fit (null detections, then monitors)
     forced_ra: np.ndarray  #: deg, where this image shows them (their positions with its shift)
     forced_dec: np.ndarray
+    #: (n, 3) intrinsic shapes (ee, en, nn; arcsec**2) to force-fit them with; zeros: the beam's
+    forced_shape: np.ndarray
     pair_det: np.ndarray  #: detections refitted together with a null detection
     pair_forced: np.ndarray  #: index into ``forced_rows`` of each pair's null detection
     pair_ra: np.ndarray  #: (k, 2) deg, start positions of (detected, null) source
@@ -129,6 +135,7 @@ class AssociationPlan:
     backfill_det: np.ndarray  #: new sources covered by the band's previous image, to measure there
     backfill_ra: np.ndarray  #: deg, where that image shows them (with its shift instead of this one's)
     backfill_dec: np.ndarray
+    backfill_shape: np.ndarray  #: (m, 3) their intrinsic shapes, as ``forced_shape``
     backfill_image: int  #: im_id of that image (-1: none)
     backfill_url: str | None  #: its file
     merge_keep: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: catalogue rows kept ...
@@ -143,7 +150,8 @@ class AssociationPlan:
         """Positions to force-fit, in the order of ``forced_rows``, the pairs to fit, and the new
         sources to measure in the band's previous image."""
         return ForcedRequest(self.forced_ra, self.forced_dec, self.pair_ra, self.pair_dec, self.backfill_ra,
-                             self.backfill_dec, self.image.band, self.backfill_image, self.backfill_url)
+                             self.backfill_dec, self.image.band, self.backfill_image, self.backfill_url,
+                             shape=self.forced_shape, backfill_shape=self.backfill_shape)
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,8 @@ class RunningCatalogue:
     duplicate_reach: float | None = DEFAULTS.duplicate_reach  #: beam FWHM, None: 'auto' (:meth:`_duplicate_reach`)
     #: merge converged light curves, see :func:`trap_dask.merging.converged_pairs`
     merge_duplicates: bool = DEFAULTS.merge_duplicates
+    #: force-fit resolved sources with their own shape (trap_dask.shapes), not the beam's
+    fit_source_shape: bool = DEFAULTS.fit_source_shape
     sources: Columns = field(default_factory=lambda: empty_columns(SOURCE_COLUMNS))
     lightcurves: Columns = field(default_factory=lambda: empty_columns(LIGHTCURVE_COLUMNS))
     earlier: EarlierImages = field(default_factory=EarlierImages)
@@ -318,6 +328,7 @@ class RunningCatalogue:
                                               forced_rows[pair_forced])
         backfill_det, backfill_ra, backfill_dec, backfill_image, backfill_url = self._backfill(
             image, det_ra, det_dec, (det_source < 0) & ~links.is_duplicate)
+        new_shapes = _shape_sums(detections[backfill_det], image)
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -327,6 +338,7 @@ class RunningCatalogue:
             forced_rows=forced_rows,
             forced_ra=forced_ra,
             forced_dec=forced_dec,
+            forced_shape=self._forced_shapes(image, {k: v[forced_rows] for k, v in self._shapes().items()}),
             pair_det=pair_det,
             pair_forced=pair_forced,
             pair_ra=pair_ra,
@@ -334,12 +346,25 @@ class RunningCatalogue:
             backfill_det=backfill_det,
             backfill_ra=backfill_ra,
             backfill_dec=backfill_dec,
+            backfill_shape=self._forced_shapes(image, new_shapes),
             backfill_image=backfill_image,
             backfill_url=backfill_url,
             merge_keep=merge_keep,
             merge_drop=merge_drop,
             merge_separation=merge_separation,
         )
+
+    def _shapes(self) -> dict[str, np.ndarray]:
+        """The catalogue's shape sums (trap_dask.shapes.SHAPE_SUMS), one per source."""
+        return {name: self.sources[f"acc_shape_{name}"] for name in SHAPE_SUMS}
+
+    def _forced_shapes(self, image: ImageContext, sums: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, 3) intrinsic shapes (arcsec**2) to force-fit sources of shape ``sums`` with in ``image``:
+        zeros (the beam's) for point sources, under ``fit_source_shape`` false, or where the beam is not known."""
+        n = len(sums["weight"])
+        if not self.fit_source_shape or image.beam_cov is None:
+            return np.zeros((n, 3))
+        return resolved_shapes(sums, image.beam_cov)
 
     def _merges(self, image: ImageContext, blind: np.ndarray,
                 det_source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -492,6 +517,8 @@ class RunningCatalogue:
                                              s["ra_ref"][det_rows])
         for name in POSITION_SUMS:
             np.add.at(s[f"acc_{name}"], det_rows, increments[name])
+        for name, increment in _shape_sums(det, image).items():
+            np.add.at(s[f"acc_shape_{name}"], det_rows, increment)
         s["last_xtrsrc"][det_rows] = det_ids
         s["n_consecutive_force_fits"][det_rows] = 0
         s["last_xtrsrc"][forced_rows] = ff_ids
@@ -701,6 +728,13 @@ class RunningCatalogue:
         )
 
 
+def _shape_sums(det: np.ndarray, image: ImageContext) -> dict[str, np.ndarray]:
+    """What detections ``det`` add to their sources' shape sums (zeros where the beam is not known)."""
+    if image.beam_cov is None:
+        return {name: np.zeros(len(det)) for name in SHAPE_SUMS}
+    return shape_sum_increments(det, image.beam_cov)
+
+
 def _ra_error(meas: np.ndarray) -> np.ndarray:
     """Association error along the RA coordinate in deg (on-sky uncertainty_ew / cos dec)."""
     return meas["uncertainty_ew"] / np.cos(np.deg2rad(meas["dec"]))
@@ -753,6 +787,8 @@ def _merge_catalogue_row(s: Columns, keep: int, drop: int, rows: np.ndarray, ear
     increments = position_sum_increments(ra, dec, _ra_error(blind), blind["uncertainty_ns"], s["ra_ref"][keep])
     for name in POSITION_SUMS:
         s[f"acc_{name}"][keep] = increments[name].sum()
+    for name in SHAPE_SUMS:  # every detection of either counts, also those set aside
+        s[f"acc_shape_{name}"][keep] += s[f"acc_shape_{name}"][drop]
     s["first_im_id"][keep] = min(s["first_im_id"][keep], s["first_im_id"][drop])
     s["last_xtrsrc"][keep] = rows["id"][-1]
     detected = np.flatnonzero(~rows["is_force_fit"])

@@ -263,6 +263,14 @@ class Config:
         "threshold it counts as detected (false: TraP 1.x's separate forced fit at the catalogue "
         "position, which counts a blend's light twice)",
     )
+    fit_source_shape: bool = _param(
+        True, "association", "",
+        "force-fit a resolved source with its own shape: the beam convolved with the mean intrinsic "
+        "shape of its detections (their fitted shapes less the beam), where that widens the beam's area "
+        "by 20% and 3 times its scatter or more; int_flux is then the fitted shape's integral "
+        "(false: TraP 1.x, the beam's shape, which measures a source several beams across at a "
+        "fraction of its flux and makes it a false variable)",
+    )
     backfill_new_sources: bool = _param(
         True, "association", "",
         "force-fit each new source in the previous image of its band too, so that its light curve "

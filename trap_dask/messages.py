@@ -125,6 +125,10 @@ class ForcedRequest:
     backfill_image: int = -1  #: im_id of the band's previous image (-1: none)
     backfill_url: str | None = None  #: its file, read again where no worker holds it
     url: str = ""  #: the image's own file (a retried commit is recognised by it)
+    #: (n, 3) intrinsic shapes (ee, en, nn covariance, arcsec**2) to force-fit with, aligned with ``ra``
+    #: (zeros, or None for all: the beam's; trap_dask.shapes)
+    shape: np.ndarray | None = None
+    backfill_shape: np.ndarray | None = None  #: (m, 3) the same for the new sources of ``backfill_ra``
 
     def __len__(self) -> int:
         return len(self.ra) + len(self.pair_ra) + len(self.backfill_ra)

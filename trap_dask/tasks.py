@@ -236,10 +236,10 @@ def process(image: ScannedImage, quality: QualityParams, params: ExtractionParam
 
 
 def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) -> ForcedMeasurements:
-    """Forced fits with the beam's shape (NaN fluxes where not measurable) and the pair fits
-    (where those fail, the writer keeps the detection and the forced fit as they are)."""
+    """Forced fits with the beam's shape or a resolved source's (NaN fluxes where not measurable)
+    and the pair fits (where those fail, the writer keeps the detection and the forced fit as they are)."""
     started, cpu = time.perf_counter(), time.thread_time()
-    single = forced_fit(image.prepared, request.ra, request.dec, params)
+    single = forced_fit(image.prepared, request.ra, request.dec, params, request.shape)
     try:
         pairs, ok = fit_pairs(image.prepared, request.pair_ra, request.pair_dec, params)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
@@ -263,7 +263,8 @@ def backfill(previous: LoadedImage | None, request: ForcedRequest, params: Extra
             previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
         if previous is None or previous.prepared is None:
             return None
-        return forced_fit(previous.prepared, request.backfill_ra, request.backfill_dec, params)
+        return forced_fit(previous.prepared, request.backfill_ra, request.backfill_dec, params,
+                          request.backfill_shape)
     except Exception as exc:  # noqa: BLE001 - a missing point before a new source never stops a run
         log.warning("%s: new sources not measured in it (%s: %s)", request.backfill_url, type(exc).__name__, exc)
         return None

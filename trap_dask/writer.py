@@ -83,6 +83,7 @@ from trap_dask.messages import (
     ScanFailure,
 )
 from trap_dask.newsource import outline_text
+from trap_dask.shapes import beam_cov
 from trap_dask.sources import HISTORY_DTYPE, add_uncertainties, empty_sources
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Writer:
             link_radius=config.link_radius,
             duplicate_reach=config.duplicate_reach,
             merge_duplicates=config.merge_duplicates,
+            fit_source_shape=config.fit_source_shape,
         )
         #: the user's systematic errors (arcsec); None: 'auto', measured image by image
         self.sys_err = (config.ew_sys_err, config.ns_sys_err)
@@ -312,6 +314,7 @@ class Writer:
             data_sys_err=automatic_sys_err(self.scatter, astrometry, beam_fwhm)
             if self.sys_err[0] is not None and shift != (0.0, 0.0) else None,
             outline=np.full((1, 2), np.nan) if result.outline is None else result.outline,
+            beam_cov=beam_cov(meta.beam.smaj, meta.beam.smin, meta.beam.pa),
         )
         detections = add_uncertainties(result.sources.copy(), *sys_err)
         plan = self.catalogue.plan(image, detections)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Table, delete, insert, inspect, update
+import numpy as np
+from sqlalchemy import Connection, Table, bindparam, delete, insert, inspect, select, update
 
 from trap_dask import __version__
 from trap_dask.db import schema
 from trap_dask.db.backends import Backend
+from trap_dask.shapes import SHAPE_SUMS, shape_sum_increments, sky_cov
+from trap_dask.sources import SOURCE_DTYPE
 
 
 def add_missing_columns(conn: Connection, table: Table) -> None:
@@ -100,8 +103,41 @@ def _v6_to_v7(conn: Connection, backend: Backend) -> None:
     add_missing_columns(conn, schema.images)
 
 
+def _v7_to_v8(conn: Connection, backend: Backend) -> None:
+    """`runningcatalog` gains the running sums of each source's intrinsic shape (`acc_shape_weight`,
+    `acc_shape_ee`, `acc_shape_en`, `acc_shape_nn`), filled from the detections so far, with which a
+    resolved source is force-fitted with its own shape instead of the beam's."""
+    add_missing_columns(conn, schema.runningcatalog)
+    sources, images = schema.extracted_sources, schema.images
+    query = (select(sources.c.src_id, sources.c.semimajor_axis, sources.c.semiminor_axis,
+                    sources.c.parallactic_angle, sources.c.int_flux, sources.c.int_flux_err, sources.c.gaussian_fit,
+                    images.c.rb_smaj, images.c.rb_smin, images.c.rb_pa)
+             .join(images, images.c.id == sources.c.im_id).where(sources.c.is_force_fit.is_(False)))
+    found = conn.execute(query).all()
+    table = schema.runningcatalog
+    src_ids = np.array(conn.execute(select(table.c.src_id).order_by(table.c.src_id)).scalars().all(), dtype="i8")
+    sums = {name: np.zeros(len(src_ids)) for name in SHAPE_SUMS}
+    if found:
+        columns = [np.array(column, dtype=float) for column in zip(*found)]
+        detections = np.zeros(len(found), SOURCE_DTYPE)
+        for name, column in zip(("semimajor_axis", "semiminor_axis", "parallactic_angle", "int_flux",
+                                 "int_flux_err", "gaussian_fit"), columns[1:7]):
+            detections[name] = np.nan_to_num(column, nan=0.0) if name == "gaussian_fit" else column
+        beams = sky_cov(columns[7] * 3600.0, columns[8] * 3600.0, columns[9])
+        increments = shape_sum_increments(detections, beams)
+        row = np.searchsorted(src_ids, columns[0].astype("i8"))
+        for name in SHAPE_SUMS:
+            np.add.at(sums[name], row, increments[name])
+    values = [{"key": int(src), **{f"v_{name}": float(sums[name][i]) for name in SHAPE_SUMS}}
+              for i, src in enumerate(src_ids.tolist())]
+    if values:
+        conn.execute(update(table).where(table.c.src_id == bindparam("key"))
+                     .values({f"acc_shape_{name}": bindparam(f"v_{name}") for name in SHAPE_SUMS}), values)
+
+
 MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7}
+                                                                4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7,
+                                                                7: _v7_to_v8}
 
 
 def can_migrate(version: int) -> bool:

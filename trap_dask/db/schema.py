@@ -31,12 +31,13 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from trap_dask.config import PARAMETERS, SECRET_PARAMETERS, parameter_type
+from trap_dask.shapes import SHAPE_SUMS
 from trap_dask.sources import MEASURED_COLUMNS
 from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
 #: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
 #: add the step to trap_dask/db/migrations.py; a database of a later version is refused on append.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = MetaData()
 
@@ -204,6 +205,12 @@ runningcatalog = Table(
     Column("is_monitor", Boolean, nullable=False),
     Column("first_im_id", Integer),
     Column("merged_into", Integer, comment="src_id whose light curve took this one's measurements (-1: none)"),
+    Column("acc_shape_weight", Double,
+           comment="sum of (int_flux / int_flux_err)**2 of the detections whose shape was fitted"),
+    *(Column(f"acc_shape_{name}", Double,
+             comment=f"arcsec**2, weighted sum of the {axes} element of the covariance of the fitted "
+                     "shape less the beam's (trap_dask.shapes)")
+      for name, axes in zip(SHAPE_SUMS[1:], ("east-east", "east-north", "north-north"))),
 )
 
 merges = Table(

@@ -1,5 +1,6 @@
-"""Forced fits: the amplitude of a beam-shaped Gaussian at fixed sky positions, all at once; and
-pairs of point sources fitted together from expected sky positions (:func:`fit_pairs`)."""
+"""Forced fits: the amplitude of a Gaussian of the beam's shape, or a resolved source's, at fixed
+sky positions, all at once; and pairs of point sources fitted together from expected sky
+positions (:func:`fit_pairs`)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ def _cutout_offsets(beam_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dx.ravel(), dy.ravel()
 
 
-def _beam_profile(beam_cov: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Unit-peak beam evaluated at pixel offsets (dx, dy) (same shape as dx)."""
-    inv = np.linalg.inv(beam_cov)
-    q = inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy
-    return np.exp(-0.5 * q)
+def _profile(cov: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Unit-peak Gaussian of covariance ``cov`` (2, 2), or one per row of ``dx`` (k, 2, 2),
+    evaluated at pixel offsets (dx, dy)."""
+    inv = np.linalg.inv(cov)
+    a, b, c = inv[..., 0, 0], inv[..., 0, 1], inv[..., 1, 1]
+    if cov.ndim == 3:
+        a, b, c = a[:, None], b[:, None], c[:, None]
+    return np.exp(-0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
 
 
 def correlated_noise_factor(beam_cov: np.ndarray) -> float:
@@ -42,7 +46,7 @@ def correlated_noise_factor(beam_cov: np.ndarray) -> float:
     """
     dx, dy = _cutout_offsets(beam_cov)
     side = int(np.sqrt(len(dx)))
-    profile = _beam_profile(beam_cov, dx, dy).reshape(side, side)
+    profile = _profile(beam_cov, dx, dy).reshape(side, side)
     # sum_j rho(r_i - r_j) P_j by a circular FFT convolution large enough to wrap nothing
     n = sfft.next_fast_len(2 * side - 1, real=True)
     rho = sfft.rfft2(beam_on_grid(np.linalg.inv(beam_cov), n, n))
@@ -50,16 +54,40 @@ def correlated_noise_factor(beam_cov: np.ndarray) -> float:
     return float((profile * smoothed).sum() / np.square(np.square(profile).sum()))
 
 
-def forced_fit(
-    image: PreparedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams
-) -> np.ndarray:
-    """Fit the beam's amplitude at fixed positions (deg); one SOURCE_DTYPE row per position.
+def _fit_amplitudes(image: PreparedImage, x: np.ndarray, y: np.ndarray, ix: np.ndarray, iy: np.ndarray,
+                    cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares amplitude (Jy/beam) of a Gaussian of covariance ``cov`` (2, 2), or one per
+    position (k, 2, 2), centred at each (x, y) over a cutout around its nearest pixel (ix, iy);
+    with the sum of squared residuals ((Jy/beam)**2) and the number of pixels used."""
+    ny, nx = image.shape
+    widest = cov if cov.ndim == 2 else cov[np.argmax(geo.axes_from_cov(cov)[0])]
+    dx, dy = _cutout_offsets(widest)
+    px, py = ix[:, None] + dx, iy[:, None] + dy
+    inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+    values = np.where(inside, image.residual[np.clip(py, 0, ny - 1), np.clip(px, 0, nx - 1)], np.nan)
+    use = np.isfinite(values)
+    data = np.where(use, values, 0.0)
+    profile = _profile(cov, px - x[:, None], py - y[:, None]) * use
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amp = (profile * data).sum(-1) / np.square(profile).sum(-1)
+    residuals = (np.square(data - amp[:, None] * profile) * use).sum(-1)
+    return amp, residuals, use.sum(-1)
 
-    Each position gets a weighted linear least-squares amplitude over a cutout of +-1.5 beam
-    FWHM around it, with the shape fixed to the beam. ``peak_flux`` = ``int_flux`` (Jy/beam,
-    Jy); their error accounts for the beam-correlated noise. Positions off the image, or whose
-    nearest pixel is blank, get NaN fluxes and errors. Positions are not fitted, so their fit
-    errors and error radius are 0.
+
+def forced_fit(
+    image: PreparedImage, ra: np.ndarray, dec: np.ndarray, params: ExtractionParams,
+    shape: np.ndarray | None = None,
+) -> np.ndarray:
+    """Fit a Gaussian's amplitude at fixed positions (deg); one SOURCE_DTYPE row per position.
+
+    Each position gets a weighted linear least-squares amplitude over a cutout of +-1.5 FWHM of
+    the fitted shape around it. The shape is the beam's, or the beam convolved with the source's
+    intrinsic shape where ``shape`` (n, 3: ee, en, nn covariance in arcsec**2, east-north;
+    trap_dask.shapes) is not zero. ``peak_flux`` (Jy/beam) is the amplitude, ``int_flux`` (Jy)
+    it times the shape's area over the beam's (equal for a point source); their errors account
+    for the beam-correlated noise; the rows' axes and position angle are the shape fitted.
+    Positions off the image, or whose nearest pixel is blank, get NaN fluxes and errors.
+    Positions are not fitted, so their fit errors and error radius are 0.
     """
     ra, dec = np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float))
     rows = np.zeros(len(ra), dtype=SOURCE_DTYPE)
@@ -78,26 +106,43 @@ def forced_fit(
     ix, iy = np.where(on_image, ix, 0).astype(int), np.where(on_image, iy, 0).astype(int)
     on_image &= np.isfinite(image.residual[iy, ix]) & np.isfinite(image.rms[iy, ix])
 
-    dx, dy = _cutout_offsets(image.beam_cov)
-    px, py = ix[:, None] + dx, iy[:, None] + dy
-    inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-    values = np.where(inside, image.residual[np.clip(py, 0, ny - 1), np.clip(px, 0, nx - 1)], np.nan)
-    use = np.isfinite(values)
-    data = np.where(use, values, 0.0)
-    profile = _beam_profile(image.beam_cov, px - x[:, None], py - y[:, None]) * use
+    amp, residuals, n_used = _fit_amplitudes(image, x, y, ix, iy, image.beam_cov)
+    area = np.ones(len(rows))  # of the shape fitted, in beams
+    variance = np.full(len(rows), correlated_noise_factor(image.beam_cov))  # of the amplitude, in rms**2
+    resolved = np.flatnonzero(on_image & np.any(shape != 0, axis=1)) if shape is not None else []
+    if len(resolved):
+        cov, jac = _source_covariances(image, x[resolved], y[resolved], shape[resolved])
+        amp[resolved], residuals[resolved], n_used[resolved] = _fit_amplitudes(
+            image, x[resolved], y[resolved], ix[resolved], iy[resolved], cov)
+        beam_det = np.linalg.det(image.beam_cov)
+        area[resolved] = np.sqrt(np.linalg.det(cov) / beam_det)
+        # the correlated noise's variance of a wider profile's amplitude scales as
+        # sqrt(det(3 beam) / det(2 profile + beam)) (the continuous sums; 1 for the beam)
+        variance[resolved] *= np.sqrt(np.linalg.det(3.0 * image.beam_cov) / np.linalg.det(2.0 * cov + image.beam_cov))
+        major, minor, pa = geo.shape_on_sky(geo.pixel_cov_to_sky(cov, jac))
+        rows["semimajor_axis"][resolved], rows["semiminor_axis"][resolved] = major, minor
+        rows["parallactic_angle"][resolved] = pa
     with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.square(profile).sum(-1)
-        amp = np.where(on_image, (profile * data).sum(-1) / norm, np.nan)
+        amp = np.where(on_image, amp, np.nan)
         noise = np.where(on_image, local_noise(image, ix, iy), np.nan)
-        err = noise * np.sqrt(correlated_noise_factor(image.beam_cov))
-        chisq = (np.square(data - amp[:, None] * profile) * use).sum(-1) / np.square(noise)
+        err = noise * np.sqrt(variance)
+        chisq = residuals / np.square(noise)
         rows["significance_detection_level"] = amp / noise
-    rows["peak_flux"] = rows["int_flux"] = amp
-    rows["peak_flux_err"] = rows["int_flux_err"] = err
+    rows["peak_flux"], rows["int_flux"] = amp, amp * area
+    rows["peak_flux_err"], rows["int_flux_err"] = err, err * area
     rows["chisq"] = chisq
-    rows["reduced_chisq"] = chisq / np.maximum(use.sum(-1) - 1, 1)
+    rows["reduced_chisq"] = chisq / np.maximum(n_used - 1, 1)
     rows["gaussian_fit"] = np.isfinite(amp)
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
+
+
+def _source_covariances(image: PreparedImage, x: np.ndarray, y: np.ndarray,
+                        shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(k, 2, 2) pixel covariances of the beam convolved with intrinsic ``shape`` (k, 3; arcsec**2,
+    east-north) at pixel positions (x, y), and the local Jacobians there (deg per pixel)."""
+    jac = geo.local_jacobian(image.wcs, x, y)
+    sky = np.stack([shape[:, [0, 1]], shape[:, [1, 2]]], -2) / 3600.0**2
+    return image.beam_cov + geo.sky_cov_to_pixel(sky, jac), jac
 
 
 def fit_pairs(

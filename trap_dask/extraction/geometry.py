@@ -11,10 +11,14 @@ Conventions used throughout the extraction package:
 
 from __future__ import annotations
 
-import numpy as np
-from astropy.wcs import WCS
+from typing import TYPE_CHECKING
 
-from trap_dask.image import Beam
+import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the catalogue's shapes (trap_dask.shapes) need no astropy
+    from astropy.wcs import WCS
+
+    from trap_dask.image import Beam
 
 #: Half the FWHM of a Gaussian in units of its sigma: sqrt(2 ln 2).
 HALF_FWHM_PER_SIGMA = float(np.sqrt(2.0 * np.log(2.0)))

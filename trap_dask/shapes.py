@@ -1,0 +1,82 @@
+"""Sources' intrinsic shapes on the sky, for forced fits of resolved sources.
+
+A resolved source that an image does not detect is force-fitted with its own shape (the beam
+convolved with the source), not the beam's: a beam-shaped fit measures a source several beams
+across at a fraction of its integrated flux, which makes its light curve a false variable.
+
+Each blind detection fitted with a free shape adds its intrinsic shape, the fitted covariance
+less the beam's, to running sums in ``runningcatalog``, weighted by ``(int_flux / int_flux_err)**2``:
+the fitted area's scatter is about that relative error, which holds the fitted axes' errors, so a
+fit that the data hardly constrain counts for little. A source counts as resolved where the mean
+shape widens the beam's area clearly beyond that scatter. Pure arithmetic, no I/O. Covariances are in
+arcsec**2 in the local (east, north) frame, as ``(ee, en, nn)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, cov_from_axes
+
+#: The running sums of ``runningcatalog`` (``acc_shape_<name>``): the weight, and the weighted
+#: intrinsic covariance (arcsec**2).
+SHAPE_SUMS = ("weight", "ee", "en", "nn")
+#: Std of a point source's fitted area over the beam's, minus 1, over int_flux_err / int_flux
+#: (0.9-1.1 from int_flux / int_flux_err 5 to 100 in simulated fields; RESULTS.md, round 21).
+AREA_SCATTER = 1.05
+#: A source is force-fitted with its own shape where the mean shape widens the beam's area by at
+#: least this fraction ...
+RESOLVED_MIN_EXCESS = 0.2
+#: ... and by at least this many times the scatter of that mean.
+RESOLVED_MIN_SIGMA = 3.0
+
+
+def sky_cov(semimajor: np.ndarray, semiminor: np.ndarray, pa: np.ndarray) -> np.ndarray:
+    """(n, 2, 2) covariances (arcsec**2, east-north) of Gaussians of semi-axes (half FWHM, arcsec)
+    and position angle (deg east of north)."""
+    return cov_from_axes(np.asarray(semimajor, float) / HALF_FWHM_PER_SIGMA,
+                         np.asarray(semiminor, float) / HALF_FWHM_PER_SIGMA, np.radians(90.0 - np.asarray(pa, float)))
+
+
+def beam_cov(smaj: float, smin: float, pa: float) -> np.ndarray:
+    """(2, 2) covariance (arcsec**2) of a restoring beam of semi-axes ``smaj``, ``smin`` (deg, half
+    FWHM) and position angle ``pa`` (deg east of north)."""
+    return sky_cov(np.array([smaj * 3600.0]), np.array([smin * 3600.0]), np.array([pa]))[0]
+
+
+def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, np.ndarray]:
+    """What each detection (SOURCE_DTYPE) adds to the shape sums (SHAPE_SUMS) of its source, in an
+    image of ``beam`` covariance (arcsec**2; (2, 2), or (n, 2, 2) one per detection). Only blind
+    detections whose shape was fitted count: forced fits, moment estimates and fits with the
+    beam's shape (``force_beam``, pair fits) add 0."""
+    cov = sky_cov(detections["semimajor_axis"], detections["semiminor_axis"], detections["parallactic_angle"])
+    intrinsic = cov - beam
+    beam_shaped = np.all(np.isclose(cov, beam, rtol=1e-6, atol=0.0), axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight = np.square(detections["int_flux"] / detections["int_flux_err"])
+    counts = (~detections["is_force_fit"] & detections["gaussian_fit"] & ~beam_shaped
+              & np.isfinite(intrinsic).all(axis=(1, 2)) & np.isfinite(weight))
+    weight = np.where(counts, weight, 0.0)
+    intrinsic = np.where(counts[:, None, None], intrinsic, 0.0)
+    return {"weight": weight, "ee": weight * intrinsic[:, 0, 0], "en": weight * intrinsic[:, 0, 1],
+            "nn": weight * intrinsic[:, 1, 1]}
+
+
+def resolved_shapes(sums: dict[str, np.ndarray], beam: np.ndarray) -> np.ndarray:
+    """(n, 3) intrinsic shapes (ee, en, nn; arcsec**2) to force-fit sources of shape ``sums``
+    (SHAPE_SUMS) with in an image of ``beam`` covariance (arcsec**2); zeros for those that do not
+    count as resolved (RESOLVED_MIN_EXCESS, RESOLVED_MIN_SIGMA): a point source keeps the beam."""
+    weight = np.asarray(sums["weight"], float)
+    seen = weight > 0
+    mean = np.zeros((len(weight), 2, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for (i, j), name in (((0, 0), "ee"), ((0, 1), "en"), ((1, 1), "nn")):
+            mean[:, i, j] = np.where(seen, np.asarray(sums[name], float) / weight, 0.0)
+    mean[:, 1, 0] = mean[:, 0, 1]
+    values, vectors = np.linalg.eigh(mean)  # a noisy mean of a near point may not be positive: clip it
+    mean = (vectors * np.maximum(values, 0.0)[:, None, :]) @ np.swapaxes(vectors, -1, -2)
+    excess = np.sqrt(np.linalg.det(beam + mean) / np.linalg.det(beam)) - 1.0
+    with np.errstate(divide="ignore"):
+        scatter = np.where(seen, AREA_SCATTER / np.sqrt(np.where(seen, weight, 1.0)), np.inf)
+    resolved = seen & (excess >= RESOLVED_MIN_EXCESS) & (excess >= RESOLVED_MIN_SIGMA * scatter)
+    return np.where(resolved[:, None], np.stack([mean[:, 0, 0], mean[:, 0, 1], mean[:, 1, 1]], -1), 0.0)
