@@ -38,16 +38,20 @@ def test_a_resolved_detection_adds_its_shape_less_the_beam():
     assert shape[0] > shape[2] and shape[1] < 0  # wider east-west than north-south, tilted
 
 
-def test_what_tells_nothing_of_the_shape_adds_nothing():
+def test_what_is_no_fitted_shape_adds_nothing_and_a_beam_shaped_fit_counts_as_a_point():
     beam = beam_cov(*BEAM)
     rows = detections([40.0, 40.0, 40.0, 15.0, 40.0], [20.0, 20.0, 20.0, 10.0, np.nan], [0.0, 0.0, 0.0, 30.0, 0.0])
     rows["is_force_fit"][0] = True  # a forced fit
     rows["gaussian_fit"][1] = False  # moments, not a fit
     rows["int_flux_err"][2] = 0.0  # no error
-    # rows[3] has the beam's shape (force_beam, a pair fit); rows[4] no minor axis
-    assert not shape_sum_increments(rows, beam)["weight"].any()
-    rows["is_force_fit"][0] = False
-    assert shape_sum_increments(rows, beam)["weight"].tolist() == [100.0, 0.0, 0.0, 0.0, 0.0]
+    # rows[3] has the beam's shape (force_beam, a pair fit): a point, of weight (1 / 0.1)**2; rows[4] no minor axis
+    added = shape_sum_increments(rows, beam)
+    assert added["weight"].tolist() == [0.0, 0.0, 0.0, 100.0, 0.0]
+    np.testing.assert_allclose([added[name][3] for name in SHAPE_SUMS[1:]], 0.0, atol=1e-9)
+    # a source fitted as a point as often as resolved is not resolved enough to leave the beam
+    twice = detections([20.0, 15.0], [12.0, 10.0], [30.0, 30.0])
+    assert resolved_shapes(summed(twice[:1], beam), beam).any()
+    assert not resolved_shapes(summed(twice[[1, 1, 1, 1, 0]], beam), beam).any()
 
 
 def test_point_sources_keep_the_beam_and_resolved_ones_get_their_shape():

@@ -47,19 +47,24 @@ def beam_cov(smaj: float, smin: float, pa: float) -> np.ndarray:
 def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, np.ndarray]:
     """What each detection (SOURCE_DTYPE) adds to the shape sums (SHAPE_SUMS) of its source, in an
     image of ``beam`` covariance (arcsec**2; (2, 2), or (n, 2, 2) one per detection). Only blind
-    detections whose shape was fitted count: forced fits, moment estimates and fits with the
-    beam's shape (``force_beam``, pair fits) add 0."""
+    Gaussian fits count (forced fits and moment estimates add 0); one fitted with the beam's
+    shape (``force_beam``, a pair fit) counts as a point source: a light curve mostly measured
+    as a point keeps the beam in its forced fits too."""
     cov = sky_cov(detections["semimajor_axis"], detections["semiminor_axis"], detections["parallactic_angle"])
     intrinsic = cov - beam
-    beam_shaped = np.all(np.isclose(cov, beam, rtol=1e-6, atol=0.0), axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         weight = np.square(detections["int_flux"] / detections["int_flux_err"])
-    counts = (~detections["is_force_fit"] & detections["gaussian_fit"] & ~beam_shaped
+    counts = (~detections["is_force_fit"] & detections["gaussian_fit"]
               & np.isfinite(intrinsic).all(axis=(1, 2)) & np.isfinite(weight))
     weight = np.where(counts, weight, 0.0)
     intrinsic = np.where(counts[:, None, None], intrinsic, 0.0)
     return {"weight": weight, "ee": weight * intrinsic[:, 0, 0], "en": weight * intrinsic[:, 0, 1],
             "nn": weight * intrinsic[:, 1, 1]}
+
+
+def as_matrices(shape: np.ndarray) -> np.ndarray:
+    """(n, 2, 2) covariances of (n, 3) shapes (ee, en, nn)."""
+    return np.stack([shape[:, [0, 1]], shape[:, [1, 2]]], -2)
 
 
 def resolved_shapes(sums: dict[str, np.ndarray], beam: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from trap_dask.extraction.blends import fit_point_pairs
 from trap_dask.extraction.extract import PreparedImage, local_noise, pair_rows
 from trap_dask.extraction.gaussian import beam_on_grid
 from trap_dask.extraction.params import ExtractionParams
+from trap_dask.shapes import as_matrices
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties
 
 #: Half-width of the fitting cutout in beam semi-major axes (half FWHM): 3 -> +-1.5 FWHM.
@@ -141,7 +142,7 @@ def _source_covariances(image: PreparedImage, x: np.ndarray, y: np.ndarray,
     """(k, 2, 2) pixel covariances of the beam convolved with intrinsic ``shape`` (k, 3; arcsec**2,
     east-north) at pixel positions (x, y), and the local Jacobians there (deg per pixel)."""
     jac = geo.local_jacobian(image.wcs, x, y)
-    sky = np.stack([shape[:, [0, 1]], shape[:, [1, 2]]], -2) / 3600.0**2
+    sky = as_matrices(shape) / 3600.0**2
     return image.beam_cov + geo.sky_cov_to_pixel(sky, jac), jac
 
 
