@@ -22,6 +22,7 @@ from tests._synth import (
     robust_std,
     scattered_positions,
 )
+from trap_dask.extraction import forced
 from trap_dask.extraction.extract import extract, extract_sources, extraction_radius_deg, noise_range, prepare_image
 from trap_dask.extraction.forced import fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
@@ -127,7 +128,7 @@ def test_forced_fits_at_sources_and_on_empty_sky(field):
     assert np.median(e["peak_flux_err"]) == pytest.approx(RMS * np.sqrt(4 / 3), rel=0.1)  # not rms/sqrt(npix)
 
 
-def test_forced_fit_of_resolved_sources_with_their_shape():
+def test_forced_fit_of_resolved_sources_with_their_shape(monkeypatch):
     """Gaussians 1.5-3 beams across, force-fitted with their intrinsic shape (arcsec**2, east-north):
     the integrated flux comes out with honest errors, and the rows carry the shape fitted; with
     the beam's shape the same fits measure a fraction of it."""
@@ -156,9 +157,17 @@ def test_forced_fit_of_resolved_sources_with_their_shape():
     assert np.allclose(f["semiminor_axis"], fwhm[:, 0] / 2, rtol=0.01)
     as_points = forced_fit(image, ra, dec, params)  # TraP 1.x: the beam's shape
     assert np.median(as_points["int_flux"] / integrated) < 0.6
-    # a source without a shape (zeros) is fitted with the beam's, as without shapes
-    zero = forced_fit(image, ra[:5], dec[:5], params, np.zeros((5, 3)))
-    assert np.array_equal(zero, as_points[:5])
+    # a source without a shape (zeros), or of one not finite or wider than MAX_PROFILE_BEAMS beams
+    # (a fit gone wrong), is fitted with the beam's, as without shapes
+    odd = np.array([[0.0, 0.0, 0.0], [np.nan, 0.0, np.nan], [np.inf, 0.0, 1.0], [1e8, 0.0, 1e8], [1e300, 0, 1e300]])
+    assert np.array_equal(forced_fit(image, ra[:5], dec[:5], params, odd), as_points[:5])
+    # fitted in batches of cutouts of about one size (a batch's cutout is its widest: the same but for
+    # the wings of the profile beyond +-1.5 FWHM), each as it is alone
+    monkeypatch.setattr(forced, "MAX_BATCH_PIXELS", 5000)
+    alone = np.concatenate([forced_fit(image, ra[i : i + 1], dec[i : i + 1], params, shape[i : i + 1])
+                            for i in range(10)])
+    np.testing.assert_allclose(forced_fit(image, ra[:10], dec[:10], params, shape[:10])["int_flux"],
+                               alone["int_flux"], rtol=1e-4)
 
 
 def test_forced_fit_off_image_or_blank_gives_nan(field):

@@ -82,8 +82,8 @@ class ImageContext:
     #: (V, 2) ra, dec (deg) around the extraction region (extract.extraction_outline; NaN: not known,
     #: the circle alone)
     outline: np.ndarray = field(default_factory=lambda: np.full((1, 2), np.nan))
-    #: (2, 2) arcsec**2: the restoring beam's covariance, east-north (trap_dask.shapes.beam_cov); None:
-    #: not known, the detections' shapes are not followed and every forced fit has the beam's shape
+    #: (2, 2) arcsec**2: the restoring beam's covariance, east-north, at the image's centre
+    #: (trap_dask.shapes.beam_cov); None: not known, every forced fit has the beam's shape
     beam_cov: np.ndarray | None = None
 
 
@@ -328,7 +328,7 @@ class RunningCatalogue:
                                               forced_rows[pair_forced])
         backfill_det, backfill_ra, backfill_dec, backfill_image, backfill_url = self._backfill(
             image, det_ra, det_dec, (det_source < 0) & ~links.is_duplicate)
-        new_shapes = _shape_sums(detections[backfill_det], image)
+        new_shapes = shape_sum_increments(detections[backfill_det])
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -517,7 +517,7 @@ class RunningCatalogue:
                                              s["ra_ref"][det_rows])
         for name in POSITION_SUMS:
             np.add.at(s[f"acc_{name}"], det_rows, increments[name])
-        for name, increment in _shape_sums(det, image).items():
+        for name, increment in shape_sum_increments(det).items():
             np.add.at(s[f"acc_shape_{name}"], det_rows, increment)
         s["last_xtrsrc"][det_rows] = det_ids
         s["n_consecutive_force_fits"][det_rows] = 0
@@ -728,13 +728,6 @@ class RunningCatalogue:
         )
 
 
-def _shape_sums(det: np.ndarray, image: ImageContext) -> dict[str, np.ndarray]:
-    """What detections ``det`` add to their sources' shape sums (zeros where the beam is not known)."""
-    if image.beam_cov is None:
-        return {name: np.zeros(len(det)) for name in SHAPE_SUMS}
-    return shape_sum_increments(det, image.beam_cov)
-
-
 def _ra_error(meas: np.ndarray) -> np.ndarray:
     """Association error along the RA coordinate in deg (on-sky uncertainty_ew / cos dec)."""
     return meas["uncertainty_ew"] / np.cos(np.deg2rad(meas["dec"]))
@@ -787,8 +780,9 @@ def _merge_catalogue_row(s: Columns, keep: int, drop: int, rows: np.ndarray, ear
     increments = position_sum_increments(ra, dec, _ra_error(blind), blind["uncertainty_ns"], s["ra_ref"][keep])
     for name in POSITION_SUMS:
         s[f"acc_{name}"][keep] = increments[name].sum()
-    for name in SHAPE_SUMS:  # every detection of either counts, also those set aside
+    for name in SHAPE_SUMS:  # the shapes of every detection of either, also those set aside, go to the kept one
         s[f"acc_shape_{name}"][keep] += s[f"acc_shape_{name}"][drop]
+        s[f"acc_shape_{name}"][drop] = 0.0
     s["first_im_id"][keep] = min(s["first_im_id"][keep], s["first_im_id"][drop])
     s["last_xtrsrc"][keep] = rows["id"][-1]
     detected = np.flatnonzero(~rows["is_force_fit"])

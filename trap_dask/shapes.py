@@ -28,7 +28,7 @@ AREA_SCATTER = 1.05
 #: least this fraction ...
 RESOLVED_MIN_EXCESS = 0.2
 #: ... and by at least this many times the scatter of that mean.
-RESOLVED_MIN_SIGMA = 3.0
+RESOLVED_MIN_SIGMA = 5.0
 
 
 def sky_cov(semimajor: np.ndarray, semiminor: np.ndarray, pa: np.ndarray) -> np.ndarray:
@@ -44,22 +44,28 @@ def beam_cov(smaj: float, smin: float, pa: float) -> np.ndarray:
     return sky_cov(np.array([smaj * 3600.0]), np.array([smin * 3600.0]), np.array([pa]))[0]
 
 
-def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, np.ndarray]:
-    """What each detection (SOURCE_DTYPE) adds to the shape sums (SHAPE_SUMS) of its source, in an
-    image of ``beam`` covariance (arcsec**2; (2, 2), or (n, 2, 2) one per detection). Only blind
-    Gaussian fits count (forced fits and moment estimates add 0); one fitted with the beam's
-    shape (``force_beam``, a pair fit) counts as a point source: a light curve mostly measured
-    as a point keeps the beam in its forced fits too."""
-    cov = sky_cov(detections["semimajor_axis"], detections["semiminor_axis"], detections["parallactic_angle"])
-    intrinsic = cov - beam
+def intrinsic_from_axes(detections: np.ndarray, beam: np.ndarray) -> np.ndarray:
+    """(n, 3) intrinsic shapes (arcsec**2) of detections (SOURCE_DTYPE) from their stored axes less
+    the image's ``beam`` (arcsec**2) on the sky: the extraction's own ``intrinsic_*`` columns
+    where the pixels are not at hand (an upgraded database); the same unless the beam turns on
+    the sky across the image (near a pole, in a wide field)."""
+    cov = sky_cov(detections["semimajor_axis"], detections["semiminor_axis"], detections["parallactic_angle"]) - beam
+    return np.stack([cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]], -1)
+
+
+def shape_sum_increments(detections: np.ndarray) -> dict[str, np.ndarray]:
+    """What each detection (SOURCE_DTYPE) adds to the shape sums (SHAPE_SUMS) of its source, from
+    its ``intrinsic_*`` columns. Only blind Gaussian fits count (forced fits and moment estimates
+    add 0); one fitted with the beam's shape (``force_beam``, a pair fit) counts as a point
+    source: a light curve mostly measured as a point keeps the beam in its forced fits too."""
+    intrinsic = np.stack([detections[f"intrinsic_{name}"] for name in SHAPE_SUMS[1:]], -1)
     with np.errstate(invalid="ignore", divide="ignore"):
         weight = np.square(detections["int_flux"] / detections["int_flux_err"])
-    counts = (~detections["is_force_fit"] & detections["gaussian_fit"]
-              & np.isfinite(intrinsic).all(axis=(1, 2)) & np.isfinite(weight))
+    counts = (~detections["is_force_fit"] & detections["gaussian_fit"] & (detections["int_flux_err"] > 0)
+              & np.isfinite(intrinsic).all(axis=1) & np.isfinite(weight))
     weight = np.where(counts, weight, 0.0)
-    intrinsic = np.where(counts[:, None, None], intrinsic, 0.0)
-    return {"weight": weight, "ee": weight * intrinsic[:, 0, 0], "en": weight * intrinsic[:, 0, 1],
-            "nn": weight * intrinsic[:, 1, 1]}
+    intrinsic = np.where(counts[:, None], intrinsic, 0.0)
+    return {"weight": weight, **{name: weight * intrinsic[:, i] for i, name in enumerate(SHAPE_SUMS[1:])}}
 
 
 def as_matrices(shape: np.ndarray) -> np.ndarray:

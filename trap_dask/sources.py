@@ -24,6 +24,9 @@ uncertainty_ns
 is_force_fit             bool    measured by a forced fit, not a blind detection: at a fixed
                                  position, or with a neighbour it blended with (fit_blends)
 x, y                     pixel   0-based position in the image (not exported)
+intrinsic_ee, _en, _nn   arcsec2 the fitted shape less the beam, both as they lie on the sky at
+                                 the source (covariance, east-north; not exported; 0 for a fit
+                                 with the beam's shape; trap_dask.shapes)
 ======================== ======= ==========================================================
 """
 
@@ -69,8 +72,9 @@ MEASURED_COLUMNS = (
     MeasuredColumn("uncertainty_ns", "f8", "deg"),
     MeasuredColumn("is_force_fit", "?", nullable=False),
 )
-#: The measured columns followed by the pixel position x, y, which is not exported.
-SOURCE_DTYPE = np.dtype([*((c.name, c.dtype) for c in MEASURED_COLUMNS), ("x", "f8"), ("y", "f8")])
+#: The measured columns followed by the pixel position x, y and the intrinsic shape, which are not exported.
+SOURCE_DTYPE = np.dtype([*((c.name, c.dtype) for c in MEASURED_COLUMNS), ("x", "f8"), ("y", "f8"),
+                         ("intrinsic_ee", "f8"), ("intrinsic_en", "f8"), ("intrinsic_nn", "f8")])
 #: The measurements of a source that a merge of two light curves reads back (``extracted_sources`` columns, and the
 #: band of each row's image).
 HISTORY_DTYPE = np.dtype([
@@ -79,7 +83,7 @@ HISTORY_DTYPE = np.dtype([
     ("uncertainty_ew", "f8"), ("uncertainty_ns", "f8"), ("is_force_fit", "?"),
 ])
 #: Columns of SOURCE_DTYPE that are not written to ``extracted_sources``.
-NOT_EXPORTED: tuple[str, ...] = ("x", "y")
+NOT_EXPORTED: tuple[str, ...] = ("x", "y", "intrinsic_ee", "intrinsic_en", "intrinsic_nn")
 
 
 def empty_sources(n: int = 0) -> np.ndarray:

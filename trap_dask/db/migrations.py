@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, insert, inspect, se
 from trap_dask import __version__
 from trap_dask.db import schema
 from trap_dask.db.backends import Backend
-from trap_dask.shapes import SHAPE_SUMS, shape_sum_increments, sky_cov
+from trap_dask.shapes import SHAPE_SUMS, intrinsic_from_axes, shape_sum_increments, sky_cov
 from trap_dask.sources import SOURCE_DTYPE
 
 
@@ -105,8 +105,10 @@ def _v6_to_v7(conn: Connection, backend: Backend) -> None:
 
 def _v7_to_v8(conn: Connection, backend: Backend) -> None:
     """`runningcatalog` gains the running sums of each source's intrinsic shape (`acc_shape_weight`,
-    `acc_shape_ee`, `acc_shape_en`, `acc_shape_nn`), filled from the detections so far, with which a
-    resolved source is force-fitted with its own shape instead of the beam's."""
+    `acc_shape_ee`, `acc_shape_en`, `acc_shape_nn`), with which a resolved source is force-fitted
+    with its own shape instead of the beam's: filled from the detections so far (their stored axes
+    less the beam, which near a pole or far out in a wide field is not quite how the run turns the
+    beam at each source), a merged-away source's into the one it was merged into."""
     add_missing_columns(conn, schema.runningcatalog)
     sources, images = schema.extracted_sources, schema.images
     query = (select(sources.c.src_id, sources.c.semimajor_axis, sources.c.semiminor_axis,
@@ -123,11 +125,20 @@ def _v7_to_v8(conn: Connection, backend: Backend) -> None:
         for name, column in zip(("semimajor_axis", "semiminor_axis", "parallactic_angle", "int_flux",
                                  "int_flux_err", "gaussian_fit"), columns[1:7]):
             detections[name] = np.nan_to_num(column, nan=0.0) if name == "gaussian_fit" else column
-        beams = sky_cov(columns[7] * 3600.0, columns[8] * 3600.0, columns[9])
-        increments = shape_sum_increments(detections, beams)
+        intrinsic = intrinsic_from_axes(detections, sky_cov(columns[7] * 3600.0, columns[8] * 3600.0, columns[9]))
+        for i, name in enumerate(SHAPE_SUMS[1:]):
+            detections[f"intrinsic_{name}"] = intrinsic[:, i]
+        increments = shape_sum_increments(detections)
         row = np.searchsorted(src_ids, columns[0].astype("i8"))
         for name in SHAPE_SUMS:
             np.add.at(sums[name], row, increments[name])
+    # as a run merges: the retired source's sums (its measurements set aside) go to the kept one
+    merges = schema.merges.c
+    for drop, keep in conn.execute(select(merges.src_id, merges.merged_into).order_by(merges.id)).all():
+        drop, keep = np.searchsorted(src_ids, [drop, keep])
+        for name in SHAPE_SUMS:
+            sums[name][keep] += sums[name][drop]
+            sums[name][drop] = 0.0
     values = [{"key": int(src), **{f"v_{name}": float(sums[name][i]) for name in SHAPE_SUMS}}
               for i, src in enumerate(src_ids.tolist())]
     if values:

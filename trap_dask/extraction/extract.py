@@ -450,6 +450,10 @@ def source_rows(
     rows["chisq"], rows["reduced_chisq"] = chisq, chisq / dof
     rows["is_force_fit"] = False
     rows["x"], rows["y"] = x, y
+    # the beam is the same in pixels everywhere: the source's shape less it, turned onto the sky where it lies
+    intrinsic = geo.pixel_cov_to_sky(cov - image.beam_cov, jac) * 3600.0**2
+    rows["intrinsic_ee"], rows["intrinsic_en"], rows["intrinsic_nn"] = (intrinsic[:, 0, 0], intrinsic[:, 0, 1],
+                                                                       intrinsic[:, 1, 1])
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
 
 

@@ -15,14 +15,27 @@ from trap_dask.extraction.params import ExtractionParams
 from trap_dask.shapes import as_matrices
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties
 
-#: Half-width of the fitting cutout in beam semi-major axes (half FWHM): 3 -> +-1.5 FWHM.
+#: Half-width of the fitting cutout in semi-major axes (half FWHM) of the shape fitted: 3 -> +-1.5 FWHM.
 CUTOUT_HALF_WIDTH = 3.0
+#: A resolved source is force-fitted with its own shape only up to this many times the beam's
+#: major axis (wider: the beam's, as TraP); a shape from a fit gone wide cannot take the image.
+MAX_PROFILE_BEAMS = 8.0
+#: Cutout pixels of resolved sources fitted at once at most (their working arrays, ~50 bytes a
+#: pixel, stay within ~15 MB).
+MAX_BATCH_PIXELS = 300_000
 
 
-def _cutout_offsets(beam_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer pixel offsets (dx, dy), flattened, of a square cutout covering +-1.5 beam FWHM."""
-    major = geo.axes_from_cov(beam_cov[None])[0][0] * geo.HALF_FWHM_PER_SIGMA
-    half = max(int(np.ceil(CUTOUT_HALF_WIDTH * major)), 1)
+def _cutout_half(cov: np.ndarray) -> np.ndarray:
+    """Half-width (pixels) of the square cutout covering +-1.5 FWHM of Gaussians of covariance
+    ``cov`` (k, 2, 2)."""
+    major = geo.axes_from_cov(cov)[0] * geo.HALF_FWHM_PER_SIGMA
+    return np.maximum(np.ceil(CUTOUT_HALF_WIDTH * major), 1).astype(int)
+
+
+def _cutout_offsets(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer pixel offsets (dx, dy), flattened, of the square cutout of a Gaussian of covariance
+    ``cov`` (2, 2), or of the widest of (k, 2, 2)."""
+    half = int(_cutout_half(cov.reshape(-1, 2, 2)).max())
     dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
     return dx.ravel(), dy.ravel()
 
@@ -61,8 +74,7 @@ def _fit_amplitudes(image: PreparedImage, x: np.ndarray, y: np.ndarray, ix: np.n
     position (k, 2, 2), centred at each (x, y) over a cutout around its nearest pixel (ix, iy);
     with the sum of squared residuals ((Jy/beam)**2) and the number of pixels used."""
     ny, nx = image.shape
-    widest = cov if cov.ndim == 2 else cov[np.argmax(geo.axes_from_cov(cov)[0])]
-    dx, dy = _cutout_offsets(widest)
+    dx, dy = _cutout_offsets(cov)
     px, py = ix[:, None] + dx, iy[:, None] + dy
     inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
     values = np.where(inside, image.residual[np.clip(py, 0, ny - 1), np.clip(px, 0, nx - 1)], np.nan)
@@ -84,11 +96,12 @@ def forced_fit(
     Each position gets a weighted linear least-squares amplitude over a cutout of +-1.5 FWHM of
     the fitted shape around it. The shape is the beam's, or the beam convolved with the source's
     intrinsic shape where ``shape`` (n, 3: ee, en, nn covariance in arcsec**2, east-north;
-    trap_dask.shapes) is not zero. ``peak_flux`` (Jy/beam) is the amplitude, ``int_flux`` (Jy)
-    it times the shape's area over the beam's (equal for a point source); their errors account
-    for the beam-correlated noise; the rows' axes and position angle are the shape fitted.
-    Positions off the image, or whose nearest pixel is blank, get NaN fluxes and errors.
-    Positions are not fitted, so their fit errors and error radius are 0.
+    trap_dask.shapes) is finite, not zero, and at most MAX_PROFILE_BEAMS wide. ``peak_flux``
+    (Jy/beam) is the amplitude, ``int_flux`` (Jy) it times the shape's area over the beam's
+    (equal for a point source); their errors account for the beam-correlated noise; the rows'
+    axes and position angle are the shape fitted. Positions off the image, or whose nearest
+    pixel is blank, get NaN fluxes and errors. Positions are not fitted, so their fit errors and
+    error radius are 0.
     """
     ra, dec = np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float))
     rows = np.zeros(len(ra), dtype=SOURCE_DTYPE)
@@ -110,10 +123,9 @@ def forced_fit(
     amp, residuals, n_used = _fit_amplitudes(image, x, y, ix, iy, image.beam_cov)
     area = np.ones(len(rows))  # of the shape fitted, in beams
     variance = np.full(len(rows), correlated_noise_factor(image.beam_cov))  # of the amplitude, in rms**2
-    resolved = np.flatnonzero(on_image & np.any(shape != 0, axis=1)) if shape is not None else []
+    resolved, cov, jac = _resolved(image, x, y, on_image, shape)
     if len(resolved):
-        cov, jac = _source_covariances(image, x[resolved], y[resolved], shape[resolved])
-        amp[resolved], residuals[resolved], n_used[resolved] = _fit_amplitudes(
+        amp[resolved], residuals[resolved], n_used[resolved] = _fit_in_batches(
             image, x[resolved], y[resolved], ix[resolved], iy[resolved], cov)
         beam_det = np.linalg.det(image.beam_cov)
         area[resolved] = np.sqrt(np.linalg.det(cov) / beam_det)
@@ -123,6 +135,8 @@ def forced_fit(
         major, minor, pa = geo.shape_on_sky(geo.pixel_cov_to_sky(cov, jac))
         rows["semimajor_axis"][resolved], rows["semiminor_axis"][resolved] = major, minor
         rows["parallactic_angle"][resolved] = pa
+        for i, name in enumerate(("intrinsic_ee", "intrinsic_en", "intrinsic_nn")):
+            rows[name][resolved] = shape[resolved, i]
     with np.errstate(invalid="ignore", divide="ignore"):
         amp = np.where(on_image, amp, np.nan)
         noise = np.where(on_image, local_noise(image, ix, iy), np.nan)
@@ -137,13 +151,41 @@ def forced_fit(
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
 
 
-def _source_covariances(image: PreparedImage, x: np.ndarray, y: np.ndarray,
-                        shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(k, 2, 2) pixel covariances of the beam convolved with intrinsic ``shape`` (k, 3; arcsec**2,
-    east-north) at pixel positions (x, y), and the local Jacobians there (deg per pixel)."""
-    jac = geo.local_jacobian(image.wcs, x, y)
-    sky = as_matrices(shape) / 3600.0**2
-    return image.beam_cov + geo.sky_cov_to_pixel(sky, jac), jac
+def _resolved(image: PreparedImage, x: np.ndarray, y: np.ndarray, on_image: np.ndarray,
+              shape: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positions to fit with their own shape (finite, not zero, at most MAX_PROFILE_BEAMS
+    wide), the pixel covariances (k, 2, 2) of the beam convolved with their intrinsic ``shape``
+    (n, 3; arcsec**2, east-north) there, and the local Jacobians (deg per pixel)."""
+    none = np.zeros(0, np.intp), np.zeros((0, 2, 2)), np.zeros((0, 2, 2))
+    if shape is None:
+        return none
+    candidates = np.flatnonzero(on_image & np.isfinite(shape).all(axis=1) & np.any(shape != 0, axis=1))
+    if not len(candidates):
+        return none
+    jac = geo.local_jacobian(image.wcs, x[candidates], y[candidates])
+    cov = image.beam_cov + geo.sky_cov_to_pixel(as_matrices(shape[candidates]) / 3600.0**2, jac)
+    major = geo.axes_from_cov(cov)[0]
+    keep = major <= MAX_PROFILE_BEAMS * geo.axes_from_cov(image.beam_cov[None])[0][0]
+    return candidates[keep], cov[keep], jac[keep]
+
+
+def _fit_in_batches(image: PreparedImage, x: np.ndarray, y: np.ndarray, ix: np.ndarray, iy: np.ndarray,
+                    cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_fit_amplitudes` of positions with their own covariance (k, 2, 2), narrowest first,
+    in batches of at most MAX_BATCH_PIXELS cutout pixels (each batch's cutout is its widest's)."""
+    half = _cutout_half(cov)
+    order = np.argsort(half, kind="stable")
+    pixels = np.square(2 * half[order] + 1)
+    amp, residuals, n_used = np.empty(len(cov)), np.empty(len(cov)), np.empty(len(cov), int)
+    start = 0
+    while start < len(order):
+        cost = np.arange(1, len(order) - start + 1) * pixels[start:]
+        end = start + max(1, int(np.searchsorted(cost, MAX_BATCH_PIXELS, side="right")))
+        part = order[start:end]
+        amp[part], residuals[part], n_used[part] = _fit_amplitudes(image, x[part], y[part], ix[part], iy[part],
+                                                                   cov[part])
+        start = end
+    return amp, residuals, n_used
 
 
 def fit_pairs(
