@@ -79,15 +79,24 @@ def resolved_shapes(sums: dict[str, np.ndarray], beam: np.ndarray) -> np.ndarray
     count as resolved (RESOLVED_MIN_EXCESS, RESOLVED_MIN_SIGMA): a point source keeps the beam."""
     weight = np.asarray(sums["weight"], float)
     seen = weight > 0
-    mean = np.zeros((len(weight), 2, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        for (i, j), name in (((0, 0), "ee"), ((0, 1), "en"), ((1, 1), "nn")):
-            mean[:, i, j] = np.where(seen, np.asarray(sums[name], float) / weight, 0.0)
-    mean[:, 1, 0] = mean[:, 0, 1]
-    values, vectors = np.linalg.eigh(mean)  # a noisy mean of a near point may not be positive: clip it
-    mean = (vectors * np.maximum(values, 0.0)[:, None, :]) @ np.swapaxes(vectors, -1, -2)
-    excess = np.sqrt(np.linalg.det(beam + mean) / np.linalg.det(beam)) - 1.0
+        ee, en, nn = (np.where(seen, np.asarray(sums[name], float) / weight, 0.0) for name in SHAPE_SUMS[1:])
+    ee, en, nn = _positive(ee, en, nn)
+    area = (beam[0, 0] + ee) * (beam[1, 1] + nn) - np.square(beam[0, 1] + en)
+    excess = np.sqrt(area / np.linalg.det(beam)) - 1.0
     with np.errstate(divide="ignore"):
         scatter = np.where(seen, AREA_SCATTER / np.sqrt(np.where(seen, weight, 1.0)), np.inf)
     resolved = seen & (excess >= RESOLVED_MIN_EXCESS) & (excess >= RESOLVED_MIN_SIGMA * scatter)
-    return np.where(resolved[:, None], np.stack([mean[:, 0, 0], mean[:, 0, 1], mean[:, 1, 1]], -1), 0.0)
+    return np.where(resolved[:, None], np.stack([ee, en, nn], -1), 0.0)
+
+
+def _positive(ee: np.ndarray, en: np.ndarray, nn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric 2x2 matrices (ee, en, nn) with their negative eigenvalue set to 0 (a noisy mean
+    shape of a near point may not be positive): ``M - lo I`` scaled by ``hi / (hi - lo)`` where
+    ``lo < 0 < hi``, 0 where both are negative."""
+    mid, half = 0.5 * (ee + nn), np.hypot(0.5 * (ee - nn), en)
+    lo, hi = mid - half, mid + half
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(lo >= 0.0, 1.0, np.where(hi > 0.0, hi / (hi - lo), 0.0))
+    shift = np.where(lo >= 0.0, 0.0, np.where(hi > 0.0, lo, 0.0))
+    return (ee - shift) * scale, en * scale, (nn - shift) * scale
