@@ -4,11 +4,13 @@ A resolved source that an image does not detect is force-fitted with its own sha
 convolved with the source), not the beam's: a beam-shaped fit measures a source several beams
 across at a fraction of its integrated flux, which makes its light curve a false variable.
 
-Each blind detection fitted with a free shape adds its intrinsic shape, the fitted covariance
-less the beam's, to running sums in ``runningcatalog``, weighted by ``(int_flux / int_flux_err)**2``:
-the fitted area's scatter is about that relative error, which holds the fitted axes' errors, so a
-fit that the data hardly constrain counts for little. A source counts as resolved where the mean
-shape widens the beam's area clearly beyond that scatter. Pure arithmetic, no I/O. Covariances are in
+Each blind Gaussian fit adds its intrinsic shape (the fitted covariance less the beam's, which
+the extraction takes in pixels and turns onto the sky where the source lies: the
+``intrinsic_*`` columns of SOURCE_DTYPE; a fit with the beam's shape adds a point) to running
+sums in ``runningcatalog``, weighted by ``(int_flux / int_flux_err)**2``: the fitted area's
+scatter is about that relative error, which holds the fitted axes' errors, so a fit that the
+data hardly constrain counts for little. A source counts as resolved where the mean shape widens
+the beam's area clearly beyond that scatter. Pure arithmetic, no I/O. Covariances are in
 arcsec**2 in the local (east, north) frame, as ``(ee, en, nn)``.
 """
 
