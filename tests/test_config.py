@@ -167,6 +167,11 @@ def test_help_documents_every_parameter_with_unit_and_default():
             assert f"[{field.metadata['unit']}]" in text
     assert "(default: 8.0)" in text and "(default: 5.68)" in text
     assert "--db-name" in text and "-i PATH" in text
+    # each parameter's own text, as written (argparse would format a % in it; it wraps lines at hyphens)
+    bare = "".join(text.split())
+    for name, field in PARAMETERS.items():
+        assert "".join(field.metadata["help"].split()) in bare, name
+    assert "option_strings" not in text and "by 20% and" in text
 
 
 def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):

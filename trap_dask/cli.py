@@ -59,7 +59,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = 
         if name in exclude:
             continue
         unit = f.metadata["unit"]
-        text = f.metadata["help"] + (f" [{unit}]" if unit else "") + _describe_default(name)
+        # argparse formats help texts with %: a "20%" of ours is printed as it is written
+        text = (f.metadata["help"] + (f" [{unit}]" if unit else "") + _describe_default(name)).replace("%", "%%")
         group = groups[f.metadata["section"]]
         kind = parameter_type(name)
         if name == "input_images":
