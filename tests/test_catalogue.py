@@ -220,6 +220,32 @@ def test_pairs_need_fit_blends_and_a_point_like_detection(catalogue):
         assert len(plan.pair_det) == expected
 
 
+def test_a_resolved_source_is_force_fitted_with_its_shape_not_as_a_pair_member(catalogue):
+    """Two sources 40" apart, the second resolved (its detections 2 beams across); an image detects
+    only the first: the second is force-fitted with its own shape (its sums' mean), not fitted as
+    the second point of a pair, which would measure a fraction of its flux."""
+    beam = 30.0 * ARCSEC
+    beam_cov = np.diag([(15.0 / np.sqrt(2 * np.log(2))) ** 2] * 2)  # arcsec**2, round, FWHM 30"
+    cat = replace(catalogue, fit_blends=True)
+    ra, dec = np.array([150.0, 150.0]), np.array([30.0, 30.0 + 40 * ARCSEC])
+    first = detections(ra, dec, [2.0, 1.0])
+    first["gaussian_fit"] = True
+    first["intrinsic_ee"][1] = first["intrinsic_nn"][1] = 3.0 * beam_cov[0, 0]  # 2 beams across
+    image = replace(context(1), beam_fwhm=beam, beam_cov=beam_cov)
+    plan = cat.plan(image, first)
+    cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), plan.image)
+    assert cat.sources["acc_shape_weight"] == pytest.approx(np.array([4e4, 1e4]) / np.linalg.det(beam_cov))
+
+    plan = cat.plan(replace(context(2), beam_fwhm=beam, beam_cov=beam_cov), detections(ra[:1], dec[:1], [2.0]))
+    request = plan.forced_request(cat)
+    assert len(plan.pair_det) == 0 and plan.forced_rows.tolist() == [1]
+    np.testing.assert_allclose(request.shape, [[3.0 * beam_cov[0, 0], 0.0, 3.0 * beam_cov[0, 0]]])
+    # as TraP does (no shapes): the pair fit
+    tied = replace(cat, fit_source_shape=False)
+    assert len(tied.plan(replace(context(2), beam_fwhm=beam, beam_cov=beam_cov), detections(ra[:1], dec[:1], [2.0]))
+               .pair_det) == 1
+
+
 def test_an_obvious_link_survives_an_under_set_position_error(catalogue):
     """A bright isolated source measured 10" off with 1.1" position errors (r = 6.6 > r_max) still
     continues its light curve with link_radius; without it (TraP 1.x) it splits in two."""

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from trap_dask.catalogue import ForcedMeasurements
 from trap_dask.config import Config, build_config
-from trap_dask.db import schema
+from trap_dask.db import migrations, schema
 from trap_dask.db.backends import make_engine
 from trap_dask.db.store import ExportStore
 from trap_dask.extraction.geometry import shape_on_sky
@@ -58,8 +58,8 @@ def _image(i: int, ra: list[float], dec: list[float], blur: float = 1.0) -> Imag
     det["peak_flux_err"] = det["int_flux_err"] = 0.001
     det["significance_detection_level"] = 100.0
     det["error_radius"] = 0.5
-    # a little wider than the beam (30 and 20 arcsec**2 east and north): each detection adds 1e4
-    # ((int_flux / int_flux_err)**2) to its shape sums
+    # a little wider than the beam (30 and 20 arcsec**2 east and north): each detection adds
+    # (int_flux / int_flux_err)**2 / det(beam) = 1e4 / det(beam) to its shape sums
     det["gaussian_fit"], det["intrinsic_ee"], det["intrinsic_nn"] = True, 30.0, 20.0
     fitted = beam_cov(meta.beam.smaj, meta.beam.smin, meta.beam.pa) + np.diag([30.0, 20.0])
     det["semimajor_axis"], det["semiminor_axis"], det["parallactic_angle"] = shape_on_sky(fitted[None] * ARCSEC**2)
@@ -131,7 +131,9 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     catalogue = {r["src_id"]: r for r in _table(db_settings, schema.runningcatalog, ["src_id"])}
     assert catalogue[b]["merged_into"] == a and catalogue[a]["merged_into"] == -1
     # the merged source's shape sums hold every detection of both: A's first, B's, and this image's
-    assert catalogue[a]["acc_shape_weight"] == pytest.approx(3e4) and catalogue[a]["acc_shape_ee"] == pytest.approx(9e5)
+    one = 1e4 / np.linalg.det(beam_cov(BEAM / 2, BEAM / 3, 0.0))
+    assert catalogue[a]["acc_shape_weight"] == pytest.approx(3 * one)
+    assert catalogue[a]["acc_shape_ee"] == pytest.approx(3 * one * 30.0)
     assert catalogue[b]["acc_shape_weight"] == 0.0 and catalogue[b]["acc_shape_nn"] == 0.0
 
     appended = Writer(db_settings, config, None, append=True)
@@ -144,7 +146,7 @@ def test_a_duplicate_is_merged_into_the_older_source(db_settings):
     assert len(_table(db_settings, schema.merges, ["id"])) == 1
 
 
-def test_an_upgraded_database_holds_the_shape_sums_its_run_made(db_settings):
+def test_an_upgraded_database_holds_the_shape_sums_its_run_made(db_settings, monkeypatch):
     """Schema 8's shape sums of a database of version 7, filled on upgrade from the stored
     measurements, are the run's own, also after a merge that set measurements aside (A and a new
     B both detected in one image, then merged): the retired source's go to the kept one, which
@@ -165,18 +167,20 @@ def test_an_upgraded_database_holds_the_shape_sums_its_run_made(db_settings):
                 for r in _table(db_settings, schema.runningcatalog, ["src_id"])}
 
     made = shape_sums()
-    assert made[merges[0]["merged_into"]][0] == pytest.approx(4e4) and made[merges[0]["src_id"]][0] == 0.0
+    one = 1e4 / np.linalg.det(beam_cov(BEAM / 2, BEAM / 3, 0.0))
+    assert made[merges[0]["merged_into"]][0] == pytest.approx(4 * one) and made[merges[0]["src_id"]][0] == 0.0
     engine = make_engine(db_settings)
     with engine.begin() as conn:
         for name in SHAPE_SUMS:
             conn.exec_driver_sql(f"ALTER TABLE runningcatalog DROP COLUMN acc_shape_{name}")
         conn.execute(schema.schema_version.update().values(version=7))
     engine.dispose()
+    monkeypatch.setattr(migrations, "MIGRATION_ROWS", 2)  # the measurements read in parts
     ExportStore.open(db_settings).close()  # as an append opens it: upgraded
     upgraded = shape_sums()
     assert upgraded.keys() == made.keys()
     for src_id, sums in made.items():
-        assert upgraded[src_id] == pytest.approx(sums, rel=1e-9, abs=1e-6)
+        assert upgraded[src_id] == pytest.approx(sums, rel=1e-9, abs=1e-12)
 
 
 def test_a_pair_that_sharper_images_resolved_is_not_merged_by_a_blurred_one(db_settings):

@@ -4,6 +4,7 @@ extraction's measurement of them."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests._synth import Shape, correlated_noise, gaussians, make_wcs, match
 from trap_dask.extraction.extract import extract_sources, prepare_image
@@ -35,17 +36,19 @@ def detections(semimajor, semiminor, pa, rel_err=0.1, beam=BEAM) -> np.ndarray:
     return rows
 
 
-def summed(rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The shape sums of one source measured by all ``rows``."""
-    return {name: np.atleast_1d(value.sum()) for name, value in shape_sum_increments(rows).items()}
+def summed(rows: np.ndarray, beam=BEAM) -> dict[str, np.ndarray]:
+    """The shape sums of one source measured by all ``rows``, in images of ``beam``."""
+    return {name: np.atleast_1d(value.sum()) for name, value in shape_sum_increments(rows, beam_cov(*beam)).items()}
 
 
 def test_a_resolved_detection_adds_its_shape_less_the_beam():
     # a round source of FWHM 2 x 30" convolved with a round beam of 2 x 30" is 2 x 30 sqrt(2)"
-    one = summed(detections(30.0 * np.sqrt(2), 30.0 * np.sqrt(2), 70.0, rel_err=0.2, beam=(30 / 3600, 30 / 3600, 0)))
+    round_beam = (30 / 3600, 30 / 3600, 0)
+    one = summed(detections(30.0 * np.sqrt(2), 30.0 * np.sqrt(2), 70.0, rel_err=0.2, beam=round_beam), round_beam)
     sigma2 = (30.0 / np.sqrt(2.0 * np.log(2.0))) ** 2
-    assert one["weight"][0] == 25.0
-    np.testing.assert_allclose([one[name][0] / 25 for name in SHAPE_SUMS[1:]], [sigma2, 0, sigma2], atol=1e-9 * sigma2)
+    assert one["weight"][0] == pytest.approx(25.0 / sigma2**2)  # (int_flux / int_flux_err)**2 / det(beam)
+    np.testing.assert_allclose([one[name][0] / one["weight"][0] for name in SHAPE_SUMS[1:]], [sigma2, 0, sigma2],
+                               atol=1e-9 * sigma2)
     # an elongated one along PA 120: its major axis runs east-south-east
     long = summed(detections(40.0, 10.0, 120.0))
     shape = np.array([long[name][0] / long["weight"][0] for name in SHAPE_SUMS[1:]])
@@ -59,8 +62,8 @@ def test_what_is_no_fitted_shape_adds_nothing_and_a_beam_shaped_fit_counts_as_a_
     rows["int_flux_err"][2] = 0.0  # no error
     rows["int_flux_err"][5] = -0.1  # a nonsensical one
     # rows[3] has the beam's shape (force_beam, a pair fit): a point, of weight (1 / 0.1)**2; rows[4] no minor axis
-    added = shape_sum_increments(rows)
-    assert added["weight"].tolist() == [0.0, 0.0, 0.0, 100.0, 0.0, 0.0]
+    added = shape_sum_increments(rows, beam_cov(*BEAM))
+    np.testing.assert_allclose(added["weight"], [0, 0, 0, 100.0 / np.linalg.det(beam_cov(*BEAM)), 0, 0])
     np.testing.assert_allclose([added[name][3] for name in SHAPE_SUMS[1:]], 0.0, atol=1e-9)
     # a source fitted as a point four times as often as resolved is not resolved enough to leave the beam
     twice = detections([20.0, 15.0], [12.0, 10.0], [30.0, 30.0])
@@ -89,6 +92,18 @@ def test_a_source_is_resolved_where_its_mean_shape_is_clearly_wider_than_the_bea
     assert not resolved_shapes({name: np.zeros(1) for name in SHAPE_SUMS}, beam).any()
 
 
+def test_a_shape_measured_under_a_wider_beam_counts_its_own_scatter():
+    """A fit under a beam 1.6 times as wide is 2.6 times as noisy in arcsec**2: a shape within 5
+    times its scatter there does not count as resolved in a sharper image either, one beyond it
+    counts in both."""
+    wide, sharp = (24 / 3600, 16 / 3600, 30.0), (15 / 3600, 10 / 3600, 30.0)
+    for area, resolved in ((1.7, False), (2.5, True)):  # excess 0.7 and 1.5 over the wide beam's, S/N 6
+        fit = summed(detections(24 * np.sqrt(area), 16 * np.sqrt(area), 30.0, rel_err=1 / 6, beam=wide), wide)
+        assert 0.7 < RESOLVED_MIN_SIGMA * AREA_SCATTER / 6 < 1.5
+        assert resolved_shapes(fit, beam_cov(*wide)).any() == resolved
+        assert resolved_shapes(fit, beam_cov(*sharp)).any() == resolved
+
+
 def test_point_sources_stay_points_when_measured_often():
     """Fitted areas of points scatter by about their flux's relative error (AREA_SCATTER): a noisy
     mean of many point fits stays the beam."""
@@ -99,7 +114,8 @@ def test_point_sources_stay_points_when_measured_often():
     minor = 10.0 * (1 + scatter * rng.standard_normal((n_points, n_fits)))
     rows = detections(major.ravel(), minor.ravel(), 30.0, rel_err)
     source = np.repeat(np.arange(n_points), n_fits)
-    sums = {name: np.bincount(source, value, n_points) for name, value in shape_sum_increments(rows).items()}
+    sums = {name: np.bincount(source, value, n_points)
+            for name, value in shape_sum_increments(rows, beam_cov(*BEAM)).items()}
     assert not resolved_shapes(sums, beam_cov(*BEAM)).any()
 
 
@@ -120,7 +136,7 @@ def test_point_sources_of_a_polar_field_have_no_intrinsic_shape():
     index = match(x, y, found["x"], found["y"], 3.0)
     assert (index >= 0).all()
     restoring = beam.beam(pix)
-    sums = {name: value for name, value in shape_sum_increments(found[index]).items()}
-    assert not resolved_shapes(sums, beam_cov(restoring.smaj, restoring.smin, restoring.pa)).any()
+    restoring_cov = beam_cov(restoring.smaj, restoring.smin, restoring.pa)
+    assert not resolved_shapes(shape_sum_increments(found[index], restoring_cov), restoring_cov).any()
     pa = np.abs((found["parallactic_angle"][index] + 90.0) % 180.0 - 90.0)
     assert pa.max() > 10.0  # north did turn across the field

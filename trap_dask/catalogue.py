@@ -323,12 +323,14 @@ class RunningCatalogue:
         inside = covering_images(cand_ra, cand_dec, image.centre_ra, image.centre_dec, image.xtr_radius,
                                  Outlines.of_rows(image.outline[None]))[:, 0]
         forced_rows, forced_ra, forced_dec = candidates[inside], cand_ra[inside], cand_dec[inside]
-        pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows, forced_ra, forced_dec)
+        forced_shape = self._forced_shapes(image, {k: v[forced_rows] for k, v in self._shapes().items()})
+        pair_forced, pair_det = self._blends(image, detections, det_source, forced_rows, forced_ra, forced_dec,
+                                             forced_shape)
         pair_ra, pair_dec = self._pair_starts(image, detections[pair_det], det_source[pair_det],
                                               forced_rows[pair_forced])
         backfill_det, backfill_ra, backfill_dec, backfill_image, backfill_url = self._backfill(
             image, det_ra, det_dec, (det_source < 0) & ~links.is_duplicate)
-        new_shapes = shape_sum_increments(detections[backfill_det])
+        new_shapes = _shape_sums(detections[backfill_det], image)
         return AssociationPlan(
             image=image,
             detections=detections,
@@ -338,7 +340,7 @@ class RunningCatalogue:
             forced_rows=forced_rows,
             forced_ra=forced_ra,
             forced_dec=forced_dec,
-            forced_shape=self._forced_shapes(image, {k: v[forced_rows] for k, v in self._shapes().items()}),
+            forced_shape=forced_shape,
             pair_det=pair_det,
             pair_forced=pair_forced,
             pair_ra=pair_ra,
@@ -400,18 +402,21 @@ class RunningCatalogue:
         return cand[inside], ra[inside], dec[inside], int(earlier.im_id[last]), str(earlier.url[last])
 
     def _blends(self, image: ImageContext, det: np.ndarray, det_source: np.ndarray, forced_rows: np.ndarray,
-                forced_ra: np.ndarray, forced_dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                forced_ra: np.ndarray, forced_dec: np.ndarray,
+                forced_shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index into forced_rows, detection) of null detections to fit with a detection; the null
         detections are where this image shows them (``forced_ra``, ``forced_dec``, deg).
 
         Only point-like detections that continue a known source take part, and only null
-        detections of blind sources (not monitors).
+        detections of blind point sources: not monitors, and not resolved sources (their
+        ``forced_shape`` not zero), which a pair of points would measure at a fraction of their
+        flux; they keep the forced fit of their own shape.
         """
         none = np.zeros(0, np.intp)
         if not self.fit_blends or image.beam_fwhm <= 0:
             return none, none
         s = self.sources
-        nulls = np.flatnonzero(~s["is_monitor"][forced_rows])
+        nulls = np.flatnonzero(~s["is_monitor"][forced_rows] & ~forced_shape.any(axis=1))
         point_like = det["semimajor_axis"] * 2.0 / 3600.0 <= BLEND_MAX_EXTENT * image.beam_fwhm
         dets = np.flatnonzero((det_source >= 0) & point_like)
         ni, dj = blended_null_detections(det["ra"][dets], det["dec"][dets], forced_ra[nulls], forced_dec[nulls],
@@ -517,7 +522,7 @@ class RunningCatalogue:
                                              s["ra_ref"][det_rows])
         for name in POSITION_SUMS:
             np.add.at(s[f"acc_{name}"], det_rows, increments[name])
-        for name, increment in shape_sum_increments(det).items():
+        for name, increment in _shape_sums(det, image).items():
             np.add.at(s[f"acc_shape_{name}"], det_rows, increment)
         s["last_xtrsrc"][det_rows] = det_ids
         s["n_consecutive_force_fits"][det_rows] = 0
@@ -726,6 +731,13 @@ class RunningCatalogue:
             next_xtrsrc=update.next_xtrsrc,
             next_src_id=update.next_src_id,
         )
+
+
+def _shape_sums(det: np.ndarray, image: ImageContext) -> dict[str, np.ndarray]:
+    """What detections ``det`` add to their sources' shape sums (nothing where the beam is not known)."""
+    if image.beam_cov is None:
+        return {name: np.zeros(len(det)) for name in SHAPE_SUMS}
+    return shape_sum_increments(det, image.beam_cov)
 
 
 def _ra_error(meas: np.ndarray) -> np.ndarray:

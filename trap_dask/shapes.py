@@ -7,10 +7,11 @@ across at a fraction of its integrated flux, which makes its light curve a false
 Each blind Gaussian fit adds its intrinsic shape (the fitted covariance less the beam's, which
 the extraction takes in pixels and turns onto the sky where the source lies: the
 ``intrinsic_*`` columns of SOURCE_DTYPE; a fit with the beam's shape adds a point) to running
-sums in ``runningcatalog``, weighted by ``(int_flux / int_flux_err)**2``: the fitted area's
-scatter is about that relative error, which holds the fitted axes' errors, so a fit that the
-data hardly constrain counts for little. A source counts as resolved where the mean shape widens
-the beam's area clearly beyond that scatter. Pure arithmetic, no I/O. Covariances are in
+sums in ``runningcatalog``, weighted by ``(int_flux / int_flux_err)**2 / det(beam)``: the
+fitted area's scatter is about that relative error (which holds the fitted axes' errors, so a
+fit that the data hardly constrain counts for little) times the area of its image's beam (a
+shape measured under a wider beam is the noisier in arcsec**2). A source counts as resolved
+where the mean shape widens the beam's area clearly beyond that scatter. Pure arithmetic, no I/O. Covariances are in
 arcsec**2 in the local (east, north) frame, as ``(ee, en, nn)``.
 """
 
@@ -20,8 +21,8 @@ import numpy as np
 
 from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, cov_from_axes
 
-#: The running sums of ``runningcatalog`` (``acc_shape_<name>``): the weight, and the weighted
-#: intrinsic covariance (arcsec**2).
+#: The running sums of ``runningcatalog`` (``acc_shape_<name>``): the weight (arcsec**-4), and the
+#: weighted intrinsic covariance (arcsec**2 times the weight).
 SHAPE_SUMS = ("weight", "ee", "en", "nn")
 #: Std of a point source's fitted area over the beam's, minus 1, over int_flux_err / int_flux
 #: (0.9-1.1 from int_flux / int_flux_err 5 to 100 in simulated fields; RESULTS.md, round 21).
@@ -55,14 +56,15 @@ def intrinsic_from_axes(detections: np.ndarray, beam: np.ndarray) -> np.ndarray:
     return np.stack([cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]], -1)
 
 
-def shape_sum_increments(detections: np.ndarray) -> dict[str, np.ndarray]:
+def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, np.ndarray]:
     """What each detection (SOURCE_DTYPE) adds to the shape sums (SHAPE_SUMS) of its source, from
-    its ``intrinsic_*`` columns. Only blind Gaussian fits count (forced fits and moment estimates
-    add 0); one fitted with the beam's shape (``force_beam``, a pair fit) counts as a point
-    source: a light curve mostly measured as a point keeps the beam in its forced fits too."""
+    its ``intrinsic_*`` columns, in an image of ``beam`` covariance (arcsec**2; (2, 2), or
+    (n, 2, 2) one per detection). Only blind Gaussian fits count (forced fits and moment
+    estimates add 0); one fitted with the beam's shape (``force_beam``, a pair fit) counts as a
+    point source: a light curve mostly measured as a point keeps the beam in its forced fits too."""
     intrinsic = np.stack([detections[f"intrinsic_{name}"] for name in SHAPE_SUMS[1:]], -1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        weight = np.square(detections["int_flux"] / detections["int_flux_err"])
+        weight = np.square(detections["int_flux"] / detections["int_flux_err"]) / np.linalg.det(beam)
     counts = (~detections["is_force_fit"] & detections["gaussian_fit"] & (detections["int_flux_err"] > 0)
               & np.isfinite(intrinsic).all(axis=1) & np.isfinite(weight))
     weight = np.where(counts, weight, 0.0)
@@ -86,8 +88,10 @@ def resolved_shapes(sums: dict[str, np.ndarray], beam: np.ndarray) -> np.ndarray
     ee, en, nn = _positive(ee, en, nn)
     area = (beam[0, 0] + ee) * (beam[1, 1] + nn) - np.square(beam[0, 1] + en)
     excess = np.sqrt(area / np.linalg.det(beam)) - 1.0
+    # the weight's inverse is the mean shape's variance over AREA_SCATTER**2, in arcsec**4: as a
+    # fraction of this beam's area
     with np.errstate(divide="ignore"):
-        scatter = np.where(seen, AREA_SCATTER / np.sqrt(np.where(seen, weight, 1.0)), np.inf)
+        scatter = np.where(seen, AREA_SCATTER / np.sqrt(np.where(seen, weight, 1.0) * np.linalg.det(beam)), np.inf)
     resolved = seen & (excess >= RESOLVED_MIN_EXCESS) & (excess >= RESOLVED_MIN_SIGMA * scatter)
     return np.where(resolved[:, None], np.stack([ee, en, nn], -1), 0.0)
 

@@ -103,6 +103,10 @@ def _v6_to_v7(conn: Connection, backend: Backend) -> None:
     add_missing_columns(conn, schema.images)
 
 
+#: Measurements read at a time by the upgrade to schema 8 (~100 bytes each in numpy).
+MIGRATION_ROWS = 100_000
+
+
 def _v7_to_v8(conn: Connection, backend: Backend) -> None:
     """`runningcatalog` gains the running sums of each source's intrinsic shape (`acc_shape_weight`,
     `acc_shape_ee`, `acc_shape_en`, `acc_shape_nn`), with which a resolved source is force-fitted
@@ -115,20 +119,20 @@ def _v7_to_v8(conn: Connection, backend: Backend) -> None:
                     sources.c.parallactic_angle, sources.c.int_flux, sources.c.int_flux_err, sources.c.gaussian_fit,
                     images.c.rb_smaj, images.c.rb_smin, images.c.rb_pa)
              .join(images, images.c.id == sources.c.im_id).where(sources.c.is_force_fit.is_(False)))
-    found = conn.execute(query).all()
     table = schema.runningcatalog
     src_ids = np.array(conn.execute(select(table.c.src_id).order_by(table.c.src_id)).scalars().all(), dtype="i8")
     sums = {name: np.zeros(len(src_ids)) for name in SHAPE_SUMS}
-    if found:
-        columns = [np.array(column, dtype=float) for column in zip(*found)]
-        detections = np.zeros(len(found), SOURCE_DTYPE)
+    for part in conn.execute(query.execution_options(yield_per=MIGRATION_ROWS)).partitions():
+        columns = [np.array(column, dtype=float) for column in zip(*part)]
+        detections = np.zeros(len(part), SOURCE_DTYPE)
         for name, column in zip(("semimajor_axis", "semiminor_axis", "parallactic_angle", "int_flux",
                                  "int_flux_err", "gaussian_fit"), columns[1:7]):
             detections[name] = np.nan_to_num(column, nan=0.0) if name == "gaussian_fit" else column
-        intrinsic = intrinsic_from_axes(detections, sky_cov(columns[7] * 3600.0, columns[8] * 3600.0, columns[9]))
+        beams = sky_cov(columns[7] * 3600.0, columns[8] * 3600.0, columns[9])
+        intrinsic = intrinsic_from_axes(detections, beams)
         for i, name in enumerate(SHAPE_SUMS[1:]):
             detections[f"intrinsic_{name}"] = intrinsic[:, i]
-        increments = shape_sum_increments(detections)
+        increments = shape_sum_increments(detections, beams)
         row = np.searchsorted(src_ids, columns[0].astype("i8"))
         for name in SHAPE_SUMS:
             np.add.at(sums[name], row, increments[name])
@@ -139,8 +143,9 @@ def _v7_to_v8(conn: Connection, backend: Backend) -> None:
         for name in SHAPE_SUMS:
             sums[name][keep] += sums[name][drop]
             sums[name][drop] = 0.0
-    values = [{"key": int(src), **{f"v_{name}": float(sums[name][i]) for name in SHAPE_SUMS}}
-              for i, src in enumerate(src_ids.tolist())]
+    conn.execute(update(table).values({f"acc_shape_{name}": 0.0 for name in SHAPE_SUMS}))
+    values = [{"key": int(src_ids[i]), **{f"v_{name}": float(sums[name][i]) for name in SHAPE_SUMS}}
+              for i in np.flatnonzero(sums["weight"]).tolist()]
     if values:
         conn.execute(update(table).where(table.c.src_id == bindparam("key"))
                      .values({f"acc_shape_{name}": bindparam(f"v_{name}") for name in SHAPE_SUMS}), values)

@@ -206,7 +206,8 @@ runningcatalog = Table(
     Column("first_im_id", Integer),
     Column("merged_into", Integer, comment="src_id whose light curve took this one's measurements (-1: none)"),
     Column("acc_shape_weight", Double,
-           comment="sum of (int_flux / int_flux_err)**2 of the detections whose shape was fitted"),
+           comment="arcsec**-4, sum of (int_flux / int_flux_err)**2 / det(beam covariance) of the blind "
+                   "Gaussian fits (trap_dask.shapes)"),
     *(Column(f"acc_shape_{name}", Double,
              comment=f"arcsec**2, weighted sum of the {axes} element of the covariance of the fitted "
                      "shape less the beam's (trap_dask.shapes)")
