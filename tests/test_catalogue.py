@@ -223,7 +223,9 @@ def test_pairs_need_fit_blends_and_a_point_like_detection(catalogue):
 def test_a_resolved_source_is_force_fitted_with_its_shape_not_as_a_pair_member(catalogue):
     """Two sources 40" apart, the second resolved (its detections 2 beams across); an image detects
     only the first: the second is force-fitted with its own shape (its sums' mean), not fitted as
-    the second point of a pair, which would measure a fraction of its flux."""
+    the second point of a pair, which would measure a fraction of its flux; a pair member whose
+    shape is wide only along the line to its neighbour (measured blended with it) is still fitted as
+    a pair."""
     beam = 30.0 * ARCSEC
     beam_cov = np.diag([(15.0 / np.sqrt(2 * np.log(2))) ** 2] * 2)  # arcsec**2, round, FWHM 30"
     cat = replace(catalogue, fit_blends=True)
@@ -240,6 +242,15 @@ def test_a_resolved_source_is_force_fitted_with_its_shape_not_as_a_pair_member(c
     request = plan.forced_request(cat)
     assert len(plan.pair_det) == 0 and plan.forced_rows.tolist() == [1]
     np.testing.assert_allclose(request.shape, [[3.0 * beam_cov[0, 0], 0.0, 3.0 * beam_cov[0, 0]]])
+    # a shape wide only along the line between them (a pair member measured blended with its
+    # neighbour) is fitted as a pair
+    along = first.copy()
+    along["intrinsic_ee"][1] = 0.0
+    blended = replace(catalogue, fit_blends=True)
+    plan = blended.plan(image, along)
+    blended = blended.apply(blended.update(plan, ForcedMeasurements(forced_at(ra[:0], dec[:0], []))), image)
+    plan = blended.plan(replace(context(2), beam_fwhm=beam, beam_cov=beam_cov), detections(ra[:1], dec[:1], [2.0]))
+    assert plan.forced_request(blended).shape.any() and len(plan.pair_det) == 1
     # as TraP does (no shapes): the pair fit
     tied = replace(cat, fit_source_shape=False)
     assert len(tied.plan(replace(context(2), beam_fwhm=beam, beam_cov=beam_cov), detections(ra[:1], dec[:1], [2.0]))

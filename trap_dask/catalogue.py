@@ -109,6 +109,11 @@ RESOLVABLE_SEPARATION = 0.7
 #: pair blended in its first images has its catalogue position near the pair's centroid; under
 #: a beam 1.1-1.6x the sharpest, 0.7 left such pairs double-counted (RESULTS.md, round 20).
 PAIR_MIN_SEPARATION = 0.5
+#: A null detection whose intrinsic shape's variance across the line to a detection's source is at
+#: least this many times the beam's there (30% wider than the beam across it) is a resolved
+#: source, not the member of a blended pair: it is not fitted as a pair's second point (pair
+#: members measured blended, 0.3 beam apart jittered independently, reach 0.5; RESULTS.md, round 21).
+WIDE_ACROSS_PAIR = 0.7
 #: An earlier image's beam is wider than this image's when its FWHM is more than this many times
 #: this one's (a survey's beams differ by a few per cent from image to image).
 WIDER_BEAM = 1.1
@@ -408,15 +413,17 @@ class RunningCatalogue:
         detections are where this image shows them (``forced_ra``, ``forced_dec``, deg).
 
         Only point-like detections that continue a known source take part, and only null
-        detections of blind point sources: not monitors, and not resolved sources (their
-        ``forced_shape`` not zero), which a pair of points would measure at a fraction of their
-        flux; they keep the forced fit of their own shape.
+        detections of blind sources (not monitors) that are not wide across the line to the
+        detection's source: a resolved source (its ``forced_shape`` at least WIDE_ACROSS_PAIR
+        times the beam's variance across that line), which a pair of points would measure at a
+        fraction of its flux, keeps the forced fit of its own shape; a pair member whose shape is
+        wide only along that line (it was measured blended with its neighbour) is fitted as a pair.
         """
         none = np.zeros(0, np.intp)
         if not self.fit_blends or image.beam_fwhm <= 0:
             return none, none
         s = self.sources
-        nulls = np.flatnonzero(~s["is_monitor"][forced_rows] & ~forced_shape.any(axis=1))
+        nulls = np.flatnonzero(~s["is_monitor"][forced_rows])
         point_like = det["semimajor_axis"] * 2.0 / 3600.0 <= BLEND_MAX_EXTENT * image.beam_fwhm
         dets = np.flatnonzero((det_source >= 0) & point_like)
         ni, dj = blended_null_detections(det["ra"][dets], det["dec"][dets], forced_ra[nulls], forced_dec[nulls],
@@ -424,6 +431,18 @@ class RunningCatalogue:
         null_rows, det_rows = forced_rows[nulls[ni]], det_source[dets[dj]]
         apart = _separation(s["wm_ra"][null_rows], s["wm_dec"][null_rows], s["wm_ra"][det_rows], s["wm_dec"][det_rows])
         keep = apart >= PAIR_MIN_SEPARATION * image.beam_fwhm
+        wide = np.flatnonzero(forced_shape[nulls[ni]].any(axis=1))
+        if len(wide) and image.beam_cov is not None:
+            # east and north from the detection's source to the null's: across that line, (-north, east)
+            east = wrap_ra_difference(s["wm_ra"][null_rows[wide]] - s["wm_ra"][det_rows[wide]]) * np.cos(
+                np.deg2rad(s["wm_dec"][det_rows[wide]]))
+            north = s["wm_dec"][null_rows[wide]] - s["wm_dec"][det_rows[wide]]
+            across = np.stack([-north, east], -1) / np.maximum(np.hypot(east, north), 1e-300)[:, None]
+            shape = forced_shape[nulls[ni[wide]]]
+            intrinsic = (shape[:, 0] * across[:, 0] ** 2 + 2 * shape[:, 1] * across[:, 0] * across[:, 1]
+                         + shape[:, 2] * across[:, 1] ** 2)
+            beam = np.einsum("ni,ij,nj->n", across, image.beam_cov, across)
+            keep[wide] &= intrinsic < WIDE_ACROSS_PAIR * beam
         return nulls[ni[keep]], dets[dj[keep]]
 
     def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,
