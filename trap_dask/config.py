@@ -268,7 +268,8 @@ class Config:
         "force-fit a resolved source with its own shape: the beam convolved with the mean intrinsic "
         "shape of its detections (their fitted shapes less the beam; a fit with the beam's shape counts "
         "as a point), where that widens the beam's area "
-        "by 20% and 5 times its scatter or more; int_flux is then the fitted shape's integral "
+        "by 20% and 5 times its scatter or more; int_flux is then the fitted shape's integral, and "
+        "one wide across the line to a detected neighbour is not fitted as a pair's second point "
         "(false: TraP 1.x, the beam's shape, which measures a source several beams across at a "
         "fraction of its flux and makes it a false variable)",
     )
