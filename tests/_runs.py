@@ -78,3 +78,25 @@ def same_tables(a: dict[str, list[tuple]], b: dict[str, list[tuple]], rel: float
     return a.keys() == b.keys() and all(
         len(a[t]) == len(b[t]) and all(len(r) == len(s) and all(map(same, r, s)) for r, s in zip(a[t], b[t]))
         for t in a)
+
+
+def schema_versions(settings: DatabaseSettings) -> list[int]:
+    """The export schema versions a database records (one, after an upgrade)."""
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(schema.schema_version.c.version)).scalars().all()
+    finally:
+        engine.dispose()
+
+
+def to_schema_7(settings: DatabaseSettings) -> None:
+    """Turn a database back into export schema version 7: no sums of the sources' shapes."""
+    from trap_dask.shapes import SHAPE_SUMS
+
+    engine = make_engine(settings)
+    with engine.begin() as conn:
+        for name in SHAPE_SUMS:
+            conn.exec_driver_sql(f"ALTER TABLE runningcatalog DROP COLUMN acc_shape_{name}")
+        conn.execute(schema.schema_version.update().values(version=7))
+    engine.dispose()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _runs import COMPARED, dump, run, same_tables, spawn
+from _runs import COMPARED, dump, run, same_tables, schema_versions, spawn, to_schema_7
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -326,10 +326,7 @@ def test_append_upgrades_a_version_2_database(db_settings, epochs, reference):
     with pytest.raises(PipelineError, match=r"de_ruiter_r_max: 5\.68 -> 3\.0"):  # read from the old layout
         run(db_settings, epochs, db_append=True, de_ruiter_r_max=3.0)
     run(db_settings, epochs, db_append=True)
-    engine = make_engine(db_settings)
-    with engine.connect() as conn:
-        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
-    engine.dispose()
+    assert schema_versions(db_settings) == [schema.SCHEMA_VERSION]
     assert parameter_by_run(db_settings, "worker_timeout") == [300.0, 600.0]
     assert parameter_by_run(db_settings, "fit_blends") == [True, True]
     assert parameter_by_run(db_settings, "monitor_loc") == ["[[150.01, 30.01]]"] * 2
@@ -362,10 +359,7 @@ def test_append_upgrades_a_version_3_database(db_settings, epochs, reference):
     engine.dispose()
     assert len(image_foreign_keys(db_settings)) == 1
     run(db_settings, epochs, db_append=True)
-    engine = make_engine(db_settings)
-    with engine.connect() as conn:
-        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
-    engine.dispose()
+    assert schema_versions(db_settings) == [schema.SCHEMA_VERSION]
     assert len(image_foreign_keys(db_settings)) == (1 if db_settings.backend == "sqlite" else 0)
     assert_upgraded(dump(db_settings), reference)
 
@@ -392,10 +386,7 @@ def test_append_upgrades_a_version_4_database(db_settings, epochs, reference):
     engine.dispose()
     assert variability_indexes(db_settings) == ["ix_variability_eta"]
     run(db_settings, epochs, db_append=True)
-    engine = make_engine(db_settings)
-    with engine.connect() as conn:
-        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
-    engine.dispose()
+    assert schema_versions(db_settings) == [schema.SCHEMA_VERSION]
     assert variability_indexes(db_settings) == []
     assert_upgraded(dump(db_settings), reference)
 
@@ -441,17 +432,9 @@ def test_append_upgrades_a_version_7_database(db_settings, epochs, reference):
     """Version 7 kept no sums of the sources' shapes: an append adds them, filled from the
     detections so far as one run would have summed them, and continues the light curves as one run."""
     run(db_settings, epochs[:3])
-    engine = make_engine(db_settings)
-    with engine.begin() as conn:
-        for name in SHAPE_SUMS:
-            conn.exec_driver_sql(f"ALTER TABLE runningcatalog DROP COLUMN acc_shape_{name}")
-        conn.execute(schema.schema_version.update().values(version=7))
-    engine.dispose()
+    to_schema_7(db_settings)
     run(db_settings, epochs, db_append=True)
-    engine = make_engine(db_settings)
-    with engine.connect() as conn:
-        assert conn.execute(select(schema.schema_version.c.version)).scalars().all() == [schema.SCHEMA_VERSION]
-    engine.dispose()
+    assert schema_versions(db_settings) == [schema.SCHEMA_VERSION]
     weights = [row[-len(SHAPE_SUMS)] for row in reference["runningcatalog"]]
     assert sum(w > 0 for w in weights) >= 10  # the detections' shapes were summed
     assert_upgraded(dump(db_settings), reference)

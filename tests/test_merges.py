@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+from _runs import to_schema_7
 from sqlalchemy import select
 
 from trap_dask.catalogue import ForcedMeasurements
@@ -169,12 +170,7 @@ def test_an_upgraded_database_holds_the_shape_sums_its_run_made(db_settings, mon
     made = shape_sums()
     one = 1e4 / np.linalg.det(beam_cov(BEAM / 2, BEAM / 3, 0.0))
     assert made[merges[0]["merged_into"]][0] == pytest.approx(4 * one) and made[merges[0]["src_id"]][0] == 0.0
-    engine = make_engine(db_settings)
-    with engine.begin() as conn:
-        for name in SHAPE_SUMS:
-            conn.exec_driver_sql(f"ALTER TABLE runningcatalog DROP COLUMN acc_shape_{name}")
-        conn.execute(schema.schema_version.update().values(version=7))
-    engine.dispose()
+    to_schema_7(db_settings)
     monkeypatch.setattr(migrations, "MIGRATION_ROWS", 2)  # the measurements read in parts
     ExportStore.open(db_settings).close()  # as an append opens it: upgraded
     upgraded = shape_sums()
