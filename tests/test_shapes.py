@@ -18,6 +18,7 @@ from trap_dask.shapes import (
     intrinsic_from_axes,
     resolved_shapes,
     shape_sum_increments,
+    variance_across,
 )
 from trap_dask.sources import empty_sources
 
@@ -140,3 +141,11 @@ def test_point_sources_of_a_polar_field_have_no_intrinsic_shape():
     assert not resolved_shapes(shape_sum_increments(found[index], restoring_cov), restoring_cov).any()
     pa = np.abs((found["parallactic_angle"][index] + 90.0) % 180.0 - 90.0)
     assert pa.max() > 10.0  # north did turn across the field
+
+
+def test_the_variance_across_a_line():
+    shape = np.array([[4.0, 0.0, 9.0], [4.0, 0.0, 9.0], [5.0, 2.0, 5.0]])  # arcsec**2 (ee, en, nn)
+    east, north = np.array([0.0, 3.0, 1.0]), np.array([2.0, 0.0, 1.0])
+    # across a north line is east-west (4), across an east line north-south (9); the third is
+    # elongated along north-east (7 along it, 3 across)
+    np.testing.assert_allclose(variance_across(shape, east, north), [4.0, 9.0, 3.0])

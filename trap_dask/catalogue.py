@@ -23,7 +23,7 @@ from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import MIN_MATCHES, ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
-from trap_dask.shapes import SHAPE_SUMS, resolved_shapes, shape_sum_increments
+from trap_dask.shapes import SHAPE_SUMS, resolved_shapes, shape_sum_increments, variance_across
 from trap_dask.sky import shifted, unshifted, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
@@ -433,16 +433,13 @@ class RunningCatalogue:
         keep = apart >= PAIR_MIN_SEPARATION * image.beam_fwhm
         wide = np.flatnonzero(forced_shape[nulls[ni]].any(axis=1))
         if len(wide) and image.beam_cov is not None:
-            # east and north from the detection's source to the null's: across that line, (-north, east)
+            # the line from the detection's source to the null's, east and north
             east = wrap_ra_difference(s["wm_ra"][null_rows[wide]] - s["wm_ra"][det_rows[wide]]) * np.cos(
                 np.deg2rad(s["wm_dec"][det_rows[wide]]))
             north = s["wm_dec"][null_rows[wide]] - s["wm_dec"][det_rows[wide]]
-            across = np.stack([-north, east], -1) / np.maximum(np.hypot(east, north), 1e-300)[:, None]
-            shape = forced_shape[nulls[ni[wide]]]
-            intrinsic = (shape[:, 0] * across[:, 0] ** 2 + 2 * shape[:, 1] * across[:, 0] * across[:, 1]
-                         + shape[:, 2] * across[:, 1] ** 2)
-            beam = np.einsum("ni,ij,nj->n", across, image.beam_cov, across)
-            keep[wide] &= intrinsic < WIDE_ACROSS_PAIR * beam
+            beam = image.beam_cov[[0, 0, 1], [0, 1, 1]][None]
+            keep[wide] &= (variance_across(forced_shape[nulls[ni[wide]]], east, north)
+                           < WIDE_ACROSS_PAIR * variance_across(beam, east, north))
         return nulls[ni[keep]], dets[dj[keep]]
 
     def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,

@@ -77,6 +77,14 @@ def as_matrices(shape: np.ndarray) -> np.ndarray:
     return np.stack([shape[:, [0, 1]], shape[:, [1, 2]]], -2)
 
 
+def variance_across(shape: np.ndarray, east: np.ndarray, north: np.ndarray) -> np.ndarray:
+    """The variance (arcsec**2) of shapes (n, 3: ee, en, nn; or one for all, (1, 3)) across the
+    directions (``east``, ``north``; any length, not both 0): along (-north, east)."""
+    length = np.maximum(np.hypot(east, north), np.finfo(float).tiny)
+    ue, un = -north / length, east / length
+    return shape[:, 0] * ue * ue + 2.0 * shape[:, 1] * ue * un + shape[:, 2] * un * un
+
+
 def resolved_shapes(sums: dict[str, np.ndarray], beam: np.ndarray) -> np.ndarray:
     """(n, 3) intrinsic shapes (ee, en, nn; arcsec**2) to force-fit sources of shape ``sums``
     (SHAPE_SUMS) with in an image of ``beam`` covariance (arcsec**2); zeros for those that do not
