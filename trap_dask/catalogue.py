@@ -23,7 +23,7 @@ from trap_dask.db import schema
 from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import MIN_MATCHES, ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
-from trap_dask.shapes import SHAPE_SUMS, resolved_shapes, shape_sum_increments, variance_across
+from trap_dask.shapes import SHAPE_SUMS, as_triples, resolved_shapes, shape_sum_increments, variance_across
 from trap_dask.sky import shifted, unshifted, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
@@ -429,17 +429,15 @@ class RunningCatalogue:
         ni, dj = blended_null_detections(det["ra"][dets], det["dec"][dets], forced_ra[nulls], forced_dec[nulls],
                                          BLEND_RADIUS * image.beam_fwhm)
         null_rows, det_rows = forced_rows[nulls[ni]], det_source[dets[dj]]
-        apart = _separation(s["wm_ra"][null_rows], s["wm_dec"][null_rows], s["wm_ra"][det_rows], s["wm_dec"][det_rows])
-        keep = apart >= PAIR_MIN_SEPARATION * image.beam_fwhm
+        # the line from the detection's source to the null's
+        east, north = _offsets(s["wm_ra"][null_rows], s["wm_dec"][null_rows],
+                               s["wm_ra"][det_rows], s["wm_dec"][det_rows])
+        keep = np.hypot(east, north) >= PAIR_MIN_SEPARATION * image.beam_fwhm
         wide = np.flatnonzero(forced_shape[nulls[ni]].any(axis=1))
         if len(wide) and image.beam_cov is not None:
-            # the line from the detection's source to the null's, east and north
-            east = wrap_ra_difference(s["wm_ra"][null_rows[wide]] - s["wm_ra"][det_rows[wide]]) * np.cos(
-                np.deg2rad(s["wm_dec"][det_rows[wide]]))
-            north = s["wm_dec"][null_rows[wide]] - s["wm_dec"][det_rows[wide]]
-            beam = image.beam_cov[[0, 0, 1], [0, 1, 1]][None]
-            keep[wide] &= (variance_across(forced_shape[nulls[ni[wide]]], east, north)
-                           < WIDE_ACROSS_PAIR * variance_across(beam, east, north))
+            line = east[wide], north[wide]
+            keep[wide] &= (variance_across(forced_shape[nulls[ni[wide]]], *line)
+                           < WIDE_ACROSS_PAIR * variance_across(as_triples(image.beam_cov[None]), *line))
         return nulls[ni[keep]], dets[dj[keep]]
 
     def _pair_starts(self, image: ImageContext, det: np.ndarray, det_rows: np.ndarray,
@@ -761,10 +759,14 @@ def _ra_error(meas: np.ndarray) -> np.ndarray:
     return meas["uncertainty_ew"] / np.cos(np.deg2rad(meas["dec"]))
 
 
+def _offsets(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets east and north (deg) of positions 1 from positions 2 (deg), flat-sky: for neighbours only."""
+    return wrap_ra_difference(ra1 - ra2) * np.cos(np.deg2rad(0.5 * (dec1 + dec2))), dec1 - dec2
+
+
 def _separation(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
     """Angular distance (deg) between positions (deg), flat-sky: for neighbours only."""
-    dra = wrap_ra_difference(ra1 - ra2) * np.cos(np.deg2rad(0.5 * (dec1 + dec2)))
-    return np.hypot(dra, dec1 - dec2)
+    return np.hypot(*_offsets(ra1, dec1, ra2, dec2))
 
 
 def _remap(index: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -52,8 +52,8 @@ def intrinsic_from_axes(detections: np.ndarray, beam: np.ndarray) -> np.ndarray:
     the image's ``beam`` (arcsec**2) on the sky: the extraction's own ``intrinsic_*`` columns
     where the pixels are not at hand (an upgraded database); the same unless the beam turns on
     the sky across the image (near a pole, in a wide field)."""
-    cov = sky_cov(detections["semimajor_axis"], detections["semiminor_axis"], detections["parallactic_angle"]) - beam
-    return np.stack([cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]], -1)
+    return as_triples(sky_cov(detections["semimajor_axis"], detections["semiminor_axis"],
+                              detections["parallactic_angle"]) - beam)
 
 
 def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, np.ndarray]:
@@ -75,6 +75,11 @@ def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, 
 def as_matrices(shape: np.ndarray) -> np.ndarray:
     """(n, 2, 2) covariances of (n, 3) shapes (ee, en, nn)."""
     return np.stack([shape[:, [0, 1]], shape[:, [1, 2]]], -2)
+
+
+def as_triples(cov: np.ndarray) -> np.ndarray:
+    """(n, 3) shapes (ee, en, nn) of (n, 2, 2) covariances: the inverse of :func:`as_matrices`."""
+    return cov[:, [0, 0, 1], [0, 1, 1]]
 
 
 def variance_across(shape: np.ndarray, east: np.ndarray, north: np.ndarray) -> np.ndarray:

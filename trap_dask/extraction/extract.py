@@ -32,6 +32,7 @@ from trap_dask.extraction.islands import (
 )
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
+from trap_dask.shapes import as_triples
 from trap_dask.sky import haversine
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -451,9 +452,8 @@ def source_rows(
     rows["is_force_fit"] = False
     rows["x"], rows["y"] = x, y
     # the beam is the same in pixels everywhere: the source's shape less it, turned onto the sky where it lies
-    intrinsic = geo.pixel_cov_to_sky(cov - image.beam_cov, jac) * 3600.0**2
-    rows["intrinsic_ee"], rows["intrinsic_en"], rows["intrinsic_nn"] = (intrinsic[:, 0, 0], intrinsic[:, 0, 1],
-                                                                       intrinsic[:, 1, 1])
+    intrinsic = as_triples(geo.pixel_cov_to_sky(cov - image.beam_cov, jac) * 3600.0**2)
+    rows["intrinsic_ee"], rows["intrinsic_en"], rows["intrinsic_nn"] = intrinsic.T
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
 
 
