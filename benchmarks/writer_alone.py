@@ -1,13 +1,14 @@
 """The writer alone: association, light curves and commit per image, fed as fast as it takes them.
 
     python benchmarks/writer_alone.py [--images 100] [--sources 1000] [--backend sqlite postgres]
-                                      [--worker-ms 158]
+                                      [--worker-ms 158] [--other-fields 0]
 
 Feeds :class:`trap_dask.writer.Writer` (in this process, no Dask) synthetic worker results: a sky
 of ``--sources`` point sources measured in every image with 1" of position noise, 3% of them
 missed per image (forced fits answered at once) and a few transients appearing. Nothing waits on
 workers, so this is the writer at the rate of any number of workers (64 of them deliver ~400
-images/s of 2048^2 at 158 ms each). Prints ms per image per phase (the commits run beside
+images/s of 2048^2 at 158 ms each). ``--other-fields N`` puts N known sources of other fields
+(a run of many fields) in the catalogue first, from an untimed image far from this field. Prints ms per image per phase (the commits run beside
 association, in the writer's committer thread or, behind, its committer process: "waiting" is the
 time the writer waited for one; behind, the images are timed once that process is up) and, from
 ``--worker-ms`` (one worker's time per image, ``benchmarks/stages.py``), the number of workers at
@@ -65,6 +66,15 @@ class Sky:
         return ImageResult(meta, f"{i:064x}", ImageStats(1e-3, 9e-4, 1.1e-3), None, FIELD, det,
                            done_at=time.time() if ready else 0.0)
 
+    def other_fields(self, n: int) -> ImageResult:
+        """An image of ``n`` sources of other fields, spread over 40 x 40 deg far from this one."""
+        ra, dec = 200.0 + 40.0 * self.rng.random(n), -20.0 + 40.0 * self.rng.random(n)
+        meta = ImageMeta(url="/data/other_fields.fits", taustart_ts=datetime(2023, 12, 31), tau_time=60.0,
+                         freq_eff=150e6, freq_bw=2e6, beam=Beam(BEAM_FWHM / 2, BEAM_FWHM / 3, 0.0),
+                         shape=(2048, 2048), centre_ra=220.0, centre_dec=0.0, pixel_scale=4 * ARCSEC, header="")
+        return ImageResult(meta, "f" * 64, ImageStats(1e-3, 9e-4, 1.1e-3), None, 30.0,
+                           self.measured(ra, dec, np.full(n, 0.05), forced=False), done_at=time.time())
+
     def measured(self, ra: np.ndarray, dec: np.ndarray, flux: np.ndarray, forced: bool) -> np.ndarray:
         rows = empty_sources(len(ra))
         noise = 0.0 if forced else ARCSEC
@@ -100,13 +110,13 @@ MODES = (("keeping up, one transaction each", False, False),
 
 
 def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bool,
-          stage_every_image: bool = False) -> dict[str, float]:
+          stage_every_image: bool = False, other_fields: int = 0) -> dict[str, float]:
     """Seconds per phase (associate / update / commit / total) over the images after the first;
     ``behind``: every image is ready before the writer takes it (it commits them in batches);
     ``stage_every_image``: the writer of a run (batches of MAX_STAGED_KEEPING_UP while it keeps up).
     Behind, the images are timed from when the writer's committer process has written a batch
     (it starts after a whole batch behind, and takes ~1 s to start; the images before are not
-    timed)."""
+    timed). ``other_fields``: known sources of other fields in the catalogue first."""
     from trap_dask.writer import Writer
 
     values = dict(db_backend="sqlite", db_name=str(workdir / "writer_alone.db")) if backend == "sqlite" else \
@@ -132,6 +142,8 @@ def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bo
             return seconds
 
         first = 0
+        if other_fields:
+            feed(sky.other_fields(other_fields))
         if behind:  # its committer process starts after a whole batch behind: timed once it is up
             while writer.process_batches == 0 and first < WARM_UP_MOST:
                 feed(replace(sky.image(first, ready=True), done_at=1.0))  # ready long before
@@ -161,18 +173,20 @@ def main() -> None:
     parser.add_argument("--backend", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
     parser.add_argument("--worker-ms", type=float, default=158.0,
                         help="one worker's CPU time per image (ms), to say when the writer becomes the limit")
+    parser.add_argument("--other-fields", type=int, default=0,
+                        help="known sources of other fields in the catalogue first (a run of many fields)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for backend in args.backend:
             for label, behind, staged in MODES:
-                s = bench(backend, Path(workdir), args.images, args.sources, behind, staged)
+                s = bench(backend, Path(workdir), args.images, args.sources, behind, staged, args.other_fields)
                 per = {k: 1000 * v / (args.images - 1) for k, v in s.items() if k != "batches"}
-                rows.append([backend, label, args.images, args.sources,
+                rows.append([backend, label, args.images, args.sources, args.other_fields,
                              per["associate"], per["update"], per["wait"], per["commit"], per["total"],
                              1000 / per["total"],
                              args.worker_ms / per["total"]])
-    print(markdown_table(["backend", "images arrive", "images", "sources / image", "associate ms", "light curves ms",
+    print(markdown_table(["backend", "images arrive", "images", "sources / image", "sources of other fields", "associate ms", "light curves ms",
                           "waiting ms", "commit ms (its own thread or process)",
                           "ms per image", "images / s", f"workers to saturate it ({args.worker_ms:g} ms/image)"],
                          rows))

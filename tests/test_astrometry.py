@@ -16,7 +16,7 @@ from trap_dask.astrometry import (
     widened_sys_err,
 )
 from trap_dask.messages import MIN_MATCHES
-from trap_dask.sky import TANGENT_REACH, haversine, north_turn, shifted, unshifted
+from trap_dask.sky import TANGENT_REACH, haversine, north_turn, shifted, unshifted, within
 
 ARCSEC = 1 / 3600
 BEAM = 30 * ARCSEC
@@ -240,3 +240,15 @@ def test_history_is_rebuilt_from_the_images_table():
     history = ScatterHistory.from_images([None, 100, 50, 2], [None, 2.0, 4.0, None], [None, 1.0, 1.0, None])
     assert history.n == 150
     assert history.rms() == pytest.approx((np.sqrt((100 * 4 + 50 * 16) / 150), 1.0))
+
+
+@pytest.mark.parametrize("centre", [(150.0, 30.0), (0.5, -60.0), (10.0, 89.5)])
+@pytest.mark.parametrize("radius", [0.3, 2.0, 45.0, 179.0, 180.0, np.nan])
+def test_within_a_radius_is_the_great_circle_distance(centre, radius):
+    """``within`` (its cut by declination first) picks what the great-circle distance picks, across
+    RA 0/360 and around a pole; a radius of 180 deg or not a number takes the whole sky."""
+    rng = np.random.default_rng(0)
+    ra, dec = rng.uniform(0, 360, 20000), np.rad2deg(np.arcsin(rng.uniform(-1, 1, 20000)))
+    distance = 2 * np.rad2deg(np.arcsin(np.sqrt(haversine(ra, dec, *centre))))
+    expected = distance <= radius if radius < 180 else np.ones(len(ra), bool)
+    assert within(ra, dec, centre, radius).tolist() == expected.tolist()

@@ -453,3 +453,38 @@ def test_over_set_errors_do_not_take_a_transient_beside_a_known_source_for_its_d
     plan = cat.plan(replace(context(1), beam_fwhm=beam, data_sys_err=data_sys_err), det)
     assert plan.det_source.tolist() == [0, -1]
     assert plan.is_duplicate.tolist() == [False, duplicate]
+
+
+def test_sources_of_another_field_change_nothing_in_an_image(catalogue):
+    """A catalogue that also holds a far field's sources (a run of several fields) associates,
+    force-fits and flags an image exactly as one holding its own field's alone: each image looks
+    only at the known sources around it (RunningCatalogue.neighbourhood)."""
+    rng = np.random.default_rng(3)
+    ra, dec = 150.0 + rng.uniform(-0.5, 0.5, 40), 30.0 + rng.uniform(-0.5, 0.5, 40)
+    far = replace(context(1), centre_ra=200.0, centre_dec=-20.0)
+    far_det = detections(200.0 + rng.uniform(-0.5, 0.5, 500), -20.0 + rng.uniform(-0.5, 0.5, 500), [1.0] * 500)
+    both = catalogue
+    plan = both.plan(far, far_det)
+    both = both.apply(both.update(plan, ForcedMeasurements(forced_at([], [], []))), far)
+    alone, offset = catalogue, len(far_det)
+    for im_id in (2, 3, 4):
+        seen = rng.random(40) < 0.8
+        det = detections(ra[seen] + rng.normal(0, 2, seen.sum()) * ARCSEC, dec[seen], [1.0] * seen.sum())
+        if im_id == 3:  # and a transient
+            det = np.concatenate([det, detections(np.array([150.1]), np.array([30.2]), [1.0])])
+        (alone, one), (both, two) = (step(cat, im_id, det) for cat in (alone, both))
+        assert len(both.neighbourhood((150.0, 30.0), 2.0).rows) <= len(alone.sources["src_id"])
+        np.testing.assert_array_equal(one.measurements, two.measurements)
+        assert (two.ids["src_id"] - offset).tolist() == one.ids["src_id"].tolist()
+        assert (two.new_sources["src_id"] - offset).tolist() == one.new_sources["src_id"].tolist()
+
+
+def test_a_known_source_beyond_the_extraction_radius_is_still_a_candidate(catalogue):
+    """Over-set position errors (60") reach past the image's extraction radius (1 deg here): a
+    known source just outside it is continued by a detection just inside, as when every known
+    source is searched."""
+    outside = detections(np.array([150.0]), np.array([31.03]), [1.0])
+    cat, _ = step(catalogue, 1, add_uncertainties(outside, 60, 60))
+    inside = add_uncertainties(detections(np.array([150.0]), np.array([30.99]), [1.0]), 60, 60)
+    plan = cat.plan(context(2), inside)
+    assert plan.det_source.tolist() == [0]

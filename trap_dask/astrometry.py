@@ -38,6 +38,9 @@ SEARCH_BELOW = 0.5
 #: The matches are made again around their median offset when it is more than this (beam FWHM):
 #: the match radius cut off the far side of the offsets.
 RECENTRE_ABOVE = 0.25
+#: How far beyond an image's detections (beam FWHM) the astrometry looks at known sources: a shift,
+#: a match, and the isolation of the matched source.
+REACH = MAX_SHIFT + MATCH_RADIUS + ISOLATION_RADIUS
 #: Radius of the cluster of pair offsets that locates a shift (beam FWHM) ...
 CLUSTER_RADIUS = 0.5
 #: ... and the least fraction of the detections searched with that it holds: unrelated pairs

@@ -24,7 +24,7 @@ from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import MIN_MATCHES, ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
 from trap_dask.shapes import SHAPE_SUMS, as_triples, resolved_shapes, shape_sum_increments, variance_across
-from trap_dask.sky import shifted, unshifted, wrap_ra_difference
+from trap_dask.sky import shifted, unshifted, within, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,
@@ -120,6 +120,15 @@ WIDER_BEAM = 1.1
 
 
 @dataclass(frozen=True)
+class Neighbourhood:
+    """The known sources a detection can continue around one image (RunningCatalogue.neighbourhood)."""
+
+    rows: np.ndarray  #: their catalogue rows, ascending
+    tree: cKDTree  #: the :func:`~trap_dask.association.sky_tree` of their positions
+    radius: float  #: deg from the image's centre that they were taken within
+
+
+@dataclass(frozen=True)
 class AssociationPlan:
     """Association of one image's blind detections, and the positions still to force-fit."""
 
@@ -146,6 +155,7 @@ class AssociationPlan:
     merge_keep: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: catalogue rows kept ...
     merge_drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: ... and merged into them
     merge_separation: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: deg, between each two
+    reach: float = 180.0  #: deg from the image's centre: where the known sources it uses lie (RunningCatalogue.reach)
 
     def merging_src_ids(self, catalogue: RunningCatalogue) -> np.ndarray:
         """The src_ids whose measurements the merges of this image need (read back from the database)."""
@@ -282,20 +292,47 @@ class RunningCatalogue:
 
     # -- step 1: association of the blind detections -----------------------------------------
     @cached_property
-    def blind_rows(self) -> np.ndarray:
-        """Rows of the sources a detection can continue: neither monitors nor merged into another."""
-        return np.flatnonzero(~self.sources["is_monitor"] & (self.sources["merged_into"] < 0))
+    def _neighbourhoods(self) -> dict[tuple[float, float], Neighbourhood]:
+        """The last :meth:`neighbourhood` built, by its centre (one image at a time asks)."""
+        return {}
 
-    @cached_property
-    def blind_tree(self) -> cKDTree:
-        """The :func:`~trap_dask.association.sky_tree` of the ``blind_rows``' positions, built once per
-        image for its astrometry, association and merges."""
-        return sky_tree(self.sources["wm_ra"][self.blind_rows], self.sources["wm_dec"][self.blind_rows])
+    def neighbourhood(self, centre: tuple[float, float], radius: float) -> Neighbourhood:
+        """The sources a detection can continue (neither monitors nor merged into another) within
+        ``radius`` (deg) of ``centre`` (ra, dec; deg), and their KD-tree: built once per image for its
+        astrometry, association and merges, which then cost what the image holds, not what the
+        whole catalogue (other fields of the run) does. One built around the same centre with a
+        larger radius serves: a source beyond where an image looks changes none of its results."""
+        cache = self._neighbourhoods
+        built = cache.get(centre)
+        if built is None or built.radius < radius:
+            s = self.sources
+            blind = ~s["is_monitor"] & (s["merged_into"] < 0)
+            rows = np.flatnonzero(blind & within(s["wm_ra"], s["wm_dec"], centre, radius))
+            cache.clear()
+            built = cache[centre] = Neighbourhood(rows, sky_tree(s["wm_ra"][rows], s["wm_dec"][rows]), radius)
+        return built
+
+    def reach(self, image: ImageContext, detections: np.ndarray) -> float:
+        """Distance (deg) from the image's centre within which every known source that its
+        association, forced fits and merges use lies: its extraction radius, its shift, and the
+        farthest a known source can be from a detection and still count (de Ruiter candidates
+        under the largest uncertainties, the link, blend and merge radii of the widest beam)."""
+        s = self.sources
+        blind = ~s["is_monitor"] & (s["merged_into"] < 0)
+        unc_cat = float(np.max(np.maximum(s["wm_uncertainty_ew"], s["wm_uncertainty_ns"]), where=blind, initial=0.0))
+        unc_det = float(np.max(np.maximum(detections["uncertainty_ew"], detections["uncertainty_ns"]), initial=0.0))
+        widest = float(np.max(self.earlier.beam_fwhm, where=self.earlier.band == image.band, initial=image.beam_fwhm))
+        linked = max(self.link_radius, BLEND_SWALLOW_RADIUS) * image.beam_fwhm
+        return (image.xtr_radius + float(np.hypot(image.shift_ra, image.shift_dec))
+                + max(self.de_ruiter_r_max * float(np.hypot(unc_cat, unc_det)), linked,
+                      RESOLVABLE_SEPARATION * widest))
 
     def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
         s = self.sources
-        blind = self.blind_rows
+        reach = self.reach(image, detections)
+        near = self.neighbourhood((image.centre_ra, image.centre_dec), reach)
+        blind = near.rows
         det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec,
                                     (image.centre_ra, image.centre_dec))
         data_reach = self._data_reach(image, detections)
@@ -310,11 +347,11 @@ class RunningCatalogue:
             blend_radius=BLEND_SWALLOW_RADIUS * image.beam_fwhm if self.fit_blends else 0.0,
             duplicate_reach=self._duplicate_reach(image, detections, data_reach),
             near_reach=data_reach,
-            cat_tree=self.blind_tree,
+            cat_tree=near.tree,
         )
         det_source = _remap(links.source, blind)
         det_parent_row = _remap(links.parent_source, blind)
-        merge_keep, merge_drop, merge_separation = self._merges(image, blind, det_source)
+        merge_keep, merge_drop, merge_separation = self._merges(image, near, det_source)
         # the detection of either source of a merge continues the kept one; neither is force-fitted
         det_source = _substitute(det_source, merge_drop, merge_keep)
         det_parent_row = _substitute(det_parent_row, merge_drop, merge_keep)
@@ -359,6 +396,7 @@ class RunningCatalogue:
             merge_keep=merge_keep,
             merge_drop=merge_drop,
             merge_separation=merge_separation,
+            reach=reach,
         )
 
     def _shapes(self) -> dict[str, np.ndarray]:
@@ -373,17 +411,16 @@ class RunningCatalogue:
             return np.zeros((n, 3))
         return resolved_shapes(sums, image.beam_cov)
 
-    def _merges(self, image: ImageContext, blind: np.ndarray,
+    def _merges(self, image: ImageContext, near: Neighbourhood,
                 det_source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Catalogue rows (kept, merged into it) of the sources that converged, and their
-        separations (deg); see :func:`trap_dask.merging.converged_pairs`."""
+        """Catalogue rows (kept, merged into it) of the sources ``near`` the image that converged,
+        and their separations (deg); see :func:`trap_dask.merging.converged_pairs`."""
         if not self.merge_duplicates or image.beam_fwhm <= 0:
             return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0)
-        s = self.sources
-        seen = np.zeros(len(s["src_id"]), bool)
-        seen[det_source[det_source >= 0]] = True
-        keep, drop, apart = converged_pairs(s["wm_ra"][blind], s["wm_dec"][blind], s["src_id"][blind], seen[blind],
-                                            RESOLVABLE_SEPARATION * image.beam_fwhm, self.blind_tree)
+        s, blind = self.sources, near.rows
+        seen = np.isin(blind, det_source[det_source >= 0])
+        keep, drop, apart = converged_pairs(s["wm_ra"][blind], s["wm_dec"][blind], s["src_id"][blind], seen,
+                                            RESOLVABLE_SEPARATION * image.beam_fwhm, near.tree)
         keep, drop = blind[keep], blind[drop]
         sharpest = self.earlier.sharpest_over(s["wm_ra"][keep], s["wm_dec"][keep], image.beam_fwhm)
         one = apart < RESOLVABLE_SEPARATION * sharpest  # no image of theirs resolved them
@@ -560,7 +597,8 @@ class RunningCatalogue:
         if len(plan.merge_keep):  # the merged light curves in every band, also those not measured here
             kept = np.isin(lightcurves["src_id"], s["src_id"][plan.merge_keep])
             changed_lc = np.union1d(changed_lc, np.flatnonzero(kept))
-        new_sources = self._new_sources(image, det, det_ra, det_dec, det_ids, det_src_id, new_det, is_duplicate)
+        new_sources = self._new_sources(image, self.neighbourhood((image.centre_ra, image.centre_dec), plan.reach),
+                                        det, det_ra, det_dec, det_ids, det_src_id, new_det, is_duplicate)
         changed = np.unique(np.concatenate([meas_rows, plan.merge_keep, plan.merge_drop]))
         return ImageUpdate(
             measurements=measurements,
@@ -666,8 +704,8 @@ class RunningCatalogue:
                    for name in ("id", "src_id", "parent")}
         return s, lc, merges, changes
 
-    def _new_sources(self, image: ImageContext, det: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-                     det_ids: np.ndarray, det_src_id: np.ndarray, new_det: np.ndarray,
+    def _new_sources(self, image: ImageContext, near: Neighbourhood, det: np.ndarray, det_ra: np.ndarray,
+                     det_dec: np.ndarray, det_ids: np.ndarray, det_src_id: np.ndarray, new_det: np.ndarray,
                      is_duplicate: np.ndarray) -> Columns:
         """Transient candidates: new (non-duplicate) sources (``det_ra``, ``det_dec``: their positions
         with the image's shift taken out, deg) at positions seen before in this band,
@@ -683,7 +721,7 @@ class RunningCatalogue:
         )
         wider = earlier.beam_fwhm[in_band] > WIDER_BEAM * image.beam_fwhm
         if wider.any():
-            covered &= ~wider | (self._nearest_known(det_ra[cand], det_dec[cand])[:, None]
+            covered &= ~wider | (self._nearest_known(near, det_ra[cand], det_dec[cand])[:, None]
                                  >= RESOLVABLE_SEPARATION * earlier.beam_fwhm[in_band])
         seen = covered.any(axis=1)
         cand, covered = cand[seen], covered[seen]
@@ -727,12 +765,13 @@ class RunningCatalogue:
             reach = self.duplicate_reach * image.beam_fwhm if self.duplicate_reach > 0 and image.beam_fwhm > 0 else None
         return None if reach is None else np.maximum(reach, det["semimajor_axis"] * 2.0 / 3600.0)
 
-    def _nearest_known(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _nearest_known(near: Neighbourhood, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
         """Distance (deg) from each position (deg, the catalogue's frame) to the nearest source a
-        detection can continue (inf: none)."""
-        if not len(self.blind_rows) or not len(ra):
+        detection can continue ``near`` it (inf: none)."""
+        if not len(near.rows) or not len(ra):
             return np.full(len(ra), np.inf)
-        return angle_of_chord(self.blind_tree.query(unit_vectors(ra, dec))[0])
+        return angle_of_chord(near.tree.query(unit_vectors(ra, dec))[0])
 
     # -- step 3: after the transaction committed -------------------------------------------
     def apply(self, update: ImageUpdate, image: ImageContext) -> RunningCatalogue:

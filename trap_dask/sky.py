@@ -35,6 +35,18 @@ def within_reach(ra: ArrayLike, dec: ArrayLike, centre: tuple[float, float]) -> 
     return haversine(ra, dec, *centre) < np.sin(np.deg2rad(TANGENT_REACH) / 2.0) ** 2
 
 
+def within(ra: np.ndarray, dec: np.ndarray, centre: tuple[float, float], radius: float) -> np.ndarray:
+    """Per position (deg): no farther than ``radius`` (deg) from ``centre`` (ra, dec; deg). Every
+    position where ``radius`` is 180 or more, or not a number."""
+    inside = np.ones(len(ra), bool)
+    if not radius < 180.0:
+        return inside
+    inside &= np.abs(dec - centre[1]) <= radius  # a cheap cut first: most of a sky of many fields
+    band = np.flatnonzero(inside)
+    inside[band] = haversine(ra[band], dec[band], *centre) <= np.sin(np.deg2rad(radius) / 2.0) ** 2
+    return inside
+
+
 def north_turn(ra: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
     """Angle (rad, towards east) from north at ``centre`` (ra, dec; deg) to north at positions of
     right ascension ``ra`` (deg), as the tangent plane at the centre draws them: how far east and

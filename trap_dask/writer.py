@@ -51,6 +51,7 @@ import numpy as np
 
 from trap_dask.astrometry import (
     AUTO_UNMEASURED,
+    REACH,
     Astrometry,
     ScatterHistory,
     automatic_sys_err,
@@ -302,7 +303,8 @@ class Writer:
             self._unsaved_bands.append(band)
         beam_fwhm = 2.0 * meta.beam.smaj
         result = _measurable(result)
-        astrometry, sys_err = self._astrometry(result.sources, beam_fwhm, (meta.centre_ra, meta.centre_dec))
+        astrometry, sys_err = self._astrometry(result.sources, beam_fwhm, (meta.centre_ra, meta.centre_dec),
+                                               result.xtr_radius)
         shift = (astrometry.offset_ra / 3600.0, astrometry.offset_dec / 3600.0) \
             if self.remove_shift and astrometry.measured else (0.0, 0.0)
         image = ImageContext(
@@ -569,16 +571,19 @@ class Writer:
             self.worker_seconds[stage] = self.worker_seconds.get(stage, 0.0) + seconds
         self.stage_cpu += message.cpu
 
-    def _astrometry(self, detections: np.ndarray, beam_fwhm: float,
-                    centre: tuple[float, float]) -> tuple[Astrometry, tuple[float, float]]:
-        """The image's offsets from the catalogue (east and north at its ``centre``, deg), and the
+    def _astrometry(self, detections: np.ndarray, beam_fwhm: float, centre: tuple[float, float],
+                    xtr_radius: float) -> tuple[Astrometry, tuple[float, float]]:
+        """The image's offsets from the catalogue (east and north at its ``centre``, deg; the
+        known sources within ``xtr_radius`` deg of it and astrometry.REACH beams more), and the
         systematic errors (arcsec) to associate it with: under 'auto' those measured so far and on
         this image; else the user's, widened to those measured unless ``widen_sys_err`` is off."""
-        s, blind = self.catalogue.sources, self.catalogue.blind_rows
+        s = self.catalogue.sources
+        near = self.catalogue.neighbourhood(centre, xtr_radius + REACH * beam_fwhm)
+        blind = near.rows
         astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
                              detections["ra"], detections["dec"],
                              detections["significance_detection_level"], detections["ra_fit_err"],
-                             detections["dec_fit_err"], beam_fwhm, centre, self.catalogue.blind_tree)
+                             detections["dec_fit_err"], beam_fwhm, centre, near.tree)
         if self.sys_err[0] is None:
             return astrometry, automatic_sys_err(self.scatter, astrometry, beam_fwhm)
         given = (float(self.sys_err[0]), float(self.sys_err[1]))
