@@ -8,9 +8,10 @@ of ``--sources`` point sources measured in every image with 1" of position noise
 missed per image (forced fits answered at once) and a few transients appearing. Nothing waits on
 workers, so this is the writer at the rate of any number of workers (64 of them deliver ~400
 images/s of 2048^2 at 158 ms each). ``--other-fields N`` puts N known sources of other fields
-(a run of many fields) in the catalogue first, from an untimed image far from this field. Prints ms per image per phase (the commits run beside
-association, in the writer's committer thread or, behind, its committer process: "waiting" is the
-time the writer waited for one; behind, the images are timed once that process is up) and, from
+(a run of many fields) in the catalogue first, from an untimed image far from this field.
+Prints ms per image per phase (the commits run beside association, in the writer's committer
+thread or, behind, its committer process: "waiting" is the time the writer waited for one;
+behind, the images are timed once that process is up) and, from
 ``--worker-ms`` (one worker's time per image, ``benchmarks/stages.py``), the number of workers at
 which the writer becomes the limit of a run.
 """
@@ -186,8 +187,8 @@ def main() -> None:
                              per["associate"], per["update"], per["wait"], per["commit"], per["total"],
                              1000 / per["total"],
                              args.worker_ms / per["total"]])
-    print(markdown_table(["backend", "images arrive", "images", "sources / image", "sources of other fields", "associate ms", "light curves ms",
-                          "waiting ms", "commit ms (its own thread or process)",
+    print(markdown_table(["backend", "images arrive", "images", "sources / image", "sources of other fields",
+                          "associate ms", "light curves ms", "waiting ms", "commit ms (its own thread or process)",
                           "ms per image", "images / s", f"workers to saturate it ({args.worker_ms:g} ms/image)"],
                          rows))
 
