@@ -566,7 +566,7 @@ class RunningCatalogue:
         added["first_im_id"][:] = image.im_id
         added["merged_into"][:] = -1
         n_before = len(s["src_id"])
-        s = concat([s, added])
+        s = concat([s, added])  # a copy: what follows changes it in place
         det_rows = np.where(det_source >= 0, det_source, 0)
         det_rows[new_det] = n_before + np.arange(len(new_det))
         increments = position_sum_increments(det_ra, det_dec, _ra_error(det), det["uncertainty_ns"],
@@ -662,7 +662,7 @@ class RunningCatalogue:
         added["ra_ref"] = meas["ra"][fresh]
         added["lightcurve_max"][:] = -np.inf
         rows[missing] = len(lc["src_id"]) + number.ravel()
-        lc = concat([lc, added])
+        lc = concat([lc, added])  # a copy: what follows changes it in place
 
         flux = flux_sum_increments(meas["int_flux"], meas["int_flux_err"], lc["flux_ref"][rows])
         for name in FLUX_SUMS:
@@ -682,12 +682,14 @@ class RunningCatalogue:
 
     # -- merges ----------------------------------------------------------------------------
     def _merged(self, plan: AssociationPlan, history: np.ndarray | None) -> tuple[Columns, Columns, Columns, Columns]:
-        """Copies of the catalogue and light curves with ``plan``'s merges done, the merges rows
+        """The catalogue and light curves with ``plan``'s merges done (copies; without merges this
+        catalogue's own, which :meth:`update` copies as it adds the image's rows), the merges rows
         (MERGE_COLUMNS), and the id, src_id and parent of the earlier measurements they change."""
-        s = {k: v.copy() for k, v in self.sources.items()}
-        lc = {k: v.copy() for k, v in self.lightcurves.items()}
         if len(plan.merge_keep) and history is None:
             raise ValueError("merges need the history of the merging sources")
+        merging = bool(len(plan.merge_keep))
+        s = {k: v.copy() for k, v in self.sources.items()} if merging else self.sources
+        lc = {k: v.copy() for k, v in self.lightcurves.items()} if merging else self.lightcurves
         records, relabelled = [], []
         for keep, drop, apart in zip(plan.merge_keep.tolist(), plan.merge_drop.tolist(), plan.merge_separation):
             keep_src, drop_src = int(s["src_id"][keep]), int(s["src_id"][drop])
