@@ -488,3 +488,29 @@ def test_a_known_source_beyond_the_extraction_radius_is_still_a_candidate(catalo
     inside = add_uncertainties(detections(np.array([150.0]), np.array([30.99]), [1.0]), 60, 60)
     plan = cat.plan(context(2), inside)
     assert plan.det_source.tolist() == [0]
+
+
+def test_a_merge_partner_past_the_extraction_radius_is_still_merged():
+    """A detection just inside the extraction radius continues a known source just past it, whose
+    unseen twin 18" further out then merges into it, as when every known source is searched."""
+    cat = RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                           merge_duplicates=True)
+    wide = replace(context(0), xtr_radius=2.0)  # no beam: no merges in this first image
+    twins = detections(np.full(2, 150.0), 31.0 + np.array([27.0, 45.0]) * ARCSEC, [1.0, 1.0])
+    plan = cat.plan(wide, twins)
+    cat = cat.apply(cat.update(plan, ForcedMeasurements(forced_at([], [], []))), wide)
+    edge = replace(context(1), beam_fwhm=30 * ARCSEC)  # extraction radius 1 deg: the edge at dec 31
+    plan = cat.plan(edge, detections(np.array([150.0]), np.array([31.0 - 3.6 * ARCSEC]), [1.0]))
+    assert plan.det_source.tolist() == [0]
+    assert (plan.merge_keep.tolist(), plan.merge_drop.tolist()) == ([0], [1])
+
+
+def test_a_detection_past_the_extraction_radius_continues_its_source(catalogue):
+    """An all-sky image's extraction radius can fall short of its farthest pixels on the sky (a
+    horizon between the inscribed circle and the corners): a detection 80 deg out, past its 61,
+    still continues its known source."""
+    image = replace(context(0), centre_dec=50.0, xtr_radius=61.0, beam_fwhm=1.0)
+    det = add_uncertainties(detections(np.full(2, 150.0), np.array([50.0, -30.0]), [1.0, 1.0]), 300.0, 300.0)
+    cat, _ = step(catalogue, 0, det)
+    plan = cat.plan(replace(image, im_id=1), det)
+    assert plan.det_source.tolist() == [0, 1]

@@ -38,14 +38,15 @@ SEARCH_BELOW = 0.5
 #: The matches are made again around their median offset when it is more than this (beam FWHM):
 #: the match radius cut off the far side of the offsets.
 RECENTRE_ABOVE = 0.25
-#: How far beyond an image's detections (beam FWHM) the astrometry looks at known sources: a shift,
-#: a match, and the isolation of the matched source.
-REACH = MAX_SHIFT + MATCH_RADIUS + ISOLATION_RADIUS
 #: Radius of the cluster of pair offsets that locates a shift (beam FWHM) ...
 CLUSTER_RADIUS = 0.5
 #: ... and the least fraction of the detections searched with that it holds: unrelated pairs
 #: spread over the search circle (~3% of them in a cluster's area), a shift's gather in one.
 CLUSTER_LEAST = 0.25
+#: How far beyond an image's detections (beam FWHM) the astrometry looks at known sources: a shift
+#: (the median of its cluster lies up to sqrt(2) cluster radii past MAX_SHIFT), a match, and the
+#: isolation of the matched source.
+REACH = MAX_SHIFT + 2.0 * CLUSTER_RADIUS + MATCH_RADIUS + ISOLATION_RADIUS
 #: Robust standard deviation of a normal distribution per median absolute deviation.
 MAD_TO_SIGMA = 1.482602218505602
 #: Floor of the automatic systematic error (beam FWHM): no image is trusted to better than this.

@@ -24,7 +24,7 @@ from trap_dask.merging import converged_pairs, merge_histories
 from trap_dask.messages import MIN_MATCHES, ForcedMeasurements, ForcedRequest
 from trap_dask.newsource import Outlines, classify_new_sources, covering_images, earlier_rms_bounds, outline_from_text
 from trap_dask.shapes import SHAPE_SUMS, as_triples, resolved_shapes, shape_sum_increments, variance_across
-from trap_dask.sky import shifted, unshifted, within, wrap_ra_difference
+from trap_dask.sky import farthest, shifted, unshifted, within, wrap_ra_difference
 from trap_dask.variability import (
     FLUX_SUMS,
     POSITION_SUMS,
@@ -302,6 +302,7 @@ class RunningCatalogue:
         astrometry, association and merges, which then cost what the image holds, not what the
         whole catalogue (other fields of the run) does. One built around the same centre with a
         larger radius serves: a source beyond where an image looks changes none of its results."""
+        radius = radius if radius < 180.0 else 180.0  # not a number: the whole sky
         cache = self._neighbourhoods
         built = cache.get(centre)
         if built is None or built.radius < radius:
@@ -314,18 +315,23 @@ class RunningCatalogue:
 
     def reach(self, image: ImageContext, detections: np.ndarray) -> float:
         """Distance (deg) from the image's centre within which every known source that its
-        association, forced fits and merges use lies: its extraction radius, its shift, and the
-        farthest a known source can be from a detection and still count (de Ruiter candidates
-        under the largest uncertainties, the link, blend and merge radii of the widest beam)."""
+        association, forced fits, merges and new sources use lies: its extraction radius (or its
+        farthest detection), its shift, the farthest a known source can be from a detection and
+        still be continued by it (a de Ruiter candidate under the largest uncertainties, a link,
+        a blend), and from there a source merged with it or too close to tell from a new one
+        (RESOLVABLE_SEPARATION of the band's widest beam)."""
         s = self.sources
         blind = ~s["is_monitor"] & (s["merged_into"] < 0)
         unc_cat = float(np.max(np.maximum(s["wm_uncertainty_ew"], s["wm_uncertainty_ns"]), where=blind, initial=0.0))
         unc_det = float(np.max(np.maximum(detections["uncertainty_ew"], detections["uncertainty_ns"]), initial=0.0))
-        widest = float(np.max(self.earlier.beam_fwhm, where=self.earlier.band == image.band, initial=image.beam_fwhm))
+        # association's neighbour search bound (a chord, association._search_radius) as an angle
+        candidates = float(angle_of_chord(np.deg2rad(self.de_ruiter_r_max * np.hypot(unc_cat, unc_det)) * (1 + 1e-9)))
         linked = max(self.link_radius, BLEND_SWALLOW_RADIUS) * image.beam_fwhm
-        return (image.xtr_radius + float(np.hypot(image.shift_ra, image.shift_dec))
-                + max(self.de_ruiter_r_max * float(np.hypot(unc_cat, unc_det)), linked,
-                      RESOLVABLE_SEPARATION * widest))
+        widest = float(np.max(self.earlier.beam_fwhm, where=self.earlier.band == image.band, initial=image.beam_fwhm))
+        centre = (image.centre_ra, image.centre_dec)
+        extent = max(image.xtr_radius, farthest(detections["ra"], detections["dec"], centre))
+        return (extent + float(np.hypot(image.shift_ra, image.shift_dec)) + max(candidates, linked)
+                + RESOLVABLE_SEPARATION * widest)
 
     def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""

@@ -47,6 +47,13 @@ def within(ra: np.ndarray, dec: np.ndarray, centre: tuple[float, float], radius:
     return inside
 
 
+def farthest(ra: np.ndarray, dec: np.ndarray, centre: tuple[float, float]) -> float:
+    """The largest distance (deg) of positions (deg) from ``centre`` (ra, dec; deg); 0 for none."""
+    if not len(ra):
+        return 0.0
+    return float(np.rad2deg(2.0 * np.arcsin(np.sqrt(np.clip(haversine(ra, dec, *centre).max(), 0.0, 1.0)))))
+
+
 def north_turn(ra: ArrayLike, centre: tuple[float, float]) -> np.ndarray:
     """Angle (rad, towards east) from north at ``centre`` (ra, dec; deg) to north at positions of
     right ascension ``ra`` (deg), as the tangent plane at the centre draws them: how far east and

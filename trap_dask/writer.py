@@ -85,6 +85,7 @@ from trap_dask.messages import (
 )
 from trap_dask.newsource import outline_text
 from trap_dask.shapes import beam_cov
+from trap_dask.sky import farthest
 from trap_dask.sources import HISTORY_DTYPE, add_uncertainties, empty_sources
 
 log = logging.getLogger(__name__)
@@ -574,11 +575,13 @@ class Writer:
     def _astrometry(self, detections: np.ndarray, beam_fwhm: float, centre: tuple[float, float],
                     xtr_radius: float) -> tuple[Astrometry, tuple[float, float]]:
         """The image's offsets from the catalogue (east and north at its ``centre``, deg; the
-        known sources within ``xtr_radius`` deg of it and astrometry.REACH beams more), and the
+        known sources within ``xtr_radius`` deg of it, or of its farthest detection, and
+        astrometry.REACH beams more), and the
         systematic errors (arcsec) to associate it with: under 'auto' those measured so far and on
         this image; else the user's, widened to those measured unless ``widen_sys_err`` is off."""
         s = self.catalogue.sources
-        near = self.catalogue.neighbourhood(centre, xtr_radius + REACH * beam_fwhm)
+        extent = max(xtr_radius, farthest(detections["ra"], detections["dec"], centre))
+        near = self.catalogue.neighbourhood(centre, extent + REACH * beam_fwhm)
         blind = near.rows
         astrometry = measure(s["wm_ra"][blind], s["wm_dec"][blind], s["acc_n_pos"][blind],
                              detections["ra"], detections["dec"],
