@@ -513,7 +513,8 @@ class RunningCatalogue:
     def _mean_flux(self, src_id: np.ndarray, band: int | None = None) -> np.ndarray:
         """Mean flux (Jy) of each source's light curve in ``band``, or over all its bands (their
         light curves' means averaged) when ``band`` is None; NaN where it has none."""
-        lc = self.lightcurves
+        theirs = np.isin(self.lightcurves["src_id"], src_id)  # the few asked for, not every light curve
+        lc = {name: self.lightcurves[name][theirs] for name in ("src_id", "freq_band", "lightcurve_avg")}
         if band is not None:
             keys, means = _lightcurve_key(lc["src_id"], lc["freq_band"]), lc["lightcurve_avg"]
             wanted = _lightcurve_key(src_id, band)
@@ -701,12 +702,14 @@ class RunningCatalogue:
             keep_src, drop_src = int(s["src_id"][keep]), int(s["src_id"][drop])
             merged = merge_histories(history, keep_src, drop_src)
             _merge_catalogue_row(s, keep, drop, merged.rows, self.earlier)
-            lc = _merge_lightcurves(lc, merged.rows, keep_src, drop_src)
+            _merge_lightcurves(lc, merged.rows, keep_src, drop_src)
             records.append({"src_id": drop_src, "merged_into": keep_src, "im_id": plan.image.im_id,
                             "separation": float(apart) * 3600.0,
                             "n_moved": int(np.sum(merged.rows["src_id"] == drop_src)),
                             "n_set_aside": len(merged.set_aside)})
             relabelled.append(merged.relabelled(keep_src, drop_src))
+        if records:  # the retired sources' light curves, all at once
+            lc = take(lc, np.flatnonzero(~np.isin(lc["src_id"], [r["src_id"] for r in records])))
         merges = {name: np.array([r[name] for r in records], dtype=dtype) for name, dtype in MERGE_COLUMNS.items()}
         changes = {name: np.concatenate([r[name] for r in relabelled]) if relabelled else np.zeros(0, "i8")
                    for name in ("id", "src_id", "parent")}
@@ -868,12 +871,15 @@ def _merge_catalogue_row(s: Columns, keep: int, drop: int, rows: np.ndarray, ear
     _refresh_positions(s, np.array([keep]))
 
 
-def _merge_lightcurves(lc: Columns, rows: np.ndarray, keep_src: int, drop_src: int) -> Columns:
-    """Light curves with ``drop_src``'s removed and ``keep_src``'s rebuilt from the merged
-    measurements ``rows`` (HISTORY_DTYPE) in each band; each keeps the earlier start of the two."""
-    keys = _lightcurve_key(lc["src_id"], lc["freq_band"])
+def _merge_lightcurves(lc: Columns, rows: np.ndarray, keep_src: int, drop_src: int) -> None:
+    """``keep_src``'s light curves rebuilt from the merged measurements ``rows`` (HISTORY_DTYPE) in
+    each band, in place; each keeps the earlier start of the two. ``drop_src``'s are left for the
+    caller to remove."""
+    theirs = np.flatnonzero((lc["src_id"] == keep_src) | (lc["src_id"] == drop_src))
+    keys = _lightcurve_key(lc["src_id"][theirs], lc["freq_band"][theirs])
     for band in np.unique(rows["freq_band"]).tolist():
-        k, d = _find_rows(keys, _lightcurve_key(np.array([keep_src, drop_src]), band)).tolist()
+        k, d = (int(theirs[i]) if i >= 0 else -1
+                for i in _find_rows(keys, _lightcurve_key(np.array([keep_src, drop_src]), band)).tolist())
         if k < 0:  # only the dropped source had a light curve in this band: it becomes the kept one's
             k, d = d, -1
             lc["src_id"][k] = keep_src
@@ -891,7 +897,6 @@ def _merge_lightcurves(lc: Columns, rows: np.ndarray, keep_src: int, drop_src: i
         for name in POSITION_SUMS:
             lc[f"acc_{name}"][k] = pos[name].sum()
         _refresh_lightcurves(lc, np.array([k]))
-    return take(lc, np.flatnonzero(lc["src_id"] != drop_src))
 
 
 def _refresh_lightcurves(lc: Columns, rows: np.ndarray) -> None:
