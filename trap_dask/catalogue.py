@@ -292,6 +292,11 @@ class RunningCatalogue:
 
     # -- step 1: association of the blind detections -----------------------------------------
     @cached_property
+    def _blind(self) -> np.ndarray:
+        """Per source: one a detection can continue (neither a monitor nor merged into another)."""
+        return ~self.sources["is_monitor"] & (self.sources["merged_into"] < 0)
+
+    @cached_property
     def _neighbourhoods(self) -> dict[tuple[float, float], Neighbourhood]:
         """The last :meth:`neighbourhood` built, by its centre (one image at a time asks)."""
         return {}
@@ -307,8 +312,7 @@ class RunningCatalogue:
         built = cache.get(centre)
         if built is None or built.radius < radius:
             s = self.sources
-            blind = ~s["is_monitor"] & (s["merged_into"] < 0)
-            rows = np.flatnonzero(blind & within(s["wm_ra"], s["wm_dec"], centre, radius))
+            rows = np.flatnonzero(self._blind & within(s["wm_ra"], s["wm_dec"], centre, radius))
             cache.clear()
             built = cache[centre] = Neighbourhood(rows, sky_tree(s["wm_ra"][rows], s["wm_dec"][rows]), radius)
         return built
@@ -321,8 +325,8 @@ class RunningCatalogue:
         a blend), and from there a source merged with it or too close to tell from a new one
         (RESOLVABLE_SEPARATION of the band's widest beam)."""
         s = self.sources
-        blind = ~s["is_monitor"] & (s["merged_into"] < 0)
-        unc_cat = float(np.max(np.maximum(s["wm_uncertainty_ew"], s["wm_uncertainty_ns"]), where=blind, initial=0.0))
+        unc_cat = float(np.max(np.maximum(s["wm_uncertainty_ew"], s["wm_uncertainty_ns"]), where=self._blind,
+                               initial=0.0))
         unc_det = float(np.max(np.maximum(detections["uncertainty_ew"], detections["uncertainty_ns"]), initial=0.0))
         # association's neighbour search bound (a chord, association._search_radius) as an angle
         candidates = float(angle_of_chord(np.deg2rad(self.de_ruiter_r_max * np.hypot(unc_cat, unc_det)) * (1 + 1e-9)))

@@ -574,11 +574,11 @@ class Writer:
 
     def _astrometry(self, detections: np.ndarray, beam_fwhm: float, centre: tuple[float, float],
                     xtr_radius: float) -> tuple[Astrometry, tuple[float, float]]:
-        """The image's offsets from the catalogue (east and north at its ``centre``, deg; the
+        """The image's offsets from the catalogue (east and north at its ``centre``, deg, from the
         known sources within ``xtr_radius`` deg of it, or of its farthest detection, and
-        astrometry.REACH beams more), and the
-        systematic errors (arcsec) to associate it with: under 'auto' those measured so far and on
-        this image; else the user's, widened to those measured unless ``widen_sys_err`` is off."""
+        astrometry.REACH beams more), and the systematic errors (arcsec) to associate it with:
+        under 'auto' those measured so far and on this image; else the user's, widened to those
+        measured unless ``widen_sys_err`` is off."""
         s = self.catalogue.sources
         extent = max(xtr_radius, farthest(detections["ra"], detections["dec"], centre))
         near = self.catalogue.neighbourhood(centre, extent + REACH * beam_fwhm)
