@@ -252,3 +252,28 @@ def test_within_a_radius_is_the_great_circle_distance(centre, radius):
     distance = 2 * np.rad2deg(np.arcsin(np.sqrt(haversine(ra, dec, *centre))))
     expected = distance <= radius if radius < 180 else np.ones(len(ra), bool)
     assert within(ra, dec, centre, radius).tolist() == expected.tolist()
+
+
+def test_a_shift_found_on_a_lattice_does_not_depend_on_what_else_the_catalogue_holds():
+    """On a regular grid every lattice offset gathers a cluster of the same size: the search takes
+    the first in the order of the catalogue's rows, so the whole catalogue (rows in any order) and
+    the sources around the image (RunningCatalogue.neighbourhood) find the same shift."""
+    from trap_dask.association import sky_tree
+    from trap_dask.astrometry import REACH, measure
+
+    beam, centre = 1 / 60.0, (180.0, 0.0)
+    x = np.arange(-1.5, 1.5 + 1e-9, 4 * beam)
+    cat_ra, cat_dec = (a.ravel() for a in np.meshgrid(centre[0] + x, x))
+    inside = np.hypot(cat_ra - centre[0], cat_dec) < 0.3
+    det_ra, det_dec = cat_ra[inside] + 1.5 * beam, cat_dec[inside] + 0.3 * beam
+    n = len(det_ra)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        order = rng.permutation(len(cat_ra))
+        ra, dec, count = cat_ra[order], cat_dec[order], np.full(len(order), 5.0)
+        near = np.flatnonzero(within(ra, dec, centre, 0.3 + REACH * beam))
+        found = [measure(ra[r], dec[r], count[r], det_ra, det_dec, np.full(n, 50.0), np.full(n, 1e-5),
+                         np.full(n, 1e-5), beam, centre, sky_tree(ra[r], dec[r]))
+                 for r in (np.arange(len(ra)), near)]
+        assert found[0].measured and (found[0].offset_ra, found[0].offset_dec) == (found[1].offset_ra,
+                                                                                   found[1].offset_dec)

@@ -514,3 +514,13 @@ def test_a_detection_past_the_extraction_radius_continues_its_source(catalogue):
     cat, _ = step(catalogue, 0, det)
     plan = cat.plan(replace(image, im_id=1), det)
     assert plan.det_source.tolist() == [0, 1]
+
+
+def test_the_mean_flux_of_a_source_without_a_light_curve_is_not_known():
+    """The mean flux of a source without a light curve (in the band, or in any) is not known: NaN,
+    also when none of the sources asked for has one."""
+    cat, _ = step(RunningCatalogue(de_ruiter_r_max=5.68, max_nr_consecutive_force_fits=2, detection_threshold=8.0,
+                                   **TRAP1), 0, detections(np.array([150.0]), np.array([30.0]), [0.05]))
+    for band in (1, None):
+        assert np.isnan(cat._mean_flux(np.array([7, 8]), band)).all()
+        assert cat._mean_flux(np.array([0, 8]), band)[0] == pytest.approx(0.05)

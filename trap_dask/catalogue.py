@@ -334,8 +334,9 @@ class RunningCatalogue:
         widest = float(np.max(self.earlier.beam_fwhm, where=self.earlier.band == image.band, initial=image.beam_fwhm))
         centre = (image.centre_ra, image.centre_dec)
         extent = max(image.xtr_radius, farthest(detections["ra"], detections["dec"], centre))
-        return (extent + float(np.hypot(image.shift_ra, image.shift_dec)) + max(candidates, linked)
-                + RESOLVABLE_SEPARATION * widest)
+        # a shift moves a position along its meridian, then its parallel: no farther than the two together
+        moved = abs(image.shift_ra) + abs(image.shift_dec)
+        return extent + moved + max(candidates, linked) + RESOLVABLE_SEPARATION * widest
 
     def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
@@ -528,7 +529,7 @@ class RunningCatalogue:
             means = np.bincount(at, weights=lc["lightcurve_avg"], minlength=len(keys)) / np.maximum(counts, 1)
             wanted = np.asarray(src_id, dtype=keys.dtype)
         found = _find_rows(keys, wanted)
-        return np.where(found >= 0, means[np.maximum(found, 0)], np.nan)
+        return np.append(means, np.nan)[found]  # -1, none: the NaN after the last
 
     # -- step 2: the image's measurements and the new state ----------------------------------
     def update(self, plan: AssociationPlan, measured: ForcedMeasurements,
@@ -884,6 +885,9 @@ def _merge_lightcurves(lc: Columns, rows: np.ndarray, keep_src: int, drop_src: i
     for band in np.unique(rows["freq_band"]).tolist():
         k, d = (int(theirs[i]) if i >= 0 else -1
                 for i in _find_rows(keys, _lightcurve_key(np.array([keep_src, drop_src]), band)).tolist())
+        if k < 0 and d < 0:
+            raise RuntimeError(f"sources {keep_src} and {drop_src} have measurements in band {band} but no "
+                               "light curve there: the catalogue and its light curves disagree")
         if k < 0:  # only the dropped source had a light curve in this band: it becomes the kept one's
             k, d = d, -1
             lc["src_id"][k] = keep_src

@@ -34,6 +34,7 @@ def converged_pairs(ra: np.ndarray, dec: np.ndarray, src_id: np.ndarray, seen: n
     tree = sky_tree(ra, dec) if tree is None else tree
     xyz = tree.data
     pairs = tree.query_pairs(chord(radius), output_type="ndarray")
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # equal separations: by index, whatever the tree holds
     i, j = pairs[:, 0], pairs[:, 1]
     one_seen = seen[i] != seen[j]
     i, j = i[one_seen], j[one_seen]
