@@ -141,12 +141,14 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
     CLUSTER_LEAST of the detections.
     A coherent shift moves every pair by the same offset; the other pairs spread theirs over the
     whole search circle."""
-    # sorted: a tie between clusters goes to the same pair whatever else the tree holds
-    near = cat_tree.query_ball_point(unit_vectors(det_ra[det_index], det_dec[det_index]),
-                                     chord(MAX_SHIFT * beam_fwhm), return_sorted=True)
-    dj = np.repeat(det_index, [len(n) for n in near])
-    ci = np.fromiter((c for n in near for c in n), np.intp, len(dj))
-    keep = _isolated(cat_tree, cat_tree.data[ci], chord(ISOLATION_RADIUS * beam_fwhm))
+    searched = cKDTree(unit_vectors(det_ra[det_index], det_dec[det_index]))
+    near = cat_tree.sparse_distance_matrix(searched, chord(MAX_SHIFT * beam_fwhm), output_type="ndarray")
+    # by detection, then by catalogue row: a tie between clusters goes to the same pair whatever
+    # else the tree holds
+    order = np.lexsort((near["i"], near["j"]))
+    ci, dj = near["i"][order].astype(np.intp), det_index[near["j"][order]]
+    sources, at = np.unique(ci, return_inverse=True)  # each catalogue source's isolation asked once
+    keep = _isolated(cat_tree, cat_tree.data[sources], chord(ISOLATION_RADIUS * beam_fwhm))[at]
     ci, dj = ci[keep], dj[keep]
     if len(ci) < MIN_MATCHES:
         return None
