@@ -19,6 +19,7 @@ which the writer becomes the limit of a run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
 import time
@@ -60,21 +61,14 @@ class Sky:
         ra = np.concatenate([self.ra[seen], 150.0 + (self.rng.random(n_new) - 0.5) * FIELD])
         dec = np.concatenate([self.dec[seen], 30.0 + (self.rng.random(n_new) - 0.5) * FIELD])
         det = self.measured(ra, dec, np.concatenate([self.flux[seen], np.full(n_new, 0.05)]), forced=False)
-        meta = ImageMeta(url=f"/data/image{i:05d}.fits", taustart_ts=datetime(2024, 1, 1) + timedelta(hours=i),
-                         tau_time=60.0, freq_eff=150e6, freq_bw=2e6,
-                         beam=Beam(BEAM_FWHM / 2, BEAM_FWHM / 3, 0.0), shape=(2048, 2048),
-                         centre_ra=150.0, centre_dec=30.0, pixel_scale=4 * ARCSEC, header="")
-        return ImageResult(meta, f"{i:064x}", ImageStats(1e-3, 9e-4, 1.1e-3), None, FIELD, det,
-                           done_at=time.time() if ready else 0.0)
+        return _result(f"/data/image{i:05d}.fits", datetime(2024, 1, 1) + timedelta(hours=i), (150.0, 30.0), FIELD,
+                       det, done_at=time.time() if ready else 0.0)
 
     def other_fields(self, n: int) -> ImageResult:
         """An image of ``n`` sources of other fields, spread over 40 x 40 deg far from this one."""
         ra, dec = 200.0 + 40.0 * self.rng.random(n), -20.0 + 40.0 * self.rng.random(n)
-        meta = ImageMeta(url="/data/other_fields.fits", taustart_ts=datetime(2023, 12, 31), tau_time=60.0,
-                         freq_eff=150e6, freq_bw=2e6, beam=Beam(BEAM_FWHM / 2, BEAM_FWHM / 3, 0.0),
-                         shape=(2048, 2048), centre_ra=220.0, centre_dec=0.0, pixel_scale=4 * ARCSEC, header="")
-        return ImageResult(meta, "f" * 64, ImageStats(1e-3, 9e-4, 1.1e-3), None, 30.0,
-                           self.measured(ra, dec, np.full(n, 0.05), forced=False), done_at=time.time())
+        return _result("/data/other_fields.fits", datetime(2023, 12, 31), (220.0, 0.0), 30.0,
+                       self.measured(ra, dec, np.full(n, 0.05), forced=False), done_at=time.time())
 
     def measured(self, ra: np.ndarray, dec: np.ndarray, flux: np.ndarray, forced: bool) -> np.ndarray:
         rows = empty_sources(len(ra))
@@ -99,6 +93,17 @@ class Sky:
         return ForcedMeasurements(self.measured(request.ra, request.dec, np.full(len(request.ra), 0.01), True),
                                   backfill=self.measured(request.backfill_ra, request.backfill_dec,
                                                          np.full(len(request.backfill_ra), 0.01), True), **extra)
+
+
+def _result(url: str, taustart: datetime, centre: tuple[float, float], xtr_radius: float, detections: np.ndarray,
+            done_at: float) -> ImageResult:
+    """A worker's result for a 2048^2 image of the benchmark's beam centred at ``centre`` (deg)
+    whose ``detections`` lie within ``xtr_radius`` (deg); its checksum is its file's name."""
+    meta = ImageMeta(url=url, taustart_ts=taustart, tau_time=60.0, freq_eff=150e6, freq_bw=2e6,
+                     beam=Beam(BEAM_FWHM / 2, BEAM_FWHM / 3, 0.0), shape=(2048, 2048), centre_ra=centre[0],
+                     centre_dec=centre[1], pixel_scale=4 * ARCSEC, header="")
+    return ImageResult(meta, hashlib.sha256(url.encode()).hexdigest(), ImageStats(1e-3, 9e-4, 1.1e-3), None,
+                       xtr_radius, detections, done_at=done_at)
 
 
 #: Most images fed to a writer behind before its timed ones, while its committer process starts.
