@@ -17,6 +17,7 @@ from trap_dask.shapes import (
     beam_cov,
     intrinsic_from_axes,
     resolved_shapes,
+    set_intrinsic_shapes,
     shape_sum_increments,
     variance_across,
 )
@@ -31,9 +32,7 @@ def detections(semimajor, semiminor, pa, rel_err=0.1, beam=BEAM) -> np.ndarray:
     rows = empty_sources(len(np.atleast_1d(semimajor)))
     rows["semimajor_axis"], rows["semiminor_axis"], rows["parallactic_angle"] = semimajor, semiminor, pa
     rows["int_flux"], rows["int_flux_err"], rows["gaussian_fit"] = 1.0, rel_err, True
-    intrinsic = intrinsic_from_axes(rows, beam_cov(*beam))
-    for i, name in enumerate(SHAPE_SUMS[1:]):
-        rows[f"intrinsic_{name}"] = intrinsic[:, i]
+    set_intrinsic_shapes(rows, intrinsic_from_axes(rows, beam_cov(*beam)))
     return rows
 
 

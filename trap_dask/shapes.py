@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from trap_dask.extraction.geometry import HALF_FWHM_PER_SIGMA, cov_from_axes
+from trap_dask.sources import INTRINSIC_COLUMNS
 
 #: The running sums of ``runningcatalog`` (``acc_shape_<name>``): the weight (arcsec**-4), and the
 #: weighted intrinsic covariance (arcsec**2 times the weight).
@@ -56,13 +57,24 @@ def intrinsic_from_axes(detections: np.ndarray, beam: np.ndarray) -> np.ndarray:
                               detections["parallactic_angle"]) - beam)
 
 
+def intrinsic_shapes(detections: np.ndarray) -> np.ndarray:
+    """(n, 3) intrinsic shapes (ee, en, nn; arcsec**2) of detections (SOURCE_DTYPE)."""
+    return np.stack([detections[name] for name in INTRINSIC_COLUMNS], -1)
+
+
+def set_intrinsic_shapes(detections: np.ndarray, shapes: np.ndarray, rows: np.ndarray | slice = slice(None)) -> None:
+    """Set the intrinsic shapes (n, 3: ee, en, nn; arcsec**2) of detections (SOURCE_DTYPE) ``rows``, in place."""
+    for i, name in enumerate(INTRINSIC_COLUMNS):
+        detections[name][rows] = shapes[:, i]
+
+
 def shape_sum_increments(detections: np.ndarray, beam: np.ndarray) -> dict[str, np.ndarray]:
     """What each detection (SOURCE_DTYPE) adds to the shape sums (SHAPE_SUMS) of its source, from
     its ``intrinsic_*`` columns, in an image of ``beam`` covariance (arcsec**2; (2, 2), or
     (n, 2, 2) one per detection). Only blind Gaussian fits count (forced fits and moment
     estimates add 0); one fitted with the beam's shape (``force_beam``, a pair fit) counts as a
     point source: a light curve mostly measured as a point keeps the beam in its forced fits too."""
-    intrinsic = np.stack([detections[f"intrinsic_{name}"] for name in SHAPE_SUMS[1:]], -1)
+    intrinsic = intrinsic_shapes(detections)
     with np.errstate(invalid="ignore", divide="ignore"):
         weight = np.square(detections["int_flux"] / detections["int_flux_err"]) / np.linalg.det(beam)
     counts = (~detections["is_force_fit"] & detections["gaussian_fit"] & (detections["int_flux_err"] > 0)

@@ -72,9 +72,11 @@ MEASURED_COLUMNS = (
     MeasuredColumn("uncertainty_ns", "f8", "deg"),
     MeasuredColumn("is_force_fit", "?", nullable=False),
 )
+#: The intrinsic shape's columns (ee, en, nn; trap_dask.shapes.intrinsic_shapes).
+INTRINSIC_COLUMNS = ("intrinsic_ee", "intrinsic_en", "intrinsic_nn")
 #: The measured columns followed by the pixel position x, y and the intrinsic shape, which are not exported.
 SOURCE_DTYPE = np.dtype([*((c.name, c.dtype) for c in MEASURED_COLUMNS), ("x", "f8"), ("y", "f8"),
-                         ("intrinsic_ee", "f8"), ("intrinsic_en", "f8"), ("intrinsic_nn", "f8")])
+                         *((name, "f8") for name in INTRINSIC_COLUMNS)])
 #: The measurements of a source that a merge of two light curves reads back (``extracted_sources`` columns, and the
 #: band of each row's image).
 HISTORY_DTYPE = np.dtype([
@@ -83,7 +85,7 @@ HISTORY_DTYPE = np.dtype([
     ("uncertainty_ew", "f8"), ("uncertainty_ns", "f8"), ("is_force_fit", "?"),
 ])
 #: Columns of SOURCE_DTYPE that are not written to ``extracted_sources``.
-NOT_EXPORTED: tuple[str, ...] = ("x", "y", "intrinsic_ee", "intrinsic_en", "intrinsic_nn")
+NOT_EXPORTED: tuple[str, ...] = ("x", "y", *INTRINSIC_COLUMNS)
 
 
 def empty_sources(n: int = 0) -> np.ndarray:

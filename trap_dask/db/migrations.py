@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, insert, inspect, se
 from trap_dask import __version__
 from trap_dask.db import schema
 from trap_dask.db.backends import Backend
-from trap_dask.shapes import SHAPE_SUMS, intrinsic_from_axes, shape_sum_increments, sky_cov
+from trap_dask.shapes import SHAPE_SUMS, intrinsic_from_axes, set_intrinsic_shapes, shape_sum_increments, sky_cov
 from trap_dask.sources import SOURCE_DTYPE
 
 
@@ -129,9 +129,7 @@ def _v7_to_v8(conn: Connection, backend: Backend) -> None:
                                  "int_flux_err", "gaussian_fit"), columns[1:7]):
             detections[name] = np.nan_to_num(column, nan=0.0) if name == "gaussian_fit" else column
         beams = sky_cov(columns[7] * 3600.0, columns[8] * 3600.0, columns[9])
-        intrinsic = intrinsic_from_axes(detections, beams)
-        for i, name in enumerate(SHAPE_SUMS[1:]):
-            detections[f"intrinsic_{name}"] = intrinsic[:, i]
+        set_intrinsic_shapes(detections, intrinsic_from_axes(detections, beams))
         increments = shape_sum_increments(detections, beams)
         row = np.searchsorted(src_ids, columns[0].astype("i8"))
         for name in SHAPE_SUMS:

@@ -32,7 +32,7 @@ from trap_dask.extraction.islands import (
 )
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam
-from trap_dask.shapes import as_triples
+from trap_dask.shapes import as_triples, set_intrinsic_shapes
 from trap_dask.sky import haversine
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties, empty_sources
 
@@ -452,8 +452,7 @@ def source_rows(
     rows["is_force_fit"] = False
     rows["x"], rows["y"] = x, y
     # the beam is the same in pixels everywhere: the source's shape less it, turned onto the sky where it lies
-    intrinsic = as_triples(geo.pixel_cov_to_sky(cov - image.beam_cov, jac) * 3600.0**2)
-    rows["intrinsic_ee"], rows["intrinsic_en"], rows["intrinsic_nn"] = intrinsic.T
+    set_intrinsic_shapes(rows, as_triples(geo.pixel_cov_to_sky(cov - image.beam_cov, jac) * 3600.0**2))
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
 
 

@@ -12,7 +12,7 @@ from trap_dask.extraction.blends import fit_point_pairs
 from trap_dask.extraction.extract import PreparedImage, local_noise, pair_rows
 from trap_dask.extraction.gaussian import beam_on_grid
 from trap_dask.extraction.params import ExtractionParams
-from trap_dask.shapes import as_matrices
+from trap_dask.shapes import as_matrices, set_intrinsic_shapes
 from trap_dask.sources import SOURCE_DTYPE, add_uncertainties
 
 #: Half-width of the fitting cutout in semi-major axes (half FWHM) of the shape fitted: 3 -> +-1.5 FWHM.
@@ -135,8 +135,7 @@ def forced_fit(
         major, minor, pa = geo.shape_on_sky(geo.pixel_cov_to_sky(cov, jac))
         rows["semimajor_axis"][resolved], rows["semiminor_axis"][resolved] = major, minor
         rows["parallactic_angle"][resolved] = pa
-        for i, name in enumerate(("intrinsic_ee", "intrinsic_en", "intrinsic_nn")):
-            rows[name][resolved] = shape[resolved, i]
+        set_intrinsic_shapes(rows, shape[resolved], resolved)
     with np.errstate(invalid="ignore", divide="ignore"):
         amp = np.where(on_image, amp, np.nan)
         noise = np.where(on_image, local_noise(image, ix, iy), np.nan)
