@@ -152,10 +152,10 @@ class AssociationPlan:
     backfill_shape: np.ndarray  #: (m, 3) their intrinsic shapes, as ``forced_shape``
     backfill_image: int  #: im_id of that image (-1: none)
     backfill_url: str | None  #: its file
+    near: Neighbourhood  #: the known sources around the image, within its RunningCatalogue.reach
     merge_keep: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: catalogue rows kept ...
     merge_drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))  #: ... and merged into them
     merge_separation: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: deg, between each two
-    reach: float = 180.0  #: deg from the image's centre: where the known sources it uses lie (RunningCatalogue.reach)
 
     def merging_src_ids(self, catalogue: RunningCatalogue) -> np.ndarray:
         """The src_ids whose measurements the merges of this image need (read back from the database)."""
@@ -341,8 +341,7 @@ class RunningCatalogue:
     def plan(self, image: ImageContext, detections: np.ndarray) -> AssociationPlan:
         """Associate ``detections`` and choose which known sources to force-fit in this image."""
         s = self.sources
-        reach = self.reach(image, detections)
-        near = self.neighbourhood((image.centre_ra, image.centre_dec), reach)
+        near = self.neighbourhood((image.centre_ra, image.centre_dec), self.reach(image, detections))
         blind = near.rows
         det_ra, det_dec = unshifted(detections["ra"], detections["dec"], image.shift_ra, image.shift_dec,
                                     (image.centre_ra, image.centre_dec))
@@ -404,10 +403,10 @@ class RunningCatalogue:
             backfill_shape=self._forced_shapes(image, new_shapes),
             backfill_image=backfill_image,
             backfill_url=backfill_url,
+            near=near,
             merge_keep=merge_keep,
             merge_drop=merge_drop,
             merge_separation=merge_separation,
-            reach=reach,
         )
 
     def _shapes(self) -> dict[str, np.ndarray]:
@@ -609,8 +608,8 @@ class RunningCatalogue:
         if len(plan.merge_keep):  # the merged light curves in every band, also those not measured here
             kept = np.isin(lightcurves["src_id"], s["src_id"][plan.merge_keep])
             changed_lc = np.union1d(changed_lc, np.flatnonzero(kept))
-        new_sources = self._new_sources(image, self.neighbourhood((image.centre_ra, image.centre_dec), plan.reach),
-                                        det, det_ra, det_dec, det_ids, det_src_id, new_det, is_duplicate)
+        new_sources = self._new_sources(image, plan.near, det, det_ra, det_dec, det_ids, det_src_id, new_det,
+                                        is_duplicate)
         changed = np.unique(np.concatenate([meas_rows, plan.merge_keep, plan.merge_drop]))
         return ImageUpdate(
             measurements=measurements,
