@@ -87,6 +87,26 @@ def test_banded_interpolation_equals_the_matrix_product(noise):
 
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_noise_floor_is_the_maximum_with_the_interpolated_map(seed):
+    """A floor looked at only where the map can reach it (extrapolated bands, rows near it) gives
+    the elementwise maximum of the map and the floor, bit for bit: on steep grids whose
+    extrapolation and whose interior go below it, and on grids just above it."""
+    from trap_dask.extraction.background import FLOOR_MARGIN, interpolate
+
+    rng = np.random.default_rng(seed)
+    cy, cx = np.array([10.0, 30.5, 50.0, 70.5, 90.0]), np.linspace(5.0, 95.0, 7)
+    floor = 1.0
+    steep = (1.0 + np.abs(rng.normal(size=(5, 7))) * np.linspace(0.2, 8.0, 7)).astype(np.float32)
+    steep[2, 3] = 0.3  # an interior box below the floor
+    near = np.full((5, 7), floor * (1.0 + FLOOR_MARGIN / 2), dtype=np.float32)  # just above: looked at
+    above = np.full((5, 7), 3.0, dtype=np.float32)
+    for grid in (steep, near, above):
+        plain = interpolate(grid, cy, cx, 101, 97)
+        assert np.array_equal(interpolate(grid, cy, cx, 101, 97, floor=floor), np.maximum(plain, np.float32(floor)))
+    assert (interpolate(steep, cy, cx, 101, 97) < floor).any()  # the floor had work to do
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (7, 150), (99, 77), (101, 50), (203, 150)])
 def test_boxes_are_the_nan_padded_image_cut_into_tiles(shape):
     """The box stack is filled tile by tile in place: the same as cutting the NaN-padded image."""

@@ -161,11 +161,24 @@ def _interpolate_rows(across: np.ndarray, wy: np.ndarray, lower: np.ndarray, fir
     for start, stop in itertools.pairwise(bounds):
         pair = slice(rows[start], rows[start] + 2)
         band = out[start:stop] if scratch is None else scratch[: stop - start]
-        np.matmul(wy[first + start : first + stop, pair], across[pair], out=band)
-        if floor is not None:
+        weights = wy[first + start : first + stop, pair]
+        np.matmul(weights, across[pair], out=band)
+        if floor is not None and not _above_floor(weights, across[pair], floor):
             np.maximum(band, floor, out=band)
         if minuend is not None:
             np.subtract(minuend[start:stop], band, out=out[start:stop])
+
+
+#: A band interpolated between rows of ``across`` at least (1 + FLOOR_MARGIN) times the floor is
+#: above the floor: float32's rounding of two weights summing to 1 takes off ~1e-7 of a value at most.
+FLOOR_MARGIN = 1e-4
+
+
+def _above_floor(weights: np.ndarray, rows: np.ndarray, floor: float) -> bool:
+    """Whether the band ``weights @ rows`` is above ``floor`` without looking at it: it lies between
+    two box centres (non-negative weights, a convex combination) and both ``rows`` are well above
+    the floor (only an extrapolation past the outermost centres can take the map below it)."""
+    return bool(weights.min() >= 0.0 and rows.min() > floor * (1.0 + FLOOR_MARGIN))
 
 
 def residual_and_rms(
