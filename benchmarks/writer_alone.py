@@ -2,6 +2,7 @@
 
     python benchmarks/writer_alone.py [--images 100] [--sources 1000] [--backend sqlite postgres]
                                       [--worker-ms 158] [--other-fields 0]
+    python benchmarks/writer_alone.py --images 2000 --block 250 [--new-per-image 2]   # a long survey
 
 Feeds :class:`trap_dask.writer.Writer` (in this process, no Dask) synthetic worker results: a sky
 of ``--sources`` point sources measured in every image with 1" of position noise, 3% of them
@@ -23,6 +24,7 @@ import hashlib
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -47,8 +49,9 @@ PG = dict(db_host="127.0.0.1", db_port=5432, db_user="postgres")
 class Sky:
     """Synthetic worker results: detections of a fixed sky, forced fits on request (deg, Jy)."""
 
-    def __init__(self, n_sources: int, seed: int = 0):
+    def __init__(self, n_sources: int, seed: int = 0, new_per_image: int = 2):
         self.rng = np.random.default_rng(seed)
+        self.new_per_image = new_per_image  # sources seen in one image only (transients, noise)
         self.ra = 150.0 + (self.rng.random(n_sources) - 0.5) * FIELD / np.cos(np.radians(30.0))
         self.dec = 30.0 + (self.rng.random(n_sources) - 0.5) * FIELD
         self.flux = 10 ** self.rng.uniform(-2.5, -0.5, n_sources)
@@ -57,7 +60,7 @@ class Sky:
         """Image ``i``'s result; ``ready``: finished by its worker now (else: as if it came after the
         writer went idle, so the writer commits it alone)."""
         seen = self.rng.random(len(self.ra)) > 0.03
-        n_new = 2
+        n_new = self.new_per_image
         ra = np.concatenate([self.ra[seen], 150.0 + (self.rng.random(n_new) - 0.5) * FIELD])
         dec = np.concatenate([self.dec[seen], 30.0 + (self.rng.random(n_new) - 0.5) * FIELD])
         det = self.measured(ra, dec, np.concatenate([self.flux[seen], np.full(n_new, 0.05)]), forced=False)
@@ -115,14 +118,10 @@ MODES = (("keeping up, one transaction each", False, False),
          ("behind (batches)", True, False))
 
 
-def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bool,
-          stage_every_image: bool = False, other_fields: int = 0) -> dict[str, float]:
-    """Seconds per phase (associate / update / commit / total) over the images after the first;
-    ``behind``: every image is ready before the writer takes it (it commits them in batches);
-    ``stage_every_image``: the writer of a run (batches of MAX_STAGED_KEEPING_UP while it keeps up).
-    Behind, the images are timed from when the writer's committer process has written a batch
-    (it starts after a whole batch behind, and takes ~1 s to start; the images before are not
-    timed). ``other_fields``: known sources of other fields in the catalogue first."""
+@contextmanager
+def fed_writer(backend: str, workdir: Path, sky: Sky, stage_every_image: bool = False):
+    """A writer on a fresh database of ``backend`` and the function that feeds it one image of
+    ``sky`` (returning the writer's seconds for it, the workers' forced fits not counted)."""
     from trap_dask.writer import Writer
 
     values = dict(db_backend="sqlite", db_name=str(workdir / "writer_alone.db")) if backend == "sqlite" else \
@@ -131,12 +130,11 @@ def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bo
     settings = DatabaseSettings(backend=config.db_backend, name=config.db_name, host=config.db_host,
                                 port=config.db_port, user=config.db_user, password=None)
     ExportStore.create(settings, overwrite=True).close()
-    sky, writer = Sky(n_sources), None
+    writer = None
     try:
         writer = Writer(settings, config, None, stage_every_image=stage_every_image)
 
         def feed(image: ImageResult) -> float:
-            """The writer's seconds for one image (the workers' forced fits not counted)."""
             started = time.perf_counter()
             request = writer.associate(image)
             seconds = time.perf_counter() - started
@@ -147,6 +145,24 @@ def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bo
                 seconds += time.perf_counter() - started
             return seconds
 
+        yield writer, feed
+    finally:
+        if writer is not None:
+            writer.finish("completed")
+        if backend == "postgres":
+            drop_database(settings)
+
+
+def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bool,
+          stage_every_image: bool = False, other_fields: int = 0) -> dict[str, float]:
+    """Seconds per phase (associate / update / commit / total) over the images after the first;
+    ``behind``: every image is ready before the writer takes it (it commits them in batches);
+    ``stage_every_image``: the writer of a run (batches of MAX_STAGED_KEEPING_UP while it keeps up).
+    Behind, the images are timed from when the writer's committer process has written a batch
+    (it starts after a whole batch behind, and takes ~1 s to start; the images before are not
+    timed). ``other_fields``: known sources of other fields in the catalogue first."""
+    sky = Sky(n_sources)
+    with fed_writer(backend, workdir, sky, stage_every_image) as (writer, feed):
         first = 0
         if other_fields:
             feed(sky.other_fields(other_fields))
@@ -165,11 +181,28 @@ def bench(backend: str, workdir: Path, n_images: int, n_sources: int, behind: bo
         writer.flush()
         wall += time.perf_counter() - started
         return {**writer.seconds, "total": wall, "batches": writer.n_batches}
-    finally:
-        if writer is not None:
-            writer.finish("completed")
-        if backend == "postgres":
-            drop_database(settings)
+
+
+def long_run(backend: str, workdir: Path, n_images: int, n_sources: int, block: int,
+             new_per_image: int) -> list[list]:
+    """A long survey fed behind (every image ready): per ``block`` images, the writer's ms an image
+    (wall, its own thread's CPU, and each phase) and the sources the catalogue holds by then, as
+    ``sky``'s one-off sources (``new_per_image``) and the database's measurements accumulate."""
+    sky = Sky(n_sources, new_per_image=new_per_image)
+    rows = []
+    with fed_writer(backend, workdir, sky) as (writer, feed):
+        before, wall, cpu = dict(writer.seconds), time.perf_counter(), time.thread_time()
+        for i in range(n_images):
+            feed(replace(sky.image(i, ready=True), done_at=1.0))  # ready long before: behind
+            if (i + 1) % block == 0:
+                now, spent = dict(writer.seconds), {"wall": time.perf_counter() - wall, "cpu": time.thread_time() - cpu}
+                per = {k: 1000 * (now[k] - before.get(k, 0.0)) / block for k in now} | \
+                    {k: 1000 * v / block for k, v in spent.items()}
+                rows.append([backend, f"{i + 1 - block}-{i + 1}", len(writer.catalogue.sources["src_id"]),
+                             per["wall"], per["cpu"], per["associate"], per["update"], per["commit"], per["wait"]])
+                before, wall, cpu = now, time.perf_counter(), time.thread_time()
+        writer.flush()
+    return rows
 
 
 def main() -> None:
@@ -181,9 +214,20 @@ def main() -> None:
                         help="one worker's CPU time per image (ms), to say when the writer becomes the limit")
     parser.add_argument("--other-fields", type=int, default=0,
                         help="known sources of other fields in the catalogue first (a run of many fields)")
+    parser.add_argument("--block", type=int, default=0,
+                        help="a long survey instead: the writer behind, its ms an image per this many images")
+    parser.add_argument("--new-per-image", type=int, default=2,
+                        help="with --block: sources seen in one image only, added by every image")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
+        if args.block:
+            for backend in args.backend:
+                rows += long_run(backend, Path(workdir), args.images, args.sources, args.block, args.new_per_image)
+            print(markdown_table(["backend", "images", "catalogue sources", "ms per image", "writer thread CPU ms",
+                                  "associate ms", "light curves ms", "commit ms (its own thread or process)",
+                                  "waiting ms"], rows))
+            return
         for backend in args.backend:
             for label, behind, staged in MODES:
                 s = bench(backend, Path(workdir), args.images, args.sources, behind, staged, args.other_fields)
