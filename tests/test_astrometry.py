@@ -193,6 +193,32 @@ def test_the_fit_error_is_taken_out_and_faint_or_crowded_sources_do_not_count():
     assert crowded.n == 0 and not crowded.measured and np.isnan(crowded.scatter_ra)
 
 
+@pytest.mark.parametrize("offset", [(1.0, -0.5), (45.0, -20.0)])
+def test_a_catalogue_crowded_with_sources_not_seen_again_is_no_sign_of_a_shift(offset, monkeypatch):
+    """Known sources that this image does not detect (one-off detections of earlier images) 2 beams
+    from 70% of the field's sources take away their isolation: few detections match confidently,
+    yet each lies within a beam of its own source, so no shift is searched for, and the matches of
+    the sources still isolated measure the image. A shift of 1.6 beams is still searched for and
+    found."""
+    from trap_dask import astrometry
+
+    rng = np.random.default_rng(6)
+    ra, dec = field()
+    crowd = rng.random(len(ra)) < 0.7
+    cat_ra = np.concatenate([ra, ra[crowd] + 2 * BEAM / np.cos(np.deg2rad(dec[crowd]))])
+    cat_dec = np.concatenate([dec, dec[crowd]])
+    searched = []
+    monkeypatch.setattr(astrometry, "coherent_shift",
+                        lambda *args: searched.append(1) or coherent_shift(*args))
+    det = detections_of(ra, dec, offset, (2.0, 3.0), rng)
+    result = measure(cat_ra, cat_dec, MANY, *det, BEAM, middle(ra, dec))
+    assert bool(searched) == (np.hypot(*offset) > BEAM / ARCSEC)
+    assert result.measured and result.n == np.sum(~crowd)
+    assert result.offset_ra == pytest.approx(offset[0], abs=0.6)
+    assert result.offset_dec == pytest.approx(offset[1], abs=0.6)
+    assert result.scatter_ra == pytest.approx(2.0, rel=0.25) and result.scatter_dec == pytest.approx(3.0, rel=0.25)
+
+
 def test_the_catalogue_positions_own_scatter_is_taken_out():
     rng = np.random.default_rng(2)
     ra, dec = field(1000)
