@@ -73,8 +73,8 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     Positions in deg, ``beam_fwhm`` in deg. Both ends isolated (nothing else within
     ``ISOLATION_RADIUS`` beams on its own side), within ``MATCH_RADIUS`` beams of each other once
     the image's coherent shift is taken out (:func:`coherent_shift` when few match without it, see
-    SEARCH_BELOW; their median offset when that is over ``RECENTRE_ABOVE`` beams), the detection at least
-    ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
+    SEARCH_BELOW; their median offset when that is over ``RECENTRE_ABOVE`` beams), the detection
+    at least ``MIN_SIGNIFICANCE``. A match chosen this way does not depend on
     the systematic error, so it can measure it. Offsets and shifts are east and north at ``centre``
     (ra, dec; deg), the image's centre, turned at each source as its own east and north turn
     (:func:`~trap_dask.sky.north_turn`). ``cat_tree``: the catalogue positions'
@@ -126,6 +126,7 @@ def measurable(det_ra: np.ndarray, det_dec: np.ndarray, det_significance: np.nda
     return len(found) >= MIN_MATCHES
 
 
+#: (catalogue index, detection index) of matched pairs
 Pairs = tuple[np.ndarray, np.ndarray]
 
 
@@ -142,7 +143,7 @@ def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radiu
 
 
 def _not_shifted(near: Pairs, cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-               beam_fwhm: float, centre: tuple[float, float], least: float) -> bool:
+                 beam_fwhm: float, centre: tuple[float, float], least: float) -> bool:
     """Whether at least ``least`` detections lie within a beam of a known source (``near``: the
     (catalogue, detection) pairs) at a median offset of at most RECENTRE_ABOVE beams: the image is
     not shifted, whether or not those known sources are isolated (deg)."""
