@@ -193,12 +193,13 @@ def test_the_fit_error_is_taken_out_and_faint_or_crowded_sources_do_not_count():
     assert crowded.n == 0 and not crowded.measured and np.isnan(crowded.scatter_ra)
 
 
-@pytest.mark.parametrize("offset", [(1.0, -0.5), (45.0, -20.0)])
+@pytest.mark.parametrize("offset", [(1.0, -0.5), (45.0, -20.0), (60.0, 0.0)])
 def test_a_catalogue_crowded_with_sources_not_seen_again_is_no_sign_of_a_shift(offset, monkeypatch):
     """Known sources that this image does not detect (one-off detections of earlier images) 2 beams
-    from 70% of the field's sources take away their isolation: few detections match confidently,
-    yet each lies within a beam of its own source, so no shift is searched for, and the matches of
-    the sources still isolated measure the image. A shift of 1.6 beams is still searched for and
+    east of 70% of the field's sources take away their isolation: few detections match confidently.
+    Unshifted, those few lie at no offset, as the search would find: no search, and they measure
+    the image. Shifted by 1.6 beams, or by exactly the neighbours' offset (each detection then lies
+    on an unseen source, as on copies an earlier image left there), the shift is searched for and
     found."""
     from trap_dask import astrometry
 
@@ -217,6 +218,26 @@ def test_a_catalogue_crowded_with_sources_not_seen_again_is_no_sign_of_a_shift(o
     assert result.offset_ra == pytest.approx(offset[0], abs=0.6)
     assert result.offset_dec == pytest.approx(offset[1], abs=0.6)
     assert result.scatter_ra == pytest.approx(2.0, rel=0.25) and result.scatter_dec == pytest.approx(3.0, rel=0.25)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_shift_onto_a_crowd_of_unseen_sources_is_still_found(seed):
+    """A 2.1-beam shift lands 60% of the field's detections among unseen known sources spread
+    evenly (0.8 a beam**2): most lie within a beam of one, at offsets pointing every way (their
+    median near zero), none by an isolated one. The search still runs and measures the shift from
+    the isolated rest (a review found it lost when the test was the median of those offsets)."""
+    rng = np.random.default_rng(seed)
+    ra, dec = field(196)
+    south, north = dec.min() - 3 * BEAM, dec.min() + 0.6 * np.ptp(dec)
+    west, east = ra.min() - 3 * BEAM, ra.max() + 3 * BEAM
+    area = (east - west) * np.cos(np.deg2rad(dec.mean())) * (north - south) / BEAM**2
+    m = rng.poisson(0.8 * area)
+    cat_ra = np.concatenate([ra, rng.uniform(west, east, m)])
+    cat_dec = np.concatenate([dec, rng.uniform(south, north, m)])
+    result = measure(cat_ra, cat_dec, MANY, *detections_of(ra, dec, (60.0, 20.0), (2.0, 2.0), rng), BEAM,
+                     middle(ra, dec))
+    assert result.measured and result.n >= 0.25 * len(ra)
+    assert result.offset_ra == pytest.approx(60.0, abs=0.8) and result.offset_dec == pytest.approx(20.0, abs=0.8)
 
 
 def test_the_catalogue_positions_own_scatter_is_taken_out():

@@ -33,9 +33,10 @@ MIN_SIGNIFICANCE = 10.0
 #: gathers the offsets of one of each into one cluster.
 MAX_SHIFT = 5.0
 #: The shift is searched for when fewer than this fraction of the bright, isolated detections
-#: have a confident match without it, unless as many lie within MATCH_RADIUS of a known source
-#: (isolated or not) at a median offset of at most RECENTRE_ABOVE: in a catalogue crowded with
-#: sources this image does not see, few are isolated, and that is no sign of a shift.
+#: have a confident match without it, unless those matches pass the search's own test of a shift
+#: at zero offset (a cluster of CLUSTER_LEAST of the detections within CLUSTER_RADIUS): in a
+#: catalogue crowded with sources this image does not see, few known sources are isolated, and
+#: that is no sign of a shift.
 SEARCH_BELOW = 0.5
 #: The matches are made again around their median offset when it is more than this (beam FWHM):
 #: the match radius cut off the far side of the offsets.
@@ -89,13 +90,11 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
     if not len(good_det):
         return none, none
     cat_tree = sky_tree(cat_ra, cat_dec) if cat_tree is None else cat_tree
-    (ci, dj), near = _matches(cat_tree, det[good_det], good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
-    if len(ci) >= SEARCH_BELOW * len(good_det) or _not_shifted(near, cat_ra, cat_dec, det_ra, det_dec, beam_fwhm,
-                                                           centre, SEARCH_BELOW * len(good_det)):
-        if not len(ci):
-            return ci, dj
-        # most match: around their median offset, if far off
-        shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre), axis=0)
+    ci, dj = _matches(cat_tree, det[good_det], good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
+    offsets = _offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre)
+    if len(ci) >= SEARCH_BELOW * len(good_det) or _not_shifted(offsets / beam_fwhm, len(good_det)):
+        # most match, or enough at no shift: around their median offset, if far off
+        shift = np.median(offsets, axis=0)
         if np.hypot(*shift) <= RECENTRE_ABOVE * beam_fwhm:
             return ci, dj
     else:
@@ -103,7 +102,7 @@ def confident_matches(cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarra
         if shift is None:
             return ci, dj
     moved = unit_vectors(*unshifted(det_ra[good_det], det_dec[good_det], *shift, centre))
-    shifted = _matches(cat_tree, moved, good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)[0]
+    shifted = _matches(cat_tree, moved, good_det, chord(MATCH_RADIUS * beam_fwhm), isolation)
     return shifted if len(shifted[0]) > len(ci) else (ci, dj)
 
 
@@ -126,32 +125,24 @@ def measurable(det_ra: np.ndarray, det_dec: np.ndarray, det_significance: np.nda
     return len(found) >= MIN_MATCHES
 
 
-#: (catalogue index, detection index) of matched pairs
-Pairs = tuple[np.ndarray, np.ndarray]
-
-
 def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radius: float,
-             isolation: float) -> tuple[Pairs, Pairs]:
+             isolation: float) -> tuple[np.ndarray, np.ndarray]:
     """(catalogue index, ``det_index``) of the detections at ``points`` (unit vectors) whose
-    nearest catalogue source within ``radius`` (chord) has no other within ``isolation``; and
-    the same of every detection with a catalogue source within ``radius``, isolated or not."""
+    nearest catalogue source within ``radius`` (chord) has no other within ``isolation``."""
     dist, ci = cat_tree.query(points, distance_upper_bound=radius)
     ok = np.isfinite(dist)
-    ci, dj = ci[ok].astype(np.intp), det_index[ok].astype(np.intp)
+    ci, dj = ci[ok], det_index[ok]
     keep = _isolated(cat_tree, cat_tree.data[ci], isolation)  # only the matched catalogue sources need asking
-    return (ci[keep], dj[keep]), (ci, dj)
+    return ci[keep].astype(np.intp), dj[keep].astype(np.intp)
 
 
-def _not_shifted(near: Pairs, cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray, det_dec: np.ndarray,
-                 beam_fwhm: float, centre: tuple[float, float], least: float) -> bool:
-    """Whether at least ``least`` detections lie within a beam of a known source (``near``: the
-    (catalogue, detection) pairs) at a median offset of at most RECENTRE_ABOVE beams: the image is
-    not shifted, whether or not those known sources are isolated (deg)."""
-    ci, dj = near
-    if len(ci) < max(least, 1):
-        return False
-    shift = np.median(_offsets(cat_ra[ci], cat_dec[ci], det_ra[dj], det_dec[dj], centre), axis=0)
-    return bool(np.hypot(*shift) <= RECENTRE_ABOVE * beam_fwhm)
+def _not_shifted(offsets: np.ndarray, n_searched: int) -> bool:
+    """Whether the confident matches' ``offsets`` (n, 2; beams) pass :func:`coherent_shift`'s test
+    of a shift at zero: at least MIN_MATCHES, and CLUSTER_LEAST of the ``n_searched`` detections,
+    within CLUSTER_RADIUS of it. Matches that were lost are then lost to known sources the image
+    does not see (their neighbours took away their isolation), not to a shift."""
+    least = max(MIN_MATCHES, CLUSTER_LEAST * n_searched)
+    return len(offsets) >= least and int(np.sum(np.hypot(*offsets.T) <= CLUSTER_RADIUS)) >= least
 
 
 def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, det_ra: np.ndarray,
