@@ -136,12 +136,18 @@ def _matches(cat_tree: cKDTree, points: np.ndarray, det_index: np.ndarray, radiu
     return ci[keep].astype(np.intp), dj[keep].astype(np.intp)
 
 
+def _cluster_least(n_searched: int) -> float:
+    """The pairs a cluster of offsets must hold to be taken for the shift of ``n_searched``
+    detections: MIN_MATCHES, and CLUSTER_LEAST of them."""
+    return max(MIN_MATCHES, CLUSTER_LEAST * n_searched)
+
+
 def _not_shifted(offsets: np.ndarray, n_searched: int) -> bool:
     """Whether the confident matches' ``offsets`` (n, 2; beams) pass :func:`coherent_shift`'s test
-    of a shift at zero: at least MIN_MATCHES, and CLUSTER_LEAST of the ``n_searched`` detections,
-    within CLUSTER_RADIUS of it. Matches that were lost are then lost to known sources the image
-    does not see (their neighbours took away their isolation), not to a shift."""
-    least = max(MIN_MATCHES, CLUSTER_LEAST * n_searched)
+    of a shift at zero: :func:`_cluster_least` of the ``n_searched`` detections within
+    CLUSTER_RADIUS of it. Matches that were lost are then lost to known sources the image does not
+    see (their neighbours took away their isolation), not to a shift."""
+    least = _cluster_least(n_searched)
     return len(offsets) >= least and int(np.sum(np.hypot(*offsets.T) <= CLUSTER_RADIUS)) >= least
 
 
@@ -170,7 +176,7 @@ def coherent_shift(cat_tree: cKDTree, cat_ra: np.ndarray, cat_dec: np.ndarray, d
     tree = cKDTree(offsets)
     counts = tree.query_ball_point(offsets, CLUSTER_RADIUS, return_length=True)
     best = int(np.argmax(counts))
-    if counts[best] < max(MIN_MATCHES, CLUSTER_LEAST * len(det_index)):
+    if counts[best] < _cluster_least(len(det_index)):
         return None
     members = tree.query_ball_point(offsets[best], CLUSTER_RADIUS)
     east, north = np.median(offsets[members], axis=0) * beam_fwhm
