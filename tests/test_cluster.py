@@ -54,14 +54,15 @@ UNCOMPARED = ("run", "file_size", "file_mtime")
 class DaskProcesses:
     """`dask scheduler` and `dask worker` processes, each in its own process group."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, env: dict[str, str] | None = None):
         self.folder = folder
+        self.env = {**os.environ, **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
         self.address = ""
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         with open(self.folder / f"{name}.log", "w") as log:
-            self.procs[name] = spawn([sys.executable, "-m", module, *args], stdout=log, stderr=log)
+            self.procs[name] = spawn([sys.executable, "-m", module, *args], stdout=log, stderr=log, env=self.env)
 
     def start(self, workers: dict[str, str]) -> DaskProcesses:
         """A scheduler on a free port, then one single-threaded worker per name (value: its resources)."""
@@ -116,8 +117,10 @@ class DaskProcesses:
 
 
 @contextmanager
-def dask_cluster(folder: Path, **workers: str):
-    cluster = DaskProcesses(folder)
+def dask_cluster(folder: Path, env: dict[str, str] | None = None, **workers: str):
+    """A scheduler and the named workers (value: their resources), their environment ``os.environ``
+    with ``env``."""
+    cluster = DaskProcesses(folder, env)
     try:
         yield cluster.start(workers)
     finally:
@@ -244,7 +247,12 @@ def test_killed_worker_has_its_work_redone(long_survey, long_reference, tmp_path
 
 @pytest.mark.slow
 def test_lost_writer_is_started_again_on_another_worker(long_survey, long_reference, tmp_path):
-    with dask_cluster(tmp_path, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
+    # A task that calls the writer after it died holds its worker's one thread, which the new writer's
+    # tasks need, for as long as Dask retries the connection: the run ends its call at once instead
+    # (route.abandon_writer). Where that happens here, a retry of ten minutes would not let the run
+    # end within two (test_route has the call itself).
+    ten_minutes = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "600s"}
+    with dask_cluster(tmp_path, env=ten_minutes, writer=f"{WRITER_RESOURCE}=1", other="") as cluster:
         db, log = tmp_path / "lost.db", tmp_path / "run.log"
         proc = cli_run(long_survey, db, cluster.address, log)
         wait_until(lambda: committed_images(db) >= 2, proc, log)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trap_dask.cluster import EXTRACT_RESOURCE
-from trap_dask.route import ImageRoute, WriterRef, is_route_key
+from trap_dask.route import WRITER_LOST, ImageRoute, WriterRef, abandon_writer, is_route_key
 
 
 class _Scheduler:
@@ -94,8 +94,42 @@ def test_a_task_on_the_writers_worker_calls_it_in_its_own_thread():
         address = next(iter(client.who_has(actor)[actor.key]))
         task_thread, writer_thread = client.submit(_call_where, WriterRef(actor.key, address)).result()
         assert task_thread == writer_thread
-        with pytest.raises(RuntimeError, match="finished or was lost"):
+        with pytest.raises(RuntimeError, match=WRITER_LOST):
             client.submit(_call_where, WriterRef("no-such-writer", address)).result()
+
+
+def test_a_call_to_a_lost_writer_ends_as_soon_as_the_run_abandons_it():
+    """A task calling a writer whose worker is gone waits while Dask retries the connection (for its
+    connect timeout, here ten minutes), holding a thread that the new writer's tasks need. The run
+    sends every worker abandon_writer once it finds the writer lost: the call ends at once, and a
+    later call to that writer fails at once."""
+    import socket
+    import time
+    import uuid
+
+    import dask
+    import pytest
+    from distributed import Client, LocalCluster
+
+    import trap_dask.route
+
+    with socket.socket() as probe:  # a port nothing listens on: a worker that is gone
+        probe.bind(("127.0.0.1", 0))
+        gone = WriterRef(f"writer-{uuid.uuid4()}", f"tcp://127.0.0.1:{probe.getsockname()[1]}")
+    with dask.config.set({"distributed.comm.timeouts.connect": "600s"}), \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        call = client.submit(_call_where, gone, pure=False)
+        deadline = time.monotonic() + 30
+        while not trap_dask.route._CALLS.get(gone.key) and time.monotonic() < deadline:  # in flight
+            time.sleep(0.01)
+        time.sleep(0.5)  # still retrying
+        assert not call.done()
+        client.run(abandon_writer, gone.key)
+        with pytest.raises(RuntimeError, match=WRITER_LOST):
+            call.result(timeout=10)
+        with pytest.raises(RuntimeError, match=WRITER_LOST):
+            client.submit(_call_where, gone, pure=False).result(timeout=10)
 
 
 def _fails_with(exc: BaseException):
@@ -103,8 +137,9 @@ def _fails_with(exc: BaseException):
 
 
 def test_a_task_failing_with_the_writers_database_error_is_not_logged_by_dask_as_well():
-    """The run stops with the words of a writer that refuses images after a failed transaction;
-    Dask's "Compute Failed" record (the task, a traceback) of that refusal is left out. Any other
+    """The run stops with the words of a writer that refuses images after a failed transaction, and
+    says when it lost its writer; Dask's "Compute Failed" record (the task, a traceback) of that
+    refusal, or of a call to the lost writer, is left out. Any other
     error (a driver's that reached a task unconverted, a fault of the code) keeps its record."""
     import logging
 
@@ -122,7 +157,8 @@ def test_a_task_failing_with_the_writers_database_error_is_not_logged_by_dask_as
                 Client(cluster) as client:
             for exc in (DatabaseError("the export database could not be written (disk full); ..."),
                         DatabaseError("this writer was taken over (...): it writes nothing more"),
-                        DatabaseGone("SQLite file x.db was deleted"), ValueError("a fault")):
+                        RuntimeError(WRITER_LOST), DatabaseGone("SQLite file x.db was deleted"),
+                        ValueError("a fault")):
                 future = client.submit(_fails_with, exc, pure=False)
                 assert future.exception() is not None
     finally:

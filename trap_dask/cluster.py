@@ -128,6 +128,18 @@ class ClusterSession:
             return None
         return self.writer.result()
 
+    def abandon_writer(self) -> None:
+        """Tell every worker that the writer is lost: the tasks calling it there end at once
+        (:func:`trap_dask.route.abandon_writer`) instead of retrying the connection to its gone
+        worker for Dask's connect timeout (30 s), holding threads that the run's end or a new
+        writer waits for. Best effort: a cluster that cannot be asked only waits that long."""
+        from trap_dask.route import abandon_writer
+
+        try:
+            self.client.run(abandon_writer, self.writer.key, on_error="ignore")
+        except Exception as exc:  # noqa: BLE001 - the run goes on to report the loss itself
+            log.debug("could not tell the workers that the writer is lost: %s", exc)
+
     def writer_lost(self, timeout: float = 2.0) -> str | None:
         """After an actor call raised: the user-facing message if the writer's worker is gone, else None.
 

@@ -455,6 +455,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
         lost = session.writer_lost()
         if lost is None:
             raise
+        session.abandon_writer()  # the run's end waits for its callers (_drain)
         writer = None
         raise PipelineError(lost) from exc
     finally:
@@ -630,6 +631,7 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     from trap_dask.writer import Writer
 
     progress.restarts += 1
+    session.abandon_writer()  # its callers' threads are the new writer's
     progress.unwritten.clear()  # handed to the new writer again, from progress.image on
     log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
                 "state (restart %d of at most %d)", session.writer_address or "address unknown",

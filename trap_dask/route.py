@@ -24,6 +24,7 @@ call the writer through its actor handle (in place on the writer's own worker, s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -33,9 +34,14 @@ from typing import Any
 from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 
 #: The exception (its repr, as Dask logs it) of a task refused by a writer whose transaction
-#: failed (Writer._failure_message): the run stops with those words itself, in one line.
-REPORTED_BY_THE_RUN = re.compile(r"""^DatabaseError\(['"](the export database could not be written|this writer was """
-                                 r"taken over)")
+#: failed (Writer._failure_message), or of one whose writer was lost (:func:`abandon_writer`):
+#: the run says so itself, in one line.
+REPORTED_BY_THE_RUN = re.compile(r"""^(DatabaseError\(['"](the export database could not be written|this writer was """
+                                 r"""taken over)|RuntimeError\(['"]the writer was lost)""")
+
+
+#: What a call to a writer that has finished or was lost raises.
+WRITER_LOST = "the writer was lost, or has finished"
 
 
 class _ReportedByTheRun(logging.Filter):
@@ -57,8 +63,8 @@ if not any(isinstance(f, _ReportedByTheRun) for f in logging.getLogger("distribu
 @dataclass(frozen=True)
 class WriterRef:
     """Where the writer actor is: tasks call it through their worker's connections (no Dask client
-    on the workers), or in place on its own worker, and a call to a writer whose worker is gone
-    fails at once."""
+    on the workers), or in place on its own worker; a call to a writer that the run has found lost
+    fails at once (:func:`abandon_writer`)."""
 
     key: str
     address: str
@@ -75,17 +81,45 @@ class WriterRef:
         if self.address == worker.address:
             writer = worker.state.actors.get(self.key)
             if writer is None:
-                raise RuntimeError("the writer has finished or was lost")  # a run stopping: nothing to ask
+                raise RuntimeError(WRITER_LOST)  # a run stopping, or a writer lost: nothing to ask
             return getattr(writer, method)(*args)
 
         async def execute():
-            return await worker.rpc(self.address).actor_execute(
-                actor=self.key, function=method, args=[to_serialize(a) for a in args], kwargs={})
+            if self.key in _LOST_WRITERS:
+                raise RuntimeError(WRITER_LOST)
+            call = asyncio.ensure_future(worker.rpc(self.address).actor_execute(
+                actor=self.key, function=method, args=[to_serialize(a) for a in args], kwargs={}))
+            calls = _CALLS.setdefault(self.key, set())
+            calls.add(call)
+            try:
+                return await call
+            except asyncio.CancelledError:
+                if self.key in _LOST_WRITERS:  # abandoned (abandon_writer): this task's work is done elsewhere
+                    raise RuntimeError(WRITER_LOST) from None
+                raise
+            finally:
+                calls.discard(call)
 
         answer = sync(worker.loop, execute)
         if answer["status"] != "OK":
             raise answer["exception"]
         return answer["result"]
+
+
+#: In a worker's process: the actor keys of writers found lost (:func:`abandon_writer`), and the
+#: calls in flight to each writer (asyncio futures on their worker's event loop).
+_LOST_WRITERS: set[str] = set()
+_CALLS: dict[str, set[asyncio.Future]] = {}
+
+
+async def abandon_writer(key: str) -> None:
+    """Run on every worker (``Client.run``, on its event loop) once the writer ``key`` is lost: the
+    calls in flight to it there, and any made later, raise at once. Dask would retry their
+    connection for its connect timeout (30 s), holding the worker's threads, whose tasks the lost
+    writer's replacement waits for."""
+    _LOST_WRITERS.add(key)
+    for call in _CALLS.pop(key, ()):
+        call.get_loop().call_soon_threadsafe(call.cancel)
 
 
 def handle(writer: WriterRef, loaded: Any, previous: Any, after: CommitSummary | None, params: Any,
