@@ -225,6 +225,21 @@ def test_transients_can_stay_on(tmp_path: Path) -> None:
         assert np.all(peak[:on] == 0) and np.all(peak[on:] == peak[on]) and peak[on] >= 15 * spec.rms
 
 
+def test_resolved_size_sets_the_intrinsic_major_axis(tmp_path: Path) -> None:
+    """``resolved_size`` (intrinsic major, in beam majors): sources barely larger than the beam,
+    at most sqrt(1 + 0.6**2) = 1.17 beam majors across, their integrated flux the
+    peak times the area ratio."""
+    spec = SurveySpec(n_epochs=1, shape=(512, 512), n_steady=0, n_variable=0, n_transient=0, n_resolved=30,
+                      n_pairs=0, resolved_size=(0.3, 0.6), seed=3)
+    src = load_truth(simulate_survey(tmp_path, spec))["sources"]
+    intrinsic = _sky_cov(src["smaj"], src["smin"], src["pa"]) - beam_sky_cov(spec.beam)
+    major = np.sqrt(np.linalg.eigvalsh(intrinsic)[:, 1]) / (spec.beam.smaj / HALF_FWHM_PER_SIGMA)
+    assert np.all((major >= 0.3 - 1e-9) & (major <= 0.6 + 1e-9)) and major.max() - major.min() > 0.15
+    assert np.all(src["smaj"] <= np.sqrt(1 + 0.6**2) * spec.beam.smaj * 3600 * (1 + 1e-9))
+    area = src["smaj"] * src["smin"] / (spec.beam.smaj * spec.beam.smin * 3600**2)
+    np.testing.assert_allclose(src["int_flux"][:, 0, 0], src["peak_flux"][:, 0, 0] * area)
+
+
 def test_invalid_specs_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="transients need at least two epochs"):
         simulate_survey(tmp_path, SurveySpec(n_epochs=1))
@@ -278,6 +293,7 @@ def test_jitter_scale_moves_neighbours_together_and_keeps_the_rms(tmp_path):
     (["--n_epochs", "1"], "transients need at least two epochs"), (["--flux_range", "5", "1"], "flux_range"),
     (["--shape", "64", "64"], "cannot place 33 sources"),
     (["--beam_scale", "1", "1e6"], "beam_scale must be"), (["--rms_scale", "2", "1"], "rms_scale must be"),
+    (["--resolved_size", "0", "1"], "resolved_size must be"),
 ])
 def test_a_survey_no_pipeline_could_read_is_refused_before_anything_is_written(tmp_path, capsys, flags, said):
     """Values a survey cannot have are one line and exit 2, and no folder is made (they were

@@ -61,8 +61,11 @@ class SurveySpec:
     bandwidth : bandwidth of every band, Hz
     spectral_index : alpha of every source, S ~ freq**alpha
     n_steady, n_variable, n_transient : point sources of each kind
-    n_resolved : steady Gaussians 1.5-3x the beam size (image plane)
+    n_resolved : steady Gaussians, by default 1.5-3x the beam size (image plane; ``resolved_size``)
     n_pairs : pairs of steady point sources 1-3 beam FWHM apart (two sources each)
+    resolved_size : (low, high) range of a resolved source's intrinsic major axis, in units of
+        the beam's major axis, drawn uniform (its minor axis is 0.5-1x its major); its image-plane
+        major is then about sqrt(1 + size**2) beams: 1.5-3 for the default (1.1, 2.8)
     flux_range : (low, high) peak flux at ``freqs[0]`` in units of ``rms``, drawn log-uniform
     transient_min_snr : a transient's peak flux (units of ``rms``) at switch-on is at least this
     transient_decay : (low, high) range of the transients' e-folding decay time after switch-on,
@@ -102,6 +105,7 @@ class SurveySpec:
     n_transient: int = 3
     n_resolved: int = 3
     n_pairs: int = 2
+    resolved_size: tuple[float, float] = (1.1, 2.8)
     flux_range: tuple[float, float] = (10.0, 200.0)
     transient_min_snr: float = 15.0
     transient_decay: tuple[float, float] = (1.0, 5.0)
@@ -133,6 +137,7 @@ class SurveySpec:
             (0 < self.beam.smin <= self.beam.smaj < 90, "beam", "must have a major >= minor axis > 0"),
             (0 < self.rms < np.inf, "rms", "must be > 0"),
             (0 < self.flux_range[0] <= self.flux_range[1] < np.inf, "flux_range", "must be 0 < LOW <= HIGH"),
+            (0 < self.resolved_size[0] <= self.resolved_size[1] < np.inf, "resolved_size", "must be 0 < LOW <= HIGH"),
             (0 < self.beam_scale[0] <= self.beam_scale[1] and self.beam.smaj * self.beam_scale[1] < 90, "beam_scale",
              "must be 0 < LOW <= HIGH, with the beam times HIGH under 180 deg"),
             (0 < self.rms_scale[0] <= self.rms_scale[1] < np.inf, "rms_scale", "must be 0 < LOW <= HIGH"),
@@ -398,8 +403,7 @@ def _make_catalogue(spec: SurveySpec, wcs: WCS, rng: np.random.Generator) -> _Ca
     resolved = kind == "resolved"
     n_res = int(resolved.sum())
     beam_sigma = spec.beam.smaj / HALF_FWHM_PER_SIGMA
-    # intrinsic major 1.1-2.8 beam majors: the image-plane major is ~1.5-3 beam majors
-    major = rng.uniform(1.1, 2.8, n_res) * beam_sigma
+    major = rng.uniform(*spec.resolved_size, n_res) * beam_sigma
     minor = major * rng.uniform(0.5, 1.0, n_res)
     cov_sky[resolved] += cov_from_axes(major, minor, rng.uniform(0.0, np.pi, n_res))
     area_ratio = np.sqrt(np.linalg.det(cov_sky) / np.linalg.det(beam_cov))
@@ -504,7 +508,9 @@ _FLAGS: dict[str, tuple[type, int | str | None, str | tuple[str, ...] | None, st
     "n_steady": (int, None, "N", "steady point sources"),
     "n_variable": (int, None, "N", "variable point sources"),
     "n_transient": (int, None, "N", "transients (off until a switch-on epoch >= 1, then fading)"),
-    "n_resolved": (int, None, "N", "resolved steady sources, 1.5-3 beams across"),
+    "n_resolved": (int, None, "N", "resolved steady sources (see --resolved_size)"),
+    "resolved_size": (float, 2, ("LOW", "HIGH"), "range of the resolved sources' intrinsic major axis, times the "
+                      "beam's (uniform; 1.1 2.8 makes them 1.5-3 beams across)"),
     "n_pairs": (int, None, "N", "close pairs of steady sources, 1-3 beams apart"),
     "flux_range": (float, 2, ("LOW", "HIGH"), "peak flux range, units of rms (log-uniform)"),
     "transient_min_snr": (float, None, "SNR", "minimum transient peak flux at switch-on, units of rms"),
