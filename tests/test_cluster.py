@@ -199,11 +199,30 @@ def committed_images(db: Path) -> int:
         return 0
 
 
-def cli_run(survey: Path, db: Path, address: str, log: Path) -> subprocess.Popen:
+def _a_prefix_of(db: Path, reference_db: Path, reference: dict[str, list[tuple]]) -> int:
+    """Assert that ``db`` holds what the first n transactions of the reference run wrote; returns n.
+    Measurement ids are handed out in commit order, and the next image's transaction only adds its
+    new sources' forced fits to image n."""
+    prefix = content(db)
+    n = len(prefix["images"])
+    last = max(row[0] for row in prefix["extracted_sources"])
+    assert prefix["extracted_sources"] == query(reference_db, "SELECT * FROM extracted_sources WHERE id <= ? "
+                                                              "ORDER BY 1", last)
+    images = query(reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
+                                  "WHERE x.im_id = i.id AND x.id > ?) FROM images i ORDER BY 1", last)[:n]
+    # n_forced apart, checked next: a later transaction adds the forced fits backfilled into image n
+    skip = [row[1] for row in query(db, "PRAGMA table_info(images)") if row[1] not in UNCOMPARED].index("n_forced")
+    assert ([row[:skip] + row[skip + 1:] for row in prefix["images"]]
+            == [row[:skip] + row[skip + 1:] for row in reference["images"][:n]])
+    assert query(db, "SELECT id, n_forced FROM images ORDER BY 1") == images
+    return n
+
+
+def cli_run(survey: Path, db: Path, address: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     args = [f"--{k}={v}" for k, v in flags(survey, db, scheduler_address=address).items() if k != "input_images"]
     with open(log, "w") as err:
         return spawn([sys.executable, "-m", "trap_dask.cli", "run", "-i", str(survey), *args],
-                     stdout=subprocess.DEVNULL, stderr=err)
+                     stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
 
 
 def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
@@ -290,23 +309,29 @@ def test_lost_writer_stops_the_run_with_a_consistent_prefix_after_the_last_resta
             killer.join()
     message = str(stopped.value)
     assert "writer" in message and "--db_append" in message, message
-    prefix = content(db)
-    n = len(prefix["images"])
-    assert 2 <= n < LONG_SPEC.n_epochs
-    # the prefix is what the first n transactions wrote: measurement ids are handed out in commit
-    # order, and the next image's transaction only adds its new sources' forced fits to image n
-    last = max(row[0] for row in prefix["extracted_sources"])
-    assert prefix["extracted_sources"] == query(reference_db, "SELECT * FROM extracted_sources WHERE id <= ? "
-                                                              "ORDER BY 1", last)
-    images = query(reference_db, "SELECT i.id, i.n_forced - (SELECT count(*) FROM extracted_sources x "
-                                  "WHERE x.im_id = i.id AND x.id > ?) FROM images i ORDER BY 1", last)[:n]
-    # n_forced apart, checked next: a later transaction adds the forced fits backfilled into image n
-    skip = [row[1] for row in query(db, "PRAGMA table_info(images)") if row[1] not in UNCOMPARED].index("n_forced")
-    assert ([row[:skip] + row[skip + 1:] for row in prefix["images"]]
-            == [row[:skip] + row[skip + 1:] for row in reference["images"][:n]])
-    assert query(db, "SELECT id, n_forced FROM images ORDER BY 1") == images
+    assert 2 <= _a_prefix_of(db, reference_db, reference) < LONG_SPEC.n_epochs
     run_pipeline(build_config(flags(long_survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
     assert content(db) == reference, "resuming with --db_append did not complete the run"
+
+
+@pytest.mark.slow
+def test_lost_scheduler_stops_the_run_with_a_consistent_prefix_and_says_so(long_survey, long_reference, tmp_path):
+    """The scheduler dies (its node fails): once the client's reconnection fails (here after 5 s;
+    Dask's default is 30), the run stops in one line naming the scheduler, without trying to start
+    a new writer, and the same command with --db_append on a new cluster completes it."""
+    reference_db, reference = long_reference
+    db, log = tmp_path / "lost.db", tmp_path / "run.log"
+    with dask_cluster(tmp_path, a="", b="") as cluster:
+        proc = cli_run(long_survey, db, cluster.address, log, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"})
+        wait_until(lambda: committed_images(db) >= 2, proc, log)
+        cluster.kill("scheduler")
+        assert proc.wait(timeout=120) == 1
+        said = log.read_text()
+    assert f"error: the connection to the Dask scheduler ({cluster.address}) was lost" in said, said[-3000:]
+    assert "--db_append to resume" in said and "Traceback" not in said and "new writer" not in said
+    assert 2 <= _a_prefix_of(db, reference_db, reference) < LONG_SPEC.n_epochs
+    run_pipeline(build_config(flags(long_survey, db, scheduler="threads", nr_threads=2, db_append=True), {}, None))
+    assert content(db) == reference
 
 
 @pytest.mark.slow

@@ -46,6 +46,10 @@ WRITER_LOST_MESSAGE = (
     "the Dask worker holding the writer ({address}) was lost: the run stops here. The database "
     f"holds a consistent prefix (every committed image complete); {RESUME}"
 )
+SCHEDULER_LOST_MESSAGE = (
+    "the connection to the Dask scheduler ({address}) was lost: the run stops here. The database "
+    f"holds a consistent prefix (every committed image complete); once a scheduler is up again, {RESUME}"
+)
 
 
 #: Worker resource counting extraction slots: a local worker has one thread more than slots, so
@@ -95,6 +99,10 @@ class ClusterSession:
     writer: Any = field(default=None, repr=False)  #: the writer actor's future, once started
     writer_address: str = ""  #: the worker holding the writer
     extract_resources: dict[str, int] | None = None  #: ``client.submit`` resources of extraction tasks
+    scheduler_address: str = field(init=False)  #: the client's scheduler (the client forgets it when it loses it)
+
+    def __post_init__(self) -> None:
+        self.scheduler_address = self.client.scheduler.address
 
     @property
     def pin_writer(self) -> bool:
@@ -140,6 +148,14 @@ class ClusterSession:
         except Exception as exc:  # noqa: BLE001 - the run goes on to report the loss itself
             log.debug("could not tell the workers that the writer is lost: %s", exc)
 
+    def scheduler_lost(self) -> str | None:
+        """After a call raised: the user-facing message if the client has lost its scheduler, else
+        None. (Dask tries to reconnect for ``distributed.comm.timeouts.connect``, 30 s, before its
+        futures fail; no writer can be started again then.)"""
+        if self.client.status == "running":
+            return None
+        return SCHEDULER_LOST_MESSAGE.format(address=self.scheduler_address)
+
     def writer_lost(self, timeout: float = 2.0) -> str | None:
         """After an actor call raised: the user-facing message if the writer's worker is gone, else None.
 
@@ -160,7 +176,15 @@ class ClusterSession:
         return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown")
 
     def close(self) -> None:
-        """Close the client, and the cluster if this session started it (cancels its batch jobs)."""
+        """Close the client, and the cluster if this session started it (cancels its batch jobs).
+        A client that lost its scheduler tries to reconnect, then closes itself: that is waited for
+        (closing it meanwhile cancelled its own closing, and Dask logged the tracebacks)."""
+        import dask
+        from dask.utils import parse_timedelta
+
+        deadline = time.monotonic() + 2 * parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+        while self.client.status in ("connecting", "closing") and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()

@@ -439,7 +439,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
                 except (KeyboardInterrupt, ClusterError, LockLost):
                     raise
                 except Exception:
-                    if session.writer_lost() is None or progress.restarts == MAX_WRITER_RESTARTS:
+                    if (session.scheduler_lost() or session.writer_lost() is None
+                            or progress.restarts == MAX_WRITER_RESTARTS):
                         raise
                     writer = None
                     _restart_writer(session, settings, config, config_file, progress)
@@ -452,6 +453,9 @@ def _process(config, config_file, settings, session, append, known, scans, start
     except ClusterError as exc:
         raise PipelineError(str(exc)) from None
     except Exception as exc:
+        if lost := session.scheduler_lost():
+            writer = None
+            raise PipelineError(lost) from exc
         lost = session.writer_lost()
         if lost is None:
             raise
