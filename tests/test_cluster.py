@@ -343,6 +343,27 @@ def test_unreadable_input_names_the_worker_and_the_file(running, survey, tmp_pat
             check_readable_on_workers(client, [missing])
 
 
+def test_a_worker_lost_while_checking_the_inputs_is_no_sign_of_a_missing_mount_or_package():
+    """A worker restarted for memory (or whose node went) while it was asked answers with a
+    connection error: that says nothing of its files or its Python (it was reported as 'install
+    trap-dask in the workers' Python environment')."""
+    from distributed.comm import CommClosedError
+
+    class Answers:
+        def __init__(self, results):
+            self.results = results
+
+        def run(self, function, *args, on_error):
+            assert on_error == "return"
+            return self.results
+
+    check_readable_on_workers(Answers({"tcp://a:1": CommClosedError("in <TCP (closed)>: Stream is closed"),
+                                       "tcp://b:2": []}), ["/data/x.fits"])
+    with pytest.raises(ClusterError, match=r"worker tcp://a:1: cannot run trap-dask \(ModuleNotFoundError"):
+        check_readable_on_workers(Answers({"tcp://a:1": ModuleNotFoundError("No module named 'trap_dask'")}),
+                                  ["/data/x.fits"])
+
+
 def test_workers_are_asked_for_one_file_per_directory_that_is_readable_here(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "0broken.fits").symlink_to(tmp_path / "gone.fits")

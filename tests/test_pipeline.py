@@ -709,10 +709,55 @@ def test_a_writer_that_cannot_be_replaced_says_why(survey, tmp_path, monkeypatch
 
     monkeypatch.setattr(route, "handle", handle)
     monkeypatch.setattr(cluster.ClusterSession, "writer_lost",
-                        lambda self, timeout=2.0: cluster.WRITER_LOST_MESSAGE.format(address="tcp://gone"))
+                        lambda self, timeout=2.0: cluster.WRITER_LOST_MESSAGE.format(address="tcp://gone", why=""))
     monkeypatch.setattr(distributed.Client, "wait_for_workers", wait_for_workers)
     with pytest.raises(PipelineError, match="^no Dask worker left to hold the writer within worker_timeout"):
         run([Path(i["path"]) for i in survey["images"][:3]], tmp_path / "lost.db")
+
+
+def test_workers_paused_at_their_memory_limit_stop_the_run_in_one_line(survey, tmp_path, monkeypatch):
+    """Workers whose memory stays above Dask's pause threshold (80% of the limit: an idle worker's
+    imports and the writer already above it under a small --memory_limit) run no task, so the run
+    waited for ever for its writer. It stops once every worker has been paused, running nothing,
+    for PAUSED_S, and says what to change."""
+    import dask
+    import distributed  # noqa: F401 - its defaults in dask's config before it is set (else undone with them)
+
+    from trap_dask import cluster
+    from trap_dask.pipeline import PipelineError
+
+    monkeypatch.setattr(cluster.MemoryWatch, "PAUSED_S", 2.0)
+    monkeypatch.setattr(cluster, "QUIET_LOOPS", {})  # the worker looks at its memory every 50 ms, not 1 s
+    paused = {"distributed.worker.memory.pause": 0.01, "distributed.worker.memory.terminate": False,
+              "distributed.worker.memory.monitor-interval": "50ms"}
+    with dask.config.set(paused), pytest.raises(PipelineError) as stopped:
+        run([Path(i["path"]) for i in survey["images"][:2]], tmp_path / "paused.db", memory_limit="1GiB")
+    said = str(stopped.value)
+    assert said.startswith("every Dask worker has been paused at its memory limit for 2 s, running nothing")
+    assert "of 1024 MiB" in said and "raise --memory_limit, or run fewer threads (--nr_threads)" in said
+
+
+def test_workers_restarted_for_memory_again_and_again_stop_the_run_in_one_line(survey, tmp_path, monkeypatch):
+    """Worker processes that exceed their memory limit before they finish a task (here at once: the
+    limit is set below an idle worker's) are restarted by their nannies for ever, and the run waited
+    for its writer meanwhile. It stops after RESTARTS_WITHOUT_PROGRESS of them and says why."""
+    import dask
+    import distributed  # noqa: F401 - its defaults in dask's config before it is set (else undone with them)
+
+    from trap_dask import cluster
+    from trap_dask.pipeline import PipelineError
+
+    monkeypatch.setattr(cluster, "QUIET_LOOPS", {})
+    restarted = {"distributed.worker.memory.terminate": 0.05, "distributed.worker.memory.pause": False,
+                 "distributed.worker.memory.monitor-interval": "50ms"}
+    with dask.config.set(restarted), pytest.raises(PipelineError) as stopped:
+        run([Path(i["path"]) for i in survey["images"]], tmp_path / "restarted.db", scheduler="distributed",
+            n_workers=2, nr_threads=2, memory_limit="1GiB")
+    said = str(stopped.value)
+    assert said.startswith("Dask restarted workers 10 times in a row for exceeding their memory limit")
+    assert "and the run could not go on" in said
+    assert "run the same command again once the workers have more memory" in said
+    assert "raise --memory_limit, or run fewer threads per worker (--threads_per_worker)" in said
 
 
 def test_background_boxes_narrower_than_the_beam_are_named_in_a_warning(survey, tmp_path, capsys):

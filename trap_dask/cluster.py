@@ -43,9 +43,19 @@ WRITER_RESOURCE = "trap_writer"
 #: How many input directories are probed on every worker by :func:`check_inputs_readable`.
 MAX_PROBED_DIRECTORIES = 64
 WRITER_LOST_MESSAGE = (
-    "the Dask worker holding the writer ({address}) was lost: the run stops here. The database "
+    "the Dask worker holding the writer ({address}) was lost: the run stops here.{why} The database "
     f"holds a consistent prefix (every committed image complete); {RESUME}"
 )
+#: What a run whose workers lack memory should change, by the kind of cluster (ClusterSession.kind).
+MORE_MEMORY = {
+    "threads": "raise --memory_limit, or run fewer threads (--nr_threads)",
+    "local": "raise --memory_limit, or run fewer threads per worker (--threads_per_worker)",
+    "remote": "start the workers with a larger --memory-limit, or fewer threads each (--nthreads)",
+    "slurm": "give the batch jobs more memory, or fewer cores each (cluster_config)",
+    "pbs": "give the batch jobs more memory, or fewer cores each (cluster_config)",
+}
+STOPPED_FOR_MEMORY = ("The run stops here. The database holds a consistent prefix (every committed image "
+                      f"complete); {RESUME} once the workers have more memory")
 SCHEDULER_LOST_MESSAGE = (
     "the connection to the Dask scheduler ({address}) was lost: the run stops here. The database "
     f"holds a consistent prefix (every committed image complete); once a scheduler is up again, {RESUME}"
@@ -88,6 +98,76 @@ class ClusterError(RuntimeError):
 
 
 @dataclass
+class MemoryWatch:
+    """Whether a run's workers lack memory, from what the scheduler knows: all of them paused at
+    their memory limit, or restarted by their nannies for exceeding it."""
+
+    client: Any  #: distributed.Client
+    kind: str  #: the cluster's kind (ClusterSession.kind), for the advice
+    started: float = field(default_factory=time.time)  #: the scheduler's events since count (time.time())
+    paused_since: float | None = None  #: time.monotonic() since when every worker is paused, idle
+    restarts_at_progress: int | None = None  #: restarts counted when the run last made progress
+
+    #: Seconds every worker may stay paused at its memory limit with no task running before the run
+    #: stops: Dask resumes a paused worker only once its memory drops, which an idle one's does not.
+    PAUSED_S = 30.0
+    #: Memory restarts of workers with no image committed in between before the run stops: workers
+    #: that die before they finish a task (the writer's start, an image) would be restarted for ever.
+    RESTARTS_WITHOUT_PROGRESS = 10
+
+    def restarts(self) -> list[dict]:
+        """The nannies' records (worker, pid, rss in bytes) of the workers restarted for exceeding
+        their memory limit since the run began (none if the scheduler cannot be asked)."""
+        try:
+            events = self.client.get_events("worker-restart-memory")
+        except Exception:  # noqa: BLE001 - a scheduler that cannot be asked: nothing to add
+            return []
+        return [event for stamp, event in events if stamp >= self.started - 1.0]
+
+    def sentence(self, restarts: list[dict] | None = None) -> str | None:
+        """One sentence on the memory restarts (a writer's worker lost, or tasks that killed every
+        worker that ran them, are then a matter of memory), else None."""
+        restarts = self.restarts() if restarts is None else restarts
+        if not restarts:
+            return None
+        largest = max(event.get("rss", 0) for event in restarts) / 2**20
+        return (f"Dask restarted workers {len(restarts)} time(s) for exceeding their memory limit ({largest:.0f} "
+                f"MiB in use at most): each needs more memory for these images: {MORE_MEMORY[self.kind]}")
+
+    def progressed(self) -> None:
+        """The run committed an image: memory restarts count from here."""
+        self.restarts_at_progress = None
+
+    def check(self) -> None:
+        """ClusterError once every worker has been paused at its memory limit, running nothing, for
+        PAUSED_S, or the workers were restarted RESTARTS_WITHOUT_PROGRESS times for memory since the
+        last progress: the run would wait for ever. Call it while waiting for a result."""
+        restarts = self.restarts()
+        if self.restarts_at_progress is None:
+            self.restarts_at_progress = len(restarts)
+        if len(restarts) - self.restarts_at_progress >= self.RESTARTS_WITHOUT_PROGRESS:
+            largest = max(event.get("rss", 0) for event in restarts) / 2**20
+            raise ClusterError(f"Dask restarted workers {self.RESTARTS_WITHOUT_PROGRESS} times in a row for exceeding "
+                               f"their memory limit ({largest:.0f} MiB in use at most), and the run could not go on: "
+                               f"each needs more memory for these images: {MORE_MEMORY[self.kind]}. "
+                               f"{STOPPED_FOR_MEMORY}")
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"].values())
+        stuck = bool(workers) and all(w.get("status") == "paused" and not w["metrics"]["task_counts"].get("executing")
+                                      for w in workers)
+        if not stuck:
+            self.paused_since = None
+            return
+        now = time.monotonic()
+        self.paused_since = self.paused_since or now
+        if now - self.paused_since >= self.PAUSED_S:
+            in_use = max(w["metrics"]["memory"] for w in workers) / 2**20
+            limit = min(w["memory_limit"] for w in workers) / 2**20
+            raise ClusterError(f"every Dask worker has been paused at its memory limit for {self.PAUSED_S:g} s, "
+                               f"running nothing ({in_use:.0f} MiB in use of {limit:.0f} MiB): each needs more memory "
+                               f"for these images: {MORE_MEMORY[self.kind]}. {STOPPED_FOR_MEMORY}")
+
+
+@dataclass
 class ClusterSession:
     """A connected Dask client and what the pipeline needs to know about its cluster."""
 
@@ -100,9 +180,11 @@ class ClusterSession:
     writer_address: str = ""  #: the worker holding the writer
     extract_resources: dict[str, int] | None = None  #: ``client.submit`` resources of extraction tasks
     scheduler_address: str = field(init=False)  #: the client's scheduler (the client forgets it when it loses it)
+    memory: MemoryWatch = field(init=False)  #: whether the workers lack memory
 
     def __post_init__(self) -> None:
         self.scheduler_address = self.client.scheduler.address
+        self.memory = MemoryWatch(self.client, self.kind)
 
     @property
     def pin_writer(self) -> bool:
@@ -125,8 +207,14 @@ class ClusterSession:
         self.writer = self.client.submit(cls, *args, actor=True, pure=False, **kwargs, **self.writer_options(backend))
 
     def writer_actor(self) -> Any:
-        """The writer actor submitted by submit_writer, once it is ready."""
-        actor = self.writer.result()
+        """The writer actor submitted by submit_writer, once it is ready (ClusterError if the workers
+        lack memory, see MemoryWatch.check)."""
+        while True:
+            try:
+                actor = self.writer.result(timeout=1.0)
+                break
+            except TimeoutError:
+                self.memory.check()
         self.writer_address = ", ".join(self.client.who_has(self.writer).get(self.writer.key, ()))
         return actor
 
@@ -173,7 +261,9 @@ class ClusterSession:
             error = self.writer.exception()
             if not (isinstance(error, RuntimeError) and "lost" in str(error)):
                 return None
-        return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown")
+        memory = self.memory.sentence()
+        return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown",
+                                          why=f" {memory}." if memory else "")
 
     def close(self) -> None:
         """Close the client, and the cluster if this session started it (cancels its batch jobs).
@@ -532,10 +622,15 @@ def check_inputs_readable(client, paths: Iterable[str]) -> None:
 
 
 def check_readable_on_workers(client, probe: list[str]) -> None:
-    """Open each of ``probe`` on every worker; ClusterError names who cannot read what."""
+    """Open each of ``probe`` on every worker; ClusterError names who cannot read what. A worker
+    that is lost while it is asked (a connection error: restarted for memory, its node gone) says
+    nothing of its files or its Python; the run deals with lost workers."""
     results = client.run(unreadable, probe, on_error="return")
     lines = []
     for worker, result in sorted(results.items()):
+        if isinstance(result, OSError):
+            log.debug("worker %s was lost while checking that it can read the inputs: %s", worker, result)
+            continue
         if isinstance(result, BaseException):
             lines.append(f"  worker {worker}: cannot run trap-dask ({type(result).__name__}: {result}); "
                          "install trap-dask in the workers' Python environment")

@@ -637,9 +637,10 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     progress.restarts += 1
     session.abandon_writer()  # its callers' threads are the new writer's
     progress.unwritten.clear()  # handed to the new writer again, from progress.image on
+    memory = session.memory.sentence()
     log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
-                "state (restart %d of at most %d)", session.writer_address or "address unknown",
-                progress.restarts, MAX_WRITER_RESTARTS)
+                "state (restart %d of at most %d)%s", session.writer_address or "address unknown",
+                progress.restarts, MAX_WRITER_RESTARTS, f". {memory}" if memory else "")
     try:
         store = ExportStore.open(settings)
         try:
@@ -702,6 +703,7 @@ def _collect(session, writer, route, pending: deque, progress: _Progress, submit
     while pending:
         index, url, summary = pending.popleft()
         outcome = _summary(summary, session, lambda: flush_staged(True))
+        session.memory.progressed()
         route.done(index)
         staged = outcome.staged
         progress.answered(index, outcome)  # a new writer starts at the first image not in the database
@@ -723,6 +725,7 @@ def _summary(future, session, waiting: Callable[[], None] | None = None):
         except TimeoutError:
             if session.writer is not None and session.writer.status != "finished":
                 raise RuntimeError("the worker holding the writer was lost") from None
+            session.memory.check()
             if waiting is not None:
                 waiting()
 
