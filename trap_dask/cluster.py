@@ -130,9 +130,15 @@ class MemoryWatch:
         restarts = self.restarts() if restarts is None else restarts
         if not restarts:
             return None
-        largest = max(event.get("rss", 0) for event in restarts) / 2**20
-        return (f"Dask restarted workers {len(restarts)} time(s) for exceeding their memory limit ({largest:.0f} "
-                f"MiB in use at most): each needs more memory for these images: {MORE_MEMORY[self.kind]}")
+        return (f"Dask restarted workers {len(restarts)} time(s) for exceeding their memory limit "
+                f"({self._largest(restarts)}): {self._advice()}")
+
+    def _advice(self) -> str:
+        return f"each needs more memory for these images: {MORE_MEMORY[self.kind]}"
+
+    @staticmethod
+    def _largest(restarts: list[dict]) -> str:
+        return f"{max(event.get('rss', 0) for event in restarts) / 2**20:.0f} MiB in use at most"
 
     def progressed(self) -> None:
         """The run committed an image: memory restarts count from here."""
@@ -146,11 +152,9 @@ class MemoryWatch:
         if self.restarts_at_progress is None:
             self.restarts_at_progress = len(restarts)
         if len(restarts) - self.restarts_at_progress >= self.RESTARTS_WITHOUT_PROGRESS:
-            largest = max(event.get("rss", 0) for event in restarts) / 2**20
             raise ClusterError(f"Dask restarted workers {self.RESTARTS_WITHOUT_PROGRESS} times in a row for exceeding "
-                               f"their memory limit ({largest:.0f} MiB in use at most), and the run could not go on: "
-                               f"each needs more memory for these images: {MORE_MEMORY[self.kind]}. "
-                               f"{STOPPED_FOR_MEMORY}")
+                               f"their memory limit ({self._largest(restarts)}), and the run could not go on: "
+                               f"{self._advice()}. {STOPPED_FOR_MEMORY}")
         workers = list(self.client.scheduler_info(n_workers=-1)["workers"].values())
         stuck = bool(workers) and all(w.get("status") == "paused" and not w["metrics"]["task_counts"].get("executing")
                                       for w in workers)
@@ -163,8 +167,8 @@ class MemoryWatch:
             in_use = max(w["metrics"]["memory"] for w in workers) / 2**20
             limit = min(w["memory_limit"] for w in workers) / 2**20
             raise ClusterError(f"every Dask worker has been paused at its memory limit for {self.PAUSED_S:g} s, "
-                               f"running nothing ({in_use:.0f} MiB in use of {limit:.0f} MiB): each needs more memory "
-                               f"for these images: {MORE_MEMORY[self.kind]}. {STOPPED_FOR_MEMORY}")
+                               f"running nothing ({in_use:.0f} MiB in use of {limit:.0f} MiB): {self._advice()}. "
+                               f"{STOPPED_FOR_MEMORY}")
 
 
 @dataclass
