@@ -345,23 +345,95 @@ def test_unreadable_input_names_the_worker_and_the_file(running, survey, tmp_pat
 
 def test_a_worker_lost_while_checking_the_inputs_is_no_sign_of_a_missing_mount_or_package():
     """A worker restarted for memory (or whose node went) while it was asked answers with a
-    connection error: that says nothing of its files or its Python (it was reported as 'install
-    trap-dask in the workers' Python environment')."""
+    connection error and is gone: that says nothing of its files or its Python (it was reported as
+    'install trap-dask in the workers' Python environment'). A worker still there is reported."""
     from distributed.comm import CommClosedError
 
     class Answers:
-        def __init__(self, results):
-            self.results = results
+        def __init__(self, results, present):
+            self.results, self.present = results, present
 
         def run(self, function, *args, on_error):
             assert on_error == "return"
             return self.results
 
-    check_readable_on_workers(Answers({"tcp://a:1": CommClosedError("in <TCP (closed)>: Stream is closed"),
-                                       "tcp://b:2": []}), ["/data/x.fits"])
-    with pytest.raises(ClusterError, match=r"worker tcp://a:1: cannot run trap-dask \(ModuleNotFoundError"):
-        check_readable_on_workers(Answers({"tcp://a:1": ModuleNotFoundError("No module named 'trap_dask'")}),
+        def scheduler_info(self, n_workers):
+            return {"workers": dict.fromkeys(self.present, {})}
+
+    gone = CommClosedError("in <TCP (closed)>: Stream is closed")
+    check_readable_on_workers(Answers({"tcp://a:1": gone, "tcp://b:2": []}, ["tcp://b:2", "tcp://c:3"]),
+                              ["/data/x.fits"])
+    # a worker still there whose answer is an OSError (importing trap_dask from a stale NFS mount)
+    with pytest.raises(ClusterError, match=r"worker tcp://a:1: cannot run trap-dask \(OSError: \[Errno 116\]"):
+        check_readable_on_workers(Answers({"tcp://a:1": OSError(116, "Stale file handle")}, ["tcp://a:1"]),
                                   ["/data/x.fits"])
+    with pytest.raises(ClusterError, match=r"worker tcp://a:1: cannot run trap-dask \(ModuleNotFoundError"):
+        check_readable_on_workers(Answers({"tcp://a:1": ModuleNotFoundError("No module named 'trap_dask'")},
+                                          ["tcp://a:1"]), ["/data/x.fits"])
+
+
+class _Scheduler:
+    """What MemoryWatch asks a client for: the memory restarts the nannies recorded (stamped by
+    the scheduler's clock) and the workers' state."""
+
+    def __init__(self):
+        self.events: list[tuple[float, dict]] = []
+        self.paused = True
+
+    def get_events(self, topic):
+        assert topic == "worker-restart-memory"
+        return tuple(self.events)
+
+    def scheduler_info(self, n_workers):
+        metrics = {"task_counts": {}, "memory": 240 << 20}
+        return {"workers": {"tcp://a:1": {"status": "paused" if self.paused else "running", "metrics": metrics,
+                                          "memory_limit": 256 << 20}}}
+
+
+def test_memory_restarts_count_from_the_run_on_the_schedulers_clock(monkeypatch):
+    """Restarts before the run are not its own, whatever the scheduler's clock says against ours; a
+    writer's loss is put down to memory only where its own worker was restarted."""
+    from trap_dask.cluster import MemoryWatch
+
+    scheduler = _Scheduler()
+    scheduler.events = [(50.0, {"worker": "tcp://a:1", "rss": 300 << 20})]  # the scheduler's clock is far behind
+    watch = MemoryWatch(scheduler, "local")
+    assert watch.restarts() == [] and watch.sentence() is None
+    scheduler.events.append((51.0, {"worker": "tcp://b:2", "rss": 280 << 20}))
+    assert len(watch.restarts()) == 1 and "Dask restarted workers 1 time(s)" in watch.sentence()
+    assert watch.sentence("tcp://a:1") is None
+    assert "restarted the writer's worker 1 time(s)" in watch.sentence("tcp://b:2")
+    monkeypatch.setattr(MemoryWatch, "LOOK_EVERY_S", 0.0)
+    watch.progressed()
+    watch.check()  # counts from here
+    scheduler.events += [(60.0 + i, {"worker": "tcp://b:2", "rss": 280 << 20}) for i in range(9)]
+    scheduler.paused = False
+    watch.check()
+    scheduler.events.append((70.0, {"worker": "tcp://b:2", "rss": 280 << 20}))
+    with pytest.raises(ClusterError, match="^Dask restarted workers 10 times in a row for exceeding their memory"):
+        watch.check()
+
+
+def test_only_workers_paused_at_every_look_without_progress_stop_the_run(monkeypatch):
+    """A pause seen once, then images committed for longer than PAUSED_S, then a pause again: the
+    run goes on (the first look's time once counted); paused at every look for PAUSED_S: it stops."""
+    from trap_dask import cluster
+
+    clock = [1000.0]
+    monkeypatch.setattr(cluster.time, "monotonic", lambda: clock[0])
+    scheduler = _Scheduler()
+    watch = cluster.MemoryWatch(scheduler, "local")
+    watch.check()  # paused
+    clock[0] += 40.0
+    watch.progressed()  # images came in meanwhile, each within a second: nothing was looked at
+    watch.check()  # paused again: the pause counts from here
+    paused_from = clock[0]
+    while clock[0] + watch.LOOK_EVERY_S - paused_from < watch.PAUSED_S:
+        clock[0] += watch.LOOK_EVERY_S
+        watch.check()
+    clock[0] += watch.LOOK_EVERY_S
+    with pytest.raises(ClusterError, match="paused at its memory limit for 30 s, running nothing"):
+        watch.check()
 
 
 def test_workers_are_asked_for_one_file_per_directory_that_is_readable_here(tmp_path):

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -472,7 +473,6 @@ def test_the_interpreter_is_tuned_during_a_run_and_restored_after(survey, tmp_pa
     GIL_SWITCH_S and the objects of the imported modules are frozen out of the garbage collector's
     passes; the caller's Python gets its own settings back afterwards."""
     import gc
-    from contextlib import contextmanager
 
     from trap_dask.pipeline import GIL_SWITCH_S
 
@@ -589,7 +589,6 @@ def test_a_run_whose_last_transaction_fails_fails_and_leaves_a_prefix(survey, tm
 def test_the_observer_of_a_failed_run_is_told_how_it_ended(survey, tmp_path, monkeypatch):
     """A run that stops (here: its first transaction refused) exits the observer's context with its
     error, so that trap-dask bench asks nothing more of a cluster that may not answer."""
-    from contextlib import contextmanager
 
     from trap_dask import writer as writer_module
     from trap_dask.db.backends import DatabaseError
@@ -715,6 +714,25 @@ def test_a_writer_that_cannot_be_replaced_says_why(survey, tmp_path, monkeypatch
         run([Path(i["path"]) for i in survey["images"][:3]], tmp_path / "lost.db")
 
 
+class _Hung(BaseException):
+    """Raised in the main thread by :func:`_fails_after` (not an Exception: nothing in the run catches it)."""
+
+
+@contextmanager
+def _fails_after(seconds: float):
+    """A run that should stop by itself but hangs fails the test after ``seconds`` instead."""
+    def hung(*_):
+        raise _Hung(f"still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_workers_paused_at_their_memory_limit_stop_the_run_in_one_line(survey, tmp_path, monkeypatch):
     """Workers whose memory stays above Dask's pause threshold (80% of the limit: an idle worker's
     imports and the writer already above it under a small --memory_limit) run no task, so the run
@@ -730,7 +748,7 @@ def test_workers_paused_at_their_memory_limit_stop_the_run_in_one_line(survey, t
     monkeypatch.setattr(cluster, "QUIET_LOOPS", {})  # the worker looks at its memory every 50 ms, not 1 s
     paused = {"distributed.worker.memory.pause": 0.01, "distributed.worker.memory.terminate": False,
               "distributed.worker.memory.monitor-interval": "50ms"}
-    with dask.config.set(paused), pytest.raises(PipelineError) as stopped:
+    with _fails_after(120), dask.config.set(paused), pytest.raises(PipelineError) as stopped:
         run([Path(i["path"]) for i in survey["images"][:2]], tmp_path / "paused.db", memory_limit="1GiB")
     said = str(stopped.value)
     assert said.startswith("every Dask worker has been paused at its memory limit for 2 s, running nothing")
@@ -750,7 +768,7 @@ def test_workers_restarted_for_memory_again_and_again_stop_the_run_in_one_line(s
     monkeypatch.setattr(cluster, "QUIET_LOOPS", {})
     restarted = {"distributed.worker.memory.terminate": 0.05, "distributed.worker.memory.pause": False,
                  "distributed.worker.memory.monitor-interval": "50ms"}
-    with dask.config.set(restarted), pytest.raises(PipelineError) as stopped:
+    with _fails_after(120), dask.config.set(restarted), pytest.raises(PipelineError) as stopped:
         run([Path(i["path"]) for i in survey["images"]], tmp_path / "restarted.db", scheduler="distributed",
             n_workers=2, nr_threads=2, memory_limit="1GiB")
     said = str(stopped.value)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 import os
 import shutil
 import signal
@@ -104,9 +105,10 @@ class MemoryWatch:
 
     client: Any  #: distributed.Client
     kind: str  #: the cluster's kind (ClusterSession.kind), for the advice
-    started: float = field(default_factory=time.time)  #: the scheduler's events since count (time.time())
-    paused_since: float | None = None  #: time.monotonic() since when every worker is paused, idle
-    restarts_at_progress: int | None = None  #: restarts counted when the run last made progress
+    since: float = field(init=False)  #: the scheduler's stamp of its last memory restart before the run
+    looked: float = field(default=-math.inf, init=False)  #: time.monotonic() of the last look
+    paused_since: float | None = field(default=None, init=False)  #: since when every worker is paused, idle
+    restarts_at_progress: int | None = field(default=None, init=False)  #: restarts when the run last went on
 
     #: Seconds every worker may stay paused at its memory limit with no task running before the run
     #: stops: Dask resumes a paused worker only once its memory drops, which an idle one's does not.
@@ -114,23 +116,35 @@ class MemoryWatch:
     #: Memory restarts of workers with no image committed in between before the run stops: workers
     #: that die before they finish a task (the writer's start, an image) would be restarted for ever.
     RESTARTS_WITHOUT_PROGRESS = 10
+    #: Seconds between looks (two calls to the scheduler each) while the run waits for a result.
+    LOOK_EVERY_S = 2.0
 
-    def restarts(self) -> list[dict]:
-        """The nannies' records (worker, pid, rss in bytes) of the workers restarted for exceeding
-        their memory limit since the run began (none if the scheduler cannot be asked)."""
+    TOPIC = "worker-restart-memory"  #: what a nanny records when it restarts its worker for memory
+
+    def __post_init__(self) -> None:
+        # the scheduler's own stamps, so that its clock and this machine's need not agree
+        self.since = max((stamp for stamp, _ in self._events()), default=-math.inf)
+
+    def _events(self) -> tuple:
         try:
-            events = self.client.get_events("worker-restart-memory")
+            return self.client.get_events(self.TOPIC)
         except Exception:  # noqa: BLE001 - a scheduler that cannot be asked: nothing to add
-            return []
-        return [event for stamp, event in events if stamp >= self.started - 1.0]
+            return ()
 
-    def sentence(self, restarts: list[dict] | None = None) -> str | None:
-        """One sentence on the memory restarts (a writer's worker lost, or tasks that killed every
-        worker that ran them, are then a matter of memory), else None."""
-        restarts = self.restarts() if restarts is None else restarts
+    def restarts(self, workers: str = "") -> list[dict]:
+        """The nannies' records (worker, pid, rss in bytes) of the workers restarted for exceeding
+        their memory limit during the run; of ``workers`` only (addresses, comma-separated) if given."""
+        events = [event for stamp, event in self._events() if stamp > self.since]
+        return [event for event in events if event.get("worker") in workers.split(", ")] if workers else events
+
+    def sentence(self, workers: str = "") -> str | None:
+        """One sentence on the memory restarts (of ``workers`` only if given: the writer's, whose
+        loss is then a matter of memory), else None."""
+        restarts = self.restarts(workers)
         if not restarts:
             return None
-        return (f"Dask restarted workers {len(restarts)} time(s) for exceeding their memory limit "
+        whose = "the writer's worker" if workers else "workers"
+        return (f"Dask restarted {whose} {len(restarts)} time(s) for exceeding their memory limit "
                 f"({self._largest(restarts)}): {self._advice()}")
 
     def _advice(self) -> str:
@@ -141,13 +155,21 @@ class MemoryWatch:
         return f"{max(event.get('rss', 0) for event in restarts) / 2**20:.0f} MiB in use at most"
 
     def progressed(self) -> None:
-        """The run committed an image: memory restarts count from here."""
+        """The run committed an image: memory restarts and pauses count from here."""
         self.restarts_at_progress = None
+        self.paused_since = None
 
     def check(self) -> None:
         """ClusterError once every worker has been paused at its memory limit, running nothing, for
-        PAUSED_S, or the workers were restarted RESTARTS_WITHOUT_PROGRESS times for memory since the
-        last progress: the run would wait for ever. Call it while waiting for a result."""
+        PAUSED_S (seen at each look, without progress in between), or the workers were restarted
+        RESTARTS_WITHOUT_PROGRESS times for memory since the last progress: the run would wait for
+        ever. Call it while waiting for a result; it looks every LOOK_EVERY_S."""
+        now = time.monotonic()
+        if now - self.looked < self.LOOK_EVERY_S:
+            return
+        if now - self.looked > 3 * self.LOOK_EVERY_S:  # not looked at for a while: pauses count from now
+            self.paused_since = None
+        self.looked = now
         restarts = self.restarts()
         if self.restarts_at_progress is None:
             self.restarts_at_progress = len(restarts)
@@ -161,7 +183,6 @@ class MemoryWatch:
         if not stuck:
             self.paused_since = None
             return
-        now = time.monotonic()
         self.paused_since = self.paused_since or now
         if now - self.paused_since >= self.PAUSED_S:
             in_use = max(w["metrics"]["memory"] for w in workers) / 2**20
@@ -265,7 +286,7 @@ class ClusterSession:
             error = self.writer.exception()
             if not (isinstance(error, RuntimeError) and "lost" in str(error)):
                 return None
-        memory = self.memory.sentence()
+        memory = self.memory.sentence(self.writer_address)
         return WRITER_LOST_MESSAGE.format(address=self.writer_address or "address unknown",
                                           why=f" {memory}." if memory else "")
 
@@ -627,12 +648,14 @@ def check_inputs_readable(client, paths: Iterable[str]) -> None:
 
 def check_readable_on_workers(client, probe: list[str]) -> None:
     """Open each of ``probe`` on every worker; ClusterError names who cannot read what. A worker
-    that is lost while it is asked (a connection error: restarted for memory, its node gone) says
-    nothing of its files or its Python; the run deals with lost workers."""
+    that is gone once it has answered with a connection error (restarted for memory, its node
+    lost) says nothing of its files or its Python; the run deals with lost workers."""
     results = client.run(unreadable, probe, on_error="return")
+    failed = any(isinstance(result, OSError) for result in results.values())
+    present = client.scheduler_info(n_workers=-1)["workers"] if failed else results
     lines = []
     for worker, result in sorted(results.items()):
-        if isinstance(result, OSError):
+        if isinstance(result, OSError) and worker not in present:
             log.debug("worker %s was lost while checking that it can read the inputs: %s", worker, result)
             continue
         if isinstance(result, BaseException):

@@ -375,7 +375,9 @@ def _process(config, config_file, settings, session, append, known, scans, start
     (``terminated``, see :func:`_terminate_as_interrupt`)."""
     from contextlib import ExitStack
 
-    from trap_dask.cluster import ClusterError, check_inputs_readable
+    from distributed import KilledWorker
+
+    from trap_dask.cluster import STOPPED_FOR_MEMORY, ClusterError, check_inputs_readable
     from trap_dask.db.lock import LockLost
     from trap_dask.messages import ScanFailure, ScannedImage
     from trap_dask.writer import Writer
@@ -458,6 +460,8 @@ def _process(config, config_file, settings, session, append, known, scans, start
             raise PipelineError(lost) from exc
         lost = session.writer_lost()
         if lost is None:
+            if isinstance(exc, KilledWorker) and (memory := session.memory.sentence()):
+                raise PipelineError(f"{exc}. {memory}. {STOPPED_FOR_MEMORY}") from exc
             raise
         session.abandon_writer()  # the run's end waits for its callers (_drain)
         writer = None
@@ -475,7 +479,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
             try:
                 observing.__exit__(*sys.exc_info())  # the observer sees how the run ended
             finally:
-                if status != "completed":  # a completed run has no task left running
+                if status != "completed" and not session.scheduler_lost():  # (a completed run has no task left)
                     _drain(session.client, DRAIN_S)
                 session.close()
     if finished["failure"]:  # the last images could not be written: the run failed
@@ -637,7 +641,7 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
     progress.restarts += 1
     session.abandon_writer()  # its callers' threads are the new writer's
     progress.unwritten.clear()  # handed to the new writer again, from progress.image on
-    memory = session.memory.sentence()
+    memory = session.memory.sentence(session.writer_address)
     log.warning("the Dask worker holding the writer (%s) was lost: starting a new writer from the committed "
                 "state (restart %d of at most %d)%s", session.writer_address or "address unknown",
                 progress.restarts, MAX_WRITER_RESTARTS, f". {memory}" if memory else "")

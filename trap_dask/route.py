@@ -94,9 +94,10 @@ class WriterRef:
             try:
                 return await call
             except asyncio.CancelledError:
-                if self.key in _LOST_WRITERS:  # abandoned (abandon_writer): this task's work is done elsewhere
+                if call.cancelled() and self.key in _LOST_WRITERS:  # abandoned: its work is done elsewhere
                     raise RuntimeError(WRITER_LOST) from None
-                raise
+                # (sync() lets a CancelledError through without a result: the task would fail obscurely)
+                raise RuntimeError(f"the call of the writer's {method} was cancelled") from None
             finally:
                 calls.discard(call)
 
