@@ -379,6 +379,7 @@ class _Scheduler:
     def __init__(self):
         self.events: list[tuple[float, dict]] = []
         self.paused = True
+        self.others: dict[str, dict] = {}  #: more workers: address -> task_counts
 
     def get_events(self, topic):
         assert topic == "worker-restart-memory"
@@ -386,8 +387,12 @@ class _Scheduler:
 
     def scheduler_info(self, n_workers):
         metrics = {"task_counts": {}, "memory": 240 << 20}
-        return {"workers": {"tcp://a:1": {"status": "paused" if self.paused else "running", "metrics": metrics,
-                                          "memory_limit": 256 << 20}}}
+        workers = {"tcp://a:1": {"status": "paused" if self.paused else "running", "metrics": metrics,
+                                 "memory_limit": 256 << 20}}
+        for address, counts in self.others.items():
+            workers[address] = {"status": "running", "metrics": {"task_counts": counts, "memory": 100 << 20},
+                                "memory_limit": 256 << 20}
+        return {"workers": workers}
 
 
 def test_memory_restarts_count_from_the_run_on_the_schedulers_clock(monkeypatch):
@@ -432,8 +437,30 @@ def test_only_workers_paused_at_every_look_without_progress_stop_the_run(monkeyp
         clock[0] += watch.LOOK_EVERY_S
         watch.check()
     clock[0] += watch.LOOK_EVERY_S
-    with pytest.raises(ClusterError, match="paused at its memory limit for 30 s, running nothing"):
+    with pytest.raises(ClusterError, match="^1 of 1 Dask workers have been paused at their memory limit for 30 s, "
+                                           "with nothing running anywhere"):
         watch.check()
+
+
+def test_a_paused_worker_holds_the_run_while_the_others_idle(monkeypatch):
+    """An image's tasks are bound to the worker holding its pixels: a paused worker's work waits for
+    it while the others, running, have nothing to do (seen in a run: one worker paused at 82%, one
+    idle, for minutes). That stops the run; a worker still running something does not."""
+    from trap_dask import cluster
+
+    clock = [0.0]
+    monkeypatch.setattr(cluster.time, "monotonic", lambda: clock[0])
+    scheduler = _Scheduler()
+    scheduler.others = {"tcp://b:2": {"executing": 1}}
+    watch = cluster.MemoryWatch(scheduler, "local")
+    for _ in range(int(2 * watch.PAUSED_S / watch.LOOK_EVERY_S)):
+        clock[0] += watch.LOOK_EVERY_S
+        watch.check()
+    scheduler.others = {"tcp://b:2": {}}
+    with pytest.raises(ClusterError, match="^1 of 2 Dask workers have been paused at their memory limit for 30 s"):
+        for _ in range(int(2 * watch.PAUSED_S / watch.LOOK_EVERY_S)):
+            clock[0] += watch.LOOK_EVERY_S
+            watch.check()
 
 
 def test_workers_are_asked_for_one_file_per_directory_that_is_readable_here(tmp_path):

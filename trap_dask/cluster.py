@@ -107,11 +107,11 @@ class MemoryWatch:
     kind: str  #: the cluster's kind (ClusterSession.kind), for the advice
     since: float = field(init=False)  #: the scheduler's stamp of its last memory restart before the run
     looked: float = field(default=-math.inf, init=False)  #: time.monotonic() of the last look
-    paused_since: float | None = field(default=None, init=False)  #: since when every worker is paused, idle
+    paused_since: float | None = field(default=None, init=False)  #: since when a paused worker holds the run
     restarts_at_progress: int | None = field(default=None, init=False)  #: restarts when the run last went on
 
-    #: Seconds every worker may stay paused at its memory limit with no task running before the run
-    #: stops: Dask resumes a paused worker only once its memory drops, which an idle one's does not.
+    #: Seconds a worker may stay paused at its memory limit with no task running anywhere before the
+    #: run stops: Dask resumes a paused worker only once its memory drops, which an idle one's does not.
     PAUSED_S = 30.0
     #: Memory restarts of workers with no image committed in between before the run stops: workers
     #: that die before they finish a task (the writer's start, an image) would be restarted for ever.
@@ -143,9 +143,10 @@ class MemoryWatch:
         restarts = self.restarts(workers)
         if not restarts:
             return None
-        whose = "the writer's worker" if workers else "workers"
-        return (f"Dask restarted {whose} {len(restarts)} time(s) for exceeding their memory limit "
-                f"({self._largest(restarts)}): {self._advice()}")
+        whose = ("the writer's worker {} time(s) for exceeding its" if workers
+                 else "workers {} time(s) for exceeding their")
+        return (f"Dask restarted {whose.format(len(restarts))} memory limit ({self._largest(restarts)}): "
+                f"{self._advice()}")
 
     def _advice(self) -> str:
         return f"each needs more memory for these images: {MORE_MEMORY[self.kind]}"
@@ -160,8 +161,8 @@ class MemoryWatch:
         self.paused_since = None
 
     def check(self) -> None:
-        """ClusterError once every worker has been paused at its memory limit, running nothing, for
-        PAUSED_S (seen at each look, without progress in between), or the workers were restarted
+        """ClusterError once a worker has been paused at its memory limit with nothing running on
+        any worker for PAUSED_S (seen at each look, without progress in between), or the workers were restarted
         RESTARTS_WITHOUT_PROGRESS times for memory since the last progress: the run would wait for
         ever. Call it while waiting for a result; it looks every LOOK_EVERY_S."""
         now = time.monotonic()
@@ -178,18 +179,19 @@ class MemoryWatch:
                                f"their memory limit ({self._largest(restarts)}), and the run could not go on: "
                                f"{self._advice()}. {STOPPED_FOR_MEMORY}")
         workers = list(self.client.scheduler_info(n_workers=-1)["workers"].values())
-        stuck = bool(workers) and all(w.get("status") == "paused" and not w["metrics"]["task_counts"].get("executing")
-                                      for w in workers)
-        if not stuck:
+        paused = [w for w in workers if w.get("status") == "paused"]
+        # the work of a paused worker waits for it (an image's tasks are bound to where its pixels are),
+        # so the others may idle: the run is held once nothing runs anywhere
+        if not paused or any(w["metrics"]["task_counts"].get("executing") for w in workers):
             self.paused_since = None
             return
         self.paused_since = self.paused_since or now
         if now - self.paused_since >= self.PAUSED_S:
-            in_use = max(w["metrics"]["memory"] for w in workers) / 2**20
-            limit = min(w["memory_limit"] for w in workers) / 2**20
-            raise ClusterError(f"every Dask worker has been paused at its memory limit for {self.PAUSED_S:g} s, "
-                               f"running nothing ({in_use:.0f} MiB in use of {limit:.0f} MiB): {self._advice()}. "
-                               f"{STOPPED_FOR_MEMORY}")
+            in_use = max(w["metrics"]["memory"] for w in paused) / 2**20
+            limit = min(w["memory_limit"] for w in paused) / 2**20
+            raise ClusterError(f"{len(paused)} of {len(workers)} Dask workers have been paused at their memory limit "
+                               f"for {self.PAUSED_S:g} s, with nothing running anywhere ({in_use:.0f} MiB in use of "
+                               f"{limit:.0f} MiB): {self._advice()}. {STOPPED_FOR_MEMORY}")
 
 
 @dataclass
