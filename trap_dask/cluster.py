@@ -43,9 +43,10 @@ log = logging.getLogger("trap_dask")
 WRITER_RESOURCE = "trap_writer"
 #: How many input directories are probed on every worker by :func:`check_inputs_readable`.
 MAX_PROBED_DIRECTORIES = 64
+#: What a run stopped by a fault of its cluster says of its database.
+PREFIX_KEPT = "The database holds a consistent prefix (every committed image complete)"
 WRITER_LOST_MESSAGE = (
-    "the Dask worker holding the writer ({address}) was lost: the run stops here.{why} The database "
-    f"holds a consistent prefix (every committed image complete); {RESUME}"
+    f"the Dask worker holding the writer ({{address}}) was lost: the run stops here.{{why}} {PREFIX_KEPT}; {RESUME}"
 )
 #: What a run whose workers lack memory should change, by the kind of cluster (ClusterSession.kind).
 MORE_MEMORY = {
@@ -55,11 +56,10 @@ MORE_MEMORY = {
     "slurm": "give the batch jobs more memory, or fewer cores each (cluster_config)",
     "pbs": "give the batch jobs more memory, or fewer cores each (cluster_config)",
 }
-STOPPED_FOR_MEMORY = ("The run stops here. The database holds a consistent prefix (every committed image "
-                      f"complete); {RESUME} once the workers have more memory")
+STOPPED_FOR_MEMORY = f"The run stops here. {PREFIX_KEPT}; {RESUME} once the workers have more memory"
 SCHEDULER_LOST_MESSAGE = (
-    "the connection to the Dask scheduler ({address}) was lost: the run stops here. The database "
-    f"holds a consistent prefix (every committed image complete); once a scheduler is up again, {RESUME}"
+    f"the connection to the Dask scheduler ({{address}}) was lost: the run stops here. {PREFIX_KEPT}; "
+    f"once a scheduler is up again, {RESUME}"
 )
 
 
@@ -100,8 +100,8 @@ class ClusterError(RuntimeError):
 
 @dataclass
 class MemoryWatch:
-    """Whether a run's workers lack memory, from what the scheduler knows: all of them paused at
-    their memory limit, or restarted by their nannies for exceeding it."""
+    """Whether a run's workers lack memory, from what the scheduler knows: one paused at its memory
+    limit while nothing runs anywhere, or workers restarted by their nannies for exceeding it."""
 
     client: Any  #: distributed.Client
     kind: str  #: the cluster's kind (ClusterSession.kind), for the advice
@@ -162,9 +162,9 @@ class MemoryWatch:
 
     def check(self) -> None:
         """ClusterError once a worker has been paused at its memory limit with nothing running on
-        any worker for PAUSED_S (seen at each look, without progress in between), or the workers were restarted
-        RESTARTS_WITHOUT_PROGRESS times for memory since the last progress: the run would wait for
-        ever. Call it while waiting for a result; it looks every LOOK_EVERY_S."""
+        any worker for PAUSED_S (seen at each look, without progress in between), or the workers
+        were restarted RESTARTS_WITHOUT_PROGRESS times for memory since the last progress: the run
+        would wait for ever. Call it while waiting for a result; it looks every LOOK_EVERY_S."""
         now = time.monotonic()
         if now - self.looked < self.LOOK_EVERY_S:
             return
