@@ -565,6 +565,44 @@ def test_a_local_clusters_loops_tick_and_check_memory_once_a_second(values):
     assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # this process's own settings are back
 
 
+def test_a_local_worker_process_starts_with_the_per_image_modules_frozen_out_of_garbage_collection():
+    """A local worker process imports the per-image work as it starts (worker_start, Dask's preload)
+    and freezes what it then holds, so its garbage collections no longer walk the imports."""
+    import gc
+
+    from trap_dask.cluster import start_client
+
+    session = start_client(build_config({"n_workers": 1, "threads_per_worker": 1}, {}, None))
+    try:
+        def state():
+            import sys
+
+            return {"frozen": gc.get_freeze_count(), "collecting": gc.isenabled(),
+                    "imported": all(m in sys.modules for m in ("trap_dask.tasks", "trap_dask.route"))}
+
+        [seen] = session.client.run(state).values()
+    finally:
+        session.close()
+    assert seen["imported"] and seen["collecting"]
+    assert seen["frozen"] > 100_000  # distributed, astropy, scipy, trap_dask...
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_import_frozen_imports_without_collecting_then_freezes_and_restores_the_collector(collecting):
+    code = f"""
+import gc, sys
+from trap_dask.worker_start import import_frozen
+passes = []
+gc.callbacks.append(lambda phase, info: passes.append(info["generation"]) if phase == "start" else None)
+{"gc.enable()" if collecting else "gc.disable()"}
+import_frozen(["astropy.io.fits", "trap_dask.tasks"])
+print(len(passes), gc.get_freeze_count(), gc.isenabled(), "astropy.io.fits" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", out[1], str(collecting), "True"]
+    assert int(out[1]) > 50_000
+
+
 def test_scheduler_address_from_dask_config():
     import dask
 

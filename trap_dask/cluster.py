@@ -66,10 +66,9 @@ SCHEDULER_LOST_MESSAGE = (
 #: Worker resource counting extraction slots: a local worker has one thread more than slots, so
 #: the forced fits of the image at the head of the queue never wait behind an extraction.
 EXTRACT_RESOURCE = "trap_extract"
-#: Modules a local worker process imports as it starts, so the first tasks start at once (the
-#: writer's modules, sqlalchemy among them, only where the writer goes: its worker imports them
-#: while the first images are extracted).
-WORKER_PRELOAD = ["trap_dask.tasks", "trap_dask.route"]
+#: What a local worker process runs as it starts: it imports the modules of the per-image work, so
+#: that the first tasks start at once, and freezes them out of its garbage collections.
+WORKER_PRELOAD = ["trap_dask.worker_start"]
 #: Dask config key that keeps Dask's statistical profiler on in a local cluster's workers: off, it
 #: no longer samples every worker thread every 10 ms (a few % of the CPU); ``trap-dask bench
 #: --report`` turns it on for its report.
