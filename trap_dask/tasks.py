@@ -26,7 +26,7 @@ from trap_dask.extraction.extract import (
     prepare_image,
 )
 from trap_dask.extraction.extract import extract as extract_image
-from trap_dask.extraction.forced import fit_pairs, forced_fit
+from trap_dask.extraction.forced import fit_beside_detections, fit_pairs, forced_fit
 from trap_dask.extraction.params import ExtractionParams
 from trap_dask.image import Beam, ImageError, ImageMeta, one_line, read_image, read_meta
 from trap_dask.messages import (
@@ -252,8 +252,10 @@ def force(image: LoadedImage, request: ForcedRequest, params: ExtractionParams) 
 
 def backfill(previous: LoadedImage | None, request: ForcedRequest, params: ExtractionParams,
              quality: QualityParams) -> np.ndarray | None:
-    """Forced fits of the new sources in the band's previous image (run where it is held); with
-    ``previous`` None or another image, the image is read again from ``request.backfill_url``.
+    """Forced fits of the new sources in the band's previous image (run where it is held), one beside
+    a detection of that image fitted together with it (:func:`fit_beside_detections`); with
+    ``previous`` None or another image, the image is read again from ``request.backfill_url`` (its
+    detections then unknown: forced fits alone).
     None when that image cannot be measured any more (moved, unreadable, now rejected, a fit failed)."""
     try:
         if previous is not None and previous.result.meta.url != request.backfill_url:
@@ -263,8 +265,8 @@ def backfill(previous: LoadedImage | None, request: ForcedRequest, params: Extra
             previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
         if previous is None or previous.prepared is None:
             return None
-        return forced_fit(previous.prepared, request.backfill_ra, request.backfill_dec, params,
-                          request.backfill_shape)
+        return fit_beside_detections(previous.prepared, request.backfill_ra, request.backfill_dec,
+                                     previous.result.sources, params, request.backfill_shape)
     except Exception as exc:  # noqa: BLE001 - a missing point before a new source never stops a run
         log.warning("%s: new sources not measured in it (%s: %s)", request.backfill_url, type(exc).__name__, exc)
         return None

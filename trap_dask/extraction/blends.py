@@ -29,7 +29,9 @@ from trap_dask.extraction.gaussian import (
     inverse_params,
     levenberg_marquardt,
     model_and_jacobian,
+    segment_argmax,
     segment_sum,
+    shape_cov,
 )
 
 #: rms of the Gaussian prior on each component's position around its start, in beam FWHM
@@ -44,6 +46,21 @@ _FIXED = 1e8
 MAX_SHIFT = 1.0
 #: The cutout reaches this far beyond both components, in beam FWHM (major axis).
 CUTOUT_MARGIN = 1.5
+#: An island fitted as one Gaussian longer than this many times the beam's major axis is fitted as
+#: two point sources too (:func:`hidden_pairs`).
+HIDDEN_MIN_EXTENT = 1.05
+#: ... where the Gaussian's chi-squared exceeds the number of its pixels by this much per beam area
+#: of pixels (a pair that fits better by HIDDEN_MIN_GAIN leaves about what noise leaves: on
+#: pairs50, 690 islands of 8 images were that long, 49 of them that poor a fit, all 42 pairs among
+#: those) ...
+HIDDEN_MIN_EXCESS = 3.0
+#: ... and kept as two where they fit its pixels better than the Gaussian by more than this
+#: chi-squared per beam area of pixels (six parameters each, so the gain is the pair's alone;
+#: JOIN_MAX_CHISQ of trap_dask.extraction.extract); among the 648 islands above that were no pair,
+#: the largest gain was 5.1 in 99%) ...
+HIDDEN_MIN_GAIN = 6.0
+#: ... and lie at least this many beam FWHM apart (closer, the two are one source's light).
+HIDDEN_MIN_SEPARATION = 0.5
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,48 @@ def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | N
     fits.npix[usable] = pixels.counts
     fits.ok[usable] = good
     return fits
+
+
+def hidden_pairs(pixels: PixelSet, fit: np.ndarray, chisq: np.ndarray, candidate: np.ndarray,
+                 rms: np.ndarray | NoiseMap, beam_cov: np.ndarray, detection: float) -> tuple[np.ndarray, PairFits]:
+    """The islands that hold two point sources where the extractor saw one, and their pair fits.
+
+    A faint neighbour within about a beam of a bright source lies on its flank: the island has one
+    peak, no deblender splits it, and the one Gaussian fitted to it takes in some of the
+    neighbour's light and widens. Once both are known, the catalogue's pair fits measure them
+    apart, so the bright one's light curve jumps at the image where the neighbour is first seen
+    (and the neighbour is taken for a new source). Each ``candidate`` island whose Gaussian ``fit``
+    (n, 6) is longer than HIDDEN_MIN_EXTENT beams and fits its pixels worse than noise would by
+    HIDDEN_MIN_EXCESS is fitted as two beam-shaped point sources, one
+    starting at the Gaussian's centre, the other at the island's pixel furthest above it; it is
+    two where that fits its pixels better by HIDDEN_MIN_GAIN chi-squared per beam area (``chisq``:
+    the Gaussian's), the two are HIDDEN_MIN_SEPARATION beam or more apart and each peaks at
+    ``detection`` times the noise (``rms``, Jy/beam) or more. Returns those islands' indices and
+    their fits (``fits.ok`` all true)."""
+    beam_major = geo.axes_from_cov(beam_cov[None])[0][0]
+    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * beam_major
+    area = 2.0 * np.pi * np.sqrt(np.linalg.det(beam_cov))  # pixels
+    major = np.zeros(len(fit))
+    poor = candidate & np.isfinite(fit).all(-1) & (chisq - pixels.counts > HIDDEN_MIN_EXCESS * area)
+    if poor.any():
+        major[poor] = geo.axes_from_cov(shape_cov(fit[poor]))[0]
+    tried = np.flatnonzero(poor & (major > HIDDEN_MIN_EXTENT * beam_major))
+    if not len(tried):
+        return tried, _unfitted(0)
+    own = pixels.select(np.isin(np.arange(len(fit)), tried))
+    above = own.value - model_and_jacobian(fit[tried], own, None)[0]
+    at = segment_argmax(above, own.starts)
+    start = np.stack([fit[tried, 1:3], np.column_stack([own.x[at], own.y[at]])], 1)
+    fits = fit_point_pairs_on(own, np.ones(len(tried), bool), rms, beam_cov, start)
+    gain = (chisq[tried] - fits.chisq) / area
+    apart = np.hypot(*(fits.params[:, [1, 2]] - fits.params[:, [4, 5]]).T)
+    ny, nx = rms.shape
+    ix = np.clip(np.rint(fits.params[:, [1, 4]]), 0, nx - 1).astype(int)
+    iy = np.clip(np.rint(fits.params[:, [2, 5]]), 0, ny - 1).astype(int)
+    with np.errstate(invalid="ignore"):
+        bright = (fits.params[:, [0, 3]] >= detection * rms[iy, ix]).all(1)
+        two = fits.ok & (gain > HIDDEN_MIN_GAIN) & (apart >= HIDDEN_MIN_SEPARATION * fwhm) & bright
+    return tried[two], PairFits(fits.params[two], fits.cov[two], fits.chisq[two], fits.npix[two], fits.ok[two])
 
 
 def _unfitted(n: int) -> PairFits:

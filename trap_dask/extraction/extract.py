@@ -11,7 +11,7 @@ from astropy.wcs import WCS
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.artefacts import beam_suspect, pixel_artefacts
 from trap_dask.extraction.background import NoiseMap, residual_and_rms
-from trap_dask.extraction.blends import PairFits, fit_point_pairs_on
+from trap_dask.extraction.blends import PairFits, fit_point_pairs_on, hidden_pairs
 from trap_dask.extraction.deblend import deblend, rejoined
 from trap_dask.extraction.gaussian import (
     PixelSet,
@@ -321,6 +321,7 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
         pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam
     )
     source = rejoined(parent, fit)
+    parts = np.bincount(parent)  # deblended components of each island
     if (source != np.arange(len(source))).any():
         source, islands, pixels, cut_ratio, joined, one_fits = _join(image, params, snr, islands, source, fit)
         one = np.unique(source)
@@ -341,7 +342,14 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     refitted = pair_rows(image, params, sibling_fits)
     ok = sibling_fits.ok & in_extraction_region(image.shape, params, refitted["x"], refitted["y"]).all(1)
     rows[(np.cumsum(keep) - 1)[siblings[ok]]] = refitted[ok]
-    return rows
+    if params.force_beam or params.deblend_nthresh == 0:  # beam-shaped fits, or no deblending asked for
+        return rows
+    # islands the deblender left whole (a part of one it split has its neighbours measured apart)
+    whole = fitted & (parts[parent] == 1)[keep]
+    split, hidden = hidden_pairs(pixels, fit, chisq, whole, image.rms, image.beam_cov, params.detection_threshold)
+    parts = pair_rows(image, params, hidden)
+    inside = in_extraction_region(image.shape, params, parts["x"], parts["y"]).all(1)
+    return np.concatenate([np.delete(rows, split[inside]), parts[inside].ravel()])
 
 
 def _joined(image: PreparedImage, snr: SNR, islands: Islands,

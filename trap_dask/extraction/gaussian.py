@@ -102,6 +102,15 @@ def segment_reduce(ufunc: np.ufunc, values: np.ndarray, starts: np.ndarray) -> n
     return np.stack([ufunc.reduceat(row, starts) for row in rows]).reshape(*values.shape[:-1], len(starts))
 
 
+def segment_argmax(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Index into ``values`` (npix,) of the largest value of each island's segment (the first of
+    equal ones)."""
+    best = np.maximum.reduceat(values, starts)
+    segment = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(values))))
+    hit = np.flatnonzero(values == best[segment])
+    return hit[np.searchsorted(segment[hit], np.arange(len(starts)))]
+
+
 def segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Sums over the islands' segments along the last axis: (..., npix) -> (..., n)."""
     return segment_reduce(np.add, values, starts)
