@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import fft as sfft
-from scipy.spatial import cKDTree
 
 from trap_dask.extraction import geometry as geo
 from trap_dask.extraction.blends import fit_point_pairs
@@ -237,9 +236,12 @@ def fit_beside_detections(image: PreparedImage, ra: np.ndarray, dec: np.ndarray,
     if not len(usable) or not len(wanted):
         return rows
     fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(image.beam_cov[None])[0][0]  # pixels
-    dist, near = cKDTree(np.column_stack([usable["x"], usable["y"]])).query(
-        np.column_stack([rows["x"][wanted], rows["y"][wanted]]), distance_upper_bound=NEIGHBOUR_RADIUS * fwhm)
-    close = np.isfinite(dist) & (dist >= NEIGHBOUR_MIN_SEPARATION * fwhm)
+    # (new sources, detections) distances: the new sources of an image are few (no KD-tree, whose
+    # scipy.spatial workers do not import otherwise)
+    apart = np.hypot(rows["x"][wanted, None] - usable["x"], rows["y"][wanted, None] - usable["y"])
+    near = np.argmin(apart, axis=1)
+    dist = apart[np.arange(len(wanted)), near]
+    close = (dist <= NEIGHBOUR_RADIUS * fwhm) & (dist >= NEIGHBOUR_MIN_SEPARATION * fwhm)
     order = np.flatnonzero(close)[np.argsort(dist[close], kind="stable")]
     order = order[np.unique(near[order], return_index=True)[1]]  # each detection with its nearest new source
     if not len(order):
