@@ -812,7 +812,8 @@ def _terminate_as_interrupt() -> Iterator[threading.Event]:
     The returned event is set as well: Python swallows an exception a signal handler raises while
     the main thread runs a ``__del__`` (a Dask future's, as it is collected) or a weakref callback,
     and the run then stops at its next image (``_process``) instead of completing as if it had not
-    been told to stop."""
+    been told to stop. Such a swallowed Terminated is not printed (Python's "Exception ignored"
+    and a traceback, after the run's own one-line message); other unraisable exceptions are."""
     terminated = threading.Event()
 
     def handler(signum, frame) -> None:
@@ -820,14 +821,20 @@ def _terminate_as_interrupt() -> Iterator[threading.Event]:
         log.warning("terminated (SIGTERM): stopping now")
         raise Terminated
 
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, Terminated):
+            previous_hook(info)
+
     if threading.current_thread() is not threading.main_thread():
         yield terminated
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous, previous_hook = signal.signal(signal.SIGTERM, handler), sys.unraisablehook
+    sys.unraisablehook = unraisable
     try:
         yield terminated
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 @contextmanager
