@@ -497,6 +497,53 @@ def test_postgres_writer_goes_anywhere_or_to_the_marked_worker():
     assert writer_placement(marked, LOCAL, "postgres") == {"resources": {WRITER_RESOURCE: 1}}
 
 
+class _Rpc:
+    """A stand-in for a client's rpc to its scheduler: it answers, or cannot be reached."""
+
+    address = "tcp://10.0.0.1:8786"
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+
+    async def identity(self) -> dict:
+        if not self.answers:
+            raise OSError("Timed out trying to connect to tcp://10.0.0.1:8786")
+        return {"type": "Scheduler"}
+
+
+class _Client:
+    """A stand-in for a distributed.Client as ClusterSession uses it after a failed call."""
+
+    def __init__(self, status: str, answers: bool) -> None:
+        self.status, self.scheduler = status, _Rpc(answers)
+        self.timeouts: list[float] = []
+
+    def get_events(self, topic: str) -> tuple:
+        return ()
+
+    def sync(self, func, callback_timeout: float | None = None):
+        import asyncio
+
+        self.timeouts.append(callback_timeout)
+        return asyncio.run(func())
+
+
+def test_a_scheduler_that_does_not_answer_is_lost_though_the_client_still_counts_it_connected():
+    """A lost scheduler can fail the writer's calls before the client notices (its status still
+    "running"): the run then took the writer for lost and started a new one. It now asks the
+    scheduler once, and one that cannot answer is lost; a client that knows is not asked."""
+    from trap_dask.cluster import SCHEDULER_ANSWER_S, ClusterSession
+
+    answering = _Client("running", answers=True)
+    assert ClusterSession(answering, "remote", 2, "").scheduler_lost() is None
+    assert answering.timeouts == [SCHEDULER_ANSWER_S]
+    silent = _Client("running", answers=False)
+    said = ClusterSession(silent, "remote", 2, "").scheduler_lost()
+    assert said.startswith("the connection to the Dask scheduler (tcp://10.0.0.1:8786) was lost: the run stops here")
+    closed = _Client("closed", answers=True)
+    assert ClusterSession(closed, "remote", 2, "").scheduler_lost() == said and closed.timeouts == []
+
+
 def test_a_worker_imports_no_database_library_and_no_association():
     """What a worker process unpickles its tasks, checks and the writer's answers with (tasks, route,
     cluster, a CommitSummary with its astrometry) leaves out the writer's side: SQLAlchemy, the

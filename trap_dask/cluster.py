@@ -89,6 +89,9 @@ KEEP_FREED_MEMORY = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_
 QUIET_LOOPS = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s"}
 
 
+#: Seconds the scheduler has to answer, once a call failed, before the run takes it for lost.
+SCHEDULER_ANSWER_S = 5.0
+
 #: Extraction threads of a local cluster beyond this many per core get a warning.
 OVERSUBSCRIBED = 2
 
@@ -265,10 +268,20 @@ class ClusterSession:
     def scheduler_lost(self) -> str | None:
         """After a call raised: the user-facing message if the client has lost its scheduler, else
         None. (Dask tries to reconnect for ``distributed.comm.timeouts.connect``, 30 s, before its
-        futures fail; no writer can be started again then.)"""
-        if self.client.status == "running":
+        futures fail; no writer can be started again then.) A scheduler the client still counts
+        as connected is asked once (SCHEDULER_ANSWER_S): its loss could fail the writer's calls
+        before the client noticed, and the run then started a new writer (seen once in a full
+        test run)."""
+        if self.client.status == "running" and self._scheduler_answers():
             return None
         return SCHEDULER_LOST_MESSAGE.format(address=self.scheduler_address)
+
+    def _scheduler_answers(self) -> bool:
+        try:
+            self.client.sync(self.client.scheduler.identity, callback_timeout=SCHEDULER_ANSWER_S)
+        except Exception:  # noqa: BLE001 - whatever keeps it from answering
+            return False
+        return True
 
     def writer_lost(self, timeout: float = 2.0) -> str | None:
         """After an actor call raised: the user-facing message if the writer's worker is gone, else None.
