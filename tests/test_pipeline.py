@@ -444,11 +444,16 @@ def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey)
     held = tasks.process(tasks.scan(path), quality, params)
     assert 0 < held.result.cpu <= time.process_time() - started  # its CPU time, for trap-dask bench
     ra, dec = survey["sources"]["ra"][:5], survey["sources"]["dec"][:5]
+    # and a beam north of each: fitted together with the detection there (fit_beside_detections),
+    # which the image read again must find too (it is extracted again)
+    ra, dec = np.r_[ra, ra], np.r_[dec, dec + 2.0 * held.prepared.beam.smaj]
     none = np.zeros((0, 2))
     request = ForcedRequest(ra[:0], dec[:0], none, none, ra, dec, 0, 1, path)
     from_worker = tasks.backfill(held, request, params, quality)
     from_file = tasks.backfill(None, request, params, quality)
-    assert len(from_worker) == 5 and np.isfinite(from_worker["int_flux"]).all()
+    assert len(from_worker) == 10 and np.isfinite(from_worker["int_flux"]).all()
+    alone = tasks.forced_fit(held.prepared, ra, dec, params)
+    assert (from_worker["int_flux"][5:] != alone["int_flux"][5:]).all()
     assert from_file.tobytes() == from_worker.tobytes()
     assert tasks.backfill(None, replace(request, backfill_url=path + ".moved"), params, quality) is None
 

@@ -254,15 +254,15 @@ def backfill(previous: LoadedImage | None, request: ForcedRequest, params: Extra
              quality: QualityParams) -> np.ndarray | None:
     """Forced fits of the new sources in the band's previous image (run where it is held), one beside
     a detection of that image fitted together with it (:func:`fit_beside_detections`); with
-    ``previous`` None or another image, the image is read again from ``request.backfill_url`` (its
-    detections then unknown: forced fits alone).
+    ``previous`` None or another image, the image is read and extracted again from
+    ``request.backfill_url`` (a run resumed with --db_append measures as one run did).
     None when that image cannot be measured any more (moved, unreadable, now rejected, a fit failed)."""
     try:
         if previous is not None and previous.result.meta.url != request.backfill_url:
             previous = None  # the route's guess of the band's previous image was not the writer's
-        if previous is None:
+        if previous is None:  # read and extracted again: its detections as when it was processed
             scanned = scan(request.backfill_url)
-            previous = load(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
+            previous = process(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
         if previous is None or previous.prepared is None:
             return None
         return fit_beside_detections(previous.prepared, request.backfill_ra, request.backfill_dec,

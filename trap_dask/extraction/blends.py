@@ -48,7 +48,7 @@ MAX_SHIFT = 1.0
 CUTOUT_MARGIN = 1.5
 #: An island fitted as one Gaussian longer than this many times the beam's major axis is fitted as
 #: two point sources too (:func:`hidden_pairs`).
-HIDDEN_MIN_EXTENT = 1.05
+HIDDEN_MIN_EXTENT = 1.0
 #: ... where the Gaussian's chi-squared exceeds the number of its pixels by this much per beam area
 #: of pixels (a pair that fits better by HIDDEN_MIN_GAIN leaves about what noise leaves: on
 #: pairs50, 690 islands of 8 images were that long, 49 of them that poor a fit, all 42 pairs among
@@ -59,8 +59,19 @@ HIDDEN_MIN_EXCESS = 3.0
 #: JOIN_MAX_CHISQ of trap_dask.extraction.extract); among the 648 islands above that were no pair,
 #: the largest gain was 5.1 in 99%) ...
 HIDDEN_MIN_GAIN = 6.0
-#: ... and lie at least this many beam FWHM apart (closer, the two are one source's light).
+#: ... and lie at least this many beam FWHM apart (closer, the two are one source's light) ...
 HIDDEN_MIN_SEPARATION = 0.5
+#: ... and leave at most this chi-squared per beam area above the number of pixels, having taken
+#: at least HIDDEN_MIN_SHARE of the Gaussian's excess: two points fit a pair down to its noise
+#: (what true pairs left: median -3, at most 5.1 in nine fields of a review), not a bright source
+#: of another shape (a bar 1.0-1.4 beams long left 6-950 and was cut in two in some images only,
+#: its light curve jumping by half; RESULTS.md, round 25).
+HIDDEN_MAX_LEFT = 6.0
+HIDDEN_MIN_SHARE = 0.8
+#: ... and the fainter peaks at most this fraction of the brighter: two equal points less than a
+#: beam apart look like one source a beam long (which a pair of halves fits too, in some images
+#: and not others); equal ones further apart show two peaks, which the deblender separates.
+HIDDEN_MAX_RATIO = 0.75
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,8 @@ def hidden_pairs(pixels: PixelSet, fit: np.ndarray, chisq: np.ndarray, candidate
     HIDDEN_MIN_EXCESS is fitted as two beam-shaped point sources, one
     starting at the Gaussian's centre, the other at the island's pixel furthest above it; it is
     two where that fits its pixels better by HIDDEN_MIN_GAIN chi-squared per beam area (``chisq``:
-    the Gaussian's), the two are HIDDEN_MIN_SEPARATION beam or more apart and each peaks at
+    the Gaussian's) and down to their noise (HIDDEN_MAX_LEFT, HIDDEN_MIN_SHARE), the two are
+    HIDDEN_MIN_SEPARATION beam or more apart, unequal (HIDDEN_MAX_RATIO) and each peaks at
     ``detection`` times the noise (``rms``, Jy/beam) or more. Returns those islands' indices and
     their fits (``fits.ok`` all true)."""
     beam_major = geo.axes_from_cov(beam_cov[None])[0][0]
@@ -171,13 +183,16 @@ def hidden_pairs(pixels: PixelSet, fit: np.ndarray, chisq: np.ndarray, candidate
     start = np.stack([fit[tried, 1:3], np.column_stack([own.x[at], own.y[at]])], 1)
     fits = fit_point_pairs_on(own, np.ones(len(tried), bool), rms, beam_cov, start)
     gain = (chisq[tried] - fits.chisq) / area
+    left = (fits.chisq - fits.npix) / area
+    fitted_to_noise = (left <= HIDDEN_MAX_LEFT) & (gain >= HIDDEN_MIN_SHARE * (chisq[tried] - own.counts) / area)
     apart = np.hypot(*(fits.params[:, [1, 2]] - fits.params[:, [4, 5]]).T)
     ny, nx = rms.shape
     ix = np.clip(np.rint(fits.params[:, [1, 4]]), 0, nx - 1).astype(int)
     iy = np.clip(np.rint(fits.params[:, [2, 5]]), 0, ny - 1).astype(int)
     with np.errstate(invalid="ignore"):
-        bright = (fits.params[:, [0, 3]] >= detection * rms[iy, ix]).all(1)
-        two = fits.ok & (gain > HIDDEN_MIN_GAIN) & (apart >= HIDDEN_MIN_SEPARATION * fwhm) & bright
+        peaks = fits.params[:, [0, 3]]
+        measurable = (peaks >= detection * rms[iy, ix]).all(1) & (peaks.min(1) <= HIDDEN_MAX_RATIO * peaks.max(1))
+        two = fits.ok & (gain > HIDDEN_MIN_GAIN) & fitted_to_noise & (apart >= HIDDEN_MIN_SEPARATION * fwhm) & measurable
     return tried[two], PairFits(fits.params[two], fits.cov[two], fits.chisq[two], fits.npix[two], fits.ok[two])
 
 

@@ -321,7 +321,7 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
         pixels, params.analysis_threshold * cut_ratio, image.beam_cov, params.force_beam
     )
     source = rejoined(parent, fit)
-    parts = np.bincount(parent)  # deblended components of each island
+    components = np.bincount(parent)  # deblended components of each island
     if (source != np.arange(len(source))).any():
         source, islands, pixels, cut_ratio, joined, one_fits = _join(image, params, snr, islands, source, fit)
         one = np.unique(source)
@@ -345,7 +345,7 @@ def _measure(image: PreparedImage, params: ExtractionParams, snr: SNR, labelled:
     if params.force_beam or params.deblend_nthresh == 0:  # beam-shaped fits, or no deblending asked for
         return rows
     # islands the deblender left whole (a part of one it split has its neighbours measured apart)
-    whole = fitted & (parts[parent] == 1)[keep]
+    whole = fitted & (components[parent] == 1)[keep]
     split, hidden = hidden_pairs(pixels, fit, chisq, whole, image.rms, image.beam_cov, params.detection_threshold)
     parts = pair_rows(image, params, hidden)
     inside = in_extraction_region(image.shape, params, parts["x"], parts["y"]).all(1)
