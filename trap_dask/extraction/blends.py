@@ -47,25 +47,23 @@ MAX_SHIFT = 1.0
 #: The cutout reaches this far beyond both components, in beam FWHM (major axis).
 CUTOUT_MARGIN = 1.5
 #: An island fitted as one Gaussian longer than this many times the beam's major axis is fitted as
-#: two point sources too (:func:`hidden_pairs`).
+#: two point sources too (:func:`hidden_pairs`) ...
 HIDDEN_MIN_EXTENT = 1.0
 #: ... where the Gaussian's chi-squared exceeds the number of its pixels by this much per beam area
-#: of pixels (a pair that fits better by HIDDEN_MIN_GAIN leaves about what noise leaves: on
-#: pairs50, 690 islands of 8 images were that long, 49 of them that poor a fit, all 42 pairs among
-#: those) ...
+#: of pixels (a pair that fits better by HIDDEN_MIN_GAIN leaves about what noise leaves: on 8
+#: images of pairs50, 690 islands were longer than 1.05 beams, 49 of them fitted that poorly, all
+#: 42 true pairs among those) ...
 HIDDEN_MIN_EXCESS = 3.0
 #: ... and kept as two where they fit its pixels better than the Gaussian by more than this
-#: chi-squared per beam area of pixels (six parameters each, so the gain is the pair's alone;
-#: JOIN_MAX_CHISQ of trap_dask.extraction.extract); among the 648 islands above that were no pair,
-#: the largest gain was 5.1 in 99%) ...
+#: chi-squared per beam area (six parameters each, so the gain is the pair's alone; the
+#: deblender's JOIN_MAX_CHISQ; the other 648 islands above gained 5.1 at the 99th percentile) ...
 HIDDEN_MIN_GAIN = 6.0
-#: ... and lie at least this many beam FWHM apart (closer, the two are one source's light) ...
+#: ... lie at least this many beam FWHM apart (closer, the two are one source's light) ...
 HIDDEN_MIN_SEPARATION = 0.5
-#: ... and leave at most this chi-squared per beam area above the number of pixels, having taken
-#: at least HIDDEN_MIN_SHARE of the Gaussian's excess: two points fit a pair down to its noise
-#: (what true pairs left: median -3, at most 5.1 in nine fields of a review), not a bright source
-#: of another shape (a bar 1.0-1.4 beams long left 6-950 and was cut in two in some images only,
-#: its light curve jumping by half; RESULTS.md, round 25).
+#: ... leave at most this chi-squared per beam area above the number of pixels, having taken at
+#: least HIDDEN_MIN_SHARE of the Gaussian's excess: two points fit a pair down to its noise (true
+#: pairs left -3 in the median, 5.1 at most, in nine fields of a review), not a bright source of
+#: another shape (a bar 1.0-1.4 beams long left 6-950 and was cut in two in some images only) ...
 HIDDEN_MAX_LEFT = 6.0
 HIDDEN_MIN_SHARE = 0.8
 #: ... and the fainter peaks at most this fraction of the brighter: two equal points less than a
@@ -192,7 +190,8 @@ def hidden_pairs(pixels: PixelSet, fit: np.ndarray, chisq: np.ndarray, candidate
     with np.errstate(invalid="ignore"):
         peaks = fits.params[:, [0, 3]]
         measurable = (peaks >= detection * rms[iy, ix]).all(1) & (peaks.min(1) <= HIDDEN_MAX_RATIO * peaks.max(1))
-        two = fits.ok & (gain > HIDDEN_MIN_GAIN) & fitted_to_noise & (apart >= HIDDEN_MIN_SEPARATION * fwhm) & measurable
+        apart_enough = apart >= HIDDEN_MIN_SEPARATION * fwhm
+        two = fits.ok & (gain > HIDDEN_MIN_GAIN) & fitted_to_noise & apart_enough & measurable
     return tried[two], PairFits(fits.params[two], fits.cov[two], fits.chisq[two], fits.npix[two], fits.ok[two])
 
 
