@@ -813,7 +813,8 @@ def test_a_bright_source_a_beam_long_of_another_shape_is_never_cut_in_two(length
     x, y = scattered_positions(20, (n, n), 60, 40, rng)
     angle = rng.uniform(0, np.pi, len(x))
     along = np.linspace(-0.5, 0.5, 41) * length * BEAM.fwhm_major
-    bx, by = (x[:, None] + along * np.cos(angle)[:, None]).ravel(), (y[:, None] + along * np.sin(angle)[:, None]).ravel()
+    bx = (x[:, None] + along * np.cos(angle)[:, None]).ravel()
+    by = (y[:, None] + along * np.sin(angle)[:, None]).ravel()
     bars = gaussians((n, n), bx, by, np.ones(bx.size), BEAM.cov())
     bars *= 300 * RMS / bars.max()
     for _ in range(4):  # four images of the same sky
