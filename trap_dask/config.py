@@ -170,7 +170,8 @@ class Config:
     deblend_nthresh: int = _param(
         32, "extraction", "",
         "deblending sub-thresholds (0: no deblending); separates blended neighbours, e.g. pairs "
-        "1-3 beams apart",
+        "1-3 beams apart, and fits a faint neighbour hidden on a bright source's flank as a "
+        "second point source (0: neither)",
     )
     ew_sys_err: float | None = _param(
         None, "extraction", "arcsec",
