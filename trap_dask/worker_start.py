@@ -3,8 +3,9 @@ per-image work, imported with the garbage collector off, then frozen out of its 
 
 Importing them (distributed, astropy, scipy among them) makes hundreds of thousands of objects,
 none of them garbage. With the collector on, its passes walked them during the import and at
-every full collection after, the last one as the process exits: 0.15 CPU-s of each worker's
-start and 0.2 CPU-s of its end on 2048^2 surveys (benchmarks/RESULTS.md, issue 15 round 25).
+every full collection after, the last one as the process exits: for two worker processes on
+2048^2 surveys, 0.15 CPU-s as they started and 0.24 as they ended (benchmarks/RESULTS.md,
+issue 15 round 25).
 ``trap-dask run`` does the same in its own process (``pipeline._imports_frozen``).
 """
 
