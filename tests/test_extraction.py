@@ -801,6 +801,17 @@ def test_a_faint_neighbour_inside_a_bright_sources_island_is_found_and_both_meas
     assert both < 0.5 and np.median(pulls) > 2.0
 
 
+def test_nearest_in_tables_of_any_size_is_the_nearest(monkeypatch):
+    rng = np.random.default_rng(2)
+    x, y, to_x, to_y = rng.uniform(0, 100, (4, 300))
+    expected = np.argmin(np.hypot(x[:, None] - to_x, y[:, None] - to_y), axis=1)
+    for cells in (1, 299, 1000, 1 << 20):  # one row at a time ... all at once
+        monkeypatch.setattr(forced, "DISTANCE_CELLS", cells)
+        near, dist = forced._nearest(x, y, to_x, to_y)
+        assert np.array_equal(near, expected)
+        np.testing.assert_allclose(dist, np.hypot(x - to_x[near], y - to_y[near]))
+
+
 @pytest.mark.parametrize("length", [1.0, 1.2])
 def test_a_bright_source_a_beam_long_of_another_shape_is_never_cut_in_two(length):
     """A uniform bar a beam long (a point source smeared along a line, a short jet) at S/N ~300: no

@@ -430,7 +430,7 @@ def test_new_sources_are_measured_in_the_previous_image_of_their_band(processed,
         assert not query(plain, "SELECT id FROM extracted_sources WHERE src_id = ? AND im_id < ?", src_id, im_id)
 
 
-def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey):
+def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey, caplog):
     """Append and resume measure new sources in an image of the earlier run from its file."""
     from trap_dask import tasks
     from trap_dask.catalogue import ForcedRequest
@@ -456,6 +456,7 @@ def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey)
     assert (from_worker["int_flux"][5:] != alone["int_flux"][5:]).all()
     assert from_file.tobytes() == from_worker.tobytes()
     assert tasks.backfill(None, replace(request, backfill_url=path + ".moved"), params, quality) is None
+    assert f"{path}.moved: new sources not measured in it (file not found)" in caplog.text
 
 
 def test_default_window_leaves_room_for_each_bands_held_image():

@@ -262,8 +262,12 @@ def backfill(previous: LoadedImage | None, request: ForcedRequest, params: Extra
             previous = None  # the route's guess of the band's previous image was not the writer's
         if previous is None:  # read and extracted again: its detections as when it was processed
             scanned = scan(request.backfill_url)
-            previous = process(scanned, quality, params) if isinstance(scanned, ScannedImage) else None
-        if previous is None or previous.prepared is None:
+            if not isinstance(scanned, ScannedImage):
+                log.warning("%s: new sources not measured in it (%s)", request.backfill_url, scanned.reason)
+                return None
+            previous = process(scanned, quality, params)
+        if previous.prepared is None:
+            log.warning("%s: new sources not measured in it (%s)", request.backfill_url, previous.result.rejection)
             return None
         return fit_beside_detections(previous.prepared, request.backfill_ra, request.backfill_dec,
                                      previous.result.sources, params, request.backfill_shape)

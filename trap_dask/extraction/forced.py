@@ -216,8 +216,8 @@ NEIGHBOUR_RADIUS = 2.0
 NEIGHBOUR_MIN_SEPARATION = 0.3
 #: ... point-like (fitted major axis at most this many times the beam's; BLEND_MAX_EXTENT) ...
 NEIGHBOUR_MAX_EXTENT = 2.0
-#: New sources whose distances to every detection are taken at once (a table of this many rows).
-DISTANCE_ROWS = 256
+#: Distances taken at once between new sources and detections (a table of 8 MiB).
+DISTANCE_CELLS = 1 << 20
 
 
 def fit_beside_detections(image: PreparedImage, ra: np.ndarray, dec: np.ndarray, detections: np.ndarray,
@@ -259,11 +259,12 @@ def fit_beside_detections(image: PreparedImage, ra: np.ndarray, dec: np.ndarray,
 
 def _nearest(x: np.ndarray, y: np.ndarray, to_x: np.ndarray, to_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index into (``to_x``, ``to_y``) of the point nearest each (``x``, ``y``), and its distance
-    (pixels): distance tables of DISTANCE_ROWS rows at a time (no KD-tree: workers do not import
-    scipy.spatial otherwise, and an image's new sources are few)."""
+    (pixels): distance tables of at most DISTANCE_CELLS at a time (no KD-tree: workers do not
+    import scipy.spatial otherwise, and an image's new sources are few)."""
     near, dist = np.empty(len(x), np.intp), np.empty(len(x))
-    for start in range(0, len(x), DISTANCE_ROWS):
-        part = slice(start, start + DISTANCE_ROWS)
+    rows = max(1, DISTANCE_CELLS // max(len(to_x), 1))
+    for start in range(0, len(x), rows):
+        part = slice(start, start + rows)
         apart = np.hypot(x[part, None] - to_x, y[part, None] - to_y)
         near[part] = np.argmin(apart, axis=1)
         dist[part] = apart[np.arange(len(apart)), near[part]]
