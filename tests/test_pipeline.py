@@ -3,6 +3,7 @@ science checks into PostgreSQL too (``exported``)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -455,7 +456,12 @@ def test_backfill_reads_the_previous_image_again_when_no_worker_holds_it(survey,
     alone = tasks.forced_fit(held.prepared, ra, dec, params)
     assert (from_worker["int_flux"][5:] != alone["int_flux"][5:]).all()
     assert from_file.tobytes() == from_worker.tobytes()
-    assert tasks.backfill(None, replace(request, backfill_url=path + ".moved"), params, quality) is None
+    logger = logging.getLogger("trap_dask.tasks")  # (a run before may have kept its messages from the root)
+    logger.addHandler(caplog.handler)
+    try:
+        assert tasks.backfill(None, replace(request, backfill_url=path + ".moved"), params, quality) is None
+    finally:
+        logger.removeHandler(caplog.handler)
     assert f"{path}.moved: new sources not measured in it (file not found)" in caplog.text
 
 
