@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from trap_dask.cluster import EXTRACT_RESOURCE
 from trap_dask.route import WRITER_LOST, ImageRoute, WriterRef, abandon_writer, is_route_key
 
@@ -61,11 +63,44 @@ def test_every_task_of_an_image_has_a_key_the_run_knows_as_its_own():
     client = _Submitter({"tcp://a:1": {"nthreads": 1}, "tcp://b:2": {"nthreads": 1}})
     route = ImageRoute(client, WriterRef("w", "tcp://a:1"), None, None, 3, tag="-w1")
     for index in range(3):
-        route.submit(index, SimpleNamespace(meta=SimpleNamespace(url=f"/data/image-{index}.fits", freq_eff=1.5e8)))
+        route.submit(index, SimpleNamespace(meta=SimpleNamespace(url=f"/data/image-{index}.fits", freq_eff=1.5e8,
+                                                                 freq_bw=2e6)))
     assert {key.split("-", 1)[0] for key in client.keys} == {"process", "handle", "associate", "backfill", "commit"}
     assert all(is_route_key(key) for key in client.keys)
     assert not is_route_key("someone-else") and not is_route_key(("tuple", 1))
 
+
+
+class _Arguments(_Submitter):
+    """Also records each task's arguments, by key."""
+
+    def __init__(self, workers: dict):
+        super().__init__(workers)
+        self.args: dict[str, tuple] = {}
+
+    def submit(self, func, *args, key: str, **kwargs) -> str:
+        self.args[key] = args
+        return super().submit(func, *args, key=key, **kwargs)
+
+
+@pytest.mark.parametrize("bands", [None, [(149e6, 152e6), (159e6, 161e6)]], ids=["grown", "the user's"])
+def test_an_images_backfill_is_given_the_previous_image_of_its_band(bands):
+    """The band's previous image, which the backfill measures new sources in, is the last one of
+    the band (as the writer groups them: 150.0 and 150.2 MHz in one), not of the same frequency
+    (which had it read and extracted again from its file)."""
+    from types import SimpleNamespace
+
+    from trap_dask.bands import fixed_bands
+
+    client = _Arguments({"tcp://a:1": {"nthreads": 1}})
+    route = ImageRoute(client, WriterRef("w", "tcp://a:1"), None, None, 5,
+                       bands=fixed_bands(bands) if bands else None)
+    for index, freq in enumerate((150.0e6, 150.2e6, 160.0e6, 150.0e6, 160.0e6)):
+        meta = SimpleNamespace(url=f"/data/{index}.fits", freq_eff=freq, freq_bw=2e6)
+        route.submit(index, SimpleNamespace(meta=meta))
+    previous = {key.split("-")[1]: args[2] for key, args in client.args.items() if key.startswith("handle")}
+    assert previous == {"0": None, "1": "process-0-0.fits", "2": None, "3": "process-1-1.fits",
+                        "4": "process-2-2.fits"}
 
 
 class _Where:

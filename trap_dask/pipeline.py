@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trap_dask.bands import fixed_bands
 from trap_dask.config import RESUME, RESUME_AFTER_FAILURE, Config
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, backend_class, database_exists
 from trap_dask.db.store import KnownImages
@@ -425,7 +426,7 @@ def _process(config, config_file, settings, session, append, known, scans, start
                         progress.failure += 1
                     with _stop_on_interrupt() as stop:
                         for index, url, summary in _stream(session, writer, images, window, params, quality,
-                                                           progress):
+                                                           progress, fixed_bands(config.frequency_bands())):
                             if index < progress.counted:  # staged by a writer that was lost, redone
                                 continue
                             progress.counted = index + 1
@@ -664,14 +665,15 @@ def _restart_writer(session, settings, config, config_file, progress: _Progress)
                           backend=settings.backend, append=True, resume=True, stage_every_image=True)
 
 
-def _stream(session, writer, images, window, params, quality, progress: _Progress):
+def _stream(session, writer, images, window, params, quality, progress: _Progress, bands: list):
     """Yield (index, url, CommitSummary) of each image in time order from ``images[progress.image]`` on,
-    keeping ``window`` images in flight (route.ImageRoute submits each image's tasks)."""
+    keeping ``window`` images in flight (route.ImageRoute submits each image's tasks; ``bands``:
+    the user's frequency bands, or none)."""
     from trap_dask.route import ImageRoute, WriterRef
 
     ref = WriterRef(session.writer.key, session.writer_address.split(", ")[0])
     route = ImageRoute(session.client, ref, params, quality, len(images), session.extract_resources,
-                       tag=f"-w{progress.restarts}" if progress.restarts else "")
+                       tag=f"-w{progress.restarts}" if progress.restarts else "", bands=bands)
     pending: deque = deque()
     upcoming = iter(enumerate(images[progress.image:], start=progress.image))
 

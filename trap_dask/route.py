@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from trap_dask.bands import Band, assign_band
 from trap_dask.messages import CommitSummary, ForcedMeasurements, ForcedRequest
 
 #: The exception (its repr, as Dask logs it) of a task refused by a writer whose transaction
@@ -213,7 +214,7 @@ class ImageRoute:
     REFRESH_S = 2.0
 
     def __init__(self, client, writer, params, quality, n_images: int, extract_resources: dict | None = None,
-                 tag: str = ""):
+                 tag: str = "", bands: list[Band] | None = None):
         self.client, self.writer, self.params, self.quality = client, writer, params, quality
         #: tag: new keys for a new writer's tasks (a task of the lost writer's time may be stuck:
         #: bound to a worker that is gone at a moment when no worker ran, Dask never places it again)
@@ -221,7 +222,10 @@ class ImageRoute:
         self.slot = {"resources": extract_resources} if extract_resources else {}
         self.resource = next(iter(extract_resources), None) if extract_resources else None
         self.previous_summary = None  #: the future of the last image's summary (keeps the order)
-        self.latest: dict[float, tuple[Any, str]] = {}  #: freq_eff -> (future, worker) of the last such image
+        self.latest: dict[int | None, tuple[Any, str]] = {}  #: band -> (future, worker) of its last image
+        #: the frequency bands as the writer makes them (trap_dask.bands): the user's, else grown
+        #: from the images (a band's images may differ in frequency within it)
+        self.bands, self.fixed_bands = list(bands or ()), bool(bands)
         self.slots: dict[str, int] = {}  #: worker -> extraction slots
         self.in_flight: dict[str, int] = {}  #: worker -> images submitted whose summary is not back
         self.placed: dict[int, str] = {}  #: image index -> worker
@@ -254,9 +258,10 @@ class ImageRoute:
         here = {"workers": [worker], "allow_other_workers": True} if worker else {}
         loaded = client.submit(tasks.process, image, self.quality, self.params, priority=first,
                                key=f"process-{name}", **self.slot, **here)
-        # the band's previous image is, as a rule, the previous one of the same frequency; the
-        # backfill checks that it is the one the writer names, else reads that one again
-        previous, there = self.latest.get(image.meta.freq_eff, (None, None))
+        # the band's previous image is, as a rule, the previous one of the band; the backfill
+        # checks that it is the one the writer names, else reads that one again
+        band = self._band(image.meta.freq_eff, image.meta.freq_bw)
+        previous, there = self.latest.get(band, (None, None))
         if previous is None or there == worker:  # one task where both images are
             summary = client.submit(handle, self.writer, loaded, previous, self.previous_summary, self.params,
                                     self.quality, priority=urgent, key=f"handle-{name}", **here)
@@ -267,12 +272,20 @@ class ImageRoute:
                                  key=f"backfill-{name}", workers=[there], allow_other_workers=True)
             summary = client.submit(commit_after, self.writer, measured, back, priority=urgent,
                                     key=f"commit-{name}", **here)
-        self.latest[image.meta.freq_eff] = (loaded, worker)
+        self.latest[band] = (loaded, worker)
         self.previous_summary = summary
         if worker:
             self.in_flight[worker] = self.in_flight.get(worker, 0) + 1
             self.placed[index] = worker
         return summary
+
+    def _band(self, freq_eff: float, freq_bw: float) -> int | None:
+        """The id of the band of an image at ``freq_eff`` of bandwidth ``freq_bw`` (Hz), as the
+        writer assigns it (None: outside the user's bands)."""
+        band, new = assign_band(freq_eff, freq_bw, self.bands, self.fixed_bands)
+        if new:
+            self.bands.append(band)
+        return None if band is None else band.band_id
 
     def done(self, index: int) -> None:
         """The summary of image ``index`` came back: its worker has one image fewer in flight."""
