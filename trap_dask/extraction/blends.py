@@ -99,12 +99,26 @@ class PairFits:
     ok: np.ndarray
 
 
+def beam_fwhm(beam_cov: np.ndarray) -> float:
+    """The beam's FWHM along its major axis (pixels) from its covariance (pixel**2)."""
+    return 2.0 * geo.HALF_FWHM_PER_SIGMA * float(geo.axes_from_cov(beam_cov[None])[0][0])
+
+
+def _noise_at_components(rms: np.ndarray | NoiseMap, params: np.ndarray) -> np.ndarray:
+    """The noise (Jy/beam) at the pixels nearest both components (n, 2) of pair parameters
+    (n, 6) (A1, x1, y1, A2, x2, y2), clipped to the image."""
+    ny, nx = rms.shape
+    ix = np.clip(np.rint(params[:, [1, 4]]), 0, nx - 1).astype(int)
+    iy = np.clip(np.rint(params[:, [2, 5]]), 0, ny - 1).astype(int)
+    return rms[iy, ix]
+
+
 def fit_point_pairs(residual: np.ndarray, rms: np.ndarray | NoiseMap, beam_cov: np.ndarray,
                     start: np.ndarray) -> PairFits:
     """Fit each pair of point sources jointly, starting at ``start`` (n, 2, 2): (pair, component, xy)
     in pixels, on a square cutout of the background-subtracted image ``residual`` around both
     (noise map ``rms``, Jy/beam; beam covariance ``beam_cov``, pixel**2)."""
-    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(beam_cov[None])[0][0]
+    fwhm = beam_fwhm(beam_cov)
     if len(start) == 0:
         return _unfitted(0)
     pixels, usable = _cutouts(residual, rms, start, fwhm)
@@ -120,7 +134,7 @@ def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | N
     fits = _unfitted(n)
     if not usable.any():
         return fits
-    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(beam_cov[None])[0][0]
+    fwhm = beam_fwhm(beam_cov)
     beam = inverse_params(beam_cov[None])[0]
     sub = start[usable]
     p0 = np.column_stack([np.ones(len(sub)), sub[:, 0], np.ones(len(sub)), sub[:, 1]])
@@ -130,10 +144,7 @@ def fit_point_pairs_on(pixels: PixelSet, usable: np.ndarray, rms: np.ndarray | N
     fit, _, converged = levenberg_marquardt(p0, pixels, _pair_model(beam, p0, prior), max_iter=max_iter)
     # a component too faint to place would settle on the highest noise bump near its start
     # (and take its flux): such a one is measured again at its start, like a forced fit
-    ny, nx = rms.shape
-    ix = np.clip(np.rint(p0[:, [1, 4]]), 0, nx - 1).astype(int)
-    iy = np.clip(np.rint(p0[:, [2, 5]]), 0, ny - 1).astype(int)
-    faint = fit[:, [0, 3]] < FREE_POSITION_SNR * rms[iy, ix]  # (n, 2)
+    faint = fit[:, [0, 3]] < FREE_POSITION_SNR * _noise_at_components(rms, p0)  # (n, 2)
     if faint.any():
         positions = prior[:, [1, 2, 4, 5]]
         positions[np.repeat(faint, 2, axis=1)] = _FIXED / np.square(fwhm)
@@ -175,7 +186,7 @@ def hidden_pairs(pixels: PixelSet, fit: np.ndarray, chisq: np.ndarray, candidate
     ``detection`` times the noise (``rms``, Jy/beam) or more. Returns those islands' indices and
     their fits (``fits.ok`` all true)."""
     beam_major = geo.axes_from_cov(beam_cov[None])[0][0]
-    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * beam_major
+    fwhm = beam_fwhm(beam_cov)
     area = 2.0 * np.pi * np.sqrt(np.linalg.det(beam_cov))  # pixels
     major = np.zeros(len(fit))
     poor = candidate & np.isfinite(fit).all(-1) & (chisq - pixels.counts > HIDDEN_MIN_EXCESS * area)
@@ -193,12 +204,8 @@ def hidden_pairs(pixels: PixelSet, fit: np.ndarray, chisq: np.ndarray, candidate
     left = (fits.chisq - fits.npix) / area
     fitted_to_noise = (left <= HIDDEN_MAX_LEFT) & (gain >= HIDDEN_MIN_SHARE * (chisq[tried] - own.counts) / area)
     apart = np.hypot(*(fits.params[:, [1, 2]] - fits.params[:, [4, 5]]).T)
-    ny, nx = rms.shape
-    ix = np.clip(np.rint(fits.params[:, [1, 4]]), 0, nx - 1).astype(int)
-    iy = np.clip(np.rint(fits.params[:, [2, 5]]), 0, ny - 1).astype(int)
     with np.errstate(invalid="ignore"):
-        peaks = fits.params[:, [0, 3]]
-        measurable = (peaks >= detection * rms[iy, ix]).all(1)
+        measurable = (fits.params[:, [0, 3]] >= detection * _noise_at_components(rms, fits.params)).all(1)
         apart_enough = apart >= HIDDEN_MIN_SEPARATION * fwhm
         two = fits.ok & (gain > HIDDEN_MIN_GAIN) & fitted_to_noise & apart_enough & measurable
     return tried[two], PairFits(fits.params[two], fits.cov[two], fits.chisq[two], fits.npix[two], fits.ok[two])

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from trap_dask.extraction import geometry as geo
-from trap_dask.extraction.blends import fit_point_pairs
+from trap_dask.extraction.blends import beam_fwhm, fit_point_pairs
 from trap_dask.extraction.extract import PreparedImage, local_noise, pair_rows
 from trap_dask.extraction.gaussian import beam_on_grid
 from trap_dask.extraction.params import ExtractionParams
@@ -150,6 +150,12 @@ def forced_fit(
     return add_uncertainties(rows, params.ew_sys_err, params.ns_sys_err)
 
 
+def _has_own_shape(shape: np.ndarray) -> np.ndarray:
+    """Which rows of intrinsic shapes (n, 3) are a resolved source's: finite and not zero (zeros, or
+    NaN, stand for the beam's)."""
+    return np.isfinite(shape).all(axis=1) & np.any(shape != 0, axis=1)
+
+
 def _resolved(image: PreparedImage, x: np.ndarray, y: np.ndarray, on_image: np.ndarray,
               shape: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The positions to fit with their own shape (finite, not zero, at most MAX_PROFILE_BEAMS
@@ -158,7 +164,7 @@ def _resolved(image: PreparedImage, x: np.ndarray, y: np.ndarray, on_image: np.n
     none = np.zeros(0, np.intp), np.zeros((0, 2, 2)), np.zeros((0, 2, 2))
     if shape is None:
         return none
-    candidates = np.flatnonzero(on_image & np.isfinite(shape).all(axis=1) & np.any(shape != 0, axis=1))
+    candidates = np.flatnonzero(on_image & _has_own_shape(shape))
     if not len(candidates):
         return none
     jac = geo.local_jacobian(image.wcs, x[candidates], y[candidates])
@@ -236,13 +242,13 @@ def fit_beside_detections(image: PreparedImage, ra: np.ndarray, dec: np.ndarray,
     at the given position).
     """
     rows = forced_fit(image, ra, dec, params, shape)
-    point = np.ones(len(rows), bool) if shape is None else ~(np.isfinite(shape).all(1) & np.any(shape != 0, 1))
+    point = np.ones(len(rows), bool) if shape is None else ~_has_own_shape(shape)
     usable = detections[(detections["semimajor_axis"] <= NEIGHBOUR_MAX_EXTENT * image.beam.smaj * 3600.0)
                         & np.isfinite(detections["x"]) & np.isfinite(detections["y"])]
     wanted = np.flatnonzero(point & np.isfinite(rows["peak_flux"]))
     if not len(usable) or not len(wanted):
         return rows
-    fwhm = 2.0 * geo.HALF_FWHM_PER_SIGMA * geo.axes_from_cov(image.beam_cov[None])[0][0]  # pixels
+    fwhm = beam_fwhm(image.beam_cov)  # pixels
     near, dist = _nearest(rows["x"][wanted], rows["y"][wanted], usable["x"], usable["y"])
     close = (dist <= NEIGHBOUR_RADIUS * fwhm) & (dist >= NEIGHBOUR_MIN_SEPARATION * fwhm)
     order = np.flatnonzero(close)[np.argsort(dist[close], kind="stable")]
