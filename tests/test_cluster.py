@@ -531,15 +531,18 @@ class _Client:
 def test_a_scheduler_that_does_not_answer_is_lost_though_the_client_still_counts_it_connected():
     """A lost scheduler can fail the writer's calls before the client notices (its status still
     "running"): the run then took the writer for lost and started a new one. It now asks the
-    scheduler once, and one that cannot answer is lost; a client that knows is not asked."""
+    scheduler once, and one that cannot answer is lost (and not asked again, for up to 5 s each
+    time, as the run ends); a client that knows is not asked."""
     from trap_dask.cluster import SCHEDULER_ANSWER_S, ClusterSession
 
     answering = _Client("running", answers=True)
     assert ClusterSession(answering, "remote", 2, "").scheduler_lost() is None
     assert answering.timeouts == [SCHEDULER_ANSWER_S]
     silent = _Client("running", answers=False)
-    said = ClusterSession(silent, "remote", 2, "").scheduler_lost()
+    session = ClusterSession(silent, "remote", 2, "")
+    said = session.scheduler_lost()
     assert said.startswith("the connection to the Dask scheduler (tcp://10.0.0.1:8786) was lost: the run stops here")
+    assert session.scheduler_lost() == said and silent.timeouts == [SCHEDULER_ANSWER_S]  # asked once, not at each look
     closed = _Client("closed", answers=True)
     assert ClusterSession(closed, "remote", 2, "").scheduler_lost() == said and closed.timeouts == []
 

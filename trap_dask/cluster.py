@@ -209,6 +209,7 @@ class ClusterSession:
     writer_address: str = ""  #: the worker holding the writer
     extract_resources: dict[str, int] | None = None  #: ``client.submit`` resources of extraction tasks
     scheduler_address: str = field(init=False)  #: the client's scheduler (the client forgets it when it loses it)
+    lost_scheduler: bool = field(default=False, init=False)  #: found lost: the run stops, no need to ask again
     memory: MemoryWatch = field(init=False)  #: whether the workers lack memory
 
     def __post_init__(self) -> None:
@@ -271,9 +272,10 @@ class ClusterSession:
         futures fail; no writer can be started again then.) A scheduler the client still counts
         as connected is asked once (SCHEDULER_ANSWER_S): its loss could fail the writer's calls
         before the client noticed, and the run then started a new writer (seen once in a full
-        test run)."""
-        if self.client.status == "running" and self._scheduler_answers():
+        test run). Once lost, it is not asked again (the run's end asks too)."""
+        if not self.lost_scheduler and self.client.status == "running" and self._scheduler_answers():
             return None
+        self.lost_scheduler = True
         return SCHEDULER_LOST_MESSAGE.format(address=self.scheduler_address)
 
     def _scheduler_answers(self) -> bool:
