@@ -103,7 +103,7 @@ def _checksums_counted(monkeypatch) -> list[str]:
     from trap_dask import tasks
 
     read, checksum = [], tasks.file_checksum
-    monkeypatch.setattr(tasks, "file_checksum", lambda path: read.append(path) or checksum(path))
+    monkeypatch.setattr(tasks, "file_checksum", lambda path, kind: read.append(path) or checksum(path, kind))
     return read
 
 
@@ -440,6 +440,50 @@ def test_append_upgrades_a_version_7_database(db_settings, epochs, reference):
     assert_upgraded(dump(db_settings), reference)
 
 
+def stored_checksums(settings: DatabaseSettings) -> list[str]:
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        rows = conn.execute(select(schema.images.c.checksum).order_by(schema.images.c.id)).scalars().all()
+    engine.dispose()
+    return rows
+
+
+def test_append_upgrades_a_version_8_database_keeping_its_sha256(db_settings, epochs, reference, monkeypatch):
+    """Version 8 recorded the sha256 (hex) of each file: an append to such a database recognises
+    its files by it (their modification times differ from those stored, so each is read), records
+    the new images with sha256 too, and continues the light curves as one run; a new database
+    records XXH3."""
+    import hashlib
+
+    from trap_dask.checksums import XXH3, file_checksum, kind_of
+
+    def sha256(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    assert {kind_of(c) for c in stored_checksums(sibling(db_settings, "_ref"))} == {XXH3}
+    assert stored_checksums(sibling(db_settings, "_ref"))[0] == file_checksum(epochs[0])
+    run(db_settings, epochs[:3])
+    engine = make_engine(db_settings)
+    images = schema.images
+    with engine.begin() as conn:  # as trap-dask wrote them before schema 9, with stamps that no longer match
+        for path in epochs[:3]:
+            conn.execute(images.update().where(images.c.url == path).values(checksum=sha256(path), file_mtime=1))
+        conn.execute(schema.schema_version.update().values(version=8))
+    engine.dispose()
+    read = _checksums_counted(monkeypatch)
+    summary = run(db_settings, epochs, db_append=True)
+    assert (summary.n_images, summary.n_skipped) == (len(epochs) - 3, 3)
+    assert sorted(read) == sorted(epochs)
+    assert schema_versions(db_settings) == [schema.SCHEMA_VERSION]
+    assert stored_checksums(db_settings) == [sha256(p) for p in epochs]
+    column = [c for c in schema.images.c.keys() if c not in COMPARED["images"]].index("checksum")
+
+    def without_checksums(tables: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
+        return tables | {"images": [row[:column] + row[column + 1:] for row in tables["images"]]}
+
+    assert without_checksums(dump(db_settings)) == without_checksums(reference)
+
+
 def test_append_upgrades_a_version_1_database(db_settings, epochs, reference):
     """A database of export schema version 1 (running sums in `variability`, before the images'
     astrometry and merges) is upgraded in place by an append, which then links the new images to
@@ -691,10 +735,10 @@ def test_an_unreadable_file_is_recorded_once(db_settings, epochs, tmp_path, monk
     garbage.write_bytes(b"this is not FITS" * 300)
     checksum = tasks.file_checksum
 
-    def failing_disk(path: str) -> str:   # its bytes cannot be read: no checksum, as on a failing disk
+    def failing_disk(path: str, kind: str) -> str:   # its bytes cannot be read: no checksum, as on a failing disk
         if path == str(garbage):
             raise OSError(5, "Input/output error")
-        return checksum(path)
+        return checksum(path, kind)
 
     def garbage_rows() -> list[tuple]:
         engine = make_engine(db_settings)

@@ -172,7 +172,7 @@ def test_results_of_a_run_without_light_curves_to_rank(survey, tmp_path, capsys,
 
 
 def test_stamps_say_which_images_changed_or_miss_the_source(survey, tmp_path, monkeypatch):
-    """An image whose file changed since the run (its stored sha256 differs) or that no longer
+    """An image whose file changed since the run (its stored checksum differs) or that no longer
     reaches the source gets a panel saying so, never a cutout of other data; the rest are drawn (a
     moved image made the whole figure fail before, a changed one drew the wrong pixels)."""
     import shutil
@@ -195,7 +195,8 @@ def test_stamps_say_which_images_changed_or_miss_the_source(survey, tmp_path, mo
     from trap_dask import tasks
 
     hashed = []
-    monkeypatch.setattr(tasks, "bytes_checksum", lambda raw, hash=tasks.bytes_checksum: hashed.append(1) or hash(raw))
+    monkeypatch.setattr(tasks, "bytes_checksum",
+                        lambda raw, kind, hash=tasks.bytes_checksum: hashed.append(1) or hash(raw, kind))
     for url in rows.url:  # settled files (modified > 2 s ago) are hashed once, however many figures
         os.utime(url, ns=(os.stat(url).st_atime_ns, os.stat(url).st_mtime_ns - 10**10))
     for _ in range(2):

@@ -75,7 +75,7 @@ class ScannedImage:
     """A file whose header gave everything needed."""
 
     meta: ImageMeta
-    checksum: str | None  #: sha256 of the file's bytes (hex); None: computed when it is loaded
+    checksum: str | None  #: the file's checksum (trap_dask.checksums); None: computed when it is loaded
 
     @property
     def url(self) -> str:

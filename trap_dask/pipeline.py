@@ -320,7 +320,7 @@ def _prepare_and_scan(settings: DatabaseSettings, config: Config, paths: list[st
     """The database ready (see prepare_database), and every input's header read; (append, known, scans).
     PipelineError for an append of images older than the database's latest."""
     append, known = prepare_database(settings, config)
-    scans = scan_inputs(paths, checksum=bool(known.checksums), stored=known.stored)
+    scans = scan_inputs(paths, checksum=known.checksum_kind if known.checksums else None, stored=known.stored)
     _check_time_order(scans, known, settings)
     return append, known, scans
 
@@ -346,7 +346,7 @@ def _check_time_order(scans: list, known: KnownImages, settings: DatabaseSetting
             "the earlier ones out")
 
 
-def scan_inputs(paths: list[str], checksum: bool = False,
+def scan_inputs(paths: list[str], checksum: str | None = None,
                 stored: Mapping[str, tuple[int, int, str]] | None = None) -> list:
     """ScannedImage or ScanFailure of each path, headers read in threads here (checksums only to
     recognise images already in the database, whose files are read only where their path, size or

@@ -9,7 +9,6 @@ never shipped anywhere. Each stage is timed (``seconds`` of the messages) for ``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from trap_dask.checksums import XXH3, bytes_checksum, file_checksum
 from trap_dask.extraction.extract import (
     PreparedImage,
     extraction_outline,
@@ -40,7 +40,6 @@ from trap_dask.messages import (
 from trap_dask.quality import ImageStats, QualityParams, beam_problem, check_quality
 from trap_dask.sources import empty_sources
 
-_CHUNK = 1 << 22
 log = logging.getLogger(__name__)
 
 
@@ -70,31 +69,34 @@ def _register_sizeof() -> None:
 _register_sizeof()
 
 
-def scan(path: str, checksum: bool = False, beam: Beam | None = None,
+def scan(path: str, checksum: str | None = None, beam: Beam | None = None,
          freq: tuple[float, float] | None = None,
          stored: Mapping[str, tuple[int, int, str]] | None = None) -> ScannedImage | ScanFailure:
-    """Read one file's header (and checksum it if asked); a bad file gives a ScanFailure, never an exception.
+    """Read one file's header (and checksum it now, of the kind ``checksum`` names, see
+    trap_dask.checksums; None: when it is loaded); a bad file gives a ScanFailure, never an exception.
 
     ``stored``: (size, mtime_ns, checksum) of files a database holds, by path: a file at one of
     those paths with that size and modification time has that checksum without being read.
     """
+    kind = checksum or XXH3
     try:
         meta = read_meta(path, beam=beam, freq=freq)
-        if not checksum:
+        if checksum is None:
             return ScannedImage(meta, None)
-        return ScannedImage(meta, _stored_checksum(meta.url, stored or {}) or file_checksum(meta.url))
+        return ScannedImage(meta, _stored_checksum(meta.url, stored or {}) or file_checksum(meta.url, checksum))
     except ImageError as exc:
-        return ScanFailure(url=path, reason=str(exc), checksum=_checksum_or_none(path))
+        return ScanFailure(url=path, reason=str(exc), checksum=_checksum_or_none(path, kind))
     except OSError as exc:
         return ScanFailure(url=path, reason=f"cannot read the file: {exc.strerror or exc}", checksum=None)
     except Exception as exc:  # noqa: BLE001 - a header astropy chokes on: one bad file never stops a run
-        return ScanFailure(url=path, reason=f"unreadable header: {one_line(exc)}", checksum=_checksum_or_none(path))
+        return ScanFailure(url=path, reason=f"unreadable header: {one_line(exc)}",
+                           checksum=_checksum_or_none(path, kind))
 
 
-def _checksum_or_none(path: str) -> str | None:
+def _checksum_or_none(path: str, kind: str) -> str | None:
     """The file's checksum, None if it cannot be read (a rejected file is recognised by it on append)."""
     try:
-        return file_checksum(path)
+        return file_checksum(path, kind)
     except OSError:
         return None
 
@@ -110,20 +112,6 @@ def _stored_checksum(url: str, stored: Mapping[str, tuple[int, int, str]]) -> st
     except OSError:
         return None
     return known[2] if stamp == known[:2] else None
-
-
-def file_checksum(path: str) -> str:
-    """sha256 of the file's bytes (hex), to recognise an image already in a database."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def bytes_checksum(raw: np.ndarray) -> str:
-    """:func:`file_checksum` of a file already read (its bytes, uint8)."""
-    return hashlib.sha256(raw).hexdigest()
 
 
 #: A file modified less than this long before it is read gets no stamp (ns): a write in the same tick

@@ -149,9 +149,16 @@ def _v7_to_v8(conn: Connection, backend: Backend) -> None:
                      .values({f"acc_shape_{name}": bindparam(f"v_{name}") for name in SHAPE_SUMS}), values)
 
 
+def _v8_to_v9(conn: Connection, backend: Backend) -> None:
+    """`images.checksum` of a new database is `xxh3:` and the file's 128-bit XXH3 hash (hex), 7x faster
+    to compute than the sha256 (hex) it was: a database upgraded from an earlier version keeps
+    its sha256 checksums and goes on with them (trap_dask.checksums). No table or column changes;
+    the new version keeps a trap-dask that writes sha256 from appending to a database of XXH3."""
+
+
 MIGRATIONS: dict[int, Callable[[Connection, Backend], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
                                                                 4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7,
-                                                                7: _v7_to_v8}
+                                                                7: _v7_to_v8, 8: _v8_to_v9}
 
 
 def can_migrate(version: int) -> bool:

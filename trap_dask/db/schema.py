@@ -35,9 +35,10 @@ from trap_dask.shapes import SHAPE_SUMS
 from trap_dask.sources import MEASURED_COLUMNS
 from trap_dask.variability import FLUX_SUMS, POSITION_SUMS
 
-#: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it) and
-#: add the step to trap_dask/db/migrations.py; a database of a later version is refused on append.
-SCHEMA_VERSION = 8
+#: Bump when a table or column changes (tests/test_schema_files.py pins the DDL's hash to it), or
+#: what a column holds, and add the step to trap_dask/db/migrations.py; a database of a later
+#: version is refused on append.
+SCHEMA_VERSION = 9
 
 metadata = MetaData()
 
@@ -97,7 +98,7 @@ images = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("run", Integer, ForeignKey("runs.id"), nullable=False),
     Column("url", Text, nullable=False),
-    Column("checksum", String(64), comment="sha256 of the file's bytes (hex)"),
+    Column("checksum", String(64), comment="the file's checksum: 'xxh3:' and its 128-bit XXH3 (hex), or its sha256"),
     Column("rejected", Boolean, nullable=False),
     Column("rejection_reason", Text),
     Column("rms", Double, comment="Jy/beam, clipped rms of the central region"),

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from trap_dask import __version__
 from trap_dask.bands import Band, fixed_bands, overlapped_stored
+from trap_dask.checksums import kind_for
 from trap_dask.columns import Columns, concat, take
 from trap_dask.db import schema
 from trap_dask.db.backends import DatabaseError, DatabaseSettings, cannot_connect, driver_reason
@@ -58,7 +59,7 @@ class StoredState:
 class KnownImages:
     """The input files an export database already holds, so that an append skips them."""
 
-    checksums: frozenset[str] = frozenset()  #: sha256 (hex) of every file recorded with one
+    checksums: frozenset[str] = frozenset()  #: the checksum of every file recorded with one (trap_dask.checksums)
     #: paths of the files recorded with a checksum
     paths: frozenset[str] = frozenset()
     #: paths of files recorded as rejected without a checksum: their bytes could not be read
@@ -67,6 +68,11 @@ class KnownImages:
     latest: datetime | None = None
     #: (size in bytes, modification time in ns, checksum) of the files recorded with them, by path
     stored: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
+
+    @property
+    def checksum_kind(self) -> str:
+        """The kind of checksum a run compares with these and writes (trap_dask.checksums.kind_for)."""
+        return kind_for(self.checksums)
 
 
 class RunTakenOver(DatabaseError):

@@ -45,8 +45,8 @@ def lightcurves(db: Any, src_id: int | None = None) -> pd.DataFrame:
 
 
 def image_checksums(db: Any) -> dict[int, str]:
-    """sha256 (hex) of each image's file as the run read it, by image id (stamps check the files
-    against them)."""
+    """The checksum of each image's file as the run read it (trap_dask.checksums), by image id
+    (stamps check the files against them)."""
     with _db.connect(db) as engine:
         frame = _db.read_sql(engine, "SELECT id, checksum FROM images WHERE checksum IS NOT NULL")
     return dict(zip(frame["id"].tolist(), frame["checksum"].tolist()))

@@ -12,6 +12,7 @@ from astropy.nddata import Cutout2D, NoOverlapError
 from astropy.wcs.utils import proj_plane_pixel_scales
 from matplotlib.patches import Ellipse
 
+from trap_dask.checksums import kind_of
 from trap_dask.image import ImageError, read_image, read_meta
 from trap_dask.messages import FileStamp
 from trap_dask.results.plots import plt
@@ -32,7 +33,7 @@ def stamps_figure(meas: pd.DataFrame, src_id: int, max_stamps: int = 24, columns
     """One panel per measurement of ``src_id`` (``meas`` from results.lightcurves, time order):
     the image around the source's weighted mean position (detections), the restoring beam as an
     ellipse in the lower left, the measured position as a cross (detection) or a circle (forced
-    fit). ``checksums``: the sha256 of each image's file when the run read it, by image id
+    fit). ``checksums``: the checksum of each image's file when the run read it, by image id
     (results.image_checksums). An image that cannot be read any more, whose file has changed
     since, or that does not reach the source gets an empty panel saying so."""
     meas = meas.sort_values(["taustart_ts", "id"]).head(max_stamps)
@@ -84,7 +85,7 @@ def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, floa
 
     try:
         raw, stamp = read_file(row.url)
-        if checksum is not None and _digest(row.url, stamp, raw) != checksum:
+        if checksum is not None and _digest(row.url, stamp, raw, kind_of(checksum)) != checksum:
             return "image changed\nsince the run"
         data, wcs = read_image(read_meta(row.url), raw)
     except (ImageError, OSError):
@@ -100,24 +101,25 @@ def _stamp(row, centre: pd.Series, checksum: str | None) -> tuple[Cutout2D, floa
         return "source not\non this image"
 
 
-#: sha256 of the files hashed already, by path, size, modification and change times and inode: a
-#: report draws the stamps of many candidates from the same images, and hashes each file once.
+#: Checksums of the files hashed already, by path, size, modification and change times, inode and
+#: kind: a report draws the stamps of many candidates from the same images, and hashes each file once.
 _DIGESTS: dict[tuple, str] = {}
 _MAX_DIGESTS = 4096
 
 
-def _digest(url: str, stamp: FileStamp | None, raw: np.ndarray) -> str:
-    """The sha256 of the file at ``url`` whose bytes are ``raw``, remembered by its stamp when it was
-    read (None for a file modified moments ago: hashed each time), its inode and its status change
-    time (which no copy that keeps modification times can set back)."""
+def _digest(url: str, stamp: FileStamp | None, raw: np.ndarray, kind: str) -> str:
+    """The checksum of ``kind`` (trap_dask.checksums) of the file at ``url`` whose bytes are ``raw``,
+    remembered by its stamp when it was read (None for a file modified moments ago: hashed each
+    time), its inode and its status change time (which no copy that keeps modification times can
+    set back)."""
     from trap_dask.tasks import bytes_checksum
 
     status = os.stat(url)
     if stamp is None or (status.st_size, status.st_mtime_ns) != tuple(stamp):
-        return bytes_checksum(raw)
-    key = (url, *stamp, status.st_ino, status.st_ctime_ns)
+        return bytes_checksum(raw, kind)
+    key = (url, *stamp, status.st_ino, status.st_ctime_ns, kind)
     if key not in _DIGESTS:
         if len(_DIGESTS) >= _MAX_DIGESTS:
             _DIGESTS.clear()
-        _DIGESTS[key] = bytes_checksum(raw)
+        _DIGESTS[key] = bytes_checksum(raw, kind)
     return _DIGESTS[key]
